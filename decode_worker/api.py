@@ -1,0 +1,45 @@
+"""Typed messages of the decode worker's actor methods (router <-> decode worker)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.sampling_params import SamplingParams
+from engine.sequence import FinishReason
+
+
+@dataclass(frozen=True)
+class ReserveRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    prefill_locally: bool = False  # conditional disaggregation: decode worker prefills it itself
+
+
+@dataclass(frozen=True)
+class Reservation:
+    request_id: str
+    decode_id: str
+    block_ids: tuple[int, ...]  # empty when prefill_locally
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """One streamed step: new token ids and the text they completed; `finish_reason` set on the last chunk."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+class NoCapacity(RuntimeError):
+    """Not enough free KV blocks for the prompt right now (router retries another worker or queues)."""
+
+
+@dataclass(frozen=True)
+class ChannelAddress:
+    host: str
+    port: int
+    decode_id: str

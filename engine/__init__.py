@@ -1,0 +1,1 @@
+"""Model runtime shared by the prefill and decode workers."""

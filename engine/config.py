@@ -1,0 +1,53 @@
+"""Frozen configs: what the model is (ModelConfig) and how the engine runs it (EngineConfig)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """llama3-style frequency scaling (rope_type 'llama3'); None on ModelConfig means plain RoPE."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How one worker runs the model. Defaults suit the embedded model on a 2-core CPU."""
+
+    model_path: str | None = None  # GGUF file or HF directory; None = embedded SmolLM2-135M-Instruct
+    device: str = "cpu"
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
+    kv_cache_dtype: str = "auto"  # auto = compute dtype (quantized formats come later)
+    block_size: int = 16
+    num_kv_blocks: int = 512
+    max_batch_tokens: int = 512  # token budget per step (decode tokens first, then prefill chunks)
+    max_num_seqs: int = 32
+    max_model_len: int | None = None  # None = model's context length
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "num_kv_blocks", "max_batch_tokens", "max_num_seqs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -1,0 +1,56 @@
+"""One request's state as it moves through scheduler, model runner and KV transfer."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # has tokens to compute, holds no blocks yet (or was preempted)
+    AWAITING_KV = "awaiting_kv"  # decode side: blocks reserved, KV arriving from a prefill worker
+    RUNNING = "running"  # holds blocks, scheduled every step
+    FINISHED = "finished"
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # EOS, stop token id or stop string
+    LENGTH = "length"  # max_tokens or context window reached
+    ABORT = "abort"  # client cancel, Abort RPC, deadline or failure
+
+
+@dataclass
+class Sequence:
+    """Carrier object: `num_tokens` vs `num_computed_tokens` is all the scheduler needs (no phases)."""
+
+    request_id: str
+    token_ids: list[int]
+    sampling: SamplingParams
+    num_prompt_tokens: int = -1
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: FinishReason | None = None
+    # Set by the prefill side for speculative decoding later: hidden state of the last prompt position.
+    draft_features: object | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_prompt_tokens < 0:
+            self.num_prompt_tokens = len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf code for pdserve.v1 (built from the .proto by grpcio-tools, never committed)."""
