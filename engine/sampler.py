@@ -1,0 +1,84 @@
+"""Batched token sampling: greedy, temperature, top-k, top-p; seeded draws fixed by (seed, position)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from engine.sampling_params import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+def position_seed(seed: int, position: int) -> int:
+    """Seed for one request's draw at one position (splitmix64 mix), identical in every process."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 0x632BE59BD9B4E019) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)  # torch seeds must fit a signed 64-bit int
+
+
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams], positions: Sequence[int]) -> torch.Tensor:
+    """Pick one token per row of `logits` [N, vocab]; returns int64 [N] on logits' device.
+
+    `positions[i]` is the index the sampled token takes in its sequence. A seeded request draws its noise from
+    (seed, position) alone, so the prefill worker (first token) and the decode worker (the rest) reproduce a
+    colocated run, whatever else is in the batch. Unseeded requests share one freshly seeded generator.
+    Sampling uses the exponential race (argmax p_i / E_i, E_i ~ Exp(1)), which equals multinomial sampling
+    but needs no host sync. top-k keeps exactly k tokens (ties at the k-th value broken arbitrarily).
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [N, vocab], got shape {tuple(logits.shape)}")
+    n, vocab = logits.shape
+    if len(params) != n or len(positions) != n:
+        raise ValueError(f"{n} logit rows but {len(params)} params and {len(positions)} positions")
+    logits = logits.float()
+    greedy_ids = logits.argmax(dim=-1)
+    if all(p.greedy for p in params):
+        return greedy_ids
+
+    device = logits.device
+    temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
+    scaled = logits / temps.unsqueeze(1)
+    if any(not p.greedy and (0 < p.top_k < vocab or p.top_p < 1.0) for p in params):
+        scaled = _apply_top_k_top_p(scaled, params, vocab)
+    probs = torch.softmax(scaled, dim=-1)
+
+    # Exponential noise as -log(U): several times faster on CPU than Tensor.exponential_.
+    uniform = torch.empty_like(probs)
+    if any(not p.greedy and p.seed is None for p in params):
+        fresh = torch.Generator(device=device)
+        fresh.seed()  # non-deterministic, and independent of the global torch RNG
+        uniform.uniform_(generator=fresh)
+    for i, p in enumerate(params):
+        if not p.greedy and p.seed is not None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(position_seed(p.seed, positions[i]))
+            uniform[i].uniform_(generator=gen)
+    noise = uniform.log_().neg_().clamp_min_(1e-20)  # U = 0 gives inf (that token loses); never divide by 0
+    sampled_ids = (probs / noise).argmax(dim=-1)
+
+    greedy_mask = torch.tensor([p.greedy for p in params], device=device)
+    return torch.where(greedy_mask, greedy_ids, sampled_ids)
+
+
+def _apply_top_k_top_p(scaled: torch.Tensor, params: Sequence[SamplingParams], vocab: int) -> torch.Tensor:
+    """Mask (to -inf) tokens outside each row's top-k and then outside its top-p nucleus (of the top-k)."""
+    device = scaled.device
+    filtered = [not p.greedy and (0 < p.top_k < vocab or p.top_p < 1.0) for p in params]
+    ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    # A full vocab sort is the slow part on CPU; when every filtered row has a top-k, the largest k suffices.
+    width = max(k for k, f in zip(ks, filtered) if f)
+    if width < vocab:
+        cand, order = scaled.topk(width, dim=-1)  # sorted, descending
+    else:
+        cand, order = scaled.sort(dim=-1, descending=True, stable=True)  # ties: lowest id first, as argmax
+    ranks = torch.arange(width, device=device).unsqueeze(0)
+    cand = cand.masked_fill(ranks >= torch.tensor(ks, device=device).unsqueeze(1), float("-inf"))
+    cand_probs = torch.softmax(cand, dim=-1)
+    mass_before = cand_probs.cumsum(dim=-1) - cand_probs
+    # Keep a token while the mass of strictly better tokens is below top_p: the first token always stays.
+    top_p = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)
+    cand = cand.masked_fill(mass_before >= top_p, float("-inf"))
+    masked = torch.full_like(scaled, float("-inf")).scatter_(-1, order, cand)
+    return torch.where(torch.tensor(filtered, device=device).unsqueeze(1), masked, scaled)

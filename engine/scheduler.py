@@ -1,0 +1,323 @@
+"""Token-budget scheduler (vLLM-v1 style, no phases): decode tokens first, then prefill chunks; preemption."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from engine.block_manager import BlockManager
+from engine.sequence import FinishReason, Sequence, SequenceStatus
+from engine.stats import EngineStats
+
+
+class SchedulerError(RuntimeError):
+    """A caller broke the scheduler's protocol (unknown request, wrong state, missing sampled token)."""
+
+
+class SequenceRejected(ValueError):
+    """A sequence can never be scheduled here (too long for max_model_len or for the whole KV cache)."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch_tokens: int
+    max_num_seqs: int
+    block_size: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...] = ()
+    hold_finished_blocks: bool = False  # prefill side: keep KV blocks of finished seqs until release()
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_tokens", "max_num_seqs", "block_size", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    seq: Sequence  # its block_table already covers start + num_new_tokens tokens
+    start: int  # == seq.num_computed_tokens when scheduled
+    num_new_tokens: int  # seq.token_ids[start:start+num_new_tokens] are computed this step
+    sample: bool  # start + num_new_tokens == seq.num_tokens: the runner samples the next token
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    chunks: tuple[ScheduledChunk, ...]
+    preempted: tuple[Sequence, ...]
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(c.num_new_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    """Owns sequence state transitions and their blocks; `schedule → run → postprocess` is one engine step.
+
+    `running` is kept oldest-admitted first: the oldest decode first, the newest is preempted first.
+    """
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        if config.block_size != block_manager.block_size:
+            raise ValueError(f"SchedulerConfig.block_size {config.block_size} != "
+                             f"BlockManager.block_size {block_manager.block_size}")
+        self.config = config
+        self.blocks = block_manager
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._awaiting: dict[str, Sequence] = {}
+        self._held: dict[str, Sequence] = {}  # finished, blocks kept until release()
+        self._seqs: dict[str, Sequence] = {}  # every sequence the scheduler still tracks
+        # The context window is also bounded by the cache: a sequence longer than all blocks could never run.
+        self.max_len = min(config.max_model_len, block_manager.num_total * block_manager.block_size)
+
+    # ---- admission ----
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a sequence to compute from seq.num_computed_tokens (its block_table, if any, is now ours)."""
+        self._validate_new(seq)
+        seq.status = SequenceStatus.WAITING
+        self._waiting.append(seq)
+        self._seqs[seq.request_id] = seq
+
+    def reserve(self, seq: Sequence) -> bool:
+        """Decode side: hold blocks for seq.num_tokens tokens whose KV a prefill worker will send.
+
+        Returns False (allocating nothing) if the blocks or a sequence slot are not available now.
+        """
+        self._validate_new(seq)
+        need = self.blocks.blocks_needed(seq.num_tokens) - len(seq.block_table)
+        if self._num_slots_used() >= self.config.max_num_seqs or not self.blocks.can_allocate(need):
+            return False
+        seq.block_table.extend(self.blocks.allocate(need))
+        seq.status = SequenceStatus.AWAITING_KV
+        self._awaiting[seq.request_id] = seq
+        self._seqs[seq.request_id] = seq
+        return True
+
+    def activate(self, request_id: str, first_token_id: int) -> Sequence:
+        """KV for the prompt arrived: the sequence joins the running batch with its first sampled token."""
+        seq = self._awaiting.pop(request_id, None)
+        if seq is None:
+            raise SchedulerError(f"activate({request_id!r}): no sequence awaiting KV under that id")
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.status = SequenceStatus.RUNNING
+        self._running.append(seq)
+        self._append_token(seq, first_token_id)
+        return seq
+
+    # ---- one step ----
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_batch_tokens
+        chunks: list[ScheduledChunk] = []
+        scheduled: set[str] = set()
+        preempted: list[Sequence] = []
+
+        # 1) Decoding sequences: one token each, oldest first; preempt the newest to find a block.
+        for seq in list(self._running):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING or seq.num_tokens - seq.num_computed_tokens != 1:
+                continue
+            if not self._grow_or_preempt(seq, seq.num_tokens, scheduled, preempted):
+                continue
+            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, 1, sample=True))
+            scheduled.add(seq.request_id)
+            budget -= 1
+
+        # 2) Running sequences still mid-prefill: as much of the next chunk as budget and blocks allow.
+        for seq in list(self._running):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING or seq.request_id in scheduled:
+                continue
+            # No preemption for prefill: whoever holds the blocks is older (and progresses) or decodes newer
+            # (and preempts itself when it next needs a block), so a stalled chunk resumes.
+            n = self._fit_chunk(seq, min(seq.num_tokens - seq.num_computed_tokens, budget))
+            if n == 0:
+                continue
+            chunks.append(self._schedule_chunk(seq, n))
+            scheduled.add(seq.request_id)
+            budget -= n
+
+        # 3) Waiting sequences, FIFO. Not in a step that preempted: their blocks were freed for running ones.
+        while (self._waiting and budget > 0 and not preempted
+               and self._num_slots_used() < self.config.max_num_seqs):
+            seq = self._waiting[0]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.blocks.can_allocate(self._blocks_missing(seq, seq.num_computed_tokens + n)):
+                break  # strict FIFO: a later, smaller prompt does not overtake this one
+            self._waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self._running.append(seq)
+            chunks.append(self._schedule_chunk(seq, n))
+            scheduled.add(seq.request_id)
+            budget -= n
+
+        return SchedulerOutput(tuple(chunks), tuple(preempted))
+
+    def postprocess(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Sequence]:
+        """Advance computed counts, append sampled tokens, apply stop rules; return the finished ones."""
+        finished: list[Sequence] = []
+        for chunk in out.chunks:
+            seq = chunk.seq
+            if seq.status is not SequenceStatus.RUNNING:  # aborted between schedule and postprocess
+                continue
+            seq.num_computed_tokens = chunk.start + chunk.num_new_tokens
+            if not chunk.sample:
+                continue
+            if seq.request_id not in sampled:
+                raise SchedulerError(f"no sampled token for {seq.request_id!r} although its chunk samples")
+            if self._append_token(seq, sampled[seq.request_id]):
+                finished.append(seq)
+        return finished
+
+    # ---- teardown ----
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Drop a sequence in any state, freeing its blocks exactly once; None if unknown (or already gone).
+
+        A sequence that had already finished (held blocks) keeps its finish reason; any other becomes ABORT.
+        """
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return None
+        if seq.status is SequenceStatus.WAITING:
+            self._waiting.remove(seq)
+        elif seq.status is SequenceStatus.RUNNING:
+            self._running.remove(seq)
+        elif seq.status is SequenceStatus.AWAITING_KV:
+            del self._awaiting[request_id]
+        else:
+            self._held.pop(request_id, None)
+        if not seq.is_finished:
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = FinishReason.ABORT
+        self._free_blocks(seq)
+        return seq
+
+    def release(self, seq: Sequence) -> None:
+        """Free the blocks a finished sequence kept under hold_finished_blocks; a second call is a no-op."""
+        if not seq.is_finished:
+            raise SchedulerError(f"release({seq.request_id!r}): sequence is {seq.status.value}, not finished")
+        if self._held.pop(seq.request_id, None) is None:
+            return
+        self._seqs.pop(seq.request_id, None)
+        self._free_blocks(seq)
+
+    # ---- queries ----
+
+    def get(self, request_id: str) -> Sequence | None:
+        return self._seqs.get(request_id)
+
+    def has_work(self) -> bool:
+        """True if schedule() may hand out tokens (awaiting-KV sequences need activate() first)."""
+        return bool(self._waiting or self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_awaiting_kv(self) -> int:
+        return len(self._awaiting)
+
+    def stats(self) -> EngineStats:
+        queued = sum(s.num_tokens - s.num_computed_tokens for s in self._waiting)
+        queued += sum(s.num_tokens - s.num_computed_tokens for s in self._running
+                      if s.num_tokens - s.num_computed_tokens > 1)
+        return EngineStats(num_free_blocks=self.blocks.num_free, num_total_blocks=self.blocks.num_total,
+                           num_running=len(self._running) + len(self._awaiting),
+                           num_waiting=len(self._waiting), queued_prefill_tokens=queued)
+
+    # ---- internals ----
+
+    def _validate_new(self, seq: Sequence) -> None:
+        if seq.request_id in self._seqs:
+            raise SchedulerError(f"request_id {seq.request_id!r} is already scheduled here")
+        if seq.num_tokens == 0:
+            raise SequenceRejected(f"{seq.request_id}: empty prompt")
+        if seq.num_tokens > self.max_len:
+            raise SequenceRejected(f"{seq.request_id}: {seq.num_tokens} tokens exceed the context window of "
+                                   f"{self.max_len} (max_model_len {self.config.max_model_len}, "
+                                   f"KV cache {self.blocks.num_total} x {self.blocks.block_size} tokens)")
+
+    def _num_slots_used(self) -> int:
+        # Awaiting-KV sequences count: activate() moves them into the running batch unconditionally.
+        return len(self._running) + len(self._awaiting)
+
+    def _blocks_missing(self, seq: Sequence, num_tokens: int) -> int:
+        return max(0, self.blocks.blocks_needed(num_tokens) - len(seq.block_table))
+
+    def _fit_chunk(self, seq: Sequence, n: int) -> int:
+        """Largest chunk <= n whose tokens fit in seq's blocks plus the free ones."""
+        capacity = (len(seq.block_table) + self.blocks.num_free) * self.blocks.block_size
+        return max(0, min(n, capacity - seq.num_computed_tokens))
+
+    def _schedule_chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
+        start = seq.num_computed_tokens
+        seq.block_table.extend(self.blocks.allocate(self._blocks_missing(seq, start + n)))
+        return ScheduledChunk(seq, start, n, sample=start + n == seq.num_tokens)
+
+    def _grow_or_preempt(self, seq: Sequence, num_tokens: int, scheduled: set[str],
+                         preempted: list[Sequence]) -> bool:
+        """Make seq's block table cover num_tokens, preempting the newest unscheduled sequences as needed.
+
+        Returns False if seq itself was the one preempted.
+        """
+        while not self.blocks.can_allocate(self._blocks_missing(seq, num_tokens)):
+            # Never empty: seq itself is running and unscheduled. max_len <= cache size bounds every table,
+            # so a sequence that preempts itself can always be recomputed later.
+            victim = next(s for s in reversed(self._running) if s.request_id not in scheduled)
+            self._preempt(victim, preempted)
+            if victim is seq:
+                return False
+        seq.block_table.extend(self.blocks.allocate(self._blocks_missing(seq, num_tokens)))
+        return True
+
+    def _preempt(self, seq: Sequence, preempted: list[Sequence]) -> None:
+        # Recompute-style preemption: drop the KV, keep the tokens, come back first in line.
+        self._running.remove(seq)
+        self._free_blocks(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self._waiting.appendleft(seq)
+        preempted.append(seq)
+
+    def _append_token(self, seq: Sequence, token_id: int) -> bool:
+        """Append a sampled token and apply the stop rules; True if the sequence finished."""
+        seq.token_ids.append(token_id)
+        params = seq.sampling
+        reason: FinishReason | None = None
+        is_eos = token_id in self.config.eos_token_ids and not params.ignore_eos
+        if is_eos or token_id in params.stop_token_ids:
+            reason = FinishReason.STOP
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_len:
+            reason = FinishReason.LENGTH
+        if reason is None:
+            return False
+        self._finish(seq, reason)
+        return True
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self._running.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        if self.config.hold_finished_blocks:
+            self._held[seq.request_id] = seq
+        else:
+            self._seqs.pop(seq.request_id, None)
+            self._free_blocks(seq)
+
+    def _free_blocks(self, seq: Sequence) -> None:
+        # Clearing the table makes a second free impossible by construction.
+        table, seq.block_table = seq.block_table, []
+        self.blocks.free(table)
