@@ -1,0 +1,60 @@
+"""Frozen router settings (RouterConfig) and the served model's description (ModelInfo)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 = pick a free port (RouterServer.port tells which)
+    queue_capacity: int = 256  # requests waiting for an in-flight slot; beyond -> RESOURCE_EXHAUSTED
+    max_inflight: int = 64  # requests dispatched to workers at once
+    dispatch_policy: str = "least_loaded"
+    default_max_tokens: int = 64
+    request_timeout_s: float = 300.0  # upper bound on a request's life; a client deadline can only shorten it
+    # Conditional disaggregation: prompts of at most this many tokens are prefilled on the decode worker.
+    local_prefill_max_tokens: int = 0
+    max_model_len: int | None = None  # None = the model's context length
+    metrics_port: int | None = 9400  # None = no /metrics endpoint; 0 = pick a free port
+    worker_refresh_s: float = 1.0  # how often worker info (state, load) is pulled for dispatch and health
+    worker_call_timeout_s: float = 5.0  # bound on control calls (info, abort, metrics_text) to one worker
+    max_request_id_len: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("queue_capacity", "max_request_id_len"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("max_inflight", "default_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("request_timeout_s", "worker_refresh_s", "worker_call_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.local_prefill_max_tokens < 0:
+            raise ValueError(f"local_prefill_max_tokens must be >= 0, got {self.local_prefill_max_tokens}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in [0, 65535] or None, got {self.metrics_port}")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What GetModelInfo reports; also gives validation its context window and vocabulary size."""
+
+    model_name: str
+    context_length: int
+    vocab_size: int
+    kv_cache_dtype: str
+    weight_dtype: str
+    compute_dtype: str
+
+    def __post_init__(self) -> None:
+        if self.context_length < 2 or self.vocab_size < 1:
+            raise ValueError(
+                f"context_length ({self.context_length}) must be >= 2 and vocab_size ({self.vocab_size}) >= 1"
+            )

@@ -1,0 +1,316 @@
+"""RequestFlow: one request end to end: admit, reserve, prefill (or local), relay tokens, finish, clean up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from decode_worker.api import NoCapacity, Reservation, ReserveRequest
+from engine.sequence import FinishReason
+from kv_transfer.target import TransferTarget
+from prefill_worker.api import PrefillFailed, PrefillRequest, PrefillResult
+from proto.api import pb
+from router.admission import Admission, QueueFull
+from router.clients import DecodeClient, WorkerClient, WorkerUnavailable
+from router.config import RouterConfig
+from router.dispatch import DispatchPolicy
+from router.metrics import RouterMetrics
+from router.validation import ValidatedRequest
+from router.workers import DECODE, PREFILL, WorkerPool
+
+log = logging.getLogger(__name__)
+
+LOCAL_PREFILL = "local"  # Timings.prefill_worker when the decode worker prefilled the prompt itself
+_FINISH_TO_PB = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: pb.FINISH_REASON_ABORT,
+}
+
+
+@dataclass(frozen=True)
+class FlowError:
+    """Terminal event: the RPC ends with this status instead of a final message."""
+
+    code: grpc.StatusCode
+    message: str
+
+
+class _Fail(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str, outcome: str) -> None:
+        super().__init__(message)
+        self.code, self.message, self.outcome = code, message, outcome
+
+
+class RequestFlow:
+    """Runs in its own task so that Abort, client cancel and the deadline all end it the same way: cancel the
+    task, abort every worker it touched exactly once, free the admission slot, then emit the terminal event.
+    The gRPC handler only relays `events()`."""
+
+    def __init__(
+        self,
+        request: ValidatedRequest,
+        *,
+        pool: WorkerPool,
+        policy: DispatchPolicy,
+        admission: Admission,
+        metrics: RouterMetrics,
+        config: RouterConfig,
+        budget_s: float,
+    ) -> None:
+        self.request = request
+        self._pool, self._policy, self._admission = pool, policy, admission
+        self._metrics, self._config = metrics, config
+        self._budget_s = budget_s
+        self._events: asyncio.Queue[pb.GenerateResponse | FlowError] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._stop_reason: str | None = None  # "abort" (Abort RPC) | "cancelled" (client gone, shutdown)
+        self._closing = False
+        # Workers that may hold state for this request; aborted once each unless the request ends normally.
+        self._touched: dict[str, WorkerClient] = {}
+        loop = asyncio.get_running_loop()
+        self._received_at = loop.time()
+        self._deadline = self._received_at + budget_s
+        self._dispatched_at: float | None = None
+        self._first_token_at: float | None = None
+        self._num_output = 0
+        self._finish: FinishReason | None = None
+        self._decode_id = ""
+        self._prefill_id = ""
+        self._prefill_result: PrefillResult | None = None
+
+    # -- control -------------------------------------------------------------------------------------------
+    def start(self) -> asyncio.Task[None]:
+        self._task = asyncio.create_task(self._run(), name=f"request-{self.request.request_id}")
+        return self._task
+
+    def stop(self, reason: str) -> None:
+        """Abort RPC ("abort") or client gone ("cancelled"); a no-op once the flow is finishing."""
+        if self._task is None or self._task.done() or self._closing:
+            return
+        self._stop_reason = self._stop_reason or reason
+        self._task.cancel()
+
+    async def wait_closed(self, timeout_s: float) -> None:
+        if self._task is not None:
+            await asyncio.wait({self._task}, timeout=timeout_s)  # never cancels the flow itself
+
+    async def events(self) -> AsyncIterator[pb.GenerateResponse | FlowError]:
+        """Deltas, then exactly one terminal event: a final message or a FlowError."""
+        while True:
+            event = await self._events.get()
+            yield event
+            if isinstance(event, FlowError) or event.WhichOneof("payload") == "final":
+                return
+
+    # -- the request -----------------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        outcome, terminal = "error", None
+        admitted = False
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                await self._admission.acquire()
+                admitted = True
+                self._finish = await self._serve()
+            outcome = self._finish.value
+        except QueueFull as e:
+            outcome, terminal = "rejected", FlowError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except TimeoutError:
+            outcome = "deadline"
+            terminal = FlowError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"request {self.request.request_id} exceeded its deadline of {self._budget_s:.3g}s",
+            )
+        except _Fail as e:
+            outcome, terminal = e.outcome, FlowError(e.code, e.message)
+        except asyncio.CancelledError:
+            if self._stop_reason is None:
+                raise  # not ours to swallow
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]  # we asked for it; finish cleanly
+            outcome = self._stop_reason
+            self._finish = FinishReason.ABORT
+        except Exception as e:
+            log.exception("request %s failed", self.request.request_id)
+            outcome, terminal = (
+                "error",
+                FlowError(grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__})"),
+            )
+        finally:
+            self._closing = True
+            if outcome not in ("stop", "length"):
+                await self._abort_workers()
+            if admitted:
+                self._admission.release()
+            self._record(outcome)
+            self._events.put_nowait(terminal if terminal is not None else self._final_message())
+
+    async def _serve(self) -> FinishReason:
+        n = len(self.request.prompt_token_ids)
+        local = n <= self._config.local_prefill_max_tokens
+        if not local and not self._pool.ready(PREFILL):
+            raise _Fail(grpc.StatusCode.UNAVAILABLE, "no prefill worker is ready", "unavailable")
+        self._dispatched_at = asyncio.get_running_loop().time()
+        decode, reservation = await self._reserve(local)
+        tasks = [asyncio.create_task(self._relay(decode))]
+        if not local:
+            tasks.append(asyncio.create_task(self._prefill(reservation)))
+        else:
+            self._prefill_id = LOCAL_PREFILL
+        try:
+            pending: set[asyncio.Task[None]] = set(tasks)
+            while pending:  # first failure wins; prefill finishing first is the normal order
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    t.result()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._finish is None:  # _relay returns only after a finish chunk; guard the invariant anyway
+            raise RuntimeError("decode stream ended without a finish reason")
+        return self._finish
+
+    async def _reserve(self, local: bool) -> tuple[DecodeClient, Reservation]:
+        order = self._policy.order_decode(self._pool.ready(DECODE))
+        if not order:
+            raise _Fail(grpc.StatusCode.UNAVAILABLE, "no decode worker is ready", "unavailable")
+        req = self.request
+        reserve = ReserveRequest(req.request_id, req.prompt_token_ids, req.sampling, prefill_locally=local)
+        for info in order:
+            client = self._pool.decode(info.worker_id)
+            # Marked before the call: if we are cancelled mid-call the worker may already hold blocks.
+            self._touched[client.worker_id] = client
+            try:
+                reservation = await client.reserve(reserve)
+            except (NoCapacity, WorkerUnavailable) as e:
+                del self._touched[client.worker_id]
+                log.debug("reserve on %s refused: %s", client.worker_id, e)
+                continue
+            self._decode_id = client.worker_id
+            self._pool.note_reserved(client.worker_id, len(reservation.block_ids), local)
+            return client, reservation
+        raise _Fail(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"no decode worker has room for {len(req.prompt_token_ids)} prompt tokens right now "
+            f"({len(order)} tried)",
+            "no_capacity",
+        )
+
+    async def _prefill(self, reservation: Reservation) -> None:
+        req = self.request
+        n = len(req.prompt_token_ids)
+        order = self._policy.order_prefill(self._pool.ready(PREFILL), n)
+        if not order:
+            raise _Fail(grpc.StatusCode.UNAVAILABLE, "no prefill worker is ready", "unavailable")
+        client = self._pool.prefill(order[0].worker_id)
+        self._prefill_id = client.worker_id
+        target = TransferTarget(req.request_id, self._decode_id, reservation.block_ids, num_tokens=n)
+        self._touched[client.worker_id] = client
+        self._pool.note_prefill(client.worker_id, n, finished=False)
+        try:
+            self._prefill_result = await client.prefill(
+                PrefillRequest(req.request_id, req.prompt_token_ids, req.sampling, target)
+            )
+        except PrefillFailed as e:
+            del self._touched[client.worker_id]  # the prefill side cleaned up after itself
+            raise _Fail(
+                grpc.StatusCode.UNAVAILABLE, f"prefill failed on {client.worker_id}: {e}", "prefill_failed"
+            ) from None
+        except WorkerUnavailable as e:
+            raise _Fail(grpc.StatusCode.UNAVAILABLE, str(e), "unavailable") from None
+        finally:
+            self._pool.note_prefill(client.worker_id, n, finished=True)
+
+    async def _relay(self, decode: DecodeClient) -> None:
+        rid = self.request.request_id
+        stream = decode.stream(rid)
+        try:
+            async for chunk in stream:
+                if chunk.token_ids or chunk.text:
+                    if self._first_token_at is None:
+                        self._first_token_at = asyncio.get_running_loop().time()
+                    self._num_output += len(chunk.token_ids)
+                    self._events.put_nowait(
+                        pb.GenerateResponse(
+                            request_id=rid, delta=pb.TokenDelta(token_ids=chunk.token_ids, text=chunk.text)
+                        )
+                    )
+                if (
+                    chunk.error
+                ):  # the worker gave up on the request (e.g. KV transfer failed): not the client's abort
+                    raise _Fail(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"decode worker {decode.worker_id} failed the request: {chunk.error}",
+                        "worker_failed",
+                    )
+                if chunk.finish_reason is not None:
+                    self._finish = chunk.finish_reason
+                    return
+        except WorkerUnavailable as e:
+            raise _Fail(grpc.StatusCode.UNAVAILABLE, str(e), "unavailable") from None
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:  # close now (e.g. stop the remote generator), not whenever GC gets to it
+                await aclose()
+        raise _Fail(
+            grpc.StatusCode.UNAVAILABLE,
+            f"decode worker {decode.worker_id} ended the stream without a finish reason",
+            "unavailable",
+        )
+
+    # -- finishing -------------------------------------------------------------------------------------------
+    async def _abort_workers(self) -> None:
+        touched, self._touched = list(self._touched.values()), {}  # emptied first: exactly once
+        if not touched:
+            return
+        rid = self.request.request_id
+
+        async def abort(client: WorkerClient) -> bool:
+            return await asyncio.wait_for(client.abort(rid), self._config.worker_call_timeout_s)
+
+        results = await asyncio.gather(*(abort(c) for c in touched), return_exceptions=True)
+        for client, result in zip(touched, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning(
+                    "abort(%s) on %s failed: %s: %s", rid, client.worker_id, type(result).__name__, result
+                )
+
+    def _elapsed(self, since: float | None, until: float | None = None) -> float:
+        if since is None:
+            return 0.0
+        end = until if until is not None else asyncio.get_running_loop().time()
+        return max(0.0, end - since)
+
+    def _record(self, outcome: str) -> None:
+        dispatched = self._dispatched_at is not None
+        ttft = self._elapsed(self._received_at, self._first_token_at) if self._first_token_at else None
+        self._metrics.observe_request(
+            outcome,
+            prompt_tokens=len(self.request.prompt_token_ids) if dispatched else 0,
+            completion_tokens=self._num_output,
+            ttft_s=ttft,
+            e2e_s=self._elapsed(self._received_at) if outcome in ("stop", "length") else None,
+        )
+
+    def _final_message(self) -> pb.GenerateResponse:
+        finish = self._finish or FinishReason.ABORT
+        first = self._first_token_at
+        timings = pb.Timings(
+            queue_seconds=self._elapsed(self._received_at, self._dispatched_at)
+            if self._dispatched_at
+            else 0.0,
+            ttft_seconds=self._elapsed(self._received_at, first) if first is not None else 0.0,
+            prefill_seconds=self._prefill_result.prefill_seconds if self._prefill_result else 0.0,
+            e2e_seconds=self._elapsed(self._received_at),
+            prefill_worker=self._prefill_id,
+            decode_worker=self._decode_id,
+        )
+        usage = pb.Usage(prompt_tokens=len(self.request.prompt_token_ids), completion_tokens=self._num_output)
+        return pb.GenerateResponse(
+            request_id=self.request.request_id,
+            final=pb.FinalResult(finish_reason=_FINISH_TO_PB[finish], usage=usage, timings=timings),
+        )

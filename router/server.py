@@ -1,0 +1,281 @@
+"""The router's grpc.aio server: PDServe servicer, health, reflection, worker refresh, metrics endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from proto.api import SERVICE_NAME, pb, pb_grpc
+from router.admission import Admission
+from router.clients import DecodeClient, PrefillClient
+from router.config import ModelInfo, RouterConfig
+from router.dispatch import DispatchPolicy, make_policy
+from router.metrics import RouterMetrics, WorkerMetricsSource
+from router.request_flow import FlowError, RequestFlow
+from router.validation import InvalidRequest, Tokenizer, ValidatedRequest, ValidationLimits, validate_request
+from router.workers import WorkerPool
+
+log = logging.getLogger(__name__)
+
+HEALTH_SERVICES = ("", SERVICE_NAME)  # "" = the whole server, as health clients ask by default
+REFLECTED_SERVICES = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+
+
+class PDServeServicer(pb_grpc.PDServeServicer):
+    def __init__(self, router: RouterServer) -> None:
+        self._r = router
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        r = self._r
+        try:
+            validated = validate_request(request, r.tokenizer, r.limits)
+        except InvalidRequest as e:
+            r.metrics.requests.labels(outcome="invalid").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if validated.request_id in r.active:
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS, f"request_id: {validated.request_id!r} is already in flight"
+            )
+        remaining = context.time_remaining()
+        budget = (
+            r.config.request_timeout_s if remaining is None else min(remaining, r.config.request_timeout_s)
+        )
+        flow = r.open_flow(validated, budget)
+        try:
+            async for event in flow.events():
+                if isinstance(event, FlowError):
+                    await context.abort(event.code, event.message)
+                yield event
+        finally:
+            flow.stop("cancelled")  # client went away (or the RPC failed): a no-op once the flow finished
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        flow = self._r.active.get(request.request_id)
+        if flow is None:
+            return pb.AbortResponse(found=False)
+        flow.stop("abort")
+        # Answer once the workers were told, so a client that sees `found` can rely on the blocks being freed.
+        await flow.wait_closed(self._r.config.worker_call_timeout_s + 1.0)
+        return pb.AbortResponse(found=True)
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        m = self._r.model_info
+        return pb.ModelInfo(
+            model_name=m.model_name,
+            context_length=m.context_length,
+            vocab_size=m.vocab_size,
+            kv_cache_dtype=m.kv_cache_dtype,
+            weight_dtype=m.weight_dtype,
+            compute_dtype=m.compute_dtype,
+        )
+
+    async def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerInfo:
+        r = self._r
+        workers = [
+            pb.WorkerStatus(
+                worker_id=w.worker_id,
+                role=w.role,
+                state=w.state,
+                free_kv_blocks=w.stats.num_free_blocks,
+                total_kv_blocks=w.stats.num_total_blocks,
+                running_requests=w.stats.num_running,
+                queued_tokens=w.stats.queued_prefill_tokens,
+            )
+            for w in sorted(r.pool.infos(), key=lambda w: (w.role, w.worker_id))
+        ]
+        return pb.ServerInfo(
+            workers=workers,
+            dispatch_policy=r.policy.name,
+            queue_capacity=r.config.queue_capacity,
+            queue_depth=r.admission.queue_depth,
+        )
+
+
+Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+StreamHandler = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+
+
+async def _internal_error(name: str, e: Exception, context: grpc.aio.ServicerContext) -> None:
+    log.error("%s failed", name, exc_info=e)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__})")
+
+
+def _unary_guard(name: str, fn: Handler) -> Handler:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(request, context)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            await _internal_error(name, e, context)
+
+    return call
+
+
+def _stream_guard(name: str, fn: StreamHandler) -> StreamHandler:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for item in fn(request, context):
+                yield item
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            await _internal_error(name, e, context)
+
+    return call
+
+
+def _guarded(servicer: PDServeServicer) -> PDServeServicer:
+    """Every RPC turns an unexpected exception into a one-line INTERNAL; the stack stays in the server log."""
+    servicer.Generate = _stream_guard("Generate", servicer.Generate)  # type: ignore[method-assign]
+    for name in ("Abort", "GetModelInfo", "GetServerInfo"):
+        setattr(servicer, name, _unary_guard(name, getattr(servicer, name)))
+    return servicer
+
+
+class RouterServer:
+    def __init__(
+        self,
+        config: RouterConfig,
+        pool: WorkerPool,
+        tokenizer: Tokenizer,
+        model_info: ModelInfo,
+        policy: DispatchPolicy,
+        metrics: RouterMetrics,
+    ) -> None:
+        self.config, self.pool, self.tokenizer, self.model_info = config, pool, tokenizer, model_info
+        self.policy, self.metrics = policy, metrics
+        context = min(model_info.context_length, config.max_model_len or model_info.context_length)
+        self.limits = ValidationLimits(
+            context_length=context,
+            vocab_size=model_info.vocab_size,
+            default_max_tokens=config.default_max_tokens,
+            max_request_id_len=config.max_request_id_len,
+        )
+        self.admission = Admission(config.max_inflight, config.queue_capacity)
+        self.active: dict[str, RequestFlow] = {}
+        self.health = health.aio.HealthServicer()
+        self._flow_tasks: set[asyncio.Task[None]] = set()
+        self._server: grpc.aio.Server | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._port: int | None = None
+        self._metrics_port: int | None = None
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("server not started")
+        return self._port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self._metrics_port
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    def open_flow(self, request: ValidatedRequest, budget_s: float) -> RequestFlow:
+        flow = RequestFlow(
+            request,
+            pool=self.pool,
+            policy=self.policy,
+            admission=self.admission,
+            metrics=self.metrics,
+            config=self.config,
+            budget_s=budget_s,
+        )
+        rid = request.request_id
+        self.active[rid] = flow
+        task = flow.start()
+        self._flow_tasks.add(task)
+
+        def forget(t: asyncio.Task[None]) -> None:
+            self._flow_tasks.discard(t)
+            if self.active.get(rid) is flow:
+                del self.active[rid]
+
+        task.add_done_callback(forget)
+        return flow
+
+    async def _after_refresh(self) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self.pool.serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in HEALTH_SERVICES:
+            await self.health.set(name, status)
+        self.metrics.update_gauges(self.pool.infos(), self.admission.queue_depth)
+
+    async def start(self) -> None:
+        if self._server is not None:
+            raise RuntimeError("server already started")
+        for name in HEALTH_SERVICES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        # No SO_REUSEPORT: a second router on the same port must fail to bind, not silently share it.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_PDServeServicer_to_server(_guarded(PDServeServicer(self)), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(REFLECTED_SERVICES, server)
+        self._port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self._port == 0:
+            raise OSError(f"could not bind {self.config.host}:{self.config.port}")
+        await server.start()
+        self._server = server
+        if self.metrics.worker_source is not None:
+            self.metrics.worker_source.bind(asyncio.get_running_loop())
+        if self.config.metrics_port is not None:
+            httpd = self.metrics.start_metrics_server(self.config.metrics_port, self.config.host)
+            self._metrics_port = httpd.server_port
+        await self.pool.refresh()  # health and dispatch are right from the first request
+        await self._after_refresh()
+        self._refresher = asyncio.create_task(
+            self.pool.run_refresher(self.config.worker_refresh_s, self._after_refresh), name="worker-refresh"
+        )
+        log.info("router listening on %s (metrics port %s)", self.address, self._metrics_port)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting RPCs, let in-flight ones finish for `grace` seconds, then abort what is left."""
+        if self._server is None:
+            return
+        await self.health.enter_graceful_shutdown()
+        if self._refresher is not None:
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
+        await self._server.stop(grace)  # cancels remaining handlers; their flows stop and abort workers
+        for flow in list(self.active.values()):
+            flow.stop("cancelled")
+        if self._flow_tasks:
+            await asyncio.wait(set(self._flow_tasks), timeout=self.config.worker_call_timeout_s + 1.0)
+        self.metrics.stop_metrics_server()
+        self._server = None
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+def build_server(
+    config: RouterConfig,
+    prefill_clients: Sequence[PrefillClient],
+    decode_clients: Sequence[DecodeClient],
+    tokenizer: Tokenizer,
+    model_info: ModelInfo,
+) -> RouterServer:
+    policy = make_policy(config.dispatch_policy)  # unknown names fail here, before anything binds
+    pool = WorkerPool(prefill_clients, decode_clients, call_timeout_s=config.worker_call_timeout_s)
+    source = WorkerMetricsSource(pool.clients(), timeout_s=min(2.0, config.worker_call_timeout_s))
+    return RouterServer(config, pool, tokenizer, model_info, policy, RouterMetrics(source))
