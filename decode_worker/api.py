@@ -32,14 +32,8 @@ class TokenChunk:
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    error: str | None = None  # set with finish_reason ABORT when the worker failed the request (e.g. KV transfer)
 
 
 class NoCapacity(RuntimeError):
     """Not enough free KV blocks for the prompt right now (router retries another worker or queues)."""
-
-
-@dataclass(frozen=True)
-class ChannelAddress:
-    host: str
-    port: int
-    decode_id: str

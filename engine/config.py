@@ -46,8 +46,11 @@ class EngineConfig:
     max_batch_tokens: int = 512  # token budget per step (decode tokens first, then prefill chunks)
     max_num_seqs: int = 32
     max_model_len: int | None = None  # None = model's context length
+    num_threads: int = 0  # torch intra-op threads for this worker; 0 = torch's default
 
     def __post_init__(self) -> None:
+        if self.num_threads < 0:
+            raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
         for name in ("block_size", "num_kv_blocks", "max_batch_tokens", "max_num_seqs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

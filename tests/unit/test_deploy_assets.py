@@ -131,8 +131,7 @@ def test_cluster_files_use_only_flags_pdserve_up_accepts() -> None:
     assert len(commands) == 2  # the Ray launcher head and the KubeRay head
     up_flags = {flag for action in parser._subparsers._group_actions[0].choices["up"]._actions
                 for flag in action.option_strings}
-    if "--ray-address" not in up_flags:
-        pytest.xfail("deploy/cli.py has no --ray-address yet (docs/operations.md, 'Multi-node status')")
+    assert "--ray-address" in up_flags
     for argv in commands:
         args = parser.parse_args(argv)
         assert args.device == "cuda" and args.host == "0.0.0.0"

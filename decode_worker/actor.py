@@ -1,0 +1,65 @@
+"""Ray actor around DecodeService; tokens stream back as a Ray streaming generator (see docs/architecture.md)."""
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+from decode_worker.api import Reservation, ReserveRequest, TokenChunk
+import torch
+
+from decode_worker.service import DecodeService
+from engine.config import EngineConfig
+from engine.stats import WorkerInfo
+from kv_transfer.target import ChannelAddress
+
+
+class DecodeWorkerActor:
+    """Async actor: every method runs on the actor's event loop; the engine runs on its own thread."""
+
+    def __init__(self, worker_id: str, config: EngineConfig, kv_lease_seconds: float = 120.0,
+                 channel_host: str = "127.0.0.1") -> None:
+        if channel_host == "auto":  # multi-node: prefill workers on other nodes must reach this listener
+            import ray
+
+            channel_host = ray.util.get_node_ip_address()
+        if config.num_threads:  # the actor owns its process: size torch's thread pool for it
+            torch.set_num_threads(config.num_threads)
+        self.service = DecodeService(worker_id, config, host=channel_host, kv_lease_seconds=kv_lease_seconds)
+
+    async def info(self) -> WorkerInfo:
+        return await self.service.info()
+
+    async def model_summary(self) -> dict[str, object]:
+        """What GetModelInfo reports; read from the worker that actually runs the model."""
+        cfg, engine_cfg = self.service.engine.model_config, self.service.config
+        return {
+            "model_name": cfg.name,
+            "context_length": engine_cfg.max_model_len or cfg.max_position_embeddings,
+            "vocab_size": cfg.vocab_size,
+            "kv_cache_dtype": self.service.layout.dtype,
+            # GGUF blocks are dequantized at load: weights live in the compute dtype (quantized weights come later).
+            "weight_dtype": engine_cfg.dtype,
+            "compute_dtype": engine_cfg.dtype,
+        }
+
+    async def channel_address(self) -> ChannelAddress:
+        return self.service.channel_address()
+
+    async def accept_channel(self, peer_id: str) -> None:
+        await asyncio.to_thread(self.service.accept_channel, peer_id)
+
+    async def reserve(self, req: ReserveRequest) -> Reservation:
+        return await self.service.reserve(req)
+
+    async def stream(self, request_id: str) -> AsyncIterator[TokenChunk]:
+        async for chunk in self.service.stream(request_id):
+            yield chunk
+
+    async def abort(self, request_id: str) -> bool:
+        return await self.service.abort(request_id)
+
+    async def metrics_text(self) -> str:
+        return self.service.metrics.exposition()
+
+    async def shutdown(self) -> None:
+        self.service.shutdown()

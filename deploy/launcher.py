@@ -1,0 +1,169 @@
+"""Starts a local cluster: Ray, prefill and decode worker actors, their KV channels, the gRPC router, metrics."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    engine: EngineConfig
+    num_prefill: int = 1
+    num_decode: int = 1
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9400
+    dispatch_policy: str = "least_loaded"
+    queue_capacity: int = 256
+    max_inflight: int = 64
+    request_timeout_s: float = 600.0
+    local_prefill_max_tokens: int = 0
+    ray_address: str | None = None  # None: start a private local Ray instance
+
+
+def _status(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _wait_with_progress(refs: list, what: str) -> list:
+    """Blocks on Ray refs, redrawing one line with the count done and the elapsed time."""
+    import ray
+
+    start, spinner, pending, done = time.monotonic(), itertools.cycle("|/-\\"), list(refs), 0
+    tty = sys.stderr.isatty()
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0.25)
+        done += len(ready)
+        line = f"  {next(spinner)} {what}: {done}/{len(refs)} ready, {time.monotonic() - start:5.1f} s"
+        if tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+    if tty:
+        print(file=sys.stderr)
+    _status(f"  {what}: {len(refs)}/{len(refs)} ready in {time.monotonic() - start:.1f} s")
+    return ray.get(refs)  # re-raises a worker's start-up error
+
+
+class LocalCluster:
+    """Owns every process it starts; `close()` stops them all (router, actors, Ray) exactly once."""
+
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.prefill: list = []
+        self.decode: list = []
+        self.router = None
+        self._started_ray = False
+        self._closed = False
+
+    def start_workers(self) -> None:
+        import ray
+
+        from decode_worker.actor import DecodeWorkerActor
+        from prefill_worker.actor import PrefillWorkerActor
+
+        cfg = self.config
+        engine_cfg = cfg.engine
+        if engine_cfg.device == "cpu" and engine_cfg.num_threads == 0 and cfg.ray_address is None:
+            # Workers share this machine's cores: oversubscribed torch pools thrash (KV copies slow 10x).
+            engine_cfg = dataclasses.replace(
+                engine_cfg, num_threads=max(1, (os.cpu_count() or 1) // (cfg.num_prefill + cfg.num_decode)))
+        _status(f"[1/4] starting Ray ({'local' if cfg.ray_address is None else cfg.ray_address})")
+        if not ray.is_initialized():
+            ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False,
+                     num_cpus=None if cfg.ray_address else os.cpu_count(),
+                     object_store_memory=None if cfg.ray_address else 256 * 1024 * 1024)
+            self._started_ray = cfg.ray_address is None
+        # num_cpus=0: the engine threads do the work; Ray's CPU accounting would starve a 2-core box.
+        # On CUDA each worker owns one GPU. On a multi-node cluster the decode side's KV channel listens on its
+        # node's address ("auto"); locally on loopback.
+        placement = {"num_cpus": 0, "num_gpus": 1 if cfg.engine.device == "cuda" else 0, "max_concurrency": 1000}
+        channel_host = "127.0.0.1" if cfg.ray_address is None else "auto"
+        # On a real cluster the node types declare custom resources (deploy/ray-cluster.yaml, kuberay.yaml) that
+        # pin each role to its worker group; a private local Ray has none.
+        roles = {} if cfg.ray_address is None else {"decode": {"pdserve_decode": 1}, "prefill": {"pdserve_prefill": 1}}
+        decode_cls = ray.remote(**placement, resources=roles.get("decode"))(DecodeWorkerActor)
+        prefill_cls = ray.remote(**placement, resources=roles.get("prefill"))(PrefillWorkerActor)
+        self.decode = [(f"decode-{i}", decode_cls.options(name=f"pdserve-decode-{i}")
+                        .remote(f"decode-{i}", engine_cfg, channel_host=channel_host))
+                       for i in range(cfg.num_decode)]
+        self.prefill = [(f"prefill-{i}", prefill_cls.options(name=f"pdserve-prefill-{i}")
+                         .remote(f"prefill-{i}", engine_cfg))
+                        for i in range(cfg.num_prefill)]
+        _status(f"[2/4] loading {cfg.engine.model_path or 'the embedded SmolLM2-135M-Instruct'} into "
+                f"{cfg.num_prefill} prefill + {cfg.num_decode} decode workers")
+        _wait_with_progress([h.info.remote() for _, h in self.decode + self.prefill], "workers")
+        _status("[3/4] connecting KV channels (one torch.distributed group per prefill/decode pair)")
+        refs = []
+        for decode_id, d in self.decode:
+            address = ray.get(d.channel_address.remote())
+            for prefill_id, p in self.prefill:
+                refs += [d.accept_channel.remote(prefill_id), p.connect_channel.remote(address)]
+        _wait_with_progress(refs, "channel ends")
+
+    async def serve(self) -> None:
+        """Runs the router until SIGINT/SIGTERM, then shuts everything down."""
+        import ray
+
+        from router.config import RouterConfig
+        from router.ray_clients import RayDecodeClient, RayPrefillClient
+        from router.config import ModelInfo
+        from router.server import build_server
+        from engine.model_files import resolve_model_path
+        from engine.tokenizer import Tokenizer
+
+        cfg = self.config
+        summary = ray.get(self.decode[0][1].model_summary.remote())
+        context_length = int(summary["context_length"])
+        router_cfg = RouterConfig(host=cfg.host, port=cfg.port, queue_capacity=cfg.queue_capacity,
+                                  max_inflight=cfg.max_inflight, dispatch_policy=cfg.dispatch_policy,
+                                  request_timeout_s=cfg.request_timeout_s,
+                                  local_prefill_max_tokens=cfg.local_prefill_max_tokens,
+                                  max_model_len=context_length, metrics_port=cfg.metrics_port)
+        tokenizer = Tokenizer.from_model(resolve_model_path(cfg.engine.model_path))
+        decode_clients = [RayDecodeClient(wid, h) for wid, h in self.decode]
+        prefill_clients = [RayPrefillClient(wid, h) for wid, h in self.prefill]
+        self.router = build_server(router_cfg, prefill_clients, decode_clients, tokenizer, ModelInfo(**summary))
+        await self.router.start()  # also serves /metrics on router_cfg.metrics_port
+        _status(f"[4/4] router listening on {cfg.host}:{cfg.port}, metrics on "
+                f"http://{cfg.host}:{cfg.metrics_port}/metrics")
+        _status("\nReady. Try:\n"
+                f"  .venv/bin/pdserve generate \"What is the capital of France?\" --address {cfg.host}:{cfg.port}\n"
+                f"  grpcurl -plaintext {cfg.host}:{cfg.port} list\n"
+                "Ctrl-C stops the cluster.")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        _status("\nshutting down…")
+        await self.router.stop(grace=2.0)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            import ray
+        except ImportError:
+            return
+        if not ray.is_initialized():
+            return
+        for _, handle in self.prefill + self.decode:
+            try:
+                ray.get(handle.shutdown.remote(), timeout=10)
+            except Exception:  # a dead actor is already stopped
+                pass
+            ray.kill(handle)
+        if self._started_ray:
+            ray.shutdown()
+        _status("stopped: workers killed, Ray shut down, ports freed")

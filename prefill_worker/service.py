@@ -1,0 +1,179 @@
+"""Prefill worker logic without Ray: chunked prefill under a token budget, KV streamed layer by layer."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+from engine.engine_thread import EngineThread
+from engine.llm_engine import LLMEngine
+from engine.sequence import Sequence
+from engine.stats import EngineStats, WorkerInfo
+from kv_transfer.channel import KVChannel
+from kv_transfer.dist_channel import connect_channel
+from kv_transfer.layout import layout_of_cache
+from kv_transfer.sender import KVSender
+from kv_transfer.target import ChannelAddress
+from kv_transfer.state import TransferState
+from prefill_worker.api import PrefillFailed, PrefillRequest, PrefillResult
+from prefill_worker.metrics import PrefillMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    """One prompt between arrival and its last KV byte leaving."""
+
+    request: PrefillRequest
+    sender: KVSender
+    result: Future
+    arrived: float
+    started: float | None = None  # first chunk scheduled
+    computed: float | None = None  # last layer of the final chunk computed
+    first_send: float | None = None  # layer 0 of the final chunk handed to the sender
+    first_token_id: int | None = None
+
+
+class PrefillService:
+    def __init__(self, worker_id: str, config: EngineConfig, kv_lease_seconds: float = 120.0,
+                 progress: bool = False) -> None:
+        self.worker_id = worker_id
+        self.config = config
+        self.engine = LLMEngine(config, progress=progress)
+        self.layout = layout_of_cache(self.engine.kv_cache.k)
+        self.metrics = PrefillMetrics(worker_id, self.layout.dtype)
+        self._lease = kv_lease_seconds
+        self._channels: dict[str, KVChannel] = {}  # decode_id -> channel
+        self._pending: dict[str, _Pending] = {}  # engine thread only
+        self._thread = EngineThread(f"prefill-{worker_id}", self._step)
+        self._thread.start()
+
+    # ---- control plane ----
+
+    def connect_channel(self, address: ChannelAddress, timeout: float = 120.0) -> None:
+        channel = connect_channel(address.host, address.port, self.worker_id, self.layout,
+                                  device=self.config.device, timeout=timeout)
+        self._thread.submit(lambda: self._channels.__setitem__(address.decode_id, channel)).result()
+
+    async def info(self) -> WorkerInfo:
+        if not self._thread.alive:
+            return WorkerInfo(self.worker_id, "prefill", "failed", EngineStats(0, self.config.num_kv_blocks, 0, 0, 0))
+        stats = await asyncio.wrap_future(self._thread.submit(self.engine.stats))
+        return WorkerInfo(self.worker_id, "prefill", "ready", stats)
+
+    async def prefill(self, req: PrefillRequest) -> PrefillResult:
+        result: Future = Future()
+        await asyncio.wrap_future(self._thread.submit(lambda: self._add(req, result)))
+        try:
+            return await asyncio.wrap_future(result)
+        except asyncio.CancelledError:  # caller gave up: stop computing and sending
+            await self.abort(req.request_id)
+            raise
+
+    async def abort(self, request_id: str) -> bool:
+        return await asyncio.wrap_future(self._thread.submit(lambda: self._abort(request_id, "aborted")))
+
+    def shutdown(self) -> None:
+        self._thread.stop()
+        for channel in self._channels.values():
+            channel.close()
+
+    # ---- engine thread ----
+
+    def _add(self, req: PrefillRequest, result: Future) -> None:
+        channel = self._channels.get(req.target.decode_id)
+        if channel is None:
+            raise PrefillFailed(f"{self.worker_id} has no KV channel to decode worker {req.target.decode_id!r}")
+        if req.request_id in self._pending:
+            raise PrefillFailed(f"request_id {req.request_id!r} is already being prefilled on {self.worker_id}")
+        # The prefill side samples exactly one token (the first); the decode side samples the rest.
+        self.engine.add_request(req.request_id, list(req.prompt_token_ids),
+                                dataclasses.replace(req.sampling, max_tokens=1))
+        sender = KVSender(req.target, self.layout, channel, lease_seconds=self._lease)
+        self._pending[req.request_id] = _Pending(req, sender, result, arrived=time.perf_counter())
+
+    def _abort(self, request_id: str, reason: str) -> bool:
+        pending = self._pending.pop(request_id, None)
+        seq = self.engine.scheduler.abort(request_id)
+        if pending is not None:
+            pending.sender.abort(reason)
+            if not pending.result.done():
+                pending.result.set_exception(PrefillFailed(f"{request_id}: {reason}"))
+        return pending is not None or seq is not None
+
+    def _step(self) -> bool:
+        """One step, read aloud: schedule chunks → run (streaming KV of finished prompts per layer) → postprocess."""
+        did_work = self._poll_senders()
+        if not self.engine.has_work():
+            return did_work
+        out = self.engine.schedule()
+        if out.num_batched_tokens == 0:
+            return did_work
+        now = time.perf_counter()
+        completing: list[tuple[Sequence, _Pending]] = []
+        for chunk in out.chunks:
+            pending = self._pending.get(chunk.seq.request_id)
+            if pending is None:
+                continue
+            if pending.started is None:
+                pending.started = now
+            if chunk.sample:
+                completing.append((chunk.seq, pending))
+        kv = self.engine.kv_cache
+
+        def send_layer(layer: int) -> None:  # runs right after layer `layer` stored its KV
+            for seq, pending in completing:
+                if pending.first_send is None:
+                    pending.first_send = time.perf_counter()
+                pending.sender.send_layer(layer, kv.k[layer], kv.v[layer], seq.block_table)
+
+        run = self.engine.run(out, layer_hook=send_layer if completing else None)
+        computed = time.perf_counter()
+        for seq, pending in completing:
+            token = run.sampled[seq.request_id]
+            pending.sender.send_final(token, run.last_hidden.get(seq.request_id))
+            pending.first_token_id, pending.computed = token, computed
+        # Blocks of finished prompts are freed here: send_layer already copied what it sends.
+        self.engine.postprocess(out, run)
+        self._poll_senders()
+        return True
+
+    def _poll_senders(self) -> bool:
+        changed = False
+        for request_id, pending in list(self._pending.items()):
+            state = pending.sender.poll()
+            if state is TransferState.DONE:
+                del self._pending[request_id]
+                self._finish(pending)
+                changed = True
+            elif state is TransferState.FAILED:
+                del self._pending[request_id]
+                self.engine.scheduler.abort(request_id)
+                reason = pending.sender.failure_reason or "unknown"
+                self.metrics.transfer_failed(reason)
+                if not pending.result.done():
+                    pending.result.set_exception(PrefillFailed(f"KV transfer of {request_id} failed: {reason}"))
+                changed = True
+        return changed
+
+    def _finish(self, pending: _Pending) -> None:
+        done = time.perf_counter()
+        started = pending.started if pending.started is not None else pending.arrived
+        computed = pending.computed if pending.computed is not None else done
+        result = PrefillResult(
+            request_id=pending.request.request_id,
+            first_token_id=int(pending.first_token_id) if pending.first_token_id is not None else -1,
+            queue_seconds=started - pending.arrived,
+            prefill_seconds=computed - started,
+            transfer_exposed_seconds=done - computed,
+        )
+        first_send = pending.first_send if pending.first_send is not None else computed
+        self.metrics.transfer_done(pending.sender.bytes_sent, done - first_send, result.transfer_exposed_seconds)
+        self.metrics.prefill_done(len(pending.request.prompt_token_ids))
+        if not pending.result.done():
+            pending.result.set_result(result)
