@@ -47,6 +47,15 @@ def free_blocks(stub) -> dict[str, int]:
     return {w.worker_id: w.free_kv_blocks for w in info.workers}
 
 
+def idle_free_blocks(stub) -> dict[str, int]:
+    """Free-block counts once earlier tests' requests are gone (the router refreshes worker load every ~1 s)."""
+    info = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
+    total = {w.worker_id: w.total_kv_blocks for w in info.workers}
+    current = wait_free_blocks(stub, total)
+    assert current == total, f"cluster not idle before the test: {current} free of {total}"
+    return current
+
+
 def wait_free_blocks(stub, expected: dict[str, int], timeout: float = 30.0) -> dict[str, int]:
     deadline = time.monotonic() + timeout
     current = free_blocks(stub)
@@ -106,7 +115,7 @@ def test_eight_concurrent_clients_all_complete(stub):
 
 
 def test_abort_mid_stream_returns_every_worker_free_block_count(stub):
-    before = free_blocks(stub)
+    before = idle_free_blocks(stub)
     request = pb.GenerateRequest(request_id="abort-me", text="Write a long story about a robot.",
                                  sampling=pb.SamplingOptions(max_tokens=400, ignore_eos=True))
     stream = stub.Generate(request, timeout=120)
@@ -119,7 +128,7 @@ def test_abort_mid_stream_returns_every_worker_free_block_count(stub):
 
 
 def test_client_disconnect_returns_every_worker_free_block_count(stub):
-    before = free_blocks(stub)
+    before = idle_free_blocks(stub)
     request = pb.GenerateRequest(text="Tell me everything about oceans.",
                                  sampling=pb.SamplingOptions(max_tokens=400, ignore_eos=True))
     stream = stub.Generate(request, timeout=120)
@@ -148,7 +157,7 @@ def test_bad_input_is_invalid_argument_naming_the_field(stub, request_kwargs, fi
 
 
 def test_deadline_exceeded_frees_blocks(stub):
-    before = free_blocks(stub)
+    before = idle_free_blocks(stub)
     request = pb.GenerateRequest(text="Write a very long essay.",
                                  sampling=pb.SamplingOptions(max_tokens=1000, ignore_eos=True))
     with pytest.raises(grpc.RpcError) as err:
