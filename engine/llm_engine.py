@@ -1,0 +1,107 @@
+"""One worker's engine: model + KV cache + scheduler + runner; a step is schedule → run → postprocess."""
+from __future__ import annotations
+
+import itertools
+import logging
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.kv_cache import KVCache
+from engine.model import LayerHook, use_column_blocks
+from engine.model_files import load_model, parse_dtype
+from engine.model_runner import ModelRunner, RunOutput
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.sequence import Sequence
+from engine.stats import EngineStats
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(
+        self, config: EngineConfig, progress: bool = False, hold_finished_blocks: bool = False
+    ) -> None:
+        """`hold_finished_blocks`: the prefill side keeps a finished sequence's blocks until
+        scheduler.release(seq) (its KV is still being sent)."""
+        self.config = config
+        dtype = parse_dtype(config.dtype)
+        if config.kv_cache_dtype not in ("auto", config.dtype):
+            raise ValueError(f"kv_cache_dtype {config.kv_cache_dtype!r} is not supported yet (use 'auto')")
+        device = torch.device(config.device)
+        if device.type == "cuda":
+            from kernels.triton_registry import register_triton_kernels
+
+            register_triton_kernels()  # dispatch then picks the Triton kernels on CUDA
+        self.model_config, self.model = load_model(config.model_path, dtype, device, progress)
+        if device.type == "cpu":
+            # bs1 decode on CPU is GEMV-bound: blocked weights let every core stream its share (same math).
+            parts = torch.get_num_threads()
+            swapped = use_column_blocks(self.model, parts)
+            logger.info("CPU decode layout: %d linears split into %d column blocks", swapped, parts)
+        max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        if max_model_len > self.model_config.max_position_embeddings:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length "
+                             f"{self.model_config.max_position_embeddings}")
+        self.kv_cache = KVCache.for_model(self.model_config, config, dtype)
+        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_batch_tokens=config.max_batch_tokens,
+                max_num_seqs=config.max_num_seqs,
+                block_size=config.block_size,
+                max_model_len=max_model_len,
+                eos_token_ids=self.model_config.eos_token_ids,
+                hold_finished_blocks=hold_finished_blocks,
+            ),
+            self.block_manager,
+        )
+        self.runner = ModelRunner(self.model, self.kv_cache, self.model_config, config.device)
+        self._ids = itertools.count()
+        logger.info("engine ready: %s, %s", self.model_config.name, self.kv_cache)
+
+    # ---- the step, in three calls ----
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> Sequence:
+        seq = Sequence(request_id=request_id, token_ids=list(prompt_token_ids), sampling=sampling)
+        self.scheduler.add(seq)
+        return seq
+
+    def schedule(self) -> SchedulerOutput:
+        return self.scheduler.schedule()
+
+    def run(self, out: SchedulerOutput, layer_hook: LayerHook | None = None) -> RunOutput:
+        return self.runner.run(out, layer_hook)
+
+    def postprocess(self, out: SchedulerOutput, run_output: RunOutput) -> list[Sequence]:
+        """Returns the sequences that finished this step."""
+        return self.scheduler.postprocess(out, run_output.sampled)
+
+    def step(self) -> list[Sequence]:
+        out = self.schedule()
+        return self.postprocess(out, self.run(out))
+
+    # ---- queries and control ----
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def abort(self, request_id: str) -> bool:
+        return self.scheduler.abort(request_id) is not None
+
+    def stats(self) -> EngineStats:
+        return self.scheduler.stats()
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[int]]:
+        """Offline loop: run every prompt to completion; returns the output token ids, in prompt order."""
+        seqs = [self.add_request(f"generate-{next(self._ids)}", p, sampling) for p in prompts]
+        while self.has_work():
+            out = self.schedule()
+            if out.is_empty:
+                # Nothing fits and nothing runs: looping would spin forever.
+                raise RuntimeError(
+                    "scheduler has work but scheduled nothing (KV cache too small for a prompt?)")
+            self.postprocess(out, self.run(out))
+        return [seq.output_token_ids for seq in seqs]

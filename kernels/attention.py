@@ -1,0 +1,103 @@
+"""Paged attention over the block KV cache (`paged_attention`) and the KV write into it (`store_kv`)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from kernels import dispatch
+
+if TYPE_CHECKING:
+    from engine.attention_metadata import AttentionMetadata, SeqSpan
+
+
+@dispatch.register("store_kv", dispatch.TORCH)
+def store_kv_ref(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """k, v [T, Hk, D] → cache slots `slot_mapping` [T] of k_cache/v_cache [num_blocks, block_size, Hk, D]."""
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    if k.dtype != k_cache.dtype:
+        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def _context(
+    cache: torch.Tensor, block_ids: tuple[int, ...], first_slot: int | None, seq_len: int
+) -> torch.Tensor:
+    """A sequence's seq_len cached rows [S, Hk, D]: a view if its blocks are consecutive, else a gather."""
+    if first_slot is not None:
+        return cache.view(-1, cache.shape[2], cache.shape[3])[first_slot:first_slot + seq_len]
+    index = torch.tensor(block_ids, dtype=torch.long, device=cache.device)
+    return cache.index_select(0, index).flatten(0, 1)[:seq_len]
+
+
+def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Decode: q [1, Hq, D] sees all S keys. Two small matmuls beat SDPA's setup cost at this size."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    qg = q.reshape(num_kv_heads, -1, head_dim)  # query heads grouped by the KV head they share (GQA)
+    scores = torch.bmm(qg, k.permute(1, 2, 0)).mul_(scale)  # [Hk, G, S]
+    if scores.dtype == torch.float32:
+        probs = scores.softmax(dim=-1)
+    else:  # softmax in float32 for half-precision caches too
+        probs = scores.float().softmax(dim=-1).to(v.dtype)
+    return torch.bmm(probs, v.transpose(0, 1)).view(1, -1, head_dim)  # [Hk, G, D] → [1, Hq, D]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [L, Hq, D] are the last L positions of the S keys/values [S, Hk, D]; causal; GQA by head groups."""
+    query_len, seq_len = q.shape[0], k.shape[0]
+    if query_len == 1:
+        return _attend_one(q, k, v, scale)  # the newest token sees every cached position
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # heads first
+    if query_len == seq_len:
+        mask, causal = None, True
+    else:
+        # Query i sits at position seq_len - query_len + i and sees keys up to and including itself.
+        mask = torch.ones(query_len, seq_len, dtype=torch.bool, device=q.device).tril(seq_len - query_len)
+        causal = False
+    out = F.scaled_dot_product_attention(
+        qh, kh, vh, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=qh.shape[0] != kh.shape[0]
+    )
+    return out.transpose(0, 1)
+
+
+@dispatch.register("paged_attention", dispatch.TORCH)
+def paged_attention_ref(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """q [T, Hq, D] (this step's queries, rows laid out by meta.spans) → attention output [T, Hq, D].
+
+    Each sequence's queries attend to all its cached tokens before them plus causally within the chunk, so one
+    call serves chunked prefill, decode and mixed batches. The cache must already hold this step's KV.
+    """
+    if len(meta.spans) == 1:  # one sequence (e.g. bs1 decode): no output buffer to scatter into
+        return _attend_span(q, k_cache, v_cache, meta.spans[0], scale)
+    out = torch.empty_like(q)
+    for span in meta.spans:
+        rows = slice(span.query_start, span.query_start + span.query_len)
+        out[rows] = _attend_span(q[rows], k_cache, v_cache, span, scale)
+    return out
+
+
+def _attend_span(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, span: SeqSpan,
+                 scale: float) -> torch.Tensor:
+    k = _context(k_cache, span.block_ids, span.first_slot, span.seq_len)
+    v = _context(v_cache, span.block_ids, span.first_slot, span.seq_len)
+    if k.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    return _attend(q, k, v, scale)
+
+
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    return dispatch.lookup("paged_attention", q.device)(q, k_cache, v_cache, meta, scale)
+
+
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    dispatch.lookup("store_kv", k.device)(k, v, k_cache, v_cache, slot_mapping)

@@ -1,0 +1,143 @@
+"""Paged KV cache: wire-format shapes, metadata from scheduled chunks, chunked runs equal one full pass."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine.attention_metadata import AttentionMetadata, BlockTableError
+from engine.config import ModelConfig
+from engine.kv_cache import KVCache
+from engine.model import LlamaModel
+from engine.model_runner import ModelRunner
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledChunk, SchedulerOutput
+from engine.sequence import Sequence
+
+pytestmark = pytest.mark.timeout(60)
+
+TINY = ModelConfig(name="tiny", vocab_size=96, hidden_size=48, intermediate_size=80, num_layers=3,
+                   num_heads=6, num_kv_heads=2, head_dim=8, max_position_embeddings=256,
+                   rope_theta=10000.0, tie_word_embeddings=True, eos_token_ids=(0,))
+BLOCK = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> LlamaModel:
+    torch.manual_seed(0)
+    model = LlamaModel(TINY).eval()
+    with torch.no_grad():  # non-trivial norm weights so a wrong residual/norm order shows up
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def tiny_cache(num_blocks: int = 32) -> KVCache:
+    return KVCache(TINY.num_layers, num_blocks, BLOCK, TINY.num_kv_heads, TINY.head_dim)
+
+
+def test_cache_tensors_are_per_layer_block_pools_in_wire_format() -> None:
+    kv = KVCache(num_layers=3, num_blocks=10, block_size=16, num_kv_heads=2, head_dim=8, dtype=torch.bfloat16)
+    assert len(kv.k) == len(kv.v) == 3
+    for t in kv.k + kv.v:
+        assert t.shape == (10, 16, 2, 8) and t.dtype == torch.bfloat16 and t.is_contiguous()
+        assert not t.any()
+    assert kv.bytes_per_block == 2 * 3 * 16 * 2 * 8 * 2
+    assert kv.k[1][[4, 2]].shape == (2, 16, 2, 8)  # what kv_transfer gathers per layer
+    with pytest.raises(ValueError, match="num_blocks"):
+        KVCache(num_layers=1, num_blocks=0, block_size=16, num_kv_heads=1, head_dim=8)
+
+
+def seq(request_id: str, tokens: list[int], blocks: list[int], max_tokens: int = 4) -> Sequence:
+    return Sequence(request_id, list(tokens), SamplingParams(max_tokens=max_tokens), block_table=list(blocks))
+
+
+def test_metadata_maps_each_new_token_to_its_block_slot() -> None:
+    a = seq("a", list(range(10)), [7, 2, 9])  # 10 tokens, block size 4: blocks 7, 2, 9
+    b = seq("b", list(range(3)), [4])
+    meta = AttentionMetadata.from_chunks(
+        [ScheduledChunk(a, 3, 6, sample=False), ScheduledChunk(b, 0, 3, sample=True)], BLOCK)
+    # a: positions 3..8 → (7,3) (2,0..3) (9,0); b: positions 0..2 → (4,0..2)
+    assert meta.slot_mapping.tolist() == [31, 8, 9, 10, 11, 36, 16, 17, 18]
+    assert meta.query_start_loc.tolist() == [0, 6, 9]
+    assert meta.seq_lens.tolist() == [9, 3]
+    assert meta.block_tables.tolist() == [[7, 2, 9], [4, 0, 0]]
+    assert (meta.max_query_len, meta.max_seq_len, meta.num_tokens) == (6, 9, 9)
+    assert meta.spans[0].first_slot is None  # 7, 2, 9 are not consecutive → gather
+    assert meta.spans[1].first_slot == 16  # a single block is one contiguous slice
+
+
+def test_metadata_rejects_block_table_shorter_than_scheduled_tokens() -> None:
+    short = seq("s", list(range(9)), [0, 1])
+    with pytest.raises(BlockTableError, match="2 blocks cannot hold 9 tokens"):
+        AttentionMetadata.from_chunks([ScheduledChunk(short, 0, 9, sample=True)], BLOCK)
+
+
+def full_hidden(model: LlamaModel, tokens: list[int]) -> torch.Tensor:
+    """Every position's final hidden state from one pass over the whole sequence (its own fresh cache)."""
+    kv = tiny_cache()
+    s = seq("full", tokens, list(range(-(-len(tokens) // BLOCK))))
+    runner = ModelRunner(model, kv, TINY)
+    ids, pos, meta = runner.prepare(SchedulerOutput((ScheduledChunk(s, 0, len(tokens), sample=True),), ()))
+    with torch.inference_mode():
+        return model(ids, pos, meta, kv)
+
+
+def test_chunked_prefill_then_decode_over_scattered_blocks_equals_one_full_pass(
+    tiny_model: LlamaModel,
+) -> None:
+    rng = random.Random(0)
+    prompts = {"a": [rng.randrange(TINY.vocab_size) for _ in range(13)],
+               "b": [rng.randrange(TINY.vocab_size) for _ in range(6)]}
+    pool = list(range(32))
+    rng.shuffle(pool)
+    seqs = {rid: seq(rid, toks, [pool.pop() for _ in range(6)], max_tokens=8)
+            for rid, toks in prompts.items()}
+    runner = ModelRunner(tiny_model, tiny_cache(), TINY)
+    a, b = seqs["a"], seqs["b"]
+    # Step 1: a's first 5 tokens + all of b (b samples). Step 2: b decodes + the rest of a (samples).
+    # Then 3 decode steps of both.
+    steps = [[(a, 5, False), (b, 6, True)], [(b, 1, True), (a, 8, True)]] + [[(a, 1, True), (b, 1, True)]] * 3
+    hidden: dict[str, dict[int, torch.Tensor]] = {"a": {}, "b": {}}  # position → last_hidden
+    for step in steps:
+        chunks = [ScheduledChunk(s, s.num_computed_tokens, n, sample) for s, n, sample in step]
+        out = runner.run(SchedulerOutput(tuple(chunks), ()))
+        assert set(out.sampled) == {c.seq.request_id for c in chunks if c.sample}
+        for c in chunks:  # what the scheduler's postprocess would do
+            c.seq.num_computed_tokens = c.start + c.num_new_tokens
+            if c.sample:
+                c.seq.token_ids.append(out.sampled[c.seq.request_id])
+                hidden[c.seq.request_id][c.start + c.num_new_tokens - 1] = out.last_hidden[c.seq.request_id]
+    for s in (a, b):
+        assert len(s.output_token_ids) == len(hidden[s.request_id]) >= 4
+        ref = full_hidden(tiny_model, s.token_ids)
+        for position, h in hidden[s.request_id].items():
+            torch.testing.assert_close(h, ref[position], atol=1e-5, rtol=1e-5)
+        # Greedy: every generated token is the argmax of the one-pass logits at the previous position.
+        with torch.inference_mode():
+            logits = tiny_model.compute_logits(ref)
+        assert s.output_token_ids == logits[s.num_prompt_tokens - 1:-1].argmax(-1).tolist()
+
+
+def test_layer_hook_runs_once_per_layer_after_that_layers_kv_is_stored(tiny_model: LlamaModel) -> None:
+    kv = tiny_cache()
+    s = seq("h", [5, 6, 7, 8, 9], [3, 4])
+    seen: list[tuple[int, bool, bool]] = []
+
+    def hook(layer: int) -> None:
+        nxt = kv.k[layer + 1][3] if layer + 1 < TINY.num_layers else None
+        seen.append((layer, bool(kv.k[layer][3].any() and kv.v[layer][4, 0].any()),
+                     nxt is None or not nxt.any()))
+
+    step = SchedulerOutput((ScheduledChunk(s, 0, 5, True),), ())
+    ModelRunner(tiny_model, kv, TINY).run(step, layer_hook=hook)
+    assert seen == [(i, True, True) for i in range(TINY.num_layers)]
+
+
+def test_runner_returns_nothing_for_an_empty_step_or_non_sampling_chunks(tiny_model: LlamaModel) -> None:
+    runner = ModelRunner(tiny_model, tiny_cache(), TINY)
+    assert runner.run(SchedulerOutput((), ())).sampled == {}
+    out = runner.run(SchedulerOutput((ScheduledChunk(seq("p", [1, 2, 3, 4, 5], [0, 1]), 0, 3, False),), ()))
+    assert out.sampled == {} and out.last_hidden == {}
