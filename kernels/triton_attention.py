@@ -1,0 +1,360 @@
+"""Triton paged attention: split-K flash-decoding for decode rows, varlen causal prefill for chunks."""
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+
+if TYPE_CHECKING:
+    from engine.attention_metadata import AttentionMetadata
+
+_LOG2E = 1.4426950408889634
+# Finite "minus infinity" for running maxima: exp2(NEG_BIG - m) is 0, without the NaN of (-inf) - (-inf).
+_NEG_BIG = tl.constexpr(-1.0e30)
+# Split-K only pays when each split still streams a few tiles of KV.
+_MIN_TOKENS_PER_SPLIT = 256
+_MAX_SPLITS = 32
+
+
+@triton.jit
+def _attend_tile(
+    acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_row, n0, kv_end, kv_head,
+    stride_cb, stride_ct, stride_ch, scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BOUNDED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Online-softmax step over keys [n0, n0 + BLOCK_N) of one sequence and KV head, from paged blocks.
+
+    BOUNDED: the tile may run past kv_end (masked). CAUSAL: keys after a row's q_pos are masked. Tiles that
+    need neither skip the mask math entirely, which is most of a long context.
+    """
+    pos = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d[None, :] < HEAD_DIM
+    if BOUNDED:
+        valid = pos < kv_end
+        block = tl.load(block_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        kv_mask = valid[:, None] & d_mask
+    else:
+        block = tl.load(block_row + pos // BLOCK_SIZE).to(tl.int64)
+        kv_mask = d_mask
+    token_off = block * stride_cb + (pos % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
+    kv_off = token_off[:, None] + offs_d[None, :]
+    k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+    v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    if BOUNDED:
+        visible = valid[None, :]
+        if CAUSAL:
+            visible = visible & (pos[None, :] <= q_pos[:, None])
+        qk = tl.where(visible, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
+    out_ptr, part_acc_ptr, part_ml_ptr,
+    scale_log2,
+    stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIXED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One program: one sequence, one KV head (all its GROUP query heads packed as dot rows), one KV split.
+
+    MIXED: the batch also holds multi-row chunks (the prefill kernel's); this kernel serves 1-row sequences.
+    """
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    row = tl.load(query_start_ptr + seq)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    live_heads = GROUP  # query heads this program writes
+    if MIXED:
+        is_mine = tl.load(query_start_ptr + seq + 1) - row == 1
+        # Others get an empty KV range and write no head (a bound, not a scalar mask: the interpreter's stores
+        # reject scalar-and-block masks).
+        seq_len = tl.where(is_mine, seq_len, 0)
+        live_heads = tl.where(is_mine, GROUP, 0)
+    # Split bounds come from the device-side seq_len, so a captured grid stays right as sequences grow.
+    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_g
+    q = tl.load(q_ptr + row.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    block_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+
+    m_i = tl.full([BLOCK_G], _NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    # Whole tiles first (no masks), then at most one tile that runs past `end`.
+    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+    for n0 in range(start, full_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, 0, k_cache_ptr, v_cache_ptr, block_row, n0, end, kv_head, stride_cb, stride_ct,
+            stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, False, False, DOT_PRECISION)
+    for n0 in range(full_end, end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, 0, k_cache_ptr, v_cache_ptr, block_row, n0, end, kv_head, stride_cb, stride_ct,
+            stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, True, False, DOT_PRECISION)
+
+    if NUM_SPLITS == 1:
+        # Empty sequences (padding rows of a captured batch) have l == 0: write zeros, not NaN.
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        dst = out_ptr + row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=(offs_g < live_heads)[:, None] & d_mask[None, :])
+    else:
+        # Partials [B, Hq, NUM_SPLITS, D] (unnormalized acc) and [B, Hq, NUM_SPLITS, 2] (running max, sum).
+        part = (seq.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS + split
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
+                 mask=g_mask[:, None] & d_mask[None, :])
+        tl.store(part_ml_ptr + part * 2, m_i, mask=g_mask)
+        tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=g_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_acc_ptr, part_ml_ptr, query_start_ptr, out_ptr, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    MIXED: tl.constexpr,
+):
+    """Merge the split partials of one (sequence, query head) with log-sum-exp weights."""
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    row = tl.load(query_start_ptr + seq).to(tl.int64)
+    live_dims = HEAD_DIM  # 0 for sequences the prefill kernel serves: nothing stored
+    if MIXED:
+        live_dims = tl.where(tl.load(query_start_ptr + seq + 1) - row == 1, HEAD_DIM, 0)
+    row0 = (seq * tl.num_programs(1) + head) * NUM_SPLITS
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < NUM_SPLITS
+    m = tl.load(part_ml_ptr + (row0 + offs_s) * 2, mask=s_mask, other=_NEG_BIG)
+    sums = tl.load(part_ml_ptr + (row0 + offs_s) * 2 + 1, mask=s_mask, other=0.0)
+    acc = tl.load(part_acc_ptr + (row0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                  mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    weight = tl.exp2(m - tl.max(m, axis=0))  # empty splits carry m = NEG_BIG, so weight 0 next to a real one
+    total = tl.sum(weight * sums, axis=0)
+    out = tl.sum(weight[:, None] * acc, axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + row * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < live_dims)
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, out_ptr,
+    scale_log2,
+    stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKIP_SINGLE_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_M query rows of one sequence's chunk, one query head. Context from the paged cache.
+
+    SKIP_SINGLE_ROWS: 1-row sequences are left to the decode kernel (which reads their KV once per KV head).
+    """
+    m_block = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    q_start = tl.load(query_start_ptr + seq)
+    q_len = tl.load(query_start_ptr + seq + 1) - q_start
+    mine = m_block * BLOCK_M < q_len
+    if SKIP_SINGLE_ROWS:
+        mine = mine & (q_len > 1)
+    if mine:
+        seq_len = tl.load(seq_lens_ptr + seq)
+        context_len = seq_len - q_len  # cached tokens before this chunk; query i sits at context_len + i
+        kv_head = head // GROUP
+        offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_mask = offs_m < q_len
+        d_mask = offs_d < HEAD_DIM
+        rows = (q_start + offs_m).to(tl.int64)
+        q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        q_pos = context_len + offs_m
+        block_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+        # Keys before this tile's first query position are visible to every row: whole tiles of those need no
+        # mask. The rest, up to the last row's own position, are masked causally.
+        first_pos = context_len + m_block * BLOCK_M
+        full_end = first_pos // BLOCK_N * BLOCK_N
+        kv_end = tl.minimum(seq_len, first_pos + BLOCK_M)
+
+        m_i = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for n0 in range(0, full_end, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_row, n0, kv_end, kv_head, stride_cb,
+                stride_ct, stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, False, False,
+                DOT_PRECISION)
+        for n0 in range(full_end, kv_end, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_row, n0, kv_end, kv_head, stride_cb,
+                stride_ct, stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, True, True,
+                DOT_PRECISION)
+
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        dst = out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # interpreter: any small number; it only shapes the split heuristic
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+    """KV splits per (sequence, KV head): enough programs for ~2 waves on the GPU, >= 256 tokens per split."""
+    programs = num_seqs * num_kv_heads
+    wanted = -(-2 * _num_sms(device) // max(programs, 1))
+    by_length = max(max_seq_len // _MIN_TOKENS_PER_SPLIT, 1)
+    return max(1, min(wanted, by_length, _MAX_SPLITS))
+
+
+def _decode_config(head_dim: int, interpreted: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of the decode kernel (H100 sweep: within 2% of the best at 8B)."""
+    if interpreted:
+        return 16, 1, 1  # the interpreter's cost grows with tile size
+    return (64, 4, 3) if head_dim <= 128 else (32, 4, 2)
+
+
+def _prefill_config(head_dim: int, max_query_len: int, interpreted: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the prefill kernel (H100 sweep: 64/64/4/3 led, D=128)."""
+    if interpreted:
+        return 16, 16, 1, 1
+    # Short chunks (speculative verification, small tails) get short row tiles instead of padding to 64.
+    rows = max(16, triton.next_power_of_2(max_query_len))
+    if head_dim <= 128:
+        return min(64, rows), 64, 4, 3
+    return min(32, rows), 32, 4, 2
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 caches (CPU-parity tests) must not silently drop to tf32; bf16/fp16 ignore this.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> None:
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"paged_attention: q {tuple(q.shape)}, caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)}")
+    if q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
+        raise ValueError(
+            f"paged_attention: q heads/dim {tuple(q.shape[1:])} do not fit KV {tuple(k_cache.shape[2:])}")
+    if k_cache.shape[1] != meta.block_size or k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        raise ValueError("paged_attention: caches must share strides, be dense in D, match meta.block_size")
+
+
+def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                   scale: float, out: torch.Tensor, num_splits: int | None, mixed: bool) -> None:
+    num_seqs = meta.seq_lens.shape[0]
+    _, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    if num_splits is None:
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, q.device)
+    block_d = triton.next_power_of_2(head_dim)
+    interpreted = q.device.type == "cpu"
+    block_n, warps, stages = _decode_config(head_dim, interpreted)
+    if num_splits > 1:
+        part_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32,
+                               device=q.device)
+        part_ml = torch.empty(num_seqs, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_ml = out  # unused: the kernel normalizes and writes `out` directly
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out, part_acc, part_ml,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        meta.block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_SIZE=meta.block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, MIXED=mixed,
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            part_acc, part_ml, meta.query_start_loc, out, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits), MIXED=mixed, num_warps=1 if interpreted else 4,
+        )
+
+
+def _launch_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                    scale: float, out: torch.Tensor, skip_single_rows: bool) -> None:
+    _, num_heads, head_dim = q.shape
+    block_m, block_n, warps, stages = _prefill_config(head_dim, meta.max_query_len, q.device.type == "cpu")
+    grid = (triton.cdiv(meta.max_query_len, block_m), meta.seq_lens.shape[0], num_heads)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        meta.block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=num_heads // k_cache.shape[2], HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_SIZE=meta.block_size, BLOCK_M=block_m, BLOCK_N=block_n, SKIP_SINGLE_ROWS=skip_single_rows,
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+    )
+
+
+def paged_decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Decode-only batch (every sequence brings one query row) → [B, Hq, D]. `num_splits` None = auto."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if q.shape[0]:
+        _launch_decode(q, k_cache, v_cache, meta, scale, out, num_splits, mixed=False)
+    return out
+
+
+def paged_prefill_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """The prefill kernel alone over any batch (chunks, decodes, mixes) → [T, Hq, D]."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if q.shape[0]:
+        _launch_prefill(q, k_cache, v_cache, meta, scale, out, skip_single_rows=False)
+    return out
+
+
+def paged_attention_triton(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """q [T, Hq, D] → [T, Hq, D], paged_attention_ref's contract; reads only meta's device tensors and ints.
+
+    Decode-only batches run the split-K decode kernel. Other batches run the prefill kernel for multi-row
+    chunks and the decode kernel for 1-row sequences beside them (each kernel skips the other's sequences on
+    device, so the host never needs to know which is which).
+    """
+    _check(q, k_cache, v_cache, meta)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if q.shape[0] == 0:
+        return out
+    if meta.is_decode_only:
+        _launch_decode(q, k_cache, v_cache, meta, scale, out, None, mixed=False)
+    else:
+        num_seqs = meta.seq_lens.shape[0]
+        # T == B * max_query_len means every sequence brings max_query_len > 1 rows: no decode rows to serve.
+        has_single_rows = q.shape[0] != num_seqs * meta.max_query_len
+        _launch_prefill(q, k_cache, v_cache, meta, scale, out, skip_single_rows=has_single_rows)
+        if has_single_rows:
+            _launch_decode(q, k_cache, v_cache, meta, scale, out, None, mixed=True)
+    return out

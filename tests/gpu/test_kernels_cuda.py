@@ -1,0 +1,210 @@
+"""Compiled Triton kernels equal the torch references at Llama-3-8B shapes, graph-safe (no host sync)."""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+from engine.attention_metadata import AttentionMetadata, SeqSpan
+from kernels.attention import paged_attention_ref, store_kv_ref
+from kernels.rmsnorm import rms_norm_ref
+from kernels.rotary import apply_rotary_ref
+from kernels.triton_attention import (
+    paged_attention_triton,
+    paged_decode_attention,
+    paged_prefill_attention,
+)
+from kernels.triton_rmsnorm import rms_norm_triton
+from kernels.triton_rotary import apply_rotary_triton
+from kernels.triton_store_kv import store_kv_triton
+
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300)]
+
+HEADS, KV_HEADS, HEAD_DIM, HIDDEN, BLOCK = 32, 8, 128, 4096, 16
+DEV = torch.device("cuda")
+BF16 = torch.bfloat16
+
+
+@pytest.fixture(autouse=True)
+def compiled_kernels_only() -> None:
+    # tests/kernels switches the process to the interpreter (TRITON_INTERPRET=1) and re-decorates the kernels.
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("interpreter mode is on in this process: run tests/gpu in its own pytest process")
+
+
+def paged_batch(seqs: list[tuple[int, int]], seed: int, dtype: torch.dtype = BF16):
+    """seqs: (cached, new) per sequence; shuffled block ids; the cache already holds every position's KV."""
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    needed = [-(-(c + n) // BLOCK) for c, n in seqs]
+    pool = list(range(sum(needed) + 8))
+    random.Random(seed).shuffle(pool)
+    shape = (len(pool), BLOCK, KV_HEADS, HEAD_DIM)
+    k_cache = torch.randn(shape, generator=gen, device=DEV, dtype=dtype)
+    v_cache = torch.randn(shape, generator=gen, device=DEV, dtype=dtype)
+    spans, slots, row = [], [], 0
+    for (cached, new), count in zip(seqs, needed, strict=True):
+        blocks = tuple(pool.pop() for _ in range(count))
+        spans.append(SeqSpan(row, new, cached + new, blocks, None))
+        slots += [blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(cached, cached + new)]
+        row += new
+    meta = AttentionMetadata.from_spans(spans, slots, BLOCK, device=DEV)
+    q = torch.randn(row, HEADS, HEAD_DIM, generator=gen, device=DEV, dtype=dtype)
+    return q, k_cache, v_cache, meta
+
+
+def fp32_reference(q, k_cache, v_cache, meta) -> torch.Tensor:
+    return paged_attention_ref(q.float(), k_cache.float(), v_cache.float(), meta, HEAD_DIM ** -0.5)
+
+
+def assert_attention_close(got: torch.Tensor, q, k_cache, v_cache, meta) -> None:
+    # bf16 inputs, fp32 accumulation: compare against an fp32 reference with bf16-level tolerance.
+    torch.testing.assert_close(got.float(), fp32_reference(q, k_cache, v_cache, meta), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("batch", [1, 8, 64])
+@pytest.mark.parametrize("context", [512, 4096])
+def test_decode_matches_reference_at_llama3_8b_shapes(batch: int, context: int) -> None:
+    rng = random.Random(batch * context)
+    # Ragged contexts ending on and off block boundaries, up to `context`.
+    seqs = [(context - 1 if i == 0 else rng.randint(context // 2, context - 1), 1) for i in range(batch)]
+    q, k_cache, v_cache, meta = paged_batch(seqs, seed=batch + context)
+    assert_attention_close(paged_attention_triton(q, k_cache, v_cache, meta, HEAD_DIM ** -0.5),
+                           q, k_cache, v_cache, meta)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4, 16])
+def test_decode_split_k_on_and_off_agree_with_reference(num_splits: int) -> None:
+    q, k_cache, v_cache, meta = paged_batch([(4095, 1), (17, 1)], seed=num_splits)
+    got = paged_decode_attention(q, k_cache, v_cache, meta, HEAD_DIM ** -0.5, num_splits=num_splits)
+    assert_attention_close(got, q, k_cache, v_cache, meta)
+
+
+@pytest.mark.parametrize("seqs", [
+    [(0, 512)],
+    [(0, 4096)],
+    [(3584, 512), (0, 300), (1024, 33)],
+    [(4000, 1)] * 8 + [(0, 300), (512, 512)],  # split-fused: decodes beside prefill chunks
+])
+def test_prefill_and_mixed_batches_match_reference(seqs: list[tuple[int, int]]) -> None:
+    q, k_cache, v_cache, meta = paged_batch(seqs, seed=len(seqs))
+    got = paged_attention_triton(q, k_cache, v_cache, meta, HEAD_DIM ** -0.5)
+    assert_attention_close(got, q, k_cache, v_cache, meta)
+
+
+@pytest.mark.parametrize("tokens", [1, 64, 4096])
+def test_store_kv_is_bit_exact(tokens: int) -> None:
+    gen = torch.Generator(device=DEV).manual_seed(tokens)
+    num_blocks = tokens // BLOCK + 8
+    slots = torch.randperm(num_blocks * BLOCK, generator=gen, device=DEV)[:tokens]
+    k = torch.randn(tokens, KV_HEADS, HEAD_DIM, generator=gen, device=DEV, dtype=BF16)
+    v = torch.randn(tokens, KV_HEADS, HEAD_DIM, generator=gen, device=DEV, dtype=BF16)
+    caches = [torch.zeros(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, device=DEV, dtype=BF16) for _ in range(4)]
+    store_kv_triton(k, v, caches[0], caches[1], slots)
+    store_kv_ref(k, v, caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+
+@pytest.mark.parametrize("rows", [1, 64, 4096])
+def test_rms_norm_with_and_without_residual_matches_reference(rows: int) -> None:
+    gen = torch.Generator(device=DEV).manual_seed(rows)
+    x = torch.randn(rows, HIDDEN, generator=gen, device=DEV, dtype=BF16)
+    residual = torch.randn(rows, HIDDEN, generator=gen, device=DEV, dtype=BF16)
+    weight = torch.randn(HIDDEN, generator=gen, device=DEV, dtype=BF16)
+    torch.testing.assert_close(rms_norm_triton(x, weight, 1e-5), rms_norm_ref(x, weight, 1e-5))
+    out, new_residual = rms_norm_triton(x, weight, 1e-5, residual)
+    ref_out, ref_residual = rms_norm_ref(x, weight, 1e-5, residual)
+    torch.testing.assert_close(out, ref_out)
+    assert torch.equal(new_residual, ref_residual)
+
+
+@pytest.mark.parametrize("tokens", [1, 64, 4096])
+def test_rotary_matches_reference(tokens: int) -> None:
+    gen = torch.Generator(device=DEV).manual_seed(tokens)
+    fused = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM, generator=gen, device=DEV, dtype=BF16)
+    q = fused[:, :HEADS * HEAD_DIM].view(tokens, HEADS, HEAD_DIM)
+    k = fused[:, HEADS * HEAD_DIM:(HEADS + KV_HEADS) * HEAD_DIM].view(tokens, KV_HEADS, HEAD_DIM)
+    angles = torch.rand(tokens, HEAD_DIM // 2, generator=gen, device=DEV) * 4096
+    cos, sin = angles.cos().to(BF16), angles.sin().to(BF16)
+    # One rounding (kernel) vs one per product (reference): near cancellation the gap is a product ulp.
+    for got, ref in zip(apply_rotary_triton(q, k, cos, sin), apply_rotary_ref(q, k, cos, sin), strict=True):
+        torch.testing.assert_close(got, ref, atol=4e-2, rtol=8e-3)
+
+
+def decode_step(x, residual, norm_w, q, k, v, cos, sin, k_cache, v_cache, meta):
+    """One decode layer's kernel chain as the model calls it: norm → rotary → store → attention."""
+    h, res = rms_norm_triton(x, norm_w, 1e-5, residual)
+    q, k = apply_rotary_triton(q, k, cos, sin)
+    store_kv_triton(k, v, k_cache, v_cache, meta.slot_mapping)
+    return h, res, paged_attention_triton(q, k_cache, v_cache, meta, HEAD_DIM ** -0.5)
+
+
+def test_decode_chain_needs_no_host_sync_and_replays_in_a_cuda_graph() -> None:
+    batch = 8
+    # Every context is 9 mod 16 long, so the next token still fits the sequence's last block.
+    q, k_cache, v_cache, meta = paged_batch([(1000 + 96 * i, 1) for i in range(batch)], seed=99)
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    static = {
+        "x": torch.randn(batch, HIDDEN, generator=gen, device=DEV, dtype=BF16),
+        "residual": torch.randn(batch, HIDDEN, generator=gen, device=DEV, dtype=BF16),
+        "q": q, "k": torch.randn(batch, KV_HEADS, HEAD_DIM, generator=gen, device=DEV, dtype=BF16),
+        "v": torch.randn(batch, KV_HEADS, HEAD_DIM, generator=gen, device=DEV, dtype=BF16),
+        "cos": torch.rand(batch, HEAD_DIM // 2, generator=gen, device=DEV, dtype=BF16),
+        "sin": torch.rand(batch, HEAD_DIM // 2, generator=gen, device=DEV, dtype=BF16),
+    }
+    norm_w = torch.randn(HIDDEN, generator=gen, device=DEV, dtype=BF16)
+
+    def args() -> tuple:
+        return (static["x"], static["residual"], norm_w, static["q"], static["k"], static["v"],
+                static["cos"], static["sin"], k_cache, v_cache, meta)
+
+    # Warm-up compiles every kernel outside the capture; then sync debug mode makes any host sync an error.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        decode_step(*args())
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            decode_step(*args())
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = decode_step(*args())
+
+    # Next step: new inputs, every sequence one token longer, new slots, all written into captured tensors.
+    for tensor in static.values():
+        tensor.copy_(torch.randn(tensor.shape, generator=gen, device=DEV).to(BF16))
+    new_spans, new_slots = [], []
+    for span in meta.spans:
+        pos = span.seq_len
+        new_slots.append(span.block_ids[pos // BLOCK] * BLOCK + pos % BLOCK)
+        new_spans.append(SeqSpan(span.query_start, 1, span.seq_len + 1, span.block_ids, None))
+    meta.seq_lens.add_(1)
+    meta.slot_mapping.copy_(torch.tensor(new_slots, device=DEV))
+    ref_k_cache, ref_v_cache = k_cache.clone(), v_cache.clone()
+    graph.replay()
+    torch.cuda.synchronize()
+
+    ref_meta = AttentionMetadata.from_spans(new_spans, new_slots, BLOCK, device=DEV)
+    h, res = rms_norm_ref(static["x"], norm_w, 1e-5, static["residual"])
+    rq, rk = apply_rotary_ref(static["q"], static["k"], static["cos"], static["sin"])
+    store_kv_ref(rk, static["v"], ref_k_cache, ref_v_cache, ref_meta.slot_mapping)
+    torch.testing.assert_close(outputs[0], h)
+    assert torch.equal(outputs[1], res)
+    assert torch.equal(v_cache, ref_v_cache)  # v is stored as given: bit-exact, and only at the new slots
+    torch.testing.assert_close(k_cache, ref_k_cache, atol=4e-2, rtol=8e-3)  # k went through rotary
+    torch.testing.assert_close(outputs[2].float(), fp32_reference(rq, ref_k_cache, ref_v_cache, ref_meta),
+                               atol=2e-2, rtol=2e-2)
+
+
+def test_prefill_kernel_serves_decode_rows_like_the_decode_kernel() -> None:
+    q, k_cache, v_cache, meta = paged_batch([(777, 1), (2048, 1), (15, 1)], seed=3)
+    decode = paged_decode_attention(q, k_cache, v_cache, meta, HEAD_DIM ** -0.5)
+    prefill = paged_prefill_attention(q, k_cache, v_cache, meta, HEAD_DIM ** -0.5)
+    torch.testing.assert_close(decode, prefill, atol=1e-2, rtol=1e-2)

@@ -1,0 +1,62 @@
+"""Triton rotary embedding equals apply_rotary_ref (rotate-half, GQA head counts), interpreted on CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.config import ModelConfig
+from kernels.rotary import apply_rotary_ref
+from kernels.triton_rotary import apply_rotary_triton
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 4, 16), (9, 3, 32), (8, 2, 24)])
+def test_random_tables_match_reference(num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    gen = torch.Generator().manual_seed(num_heads * head_dim)
+    tokens = 6
+    q = torch.randn(tokens, num_heads, head_dim, generator=gen)
+    k = torch.randn(tokens, num_kv_heads, head_dim, generator=gen)
+    cos = torch.randn(tokens, head_dim // 2, generator=gen)
+    sin = torch.randn(tokens, head_dim // 2, generator=gen)
+    q_got, k_got = apply_rotary_triton(q, k, cos, sin)
+    q_ref, k_ref = apply_rotary_ref(q, k, cos, sin)
+    torch.testing.assert_close(q_got, q_ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(k_got, k_ref, atol=1e-6, rtol=1e-6)
+
+
+def test_real_rope_tables_on_fused_qkv_views_match_reference() -> None:
+    from engine.rope import RotaryEmbedding
+
+    config = ModelConfig(name="tiny", vocab_size=32, hidden_size=128, intermediate_size=256, num_layers=1,
+                         num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=64,
+                         rope_theta=500000.0)
+    rope = RotaryEmbedding(config, max_positions=64)
+    cos, sin = rope(torch.tensor([0, 1, 2, 17, 40, 63]))
+    fused = torch.randn(6, (4 + 2 + 2) * 32)
+    q = fused[:, :128].view(6, 4, 32)
+    k = fused[:, 128:192].view(6, 2, 32)
+    q_before = q.clone()
+    q_got, k_got = apply_rotary_triton(q, k, cos, sin)
+    q_ref, k_ref = apply_rotary_ref(q, k, cos, sin)
+    torch.testing.assert_close(q_got, q_ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(k_got, k_ref, atol=1e-6, rtol=1e-6)
+    assert torch.equal(q, q_before)
+
+
+def test_half_inputs_stay_within_one_ulp_of_reference() -> None:
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 2, 16, generator=gen).half()
+    k = torch.randn(3, 1, 16, generator=gen).half()
+    cos, sin = torch.randn(3, 8, generator=gen).half(), torch.randn(3, 8, generator=gen).half()
+    q_got, k_got = apply_rotary_triton(q, k, cos, sin)
+    q_ref, k_ref = apply_rotary_ref(q, k, cos, sin)
+    assert q_got.dtype == k_got.dtype == torch.float16
+    # The kernel rounds once (fp32 math); the reference rounds after each product: at most an ulp apart.
+    torch.testing.assert_close(q_got, q_ref, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(k_got, k_ref, atol=2e-3, rtol=1e-3)
+
+
+def test_table_rows_must_match_tokens() -> None:
+    with pytest.raises(ValueError):
+        apply_rotary_triton(torch.ones(3, 2, 16), torch.ones(3, 1, 16), torch.ones(2, 8), torch.ones(2, 8))
