@@ -1,4 +1,4 @@
-"""Decode worker logic without Ray: reserve blocks, receive KV, decode in a continuous batch, stream tokens."""
+"""Decode worker without Ray: reserve blocks, receive KV, decode in a continuous batch, stream tokens."""
 from __future__ import annotations
 
 import asyncio
@@ -15,6 +15,7 @@ from engine.engine_thread import EngineThread
 from engine.model_files import resolve_model_path
 from engine.llm_engine import LLMEngine
 from engine.model_runner import RunOutput
+from engine.random_models import is_random_model
 from engine.scheduler import SchedulerOutput
 from engine.sequence import FinishReason, Sequence
 from engine.stats import EngineStats, WorkerInfo
@@ -34,11 +35,15 @@ class _Stream:
 
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | None
     num_prompt_tokens: int
 
     def push(self, chunk: TokenChunk) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, chunk)
+
+    def flush_text(self) -> str:
+        """Text the detokenizer held back (a possible stop-string prefix), released when the sequence ends."""
+        return self.detok.finish() if self.detok is not None else ""
 
 
 class DecodeService:
@@ -47,7 +52,9 @@ class DecodeService:
         self.worker_id = worker_id
         self.config = config
         self.engine = LLMEngine(config, progress=progress)
-        self.tokenizer = Tokenizer.from_model(resolve_model_path(config.model_path))
+        # Random-weight models (speed work) have no tokenizer: their streams carry token ids and empty text.
+        self.tokenizer = None if is_random_model(config.model_path) else \
+            Tokenizer.from_model(resolve_model_path(config.model_path))
         self.layout = layout_of_cache(self.engine.kv_cache.k)
         self.metrics = DecodeMetrics(worker_id)
         self._lease = kv_lease_seconds
@@ -74,7 +81,8 @@ class DecodeService:
 
     async def info(self) -> WorkerInfo:
         if not self._thread.alive:
-            return WorkerInfo(self.worker_id, "decode", "failed", EngineStats(0, self.config.num_kv_blocks, 0, 0, 0))
+            stats = EngineStats(0, self.config.num_kv_blocks, 0, 0, 0)
+            return WorkerInfo(self.worker_id, "decode", "failed", stats)
         stats = await asyncio.wrap_future(self._thread.submit(self.engine.stats))
         return WorkerInfo(self.worker_id, "decode", "ready", stats)
 
@@ -82,11 +90,16 @@ class DecodeService:
         if req.request_id in self._streams:
             raise ValueError(f"request_id {req.request_id!r} is already active on {self.worker_id}")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(),
-                         IncrementalDetokenizer(self.tokenizer, list(req.prompt_token_ids), req.sampling.stop),
+                         self._detokenizer(req),
                          len(req.prompt_token_ids))
         reservation = await asyncio.wrap_future(self._thread.submit(lambda: self._reserve(req, stream)))
         self._streams[req.request_id] = stream
         return reservation
+
+    def _detokenizer(self, req: ReserveRequest) -> IncrementalDetokenizer | None:
+        if self.tokenizer is None:
+            return None
+        return IncrementalDetokenizer(self.tokenizer, list(req.prompt_token_ids), req.sampling.stop)
 
     async def stream(self, request_id: str) -> AsyncIterator[TokenChunk]:
         stream = self._streams.get(request_id)
@@ -127,7 +140,8 @@ class DecodeService:
                              f"({self.engine.scheduler.stats().num_free_blocks} free KV blocks)")
         target = TransferTarget(req.request_id, self.worker_id, tuple(seq.block_table), seq.num_tokens)
         receiver = KVReceiver(target, self.layout, lease_seconds=self._lease)
-        for endpoint in self._endpoints.values():  # the prefill worker is picked later: listen on every channel
+        # The prefill worker is picked after this returns: listen for the request on every channel.
+        for endpoint in self._endpoints.values():
             endpoint.register(receiver)
         self._receivers[req.request_id] = receiver
         self._active[req.request_id] = stream
@@ -141,12 +155,12 @@ class DecodeService:
         stream = self._active.pop(request_id, None)
         if stream is not None:
             n_out = seq.num_output_tokens if seq is not None else 0
-            stream.push(TokenChunk(request_id, (), stream.detok.finish(), FinishReason.ABORT,
+            stream.push(TokenChunk(request_id, (), stream.flush_text(), FinishReason.ABORT,
                                    stream.num_prompt_tokens, n_out, error))
         return receiver is not None or seq is not None or stream is not None
 
     def _step(self) -> bool:
-        """One engine step, read aloud: admit arrived KV → schedule → run → postprocess → stream tokens."""
+        """One step, read aloud: admit arrived KV → schedule → run → postprocess → stream tokens."""
         did_work = self._poll_receivers()
         if not self.engine.has_work():
             return did_work
@@ -186,15 +200,16 @@ class DecodeService:
         stream = self._active.get(seq.request_id)
         if stream is None:
             return
-        delta = stream.detok.add(token_ids)
-        text, reason = delta.text, seq.finish_reason if seq.is_finished else None
-        if delta.stopped and reason is None:  # stop string: finish here, free the blocks now
+        reason = seq.finish_reason if seq.is_finished else None
+        text, stopped = "", False
+        if stream.detok is not None:
+            delta = stream.detok.add(token_ids)
+            text, stopped = delta.text, delta.stopped
+        if stopped:  # stop string: finish now and free the blocks (a no-op if the sequence already ended)
             self.engine.scheduler.abort(seq.request_id)
             reason = FinishReason.STOP
-        elif delta.stopped:
-            reason = FinishReason.STOP
         elif reason is not None:
-            text += stream.detok.finish()
+            text += stream.flush_text()
         self.metrics.tokens_generated(len(token_ids))
         stream.push(TokenChunk(seq.request_id, tuple(token_ids), text, reason,
                                seq.num_prompt_tokens, seq.num_output_tokens))

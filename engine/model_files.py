@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.config import ModelConfig
+from engine.random_models import is_random_model, preset_config, randomize_
 
 if TYPE_CHECKING:
     from engine.model import LlamaModel
@@ -42,6 +43,8 @@ def resolve_model_path(path: str | None) -> Path:
     """None → the embedded model; else an existing `.gguf` file or a dir with config.json + *.safetensors."""
     if path is None:
         return embedded_model_path()
+    if is_random_model(path):
+        raise ModelPathError(f"{path} is a random-weight model: it has no files (and no tokenizer)")
     p = Path(path).expanduser()
     if not p.exists():
         raise ModelPathError(f"model path does not exist: {p}")
@@ -74,9 +77,11 @@ def load_model(
     """Read config + weights from a GGUF file or HF dir and return a ready (eval-mode) LlamaModel."""
     from engine.model import LlamaModel  # lazy: path helpers stay importable without building the model
 
-    resolved = resolve_model_path(None if path is None else str(path))
     torch_dtype = parse_dtype(dtype)
     device = torch.device(device)
+    if is_random_model(path):
+        return _random_model(str(path), torch_dtype, device)
+    resolved = resolve_model_path(None if path is None else str(path))
     if resolved.is_file():
         from engine import weights_gguf as fmt
     else:
@@ -90,4 +95,18 @@ def load_model(
     model.load_weights(weights)
     model.eval()
     logger.info("loaded %s (%s) on %s as %s", config.name, resolved.name, device, torch_dtype)
+    return config, model
+
+
+def _random_model(spec: str, dtype: torch.dtype, device: torch.device) -> tuple[ModelConfig, LlamaModel]:
+    from engine.model import LlamaModel
+
+    config = preset_config(spec)
+    with torch.device("meta"):
+        model = LlamaModel(config)
+    model = model.to_empty(device=device).to(dtype)
+    model.init_buffers(device)
+    randomize_(model)
+    model.eval()
+    logger.info("built %s on %s as %s", config.name, device, dtype)
     return config, model
