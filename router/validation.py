@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from engine.sampling_params import InvalidSamplingParams, SamplingParams
+from engine.tokenizer import TokenizerError
 from proto.api import pb
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -95,7 +96,10 @@ def _prompt_token_ids(request: pb.GenerateRequest, tokenizer: Tokenizer, vocab_s
                 raise InvalidRequest(
                     f"chat.messages[{i}].role", f"{m.role!r} is not one of {', '.join(CHAT_ROLES)}"
                 )
-        ids = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages])
+        try:
+            ids = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages])
+        except TokenizerError as e:  # the model's template rejected the conversation (e.g. role order)
+            raise InvalidRequest("chat", f"the model's chat template rejected it: {e}") from None
     if not ids:
         # Text that encodes to nothing (the tokenizer dropped it all) is as useless as an empty prompt.
         raise InvalidRequest(kind, "encodes to zero tokens")

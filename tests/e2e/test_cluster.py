@@ -148,6 +148,10 @@ def test_client_disconnect_returns_every_worker_free_block_count(stub):
     (dict(text="hi", sampling=pb.SamplingOptions(top_k=-2)), "top_k"),
     (dict(token_ids=pb.TokenIds(ids=[1, 999_999])), "token_ids"),
     (dict(token_ids=pb.TokenIds(ids=[])), "token_ids"),
+    (dict(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="robot", content="hi")])), "role"),
+    (dict(chat=pb.ChatMessages()), "chat"),
+    (dict(text="hi", sampling=pb.SamplingOptions(stop=[""])), "stop"),
+    (dict(text="hi", sampling=pb.SamplingOptions(stop_token_ids=[-1])), "stop_token_ids"),
 ])
 def test_bad_input_is_invalid_argument_naming_the_field(stub, request_kwargs, field):
     with pytest.raises(grpc.RpcError) as err:
