@@ -90,7 +90,7 @@ def load_model(
     # Build on the meta device: skips random init of weights we overwrite right away.
     with torch.device("meta"):
         model = LlamaModel(config)
-    model = model.to_empty(device=device).to(torch_dtype)
+    model = model.to(torch_dtype).to_empty(device=device)  # cast on meta: no fp32 copy on the device
     model.init_buffers(device)
     model.load_weights(weights)
     model.eval()
@@ -104,7 +104,7 @@ def _random_model(spec: str, dtype: torch.dtype, device: torch.device) -> tuple[
     config = preset_config(spec)
     with torch.device("meta"):
         model = LlamaModel(config)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)
     model.init_buffers(device)
     randomize_(model)
     model.eval()

@@ -8,9 +8,10 @@ from engine.config import ModelConfig, RopeScaling
 RANDOM_PREFIX = "random:"
 
 PRESETS: dict[str, ModelConfig] = {
+    # Llama-3.1-8B's config (its llama3 RoPE scaling and 128k context): speed work runs 16k-token prompts.
     "llama-3-8b": ModelConfig(
         name="llama-3-8b (random weights)", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=8192,
+        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=131072,
         rms_norm_eps=1e-5, rope_theta=500000.0,
         rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                  original_max_position_embeddings=8192),

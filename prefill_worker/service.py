@@ -41,9 +41,12 @@ class _Pending:
 
 class PrefillService:
     def __init__(self, worker_id: str, config: EngineConfig, kv_lease_seconds: float = 120.0,
-                 progress: bool = False) -> None:
+                 progress: bool = False, stream_layers: bool = True) -> None:
+        """`stream_layers=False` is the baseline the layer-wise design is measured against: the same sends,
+        all issued once the forward pass has ended instead of from each layer's hook."""
         self.worker_id = worker_id
         self.config = config
+        self.stream_layers = stream_layers
         self.engine = LLMEngine(config, progress=progress)
         self.layout = layout_of_cache(self.engine.kv_cache.k)
         self.metrics = PrefillMetrics(worker_id, self.layout.dtype)
@@ -132,8 +135,11 @@ class PrefillService:
                     pending.first_send = time.perf_counter()
                 pending.sender.send_layer(layer, kv.k[layer], kv.v[layer], seq.block_table)
 
-        run = self.engine.run(out, layer_hook=send_layer if completing else None)
+        run = self.engine.run(out, layer_hook=send_layer if completing and self.stream_layers else None)
         computed = time.perf_counter()
+        if completing and not self.stream_layers:
+            for layer in range(self.layout.num_layers):
+                send_layer(layer)
         for seq, pending in completing:
             token = run.sampled[seq.request_id]
             pending.sender.send_final(token, run.last_hidden.get(seq.request_id))
