@@ -139,7 +139,9 @@ class DecodeService:
             raise NoCapacity(f"{self.worker_id}: no room for {seq.num_tokens} prompt tokens "
                              f"({self.engine.scheduler.stats().num_free_blocks} free KV blocks)")
         target = TransferTarget(req.request_id, self.worker_id, tuple(seq.block_table), seq.num_tokens)
-        receiver = KVReceiver(target, self.layout, lease_seconds=self._lease)
+        # on_finish runs on the endpoint thread when the last frame lands: wake the engine to admit it now.
+        receiver = KVReceiver(target, self.layout, lease_seconds=self._lease,
+                              on_finish=lambda _: self._thread.wake())
         # The prefill worker is picked after this returns: listen for the request on every channel.
         for endpoint in self._endpoints.values():
             endpoint.register(receiver)

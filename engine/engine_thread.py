@@ -14,11 +14,13 @@ log = logging.getLogger(__name__)
 class EngineThread:
     """All engine mutations happen on this thread, so scheduler and cache need no locks.
 
-    `step` does one unit of work and returns True if it did any; when idle the thread sleeps until a command arrives
-    (or `idle_poll_s` passes, so state machines with leases still get polled).
+    `step` does one unit of work and returns True if it did any. When idle the thread sleeps until a command
+    arrives, someone calls `wake()` (e.g. a transfer finished on another thread), or `idle_poll_s()` seconds pass,
+    so state machines with leases still get polled; owners shorten it while they wait on something imminent.
     """
 
-    def __init__(self, name: str, step: Callable[[], bool], idle_poll_s: float = 0.005) -> None:
+    def __init__(self, name: str, step: Callable[[], bool],
+                 idle_poll_s: Callable[[], float] = lambda: 0.005) -> None:
         self._step = step
         self._idle_poll_s = idle_poll_s
         self._inbox: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
@@ -35,6 +37,10 @@ class EngineThread:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def wake(self) -> None:
+        """Ends an idle wait now (thread-safe)."""
+        self._wake.set()
 
     @property
     def alive(self) -> bool:
@@ -68,7 +74,7 @@ class EngineThread:
             while not self._stopping.is_set():
                 self._drain_inbox()
                 if not self._step():
-                    self._wake.wait(self._idle_poll_s)
+                    self._wake.wait(self._idle_poll_s())
                     self._wake.clear()
         except BaseException as e:  # the worker reports this as state "failed"
             log.exception("engine thread %s died", self._thread.name)

@@ -53,7 +53,9 @@ class PrefillService:
         self._lease = kv_lease_seconds
         self._channels: dict[str, KVChannel] = {}  # decode_id -> channel
         self._pending: dict[str, _Pending] = {}  # engine thread only
-        self._thread = EngineThread(f"prefill-{worker_id}", self._step)
+        # Send completion is polled (gloo/NCCL handles have no callback): poll fast while sends are in flight.
+        self._thread = EngineThread(f"prefill-{worker_id}", self._step,
+                                    idle_poll_s=lambda: 0.0002 if self._pending else 0.005)
         self._thread.start()
 
     # ---- control plane ----
