@@ -1,12 +1,12 @@
-"""Ray actor around DecodeService; tokens stream back as a Ray streaming generator (see docs/architecture.md)."""
+"""Ray actor around DecodeService; tokens stream back as a Ray streaming generator (docs/architecture.md)."""
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
-from decode_worker.api import Reservation, ReserveRequest, TokenChunk
 import torch
 
+from decode_worker.api import Reservation, ReserveRequest, TokenChunk
 from decode_worker.service import DecodeService
 from engine.config import EngineConfig
 from engine.stats import WorkerInfo
@@ -37,7 +37,8 @@ class DecodeWorkerActor:
             "context_length": engine_cfg.max_model_len or cfg.max_position_embeddings,
             "vocab_size": cfg.vocab_size,
             "kv_cache_dtype": self.service.layout.dtype,
-            # GGUF blocks are dequantized at load: weights live in the compute dtype (quantized weights come later).
+            # GGUF blocks are dequantized at load: weights live in the compute dtype
+            # (quantized weights come later).
             "weight_dtype": engine_cfg.dtype,
             "compute_dtype": engine_cfg.dtype,
         }

@@ -32,7 +32,8 @@ class TokenChunk:
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
-    error: str | None = None  # set with finish_reason ABORT when the worker failed the request (e.g. KV transfer)
+    # Set with finish_reason ABORT when the worker failed the request (e.g. KV transfer).
+    error: str | None = None
 
 
 class NoCapacity(RuntimeError):

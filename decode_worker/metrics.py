@@ -7,8 +7,8 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 class DecodeMetrics:
     def __init__(self, worker_id: str) -> None:
         self.registry = CollectorRegistry()
-        self._received = Counter("pdserve_kv_transfer_received_bytes", "KV bytes received from prefill workers",
-                                 registry=self.registry)
+        self._received = Counter("pdserve_kv_transfer_received_bytes",
+                                 "KV bytes received from prefill workers", registry=self.registry)
         self._failures = Counter("pdserve_kv_transfer_failures", "KV transfers that failed, by reason",
                                  ["reason"], registry=self.registry)
         self._tokens = Counter("pdserve_decode_tokens", "Tokens sampled by this decode worker",

@@ -3,17 +3,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from decode_worker.api import NoCapacity, Reservation, ReserveRequest, TokenChunk
 from decode_worker.metrics import DecodeMetrics
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.engine_thread import EngineThread
-from engine.model_files import resolve_model_path
 from engine.llm_engine import LLMEngine
+from engine.model_files import resolve_model_path
 from engine.model_runner import RunOutput
 from engine.random_models import is_random_model
 from engine.scheduler import SchedulerOutput

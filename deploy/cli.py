@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--decode", type=_positive("--decode"), default=1, help="decode workers (default 1)")
     up.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     up.add_argument("--port", type=_port("--port"), default=50051, help="gRPC port (default 50051)")
-    up.add_argument("--metrics-port", type=_port("--metrics-port"), default=9400, help="Prometheus port (9400)")
+    up.add_argument("--metrics-port", type=_port("--metrics-port"), default=9400,
+                    help="Prometheus port (9400)")
     up.add_argument("--max-batch-tokens", type=_positive("--max-batch-tokens"), default=512,
                     help="token budget per engine step (default 512)")
     up.add_argument("--kv-blocks", type=_positive("--kv-blocks"), default=512,
@@ -76,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dispatch-policy", default="least_loaded", help="least_loaded | round_robin")
     up.add_argument("--queue-capacity", type=_positive("--queue-capacity"), default=256)
     up.add_argument("--ray-address", default=None,
-                    help="join an existing Ray cluster (e.g. 'auto' on a Ray node); default: start a private one")
+                    help="join an existing Ray cluster (e.g. 'auto' on a Ray node); "
+                         "default: start a private one")
     up.add_argument("--local-prefill-max-tokens", type=int, default=0,
                     help="prompts up to this many tokens are prefilled on the decode worker (0 = never)")
 
@@ -121,7 +123,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
                           num_kv_blocks=args.kv_blocks, max_batch_tokens=args.max_batch_tokens)
     cluster = LocalCluster(ClusterConfig(engine=engine, num_prefill=args.prefill, num_decode=args.decode,
                                          host=args.host, port=args.port, metrics_port=args.metrics_port,
-                                         dispatch_policy=args.dispatch_policy, queue_capacity=args.queue_capacity,
+                                         dispatch_policy=args.dispatch_policy,
+                                         queue_capacity=args.queue_capacity,
                                          local_prefill_max_tokens=args.local_prefill_max_tokens,
                                          ray_address=args.ray_address))
     try:

@@ -43,7 +43,7 @@ def build_request(opts: GenerateOptions) -> pb.GenerateRequest:
 
 
 def generate(address: str, opts: GenerateOptions, as_json: bool, timeout: float | None) -> int:
-    """Streams text to stdout as it arrives; with as_json prints only the final message. Returns an exit code."""
+    """Streams text to stdout as it arrives; as_json prints only the final message. Returns an exit code."""
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.PDServeStub(channel)
         final = None
@@ -69,7 +69,8 @@ def generate(address: str, opts: GenerateOptions, as_json: bool, timeout: float 
         f = final.final
         print(f"\n[{pb.FinishReason.Name(f.finish_reason).removeprefix('FINISH_REASON_').lower()}: "
               f"{f.usage.prompt_tokens} prompt + {f.usage.completion_tokens} generated tokens, "
-              f"TTFT {f.timings.ttft_seconds * 1000:.0f} ms, total {f.timings.e2e_seconds:.2f} s]", file=sys.stderr)
+              f"TTFT {f.timings.ttft_seconds * 1000:.0f} ms, total {f.timings.e2e_seconds:.2f} s]",
+              file=sys.stderr)
     return 0
 
 

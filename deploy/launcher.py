@@ -1,4 +1,4 @@
-"""Starts a local cluster: Ray, prefill and decode worker actors, their KV channels, the gRPC router, metrics."""
+"""Starts a local cluster: Ray, prefill and decode worker actors, KV channels, the gRPC router, metrics."""
 from __future__ import annotations
 
 import asyncio
@@ -84,13 +84,15 @@ class LocalCluster:
                      object_store_memory=None if cfg.ray_address else 256 * 1024 * 1024)
             self._started_ray = cfg.ray_address is None
         # num_cpus=0: the engine threads do the work; Ray's CPU accounting would starve a 2-core box.
-        # On CUDA each worker owns one GPU. On a multi-node cluster the decode side's KV channel listens on its
-        # node's address ("auto"); locally on loopback.
-        placement = {"num_cpus": 0, "num_gpus": 1 if cfg.engine.device == "cuda" else 0, "max_concurrency": 1000}
+        # On CUDA each worker owns one GPU. On a multi-node cluster the decode side's KV channel listens
+        # on its node's address ("auto"); locally on loopback.
+        placement = {"num_cpus": 0, "num_gpus": 1 if cfg.engine.device == "cuda" else 0,
+                     "max_concurrency": 1000}
         channel_host = "127.0.0.1" if cfg.ray_address is None else "auto"
-        # On a real cluster the node types declare custom resources (deploy/ray-cluster.yaml, kuberay.yaml) that
-        # pin each role to its worker group; a private local Ray has none.
-        roles = {} if cfg.ray_address is None else {"decode": {"pdserve_decode": 1}, "prefill": {"pdserve_prefill": 1}}
+        # On a real cluster the node types declare custom resources (deploy/ray-cluster.yaml,
+        # kuberay.yaml) that pin each role to its worker group; a private local Ray has none.
+        roles = ({} if cfg.ray_address is None
+                 else {"decode": {"pdserve_decode": 1}, "prefill": {"pdserve_prefill": 1}})
         decode_cls = ray.remote(**placement, resources=roles.get("decode"))(DecodeWorkerActor)
         prefill_cls = ray.remote(**placement, resources=roles.get("prefill"))(PrefillWorkerActor)
         self.decode = [(f"decode-{i}", decode_cls.options(name=f"pdserve-decode-{i}")
@@ -104,7 +106,7 @@ class LocalCluster:
         _wait_with_progress([h.info.remote() for _, h in self.decode + self.prefill], "workers")
         _status("[3/4] connecting KV channels (one torch.distributed group per prefill/decode pair)")
         refs = []
-        for decode_id, d in self.decode:
+        for _decode_id, d in self.decode:
             address = ray.get(d.channel_address.remote())
             for prefill_id, p in self.prefill:
                 refs += [d.accept_channel.remote(prefill_id), p.connect_channel.remote(address)]
@@ -114,12 +116,11 @@ class LocalCluster:
         """Runs the router until SIGINT/SIGTERM, then shuts everything down."""
         import ray
 
-        from router.config import RouterConfig
-        from router.ray_clients import RayDecodeClient, RayPrefillClient
-        from router.config import ModelInfo
-        from router.server import build_server
         from engine.model_files import resolve_model_path
         from engine.tokenizer import Tokenizer
+        from router.config import ModelInfo, RouterConfig
+        from router.ray_clients import RayDecodeClient, RayPrefillClient
+        from router.server import build_server
 
         cfg = self.config
         summary = ray.get(self.decode[0][1].model_summary.remote())
@@ -132,12 +133,14 @@ class LocalCluster:
         tokenizer = Tokenizer.from_model(resolve_model_path(cfg.engine.model_path))
         decode_clients = [RayDecodeClient(wid, h) for wid, h in self.decode]
         prefill_clients = [RayPrefillClient(wid, h) for wid, h in self.prefill]
-        self.router = build_server(router_cfg, prefill_clients, decode_clients, tokenizer, ModelInfo(**summary))
+        self.router = build_server(router_cfg, prefill_clients, decode_clients, tokenizer,
+                                   ModelInfo(**summary))
         await self.router.start()  # also serves /metrics on router_cfg.metrics_port
         _status(f"[4/4] router listening on {cfg.host}:{cfg.port}, metrics on "
                 f"http://{cfg.host}:{cfg.metrics_port}/metrics")
         _status("\nReady. Try:\n"
-                f"  .venv/bin/pdserve generate \"What is the capital of France?\" --address {cfg.host}:{cfg.port}\n"
+                "  .venv/bin/pdserve generate \"What is the capital of France?\" "
+                f"--address {cfg.host}:{cfg.port}\n"
                 f"  grpcurl -plaintext {cfg.host}:{cfg.port} list\n"
                 "Ctrl-C stops the cluster.")
         stop = asyncio.Event()

@@ -4,8 +4,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -15,8 +16,9 @@ class EngineThread:
     """All engine mutations happen on this thread, so scheduler and cache need no locks.
 
     `step` does one unit of work and returns True if it did any. When idle the thread sleeps until a command
-    arrives, someone calls `wake()` (e.g. a transfer finished on another thread), or `idle_poll_s()` seconds pass,
-    so state machines with leases still get polled; owners shorten it while they wait on something imminent.
+    arrives, someone calls `wake()` (e.g. a transfer finished on another thread), or `idle_poll_s()` seconds
+    pass, so state machines with leases still get polled; owners shorten it while they wait on something
+    imminent.
     """
 
     def __init__(self, name: str, step: Callable[[], bool],
@@ -46,7 +48,7 @@ class EngineThread:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
-    def submit(self, fn: Callable[[], T]) -> "Future[T]":
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
         """Run `fn` on the engine thread between steps; the future carries its result or exception."""
         fut: Future = Future()
         if self._stopping.is_set() or self.error is not None:

@@ -12,10 +12,12 @@ class PrefillMetrics:
         self.registry = CollectorRegistry()
         self._bytes = Counter("pdserve_kv_transfer_bytes", "KV bytes sent to decode workers, by cache dtype",
                               ["dtype"], registry=self.registry)
-        self._seconds = Histogram("pdserve_kv_transfer_seconds", "First layer handed to the sender -> all sent",
+        self._seconds = Histogram("pdserve_kv_transfer_seconds",
+                                  "First layer handed to the sender -> all sent",
                                   buckets=_TRANSFER_BUCKETS, registry=self.registry)
         self._exposed = Histogram("pdserve_kv_transfer_exposed_seconds",
-                                  "Transfer time left after prefill compute ended (not hidden behind compute)",
+                                  "Transfer time left after prefill compute ended "
+                                  "(not hidden behind compute)",
                                   buckets=_TRANSFER_BUCKETS, registry=self.registry)
         self._failures = Counter("pdserve_kv_transfer_failures", "KV transfers that failed, by reason",
                                  ["reason"], registry=self.registry)

@@ -17,8 +17,8 @@ from kv_transfer.channel import KVChannel
 from kv_transfer.dist_channel import connect_channel
 from kv_transfer.layout import layout_of_cache
 from kv_transfer.sender import KVSender
-from kv_transfer.target import ChannelAddress
 from kv_transfer.state import TransferState
+from kv_transfer.target import ChannelAddress
 from prefill_worker.api import PrefillFailed, PrefillRequest, PrefillResult
 from prefill_worker.metrics import PrefillMetrics
 
@@ -67,7 +67,8 @@ class PrefillService:
 
     async def info(self) -> WorkerInfo:
         if not self._thread.alive:
-            return WorkerInfo(self.worker_id, "prefill", "failed", EngineStats(0, self.config.num_kv_blocks, 0, 0, 0))
+            return WorkerInfo(self.worker_id, "prefill", "failed",
+                              EngineStats(0, self.config.num_kv_blocks, 0, 0, 0))
         stats = await asyncio.wrap_future(self._thread.submit(self.engine.stats))
         return WorkerInfo(self.worker_id, "prefill", "ready", stats)
 
@@ -93,9 +94,11 @@ class PrefillService:
     def _add(self, req: PrefillRequest, result: Future) -> None:
         channel = self._channels.get(req.target.decode_id)
         if channel is None:
-            raise PrefillFailed(f"{self.worker_id} has no KV channel to decode worker {req.target.decode_id!r}")
+            raise PrefillFailed(f"{self.worker_id} has no KV channel to decode worker "
+                                f"{req.target.decode_id!r}")
         if req.request_id in self._pending:
-            raise PrefillFailed(f"request_id {req.request_id!r} is already being prefilled on {self.worker_id}")
+            raise PrefillFailed(f"request_id {req.request_id!r} is already being prefilled "
+                                f"on {self.worker_id}")
         # The prefill side samples exactly one token (the first); the decode side samples the rest.
         self.engine.add_request(req.request_id, list(req.prompt_token_ids),
                                 dataclasses.replace(req.sampling, max_tokens=1))
@@ -112,7 +115,7 @@ class PrefillService:
         return pending is not None or seq is not None
 
     def _step(self) -> bool:
-        """One step, read aloud: schedule chunks → run (streaming KV of finished prompts per layer) → postprocess."""
+        """One step: schedule chunks → run (streaming KV of finished prompts per layer) → postprocess."""
         did_work = self._poll_senders()
         if not self.engine.has_work():
             return did_work
@@ -165,7 +168,8 @@ class PrefillService:
                 reason = pending.sender.failure_reason or "unknown"
                 self.metrics.transfer_failed(reason)
                 if not pending.result.done():
-                    pending.result.set_exception(PrefillFailed(f"KV transfer of {request_id} failed: {reason}"))
+                    pending.result.set_exception(
+                        PrefillFailed(f"KV transfer of {request_id} failed: {reason}"))
                 changed = True
         return changed
 
@@ -181,7 +185,8 @@ class PrefillService:
             transfer_exposed_seconds=done - computed,
         )
         first_send = pending.first_send if pending.first_send is not None else computed
-        self.metrics.transfer_done(pending.sender.bytes_sent, done - first_send, result.transfer_exposed_seconds)
+        self.metrics.transfer_done(pending.sender.bytes_sent, done - first_send,
+                                   result.transfer_exposed_seconds)
         self.metrics.prefill_done(len(pending.request.prompt_token_ids))
         if not pending.result.done():
             pending.result.set_result(result)

@@ -1,4 +1,4 @@
-"""The generated pdserve.v1 modules: `from proto.api import pb, pb_grpc`; generates them if a checkout lacks them."""
+"""The generated pdserve.v1 modules (`from proto.api import pb, pb_grpc`); builds them if missing."""
 from __future__ import annotations
 
 try:

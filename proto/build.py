@@ -1,4 +1,4 @@
-"""Generates the pdserve.v1 Python modules from the .proto with grpcio-tools (`make proto`, or on first import)."""
+"""Generates the pdserve.v1 Python modules from the .proto via grpcio-tools (`make proto`, first import)."""
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,4 @@
-"""Starts the real cluster (`pdserve up`: local Ray, 1 prefill + 1 decode, gRPC on loopback) once per session."""
+"""Starts the real cluster once per session: `pdserve up`, local Ray, 1 prefill + 1 decode, loopback gRPC."""
 from __future__ import annotations
 
 import os
@@ -38,7 +38,8 @@ def _wait_serving(address: str, proc: subprocess.Popen, log_path: Path, timeout:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"pdserve up exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+                raise RuntimeError(f"pdserve up exited with {proc.returncode}:\n"
+                                   f"{log_path.read_text()[-4000:]}")
             try:
                 if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
                         health_pb2.HealthCheckResponse.SERVING:

@@ -1,4 +1,4 @@
-"""Drives the real cluster as a client would: streaming, concurrency, parity, abort, bad input, health, metrics."""
+"""Drives the real cluster as a client: streaming, concurrency, parity, abort, bad input, health, metrics."""
 from __future__ import annotations
 
 import threading
@@ -30,7 +30,8 @@ def stub(cluster):
         yield pb_grpc.PDServeStub(channel)
 
 
-def run_generate(stub, request: pb.GenerateRequest, timeout: float = 120.0) -> tuple[list[int], str, pb.FinalResult]:
+def run_generate(stub, request: pb.GenerateRequest,
+                 timeout: float = 120.0) -> tuple[list[int], str, pb.FinalResult]:
     ids, text, final = [], "", None
     for response in stub.Generate(request, timeout=timeout):
         if response.HasField("delta"):
@@ -48,7 +49,7 @@ def free_blocks(stub) -> dict[str, int]:
 
 
 def idle_free_blocks(stub) -> dict[str, int]:
-    """Free-block counts once earlier tests' requests are gone (the router refreshes worker load every ~1 s)."""
+    """Free-block counts once earlier tests' requests are gone (router refreshes worker load every ~1 s)."""
     info = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
     total = {w.worker_id: w.total_kv_blocks for w in info.workers}
     current = wait_free_blocks(stub, total)
@@ -66,8 +67,8 @@ def wait_free_blocks(stub, expected: dict[str, int], timeout: float = 30.0) -> d
 
 
 def test_generate_streams_tokens_then_a_final_message(stub):
-    request = pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="Say hello.")]),
-                                 sampling=pb.SamplingOptions(max_tokens=12))
+    chat = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="Say hello.")])
+    request = pb.GenerateRequest(chat=chat, sampling=pb.SamplingOptions(max_tokens=12))
     deltas = [r for r in stub.Generate(request, timeout=120)]
     assert deltas[-1].HasField("final")
     token_deltas = [r for r in deltas if r.HasField("delta")]
@@ -83,7 +84,7 @@ def test_generate_streams_tokens_then_a_final_message(stub):
 def test_disaggregated_greedy_equals_single_process_engine(stub):
     engine = LLMEngine(EngineConfig(device="cpu", num_kv_blocks=64))
     expected = engine.generate(PARITY_PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True))
-    for prompt, want in zip(PARITY_PROMPTS, expected):
+    for prompt, want in zip(PARITY_PROMPTS, expected, strict=True):
         request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt),
                                      sampling=pb.SamplingOptions(max_tokens=24, ignore_eos=True))
         got, _, final = run_generate(stub, request)
@@ -176,8 +177,8 @@ def test_health_serving_and_reflection_lists_services(cluster):
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
             health_pb2.HealthCheckResponse.SERVING
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-        responses = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
-                                                    timeout=5)
+        list_request = reflection_pb2.ServerReflectionRequest(list_services="")
+        responses = reflection.ServerReflectionInfo(iter([list_request]), timeout=5)
         names = {s.name for r in responses for s in r.list_services_response.service}
     assert {"pdserve.v1.PDServe", "grpc.health.v1.Health"} <= names
 
@@ -193,6 +194,7 @@ def test_model_and_server_info(stub):
 def test_metrics_endpoint_covers_router_and_workers(cluster, stub):
     run_generate(stub, pb.GenerateRequest(text="Hello", sampling=pb.SamplingOptions(max_tokens=4)))
     body = urllib.request.urlopen(cluster.metrics_url, timeout=10).read().decode()
-    for name in ("pdserve_time_to_first_token_seconds", "pdserve_requests_total", "pdserve_generation_tokens_total",
-                 "pdserve_kv_transfer_bytes_total", "pdserve_kv_cache_usage_ratio"):
+    for name in ("pdserve_time_to_first_token_seconds", "pdserve_requests_total",
+                 "pdserve_generation_tokens_total", "pdserve_kv_transfer_bytes_total",
+                 "pdserve_kv_cache_usage_ratio"):
         assert name in body, name

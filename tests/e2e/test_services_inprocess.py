@@ -18,7 +18,8 @@ from prefill_worker.service import PrefillService
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-CONFIG = EngineConfig(device="cpu", num_kv_blocks=64, max_batch_tokens=32)  # 32: long prompts take several chunks
+# max_batch_tokens=32: long prompts take several chunks.
+CONFIG = EngineConfig(device="cpu", num_kv_blocks=64, max_batch_tokens=32)
 PROMPTS = [[1, 504, 3458, 282, 4649, 314], list(range(100, 170))]
 
 
@@ -62,7 +63,8 @@ def test_disaggregated_matches_colocated_greedy_and_seeded(services):
                      SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.8, top_k=40, seed=7)):
         expected = reference.generate(PROMPTS, sampling)
         for i, prompt in enumerate(PROMPTS):
-            got, reason = asyncio.run(_disaggregated(prefill, decode, f"r{i}-{sampling.seed}", prompt, sampling))
+            got, reason = asyncio.run(
+                _disaggregated(prefill, decode, f"r{i}-{sampling.seed}", prompt, sampling))
             assert got == expected[i]
             assert reason is FinishReason.LENGTH
     assert decode.engine.stats().num_free_blocks == free_before
