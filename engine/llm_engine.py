@@ -7,9 +7,9 @@ import logging
 import torch
 
 from engine.block_manager import BlockManager
-from engine.config import EngineConfig
+from engine.config import EngineConfig, ModelConfig
 from engine.kv_cache import KVCache
-from engine.model import LayerHook, use_column_blocks
+from engine.model import LayerHook, LlamaModel, use_column_blocks
 from engine.model_files import load_model, parse_dtype
 from engine.model_runner import ModelRunner, RunOutput
 from engine.sampling_params import SamplingParams
@@ -22,10 +22,12 @@ logger = logging.getLogger(__name__)
 
 class LLMEngine:
     def __init__(
-        self, config: EngineConfig, progress: bool = False, hold_finished_blocks: bool = False
+        self, config: EngineConfig, progress: bool = False, hold_finished_blocks: bool = False,
+        model: tuple[ModelConfig, LlamaModel] | None = None,
     ) -> None:
         """`hold_finished_blocks`: the prefill side keeps a finished sequence's blocks until
-        scheduler.release(seq) (its KV is still being sent)."""
+        scheduler.release(seq) (its KV is still being sent). `model`: a built (config, model) on config.device
+        in config.dtype, served instead of loading config.model_path (random-weight benchmarks)."""
         self.config = config
         dtype = parse_dtype(config.dtype)
         if config.kv_cache_dtype not in ("auto", config.dtype):
@@ -35,7 +37,10 @@ class LLMEngine:
             from kernels.triton_registry import register_triton_kernels
 
             register_triton_kernels()  # dispatch then picks the Triton kernels on CUDA
-        self.model_config, self.model = load_model(config.model_path, dtype, device, progress)
+        if model is None:
+            self.model_config, self.model = load_model(config.model_path, dtype, device, progress)
+        else:
+            self.model_config, self.model = model
         if device.type == "cpu":
             # bs1 decode on CPU is GEMV-bound: blocked weights let every core stream its share (same math).
             parts = torch.get_num_threads()
@@ -58,7 +63,12 @@ class LLMEngine:
             ),
             self.block_manager,
         )
-        self.runner = ModelRunner(self.model, self.kv_cache, self.model_config, config.device)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.model_config, config.device,
+                                  max_num_seqs=config.max_num_seqs, max_model_len=max_model_len)
+        if self.runner.graphs is not None and not hold_finished_blocks:
+            # Decode side: capture every bucket now, so no step stalls on a Triton compile or a capture later.
+            # (The prefill side almost never runs a decode-only step; it captures lazily if it does.)
+            self.runner.graphs.capture_all()
         self._ids = itertools.count()
         logger.info("engine ready: %s, %s", self.model_config.name, self.kv_cache)
 
