@@ -38,7 +38,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], positions: Se
         return greedy_ids
 
     device = logits.device
-    temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
+    temps = _to_device([1.0 if p.greedy else p.temperature for p in params], torch.float32, device)
     scaled = logits / temps.unsqueeze(1)
     if any(not p.greedy and (0 < p.top_k < vocab or p.top_p < 1.0) for p in params):
         scaled = _apply_top_k_top_p(scaled, params, vocab)
@@ -58,7 +58,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], positions: Se
     noise = uniform.log_().neg_().clamp_min_(1e-20)  # U = 0 gives inf (that token loses); never divide by 0
     sampled_ids = (probs / noise).argmax(dim=-1)
 
-    greedy_mask = torch.tensor([p.greedy for p in params], device=device)
+    greedy_mask = _to_device([p.greedy for p in params], torch.bool, device)
     return torch.where(greedy_mask, greedy_ids, sampled_ids)
 
 
@@ -74,11 +74,19 @@ def _apply_top_k_top_p(scaled: torch.Tensor, params: Sequence[SamplingParams], v
     else:
         cand, order = scaled.sort(dim=-1, descending=True, stable=True)  # ties: lowest id first, as argmax
     ranks = torch.arange(width, device=device).unsqueeze(0)
-    cand = cand.masked_fill(ranks >= torch.tensor(ks, device=device).unsqueeze(1), float("-inf"))
+    cand = cand.masked_fill(ranks >= _to_device(ks, torch.int64, device).unsqueeze(1), float("-inf"))
     cand_probs = torch.softmax(cand, dim=-1)
     mass_before = cand_probs.cumsum(dim=-1) - cand_probs
     # Keep a token while the mass of strictly better tokens is below top_p: the first token always stays.
-    top_p = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)
+    top_p = _to_device([p.top_p for p in params], torch.float32, device).unsqueeze(1)
     cand = cand.masked_fill(mass_before >= top_p, float("-inf"))
     masked = torch.full_like(scaled, float("-inf")).scatter_(-1, order, cand)
-    return torch.where(torch.tensor(filtered, device=device).unsqueeze(1), masked, scaled)
+    return torch.where(_to_device(filtered, torch.bool, device).unsqueeze(1), masked, scaled)
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Per-request parameters as a tensor on `device` without a blocking host→device copy (no host sync)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
