@@ -8,6 +8,8 @@ import os
 import socket
 import sys
 
+from router.dispatch import known_policies
+
 
 class UsageError(Exception):
     """Bad flag value: the message names the flag and the fix."""
@@ -74,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--kv-blocks", type=_positive("--kv-blocks"), default=512,
                     help="KV cache blocks per worker (default 512, 16 tokens each)")
     up.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
-    up.add_argument("--dispatch-policy", default="least_loaded", help="least_loaded | round_robin")
+    up.add_argument("--dispatch-policy", default="least_loaded", choices=known_policies(),
+                    help="how the router picks workers (default least_loaded)")
     up.add_argument("--queue-capacity", type=_positive("--queue-capacity"), default=256)
     up.add_argument("--ray-address", default=None,
                     help="join an existing Ray cluster (e.g. 'auto' on a Ray node); "

@@ -55,7 +55,9 @@ def generate(address: str, opts: GenerateOptions, as_json: bool, timeout: float 
                 elif response.HasField("final"):
                     final = response
         except grpc.RpcError as e:
-            print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+            unreachable = e.code() == grpc.StatusCode.UNAVAILABLE
+            hint = f" (is `pdserve up` running at {address}?)" if unreachable else ""
+            print(f"\nerror: {e.code().name}: {e.details()}{hint}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:  # closing the stream cancels the RPC: the router aborts the request
             print("\n(cancelled)", file=sys.stderr)
