@@ -55,7 +55,7 @@ def generate(address: str, opts: GenerateOptions, as_json: bool, timeout: float 
                 elif response.HasField("final"):
                     final = response
         except grpc.RpcError as e:
-            unreachable = e.code() == grpc.StatusCode.UNAVAILABLE
+            unreachable = e.code() == grpc.StatusCode.UNAVAILABLE and "connect" in (e.details() or "")
             hint = f" (is `pdserve up` running at {address}?)" if unreachable else ""
             print(f"\nerror: {e.code().name}: {e.details()}{hint}", file=sys.stderr)
             return 1
