@@ -64,10 +64,40 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         _wait_serving(address, proc, log_path, timeout=300)
         yield Cluster(address, f"http://127.0.0.1:{metrics_port}/metrics", proc, log_path)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # what Ctrl-C on `make serve` does
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        _stop_like_ctrl_c(proc, (port, metrics_port), log_path)
+
+
+def _session_processes(sid: int) -> list[str]:
+    """Processes left in the session `pdserve up` led (Ray's gcs_server, raylet, actors live there too)."""
+    out = subprocess.run(["ps", "-eo", "sid=,pid=,comm="], capture_output=True, text=True, check=True).stdout
+    return [line.strip() for line in out.splitlines() if line.split()[0] == str(sid)]
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _stop_like_ctrl_c(proc: subprocess.Popen, ports: tuple[int, ...], log_path: Path) -> None:
+    """SIGINT (what Ctrl-C on `make serve` sends), then: exit 0, no orphaned process, ports freed."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise AssertionError("pdserve up did not stop within 60 s of SIGINT") from None
+    deadline = time.monotonic() + 20
+    while _session_processes(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    leftovers = _session_processes(proc.pid)
+    if leftovers:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"processes left after Ctrl-C: {leftovers}")
+    assert proc.returncode == 0, f"pdserve up exited {proc.returncode}:\n{log_path.read_text()[-3000:]}"
+    assert all(_port_is_free(p) for p in ports), f"ports {ports} still bound after shutdown"
