@@ -97,7 +97,7 @@ def pair_group(store: dist.Store, rank: int, device: torch.device) -> dist.Proce
 
 
 def close_pair_group(group: dist.ProcessGroup, device: torch.device) -> None:
-    """NCCL: abort the idle communicator explicitly rather than leave it to a destructor at interpreter exit."""
+    """NCCL: abort the idle communicator explicitly, not via a destructor at interpreter exit."""
     if device.type == "cuda":
         group.abort()
 

@@ -1,5 +1,8 @@
-"""The two processes of the KV-transfer benchmark: the prefill side (serves prefill calls) and the decode side
-(drives the run, hosts the channel, measures, then runs the colocated reference)."""
+"""The two processes of the KV-transfer benchmark: the prefill side and the decode side.
+
+The prefill side serves prefill calls; the decode side drives the run, hosts the channel, measures, then runs
+the colocated reference.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -38,7 +41,8 @@ _CONNECT_TIMEOUT = 900.0  # the peer may still be building an 8B model (two of t
 
 @dataclass(frozen=True)
 class BenchPlan:
-    device: str  # "cpu" (gloo, both processes on the CPU) | "cuda" (prefill on cuda:0, decode on cuda:1, NCCL)
+    # "cpu" (gloo, both processes on the CPU) | "cuda" (prefill on cuda:0, decode on cuda:1, NCCL)
+    device: str
     model: str
     dtype: str
     prompts: tuple[int, ...]
@@ -60,7 +64,8 @@ class BenchPlan:
         # One request at a time: room for the longest prompt plus its output, and a spare block.
         blocks = -(-(max(self.prompts) + self.new_tokens) // block_size) + 1
         return EngineConfig(model_path=self.model, device=self.device_of(role), dtype=self.dtype,
-                            block_size=block_size, num_kv_blocks=blocks, max_batch_tokens=self.max_batch_tokens,
+                            block_size=block_size, num_kv_blocks=blocks,
+                            max_batch_tokens=self.max_batch_tokens,
                             max_model_len=max(self.prompts) + self.new_tokens)
 
     @property
@@ -106,7 +111,8 @@ def _prefill(plan: BenchPlan, conn: Any) -> None:
     address, bandwidth_port = conn.recv()
     for service in services.values():
         service.connect_channel(address, timeout=_CONNECT_TIMEOUT)
-    store = dist.TCPStore(address.host, bandwidth_port, None, False, datetime.timedelta(seconds=_CONNECT_TIMEOUT))
+    store = dist.TCPStore(address.host, bandwidth_port, None, False,
+                          datetime.timedelta(seconds=_CONNECT_TIMEOUT))
     group = pair_group(store, 1, device)
     layout = services[LAYERWISE].layout
     for n in plan.prompts:
@@ -229,7 +235,8 @@ async def _one_request(plan: BenchPlan, service: TimedDecodeService, conn: Any, 
         "exposed_service_s": result.transfer_exposed_seconds,  # the service's own, poll-quantized figure
         "transfer_s": decode.holding_all_kv - prefill.first_frame,
         "ttft_s": first_token_at - submitted,
-        "submit_to_prefill_s": prefill.arrived - submitted,  # reserve on decode + the hop to the prefill process
+        # reserve on decode + the hop to the prefill process
+        "submit_to_prefill_s": prefill.arrived - submitted,
     }
 
 

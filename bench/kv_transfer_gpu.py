@@ -1,11 +1,12 @@
-"""Two-process KV-transfer benchmark over the real prefill/decode services: layer-wise streaming vs send-after.
+"""Two-process KV-transfer benchmark on the real prefill/decode services: layer-wise streaming vs send-after.
 
-On two GPUs (the default): prefill on cuda:0, decode on cuda:1, KV over ProcessGroupNCCL, Llama-3-8B shape with
-random bf16 weights, prompts of 1k/4k/16k tokens. On CPU (`--device cpu --model random:tiny --prompts 64,256`)
-the same code runs over gloo. Two plain processes (torch.multiprocessing, no Ray); the decode process drives
-the requests the way the router does (reserve → prefill → stream) and afterwards generates the same greedy
-tokens with one colocated LLMEngine to compare ids. Each prefill process runs two PrefillServices: one
-streaming KV layer by layer from the forward pass, one sending everything once the forward pass has ended.
+On two GPUs (the default): prefill on cuda:0, decode on cuda:1, KV over ProcessGroupNCCL, Llama-3-8B shape
+with random bf16 weights, prompts of 1k/4k/16k tokens. On CPU
+(`--device cpu --model random:tiny --prompts 64,256`) the same code runs over gloo. Two plain processes
+(torch.multiprocessing, no Ray); the decode process drives the requests the way the router does
+(reserve → prefill → stream) and afterwards generates the same greedy tokens with one colocated LLMEngine to
+compare ids. Each prefill process runs two PrefillServices: one streaming KV layer by layer from the forward
+pass, one sending everything once the forward pass has ended.
 
     python -m bench.kv_transfer_gpu                                   # 2 GPUs; JSON to bench/results/
     python -m bench.kv_transfer_gpu --device cpu --model random:tiny --prompts 64,256 --out /tmp/kv.json
@@ -30,7 +31,8 @@ EXPOSED_GOAL = 0.10  # exposed transfer ≤ 10% of prefill time with layer-wise 
 DEFAULT_GPU_OUT = "bench/results/kv_transfer_2gpu.json"
 QUANTIZED_CACHES = ("int8", "int4")
 NOT_YET = "n/a (no quantized cache yet)"
-_TIMED = ("queue_s", "prefill_s", "exposed_s", "exposed_service_s", "transfer_s", "ttft_s", "submit_to_prefill_s")
+_TIMED = ("queue_s", "prefill_s", "exposed_s", "exposed_service_s", "transfer_s", "ttft_s",
+          "submit_to_prefill_s")
 
 
 class BenchFailed(RuntimeError):
@@ -41,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cuda: prefill on cuda:0, decode on cuda:1 (NCCL); cpu: two CPU processes (gloo)")
-    p.add_argument("--model", default="random:llama-3-8b", help="random:PRESET, a GGUF file or an HF directory")
+    p.add_argument("--model", default="random:llama-3-8b",
+                   help="random:PRESET, a GGUF file or an HF directory")
     p.add_argument("--dtype", default="bfloat16", help="compute and KV-cache dtype")
     p.add_argument("--prompts", default="1024,4096,16384", help="comma-separated prompt lengths (tokens)")
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per request")
@@ -49,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="prefill token budget per step; 0 = the longest prompt (every prompt in one chunk)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds; medians are reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (JIT compiles, NCCL connects)")
-    p.add_argument("--bandwidth-repeats", type=int, default=5, help="rounds of the bare send/recv loop (best)")
+    p.add_argument("--bandwidth-repeats", type=int, default=5,
+                   help="rounds of the bare send/recv loop (best)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process on CPU (0 = default)")
     p.add_argument("--timeout", type=float, default=540.0,
                    help="seconds before the run is abandoned (default fits a 10-minute device slot)")
@@ -71,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def plan_from_args(args: argparse.Namespace) -> BenchPlan:
     return BenchPlan(device=args.device, model=args.model, dtype=args.dtype, prompts=args.prompt_list,
-                     new_tokens=args.new_tokens, max_batch_tokens=args.max_batch_tokens or max(args.prompt_list),
+                     new_tokens=args.new_tokens,
+                     max_batch_tokens=args.max_batch_tokens or max(args.prompt_list),
                      repeats=args.repeats, warmup=args.warmup, bandwidth_repeats=args.bandwidth_repeats,
                      threads=args.threads)
 
@@ -92,7 +97,8 @@ def run_processes(plan: BenchPlan, timeout: float) -> dict[str, Any]:
             try:
                 kind, role, payload = results.get(timeout=1.0)
             except queue.Empty:
-                dead = [f"{p.name} exited with code {p.exitcode}" for p in procs if p.exitcode not in (None, 0)]
+                dead = [f"{p.name} exited with code {p.exitcode}"
+                        for p in procs if p.exitcode not in (None, 0)]
                 if dead:
                     raise BenchFailed("; ".join(dead)) from None
                 if time.monotonic() > deadline:
@@ -155,7 +161,8 @@ def _ms(seconds: float) -> str:
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
-    lines = [" ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)) for line in [header, *rows]]
+    lines = [" ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True))
+             for line in [header, *rows]]
     return [lines[0], "-" * len(lines[0]), *lines[1:]]
 
 
@@ -166,7 +173,8 @@ def format_report(report: dict[str, Any]) -> str:
          f"{cfg['model']}, {cfg['dtype']}, {report['num_layers']} layers, {cfg['new_tokens']} new tokens, "
          f"median of {cfg['repeats']} (torch {cfg['torch']})"),
         "",
-        "Bandwidth (transfer = first KV frame sent → decode side holds all KV; layer-wise is paced by compute)",
+        ("Bandwidth (transfer = first KV frame sent → decode side holds all KV; "
+         "layer-wise is paced by compute)"),
     ]
     rows = [[str(row["prompt_tokens"]), row["kv_dtype"], f"{row[AFTER_PREFILL]['kv_bytes'] / 1e6:.2f}",
              f"{row['bandwidth_alone_gbps']:.3g}", f"{row[AFTER_PREFILL]['transfer_gbps']:.3g}",
@@ -185,9 +193,9 @@ def format_report(report: dict[str, Any]) -> str:
                          _ms(s["exposed_service_s"]), str(s["ids_match"])])
     lines += _table(["prompt", "mode", "queue", "prefill", "exposed", "of prefill", "TTFT", "svc exposed",
                      "ids==colocated"], rows)
-    lines += ["", ("TTFT = submit → first token on the decode stream; it also holds the reserve call and the hop "
-                   "to the prefill process. 'svc exposed' is PrefillResult's figure (stamped when the engine "
-                   "thread polls the sender)."),
+    lines += ["", ("TTFT = submit → first token on the decode stream; it also holds the reserve call and "
+                   "the hop to the prefill process. 'svc exposed' is PrefillResult's figure (stamped when "
+                   "the engine thread polls the sender)."),
               (f"weights identical on both sides: {report['weights_identical']}; "
                f"decode ids == colocated LLMEngine ids in every run: {report['ids_match']}")]
     return "\n".join(lines)
@@ -205,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmark failed: {e}", file=sys.stderr)
         return 1
     report = summarize(plan, payload)
-    report["command"] = "python -m bench.kv_transfer_gpu " + " ".join(argv if argv is not None else sys.argv[1:])
+    args_text = " ".join(argv if argv is not None else sys.argv[1:])
+    report["command"] = "python -m bench.kv_transfer_gpu " + args_text
     print(format_report(report))
     out = args.out or (DEFAULT_GPU_OUT if plan.device == "cuda" else None)
     if out:

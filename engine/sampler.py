@@ -68,7 +68,7 @@ def _apply_top_k_top_p(scaled: torch.Tensor, params: Sequence[SamplingParams], v
     filtered = [not p.greedy and (0 < p.top_k < vocab or p.top_p < 1.0) for p in params]
     ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     # A full vocab sort is the slow part on CPU; when every filtered row has a top-k, the largest k suffices.
-    width = max(k for k, f in zip(ks, filtered) if f)
+    width = max(k for k, f in zip(ks, filtered, strict=True) if f)
     if width < vocab:
         cand, order = scaled.topk(width, dim=-1)  # sorted, descending
     else:

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 
 from engine.block_manager import BlockManager
 from engine.sampling_params import SamplingParams
-from engine.scheduler import (Scheduler, SchedulerConfig, SchedulerError, SchedulerOutput, SequenceRejected)
+from engine.scheduler import Scheduler, SchedulerConfig, SchedulerError, SchedulerOutput, SequenceRejected
 from engine.sequence import FinishReason, Sequence, SequenceStatus
 
 pytestmark = pytest.mark.timeout(60)
