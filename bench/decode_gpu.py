@@ -25,17 +25,15 @@ from pathlib import Path
 import torch
 
 from engine.attention_metadata import AttentionMetadata, SeqSpan
-from engine.config import EngineConfig, ModelConfig, RopeScaling
+from engine.config import EngineConfig, ModelConfig
 from engine.kv_cache import KVCache
 from engine.llm_engine import LLMEngine
 from engine.model import LlamaModel
+from engine.random_models import PRESETS, build_random_model
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
-LLAMA3_8B = ModelConfig(
-    name="llama-3-8b-random", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-    num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=8192, rms_norm_eps=1e-5,
-    rope_theta=500000.0, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), tie_word_embeddings=False)
+LLAMA3_8B = PRESETS["llama-3-8b"]
 BF16 = torch.bfloat16
 GiB = 1 << 30
 # SmolLM2 token ids: the start of a story (bench/decode_cpu.py's prompt).
@@ -70,16 +68,8 @@ def gemm_peak(n: int = 8192) -> float:
 
 
 def random_llama(config: ModelConfig, seed: int = 0, std: float = 0.02) -> LlamaModel:
-    """Built on the meta device, materialized on the GPU, weights drawn there (no 16 GB host copy)."""
-    with torch.device("meta"):
-        model = LlamaModel(config)
-    model = model.to_empty(device="cuda").to(BF16)
-    model.init_buffers("cuda")
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():  # norms at 1, like a trained model's scale
-            param.fill_(1.0) if name.endswith("norm.weight") else param.normal_(0.0, std, generator=gen)
-    return model.eval()
+    """Weights drawn on the GPU (no 16 GB host copy); norm gains at 1, like a trained model's scale."""
+    return build_random_model(config, BF16, "cuda", seed=seed, std=std)
 
 
 def linears_floor_ms(model: LlamaModel, results: dict, batches: tuple[int, ...] = (1, 16)) -> None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.config import ModelConfig
-from engine.random_models import is_random_model, preset_config, randomize_
+from engine.random_models import build_random_model, is_random_model, preset_config
 
 if TYPE_CHECKING:
     from engine.model import LlamaModel
@@ -99,14 +99,7 @@ def load_model(
 
 
 def _random_model(spec: str, dtype: torch.dtype, device: torch.device) -> tuple[ModelConfig, LlamaModel]:
-    from engine.model import LlamaModel
-
     config = preset_config(spec)
-    with torch.device("meta"):
-        model = LlamaModel(config)
-    model = model.to(dtype).to_empty(device=device)
-    model.init_buffers(device)
-    randomize_(model)
-    model.eval()
+    model = build_random_model(config, dtype, device)
     logger.info("built %s on %s as %s", config.name, device, dtype)
     return config, model

@@ -1,9 +1,14 @@
 """Random-weight models of real shapes (`random:llama-3-8b`) for speed work where no checkpoint is at hand."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from engine.config import ModelConfig, RopeScaling
+
+if TYPE_CHECKING:
+    from engine.model import LlamaModel
 
 RANDOM_PREFIX = "random:"
 
@@ -51,3 +56,16 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> None
             param.fill_(1.0)
         else:
             param.normal_(0.0, std, generator=gen)
+
+
+def build_random_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | str,
+                       seed: int = 0, std: float = 0.02) -> LlamaModel:
+    """A ready (eval) LlamaModel with random weights drawn on `device`, never materialized in fp32 first."""
+    from engine.model import LlamaModel  # lazy: engine.model_files imports this module
+
+    with torch.device("meta"):
+        model = LlamaModel(config)
+    model = model.to(dtype).to_empty(device=device)  # cast on meta: no fp32 copy on the device
+    model.init_buffers(device)
+    randomize_(model, seed=seed, std=std)
+    return model.eval()

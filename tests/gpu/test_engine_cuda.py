@@ -15,6 +15,7 @@ from engine.llm_engine import LLMEngine
 from engine.model import LlamaModel
 from engine.model_files import ModelPathError, embedded_model_path
 from engine.model_runner import RunOutput
+from engine.random_models import build_random_model
 from engine.sampling_params import SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300)]
@@ -35,18 +36,7 @@ def compiled_kernels_only() -> None:
 
 def random_model(config: ModelConfig, dtype: torch.dtype, std: float = 0.1, seed: int = 0) -> LlamaModel:
     """Random weights drawn on the GPU; std 0.1 keeps greedy choices far from ties."""
-    with torch.device("meta"):
-        model = LlamaModel(config)
-    model = model.to_empty(device="cuda").to(dtype)
-    model.init_buffers("cuda")
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, std, generator=gen)
-    return model.eval()
+    return build_random_model(config, dtype, "cuda", seed=seed, std=std)
 
 
 def tiny_engine(hold_finished_blocks: bool = False) -> LLMEngine:
