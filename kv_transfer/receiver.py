@@ -57,12 +57,7 @@ class KVReceiver(TransferLifecycle["KVReceiver"]):
         super().__init__(lease_seconds, on_finish, TransferState.BOOTSTRAPPING)
         self.target = target
         self.layout = layout
-        self.num_blocks = layout.num_blocks_for(target.num_tokens)
-        if len(target.block_ids) < self.num_blocks:
-            raise ValueError(
-                f"{target.request_id}: {target.num_tokens} tokens need {self.num_blocks} blocks, "
-                f"the target reserved {len(target.block_ids)}"
-            )
+        self.num_blocks = target.num_blocks(layout)
         self._dst_ids: dict[torch.device, torch.Tensor] = {}
         self._layers: set[int] = set()
         self._endpoints: list[KVReceiveEndpoint] = []

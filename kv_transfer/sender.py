@@ -50,12 +50,7 @@ class KVSender(TransferLifecycle["KVSender"]):
         )
         self.target = target
         self.layout = layout
-        self.num_blocks = layout.num_blocks_for(target.num_tokens)
-        if len(target.block_ids) < self.num_blocks:
-            raise ValueError(
-                f"{target.request_id}: {target.num_tokens} tokens need {self.num_blocks} blocks, "
-                f"the target reserved {len(target.block_ids)}"
-            )
+        self.num_blocks = target.num_blocks(layout)
         self._channel = channel
         self._layers_sent: set[int] = set()
         self._final_sent = False

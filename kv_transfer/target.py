@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kv_transfer.layout import KVLayout
+
 
 @dataclass(frozen=True)
 class TransferTarget:
@@ -10,6 +12,14 @@ class TransferTarget:
     decode_id: str  # names the channel (prefill side keeps one channel per decode worker)
     block_ids: tuple[int, ...]  # reserved on the decode side, in block-table order
     num_tokens: int  # prompt tokens whose KV is sent
+
+    def num_blocks(self, layout: KVLayout) -> int:
+        """Blocks that carry `num_tokens` in `layout`; the reservation must hold at least that many."""
+        needed = layout.num_blocks_for(self.num_tokens)
+        if len(self.block_ids) < needed:
+            raise ValueError(f"{self.request_id}: {self.num_tokens} tokens need {needed} blocks, "
+                             f"the target reserved {len(self.block_ids)}")
+        return needed
 
 
 @dataclass(frozen=True)
