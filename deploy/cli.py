@@ -33,8 +33,8 @@ def _port(flag: str):
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{flag} wants a port number, got {text!r}") from None
-        if not 0 < value < 65536:
-            raise argparse.ArgumentTypeError(f"{flag} must be in 1..65535, got {value}")
+        if not 0 <= value < 65536:
+            raise argparse.ArgumentTypeError(f"{flag} must be in 0..65535 (0 = any free port), got {value}")
         return value
     return parse
 
@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dispatch-policy", default="least_loaded", choices=known_policies(),
                     help="how the router picks workers (default least_loaded)")
     up.add_argument("--queue-capacity", type=_positive("--queue-capacity"), default=256)
+    up.add_argument("--ready-file", default=None,
+                    help="once serving, write the bound addresses here as JSON (useful with --port 0)")
     up.add_argument("--ray-address", default=None,
                     help="join an existing Ray cluster (e.g. 'auto' on a Ray node); "
                          "default: start a private one")
@@ -114,9 +116,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
         resolve_model_path(args.model)
     except ModelPathError as e:
         raise UsageError(f"--model: {e}") from None
-    _check_port_free(args.host, args.port, "--port")
-    _check_port_free(args.host, args.metrics_port, "--metrics-port")
-    if args.port == args.metrics_port:
+    for port, flag in ((args.port, "--port"), (args.metrics_port, "--metrics-port")):
+        if port:  # 0: the OS picks a free port when the server binds (see --ready-file)
+            _check_port_free(args.host, port, flag)
+    if args.port and args.port == args.metrics_port:
         raise UsageError("--port and --metrics-port must differ")
     from deploy.launcher import ClusterConfig, LocalCluster
 
@@ -129,7 +132,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                          dispatch_policy=args.dispatch_policy,
                                          queue_capacity=args.queue_capacity,
                                          local_prefill_max_tokens=args.local_prefill_max_tokens,
-                                         ray_address=args.ray_address))
+                                         ray_address=args.ray_address, ready_file=args.ready_file))
     try:
         cluster.start_workers()
         asyncio.run(cluster.serve())

@@ -4,12 +4,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import json
 import logging
 import os
 import signal
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from engine.config import EngineConfig
 
@@ -30,6 +32,7 @@ class ClusterConfig:
     request_timeout_s: float = 600.0
     local_prefill_max_tokens: int = 0
     ray_address: str | None = None  # None: start a private local Ray instance
+    ready_file: str | None = None  # written with the bound addresses once the router serves
 
 
 def _status(msg: str) -> None:
@@ -136,12 +139,14 @@ class LocalCluster:
         self.router = build_server(router_cfg, prefill_clients, decode_clients, tokenizer,
                                    ModelInfo(**summary))
         await self.router.start()  # also serves /metrics on router_cfg.metrics_port
-        _status(f"[4/4] router listening on {cfg.host}:{cfg.port}, metrics on "
-                f"http://{cfg.host}:{cfg.metrics_port}/metrics")
+        address = f"{cfg.host}:{self.router.port}"
+        metrics_url = f"http://{cfg.host}:{self.router.metrics_port}/metrics"
+        _status(f"[4/4] router listening on {address}, metrics on {metrics_url}")
+        if cfg.ready_file:
+            Path(cfg.ready_file).write_text(json.dumps({"address": address, "metrics_url": metrics_url}))
         _status("\nReady. Try:\n"
-                "  .venv/bin/pdserve generate \"What is the capital of France?\" "
-                f"--address {cfg.host}:{cfg.port}\n"
-                f"  grpcurl -plaintext {cfg.host}:{cfg.port} list\n"
+                f"  .venv/bin/pdserve generate \"What is the capital of France?\" --address {address}\n"
+                f"  grpcurl -plaintext {address} list\n"
                 "Ctrl-C stops the cluster.")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

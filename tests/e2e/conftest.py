@@ -1,6 +1,7 @@
 """Starts the real cluster once per session: `pdserve up`, local Ray, 1 prefill + 1 decode, loopback gRPC."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -16,12 +17,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
 KV_BLOCKS = 256
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -52,19 +47,35 @@ def _wait_serving(address: str, proc: subprocess.Popen, log_path: Path, timeout:
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
-    port, metrics_port = free_port(), free_port()
-    log_path = tmp_path_factory.mktemp("cluster") / "pdserve-up.log"
-    cmd = [sys.executable, "-m", "deploy.cli", "up", "--port", str(port), "--metrics-port", str(metrics_port),
-           "--kv-blocks", str(KV_BLOCKS), "--device", "cpu"]
+    workdir = tmp_path_factory.mktemp("cluster")
+    log_path, ready_path = workdir / "pdserve-up.log", workdir / "ready.json"
+    # Port 0: the servers bind whatever is free and report it in the ready file (a port picked here first
+    # could be taken by one of Ray's own processes before the router binds it).
+    cmd = [sys.executable, "-m", "deploy.cli", "up", "--port", "0", "--metrics-port", "0",
+           "--ready-file", str(ready_path), "--kv-blocks", str(KV_BLOCKS), "--device", "cpu"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-    address = f"127.0.0.1:{port}"
+    ports: tuple[int, ...] = ()
     try:
-        _wait_serving(address, proc, log_path, timeout=300)
-        yield Cluster(address, f"http://127.0.0.1:{metrics_port}/metrics", proc, log_path)
+        ready = _wait_ready_file(ready_path, proc, log_path, timeout=300)
+        metrics_port = ready["metrics_url"].rsplit(":", 1)[1].split("/")[0]
+        ports = (int(ready["address"].rsplit(":", 1)[1]), int(metrics_port))
+        _wait_serving(ready["address"], proc, log_path, timeout=120)
+        yield Cluster(ready["address"], ready["metrics_url"], proc, log_path)
     finally:
-        _stop_like_ctrl_c(proc, (port, metrics_port), log_path)
+        _stop_like_ctrl_c(proc, ports, log_path)
+
+
+def _wait_ready_file(path: Path, proc: subprocess.Popen, log_path: Path, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return json.loads(path.read_text())
+        if proc.poll() is not None:
+            raise RuntimeError(f"pdserve up exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        time.sleep(0.5)
+    raise TimeoutError(f"cluster not ready after {timeout} s:\n{log_path.read_text()[-4000:]}")
 
 
 def _session_processes(sid: int) -> list[str]:
@@ -74,7 +85,9 @@ def _session_processes(sid: int) -> list[str]:
 
 
 def _port_is_free(port: int) -> bool:
+    """Nobody listens there any more (SO_REUSEADDR: closed connections in TIME_WAIT don't count)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
