@@ -29,6 +29,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.kv_cache import KVCache
 from engine.llm_engine import LLMEngine
 from engine.model import LlamaModel
+from engine.model_files import ModelPathError, embedded_model_path
 from engine.random_models import PRESETS, build_random_model
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
@@ -76,15 +77,21 @@ def linears_floor_ms(model: LlamaModel, results: dict, batches: tuple[int, ...] 
     """GPU ms of a step's projections + LM head alone (graph-replayed matmuls): the step minus this is the
     cost of everything else (norms, rotary, KV store, attention, activation). Per BLAS library."""
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    from kernels.linear import linear
+    from kernels.triton_registry import register_triton_kernels
+
+    register_triton_kernels()
     floor = results["linears_floor_ms"] = {}
-    for lib, batch in ((lib, b) for lib in ("cublas", "cublaslt") for b in batches):
-        torch.backends.cuda.preferred_blas_library(lib)
+    # cublas / cublaslt: F.linear under each BLAS library; pdserve: kernels.linear.linear (the model's).
+    for lib, batch in ((lib, b) for lib in ("cublas", "cublaslt", "pdserve") for b in batches):
+        torch.backends.cuda.preferred_blas_library("cublas" if lib == "pdserve" else lib)
+        product = linear if lib == "pdserve" else torch.nn.functional.linear
         xs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=BF16, device="cuda") for w in weights}
         for _ in range(2):  # warm-up: cuBLAS picks kernels and workspaces outside the capture
-            [torch.nn.functional.linear(xs[w.shape[1]], w) for w in weights]
+            [product(xs[w.shape[1]], w) for w in weights]
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            [torch.nn.functional.linear(xs[w.shape[1]], w) for w in weights]
+            [product(xs[w.shape[1]], w) for w in weights]
         floor[f"{lib}_bs{batch}"] = median_event_ms(graph.replay, repeats=20)
     torch.backends.cuda.preferred_blas_library("cublas")
     print(f"linears alone: {floor}", flush=True)
@@ -225,8 +232,17 @@ def hf_decode_ms(hf, batch: int, context: int, steps: int) -> float:
 
 
 def smollm2_tok_s(new_tokens: int = 128) -> dict:
-    engine = LLMEngine(EngineConfig(device="cuda", dtype="bfloat16", num_kv_blocks=64, max_num_seqs=1))
-    result = {}
+    """Decode tok/s of SmolLM2-135M at bs1, graphed and eager. The embedded GGUF (98 MB) does not fit the
+    GPU machine's 64 MB upload; without it the same shape with random bf16 weights runs, and says so."""
+    config = EngineConfig(device="cuda", dtype="bfloat16", num_kv_blocks=64, max_num_seqs=1)
+    try:
+        embedded_model_path()
+        engine, weights = LLMEngine(config), "embedded GGUF"
+    except ModelPathError:
+        preset = PRESETS["smollm2-135m"]
+        engine = LLMEngine(config, model=(preset, build_random_model(preset, BF16, "cuda", seed=0, std=0.02)))
+        weights = "random bf16 weights (embedded GGUF not installed here)"
+    result: dict = {"weights": weights}
     for label, graphs in (("graphed", True), ("eager", False)):
         engine.runner.use_graphs = graphs
         seq = engine.add_request(f"smol-{label}", SMOL_PROMPT,
@@ -277,7 +293,7 @@ def bench_ours(model: LlamaModel, points: list[tuple[int, int]], args, results: 
                               f"{free / 1e9:.1f} GB free")
         results["decode"].append(row)
     blocks = max([need[p] for p in feasible] + [-(-args.prefill_tokens // 16) + 1])
-    max_len = max(c for _, c in points) + args.steps * 4 + 64
+    max_len = max(max(c for _, c in points) + args.steps * 4, args.prefill_tokens) + 64
     engine = LLMEngine(
         EngineConfig(device="cuda", dtype="bfloat16", num_kv_blocks=blocks, max_model_len=max_len,
                      max_batch_tokens=args.prefill_tokens, max_num_seqs=max([b for b, _ in feasible] + [1])),

@@ -101,8 +101,11 @@ class DecodeStager:
         # Per row: the block-table list last written there and how many of its entries the buffer holds.
         self._rows: list[tuple[list[int] | None, int]] = [(None, 0)] * bucket
 
-    def fill(self, chunks: Sequence[ScheduledChunk]) -> int:
-        """Write one decode step (one new token per chunk, rows in chunk order); returns the real rows."""
+    def fill(self, chunks: Sequence[ScheduledChunk], ids_on_device: bool = False) -> int:
+        """Write one decode step (one new token per chunk, rows in chunk order); returns the real rows.
+
+        ids_on_device: the input ids are not on the host yet (decode lookahead): write 0s, the caller copies
+        the ids into the device buffer after the staging copy."""
         n = len(chunks)
         if n > self.bucket:
             raise DecodeBatchError(f"{n} sequences do not fit a decode bucket of {self.bucket}")
@@ -128,7 +131,7 @@ class DecodeStager:
             if written < needed:
                 tables[row, written:needed] = table[written:needed]
                 self._rows[row] = (table, needed)
-            ids.append(chunk.seq.token_ids[pos])
+            ids.append(0 if ids_on_device else chunk.seq.token_ids[pos])
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
             lens.append(pos + 1)
@@ -144,11 +147,28 @@ class DecodeStager:
         return n
 
 
+def graph_pieces(num_layers: int) -> tuple[range, ...]:
+    """Layer ranges of a decode step's graphs, in order: 1, 2, 4, 8, … layers, the last piece what is left.
+
+    Launching a graph costs host time per kernel in it (~0.37 ms for a whole Llama-3-8B step on an H100
+    host), and until the launch is through the GPU has nothing to run. In pieces, the GPU waits only for the
+    first (one layer's) launch; each later piece is launched while the GPU runs the ones before, which takes
+    far longer than the launch (a piece's GPU time and its launch cost both grow with its layer count).
+    """
+    pieces, start, size = [], 0, 1
+    while start < num_layers:
+        end = min(num_layers, start + size)
+        pieces.append(range(start, end))
+        start, size = end, 2 * size
+    return tuple(pieces) or (range(0),)
+
+
 @dataclass
 class _CapturedBucket:
     stager: DecodeStager
     device_buffer: torch.Tensor
-    graph: torch.cuda.CUDAGraph | None  # None: replay runs `forward` eagerly (debugging without capture)
+    inputs: DecodeInputs  # views of device_buffer
+    graphs: tuple[torch.cuda.CUDAGraph, ...]  # one per graph_pieces range; () runs `forward` eagerly
     forward: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # → (hidden [bucket, H], logits [bucket, V])
     hidden: torch.Tensor
     logits: torch.Tensor
@@ -156,7 +176,8 @@ class _CapturedBucket:
 
 
 class DecodeGraphRunner:
-    """Replays one CUDA graph per bucket: embed → layers (paged KV) → final norm → fp32 logits, all rows.
+    """Replays a bucket's CUDA graphs: embed → layers (paged KV) → final norm → fp32 logits, all rows. A
+    step is a few graphs over consecutive layer ranges (graph_pieces): the GPU starts before all is launched.
 
     Static inputs live in one device buffer per bucket, refreshed each step by a single non-blocking copy
     from pinned memory; the graph reads the KV cache and weights in place, so the runner must live exactly
@@ -193,14 +214,17 @@ class DecodeGraphRunner:
             self._bucket(bucket)
         logger.info("captured decode CUDA graphs for batch sizes %s", self.captured_buckets)
 
-    def run(self, chunks: Sequence[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, chunks: Sequence[ScheduledChunk],
+            token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden [B, H], logits [B, V] fp32) for a decode step of B sequences, without a host sync.
 
-        The returned tensors are views of the graph's outputs: valid until the next `run`.
+        token_ids: the B input ids as a device tensor (the previous step's samples, not on the host yet);
+        None reads them from the sequences. The returned tensors are views of the graph's outputs: valid
+        until the next `run`.
         """
         if not torch.is_inference_mode_enabled():  # the buffers are inference tensors
             with torch.inference_mode():
-                return self.run(chunks)
+                return self.run(chunks, token_ids)
         bucket = pick_bucket(len(chunks), self.buckets)
         if bucket is None:
             raise DecodeBatchError(f"a batch of {len(chunks)} fits no decode bucket {self.buckets}")
@@ -208,14 +232,17 @@ class DecodeGraphRunner:
         if entry.copied is not None and not entry.copied.query():
             # Only if a caller never waited for the last step's results: the pinned buffer is still read.
             entry.copied.synchronize()
-        n = entry.stager.fill(chunks)
+        n = entry.stager.fill(chunks, ids_on_device=token_ids is not None)
         entry.device_buffer.copy_(entry.stager.buffer, non_blocking=True)
+        if token_ids is not None:
+            entry.inputs.input_ids[:n].copy_(token_ids)  # stream-ordered after the staging copy
         if self.device.type == "cuda":
             if entry.copied is None:
                 entry.copied = torch.cuda.Event()
             entry.copied.record()
-        if entry.graph is not None:
-            entry.graph.replay()
+        if entry.graphs:
+            for graph in entry.graphs:
+                graph.replay()
             return entry.hidden[:n], entry.logits[:n]
         hidden, logits = entry.forward()
         return hidden[:n], logits[:n]
@@ -239,14 +266,29 @@ class DecodeGraphRunner:
             seq_lens=inputs.seq_lens, block_tables=inputs.block_tables, max_query_len=1,
             max_seq_len=self.max_model_len, block_size=self.kv_cache.block_size, spans=())
         model, kv = self.model, self.kv_cache
+        pieces = graph_pieces(len(model.layers))
+        state: dict[str, torch.Tensor | None] = {}  # what a piece hands the next (graph memory once captured)
+
+        def run_piece(i: int) -> None:
+            if i == 0:
+                h, state["cos"], state["sin"] = model.embed(inputs.input_ids, inputs.positions)
+                residual = None
+            else:
+                h, residual = state["h"], state["residual"]
+            state["h"], state["residual"] = model.forward_layers(
+                h, residual, state["cos"], state["sin"], meta, kv, pieces[i])
+            if i == len(pieces) - 1:
+                state["hidden"] = model.final_norm(state["h"], state["residual"])
+                state["logits"] = model.compute_logits(state["hidden"])
 
         def forward() -> tuple[torch.Tensor, torch.Tensor]:
-            hidden = model(inputs.input_ids, inputs.positions, meta, kv)
-            return hidden, model.compute_logits(hidden)
+            for i in range(len(pieces)):
+                run_piece(i)
+            return state["hidden"], state["logits"]
 
         if not (self.capture_graphs and on_cuda):
             hidden, logits = forward()
-            return _CapturedBucket(stager, device_buffer, None, forward, hidden, logits)
+            return _CapturedBucket(stager, device_buffer, inputs, (), forward, hidden, logits)
         # Warm-up outside the capture: compiles this bucket's Triton kernels, lets cuBLAS pick its kernels.
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -254,10 +296,15 @@ class DecodeGraphRunner:
             for _ in range(2):
                 forward()
         torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads (KV receivers, servers) may use CUDA while this thread captures.
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            hidden, logits = forward()
-        if self._pool is None:
-            self._pool = graph.pool()
-        return _CapturedBucket(stager, device_buffer, graph, forward, hidden, logits)
+        graphs = []
+        for i in range(len(pieces)):
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: other threads (KV receivers, servers) may use CUDA while this thread captures.
+            # Each piece reads the tensors the piece before it wrote inside its own capture (held in `state`).
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                run_piece(i)
+            if self._pool is None:
+                self._pool = graph.pool()
+            graphs.append(graph)
+        hidden, logits = state["hidden"], state["logits"]
+        return _CapturedBucket(stager, device_buffer, inputs, tuple(graphs), forward, hidden, logits)

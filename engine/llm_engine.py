@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 
 import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
+from engine.cpu_decode import use_column_blocks
 from engine.kv_cache import KVCache
-from engine.model import LayerHook, LlamaModel, use_column_blocks
+from engine.lookahead import DecodeLookahead
+from engine.model import LayerHook, LlamaModel
 from engine.model_files import load_model, parse_dtype
 from engine.model_runner import ModelRunner, RunOutput
 from engine.sampling_params import SamplingParams
@@ -18,6 +21,9 @@ from engine.sequence import Sequence
 from engine.stats import EngineStats
 
 logger = logging.getLogger(__name__)
+
+# PDSERVE_LOOKAHEAD=0: decode engines launch each step only after the host read the last (A/B timing).
+_LOOKAHEAD_ENV = "PDSERVE_LOOKAHEAD"
 
 
 class LLMEngine:
@@ -51,6 +57,12 @@ class LLMEngine:
             raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length "
                              f"{self.model_config.max_position_embeddings}")
         self.kv_cache = KVCache.for_model(self.model_config, config, dtype)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.model_config, config.device,
+                                  max_num_seqs=config.max_num_seqs, max_model_len=max_model_len)
+        decode_side = self.runner.graphs is not None and not hold_finished_blocks
+        if decode_side and os.environ.get(_LOOKAHEAD_ENV, "1") != "0":
+            # Graphed decode steps launch the step after them before the host reads their tokens.
+            self.runner.lookahead = DecodeLookahead(self.runner.graphs)
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -60,12 +72,11 @@ class LLMEngine:
                 max_model_len=max_model_len,
                 eos_token_ids=self.model_config.eos_token_ids,
                 hold_finished_blocks=hold_finished_blocks,
+                lookahead_tokens=1 if self.runner.lookahead is not None else 0,
             ),
             self.block_manager,
         )
-        self.runner = ModelRunner(self.model, self.kv_cache, self.model_config, config.device,
-                                  max_num_seqs=config.max_num_seqs, max_model_len=max_model_len)
-        if self.runner.graphs is not None and not hold_finished_blocks:
+        if decode_side:
             # Decode side: capture every bucket now, so no step stalls on a Triton compile or a capture later.
             # (The prefill side almost never runs a decode-only step; it captures lazily if it does.)
             self.runner.graphs.capture_all()

@@ -5,16 +5,16 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.attention_metadata import AttentionMetadata
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 from engine.rope import RotaryEmbedding
-from kernels.attention import paged_attention, store_kv
+from kernels.attention import paged_attention
+from kernels.linear import Linear, SiluMulLinear, linear
 from kernels.rmsnorm import rms_norm
-from kernels.rotary import apply_rotary
+from kernels.rotary import rotary_store_kv
 
 LayerHook = Callable[[int], None]
 
@@ -43,21 +43,20 @@ class LlamaAttention(nn.Module):
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
         self.scale = 1.0 / math.sqrt(config.head_dim)
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size)
+        self.o_proj = Linear(self.q_size, config.hidden_size)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata, kv: KVCache,
         layer_hook: LayerHook | None,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, cos, sin)
+        heads = self.qkv_proj(x).view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        # split_with_sizes, not Tensor.split: the latter is a Python wrapper (decode on CPU pays per call).
+        q, k, v = heads.split_with_sizes([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         k_cache, v_cache = kv.k[self.layer_index], kv.v[self.layer_index]
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        # Rotates q and k, stores k and v in the cache (one kernel on CUDA); attention reads keys from there.
+        q = rotary_store_kv(q, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping)
         if layer_hook is not None:
             # This layer's KV for the step is in the cache: the prefill side can start shipping it now.
             layer_hook(self.layer_index)
@@ -69,12 +68,11 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size)
+        self.down_proj = SiluMulLinear(config.intermediate_size, config.hidden_size)  # takes gate_up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate, inplace=True).mul_(up))  # in place: gate_up is a fresh buffer
+        return self.down_proj(self.gate_up_proj(x))  # silu(gate) · up, then the down projection
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -110,8 +108,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
         # Tied: the LM head *is* the embedding matrix (no second copy to load or to read per token).
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(
-            config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -129,18 +126,34 @@ class LlamaModel(nn.Module):
         layer_hook: LayerHook | None = None,
     ) -> torch.Tensor:
         """input_ids, positions [T] → final-normed hidden states [T, H]; stores each layer's KV into `kv`."""
-        h = self.embed_tokens(input_ids)
+        h, cos, sin = self.embed(input_ids, positions)
+        h, residual = self.forward_layers(h, None, cos, sin, meta, kv, range(len(self.layers)), layer_hook)
+        return self.final_norm(h, residual)
+
+    # forward in three parts, for callers that run the layers in pieces (engine/cuda_graphs.py).
+
+    def embed(self, input_ids: torch.Tensor,
+              positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """→ (token embeddings [T, H], rope cos and sin [T, D/2]) shared by every layer."""
         cos, sin = self.rotary(positions)
-        residual: torch.Tensor | None = None
-        for layer in self.layers:
-            h, residual = layer(h, residual, cos, sin, meta, kv, layer_hook)
-        h, _ = self.norm(h, residual)
-        return h
+        return self.embed_tokens(input_ids), cos, sin
+
+    def forward_layers(
+        self, h: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+        meta: AttentionMetadata, kv: KVCache, layers: range, layer_hook: LayerHook | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Runs layers[i] for i in `layers` (residual None before the first layer) → (h, residual)."""
+        for i in layers:
+            h, residual = self.layers[i](h, residual, cos, sin, meta, kv, layer_hook)
+        return h, residual
+
+    def final_norm(self, h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        return self.norm(h) if residual is None else self.norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] → logits [N, V] in float32."""
         if self.lm_head is None:
-            return F.linear(hidden, self.embed_tokens.weight).float()
+            return linear(hidden, self.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
 
     # ---- weights -----------------------------------------------------------------------------------------
@@ -188,52 +201,3 @@ class LlamaModel(nn.Module):
         if missing:
             raise WeightLoadError(f"parameters not (fully) loaded from the checkpoint: {missing[:5]}"
                                   + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-
-
-# ---- CPU decode layout (a transform over the loaded model; numerics unchanged) ----------------------------
-
-class ColumnBlockLinear(nn.Module):
-    """Bias-free linear whose weight is stored as `parts` column blocks [parts, in, out / parts].
-
-    At bs1 decode every linear is a GEMV, which MKL runs on a single core and streams at ~half the memory
-    bandwidth; one bmm over the blocks runs a GEMV per core, each reading its block row by row. Same math and
-    output layout as nn.Linear; prefill pays one extra activation copy.
-    """
-
-    def __init__(self, weight: torch.Tensor, parts: int) -> None:
-        super().__init__()
-        out_features, in_features = weight.shape
-        if out_features % parts:
-            raise ValueError(f"out_features {out_features} is not divisible into {parts} blocks")
-        self.in_features, self.out_features, self.parts = in_features, out_features, parts
-        blocks = weight.detach().t().reshape(in_features, parts, out_features // parts).transpose(0, 1)
-        self.weight_blocks = nn.Parameter(blocks.contiguous(), requires_grad=False)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dense [out, in] weight (a copy: the storage is blocked)."""
-        return self.weight_blocks.transpose(0, 1).reshape(self.in_features, self.out_features).t()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        m = rows.shape[0]
-        # [parts, m, out / parts]
-        out = torch.bmm(rows.expand(self.parts, m, self.in_features), self.weight_blocks)
-        # Block order is column order, so a single row is already in place; more rows need one transpose copy.
-        out = out.view(1, self.out_features) if m == 1 else out.transpose(0, 1).reshape(m, self.out_features)
-        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
-
-
-def use_column_blocks(model: LlamaModel, parts: int) -> int:
-    """Swap every projection and the LM head (a copy, if tied) to ColumnBlockLinear; returns the count."""
-    swapped = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and child.bias is None and child.out_features % parts == 0:
-                setattr(module, name, ColumnBlockLinear(child.weight, parts))
-                swapped += 1
-    if model.lm_head is None and model.config.vocab_size % parts == 0:
-        # The tied head gets its own blocked copy: the embedding lookup still needs the row layout.
-        model.lm_head = ColumnBlockLinear(model.embed_tokens.weight, parts)
-        swapped += 1
-    return swapped

@@ -10,12 +10,13 @@ import torch
 
 from engine.attention_metadata import AttentionMetadata
 from engine.config import ModelConfig
+from engine.cpu_decode import FlatDecoder
 from engine.cuda_graphs import DecodeGraphRunner
 from engine.kv_cache import KVCache
+from engine.lookahead import DecodeLookahead, SampledStep
 from engine.model import LayerHook, LlamaModel
 from engine.sampler import sample
 from engine.scheduler import SchedulerOutput
-from engine.sequence import Sequence
 from kernels import dispatch
 
 logger = logging.getLogger(__name__)
@@ -52,15 +53,6 @@ class RunOutput:
     last_hidden: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class SampledStep:
-    """A step's results still on the device: what `run` turns into host ints with its one sync."""
-
-    token_ids: torch.Tensor  # [N] int64, one per sampling sequence
-    seqs: tuple[Sequence, ...]  # the sampling sequences, in row order
-    last_hidden: torch.Tensor  # [N, H], owned by the caller (not a view of graph outputs)
-
-
 def graph_safe_kernels(device: torch.device) -> bool:
     """Whether dispatch serves attention and KV stores with kernels a graph can replay.
 
@@ -78,6 +70,8 @@ class ModelRunner:
 
     On CUDA, decode-only steps that fit a bucket replay a captured graph (`self.graphs`); prefill, mixed and
     hooked steps run eagerly. `use_graphs` switches replay off at run time (eager kernels, A/B timing).
+    On CPU, a one-sequence decode step runs `self.flat_decoder` (the model's math in fewer torch calls) when
+    it can.
     """
 
     def __init__(self, model: LlamaModel, kv_cache: KVCache, model_config: ModelConfig,
@@ -98,6 +92,12 @@ class ModelRunner:
             max_len = max_model_len or model_config.max_position_embeddings
             self.graphs = DecodeGraphRunner(model, kv_cache, max_num_seqs, max_len, self.device)
         self.use_graphs = self.graphs is not None
+        # Decode engines set this (LLMEngine): graphed decode steps launch the step after them early.
+        self.lookahead: DecodeLookahead | None = None
+        # CPU: bs1 decode steps run the model's math flat (FlatDecoder) when its layout allows it.
+        self.flat_decoder: FlatDecoder | None = None
+        if self.device.type == "cpu" and FlatDecoder.supports(model, kv_cache):
+            self.flat_decoder = FlatDecoder(model, kv_cache)
 
     def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """(input_ids [T], positions [T], metadata), rows in chunk order."""
@@ -112,6 +112,22 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         return ids, pos, meta
 
+    def flat_decode(self, out: SchedulerOutput, layer_hook: LayerHook | None = None) -> torch.Tensor | None:
+        """Hidden state [1, H] of a bs1 decode step run by the flat CPU decoder; None (nothing computed) if
+        the step does not fit it: several chunks, a prefill chunk, a layer hook, non-consecutive KV blocks."""
+        if self.flat_decoder is None or layer_hook is not None or len(out.chunks) != 1:
+            return None
+        chunk = out.chunks[0]
+        if chunk.num_new_tokens != 1:
+            return None
+        seq, position, block_size = chunk.seq, chunk.start, self.kv_cache.block_size
+        num_blocks = position // block_size + 1
+        blocks = seq.block_table[:num_blocks]
+        first = blocks[0] if blocks else 0
+        if len(blocks) < num_blocks or blocks != list(range(first, first + num_blocks)):
+            return None  # the plain path gathers scattered blocks (and reports a short table)
+        return self.flat_decoder(seq.token_ids[position], position, first * block_size)
+
     def graphed(self, out: SchedulerOutput, layer_hook: LayerHook | None = None) -> bool:
         """Whether this step replays a decode graph (decode-only, fits a bucket, no per-layer host hook)."""
         return (self.use_graphs and self.graphs is not None and layer_hook is None
@@ -119,10 +135,27 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, out: SchedulerOutput, layer_hook: LayerHook | None = None) -> RunOutput:
-        step = self._forward_and_sample(out, layer_hook)
+        lookahead = self.lookahead if self.graphed(out, layer_hook) else None
+        step = None
+        if lookahead is not None:
+            step = lookahead.claim(out)  # the step launched ahead of this one, if it is this one
+        elif self.lookahead is not None:
+            self.lookahead.drop()  # an eager step: whatever was launched ahead is stale
+        if step is None:
+            step = self._forward_and_sample(out, layer_hook)
         if step is None:
             return RunOutput()
-        ids_host = step.token_ids.tolist()  # the step's only device → host sync
+        if lookahead is None:
+            ids_host = step.token_ids.tolist()  # the step's only device → host sync
+        else:
+            # Queue this step's ids for the host before launching the next step behind them, then wait.
+            pinned = torch.empty(step.token_ids.shape, dtype=step.token_ids.dtype, pin_memory=True)
+            pinned.copy_(step.token_ids, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            lookahead.launch(out.chunks, step)
+            copied.synchronize()
+            ids_host = pinned.tolist()
         request_ids = tuple(s.request_id for s in step.seqs)
         return RunOutput(sampled=dict(zip(request_ids, ids_host, strict=True)),
                          last_hidden=RowsByRequest(request_ids, step.last_hidden))
@@ -152,6 +185,10 @@ class ModelRunner:
             else:  # 1-token chunks mid-prompt ride along but do not sample
                 index = torch.tensor(rows).to(self.device, non_blocking=True)
                 last, logits = hidden[index], logits[index]
+        elif (flat := self.flat_decode(out, layer_hook)) is not None:
+            if not rows:
+                return None
+            last, logits = flat, self.model.compute_logits(flat)
         else:
             ids, pos, meta = self.prepare(out)
             hidden = self.model(ids, pos, meta, self.kv_cache, layer_hook)

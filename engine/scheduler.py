@@ -25,11 +25,16 @@ class SchedulerConfig:
     max_model_len: int
     eos_token_ids: tuple[int, ...] = ()
     hold_finished_blocks: bool = False  # prefill side: keep KV blocks of finished seqs until release()
+    # Decode steps also take blocks for this many tokens past the step, when free (never by preempting):
+    # the runner's decode lookahead (engine/lookahead.py) writes the next position's KV before scheduling.
+    lookahead_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_num_seqs", "block_size", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lookahead_tokens < 0:
+            raise ValueError(f"lookahead_tokens must be >= 0, got {self.lookahead_tokens}")
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,10 @@ class Scheduler:
                 continue
             if not self._grow_or_preempt(seq, seq.num_tokens, scheduled, preempted):
                 continue
+            if self.config.lookahead_tokens:
+                ahead = min(seq.num_tokens + self.config.lookahead_tokens, self.config.max_model_len)
+                if self.blocks.can_allocate(self._blocks_missing(seq, ahead)):
+                    seq.block_table.extend(self.blocks.allocate(self._blocks_missing(seq, ahead)))
             chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, 1, sample=True))
             scheduled.add(seq.request_id)
             budget -= 1

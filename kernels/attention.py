@@ -1,6 +1,7 @@
 """Paged attention over the block KV cache (`paged_attention`) and the KV write into it (`store_kv`)."""
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,34 +25,46 @@ def store_kv_ref(
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
 
 
+@functools.lru_cache(maxsize=16)
+def _zero(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0-dim zero: the (ignored, beta=0) addend that lets baddbmm apply the softmax scale in the GEMM."""
+    return torch.zeros((), dtype=dtype, device=device)
+
+
 def _context(
     cache: torch.Tensor, block_ids: tuple[int, ...], first_slot: int | None, seq_len: int
 ) -> torch.Tensor:
-    """A sequence's seq_len cached rows [S, Hk, D]: a view if its blocks are consecutive, else a gather."""
-    if first_slot is not None:
-        return cache.view(-1, cache.shape[2], cache.shape[3])[first_slot:first_slot + seq_len]
+    """A sequence's seq_len cached rows, heads first [Hk, S, D]: a view if its blocks are consecutive, else a
+    gather."""
+    num_kv_heads, head_dim = cache.shape[2], cache.shape[3]
+    if first_slot is not None and cache.is_contiguous():
+        row = num_kv_heads * head_dim
+        # One as_strided instead of view + slice + transpose (decode on CPU pays per op).
+        return cache.as_strided((num_kv_heads, seq_len, head_dim), (head_dim, row, 1),
+                                cache.storage_offset() + first_slot * row)
     index = torch.tensor(block_ids, dtype=torch.long, device=cache.device)
-    return cache.index_select(0, index).flatten(0, 1)[:seq_len]
+    return cache.index_select(0, index).flatten(0, 1)[:seq_len].transpose(0, 1)
 
 
 def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Decode: q [1, Hq, D] sees all S keys. Two small matmuls beat SDPA's setup cost at this size."""
-    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    """Decode: q [1, Hq, D] sees all S keys of k, v [Hk, S, D]. Two small matmuls beat SDPA's setup cost."""
+    num_kv_heads, head_dim = k.shape[0], k.shape[2]
     qg = q.reshape(num_kv_heads, -1, head_dim)  # query heads grouped by the KV head they share (GQA)
-    scores = torch.bmm(qg, k.permute(1, 2, 0)).mul_(scale)  # [Hk, G, S]
+    # [Hk, G, S] = scale · q kᵀ, the scale applied by the GEMM (beta=0: the zero addend is never read).
+    scores = torch.baddbmm(_zero(q.dtype, q.device), qg, k.transpose(1, 2), beta=0, alpha=scale)
     if scores.dtype == torch.float32:
         probs = scores.softmax(dim=-1)
     else:  # softmax in float32 for half-precision caches too
         probs = scores.float().softmax(dim=-1).to(v.dtype)
-    return torch.bmm(probs, v.transpose(0, 1)).view(1, -1, head_dim)  # [Hk, G, D] → [1, Hq, D]
+    return torch.bmm(probs, v).view(1, -1, head_dim)  # [Hk, G, D] → [1, Hq, D]
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [L, Hq, D] are the last L positions of the S keys/values [S, Hk, D]; causal; GQA by head groups."""
-    query_len, seq_len = q.shape[0], k.shape[0]
+    """q [L, Hq, D] are the last L positions of the S keys/values [Hk, S, D]; causal; GQA by head groups."""
+    query_len, seq_len = q.shape[0], k.shape[1]
     if query_len == 1:
         return _attend_one(q, k, v, scale)  # the newest token sees every cached position
-    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # heads first
+    qh = q.transpose(0, 1)  # heads first, like k and v
     if query_len == seq_len:
         mask, causal = None, True
     else:
@@ -59,7 +72,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> 
         mask = torch.ones(query_len, seq_len, dtype=torch.bool, device=q.device).tril(seq_len - query_len)
         causal = False
     out = F.scaled_dot_product_attention(
-        qh, kh, vh, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=qh.shape[0] != kh.shape[0]
+        qh, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=qh.shape[0] != k.shape[0]
     )
     return out.transpose(0, 1)
 
@@ -94,10 +107,14 @@ def _attend_span(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
+    if not q.is_cuda:  # dispatch serves the reference off CUDA; skip its per-call device lookup
+        return paged_attention_ref(q, k_cache, v_cache, meta, scale)
     return dispatch.lookup("paged_attention", q.device)(q, k_cache, v_cache, meta, scale)
 
 
 def store_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
+    if not k.is_cuda:  # dispatch serves the reference off CUDA; skip its per-call device lookup
+        return store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
     dispatch.lookup("store_kv", k.device)(k, v, k_cache, v_cache, slot_mapping)

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_pdl import pdl_launch, pdl_release, pdl_wait
+
 if TYPE_CHECKING:
     from engine.attention_metadata import AttentionMetadata
 
@@ -15,7 +17,7 @@ _LOG2E = 1.4426950408889634
 # Finite "minus infinity" for running maxima: exp2(NEG_BIG - m) is 0, without the NaN of (-inf) - (-inf).
 _NEG_BIG = tl.constexpr(-1.0e30)
 # Split-K only pays when each split still streams a few tiles of KV.
-_MIN_TOKENS_PER_SPLIT = 256
+_MIN_TOKENS_PER_SPLIT = 64
 _MAX_SPLITS = 32
 
 
@@ -67,12 +69,14 @@ def _decode_kernel(
     stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIXED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """One program: one sequence, one KV head (all its GROUP query heads packed as dot rows), one KV split.
 
     MIXED: the batch also holds multi-row chunks (the prefill kernel's); this kernel serves 1-row sequences.
     """
+    pdl_wait(USE_PDL)  # q and this step's KV come from the kernels before (kernels/triton_pdl.py)
+    pdl_release(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -131,9 +135,11 @@ def _decode_kernel(
 def _decode_reduce_kernel(
     part_acc_ptr, part_ml_ptr, query_start_ptr, out_ptr, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-    MIXED: tl.constexpr,
+    MIXED: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Merge the split partials of one (sequence, query head) with log-sum-exp weights."""
+    pdl_wait(USE_PDL)
+    pdl_release(USE_PDL)
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     row = tl.load(query_start_ptr + seq).to(tl.int64)
@@ -287,12 +293,14 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=meta.block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, MIXED=mixed,
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+        **pdl_launch(q.device, allowed=num_seqs == 1),
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             part_acc, part_ml, meta.query_start_loc, out, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
             BLOCK_S=triton.next_power_of_2(num_splits), MIXED=mixed, num_warps=1 if interpreted else 4,
+            **pdl_launch(q.device, allowed=num_seqs == 1),
         )
 
 

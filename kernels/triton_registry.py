@@ -15,8 +15,12 @@ TRITON_KERNELS: dict[str, tuple[str, str]] = {
     "store_kv": ("kernels.triton_store_kv", "store_kv_triton"),
     "rms_norm": ("kernels.triton_rmsnorm", "rms_norm_triton"),
     "apply_rotary": ("kernels.triton_rotary", "apply_rotary_triton"),
+    "rotary_store_kv": ("kernels.triton_rotary", "rotary_store_kv_triton"),
+    "linear": ("kernels.triton_linear", "linear_triton"),
+    "silu_mul": ("kernels.triton_activation", "silu_mul_triton"),
+    "silu_mul_linear": ("kernels.triton_linear", "silu_mul_linear_triton"),
 }
-_REFERENCE_MODULES = ("kernels.attention", "kernels.rmsnorm", "kernels.rotary")
+_REFERENCE_MODULES = ("kernels.attention", "kernels.rmsnorm", "kernels.rotary", "kernels.linear")
 
 _warned_unavailable = False
 

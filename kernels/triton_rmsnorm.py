@@ -5,14 +5,18 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_pdl import pdl_launch, pdl_release, pdl_wait
+
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     stride_x, stride_res, stride_out, stride_res_out,
     eps,
-    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)  # x and the residual come from the kernels before (kernels/triton_pdl.py)
+    pdl_release(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < HIDDEN
@@ -69,6 +73,6 @@ def rms_norm_triton(
         x_rows.stride(0), res_rows.stride(0), out_rows.stride(0), res_out_rows.stride(0),
         eps,
         HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=residual is not None,
-        num_warps=min(max(block // 512, 1), 16),
+        num_warps=min(max(block // 512, 1), 16), **pdl_launch(x.device, allowed=num_rows == 1),
     )
     return out if residual is None else (out, new_res)

@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_pdl import pdl_launch, pdl_release, pdl_wait
+
 
 @triton.jit
 def _rotate_heads(
@@ -41,6 +43,37 @@ def _rotary_kernel(
                   NUM_Q_HEADS, HALF, BLOCK_QH, BLOCK_HALF)
     _rotate_heads(k_ptr, k_out_ptr, token, cos, sin, stride_kt, stride_kh, stride_kot, stride_koh,
                   NUM_KV_HEADS, HALF, BLOCK_KH, BLOCK_HALF)
+
+
+@triton.jit
+def _rotary_store_kv_kernel(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_sin,
+    stride_qot, stride_qoh, stride_kc_slot, stride_kc_h, stride_vc_slot, stride_vc_h,
+    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    pdl_wait(USE_PDL)  # q, k, v come from the qkv projection just before (kernels/triton_pdl.py)
+    pdl_release(USE_PDL)
+    token = tl.program_id(0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    d_mask = offs_d < HALF
+    cos = tl.load(cos_ptr + token * stride_cos + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + token * stride_sin + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    _rotate_heads(q_ptr, q_out_ptr, token, cos, sin, stride_qt, stride_qh, stride_qot, stride_qoh,
+                  NUM_Q_HEADS, HALF, BLOCK_QH, BLOCK_HALF)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    # A negative slot marks a padding token (a CUDA-graph batch padded to its captured size): no KV write.
+    if slot >= 0:
+        # Rotated k goes straight into its cache slot (output token stride 0: the slot base is the row).
+        _rotate_heads(k_ptr, k_cache_ptr + slot * stride_kc_slot, token, cos, sin, stride_kt, stride_kh,
+                      0, stride_kc_h, NUM_KV_HEADS, HALF, BLOCK_KH, BLOCK_HALF)
+        offs_h = tl.arange(0, BLOCK_KH)
+        offs_full = tl.arange(0, 2 * BLOCK_HALF)
+        mask = (offs_h[:, None] < NUM_KV_HEADS) & (offs_full[None, :] < 2 * HALF)
+        v = tl.load(v_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_full[None, :], mask=mask)
+        dst = v_cache_ptr + slot * stride_vc_slot + offs_h[:, None] * stride_vc_h + offs_full[None, :]
+        tl.store(dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
@@ -81,3 +114,38 @@ def apply_rotary_triton(
         num_warps=4 if num_q_heads * head_dim >= 2048 else 1,
     )
     return q_out, k_out
+
+
+def rotary_store_kv_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """rotary_store_kv_ref's contract in one kernel: one program per token rotates its q heads into a fresh
+    tensor and writes its rotated k heads and its v heads into cache slot `slot_mapping[t]` (< 0: skipped)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads, half = k.shape[1], head_dim // 2
+    if (head_dim % 2 or k.shape != (num_tokens, num_kv_heads, head_dim) or v.shape != k.shape
+            or k_cache.shape[2:] != (num_kv_heads, head_dim) or slot_mapping.shape[0] != num_tokens):
+        raise ValueError(f"rotary_store_kv: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"slots {tuple(slot_mapping.shape)} do not fit cache rows "
+                         f"{tuple(k_cache.shape[2:])}")
+    if cos.shape != (num_tokens, half) or sin.shape != cos.shape:
+        raise ValueError(
+            f"rotary_store_kv: cos {tuple(cos.shape)}/sin {tuple(sin.shape)} must be [{num_tokens}, {half}]")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("rotary_store_kv: caches must be contiguous [num_blocks, block_size, Hk, D]")
+    q_out = torch.empty(q.shape, dtype=torch.promote_types(q.dtype, cos.dtype), device=q.device)
+    if num_tokens == 0:
+        return q_out
+    q, k, v, cos, sin = (_unit_last_stride(t) for t in (q, k, v, cos, sin))
+    _rotary_store_kv_kernel[(num_tokens,)](
+        q, k, v, cos, sin, q_out, k_cache, v_cache, slot_mapping,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos.stride(0), sin.stride(0), q_out.stride(0), q_out.stride(1),
+        k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
+        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HALF=half,
+        BLOCK_QH=triton.next_power_of_2(num_q_heads), BLOCK_KH=triton.next_power_of_2(num_kv_heads),
+        BLOCK_HALF=triton.next_power_of_2(half),
+        num_warps=4 if num_q_heads * head_dim >= 2048 else 1, **pdl_launch(q.device, allowed=num_tokens == 1),
+    )
+    return q_out

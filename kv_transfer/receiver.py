@@ -245,7 +245,12 @@ class KVReceiveEndpoint:
         return self._tensors[layer]
 
     def register(self, receiver: KVReceiver) -> None:
-        """Route frames of `receiver.request_id` to it. Call before the prefill side starts sending."""
+        """Route frames of `receiver.request_id` to it. Call before the prefill side starts sending, from the
+        thread that runs the engine: its blocks land only after the work that thread's stream has queued."""
+        if self._stream is not None:
+            # The blocks were just reserved; a decode step still in flight may write them (they were freed
+            # while it ran: decode lookahead). Scatters queued from now on wait for it.
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
         if not self.alive:
             log.warning(
                 "register(%s) on a dead KV endpoint (%s): its channel cannot deliver",

@@ -126,7 +126,13 @@ def test_padded_rows_write_no_kv_and_real_rows_write_only_their_slot(engine: LLM
     bs = engine.kv_cache.block_size
     slots = [c.seq.block_table[c.start // bs] * bs + c.start % bs for c in out.chunks]
     before = [(k.clone(), v.clone()) for k, v in zip(engine.kv_cache.k, engine.kv_cache.v, strict=True)]
+    lookahead = engine.runner.lookahead
+    launched = lookahead.launched if lookahead is not None else 0
     engine.postprocess(out, engine.run(out))
+    if lookahead is not None and lookahead.launched > launched:
+        # The step launched ahead wrote each sequence's next position too (rewritten identically next step).
+        slots += [c.seq.block_table[(c.start + 1) // bs] * bs + (c.start + 1) % bs for c in out.chunks]
+        torch.cuda.synchronize()
     written = torch.zeros(engine.kv_cache.num_blocks * bs, dtype=torch.bool, device="cuda")
     written[slots] = True
     for (k0, v0), k, v in zip(before, engine.kv_cache.k, engine.kv_cache.v, strict=True):
@@ -162,3 +168,35 @@ def test_embedded_model_graphed_decode_matches_eager_token_for_token(embedded_en
     eager_out, _, _ = generate(embedded_engine, prompt_ids, max_tokens, use_graphs=False)
     assert graphed_out == eager_out
     assert graphed_steps >= max(max_tokens) - 3  # prefill chunks aside, decode steps replayed graphs
+
+
+def test_decode_lookahead_changes_no_token_and_serves_most_steps(engine: LLMEngine) -> None:
+    # Greedy and seeded sampling, a batch that shrinks as requests finish, one abort mid-run: the same
+    # tokens with the step launched ahead as without it.
+    prompt_ids = prompts(TINY.vocab_size)
+    params = [SamplingParams(max_tokens=m, ignore_eos=True, temperature=0.0 if i % 2 else 0.8, seed=7 + i)
+              for i, m in enumerate(MAX_TOKENS)]
+
+    def run(tag: str) -> list[list[int]]:
+        seqs = [engine.add_request(f"{tag}-{i}", p, sp)
+                for i, (p, sp) in enumerate(zip(prompt_ids, params, strict=True))]
+        steps = 0
+        while engine.has_work():
+            out = engine.schedule()
+            engine.postprocess(out, engine.run(out))
+            steps += 1
+            if steps == 6:
+                engine.abort(seqs[0].request_id)
+        return [s.output_token_ids for s in seqs]
+
+    lookahead = engine.runner.lookahead
+    assert lookahead is not None  # a decode-side engine on CUDA has it
+    used_before = lookahead.used
+    with_lookahead = run("ahead")
+    assert lookahead.used - used_before >= 10
+    engine.runner.lookahead = None
+    try:
+        without = run("plain")
+    finally:
+        engine.runner.lookahead = lookahead
+    assert with_lookahead == without

@@ -6,21 +6,25 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
 from engine.attention_metadata import AttentionMetadata, SeqSpan
 from kernels.attention import paged_attention_ref, store_kv_ref
+from kernels.linear import silu_mul_ref
 from kernels.rmsnorm import rms_norm_ref
-from kernels.rotary import apply_rotary_ref
+from kernels.rotary import apply_rotary_ref, rotary_store_kv_ref
+from kernels.triton_activation import silu_mul_triton
 from kernels.triton_attention import (
     paged_attention_triton,
     paged_decode_attention,
     paged_prefill_attention,
 )
+from kernels.triton_linear import linear_triton
 from kernels.triton_rmsnorm import rms_norm_triton
-from kernels.triton_rotary import apply_rotary_triton
+from kernels.triton_rotary import apply_rotary_triton, rotary_store_kv_triton
 from kernels.triton_store_kv import store_kv_triton
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300)]
@@ -135,6 +139,41 @@ def test_rotary_matches_reference(tokens: int) -> None:
         torch.testing.assert_close(got, ref, atol=4e-2, rtol=8e-3)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (128256, 4096)])
+def test_skinny_linear_matches_cublas_at_llama3_8b_shapes(rows: int, n: int, k: int) -> None:
+    gen = torch.Generator(device=DEV).manual_seed(rows + n)
+    x = torch.randn(rows, k, generator=gen, device=DEV, dtype=BF16)
+    weight = torch.randn(n, k, generator=gen, device=DEV, dtype=BF16) * 0.02
+    # Both accumulate in fp32 and round once; only the summation order differs.
+    torch.testing.assert_close(linear_triton(x, weight).float(), F.linear(x.float(), weight.float()),
+                               atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("tokens", [1, 64])
+def test_silu_mul_matches_reference(tokens: int) -> None:
+    gen = torch.Generator(device=DEV).manual_seed(tokens)
+    gate_up = torch.randn(tokens, 2 * 14336, generator=gen, device=DEV, dtype=BF16) * 3
+    torch.testing.assert_close(silu_mul_triton(gate_up), silu_mul_ref(gate_up))
+
+
+@pytest.mark.parametrize("tokens", [1, 64])
+def test_fused_rotary_store_kv_matches_reference(tokens: int) -> None:
+    gen = torch.Generator(device=DEV).manual_seed(tokens)
+    heads = torch.randn(tokens, HEADS + 2 * KV_HEADS, HEAD_DIM, generator=gen, device=DEV, dtype=BF16)
+    q, k, v = heads.split_with_sizes([HEADS, KV_HEADS, KV_HEADS], dim=1)
+    angles = torch.rand(tokens, HEAD_DIM // 2, generator=gen, device=DEV) * 4096
+    cos, sin = angles.cos().to(BF16), angles.sin().to(BF16)
+    num_blocks = tokens // BLOCK + 4
+    slots = torch.randperm(num_blocks * BLOCK, generator=gen, device=DEV)[:tokens]
+    caches = [torch.zeros(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, device=DEV, dtype=BF16) for _ in range(4)]
+    q_got = rotary_store_kv_triton(q, k, v, cos, sin, caches[0], caches[1], slots)
+    q_ref = rotary_store_kv_ref(q, k, v, cos, sin, caches[2], caches[3], slots)
+    torch.testing.assert_close(q_got, q_ref, atol=4e-2, rtol=8e-3)
+    torch.testing.assert_close(caches[0], caches[2], atol=4e-2, rtol=8e-3)
+    assert torch.equal(caches[1], caches[3])
+
+
 def decode_step(x, residual, norm_w, q, k, v, cos, sin, k_cache, v_cache, meta):
     """One decode layer's kernel chain as the model calls it: norm → rotary → store → attention."""
     h, res = rms_norm_triton(x, norm_w, 1e-5, residual)
@@ -208,3 +247,50 @@ def test_prefill_kernel_serves_decode_rows_like_the_decode_kernel() -> None:
     decode = paged_decode_attention(q, k_cache, v_cache, meta, HEAD_DIM ** -0.5)
     prefill = paged_prefill_attention(q, k_cache, v_cache, meta, HEAD_DIM ** -0.5)
     torch.testing.assert_close(decode, prefill, atol=1e-2, rtol=1e-2)
+
+
+def test_pdl_chain_replayed_back_to_back_equals_the_chain_run_one_kernel_at_a_time() -> None:
+    # Every kernel here is launched with programmatic dependent launch on Hopper (kernels/triton_pdl.py). Run
+    # one at a time (a sync after each) no kernel can overlap its predecessor; replayed from a graph they do.
+    # Same kernels, same math: the results must be bit-identical.
+    from kernels.triton_linear import silu_mul_linear_triton
+    from kernels.triton_pdl import pdl_launch
+
+    gen = torch.Generator(device=DEV).manual_seed(11)
+    layers = 6
+    w_up = [torch.randn(4096, HIDDEN, generator=gen, device=DEV, dtype=BF16) * 0.02 for _ in range(layers)]
+    w_down = [torch.randn(HIDDEN, 2048, generator=gen, device=DEV, dtype=BF16) * 0.02 for _ in range(layers)]
+    norm_w = torch.randn(HIDDEN, generator=gen, device=DEV, dtype=BF16)
+    x = torch.randn(1, HIDDEN, generator=gen, device=DEV, dtype=BF16)
+
+    def chain(sync: bool):
+        h, res = x, torch.zeros_like(x)
+        for up, down in zip(w_up, w_down, strict=True):
+            h, res = rms_norm_triton(h, norm_w, 1e-5, res)
+            if sync:
+                torch.cuda.synchronize()
+            h = linear_triton(h, up)
+            if sync:
+                torch.cuda.synchronize()
+            h = silu_mul_linear_triton(h, down)
+            if sync:
+                torch.cuda.synchronize()
+        return h, res
+
+    expected = chain(sync=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = chain(sync=False)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert pdl_launch(DEV)["USE_PDL"] == (torch.cuda.get_device_capability()[0] >= 9)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_two_pass_argmax_equals_argmax_on_a_llama3_vocabulary() -> None:
+    from engine.sampler import argmax_rows
+
+    gen = torch.Generator(device=DEV).manual_seed(2)
+    logits = torch.randint(0, 50, (4, 128256), generator=gen, device=DEV).float()  # ties everywhere
+    assert torch.equal(argmax_rows(logits), logits.argmax(dim=-1))

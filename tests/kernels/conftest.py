@@ -10,8 +10,10 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 # In a whole-suite run tests/gpu may have imported the kernels compiled already: re-decorate them so this
 # folder's CPU tensors reach the interpreter (tests/gpu then skips itself: it checks the env var per test).
-_KERNEL_MODULES = ("kernels.triton_store_kv", "kernels.triton_rmsnorm", "kernels.triton_rotary",
-                   "kernels.triton_attention")
+# triton_pdl first: the kernel modules reloaded after it pick up its re-decorated helpers.
+_KERNEL_MODULES = ("kernels.triton_pdl", "kernels.triton_store_kv", "kernels.triton_rmsnorm",
+                   "kernels.triton_rotary", "kernels.triton_attention", "kernels.triton_linear",
+                   "kernels.triton_activation")
 for _name in _KERNEL_MODULES:
     if _name in sys.modules:
         importlib.reload(sys.modules[_name])

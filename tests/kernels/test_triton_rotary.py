@@ -60,3 +60,36 @@ def test_half_inputs_stay_within_one_ulp_of_reference() -> None:
 def test_table_rows_must_match_tokens() -> None:
     with pytest.raises(ValueError):
         apply_rotary_triton(torch.ones(3, 2, 16), torch.ones(3, 1, 16), torch.ones(2, 8), torch.ones(2, 8))
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 2, 16), (6, 3, 24)])
+def test_fused_rotary_store_kv_matches_rotary_then_store(num_heads: int, num_kv_heads: int,
+                                                         head_dim: int) -> None:
+    from kernels.rotary import rotary_store_kv_ref
+    from kernels.triton_rotary import rotary_store_kv_triton
+
+    gen = torch.Generator().manual_seed(num_heads + head_dim)
+    tokens, num_blocks, block_size = 5, 4, 4
+    # q, k, v as views of one fused qkv output, the way the model hands them over.
+    heads = torch.randn(tokens, num_heads + 2 * num_kv_heads, head_dim, generator=gen)
+    q, k, v = heads.split_with_sizes([num_heads, num_kv_heads, num_kv_heads], dim=1)
+    cos = torch.randn(tokens, head_dim // 2, generator=gen)
+    sin = torch.randn(tokens, head_dim // 2, generator=gen)
+    slots = torch.tensor([3, 14, -1, 0, 9])  # -1: a padding token writes nothing
+    caches = [torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    keep = slots >= 0
+    q_ref = rotary_store_kv_ref(q[keep], k[keep], v[keep], cos[keep], sin[keep], *expected, slots[keep])
+    q_got = rotary_store_kv_triton(q, k, v, cos, sin, *caches, slots)
+    torch.testing.assert_close(q_got[keep], q_ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(caches[0], expected[0], atol=1e-6, rtol=1e-6)
+    assert torch.equal(caches[1], expected[1])  # v is copied as is
+
+
+def test_fused_rotary_store_kv_rejects_mismatched_cache() -> None:
+    from kernels.triton_rotary import rotary_store_kv_triton
+
+    q, k = torch.ones(2, 4, 16), torch.ones(2, 2, 16)
+    with pytest.raises(ValueError, match="rotary_store_kv"):
+        rotary_store_kv_triton(q, k, k, torch.ones(2, 8), torch.ones(2, 8), torch.zeros(2, 4, 3, 16),
+                               torch.zeros(2, 4, 3, 16), torch.tensor([0, 1]))

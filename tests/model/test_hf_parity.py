@@ -11,8 +11,9 @@ import torch
 
 from engine.attention_metadata import AttentionMetadata, SeqSpan
 from engine.config import EngineConfig
+from engine.cpu_decode import use_column_blocks
 from engine.kv_cache import KVCache
-from engine.model import LlamaModel, use_column_blocks
+from engine.model import LlamaModel
 from engine.model_files import embedded_model_path, load_model
 from engine.sampling_params import SamplingParams
 

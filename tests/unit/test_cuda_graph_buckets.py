@@ -11,6 +11,7 @@ from engine.cuda_graphs import (
     DecodeInputs,
     DecodeStager,
     decode_buckets,
+    graph_pieces,
     input_layout,
     pick_bucket,
 )
@@ -130,3 +131,35 @@ def test_run_output_hidden_rows_are_looked_up_by_request_id() -> None:
     assert len(hidden) == 3 and list(hidden) == ["a", "b", "c"]
     assert torch.equal(hidden["b"], rows[1]) and hidden.get("zzz") is None
     assert torch.equal(dict(hidden)["c"], rows[2])
+
+
+@pytest.mark.parametrize("num_layers", [0, 1, 2, 5, 32])
+def test_graph_pieces_cover_every_layer_once_in_order_starting_with_one(num_layers: int) -> None:
+    pieces = graph_pieces(num_layers)
+    assert [i for piece in pieces for i in piece] == list(range(num_layers))
+    if num_layers:
+        assert len(pieces[0]) == 1 and all(len(p) > 0 for p in pieces)
+    assert [len(p) for p in graph_pieces(32)] == [1, 2, 4, 8, 16, 1]
+
+
+def test_model_run_in_layer_pieces_equals_forward() -> None:
+    from engine.attention_metadata import AttentionMetadata, SeqSpan
+
+    config = ModelConfig(name="t", vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=5,
+                         num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = LlamaModel(config)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    model.init_buffers("cpu")
+    ids, positions = torch.tensor([3, 7, 1]), torch.arange(3)
+    meta = AttentionMetadata.from_spans([SeqSpan(0, 3, 3, (0,), 0)], [0, 1, 2], BLOCK)
+    whole_kv, piece_kv = KVCache(5, 2, BLOCK, 1, 8), KVCache(5, 2, BLOCK, 1, 8)
+    expected = model(ids, positions, meta, whole_kv)
+    h, cos, sin = model.embed(ids, positions)
+    residual = None
+    for piece in graph_pieces(config.num_layers):
+        h, residual = model.forward_layers(h, residual, cos, sin, meta, piece_kv, piece)
+    assert torch.equal(model.final_norm(h, residual), expected)
+    pairs = zip(whole_kv.k + whole_kv.v, piece_kv.k + piece_kv.v, strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)

@@ -123,3 +123,13 @@ def test_mismatched_inputs_raise():
         sample(random_logits(2), [SamplingParams()], [0, 1])
     with pytest.raises(ValueError):
         sample(torch.zeros(VOCAB), [SamplingParams()], [0])
+
+
+def test_two_pass_argmax_returns_the_first_index_of_the_maximum_like_argmax() -> None:
+    from engine.sampler import argmax_two_pass
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 5, (6, 64), generator=gen).float()  # many ties, within and across chunks
+    x[2] = 1.0  # a row of ties only
+    x[3, 40:] = float("-inf")
+    assert torch.equal(argmax_two_pass(x, chunks=8), x.argmax(dim=-1))

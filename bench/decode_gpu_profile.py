@@ -1,0 +1,108 @@
+"""Where a graphed decode step's time goes: GPU kernels by total time, GPU idle between steps, host phases.
+
+Run on a CUDA machine from the repo root: `python -m bench.decode_gpu_profile [--batch 1] [--context 512]`.
+Llama-3-8B shape with random bf16 weights (as bench/decode_gpu.py). Prints (1) the kernels of `--steps`
+profiled engine steps grouped by name: calls per step, µs per step; (2) per step: wall ms, GPU-busy ms (the
+union of kernel intervals) and the idle rest; (3) host ms per phase of LLMEngine.step (schedule, run =
+forward + sample + the host sync, postprocess), each synchronized so a phase's GPU wait lands where it is.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import sys
+import time
+
+import torch
+
+from bench.decode_gpu import BF16, LLAMA3_8B, start_decoding
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.random_models import build_random_model
+
+
+def busy_ms(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals (µs in, ms out)."""
+    total, cur_start, cur_end = 0.0, None, None
+    for start, end in sorted(intervals):
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    if cur_end is not None:
+        total += cur_end - cur_start
+    return total / 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/decode_gpu_profile.py needs a CUDA device", file=sys.stderr)
+        return 2
+    model = build_random_model(LLAMA3_8B, BF16, "cuda", seed=0, std=0.02)
+    blocks = args.batch * (-(-(args.context + 8 * args.steps + 64) // 16))
+    engine = LLMEngine(EngineConfig(device="cuda", dtype="bfloat16", num_kv_blocks=blocks,
+                                    max_model_len=args.context + 8 * args.steps + 64,
+                                    max_num_seqs=args.batch), model=(model.config, model))
+    start_decoding(engine, args.batch, args.context, "profile")
+    for _ in range(5):
+        engine.step()
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list[float]] = collections.defaultdict(list)
+    for e in kernels:
+        by_name[e.name].append(e.device_time)
+    print(f"# batch {args.batch}, context {args.context}: {args.steps} profiled steps")
+    print(f"{'us/step':>9} {'calls/step':>10}  kernel")
+    rows = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))
+    for name, times in rows[:args.top]:
+        print(f"{sum(times) / args.steps:9.1f} {len(times) / args.steps:10.1f}  {name[:110]}")
+    busy = busy_ms([(e.time_range.start, e.time_range.end) for e in kernels]) / args.steps
+    print(f"kernels per step {len(kernels) / args.steps:.0f}; wall {wall_ms:.3f} ms/step (profiled), "
+          f"GPU busy {busy:.3f} ms, idle {wall_ms - busy:.3f} ms")
+
+    phases: dict[str, list[float]] = collections.defaultdict(list)
+    for _ in range(30):
+        t0 = time.perf_counter()
+        out = engine.schedule()
+        t1 = time.perf_counter()
+        run = engine.run(out)  # ends in the host sync on the sampled ids
+        t2 = time.perf_counter()
+        engine.postprocess(out, run)
+        t3 = time.perf_counter()
+        for key, ms in (("schedule", t1 - t0), ("run", t2 - t1), ("postprocess", t3 - t2)):
+            phases[key].append(ms * 1e3)
+    graphs = engine.runner.graphs
+    out = engine.schedule()
+    if graphs is not None and engine.runner.graphed(out):
+        # CPU cost of launching a graphed step (fill the inputs, H2D copy, graph launch): the GPU idles for it
+        # unless something else keeps it busy; the same step replayed (it rewrites the same KV slots).
+        with torch.inference_mode():
+            for _ in range(30):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                graphs.run(out.chunks)
+                phases["graph launch"].append((time.perf_counter() - t0) * 1e3)
+    engine.postprocess(out, engine.run(out))
+    medians = ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in phases.items())
+    print(f"host phases (median ms): {medians}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

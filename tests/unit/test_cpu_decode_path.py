@@ -1,0 +1,210 @@
+"""CPU decode fast paths equal the plain math: column-block linears, fused rotary, attention, RMSNorm."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention_metadata import AttentionMetadata, SeqSpan
+from engine.config import ModelConfig
+from engine.cpu_decode import ColumnBlockLinear, FlatDecoder, use_column_blocks
+from engine.kv_cache import KVCache
+from engine.model import LlamaModel
+from engine.model_runner import ModelRunner
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledChunk, SchedulerOutput
+from engine.sequence import Sequence
+from kernels.attention import paged_attention_ref
+from kernels.rmsnorm import rms_norm_ref
+from kernels.rotary import apply_rotary_ref
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def rotate_half_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF's formula: x·[cos, cos] + rotate_half(x)·[sin, sin], tables [T, D/2] broadcast over heads."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos_full = torch.cat((cos, cos), dim=-1).unsqueeze(1)
+    sin_full = torch.cat((sin, sin), dim=-1).unsqueeze(1)
+    return x * cos_full + torch.cat((-x2, x1), dim=-1) * sin_full
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("parts", [1, 2, 4])
+def test_column_block_linear_equals_dense_linear(rows: int, parts: int) -> None:
+    gen = torch.Generator().manual_seed(rows * 10 + parts)
+    weight = torch.randn(24, 16, generator=gen)
+    x = torch.randn(rows, 16, generator=gen)
+    blocked = ColumnBlockLinear(weight, parts)
+    torch.testing.assert_close(blocked(x), F.linear(x, weight), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(blocked(x.view(1, rows, 16)), F.linear(x, weight).view(1, rows, 24),
+                               atol=1e-5, rtol=1e-5)
+    assert torch.equal(blocked.weight, weight)  # the dense view round-trips exactly
+
+
+def test_column_block_linear_takes_a_strided_single_row() -> None:
+    weight = torch.randn(8, 6)
+    wide = torch.randn(1, 12)
+    x = wide[:, ::2]  # one row, not contiguous: the bs1 view shortcut must not apply
+    torch.testing.assert_close(ColumnBlockLinear(weight, 2)(x), F.linear(x, weight), atol=1e-5, rtol=1e-5)
+
+
+def test_column_blocks_need_divisible_input_features() -> None:
+    with pytest.raises(ValueError):
+        ColumnBlockLinear(torch.randn(8, 6), 4)
+
+
+def test_use_column_blocks_swaps_every_projection_and_copies_the_tied_head() -> None:
+    config = ModelConfig(name="t", vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2,
+                         num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    model = LlamaModel(config)
+    dense = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert use_column_blocks(model, parts=2) == 2 * 4 + 1  # 4 projections per layer + the tied head
+    blocked = {name: m for name, m in model.named_modules() if isinstance(m, ColumnBlockLinear)}
+    for name, weight in dense.items():
+        assert torch.equal(blocked[name].weight, weight)
+    assert torch.equal(model.lm_head.weight, model.embed_tokens.weight)
+    assert model.lm_head.weight_blocks.data_ptr() != model.embed_tokens.weight.data_ptr()
+    storages = {m.weight_blocks.untyped_storage().data_ptr() for m in blocked.values()}
+    assert len(storages) == 1  # one (huge-page) arena holds every block
+
+
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_rotary_of_fused_qkv_views_matches_hf_rotate_half(tokens: int) -> None:
+    gen = torch.Generator().manual_seed(tokens)
+    num_heads, num_kv_heads, head_dim = 3, 1, 8
+    fused = torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, generator=gen)
+    heads = fused.view(tokens, num_heads + 2 * num_kv_heads, head_dim)
+    q, k, _ = heads.split_with_sizes([num_heads, num_kv_heads, num_kv_heads], dim=1)
+    cos, sin = torch.randn(tokens, head_dim // 2, generator=gen), torch.randn(tokens, head_dim // 2,
+                                                                            generator=gen)
+    before = fused.clone()
+    q_rot, k_rot = apply_rotary_ref(q, k, cos, sin)  # adjacent heads: rotated in one pass
+    torch.testing.assert_close(q_rot, rotate_half_reference(q, cos, sin), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(k_rot, rotate_half_reference(k, cos, sin), atol=1e-6, rtol=1e-6)
+    assert torch.equal(fused, before)  # inputs untouched
+    # Separate (non-adjacent) tensors take the per-tensor path and agree.
+    q_sep, k_sep = apply_rotary_ref(q.clone(), k.clone(), cos, sin)
+    assert torch.equal(q_sep, q_rot) and torch.equal(k_sep, k_rot)
+
+
+@pytest.mark.parametrize("contiguous_blocks", [True, False])
+def test_decode_attention_matches_softmax_of_scaled_scores(contiguous_blocks: bool) -> None:
+    gen = torch.Generator().manual_seed(int(contiguous_blocks))
+    block_size, num_kv_heads, group, head_dim, seq_len = 4, 2, 3, 8, 10
+    k_cache = torch.randn(6, block_size, num_kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(6, block_size, num_kv_heads, head_dim, generator=gen)
+    blocks = (2, 3, 4) if contiguous_blocks else (5, 0, 3)
+    span = SeqSpan(0, 1, seq_len, blocks, blocks[0] * block_size if contiguous_blocks else None)
+    meta = AttentionMetadata.from_spans([span], [0], block_size)
+    q = torch.randn(1, num_kv_heads * group, head_dim, generator=gen)
+    out = paged_attention_ref(q, k_cache, v_cache, meta, 0.3)
+    slots = [b * block_size + i for b in blocks for i in range(block_size)][:seq_len]
+    k = k_cache.view(-1, num_kv_heads, head_dim)[slots].repeat_interleave(group, 1)  # [S, Hq, D]
+    v = v_cache.view(-1, num_kv_heads, head_dim)[slots].repeat_interleave(group, 1)
+    probs = (torch.einsum("hd,shd->hs", q[0], k) * 0.3).softmax(-1)
+    torch.testing.assert_close(out[0], torch.einsum("hs,shd->hd", probs, v), atol=1e-5, rtol=1e-5)
+
+
+def test_rms_norm_matches_hf_formula() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, residual = torch.randn(3, 64, generator=gen), torch.randn(3, 64, generator=gen)
+    weight = torch.randn(64, generator=gen)
+    s = x + residual
+    expected = weight * (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5))
+    out, new_residual = rms_norm_ref(x, weight, 1e-5, residual)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    assert torch.equal(new_residual, s)
+
+
+# ---- the flat bs1 decoder against the plain forward --------------------------------------------------------
+
+def tiny_blocked_model(head_dim: int = 8) -> LlamaModel:
+    config = ModelConfig(name="t", vocab_size=48, hidden_size=32, intermediate_size=40, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=head_dim, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaModel(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    model.init_buffers("cpu")
+    use_column_blocks(model, parts=2)
+    return model
+
+
+def forward_step(model: LlamaModel, kv: KVCache, tokens: list[int], start: int,
+                 first_block: int) -> torch.Tensor:
+    """The plain forward over tokens at positions start.., stored in consecutive blocks from `first_block`."""
+    block = kv.block_size
+    end = start + len(tokens)
+    blocks = tuple(range(first_block, first_block + -(-end // block)))
+    span = SeqSpan(0, len(tokens), end, blocks, first_block * block)
+    meta = AttentionMetadata.from_spans([span], [first_block * block + p for p in range(start, end)], block)
+    return model(torch.tensor(tokens), torch.arange(start, end), meta, kv)
+
+
+@pytest.mark.parametrize("head_dim", [8, 6])  # scale 1/sqrt(8) and 1/sqrt(6): neither a power of two
+def test_flat_decoder_equals_plain_forward_and_stores_the_same_kv(head_dim: int) -> None:
+    model = tiny_blocked_model(head_dim)
+    c = model.config
+    plain_kv = KVCache(c.num_layers, 8, 4, c.num_kv_heads, c.head_dim)
+    flat_kv = KVCache(c.num_layers, 8, 4, c.num_kv_heads, c.head_dim)
+    prompt = [3, 17, 5, 40, 22, 9]
+    with torch.inference_mode():
+        for kv in (plain_kv, flat_kv):
+            forward_step(model, kv, prompt, 0, first_block=2)
+        decoder = FlatDecoder(model, flat_kv)
+        for position, token in enumerate([11, 30, 7, 1], start=len(prompt)):  # crosses a block boundary
+            expected = forward_step(model, plain_kv, [token], position, first_block=2)
+            got = decoder(token, position, first_slot=2 * 4)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for a, b in zip(plain_kv.k + plain_kv.v, flat_kv.k + flat_kv.v, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_flat_decoder_needs_column_blocks_and_fp32() -> None:
+    config = ModelConfig(name="t", vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
+                         num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=64)
+    plain = LlamaModel(config)
+    kv = KVCache(1, 4, 4, 1, 8)
+    assert not FlatDecoder.supports(plain, kv)
+    with pytest.raises(ValueError):
+        FlatDecoder(plain, kv)
+    use_column_blocks(plain, parts=2)
+    assert FlatDecoder.supports(plain, kv)
+    assert not FlatDecoder.supports(plain, KVCache(1, 4, 4, 1, 8, dtype=torch.bfloat16))
+
+
+def test_runner_decodes_bs1_flat_and_falls_back_for_scattered_blocks_and_hooks() -> None:
+    model = tiny_blocked_model()
+    c = model.config
+    runner = ModelRunner(model, KVCache(c.num_layers, 8, 4, c.num_kv_heads, c.head_dim), c)
+    assert runner.flat_decoder is not None
+    seq = Sequence("r", [3, 17, 5, 40, 22, 9, 11], SamplingParams(), block_table=[2, 3])
+    seq.num_computed_tokens = 6
+    step = SchedulerOutput((ScheduledChunk(seq, 6, 1, sample=True),), ())
+    with torch.inference_mode():
+        assert runner.flat_decode(step) is not None
+        assert runner.flat_decode(step, layer_hook=lambda layer: None) is None
+        seq.block_table = [2, 5]  # position 6 lives in block 5: not consecutive with block 2
+        assert runner.flat_decode(step) is None
+        prefill = SchedulerOutput((ScheduledChunk(seq, 0, 7, sample=True),), ())
+        assert runner.flat_decode(prefill) is None
+
+
+@pytest.mark.slow
+def test_embedded_model_bs1_greedy_tokens_are_the_same_flat_or_plain() -> None:
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(num_kv_blocks=16, max_num_seqs=1))
+    assert engine.runner.flat_decoder is not None  # CPU, fp32, column blocks: bs1 decode runs flat
+    prompt = [6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 418, 260, 5595]
+    sampling = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    flat = engine.generate([prompt], sampling)
+    engine.runner.flat_decoder = None
+    plain = engine.generate([prompt], sampling)
+    assert flat == plain and len(flat[0]) == 24
