@@ -91,10 +91,20 @@ class LLMEngine:
         return seq
 
     def schedule(self) -> SchedulerOutput:
+        # A step launched ahead (decode lookahead) is the step: sequences that became runnable since wait one.
+        lookahead = self.runner.lookahead
+        pending = lookahead.pending_seqs() if lookahead is not None else None
+        if pending is not None:
+            out = self.scheduler.schedule(decode_only=pending)
+            if out.chunks:
+                return out
+            lookahead.drop()  # all of its sequences are gone (finished, aborted): it serves no step
         return self.scheduler.schedule()
 
     def run(self, out: SchedulerOutput, layer_hook: LayerHook | None = None) -> RunOutput:
-        return self.runner.run(out, layer_hook)
+        # Launch the next step ahead only if it will be this batch again: nobody else waits to run.
+        alone = self.scheduler.num_waiting == 0 and self.scheduler.num_running == len(out.chunks)
+        return self.runner.run(out, layer_hook, look_ahead=alone)
 
     def postprocess(self, out: SchedulerOutput, run_output: RunOutput) -> list[Sequence]:
         """Returns the sequences that finished this step."""

@@ -82,6 +82,10 @@ class DecodeLookahead:
         index = torch.tensor(rows).to(step.token_ids.device, non_blocking=True)
         return SampledStep(step.token_ids[index], tuple(step.seqs[i] for i in rows), step.last_hidden[index])
 
+    def pending_seqs(self) -> tuple | None:
+        """The sequences of the step in flight (what the next schedule should ask for), or None."""
+        return None if self._pending is None else tuple(c.seq for c in self._pending.chunks)
+
     def drop(self) -> None:
         if self._pending is not None:
             self._pending = None

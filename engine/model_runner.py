@@ -134,7 +134,9 @@ class ModelRunner:
                 and self.graphs.fits(out.chunks))
 
     @torch.inference_mode()
-    def run(self, out: SchedulerOutput, layer_hook: LayerHook | None = None) -> RunOutput:
+    def run(self, out: SchedulerOutput, layer_hook: LayerHook | None = None,
+            look_ahead: bool = True) -> RunOutput:
+        """look_ahead False: launch nothing ahead of this step (others are waiting to join the batch)."""
         lookahead = self.lookahead if self.graphed(out, layer_hook) else None
         step = None
         if lookahead is not None:
@@ -153,7 +155,8 @@ class ModelRunner:
             pinned.copy_(step.token_ids, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record()
-            lookahead.launch(out.chunks, step)
+            if look_ahead:
+                lookahead.launch(out.chunks, step)
             copied.synchronize()
             ids_host = pinned.tolist()
         request_ids = tuple(s.request_id for s in step.seqs)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from engine.block_manager import BlockManager
@@ -116,7 +117,11 @@ class Scheduler:
 
     # ---- one step ----
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, decode_only: Iterable[Sequence] | None = None) -> SchedulerOutput:
+        """The next step's chunks. decode_only: the decode tokens of these sequences (those still running)
+        and nothing else — the step a decode lookahead already launched (engine/lookahead.py); everyone else
+        waits a step (the engine then launches nothing ahead, so the step after includes them)."""
+        only = None if decode_only is None else {id(s) for s in decode_only}
         budget = self.config.max_batch_tokens
         chunks: list[ScheduledChunk] = []
         scheduled: set[str] = set()
@@ -128,6 +133,8 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING or seq.num_tokens - seq.num_computed_tokens != 1:
                 continue
+            if only is not None and id(seq) not in only:
+                continue
             if not self._grow_or_preempt(seq, seq.num_tokens, scheduled, preempted):
                 continue
             if self.config.lookahead_tokens:
@@ -138,6 +145,8 @@ class Scheduler:
             scheduled.add(seq.request_id)
             budget -= 1
 
+        if only is not None:
+            return SchedulerOutput(tuple(chunks), tuple(preempted))
         # 2) Running sequences still mid-prefill: as much of the next chunk as budget and blocks allow.
         for seq in list(self._running):
             if budget == 0:

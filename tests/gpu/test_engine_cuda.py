@@ -179,7 +179,7 @@ def test_decode_lookahead_changes_no_token_and_serves_most_steps(engine: LLMEngi
 
     def run(tag: str) -> list[list[int]]:
         seqs = [engine.add_request(f"{tag}-{i}", p, sp)
-                for i, (p, sp) in enumerate(zip(prompt_ids, params, strict=True))]
+                for i, (p, sp) in enumerate(zip(prompt_ids[:-1], params[:-1], strict=True))]
         steps = 0
         while engine.has_work():
             out = engine.schedule()
@@ -187,13 +187,17 @@ def test_decode_lookahead_changes_no_token_and_serves_most_steps(engine: LLMEngi
             steps += 1
             if steps == 6:
                 engine.abort(seqs[0].request_id)
+            if steps == 9:  # a newcomer while a step is in flight: it joins one step later
+                seqs.append(engine.add_request(f"{tag}-late", prompt_ids[-1], params[-1]))
         return [s.output_token_ids for s in seqs]
 
     lookahead = engine.runner.lookahead
     assert lookahead is not None  # a decode-side engine on CUDA has it
-    used_before = lookahead.used
+    lookahead.drop()  # an earlier test's last step launched one ahead: not this test's business
+    used_before, dropped_before = lookahead.used, lookahead.dropped
     with_lookahead = run("ahead")
     assert lookahead.used - used_before >= 10
+    assert lookahead.dropped == dropped_before  # every step launched ahead was the step the engine ran
     engine.runner.lookahead = None
     try:
         without = run("plain")

@@ -105,3 +105,46 @@ def test_scheduler_keeps_a_block_ready_for_the_lookahead_only_when_free() -> Non
         scheduler.postprocess(out, {"s": 5})
     # Position 7 is the last slot: the lookahead block is not free, and nobody is preempted for it.
     assert len(seq.block_table) == 2 and scheduler.get("o") is not None
+
+
+def test_schedule_restricted_to_the_launched_batch_defers_everyone_else_one_step() -> None:
+    config = SchedulerConfig(max_batch_tokens=64, max_num_seqs=4, block_size=BLOCK, max_model_len=64)
+    scheduler = Scheduler(config, BlockManager(16, BLOCK))
+    a, b = (Sequence(r, [1, 2, 3], SamplingParams(max_tokens=9, ignore_eos=True)) for r in "ab")
+    for seq in (a, b):
+        assert scheduler.reserve(seq)
+        scheduler.activate(seq.request_id, 4)
+    waiting = Sequence("w", [5, 6], SamplingParams(max_tokens=9, ignore_eos=True))
+    scheduler.add(waiting)
+    out = scheduler.schedule(decode_only=[a])
+    assert [c.seq.request_id for c in out.chunks] == ["a"]
+    assert scheduler.num_waiting == 1  # not admitted in a restricted step
+    scheduler.postprocess(out, {"a": 7})
+    out = scheduler.schedule()  # unrestricted: b decodes, w prefills, a decodes
+    assert sorted(c.seq.request_id for c in out.chunks) == ["a", "b", "w"]
+
+
+def test_engine_drops_a_launched_step_whose_sequences_are_all_gone_and_schedules_the_rest() -> None:
+    # The last step of a drained engine still launches one ahead; new work must not wait behind it.
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.random_models import PRESETS, build_random_model
+
+    preset = PRESETS["tiny"]
+    engine = LLMEngine(EngineConfig(device="cpu", dtype="float32", num_kv_blocks=32, max_num_seqs=4),
+                       model=(preset, build_random_model(preset, torch.float32, "cpu", seed=0)))
+    gone = Sequence("gone", [1, 2], SamplingParams(max_tokens=1))
+
+    class Pending:
+        dropped = 0
+
+        def pending_seqs(self) -> tuple | None:
+            return None if self.dropped else (gone,)
+
+        def drop(self) -> None:
+            self.dropped += 1
+
+    engine.runner.lookahead = Pending()
+    engine.add_request("new", [3, 4, 5], SamplingParams(max_tokens=2))
+    out = engine.schedule()
+    assert [c.seq.request_id for c in out.chunks] == ["new"] and engine.runner.lookahead.dropped == 1
