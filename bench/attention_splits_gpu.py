@@ -8,34 +8,34 @@ a graph captured at max_seq_len = --max-model-len.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import torch
 
 from bench.kernels_gpu import BLOCK, DTYPE, HEAD_DIM, HEADS, KV_HEADS, paged_batch
+from bench.linear_gpu import graph_ms
 
 LAYERS = 32
 
 
-def graph_us_per_call(calls: list, repeats: int = 10) -> float:
-    for call in calls:
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times) * 1e3 / len(calls)
+def time_point(batch: int, context: int, splits_list: list[int], max_model_len: int) -> str:
+    """One table row: µs per layer and KV GB/s for each split count at this batch × context."""
+    from kernels.triton_attention import choose_num_splits, paged_decode_attention
+
+    q, k_cache, v_cache, meta = paged_batch([(context - 1, 1)] * batch)
+    caches = [(k_cache, v_cache)] + [(torch.randn_like(k_cache), torch.randn_like(v_cache))
+                                     for _ in range(LAYERS - 1)]
+    kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * 2
+    scale = HEAD_DIM ** -0.5
+    cells = []
+    for splits in splits_list:
+        def call(i: int, s: int = splits) -> torch.Tensor:
+            return paged_decode_attention(q, caches[i][0], caches[i][1], meta, scale, num_splits=s)
+
+        us = graph_ms(call, copies=len(caches)) * 1e3
+        cells.append(f"s={splits}: {us:6.1f} us {kv_bytes / us / 1e3:5.0f} GB/s")
+    auto = choose_num_splits(batch, KV_HEADS, max_model_len, q.device)
+    return f"B={batch:<3d} ctx={context:<5d} auto s={auto:<3d} | " + " | ".join(cells)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,25 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench/attention_splits_gpu.py needs a CUDA device", file=sys.stderr)
         return 2
-    from kernels.triton_attention import choose_num_splits, paged_decode_attention
-
-    scale = HEAD_DIM ** -0.5
+    splits_list = [int(s) for s in args.splits.split(",")]
     for point in args.points.split(","):
         batch, context = map(int, point.split("x"))
-        q, k_cache, v_cache, meta = paged_batch([(context - 1, 1)] * batch)
-        caches = [(k_cache, v_cache)] + [(torch.randn_like(k_cache), torch.randn_like(v_cache))
-                                         for _ in range(LAYERS - 1)]
-        kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * 2
-        auto = choose_num_splits(batch, KV_HEADS, args.max_model_len, q.device)
-        cells = []
-        for splits in map(int, args.splits.split(",")):
-            calls = [lambda q=q, k=k, v=v, m=meta, s=splits: paged_decode_attention(q, k, v, m, scale,
-                                                                                    num_splits=s)
-                     for k, v in caches]
-            us = graph_us_per_call(calls)
-            cells.append(f"s={splits}: {us:6.1f} us {kv_bytes / us / 1e3:5.0f} GB/s")
-        print(f"B={batch:<3d} ctx={context:<5d} auto s={auto:<3d} | " + " | ".join(cells), flush=True)
-        del caches, k_cache, v_cache
+        print(time_point(batch, context, splits_list, args.max_model_len), flush=True)
         torch.cuda.empty_cache()
     print(f"(heads {HEADS}/{KV_HEADS}, head_dim {HEAD_DIM}, block {BLOCK}, {DTYPE})")
     return 0

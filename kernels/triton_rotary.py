@@ -26,6 +26,16 @@ def _rotate_heads(
 
 
 @triton.jit
+def _tables(cos_ptr, sin_ptr, token, stride_cos, stride_sin, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """One token's cos and sin rows [1, BLOCK_HALF] in fp32: read once, reused for every q and k head."""
+    offs_d = tl.arange(0, BLOCK_HALF)
+    d_mask = offs_d < HALF
+    cos = tl.load(cos_ptr + token * stride_cos + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + token * stride_sin + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    return cos, sin
+
+
+@triton.jit
 def _rotary_kernel(
     q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cos, stride_sin,
@@ -34,11 +44,7 @@ def _rotary_kernel(
     BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_HALF)
-    d_mask = offs_d < HALF
-    # cos/sin are read once per token and reused for every q and k head.
-    cos = tl.load(cos_ptr + token * stride_cos + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(sin_ptr + token * stride_sin + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    cos, sin = _tables(cos_ptr, sin_ptr, token, stride_cos, stride_sin, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr, q_out_ptr, token, cos, sin, stride_qt, stride_qh, stride_qot, stride_qoh,
                   NUM_Q_HEADS, HALF, BLOCK_QH, BLOCK_HALF)
     _rotate_heads(k_ptr, k_out_ptr, token, cos, sin, stride_kt, stride_kh, stride_kot, stride_koh,
@@ -56,10 +62,7 @@ def _rotary_store_kv_kernel(
     pdl_wait(USE_PDL)  # q, k, v come from the qkv projection just before (kernels/triton_pdl.py)
     pdl_release(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_HALF)
-    d_mask = offs_d < HALF
-    cos = tl.load(cos_ptr + token * stride_cos + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(sin_ptr + token * stride_sin + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    cos, sin = _tables(cos_ptr, sin_ptr, token, stride_cos, stride_sin, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr, q_out_ptr, token, cos, sin, stride_qt, stride_qh, stride_qot, stride_qoh,
                   NUM_Q_HEADS, HALF, BLOCK_QH, BLOCK_HALF)
     slot = tl.load(slot_ptr + token).to(tl.int64)
