@@ -1,13 +1,13 @@
 """Triton paged attention: split-K flash-decoding for decode rows, varlen causal prefill for chunks."""
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_attention_config import choose_num_splits, decode_config, prefill_config
 from kernels.triton_pdl import pdl_launch, pdl_release, pdl_wait
 
 if TYPE_CHECKING:
@@ -17,8 +17,6 @@ _LOG2E = 1.4426950408889634
 # Finite "minus infinity" for running maxima: exp2(NEG_BIG - m) is 0, without the NaN of (-inf) - (-inf).
 _NEG_BIG = tl.constexpr(-1.0e30)
 # Split-K only pays when each split still streams a few tiles of KV.
-_MIN_TOKENS_PER_SPLIT = 64
-_MAX_SPLITS = 32
 
 
 @triton.jit
@@ -219,39 +217,6 @@ def _prefill_kernel(
         tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8  # interpreter: any small number; it only shapes the split heuristic
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
-    """KV splits per (sequence, KV head): enough programs for ~2 waves on the GPU, >= 256 tokens per split."""
-    programs = num_seqs * num_kv_heads
-    wanted = -(-2 * _num_sms(device) // max(programs, 1))
-    by_length = max(max_seq_len // _MIN_TOKENS_PER_SPLIT, 1)
-    return max(1, min(wanted, by_length, _MAX_SPLITS))
-
-
-def _decode_config(head_dim: int, interpreted: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) of the decode kernel (H100 sweep: within 2% of the best at 8B)."""
-    if interpreted:
-        return 16, 1, 1  # the interpreter's cost grows with tile size
-    return (64, 4, 3) if head_dim <= 128 else (32, 4, 2)
-
-
-def _prefill_config(head_dim: int, max_query_len: int, interpreted: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the prefill kernel (H100 sweep: 64/64/4/3 led, D=128)."""
-    if interpreted:
-        return 16, 16, 1, 1
-    # Short chunks (speculative verification, small tails) get short row tiles instead of padding to 64.
-    rows = max(16, triton.next_power_of_2(max_query_len))
-    if head_dim <= 128:
-        return min(64, rows), 64, 4, 3
-    return min(32, rows), 32, 4, 2
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 caches (CPU-parity tests) must not silently drop to tf32; bf16/fp16 ignore this.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -278,7 +243,7 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         num_splits = choose_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, q.device)
     block_d = triton.next_power_of_2(head_dim)
     interpreted = q.device.type == "cpu"
-    block_n, warps, stages = _decode_config(head_dim, interpreted)
+    block_n, warps, stages = decode_config(head_dim, interpreted)
     if num_splits > 1:
         part_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32,
                                device=q.device)
@@ -307,7 +272,7 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 def _launch_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                     scale: float, out: torch.Tensor, skip_single_rows: bool) -> None:
     _, num_heads, head_dim = q.shape
-    block_m, block_n, warps, stages = _prefill_config(head_dim, meta.max_query_len, q.device.type == "cpu")
+    block_m, block_n, warps, stages = prefill_config(head_dim, meta.max_query_len, q.device.type == "cpu")
     grid = (triton.cdiv(meta.max_query_len, block_m), meta.seq_lens.shape[0], num_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out,

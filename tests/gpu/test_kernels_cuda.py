@@ -294,3 +294,33 @@ def test_two_pass_argmax_equals_argmax_on_a_llama3_vocabulary() -> None:
     gen = torch.Generator(device=DEV).manual_seed(2)
     logits = torch.randint(0, 50, (4, 128256), generator=gen, device=DEV).float()  # ties everywhere
     assert torch.equal(argmax_rows(logits), logits.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("context", [63, 64, 65, 511, 512, 4095])
+def test_bs1_decode_after_the_fused_kv_store_sees_the_newest_key_under_pdl(context: int) -> None:
+    # bs1: both kernels launch with PDL and attention streams its older KV before waiting for the store.
+    # The newest position (written by the store just before) must still be what attention reads.
+    from kernels.triton_rotary import rotary_store_kv_triton
+
+    q, k_cache, v_cache, meta = paged_batch([(context, 1)], seed=context)
+    gen = torch.Generator(device=DEV).manual_seed(context)
+    heads = torch.randn(1, HEADS + 2 * KV_HEADS, HEAD_DIM, generator=gen, device=DEV, dtype=BF16)
+    qh, k, v = heads.split_with_sizes([HEADS, KV_HEADS, KV_HEADS], dim=1)
+    angles = torch.rand(1, HEAD_DIM // 2, generator=gen, device=DEV) * 4096
+    cos, sin = angles.cos().to(BF16), angles.sin().to(BF16)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+
+    def step() -> torch.Tensor:
+        rq = rotary_store_kv_triton(qh, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping)
+        return paged_attention_triton(rq, k_cache, v_cache, meta, HEAD_DIM ** -0.5)
+
+    step()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    from kernels.rotary import rotary_store_kv_ref
+
+    rq = rotary_store_kv_ref(qh, k, v, cos, sin, ref_k, ref_v, meta.slot_mapping)
+    assert_attention_close(got, rq, ref_k, ref_v, meta)
