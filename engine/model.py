@@ -12,7 +12,7 @@ from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 from engine.rope import RotaryEmbedding
 from kernels.attention import paged_attention
-from kernels.linear import Linear, SiluMulLinear, linear
+from kernels.linear import Linear, SiluMulLinear, linear, rms_norm_linear
 from kernels.rmsnorm import rms_norm
 from kernels.rotary import rotary_store_kv
 
@@ -33,6 +33,18 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps, residual)
 
 
+def norm_linear(norm: RMSNorm, proj: nn.Module, x: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(proj(norm(x + residual)), x + residual), one kernel for a CUDA decode row (kernels.linear's
+    rms_norm_linear); a projection a layout transform replaced (CPU column blocks) runs after the norm."""
+    if type(proj) is Linear:
+        return rms_norm_linear(x, residual, norm.weight, norm.eps, proj.weight)
+    if residual is None:
+        return proj(norm(x)), x
+    h, residual = norm(x, residual)
+    return proj(h), residual
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
@@ -47,11 +59,12 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(self.q_size, config.hidden_size)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata, kv: KVCache,
+        self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata, kv: KVCache,
         layer_hook: LayerHook | None,
     ) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        heads = self.qkv_proj(x).view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        """qkv: this module's qkv_proj output (the layer runs the projection together with its norm)."""
+        num_tokens = qkv.shape[0]
+        heads = qkv.view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         # split_with_sizes, not Tensor.split: the latter is a Python wrapper (decode on CPU pays per call).
         q, k, v = heads.split_with_sizes([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         k_cache, v_cache = kv.k[self.layer_index], kv.v[self.layer_index]
@@ -71,8 +84,9 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size)
         self.down_proj = SiluMulLinear(config.intermediate_size, config.hidden_size)  # takes gate_up
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj(x))  # silu(gate) · up, then the down projection
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up: this module's gate_up_proj output (the layer runs the projection with its norm)."""
+        return self.down_proj(gate_up)  # silu(gate) · up, then the down projection
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -87,14 +101,11 @@ class LlamaDecoderLayer(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
         meta: AttentionMetadata, kv: KVCache, layer_hook: LayerHook | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # The residual add rides along with the next norm (one pass over the activations).
-        if residual is None:
-            residual, h = x, self.input_layernorm(x)
-        else:
-            h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, cos, sin, meta, kv, layer_hook)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        # The residual add rides along with the next norm, and the norm with the projection after it.
+        qkv, residual = norm_linear(self.input_layernorm, self.self_attn.qkv_proj, x, residual)
+        h = self.self_attn(qkv, cos, sin, meta, kv, layer_hook)
+        gate_up, residual = norm_linear(self.post_attention_layernorm, self.mlp.gate_up_proj, h, residual)
+        return self.mlp(gate_up), residual
 
 
 class LlamaModel(nn.Module):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import dispatch
+from kernels.rmsnorm import rms_norm_ref
 
 
 @dispatch.register("linear", dispatch.TORCH)
@@ -68,3 +69,24 @@ class SiluMulLinear(Linear):
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         return silu_mul_linear(gate_up, self.weight)
+
+
+@dispatch.register("rms_norm_linear", dispatch.TORCH)
+def rms_norm_linear_ref(
+    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+    weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual) · weightᵀ, x + residual); no residual (the first layer): x is the residual."""
+    if residual is None:
+        return F.linear(rms_norm_ref(x, norm_weight, eps), weight), x
+    h, new_residual = rms_norm_ref(x, norm_weight, eps, residual)
+    return F.linear(h, weight), new_residual
+
+
+def rms_norm_linear(
+    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+    weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if not x.is_cuda:
+        return rms_norm_linear_ref(x, residual, norm_weight, eps, weight)
+    return dispatch.lookup("rms_norm_linear", x.device)(x, residual, norm_weight, eps, weight)

@@ -324,3 +324,21 @@ def test_bs1_decode_after_the_fused_kv_store_sees_the_newest_key_under_pdl(conte
 
     rq = rotary_store_kv_ref(qh, k, v, cos, sin, ref_k, ref_v, meta.slot_mapping)
     assert_attention_close(got, rq, ref_k, ref_v, meta)
+
+
+@pytest.mark.parametrize("n", [6144, 28672])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_fused_into_the_gemv_matches_norm_then_linear(n: int, with_residual: bool) -> None:
+    from kernels.linear import rms_norm_linear_ref
+    from kernels.triton_norm_linear import norm_linear_supported, rms_norm_linear_triton
+
+    gen = torch.Generator(device=DEV).manual_seed(n)
+    x = torch.randn(1, HIDDEN, generator=gen, device=DEV, dtype=BF16)
+    residual = torch.randn(1, HIDDEN, generator=gen, device=DEV, dtype=BF16) if with_residual else None
+    norm_weight = torch.randn(HIDDEN, generator=gen, device=DEV, dtype=BF16)
+    weight = torch.randn(n, HIDDEN, generator=gen, device=DEV, dtype=BF16) * 0.02
+    assert norm_linear_supported(x, norm_weight, weight, residual)
+    got, got_res = rms_norm_linear_triton(x, residual, norm_weight, 1e-5, weight)
+    ref, ref_res = rms_norm_linear_ref(x, residual, norm_weight, 1e-5, weight)
+    torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(got_res, ref_res)
