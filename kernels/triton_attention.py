@@ -94,11 +94,12 @@ def _decode_kernel(
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
-    g_mask = offs_g < GROUP
     d_mask = offs_d < HEAD_DIM
     heads = kv_head * GROUP + offs_g
+    # A split past the end (short context, many splits) reads and writes nothing: the reduce skips it too.
+    busy = offs_g < tl.where(start < seq_len, GROUP, 0)  # a bound, not a scalar mask (the interpreter)
     q = tl.load(q_ptr + row.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+                mask=busy[:, None] & d_mask[None, :], other=0.0)
     block_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
 
     m_i = tl.full([BLOCK_G], _NEG_BIG, tl.float32)
@@ -124,16 +125,16 @@ def _decode_kernel(
         # Partials [B, Hq, NUM_SPLITS, D] (unnormalized acc) and [B, Hq, NUM_SPLITS, 2] (running max, sum).
         part = (seq.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS + split
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
-                 mask=g_mask[:, None] & d_mask[None, :])
-        tl.store(part_ml_ptr + part * 2, m_i, mask=g_mask)
-        tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=g_mask)
+                 mask=busy[:, None] & d_mask[None, :])
+        tl.store(part_ml_ptr + part * 2, m_i, mask=busy)
+        tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=busy)
 
 
 @triton.jit
 def _decode_reduce_kernel(
-    part_acc_ptr, part_ml_ptr, query_start_ptr, out_ptr, stride_ot, stride_oh,
+    part_acc_ptr, part_ml_ptr, query_start_ptr, seq_lens_ptr, out_ptr, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-    MIXED: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, MIXED: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Merge the split partials of one (sequence, query head) with log-sum-exp weights."""
     pdl_wait(USE_PDL)
@@ -145,9 +146,13 @@ def _decode_reduce_kernel(
     if MIXED:
         live_dims = tl.where(tl.load(query_start_ptr + seq + 1) - row == 1, HEAD_DIM, 0)
     row0 = (seq * tl.num_programs(1) + head) * NUM_SPLITS
+    # Only the splits the decode kernel wrote (its bounds, from the same seq_len): none for an empty sequence.
+    seq_len = tl.load(seq_lens_ptr + seq)
+    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    live = tl.where(live_dims > 0, tl.cdiv(seq_len, tl.maximum(per_split, 1)), 0)  # MIXED: prefill rows none
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < NUM_SPLITS
+    s_mask = offs_s < live
     m = tl.load(part_ml_ptr + (row0 + offs_s) * 2, mask=s_mask, other=_NEG_BIG)
     sums = tl.load(part_ml_ptr + (row0 + offs_s) * 2 + 1, mask=s_mask, other=0.0)
     acc = tl.load(part_acc_ptr + (row0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
@@ -262,9 +267,10 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
-            part_acc, part_ml, meta.query_start_loc, out, out.stride(0), out.stride(1),
+            part_acc, part_ml, meta.query_start_loc, meta.seq_lens, out, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits), MIXED=mixed, num_warps=1 if interpreted else 4,
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_N=block_n, MIXED=mixed,
+            num_warps=1 if interpreted else 4,
             **pdl_launch(q.device, allowed=num_seqs == 1),
         )
 
