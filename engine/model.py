@@ -14,7 +14,7 @@ from engine.rope import RotaryEmbedding
 from kernels.attention import paged_attention
 from kernels.linear import Linear, SiluMulLinear, linear, rms_norm_linear
 from kernels.rmsnorm import rms_norm
-from kernels.rotary import rotary_store_kv
+from kernels.rotary import rms_norm_qkv_rotary_store, rotary_store_kv
 
 LayerHook = Callable[[int], None]
 
@@ -59,22 +59,28 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(self.q_size, config.hidden_size)
 
     def forward(
-        self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata, kv: KVCache,
-        layer_hook: LayerHook | None,
-    ) -> torch.Tensor:
-        """qkv: this module's qkv_proj output (the layer runs the projection together with its norm)."""
-        num_tokens = qkv.shape[0]
-        heads = qkv.view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        # split_with_sizes, not Tensor.split: the latter is a Python wrapper (decode on CPU pays per call).
-        q, k, v = heads.split_with_sizes([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+        self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, cos: torch.Tensor,
+        sin: torch.Tensor, meta: AttentionMetadata, kv: KVCache, layer_hook: LayerHook | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention output, x + residual) for the layer input x and its norm."""
+        num_tokens = x.shape[0]
         k_cache, v_cache = kv.k[self.layer_index], kv.v[self.layer_index]
-        # Rotates q and k, stores k and v in the cache (one kernel on CUDA); attention reads keys from there.
-        q = rotary_store_kv(q, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping)
+        if type(self.qkv_proj) is Linear:
+            # Norm, qkv projection, rotary, KV store: one op (one kernel for a CUDA decode row).
+            q, residual = rms_norm_qkv_rotary_store(
+                x, residual, norm.weight, norm.eps, self.qkv_proj.weight, cos, sin, k_cache, v_cache,
+                meta.slot_mapping, self.num_heads)
+        else:  # a layout transform replaced the projection (CPU column blocks): call it as a module
+            qkv, residual = norm_linear(norm, self.qkv_proj, x, residual)
+            heads = qkv.view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+            # split_with_sizes, not Tensor.split: the latter is a Python wrapper (CPU decode pays per call).
+            q, k, v = heads.split_with_sizes([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+            q = rotary_store_kv(q, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping)
         if layer_hook is not None:
             # This layer's KV for the step is in the cache: the prefill side can start shipping it now.
             layer_hook(self.layer_index)
         out = paged_attention(q, k_cache, v_cache, meta, self.scale)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return self.o_proj(out.reshape(num_tokens, self.q_size)), residual
 
 
 class LlamaMLP(nn.Module):
@@ -102,8 +108,7 @@ class LlamaDecoderLayer(nn.Module):
         meta: AttentionMetadata, kv: KVCache, layer_hook: LayerHook | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # The residual add rides along with the next norm, and the norm with the projection after it.
-        qkv, residual = norm_linear(self.input_layernorm, self.self_attn.qkv_proj, x, residual)
-        h = self.self_attn(qkv, cos, sin, meta, kv, layer_hook)
+        h, residual = self.self_attn(x, residual, self.input_layernorm, cos, sin, meta, kv, layer_hook)
         gate_up, residual = norm_linear(self.post_attention_layernorm, self.mlp.gate_up_proj, h, residual)
         return self.mlp(gate_up), residual
 

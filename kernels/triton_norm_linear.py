@@ -108,3 +108,113 @@ def rms_norm_linear_triton(
         return linear_triton(rms_norm_triton(x, norm_weight, eps), weight), x
     h, new_residual = rms_norm_triton(x, norm_weight, eps, residual)
     return linear_triton(h, weight), new_residual
+
+
+@triton.jit
+def _norm_qkv_rope_kernel(
+    x_ptr, res_ptr, norm_w_ptr, w_ptr, q_out_ptr, res_out_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr,
+    slot_ptr, K, stride_wn, eps, stride_kc_slot, stride_kc_h, stride_vc_slot, stride_vc_h,
+    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_RES: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """The qkv projection of one decode row with its RMSNorm before and rotary + KV store after.
+
+    A program owns output columns (j, j+1, j+D/2, j+D/2+1) of one head: both halves of the rotary pairs it
+    needs. q columns leave rotated, k columns go rotated into the cache slot, v columns as they are.
+    """
+    HALF: tl.constexpr = HEAD_DIM // 2
+    pid = tl.program_id(0)
+    head = pid // (HALF // 2)
+    j = (pid % (HALF // 2)) * 2
+    a = tl.arange(0, 4)
+    col = j + (a % 2) + (a // 2) * HALF  # [j, j+1, j+HALF, j+HALF+1]
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + (head * HEAD_DIM + col)[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    w = tl.load(w_ptrs)
+    pdl_release(USE_PDL)
+    pdl_wait(USE_PDL)
+    writer = offs_k < tl.where(pid == 0, BLOCK_K, 0)
+    squares = tl.zeros([BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        s = _summed(x_ptr, res_ptr, k0 + offs_k, HAS_RES)
+        if HAS_RES:
+            tl.store(res_out_ptr + k0 + offs_k, s, mask=writer)
+        squares += s.to(tl.float32) * s.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
+    acc = tl.zeros([4, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if k0 > 0:
+            w_ptrs += BLOCK_K
+            w = tl.load(w_ptrs)
+        s = _summed(x_ptr, res_ptr, k0 + offs_k, HAS_RES)
+        normed = (s.to(tl.float32) * rstd).to(s.dtype).to(tl.float32)
+        h = (normed * tl.load(norm_w_ptr + k0 + offs_k).to(tl.float32)).to(s.dtype)
+        acc += w.to(tl.float32) * h.to(tl.float32)[None, :]
+    # The projection's output is rounded to the activation dtype, as the unfused path stores it.
+    out = tl.sum(acc, axis=1).to(w.dtype).to(tl.float32)
+    x1, x2 = tl.split(tl.permute(tl.reshape(out, (2, 2)), (1, 0)))  # first-half pair, second-half pair
+    pair = j + tl.arange(0, 2)
+    cos = tl.load(cos_ptr + pair).to(tl.float32)
+    sin = tl.load(sin_ptr + pair).to(tl.float32)
+    rotated = tl.reshape(tl.permute(tl.join(x1 * cos - x2 * sin, x2 * cos + x1 * sin), (1, 0)), (4,))
+    slot = tl.load(slot_ptr).to(tl.int64)
+    if head < NUM_Q_HEADS:
+        tl.store(q_out_ptr + head * HEAD_DIM + col, rotated.to(q_out_ptr.dtype.element_ty))
+    elif slot >= 0:  # a negative slot is a padding row: it stores no KV
+        if head < NUM_Q_HEADS + NUM_KV_HEADS:
+            dst = k_cache_ptr + slot * stride_kc_slot + (head - NUM_Q_HEADS) * stride_kc_h + col
+            tl.store(dst, rotated.to(k_cache_ptr.dtype.element_ty))
+        else:
+            v_head = head - NUM_Q_HEADS - NUM_KV_HEADS
+            tl.store(v_cache_ptr + slot * stride_vc_slot + v_head * stride_vc_h + col,
+                     out.to(v_cache_ptr.dtype.element_ty))
+
+
+def norm_qkv_rope_supported(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor,
+                            residual: torch.Tensor | None, head_dim: int, block_k: int = _BLOCK_K) -> bool:
+    """norm_linear_supported, and heads whose halves split into column pairs."""
+    return (norm_linear_supported(x, norm_weight, weight, residual, block_k) and head_dim % 4 == 0
+            and weight.shape[0] % head_dim == 0)
+
+
+def fused_rms_norm_qkv_rotary_store(
+    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+    weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor, num_heads: int, block_k: int = _BLOCK_K,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode row: (rotated q [1, Hq, D], x + residual); rotated k and v written to slot_mapping[0]."""
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    if not all(t.is_contiguous() for t in (k_cache, v_cache, cos, sin)):
+        raise ValueError("rms_norm_qkv_rotary_store: caches and rope tables must be contiguous")
+    q = torch.empty((1, num_heads, head_dim), dtype=x.dtype, device=x.device)
+    new_residual = torch.empty_like(x) if residual is not None else x
+    grid = ((num_heads + 2 * num_kv_heads) * head_dim // 4,)
+    _norm_qkv_rope_kernel[grid](
+        x, residual if residual is not None else x, norm_weight, weight, q, new_residual, cos, sin, k_cache,
+        v_cache, slot_mapping, x.shape[-1], weight.stride(0), eps, k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(1), v_cache.stride(2), NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim, HAS_RES=residual is not None, BLOCK_K=block_k,
+        num_warps=_NUM_WARPS if x.is_cuda else 1, **pdl_launch(x.device),
+    )
+    return q, new_residual
+
+
+def rms_norm_qkv_rotary_store_triton(
+    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+    weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor, num_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """rms_norm_qkv_rotary_store_ref's contract: one kernel for one decode row; otherwise the norm + GEMM
+    path, then the fused rotary + KV store kernel."""
+    head_dim = k_cache.shape[3]
+    if (x.numel() == x.shape[-1] and slot_mapping.numel() == 1
+            and norm_qkv_rope_supported(x, norm_weight, weight, residual, head_dim)):
+        return fused_rms_norm_qkv_rotary_store(x, residual, norm_weight, eps, weight, cos, sin, k_cache,
+                                               v_cache, slot_mapping, num_heads)
+    from kernels.triton_rotary import rotary_store_kv_triton
+
+    qkv, new_residual = rms_norm_linear_triton(x, residual, norm_weight, eps, weight)
+    num_kv_heads = k_cache.shape[2]
+    heads = qkv.view(qkv.shape[0], num_heads + 2 * num_kv_heads, head_dim)
+    q, k, v = heads.split_with_sizes([num_heads, num_kv_heads, num_kv_heads], dim=1)
+    return rotary_store_kv_triton(q, k, v, cos, sin, k_cache, v_cache, slot_mapping), new_residual
