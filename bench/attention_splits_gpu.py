@@ -43,15 +43,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points", default="1x512,1x4096,16x512,16x4096,64x512")
     parser.add_argument("--splits", default="1,2,4,8,16,32")
     parser.add_argument("--max-model-len", type=int, default=8192)
+    parser.add_argument("--configs", default="",
+                        help="decode tiles to compare: BLOCK_NxWARPSxSTAGES,... (default: the tuned one)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/attention_splits_gpu.py needs a CUDA device", file=sys.stderr)
         return 2
     splits_list = [int(s) for s in args.splits.split(",")]
-    for point in args.points.split(","):
-        batch, context = map(int, point.split("x"))
-        print(time_point(batch, context, splits_list, args.max_model_len), flush=True)
-        torch.cuda.empty_cache()
+    import kernels.triton_attention as attention
+
+    tuned = attention.decode_config
+    for config in args.configs.split(",") if args.configs else [""]:
+        if config:
+            block_n, warps, stages = map(int, config.split("x"))
+            attention.decode_config = lambda head_dim, interpreted, c=(block_n, warps, stages): c
+            print(f"decode tiles BLOCK_N={block_n} warps={warps} stages={stages}")
+        for point in args.points.split(","):
+            batch, context = map(int, point.split("x"))
+            print(time_point(batch, context, splits_list, args.max_model_len), flush=True)
+            torch.cuda.empty_cache()
+    attention.decode_config = tuned
     print(f"(heads {HEADS}/{KV_HEADS}, head_dim {HEAD_DIM}, block {BLOCK}, {DTYPE})")
     return 0
 

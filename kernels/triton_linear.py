@@ -34,6 +34,16 @@ class SkinnyConfig:
 
 
 @triton.jit
+def weight_tile(w_ptrs, n_mask, EVEN_N: tl.constexpr):
+    """A [BLOCK_N, BLOCK_K] weight tile; rows past N (a ragged last block) read as zeros."""
+    if EVEN_N:
+        w = tl.load(w_ptrs)
+    else:
+        w = tl.load(w_ptrs, mask=n_mask, other=0.0)
+    return w
+
+
+@triton.jit
 def _accumulate(acc, w, x_ptrs, m_mask, K, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 SILU_MUL: tl.constexpr):
     """acc += this K tile's products: w [BLOCK_N, BLOCK_K] against the x tile at x_ptrs."""
@@ -74,20 +84,14 @@ def _skinny_gemm_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     # The first weight tile is loaded before waiting for the kernel before this one (weights never change),
     # so under PDL it streams in while that kernel drains; the other tiles follow in the plain loop.
-    if EVEN_N:
-        w = tl.load(w_ptrs)
-    else:
-        w = tl.load(w_ptrs, mask=n_mask, other=0.0)
+    w = weight_tile(w_ptrs, n_mask, EVEN_N)
     pdl_release(USE_PDL)
     pdl_wait(USE_PDL)
     acc = _accumulate(acc, w, x_ptrs, m_mask, K, USE_DOT, DOT_PRECISION, SILU_MUL)
     for _ in range(BLOCK_K, k_per_split, BLOCK_K):
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-        if EVEN_N:
-            w = tl.load(w_ptrs)
-        else:
-            w = tl.load(w_ptrs, mask=n_mask, other=0.0)
+        w = weight_tile(w_ptrs, n_mask, EVEN_N)
         acc = _accumulate(acc, w, x_ptrs, m_mask, K, USE_DOT, DOT_PRECISION, SILU_MUL)
     if not USE_DOT:
         acc = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_linear import weight_tile
 from kernels.triton_pdl import pdl_launch, pdl_release, pdl_wait
 
 _BLOCK_N, _BLOCK_K, _NUM_WARPS = 4, 2048, 8  # the one-row skinny GEMM's tuned tile (kernels/triton_linear.py)
@@ -26,6 +27,29 @@ def _summed(x_ptr, res_ptr, offs, HAS_RES: tl.constexpr):
 
 
 @triton.jit
+def _row_rstd(x_ptr, res_ptr, res_out_ptr, K, eps, pid, offs_k, HAS_RES: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """Pass 1: 1/rms of the whole (summed) row, which every program needs; program 0 writes the summed row
+    as the new residual."""
+    writer = offs_k < tl.where(pid == 0, BLOCK_K, 0)  # a block mask (the interpreter rejects scalar ones)
+    squares = tl.zeros([BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        s = _summed(x_ptr, res_ptr, k0 + offs_k, HAS_RES)
+        if HAS_RES:
+            tl.store(res_out_ptr + k0 + offs_k, s, mask=writer)
+        squares += s.to(tl.float32) * s.to(tl.float32)
+    return 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
+
+
+@triton.jit
+def _normed(x_ptr, res_ptr, norm_w_ptr, offs, rstd, HAS_RES: tl.constexpr):
+    """Pass 2's input tile, rounded as rms_norm_ref: (s · rstd) → dtype, · norm weight → dtype, as fp32."""
+    s = _summed(x_ptr, res_ptr, offs, HAS_RES)
+    normed = (s.to(tl.float32) * rstd).to(s.dtype).to(tl.float32)
+    return (normed * tl.load(norm_w_ptr + offs).to(tl.float32)).to(s.dtype).to(tl.float32)
+
+
+@triton.jit
 def _norm_gemv_kernel(
     x_ptr, res_ptr, norm_w_ptr, w_ptr, out_ptr, res_out_ptr, N, K, stride_wn, eps,
     HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
@@ -36,34 +60,16 @@ def _norm_gemv_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n[:, None] < N
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-    if EVEN_N:
-        w = tl.load(w_ptrs)
-    else:
-        w = tl.load(w_ptrs, mask=n_mask, other=0.0)
+    w = weight_tile(w_ptrs, n_mask, EVEN_N)
     pdl_release(USE_PDL)
     pdl_wait(USE_PDL)
-    # Pass 1: the mean square of the whole (summed) row; program 0 writes that row as the new residual.
-    writer = offs_k < tl.where(pid == 0, BLOCK_K, 0)  # a block mask (the interpreter rejects scalar ones)
-    squares = tl.zeros([BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        s = _summed(x_ptr, res_ptr, k0 + offs_k, HAS_RES)
-        if HAS_RES:
-            tl.store(res_out_ptr + k0 + offs_k, s, mask=writer)
-        squares += s.to(tl.float32) * s.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
-    # Pass 2: the GEMV over the normalized row, rounded as rms_norm_ref: (s · rstd) → dtype, · weight → dtype.
+    rstd = _row_rstd(x_ptr, res_ptr, res_out_ptr, K, eps, pid, offs_k, HAS_RES, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if k0 > 0:
             w_ptrs += BLOCK_K
-            if EVEN_N:
-                w = tl.load(w_ptrs)
-            else:
-                w = tl.load(w_ptrs, mask=n_mask, other=0.0)
-        s = _summed(x_ptr, res_ptr, k0 + offs_k, HAS_RES)
-        normed = (s.to(tl.float32) * rstd).to(s.dtype).to(tl.float32)
-        h = (normed * tl.load(norm_w_ptr + k0 + offs_k).to(tl.float32)).to(s.dtype)
-        acc += w.to(tl.float32) * h.to(tl.float32)[None, :]
+            w = weight_tile(w_ptrs, n_mask, EVEN_N)
+        acc += w.to(tl.float32) * _normed(x_ptr, res_ptr, norm_w_ptr, k0 + offs_k, rstd, HAS_RES)[None, :]
     out = tl.sum(acc, axis=1)
     tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
@@ -133,23 +139,13 @@ def _norm_qkv_rope_kernel(
     w = tl.load(w_ptrs)
     pdl_release(USE_PDL)
     pdl_wait(USE_PDL)
-    writer = offs_k < tl.where(pid == 0, BLOCK_K, 0)
-    squares = tl.zeros([BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        s = _summed(x_ptr, res_ptr, k0 + offs_k, HAS_RES)
-        if HAS_RES:
-            tl.store(res_out_ptr + k0 + offs_k, s, mask=writer)
-        squares += s.to(tl.float32) * s.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
+    rstd = _row_rstd(x_ptr, res_ptr, res_out_ptr, K, eps, pid, offs_k, HAS_RES, BLOCK_K)
     acc = tl.zeros([4, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if k0 > 0:
             w_ptrs += BLOCK_K
             w = tl.load(w_ptrs)
-        s = _summed(x_ptr, res_ptr, k0 + offs_k, HAS_RES)
-        normed = (s.to(tl.float32) * rstd).to(s.dtype).to(tl.float32)
-        h = (normed * tl.load(norm_w_ptr + k0 + offs_k).to(tl.float32)).to(s.dtype)
-        acc += w.to(tl.float32) * h.to(tl.float32)[None, :]
+        acc += w.to(tl.float32) * _normed(x_ptr, res_ptr, norm_w_ptr, k0 + offs_k, rstd, HAS_RES)[None, :]
     # The projection's output is rounded to the activation dtype, as the unfused path stores it.
     out = tl.sum(acc, axis=1).to(w.dtype).to(tl.float32)
     x1, x2 = tl.split(tl.permute(tl.reshape(out, (2, 2)), (1, 0)))  # first-half pair, second-half pair
