@@ -29,7 +29,6 @@ from engine.config import EngineConfig, ModelConfig
 from engine.kv_cache import KVCache
 from engine.llm_engine import LLMEngine
 from engine.model import LlamaModel
-from engine.model_files import ModelPathError, embedded_model_path
 from engine.random_models import PRESETS, build_random_model
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
@@ -37,9 +36,6 @@ from engine.sequence import Sequence
 LLAMA3_8B = PRESETS["llama-3-8b"]
 BF16 = torch.bfloat16
 GiB = 1 << 30
-# SmolLM2 token ids: the start of a story (bench/decode_cpu.py's prompt).
-SMOL_PROMPT = [6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 418, 260, 5595, 282, 253, 1109, 3150, 28, 665,
-               4161, 354]
 
 
 def median_event_ms(fn, repeats: int, warmup: int = 3) -> float:
@@ -231,32 +227,6 @@ def hf_decode_ms(hf, batch: int, context: int, steps: int) -> float:
     return median_event_ms(step, repeats=steps, warmup=2)
 
 
-def smollm2_tok_s(new_tokens: int = 128) -> dict:
-    """Decode tok/s of SmolLM2-135M at bs1, graphed and eager. The embedded GGUF (98 MB) does not fit the
-    GPU machine's 64 MB upload; without it the same shape with random bf16 weights runs, and says so."""
-    config = EngineConfig(device="cuda", dtype="bfloat16", num_kv_blocks=64, max_num_seqs=1)
-    try:
-        embedded_model_path()
-        engine, weights = LLMEngine(config), "embedded GGUF"
-    except ModelPathError:
-        preset = PRESETS["smollm2-135m"]
-        engine = LLMEngine(config, model=(preset, build_random_model(preset, BF16, "cuda", seed=0, std=0.02)))
-        weights = "random bf16 weights (embedded GGUF not installed here)"
-    result: dict = {"weights": weights}
-    for label, graphs in (("graphed", True), ("eager", False)):
-        engine.runner.use_graphs = graphs
-        seq = engine.add_request(f"smol-{label}", SMOL_PROMPT,
-                                 SamplingParams(max_tokens=new_tokens, ignore_eos=True))
-        engine.step()  # prefill + first token
-        t0 = time.perf_counter()
-        while engine.has_work():
-            engine.step()
-        result[f"{label}_tok_s"] = (seq.num_output_tokens - 1) / (time.perf_counter() - t0)
-        result[f"{label}_tokens"] = seq.output_token_ids
-    result["graphed_equals_eager_tokens"] = result.pop("graphed_tokens") == result.pop("eager_tokens")
-    return result
-
-
 def save(results: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1) + "\n")
@@ -393,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         section(results, "hf", bench_hf, model, args, results, out_path)
     del model
     if not args.skip_smollm2:
+        from bench._decode_gpu_smollm2 import smollm2_tok_s
+
         section(results, "smollm2", lambda: results.__setitem__("smollm2_135m_bf16_bs1", smollm2_tok_s()))
         print(f"SmolLM2-135M: {results.get('smollm2_135m_bf16_bs1')}", flush=True)
     save(results, out_path)
