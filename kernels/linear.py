@@ -1,8 +1,8 @@
-"""Bias-free linear layers `linear(x, weight)` (y = x Wᵀ) and the MLP's gate activation `silu_mul(gate_up)`.
+"""Bias-free linear layers `linear(x, weight)` (y = x Wᵀ), alone or fused with what runs next to them.
 
 On CUDA a decode step's linears are skinny (a few rows against a large weight): they are bound by reading the
 weight once, and the Triton skinny GEMM (kernels/triton_linear.py) streams it faster than cuBLAS does at those
-shapes. Larger row counts go to cuBLAS. Off CUDA both ops run their torch references.
+shapes. Larger row counts go to cuBLAS. Off CUDA every op here runs its torch reference.
 """
 from __future__ import annotations
 
@@ -41,12 +41,6 @@ def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [T, 2I] (gate then up, as the fused projection writes them) → silu(gate) · up [T, I]."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate).mul_(up)
-
-
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    if not gate_up.is_cuda:
-        return silu_mul_ref(gate_up)
-    return dispatch.lookup("silu_mul", gate_up.device)(gate_up)
 
 
 @dispatch.register("silu_mul_linear", dispatch.TORCH)
