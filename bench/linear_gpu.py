@@ -63,7 +63,7 @@ def candidate_configs(rows: int):
             if bn * bk <= 16384:
                 yield SkinnyConfig(bn, bk, warps, 1)  # stages: no effect without tl.dot (measured)
     else:
-        for bn, bk, stages in itertools.product((16, 32, 64), (128, 256, 512), (3, 4, 5)):
+        for bn, bk, stages in itertools.product((32, 64, 128), (128, 256), (3, 4, 5, 6)):
             yield SkinnyConfig(bn, bk, 4, stages)  # split-K never won in a first, wider sweep
 
 

@@ -5,9 +5,14 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_pdl import pdl_launch, pdl_release, pdl_wait
+
 
 @triton.jit
-def _silu_mul_kernel(gate_up_ptr, out_ptr, inter, stride_gt, stride_ot, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gate_up_ptr, out_ptr, inter, stride_gt, stride_ot, BLOCK: tl.constexpr,
+                     USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)  # gate_up comes from the kernel before (kernels/triton_pdl.py)
+    pdl_release(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inter
@@ -30,5 +35,6 @@ def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
         return out
     block = min(1024, triton.next_power_of_2(inter))
     _silu_mul_kernel[(tokens, triton.cdiv(inter, block))](
-        gate_up, out, inter, gate_up.stride(0), out.stride(0), BLOCK=block, num_warps=4)
+        gate_up, out, inter, gate_up.stride(0), out.stride(0), BLOCK=block, num_warps=4,
+        **pdl_launch(gate_up.device, one_row=tokens == 1))
     return out

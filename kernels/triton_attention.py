@@ -263,7 +263,7 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=meta.block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, MIXED=mixed,
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
-        **pdl_launch(q.device, allowed=num_seqs == 1),
+        **pdl_launch(q.device, one_row=num_seqs == 1),
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
@@ -271,7 +271,7 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
             BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_N=block_n, MIXED=mixed,
             num_warps=1 if interpreted else 4,
-            **pdl_launch(q.device, allowed=num_seqs == 1),
+            **pdl_launch(q.device, one_row=num_seqs == 1),
         )
 
 

@@ -9,9 +9,13 @@ launched with `**pdl_launch(device)` (its USE_PDL constexpr set):
   - it releases its own dependents early (`pdl_release`), so the kernel after it can start its prologue.
 Kernels launched without it (torch's, the interpreter's, older GPUs) keep plain stream order. Because every
 PDL kernel waits for its predecessor to complete, and completes only after its own wait, completion stays
-ordered along the stream. PDSERVE_PDL=0 turns it off (A/B timing). Launches use it for one-row work only
-(bs1 decode): on an H100 it saved ~0.15 ms a bs1 step and cost ~0.25 ms at bs16, where blocks parked on
-the wait hold shared memory and registers that the kernel still running needs.
+ordered along the stream.
+
+Every decode kernel uses it. At bs1 it saved ~0.15 ms a step on an H100. With multi-row GEMMs that put x on
+the left of tl.dot it cost ~0.2 ms at bs16 (blocks parked on the wait held the shared memory the running
+kernel needed); with the weight tile on the left (kernels/triton_linear.py) it saves ~0.2 ms there too
+(6.69 -> 6.49 ms, docs/benchmarks.md). PDSERVE_PDL (A/B timing): 0 off; `one-row` only for one-row
+launches (the old rule); 1, the default, everywhere.
 """
 from __future__ import annotations
 
@@ -30,10 +34,16 @@ def _enabled(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
-def pdl_launch(device: torch.device, allowed: bool = True) -> dict:
-    """Launch options (spread into the kernel call) and the kernel's USE_PDL constexpr; `allowed` False
-    launches this call plainly (a config that measured slower with PDL)."""
-    if not allowed or device.type != "cuda" or not _enabled(device.index if device.index is not None else 0):
+@functools.cache
+def _one_row_only() -> bool:
+    return os.environ.get("PDSERVE_PDL") == "one-row"
+
+
+def pdl_launch(device: torch.device, one_row: bool = True) -> dict:
+    """Launch options (spread into the kernel call) and the kernel's USE_PDL constexpr. `one_row`: whether
+    this launch serves a single row (PDSERVE_PDL=one-row launches the others plainly)."""
+    if (not one_row and _one_row_only()) or device.type != "cuda" or not _enabled(
+            device.index if device.index is not None else 0):
         return {"USE_PDL": False}
     return {"USE_PDL": True, "launch_pdl": True}
 

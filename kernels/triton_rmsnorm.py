@@ -73,6 +73,6 @@ def rms_norm_triton(
         x_rows.stride(0), res_rows.stride(0), out_rows.stride(0), res_out_rows.stride(0),
         eps,
         HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=residual is not None,
-        num_warps=min(max(block // 512, 1), 16), **pdl_launch(x.device, allowed=num_rows == 1),
+        num_warps=min(max(block // 512, 1), 16), **pdl_launch(x.device, one_row=num_rows == 1),
     )
     return out if residual is None else (out, new_res)

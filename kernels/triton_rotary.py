@@ -149,6 +149,6 @@ def rotary_store_kv_triton(
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HALF=half,
         BLOCK_QH=triton.next_power_of_2(num_q_heads), BLOCK_KH=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=triton.next_power_of_2(half),
-        num_warps=4 if num_q_heads * head_dim >= 2048 else 1, **pdl_launch(q.device, allowed=num_tokens == 1),
+        num_warps=4 if num_q_heads * head_dim >= 2048 else 1, **pdl_launch(q.device, one_row=num_tokens == 1),
     )
     return q_out
