@@ -136,7 +136,7 @@ def _norm_qkv_rope_kernel(
     col = j + (a % 2) + (a // 2) * HALF  # [j, j+1, j+HALF, j+HALF+1]
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + (head * HEAD_DIM + col)[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-    w = tl.load(w_ptrs)
+    w = tl.load(w_ptrs, eviction_policy="evict_first")  # as weight_tile
     pdl_release(USE_PDL)
     pdl_wait(USE_PDL)
     rstd = _row_rstd(x_ptr, res_ptr, res_out_ptr, K, eps, pid, offs_k, HAS_RES, BLOCK_K)
@@ -144,7 +144,7 @@ def _norm_qkv_rope_kernel(
     for k0 in range(0, K, BLOCK_K):
         if k0 > 0:
             w_ptrs += BLOCK_K
-            w = tl.load(w_ptrs)
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
         acc += w.to(tl.float32) * _normed(x_ptr, res_ptr, norm_w_ptr, k0 + offs_k, rstd, HAS_RES)[None, :]
     # The projection's output is rounded to the activation dtype, as the unfused path stores it.
     out = tl.sum(acc, axis=1).to(w.dtype).to(tl.float32)
