@@ -24,7 +24,7 @@ import triton.language as tl
 from kernels.triton_pdl import pdl_launch, pdl_release, pdl_wait
 
 SKINNY_MAX_M = 16
-_SHARED_MEMORY_BUDGET = 160 * 1024  # bytes of pipelined tiles a program (H100: 227 KB a block, less scratch)
+SHARED_MEMORY_BUDGET = 160 * 1024  # bytes of pipelined tiles a program (H100: 227 KB a block, less scratch)
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def weight_tile(w_ptrs, n_mask, EVEN_N: tl.constexpr):
 
 
 @triton.jit
-def _accumulate(acc, w, x_ptrs, m_mask, K, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def accumulate_tile(acc, w, x_ptrs, m_mask, K, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 SILU_MUL: tl.constexpr):
     """acc += this K tile's products: w [BLOCK_N, BLOCK_K] against the x tile at x_ptrs."""
     x = tl.load(x_ptrs, mask=m_mask, other=0.0)
@@ -97,12 +97,12 @@ def _skinny_gemm_kernel(
     w = weight_tile(w_ptrs, n_mask, EVEN_N)
     pdl_release(USE_PDL)
     pdl_wait(USE_PDL)
-    acc = _accumulate(acc, w, x_ptrs, m_mask, K, USE_DOT, DOT_PRECISION, SILU_MUL)
+    acc = accumulate_tile(acc, w, x_ptrs, m_mask, K, USE_DOT, DOT_PRECISION, SILU_MUL)
     for _ in range(BLOCK_K, k_per_split, BLOCK_K):
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         w = weight_tile(w_ptrs, n_mask, EVEN_N)
-        acc = _accumulate(acc, w, x_ptrs, m_mask, K, USE_DOT, DOT_PRECISION, SILU_MUL)
+        acc = accumulate_tile(acc, w, x_ptrs, m_mask, K, USE_DOT, DOT_PRECISION, SILU_MUL)
     if not USE_DOT:
         acc = tl.sum(acc, axis=1)[:, None]  # [BLOCK_N, 1]
     o_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]  # acc is [BLOCK_N, BLOCK_M]
@@ -163,7 +163,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, config: SkinnyConfig,
     block_m = 1 if not use_dot else 16
     num_stages = config.num_stages
     per_stage = (block_m * (2 if silu_mul else 1) + config.block_n) * config.block_k * x.element_size()
-    while use_dot and num_stages > 1 and num_stages * per_stage > _SHARED_MEMORY_BUDGET:
+    while use_dot and num_stages > 1 and num_stages * per_stage > SHARED_MEMORY_BUDGET:
         num_stages -= 1  # fp32 inputs (or the two input tiles of silu_mul) need fewer pipeline stages
     if config.split_k == 1:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)

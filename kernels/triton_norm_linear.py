@@ -200,14 +200,25 @@ def rms_norm_qkv_rotary_store_triton(
     weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slot_mapping: torch.Tensor, num_heads: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """rms_norm_qkv_rotary_store_ref's contract: one kernel for one decode row; otherwise the norm + GEMM
-    path, then the fused rotary + KV store kernel."""
+    """rms_norm_qkv_rotary_store_ref's contract: one kernel for one decode row; the norm, then the qkv GEMM
+    with rotary + KV store in its epilogue for up to SKINNY_MAX_M rows; otherwise the norm + GEMM path, then
+    the fused rotary + KV store kernel."""
     head_dim = k_cache.shape[3]
     if (x.numel() == x.shape[-1] and slot_mapping.numel() == 1
             and norm_qkv_rope_supported(x, norm_weight, weight, residual, head_dim)):
         return fused_rms_norm_qkv_rotary_store(x, residual, norm_weight, eps, weight, cos, sin, k_cache,
                                                v_cache, slot_mapping, num_heads)
+    from kernels.triton_qkv_rope import qkv_rope_supported, qkv_rotary_store
+    from kernels.triton_rmsnorm import rms_norm_triton
     from kernels.triton_rotary import rotary_store_kv_triton
+
+    if qkv_rope_supported(x, weight, cos, sin, k_cache, v_cache, num_heads):
+        if residual is None:
+            h, new_residual = rms_norm_triton(x, norm_weight, eps), x
+        else:
+            h, new_residual = rms_norm_triton(x, norm_weight, eps, residual)
+        q = qkv_rotary_store(h, weight, cos, sin, k_cache, v_cache, slot_mapping, num_heads)
+        return q, new_residual
 
     qkv, new_residual = rms_norm_linear_triton(x, residual, norm_weight, eps, weight)
     num_kv_heads = k_cache.shape[2]

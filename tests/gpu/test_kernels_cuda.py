@@ -344,22 +344,23 @@ def test_rms_norm_fused_into_the_gemv_matches_norm_then_linear(n: int, with_resi
     assert torch.equal(got_res, ref_res)
 
 
-@pytest.mark.parametrize("with_residual", [False, True])
-def test_norm_qkv_rotary_store_in_one_kernel_matches_the_reference_at_llama3_8b_shapes(
-        with_residual: bool) -> None:
+@pytest.mark.parametrize(("with_residual", "tokens"), [(False, 1), (True, 1), (True, 2), (False, 16)])
+def test_norm_qkv_rotary_store_matches_the_reference_at_llama3_8b_shapes(with_residual: bool,
+                                                                         tokens: int) -> None:
+    """One row: norm + qkv + rotary + store in one kernel; 2-16 rows: the qkv GEMM, rotary in its epilogue."""
     from kernels.rotary import rms_norm_qkv_rotary_store_ref
     from kernels.triton_norm_linear import rms_norm_qkv_rotary_store_triton
 
-    gen = torch.Generator(device=DEV).manual_seed(7 + with_residual)
-    x = torch.randn(1, HIDDEN, generator=gen, device=DEV, dtype=BF16)
-    residual = torch.randn(1, HIDDEN, generator=gen, device=DEV, dtype=BF16) if with_residual else None
+    gen = torch.Generator(device=DEV).manual_seed(7 + with_residual + tokens)
+    x = torch.randn(tokens, HIDDEN, generator=gen, device=DEV, dtype=BF16)
+    residual = torch.randn(tokens, HIDDEN, generator=gen, device=DEV, dtype=BF16) if with_residual else None
     norm_weight = torch.randn(HIDDEN, generator=gen, device=DEV, dtype=BF16)
     rows = (HEADS + 2 * KV_HEADS) * HEAD_DIM
     weight = torch.randn(rows, HIDDEN, generator=gen, device=DEV, dtype=BF16) * 0.02
-    angles = torch.rand(1, HEAD_DIM // 2, generator=gen, device=DEV) * 4096
+    angles = torch.rand(tokens, HEAD_DIM // 2, generator=gen, device=DEV) * 4096
     cos, sin = angles.cos().to(BF16), angles.sin().to(BF16)
     caches = [torch.zeros(4, BLOCK, KV_HEADS, HEAD_DIM, device=DEV, dtype=BF16) for _ in range(4)]
-    slots = torch.tensor([37], device=DEV)
+    slots = torch.randperm(4 * BLOCK, generator=gen, device=DEV)[:tokens]
     q, res = rms_norm_qkv_rotary_store_triton(x, residual, norm_weight, 1e-5, weight, cos, sin, caches[0],
                                               caches[1], slots, HEADS)
     ref_q, ref_res = rms_norm_qkv_rotary_store_ref(x, residual, norm_weight, 1e-5, weight, cos, sin,
