@@ -12,7 +12,7 @@ from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 from engine.rope import RotaryEmbedding
 from kernels.attention import paged_attention
-from kernels.linear import Linear, SiluMulLinear, linear, rms_norm_linear
+from kernels.linear import Linear, SiluMulLinear, linear, rms_norm_linear, rms_norm_mlp
 from kernels.rmsnorm import rms_norm
 from kernels.rotary import rms_norm_qkv_rotary_store, rotary_store_kv
 
@@ -89,9 +89,16 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size)
         self.down_proj = SiluMulLinear(config.intermediate_size, config.hidden_size)  # takes gate_up
 
-    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """gate_up: this module's gate_up_proj output (the layer runs the projection with its norm)."""
-        return self.down_proj(gate_up)  # silu(gate) · up, then the down projection
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None,
+                norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MLP output, h + residual) for the attention output h and the norm before this MLP."""
+        if type(self.gate_up_proj) is Linear and type(self.down_proj) is SiluMulLinear:
+            # Norm, gate_up, silu(gate) · up, down: one op (kernels.linear.rms_norm_mlp picks the fusions).
+            return rms_norm_mlp(h, residual, norm.weight, norm.eps, self.gate_up_proj.weight,
+                                self.down_proj.weight)
+        # A layout transform replaced a projection (CPU column blocks): call the modules.
+        gate_up, residual = norm_linear(norm, self.gate_up_proj, h, residual)
+        return self.down_proj(gate_up), residual  # silu(gate) · up, then the down projection
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -108,8 +115,7 @@ class LlamaDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # The residual add rides along with the next norm, and the norm with the projection after it.
         h, residual = self.self_attn(x, residual, self.input_layernorm, cos, sin, meta, kv, layer_hook)
-        gate_up, residual = norm_linear(self.post_attention_layernorm, self.mlp.gate_up_proj, h, residual)
-        return self.mlp(gate_up), residual
+        return self.mlp(h, residual, self.post_attention_layernorm)
 
 
 class LlamaModel(nn.Module):

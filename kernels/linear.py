@@ -84,3 +84,23 @@ def rms_norm_linear(
     if not x.is_cuda:
         return rms_norm_linear_ref(x, residual, norm_weight, eps, weight)
     return dispatch.lookup("rms_norm_linear", x.device)(x, residual, norm_weight, eps, weight)
+
+
+@dispatch.register("rms_norm_mlp", dispatch.TORCH)
+def rms_norm_mlp_ref(
+    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+    gate_up_weight: torch.Tensor, down_weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's MLP with its norm: (down(silu_mul(gate_up(rms_norm(x + residual)))), x + residual)."""
+    gate_up, new_residual = rms_norm_linear_ref(x, residual, norm_weight, eps, gate_up_weight)
+    return silu_mul_linear_ref(gate_up, down_weight), new_residual
+
+
+def rms_norm_mlp(
+    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+    gate_up_weight: torch.Tensor, down_weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if not x.is_cuda:
+        return rms_norm_mlp_ref(x, residual, norm_weight, eps, gate_up_weight, down_weight)
+    impl = dispatch.lookup("rms_norm_mlp", x.device)
+    return impl(x, residual, norm_weight, eps, gate_up_weight, down_weight)

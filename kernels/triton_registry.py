@@ -21,6 +21,7 @@ TRITON_KERNELS: dict[str, tuple[str, str]] = {
     "silu_mul_linear": ("kernels.triton_linear", "silu_mul_linear_triton"),
     "rms_norm_linear": ("kernels.triton_norm_linear", "rms_norm_linear_triton"),
     "rms_norm_qkv_rotary_store": ("kernels.triton_norm_linear", "rms_norm_qkv_rotary_store_triton"),
+    "rms_norm_mlp": ("kernels.triton_gated_linear", "rms_norm_mlp_triton"),
 }
 _REFERENCE_MODULES = ("kernels.attention", "kernels.rmsnorm", "kernels.rotary", "kernels.linear")
 

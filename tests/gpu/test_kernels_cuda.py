@@ -370,3 +370,22 @@ def test_norm_qkv_rotary_store_matches_the_reference_at_llama3_8b_shapes(with_re
     torch.testing.assert_close(caches[0].float(), caches[2].float(), atol=5e-2, rtol=3e-2)
     torch.testing.assert_close(caches[1].float(), caches[3].float(), atol=5e-2, rtol=3e-2)
     assert torch.equal(res, ref_res)
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 16])
+def test_rms_norm_mlp_matches_the_reference_at_llama3_8b_shapes(tokens: int) -> None:
+    """1 row: norm GEMV + SiLU-prologue GEMV; 2-16 rows: norm, gated GEMM (SiLU epilogue), down GEMM."""
+    from kernels.linear import rms_norm_mlp_ref
+    from kernels.triton_gated_linear import rms_norm_mlp_triton
+
+    inter = 14336
+    gen = torch.Generator(device=DEV).manual_seed(21 + tokens)
+    x = torch.randn(tokens, HIDDEN, generator=gen, device=DEV, dtype=BF16)
+    residual = torch.randn(tokens, HIDDEN, generator=gen, device=DEV, dtype=BF16)
+    norm_weight = torch.randn(HIDDEN, generator=gen, device=DEV, dtype=BF16)
+    gate_up = torch.randn(2 * inter, HIDDEN, generator=gen, device=DEV, dtype=BF16) * 0.02
+    down = torch.randn(HIDDEN, inter, generator=gen, device=DEV, dtype=BF16) * 0.01
+    got, got_res = rms_norm_mlp_triton(x, residual, norm_weight, 1e-5, gate_up, down)
+    ref, ref_res = rms_norm_mlp_ref(x, residual, norm_weight, 1e-5, gate_up, down)
+    torch.testing.assert_close(got.float(), ref.float(), atol=3e-2, rtol=3e-2)
+    assert torch.equal(got_res, ref_res)

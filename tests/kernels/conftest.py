@@ -13,7 +13,8 @@ os.environ["TRITON_INTERPRET"] = "1"
 # triton_pdl first: the kernel modules reloaded after it pick up its re-decorated helpers.
 _KERNEL_MODULES = ("kernels.triton_pdl", "kernels.triton_store_kv", "kernels.triton_rmsnorm",
                    "kernels.triton_rotary", "kernels.triton_attention", "kernels.triton_linear",
-                   "kernels.triton_activation", "kernels.triton_norm_linear", "kernels.triton_qkv_rope")
+                   "kernels.triton_activation", "kernels.triton_norm_linear", "kernels.triton_qkv_rope",
+                   "kernels.triton_gated_linear")
 for _name in _KERNEL_MODULES:
     if _name in sys.modules:
         importlib.reload(sys.modules[_name])
