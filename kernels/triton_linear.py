@@ -53,7 +53,7 @@ def weight_tile(w_ptrs, n_mask, EVEN_N: tl.constexpr):
 
 @triton.jit
 def accumulate_tile(acc, w, x_ptrs, m_mask, K, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                SILU_MUL: tl.constexpr):
+                    SILU_MUL: tl.constexpr):
     """acc += this K tile's products: w [BLOCK_N, BLOCK_K] against the x tile at x_ptrs."""
     x = tl.load(x_ptrs, mask=m_mask, other=0.0)
     if SILU_MUL:  # rows are [gate | up] (2K wide): the input is silu(gate) · up, rounded as silu_mul_ref
