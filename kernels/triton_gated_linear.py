@@ -103,14 +103,11 @@ def rms_norm_mlp_triton(
     """rms_norm_mlp_ref's contract. One row: RMSNorm fused into the gate_up GEMV, SiLU·up into the down GEMV's
     prologue; 2..16 rows: the norm, the gated GEMM above, the down GEMM; more: the same ops unfused."""
     from kernels.triton_norm_linear import rms_norm_linear_triton
-    from kernels.triton_rmsnorm import rms_norm_triton
+    from kernels.triton_rmsnorm import rms_norm_and_residual_triton
 
     rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] > 1 and gated_supported(rows, gate_up_weight):
-        if residual is None:
-            h, new_residual = rms_norm_triton(x, norm_weight, eps), x
-        else:
-            h, new_residual = rms_norm_triton(x, norm_weight, eps, residual)
+        h, new_residual = rms_norm_and_residual_triton(x, norm_weight, eps, residual)
         act = gated_linear(h.reshape(rows.shape), gate_up_weight)
         return linear_triton(act, down_weight).view(*x.shape[:-1], -1), new_residual
     gate_up, new_residual = rms_norm_linear_triton(x, residual, norm_weight, eps, gate_up_weight)

@@ -108,11 +108,9 @@ def rms_norm_linear_triton(
     if norm_linear_supported(x, norm_weight, weight, residual):
         return fused_rms_norm_linear(x, residual, norm_weight, eps, weight)
     from kernels.triton_linear import linear_triton
-    from kernels.triton_rmsnorm import rms_norm_triton
+    from kernels.triton_rmsnorm import rms_norm_and_residual_triton
 
-    if residual is None:
-        return linear_triton(rms_norm_triton(x, norm_weight, eps), weight), x
-    h, new_residual = rms_norm_triton(x, norm_weight, eps, residual)
+    h, new_residual = rms_norm_and_residual_triton(x, norm_weight, eps, residual)
     return linear_triton(h, weight), new_residual
 
 
@@ -209,14 +207,11 @@ def rms_norm_qkv_rotary_store_triton(
         return fused_rms_norm_qkv_rotary_store(x, residual, norm_weight, eps, weight, cos, sin, k_cache,
                                                v_cache, slot_mapping, num_heads)
     from kernels.triton_qkv_rope import qkv_rope_supported, qkv_rotary_store
-    from kernels.triton_rmsnorm import rms_norm_triton
+    from kernels.triton_rmsnorm import rms_norm_and_residual_triton
     from kernels.triton_rotary import rotary_store_kv_triton
 
     if qkv_rope_supported(x, weight, cos, sin, k_cache, v_cache, num_heads):
-        if residual is None:
-            h, new_residual = rms_norm_triton(x, norm_weight, eps), x
-        else:
-            h, new_residual = rms_norm_triton(x, norm_weight, eps, residual)
+        h, new_residual = rms_norm_and_residual_triton(x, norm_weight, eps, residual)
         q = qkv_rotary_store(h, weight, cos, sin, k_cache, v_cache, slot_mapping, num_heads)
         return q, new_residual
 

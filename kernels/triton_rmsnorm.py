@@ -76,3 +76,12 @@ def rms_norm_triton(
         num_warps=min(max(block // 512, 1), 16), **pdl_launch(x.device, one_row=num_rows == 1),
     )
     return out if residual is None else (out, new_res)
+
+
+def rms_norm_and_residual_triton(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual), x + residual); without a residual (the first layer) x itself is the residual."""
+    if residual is None:
+        return rms_norm_triton(x, weight, eps), x
+    return rms_norm_triton(x, weight, eps, residual)
