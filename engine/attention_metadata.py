@@ -38,6 +38,9 @@ class AttentionMetadata:
     max_seq_len: int
     block_size: int
     spans: tuple[SeqSpan, ...]
+    # int32 zeros the decode kernel may count split arrivals in (kernels/triton_attention_config.py), owned by
+    # whoever replays this metadata from a CUDA graph; None: the kernels use a shared per-stream buffer.
+    arrivals: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -197,6 +197,10 @@ class DecodeGraphRunner:
         self.capture_graphs = capture  # False: same static buffers, forward run eagerly (tests, debugging)
         self._captured: dict[int, _CapturedBucket] = {}
         self._pool = None
+        # Split-arrival counters for this engine's graphs (zero between launches): its own, so graphs of two
+        # engines replayed on two streams never share them.
+        self._arrivals = torch.zeros(max(self.buckets) * kv_cache.num_kv_heads, dtype=torch.int32,
+                                     device=self.device)
 
     @property
     def captured_buckets(self) -> tuple[int, ...]:
@@ -264,7 +268,8 @@ class DecodeGraphRunner:
         meta = AttentionMetadata(
             slot_mapping=inputs.slot_mapping, query_start_loc=inputs.query_start_loc,
             seq_lens=inputs.seq_lens, block_tables=inputs.block_tables, max_query_len=1,
-            max_seq_len=self.max_model_len, block_size=self.kv_cache.block_size, spans=())
+            max_seq_len=self.max_model_len, block_size=self.kv_cache.block_size, spans=(),
+            arrivals=self._arrivals)
         model, kv = self.model, self.kv_cache
         pieces = graph_pieces(len(model.layers))
         state: dict[str, torch.Tensor | None] = {}  # what a piece hands the next (graph memory once captured)

@@ -7,7 +7,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_attention_config import choose_num_splits, decode_config, prefill_config
+from kernels.triton_attention_config import (
+    arrival_counters,
+    choose_num_splits,
+    decode_config,
+    merge_in_place,
+    prefill_config,
+)
 from kernels.triton_pdl import pdl_launch, pdl_release, pdl_wait
 
 if TYPE_CHECKING:
@@ -60,14 +66,39 @@ def _attend_tile(
 
 
 @triton.jit
+def _merge_splits(part_acc_ptr, part_ml_ptr, out_ptr, row, seq_len, per_split, first_part, heads, head_mask,
+                  stride_ot, stride_oh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Log-sum-exp merge of some query heads' split partials for one row (first_part: [heads], their first).
+
+    Only the splits the decode kernel wrote (its bounds, from the same seq_len): none for an empty sequence,
+    whose heads get zeros. Empty splits carry m = NEG_BIG, so weight 0 next to a real one.
+    """
+    live = tl.cdiv(seq_len, tl.maximum(per_split, 1))
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    part = first_part[:, None] + offs_s[None, :]  # [heads, splits]
+    s_mask = head_mask[:, None] & (offs_s[None, :] < live)
+    m = tl.load(part_ml_ptr + part * 2, mask=s_mask, other=_NEG_BIG, cache_modifier=".cg")
+    sums = tl.load(part_ml_ptr + part * 2 + 1, mask=s_mask, other=0.0, cache_modifier=".cg")
+    acc_mask = s_mask[:, :, None] & (offs_d[None, None, :] < HEAD_DIM)
+    acc = tl.load(part_acc_ptr + part[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=acc_mask,
+                  other=0.0, cache_modifier=".cg")
+    weight = tl.exp2(m - tl.max(m, axis=1)[:, None])
+    total = tl.sum(weight * sums, axis=1)
+    out = tl.sum(weight[:, :, None] * acc, axis=1) / tl.where(total > 0, total, 1.0)[:, None]
+    dst = out_ptr + row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
-    out_ptr, part_acc_ptr, part_ml_ptr,
+    out_ptr, part_acc_ptr, part_ml_ptr, arrivals_ptr,
     scale_log2,
     stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIXED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+    MERGE_IN_PLACE: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """One program: one sequence, one KV head (all its GROUP query heads packed as dot rows), one KV split.
 
@@ -128,6 +159,18 @@ def _decode_kernel(
                  mask=busy[:, None] & d_mask[None, :])
         tl.store(part_ml_ptr + part * 2, m_i, mask=busy)
         tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=busy)
+        if MERGE_IN_PLACE:
+            # Every split of this (sequence, KV head) checks in; the last to arrive merges the GROUP heads and
+            # resets its counter for the next launch. The barrier + acq_rel atomic publish this program's
+            # partials before its arrival is counted, and make the others' visible to the merging program.
+            tl.debug_barrier()
+            arrival = arrivals_ptr + seq * tl.num_programs(1) + kv_head
+            if tl.atomic_add(arrival, 1, sem="acq_rel") == NUM_SPLITS - 1:
+                tl.atomic_xchg(arrival, 0, sem="relaxed")
+                _merge_splits(part_acc_ptr, part_ml_ptr, out_ptr, row, seq_len, per_split,
+                              (seq.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS,
+                              heads, offs_g < live_heads, stride_ot, stride_oh,
+                              HEAD_DIM, BLOCK_D, BLOCK_S)
 
 
 @triton.jit
@@ -140,28 +183,16 @@ def _decode_reduce_kernel(
     pdl_wait(USE_PDL)
     pdl_release(USE_PDL)
     seq = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    row = tl.load(query_start_ptr + seq).to(tl.int64)
-    live_dims = HEAD_DIM  # 0 for sequences the prefill kernel serves: nothing stored
+    head = tl.program_id(1) + tl.arange(0, 1)
+    row = tl.load(query_start_ptr + seq)
+    live_heads = 1  # 0 for sequences the prefill kernel serves: nothing stored
     if MIXED:
-        live_dims = tl.where(tl.load(query_start_ptr + seq + 1) - row == 1, HEAD_DIM, 0)
-    row0 = (seq * tl.num_programs(1) + head) * NUM_SPLITS
-    # Only the splits the decode kernel wrote (its bounds, from the same seq_len): none for an empty sequence.
+        live_heads = tl.where(tl.load(query_start_ptr + seq + 1) - row == 1, 1, 0)
     seq_len = tl.load(seq_lens_ptr + seq)
-    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    live = tl.where(live_dims > 0, tl.cdiv(seq_len, tl.maximum(per_split, 1)), 0)  # MIXED: prefill rows none
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < live
-    m = tl.load(part_ml_ptr + (row0 + offs_s) * 2, mask=s_mask, other=_NEG_BIG)
-    sums = tl.load(part_ml_ptr + (row0 + offs_s) * 2 + 1, mask=s_mask, other=0.0)
-    acc = tl.load(part_acc_ptr + (row0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-                  mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    weight = tl.exp2(m - tl.max(m, axis=0))  # empty splits carry m = NEG_BIG, so weight 0 next to a real one
-    total = tl.sum(weight * sums, axis=0)
-    out = tl.sum(weight[:, None] * acc, axis=0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + row * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
-             mask=offs_d < live_dims)
+    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N  # the decode kernel's split bounds
+    _merge_splits(part_acc_ptr, part_ml_ptr, out_ptr, row, seq_len, per_split,
+                  (seq * tl.num_programs(1) + head) * NUM_SPLITS, head, tl.arange(0, 1) < live_heads,
+                  stride_ot, stride_oh, HEAD_DIM, BLOCK_D, BLOCK_S)
 
 
 @triton.jit
@@ -255,17 +286,25 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         part_ml = torch.empty(num_seqs, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
     else:
         part_acc = part_ml = out  # unused: the kernel normalizes and writes `out` directly
+    in_place = merge_in_place(num_splits)
+    arrivals = out  # unused unless in place
+    if in_place:
+        arrivals = meta.arrivals
+        if arrivals is None or arrivals.numel() < num_seqs * num_kv_heads or arrivals.device != q.device:
+            arrivals = arrival_counters(q.device, num_seqs * num_kv_heads)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out, part_acc, part_ml,
+        arrivals,
         scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         meta.block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=meta.block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, MIXED=mixed,
+        MERGE_IN_PLACE=in_place, BLOCK_S=triton.next_power_of_2(num_splits),
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
         **pdl_launch(q.device, one_row=num_seqs == 1),
     )
-    if num_splits > 1:
+    if num_splits > 1 and not in_place:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             part_acc, part_ml, meta.query_start_loc, meta.seq_lens, out, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
@@ -313,7 +352,7 @@ def paged_prefill_attention(
 
 
 def paged_attention_triton(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
 ) -> torch.Tensor:
     """q [T, Hq, D] → [T, Hq, D], paged_attention_ref's contract; reads only meta's device tensors and ints.
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -10,6 +11,10 @@ import triton
 # the GPU (ctx512: 2 -> 8 live splits, ~15.7 -> ~7.5 us a layer); 32 is the most the sweep tried.
 _MIN_TOKENS_PER_SPLIT = 64
 _MAX_SPLITS = 32
+# Up to this many splits the last split program of a (sequence, KV head) merges the partials itself instead of
+# a second kernel (its [heads, splits, head_dim] tile stays in registers). H100, bs16 ctx512 (3 splits): the
+# graphed step 6.29 -> 6.22 ms. PDSERVE_MERGE_IN_PLACE=0 launches the separate merge kernel (A/B timing).
+_MAX_IN_PLACE_SPLITS = 8
 
 
 @functools.cache
@@ -27,11 +32,34 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device
     return max(1, min(wanted, by_length, _MAX_SPLITS))
 
 
+def merge_in_place(num_splits: int) -> bool:
+    """Whether a split-K decode launch merges its partials in its own last program (no reduce kernel)."""
+    return 1 < num_splits <= _MAX_IN_PLACE_SPLITS and os.environ.get("PDSERVE_MERGE_IN_PLACE", "1") != "0"
+
+
+# Arrival counters of in-place merges, per (device, stream): zero between launches (the merging program resets
+# its counter), so every launch on a stream may share them, and launches on other streams get their own. Never
+# freed or replaced while the process lives: captured graphs hold their addresses.
+_ARRIVALS: dict[tuple[torch.device, int], list[torch.Tensor]] = {}
+_MIN_ARRIVALS = 4096
+
+
+def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
+    """int32 zeros, at least `count`, for in-place merges launched on `device`'s current stream."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    held = _ARRIVALS.setdefault((device, stream), [])
+    if not held or held[-1].numel() < count:
+        held.append(torch.zeros(max(count, _MIN_ARRIVALS), dtype=torch.int32, device=device))
+    return held[-1]
+
+
 def decode_config(head_dim: int, interpreted: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) of the decode kernel (H100 sweep: within 2% of the best at 8B)."""
+    """(BLOCK_N, num_warps, num_stages) of the decode kernel. H100, in the graphed 8B step: two stages beat
+    three (bs16 ctx4096 8.80 -> 8.73 ms, ctx512 6.22 -> 6.21, bs1 5.40 -> 5.38): a program's few tiles need no
+    deeper pipeline, and the smaller footprint fits three programs an SM."""
     if interpreted:
         return 16, 1, 1  # the interpreter's cost grows with tile size
-    return (64, 4, 3) if head_dim <= 128 else (32, 4, 2)
+    return (64, 4, 2) if head_dim <= 128 else (32, 4, 2)
 
 
 def prefill_config(head_dim: int, max_query_len: int, interpreted: bool) -> tuple[int, int, int, int]:

@@ -115,6 +115,30 @@ def test_decode_split_k_with_more_splits_than_tiles_matches_reference() -> None:
     check([(5, 1), (40, 1)], num_heads=4, num_kv_heads=1, num_splits=8, seed=11)
 
 
+@pytest.mark.parametrize("num_splits", [2, 3, 8])
+def test_in_place_merge_equals_the_merge_kernel_and_leaves_its_counters_at_zero(num_splits: int,
+                                                                                monkeypatch) -> None:
+    import dataclasses
+
+    import kernels.triton_attention as attention
+
+    # Padding rows (0 tokens) and splits past a short context arrive too; the last arrival merges.
+    q, k_cache, v_cache, meta = make_batch([(40, 1), (5, 1), (0, 1), (70, 1)], num_heads=6, num_kv_heads=2,
+                                           head_dim=16, block_size=4, shuffle_blocks=True, seed=num_splits)
+    counters = torch.zeros(16, dtype=torch.int32)
+    meta = dataclasses.replace(meta, arrivals=counters)
+    scale = 16 ** -0.5
+    in_place = [paged_decode_attention(q, k_cache, v_cache, meta, scale, num_splits=num_splits)
+                for _ in range(2)]  # the second launch reuses the counters the first one reset
+    assert torch.count_nonzero(counters) == 0
+    monkeypatch.setattr(attention, "merge_in_place", lambda splits: False)
+    separate = paged_decode_attention(q, k_cache, v_cache, meta, scale, num_splits=num_splits)
+    expected = paged_attention_ref(q, k_cache, v_cache, meta, scale)
+    torch.testing.assert_close(in_place[0], expected, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(in_place[1], in_place[0], atol=0, rtol=0)
+    torch.testing.assert_close(separate, in_place[0], atol=1e-6, rtol=1e-6)
+
+
 def test_auto_routing_sends_decode_only_batches_to_split_k_decode() -> None:
     check([(30, 1), (2, 1), (63, 1)], num_heads=8, num_kv_heads=2, block_size=16, seed=5)
 
