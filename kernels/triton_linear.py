@@ -69,6 +69,27 @@ def accumulate_tile(acc, w, x_ptrs, m_mask, K, USE_DOT: tl.constexpr, DOT_PRECIS
 
 
 @triton.jit
+def stream_k(acc, w_ptrs, x_ptrs, n_mask, m_mask, K, k_len, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
+             USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, SILU_MUL: tl.constexpr,
+             USE_PDL: tl.constexpr):
+    """acc += the products of k_len columns, BLOCK_K at a time, from the tiles at w_ptrs / x_ptrs.
+
+    The first weight tile is loaded before waiting for the kernel before this one (weights never change), so
+    under PDL it streams in while that kernel drains; the other tiles follow in the plain loop.
+    """
+    w = weight_tile(w_ptrs, n_mask, EVEN_N)
+    pdl_release(USE_PDL)
+    pdl_wait(USE_PDL)
+    acc = accumulate_tile(acc, w, x_ptrs, m_mask, K, USE_DOT, DOT_PRECISION, SILU_MUL)
+    for _ in range(BLOCK_K, k_len, BLOCK_K):
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+        w = weight_tile(w_ptrs, n_mask, EVEN_N)
+        acc = accumulate_tile(acc, w, x_ptrs, m_mask, K, USE_DOT, DOT_PRECISION, SILU_MUL)
+    return acc
+
+
+@triton.jit
 def _skinny_gemm_kernel(
     x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -92,17 +113,8 @@ def _skinny_gemm_kernel(
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :]
         m_mask = offs_m[:, None] < M
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    # The first weight tile is loaded before waiting for the kernel before this one (weights never change),
-    # so under PDL it streams in while that kernel drains; the other tiles follow in the plain loop.
-    w = weight_tile(w_ptrs, n_mask, EVEN_N)
-    pdl_release(USE_PDL)
-    pdl_wait(USE_PDL)
-    acc = accumulate_tile(acc, w, x_ptrs, m_mask, K, USE_DOT, DOT_PRECISION, SILU_MUL)
-    for _ in range(BLOCK_K, k_per_split, BLOCK_K):
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-        w = weight_tile(w_ptrs, n_mask, EVEN_N)
-        acc = accumulate_tile(acc, w, x_ptrs, m_mask, K, USE_DOT, DOT_PRECISION, SILU_MUL)
+    acc = stream_k(acc, w_ptrs, x_ptrs, n_mask, m_mask, K, k_per_split, BLOCK_K, EVEN_N, USE_DOT,
+                   DOT_PRECISION, SILU_MUL, USE_PDL)
     if not USE_DOT:
         acc = tl.sum(acc, axis=1)[:, None]  # [BLOCK_N, 1]
     o_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]  # acc is [BLOCK_N, BLOCK_M]

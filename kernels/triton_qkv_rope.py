@@ -16,11 +16,10 @@ import triton.language as tl
 from kernels.triton_linear import (
     SHARED_MEMORY_BUDGET,
     SKINNY_MAX_M,
-    accumulate_tile,
     pick_config,
-    weight_tile,
+    stream_k,
 )
-from kernels.triton_pdl import pdl_launch, pdl_release, pdl_wait
+from kernels.triton_pdl import pdl_launch
 
 _MAX_PAIRS = 32  # 64 weight rows a program: the MMA height the tuned qkv config uses
 
@@ -46,15 +45,8 @@ def _qkv_rope_kernel(
     m_mask = offs_m[None, :] < M
     always = r[:, None] >= 0  # every weight row exists (the wrapper checks N = heads × HEAD_DIM)
     acc = tl.zeros((2 * PAIRS, BLOCK_M), dtype=tl.float32)
-    w = weight_tile(w_ptrs, always, True)  # before the PDL wait: weights never change
-    pdl_release(USE_PDL)
-    pdl_wait(USE_PDL)
-    acc = accumulate_tile(acc, w, x_ptrs, m_mask, K, True, DOT_PRECISION, False)
-    for _ in range(BLOCK_K, K, BLOCK_K):
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-        w = weight_tile(w_ptrs, always, True)
-        acc = accumulate_tile(acc, w, x_ptrs, m_mask, K, True, DOT_PRECISION, False)
+    acc = stream_k(acc, w_ptrs, x_ptrs, always, m_mask, K, K, BLOCK_K, True, True, DOT_PRECISION, False,
+                   USE_PDL)  # the first weight tile before the PDL wait
 
     out = acc.to(q_out_ptr.dtype.element_ty).to(tl.float32)  # [2·PAIRS, BLOCK_M]
     x1, x2 = tl.split(tl.permute(tl.reshape(out, (2, PAIRS, BLOCK_M)), (1, 2, 0)))  # [PAIRS, BLOCK_M] each
