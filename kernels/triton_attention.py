@@ -279,7 +279,8 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         num_splits = choose_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, q.device)
     block_d = triton.next_power_of_2(head_dim)
     interpreted = q.device.type == "cpu"
-    block_n, warps, stages = decode_config(head_dim, interpreted)
+    programs = num_seqs * num_kv_heads * num_splits
+    block_n, warps, stages = decode_config(head_dim, interpreted, programs, q.device)
     if num_splits > 1:
         part_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32,
                                device=q.device)

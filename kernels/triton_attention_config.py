@@ -53,13 +53,26 @@ def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
     return held[-1]
 
 
-def decode_config(head_dim: int, interpreted: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) of the decode kernel. H100, in the graphed 8B step: two stages beat
-    three (bs16 ctx4096 8.80 -> 8.73 ms, ctx512 6.22 -> 6.21, bs1 5.40 -> 5.38): a program's few tiles need no
-    deeper pipeline, and the smaller footprint fits three programs an SM."""
+def decode_config(head_dim: int, interpreted: bool, programs: int = 1,
+                  device: torch.device | None = None) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of a decode launch of `programs` programs.
+
+    At head_dim 128 a stage holds 32 KB of K/V tiles: two stages fit three programs on an SM, three stages
+    two. The launch takes the depth whose last wave is fuller (ties: two). H100, graphed 8B step, ms:
+    bs16 (384 programs) two stages 6.21 / 8.73 at ctx512 / 4096 against three 6.22 / 8.80; bs32 (512
+    programs) three 7.15 / 12.01 against two 7.18 / 12.44.
+    """
     if interpreted:
         return 16, 1, 1  # the interpreter's cost grows with tile size
-    return (64, 4, 2) if head_dim <= 128 else (32, 4, 2)
+    if head_dim > 128:
+        return 32, 4, 2
+    sms = _num_sms(device) if device is not None else 132
+
+    def last_wave_fill(per_sm: int) -> float:
+        slots = per_sm * sms
+        return programs / (-(-programs // slots) * slots)
+
+    return (64, 4, 2) if last_wave_fill(3) >= last_wave_fill(2) else (64, 4, 3)
 
 
 def prefill_config(head_dim: int, max_query_len: int, interpreted: bool) -> tuple[int, int, int, int]:
