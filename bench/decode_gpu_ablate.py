@@ -12,6 +12,7 @@ its cost; the step without it is. Variants (join with '+'):
   nonorm        the 2-16 row RMSNorm kernels return their input  (timing only)
   noreduce      the separate split-merge kernel is not launched  (timing only; with nomip)
   nomip         PDSERVE_MERGE_IN_PLACE=0: merge splits in a second kernel
+  nopreload     PDSERVE_KV_PRELOAD=0: decode attention reads no KV before its PDL wait
   splitsN       decode attention with N KV splits
   attnBNxWxS    decode attention tiles: BLOCK_N x warps x stages
   T<N>_<K>_<BN>x<BK>x<W>x<S>  the 2-16 row GEMM config for weight [N, K]
@@ -65,6 +66,8 @@ def variant(name: str) -> Iterator[None]:
                 put(vars(attention), "_decode_reduce_kernel", _NoLaunch())
             elif part == "nomip":
                 put(os.environ, "PDSERVE_MERGE_IN_PLACE", "0")
+            elif part == "nopreload":
+                put(os.environ, "PDSERVE_KV_PRELOAD", "0")
             elif part.startswith("splits"):
                 put(vars(attention), "choose_num_splits", lambda *args, n=int(part[6:]): n)
             elif part.startswith("attn"):

@@ -13,81 +13,15 @@ from kernels.triton_attention_config import (
     decode_config,
     merge_in_place,
     prefill_config,
+    preload_first_tile,
 )
+from kernels.triton_attention_tiles import NEG_BIG, attend_kv, attend_tile, load_kv, merge_splits
 from kernels.triton_pdl import pdl_launch, pdl_release, pdl_wait
 
 if TYPE_CHECKING:
     from engine.attention_metadata import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
-# Finite "minus infinity" for running maxima: exp2(NEG_BIG - m) is 0, without the NaN of (-inf) - (-inf).
-_NEG_BIG = tl.constexpr(-1.0e30)
-# Split-K only pays when each split still streams a few tiles of KV.
-
-
-@triton.jit
-def _attend_tile(
-    acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_row, n0, kv_end, kv_head,
-    stride_cb, stride_ct, stride_ch, scale_log2,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BOUNDED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """Online-softmax step over keys [n0, n0 + BLOCK_N) of one sequence and KV head, from paged blocks.
-
-    BOUNDED: the tile may run past kv_end (masked). CAUSAL: keys after a row's q_pos are masked. Tiles that
-    need neither skip the mask math entirely, which is most of a long context.
-    """
-    pos = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d[None, :] < HEAD_DIM
-    if BOUNDED:
-        valid = pos < kv_end
-        block = tl.load(block_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        kv_mask = valid[:, None] & d_mask
-    else:
-        block = tl.load(block_row + pos // BLOCK_SIZE).to(tl.int64)
-        kv_mask = d_mask
-    token_off = block * stride_cb + (pos % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
-    kv_off = token_off[:, None] + offs_d[None, :]
-    k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
-    v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-    if BOUNDED:
-        visible = valid[None, :]
-        if CAUSAL:
-            visible = visible & (pos[None, :] <= q_pos[:, None])
-        qk = tl.where(visible, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, m_new, l_i
-
-
-@triton.jit
-def _merge_splits(part_acc_ptr, part_ml_ptr, out_ptr, row, seq_len, per_split, first_part, heads, head_mask,
-                  stride_ot, stride_oh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Log-sum-exp merge of some query heads' split partials for one row (first_part: [heads], their first).
-
-    Only the splits the decode kernel wrote (its bounds, from the same seq_len): none for an empty sequence,
-    whose heads get zeros. Empty splits carry m = NEG_BIG, so weight 0 next to a real one.
-    """
-    live = tl.cdiv(seq_len, tl.maximum(per_split, 1))
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    part = first_part[:, None] + offs_s[None, :]  # [heads, splits]
-    s_mask = head_mask[:, None] & (offs_s[None, :] < live)
-    m = tl.load(part_ml_ptr + part * 2, mask=s_mask, other=_NEG_BIG, cache_modifier=".cg")
-    sums = tl.load(part_ml_ptr + part * 2 + 1, mask=s_mask, other=0.0, cache_modifier=".cg")
-    acc_mask = s_mask[:, :, None] & (offs_d[None, None, :] < HEAD_DIM)
-    acc = tl.load(part_acc_ptr + part[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=acc_mask,
-                  other=0.0, cache_modifier=".cg")
-    weight = tl.exp2(m - tl.max(m, axis=1)[:, None])
-    total = tl.sum(weight * sums, axis=1)
-    out = tl.sum(weight[:, :, None] * acc, axis=1) / tl.where(total > 0, total, 1.0)[:, None]
-    dst = out_ptr + row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
-    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
 @triton.jit
@@ -99,17 +33,16 @@ def _decode_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIXED: tl.constexpr,
     MERGE_IN_PLACE: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+    PRELOAD: tl.constexpr,
 ):
     """One program: one sequence, one KV head (all its GROUP query heads packed as dot rows), one KV split.
 
     MIXED: the batch also holds multi-row chunks (the prefill kernel's); this kernel serves 1-row sequences.
     """
-    pdl_wait(USE_PDL)  # q and this step's KV come from the kernels before (kernels/triton_pdl.py)
-    pdl_release(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    row = tl.load(query_start_ptr + seq)
+    row = tl.load(query_start_ptr + seq)  # the step's inputs (host-copied before the graph): safe pre-wait
     seq_len = tl.load(seq_lens_ptr + seq)
     live_heads = GROUP  # query heads this program writes
     if MIXED:
@@ -122,6 +55,17 @@ def _decode_kernel(
     per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, seq_len)
+    block_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    first = start  # the first position the loops below attend to
+    if PRELOAD:
+        # Positions before this step's token were stored by earlier steps: the split's first tile of them is
+        # read before waiting for the kernels before this one (which store the newest position and make q).
+        pos0 = start + tl.arange(0, BLOCK_N)
+        k0, v0 = load_kv(k_cache_ptr, v_cache_ptr, block_row, pos0, kv_head, stride_cb, stride_ct, stride_ch,
+                          pos0 < tl.minimum(end, seq_len - 1), HEAD_DIM, BLOCK_D, BLOCK_SIZE, True)
+        first = start + BLOCK_N
+    pdl_wait(USE_PDL)  # q and this step's KV come from the kernels before (kernels/triton_pdl.py)
+    pdl_release(USE_PDL)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -131,19 +75,26 @@ def _decode_kernel(
     busy = offs_g < tl.where(start < seq_len, GROUP, 0)  # a bound, not a scalar mask (the interpreter)
     q = tl.load(q_ptr + row.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=busy[:, None] & d_mask[None, :], other=0.0)
-    block_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
 
-    m_i = tl.full([BLOCK_G], _NEG_BIG, tl.float32)
+    m_i = tl.full([BLOCK_G], NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    if PRELOAD:
+        newest = (pos0 == seq_len - 1) & (pos0 < end)  # stored by the kernel before: read it now
+        kn, vn = load_kv(k_cache_ptr, v_cache_ptr, block_row, pos0, kv_head, stride_cb, stride_ct, stride_ch,
+                          newest, HEAD_DIM, BLOCK_D, BLOCK_SIZE, True)
+        k0 = tl.where(newest[:, None], kn, k0)
+        v0 = tl.where(newest[:, None], vn, v0)
+        acc, m_i, l_i = attend_kv(acc, m_i, l_i, q, 0, k0, v0, pos0, pos0 < end, scale_log2, True, False,
+                                   DOT_PRECISION)
     # Whole tiles first (no masks), then at most one tile that runs past `end`.
-    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
-    for n0 in range(start, full_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(
+    full_end = first + tl.maximum(end - first, 0) // BLOCK_N * BLOCK_N
+    for n0 in range(first, full_end, BLOCK_N):
+        acc, m_i, l_i = attend_tile(
             acc, m_i, l_i, q, 0, k_cache_ptr, v_cache_ptr, block_row, n0, end, kv_head, stride_cb, stride_ct,
             stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, False, False, DOT_PRECISION)
     for n0 in range(full_end, end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(
+        acc, m_i, l_i = attend_tile(
             acc, m_i, l_i, q, 0, k_cache_ptr, v_cache_ptr, block_row, n0, end, kv_head, stride_cb, stride_ct,
             stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, True, False, DOT_PRECISION)
 
@@ -167,7 +118,7 @@ def _decode_kernel(
             arrival = arrivals_ptr + seq * tl.num_programs(1) + kv_head
             if tl.atomic_add(arrival, 1, sem="acq_rel") == NUM_SPLITS - 1:
                 tl.atomic_xchg(arrival, 0, sem="relaxed")
-                _merge_splits(part_acc_ptr, part_ml_ptr, out_ptr, row, seq_len, per_split,
+                merge_splits(part_acc_ptr, part_ml_ptr, out_ptr, row, seq_len, per_split,
                               (seq.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS,
                               heads, offs_g < live_heads, stride_ot, stride_oh,
                               HEAD_DIM, BLOCK_D, BLOCK_S)
@@ -190,7 +141,7 @@ def _decode_reduce_kernel(
         live_heads = tl.where(tl.load(query_start_ptr + seq + 1) - row == 1, 1, 0)
     seq_len = tl.load(seq_lens_ptr + seq)
     per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N  # the decode kernel's split bounds
-    _merge_splits(part_acc_ptr, part_ml_ptr, out_ptr, row, seq_len, per_split,
+    merge_splits(part_acc_ptr, part_ml_ptr, out_ptr, row, seq_len, per_split,
                   (seq * tl.num_programs(1) + head) * NUM_SPLITS, head, tl.arange(0, 1) < live_heads,
                   stride_ot, stride_oh, HEAD_DIM, BLOCK_D, BLOCK_S)
 
@@ -234,16 +185,16 @@ def _prefill_kernel(
         full_end = first_pos // BLOCK_N * BLOCK_N
         kv_end = tl.minimum(seq_len, first_pos + BLOCK_M)
 
-        m_i = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
+        m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for n0 in range(0, full_end, BLOCK_N):
-            acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i = attend_tile(
                 acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_row, n0, kv_end, kv_head, stride_cb,
                 stride_ct, stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, False, False,
                 DOT_PRECISION)
         for n0 in range(full_end, kv_end, BLOCK_N):
-            acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i = attend_tile(
                 acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_row, n0, kv_end, kv_head, stride_cb,
                 stride_ct, stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, True, True,
                 DOT_PRECISION)
@@ -281,6 +232,7 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     interpreted = q.device.type == "cpu"
     programs = num_seqs * num_kv_heads * num_splits
     block_n, warps, stages = decode_config(head_dim, interpreted, programs, q.device)
+    preload = preload_first_tile(programs, stages, q.device)
     if num_splits > 1:
         part_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32,
                                device=q.device)
@@ -301,7 +253,7 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         meta.block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=meta.block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, MIXED=mixed,
-        MERGE_IN_PLACE=in_place, BLOCK_S=triton.next_power_of_2(num_splits),
+        MERGE_IN_PLACE=in_place, BLOCK_S=triton.next_power_of_2(num_splits), PRELOAD=preload,
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
         **pdl_launch(q.device, one_row=num_seqs == 1),
     )

@@ -206,3 +206,17 @@ def test_mixed_batch_with_split_k_decode_rows_matches_reference(monkeypatch: pyt
     # Force split-K for the 1-row sequences beside prefill chunks (auto picks 1 at these tiny lengths).
     monkeypatch.setattr(triton_attention, "choose_num_splits", lambda *args: 3)
     check([(40, 1), (0, 9), (17, 1), (12, 5)], num_heads=6, num_kv_heads=2, block_size=4, seed=13)
+
+
+def test_decode_launch_config_fills_waves_and_preloads_only_one_wave(monkeypatch) -> None:
+    import kernels.triton_attention_config as config
+
+    monkeypatch.setattr(config, "_num_sms", lambda device: 132)
+    cuda = torch.device("cuda", 0)  # only its type is read once _num_sms is fixed
+    # 384 programs: one wave of three a SM (two stages); 512: two full waves of two a SM (three stages).
+    assert config.decode_config(128, False, 384, cuda) == (64, 4, 2)
+    assert config.decode_config(128, False, 512, cuda) == (64, 4, 3)
+    assert config.preload_first_tile(384, 2, cuda) and config.preload_first_tile(264, 3, cuda)
+    assert not config.preload_first_tile(512, 3, cuda) and not config.preload_first_tile(397, 2, cuda)
+    monkeypatch.setenv("PDSERVE_KV_PRELOAD", "0")
+    assert not config.preload_first_tile(1, 2, cuda)
