@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from bench._cuda import cuda_missing
 from bench.kernels_gpu import BLOCK, DTYPE, HEAD_DIM, HEADS, KV_HEADS, paged_batch
 from bench.linear_gpu import graph_ms
 
@@ -46,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default="",
                         help="decode tiles to compare: BLOCK_NxWARPSxSTAGES,... (default: the tuned one)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench/attention_splits_gpu.py needs a CUDA device", file=sys.stderr)
+    if cuda_missing(__file__):
         return 2
     splits_list = [int(s) for s in args.splits.split(",")]
     import kernels.triton_attention as attention

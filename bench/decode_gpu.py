@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from bench._cuda import cuda_missing
 from engine.attention_metadata import AttentionMetadata, SeqSpan
 from engine.config import EngineConfig, ModelConfig
 from engine.kv_cache import KVCache
@@ -334,8 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-smollm2", action="store_true")
     parser.add_argument("--out", default="bench/results/decode_gpu.json")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench/decode_gpu.py needs a CUDA device", file=sys.stderr)
+    if cuda_missing(__file__):
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import triton

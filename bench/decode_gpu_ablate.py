@@ -31,6 +31,7 @@ import torch
 import kernels.triton_attention as attention
 import kernels.triton_linear as linear
 import kernels.triton_rmsnorm as rmsnorm
+from bench._cuda import cuda_missing
 from bench.decode_gpu import BF16, LLAMA3_8B, median_event_ms, start_decoding
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
@@ -111,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-model-len", type=int, default=4240, help="the graphs' window (decode_gpu's)")
     parser.add_argument("--out", default="", help="JSON of every round's ms")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench/decode_gpu_ablate.py needs a CUDA device", file=sys.stderr)
+    if cuda_missing(__file__):
         return 2
     try:
         points = [tuple(int(v) for v in p.split("x")) for p in args.points.split(",")]

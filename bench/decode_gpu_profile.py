@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from bench._cuda import cuda_missing
 from bench.decode_gpu import BF16, LLAMA3_8B, start_decoding
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
@@ -44,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench/decode_gpu_profile.py needs a CUDA device", file=sys.stderr)
+    if cuda_missing(__file__):
         return 2
     model = build_random_model(LLAMA3_8B, BF16, "cuda", seed=0, std=0.02)
     blocks = args.batch * (-(-(args.context + 8 * args.steps + 64) // 16))

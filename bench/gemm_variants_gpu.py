@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from bench._cuda import cuda_missing
 from bench.linear_gpu import SHAPES, graph_ms
 
 
@@ -206,8 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--shapes", default=",".join(SHAPES))
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench/gemm_variants_gpu.py needs a CUDA device", file=sys.stderr)
+    if cuda_missing(__file__):
         return 2
     print(f"# {torch.cuda.get_device_name()}, {args.rows} rows; GB/s of weight read, best config per family")
     for name in args.shapes.split(","):

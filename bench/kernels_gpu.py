@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bench._cuda import cuda_missing
 from engine.attention_metadata import AttentionMetadata, SeqSpan
 from kernels.attention import paged_attention_ref, store_kv_ref
 from kernels.rmsnorm import rms_norm_ref
@@ -142,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tflops", type=float, default=989.0, help="peak dense bf16 TFLOP/s (H100 SXM: 989)")
     parser.add_argument("--only", default="", help="substring filter on the kernel name")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench/kernels_gpu.py needs a CUDA device", file=sys.stderr)
+    if cuda_missing(__file__):
         return 2
     torch.manual_seed(0)
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | "

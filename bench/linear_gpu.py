@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench._cuda import cuda_missing
+
 BF16 = torch.bfloat16
 # name → (N, K): the projections of one Llama-3-8B layer (fused qkv and gate_up) and the LM head.
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
@@ -117,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=300.0, help="stop sweeping after this long")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench/linear_gpu.py needs a CUDA device", file=sys.stderr)
+    if cuda_missing(__file__):
         return 2
     deadline = time.monotonic() + args.budget_s
     bandwidth = copy_gbps()

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bench._cuda import cuda_missing
+
 
 def _rank(rank: int, port: int, results) -> None:  # type: ignore[no-untyped-def]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -37,8 +39,7 @@ def _rank(rank: int, port: int, results) -> None:  # type: ignore[no-untyped-def
 
 
 def main(argv: list[str] | None = None) -> int:
-    if not torch.cuda.is_available():
-        print("bench/nccl_one_gpu_check.py needs a CUDA device", file=sys.stderr)
+    if cuda_missing(__file__):
         return 2
     print(f"torch {torch.__version__}, NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}, "
           f"{torch.cuda.get_device_name(0)}", flush=True)

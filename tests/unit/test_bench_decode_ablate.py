@@ -41,11 +41,3 @@ def test_an_unknown_variant_is_refused_by_name_and_undoes_the_parts_before_it() 
         pass
     assert attention.choose_num_splits is before
 
-
-def test_without_cuda_the_bench_says_so_and_exits_2(capsys) -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present: the bench would run")
-    assert decode_gpu_ablate.main(["--points", "1x64"]) == 2
-    assert "needs a CUDA device" in capsys.readouterr().err
