@@ -1,4 +1,4 @@
-"""bench/kv_transfer_gpu.py in its CPU mode: two gloo processes, the real services, both send modes."""
+"""bench/transfer/kv_transfer_gpu.py on CPU: two gloo processes, the real services, both send modes."""
 from __future__ import annotations
 
 import json
@@ -17,9 +17,10 @@ PROMPTS = (40, 100)  # 40 is not a whole number of 16-token blocks
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("kv_bench") / "kv.json"
-    cmd = [sys.executable, "-m", "bench.kv_transfer_gpu", "--device", "cpu", "--model", "random:tiny",
-           "--prompts", ",".join(map(str, PROMPTS)), "--new-tokens", "6", "--repeats", "2", "--warmup", "0",
-           "--bandwidth-repeats", "2", "--timeout", "90", "--out", str(out)]
+    cmd = [sys.executable, "-m", "bench.transfer.kv_transfer_gpu", "--device", "cpu",
+           "--model", "random:tiny", "--prompts", ",".join(map(str, PROMPTS)), "--new-tokens", "6",
+           "--repeats", "2", "--warmup", "0", "--bandwidth-repeats", "2", "--timeout", "90",
+           "--out", str(out)]
     proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "n/a (no quantized cache yet)" in proc.stdout

@@ -1,7 +1,8 @@
 """Where a graphed decode step's time goes: GPU kernels by total time, GPU idle between steps, host phases.
 
-Run on a CUDA machine from the repo root: `python -m bench.decode_gpu_profile [--batch 1] [--context 512]`.
-Llama-3-8B shape with random bf16 weights (as bench/decode_gpu.py). Prints (1) the kernels of `--steps`
+Run on a CUDA machine from the repo root:
+`python -m bench.engine.decode_gpu_profile [--batch 1] [--context 512]`.
+Llama-3-8B shape with random bf16 weights (as bench/engine/decode_gpu.py). Prints (1) the kernels of `--steps`
 profiled engine steps grouped by name: calls per step, µs per step; (2) per step: wall ms, GPU-busy ms (the
 union of kernel intervals) and the idle rest; (3) host ms per phase of LLMEngine.step (schedule, run =
 forward + sample + the host sync, postprocess), each synchronized so a phase's GPU wait lands where it is.
@@ -17,7 +18,7 @@ import time
 import torch
 
 from bench._cuda import cuda_missing
-from bench.decode_gpu import BF16, LLAMA3_8B, start_decoding
+from bench.engine.decode_gpu import BF16, LLAMA3_8B, start_decoding
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.random_models import build_random_model

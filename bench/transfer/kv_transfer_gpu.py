@@ -8,8 +8,8 @@ with random bf16 weights, prompts of 1k/4k/16k tokens. On CPU
 compare ids. Each prefill process runs two PrefillServices: one streaming KV layer by layer from the forward
 pass, one sending everything once the forward pass has ended.
 
-    python -m bench.kv_transfer_gpu                                   # 2 GPUs; JSON to bench/results/
-    python -m bench.kv_transfer_gpu --device cpu --model random:tiny --prompts 64,256 --out /tmp/kv.json
+    python -m bench.transfer.kv_transfer_gpu            # 2 GPUs; JSON to bench/results/
+    python -m bench.transfer.kv_transfer_gpu --device cpu --model random:tiny --prompts 64,256   # no JSON
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from bench._kv_bench_workers import AFTER_PREFILL, LAYERWISE, MODES, BenchPlan, decode_main, prefill_main
+from bench.transfer._kv_workers import AFTER_PREFILL, LAYERWISE, MODES, BenchPlan, decode_main, prefill_main
 
 EXPOSED_GOAL = 0.10  # exposed transfer ≤ 10% of prefill time with layer-wise streaming
 DEFAULT_GPU_OUT = "bench/results/kv_transfer_2gpu.json"
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     report = summarize(plan, payload)
     args_text = " ".join(argv if argv is not None else sys.argv[1:])
-    report["command"] = "python -m bench.kv_transfer_gpu " + args_text
+    report["command"] = "python -m bench.transfer.kv_transfer_gpu " + args_text
     print(format_report(report))
     out = args.out or (DEFAULT_GPU_OUT if plan.device == "cuda" else None)
     if out:

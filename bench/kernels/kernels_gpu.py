@@ -1,6 +1,6 @@
 """Times each Triton kernel vs its torch reference and the H100 roofline at Llama-3-8B shapes; prints a table.
 
-Run from the repo root on a CUDA machine: `python -m bench.kernels_gpu` (add `--quick` for fewer shapes).
+Run from the repo root on a CUDA machine: `python -m bench.kernels.kernels_gpu` (`--quick`: fewer shapes).
 Columns: torch reference (eager), Triton eager (includes Python launch cost, which dominates small problems)
 and Triton replayed from a CUDA graph (GPU time). Roofline = max(bytes moved / peak bandwidth, FLOPs / peak
 bf16 tensor throughput) with H100 SXM datasheet defaults; override with --bw-gbps / --tflops. Small shapes

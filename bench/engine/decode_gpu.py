@@ -1,6 +1,6 @@
 """Llama-3-8B-shape decode/prefill on CUDA: our engine vs HF transformers eager vs the roofline, in one run.
 
-    python -m bench.decode_gpu --out bench/results/decode_gpu.json     # CUDA machine, repo root
+    python -m bench.engine.decode_gpu --out bench/results/decode_gpu.json     # CUDA machine, repo root
 
 Random bf16 weights drawn on the GPU. Ceilings measured in the same run: copy bandwidth (large D2D copy,
 bytes read + written) and bf16 GEMM peak (8192³). Decode roofline = (all weights but the embedding table +
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench._cuda import cuda_missing
+from bench._cuda import copy_bandwidth, cuda_missing, median_event_ms
 from engine.attention_metadata import AttentionMetadata, SeqSpan
 from engine.config import EngineConfig, ModelConfig
 from engine.kv_cache import KVCache
@@ -37,26 +37,6 @@ from engine.sequence import Sequence
 LLAMA3_8B = PRESETS["llama-3-8b"]
 BF16 = torch.bfloat16
 GiB = 1 << 30
-
-
-def median_event_ms(fn, repeats: int, warmup: int = 3) -> float:
-    """Median GPU ms of fn() over `repeats` calls, each bracketed by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    pairs = [tuple(torch.cuda.Event(enable_timing=True) for _ in "se") for _ in range(repeats)]
-    for start, end in pairs:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in pairs)
-
-
-def copy_bandwidth(num_bytes: int = 4 * GiB) -> float:
-    """Bytes/s (read + written) of a device-to-device copy of num_bytes / 2 each way."""
-    src = torch.randn(num_bytes // 4, dtype=BF16, device="cuda")
-    dst = torch.empty_like(src)
-    return num_bytes / (median_event_ms(lambda: dst.copy_(src), repeats=20) * 1e-3)
 
 
 def gemm_peak(n: int = 8192) -> float:
@@ -346,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = {"gpu": props.name, "sms": props.multi_processor_count, "gpu_mem_gib": props.total_memory / GiB,
                "host": platform.node(), "torch": torch.__version__, "cuda": torch.version.cuda,
                "triton": triton.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    command = "python -m bench.decode_gpu " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m bench.engine.decode_gpu " + " ".join(sys.argv[1:] if argv is None else argv)
     results: dict = {"command": command, "machine": machine,
                      "model": "Llama-3-8B shape, random bf16 weights (std 0.02), KV block 16"}
     torch.manual_seed(0)
@@ -363,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         section(results, "hf", bench_hf, model, args, results, out_path)
     del model
     if not args.skip_smollm2:
-        from bench._decode_gpu_smollm2 import smollm2_tok_s
+        from bench.engine._decode_gpu_smollm2 import smollm2_tok_s
 
         section(results, "smollm2", lambda: results.__setitem__("smollm2_135m_bf16_bs1", smollm2_tok_s()))
         print(f"SmolLM2-135M: {results.get('smollm2_135m_bf16_bs1')}", flush=True)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from bench._kv_bench_services import (
+from bench.transfer._kv_services import (
     TimedDecodeService,
     TimedPrefillService,
     bare_send_recv_seconds,

@@ -1,19 +1,16 @@
-"""SmolLM2-135M decode tok/s on the GPU at bs1, graphed and eager (a part of bench/decode_gpu.py)."""
+"""SmolLM2-135M decode tok/s on the GPU at bs1, graphed and eager (a part of bench/engine/decode_gpu.py)."""
 from __future__ import annotations
 
 import time
 
 import torch
 
+from bench.engine.decode_cpu import PROMPT as SMOL_PROMPT
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.model_files import ModelPathError, embedded_model_path
 from engine.random_models import PRESETS, build_random_model
 from engine.sampling_params import SamplingParams
-
-# SmolLM2 token ids: the start of a story (bench/decode_cpu.py's prompt).
-SMOL_PROMPT = [6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 418, 260, 5595, 282, 253, 1109, 3150, 28, 665,
-               4161, 354]
 
 
 def smollm2_tok_s(new_tokens: int = 128) -> dict:

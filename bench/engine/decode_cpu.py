@@ -1,6 +1,6 @@
 """bs1 greedy decode tokens/s on CPU: LLMEngine vs HF transformers on one GGUF, and the weight-bytes roofline.
 
-    .venv/bin/python -m bench.decode_cpu --tokens 128
+    .venv/bin/python -m bench.engine.decode_cpu --tokens 128
 """
 from __future__ import annotations
 
