@@ -5,11 +5,11 @@ import time
 
 import torch
 
+from contracts.sampling import SamplingParams
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.model_files import ModelPathError, embedded_model_path
 from engine.random_models import PRESETS, build_random_model
-from engine.sampling_params import SamplingParams
 
 # SmolLM2 token ids: the start of a story (bench/decode_cpu.py's prompt).
 SMOL_PROMPT = [6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 418, 260, 5595, 282, 253, 1109, 3150, 28, 665,

@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 
 from bench._cuda import cuda_missing
+from contracts.sampling import SamplingParams
 from engine.attention_metadata import AttentionMetadata, SeqSpan
 from engine.config import EngineConfig, ModelConfig
 from engine.kv_cache import KVCache
 from engine.llm_engine import LLMEngine
 from engine.model import LlamaModel
 from engine.random_models import PRESETS, build_random_model
-from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
 LLAMA3_8B = PRESETS["llama-3-8b"]

@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from contracts.sampling import SamplingParams
+from contracts.stats import EngineStats
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.cpu_decode import use_column_blocks
@@ -15,10 +17,8 @@ from engine.lookahead import DecodeLookahead
 from engine.model import LayerHook, LlamaModel
 from engine.model_files import load_model, parse_dtype
 from engine.model_runner import ModelRunner, RunOutput
-from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
-from engine.stats import EngineStats
 
 logger = logging.getLogger(__name__)
 

@@ -6,13 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from contracts.sampling import SamplingParams
 from engine.attention_metadata import AttentionMetadata, SeqSpan
 from engine.config import ModelConfig
 from engine.cpu_decode import ColumnBlockLinear, FlatDecoder, use_column_blocks
 from engine.kv_cache import KVCache
 from engine.model import LlamaModel
 from engine.model_runner import ModelRunner
-from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from engine.sequence import Sequence
 from kernels.attention import paged_attention_ref

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from contracts.sampling import SamplingParams
 from engine.attention_metadata import BlockTableError
 from engine.config import ModelConfig
 from engine.cuda_graphs import (
@@ -18,7 +19,6 @@ from engine.cuda_graphs import (
 from engine.kv_cache import KVCache
 from engine.model import LlamaModel
 from engine.model_runner import ModelRunner, RowsByRequest
-from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk
 from engine.sequence import Sequence
 

@@ -6,12 +6,12 @@ import random
 import pytest
 import torch
 
+from contracts.sampling import SamplingParams
 from engine.attention_metadata import AttentionMetadata, BlockTableError
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 from engine.model import LlamaModel
 from engine.model_runner import ModelRunner
-from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from engine.sequence import Sequence
 

@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from contracts.transfer import TransferTarget
 from kv_transfer.channel import KVChannel, LoopbackChannel, TransferHandle
 from kv_transfer.layout import KVLayout
 from kv_transfer.receiver import KVReceiveEndpoint, KVReceiver
 from kv_transfer.sender import KVSender
 from kv_transfer.state import TransferState
-from kv_transfer.target import TransferTarget
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -9,12 +9,12 @@ import time
 import pytest
 import torch
 
+from contracts.transfer import TransferTarget
 from kv_transfer.dist_channel import ChannelListener, connect_channel
 from kv_transfer.layout import KVLayout, KVLayoutMismatch
 from kv_transfer.receiver import KVReceiveEndpoint, KVReceiver
 from kv_transfer.sender import KVSender
 from kv_transfer.state import TransferState
-from kv_transfer.target import TransferTarget
 
 pytestmark = pytest.mark.timeout(90)
 
