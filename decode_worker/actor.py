@@ -6,11 +6,12 @@ from collections.abc import AsyncIterator
 
 import torch
 
+from contracts.model_info import ModelInfo
+from contracts.stats import WorkerInfo
+from contracts.transfer import ChannelAddress
 from decode_worker.api import Reservation, ReserveRequest, TokenChunk
 from decode_worker.service import DecodeService
 from engine.config import EngineConfig
-from engine.stats import WorkerInfo
-from kv_transfer.target import ChannelAddress
 
 
 class DecodeWorkerActor:
@@ -29,19 +30,19 @@ class DecodeWorkerActor:
     async def info(self) -> WorkerInfo:
         return await self.service.info()
 
-    async def model_summary(self) -> dict[str, object]:
+    async def model_info(self) -> ModelInfo:
         """What GetModelInfo reports; read from the worker that actually runs the model."""
         cfg, engine_cfg = self.service.engine.model_config, self.service.config
-        return {
-            "model_name": cfg.name,
-            "context_length": engine_cfg.max_model_len or cfg.max_position_embeddings,
-            "vocab_size": cfg.vocab_size,
-            "kv_cache_dtype": self.service.layout.dtype,
+        return ModelInfo(
+            model_name=cfg.name,
+            context_length=engine_cfg.max_model_len or cfg.max_position_embeddings,
+            vocab_size=cfg.vocab_size,
+            kv_cache_dtype=self.service.layout.dtype,
             # GGUF blocks are dequantized at load: weights live in the compute dtype
             # (quantized weights come later).
-            "weight_dtype": engine_cfg.dtype,
-            "compute_dtype": engine_cfg.dtype,
-        }
+            weight_dtype=engine_cfg.dtype,
+            compute_dtype=engine_cfg.dtype,
+        )
 
     async def channel_address(self) -> ChannelAddress:
         return self.service.channel_address()

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.sampling_params import SamplingParams
-from engine.sequence import FinishReason
+from contracts.sampling import FinishReason, SamplingParams
 
 
 @dataclass(frozen=True)

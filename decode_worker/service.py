@@ -6,6 +6,9 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from contracts.sampling import FinishReason
+from contracts.stats import EngineStats, WorkerInfo
+from contracts.transfer import ChannelAddress, TransferTarget
 from decode_worker.api import NoCapacity, Reservation, ReserveRequest, TokenChunk
 from decode_worker.metrics import DecodeMetrics
 from engine.config import EngineConfig
@@ -16,14 +19,12 @@ from engine.model_files import resolve_model_path
 from engine.model_runner import RunOutput
 from engine.random_models import is_random_model
 from engine.scheduler import SchedulerOutput
-from engine.sequence import FinishReason, Sequence
-from engine.stats import EngineStats, WorkerInfo
+from engine.sequence import Sequence
 from engine.tokenizer import Tokenizer
 from kv_transfer.dist_channel import ChannelListener
-from kv_transfer.layout import layout_of_cache
+from kv_transfer.layout import KVLayout
 from kv_transfer.receiver import KVReceiveEndpoint, KVReceiver
 from kv_transfer.state import TransferState
-from kv_transfer.target import ChannelAddress, TransferTarget
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class DecodeService:
         # Random-weight models (speed work) have no tokenizer: their streams carry token ids and empty text.
         self.tokenizer = None if is_random_model(config.model_path) else \
             Tokenizer.from_model(resolve_model_path(config.model_path))
-        self.layout = layout_of_cache(self.engine.kv_cache.k)
+        self.layout = KVLayout(self.engine.kv_cache.spec, self.engine.kv_cache.num_layers)
         self.metrics = DecodeMetrics(worker_id)
         self._lease = kv_lease_seconds
         self._listener = ChannelListener(host=host, port=0, device=config.device)

@@ -121,23 +121,22 @@ class LocalCluster:
 
         from engine.model_files import resolve_model_path
         from engine.tokenizer import Tokenizer
-        from router.config import ModelInfo, RouterConfig
+        from router.config import RouterConfig
         from router.ray_clients import RayDecodeClient, RayPrefillClient
         from router.server import build_server
 
         cfg = self.config
-        summary = ray.get(self.decode[0][1].model_summary.remote())
-        context_length = int(summary["context_length"])
+        model_info = ray.get(self.decode[0][1].model_info.remote())
         router_cfg = RouterConfig(host=cfg.host, port=cfg.port, queue_capacity=cfg.queue_capacity,
                                   max_inflight=cfg.max_inflight, dispatch_policy=cfg.dispatch_policy,
                                   request_timeout_s=cfg.request_timeout_s,
                                   local_prefill_max_tokens=cfg.local_prefill_max_tokens,
-                                  max_model_len=context_length, metrics_port=cfg.metrics_port)
+                                  max_model_len=model_info.context_length, metrics_port=cfg.metrics_port)
         tokenizer = Tokenizer.from_model(resolve_model_path(cfg.engine.model_path))
         decode_clients = [RayDecodeClient(wid, h) for wid, h in self.decode]
         prefill_clients = [RayPrefillClient(wid, h) for wid, h in self.prefill]
         self.router = build_server(router_cfg, prefill_clients, decode_clients, tokenizer,
-                                   ModelInfo(**summary))
+                                   model_info)
         await self.router.start()  # also serves /metrics on router_cfg.metrics_port
         address = f"{cfg.host}:{self.router.port}"
         metrics_url = f"http://{cfg.host}:{self.router.metrics_port}/metrics"

@@ -33,6 +33,11 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
 
+# What EngineConfig.kv_cache_dtype accepts: a KVCacheSpec logical dtype that the store and attention kernels
+# handle today, or "auto" for the compute dtype.
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How one worker runs the model. Defaults suit the embedded model on a 2-core CPU."""
@@ -40,7 +45,7 @@ class EngineConfig:
     model_path: str | None = None  # GGUF file or HF directory; None = embedded SmolLM2-135M-Instruct
     device: str = "cpu"
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
-    kv_cache_dtype: str = "auto"  # auto = compute dtype (quantized formats come later)
+    kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES; auto = compute dtype (quantized formats come later)
     block_size: int = 16
     num_kv_blocks: int = 512
     max_batch_tokens: int = 512  # token budget per step (decode tokens first, then prefill chunks)
@@ -54,3 +59,11 @@ class EngineConfig:
         for name in ("block_size", "num_kv_blocks", "max_batch_tokens", "max_num_seqs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported; "
+                             f"expected one of {', '.join(KV_CACHE_DTYPES)}")
+
+    @property
+    def resolved_kv_cache_dtype(self) -> str:
+        """The KV cache's logical dtype: kv_cache_dtype, with "auto" meaning the compute dtype."""
+        return self.dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine.sampling_params import InvalidSamplingParams
+from contracts.sampling import InvalidSamplingParams
 from engine.tokenizer import Tokenizer
 
 _REPLACEMENT = "\ufffd"

@@ -1,52 +1,81 @@
-"""Paged KV cache: per layer `k`/`v` [num_blocks, block_size, num_kv_heads, head_dim] (the wire format)."""
+"""Paged KV cache built from its KVCacheSpec: per layer `k`/`v` block pools in the wire format."""
 from __future__ import annotations
 
 import torch
 
+from contracts.kv_cache_spec import KVCacheSpec
 from engine.config import EngineConfig, ModelConfig
+
+# The spec names dtypes without torch; this is where the names become torch dtypes.
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The spec's name for a torch dtype ('bfloat16' for torch.bfloat16)."""
+    for name, candidate in _TORCH_DTYPES.items():
+        if candidate == dtype:
+            return name
+    raise ValueError(f"{dtype} is not a KV cache storage dtype (one of {list(_TORCH_DTYPES)})")
 
 
 class KVCache:
-    """Per-layer K and V block pools; kv_transfer ships `k[layer][block_ids]` and `v[...]` as stored."""
+    """Per-layer K and V block pools shaped by `spec`; kv_transfer ships `k[layer][block_ids]` and `v[...]` as
+    stored. A quantized spec adds per-layer scale tensors (`scales[name][layer]`, names from
+    `spec.scale_shapes()`); float caches have none."""
 
-    def __init__(
-        self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-    ) -> None:
-        sizes = {"num_layers": num_layers, "num_blocks": num_blocks, "block_size": block_size,
-                 "num_kv_heads": num_kv_heads, "head_dim": head_dim}
-        for name, value in sizes.items():
+    def __init__(self, spec: KVCacheSpec, num_layers: int, num_blocks: int,
+                 device: torch.device | str = "cpu") -> None:
+        for name, value in (("num_layers", num_layers), ("num_blocks", num_blocks)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        self.spec = spec
         self.num_layers = num_layers
         self.num_blocks = num_blocks
-        self.block_size = block_size
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.dtype = dtype
+        self.dtype = _TORCH_DTYPES[spec.storage_dtype]
         self.device = torch.device(device)
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (num_blocks, *spec.storage_block_shape)
         # Zeroed, not empty: whole blocks are shipped and checksummed, so unwritten tail slots must be
         # deterministic.
-        self.k: list[torch.Tensor] = [torch.zeros(shape, dtype=dtype, device=self.device)
+        self.k: list[torch.Tensor] = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                                       for _ in range(num_layers)]
-        self.v: list[torch.Tensor] = [torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v: list[torch.Tensor] = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                                       for _ in range(num_layers)]
+        scale_dtype = _TORCH_DTYPES[spec.scales.dtype]
+        self.scales: dict[str, list[torch.Tensor]] = {
+            name: [torch.zeros((num_blocks, *block), dtype=scale_dtype, device=self.device)
+                   for _ in range(num_layers)]
+            for name, block in spec.scale_shapes().items()
+        }
 
     @classmethod
-    def for_model(cls, model: ModelConfig, engine: EngineConfig, dtype: torch.dtype) -> KVCache:
-        return cls(model.num_layers, engine.num_kv_blocks, engine.block_size, model.num_kv_heads,
-                   model.head_dim, dtype, engine.device)
+    def for_model(cls, model: ModelConfig, engine: EngineConfig) -> KVCache:
+        """The cache `engine` asks for: its block count and size, kv_cache_dtype ("auto" = compute dtype)."""
+        spec = KVCacheSpec(engine.block_size, model.num_kv_heads, model.head_dim,
+                           engine.resolved_kv_cache_dtype)
+        return cls(spec, model.num_layers, engine.num_kv_blocks, engine.device)
 
     @property
-    def block_shape(self) -> tuple[int, int, int]:
-        return (self.block_size, self.num_kv_heads, self.head_dim)
+    def block_size(self) -> int:
+        return self.spec.block_size
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.spec.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.spec.head_dim
 
     @property
     def bytes_per_block(self) -> int:
-        """K + V bytes of one block across all layers."""
-        elems = self.block_size * self.num_kv_heads * self.head_dim
-        return 2 * self.num_layers * elems * torch.empty((), dtype=self.dtype).element_size()
+        """K + V bytes (scales included) of one block across all layers."""
+        return self.num_layers * self.spec.bytes_per_block
 
     @property
     def num_bytes(self) -> int:
@@ -57,5 +86,5 @@ class KVCache:
 
     def __repr__(self) -> str:
         return (f"KVCache(layers={self.num_layers}, blocks={self.num_blocks}, block_size={self.block_size}, "
-                f"kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, dtype={self.dtype}, "
+                f"kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, dtype={self.spec.dtype}, "
                 f"device={self.device})")

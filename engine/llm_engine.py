@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from contracts.sampling import SamplingParams
+from contracts.stats import EngineStats
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.cpu_decode import use_column_blocks
@@ -15,10 +17,8 @@ from engine.lookahead import DecodeLookahead
 from engine.model import LayerHook, LlamaModel
 from engine.model_files import load_model, parse_dtype
 from engine.model_runner import ModelRunner, RunOutput
-from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
-from engine.stats import EngineStats
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +36,6 @@ class LLMEngine:
         in config.dtype, served instead of loading config.model_path (random-weight benchmarks)."""
         self.config = config
         dtype = parse_dtype(config.dtype)
-        if config.kv_cache_dtype not in ("auto", config.dtype):
-            raise ValueError(f"kv_cache_dtype {config.kv_cache_dtype!r} is not supported yet (use 'auto')")
         device = torch.device(config.device)
         if device.type == "cuda":
             from kernels.triton_registry import register_triton_kernels
@@ -56,7 +54,7 @@ class LLMEngine:
         if max_model_len > self.model_config.max_position_embeddings:
             raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length "
                              f"{self.model_config.max_position_embeddings}")
-        self.kv_cache = KVCache.for_model(self.model_config, config, dtype)
+        self.kv_cache = KVCache.for_model(self.model_config, config)
         self.runner = ModelRunner(self.model, self.kv_cache, self.model_config, config.device,
                                   max_num_seqs=config.max_num_seqs, max_model_len=max_model_len)
         decode_side = self.runner.graphs is not None and not hold_finished_blocks

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.sampling_params import SamplingParams
+from contracts.sampling import SamplingParams
 
 _MASK64 = (1 << 64) - 1
 

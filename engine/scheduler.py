@@ -5,9 +5,10 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from contracts.sampling import FinishReason
+from contracts.stats import EngineStats
 from engine.block_manager import BlockManager
-from engine.sequence import FinishReason, Sequence, SequenceStatus
-from engine.stats import EngineStats
+from engine.sequence import Sequence, SequenceStatus
 
 
 class SchedulerError(RuntimeError):

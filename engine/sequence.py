@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from engine.sampling_params import SamplingParams
+from contracts.sampling import FinishReason, SamplingParams
 
 
 class SequenceStatus(enum.Enum):
@@ -12,12 +12,6 @@ class SequenceStatus(enum.Enum):
     AWAITING_KV = "awaiting_kv"  # decode side: blocks reserved, KV arriving from a prefill worker
     RUNNING = "running"  # holds blocks, scheduled every step
     FINISHED = "finished"
-
-
-class FinishReason(enum.Enum):
-    STOP = "stop"  # EOS, stop token id or stop string
-    LENGTH = "length"  # max_tokens or context window reached
-    ABORT = "abort"  # client cancel, Abort RPC, deadline or failure
 
 
 @dataclass

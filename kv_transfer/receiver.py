@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from contracts.transfer import TransferTarget
 from kv_transfer.channel import KVChannel
 from kv_transfer.errors import ChannelError, FrameError
 from kv_transfer.frame import (
@@ -33,7 +34,6 @@ from kv_transfer.state import (
     TransferLifecycle,
     TransferState,
 )
-from kv_transfer.target import TransferTarget
 
 log = logging.getLogger(__name__)
 

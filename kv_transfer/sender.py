@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from contracts.transfer import TransferTarget
 from kv_transfer.channel import KVChannel, TransferHandle
 from kv_transfer.errors import ChannelError, KVTransferError
 from kv_transfer.frame import (
@@ -21,7 +22,6 @@ from kv_transfer.frame import (
 )
 from kv_transfer.layout import KVLayout
 from kv_transfer.state import CHANNEL_ERROR, TransferLifecycle, TransferState
-from kv_transfer.target import TransferTarget
 
 log = logging.getLogger(__name__)
 

@@ -5,9 +5,9 @@ import asyncio
 
 import torch
 
+from contracts.stats import WorkerInfo
+from contracts.transfer import ChannelAddress
 from engine.config import EngineConfig
-from engine.stats import WorkerInfo
-from kv_transfer.target import ChannelAddress
 from prefill_worker.api import PrefillRequest, PrefillResult
 from prefill_worker.service import PrefillService
 

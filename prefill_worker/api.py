@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.sampling_params import SamplingParams
-from kv_transfer.target import TransferTarget
+from contracts.sampling import SamplingParams
+from contracts.transfer import TransferTarget
 
 
 @dataclass(frozen=True)

@@ -8,17 +8,17 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from contracts.stats import EngineStats, WorkerInfo
+from contracts.transfer import ChannelAddress
 from engine.config import EngineConfig
 from engine.engine_thread import EngineThread
 from engine.llm_engine import LLMEngine
 from engine.sequence import Sequence
-from engine.stats import EngineStats, WorkerInfo
 from kv_transfer.channel import KVChannel
 from kv_transfer.dist_channel import connect_channel
-from kv_transfer.layout import layout_of_cache
+from kv_transfer.layout import KVLayout
 from kv_transfer.sender import KVSender
 from kv_transfer.state import TransferState
-from kv_transfer.target import ChannelAddress
 from prefill_worker.api import PrefillFailed, PrefillRequest, PrefillResult
 from prefill_worker.metrics import PrefillMetrics
 
@@ -48,7 +48,7 @@ class PrefillService:
         self.config = config
         self.stream_layers = stream_layers
         self.engine = LLMEngine(config, progress=progress)
-        self.layout = layout_of_cache(self.engine.kv_cache.k)
+        self.layout = KVLayout(self.engine.kv_cache.spec, self.engine.kv_cache.num_layers)
         self.metrics = PrefillMetrics(worker_id, self.layout.dtype)
         self._lease = kv_lease_seconds
         self._channels: dict[str, KVChannel] = {}  # decode_id -> channel

@@ -5,8 +5,8 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 
+from contracts.stats import WorkerInfo
 from decode_worker.api import Reservation, ReserveRequest, TokenChunk
-from engine.stats import WorkerInfo
 from prefill_worker.api import PrefillRequest, PrefillResult
 
 

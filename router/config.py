@@ -1,4 +1,4 @@
-"""Frozen router settings (RouterConfig) and the served model's description (ModelInfo)."""
+"""Frozen router settings."""
 
 from __future__ import annotations
 
@@ -40,21 +40,3 @@ class RouterConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in [0, 65535] or None, got {self.metrics_port}")
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What GetModelInfo reports; also gives validation its context window and vocabulary size."""
-
-    model_name: str
-    context_length: int
-    vocab_size: int
-    kv_cache_dtype: str
-    weight_dtype: str
-    compute_dtype: str
-
-    def __post_init__(self) -> None:
-        if self.context_length < 2 or self.vocab_size < 1:
-            raise ValueError(
-                f"context_length ({self.context_length}) must be >= 2 and vocab_size ({self.vocab_size}) >= 1"
-            )

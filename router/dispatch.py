@@ -6,7 +6,7 @@ import abc
 import itertools
 from collections.abc import Callable, Sequence
 
-from engine.stats import WorkerInfo
+from contracts.stats import WorkerInfo
 
 
 class UnknownPolicy(ValueError):

@@ -14,7 +14,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from engine.stats import WorkerInfo
+from contracts.stats import WorkerInfo
 from router.clients import WorkerClient
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ from typing import Any, TypeVar
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
+from contracts.stats import WorkerInfo
 from decode_worker.api import NoCapacity, Reservation, ReserveRequest, TokenChunk
-from engine.stats import WorkerInfo
 from prefill_worker.api import PrefillFailed, PrefillRequest, PrefillResult
 from router.clients import DecodeClient, PrefillClient, WorkerUnavailable
 

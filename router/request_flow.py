@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import grpc
 
+from contracts.sampling import FinishReason
+from contracts.transfer import TransferTarget
 from decode_worker.api import NoCapacity, Reservation, ReserveRequest
-from engine.sequence import FinishReason
-from kv_transfer.target import TransferTarget
 from prefill_worker.api import PrefillFailed, PrefillRequest, PrefillResult
 from proto.api import pb
 from router.admission import Admission, QueueFull

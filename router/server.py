@@ -11,10 +11,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from contracts.model_info import ModelInfo
 from proto.api import SERVICE_NAME, pb, pb_grpc
 from router.admission import Admission
 from router.clients import DecodeClient, PrefillClient
-from router.config import ModelInfo, RouterConfig
+from router.config import RouterConfig
 from router.dispatch import DispatchPolicy, make_policy
 from router.metrics import RouterMetrics, WorkerMetricsSource
 from router.request_flow import FlowError, RequestFlow

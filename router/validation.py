@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Protocol
 
-from engine.sampling_params import InvalidSamplingParams, SamplingParams
+from contracts.sampling import InvalidSamplingParams, SamplingParams
 from engine.tokenizer import TokenizerError
 from proto.api import pb
 

@@ -7,7 +7,7 @@ import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
-from engine.stats import EngineStats, WorkerInfo
+from contracts.stats import EngineStats, WorkerInfo
 from router.clients import DecodeClient, PrefillClient, WorkerClient
 
 log = logging.getLogger(__name__)

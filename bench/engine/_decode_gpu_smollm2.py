@@ -6,11 +6,11 @@ import time
 import torch
 
 from bench.engine.decode_cpu import PROMPT as SMOL_PROMPT
+from contracts.sampling import SamplingParams
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.model_files import ModelPathError, embedded_model_path
 from engine.random_models import PRESETS, build_random_model
-from engine.sampling_params import SamplingParams
 
 
 def smollm2_tok_s(new_tokens: int = 128) -> dict:

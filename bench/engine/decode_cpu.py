@@ -12,10 +12,10 @@ from unittest import mock
 
 import torch
 
+from contracts.sampling import SamplingParams
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.model_files import embedded_model_path, resolve_model_path
-from engine.sampling_params import SamplingParams
 
 # Plain token ids (SmolLM2 vocabulary): the start of a story, 20 tokens.
 PROMPT = [6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 418, 260, 5595, 282, 253, 1109, 3150, 28, 665,

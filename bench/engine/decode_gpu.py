@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 
 from bench._cuda import copy_bandwidth, cuda_missing, median_event_ms
+from contracts.kv_cache_spec import KVCacheSpec
+from contracts.sampling import SamplingParams
 from engine.attention_metadata import AttentionMetadata, SeqSpan
 from engine.config import EngineConfig, ModelConfig
-from engine.kv_cache import KVCache
+from engine.kv_cache import KVCache, dtype_name
 from engine.llm_engine import LLMEngine
 from engine.model import LlamaModel
 from engine.random_models import PRESETS, build_random_model
-from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
 LLAMA3_8B = PRESETS["llama-3-8b"]
@@ -178,7 +179,7 @@ def parity(model: LlamaModel, hf, tokens: int = 40) -> dict:
     c, device, dtype = model.config, model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
     ids = torch.randint(0, c.vocab_size, (tokens,), device=device)
     blocks = -(-tokens // 16)
-    kv = KVCache(c.num_layers, blocks, 16, c.num_kv_heads, c.head_dim, dtype, device)
+    kv = KVCache(KVCacheSpec(16, c.num_kv_heads, c.head_dim, dtype_name(dtype)), c.num_layers, blocks, device)
     meta = AttentionMetadata.from_spans([SeqSpan(0, tokens, tokens, tuple(range(blocks)), 0)],
                                         list(range(tokens)), 16, device)
     ours = model.compute_logits(model(ids, torch.arange(tokens, device=device), meta, kv)[-1:])[0]

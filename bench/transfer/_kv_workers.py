@@ -25,13 +25,13 @@ from bench.transfer._kv_services import (
     pair_group,
     weights_fingerprint,
 )
+from contracts.sampling import SamplingParams
+from contracts.transfer import TransferTarget
 from decode_worker.api import ReserveRequest
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
 from kv_transfer.frame import segment_offsets
 from kv_transfer.layout import KVLayout
-from kv_transfer.target import TransferTarget
 from prefill_worker.api import PrefillRequest
 
 LAYERWISE, AFTER_PREFILL = "layerwise", "after_prefill"

@@ -6,13 +6,12 @@ import threading
 
 import pytest
 
+from contracts.sampling import FinishReason, SamplingParams
+from contracts.transfer import TransferTarget
 from decode_worker.api import ReserveRequest
 from decode_worker.service import DecodeService
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
-from engine.sequence import FinishReason
-from kv_transfer.target import TransferTarget
 from prefill_worker.api import PrefillRequest
 from prefill_worker.service import PrefillService
 

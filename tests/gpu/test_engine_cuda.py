@@ -9,6 +9,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
+from contracts.sampling import SamplingParams
 from engine.config import EngineConfig, ModelConfig
 from engine.cuda_graphs import decode_buckets
 from engine.llm_engine import LLMEngine
@@ -16,7 +17,6 @@ from engine.model import LlamaModel
 from engine.model_files import ModelPathError, embedded_model_path
 from engine.model_runner import RunOutput
 from engine.random_models import build_random_model
-from engine.sampling_params import SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300)]
 

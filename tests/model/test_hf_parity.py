@@ -9,13 +9,14 @@ from unittest import mock
 import pytest
 import torch
 
+from contracts.kv_cache_spec import KVCacheSpec
+from contracts.sampling import SamplingParams
 from engine.attention_metadata import AttentionMetadata, SeqSpan
 from engine.config import EngineConfig
 from engine.cpu_decode import use_column_blocks
-from engine.kv_cache import KVCache
+from engine.kv_cache import KVCache, dtype_name
 from engine.model import LlamaModel
 from engine.model_files import embedded_model_path, load_model
-from engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.timeout(240)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline machines: never try a hub lookup
@@ -41,8 +42,8 @@ def chunked_logits(model: LlamaModel, tokens: list[int], chunk: int) -> torch.Te
     """Every position's logits, computed `chunk` tokens at a time over non-consecutive cache blocks."""
     c = model.config
     num_blocks = -(-len(tokens) // BLOCK)
-    kv = KVCache(c.num_layers, 2 * num_blocks + 1, BLOCK, c.num_kv_heads, c.head_dim,
-                 model.embed_tokens.weight.dtype)
+    spec = KVCacheSpec(BLOCK, c.num_kv_heads, c.head_dim, dtype_name(model.embed_tokens.weight.dtype))
+    kv = KVCache(spec, c.num_layers, 2 * num_blocks + 1)
     blocks = tuple(2 * i + 1 for i in range(num_blocks))  # odd ids: forces the gather path
     rows = []
     with torch.inference_mode():

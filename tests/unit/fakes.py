@@ -12,13 +12,14 @@ from typing import Any, TypeVar
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from contracts.model_info import ModelInfo
+from contracts.sampling import FinishReason
+from contracts.stats import EngineStats, WorkerInfo
 from decode_worker.api import NoCapacity, Reservation, ReserveRequest, TokenChunk
-from engine.sequence import FinishReason
-from engine.stats import EngineStats, WorkerInfo
 from prefill_worker.api import PrefillFailed, PrefillRequest, PrefillResult
 from proto.api import pb_grpc
 from router.clients import DecodeClient, PrefillClient
-from router.config import ModelInfo, RouterConfig
+from router.config import RouterConfig
 from router.server import RouterServer, build_server
 
 T = TypeVar("T")

@@ -6,13 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from contracts.kv_cache_spec import KVCacheSpec
+from contracts.sampling import SamplingParams
 from engine.attention_metadata import AttentionMetadata, SeqSpan
 from engine.config import ModelConfig
 from engine.cpu_decode import ColumnBlockLinear, FlatDecoder, use_column_blocks
 from engine.kv_cache import KVCache
 from engine.model import LlamaModel
 from engine.model_runner import ModelRunner
-from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from engine.sequence import Sequence
 from kernels.attention import paged_attention_ref
@@ -150,8 +151,8 @@ def forward_step(model: LlamaModel, kv: KVCache, tokens: list[int], start: int,
 def test_flat_decoder_equals_plain_forward_and_stores_the_same_kv(head_dim: int) -> None:
     model = tiny_blocked_model(head_dim)
     c = model.config
-    plain_kv = KVCache(c.num_layers, 8, 4, c.num_kv_heads, c.head_dim)
-    flat_kv = KVCache(c.num_layers, 8, 4, c.num_kv_heads, c.head_dim)
+    plain_kv = KVCache(KVCacheSpec(4, c.num_kv_heads, c.head_dim), c.num_layers, 8)
+    flat_kv = KVCache(KVCacheSpec(4, c.num_kv_heads, c.head_dim), c.num_layers, 8)
     prompt = [3, 17, 5, 40, 22, 9]
     with torch.inference_mode():
         for kv in (plain_kv, flat_kv):
@@ -169,19 +170,19 @@ def test_flat_decoder_needs_column_blocks_and_fp32() -> None:
     config = ModelConfig(name="t", vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
                          num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=64)
     plain = LlamaModel(config)
-    kv = KVCache(1, 4, 4, 1, 8)
+    kv = KVCache(KVCacheSpec(4, 1, 8), 1, 4)
     assert not FlatDecoder.supports(plain, kv)
     with pytest.raises(ValueError):
         FlatDecoder(plain, kv)
     use_column_blocks(plain, parts=2)
     assert FlatDecoder.supports(plain, kv)
-    assert not FlatDecoder.supports(plain, KVCache(1, 4, 4, 1, 8, dtype=torch.bfloat16))
+    assert not FlatDecoder.supports(plain, KVCache(KVCacheSpec(4, 1, 8, "bfloat16"), 1, 4))
 
 
 def test_runner_decodes_bs1_flat_and_falls_back_for_scattered_blocks_and_hooks() -> None:
     model = tiny_blocked_model()
     c = model.config
-    runner = ModelRunner(model, KVCache(c.num_layers, 8, 4, c.num_kv_heads, c.head_dim), c)
+    runner = ModelRunner(model, KVCache(KVCacheSpec(4, c.num_kv_heads, c.head_dim), c.num_layers, 8), c)
     assert runner.flat_decoder is not None
     seq = Sequence("r", [3, 17, 5, 40, 22, 9, 11], SamplingParams(), block_table=[2, 3])
     seq.num_computed_tokens = 6

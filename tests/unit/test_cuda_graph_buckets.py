@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from contracts.kv_cache_spec import KVCacheSpec
+from contracts.sampling import SamplingParams
 from engine.attention_metadata import BlockTableError
 from engine.config import ModelConfig
 from engine.cuda_graphs import (
@@ -18,7 +20,6 @@ from engine.cuda_graphs import (
 from engine.kv_cache import KVCache
 from engine.model import LlamaModel
 from engine.model_runner import ModelRunner, RowsByRequest
-from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk
 from engine.sequence import Sequence
 
@@ -118,7 +119,7 @@ def test_fill_rejects_what_a_decode_graph_cannot_serve() -> None:
 def test_runner_on_cpu_never_uses_graphs() -> None:
     config = ModelConfig(name="t", vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
                          num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=64)
-    kv = KVCache(1, 4, BLOCK, 1, 8)
+    kv = KVCache(KVCacheSpec(BLOCK, 1, 8), 1, 4)
     runner = ModelRunner(LlamaModel(config), kv, config)
     assert runner.graphs is None and not runner.use_graphs
     with pytest.raises(ValueError):
@@ -154,7 +155,7 @@ def test_model_run_in_layer_pieces_equals_forward() -> None:
     model.init_buffers("cpu")
     ids, positions = torch.tensor([3, 7, 1]), torch.arange(3)
     meta = AttentionMetadata.from_spans([SeqSpan(0, 3, 3, (0,), 0)], [0, 1, 2], BLOCK)
-    whole_kv, piece_kv = KVCache(5, 2, BLOCK, 1, 8), KVCache(5, 2, BLOCK, 1, 8)
+    whole_kv, piece_kv = KVCache(KVCacheSpec(BLOCK, 1, 8), 5, 2), KVCache(KVCacheSpec(BLOCK, 1, 8), 5, 2)
     expected = model(ids, positions, meta, whole_kv)
     h, cos, sin = model.embed(ids, positions)
     residual = None

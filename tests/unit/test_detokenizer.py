@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from contracts.sampling import InvalidSamplingParams
 from engine.detokenizer import IncrementalDetokenizer
-from engine.sampling_params import InvalidSamplingParams
 from engine.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.timeout(60)

@@ -6,12 +6,13 @@ import random
 import pytest
 import torch
 
+from contracts.kv_cache_spec import KVCacheSpec, KVScales, ScaleKind
+from contracts.sampling import SamplingParams
 from engine.attention_metadata import AttentionMetadata, BlockTableError
-from engine.config import ModelConfig
+from engine.config import EngineConfig, ModelConfig
 from engine.kv_cache import KVCache
 from engine.model import LlamaModel
 from engine.model_runner import ModelRunner
-from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from engine.sequence import Sequence
 
@@ -35,11 +36,12 @@ def tiny_model() -> LlamaModel:
 
 
 def tiny_cache(num_blocks: int = 32) -> KVCache:
-    return KVCache(TINY.num_layers, num_blocks, BLOCK, TINY.num_kv_heads, TINY.head_dim)
+    return KVCache(KVCacheSpec(BLOCK, TINY.num_kv_heads, TINY.head_dim), TINY.num_layers, num_blocks)
 
 
 def test_cache_tensors_are_per_layer_block_pools_in_wire_format() -> None:
-    kv = KVCache(num_layers=3, num_blocks=10, block_size=16, num_kv_heads=2, head_dim=8, dtype=torch.bfloat16)
+    spec = KVCacheSpec(block_size=16, num_kv_heads=2, head_dim=8, dtype="bfloat16")
+    kv = KVCache(spec, num_layers=3, num_blocks=10)
     assert len(kv.k) == len(kv.v) == 3
     for t in kv.k + kv.v:
         assert t.shape == (10, 16, 2, 8) and t.dtype == torch.bfloat16 and t.is_contiguous()
@@ -47,7 +49,30 @@ def test_cache_tensors_are_per_layer_block_pools_in_wire_format() -> None:
     assert kv.bytes_per_block == 2 * 3 * 16 * 2 * 8 * 2
     assert kv.k[1][[4, 2]].shape == (2, 16, 2, 8)  # what kv_transfer gathers per layer
     with pytest.raises(ValueError, match="num_blocks"):
-        KVCache(num_layers=1, num_blocks=0, block_size=16, num_kv_heads=1, head_dim=8)
+        KVCache(KVCacheSpec(block_size=16, num_kv_heads=1, head_dim=8), num_layers=1, num_blocks=0)
+    assert kv.scales == {}  # float caches have no scale tensors
+
+
+def test_quantized_spec_allocates_its_scale_tensors_per_layer() -> None:
+    spec = KVCacheSpec(4, 2, 8, "int4", scales=KVScales(ScaleKind.GROUPED, group_size=4, zero_points=True))
+    kv = KVCache(spec, num_layers=2, num_blocks=5)
+    assert kv.k[0].shape == (5, 4, 2, 4) and kv.k[0].dtype == torch.uint8  # two int4 values a byte
+    assert {name: (len(ts), ts[0].shape) for name, ts in kv.scales.items()} == {
+        "k_scale": (2, (5, 1, 2, 8)), "v_scale": (2, (5, 4, 2, 2)),
+        "k_zero": (2, (5, 1, 2, 8)), "v_zero": (2, (5, 4, 2, 2)),
+    }
+    assert kv.bytes_per_block == 2 * spec.bytes_per_block
+
+
+def test_engine_config_picks_the_cache_dtype_and_rejects_others() -> None:
+    auto = KVCache.for_model(TINY, EngineConfig(dtype="bfloat16", num_kv_blocks=3, block_size=BLOCK))
+    assert auto.spec == KVCacheSpec(BLOCK, TINY.num_kv_heads, TINY.head_dim, "bfloat16")
+    assert auto.k[0].dtype == torch.bfloat16 and len(auto.k) == TINY.num_layers
+    wide = KVCache.for_model(TINY, EngineConfig(dtype="bfloat16", kv_cache_dtype="float32", num_kv_blocks=3))
+    assert wide.spec.dtype == "float32" and wide.v[0].dtype == torch.float32
+    with pytest.raises(ValueError, match=r"kv_cache_dtype 'int8' is not supported; expected one of auto, "
+                                         r"float32, float16, bfloat16"):
+        EngineConfig(kv_cache_dtype="int8")
 
 
 def seq(request_id: str, tokens: list[int], blocks: list[int], max_tokens: int = 4) -> Sequence:

@@ -8,16 +8,17 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from contracts.kv_cache_spec import KVCacheSpec
+from contracts.transfer import TransferTarget
 from kv_transfer.channel import KVChannel, LoopbackChannel, TransferHandle
 from kv_transfer.layout import KVLayout
 from kv_transfer.receiver import KVReceiveEndpoint, KVReceiver
 from kv_transfer.sender import KVSender
 from kv_transfer.state import TransferState
-from kv_transfer.target import TransferTarget
 
 pytestmark = pytest.mark.timeout(60)
 
-LAYOUT = KVLayout(num_layers=4, block_size=4, num_kv_heads=2, head_dim=8, dtype="float32")
+LAYOUT = KVLayout(KVCacheSpec(block_size=4, num_kv_heads=2, head_dim=8, dtype="float32"), num_layers=4)
 NUM_BLOCKS = 16
 
 

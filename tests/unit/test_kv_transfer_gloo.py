@@ -9,16 +9,17 @@ import time
 import pytest
 import torch
 
+from contracts.kv_cache_spec import KVCacheSpec
+from contracts.transfer import TransferTarget
 from kv_transfer.dist_channel import ChannelListener, connect_channel
 from kv_transfer.layout import KVLayout, KVLayoutMismatch
 from kv_transfer.receiver import KVReceiveEndpoint, KVReceiver
 from kv_transfer.sender import KVSender
 from kv_transfer.state import TransferState
-from kv_transfer.target import TransferTarget
 
 pytestmark = pytest.mark.timeout(90)
 
-LAYOUT = KVLayout(num_layers=4, block_size=16, num_kv_heads=3, head_dim=64, dtype="float32")
+LAYOUT = KVLayout(KVCacheSpec(block_size=16, num_kv_heads=3, head_dim=64, dtype="float32"), num_layers=4)
 NUM_BLOCKS = 12
 TARGET = TransferTarget("req-1", "decode-0", (10, 3, 6, 11), num_tokens=50)  # 4 blocks
 SRC_BLOCKS = [2, 7, 0, 5]
@@ -120,7 +121,7 @@ def test_kv_of_one_request_moves_between_two_processes(decode_device, prefill_de
 
 def test_layout_mismatch_fails_the_handshake_on_both_sides():
     listener = ChannelListener("127.0.0.1", 0)
-    wrong = KVLayout(num_layers=4, block_size=32, num_kv_heads=3, head_dim=64, dtype="bfloat16")
+    wrong = KVLayout(KVCacheSpec(block_size=32, num_kv_heads=3, head_dim=64, dtype="bfloat16"), num_layers=4)
     proc, _, results = _start_prefill(listener.address[1], wrong)
     try:
         with pytest.raises(KVLayoutMismatch) as info:

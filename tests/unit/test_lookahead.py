@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from contracts.sampling import SamplingParams
 from engine.block_manager import BlockManager
 from engine.lookahead import DecodeLookahead, SampledStep, matching_rows
-from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
 

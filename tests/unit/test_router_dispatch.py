@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.stats import EngineStats, WorkerInfo
+from contracts.stats import EngineStats, WorkerInfo
 from router.dispatch import DispatchPolicy, UnknownPolicy, known_policies, make_policy, register_policy
 
 pytestmark = pytest.mark.timeout(30)

@@ -11,11 +11,10 @@ from typing import Any
 import pytest
 from fakes import run
 
+from contracts.sampling import FinishReason, SamplingParams
+from contracts.stats import EngineStats, WorkerInfo
+from contracts.transfer import TransferTarget
 from decode_worker.api import NoCapacity, Reservation, ReserveRequest, TokenChunk
-from engine.sampling_params import SamplingParams
-from engine.sequence import FinishReason
-from engine.stats import EngineStats, WorkerInfo
-from kv_transfer.target import TransferTarget
 from prefill_worker.api import PrefillFailed, PrefillRequest, PrefillResult
 from router.clients import WorkerUnavailable
 

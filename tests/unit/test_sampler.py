@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from contracts.sampling import SamplingParams
 from engine.sampler import position_seed, sample
-from engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.timeout(60)
 

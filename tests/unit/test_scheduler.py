@@ -6,10 +6,10 @@ from collections.abc import Callable
 
 import pytest
 
+from contracts.sampling import FinishReason, SamplingParams
 from engine.block_manager import BlockManager
-from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerError, SchedulerOutput, SequenceRejected
-from engine.sequence import FinishReason, Sequence, SequenceStatus
+from engine.sequence import Sequence, SequenceStatus
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,4 +1,4 @@
-"""Load snapshots that workers report for dispatch and metrics."""
+"""Load snapshots that workers report to the router for dispatch, health and metrics."""
 from __future__ import annotations
 
 from dataclasses import dataclass

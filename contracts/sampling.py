@@ -1,6 +1,7 @@
-"""Per-request sampling settings: validated once, frozen, shipped between processes."""
+"""How a request samples (SamplingParams, validated once, frozen) and why it stopped (FinishReason)."""
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 
@@ -36,3 +37,9 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # EOS, stop token id or stop string
+    LENGTH = "length"  # max_tokens or context window reached
+    ABORT = "abort"  # client cancel, Abort RPC, deadline or failure

@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
-from kv_transfer.layout import KVLayout
+
+class BlockSizing(Protocol):
+    """Anything that knows how many blocks hold a number of tokens (KVLayout, KVCacheSpec)."""
+
+    def num_blocks_for(self, num_tokens: int) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -13,9 +18,9 @@ class TransferTarget:
     block_ids: tuple[int, ...]  # reserved on the decode side, in block-table order
     num_tokens: int  # prompt tokens whose KV is sent
 
-    def num_blocks(self, layout: KVLayout) -> int:
-        """Blocks that carry `num_tokens` in `layout`; the reservation must hold at least that many."""
-        needed = layout.num_blocks_for(self.num_tokens)
+    def num_blocks(self, sizing: BlockSizing) -> int:
+        """Blocks that carry `num_tokens` under `sizing`; the reservation must hold at least that many."""
+        needed = sizing.num_blocks_for(self.num_tokens)
         if len(self.block_ids) < needed:
             raise ValueError(f"{self.request_id}: {self.num_tokens} tokens need {needed} blocks, "
                              f"the target reserved {len(self.block_ids)}")

@@ -1,0 +1,1 @@
+"""Torch-free dataclasses that cross process boundaries (router, workers, KV transfer)."""

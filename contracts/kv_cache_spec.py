@@ -1,0 +1,144 @@
+"""KVCacheSpec: what one KV cache block holds (logical dtype, storage, shape, scales), without torch."""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+# Logical dtype -> (storage dtype, values per storage element). int4 packs two values into each uint8.
+KV_FORMATS: dict[str, tuple[str, int]] = {
+    "float32": ("float32", 1),
+    "float16": ("float16", 1),
+    "bfloat16": ("bfloat16", 1),
+    "int8": ("int8", 1),
+    "int4": ("uint8", 2),
+}
+QUANTIZED_DTYPES = ("int8", "int4")
+STORAGE_ITEMSIZE: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
+_SCALE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+class ScaleKind(enum.StrEnum):
+    NONE = "none"  # float caches
+    PER_TOKEN_HEAD = "per_token_head"  # one scale per (token, kv head): int8
+    # One scale (and zero point) per group of `group_size` values: keys grouped along tokens (per channel),
+    # values along head_dim (per token): int4.
+    GROUPED = "grouped"
+
+
+@dataclass(frozen=True)
+class KVScales:
+    """Where a quantized cache keeps its scales; `kind=NONE` for float caches."""
+
+    kind: ScaleKind = ScaleKind.NONE
+    group_size: int = 0  # GROUPED only
+    zero_points: bool = False  # asymmetric quantization: a zero point beside every scale
+    dtype: str = "float32"  # storage dtype of scales and zero points
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "kind", ScaleKind(self.kind))  # accepts the wire's plain string
+        except ValueError:
+            raise ValueError(f"scales kind must be one of {[k.value for k in ScaleKind]}, "
+                             f"got {self.kind!r}") from None
+        if self.dtype not in _SCALE_DTYPES:
+            raise ValueError(f"scales dtype must be one of {list(_SCALE_DTYPES)}, got {self.dtype!r}")
+        if self.kind is ScaleKind.GROUPED:
+            if not isinstance(self.group_size, int) or self.group_size < 1:
+                raise ValueError(f"grouped scales need group_size >= 1, got {self.group_size!r}")
+        elif self.group_size != 0:
+            raise ValueError(f"group_size is for grouped scales only, got {self.group_size} with {self.kind}")
+        if self.kind is ScaleKind.NONE and self.zero_points:
+            raise ValueError("zero_points need scales (kind 'none' has neither)")
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """One layer's k (or v) block is `[block_size, num_kv_heads, head_dim // values_per_element]` of
+    `storage_dtype` (both follow from the logical `dtype`, KV_FORMATS), plus the scale tensors
+    `scale_shapes()` names. The KV cache owns one; the wire layout (kv_transfer.layout.KVLayout) derives
+    from it."""
+
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str = "float32"  # logical dtype: float32 | float16 | bfloat16 (int8 | int4 with scales)
+    scales: KVScales = field(default_factory=KVScales)
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"KVCacheSpec.{name} must be an int >= 1, got {value!r}")
+        if self.dtype not in KV_FORMATS:
+            raise ValueError(f"KV cache dtype must be one of {list(KV_FORMATS)}, got {self.dtype!r}")
+        if self.head_dim % self.values_per_element:
+            raise ValueError(f"head_dim {self.head_dim} does not pack {self.values_per_element} values per "
+                             f"{self.storage_dtype} element")
+        quantized, scaled = self.dtype in QUANTIZED_DTYPES, self.scales.kind is not ScaleKind.NONE
+        if quantized != scaled:
+            raise ValueError(f"a {self.dtype} KV cache needs "
+                             f"{'scales' if quantized else 'no scales'}, got scales {self.scales.kind}")
+        g = self.scales.group_size
+        if self.scales.kind is ScaleKind.GROUPED and (self.block_size % g or self.head_dim % g):
+            raise ValueError(f"group_size {g} must divide block_size {self.block_size} (key groups) and "
+                             f"head_dim {self.head_dim} (value groups)")
+
+    @property
+    def storage_dtype(self) -> str:
+        """The dtype the cache tensors hold (int4: uint8)."""
+        return KV_FORMATS[self.dtype][0]
+
+    @property
+    def values_per_element(self) -> int:
+        """Logical values packed into one stored element (int4: 2 a byte)."""
+        return KV_FORMATS[self.dtype][1]
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.dtype in QUANTIZED_DTYPES
+
+    @property
+    def block_shape(self) -> tuple[int, int, int]:
+        """One block's logical shape: `[block_size, num_kv_heads, head_dim]` values."""
+        return (self.block_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def storage_block_shape(self) -> tuple[int, int, int]:
+        """One block's stored shape (int4: head_dim / 2 bytes per token and head)."""
+        return (self.block_size, self.num_kv_heads, self.head_dim // self.values_per_element)
+
+    def scale_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-block shape of each scale tensor by name (`k_scale`, `v_scale`, `k_zero`, `v_zero`); none for
+        float caches."""
+        b, h, d = self.block_shape
+        kind, g = self.scales.kind, self.scales.group_size
+        if kind is ScaleKind.NONE:
+            return {}
+        if kind is ScaleKind.PER_TOKEN_HEAD:
+            k = v = (b, h)
+        else:
+            k, v = (b // g, h, d), (b, h, d // g)
+        shapes = {"k_scale": k, "v_scale": v}
+        if self.scales.zero_points:
+            shapes |= {"k_zero": k, "v_zero": v}
+        return shapes
+
+    @property
+    def value_bytes_per_block(self) -> int:
+        """Bytes of one layer's k (or v) values in one block, scales not included."""
+        b, h, d = self.storage_block_shape
+        return b * h * d * STORAGE_ITEMSIZE[self.storage_dtype]
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of one layer's k and v in one block, scales included."""
+        scale_elems = sum(math.prod(shape) for shape in self.scale_shapes().values())
+        return 2 * self.value_bytes_per_block + scale_elems * STORAGE_ITEMSIZE[self.scales.dtype]
+
+    def num_blocks_for(self, num_tokens: int) -> int:
+        """Blocks that hold `num_tokens` tokens."""
+        if num_tokens < 1:
+            raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+        return -(-num_tokens // self.block_size)
+
