@@ -148,6 +148,15 @@ class DecodeService(WorkerService):
                                    stream.num_prompt_tokens, stream.num_output_tokens, error))
         return receiver is not None or known or stream is not None
 
+    def _fail_waiters(self, error: str) -> None:
+        for receiver in self._receivers.values():
+            receiver.abort("decode worker failed")
+        self._receivers.clear()
+        for request_id, stream in self._active.items():
+            stream.push(TokenChunk(request_id, (), stream.flush_text(), FinishReason.ABORT,
+                                   stream.num_prompt_tokens, stream.num_output_tokens, error))
+        self._active.clear()
+
     def _poll_transfers(self) -> bool:
         """Admits requests whose KV has arrived (their first token streams now); fails those whose did not."""
         changed = False

@@ -31,8 +31,9 @@ class WorkerService(ABC):
     The base owns the engine thread (idle wait, error capture: a dead thread makes `info()` report "failed"),
     the step loop, `info`, `abort`, `metrics_text` and `shutdown`. A role implements the transfers it polls
     between steps (`_poll_transfers`), what one step does with the batch (`_execute`, `_after_step`), how a
-    request is dropped (`_abort`, on the engine thread) and what it closes (`_close`). A subclass builds its
-    own state after `super().__init__` and then calls `start()`.
+    request is dropped (`_abort`, on the engine thread), how its waiters are failed if a step raises
+    (`_fail_waiters`, so no caller hangs on a dead thread) and what it closes (`_close`). A subclass builds
+    its own state after `super().__init__` and then calls `start()`.
     """
 
     role: ClassVar[str]  # "prefill" | "decode", as reported in WorkerInfo
@@ -73,6 +74,13 @@ class WorkerService(ABC):
     # ---- engine thread ----
 
     def _step(self) -> bool:
+        try:
+            return self._step_once()
+        except BaseException as e:  # the thread dies (info() says "failed"): fail waiters, never hang them
+            self._fail_waiters(f"{self.worker_id} engine thread died: {type(e).__name__}: {e}")
+            raise
+
+    def _step_once(self) -> bool:
         """One step, read aloud: advance transfers → schedule → execute → postprocess → hand results on."""
         did_work = self._poll_transfers()
         if not self.engine.has_work():
@@ -104,6 +112,10 @@ class WorkerService(ABC):
     @abstractmethod
     def _abort(self, request_id: str, reason: str) -> bool:
         """Drops `request_id` from the engine and this role's own state; True if anything held it."""
+
+    @abstractmethod
+    def _fail_waiters(self, error: str) -> None:
+        """The engine thread is dying: end every request still waiting on this role with `error`."""
 
     @abstractmethod
     def _close(self) -> None:

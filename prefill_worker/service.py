@@ -104,6 +104,13 @@ class PrefillService(WorkerService):
                 pending.result.set_exception(PrefillFailed(f"{request_id}: {reason}"))
         return pending is not None or known
 
+    def _fail_waiters(self, error: str) -> None:
+        for request_id, pending in self._pending.items():
+            pending.sender.abort("prefill worker failed")  # the decode side frees its reservation
+            if not pending.result.done():
+                pending.result.set_exception(PrefillFailed(f"{request_id}: {error}"))
+        self._pending.clear()
+
     def _execute(self, out: SchedulerOutput) -> RunOutput:
         """Runs the chunks, streaming each finished prompt's KV per layer; then queues its first token."""
         now = time.perf_counter()
