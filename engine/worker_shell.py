@@ -4,9 +4,10 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import ClassVar, Protocol, TypeVar
+from typing import ClassVar, TypeVar
 
 import torch
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from engine.config import EngineConfig
 from engine.engine_thread import EngineThread
@@ -19,10 +20,21 @@ from engine.stats import EngineStats, WorkerInfo
 T = TypeVar("T")
 
 
-class WorkerMetrics(Protocol):
-    """A worker's own Prometheus registry; the router re-exposes it at scrape time (`metrics_text`)."""
+class WorkerMetrics:
+    """A worker's own Prometheus registry with what both roles count; each role's subclass adds its own
+    families. The router re-exposes it at scrape time (`metrics_text`) with a `worker` label."""
 
-    def exposition(self) -> str: ...
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._transfer_failures = Counter("pdserve_kv_transfer_failures",
+                                          "KV transfers that failed, by reason", ["reason"],
+                                          registry=self.registry)
+
+    def transfer_failed(self, reason: str) -> None:
+        self._transfer_failures.labels(reason=reason).inc()
+
+    def exposition(self) -> str:
+        return generate_latest(self.registry).decode()
 
 
 class WorkerService(ABC):

@@ -12,14 +12,9 @@ from engine.model_runner import RunOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
-from engine.worker_shell import WorkerActor, WorkerService
+from engine.worker_shell import WorkerActor, WorkerMetrics, WorkerService
 
 CONFIG = EngineConfig(model_path="random:tiny", device="cpu", block_size=4, num_kv_blocks=16)
-
-
-class _Metrics:
-    def exposition(self) -> str:
-        return "pdserve_toy_total 1\n"
 
 
 class GenerateService(WorkerService):
@@ -29,7 +24,7 @@ class GenerateService(WorkerService):
 
     def __init__(self, fail_after_step: bool = False) -> None:
         super().__init__("toy-0", CONFIG)
-        self.metrics = _Metrics()
+        self.metrics = WorkerMetrics()
         self.fail_after_step = fail_after_step
         self.calls: list[str] = []
         self._done: dict[str, Future] = {}
@@ -80,7 +75,8 @@ def test_step_loop_runs_requests_through_the_role_hooks_and_info_reports_stats()
 
         asyncio.run(scenario())
         assert "after_step" in service.calls and service.calls[-1] == "abort:abort"
-        assert service.metrics_text() == "pdserve_toy_total 1\n"
+        service.metrics.transfer_failed("lease expired")
+        assert 'pdserve_kv_transfer_failures_total{reason="lease expired"} 1.0' in service.metrics_text()
     finally:
         service.shutdown()
     assert service.calls[-1] == "close:thread_alive=False"  # transports close after the thread stopped
@@ -113,7 +109,7 @@ def test_actor_tail_sizes_torch_threads_before_building_the_service_and_forwards
     try:
         actor = WorkerActor(EngineConfig(num_threads=1), make)
         assert seen == [1]
-        assert asyncio.run(actor.metrics_text()) == "pdserve_toy_total 1\n"
+        assert "pdserve_kv_transfer_failures" in asyncio.run(actor.metrics_text())
         assert asyncio.run(actor.info()).state == "ready"
         asyncio.run(actor.shutdown())
         assert actor.service.calls[-1] == "close:thread_alive=False"
