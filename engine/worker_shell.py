@@ -55,7 +55,8 @@ class WorkerService(ABC):
         self.worker_id = worker_id
         self.config = config
         self.engine = LLMEngine(config, progress=progress)
-        self._thread = EngineThread(f"{self.role}-{worker_id}", self._step, idle_poll_s=self._idle_poll_s)
+        self._thread = EngineThread(f"{self.role}-{worker_id}", self._step, idle_poll_s=self._idle_poll_s,
+                                    on_error=self._engine_died)
 
     def start(self) -> None:
         self._thread.start()
@@ -63,10 +64,15 @@ class WorkerService(ABC):
     # ---- called from the actor's event loop ----
 
     async def info(self) -> WorkerInfo:
-        if not self._thread.alive:
-            return WorkerInfo(self.worker_id, self.role, "failed",
-                              EngineStats(0, self.config.num_kv_blocks, 0, 0, 0))
-        return WorkerInfo(self.worker_id, self.role, "ready", await self._on_engine_thread(self.engine.stats))
+        if self._thread.alive:
+            try:
+                stats = await self._on_engine_thread(self.engine.stats)
+                return WorkerInfo(self.worker_id, self.role, "ready", stats)
+            except RuntimeError:  # the thread died while this query waited: answer as if it came later
+                if self._thread.alive:
+                    raise
+        nothing = EngineStats(0, self.config.num_kv_blocks, 0, 0, 0)
+        return WorkerInfo(self.worker_id, self.role, "failed", nothing)
 
     async def abort(self, request_id: str) -> bool:
         """Drop a request in any state, freeing what it holds exactly once; False if it is unknown here."""
@@ -86,13 +92,6 @@ class WorkerService(ABC):
     # ---- engine thread ----
 
     def _step(self) -> bool:
-        try:
-            return self._step_once()
-        except BaseException as e:  # the thread dies (info() says "failed"): fail waiters, never hang them
-            self._fail_waiters(f"{self.worker_id} engine thread died: {type(e).__name__}: {e}")
-            raise
-
-    def _step_once(self) -> bool:
         """One step, read aloud: advance transfers → schedule → execute → postprocess → hand results on."""
         did_work = self._poll_transfers()
         if not self.engine.has_work():
@@ -104,6 +103,9 @@ class WorkerService(ABC):
         finished = self.engine.postprocess(out, run)
         self._after_step(out, run, finished)
         return True
+
+    def _engine_died(self, error: BaseException) -> None:
+        self._fail_waiters(f"{self.worker_id} engine thread died: {type(error).__name__}: {error}")
 
     def _execute(self, out: SchedulerOutput) -> RunOutput:
         """Runs the scheduled batch; a role that acts during the forward pass (layer hooks) overrides it."""
