@@ -4,18 +4,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-import torch
-
 from contracts.model_info import ModelInfo
-from contracts.stats import WorkerInfo
 from contracts.transfer import ChannelAddress
 from decode_worker.api import Reservation, ReserveRequest, TokenChunk
 from decode_worker.service import DecodeService
 from engine.config import EngineConfig
+from engine.worker_shell import WorkerActor
 
 
-class DecodeWorkerActor:
-    """Async actor: every method runs on the actor's event loop; the engine runs on its own thread."""
+class DecodeWorkerActor(WorkerActor):
+    service: DecodeService
 
     def __init__(self, worker_id: str, config: EngineConfig, kv_lease_seconds: float = 120.0,
                  channel_host: str = "127.0.0.1") -> None:
@@ -23,12 +21,8 @@ class DecodeWorkerActor:
             import ray
 
             channel_host = ray.util.get_node_ip_address()
-        if config.num_threads:  # the actor owns its process: size torch's thread pool for it
-            torch.set_num_threads(config.num_threads)
-        self.service = DecodeService(worker_id, config, host=channel_host, kv_lease_seconds=kv_lease_seconds)
-
-    async def info(self) -> WorkerInfo:
-        return await self.service.info()
+        super().__init__(config, lambda: DecodeService(worker_id, config, host=channel_host,
+                                                       kv_lease_seconds=kv_lease_seconds))
 
     async def model_info(self) -> ModelInfo:
         """What GetModelInfo reports; read from the worker that actually runs the model."""
@@ -56,12 +50,3 @@ class DecodeWorkerActor:
     async def stream(self, request_id: str) -> AsyncIterator[TokenChunk]:
         async for chunk in self.service.stream(request_id):
             yield chunk
-
-    async def abort(self, request_id: str) -> bool:
-        return await self.service.abort(request_id)
-
-    async def metrics_text(self) -> str:
-        return self.service.metrics.exposition()
-
-    async def shutdown(self) -> None:
-        self.service.shutdown()

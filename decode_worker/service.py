@@ -7,20 +7,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from contracts.sampling import FinishReason
-from contracts.stats import EngineStats, WorkerInfo
 from contracts.transfer import ChannelAddress, TransferTarget
 from decode_worker.api import NoCapacity, Reservation, ReserveRequest, TokenChunk
 from decode_worker.metrics import DecodeMetrics
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.engine_thread import EngineThread
-from engine.llm_engine import LLMEngine
 from engine.model_files import resolve_model_path
 from engine.model_runner import RunOutput
 from engine.random_models import is_random_model
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
 from engine.tokenizer import Tokenizer
+from engine.worker_shell import WorkerService
 from kv_transfer.dist_channel import ChannelListener
 from kv_transfer.layout import KVLayout
 from kv_transfer.receiver import KVReceiveEndpoint, KVReceiver
@@ -37,8 +35,10 @@ class _Stream:
     queue: asyncio.Queue
     detok: IncrementalDetokenizer | None
     num_prompt_tokens: int
+    num_output_tokens: int = 0  # as of the last chunk pushed (engine thread)
 
     def push(self, chunk: TokenChunk) -> None:
+        self.num_output_tokens = chunk.num_output_tokens
         self.loop.call_soon_threadsafe(self.queue.put_nowait, chunk)
 
     def flush_text(self) -> str:
@@ -46,12 +46,12 @@ class _Stream:
         return self.detok.finish() if self.detok is not None else ""
 
 
-class DecodeService:
+class DecodeService(WorkerService):
+    role = "decode"
+
     def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
                  kv_lease_seconds: float = 120.0, progress: bool = False) -> None:
-        self.worker_id = worker_id
-        self.config = config
-        self.engine = LLMEngine(config, progress=progress)
+        super().__init__(worker_id, config, progress=progress)
         # Random-weight models (speed work) have no tokenizer: their streams carry token ids and empty text.
         self.tokenizer = None if is_random_model(config.model_path) else \
             Tokenizer.from_model(resolve_model_path(config.model_path))
@@ -63,8 +63,7 @@ class DecodeService:
         self._receivers: dict[str, KVReceiver] = {}  # engine thread only
         self._active: dict[str, _Stream] = {}  # engine thread only
         self._streams: dict[str, _Stream] = {}  # actor loop only
-        self._thread = EngineThread(f"decode-{worker_id}", self._step)
-        self._thread.start()
+        self.start()
 
     # ---- control plane (called from the actor's event loop) ----
 
@@ -79,20 +78,13 @@ class DecodeService:
         endpoint.start()
         self._thread.submit(lambda: self._endpoints.__setitem__(peer_id, endpoint)).result()
 
-    async def info(self) -> WorkerInfo:
-        if not self._thread.alive:
-            stats = EngineStats(0, self.config.num_kv_blocks, 0, 0, 0)
-            return WorkerInfo(self.worker_id, "decode", "failed", stats)
-        stats = await asyncio.wrap_future(self._thread.submit(self.engine.stats))
-        return WorkerInfo(self.worker_id, "decode", "ready", stats)
-
     async def reserve(self, req: ReserveRequest) -> Reservation:
         if req.request_id in self._streams:
             raise ValueError(f"request_id {req.request_id!r} is already active on {self.worker_id}")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(),
                          self._detokenizer(req),
                          len(req.prompt_token_ids))
-        reservation = await asyncio.wrap_future(self._thread.submit(lambda: self._reserve(req, stream)))
+        reservation = await self._on_engine_thread(lambda: self._reserve(req, stream))
         self._streams[req.request_id] = stream
         return reservation
 
@@ -118,11 +110,7 @@ class DecodeService:
             if not finished:  # consumer went away mid-stream: client disconnect = abort
                 await self.abort(request_id)
 
-    async def abort(self, request_id: str) -> bool:
-        return await asyncio.wrap_future(self._thread.submit(lambda: self._abort(request_id, "abort")))
-
-    def shutdown(self) -> None:
-        self._thread.stop()
+    def _close(self) -> None:
         for endpoint in self._endpoints.values():
             endpoint.stop()
         self._listener.close()
@@ -130,15 +118,16 @@ class DecodeService:
     # ---- engine thread ----
 
     def _reserve(self, req: ReserveRequest, stream: _Stream) -> Reservation:
-        seq = Sequence(req.request_id, list(req.prompt_token_ids), req.sampling)
+        prompt = list(req.prompt_token_ids)
         if req.prefill_locally:
-            self.engine.scheduler.add(seq)
+            self.engine.add_request(req.request_id, prompt, req.sampling)
             self._active[req.request_id] = stream
             return Reservation(req.request_id, self.worker_id, ())
-        if not self.engine.scheduler.reserve(seq):
-            raise NoCapacity(f"{self.worker_id}: no room for {seq.num_tokens} prompt tokens "
-                             f"({self.engine.scheduler.stats().num_free_blocks} free KV blocks)")
-        target = TransferTarget(req.request_id, self.worker_id, tuple(seq.block_table), seq.num_tokens)
+        block_ids = self.engine.reserve(req.request_id, prompt, req.sampling)
+        if block_ids is None:
+            raise NoCapacity(f"{self.worker_id}: no room for {len(prompt)} prompt tokens "
+                             f"({self.engine.stats().num_free_blocks} free KV blocks)")
+        target = TransferTarget(req.request_id, self.worker_id, block_ids, len(prompt))
         # on_finish runs on the endpoint thread when the last frame lands: wake the engine to admit it now.
         receiver = KVReceiver(target, self.layout, lease_seconds=self._lease,
                               on_finish=lambda _: self._thread.wake())
@@ -153,35 +142,31 @@ class DecodeService:
         receiver = self._receivers.pop(request_id, None)
         if receiver is not None:
             receiver.abort(reason)
-        seq = self.engine.scheduler.abort(request_id)
+        known = self.engine.abort(request_id)
         stream = self._active.pop(request_id, None)
         if stream is not None:
-            n_out = seq.num_output_tokens if seq is not None else 0
             stream.push(TokenChunk(request_id, (), stream.flush_text(), FinishReason.ABORT,
-                                   stream.num_prompt_tokens, n_out, error))
-        return receiver is not None or seq is not None or stream is not None
+                                   stream.num_prompt_tokens, stream.num_output_tokens, error))
+        return receiver is not None or known or stream is not None
 
-    def _step(self) -> bool:
-        """One step, read aloud: admit arrived KV → schedule → run → postprocess → stream tokens."""
-        did_work = self._poll_receivers()
-        if not self.engine.has_work():
-            return did_work
-        out = self.engine.schedule()
-        if out.num_batched_tokens == 0:
-            return did_work
-        run = self.engine.run(out)
-        finished = self.engine.postprocess(out, run)
-        self._emit(out, run, finished)
-        return True
+    def _fail_waiters(self, error: str) -> None:
+        for receiver in self._receivers.values():
+            receiver.abort("decode worker failed")
+        self._receivers.clear()
+        for request_id, stream in self._active.items():
+            stream.push(TokenChunk(request_id, (), stream.flush_text(), FinishReason.ABORT,
+                                   stream.num_prompt_tokens, stream.num_output_tokens, error))
+        self._active.clear()
 
-    def _poll_receivers(self) -> bool:
+    def _poll_transfers(self) -> bool:
+        """Admits requests whose KV has arrived (their first token streams now); fails those whose did not."""
         changed = False
         for request_id, receiver in list(self._receivers.items()):
             state = receiver.poll()
             if state is TransferState.DONE:
                 del self._receivers[request_id]
                 self.metrics.transfer_received(receiver.bytes_received)
-                seq = self.engine.scheduler.activate(request_id, receiver.first_token_id)
+                seq = self.engine.activate(request_id, receiver.first_token_id)
                 self._push_tokens(seq, [receiver.first_token_id])
                 changed = True
             elif state is TransferState.FAILED:
@@ -192,7 +177,8 @@ class DecodeService:
                 changed = True
         return changed
 
-    def _emit(self, out: SchedulerOutput, run: RunOutput, finished: list[Sequence]) -> None:
+    def _after_step(self, out: SchedulerOutput, run: RunOutput, finished: list[Sequence]) -> None:
+        """Streams each sampled token to its request."""
         for chunk in out.chunks:
             token = run.sampled.get(chunk.seq.request_id)
             if token is not None:
@@ -208,7 +194,7 @@ class DecodeService:
             delta = stream.detok.add(token_ids)
             text, stopped = delta.text, delta.stopped
         if stopped:  # stop string: finish now and free the blocks (a no-op if the sequence already ended)
-            self.engine.scheduler.abort(seq.request_id)
+            self.engine.abort(seq.request_id)
             reason = FinishReason.STOP
         elif reason is not None:
             text += stream.flush_text()

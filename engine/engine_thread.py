@@ -18,13 +18,16 @@ class EngineThread:
     `step` does one unit of work and returns True if it did any. When idle the thread sleeps until a command
     arrives, someone calls `wake()` (e.g. a transfer finished on another thread), or `idle_poll_s()` seconds
     pass, so state machines with leases still get polled; owners shorten it while they wait on something
-    imminent.
+    imminent. If `step` raises, the thread records the error (`alive` turns False), calls `on_error` with it
+    (to fail whoever still waits on the owner) and ends.
     """
 
     def __init__(self, name: str, step: Callable[[], bool],
-                 idle_poll_s: Callable[[], float] = lambda: 0.005) -> None:
+                 idle_poll_s: Callable[[], float] = lambda: 0.005,
+                 on_error: Callable[[BaseException], None] = lambda e: None) -> None:
         self._step = step
         self._idle_poll_s = idle_poll_s
+        self._on_error = on_error
         self._inbox: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -81,6 +84,7 @@ class EngineThread:
         except BaseException as e:  # the worker reports this as state "failed"
             log.exception("engine thread %s died", self._thread.name)
             self.error = e
+            self._on_error(e)  # after `error` is set: whoever it wakes already sees the thread dead
         finally:
             self._drain_inbox_with_error()
 

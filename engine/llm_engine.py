@@ -134,3 +134,22 @@ class LLMEngine:
                     "scheduler has work but scheduled nothing (KV cache too small for a prompt?)")
             self.postprocess(out, self.run(out))
         return [seq.output_token_ids for seq in seqs]
+
+    # ---- decode side: KV arriving from a prefill worker ----
+
+    def reserve(self, request_id: str, prompt_token_ids: list[int],
+                sampling: SamplingParams) -> tuple[int, ...] | None:
+        """Hold KV blocks for a prompt a prefill worker will compute; the block ids its KV goes to, in order.
+
+        None (nothing held) if the blocks or a sequence slot are not free now. The sequence is never scheduled
+        until `activate`; `abort` frees its blocks in any state.
+        """
+        seq = Sequence(request_id=request_id, token_ids=list(prompt_token_ids), sampling=sampling)
+        if not self.scheduler.reserve(seq):
+            return None
+        return tuple(seq.block_table)
+
+    def activate(self, request_id: str, first_token_id: int) -> Sequence:
+        """The prompt's KV has landed in the reserved blocks: the sequence joins the running batch with the
+        first token the prefill worker sampled (raises SchedulerError if `request_id` awaits no KV)."""
+        return self.scheduler.activate(request_id, first_token_id)

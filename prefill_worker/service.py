@@ -8,12 +8,12 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from contracts.stats import EngineStats, WorkerInfo
 from contracts.transfer import ChannelAddress
 from engine.config import EngineConfig
-from engine.engine_thread import EngineThread
-from engine.llm_engine import LLMEngine
+from engine.model_runner import RunOutput
+from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
+from engine.worker_shell import WorkerService
 from kv_transfer.channel import KVChannel
 from kv_transfer.dist_channel import connect_channel
 from kv_transfer.layout import KVLayout
@@ -39,24 +39,21 @@ class _Pending:
     first_token_id: int | None = None
 
 
-class PrefillService:
+class PrefillService(WorkerService):
+    role = "prefill"
+
     def __init__(self, worker_id: str, config: EngineConfig, kv_lease_seconds: float = 120.0,
                  progress: bool = False, stream_layers: bool = True) -> None:
         """`stream_layers=False` is the baseline the layer-wise design is measured against: the same sends,
         all issued once the forward pass has ended instead of from each layer's hook."""
-        self.worker_id = worker_id
-        self.config = config
+        super().__init__(worker_id, config, progress=progress)
         self.stream_layers = stream_layers
-        self.engine = LLMEngine(config, progress=progress)
         self.layout = KVLayout(self.engine.kv_cache.spec, self.engine.kv_cache.num_layers)
         self.metrics = PrefillMetrics(worker_id, self.layout.dtype)
         self._lease = kv_lease_seconds
         self._channels: dict[str, KVChannel] = {}  # decode_id -> channel
         self._pending: dict[str, _Pending] = {}  # engine thread only
-        # Send completion is polled (gloo/NCCL handles have no callback): poll fast while sends are in flight.
-        self._thread = EngineThread(f"prefill-{worker_id}", self._step,
-                                    idle_poll_s=lambda: 0.0002 if self._pending else 0.005)
-        self._thread.start()
+        self.start()
 
     # ---- control plane ----
 
@@ -65,31 +62,24 @@ class PrefillService:
                                   device=self.config.device, timeout=timeout)
         self._thread.submit(lambda: self._channels.__setitem__(address.decode_id, channel)).result()
 
-    async def info(self) -> WorkerInfo:
-        if not self._thread.alive:
-            return WorkerInfo(self.worker_id, "prefill", "failed",
-                              EngineStats(0, self.config.num_kv_blocks, 0, 0, 0))
-        stats = await asyncio.wrap_future(self._thread.submit(self.engine.stats))
-        return WorkerInfo(self.worker_id, "prefill", "ready", stats)
-
     async def prefill(self, req: PrefillRequest) -> PrefillResult:
         result: Future = Future()
-        await asyncio.wrap_future(self._thread.submit(lambda: self._add(req, result)))
+        await self._on_engine_thread(lambda: self._add(req, result))
         try:
             return await asyncio.wrap_future(result)
         except asyncio.CancelledError:  # caller gave up: stop computing and sending
             await self.abort(req.request_id)
             raise
 
-    async def abort(self, request_id: str) -> bool:
-        return await asyncio.wrap_future(self._thread.submit(lambda: self._abort(request_id, "aborted")))
-
-    def shutdown(self) -> None:
-        self._thread.stop()
+    def _close(self) -> None:
         for channel in self._channels.values():
             channel.close()
 
     # ---- engine thread ----
+
+    def _idle_poll_s(self) -> float:
+        # Send completion is polled (gloo/NCCL handles have no callback): poll fast while sends are in flight.
+        return 0.0002 if self._pending else 0.005
 
     def _add(self, req: PrefillRequest, result: Future) -> None:
         channel = self._channels.get(req.target.decode_id)
@@ -107,21 +97,22 @@ class PrefillService:
 
     def _abort(self, request_id: str, reason: str) -> bool:
         pending = self._pending.pop(request_id, None)
-        seq = self.engine.scheduler.abort(request_id)
+        known = self.engine.abort(request_id)
         if pending is not None:
             pending.sender.abort(reason)
             if not pending.result.done():
                 pending.result.set_exception(PrefillFailed(f"{request_id}: {reason}"))
-        return pending is not None or seq is not None
+        return pending is not None or known
 
-    def _step(self) -> bool:
-        """One step: schedule chunks → run (streaming KV of finished prompts per layer) → postprocess."""
-        did_work = self._poll_senders()
-        if not self.engine.has_work():
-            return did_work
-        out = self.engine.schedule()
-        if out.num_batched_tokens == 0:
-            return did_work
+    def _fail_waiters(self, error: str) -> None:
+        for request_id, pending in self._pending.items():
+            pending.sender.abort("prefill worker failed")  # the decode side frees its reservation
+            if not pending.result.done():
+                pending.result.set_exception(PrefillFailed(f"{request_id}: {error}"))
+        self._pending.clear()
+
+    def _execute(self, out: SchedulerOutput) -> RunOutput:
+        """Runs the chunks, streaming each finished prompt's KV per layer; then queues its first token."""
         now = time.perf_counter()
         completing: list[tuple[Sequence, _Pending]] = []
         for chunk in out.chunks:
@@ -149,12 +140,13 @@ class PrefillService:
             token = run.sampled[seq.request_id]
             pending.sender.send_final(token, run.last_hidden.get(seq.request_id))
             pending.first_token_id, pending.computed = token, computed
-        # Blocks of finished prompts are freed here: send_layer already copied what it sends.
-        self.engine.postprocess(out, run)
-        self._poll_senders()
-        return True
+        # postprocess frees the blocks of finished prompts right after this: send_layer already copied them.
+        return run
 
-    def _poll_senders(self) -> bool:
+    def _after_step(self, out: SchedulerOutput, run: RunOutput, finished: list[Sequence]) -> None:
+        self._poll_transfers()
+
+    def _poll_transfers(self) -> bool:
         changed = False
         for request_id, pending in list(self._pending.items()):
             state = pending.sender.poll()
@@ -164,7 +156,7 @@ class PrefillService:
                 changed = True
             elif state is TransferState.FAILED:
                 del self._pending[request_id]
-                self.engine.scheduler.abort(request_id)
+                self.engine.abort(request_id)
                 reason = pending.sender.failure_reason or "unknown"
                 self.metrics.transfer_failed(reason)
                 if not pending.result.done():

@@ -33,7 +33,6 @@ from engine.kv_cache import KVCache, dtype_name
 from engine.llm_engine import LLMEngine
 from engine.model import LlamaModel
 from engine.random_models import PRESETS, build_random_model
-from engine.sequence import Sequence
 
 LLAMA3_8B = PRESETS["llama-3-8b"]
 BF16 = torch.bfloat16
@@ -89,11 +88,11 @@ def start_decoding(engine: LLMEngine, batch: int, context: int, tag: str) -> lis
     ids = []
     for i in range(batch):
         prompt = torch.randint(0, engine.model_config.vocab_size, (context,), generator=gen).tolist()
-        seq = Sequence(f"{tag}-{i}", prompt, SamplingParams(max_tokens=100_000, ignore_eos=True))
-        if not engine.scheduler.reserve(seq):
+        request_id = f"{tag}-{i}"
+        if engine.reserve(request_id, prompt, SamplingParams(max_tokens=100_000, ignore_eos=True)) is None:
             raise RuntimeError(f"KV cache too small for {batch} x {context}")
-        engine.scheduler.activate(seq.request_id, int(prompt[-1]))
-        ids.append(seq.request_id)
+        engine.activate(request_id, int(prompt[-1]))
+        ids.append(request_id)
     return ids
 
 

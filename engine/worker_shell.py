@@ -1,0 +1,160 @@
+"""The shell both workers share: a service owning an engine on its own thread, and the actor tail over it."""
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import ClassVar, TypeVar
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+from contracts.stats import EngineStats, WorkerInfo
+from engine.config import EngineConfig
+from engine.engine_thread import EngineThread
+from engine.llm_engine import LLMEngine
+from engine.model_runner import RunOutput
+from engine.scheduler import SchedulerOutput
+from engine.sequence import Sequence
+
+T = TypeVar("T")
+
+
+class WorkerMetrics:
+    """A worker's own Prometheus registry with what both roles count; each role's subclass adds its own
+    families. The router re-exposes it at scrape time (`metrics_text`) with a `worker` label."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._transfer_failures = Counter("pdserve_kv_transfer_failures",
+                                          "KV transfers that failed, by reason", ["reason"],
+                                          registry=self.registry)
+
+    def transfer_failed(self, reason: str) -> None:
+        self._transfer_failures.labels(reason=reason).inc()
+
+    def exposition(self) -> str:
+        return generate_latest(self.registry).decode()
+
+
+class WorkerService(ABC):
+    """One worker without Ray: an `LLMEngine` that only the engine thread touches, plus what the role adds.
+
+    The base owns the engine thread (idle wait, error capture: a dead thread makes `info()` report "failed"),
+    the step loop, `info`, `abort`, `metrics_text` and `shutdown`. A role implements the transfers it polls
+    between steps (`_poll_transfers`), what one step does with the batch (`_execute`, `_after_step`), how a
+    request is dropped (`_abort`, on the engine thread), how its waiters are failed if a step raises
+    (`_fail_waiters`, so no caller hangs on a dead thread) and what it closes (`_close`). A subclass builds
+    its own state after `super().__init__` and then calls `start()`.
+    """
+
+    role: ClassVar[str]  # "prefill" | "decode", as reported in WorkerInfo
+    metrics: WorkerMetrics
+
+    def __init__(self, worker_id: str, config: EngineConfig, progress: bool = False) -> None:
+        self.worker_id = worker_id
+        self.config = config
+        self.engine = LLMEngine(config, progress=progress)
+        self._thread = EngineThread(f"{self.role}-{worker_id}", self._step, idle_poll_s=self._idle_poll_s,
+                                    on_error=self._engine_died)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # ---- called from the actor's event loop ----
+
+    async def info(self) -> WorkerInfo:
+        if self._thread.alive:
+            try:
+                stats = await self._on_engine_thread(self.engine.stats)
+                return WorkerInfo(self.worker_id, self.role, "ready", stats)
+            except RuntimeError:  # the thread died while this query waited: answer as if it came later
+                if self._thread.alive:
+                    raise
+        nothing = EngineStats(0, self.config.num_kv_blocks, 0, 0, 0)
+        return WorkerInfo(self.worker_id, self.role, "failed", nothing)
+
+    async def abort(self, request_id: str) -> bool:
+        """Drop a request in any state, freeing what it holds exactly once; False if it is unknown here."""
+        return await self._on_engine_thread(lambda: self._abort(request_id, "abort"))
+
+    def metrics_text(self) -> str:
+        return self.metrics.exposition()
+
+    def shutdown(self) -> None:
+        self._thread.stop()
+        self._close()
+
+    async def _on_engine_thread(self, fn: Callable[[], T]) -> T:
+        """Runs `fn` between engine steps and awaits its result (or exception) without blocking the loop."""
+        return await asyncio.wrap_future(self._thread.submit(fn))
+
+    # ---- engine thread ----
+
+    def _step(self) -> bool:
+        """One step, read aloud: advance transfers → schedule → execute → postprocess → hand results on."""
+        did_work = self._poll_transfers()
+        if not self.engine.has_work():
+            return did_work
+        out = self.engine.schedule()
+        if out.num_batched_tokens == 0:
+            return did_work
+        run = self._execute(out)
+        finished = self.engine.postprocess(out, run)
+        self._after_step(out, run, finished)
+        return True
+
+    def _engine_died(self, error: BaseException) -> None:
+        self._fail_waiters(f"{self.worker_id} engine thread died: {type(error).__name__}: {error}")
+
+    def _execute(self, out: SchedulerOutput) -> RunOutput:
+        """Runs the scheduled batch; a role that acts during the forward pass (layer hooks) overrides it."""
+        return self.engine.run(out)
+
+    def _idle_poll_s(self) -> float:
+        """Seconds an idle engine thread waits before polling transfers again (commands and wake() cut it)."""
+        return 0.005
+
+    @abstractmethod
+    def _poll_transfers(self) -> bool:
+        """Advances this role's KV transfers; True if any changed state."""
+
+    @abstractmethod
+    def _after_step(self, out: SchedulerOutput, run: RunOutput, finished: list[Sequence]) -> None:
+        """Hands this step's results on (tokens to streams, completed sends to callers)."""
+
+    @abstractmethod
+    def _abort(self, request_id: str, reason: str) -> bool:
+        """Drops `request_id` from the engine and this role's own state; True if anything held it."""
+
+    @abstractmethod
+    def _fail_waiters(self, error: str) -> None:
+        """The engine thread is dying: end every request still waiting on this role with `error`."""
+
+    @abstractmethod
+    def _close(self) -> None:
+        """Releases this role's transports once the engine thread has stopped."""
+
+
+class WorkerActor:
+    """The async actor tail both workers share: forwards to the service; the engine runs on its own thread.
+
+    Plain Python: the launcher wraps each role's subclass with `ray.remote`, so this module needs no Ray.
+    """
+
+    def __init__(self, config: EngineConfig, make_service: Callable[[], WorkerService]) -> None:
+        if config.num_threads:  # the actor owns its process: size torch's pool before the engine is built
+            torch.set_num_threads(config.num_threads)
+        self.service = make_service()
+
+    async def info(self) -> WorkerInfo:
+        return await self.service.info()
+
+    async def abort(self, request_id: str) -> bool:
+        return await self.service.abort(request_id)
+
+    async def metrics_text(self) -> str:
+        return self.service.metrics_text()
+
+    async def shutdown(self) -> None:
+        self.service.shutdown()
