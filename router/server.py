@@ -38,7 +38,7 @@ class PDServeServicer(pb_grpc.PDServeServicer):
         try:
             validated = validate_request(request, r.tokenizer, r.limits)
         except InvalidRequest as e:
-            r.metrics.requests.labels(outcome="invalid").inc()
+            r.metrics.count_invalid("grpc")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if validated.request_id in r.active:
             await context.abort(
@@ -48,7 +48,7 @@ class PDServeServicer(pb_grpc.PDServeServicer):
         budget = (
             r.config.request_timeout_s if remaining is None else min(remaining, r.config.request_timeout_s)
         )
-        flow = r.open_flow(validated, budget)
+        flow = r.open_flow(validated, budget, api="grpc")
         try:
             async for event in flow.events():
                 if isinstance(event, FlowError):
@@ -187,7 +187,8 @@ class RouterServer:
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
 
-    def open_flow(self, request: ValidatedRequest, budget_s: float) -> RequestFlow:
+    def open_flow(self, request: ValidatedRequest, budget_s: float, api: str) -> RequestFlow:
+        """Start one request's flow; both doors come through here (admission, dispatch, abort, metrics)."""
         flow = RequestFlow(
             request,
             pool=self.pool,
@@ -196,6 +197,7 @@ class RouterServer:
             metrics=self.metrics,
             config=self.config,
             budget_s=budget_s,
+            api=api,
         )
         rid = request.request_id
         self.active[rid] = flow
