@@ -142,6 +142,7 @@ def _input(
         top_k=body.top_k,
         seed=body.seed,
         stop=_stop(body.stop),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
         ignore_eos=bool(body.ignore_eos),
         **prompt,
     )

@@ -30,6 +30,7 @@ class _SamplingBody(_Body):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = None  # vLLM's extension
+    stop_token_ids: list[int] | None = None  # vLLM's extension
 
 
 class CompletionRequest(_SamplingBody):
