@@ -1,6 +1,8 @@
 """The live cluster through its OpenAI-compatible HTTP door, driven by the official `openai` client."""
 from __future__ import annotations
 
+import urllib.request
+
 import grpc
 import httpx
 import openai
@@ -28,8 +30,9 @@ def stub(cluster):
         yield pb_grpc.PDServeStub(channel)
 
 
-def test_models_lists_the_served_model(oai):
+def test_models_lists_the_served_model_and_pdserve_up_printed_the_url(oai, cluster):
     assert [m.id for m in oai.models.list().data] == [MODEL]
+    assert f"OpenAI-compatible API on {cluster.http_url}" in cluster.log_path.read_text()
 
 
 def test_chat_streamed_equals_chat_whole_and_the_grpc_chat(oai, stub):
@@ -106,3 +109,12 @@ def test_disconnect_mid_stream_returns_every_worker_free_block_count(oai, stub):
     next(chunks), next(chunks)  # the role chunk, then the first token
     stream.close()  # the client goes away mid-stream
     assert wait_free_blocks(stub, before) == before
+
+
+def test_metrics_count_each_door_under_its_own_api_label(oai, stub, cluster):
+    oai.completions.create(model=MODEL, prompt="Hello", max_tokens=2)
+    run_generate(stub, pb.GenerateRequest(text="Hello", sampling=pb.SamplingOptions(max_tokens=2)))
+    body = urllib.request.urlopen(cluster.metrics_url, timeout=10).read().decode()
+    counted = [line for line in body.splitlines() if line.startswith("pdserve_requests_total{")]
+    for api in ("http", "grpc"):
+        assert any(f'api="{api}"' in line for line in counted), api

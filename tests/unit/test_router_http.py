@@ -189,3 +189,27 @@ def test_official_openai_client_streams_and_completes_through_the_door() -> None
             await client.close()
 
     run(body(), timeout_s=20)
+
+
+def test_http_port_flag_is_on_at_8000_by_default_off_at_0_and_auto_picks_a_free_port() -> None:
+    from deploy.cli import build_parser
+
+    def http_port(*argv: str) -> int | None:
+        return build_parser().parse_args(["up", *argv]).http_port
+
+    assert (http_port(), http_port("--http-port", "0"), http_port("--http-port", "auto")) == (8000, None, 0)
+    assert http_port("--http-port", "8080") == 8080
+
+
+def test_served_model_name_is_the_model_file_name_without_its_quant_tag(tmp_path) -> None:
+    from deploy.launcher import served_model_name
+
+    for file, want in [
+        ("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct"),
+        ("Llama-3-8B-q8_0.gguf", "llama-3-8b"),
+        ("tiny.gguf", "tiny"),
+    ]:
+        (tmp_path / file).write_bytes(b"")
+        assert served_model_name(tmp_path / file) == want
+    (tmp_path / "Qwen2-0.5B").mkdir()
+    assert served_model_name(tmp_path / "Qwen2-0.5B") == "qwen2-0.5b"
