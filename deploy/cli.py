@@ -39,6 +39,14 @@ def _port(flag: str):
     return parse
 
 
+def _http_port(text: str) -> int | None:
+    """--http-port: a port, 0 = no HTTP door, "auto" = any free port (see --ready-file)."""
+    if text == "auto":
+        return 0
+    value = _port("--http-port")(text)
+    return None if value == 0 else value
+
+
 def _default_device() -> str:
     try:
         import torch
@@ -71,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=_port("--port"), default=50051, help="gRPC port (default 50051)")
     up.add_argument("--metrics-port", type=_port("--metrics-port"), default=9400,
                     help="Prometheus port (9400)")
+    up.add_argument("--http-port", type=_http_port, default=8000,
+                    help="OpenAI-compatible HTTP API port (default 8000; 0 = off; auto = any free port)")
+    up.add_argument("--served-model-name", default=None,
+                    help="model id the HTTP API answers to (default: from the model file, e.g. "
+                         "smollm2-135m-instruct)")
     up.add_argument("--max-batch-tokens", type=_positive("--max-batch-tokens"), default=512,
                     help="token budget per engine step (default 512)")
     up.add_argument("--kv-blocks", type=_positive("--kv-blocks"), default=512,
@@ -116,11 +129,15 @@ def _cmd_up(args: argparse.Namespace) -> int:
         resolve_model_path(args.model)
     except ModelPathError as e:
         raise UsageError(f"--model: {e}") from None
-    for port, flag in ((args.port, "--port"), (args.metrics_port, "--metrics-port")):
-        if port:  # 0: the OS picks a free port when the server binds (see --ready-file)
+    ports = ((args.port, "--port"), (args.metrics_port, "--metrics-port"), (args.http_port, "--http-port"))
+    for port, flag in ports:
+        if port:  # 0: the OS picks a free port when the server binds (see --ready-file); None: off
             _check_port_free(args.host, port, flag)
-    if args.port and args.port == args.metrics_port:
-        raise UsageError("--port and --metrics-port must differ")
+    fixed = [(port, flag) for port, flag in ports if port]
+    for i, (port, flag) in enumerate(fixed):
+        for other, other_flag in fixed[i + 1:]:
+            if port == other:
+                raise UsageError(f"{flag} and {other_flag} must differ")
     from deploy.launcher import ClusterConfig, LocalCluster
 
     device = args.device or _default_device()
@@ -129,6 +146,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
                           num_kv_blocks=args.kv_blocks, max_batch_tokens=args.max_batch_tokens)
     cluster = LocalCluster(ClusterConfig(engine=engine, num_prefill=args.prefill, num_decode=args.decode,
                                          host=args.host, port=args.port, metrics_port=args.metrics_port,
+                                         http_port=args.http_port, served_model_name=args.served_model_name,
                                          dispatch_policy=args.dispatch_policy,
                                          queue_capacity=args.queue_capacity,
                                          local_prefill_max_tokens=args.local_prefill_max_tokens,

@@ -1,4 +1,4 @@
-"""Starts a local cluster: Ray, prefill and decode worker actors, KV channels, the gRPC router, metrics."""
+"""Starts a local cluster: Ray, worker actors, KV channels, the router (gRPC, HTTP, metrics)."""
 from __future__ import annotations
 
 import asyncio
@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -26,6 +27,8 @@ class ClusterConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9400
+    http_port: int | None = 8000  # the OpenAI-compatible door; None = off, 0 = any free port
+    served_model_name: str | None = None  # None: derived from the model file (served_model_name())
     dispatch_policy: str = "least_loaded"
     queue_capacity: int = 256
     max_inflight: int = 64
@@ -33,6 +36,16 @@ class ClusterConfig:
     local_prefill_max_tokens: int = 0
     ray_address: str | None = None  # None: start a private local Ray instance
     ready_file: str | None = None  # written with the bound addresses once the router serves
+
+
+_QUANT_SUFFIX = re.compile(r"[.-](q\d\w*|iq\d\w*|f16|f32|bf16)$", re.IGNORECASE)
+
+
+def served_model_name(model_path: Path) -> str:
+    """The id OpenAI clients name the model by: the file or directory name, lowercased, without the GGUF
+    quantization tag (SmolLM2-135M-Instruct.Q4_1.gguf -> smollm2-135m-instruct)."""
+    name = model_path.name.removesuffix(model_path.suffix) if model_path.is_file() else model_path.name
+    return _QUANT_SUFFIX.sub("", name).lower()
 
 
 def _status(msg: str) -> None:
@@ -127,25 +140,35 @@ class LocalCluster:
 
         cfg = self.config
         model_info = ray.get(self.decode[0][1].model_info.remote())
+        model_path = resolve_model_path(cfg.engine.model_path)
         router_cfg = RouterConfig(host=cfg.host, port=cfg.port, queue_capacity=cfg.queue_capacity,
                                   max_inflight=cfg.max_inflight, dispatch_policy=cfg.dispatch_policy,
                                   request_timeout_s=cfg.request_timeout_s,
                                   local_prefill_max_tokens=cfg.local_prefill_max_tokens,
-                                  max_model_len=model_info.context_length, metrics_port=cfg.metrics_port)
-        tokenizer = Tokenizer.from_model(resolve_model_path(cfg.engine.model_path))
+                                  max_model_len=model_info.context_length, metrics_port=cfg.metrics_port,
+                                  http_port=cfg.http_port,
+                                  served_model_name=cfg.served_model_name or served_model_name(model_path))
+        tokenizer = Tokenizer.from_model(model_path)
         decode_clients = [RayDecodeClient(wid, h) for wid, h in self.decode]
         prefill_clients = [RayPrefillClient(wid, h) for wid, h in self.prefill]
         self.router = build_server(router_cfg, prefill_clients, decode_clients, tokenizer,
                                    model_info)
-        await self.router.start()  # also serves /metrics on router_cfg.metrics_port
+        await self.router.start()  # also serves /metrics and the HTTP door on their ports
         address = f"{cfg.host}:{self.router.port}"
         metrics_url = f"http://{cfg.host}:{self.router.metrics_port}/metrics"
+        http_port = self.router.http_port
+        http_url = f"http://{cfg.host}:{http_port}/v1" if http_port is not None else None
         _status(f"[4/4] router listening on {address}, metrics on {metrics_url}")
+        if http_url:
+            _status(f"OpenAI-compatible API on {http_url}")
         if cfg.ready_file:
-            Path(cfg.ready_file).write_text(json.dumps({"address": address, "metrics_url": metrics_url}))
+            Path(cfg.ready_file).write_text(json.dumps({"address": address, "metrics_url": metrics_url,
+                                                        "http_url": http_url}))
+        try_http = (f"  curl -s {http_url}/models\n" if http_url else "")
         _status("\nReady. Try:\n"
                 f"  .venv/bin/pdserve generate \"What is the capital of France?\" --address {address}\n"
                 f"  grpcurl -plaintext {address} list\n"
+                f"{try_http}"
                 "Ctrl-C stops the cluster.")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

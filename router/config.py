@@ -18,6 +18,9 @@ class RouterConfig:
     local_prefill_max_tokens: int = 0
     max_model_len: int | None = None  # None = the model's context length
     metrics_port: int | None = 9400  # None = no /metrics endpoint; 0 = pick a free port
+    # The OpenAI-compatible HTTP door on `host`: None = off (`pdserve up` serves it on 8000); 0 = a free port.
+    http_port: int | None = None
+    served_model_name: str | None = None  # the HTTP door's model id; None = ModelInfo.model_name
     worker_refresh_s: float = 1.0  # how often worker info (state, load) is pulled for dispatch and health
     worker_call_timeout_s: float = 5.0  # bound on control calls (info, abort, metrics_text) to one worker
     max_request_id_len: int = 128
@@ -38,5 +41,9 @@ class RouterConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise ValueError(f"metrics_port must be in [0, 65535] or None, got {self.metrics_port}")
+        for name in ("metrics_port", "http_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                raise ValueError(f"{name} must be in [0, 65535] or None, got {value}")
+        if self.served_model_name is not None and not self.served_model_name:
+            raise ValueError("served_model_name must not be empty (None = the model's own name)")

@@ -122,27 +122,32 @@ class RouterMetrics:
         self.ttft = Histogram(
             "pdserve_time_to_first_token_seconds",
             "Router receipt to first token sent",
+            ["api"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.tpot = Histogram(
             "pdserve_time_per_output_token_seconds",
             "Mean time between output tokens after the first, per request",
+            ["api"],
             buckets=_TPOT_BUCKETS,
             registry=r,
         )
         self.e2e = Histogram(
             "pdserve_e2e_request_latency_seconds",
             "Router receipt to final message",
+            ["api"],
             buckets=_E2E_BUCKETS,
             registry=r,
         )
-        self.requests = Counter("pdserve_requests", "Finished requests by outcome", ["outcome"], registry=r)
+        self.requests = Counter(
+            "pdserve_requests", "Finished requests by outcome", ["outcome", "api"], registry=r
+        )
         self.prompt_tokens = Counter(
-            "pdserve_prompt_tokens", "Prompt tokens of dispatched requests", registry=r
+            "pdserve_prompt_tokens", "Prompt tokens of dispatched requests", ["api"], registry=r
         )
         self.generation_tokens = Counter(
-            "pdserve_generation_tokens", "Tokens streamed to clients", registry=r
+            "pdserve_generation_tokens", "Tokens streamed to clients", ["api"], registry=r
         )
         self.queue_depth = Gauge(
             "pdserve_queue_depth",
@@ -177,21 +182,26 @@ class RouterMetrics:
         self,
         outcome: str,
         *,
+        api: str,
         prompt_tokens: int,
         completion_tokens: int,
         ttft_s: float | None,
         e2e_s: float | None,
     ) -> None:
-        """One request left the router. Latencies are only recorded for requests that produced tokens."""
-        self.requests.labels(outcome=outcome).inc()
-        self.prompt_tokens.inc(prompt_tokens)
-        self.generation_tokens.inc(completion_tokens)
+        """One request left the router through door `api`; latencies only if it produced tokens."""
+        self.requests.labels(outcome=outcome, api=api).inc()
+        self.prompt_tokens.labels(api=api).inc(prompt_tokens)
+        self.generation_tokens.labels(api=api).inc(completion_tokens)
         if ttft_s is not None:
-            self.ttft.observe(ttft_s)
+            self.ttft.labels(api=api).observe(ttft_s)
             if e2e_s is not None and completion_tokens > 1:
-                self.tpot.observe(max(0.0, e2e_s - ttft_s) / (completion_tokens - 1))
+                self.tpot.labels(api=api).observe(max(0.0, e2e_s - ttft_s) / (completion_tokens - 1))
         if e2e_s is not None:
-            self.e2e.observe(e2e_s)
+            self.e2e.labels(api=api).observe(e2e_s)
+
+    def count_invalid(self, api: str) -> None:
+        """A request rejected by validation, before any flow existed."""
+        self.requests.labels(outcome="invalid", api=api).inc()
 
     def update_gauges(self, workers: Iterable[WorkerInfo], router_queue_depth: int) -> None:
         self.queue_depth.labels(role=ROUTER_ROLE, worker=ROUTER_ROLE).set(router_queue_depth)

@@ -61,8 +61,10 @@ class RequestFlow:
         metrics: RouterMetrics,
         config: RouterConfig,
         budget_s: float,
+        api: str,
     ) -> None:
         self.request = request
+        self.api = api  # the door it came through ("grpc" | "http"): a metrics label, nothing else
         self._pool, self._policy, self._admission = pool, policy, admission
         self._metrics, self._config = metrics, config
         self._budget_s = budget_s
@@ -290,6 +292,7 @@ class RequestFlow:
         ttft = self._elapsed(self._received_at, self._first_token_at) if self._first_token_at else None
         self._metrics.observe_request(
             outcome,
+            api=self.api,
             prompt_tokens=len(self.request.prompt_token_ids) if dispatched else 0,
             completion_tokens=self._num_output,
             ttft_s=ttft,

@@ -1,4 +1,4 @@
-"""The router's grpc.aio server: PDServe servicer, health, reflection, worker refresh, metrics endpoint."""
+"""The router: grpc.aio PDServe servicer, health, reflection, the HTTP door, worker refresh, metrics."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from router.admission import Admission
 from router.clients import DecodeClient, PrefillClient
 from router.config import RouterConfig
 from router.dispatch import DispatchPolicy, make_policy
+from router.http.app import HttpDoor, build_app
 from router.metrics import RouterMetrics, WorkerMetricsSource
 from router.request_flow import FlowError, RequestFlow
 from router.validation import InvalidRequest, Tokenizer, ValidatedRequest, ValidationLimits, validate_request
@@ -39,7 +40,7 @@ class PDServeServicer(pb_grpc.PDServeServicer):
         try:
             validated = validate_request(request, r.tokenizer, r.limits)
         except InvalidRequest as e:
-            r.metrics.requests.labels(outcome="invalid").inc()
+            r.metrics.count_invalid("grpc")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if validated.request_id in r.active:
             await context.abort(
@@ -49,7 +50,7 @@ class PDServeServicer(pb_grpc.PDServeServicer):
         budget = (
             r.config.request_timeout_s if remaining is None else min(remaining, r.config.request_timeout_s)
         )
-        flow = r.open_flow(validated, budget)
+        flow = r.open_flow(validated, budget, api="grpc")
         try:
             async for event in flow.events():
                 if isinstance(event, FlowError):
@@ -170,6 +171,7 @@ class RouterServer:
         self.health = health.aio.HealthServicer()
         self._flow_tasks: set[asyncio.Task[None]] = set()
         self._server: grpc.aio.Server | None = None
+        self._http: HttpDoor | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._port: int | None = None
         self._metrics_port: int | None = None
@@ -185,10 +187,19 @@ class RouterServer:
         return self._metrics_port
 
     @property
+    def http_port(self) -> int | None:
+        return self._http.port if self._http is not None else None
+
+    @property
+    def served_model_name(self) -> str:
+        return self.config.served_model_name or self.model_info.model_name
+
+    @property
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
 
-    def open_flow(self, request: ValidatedRequest, budget_s: float) -> RequestFlow:
+    def open_flow(self, request: ValidatedRequest, budget_s: float, api: str) -> RequestFlow:
+        """Start one request's flow; both doors come through here (admission, dispatch, abort, metrics)."""
         flow = RequestFlow(
             request,
             pool=self.pool,
@@ -197,6 +208,7 @@ class RouterServer:
             metrics=self.metrics,
             config=self.config,
             budget_s=budget_s,
+            api=api,
         )
         rid = request.request_id
         self.active[rid] = flow
@@ -236,6 +248,15 @@ class RouterServer:
             raise OSError(f"could not bind {self.config.host}:{self.config.port}")
         await server.start()
         self._server = server
+        if self.config.http_port is not None:
+            http = HttpDoor(build_app(self, self.served_model_name), self.config.host, self.config.http_port)
+            try:
+                await http.start()
+            except BaseException:
+                await server.stop(None)
+                self._server = None
+                raise
+            self._http = http
         if self.metrics.worker_source is not None:
             self.metrics.worker_source.bind(asyncio.get_running_loop())
         if self.config.metrics_port is not None:
@@ -246,7 +267,12 @@ class RouterServer:
         self._refresher = asyncio.create_task(
             self.pool.run_refresher(self.config.worker_refresh_s, self._after_refresh), name="worker-refresh"
         )
-        log.info("router listening on %s (metrics port %s)", self.address, self._metrics_port)
+        log.info(
+            "router listening on %s (HTTP port %s, metrics port %s)",
+            self.address,
+            self.http_port,
+            self._metrics_port,
+        )
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting RPCs, let in-flight ones finish for `grace` seconds, then abort what is left."""
@@ -256,11 +282,16 @@ class RouterServer:
         if self._refresher is not None:
             self._refresher.cancel()
             await asyncio.gather(self._refresher, return_exceptions=True)
+        if self._http is not None:
+            self._http.begin_shutdown()  # no new HTTP requests; those in flight end with their flows below
         await self._server.stop(grace)  # cancels remaining handlers; their flows stop and abort workers
         for flow in list(self.active.values()):
             flow.stop("cancelled")
         if self._flow_tasks:
             await asyncio.wait(set(self._flow_tasks), timeout=self.config.worker_call_timeout_s + 1.0)
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
         self.metrics.stop_metrics_server()
         self._server = None
 

@@ -1,4 +1,4 @@
-"""GenerateRequest -> ValidatedRequest (token ids + SamplingParams), or InvalidRequest naming the field."""
+"""Both doors' requests -> ValidatedRequest or InvalidRequest naming the field."""
 
 from __future__ import annotations
 
@@ -42,6 +42,31 @@ class ValidatedRequest:
 
 
 @dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerateInput:
+    """A generate request as a door received it, before validation: exactly one of text, token_ids and chat;
+    None = unset. Error fields are named as in GenerateRequest (`sampling.top_p`); a door renames them."""
+
+    request_id: str = ""
+    text: str | None = None
+    token_ids: tuple[int, ...] | None = None
+    chat: tuple[ChatMessage, ...] | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
 class ValidationLimits:
     context_length: int  # prompt + max_tokens must fit
     vocab_size: int  # token ids must lie in [0, vocab_size)
@@ -56,9 +81,38 @@ def new_request_id() -> str:
 def validate_request(
     request: pb.GenerateRequest, tokenizer: Tokenizer, limits: ValidationLimits
 ) -> ValidatedRequest:
+    """The gRPC door: GenerateRequest -> GenerateInput -> the shared validation."""
+    return validate(input_from_proto(request), tokenizer, limits)
+
+
+def input_from_proto(request: pb.GenerateRequest) -> GenerateInput:
+    kind = request.WhichOneof("input")
+    opts = request.sampling
+
+    def opt(name: str) -> float | int | None:
+        return getattr(opts, name) if opts.HasField(name) else None
+
+    return GenerateInput(
+        request_id=request.request_id,
+        text=request.text if kind == "text" else None,
+        token_ids=tuple(request.token_ids.ids) if kind == "token_ids" else None,
+        chat=tuple(ChatMessage(m.role, m.content) for m in request.chat.messages) if kind == "chat" else None,
+        max_tokens=opt("max_tokens"),  # type: ignore[arg-type]
+        temperature=opt("temperature"),
+        top_p=opt("top_p"),
+        top_k=opt("top_k"),  # type: ignore[arg-type]
+        seed=opt("seed"),  # type: ignore[arg-type]
+        stop=tuple(opts.stop),
+        stop_token_ids=tuple(int(t) for t in opts.stop_token_ids),
+        ignore_eos=opts.ignore_eos,
+    )
+
+
+def validate(request: GenerateInput, tokenizer: Tokenizer, limits: ValidationLimits) -> ValidatedRequest:
+    """Every door's one validation: request id, prompt tokens, sampling within the model's limits."""
     request_id = _request_id(request.request_id, limits.max_request_id_len)
     prompt = _prompt_token_ids(request, tokenizer, limits.vocab_size)
-    sampling = _sampling(request.sampling, len(prompt), limits)
+    sampling = _sampling(request, len(prompt), limits)
     return ValidatedRequest(request_id=request_id, prompt_token_ids=prompt, sampling=sampling)
 
 
@@ -72,23 +126,24 @@ def _request_id(request_id: str, max_len: int) -> str:
     return request_id
 
 
-def _prompt_token_ids(request: pb.GenerateRequest, tokenizer: Tokenizer, vocab_size: int) -> tuple[int, ...]:
-    kind = request.WhichOneof("input")
-    if kind is None:
-        raise InvalidRequest("input", "set one of text, token_ids or chat")
-    if kind == "text":
+def _prompt_token_ids(request: GenerateInput, tokenizer: Tokenizer, vocab_size: int) -> tuple[int, ...]:
+    given = [k for k in ("text", "token_ids", "chat") if getattr(request, k) is not None]
+    if len(given) != 1:
+        raise InvalidRequest("input", "set exactly one of text, token_ids or chat")
+    (kind,) = given
+    if request.text is not None:
         if not request.text:
             raise InvalidRequest("text", "must not be empty")
         ids = tokenizer.encode(request.text)
-    elif kind == "token_ids":
-        ids = list(request.token_ids.ids)
+    elif request.token_ids is not None:
+        ids = list(request.token_ids)
         if not ids:
             raise InvalidRequest("token_ids", "must not be empty")
         for i, tok in enumerate(ids):
             if not 0 <= tok < vocab_size:
                 raise InvalidRequest(f"token_ids[{i}]", f"{tok} is outside the vocabulary [0, {vocab_size})")
     else:
-        messages = request.chat.messages
+        messages = request.chat or ()
         if not messages:
             raise InvalidRequest("chat", "needs at least one message")
         for i, m in enumerate(messages):
@@ -106,7 +161,7 @@ def _prompt_token_ids(request: pb.GenerateRequest, tokenizer: Tokenizer, vocab_s
     return tuple(int(t) for t in ids)
 
 
-def _sampling(opts: pb.SamplingOptions, num_prompt: int, limits: ValidationLimits) -> SamplingParams:
+def _sampling(request: GenerateInput, num_prompt: int, limits: ValidationLimits) -> SamplingParams:
     room = limits.context_length - num_prompt
     if room < 1:
         raise InvalidRequest(
@@ -114,8 +169,8 @@ def _sampling(opts: pb.SamplingOptions, num_prompt: int, limits: ValidationLimit
             f"prompt has {num_prompt} tokens; the context window is "
             f"{limits.context_length}, leaving no room for output",
         )
-    if opts.HasField("max_tokens"):
-        max_tokens = opts.max_tokens
+    max_tokens = request.max_tokens
+    if max_tokens is not None:
         if max_tokens < 1:
             raise InvalidRequest("sampling.max_tokens", f"must be >= 1, got {max_tokens}")
         if max_tokens > room:
@@ -128,12 +183,15 @@ def _sampling(opts: pb.SamplingOptions, num_prompt: int, limits: ValidationLimit
         # An unset max_tokens means "the default, as far as the context allows", never an error.
         max_tokens = min(limits.default_max_tokens, room)
     for name in ("temperature", "top_p"):
-        if opts.HasField(name) and not math.isfinite(getattr(opts, name)):
+        value = getattr(request, name)
+        if value is not None and not math.isfinite(value):
             raise InvalidRequest(f"sampling.{name}", "must be a finite number")
-    for i, s in enumerate(opts.stop):
+    if request.seed is not None and not 0 <= request.seed < 2**64:
+        raise InvalidRequest("sampling.seed", f"must be in [0, 2**64), got {request.seed}")
+    for i, s in enumerate(request.stop):
         if not s:
             raise InvalidRequest(f"sampling.stop[{i}]", "must not be empty")
-    for i, tok in enumerate(opts.stop_token_ids):
+    for i, tok in enumerate(request.stop_token_ids):
         if not 0 <= tok < limits.vocab_size:
             raise InvalidRequest(
                 f"sampling.stop_token_ids[{i}]", f"{tok} is outside the vocabulary [0, {limits.vocab_size})"
@@ -141,13 +199,13 @@ def _sampling(opts: pb.SamplingOptions, num_prompt: int, limits: ValidationLimit
     try:
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=opts.temperature if opts.HasField("temperature") else 0.0,
-            top_p=opts.top_p if opts.HasField("top_p") else 1.0,
-            top_k=opts.top_k if opts.HasField("top_k") else 0,
-            seed=opts.seed if opts.HasField("seed") else None,
-            stop=tuple(opts.stop),
-            stop_token_ids=tuple(int(t) for t in opts.stop_token_ids),
-            ignore_eos=opts.ignore_eos,
+            temperature=0.0 if request.temperature is None else request.temperature,
+            top_p=1.0 if request.top_p is None else request.top_p,
+            top_k=0 if request.top_k is None else request.top_k,
+            seed=request.seed,
+            stop=request.stop,
+            stop_token_ids=request.stop_token_ids,
+            ignore_eos=request.ignore_eos,
         )
     except InvalidSamplingParams as e:
         raise InvalidRequest(f"sampling.{e.field}", str(e).split(": ", 1)[-1]) from None

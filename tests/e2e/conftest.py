@@ -1,4 +1,4 @@
-"""Starts the real cluster once per session: `pdserve up`, local Ray, 1 prefill + 1 decode, loopback gRPC."""
+"""Starts the real cluster once per session: `pdserve up`, local Ray, 1 prefill + 1 decode, on loopback."""
 from __future__ import annotations
 
 import json
@@ -23,6 +23,7 @@ KV_BLOCKS = 256
 class Cluster:
     address: str
     metrics_url: str
+    http_url: str  # the OpenAI-compatible API's base URL, ".../v1"
     process: subprocess.Popen
     log_path: Path
 
@@ -52,6 +53,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     # Port 0: the servers bind whatever is free and report it in the ready file (a port picked here first
     # could be taken by one of Ray's own processes before the router binds it).
     cmd = [sys.executable, "-m", "deploy.cli", "up", "--port", "0", "--metrics-port", "0",
+           "--http-port", "auto",
            "--ready-file", str(ready_path), "--kv-blocks", str(KV_BLOCKS), "--device", "cpu"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
@@ -60,9 +62,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     try:
         ready = _wait_ready_file(ready_path, proc, log_path, timeout=300)
         metrics_port = ready["metrics_url"].rsplit(":", 1)[1].split("/")[0]
-        ports = (int(ready["address"].rsplit(":", 1)[1]), int(metrics_port))
+        http_port = ready["http_url"].rsplit(":", 1)[1].split("/")[0]
+        ports = (int(ready["address"].rsplit(":", 1)[1]), int(metrics_port), int(http_port))
         _wait_serving(ready["address"], proc, log_path, timeout=120)
-        yield Cluster(ready["address"], ready["metrics_url"], proc, log_path)
+        yield Cluster(ready["address"], ready["metrics_url"], ready["http_url"], proc, log_path)
     finally:
         _stop_like_ctrl_c(proc, ports, log_path)
 

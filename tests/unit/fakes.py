@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
+import httpx
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from contracts.model_info import ModelInfo
@@ -310,3 +311,14 @@ async def serve_router(
     finally:
         await channel.close()
         await server.stop(grace=None)
+
+
+@contextlib.asynccontextmanager
+async def serve_http(
+    prefill: Iterable[PrefillClient], decode: Iterable[DecodeClient], **config_kw: Any
+) -> AsyncIterator[tuple[RouterHarness, httpx.AsyncClient]]:
+    """serve_router with its OpenAI-compatible HTTP door on a free loopback port, plus a client for it."""
+    async with serve_router(prefill, decode, http_port=0, **config_kw) as h:
+        base = f"http://127.0.0.1:{h.server.http_port}"
+        async with httpx.AsyncClient(base_url=base, timeout=10.0) as client:
+            yield h, client

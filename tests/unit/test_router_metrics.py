@@ -44,12 +44,12 @@ def test_metrics_endpoint_exposes_router_and_worker_families() -> None:
 
     got = samples(run(body()))
     lab = lambda **kw: frozenset(kw.items())  # noqa: E731
-    assert got[("pdserve_requests_total", lab(outcome="length"))] == 1
-    assert got[("pdserve_prompt_tokens_total", lab())] == 5
-    assert got[("pdserve_generation_tokens_total", lab())] == 3
-    assert got[("pdserve_time_to_first_token_seconds_count", lab())] == 1
-    assert got[("pdserve_time_per_output_token_seconds_count", lab())] == 1
-    assert got[("pdserve_e2e_request_latency_seconds_count", lab())] == 1
+    assert got[("pdserve_requests_total", lab(outcome="length", api="grpc"))] == 1
+    assert got[("pdserve_prompt_tokens_total", lab(api="grpc"))] == 5
+    assert got[("pdserve_generation_tokens_total", lab(api="grpc"))] == 3
+    assert got[("pdserve_time_to_first_token_seconds_count", lab(api="grpc"))] == 1
+    assert got[("pdserve_time_per_output_token_seconds_count", lab(api="grpc"))] == 1
+    assert got[("pdserve_e2e_request_latency_seconds_count", lab(api="grpc"))] == 1
     assert got[("pdserve_queue_depth", lab(role="router", worker="router"))] == 0
     assert got[("pdserve_kv_cache_usage_ratio", lab(role="decode", worker="decode-0"))] == 0.0
     # Worker families, labelled with the worker they came from.
@@ -68,14 +68,15 @@ def test_worker_families_merge_across_workers_and_never_shadow_router_families()
         "w3": "this is {not an exposition",
     }
     metrics = RouterMetrics()
-    metrics.requests.labels(outcome="stop").inc()
+    metrics.requests.labels(outcome="stop", api="grpc").inc()
     metrics.registry.register(WorkerMetricsCollector(lambda: texts, skip_names=metrics._own_names))
     got = samples(generate_latest(metrics.registry).decode())
     lab = lambda **kw: frozenset(kw.items())  # noqa: E731
     assert got[("pdserve_spec_draft_tokens_total", lab(worker="w1"))] == 4
     assert got[("pdserve_spec_draft_tokens_total", lab(worker="w2"))] == 6
     assert got[("custom_gauge", lab(worker="own-id"))] == 1  # a worker's own label is kept
-    assert got[("pdserve_requests_total", lab(outcome="stop"))] == 1  # the router's count, not w1's 99
+    # the router's own count, not w1's 99:
+    assert got[("pdserve_requests_total", lab(outcome="stop", api="grpc"))] == 1
 
 
 def test_worker_whose_metrics_fail_is_left_out_of_the_scrape() -> None:
@@ -94,13 +95,14 @@ def test_worker_whose_metrics_fail_is_left_out_of_the_scrape() -> None:
 
 def test_time_per_output_token_is_the_mean_gap_after_the_first_token() -> None:
     m = RouterMetrics()
-    m.observe_request("length", prompt_tokens=10, completion_tokens=5, ttft_s=0.2, e2e_s=1.0)
-    m.observe_request("abort", prompt_tokens=3, completion_tokens=0, ttft_s=None, e2e_s=None)
+    m.observe_request("length", api="http", prompt_tokens=10, completion_tokens=5, ttft_s=0.2, e2e_s=1.0)
+    m.observe_request("abort", api="http", prompt_tokens=3, completion_tokens=0, ttft_s=None, e2e_s=None)
     got = samples(generate_latest(m.registry).decode())
-    assert got[("pdserve_time_per_output_token_seconds_sum", frozenset())] == pytest.approx(0.2)
-    assert got[("pdserve_time_to_first_token_seconds_count", frozenset())] == 1
-    assert got[("pdserve_prompt_tokens_total", frozenset())] == 13
-    assert got[("pdserve_requests_total", frozenset({("outcome", "abort")}))] == 1
+    http = frozenset({("api", "http")})
+    assert got[("pdserve_time_per_output_token_seconds_sum", http)] == pytest.approx(0.2)
+    assert got[("pdserve_time_to_first_token_seconds_count", http)] == 1
+    assert got[("pdserve_prompt_tokens_total", http)] == 13
+    assert got[("pdserve_requests_total", http | {("outcome", "abort")})] == 1
 
 
 def test_start_metrics_server_returns_the_running_endpoint_instead_of_binding_twice() -> None:

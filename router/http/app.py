@@ -1,0 +1,209 @@
+"""The HTTP door's FastAPI app (/v1/models, /v1/completions, /v1/chat/completions) and its uvicorn server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from router.http.mapping import (
+    ApiError,
+    ResponseShape,
+    chat_input,
+    completion_input,
+    flow_error_to_api,
+    invalid_to_api,
+    parse_body,
+)
+from router.http.schemas import ChatCompletionRequest, CompletionRequest
+from router.http.sse import sse_stream
+from router.request_flow import FlowError, RequestFlow
+from router.validation import InvalidRequest, new_request_id, validate
+
+if TYPE_CHECKING:
+    from router.server import RouterServer
+
+
+def build_app(router: RouterServer, served_model: str) -> FastAPI:
+    """Routes onto `router`: the same validation, admission, dispatch and RequestFlow as the gRPC door."""
+    app = FastAPI(title="pdserve", docs_url=None, redoc_url=None, openapi_url=None)
+    created = int(time.time())
+    names = {served_model, router.model_info.model_name}
+
+    def model_card() -> dict[str, Any]:
+        return {
+            "id": served_model,
+            "object": "model",
+            "created": created,
+            "owned_by": "pdserve",
+            "max_model_len": router.limits.context_length,
+        }
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> Response:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> Response:  # unknown path, wrong method
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        error = ApiError(e.status_code, str(e.detail), type=kind)
+        return JSONResponse(error.body(), status_code=e.status_code)
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> dict[str, Any]:
+        if model not in names:
+            raise _unknown_model(model, served_model)
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _generate(router, request, chat=False, names=names, served_model=served_model)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _generate(router, request, chat=True, names=names, served_model=served_model)
+
+    return app
+
+
+def _unknown_model(model: str, served: str) -> ApiError:
+    return ApiError(
+        404,
+        f"model {model!r} is not served here; this server serves {served!r}",
+        type="not_found_error",
+        param="model",
+        code="model_not_found",
+    )
+
+
+async def _generate(
+    router: RouterServer, request: Request, *, chat: bool, names: set[str], served_model: str
+) -> Response:
+    raw = await request.body()
+    try:
+        body = parse_body(raw, ChatCompletionRequest if chat else CompletionRequest)
+        rid = new_request_id()
+        given = chat_input(body, rid) if chat else completion_input(body, rid)
+        try:
+            validated = validate(given, router.tokenizer, router.limits)
+        except InvalidRequest as e:
+            raise invalid_to_api(e, body) from None
+    except ApiError:
+        router.metrics.count_invalid("http")
+        raise
+    if body.model not in names:
+        raise _unknown_model(body.model, served_model)
+
+    shape = ResponseShape(id=f"{'chatcmpl' if chat else 'cmpl'}-{rid}", model=body.model, chat=chat)
+    flow = router.open_flow(validated, router.config.request_timeout_s, api="http")
+    watcher = asyncio.create_task(_stop_on_disconnect(request, flow))
+
+    def close() -> None:  # however the response ends; stop() is a no-op once the flow finished
+        watcher.cancel()
+        flow.stop("cancelled")
+
+    events = flow.events()
+    try:
+        # Wait for the first event before any header goes out, so a full queue is a 429, not a broken stream.
+        first = await anext(events)
+    except BaseException:
+        close()
+        raise
+    if isinstance(first, FlowError):
+        close()
+        raise flow_error_to_api(first)
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(
+            sse_stream(shape, first, events, include_usage, close),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+    try:
+        text, event = "", first
+        while event.HasField("delta"):
+            text += event.delta.text
+            event = await anext(events)
+            if isinstance(event, FlowError):
+                raise flow_error_to_api(event)
+    finally:
+        close()
+    return JSONResponse(shape.completion(text, event.final))
+
+
+async def _stop_on_disconnect(request: Request, flow: RequestFlow) -> None:
+    """A client that hangs up aborts its request (and so frees its KV blocks), streamed or not."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    flow.stop("cancelled")
+
+
+class _EmbeddedServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # the router process owns SIGINT/SIGTERM (deploy/launcher stops the router, which stops us)
+
+
+class HttpDoor:
+    """uvicorn serving the app on the router's own event loop. The socket is bound in start(), so a taken
+    port fails there, and port 0 reports the port it got."""
+
+    def __init__(self, app: FastAPI, host: str, port: int, shutdown_timeout_s: float = 5.0) -> None:
+        self._host, self._requested_port = host, port
+        config = uvicorn.Config(
+            app,
+            lifespan="off",
+            log_config=None,  # leave the process's logging alone
+            access_log=False,
+            timeout_graceful_shutdown=shutdown_timeout_s,
+        )
+        self._server = _EmbeddedServer(config)
+        self._task: asyncio.Task[None] | None = None
+        self._port: int | None = None
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("HTTP door not started")
+        return self._port
+
+    async def start(self) -> None:
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            # Lets a restart bind over TIME_WAIT connections; a second live listener still fails.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self._host, self._requested_port))
+        except OSError:
+            sock.close()
+            raise
+        self._port = sock.getsockname()[1]
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="http-door")
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # start-up failed: raise its error here
+                raise RuntimeError("the HTTP server stopped during start-up")
+            await asyncio.sleep(0.01)
+
+    def begin_shutdown(self) -> None:
+        """Stop accepting; requests in flight end as their flows end."""
+        self._server.should_exit = True
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self.begin_shutdown()
+        await self._task
+        self._task = None
