@@ -19,6 +19,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
 from engine.stats import EngineStats
+from kernels.registry import KernelRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +40,12 @@ class LLMEngine:
         if config.kv_cache_dtype not in ("auto", config.dtype):
             raise ValueError(f"kv_cache_dtype {config.kv_cache_dtype!r} is not supported yet (use 'auto')")
         device = torch.device(config.device)
-        if device.type == "cuda":
-            from kernels.triton_registry import register_triton_kernels
-
-            register_triton_kernels()  # dispatch then picks the Triton kernels on CUDA
+        self.kernels = KernelRegistry.for_device(device, config.kernels)
         if model is None:
             self.model_config, self.model = load_model(config.model_path, dtype, device, progress)
         else:
             self.model_config, self.model = model
+        self.model.bind_kernels(self.kernels)  # before the runner: it captures graphs of these kernels
         if device.type == "cpu":
             # bs1 decode on CPU is GEMV-bound: blocked weights let every core stream its share (same math).
             parts = torch.get_num_threads()

@@ -6,7 +6,6 @@ import random
 import pytest
 import torch
 
-from engine.attention_metadata import AttentionMetadata, BlockTableError
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 from engine.model import LlamaModel
@@ -14,6 +13,7 @@ from engine.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from engine.sequence import Sequence
+from kernels.attention.metadata import AttentionMetadata, BlockTableError
 
 pytestmark = pytest.mark.timeout(60)
 
