@@ -46,3 +46,25 @@ def test_missing_triton_on_cuda_falls_back_with_a_warning_unless_triton_was_aske
     assert any("triton is not importable" in r.getMessage() for r in caplog.records)
     with pytest.raises(KernelBackendUnavailable):
         KernelRegistry.for_device("cuda", "triton")
+
+
+def test_engine_config_names_its_backend_and_rejects_others() -> None:
+    from engine.config import KERNEL_BACKENDS, EngineConfig
+
+    assert EngineConfig().kernels == "auto" and KERNEL_BACKENDS == ("auto", "torch", "triton")
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        EngineConfig(kernels="cuda")
+
+
+def test_bound_model_serves_every_op_from_the_registry_it_was_given() -> None:
+    from engine.config import ModelConfig
+    from engine.model import LlamaModel
+
+    config = ModelConfig(name="t", vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=1,
+                         num_heads=2, num_kv_heads=1, head_dim=4, max_position_embeddings=8)
+    model = LlamaModel(config)
+    assert model.layers[0].self_attn.qkv_proj.kernels == KernelRegistry.reference()
+    triton = KernelRegistry.triton()
+    model.bind_kernels(triton)
+    users = [m for m in model.modules() if hasattr(type(m), "kernels")]
+    assert len(users) >= 9 and all(m.kernels is triton for m in users)
