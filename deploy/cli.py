@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 
+from engine.config import KERNEL_BACKENDS
 from router.dispatch import known_policies
 
 
@@ -89,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--kv-blocks", type=_positive("--kv-blocks"), default=512,
                     help="KV cache blocks per worker (default 512, 16 tokens each)")
     up.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    up.add_argument("--kernels", choices=KERNEL_BACKENDS, default="auto",
+                    help="auto: Triton on CUDA, torch references elsewhere; torch: references everywhere")
     up.add_argument("--dispatch-policy", default="least_loaded", choices=known_policies(),
                     help="how the router picks workers (default least_loaded)")
     up.add_argument("--queue-capacity", type=_positive("--queue-capacity"), default=256)
@@ -143,7 +146,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     device = args.device or _default_device()
     engine = EngineConfig(model_path=args.model, device=device,
                           dtype="float32" if device == "cpu" else "bfloat16",
-                          num_kv_blocks=args.kv_blocks, max_batch_tokens=args.max_batch_tokens)
+                          num_kv_blocks=args.kv_blocks, max_batch_tokens=args.max_batch_tokens,
+                          kernels=args.kernels)
     cluster = LocalCluster(ClusterConfig(engine=engine, num_prefill=args.prefill, num_decode=args.decode,
                                          host=args.host, port=args.port, metrics_port=args.metrics_port,
                                          http_port=args.http_port, served_model_name=args.served_model_name,

@@ -36,6 +36,7 @@ class ModelConfig:
 # What EngineConfig.kv_cache_dtype accepts: a KVCacheSpec logical dtype that the store and attention kernels
 # handle today, or "auto" for the compute dtype.
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+KERNEL_BACKENDS = ("auto", "torch", "triton")  # kernels/registry.py's KernelRegistry.for_device backends
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,13 @@ class EngineConfig:
     max_num_seqs: int = 32
     max_model_len: int | None = None  # None = model's context length
     num_threads: int = 0  # torch intra-op threads for this worker; 0 = torch's default
+    # auto: Triton kernels on CUDA, torch references elsewhere; torch: references everywhere (debugging,
+    # numerics comparisons); triton: Triton or fail at engine start.
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.kernels not in KERNEL_BACKENDS:
+            raise ValueError(f"kernels must be one of {KERNEL_BACKENDS}, got {self.kernels!r}")
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
         for name in ("block_size", "num_kv_blocks", "max_batch_tokens", "max_num_seqs"):

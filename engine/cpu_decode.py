@@ -12,7 +12,9 @@ from torch import nn
 
 from engine.kv_cache import KVCache
 from engine.model import LlamaModel
-from kernels.linear import SiluMulLinear, silu_mul_ref
+from kernels.activation.reference import silu_mul_ref
+from kernels.linear.modules import SiluMulLinear
+from kernels.store_kv.reference import store_kv_ref
 
 logger = logging.getLogger(__name__)
 
@@ -117,10 +119,10 @@ class FlatDecoder:
 
     At bs1 a step is ~60% GEMV and ~40% per-call overhead: the plain forward spends ~55 tiny torch calls and
     9 module calls per layer. This executor runs the same math per layer in ~40 calls, with what the layers
-    share computed once per step (rope tables with the softmax scale folded into the query rows; the flat
-    per-layer cache views once per engine). It serves one sequence whose KV blocks are consecutive; the
-    runner falls back to the plain forward for anything else. Results equal the forward's up to the order
-    of fp32 roundings (tests/unit/test_cpu_decode_path.py).
+    share computed once per step (rope tables with the softmax scale folded into the query rows). KV goes
+    into the cache through store_kv_ref, as on every torch path. It serves one sequence whose KV blocks are
+    consecutive; the runner falls back to the plain forward for anything else. Results equal the forward's
+    up to the order of fp32 roundings (tests/unit/test_cpu_decode_path.py).
     """
 
     def __init__(self, model: LlamaModel, kv: KVCache) -> None:
@@ -134,9 +136,6 @@ class FlatDecoder:
         self.layers = [(layer.input_layernorm.weight, layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                         layer.post_attention_layernorm.weight, layer.mlp.gate_up_proj, layer.mlp.down_proj)
                        for layer in model.layers]
-        row = c.num_kv_heads * c.head_dim
-        self.k_rows = [k.view(-1, row) for k in kv.k]  # flat [slots, Hk * D]: one index_copy_ stores a token
-        self.v_rows = [v.view(-1, row) for v in kv.v]
         # Rotary tables per head row of the qkv output: q rows scaled by the softmax scale (exact for
         # power-of-two scales), k rows as is, v rows cos 1 and sin 0 (they pass through unchanged).
         heads, qk_heads = c.num_heads + 2 * c.num_kv_heads, c.num_heads + c.num_kv_heads
@@ -184,9 +183,10 @@ class FlatDecoder:
         for i, (w_in, qkv_proj, o_proj, w_post, gate_up_proj, down_proj) in enumerate(self.layers):
             qkv = self._gemv(qkv_proj, self._norm(s, w_in)).view(hq + 2 * hk, 2, half)
             rot = torch.addcmul(qkv * cos_t, qkv.flip(1), sin_t)  # rotate-half: halves swapped, sin signed
-            self.k_rows[i].index_copy_(0, slot, rot.as_strided((1, row), (row, 1), hq * d))
-            self.v_rows[i].index_copy_(0, slot, rot.as_strided((1, row), (row, 1), (hq + hk) * d))
             k_cache, v_cache = self.kv.k[i], self.kv.v[i]
+            # This token's rotated k heads and its v heads (rotated by cos 1, sin 0): [1, Hk, D] views of rot.
+            store_kv_ref(rot.as_strided((1, hk, d), (row, d, 1), hq * d),
+                         rot.as_strided((1, hk, d), (row, d, 1), (hq + hk) * d), k_cache, v_cache, slot)
             start = k_cache.storage_offset() + first_slot * row
             keys_t = k_cache.as_strided((hk, d, seq_len), (d, 1, row), start)  # [Hk, D, S]
             values = v_cache.as_strided((hk, seq_len, d), (d, row, 1), start)  # [Hk, S, D]

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.attention_metadata import AttentionMetadata, BlockTableError
 from engine.kv_cache import KVCache
 from engine.model import LlamaModel
 from engine.scheduler import ScheduledChunk
+from kernels.attention.metadata import AttentionMetadata, BlockTableError
 
 logger = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from engine.model_files import load_model, parse_dtype
 from engine.model_runner import ModelRunner, RunOutput
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
+from kernels.registry import KernelRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +38,12 @@ class LLMEngine:
         self.config = config
         dtype = parse_dtype(config.dtype)
         device = torch.device(config.device)
-        if device.type == "cuda":
-            from kernels.triton_registry import register_triton_kernels
-
-            register_triton_kernels()  # dispatch then picks the Triton kernels on CUDA
+        self.kernels = KernelRegistry.for_device(device, config.kernels)
         if model is None:
             self.model_config, self.model = load_model(config.model_path, dtype, device, progress)
         else:
             self.model_config, self.model = model
+        self.model.bind_kernels(self.kernels)  # before the runner: it captures graphs of these kernels
         if device.type == "cpu":
             # bs1 decode on CPU is GEMV-bound: blocked weights let every core stream its share (same math).
             parts = torch.get_num_threads()

@@ -7,14 +7,12 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from engine.attention_metadata import AttentionMetadata
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 from engine.rope import RotaryEmbedding
-from kernels.attention import paged_attention
-from kernels.linear import Linear, SiluMulLinear, linear, rms_norm_linear, rms_norm_mlp
-from kernels.rmsnorm import rms_norm
-from kernels.rotary import rms_norm_qkv_rotary_store, rotary_store_kv
+from kernels.attention.metadata import AttentionMetadata
+from kernels.linear.modules import Linear, SiluMulLinear
+from kernels.registry import KernelRegistry
 
 LayerHook = Callable[[int], None]
 
@@ -24,21 +22,23 @@ class WeightLoadError(ValueError):
 
 
 class RMSNorm(nn.Module):
+    kernels: KernelRegistry = Linear.kernels  # the torch references until bind_kernels
+
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        return rms_norm(x, self.weight, self.eps, residual)
+        return self.kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
 def norm_linear(norm: RMSNorm, proj: nn.Module, x: torch.Tensor,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(proj(norm(x + residual)), x + residual), one kernel for a CUDA decode row (kernels.linear's
-    rms_norm_linear); a projection a layout transform replaced (CPU column blocks) runs after the norm."""
+    """(proj(norm(x + residual)), x + residual), one kernel for a CUDA decode row (the rms_norm_linear op);
+    a projection a layout transform replaced (CPU column blocks) runs after the norm."""
     if type(proj) is Linear:
-        return rms_norm_linear(x, residual, norm.weight, norm.eps, proj.weight)
+        return norm.kernels.rms_norm_linear(x, residual, norm.weight, norm.eps, proj.weight)
     if residual is None:
         return proj(norm(x)), x
     h, residual = norm(x, residual)
@@ -46,6 +46,8 @@ def norm_linear(norm: RMSNorm, proj: nn.Module, x: torch.Tensor,
 
 
 class LlamaAttention(nn.Module):
+    kernels: KernelRegistry = Linear.kernels
+
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
         self.layer_index = layer_index
@@ -67,7 +69,7 @@ class LlamaAttention(nn.Module):
         k_cache, v_cache = kv.k[self.layer_index], kv.v[self.layer_index]
         if type(self.qkv_proj) is Linear:
             # Norm, qkv projection, rotary, KV store: one op (one kernel for a CUDA decode row).
-            q, residual = rms_norm_qkv_rotary_store(
+            q, residual = self.kernels.rms_norm_qkv_rotary_store(
                 x, residual, norm.weight, norm.eps, self.qkv_proj.weight, cos, sin, k_cache, v_cache,
                 meta.slot_mapping, self.num_heads)
         else:  # a layout transform replaced the projection (CPU column blocks): call it as a module
@@ -75,15 +77,17 @@ class LlamaAttention(nn.Module):
             heads = qkv.view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
             # split_with_sizes, not Tensor.split: the latter is a Python wrapper (CPU decode pays per call).
             q, k, v = heads.split_with_sizes([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
-            q = rotary_store_kv(q, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping)
+            q = self.kernels.rotary_store_kv(q, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping)
         if layer_hook is not None:
             # This layer's KV for the step is in the cache: the prefill side can start shipping it now.
             layer_hook(self.layer_index)
-        out = paged_attention(q, k_cache, v_cache, meta, self.scale)
+        out = self.kernels.paged_attention(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size)), residual
 
 
 class LlamaMLP(nn.Module):
+    kernels: KernelRegistry = Linear.kernels
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size)
@@ -93,8 +97,8 @@ class LlamaMLP(nn.Module):
                 norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """(MLP output, h + residual) for the attention output h and the norm before this MLP."""
         if type(self.gate_up_proj) is Linear and type(self.down_proj) is SiluMulLinear:
-            # Norm, gate_up, silu(gate) · up, down: one op (kernels.linear.rms_norm_mlp picks the fusions).
-            return rms_norm_mlp(h, residual, norm.weight, norm.eps, self.gate_up_proj.weight,
+            # Norm, gate_up, silu(gate) · up, down: one op (the rms_norm_mlp op picks the fusions).
+            return self.kernels.rms_norm_mlp(h, residual, norm.weight, norm.eps, self.gate_up_proj.weight,
                                 self.down_proj.weight)
         # A layout transform replaced a projection (CPU column blocks): call the modules.
         gate_up, residual = norm_linear(norm, self.gate_up_proj, h, residual)
@@ -119,7 +123,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """`forward` computes hidden states for a flat batch; `compute_logits` only for the rows that sample."""
+    """`forward` computes hidden states for a flat batch; `compute_logits` only for the rows that sample.
+
+    Every module that calls kernels reads them from its `kernels` registry: the torch references until the
+    engine binds its own (`bind_kernels`, e.g. Triton on CUDA).
+    """
+
+    kernels: KernelRegistry = Linear.kernels
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -130,6 +140,13 @@ class LlamaModel(nn.Module):
         self.rotary = RotaryEmbedding(config)
         # Tied: the LM head *is* the embedding matrix (no second copy to load or to read per token).
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
+
+    def bind_kernels(self, kernels: KernelRegistry) -> None:
+        """Serve every op of this model (and of modules a layout transform put in later, once bound again)
+        from `kernels`."""
+        for module in self.modules():
+            if hasattr(type(module), "kernels"):
+                module.kernels = kernels
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -174,7 +191,7 @@ class LlamaModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] → logits [N, V] in float32."""
         if self.lm_head is None:
-            return linear(hidden, self.embed_tokens.weight).float()
+            return self.kernels.linear(hidden, self.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
 
     # ---- weights -----------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.attention_metadata import AttentionMetadata
 from engine.config import ModelConfig
 from engine.cpu_decode import FlatDecoder
 from engine.cuda_graphs import DecodeGraphRunner
@@ -17,7 +16,7 @@ from engine.lookahead import DecodeLookahead, SampledStep
 from engine.model import LayerHook, LlamaModel
 from engine.sampler import sample
 from engine.scheduler import SchedulerOutput
-from kernels import dispatch
+from kernels.attention.metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
@@ -53,16 +52,9 @@ class RunOutput:
     last_hidden: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
-def graph_safe_kernels(device: torch.device) -> bool:
-    """Whether dispatch serves attention and KV stores with kernels a graph can replay.
-
-    The torch references read host-side spans and cannot skip padded rows, so they never go into a graph.
-    """
-    from kernels.attention import paged_attention_ref, store_kv_ref
-
-    return (device.type == "cuda"
-            and dispatch.lookup("paged_attention", device) is not paged_attention_ref
-            and dispatch.lookup("store_kv", device) is not store_kv_ref)
+def graph_safe_kernels(model: LlamaModel, device: torch.device) -> bool:
+    """Whether the model's kernels are ones a CUDA graph can replay (KernelRegistry.graph_safe)."""
+    return device.type == "cuda" and model.kernels.graph_safe
 
 
 class ModelRunner:
@@ -82,7 +74,7 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.model_config = model_config
         self.device = torch.device(device)
-        possible = graph_safe_kernels(self.device)
+        possible = graph_safe_kernels(model, self.device)
         if cuda_graphs is None:
             cuda_graphs = possible and os.environ.get(_GRAPHS_ENV, "1") != "0"
         elif cuda_graphs and not possible:

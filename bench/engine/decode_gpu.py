@@ -27,12 +27,13 @@ import torch
 from bench._cuda import copy_bandwidth, cuda_missing, median_event_ms
 from contracts.kv_cache_spec import KVCacheSpec
 from contracts.sampling import SamplingParams
-from engine.attention_metadata import AttentionMetadata, SeqSpan
 from engine.config import EngineConfig, ModelConfig
 from engine.kv_cache import KVCache, dtype_name
 from engine.llm_engine import LLMEngine
 from engine.model import LlamaModel
 from engine.random_models import PRESETS, build_random_model
+from kernels.attention.metadata import AttentionMetadata, SeqSpan
+from kernels.registry import KernelRegistry
 
 LLAMA3_8B = PRESETS["llama-3-8b"]
 BF16 = torch.bfloat16
@@ -54,10 +55,7 @@ def linears_floor_ms(model: LlamaModel, results: dict, batches: tuple[int, ...] 
     """GPU ms of a step's projections + LM head alone (graph-replayed matmuls): the step minus this is the
     cost of everything else (norms, rotary, KV store, attention, activation). Per BLAS library."""
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    from kernels.linear import linear
-    from kernels.triton_registry import register_triton_kernels
-
-    register_triton_kernels()
+    linear = KernelRegistry.triton().linear
     floor = results["linears_floor_ms"] = {}
     # cublas / cublaslt: F.linear under each BLAS library; pdserve: kernels.linear.linear (the model's).
     for lib, batch in ((lib, b) for lib in ("cublas", "cublaslt", "pdserve") for b in batches):

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import torch
 
 from bench._cuda import cuda_missing
-from engine.attention_metadata import AttentionMetadata, SeqSpan
-from kernels.attention import paged_attention_ref, store_kv_ref
-from kernels.rmsnorm import rms_norm_ref
-from kernels.rotary import apply_rotary_ref
+from kernels.attention.metadata import AttentionMetadata, SeqSpan
+from kernels.attention.reference import paged_attention_ref
+from kernels.rmsnorm.reference import rms_norm_ref
+from kernels.rotary.reference import apply_rotary_ref
+from kernels.store_kv.reference import store_kv_ref
 
 HEADS, KV_HEADS, HEAD_DIM, HIDDEN, BLOCK = 32, 8, 128, 4096, 16
 DTYPE = torch.bfloat16
@@ -72,7 +73,7 @@ def paged_batch(seqs: list[tuple[int, int]], seed: int = 0):
 
 
 def attention_cases(quick: bool) -> list[Case]:
-    from kernels.triton_attention import paged_attention_triton
+    from kernels.attention.kernel import paged_attention_triton
 
     scale = HEAD_DIM ** -0.5
     shapes: list[tuple[str, list[tuple[int, int]]]] = []
@@ -100,9 +101,9 @@ def attention_cases(quick: bool) -> list[Case]:
 
 
 def elementwise_cases(quick: bool) -> list[Case]:
-    from kernels.triton_rmsnorm import rms_norm_triton
-    from kernels.triton_rotary import apply_rotary_triton
-    from kernels.triton_store_kv import store_kv_triton
+    from kernels.rmsnorm.kernel import rms_norm_triton
+    from kernels.rotary.kernel import apply_rotary_triton
+    from kernels.store_kv.kernel import store_kv_triton
 
     cases = []
     for tokens in ([64, 4096] if quick else [1, 64, 512, 4096]):

@@ -27,7 +27,8 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "dow
 
 def time_shape(name: str, rows_list: list[int], bandwidth_gbps: float) -> dict:
     """cuBLAS and the shipped skinny GEMM for one weight shape at each row count; prints one line each."""
-    from kernels.triton_linear import pick_config, skinny_linear, supports
+    from kernels.linear.config import pick_config
+    from kernels.linear.kernel import skinny_linear, supports
 
     n, k = SHAPES[name]
     weight_bytes = n * k * 2

@@ -11,21 +11,22 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
-from engine.attention_metadata import AttentionMetadata, SeqSpan
-from kernels.attention import paged_attention_ref, store_kv_ref
-from kernels.linear import silu_mul_ref
-from kernels.rmsnorm import rms_norm_ref
-from kernels.rotary import apply_rotary_ref, rotary_store_kv_ref
-from kernels.triton_activation import silu_mul_triton
-from kernels.triton_attention import (
+from kernels.activation.kernel import silu_mul_triton
+from kernels.activation.reference import silu_mul_ref
+from kernels.attention.kernel import (
     paged_attention_triton,
     paged_decode_attention,
     paged_prefill_attention,
 )
-from kernels.triton_linear import linear_triton
-from kernels.triton_rmsnorm import rms_norm_triton
-from kernels.triton_rotary import apply_rotary_triton, rotary_store_kv_triton
-from kernels.triton_store_kv import store_kv_triton
+from kernels.attention.metadata import AttentionMetadata, SeqSpan
+from kernels.attention.reference import paged_attention_ref
+from kernels.linear.kernel import linear_triton
+from kernels.rmsnorm.kernel import rms_norm_triton
+from kernels.rmsnorm.reference import rms_norm_ref
+from kernels.rotary.kernel import apply_rotary_triton, rotary_store_kv_triton
+from kernels.rotary.reference import apply_rotary_ref, rotary_store_kv_ref
+from kernels.store_kv.kernel import store_kv_triton
+from kernels.store_kv.reference import store_kv_ref
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300)]
 
@@ -250,11 +251,11 @@ def test_prefill_kernel_serves_decode_rows_like_the_decode_kernel() -> None:
 
 
 def test_pdl_chain_replayed_back_to_back_equals_the_chain_run_one_kernel_at_a_time() -> None:
-    # Every kernel here is launched with programmatic dependent launch on Hopper (kernels/triton_pdl.py). Run
+    # Every kernel here is launched with programmatic dependent launch on Hopper (kernels/pdl.py). Run
     # one at a time (a sync after each) no kernel can overlap its predecessor; replayed from a graph they do.
     # Same kernels, same math: the results must be bit-identical.
-    from kernels.triton_linear import silu_mul_linear_triton
-    from kernels.triton_pdl import pdl_launch
+    from kernels.linear.kernel import silu_mul_linear_triton
+    from kernels.pdl import pdl_launch
 
     gen = torch.Generator(device=DEV).manual_seed(11)
     layers = 6
@@ -300,7 +301,7 @@ def test_two_pass_argmax_equals_argmax_on_a_llama3_vocabulary() -> None:
 def test_bs1_decode_after_the_fused_kv_store_sees_the_newest_key_under_pdl(context: int) -> None:
     # bs1: both kernels launch with PDL and attention streams its older KV before waiting for the store.
     # The newest position (written by the store just before) must still be what attention reads.
-    from kernels.triton_rotary import rotary_store_kv_triton
+    from kernels.rotary.kernel import rotary_store_kv_triton
 
     q, k_cache, v_cache, meta = paged_batch([(context, 1)], seed=context)
     gen = torch.Generator(device=DEV).manual_seed(context)
@@ -320,7 +321,7 @@ def test_bs1_decode_after_the_fused_kv_store_sees_the_newest_key_under_pdl(conte
         got = step()
     graph.replay()
     torch.cuda.synchronize()
-    from kernels.rotary import rotary_store_kv_ref
+    from kernels.rotary.reference import rotary_store_kv_ref
 
     rq = rotary_store_kv_ref(qh, k, v, cos, sin, ref_k, ref_v, meta.slot_mapping)
     assert_attention_close(got, rq, ref_k, ref_v, meta)
@@ -329,8 +330,8 @@ def test_bs1_decode_after_the_fused_kv_store_sees_the_newest_key_under_pdl(conte
 @pytest.mark.parametrize("n", [6144, 28672])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_fused_into_the_gemv_matches_norm_then_linear(n: int, with_residual: bool) -> None:
-    from kernels.linear import rms_norm_linear_ref
-    from kernels.triton_norm_linear import norm_linear_supported, rms_norm_linear_triton
+    from kernels.norm_linear.kernel import norm_linear_supported, rms_norm_linear_triton
+    from kernels.norm_linear.reference import rms_norm_linear_ref
 
     gen = torch.Generator(device=DEV).manual_seed(n)
     x = torch.randn(1, HIDDEN, generator=gen, device=DEV, dtype=BF16)
@@ -348,8 +349,8 @@ def test_rms_norm_fused_into_the_gemv_matches_norm_then_linear(n: int, with_resi
 def test_norm_qkv_rotary_store_matches_the_reference_at_llama3_8b_shapes(with_residual: bool,
                                                                          tokens: int) -> None:
     """One row: norm + qkv + rotary + store in one kernel; 2-16 rows: the qkv GEMM, rotary in its epilogue."""
-    from kernels.rotary import rms_norm_qkv_rotary_store_ref
-    from kernels.triton_norm_linear import rms_norm_qkv_rotary_store_triton
+    from kernels.norm_qkv_rope.kernel import rms_norm_qkv_rotary_store_triton
+    from kernels.norm_qkv_rope.reference import rms_norm_qkv_rotary_store_ref
 
     gen = torch.Generator(device=DEV).manual_seed(7 + with_residual + tokens)
     x = torch.randn(tokens, HIDDEN, generator=gen, device=DEV, dtype=BF16)
@@ -375,8 +376,8 @@ def test_norm_qkv_rotary_store_matches_the_reference_at_llama3_8b_shapes(with_re
 @pytest.mark.parametrize("tokens", [1, 2, 16])
 def test_rms_norm_mlp_matches_the_reference_at_llama3_8b_shapes(tokens: int) -> None:
     """1 row: norm GEMV + SiLU-prologue GEMV; 2-16 rows: norm, gated GEMM (SiLU epilogue), down GEMM."""
-    from kernels.linear import rms_norm_mlp_ref
-    from kernels.triton_gated_linear import rms_norm_mlp_triton
+    from kernels.norm_mlp.kernel import rms_norm_mlp_triton
+    from kernels.norm_mlp.reference import rms_norm_mlp_ref
 
     inter = 14336
     gen = torch.Generator(device=DEV).manual_seed(21 + tokens)

@@ -1,4 +1,4 @@
-"""Runs this folder's Triton kernels in the interpreter on CPU tensors (env var set before kernel imports)."""
+"""Runs the Triton kernels in tests/kernels in the interpreter on CPU tensors (env var set before imports)."""
 from __future__ import annotations
 
 import importlib
@@ -10,11 +10,13 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 # In a whole-suite run tests/gpu may have imported the kernels compiled already: re-decorate them so this
 # folder's CPU tensors reach the interpreter (tests/gpu then skips itself: it checks the env var per test).
-# triton_pdl first: the kernel modules reloaded after it pick up its re-decorated helpers.
-_KERNEL_MODULES = ("kernels.triton_pdl", "kernels.triton_store_kv", "kernels.triton_rmsnorm",
-                   "kernels.triton_rotary", "kernels.triton_attention", "kernels.triton_linear",
-                   "kernels.triton_activation", "kernels.triton_norm_linear", "kernels.triton_qkv_rope",
-                   "kernels.triton_gated_linear")
+# Helpers first (pdl, the KV store, the linear tiles): the kernel modules reloaded after them pick up their
+# re-decorated functions.
+_KERNEL_MODULES = ("kernels.pdl", "kernels.store_kv.kernel", "kernels.rmsnorm.kernel",
+                   "kernels.rotary.kernel", "kernels.attention.tiles", "kernels.attention.kernel",
+                   "kernels.activation.kernel",
+                   "kernels.linear.kernel", "kernels.norm_linear.kernel", "kernels.norm_qkv_rope.qkv_rope",
+                   "kernels.norm_qkv_rope.kernel", "kernels.norm_mlp.kernel")
 for _name in _KERNEL_MODULES:
     if _name in sys.modules:
         importlib.reload(sys.modules[_name])

@@ -11,12 +11,12 @@ import torch
 
 from contracts.kv_cache_spec import KVCacheSpec
 from contracts.sampling import SamplingParams
-from engine.attention_metadata import AttentionMetadata, SeqSpan
 from engine.config import EngineConfig
 from engine.cpu_decode import use_column_blocks
 from engine.kv_cache import KVCache, dtype_name
 from engine.model import LlamaModel
 from engine.model_files import embedded_model_path, load_model
+from kernels.attention.metadata import AttentionMetadata, SeqSpan
 
 pytestmark = pytest.mark.timeout(240)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline machines: never try a hub lookup

@@ -8,7 +8,6 @@ from torch import nn
 
 from contracts.kv_cache_spec import KVCacheSpec
 from contracts.sampling import SamplingParams
-from engine.attention_metadata import AttentionMetadata, SeqSpan
 from engine.config import ModelConfig
 from engine.cpu_decode import ColumnBlockLinear, FlatDecoder, use_column_blocks
 from engine.kv_cache import KVCache
@@ -16,9 +15,10 @@ from engine.model import LlamaModel
 from engine.model_runner import ModelRunner
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from engine.sequence import Sequence
-from kernels.attention import paged_attention_ref
-from kernels.rmsnorm import rms_norm_ref
-from kernels.rotary import apply_rotary_ref
+from kernels.attention.metadata import AttentionMetadata, SeqSpan
+from kernels.attention.reference import paged_attention_ref
+from kernels.rmsnorm.reference import rms_norm_ref
+from kernels.rotary.reference import apply_rotary_ref
 
 pytestmark = pytest.mark.timeout(60)
 

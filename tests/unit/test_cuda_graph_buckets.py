@@ -6,7 +6,6 @@ import torch
 
 from contracts.kv_cache_spec import KVCacheSpec
 from contracts.sampling import SamplingParams
-from engine.attention_metadata import BlockTableError
 from engine.config import ModelConfig
 from engine.cuda_graphs import (
     DecodeBatchError,
@@ -22,6 +21,7 @@ from engine.model import LlamaModel
 from engine.model_runner import ModelRunner, RowsByRequest
 from engine.scheduler import ScheduledChunk
 from engine.sequence import Sequence
+from kernels.attention.metadata import BlockTableError
 
 BLOCK = 4
 
@@ -144,7 +144,7 @@ def test_graph_pieces_cover_every_layer_once_in_order_starting_with_one(num_laye
 
 
 def test_model_run_in_layer_pieces_equals_forward() -> None:
-    from engine.attention_metadata import AttentionMetadata, SeqSpan
+    from kernels.attention.metadata import AttentionMetadata, SeqSpan
 
     config = ModelConfig(name="t", vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=5,
                          num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=64)

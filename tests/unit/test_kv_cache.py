@@ -8,13 +8,13 @@ import torch
 
 from contracts.kv_cache_spec import KVCacheSpec, KVScales, ScaleKind
 from contracts.sampling import SamplingParams
-from engine.attention_metadata import AttentionMetadata, BlockTableError
 from engine.config import EngineConfig, ModelConfig
 from engine.kv_cache import KVCache
 from engine.model import LlamaModel
 from engine.model_runner import ModelRunner
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from engine.sequence import Sequence
+from kernels.attention.metadata import AttentionMetadata, BlockTableError
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,16 +1,15 @@
 """Paged attention (torch reference) equals dense causal SDPA: prefill, chunked prefill, decode, mixes."""
 from __future__ import annotations
 
-import importlib
 import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.attention_metadata import AttentionMetadata, SeqSpan
-from kernels import dispatch
-from kernels.attention import paged_attention, store_kv
+from kernels.attention.metadata import AttentionMetadata, SeqSpan
+from kernels.attention.reference import paged_attention_ref
+from kernels.store_kv.reference import store_kv_ref
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -49,7 +48,8 @@ def run_case(seqs: list[tuple[int, int]], num_heads: int, num_kv_heads: int, blo
         blocks = tuple(block_pool.pop() for _ in range(-(-length // block_size)))
         seq_slots = [blocks[p // block_size] * block_size + p % block_size for p in range(length)]
         # Earlier steps already stored the cached prefix.
-        store_kv(k[:cached], v[:cached], k_cache, v_cache, torch.tensor(seq_slots[:cached], dtype=torch.long))
+        cached_slots = torch.tensor(seq_slots[:cached], dtype=torch.long)
+        store_kv_ref(k[:cached], v[:cached], k_cache, v_cache, cached_slots)
         first = blocks[0]
         contiguous = blocks == tuple(range(first, first + len(blocks)))
         spans.append(SeqSpan(row, new, length, blocks, first * block_size if contiguous else None))
@@ -59,8 +59,8 @@ def run_case(seqs: list[tuple[int, int]], num_heads: int, num_kv_heads: int, blo
         step_v.append(v[cached:])
         row += new
     meta = AttentionMetadata.from_spans(spans, slots, block_size)
-    store_kv(torch.cat(step_k), torch.cat(step_v), k_cache, v_cache, meta.slot_mapping)
-    out = paged_attention(torch.cat(step_q), k_cache, v_cache, meta, scale)
+    store_kv_ref(torch.cat(step_k), torch.cat(step_v), k_cache, v_cache, meta.slot_mapping)
+    out = paged_attention_ref(torch.cat(step_q), k_cache, v_cache, meta, scale)
 
     group = num_heads // num_kv_heads
     for (cached, new), span, (q, k, v) in zip(seqs, spans, full, strict=True):
@@ -106,21 +106,9 @@ def test_store_kv_writes_only_the_mapped_slots() -> None:
     v_cache = torch.zeros_like(k_cache)
     k = torch.ones(3, 1, HEAD_DIM)
     v = 2 * torch.ones(3, 1, HEAD_DIM)
-    store_kv(k, v, k_cache, v_cache, torch.tensor([7, 0, 3]))
+    store_kv_ref(k, v, k_cache, v_cache, torch.tensor([7, 0, 3]))
     written = torch.zeros(8, dtype=torch.bool)
     written[[7, 0, 3]] = True
     flat_k, flat_v = k_cache.view(8, -1), v_cache.view(8, -1)
     assert torch.all(flat_k[written] == 1) and torch.all(flat_v[written] == 2)
     assert torch.all(flat_k[~written] == 0) and torch.all(flat_v[~written] == 0)
-
-
-def test_dispatch_picks_the_torch_reference_off_cuda() -> None:
-    for module in ("kernels.rmsnorm", "kernels.rotary"):
-        importlib.import_module(module)  # importing an op's module registers its reference
-
-    for op in ("paged_attention", "store_kv", "rms_norm", "apply_rotary"):
-        assert dispatch.TORCH in dispatch.backends(op)
-    impl = dispatch.lookup("paged_attention", torch.device("cpu"))
-    assert impl.__name__ == "paged_attention_ref"
-    with pytest.raises(dispatch.KernelNotFound):
-        dispatch.lookup("no_such_op", torch.device("cpu"))

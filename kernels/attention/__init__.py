@@ -1,0 +1,1 @@
+"""Paged attention over the block KV cache: metadata, torch reference, Triton split-K decode and prefill."""

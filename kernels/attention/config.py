@@ -1,0 +1,100 @@
+"""Launch configuration of the Triton attention kernels: split-K counts and tile sizes (tuned on an H100)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+# Split-K bounds: 64-token splits let a bs1 decode over a short context use the GPU (more live splits, about
+# half the time a layer at ctx512: docs/benchmarks.md); 32 is the most the sweep tried.
+_MIN_TOKENS_PER_SPLIT = 64
+_MAX_SPLITS = 32
+# Up to this many splits the last split program of a (sequence, KV head) merges the partials itself instead of
+# a second kernel (its [heads, splits, head_dim] tile stays in registers); more splits (bs1 over a long
+# context) keep the merge kernel.
+_MAX_IN_PLACE_SPLITS = 8
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # interpreter: any small number; it only shapes the split heuristic
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+    """KV splits per (sequence, KV head): enough programs for ~2 waves on the GPU, >= 64 tokens per split."""
+    programs = num_seqs * num_kv_heads
+    wanted = -(-2 * _num_sms(device) // max(programs, 1))
+    by_length = max(max_seq_len // _MIN_TOKENS_PER_SPLIT, 1)
+    return max(1, min(wanted, by_length, _MAX_SPLITS))
+
+
+def merge_in_place(num_splits: int) -> bool:
+    """Whether a split-K decode launch merges its partials in its own last program (no reduce kernel)."""
+    return 1 < num_splits <= _MAX_IN_PLACE_SPLITS
+
+
+# Arrival counters of in-place merges, per (device, stream): zero between launches (the merging program resets
+# its counter), so every launch on a stream may share them, and launches on other streams get their own. Never
+# freed or replaced while the process lives: captured graphs hold their addresses.
+_ARRIVALS: dict[tuple[torch.device, int], list[torch.Tensor]] = {}
+_MIN_ARRIVALS = 4096
+
+
+def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
+    """int32 zeros, at least `count`, for in-place merges launched on `device`'s current stream."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    held = _ARRIVALS.setdefault((device, stream), [])
+    if not held or held[-1].numel() < count:
+        held.append(torch.zeros(max(count, _MIN_ARRIVALS), dtype=torch.int32, device=device))
+    return held[-1]
+
+
+def _programs_per_sm(stages: int) -> int:
+    return 3 if stages == 2 else 2  # 64 or 96 KB of K/V tiles a program (head_dim 128, 64-token tiles)
+
+
+def _last_wave_fill(programs: int, per_sm: int, sms: int) -> float:
+    slots = per_sm * sms
+    return programs / (-(-programs // slots) * slots)
+
+
+def decode_config(head_dim: int, interpreted: bool, programs: int = 1,
+                  device: torch.device | None = None) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of a decode launch of `programs` programs.
+
+    At head_dim 128 a stage holds 32 KB of K/V tiles: two stages fit three programs on an SM, three stages
+    two. The launch takes the depth whose last wave is fuller (ties: two): on an H100 that is two stages
+    at bs16 (384 programs) and three at bs32 (512 programs), each the faster there (docs/benchmarks.md).
+    """
+    if interpreted:
+        return 16, 1, 1  # the interpreter's cost grows with tile size
+    if head_dim > 128:
+        return 32, 4, 2
+    sms = _num_sms(device) if device is not None else 132
+    fill2, fill3 = (_last_wave_fill(programs, _programs_per_sm(s), sms) for s in (2, 3))
+    return (64, 4, 2) if fill2 >= fill3 else (64, 4, 3)
+
+
+def preload_first_tile(programs: int, stages: int, device: torch.device) -> bool:
+    """Whether decode programs read their first KV tile before the PDL wait: when the launch fits one wave.
+
+    A second wave would park its programs behind the first with their tiles loaded; measured, it loses there
+    (docs/benchmarks.md).
+    """
+    if device.type != "cuda":
+        return True  # the interpreter: exercise the path in tests
+    return programs <= _programs_per_sm(stages) * _num_sms(device)
+
+
+def prefill_config(head_dim: int, max_query_len: int, interpreted: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the prefill kernel (H100 sweep: 64/64/4/3 led, D=128)."""
+    if interpreted:
+        return 16, 16, 1, 1
+    # Short chunks (speculative verification, small tails) get short row tiles instead of padding to 64.
+    rows = max(16, triton.next_power_of_2(max_query_len))
+    if head_dim <= 128:
+        return min(64, rows), 64, 4, 3
+    return min(32, rows), 32, 4, 2

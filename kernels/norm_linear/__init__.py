@@ -1,0 +1,1 @@
+"""RMSNorm (+ residual) fused into the linear after it."""

@@ -1,0 +1,1 @@
+"""RMSNorm, optionally fused with the residual add."""

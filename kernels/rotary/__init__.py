@@ -1,0 +1,1 @@
+"""Rotary embedding (rotate-half), alone and fused with the KV store."""

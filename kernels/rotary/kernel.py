@@ -1,0 +1,170 @@
+"""Triton rotary embedding in HF's rotate-half layout (signature and result dtypes of apply_rotary_ref)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.pdl import pdl_launch, pdl_release, pdl_wait
+from kernels.store_kv.kernel import store_kv_values
+
+
+@triton.jit
+def _rotated_halves(
+    x_ptr, token, cos, sin, stride_xt, stride_xh,
+    NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    """One token's heads rotated in fp32: first and second halves [BLOCK_H, BLOCK_HALF], and their mask."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    mask = (offs_h[:, None] < NUM_HEADS) & (offs_d[None, :] < HALF)
+    src = x_ptr + token * stride_xt + offs_h[:, None] * stride_xh + offs_d[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    # fp32 math, one rounding at the store: within one output ulp of the reference, which rounds each product.
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin, mask
+
+
+@triton.jit
+def _rotate_heads(
+    x_ptr, out_ptr, token, cos, sin, stride_xt, stride_xh, stride_ot, stride_oh,
+    NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    first, second, mask = _rotated_halves(x_ptr, token, cos, sin, stride_xt, stride_xh, NUM_HEADS, HALF,
+                                          BLOCK_H, BLOCK_HALF)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    dst = out_ptr + token * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :]
+    tl.store(dst, first.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, second.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tables(cos_ptr, sin_ptr, token, stride_cos, stride_sin, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """One token's cos and sin rows [1, BLOCK_HALF] in fp32: read once, reused for every q and k head."""
+    offs_d = tl.arange(0, BLOCK_HALF)
+    d_mask = offs_d < HALF
+    cos = tl.load(cos_ptr + token * stride_cos + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + token * stride_sin + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    return cos, sin
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_cos, stride_sin,
+    stride_qot, stride_qoh, stride_kot, stride_koh,
+    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    cos, sin = _tables(cos_ptr, sin_ptr, token, stride_cos, stride_sin, HALF, BLOCK_HALF)
+    _rotate_heads(q_ptr, q_out_ptr, token, cos, sin, stride_qt, stride_qh, stride_qot, stride_qoh,
+                  NUM_Q_HEADS, HALF, BLOCK_QH, BLOCK_HALF)
+    _rotate_heads(k_ptr, k_out_ptr, token, cos, sin, stride_kt, stride_kh, stride_kot, stride_koh,
+                  NUM_KV_HEADS, HALF, BLOCK_KH, BLOCK_HALF)
+
+
+@triton.jit
+def _rotary_store_kv_kernel(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_sin,
+    stride_qot, stride_qoh, stride_kc_slot, stride_kc_h, stride_vc_slot, stride_vc_h,
+    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    pdl_wait(USE_PDL)  # q, k, v come from the qkv projection just before (kernels/pdl.py)
+    pdl_release(USE_PDL)
+    token = tl.program_id(0).to(tl.int64)
+    cos, sin = _tables(cos_ptr, sin_ptr, token, stride_cos, stride_sin, HALF, BLOCK_HALF)
+    _rotate_heads(q_ptr, q_out_ptr, token, cos, sin, stride_qt, stride_qh, stride_qot, stride_qoh,
+                  NUM_Q_HEADS, HALF, BLOCK_QH, BLOCK_HALF)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    # A negative slot marks a padding token (a CUDA-graph batch padded to its captured size): no KV write.
+    if slot >= 0:
+        # Rotated k goes straight into its cache slot, v as it is: both through the one Triton KV store.
+        first, second, k_mask = _rotated_halves(k_ptr, token, cos, sin, stride_kt, stride_kh, NUM_KV_HEADS,
+                                                HALF, BLOCK_KH, BLOCK_HALF)
+        offs_h = tl.arange(0, BLOCK_KH)[:, None]
+        offs_d = tl.arange(0, BLOCK_HALF)[None, :]
+        store_kv_values(k_cache_ptr, slot, offs_h, offs_d, first, k_mask, stride_kc_slot, stride_kc_h)
+        store_kv_values(k_cache_ptr, slot, offs_h, offs_d + HALF, second, k_mask, stride_kc_slot, stride_kc_h)
+        offs_full = tl.arange(0, 2 * BLOCK_HALF)[None, :]
+        mask = (offs_h < NUM_KV_HEADS) & (offs_full < 2 * HALF)
+        v = tl.load(v_ptr + token * stride_vt + offs_h * stride_vh + offs_full, mask=mask)
+        store_kv_values(v_cache_ptr, slot, offs_h, offs_full, v, mask, stride_vc_slot, stride_vc_h)
+
+
+def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    # Token/head strides are free (q, k arrive as views of the fused qkv output); the head dim must be dense.
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def apply_rotary_triton(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, Hq, D], k [T, Hk, D], cos/sin [T, D/2] (one row per token's position) → new (q, k).
+
+    One program per token rotates all its q and k heads; inputs stay unmodified (fresh outputs, like the
+    reference).
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    half = head_dim // 2
+    if head_dim % 2 or k.shape[0] != num_tokens or k.shape[2] != head_dim:
+        raise ValueError(f"apply_rotary: q {tuple(q.shape)}, k {tuple(k.shape)} need equal T, even D")
+    if cos.shape != (num_tokens, half) or sin.shape != cos.shape:
+        raise ValueError(
+            f"apply_rotary: cos {tuple(cos.shape)}/sin {tuple(sin.shape)} must be [{num_tokens}, {half}]")
+    # The reference's `x * cos` promotes (bf16 q with fp32 tables gives fp32 out); keep its result dtypes.
+    q_out = torch.empty(q.shape, dtype=torch.promote_types(q.dtype, cos.dtype), device=q.device)
+    k_out = torch.empty(k.shape, dtype=torch.promote_types(k.dtype, cos.dtype), device=k.device)
+    if num_tokens == 0:
+        return q_out, k_out
+    q, k, cos, sin = (_unit_last_stride(t) for t in (q, k, cos, sin))
+    block_half = triton.next_power_of_2(half)
+    _rotary_kernel[(num_tokens,)](
+        q, k, cos, sin, q_out, k_out,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
+        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HALF=half,
+        BLOCK_QH=triton.next_power_of_2(num_q_heads), BLOCK_KH=triton.next_power_of_2(num_kv_heads),
+        BLOCK_HALF=block_half,
+        num_warps=4 if num_q_heads * head_dim >= 2048 else 1,
+    )
+    return q_out, k_out
+
+
+def rotary_store_kv_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """rotary_store_kv_ref's contract in one kernel: one program per token rotates its q heads into a fresh
+    tensor and writes its rotated k heads and its v heads into cache slot `slot_mapping[t]` (< 0: skipped)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads, half = k.shape[1], head_dim // 2
+    if (head_dim % 2 or k.shape != (num_tokens, num_kv_heads, head_dim) or v.shape != k.shape
+            or k_cache.shape[2:] != (num_kv_heads, head_dim) or slot_mapping.shape[0] != num_tokens):
+        raise ValueError(f"rotary_store_kv: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"slots {tuple(slot_mapping.shape)} do not fit cache rows "
+                         f"{tuple(k_cache.shape[2:])}")
+    if cos.shape != (num_tokens, half) or sin.shape != cos.shape:
+        raise ValueError(
+            f"rotary_store_kv: cos {tuple(cos.shape)}/sin {tuple(sin.shape)} must be [{num_tokens}, {half}]")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("rotary_store_kv: caches must be contiguous [num_blocks, block_size, Hk, D]")
+    q_out = torch.empty(q.shape, dtype=torch.promote_types(q.dtype, cos.dtype), device=q.device)
+    if num_tokens == 0:
+        return q_out
+    q, k, v, cos, sin = (_unit_last_stride(t) for t in (q, k, v, cos, sin))
+    _rotary_store_kv_kernel[(num_tokens,)](
+        q, k, v, cos, sin, q_out, k_cache, v_cache, slot_mapping,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos.stride(0), sin.stride(0), q_out.stride(0), q_out.stride(1),
+        k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
+        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HALF=half,
+        BLOCK_QH=triton.next_power_of_2(num_q_heads), BLOCK_KH=triton.next_power_of_2(num_kv_heads),
+        BLOCK_HALF=triton.next_power_of_2(half),
+        num_warps=4 if num_q_heads * head_dim >= 2048 else 1, **pdl_launch(q.device),
+    )
+    return q_out
