@@ -18,12 +18,13 @@ from bench.serving.trace import TraceError, load_trace
 from bench.serving.workload import SharedPrefix, WorkloadSpec, parse_length, synthesize
 
 
-def _arg(parse, flag: str):
+def _arg(parse):
+    """argparse keeps an ArgumentTypeError's message (a plain ValueError becomes 'invalid value')."""
     def wrapped(text: str):
         try:
             return parse(text)
         except ValueError as e:
-            raise argparse.ArgumentTypeError(f"{flag}: {e}") from None
+            raise argparse.ArgumentTypeError(str(e)) from None
     return wrapped
 
 
@@ -31,6 +32,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
         raise ValueError(f"must be > 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be >= 1, got {text}")
     return value
 
 
@@ -58,34 +66,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default="127.0.0.1:50051", help="router gRPC address (loopback only)")
     p.add_argument("--label", default="run", help="configuration name in the JSON and the goodput bars")
     load = p.add_argument_group("load")
-    load.add_argument("--rate", type=_arg(_positive_float, "--rate"), default=1.0,
+    load.add_argument("--rate", type=_arg(_positive_float), default=1.0,
                       help="requests/s of a single run (default 1)")
     load.add_argument("--arrival", choices=ARRIVALS, default="poisson")
     load.add_argument("--trace", type=Path, default=None,
                       help="JSONL trace ({t, prompt_ids|text, max_tokens} a line): "
                            "replaces rate and workload")
-    load.add_argument("--num-requests", type=_arg(_ints(1, "N"), "--num-requests"), default=(100,),
+    load.add_argument("--num-requests", type=_arg(_positive_int), default=100,
                       help="requests per run, warm-up included (default 100)")
-    load.add_argument("--duration", type=_arg(_positive_float, "--duration"), default=60.0,
+    load.add_argument("--duration", type=_arg(_positive_float), default=60.0,
                       help="hard stop per run in seconds: nothing is sent after it, open streams are "
                            "cancelled (default 60)")
     load.add_argument("--warmup", type=int, default=0, help="first N requests left out of the stats")
     wl = p.add_argument_group("workload")
-    wl.add_argument("--prompt-len", type=_arg(parse_length, "--prompt-len"),
+    wl.add_argument("--prompt-len", type=_arg(parse_length),
                     default=parse_length("fixed:128"),
                     help="fixed:N | uniform:LOW:HIGH | chat:MEDIAN:MAX (default fixed:128); with "
                          "--shared-prefix, the per-user part")
-    wl.add_argument("--output-len", type=_arg(parse_length, "--output-len"), default=parse_length("fixed:64"),
+    wl.add_argument("--output-len", type=_arg(parse_length), default=parse_length("fixed:64"),
                     help="same forms (default fixed:64); EOS is ignored so each request streams this many")
-    wl.add_argument("--shared-prefix", type=_arg(_ints(3, "SYSTEMS:USERS:PREFIX_TOKENS"), "--shared-prefix"),
+    wl.add_argument("--shared-prefix", type=_arg(_ints(3, "SYSTEMS:USERS:PREFIX_TOKENS")),
                     default=None, help="N system prompts of PREFIX_TOKENS tokens x M users each")
     wl.add_argument("--seed", type=int, default=0, help="workload and arrival seed (default 0)")
     slo = p.add_argument_group("SLO and goodput")
-    slo.add_argument("--slo-ttft", type=_arg(_positive_float, "--slo-ttft"), default=None, help="seconds")
-    slo.add_argument("--slo-tpot", type=_arg(_positive_float, "--slo-tpot"), default=None, help="seconds")
+    slo.add_argument("--slo-ttft", type=_arg(_positive_float), default=None, help="seconds")
+    slo.add_argument("--slo-tpot", type=_arg(_positive_float), default=None, help="seconds")
     slo.add_argument("--slo-target", type=float, default=0.9,
                      help="share of requests that must meet both SLOs for goodput (default 0.9)")
-    slo.add_argument("--sweep", type=_arg(_rate_range, "--sweep"), default=None, metavar="LOW:HIGH",
+    slo.add_argument("--sweep", type=_arg(_rate_range), default=None, metavar="LOW:HIGH",
                      help="bisect request rates in [LOW, HIGH] for goodput; each probe is one bounded run")
     slo.add_argument("--sweep-probes", type=int, default=8, help="most probes a sweep runs (default 8)")
     slo.add_argument("--sweep-tol", type=float, default=0.1,
@@ -101,7 +109,7 @@ def _workload(args: argparse.Namespace, rate: float) -> tuple[list[float], list]
     if args.trace is not None:
         return load_trace(args.trace)
     sp = SharedPrefix(*args.shared_prefix) if args.shared_prefix else None
-    spec = WorkloadSpec(num_requests=args.num_requests[0], prompt_len=args.prompt_len,
+    spec = WorkloadSpec(num_requests=args.num_requests, prompt_len=args.prompt_len,
                         output_len=args.output_len, seed=args.seed, shared_prefix=sp)
     return arrival_offsets(args.arrival, rate, spec.num_requests, args.seed), synthesize(spec)
 
@@ -119,6 +127,8 @@ def run(args: argparse.Namespace) -> dict:
     """Runs what the flags ask for and returns the JSON-ready result (printing the summaries as it goes)."""
     check_loopback(args.address)
     slo = Slo(args.slo_ttft, args.slo_tpot) if args.slo_ttft and args.slo_tpot else None
+    if not 0 <= args.warmup < args.num_requests:
+        raise ValueError(f"--warmup must be in [0, --num-requests), got {args.warmup}")
     if (args.slo_ttft is None) != (args.slo_tpot is None) or (args.sweep and slo is None):
         raise ValueError("give both --slo-ttft and --slo-tpot (--sweep needs them)")
     config = {k: str(v) if isinstance(v, Path) or hasattr(v, "kind") else v for k, v in vars(args).items()}
