@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
+from tqdm import tqdm
 
 from bench.serving.loopback import check_loopback
 from bench.serving.workload import BenchRequest
@@ -91,8 +92,6 @@ async def run_load(address: str, offsets: Sequence[float], requests: Sequence[Be
     check_loopback(address)
     if len(offsets) != len(requests):
         raise ValueError(f"{len(offsets)} offsets for {len(requests)} requests")
-    from tqdm import tqdm
-
     bar = tqdm(total=len(requests), unit="req", disable=not limits.progress, leave=False)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.PDServeStub(channel)
@@ -111,8 +110,10 @@ async def run_load(address: str, offsets: Sequence[float], requests: Sequence[Be
                 await asyncio.wait(tasks)
 
         launcher = asyncio.create_task(launch_all())
-        await asyncio.wait([launcher], timeout=limits.max_seconds)
-        if not launcher.done():
+        done, _ = await asyncio.wait([launcher], timeout=limits.max_seconds)
+        if done:
+            launcher.result()  # raises what went wrong in it, if anything did
+        else:
             launcher.cancel()
             for task in tasks:
                 task.cancel()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ import grpc
 import pytest
 
 from bench.serving.client import CANCELLED_AT_STOP, RunLimits, run_load
+from bench.serving.report import main as report_main
 from bench.serving.run import main as bench_main
 from bench.serving.workload import BenchRequest
 from proto.api import pb, pb_grpc
@@ -154,6 +156,20 @@ def test_cli_sweep_reports_goodput_and_every_probe(fake_server: FakeServer, tmp_
     assert sweep["bound"] == "at_high" and sweep["goodput_rps"] == 50.0  # the fake never slows down
     assert [p["rate"] for p in sweep["probes"]] == [5.0, 50.0] and sweep["probes"][0]["attainment"] == 1.0
     assert (tmp_path / "goodput.png").stat().st_size > 0
+    other = {**json.loads(out.read_text()), "label": "other"}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    combined = tmp_path / "combined"
+    assert report_main([str(out), str(tmp_path / "other.json"), "--plots", str(combined)]) == 0
+    assert (combined / "goodput.png").stat().st_size > 0 and (combined / "latency_vs_rate.png").exists()
+
+
+def test_plots_without_matplotlib_say_how_to_get_them(fake_server: FakeServer, tmp_path, monkeypatch,
+                                                      capsys) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    rc = bench_main(["--address", fake_server.address, "--num-requests", "1", "--output-len", "fixed:1",
+                     "--json", str(tmp_path / "r.json"), "--plots", str(tmp_path), "--no-progress"])
+    assert rc == 1 and (tmp_path / "r.json").exists()  # the measurements are kept
+    assert "install matplotlib for plots" in capsys.readouterr().err
 
 
 def test_cli_refuses_remote_targets_and_half_an_slo(capsys) -> None:
