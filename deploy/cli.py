@@ -1,4 +1,4 @@
-"""`pdserve` command line: up (start a local cluster), generate (stream a completion), info."""
+"""`pdserve` command line: up (start a local cluster), generate (stream a completion), info, bench (load)."""
 from __future__ import annotations
 
 import argparse
@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     inf = sub.add_parser("info", help="model and worker status of a running cluster")
     inf.add_argument("--address", default="127.0.0.1:50051")
     inf.add_argument("--timeout", type=float, default=10.0)
+
+    # Listed here for `pdserve --help`; main() hands its arguments to bench.serving.run untouched.
+    sub.add_parser("bench", add_help=False,
+                   help="load a running cluster over gRPC: latency percentiles, throughput, goodput "
+                        "(`pdserve bench --help`)")
     return parser
 
 
@@ -178,6 +183,10 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # imported only when asked for: the harness is not part of serving
+        from bench.serving.run import main as bench_main
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "up":

@@ -1,0 +1,1 @@
+"""The serving load generator: open-loop gRPC clients against a cluster, latency and goodput reports."""
