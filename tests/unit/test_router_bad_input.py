@@ -1,4 +1,4 @@
-"""Bad bytes, oversize messages and abusive fields get INVALID_ARGUMENT / RESOURCE_EXHAUSTED with a message."""
+"""Bad bytes, oversize messages, abusive fields: INVALID_ARGUMENT or RESOURCE_EXHAUSTED with a message."""
 
 from __future__ import annotations
 
@@ -77,7 +77,9 @@ def test_a_request_over_the_size_limit_is_resource_exhausted() -> None:
         (pb.SamplingOptions(stop_token_ids=[-1]), "sampling.stop_token_ids[0]:"),
     ],
 )
-def test_huge_stop_lists_and_out_of_range_ids_name_the_field(sampling: pb.SamplingOptions, field: str) -> None:
+def test_huge_stop_lists_and_out_of_range_ids_name_the_field(
+    sampling: pb.SamplingOptions, field: str
+) -> None:
     async def body() -> grpc.aio.AioRpcError:
         prefill, decode = fake_cluster()
         async with serve_router(prefill, decode) as h:
