@@ -262,7 +262,7 @@ class RouterServer:
             return
         await self.health.enter_graceful_shutdown()  # NOT_SERVING from now on: balancers stop sending
         if self._http is not None:
-            self._http.begin_shutdown()  # no new HTTP requests; those in flight end with their flows
+            self._http.begin_shutdown(grace)  # no new HTTP requests; those in flight end with their flows
         drain = [self._server.stop(grace)]  # no new RPCs; running ones get `grace` seconds
         if grace and self._flow_tasks:
             drain.append(asyncio.wait(set(self._flow_tasks), timeout=grace))  # HTTP streams too

@@ -240,8 +240,12 @@ class HttpDoor:
                 raise RuntimeError("the HTTP server stopped during start-up")
             await asyncio.sleep(0.01)
 
-    def begin_shutdown(self) -> None:
-        """Stop accepting; requests in flight end as their flows end."""
+    def begin_shutdown(self, grace_s: float | None = None) -> None:
+        """Stop accepting; requests in flight end as their flows end. uvicorn cancels responses still running
+        `timeout_graceful_shutdown` after this, so a drain longer than that raises it first."""
+        config = self._server.config
+        if grace_s is not None and grace_s > config.timeout_graceful_shutdown:
+            config.timeout_graceful_shutdown = grace_s
         self._server.should_exit = True
 
     async def stop(self) -> None:
