@@ -211,7 +211,7 @@ class RouterServer:
             # No SO_REUSEPORT: a second router on the same port must fail to bind, not silently share it.
             # (gRPC sets SO_REUSEADDR itself, so a restart binds over TIME_WAIT connections.)
             ("grpc.so_reuseport", 0),
-            # Larger requests end RESOURCE_EXHAUSTED before they are read into memory.
+            # Larger requests end RESOURCE_EXHAUSTED in gRPC itself, before any handler or parser sees them.
             ("grpc.max_receive_message_length", self.config.max_request_bytes),
         ]
         server = grpc.aio.server(options=options)
