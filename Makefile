@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test venv proto test-fast clean
+.PHONY: serve test venv proto test-fast fuzz clean
 
 venv: $(STAMP)
 
@@ -22,11 +22,15 @@ proto: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/pdserve up
 
+# Everything except the soak-scale fuzz (its few-hundred-request variant is part of the suite).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not fuzz"
+
+fuzz: $(STAMP)
+	$(BIN)/python -m pytest -q -m fuzz
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not e2e and not slow"
+	$(BIN)/python -m pytest -q -m "not e2e and not slow and not fuzz"
 
 clean:
 	rm -rf $(VENV) proto/pdserve/v1/*_pb2*.py proto/pdserve/v1/*_pb2*.pyi

@@ -57,7 +57,12 @@ def _default_device() -> str:
 
 
 def _check_port_free(host: str, port: int, flag: str) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """Fails early with the flag to change if something listens on the port. SO_REUSEADDR, as the servers
+    themselves bind: connections of a just-stopped cluster in TIME_WAIT (a scraped /metrics) hold the port
+    for a minute, but nothing listens there, and a restart must work."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
@@ -67,34 +72,87 @@ def _check_port_free(host: str, port: int, flag: str) -> None:
             raise UsageError(f"cannot bind {host}:{port} ({e.strerror}): fix {flag}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving.")
-    sub = parser.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to every flag's help, except where there is no value to show (None, False):
+    those flags say in their help what leaving them out means."""
 
-    up = sub.add_parser("up", help="start router + prefill + decode workers on this machine")
-    up.add_argument("--model", default=None, help="GGUF file or HF safetensors dir (default: embedded "
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _seconds(flag: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} wants a number of seconds, got {text!r}") from None
+        if not 0 <= value < float("inf"):
+            raise argparse.ArgumentTypeError(f"{flag} must be >= 0, got {text}")
+        return value
+    return parse
+
+
+def _add_client_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default="127.0.0.1:50051", help="the router's gRPC address (host:port)")
+    p.add_argument("--tls-ca", default=None,
+                   help="PEM CA certificate to verify a TLS router with (the server's --tls-cert when "
+                        "self-signed); without it the connection is plaintext")
+    p.add_argument("--auth-token-file", default=None,
+                   help="file holding the bearer token the router was started with (its --auth-token-file)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving.",
+                                     formatter_class=_HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{up,generate,info,bench}")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:  # noqa: A002  (argparse's name)
+        p = sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+        p.set_defaults(command_parser=p)  # so errors found after parsing print this command's usage
+        return p
+
+    up = command("up", "start router + prefill + decode workers on this machine")
+    up.add_argument("--model", default=None, help="GGUF file or HF safetensors dir (default: the embedded "
                                                   "SmolLM2-135M-Instruct)")
-    up.add_argument("--prefill", type=_positive("--prefill"), default=1, help="prefill workers (default 1)")
-    up.add_argument("--decode", type=_positive("--decode"), default=1, help="decode workers (default 1)")
-    up.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    up.add_argument("--port", type=_port("--port"), default=50051, help="gRPC port (default 50051)")
+    up.add_argument("--prefill", type=_positive("--prefill"), default=1, help="prefill workers")
+    up.add_argument("--decode", type=_positive("--decode"), default=1, help="decode workers")
+    up.add_argument("--host", default="127.0.0.1",
+                    help="address the public ports (gRPC, HTTP) bind; 0.0.0.0 = every interface")
+    up.add_argument("--port", type=_port("--port"), default=50051, help="gRPC port (0 = any free port)")
     up.add_argument("--metrics-port", type=_port("--metrics-port"), default=9400,
-                    help="Prometheus port (9400)")
+                    help="Prometheus /metrics port (0 = any free port)")
+    up.add_argument("--metrics-host", default="127.0.0.1",
+                    help="address /metrics binds (unauthenticated: keep it off public interfaces)")
     up.add_argument("--http-port", type=_http_port, default=8000,
-                    help="OpenAI-compatible HTTP API port (default 8000; 0 = off; auto = any free port)")
+                    help="OpenAI-compatible HTTP API port (0 = off; auto = any free port)")
     up.add_argument("--served-model-name", default=None,
-                    help="model id the HTTP API answers to (default: from the model file, e.g. "
-                         "smollm2-135m-instruct)")
+                    help="model name clients see (HTTP model id, `pdserve info`; default: the model file's "
+                         "name, e.g. SmolLM2-135M-Instruct)")
     up.add_argument("--max-batch-tokens", type=_positive("--max-batch-tokens"), default=512,
-                    help="token budget per engine step (default 512)")
+                    help="token budget per engine step")
     up.add_argument("--kv-blocks", type=_positive("--kv-blocks"), default=512,
-                    help="KV cache blocks per worker (default 512, 16 tokens each)")
-    up.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+                    help="KV cache blocks per worker (16 tokens each)")
+    up.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                    help="where the workers run (default: cuda if available, else cpu)")
     up.add_argument("--kernels", choices=KERNEL_BACKENDS, default="auto",
                     help="auto: Triton on CUDA, torch references elsewhere; torch: references everywhere")
     up.add_argument("--dispatch-policy", default="least_loaded", choices=known_policies(),
-                    help="how the router picks workers (default least_loaded)")
-    up.add_argument("--queue-capacity", type=_positive("--queue-capacity"), default=256)
+                    help="how the router picks workers")
+    up.add_argument("--queue-capacity", type=_positive("--queue-capacity"), default=256,
+                    help="requests that may wait for a worker; beyond it RESOURCE_EXHAUSTED")
+    up.add_argument("--drain-seconds", type=_seconds("--drain-seconds"), default=10.0,
+                    help="on Ctrl-C/SIGTERM, how long running streams get to finish before they are aborted")
+    up.add_argument("--max-request-bytes", type=_positive("--max-request-bytes"), default=4 * 1024 * 1024,
+                    help="largest request accepted (gRPC message or HTTP body); larger ones get "
+                         "RESOURCE_EXHAUSTED or 413")
+    up.add_argument("--tls-cert", default=None,
+                    help="PEM certificate chain: serve gRPC and the HTTP API over TLS (needs --tls-key)")
+    up.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
+    up.add_argument("--auth-token-file", default=None,
+                    help="file with one bearer token; gRPC and HTTP API calls must then send "
+                         "'authorization: Bearer <token>' (health and /metrics stay open)")
     up.add_argument("--ready-file", default=None,
                     help="once serving, write the bound addresses here as JSON (useful with --port 0)")
     up.add_argument("--ray-address", default=None,
@@ -103,30 +161,43 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--local-prefill-max-tokens", type=int, default=0,
                     help="prompts up to this many tokens are prefilled on the decode worker (0 = never)")
 
-    gen = sub.add_parser("generate", help="stream a completion from a running cluster")
-    gen.add_argument("prompt")
-    gen.add_argument("--address", default="127.0.0.1:50051")
+    gen = command("generate", "stream a completion from a running cluster")
+    gen.add_argument("prompt", help="the prompt (a user message, or raw text with --raw)")
+    _add_client_flags(gen)
     gen.add_argument("--raw", action="store_true", help="send the prompt as raw text (no chat template)")
     gen.add_argument("--system", default=None, help="system message (chat mode)")
-    gen.add_argument("--max-tokens", type=_positive("--max-tokens"), default=None)
-    gen.add_argument("--temperature", type=float, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--max-tokens", type=_positive("--max-tokens"), default=None,
+                     help="most tokens to generate (default: the server's, within the context window)")
+    gen.add_argument("--temperature", type=float, default=None,
+                     help="sampling temperature (default: 0, greedy)")
+    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: 1, off)")
+    gen.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest (default: 0, off)")
+    gen.add_argument("--seed", type=int, default=None,
+                     help="sampling seed: the same seed gives the same text (default: random)")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    gen.add_argument("--ignore-eos", action="store_true")
-    gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
-    gen.add_argument("--json", action="store_true", help="print only the final message as JSON")
+    gen.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
+    gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds (default: none)")
+    gen.add_argument("--json", action="store_true",
+                     help="print one JSON object at the end: the text and the final message")
 
-    inf = sub.add_parser("info", help="model and worker status of a running cluster")
-    inf.add_argument("--address", default="127.0.0.1:50051")
-    inf.add_argument("--timeout", type=float, default=10.0)
+    inf = command("info", "model and worker status of a running cluster")
+    _add_client_flags(inf)
+    inf.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
 
     # Listed here for `pdserve --help`; main() hands its arguments to bench.serving.run untouched.
     sub.add_parser("bench", add_help=False,
                    help="load a running cluster over gRPC: latency percentiles, throughput, goodput "
                         "(`pdserve bench --help`)")
     return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Like parse_args, but an unknown flag is reported with the subcommand's usage, not the top level's."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -137,6 +208,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         resolve_model_path(args.model)
     except ModelPathError as e:
         raise UsageError(f"--model: {e}") from None
+    _check_security_files(args)
     ports = ((args.port, "--port"), (args.metrics_port, "--metrics-port"), (args.http_port, "--http-port"))
     for port, flag in ports:
         if port:  # 0: the OS picks a free port when the server binds (see --ready-file); None: off
@@ -159,7 +231,11 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                          dispatch_policy=args.dispatch_policy,
                                          queue_capacity=args.queue_capacity,
                                          local_prefill_max_tokens=args.local_prefill_max_tokens,
-                                         ray_address=args.ray_address, ready_file=args.ready_file))
+                                         ray_address=args.ray_address, ready_file=args.ready_file,
+                                         drain_seconds=args.drain_seconds, metrics_host=args.metrics_host,
+                                         tls_cert_file=args.tls_cert, tls_key_file=args.tls_key,
+                                         auth_token_file=args.auth_token_file,
+                                         max_request_bytes=args.max_request_bytes))
     try:
         cluster.start_workers()
         asyncio.run(cluster.serve())
@@ -175,6 +251,21 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_security_files(args: argparse.Namespace) -> None:
+    """Before Ray starts: a TLS pair given whole and readable, a readable non-empty token file."""
+    from router.security import BearerAuth, SecurityConfigError, TlsFiles
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together: give both or neither")
+    try:
+        if args.tls_cert:
+            TlsFiles(args.tls_cert, args.tls_key).grpc_credentials()
+        if args.auth_token_file:
+            BearerAuth.from_file(args.auth_token_file)
+    except SecurityConfigError as e:
+        raise UsageError(str(e)) from None
+
+
 def _one_line(e: BaseException) -> str:
     """Ray wraps worker errors in multi-line reports: keep the original exception's own message."""
     cause = getattr(e, "cause", None) or e
@@ -187,19 +278,25 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # imported only when asked for: the harness is not part of serving
         from bench.serving.run import main as bench_main
         return bench_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         if args.command == "up":
             return _cmd_up(args)
         from deploy import client
+        from router.security import SecurityConfigError
+        try:
+            conn = client.Connection.from_flags(args)
+        except SecurityConfigError as e:
+            raise UsageError(str(e)) from None
         if args.command == "generate":
             opts = client.GenerateOptions(prompt=args.prompt, chat=not args.raw, system=args.system,
                                           max_tokens=args.max_tokens, temperature=args.temperature,
                                           top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                           stop=tuple(args.stop), ignore_eos=args.ignore_eos)
-            return client.generate(args.address, opts, args.json, args.timeout)
-        return client.info(args.address, args.timeout)
+            return client.generate(conn, opts, args.json, args.timeout)
+        return client.info(conn, args.timeout)
     except UsageError as e:
+        args.command_parser.print_usage(sys.stderr)
         print(f"pdserve {args.command}: error: {e}", file=sys.stderr)
         return 2
 

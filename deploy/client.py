@@ -1,6 +1,7 @@
 """gRPC client calls behind `pdserve generate` and `pdserve info`."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -9,6 +10,32 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from proto.api import pb, pb_grpc
+from router.security import read_secret_file
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where the router is and how to reach it: TLS when a CA is given, a bearer token when one is."""
+
+    address: str
+    tls_ca: bytes | None = None
+    auth_token: str | None = None
+
+    @classmethod
+    def from_flags(cls, args: argparse.Namespace) -> Connection:
+        """Raises SecurityConfigError naming a file that cannot be read."""
+        ca = read_secret_file(args.tls_ca, "TLS CA certificate") if args.tls_ca else None
+        token = read_secret_file(args.auth_token_file, "auth token") if args.auth_token_file else None
+        return cls(args.address, ca, token.decode(errors="replace").strip() if token else None)
+
+    def channel(self) -> grpc.Channel:
+        if self.tls_ca is None:
+            return grpc.insecure_channel(self.address)
+        return grpc.secure_channel(self.address, grpc.ssl_channel_credentials(root_certificates=self.tls_ca))
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.auth_token}"),) if self.auth_token else ()
 
 
 @dataclass(frozen=True)
@@ -42,49 +69,69 @@ def build_request(opts: GenerateOptions) -> pb.GenerateRequest:
     return pb.GenerateRequest(chat=pb.ChatMessages(messages=messages), sampling=sampling)
 
 
-def generate(address: str, opts: GenerateOptions, as_json: bool, timeout: float | None) -> int:
-    """Streams text to stdout as it arrives; as_json prints only the final message. Returns an exit code."""
-    with grpc.insecure_channel(address) as channel:
+def _end_line(text: str) -> None:
+    """Text ends with a newline on stdout, so a pipe (`| wc -l`, a file) gets whole lines."""
+    if text and not text.endswith("\n"):
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def generate(conn: Connection, opts: GenerateOptions, as_json: bool, timeout: float | None) -> int:
+    """Streams text to stdout as it arrives; as_json prints one object (text and final message) at the end.
+    Returns an exit code."""
+    address = conn.address
+    with conn.channel() as channel:
         stub = pb_grpc.PDServeStub(channel)
-        final = None
+        final, parts = None, []
         try:
-            for response in stub.Generate(build_request(opts), timeout=timeout):
-                if response.HasField("delta") and not as_json:
-                    sys.stdout.write(response.delta.text)
-                    sys.stdout.flush()
+            for response in stub.Generate(build_request(opts), timeout=timeout, metadata=conn.metadata):
+                if response.HasField("delta"):
+                    parts.append(response.delta.text)
+                    if not as_json:
+                        sys.stdout.write(response.delta.text)
+                        sys.stdout.flush()
                 elif response.HasField("final"):
                     final = response
         except grpc.RpcError as e:
+            if not as_json:
+                _end_line("".join(parts))
             unreachable = e.code() == grpc.StatusCode.UNAVAILABLE and "connect" in (e.details() or "")
             hint = f" (is `pdserve up` running at {address}?)" if unreachable else ""
-            print(f"\nerror: {e.code().name}: {e.details()}{hint}", file=sys.stderr)
+            print(f"error: {e.code().name}: {e.details()}{hint}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:  # closing the stream cancels the RPC: the router aborts the request
-            print("\n(cancelled)", file=sys.stderr)
+            if not as_json:
+                _end_line("".join(parts))
+            print("(cancelled)", file=sys.stderr)
             return 130
+    text = "".join(parts)
     if final is None:
-        print("\nerror: stream ended without a final message", file=sys.stderr)
+        if not as_json:
+            _end_line(text)
+        print("error: stream ended without a final message", file=sys.stderr)
         return 1
     if as_json:
-        print(json.dumps(_to_dict(final), indent=2))
+        print(json.dumps({"text": text, **_to_dict(final)}, indent=2))
     else:
+        _end_line(text)
         f = final.final
-        print(f"\n[{pb.FinishReason.Name(f.finish_reason).removeprefix('FINISH_REASON_').lower()}: "
+        print(f"[{pb.FinishReason.Name(f.finish_reason).removeprefix('FINISH_REASON_').lower()}: "
               f"{f.usage.prompt_tokens} prompt + {f.usage.completion_tokens} generated tokens, "
               f"TTFT {f.timings.ttft_seconds * 1000:.0f} ms, total {f.timings.e2e_seconds:.2f} s]",
               file=sys.stderr)
     return 0
 
 
-def info(address: str, timeout: float) -> int:
-    with grpc.insecure_channel(address) as channel:
+def info(conn: Connection, timeout: float) -> int:
+    with conn.channel() as channel:
         stub = pb_grpc.PDServeStub(channel)
         try:
-            model = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout)
-            server = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout)
+            model = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout, metadata=conn.metadata)
+            server = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout, metadata=conn.metadata)
         except grpc.RpcError as e:
-            print(f"error: {e.code().name}: {e.details()} (is `pdserve up` running at {address}?)",
-                  file=sys.stderr)
+            hint = "" if e.code() == grpc.StatusCode.UNAUTHENTICATED else \
+                f" (is `pdserve up` running at {conn.address}?)"
+            print(f"error: {e.code().name}: {e.details()}{hint}", file=sys.stderr)
             return 1
     out = {"model": _to_dict(model),
            "server": _to_dict(server)}

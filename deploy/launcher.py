@@ -36,16 +36,23 @@ class ClusterConfig:
     local_prefill_max_tokens: int = 0
     ray_address: str | None = None  # None: start a private local Ray instance
     ready_file: str | None = None  # written with the bound addresses once the router serves
+    drain_seconds: float = 10.0  # on SIGINT/SIGTERM, running streams get this long to finish
+    metrics_host: str = "127.0.0.1"  # /metrics stays on loopback unless told otherwise
+    tls_cert_file: str | None = None  # with tls_key_file: TLS on the gRPC port and the HTTP door
+    tls_key_file: str | None = None
+    auth_token_file: str | None = None  # clients then send "authorization: Bearer <token>"
+    max_request_bytes: int = 4 * 1024 * 1024
 
 
 _QUANT_SUFFIX = re.compile(r"[.-](q\d\w*|iq\d\w*|f16|f32|bf16)$", re.IGNORECASE)
 
 
 def served_model_name(model_path: Path) -> str:
-    """The id OpenAI clients name the model by: the file or directory name, lowercased, without the GGUF
-    quantization tag (SmolLM2-135M-Instruct.Q4_1.gguf -> smollm2-135m-instruct)."""
+    """The name clients see (HTTP model id, GetModelInfo, `pdserve info`): the file or directory name as the
+    model card spells it, without the GGUF quantization tag (SmolLM2-135M-Instruct.Q4_1.gguf ->
+    SmolLM2-135M-Instruct). Not GGUF's general.name, which converters mangle ("Smollm2 135M 8k ...")."""
     name = model_path.name.removesuffix(model_path.suffix) if model_path.is_file() else model_path.name
-    return _QUANT_SUFFIX.sub("", name).lower()
+    return _QUANT_SUFFIX.sub("", name)
 
 
 def _status(msg: str) -> None:
@@ -146,7 +153,10 @@ class LocalCluster:
                                   request_timeout_s=cfg.request_timeout_s,
                                   local_prefill_max_tokens=cfg.local_prefill_max_tokens,
                                   max_model_len=model_info.context_length, metrics_port=cfg.metrics_port,
-                                  http_port=cfg.http_port,
+                                  http_port=cfg.http_port, metrics_host=cfg.metrics_host,
+                                  tls_cert_file=cfg.tls_cert_file, tls_key_file=cfg.tls_key_file,
+                                  auth_token_file=cfg.auth_token_file,
+                                  max_request_bytes=cfg.max_request_bytes,
                                   served_model_name=cfg.served_model_name or served_model_name(model_path))
         tokenizer = Tokenizer.from_model(model_path)
         decode_clients = [RayDecodeClient(wid, h) for wid, h in self.decode]
@@ -155,28 +165,48 @@ class LocalCluster:
                                    model_info)
         await self.router.start()  # also serves /metrics and the HTTP door on their ports
         address = f"{cfg.host}:{self.router.port}"
-        metrics_url = f"http://{cfg.host}:{self.router.metrics_port}/metrics"
+        metrics_url = f"http://{cfg.metrics_host}:{self.router.metrics_port}/metrics"
         http_port = self.router.http_port
-        http_url = f"http://{cfg.host}:{http_port}/v1" if http_port is not None else None
+        scheme = "https" if cfg.tls_cert_file else "http"
+        http_url = f"{scheme}://{cfg.host}:{http_port}/v1" if http_port is not None else None
         _status(f"[4/4] router listening on {address}, metrics on {metrics_url}")
         if http_url:
             _status(f"OpenAI-compatible API on {http_url}")
         if cfg.ready_file:
             Path(cfg.ready_file).write_text(json.dumps({"address": address, "metrics_url": metrics_url,
                                                         "http_url": http_url}))
-        try_http = (f"  curl -s {http_url}/models\n" if http_url else "")
+        tls = f" --tls-ca {cfg.tls_cert_file}" if cfg.tls_cert_file else ""
+        auth = f" --auth-token-file {cfg.auth_token_file}" if cfg.auth_token_file else ""
+        curl = (f" --cacert {cfg.tls_cert_file}" if tls else "") + (
+            f" -H \"Authorization: Bearer $(cat {cfg.auth_token_file})\"" if auth else "")
+        try_http = (f"  curl -s{curl} {http_url}/models\n" if http_url else "")
         _status("\nReady. Try:\n"
-                f"  .venv/bin/pdserve generate \"What is the capital of France?\" --address {address}\n"
-                f"  grpcurl -plaintext {address} list\n"
+                f"  .venv/bin/pdserve generate \"What is the capital of France?\" --address {address}"
+                f"{tls}{auth}\n"
+                f"  grpcurl {f'-cacert {cfg.tls_cert_file}' if tls else '-plaintext'} {address} list\n"
                 f"{try_http}"
                 "Ctrl-C stops the cluster.")
+        await self._wait_for_signal()
+        running = len(self.router.active)
+        _status(f"\nshutting down: {running} running request(s) get up to {cfg.drain_seconds:g} s to finish "
+                "(Ctrl-C again to stop now)")
+        drain = asyncio.create_task(self.router.stop(grace=cfg.drain_seconds))
+        again = asyncio.create_task(self._wait_for_signal())
+        await asyncio.wait((drain, again), return_when=asyncio.FIRST_COMPLETED)
+        again.cancel()
+        if not drain.done():
+            drain.cancel()
+            await asyncio.gather(drain, return_exceptions=True)
+            _status("stopping now: the remaining requests are aborted")
+            await self.router.stop(grace=None)
+
+    @staticmethod
+    async def _wait_for_signal() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        _status("\nshutting down…")
-        await self.router.stop(grace=2.0)
 
     def close(self) -> None:
         if self._closed:

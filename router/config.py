@@ -24,12 +24,21 @@ class RouterConfig:
     worker_refresh_s: float = 1.0  # how often worker info (state, load) is pulled for dispatch and health
     worker_call_timeout_s: float = 5.0  # bound on control calls (info, abort, metrics_text) to one worker
     max_request_id_len: int = 128
+    # Bad input and security on the public doors (gRPC and HTTP); see docs/operations.md "Security".
+    max_request_bytes: int = 4 * 1024 * 1024  # larger requests: RESOURCE_EXHAUSTED (gRPC) or 413 (HTTP)
+    max_stop_strings: int = 32  # stop strings per request; each at most max_stop_chars characters
+    max_stop_chars: int = 256
+    max_stop_token_ids: int = 256
+    metrics_host: str = "127.0.0.1"  # /metrics binds loopback unless told otherwise, whatever `host` is
+    tls_cert_file: str | None = None  # PEM chain; with tls_key_file: both doors speak TLS
+    tls_key_file: str | None = None
+    auth_token_file: str | None = None  # one line; gRPC and HTTP then need "authorization: Bearer <token>"
 
     def __post_init__(self) -> None:
-        for name in ("queue_capacity", "max_request_id_len"):
+        for name in ("queue_capacity", "max_request_id_len", "max_stop_strings", "max_stop_token_ids"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("max_inflight", "default_max_tokens"):
+        for name in ("max_inflight", "default_max_tokens", "max_request_bytes", "max_stop_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("request_timeout_s", "worker_refresh_s", "worker_call_timeout_s"):
@@ -45,5 +54,7 @@ class RouterConfig:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 65535:
                 raise ValueError(f"{name} must be in [0, 65535] or None, got {value}")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: give both or neither")
         if self.served_model_name is not None and not self.served_model_name:
             raise ValueError("served_model_name must not be empty (None = the model's own name)")

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from contracts.model_info import ModelInfo
 from proto.api import SERVICE_NAME, pb, pb_grpc
@@ -19,14 +17,17 @@ from router.config import RouterConfig
 from router.dispatch import DispatchPolicy, make_policy
 from router.http.app import HttpDoor, build_app
 from router.metrics import RouterMetrics, WorkerMetricsSource
+from router.reflection import enable_reflection
 from router.request_flow import FlowError, RequestFlow
+from router.rpc_handlers import add_pdserve_to_server
+from router.security import BearerAuth, TlsFiles
 from router.validation import InvalidRequest, Tokenizer, ValidatedRequest, ValidationLimits, validate_request
 from router.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
 HEALTH_SERVICES = ("", SERVICE_NAME)  # "" = the whole server, as health clients ask by default
-REFLECTED_SERVICES = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+REFLECTED_SERVICES = (SERVICE_NAME, health.SERVICE_NAME)  # + both reflection services (router.reflection)
 
 
 class PDServeServicer(pb_grpc.PDServeServicer):
@@ -73,7 +74,7 @@ class PDServeServicer(pb_grpc.PDServeServicer):
     ) -> pb.ModelInfo:
         m = self._r.model_info
         return pb.ModelInfo(
-            model_name=m.model_name,
+            model_name=self._r.served_model_name,  # the name clients use (HTTP door, `info`), not GGUF's
             context_length=m.context_length,
             vocab_size=m.vocab_size,
             kv_cache_dtype=m.kv_cache_dtype,
@@ -105,48 +106,6 @@ class PDServeServicer(pb_grpc.PDServeServicer):
         )
 
 
-Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
-StreamHandler = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
-
-
-async def _internal_error(name: str, e: Exception, context: grpc.aio.ServicerContext) -> None:
-    log.error("%s failed", name, exc_info=e)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__})")
-
-
-def _unary_guard(name: str, fn: Handler) -> Handler:
-    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await fn(request, context)
-        except (grpc.aio.AbortError, asyncio.CancelledError):
-            raise
-        except Exception as e:
-            await _internal_error(name, e, context)
-
-    return call
-
-
-def _stream_guard(name: str, fn: StreamHandler) -> StreamHandler:
-    async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        try:
-            async for item in fn(request, context):
-                yield item
-        except (grpc.aio.AbortError, asyncio.CancelledError):
-            raise
-        except Exception as e:
-            await _internal_error(name, e, context)
-
-    return call
-
-
-def _guarded(servicer: PDServeServicer) -> PDServeServicer:
-    """Every RPC turns an unexpected exception into a one-line INTERNAL; the stack stays in the server log."""
-    servicer.Generate = _stream_guard("Generate", servicer.Generate)  # type: ignore[method-assign]
-    for name in ("Abort", "GetModelInfo", "GetServerInfo"):
-        setattr(servicer, name, _unary_guard(name, getattr(servicer, name)))
-    return servicer
-
-
 class RouterServer:
     def __init__(
         self,
@@ -165,6 +124,16 @@ class RouterServer:
             vocab_size=model_info.vocab_size,
             default_max_tokens=config.default_max_tokens,
             max_request_id_len=config.max_request_id_len,
+            max_stop_strings=config.max_stop_strings,
+            max_stop_chars=config.max_stop_chars,
+            max_stop_token_ids=config.max_stop_token_ids,
+        )
+        # Read now, so a bad file fails before anything binds.
+        self.auth = BearerAuth.from_file(config.auth_token_file) if config.auth_token_file else None
+        self.tls = (
+            TlsFiles(config.tls_cert_file, config.tls_key_file)
+            if config.tls_cert_file and config.tls_key_file
+            else None
         )
         self.admission = Admission(config.max_inflight, config.queue_capacity)
         self.active: dict[str, RequestFlow] = {}
@@ -238,18 +207,30 @@ class RouterServer:
             raise RuntimeError("server already started")
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        # No SO_REUSEPORT: a second router on the same port must fail to bind, not silently share it.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_PDServeServicer_to_server(_guarded(PDServeServicer(self)), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(REFLECTED_SERVICES, server)
-        self._port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        options = [
+            # No SO_REUSEPORT: a second router on the same port must fail to bind, not silently share it.
+            # (gRPC sets SO_REUSEADDR itself, so a restart binds over TIME_WAIT connections.)
+            ("grpc.so_reuseport", 0),
+            # Larger requests end RESOURCE_EXHAUSTED in gRPC itself, before any handler or parser sees them.
+            ("grpc.max_receive_message_length", self.config.max_request_bytes),
+        ]
+        server = grpc.aio.server(options=options)
+        add_pdserve_to_server(PDServeServicer(self), server, self.auth)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)  # open: probes carry no token
+        enable_reflection(REFLECTED_SERVICES, server)
+        bind = f"{self.config.host}:{self.config.port}"
+        if self.tls is None:
+            self._port = server.add_insecure_port(bind)
+        else:
+            self._port = server.add_secure_port(bind, self.tls.grpc_credentials())
         if self._port == 0:
             raise OSError(f"could not bind {self.config.host}:{self.config.port}")
         await server.start()
         self._server = server
         if self.config.http_port is not None:
-            http = HttpDoor(build_app(self, self.served_model_name), self.config.host, self.config.http_port)
+            http = HttpDoor(
+                build_app(self, self.served_model_name), self.config.host, self.config.http_port, tls=self.tls
+            )
             try:
                 await http.start()
             except BaseException:
@@ -260,7 +241,7 @@ class RouterServer:
         if self.metrics.worker_source is not None:
             self.metrics.worker_source.bind(asyncio.get_running_loop())
         if self.config.metrics_port is not None:
-            httpd = self.metrics.start_metrics_server(self.config.metrics_port, self.config.host)
+            httpd = self.metrics.start_metrics_server(self.config.metrics_port, self.config.metrics_host)
             self._metrics_port = httpd.server_port
         await self.pool.refresh()  # health and dispatch are right from the first request
         await self._after_refresh()
@@ -275,16 +256,20 @@ class RouterServer:
         )
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop accepting RPCs, let in-flight ones finish for `grace` seconds, then abort what is left."""
+        """Stop accepting requests on both doors, let running streams finish for `grace` seconds (the drain
+        on Ctrl-C), then abort what is left and close the ports."""
         if self._server is None:
             return
-        await self.health.enter_graceful_shutdown()
-        if self._refresher is not None:
+        await self.health.enter_graceful_shutdown()  # NOT_SERVING from now on: balancers stop sending
+        if self._http is not None:
+            self._http.begin_shutdown(grace)  # no new HTTP requests; those in flight end with their flows
+        drain = [self._server.stop(grace)]  # no new RPCs; running ones get `grace` seconds
+        if grace and self._flow_tasks:
+            drain.append(asyncio.wait(set(self._flow_tasks), timeout=grace))  # HTTP streams too
+        await asyncio.gather(*drain)
+        if self._refresher is not None:  # kept until here: draining and queued flows still dispatch
             self._refresher.cancel()
             await asyncio.gather(self._refresher, return_exceptions=True)
-        if self._http is not None:
-            self._http.begin_shutdown()  # no new HTTP requests; those in flight end with their flows below
-        await self._server.stop(grace)  # cancels remaining handlers; their flows stop and abort workers
         for flow in list(self.active.values()):
             flow.stop("cancelled")
         if self._flow_tasks:

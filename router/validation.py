@@ -72,6 +72,9 @@ class ValidationLimits:
     vocab_size: int  # token ids must lie in [0, vocab_size)
     default_max_tokens: int
     max_request_id_len: int
+    max_stop_strings: int = 32
+    max_stop_chars: int = 256
+    max_stop_token_ids: int = 256
 
 
 def new_request_id() -> str:
@@ -188,9 +191,23 @@ def _sampling(request: GenerateInput, num_prompt: int, limits: ValidationLimits)
             raise InvalidRequest(f"sampling.{name}", "must be a finite number")
     if request.seed is not None and not 0 <= request.seed < 2**64:
         raise InvalidRequest("sampling.seed", f"must be in [0, 2**64), got {request.seed}")
+    # Every stop string is matched against the text after each token: bound the work one request can ask for.
+    if len(request.stop) > limits.max_stop_strings:
+        raise InvalidRequest(
+            "sampling.stop", f"at most {limits.max_stop_strings} stop strings, got {len(request.stop)}"
+        )
     for i, s in enumerate(request.stop):
         if not s:
             raise InvalidRequest(f"sampling.stop[{i}]", "must not be empty")
+        if len(s) > limits.max_stop_chars:
+            raise InvalidRequest(
+                f"sampling.stop[{i}]", f"at most {limits.max_stop_chars} characters, got {len(s)}"
+            )
+    if len(request.stop_token_ids) > limits.max_stop_token_ids:
+        raise InvalidRequest(
+            "sampling.stop_token_ids",
+            f"at most {limits.max_stop_token_ids} stop token ids, got {len(request.stop_token_ids)}",
+        )
     for i, tok in enumerate(request.stop_token_ids):
         if not 0 <= tok < limits.vocab_size:
             raise InvalidRequest(

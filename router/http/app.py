@@ -1,4 +1,4 @@
-"""The HTTP door's FastAPI app (/v1/models, /v1/completions, /v1/chat/completions) and its uvicorn server."""
+"""The HTTP door's FastAPI app (/v1/models, /v1/completions, /v1/chat/completions, /health) and its server."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from router.http.mapping import (
 from router.http.schemas import ChatCompletionRequest, CompletionRequest
 from router.http.sse import sse_stream
 from router.request_flow import FlowError, RequestFlow
+from router.security import AUTH_HEADER, TlsFiles
 from router.validation import InvalidRequest, new_request_id, validate
 
 if TYPE_CHECKING:
@@ -51,11 +52,27 @@ def build_app(router: RouterServer, served_model: str) -> FastAPI:
     async def api_error(request: Request, e: ApiError) -> Response:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next: Any) -> Response:
+        # The API needs the token; /health stays open for probes and load balancers, like gRPC health.
+        if router.auth is not None and request.url.path.startswith("/v1/"):
+            problem = router.auth.check_header(request.headers.get(AUTH_HEADER))
+            if problem is not None:
+                error = ApiError(401, problem, type="authentication_error", code="invalid_api_key")
+                return JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> Response:  # unknown path, wrong method
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         error = ApiError(e.status_code, str(e.detail), type=kind)
         return JSONResponse(error.body(), status_code=e.status_code)
+
+    @app.get("/health")
+    async def health() -> Response:
+        serving = router.pool.serving
+        body = {"status": "serving" if serving else "not_serving"}
+        return JSONResponse(body, status_code=200 if serving else 503)
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -91,8 +108,8 @@ def _unknown_model(model: str, served: str) -> ApiError:
 async def _generate(
     router: RouterServer, request: Request, *, chat: bool, names: set[str], served_model: str
 ) -> Response:
-    raw = await request.body()
     try:
+        raw = await _read_body(request, router.config.max_request_bytes)
         body = parse_body(raw, ChatCompletionRequest if chat else CompletionRequest)
         rid = new_request_id()
         given = chat_input(body, rid) if chat else completion_input(body, rid)
@@ -143,6 +160,28 @@ async def _generate(
     return JSONResponse(shape.completion(text, event.final))
 
 
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 once it passes `limit` bytes (declared or streamed): never held whole."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise _too_large(None, limit)
+    return bytes(raw)
+
+
+def _too_large(size: int | None, limit: int) -> ApiError:
+    got = f" (got {size} bytes)" if size is not None else ""
+    return ApiError(
+        413,
+        f"the request body is larger than this server's limit of {limit} bytes{got}",
+        code="request_too_large",
+    )
+
+
 async def _stop_on_disconnect(request: Request, flow: RequestFlow) -> None:
     """A client that hangs up aborts its request (and so frees its KV blocks), streamed or not."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -160,11 +199,15 @@ class HttpDoor:
     """uvicorn serving the app on the router's own event loop. The socket is bound in start(), so a taken
     port fails there, and port 0 reports the port it got."""
 
-    def __init__(self, app: FastAPI, host: str, port: int, shutdown_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, app: FastAPI, host: str, port: int, shutdown_timeout_s: float = 5.0, tls: TlsFiles | None = None
+    ) -> None:
         self._host, self._requested_port = host, port
         config = uvicorn.Config(
             app,
             lifespan="off",
+            ssl_certfile=tls.cert_file if tls else None,
+            ssl_keyfile=tls.key_file if tls else None,
             log_config=None,  # leave the process's logging alone
             access_log=False,
             timeout_graceful_shutdown=shutdown_timeout_s,
@@ -197,8 +240,12 @@ class HttpDoor:
                 raise RuntimeError("the HTTP server stopped during start-up")
             await asyncio.sleep(0.01)
 
-    def begin_shutdown(self) -> None:
-        """Stop accepting; requests in flight end as their flows end."""
+    def begin_shutdown(self, grace_s: float | None = None) -> None:
+        """Stop accepting; requests in flight end as their flows end. uvicorn cancels responses still running
+        `timeout_graceful_shutdown` after this, so a drain longer than that raises it first."""
+        config = self._server.config
+        if grace_s is not None and grace_s > config.timeout_graceful_shutdown:
+            config.timeout_graceful_shutdown = grace_s
         self._server.should_exit = True
 
     async def stop(self) -> None:

@@ -13,7 +13,7 @@ from proto.api import pb, pb_grpc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
-MODEL = "smollm2-135m-instruct"  # derived from the embedded SmolLM2-135M-Instruct.Q4_1.gguf
+MODEL = "SmolLM2-135M-Instruct"  # derived from the embedded SmolLM2-135M-Instruct.Q4_1.gguf
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 LONG = {"ignore_eos": True}  # vLLM's extension: run to max_tokens whatever the model says
 

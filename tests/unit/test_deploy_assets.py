@@ -121,6 +121,7 @@ def test_docker_default_command_is_a_valid_pdserve_invocation() -> None:
     cmd = json.loads(re.search(r"^CMD (\[.*\])$", (DEPLOY / "Dockerfile").read_text(), re.MULTILINE).group(1))
     args = build_parser().parse_args(cmd)
     assert args.command == "up" and args.host == "0.0.0.0"
+    assert args.metrics_host == "0.0.0.0"  # the scraper is outside the container
 
 
 def test_cluster_files_use_only_flags_pdserve_up_accepts() -> None:
@@ -134,7 +135,7 @@ def test_cluster_files_use_only_flags_pdserve_up_accepts() -> None:
     assert "--ray-address" in up_flags
     for argv in commands:
         args = parser.parse_args(argv)
-        assert args.device == "cuda" and args.host == "0.0.0.0"
+        assert args.device == "cuda" and args.host == args.metrics_host == "0.0.0.0"
 
 
 def test_dashboard_panels_query_only_documented_metrics_and_cover_the_required_ones() -> None:

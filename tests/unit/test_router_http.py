@@ -201,15 +201,15 @@ def test_http_port_flag_is_on_at_8000_by_default_off_at_0_and_auto_picks_a_free_
     assert http_port("--http-port", "8080") == 8080
 
 
-def test_served_model_name_is_the_model_file_name_without_its_quant_tag(tmp_path) -> None:
+def test_served_model_name_is_the_model_file_name_as_spelled_without_its_quant_tag(tmp_path) -> None:
     from deploy.launcher import served_model_name
 
     for file, want in [
-        ("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct"),
-        ("Llama-3-8B-q8_0.gguf", "llama-3-8b"),
+        ("SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
+        ("Llama-3-8B-q8_0.gguf", "Llama-3-8B"),
         ("tiny.gguf", "tiny"),
     ]:
         (tmp_path / file).write_bytes(b"")
         assert served_model_name(tmp_path / file) == want
     (tmp_path / "Qwen2-0.5B").mkdir()
-    assert served_model_name(tmp_path / "Qwen2-0.5B") == "qwen2-0.5b"
+    assert served_model_name(tmp_path / "Qwen2-0.5B") == "Qwen2-0.5B"

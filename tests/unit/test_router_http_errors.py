@@ -19,6 +19,14 @@ CTX = FAKE_MODEL.context_length
 BAD = [
     ("malformed JSON", "chat", b'{"model": "m", "messages": [', None),
     ("body not an object", "chat", b"[1, 2]", None),
+    (
+        "invalid UTF-8 in a string",
+        "chat",
+        b'{"model": "m", "messages": [{"role": "user", "content": "\xc3\x28"}]}',
+        None,
+    ),
+    ("too many stop strings", "chat", {**CHAT, "stop": ["s"] * 33}, "stop"),
+    ("stop string too long", "chat", {**CHAT, "stop": ["s" * 257]}, "stop[0]"),
     ("missing model", "chat", {"messages": CHAT["messages"]}, "model"),
     ("missing messages", "chat", {"model": MODEL}, "messages"),
     ("temperature as string", "chat", {**CHAT, "temperature": "0.5"}, "temperature"),

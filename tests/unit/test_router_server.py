@@ -18,8 +18,9 @@ from fakes import (
     serve_router,
     wait_until,
 )
+from google.protobuf.descriptor_pb2 import FileDescriptorProto
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
 from proto.api import SERVICE_NAME, pb
 
@@ -178,24 +179,45 @@ def test_health_is_not_serving_until_a_prefill_and_a_decode_worker_are_ready() -
     run(body())
 
 
-def test_reflection_lists_pdserve_and_health_services() -> None:
-    async def body() -> list[str]:
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+def test_reflection_v1_and_v1alpha_list_services_and_describe_themselves(version: str) -> None:
+    """grpcurl asks v1 first, older clients v1alpha; both answer, and each can describe its own service."""
+    service = f"grpc.reflection.{version}.ServerReflection"
+
+    async def body() -> tuple[list[str], FileDescriptorProto]:
         prefill, decode = fake_cluster()
         async with serve_router(prefill, decode) as h:
-            stub = reflection_pb2_grpc.ServerReflectionStub(h.channel)
-            call = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
-            response = await call.read()
+            # v1's messages are v1alpha's byte for byte, so one set of classes speaks to both paths.
+            info = h.channel.stream_stream(
+                f"/{service}/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+            )
+            call = info(
+                iter(
+                    [
+                        reflection_pb2.ServerReflectionRequest(list_services=""),
+                        reflection_pb2.ServerReflectionRequest(file_containing_symbol=service),
+                    ]
+                )
+            )
+            listed, described = await call.read(), await call.read()
             call.cancel()
-        return [s.name for s in response.list_services_response.service]
+        files = described.file_descriptor_response.file_descriptor_proto
+        return [s.name for s in listed.list_services_response.service], FileDescriptorProto.FromString(
+            files[0]
+        )
 
-    names = run(body())
-    assert "pdserve.v1.PDServe" in names and "grpc.health.v1.Health" in names
+    names, file = run(body())
+    assert {"pdserve.v1.PDServe", "grpc.health.v1.Health", service} <= set(names)
+    assert file.package == f"grpc.reflection.{version}"
+    assert [m.name for m in file.service[0].method] == ["ServerReflectionInfo"]
 
 
 def test_model_info_and_server_info_report_model_workers_and_queue() -> None:
     async def body() -> tuple[pb.ModelInfo, pb.ServerInfo]:
         prefill, decode = fake_cluster(num_decode=2)
-        async with serve_router(prefill, decode, queue_capacity=7) as h:
+        async with serve_router(prefill, decode, queue_capacity=7, served_model_name="byte-model") as h:
             return (
                 await h.stub.GetModelInfo(pb.GetModelInfoRequest()),
                 await h.stub.GetServerInfo(pb.GetServerInfoRequest()),
@@ -203,7 +225,7 @@ def test_model_info_and_server_info_report_model_workers_and_queue() -> None:
 
     model, server = run(body())
     assert (model.model_name, model.context_length, model.vocab_size) == (
-        FAKE_MODEL.model_name,
+        "byte-model",  # the served name, as the HTTP door and `pdserve info` call it
         FAKE_MODEL.context_length,
         FAKE_MODEL.vocab_size,
     )

@@ -1,0 +1,106 @@
+"""`pdserve` first contact: flag help and defaults, usage on bad flags, --json text, restart on a port."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+
+import pytest
+from fakes import fake_cluster, run, serve_router
+
+from deploy import cli, client
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = cli.build_parser()
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(action.choices)
+
+
+def test_every_flag_has_help_and_its_default_shows() -> None:
+    for name, sub in _subcommands().items():
+        text = sub.format_help()
+        for action in sub._actions:
+            assert action.help, f"pdserve {name} {action.option_strings or action.dest} has no help"
+        for flag, default in (("--port", "50051"), ("--drain-seconds", "10.0"), ("--address", "127.0.0.1")):
+            if any(flag in a.option_strings for a in sub._actions):
+                assert f"(default: {default}" in " ".join(text.split()), (name, flag)
+
+
+def test_a_bad_flag_prints_the_subcommands_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, usage in (
+        (["generate", "hi", "--bogus"], "usage: pdserve generate"),
+        (["info", "-x"], "pdserve info"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"usage: {usage.removeprefix('usage: ')}") and "unrecognized arguments" in err
+
+
+def test_up_checks_tls_and_token_files_before_starting_anything(tmp_path, capsys) -> None:
+    assert cli.main(["up", "--tls-cert", str(tmp_path / "c.pem")]) == 2
+    assert "--tls-cert and --tls-key go together" in capsys.readouterr().err
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    assert cli.main(["up", "--auth-token-file", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: pdserve up") and "auth token file" in err and "is empty" in err
+
+
+def _conn(address: str) -> client.Connection:
+    return client.Connection(address)
+
+
+def test_generate_json_carries_the_text_and_plain_output_ends_with_a_newline(capsys) -> None:
+    async def body() -> tuple[int, int]:
+        prefill, decode = fake_cluster()
+        async with serve_router(prefill, decode) as h:
+            opts = client.GenerateOptions(prompt="hi", chat=False, max_tokens=4)
+            as_json = await asyncio.to_thread(client.generate, _conn(h.server.address), opts, True, 10)
+            as_json_out = capsys.readouterr().out
+            plain = await asyncio.to_thread(client.generate, _conn(h.server.address), opts, False, 10)
+        assert json.loads(as_json_out)["text"] == "abcd"
+        assert json.loads(as_json_out)["final"]["finish_reason"] == "FINISH_REASON_LENGTH"
+        return as_json, plain
+
+    assert run(body()) == (0, 0)
+    assert capsys.readouterr().out == "abcd\n"  # piped (captured) stdout gets whole lines
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _scrape(port: int, path: str) -> bytes:
+    """HTTP/1.0 and read to EOF: the server closes first, so its side of the connection sits in TIME_WAIT."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+def test_restart_on_the_same_ports_right_after_a_scrape() -> None:
+    """A scrape leaves the server's side of the connection in TIME_WAIT for a minute: the start-up port check
+    and every server must still bind (SO_REUSEADDR), as `pdserve up` does right after Ctrl-C."""
+    ports = {"port": _free_port(), "metrics_port": _free_port(), "http_port": _free_port()}
+
+    async def serve_and_scrape() -> None:
+        prefill, decode = fake_cluster()
+        async with serve_router(prefill, decode, **ports) as h:
+            for port, path in ((h.server.metrics_port, "/metrics"), (h.server.http_port, "/health")):
+                assert (await asyncio.to_thread(_scrape, port, path)).split(b" ", 2)[1] == b"200"
+
+    run(serve_and_scrape())
+    for name, port in ports.items():
+        cli._check_port_free("127.0.0.1", port, f"--{name}")
+    run(serve_and_scrape())
