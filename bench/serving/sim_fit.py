@@ -16,7 +16,6 @@ CPU_LAYERS = 30
 LLAMA8B_KV_BYTES_PER_TOKEN = 32 * 8 * 128 * 2 * 2
 LLAMA8B_LAYERS = 32
 LLAMA8B_PAIR_FLOPS = 4 * 32 * 4096  # QK^T and PV: 2 multiply-adds a (query, key) pair, per layer and channel
-CONTENTION_GRID = np.round(np.arange(0.0, 3.0001, 0.05), 2)
 
 
 @dataclass(frozen=True)
@@ -38,7 +37,7 @@ def harness_runs(path: str | Path) -> list[tuple[float, list[dict]]]:
     return [(d["rate"], d["records"])]
 
 
-def _obs(records: list[dict]) -> list[Obs]:
+def observations(records: list[dict]) -> list[Obs]:
     return [Obs(r["sent_at"], r["prompt_tokens"], r["output_tokens"], r["ttft"], r["tpot"], r["e2e"])
             for r in records if r["status"] == "OK" and r["ttft"] is not None]
 
@@ -46,18 +45,6 @@ def _obs(records: list[dict]) -> list[Obs]:
 def isolated(obs: list[Obs]) -> list[Obs]:
     """Requests sent while nothing else was in flight: their TTFT is the path's own cost, no queue."""
     return [o for o in obs if not any(p is not o and p.sent <= o.sent < p.sent + p.e2e for p in obs)]
-
-
-def decode_load(o: Obs, obs: list[Obs], points: int = 64) -> tuple[float, float]:
-    """Over o's decode window: the mean number of streams decoding (o included) and the share of time some
-    other request was before its first token (queued or prefilling: the prefill worker busy on this host)."""
-    t = np.linspace(o.sent + o.ttft, o.sent + o.e2e, points)
-    batch = sum(((p.sent + p.ttft <= t) & (t <= p.sent + p.e2e)).astype(float) for p in obs)
-    others = [p for p in obs if p is not o]
-    prefill = np.zeros_like(t, dtype=bool)
-    for p in others:
-        prefill |= (p.sent <= t) & (t < p.sent + p.ttft)
-    return float(np.mean(batch)), float(np.mean(prefill))
 
 
 def fit_prefill(iso: list[Obs]) -> PrefillCost:
@@ -73,57 +60,6 @@ def fit_prefill(iso: list[Obs]) -> PrefillCost:
         if min(lin) >= 0:
             return PrefillCost(float(lin[0]), float(lin[1]))
     return PrefillCost(float(np.mean(y)), 0.0)  # one prompt length: everything in the fixed part
-
-
-def fit_cpu(paths: list[str | Path], transfer_gb_per_s: float = 0.31, transfer_latency_ms: float = 1.6
-            ) -> StepCosts:
-    """The single-host CPU cluster's costs from harness JSON files (every run and probe pooled)."""
-    runs = [_obs(recs) for p in paths for _, recs in harness_runs(p)]
-    iso = [o for obs in runs for o in isolated(obs)]
-    if not iso:
-        raise ValueError("no request ran alone in these runs: the prefill fit needs some")
-    prefill = fit_prefill(iso)
-    loaded = [o for obs in runs for o in obs]
-    # A request's load is counted among the requests of its own run.
-    decode, contention = fit_decode([(o, obs) for obs in runs for o in obs if o.tpot is not None])
-    names = ", ".join(str(p) for p in paths)
-    return StepCosts(
-        prefill=prefill, decode=decode,
-        transfer=TransferCost(CPU_KV_BYTES_PER_TOKEN, CPU_LAYERS, transfer_gb_per_s, transfer_latency_ms),
-        contention=contention,
-        source={
-            "prefill": f"TTFT of the {len(iso)} requests that ran alone in {names} (fixed = the whole path: "
-                       "router, reserve, Ray hops, prefill, first token relay)",
-            "decode": f"TPOT of {len(loaded)} requests vs the mean number of streams decoding beside them",
-            "contention": "the same TPOT fit: slowdown while another request was before its first token "
-                          "(both workers share the 2 cores)",
-            "transfer": "docs/benchmarks.md, KV transfer CPU/gloo table (256-token alone GB/s, layerwise "
-                        "exposed ms); SmolLM2-135M KV shape",
-            "engine": "no per-step engine timings in the harness JSON: step costs are inferred from "
-                      "per-request TTFT/TPOT"})
-
-
-def fit_decode(rows: list[tuple[Obs, list[Obs]]]) -> tuple[DecodeCost, float]:
-    """TPOT (ms) ~ (fixed + per_seq * batch) * (1 + contention * prefill_share), rows = (request, its run):
-    for each contention on a grid, least squares for the rest; the smallest squared error wins."""
-    loads = [decode_load(o, obs) for o, obs in rows]
-    y = np.array([o.tpot * 1e3 for o, _ in rows])
-    b = np.array([bl for bl, _ in loads])
-    f = np.array([fl for _, fl in loads])
-    best = None
-    for s in CONTENTION_GRID:
-        k = 1 + s * f
-        x = np.stack([k, k * b], 1)
-        coef = np.linalg.lstsq(x, y, rcond=None)[0]
-        if min(coef) < 0:
-            continue
-        err = float(np.sum((x @ coef - y) ** 2))
-        if best is None or err < best[0]:
-            best = (err, float(s), coef)
-    if best is None:
-        raise ValueError("no non-negative decode fit: the runs need a spread of concurrency")
-    _, s, coef = best
-    return DecodeCost(float(coef[0]), float(coef[1])), s
 
 
 def fit_h100(path: str | Path, transfer_gb_per_s: float = 25.0,
