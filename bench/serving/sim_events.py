@@ -145,8 +145,8 @@ class Simulation:
         if batch:
             ms = c.decode.step_ms(batch, w.ctx_sum) + (c.prefill.marginal_ms(
                 [(n, r.computed) for r, n in chunks]) if chunks else 0.0)
-        others = sum(1 for o in self.workers if o.busy)
-        ms *= 1 + c.contention * others
+        if c.contention:
+            ms *= 1 + c.contention * sum(1 for o in self.workers if o.busy)
         w.busy = True
         self._at(self.now + ms / 1e3, self._end_step, w, chunks, ms)
 
