@@ -14,7 +14,7 @@ from bench.serving.sim_calibrate import fit_cpu
 from bench.serving.sim_costs import load_costs, save_costs
 from bench.serving.sim_fit import fit_h100
 from bench.serving.sim_search import MIXES, SearchSettings, project, search
-from bench.serving.sim_validate import format_rows, validate
+from bench.serving.sim_validate import format_rows, host_slowdown, validate
 
 CPU_RUNS = "bench/results/serving_cpu_*.json"
 H100_COSTS = "bench/results/sim_costs_h100.json"
@@ -58,6 +58,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(format_rows(rows))
     within = [r for r in rows if abs(r.rel_err) <= 0.15]
     print(f"{len(within)} of {len(rows)} figures within 15%")
+    for path in args.host_speed or []:
+        factor, slow_rows = host_slowdown(path, load_costs(args.costs))
+        print(f"\n{path} replayed on a host {factor:g}x slower:\n{format_rows(slow_rows)}")
     if args.plots:
         from bench.serving.sim_plots import plot_validation
         print(f"wrote {plot_validation(rows, args.plots)}")
@@ -132,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--costs", default=CPU_COSTS)
     v.add_argument("--runs", nargs="+", default=[CPU_RUNS])
     v.add_argument("--plots", type=Path, default=None)
+    v.add_argument("--host-speed", nargs="+", default=None, metavar="JSON",
+                   help="single runs to also replay with the one host slowdown factor that fits each best")
     v.set_defaults(func=cmd_validate)
     for name, func, gpus in (("search", cmd_search, "8"), ("project", cmd_project, "8,64,512")):
         s = sub.add_parser(name, help="best P:D x TP unit per mix" if name == "search" else

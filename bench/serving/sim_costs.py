@@ -70,13 +70,19 @@ class StepCosts:
         doubling (all-reduce and smaller GEMMs), so a step costs 1 / (tp * efficiency ** log2(tp))."""
         if tp < 1 or tp & (tp - 1):
             raise ValueError(f"tp must be a power of two >= 1, got {tp}")
-        k = 1.0 / (tp * efficiency ** math.log2(tp))
-        p, d = self.prefill, self.decode
-        return replace(self,
-                       prefill=PrefillCost(p.fixed_ms * k, p.per_token_ms * k, p.per_pair_ms * k),
-                       decode=DecodeCost(d.fixed_ms * k, d.per_seq_ms * k, d.per_ctx_token_ms * k),
-                       # each GPU of the group sends its shard of the heads over its own link
+        # each GPU of the group sends its shard of the heads over its own link
+        return replace(self._steps_times(1.0 / (tp * efficiency ** math.log2(tp))),
                        transfer=replace(self.transfer, gb_per_s=self.transfer.gb_per_s * tp))
+
+    def slowed(self, factor: float) -> StepCosts:
+        """Every step cost and the path's latency x factor: the same cluster on a host with 1/factor of
+        the CPU to spare (a shared box's load changes run to run)."""
+        return replace(self._steps_times(factor), router_ms=self.router_ms * factor)
+
+    def _steps_times(self, k: float) -> StepCosts:
+        p, d = self.prefill, self.decode
+        return replace(self, prefill=PrefillCost(p.fixed_ms * k, p.per_token_ms * k, p.per_pair_ms * k),
+                       decode=DecodeCost(d.fixed_ms * k, d.per_seq_ms * k, d.per_ctx_token_ms * k))
 
     def to_dict(self) -> dict:
         return asdict(self)

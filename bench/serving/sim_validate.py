@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,22 @@ def validate(paths: list[str | Path], costs: StepCosts, spec: ClusterSpec = CPU_
         else:
             rows += _compare(name, d["run"], d["records"], costs, spec, slo)
     return rows
+
+
+SLOWDOWNS = tuple(1 + 0.125 * i for i in range(25))  # 1x to 4x
+
+
+def host_slowdown(path: str | Path, costs: StepCosts, spec: ClusterSpec = CPU_CLUSTER,
+                  factors: tuple[float, ...] = SLOWDOWNS) -> tuple[float, list[Row]]:
+    """A diagnostic for a single run the costs miss: the one factor (StepCosts.slowed) that best replays it
+    (mean |log sim / measured| of TTFT and TPOT p50/p90), and its rows. A good fit with one factor says the
+    cluster model holds and the host was that much slower during the run."""
+    def score(rows: list[Row]) -> float:
+        return sum(abs(math.log(r.simulated / r.measured)) for r in rows if r.metric.endswith("ms"))
+
+    best = min(((score(rows), k, rows) for k in factors
+                for rows in [validate([path], costs.slowed(k), spec)]), key=lambda t: t[0])
+    return best[1], best[2]
 
 
 def format_rows(rows: list[Row]) -> str:

@@ -13,7 +13,7 @@ from bench.serving.sim_calibrate import Grid, fit_cpu
 from bench.serving.sim_costs import DecodeCost, PrefillCost, StepCosts, TransferCost, load_costs, save_costs
 from bench.serving.sim_events import SimRequest, simulate
 from bench.serving.sim_fit import Obs, fit_h100, fit_prefill, isolated
-from bench.serving.sim_validate import CPU_CLUSTER, validate
+from bench.serving.sim_validate import CPU_CLUSTER, host_slowdown, validate
 
 
 def test_prefill_fit_recovers_fixed_linear_and_pair_terms() -> None:
@@ -97,3 +97,13 @@ def test_tensor_parallel_scales_step_costs_by_tp_and_efficiency() -> None:
     assert tp2.transfer.gb_per_s == 20.0
     with pytest.raises(ValueError, match="power of two"):
         costs.with_tp(3, 0.9)
+
+
+def test_host_slowdown_finds_the_factor_a_run_was_slowed_by(tmp_path: Path) -> None:
+    costs = StepCosts(PrefillCost(60.0, 2.0), DecodeCost(30.0, 10.0), TransferCost(46080, 30, 0.31, 1.6),
+                      router_ms=140.0, contention=1.0)
+    burst = [SimRequest(0.3 * i, 32 + 40 * (i % 3), 12) for i in range(12)]
+    path = _harness_json(tmp_path / "slow.json", simulate(CPU_CLUSTER, costs.slowed(2.0), burst))
+    factor, rows = host_slowdown(path, costs)
+    assert factor == 2.0
+    assert max(abs(r.rel_err) for r in rows if r.measured) < 1e-6
