@@ -31,7 +31,7 @@ def _paths(patterns: list[str]) -> list[str]:
 
 def _settings(args: argparse.Namespace) -> SearchSettings:
     return SearchSettings(tp_choices=tuple(int(x) for x in args.tp.split(",")),
-                          tp_efficiency=args.tp_efficiency, seed=args.seed)
+                          tp_efficiency=args.tp_efficiency, max_num_seqs=args.max_num_seqs, seed=args.seed)
 
 
 def _mixes(args: argparse.Namespace) -> list:
@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--slo-tpot", type=float, default=None, help="seconds (default: the mix's)")
         s.add_argument("--tp", default="1,2", help="TP degrees each role may use (powers of two)")
         s.add_argument("--tp-efficiency", type=float, default=0.9, help="per doubling of TP")
+        s.add_argument("--max-num-seqs", type=int, default=SearchSettings.max_num_seqs,
+                       help="decode batch cap per worker (default: the largest CUDA graph bucket)")
         s.add_argument("--seed", type=int, default=0)
         s.set_defaults(func=func)
     pr = sub.choices["project"]

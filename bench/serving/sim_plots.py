@@ -36,7 +36,7 @@ def plot_validation(rows: list[Row], out: Path) -> Path:
 def plot_projection(projections: list[Projection], out: Path) -> Path:
     """Goodput per GPU, disaggregated vs colocated, per mix and GPU count, with the gain over each pair."""
     plt = _pyplot()
-    mixes = sorted({p.mix for p in projections})
+    mixes = list(dict.fromkeys(p.mix for p in projections))
     fig, axes = plt.subplots(1, len(mixes), figsize=(5 * len(mixes), 4), squeeze=False)
     for ax, mix in zip(axes[0], mixes, strict=True):
         ps = [p for p in projections if p.mix == mix]
@@ -45,12 +45,13 @@ def plot_projection(projections: list[Projection], out: Path) -> Path:
         col = [p.cluster_goodput(p.coloc) / p.gpus for p in ps]
         ax.bar([x - 0.2 for x in xs], dis, 0.4, label="disaggregated")
         ax.bar([x + 0.2 for x in xs], col, 0.4, label="colocated")
-        for x, p, d in zip(xs, ps, dis, strict=True):
-            ax.annotate(f"{p.gain:.2f}x", (x, d), ha="center", va="bottom", fontsize=8)
+        for x, p, d, c in zip(xs, ps, dis, col, strict=True):
+            ax.annotate(f"{p.gain:.2f}x", (x, max(d, c)), ha="center", va="bottom", fontsize=8)
         ax.set_xticks(list(xs), [f"{p.gpus} GPUs\n{p.disagg.unit}\n{p.coloc.unit}" for p in ps], fontsize=6)
         ax.set_ylabel("goodput per GPU (req/s)")
-        ax.set_title(mix)
-        ax.legend(fontsize=7)
+        ax.set_title(f"{mix} (gain = disaggregated / colocated)")
+        ax.set_ylim(0, 1.2 * max(dis + col))
+        ax.legend(fontsize=7, loc="lower right")
         ax.grid(alpha=0.3, axis="y")
     return _save(fig, plt, out / "sim_projection.png")
 
