@@ -1,0 +1,174 @@
+"""`python -m bench.serving.sim`: fit step costs, validate on the measured runs, search P:D x TP, project."""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from bench.serving.metrics import Slo
+from bench.serving.sim_calibrate import fit_cpu
+from bench.serving.sim_costs import load_costs, save_costs
+from bench.serving.sim_fit import fit_h100
+from bench.serving.sim_search import MIXES, SearchSettings, project, search
+from bench.serving.sim_validate import format_rows, host_slowdown, validate
+
+CPU_RUNS = "bench/results/serving_cpu_*.json"
+H100_COSTS = "bench/results/sim_costs_h100.json"
+CPU_COSTS = "bench/results/sim_costs_cpu.json"
+
+
+def _paths(patterns: list[str]) -> list[str]:
+    out = sorted({p for pat in patterns for p in (glob.glob(pat) or [pat])})
+    missing = [p for p in out if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"no such run JSON: {', '.join(missing)}")
+    return out
+
+
+def _settings(args: argparse.Namespace) -> SearchSettings:
+    return SearchSettings(tp_choices=tuple(int(x) for x in args.tp.split(",")),
+                          tp_efficiency=args.tp_efficiency, max_num_seqs=args.max_num_seqs, seed=args.seed)
+
+
+def _mixes(args: argparse.Namespace) -> list:
+    mixes = [MIXES[m] for m in args.mix.split(",")]
+    if args.slo_ttft or args.slo_tpot:
+        mixes = [replace(m, slo=Slo(args.slo_ttft or m.slo.ttft, args.slo_tpot or m.slo.tpot)) for m in mixes]
+    return mixes
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    if args.target == "cpu":
+        costs = fit_cpu(_paths(args.runs), _paths(args.calibrate_on) if args.calibrate_on else None)
+    else:
+        costs = fit_h100(args.decode_gpu, transfer_gb_per_s=args.transfer_gbps)
+    print(json.dumps(costs.to_dict(), indent=1))
+    if args.out:
+        save_costs(costs, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    rows = validate(_paths(args.runs), load_costs(args.costs))
+    print(format_rows(rows))
+    within = [r for r in rows if abs(r.rel_err) <= 0.15]
+    print(f"{len(within)} of {len(rows)} figures within 15%")
+    for path in args.host_speed or []:
+        factor, slow_rows = host_slowdown(path, load_costs(args.costs))
+        print(f"\n{path} replayed on a host {factor:g}x slower:\n{format_rows(slow_rows)}")
+    if args.plots:
+        from bench.serving.sim_plots import plot_validation
+        print(f"wrote {plot_validation(rows, args.plots)}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    costs, s = load_costs(args.costs), _settings(args)
+    for mix in _mixes(args):
+        best = search(args.gpus, costs, mix, s)
+        for mode, f in best.items():
+            print(f"{mix.name:<14} {mode:<7} {f.unit!s:<28} goodput {f.goodput:8.2f} req/s per unit, "
+                  f"{f.per_gpu:6.2f} per GPU")
+    return 0
+
+
+def cmd_project(args: argparse.Namespace) -> int:
+    costs, s = load_costs(args.costs), _settings(args)
+    t0 = time.perf_counter()
+    gpus = tuple(int(g) for g in args.gpus.split(","))
+    projections = project(gpus, costs, _mixes(args), s)
+    print(f"{'mix':<14} {'GPUs':>5} {'disaggregated unit':<22} {'req/s':>9} {'colocated unit':<24} "
+          f"{'req/s':>9} {'gain':>6}")
+    for p in projections:
+        print(f"{p.mix:<14} {p.gpus:>5} {p.disagg.unit!s:<22} {p.cluster_goodput(p.disagg):>9.1f} "
+              f"{p.coloc.unit!s:<24} {p.cluster_goodput(p.coloc):>9.1f} {p.gain:>5.2f}x")
+    gains: dict[str, list[tuple[float, float]]] = {}
+    for scale in args.slo_scales or []:
+        for mix in _mixes(args):
+            slo = Slo(mix.slo.ttft * scale, mix.slo.tpot * scale)
+            best = search(min(gpus), costs, replace(mix, slo=slo), s)
+            g = best["disagg"].per_gpu / best["coloc"].per_gpu if best["coloc"].per_gpu else float("inf")
+            gains.setdefault(mix.name, []).append((scale, g))
+            print(f"{mix.name:<14} SLO x{scale:<4g} (TTFT {slo.ttft * 1e3:.0f} ms, "
+                  f"TPOT {slo.tpot * 1e3:.1f} ms): "
+                  f"{best['disagg'].unit} {best['disagg'].per_gpu:.2f}/GPU vs {best['coloc'].unit} "
+                  f"{best['coloc'].per_gpu:.2f}/GPU -> {g:.2f}x")
+    print(f"({time.perf_counter() - t0:.1f} s)")
+    if args.json_out:
+        args.json_out.write_text(json.dumps({
+            "settings": asdict(s), "mixes": {m.name: {"prompt": str(m.prompt), "output": str(m.output),
+                                                      "slo": asdict(m.slo)} for m in _mixes(args)},
+            "projections": [{"gpus": p.gpus, "mix": p.mix, "gain": p.gain,
+                             **{mode: {"unit": str(f.unit), "unit_goodput": f.goodput,
+                                       "cluster_goodput": p.cluster_goodput(f), "per_gpu": f.per_gpu}
+                                for mode, f in (("disagg", p.disagg), ("coloc", p.coloc))}}
+                            for p in projections],
+            "slo_scale_gain": gains}, indent=1) + "\n")
+        print(f"wrote {args.json_out}")
+    if args.plots:
+        from bench.serving.sim_plots import plot_projection, plot_slo_gain
+        print(f"wrote {plot_projection(projections, args.plots)}")
+        if gains:
+            print(f"wrote {plot_slo_gain(gains, args.plots)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.serving.sim", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fit", help="fit step costs and write them as JSON")
+    f.add_argument("target", choices=("cpu", "h100"))
+    f.add_argument("--runs", nargs="+", default=[CPU_RUNS], help="cpu: pdserve bench --json files")
+    f.add_argument("--calibrate-on", nargs="+", default=None,
+                   help="cpu: the runs the grid is scored on (default: all of --runs)")
+    f.add_argument("--decode-gpu", default="bench/results/decode_gpu.json",
+                   help="h100: bench.engine.decode_gpu's JSON")
+    f.add_argument("--transfer-gbps", type=float, default=25.0, help="h100: KV link GB/s per GPU (assumed)")
+    f.add_argument("--out", type=Path, default=None)
+    f.set_defaults(func=cmd_fit)
+    v = sub.add_parser("validate", help="replay the measured runs; sim vs measured")
+    v.add_argument("--costs", default=CPU_COSTS)
+    v.add_argument("--runs", nargs="+", default=[CPU_RUNS])
+    v.add_argument("--plots", type=Path, default=None)
+    v.add_argument("--host-speed", nargs="+", default=None, metavar="JSON",
+                   help="single runs to also replay with the one host slowdown factor that fits each best")
+    v.set_defaults(func=cmd_validate)
+    for name, func, gpus in (("search", cmd_search, "8"), ("project", cmd_project, "8,64,512")):
+        s = sub.add_parser(name, help="best P:D x TP unit per mix" if name == "search" else
+                           "disaggregated vs colocated goodput at several GPU counts")
+        s.add_argument("--costs", default=H100_COSTS)
+        s.add_argument("--gpus", type=int if name == "search" else str, default=int(gpus) if name == "search"
+                       else gpus)
+        s.add_argument("--mix", default=",".join(MIXES), help=f"comma-separated: {', '.join(MIXES)}")
+        s.add_argument("--slo-ttft", type=float, default=None, help="seconds (default: the mix's)")
+        s.add_argument("--slo-tpot", type=float, default=None, help="seconds (default: the mix's)")
+        s.add_argument("--tp", default="1,2", help="TP degrees each role may use (powers of two)")
+        s.add_argument("--tp-efficiency", type=float, default=0.9, help="per doubling of TP")
+        s.add_argument("--max-num-seqs", type=int, default=SearchSettings.max_num_seqs,
+                       help="decode batch cap per worker (default: the largest CUDA graph bucket)")
+        s.add_argument("--seed", type=int, default=0)
+        s.set_defaults(func=func)
+    pr = sub.choices["project"]
+    pr.add_argument("--slo-scales", type=lambda t: [float(x) for x in t.split(",")], default=None,
+                    metavar="X,...", help="also the gain with both SLOs scaled by each X (fewest GPUs)")
+    pr.add_argument("--json", type=Path, default=None, dest="json_out")
+    pr.add_argument("--plots", type=Path, default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"sim: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

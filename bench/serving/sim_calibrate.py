@@ -1,0 +1,117 @@
+"""Calibrates the CPU cluster's costs on the harness's runs: lone-request regressions, a grid for the rest."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from bench.serving.client import RequestRecord
+from bench.serving.metrics import Slo, summarize
+from bench.serving.sim_costs import DecodeCost, PrefillCost, StepCosts, TransferCost
+from bench.serving.sim_events import simulate
+from bench.serving.sim_fit import (
+    CPU_KV_BYTES_PER_TOKEN,
+    CPU_LAYERS,
+    fit_prefill,
+    harness_runs,
+    isolated,
+    observations,
+)
+from bench.serving.sim_validate import CPU_CLUSTER, replay, sim_goodput
+
+METRICS = (("ttft_s", "p50"), ("ttft_s", "p90"), ("tpot_s", "p50"), ("tpot_s", "p90"))
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What lone requests cannot tell apart, searched by replaying the runs through the simulator."""
+    # Share of the lone TTFT's fixed part that occupies the prefill worker; the rest is latency that
+    # occupies nothing (router, reserve call, Ray hops, relays) and overlaps other requests.
+    worker_share: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0)
+    # Extra decode-step ms per stream in the batch (step(1) is pinned to the lone requests' TPOT).
+    per_seq_ms: tuple[float, ...] = (0.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 40.0, 45.0)
+    # Slowdown of a step while the other worker computes (1P + 1D share the box's 2 cores).
+    contention: tuple[float, ...] = (0.0, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
+
+
+def _records(recs: list[dict]) -> list[RequestRecord]:
+    return [RequestRecord(**r) for r in recs]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What the grid is scored on: every run and sweep probe (with the SLO it was judged by), and each
+    sweep's configuration with the goodput it measured."""
+    runs: tuple[tuple[list[dict], Slo], ...]
+    sweeps: tuple[tuple[dict, float], ...]
+
+    @staticmethod
+    def load(paths: list[str | Path]) -> Calibration:
+        runs, sweeps = [], []
+        for p in paths:
+            d = json.loads(Path(p).read_text())
+            cfg = d["config"]
+            runs += [(recs, Slo(cfg["slo_ttft"], cfg["slo_tpot"])) for _, recs in harness_runs(p)]
+            if d.get("sweep") and d["sweep"]["goodput_rps"] > 0:
+                sweeps.append((cfg, d["sweep"]["goodput_rps"]))
+        return Calibration(tuple(runs), tuple(sweeps))
+
+
+def replay_error(costs: StepCosts, cal: Calibration) -> float:
+    """Replays every run (same sends and lengths): the mean over runs of |log(sim / measured)| for TTFT and
+    TPOT p50/p90 and of the SLO attainment's absolute difference; plus the mean |log(sim / measured)| of the
+    sweeps' goodput, redone by bisection in the simulator (without it the grid fits latencies at low load
+    and misses where the cluster saturates)."""
+    errs = []
+    for recs, slo in cal.runs:
+        meas = summarize(_records(recs), slo=slo)
+        sim = summarize(simulate(CPU_CLUSTER, costs, replay(recs)), slo=slo)
+        errs.append(abs(sim.slo_attainment - meas.slo_attainment))
+        for name, q in METRICS:
+            errs.append(abs(math.log(getattr(sim, name)[q] / getattr(meas, name)[q])))
+    goodput = [abs(math.log(max(sim_goodput(cfg, costs, CPU_CLUSTER), 1e-3) / measured))
+               for cfg, measured in cal.sweeps]
+    return float(np.mean(errs)) + (float(np.mean(goodput)) if goodput else 0.0)
+
+
+def fit_cpu(paths: list[str | Path], calibrate_on: list[str | Path] | None = None, grid: Grid = Grid(),
+            transfer_gb_per_s: float = 0.31, transfer_latency_ms: float = 1.6) -> StepCosts:
+    """Lone requests (nothing else in flight at their send) of every run in `paths` fix prefill's per-token
+    parts, the path's total fixed cost and a one-stream decode step; the grid then splits and loads them
+    against `calibrate_on`'s runs (default: all of `paths`). A run left out of `calibrate_on` lends only its
+    lone requests: its loaded behaviour stays held out."""
+    runs = [recs for p in paths for _, recs in harness_runs(p)]
+    lone = [o for recs in runs for o in isolated(observations(recs))]
+    if not lone:
+        raise ValueError("no request ran alone in these runs: the prefill fit needs some")
+    base = fit_prefill(lone)
+    one_stream = float(np.median([o.tpot * 1e3 for o in lone if o.tpot is not None]))
+    transfer = TransferCost(CPU_KV_BYTES_PER_TOKEN, CPU_LAYERS, transfer_gb_per_s, transfer_latency_ms)
+    cal = Calibration.load(calibrate_on or paths)
+
+    def costs(share: float, per_seq: float, contention: float) -> StepCosts:
+        return StepCosts(
+            prefill=PrefillCost(base.fixed_ms * share, base.per_token_ms, base.per_pair_ms),
+            decode=DecodeCost(max(one_stream - per_seq, 0.0), per_seq), transfer=transfer,
+            router_ms=base.fixed_ms * (1 - share), contention=contention)
+
+    scored = [(replay_error(costs(*g), cal), g)
+              for g in itertools.product(grid.worker_share, grid.per_seq_ms, grid.contention)]
+    err, (share, per_seq, contention) = min(scored)
+    names = ", ".join(Path(p).name for p in paths)
+    cal_names = ", ".join(Path(p).name for p in (calibrate_on or paths))
+    fitted = costs(share, per_seq, contention)
+    return replace(fitted, source={
+        "prefill": f"least squares on the TTFT of the {len(lone)} lone requests in {names}: per-token and "
+                   f"per-pair parts; fixed part {base.fixed_ms:.0f} ms split by the grid, {share:.0%} on the "
+                   "prefill worker, the rest router_ms (latency that occupies no worker)",
+        "decode": f"one-stream step = median lone TPOT {one_stream:.1f} ms; per_seq_ms by the grid",
+        "contention": f"by the grid (replay error {err:.3f}: latency, attainment, goodput of {cal_names})",
+        "transfer": "docs/benchmarks.md, KV transfer CPU/gloo table (256-token alone GB/s, layerwise exposed "
+                    "ms); SmolLM2-135M KV shape",
+        "engine": "the harness JSON has no per-step engine timings: step costs are inferred from per-request "
+                  "TTFT/TPOT"})

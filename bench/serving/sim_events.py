@@ -1,0 +1,219 @@
+"""The simulator's event loop: router admission and dispatch, prefill/decode/colocated workers, KV moves."""
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from bench.serving.client import RequestRecord
+from bench.serving.sim_costs import StepCosts
+
+MODES = ("disagg", "coloc")
+
+
+@dataclass(frozen=True)
+class SimRequest:
+    arrival: float  # seconds from the run's start
+    prompt: int
+    output: int
+    warmup: bool = False
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """disagg: prefill_workers + decode_workers; coloc: decode_workers workers that prefill and decode
+    (one scheduler: decode tokens first, then prefill chunks under the same budget, as the engine does)."""
+    mode: str
+    prefill_workers: int = 1
+    decode_workers: int = 1
+    max_batch_tokens: int = 512  # engine/config.py's default token budget per step
+    max_num_seqs: int = 32  # decode batch cap; more reserved sequences wait for a slot
+    kv_capacity_tokens: int = 8192  # per decode-capable worker (512 blocks x 16 tokens by default)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        if self.decode_workers < 1 or (self.mode == "disagg" and self.prefill_workers < 1):
+            raise ValueError("a cluster needs at least one worker of each role it uses")
+
+
+@dataclass(eq=False)
+class _Req:
+    index: int
+    req: SimRequest
+    computed: int = 0  # prompt tokens prefilled so far
+    first: float | None = None
+    last: float | None = None
+    end: float | None = None
+    finish_step: int = 0
+    decode_worker: _Worker | None = None
+
+
+@dataclass(eq=False)
+class _Worker:
+    role: str  # "prefill", "decode" or "coloc"
+    index: int
+    busy: bool = False
+    queue: deque[_Req] = field(default_factory=deque)  # prompts to prefill, FCFS
+    queued_tokens: int = 0
+    pending: deque[_Req] = field(default_factory=deque)  # KV arrived (or reserved, coloc) awaiting a slot
+    active: int = 0  # sequences in the decode batch
+    ctx_sum: int = 0  # their context lengths
+    steps: int = 0  # decode steps completed
+    finishing: list[tuple[int, int, _Req]] = field(default_factory=list)  # (step, index, req) heap
+    kv_used: int = 0
+    assigned: int = 0  # requests dispatched here and not finished
+
+
+class Simulation:
+    """One run: feed requests, call run(), read records. Deterministic: ties break by insertion order."""
+
+    def __init__(self, spec: ClusterSpec, costs: StepCosts, requests: Sequence[SimRequest]) -> None:
+        self.spec, self.costs = spec, costs
+        need = max((r.prompt + r.output for r in requests), default=0)
+        if need > spec.kv_capacity_tokens:
+            raise ValueError(f"a request needs {need} KV tokens; a worker holds {spec.kv_capacity_tokens}")
+        self.now = 0.0
+        self._heap: list[tuple[float, int, Callable[..., None], tuple]] = []
+        self._seq = 0
+        role = "decode" if spec.mode == "disagg" else "coloc"
+        self.decoders = [_Worker(role, i) for i in range(spec.decode_workers)]
+        self.prefillers = ([_Worker("prefill", i) for i in range(spec.prefill_workers)]
+                           if spec.mode == "disagg" else [])
+        self.workers = self.prefillers + self.decoders
+        self.reqs = [_Req(i, r) for i, r in enumerate(requests)]
+        self._waiting: deque[_Req] = deque()  # admitted, no decode worker has KV room yet
+        for r in self.reqs:
+            self._at(r.req.arrival + costs.router_ms / 1e3, self._arrive, r)
+
+    def _at(self, t: float, fn: Callable[..., None], *args) -> None:
+        heapq.heappush(self._heap, (t, self._seq, fn, args))
+        self._seq += 1
+
+    def run(self) -> list[RequestRecord]:
+        while self._heap:
+            self.now, _, fn, args = heapq.heappop(self._heap)
+            fn(*args)
+        return [self._record(r) for r in self.reqs]
+
+    @staticmethod
+    def _record(r: _Req) -> RequestRecord:
+        q = r.req
+        n = q.output
+        return RequestRecord(
+            index=r.index, warmup=q.warmup, sent_at=q.arrival, status="OK", prompt_tokens=q.prompt,
+            output_tokens=n, ttft=r.first - q.arrival,
+            tpot=(r.last - r.first) / (n - 1) if n > 1 else None, e2e=r.end - q.arrival, max_itl=None)
+
+    # --- router: FCFS admission, least-loaded dispatch (router/dispatch.py's order) ---
+    def _arrive(self, r: _Req) -> None:
+        self._waiting.append(r)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        cap = self.spec.kv_capacity_tokens
+        while self._waiting:
+            r = self._waiting[0]
+            need = r.req.prompt + r.req.output
+            fits = [w for w in self.decoders if cap - w.kv_used >= need]
+            if not fits:
+                return  # head of line waits for a finish to free KV
+            self._waiting.popleft()
+            d = min(fits, key=lambda w: (w.kv_used, w.assigned, w.index))
+            d.kv_used += need
+            d.assigned += 1
+            r.decode_worker = d
+            p = d if self.spec.mode == "coloc" else min(
+                self.prefillers, key=lambda w: (w.queued_tokens, len(w.queue), w.index))
+            p.queue.append(r)
+            p.queued_tokens += r.req.prompt
+            self._kick(p)
+
+    # --- workers: a step starts when idle and there is work; its cost comes from the cost models ---
+    def _kick(self, w: _Worker) -> None:
+        if w.busy:
+            return
+        if w.role != "prefill":
+            self._activate(w)
+        batch = w.active
+        chunks = self._chunks(w, self.spec.max_batch_tokens - batch) if w.role != "decode" else []
+        if not batch and not chunks:
+            return
+        c = self.costs
+        ms = c.prefill.step_ms([(n, r.computed) for r, n in chunks]) if chunks else 0.0
+        if batch:
+            ms = c.decode.step_ms(batch, w.ctx_sum) + (c.prefill.marginal_ms(
+                [(n, r.computed) for r, n in chunks]) if chunks else 0.0)
+        if c.contention:
+            ms *= 1 + c.contention * sum(1 for o in self.workers if o.busy)
+        w.busy = True
+        self._at(self.now + ms / 1e3, self._end_step, w, chunks, ms)
+
+    def _chunks(self, w: _Worker, budget: int) -> list[tuple[_Req, int]]:
+        out = []
+        for r in w.queue:
+            if budget <= 0:
+                break
+            n = min(r.req.prompt - r.computed, budget)
+            out.append((r, n))
+            budget -= n
+        return out
+
+    def _activate(self, w: _Worker) -> None:
+        """At a step boundary: sequences whose KV arrived join the batch; the first token goes out now
+        (decode_worker/service.py pushes the prefill's token when its engine thread activates it)."""
+        while w.pending and w.active < self.spec.max_num_seqs:
+            self._join(w, w.pending.popleft())
+
+    def _join(self, w: _Worker, r: _Req) -> None:
+        if r.first is None:
+            r.first = r.last = self.now
+        if r.req.output <= 1:
+            self._at(self.now, self._finish, w, r)  # not inline: finishing dispatches, which may kick w
+            return
+        w.active += 1
+        w.ctx_sum += r.req.prompt + 1
+        r.finish_step = w.steps + r.req.output - 1
+        heapq.heappush(w.finishing, (r.finish_step, r.index, r))
+
+    def _end_step(self, w: _Worker, chunks: list[tuple[_Req, int]], ms: float) -> None:
+        if w.active:
+            w.steps += 1
+            w.ctx_sum += w.active
+            while w.finishing and w.finishing[0][0] <= w.steps:
+                _, _, r = heapq.heappop(w.finishing)
+                r.last = self.now
+                w.active -= 1
+                w.ctx_sum -= r.req.prompt + r.req.output
+                self._finish(w, r)
+        for r, n in chunks:
+            r.computed += n
+            w.queued_tokens -= n
+            if r.computed == r.req.prompt:
+                w.queue.remove(r)
+                if w.role == "coloc":
+                    r.first = r.last = self.now  # its first token was sampled in this step
+                    w.pending.append(r)
+                else:
+                    exposed = self.costs.transfer.exposed_ms(r.req.prompt, ms)
+                    self._at(self.now + exposed / 1e3, self._kv_arrived, r)
+        # Busy until here so that a dispatch triggered above cannot start a second step on this worker.
+        w.busy = False
+        self._kick(w)
+
+    def _kv_arrived(self, r: _Req) -> None:
+        d = r.decode_worker
+        d.pending.append(r)
+        self._kick(d)
+
+    def _finish(self, w: _Worker, r: _Req) -> None:
+        r.end = self.now
+        w.kv_used -= r.req.prompt + r.req.output
+        w.assigned -= 1
+        self._dispatch()
+
+
+def simulate(spec: ClusterSpec, costs: StepCosts, requests: Sequence[SimRequest]) -> list[RequestRecord]:
+    """Runs every request to its end and returns one harness-shaped record each (status OK)."""
+    return Simulation(spec, costs, requests).run()

@@ -1,0 +1,106 @@
+"""Replays the harness's measured runs through the simulator: sim vs measured, with relative errors."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.serving.arrivals import arrival_offsets
+from bench.serving.goodput import find_goodput
+from bench.serving.metrics import Slo, summarize
+from bench.serving.sim_costs import StepCosts
+from bench.serving.sim_events import ClusterSpec, SimRequest, simulate
+from bench.serving.workload import WorkloadSpec, parse_length, synthesize
+
+# What `pdserve up --device cpu` ran: 1 prefill + 1 decode worker, engine/config.py's defaults.
+CPU_CLUSTER = ClusterSpec("disagg", prefill_workers=1, decode_workers=1)
+
+
+@dataclass(frozen=True)
+class Row:
+    run: str
+    metric: str
+    measured: float
+    simulated: float
+
+    @property
+    def rel_err(self) -> float:
+        return (self.simulated - self.measured) / self.measured if self.measured else float("nan")
+
+
+def replay(records: list[dict]) -> list[SimRequest]:
+    """The measured requests as they were sent: same send times, prompt and output lengths, warm-up marks."""
+    return [SimRequest(r["sent_at"], r["prompt_tokens"], r["output_tokens"], r["warmup"])
+            for r in sorted(records, key=lambda r: r["index"]) if r["status"] == "OK"]
+
+
+def _compare(run: str, measured: dict, records: list[dict], costs: StepCosts, spec: ClusterSpec,
+             slo: Slo) -> list[Row]:
+    sim = summarize(simulate(spec, costs, replay(records)), slo=slo)
+    rows = []
+    for name in ("ttft_s", "tpot_s"):
+        for q in ("p50", "p90"):
+            sim_q = getattr(sim, name)[q]
+            rows.append(Row(run, f"{name[:4].upper()} {q} ms", measured[name][q] * 1e3, sim_q * 1e3))
+    rows.append(Row(run, "within SLO", measured["slo_attainment"], sim.slo_attainment))
+    return rows
+
+
+def sim_goodput(config: dict, costs: StepCosts, spec: ClusterSpec) -> float:
+    """The sweep redone in the simulator: the same seeded workload and arrival schedule at each probed rate,
+    the same bisection settings, so only the cluster model differs."""
+    slo = Slo(config["slo_ttft"], config["slo_tpot"])
+    n = config["num_requests"][0] if isinstance(config["num_requests"], list) else config["num_requests"]
+    wl = synthesize(WorkloadSpec(n, parse_length(config["prompt_len"]), parse_length(config["output_len"]),
+                                 config["seed"]))
+
+    def attainment_at(rate: float) -> float:
+        offsets = arrival_offsets(config["arrival"], rate, n, config["seed"])
+        reqs = [SimRequest(t, r.prompt_tokens, r.max_tokens, i < config["warmup"])
+                for i, (t, r) in enumerate(zip(offsets, wl, strict=True))]
+        return summarize(simulate(spec, costs, reqs), slo=slo).slo_attainment or 0.0
+
+    low, high = config["sweep"]
+    return find_goodput(attainment_at, low, high, target=config["slo_target"], rel_tol=config["sweep_tol"],
+                        max_probes=config["sweep_probes"]).rate
+
+
+def validate(paths: list[str | Path], costs: StepCosts, spec: ClusterSpec = CPU_CLUSTER) -> list[Row]:
+    rows: list[Row] = []
+    for path in paths:
+        d = json.loads(Path(path).read_text())
+        cfg = d["config"]
+        slo = Slo(cfg["slo_ttft"], cfg["slo_tpot"])
+        name = Path(path).stem.removeprefix("serving_cpu_")
+        if d.get("sweep"):
+            for p in d["sweep"]["probes"]:
+                rows += _compare(f"{name}@{p['rate']:g}", p["summary"], p["records"], costs, spec, slo)
+            rows.append(Row(name, "goodput req/s", d["sweep"]["goodput_rps"], sim_goodput(cfg, costs, spec)))
+        else:
+            rows += _compare(name, d["run"], d["records"], costs, spec, slo)
+    return rows
+
+
+SLOWDOWNS = tuple(1 + 0.125 * i for i in range(25))  # 1x to 4x
+
+
+def host_slowdown(path: str | Path, costs: StepCosts, spec: ClusterSpec = CPU_CLUSTER,
+                  factors: tuple[float, ...] = SLOWDOWNS) -> tuple[float, list[Row]]:
+    """A diagnostic for a single run the costs miss: the one factor (StepCosts.slowed) that best replays it
+    (mean |log sim / measured| of TTFT and TPOT p50/p90), and its rows. A good fit with one factor says the
+    cluster model holds and the host was that much slower during the run."""
+    def score(rows: list[Row]) -> float:
+        return sum(abs(math.log(r.simulated / r.measured)) for r in rows if r.metric.endswith("ms"))
+
+    best = min(((score(rows), k, rows) for k in factors
+                for rows in [validate([path], costs.slowed(k), spec)]), key=lambda t: t[0])
+    return best[1], best[2]
+
+
+def format_rows(rows: list[Row]) -> str:
+    lines = [f"{'run':<18} {'metric':<16} {'measured':>10} {'sim':>10} {'rel err':>8}"]
+    for r in rows:
+        lines.append(f"{r.run:<18} {r.metric:<16} {r.measured:>10.3f} {r.simulated:>10.3f} "
+                     f"{r.rel_err:>+8.1%}")
+    return "\n".join(lines)

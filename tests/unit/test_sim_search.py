@@ -1,0 +1,46 @@
+"""The simulator's search: seeded determinism, the known-best P:D ratio on a built case, the projection."""
+from __future__ import annotations
+
+from bench.serving.metrics import Slo
+from bench.serving.sim_costs import DecodeCost, PrefillCost, StepCosts, TransferCost
+from bench.serving.sim_events import ClusterSpec, simulate
+from bench.serving.sim_search import Mix, SearchSettings, Unit, candidate_units, project, search, workload
+from bench.serving.workload import parse_length
+
+# A prompt costs its prefill worker 30 ms; an answer costs its decode worker 10 ms (ten 1-ms steps of one
+# stream each, since a step costs 1 ms a stream): a prefill worker serves ~33 req/s, a decode worker ~100.
+# On 4 GPUs the best split is 3P:1D (~100 req/s); 2P:2D gives ~66 and 1P:3D ~33.
+COSTS = StepCosts(prefill=PrefillCost(0.0, 1.0), decode=DecodeCost(0.0, 1.0),
+                  transfer=TransferCost(1, 1, 1e9))
+MIX = Mix("constructed", parse_length("fixed:30"), parse_length("fixed:11"), Slo(ttft=0.2, tpot=0.5))
+FAST = SearchSettings(tp_choices=(1,), unit_max_gpus=4, seconds=3.0, min_requests=100, coloc_budgets=(512,),
+                      simulate_top=3, rel_tol=0.05)
+
+
+def test_the_same_seed_gives_the_same_run_and_another_seed_another() -> None:
+    spec = ClusterSpec("disagg", 2, 2)
+    runs = [simulate(spec, COSTS, workload(MIX, 50.0, SearchSettings(seed=s))) for s in (0, 0, 1)]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_candidate_units_fill_the_unit_with_every_split_and_tp() -> None:
+    units = candidate_units(4, SearchSettings(tp_choices=(1, 2), coloc_budgets=(512,), unit_max_gpus=4))
+    assert all(u.gpus == 4 for u in units if u.mode == "disagg")
+    splits = {(u.n_p, u.tp_p, u.n_d, u.tp_d) for u in units if u.mode == "disagg"}
+    assert splits == {(1, 1, 3, 1), (2, 1, 2, 1), (3, 1, 1, 1), (2, 1, 1, 2), (1, 2, 2, 1), (1, 2, 1, 2)}
+    assert {(u.tp_d, u.budget) for u in units if u.mode == "coloc"} == {(1, 512), (2, 512)}
+
+
+def test_search_picks_the_known_best_ratio() -> None:
+    best = search(4, COSTS, MIX, FAST)
+    assert best["disagg"].unit == Unit("disagg", 3, 1, 1, 1, FAST.prefill_budget)
+    # ~100 req/s; a few seconds of Poisson arrivals let a slight overload pass before its queue grows.
+    assert 80 < best["disagg"].goodput < 125
+
+
+def test_projection_replicates_the_unit_over_the_gpu_count() -> None:
+    (p4, p16) = project((4, 16), COSTS, [MIX], FAST)
+    assert p4.disagg == p16.disagg  # the same 4-GPU unit: the same search
+    assert p16.cluster_goodput(p16.disagg) == 4 * p4.cluster_goodput(p4.disagg)
+    assert p16.gain == p4.gain
