@@ -11,9 +11,9 @@ from decode_worker.metrics import DecodeMetrics
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.engine_thread import EngineThread
+from engine.executor import RunOutput
 from engine.llm_engine import LLMEngine
 from engine.model_files import resolve_model_path
-from engine.model_runner import RunOutput
 from engine.random_models import is_random_model
 from engine.scheduler import SchedulerOutput
 from engine.sequence import FinishReason, Sequence
@@ -161,14 +161,14 @@ class DecodeService:
         return receiver is not None or seq is not None or stream is not None
 
     def _step(self) -> bool:
-        """One step, read aloud: admit arrived KV → schedule → run → postprocess → stream tokens."""
+        """One step, read aloud: admit arrived KV → schedule → execute → postprocess → stream tokens."""
         did_work = self._poll_receivers()
         if not self.engine.has_work():
             return did_work
         out = self.engine.schedule()
         if out.num_batched_tokens == 0:
             return did_work
-        run = self.engine.run(out)
+        run = self.engine.execute(out)
         finished = self.engine.postprocess(out, run)
         self._emit(out, run, finished)
         return True
@@ -193,9 +193,10 @@ class DecodeService:
 
     def _emit(self, out: SchedulerOutput, run: RunOutput, finished: list[Sequence]) -> None:
         for chunk in out.chunks:
-            token = run.sampled.get(chunk.seq.request_id)
-            if token is not None:
-                self._push_tokens(chunk.seq, [token])
+            if chunk.num_sampled and chunk.seq.request_id in run.sampled:
+                accepted = chunk.seq.token_ids[chunk.output_start:]  # what postprocess appended
+                if accepted:
+                    self._push_tokens(chunk.seq, accepted)
 
     def _push_tokens(self, seq: Sequence, token_ids: list[int]) -> None:
         stream = self._active.get(seq.request_id)

@@ -47,6 +47,8 @@ class EngineConfig:
     max_num_seqs: int = 32
     max_model_len: int | None = None  # None = model's context length
     num_threads: int = 0  # torch intra-op threads for this worker; 0 = torch's default
+    cuda_graphs: bool = True  # CUDA: decode-only steps that fit a batch bucket replay captured graphs
+    decode_lookahead: bool = True  # CUDA graphs: launch the next decode step before reading this one's tokens
 
     def __post_init__(self) -> None:
         if self.num_threads < 0:
