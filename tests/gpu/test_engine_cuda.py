@@ -226,7 +226,7 @@ def test_verify_step_gives_the_tokens_of_graphed_single_steps(engine: LLMEngine)
     # A verify step is not graphed (nor launched ahead): it runs eagerly through the Triton kernels and
     # must still give, position by position, the tokens the graphed single steps gave.
     prompt = prompts(TINY.vocab_size)[3]
-    sampling = SamplingParams(max_tokens=10, ignore_eos=True)  # greedy: eager and graphed logits differ in bits
+    sampling = SamplingParams(max_tokens=10, ignore_eos=True)  # greedy: eager, graphed logits differ in bits
     (reference,) = engine.generate([prompt], sampling)
     seq = engine.add_request("verify", prompt, sampling)
     engine.step()
