@@ -91,7 +91,7 @@ def variant(name: str) -> Iterator[None]:
 
 def replay_ms(engine: LLMEngine, repeats: int) -> float:
     """Recapture the decode graphs under the current variant; GPU ms of the step replayed back to back."""
-    graphs = engine.runner.graphs
+    graphs = engine.executor.graphs
     torch.cuda.synchronize()
     graphs._captured.clear()
     graphs._pool = None  # a fresh pool: the old graphs are gone
@@ -99,7 +99,7 @@ def replay_ms(engine: LLMEngine, repeats: int) -> float:
         engine.step()
     out = engine.schedule()
     ms = median_event_ms(lambda: graphs.run(out.chunks), repeats=repeats)
-    engine.postprocess(out, engine.run(out))
+    engine.postprocess(out, engine.execute(out))
     return ms
 
 
@@ -123,13 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         with variant(name):  # unknown parts fail here, before minutes of model building
             pass
-    if os.environ.get("PDSERVE_LOOKAHEAD") != "0":
-        os.environ["PDSERVE_LOOKAHEAD"] = "0"  # replays only: nothing launched ahead to keep track of
     model = build_random_model(LLAMA3_8B, BF16, "cuda", seed=0, std=0.02)
     max_batch = max(b for b, _ in points)
     blocks = max_batch * (-(-(max(c for _, c in points) + 400) // 16)) + 64
     engine = LLMEngine(EngineConfig(device="cuda", dtype="bfloat16", num_kv_blocks=blocks,
-                                    max_model_len=args.max_model_len, max_num_seqs=max_batch),
+                                    max_model_len=args.max_model_len, max_num_seqs=max_batch,
+                                    decode_lookahead=False),  # replays only: nothing launched ahead
                        model=(model.config, model))
     for cache in engine.kv_cache.k + engine.kv_cache.v:
         cache.normal_()

@@ -25,8 +25,8 @@ class SchedulerConfig:
     block_size: int
     max_model_len: int
     eos_token_ids: tuple[int, ...] = ()
-    # Decode steps also take blocks for this many tokens past the step, when free (never by preempting):
-    # the runner's decode lookahead (engine/lookahead.py) writes the next position's KV before scheduling.
+    # Decode steps also take blocks for this many tokens past the step, when free (never by preempting): the
+    # decode lookahead (engine/executors/lookahead.py) writes the next position's KV before scheduling.
     lookahead_tokens: int = 0
 
     def __post_init__(self) -> None:
@@ -139,8 +139,8 @@ class Scheduler:
 
     def schedule(self, decode_only: Iterable[Sequence] | None = None) -> SchedulerOutput:
         """The next step's chunks. decode_only: the decode tokens of these sequences (those still running)
-        and nothing else — the step a decode lookahead already launched (engine/lookahead.py); everyone else
-        waits a step (the engine then launches nothing ahead, so the step after includes them)."""
+        and nothing else — the step a decode lookahead already launched (engine/executors/lookahead.py);
+        everyone else waits a step (then nothing is launched ahead, so the step after includes them)."""
         only = None if decode_only is None else {id(s) for s in decode_only}
         budget = self.config.max_batch_tokens
         chunks: list[ScheduledChunk] = []
