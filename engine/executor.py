@@ -75,7 +75,8 @@ class Executor(ABC):
       the final hidden state of the chunk's last token; chunks with m == 0 appear in neither;
     - `layer_hook(i)`, when given, runs right after layer i stored its K/V (paths that cannot call it
       hand the batch to an eager executor);
-    - an executor holds no scheduling state, and syncs the host with the device once per step.
+    - an executor holds no scheduling state; the host waits for the device once per step, to read the
+      sampled ids (the eager path's metadata upload aside).
     `launch(batch, layer_hook)` is the step up to the sampled ids, left on the device (no host sync on the
     graphed path); `execute` is `launch` plus that one sync. Callers of `launch` hold inference mode.
     """

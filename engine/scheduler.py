@@ -156,7 +156,9 @@ class Scheduler:
                 continue
             if only is not None and id(seq) not in only:
                 continue
-            drafts = tuple(seq.draft_token_ids[:max(0, min(budget - 1, self.max_len - seq.num_tokens))])
+            drafts = ()
+            if seq.draft_token_ids:
+                drafts = tuple(seq.draft_token_ids[:max(0, min(budget - 1, self.max_len - seq.num_tokens))])
             if not self._grow_or_preempt(seq, seq.num_tokens + len(drafts), scheduled, preempted):
                 continue
             if self.config.lookahead_tokens and not drafts:  # verify steps are never launched ahead
