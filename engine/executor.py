@@ -87,7 +87,9 @@ class Executor(ABC):
 
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput, layer_hook: LayerHook | None = None) -> RunOutput:
-        step = self.launch(batch, layer_hook)
-        if step is None:
-            return RunOutput()
-        return step.to_output(step.token_ids.tolist())  # the step's only device → host sync
+        return read_to_host(self.launch(batch, layer_hook))
+
+
+def read_to_host(step: SampledStep | None) -> RunOutput:
+    """The step's RunOutput, its sampled ids read with the step's one device → host sync."""
+    return RunOutput() if step is None else step.to_output(step.token_ids.tolist())

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.executor import Executor, RunOutput, SampledStep
+from engine.executor import Executor, RunOutput, SampledStep, read_to_host
 from engine.executors.graphed import GraphedExecutor
 from engine.model import LayerHook
 from engine.sampler import sample
@@ -77,7 +77,7 @@ class DecodeLookahead(Executor):
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput, layer_hook: LayerHook | None = None) -> RunOutput:
         if not self.graphed(batch, layer_hook):
-            return super().execute(batch, layer_hook)
+            return read_to_host(self.launch(batch, layer_hook))  # launch drops what was launched ahead
         step = self.claim(batch)
         if step is None:
             step = self.graphed_executor.launch(batch)
