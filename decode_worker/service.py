@@ -12,8 +12,8 @@ from decode_worker.api import NoCapacity, Reservation, ReserveRequest, TokenChun
 from decode_worker.metrics import DecodeMetrics
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.executor import RunOutput
 from engine.model_files import resolve_model_path
-from engine.model_runner import RunOutput
 from engine.random_models import is_random_model
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
@@ -180,9 +180,10 @@ class DecodeService(WorkerService):
     def _after_step(self, out: SchedulerOutput, run: RunOutput, finished: list[Sequence]) -> None:
         """Streams each sampled token to its request."""
         for chunk in out.chunks:
-            token = run.sampled.get(chunk.seq.request_id)
-            if token is not None:
-                self._push_tokens(chunk.seq, [token])
+            if chunk.num_sampled and chunk.seq.request_id in run.sampled:
+                accepted = chunk.seq.token_ids[chunk.output_start:]  # what postprocess appended
+                if accepted:
+                    self._push_tokens(chunk.seq, accepted)
 
     def _push_tokens(self, seq: Sequence, token_ids: list[int]) -> None:
         stream = self._active.get(seq.request_id)

@@ -56,6 +56,8 @@ class EngineConfig:
     # auto: Triton kernels on CUDA, torch references elsewhere; torch: references everywhere (debugging,
     # numerics comparisons); triton: Triton or fail at engine start.
     kernels: str = "auto"
+    cuda_graphs: bool = True  # CUDA: decode-only steps that fit a batch bucket replay captured graphs
+    decode_lookahead: bool = True  # CUDA graphs: launch the next decode step before reading this one's tokens
 
     def __post_init__(self) -> None:
         if self.kernels not in KERNEL_BACKENDS:

@@ -186,7 +186,7 @@ class DecodeGraphRunner:
     """
 
     def __init__(self, model: LlamaModel, kv_cache: KVCache, max_num_seqs: int, max_model_len: int,
-                 device: torch.device | str, capture: bool = True) -> None:
+                 device: torch.device | str) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.device = torch.device(device)
@@ -194,7 +194,6 @@ class DecodeGraphRunner:
         self.max_model_len = max_model_len
         # Widest block table a sequence can need (bounded by the whole cache too).
         self.table_width = min(-(-max_model_len // kv_cache.block_size), kv_cache.num_blocks)
-        self.capture_graphs = capture  # False: same static buffers, forward run eagerly (tests, debugging)
         self._captured: dict[int, _CapturedBucket] = {}
         self._pool = None
         # Split-arrival counters for this engine's graphs (zero between launches): its own, so graphs of two
@@ -291,7 +290,7 @@ class DecodeGraphRunner:
                 run_piece(i)
             return state["hidden"], state["logits"]
 
-        if not (self.capture_graphs and on_cuda):
+        if not on_cuda:  # nothing to capture: the same static buffers, the forward run eagerly
             hidden, logits = forward()
             return _CapturedBucket(stager, device_buffer, inputs, (), forward, hidden, logits)
         # Warm-up outside the capture: compiles this bucket's Triton kernels, lets cuBLAS pick its kernels.

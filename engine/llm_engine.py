@@ -1,9 +1,8 @@
-"""One worker's engine: model + KV cache + scheduler + runner; a step is schedule → run → postprocess."""
+"""One worker's engine: model, KV cache, scheduler, executor; a step is schedule → execute → postprocess."""
 from __future__ import annotations
 
 import itertools
 import logging
-import os
 
 import torch
 
@@ -12,29 +11,26 @@ from contracts.stats import EngineStats
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.cpu_decode import use_column_blocks
+from engine.executor import RunOutput
+from engine.executors.factory import build_executor
+from engine.executors.lookahead import DecodeLookahead
 from engine.kv_cache import KVCache
-from engine.lookahead import DecodeLookahead
 from engine.model import LayerHook, LlamaModel
 from engine.model_files import load_model, parse_dtype
-from engine.model_runner import ModelRunner, RunOutput
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
 from kernels.registry import KernelRegistry
 
 logger = logging.getLogger(__name__)
 
-# PDSERVE_LOOKAHEAD=0: decode engines launch each step only after the host read the last (A/B timing).
-_LOOKAHEAD_ENV = "PDSERVE_LOOKAHEAD"
-
 
 class LLMEngine:
     def __init__(
-        self, config: EngineConfig, progress: bool = False, hold_finished_blocks: bool = False,
+        self, config: EngineConfig, progress: bool = False,
         model: tuple[ModelConfig, LlamaModel] | None = None,
     ) -> None:
-        """`hold_finished_blocks`: the prefill side keeps a finished sequence's blocks until
-        scheduler.release(seq) (its KV is still being sent). `model`: a built (config, model) on config.device
-        in config.dtype, served instead of loading config.model_path (random-weight benchmarks)."""
+        """`model`: a built (config, model) on config.device in config.dtype, served instead of loading
+        config.model_path (random-weight benchmarks, engines sharing one model in tests)."""
         self.config = config
         dtype = parse_dtype(config.dtype)
         device = torch.device(config.device)
@@ -54,12 +50,9 @@ class LLMEngine:
             raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length "
                              f"{self.model_config.max_position_embeddings}")
         self.kv_cache = KVCache.for_model(self.model_config, config)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.model_config, config.device,
-                                  max_num_seqs=config.max_num_seqs, max_model_len=max_model_len)
-        decode_side = self.runner.graphs is not None and not hold_finished_blocks
-        if decode_side and os.environ.get(_LOOKAHEAD_ENV, "1") != "0":
-            # Graphed decode steps launch the step after them before the host reads their tokens.
-            self.runner.lookahead = DecodeLookahead(self.runner.graphs)
+        self.executor = build_executor(self.model, self.kv_cache, config, max_model_len)
+        # The scheduler asks the lookahead which step it launched ahead (schedule below).
+        self.lookahead = self.executor if isinstance(self.executor, DecodeLookahead) else None
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -68,17 +61,13 @@ class LLMEngine:
                 block_size=config.block_size,
                 max_model_len=max_model_len,
                 eos_token_ids=self.model_config.eos_token_ids,
-                hold_finished_blocks=hold_finished_blocks,
-                lookahead_tokens=1 if self.runner.lookahead is not None else 0,
+                lookahead_tokens=1 if self.lookahead is not None else 0,
             ),
             self.block_manager,
         )
-        if decode_side:
-            # Decode side: capture every bucket now, so no step stalls on a Triton compile or a capture later.
-            # (The prefill side almost never runs a decode-only step; it captures lazily if it does.)
-            self.runner.graphs.capture_all()
         self._ids = itertools.count()
-        logger.info("engine ready: %s, %s", self.model_config.name, self.kv_cache)
+        logger.info("engine ready: %s, %s, %s", self.model_config.name, self.kv_cache,
+                    type(self.executor).__name__)
 
     # ---- the step, in three calls ----
 
@@ -89,7 +78,7 @@ class LLMEngine:
 
     def schedule(self) -> SchedulerOutput:
         # A step launched ahead (decode lookahead) is the step: sequences that became runnable since wait one.
-        lookahead = self.runner.lookahead
+        lookahead = self.lookahead
         pending = lookahead.pending_seqs() if lookahead is not None else None
         if pending is not None:
             out = self.scheduler.schedule(decode_only=pending)
@@ -98,18 +87,17 @@ class LLMEngine:
             lookahead.drop()  # all of its sequences are gone (finished, aborted): it serves no step
         return self.scheduler.schedule()
 
-    def run(self, out: SchedulerOutput, layer_hook: LayerHook | None = None) -> RunOutput:
-        # Launch the next step ahead only if it will be this batch again: nobody else waits to run.
-        alone = self.scheduler.num_waiting == 0 and self.scheduler.num_running == len(out.chunks)
-        return self.runner.run(out, layer_hook, look_ahead=alone)
+    def execute(self, batch: SchedulerOutput, layer_hook: LayerHook | None = None) -> RunOutput:
+        return self.executor.execute(batch, layer_hook)
 
-    def postprocess(self, out: SchedulerOutput, run_output: RunOutput) -> list[Sequence]:
+    def postprocess(self, batch: SchedulerOutput, out: RunOutput) -> list[Sequence]:
         """Returns the sequences that finished this step."""
-        return self.scheduler.postprocess(out, run_output.sampled)
+        return self.scheduler.postprocess(batch, out.sampled)
 
     def step(self) -> list[Sequence]:
-        out = self.schedule()
-        return self.postprocess(out, self.run(out))
+        batch = self.schedule()
+        out = self.executor.execute(batch)
+        return self.scheduler.postprocess(batch, out.sampled)
 
     # ---- queries and control ----
 
@@ -126,12 +114,12 @@ class LLMEngine:
         """Offline loop: run every prompt to completion; returns the output token ids, in prompt order."""
         seqs = [self.add_request(f"generate-{next(self._ids)}", p, sampling) for p in prompts]
         while self.has_work():
-            out = self.schedule()
-            if out.is_empty:
+            batch = self.schedule()
+            if batch.is_empty:
                 # Nothing fits and nothing runs: looping would spin forever.
                 raise RuntimeError(
                     "scheduler has work but scheduled nothing (KV cache too small for a prompt?)")
-            self.postprocess(out, self.run(out))
+            self.postprocess(batch, self.executor.execute(batch))
         return [seq.output_token_ids for seq in seqs]
 
     # ---- decode side: KV arriving from a prefill worker ----

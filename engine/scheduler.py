@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from contracts.sampling import FinishReason
@@ -26,9 +26,8 @@ class SchedulerConfig:
     block_size: int
     max_model_len: int
     eos_token_ids: tuple[int, ...] = ()
-    hold_finished_blocks: bool = False  # prefill side: keep KV blocks of finished seqs until release()
-    # Decode steps also take blocks for this many tokens past the step, when free (never by preempting):
-    # the runner's decode lookahead (engine/lookahead.py) writes the next position's KV before scheduling.
+    # Decode steps also take blocks for this many tokens past the step, when free (never by preempting): the
+    # decode lookahead (engine/executors/lookahead.py) writes the next position's KV before scheduling.
     lookahead_tokens: int = 0
 
     def __post_init__(self) -> None:
@@ -41,16 +40,38 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ScheduledChunk:
+    """One sequence's share of a step: positions start .. start + num_new_tokens - 1 are computed."""
+
     seq: Sequence  # its block_table already covers start + num_new_tokens tokens
     start: int  # == seq.num_computed_tokens when scheduled
-    num_new_tokens: int  # seq.token_ids[start:start+num_new_tokens] are computed this step
-    sample: bool  # start + num_new_tokens == seq.num_tokens: the runner samples the next token
+    num_new_tokens: int  # tokens computed this step, verify positions included
+    # Trailing positions whose next token is sampled: 0 mid-prompt, 1 at a prompt's end or a decode step,
+    # k + 1 for a verify step over k draft tokens.
+    num_sampled: int
+    # Verify positions: the last len(draft_token_ids) tokens computed are these proposals (not yet in
+    # seq.token_ids); a snapshot, so proposals made after scheduling do not change this step.
+    draft_token_ids: tuple[int, ...] = ()
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The tokens computed this step, in position order (draft tokens last)."""
+        end = self.start + self.num_new_tokens - len(self.draft_token_ids)
+        tokens = self.seq.token_ids[self.start:end]
+        return tokens + list(self.draft_token_ids) if self.draft_token_ids else tokens
+
+    @property
+    def output_start(self) -> int:
+        """Index in seq.token_ids of the first token postprocess appends for this (sampling) chunk."""
+        return self.start + self.num_new_tokens - len(self.draft_token_ids)
 
 
 @dataclass(frozen=True)
 class SchedulerOutput:
     chunks: tuple[ScheduledChunk, ...]
     preempted: tuple[Sequence, ...]
+    # Some sequence waits or runs outside this step, so the next step will not be these chunks one position
+    # on: a decode lookahead (engine/executors/lookahead.py) launches nothing ahead of this one.
+    others_waiting: bool = False
 
     @property
     def num_batched_tokens(self) -> int:
@@ -76,7 +97,6 @@ class Scheduler:
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._awaiting: dict[str, Sequence] = {}
-        self._held: dict[str, Sequence] = {}  # finished, blocks kept until release()
         self._seqs: dict[str, Sequence] = {}  # every sequence the scheduler still tracks
         # The context window is also bounded by the cache: a sequence longer than all blocks could never run.
         self.max_len = min(config.max_model_len, block_manager.num_total * block_manager.block_size)
@@ -120,15 +140,16 @@ class Scheduler:
 
     def schedule(self, decode_only: Iterable[Sequence] | None = None) -> SchedulerOutput:
         """The next step's chunks. decode_only: the decode tokens of these sequences (those still running)
-        and nothing else — the step a decode lookahead already launched (engine/lookahead.py); everyone else
-        waits a step (the engine then launches nothing ahead, so the step after includes them)."""
+        and nothing else — the step a decode lookahead already launched (engine/executors/lookahead.py);
+        everyone else waits a step (then nothing is launched ahead, so the step after includes them)."""
         only = None if decode_only is None else {id(s) for s in decode_only}
         budget = self.config.max_batch_tokens
         chunks: list[ScheduledChunk] = []
         scheduled: set[str] = set()
         preempted: list[Sequence] = []
 
-        # 1) Decoding sequences: one token each, oldest first; preempt the newest to find a block.
+        # 1) Decoding sequences, oldest first: the last token plus any draft tokens as verify positions (as
+        #    many as budget and context allow); preempt the newest to find blocks.
         for seq in list(self._running):
             if budget == 0:
                 break
@@ -136,18 +157,22 @@ class Scheduler:
                 continue
             if only is not None and id(seq) not in only:
                 continue
-            if not self._grow_or_preempt(seq, seq.num_tokens, scheduled, preempted):
+            drafts = ()
+            if seq.draft_token_ids:
+                drafts = tuple(seq.draft_token_ids[:max(0, min(budget - 1, self.max_len - seq.num_tokens))])
+            if not self._grow_or_preempt(seq, seq.num_tokens + len(drafts), scheduled, preempted):
                 continue
-            if self.config.lookahead_tokens:
+            if self.config.lookahead_tokens and not drafts:  # verify steps are never launched ahead
                 ahead = min(seq.num_tokens + self.config.lookahead_tokens, self.config.max_model_len)
                 if self.blocks.can_allocate(self._blocks_missing(seq, ahead)):
                     seq.block_table.extend(self.blocks.allocate(self._blocks_missing(seq, ahead)))
-            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, 1, sample=True))
+            n = 1 + len(drafts)
+            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n, n, drafts))
             scheduled.add(seq.request_id)
-            budget -= 1
+            budget -= n
 
         if only is not None:
-            return SchedulerOutput(tuple(chunks), tuple(preempted))
+            return self._output(chunks, preempted)
         # 2) Running sequences still mid-prefill: as much of the next chunk as budget and blocks allow.
         for seq in list(self._running):
             if budget == 0:
@@ -177,31 +202,68 @@ class Scheduler:
             scheduled.add(seq.request_id)
             budget -= n
 
-        return SchedulerOutput(tuple(chunks), tuple(preempted))
+        return self._output(chunks, preempted)
 
-    def postprocess(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Sequence]:
-        """Advance computed counts, append sampled tokens, apply stop rules; return the finished ones."""
+    def postprocess(self, out: SchedulerOutput, sampled: Mapping[str, tuple[int, ...]]) -> list[Sequence]:
+        """Advance computed counts, append accepted tokens, apply stop rules; return the finished ones.
+
+        `sampled[request_id]`: one id per sampled position of the chunk, in position order. A verify chunk
+        keeps its draft tokens up to the first one the model did not sample at that position, then appends
+        the model's token there (or after the last draft): with sampling seeded by (seed, position), those
+        are exactly the tokens single steps would give. Rejected positions are rolled back (`rollback`).
+        """
         finished: list[Sequence] = []
         for chunk in out.chunks:
             seq = chunk.seq
             if seq.status is not SequenceStatus.RUNNING:  # aborted between schedule and postprocess
                 continue
             seq.num_computed_tokens = chunk.start + chunk.num_new_tokens
-            if not chunk.sample:
+            if not chunk.num_sampled:
                 continue
-            if seq.request_id not in sampled:
-                raise SchedulerError(f"no sampled token for {seq.request_id!r} although its chunk samples")
-            if self._append_token(seq, sampled[seq.request_id]):
-                finished.append(seq)
+            ids = sampled.get(seq.request_id)
+            if ids is None or len(ids) != chunk.num_sampled:
+                raise SchedulerError(f"{seq.request_id!r}: its chunk samples {chunk.num_sampled} token(s), "
+                                     f"got {ids!r}")
+            drafts = chunk.draft_token_ids
+            accepted = 0
+            while accepted < len(drafts) and ids[accepted] == drafts[accepted]:
+                accepted += 1
+            if drafts:
+                seq.draft_token_ids = []
+            done = False
+            for token_id in ids[:accepted + 1]:
+                if self._append_token(seq, token_id):
+                    finished.append(seq)
+                    done = True
+                    break
+            if not done and accepted < len(drafts):
+                self.rollback(seq, chunk.output_start + accepted)
         return finished
+
+    def rollback(self, seq_or_id: Sequence | str, num_computed_tokens: int) -> Sequence:
+        """Forget the KV of positions >= num_computed_tokens of a running sequence (rejected verify
+        positions): they are computed again when scheduled, and blocks past what seq.token_ids needs are
+        freed (never one its tokens still need)."""
+        rid = seq_or_id if isinstance(seq_or_id, str) else seq_or_id.request_id
+        seq = self._seqs.get(rid)
+        if seq is None or seq.status is not SequenceStatus.RUNNING:
+            raise SchedulerError(f"rollback({rid!r}): no running sequence under that id")
+        if not 0 <= num_computed_tokens <= seq.num_computed_tokens:
+            raise SchedulerError(f"rollback({rid!r}) to {num_computed_tokens}: it has "
+                                 f"{seq.num_computed_tokens} computed tokens")
+        seq.num_computed_tokens = num_computed_tokens
+        keep = self.blocks.blocks_needed(seq.num_tokens)
+        if len(seq.block_table) > keep:
+            # A new list, not a shrink in place: the decode graphs' stager trusts a list it saw to only grow.
+            table, seq.block_table = seq.block_table, seq.block_table[:keep]
+            self.blocks.free(table[keep:])
+        return seq
 
     # ---- teardown ----
 
     def abort(self, request_id: str) -> Sequence | None:
-        """Drop a sequence in any state, freeing its blocks exactly once; None if unknown (or already gone).
-
-        A sequence that had already finished (held blocks) keeps its finish reason; any other becomes ABORT.
-        """
+        """Drop an unfinished sequence in any state, freeing its blocks exactly once; None if unknown (or
+        already gone: finished sequences are no longer tracked)."""
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return None
@@ -209,24 +271,12 @@ class Scheduler:
             self._waiting.remove(seq)
         elif seq.status is SequenceStatus.RUNNING:
             self._running.remove(seq)
-        elif seq.status is SequenceStatus.AWAITING_KV:
-            del self._awaiting[request_id]
         else:
-            self._held.pop(request_id, None)
-        if not seq.is_finished:
-            seq.status = SequenceStatus.FINISHED
-            seq.finish_reason = FinishReason.ABORT
+            del self._awaiting[request_id]
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = FinishReason.ABORT
         self._free_blocks(seq)
         return seq
-
-    def release(self, seq: Sequence) -> None:
-        """Free the blocks a finished sequence kept under hold_finished_blocks; a second call is a no-op."""
-        if not seq.is_finished:
-            raise SchedulerError(f"release({seq.request_id!r}): sequence is {seq.status.value}, not finished")
-        if self._held.pop(seq.request_id, None) is None:
-            return
-        self._seqs.pop(seq.request_id, None)
-        self._free_blocks(seq)
 
     # ---- queries ----
 
@@ -269,6 +319,10 @@ class Scheduler:
                                    f"{self.max_len} (max_model_len {self.config.max_model_len}, "
                                    f"KV cache {self.blocks.num_total} x {self.blocks.block_size} tokens)")
 
+    def _output(self, chunks: list[ScheduledChunk], preempted: list[Sequence]) -> SchedulerOutput:
+        others = bool(self._waiting) or len(self._running) != len(chunks)
+        return SchedulerOutput(tuple(chunks), tuple(preempted), others_waiting=others)
+
     def _num_slots_used(self) -> int:
         # Awaiting-KV sequences count: activate() moves them into the running batch unconditionally.
         return len(self._running) + len(self._awaiting)
@@ -284,7 +338,7 @@ class Scheduler:
     def _schedule_chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
         start = seq.num_computed_tokens
         seq.block_table.extend(self.blocks.allocate(self._blocks_missing(seq, start + n)))
-        return ScheduledChunk(seq, start, n, sample=start + n == seq.num_tokens)
+        return ScheduledChunk(seq, start, n, 1 if start + n == seq.num_tokens else 0)
 
     def _grow_or_preempt(self, seq: Sequence, num_tokens: int, scheduled: set[str],
                          preempted: list[Sequence]) -> bool:
@@ -330,11 +384,8 @@ class Scheduler:
         self._running.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        if self.config.hold_finished_blocks:
-            self._held[seq.request_id] = seq
-        else:
-            self._seqs.pop(seq.request_id, None)
-            self._free_blocks(seq)
+        self._seqs.pop(seq.request_id, None)
+        self._free_blocks(seq)
 
     def _free_blocks(self, seq: Sequence) -> None:
         # Clearing the table makes a second free impossible by construction.

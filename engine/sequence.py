@@ -28,6 +28,9 @@ class Sequence:
     finish_reason: FinishReason | None = None
     # Set by the prefill side for speculative decoding later: hidden state of the last prompt position.
     draft_features: object | None = None
+    # Proposed continuation (speculative decoding): the scheduler computes them after the last token as
+    # verify positions; postprocess keeps the ones the target model samples too and clears the list.
+    draft_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:

@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from contracts.stats import EngineStats, WorkerInfo
 from engine.config import EngineConfig
 from engine.engine_thread import EngineThread
+from engine.executor import RunOutput
 from engine.llm_engine import LLMEngine
-from engine.model_runner import RunOutput
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
 
@@ -109,7 +109,7 @@ class WorkerService(ABC):
 
     def _execute(self, out: SchedulerOutput) -> RunOutput:
         """Runs the scheduled batch; a role that acts during the forward pass (layer hooks) overrides it."""
-        return self.engine.run(out)
+        return self.engine.execute(out)
 
     def _idle_poll_s(self) -> float:
         """Seconds an idle engine thread waits before polling transfers again (commands and wake() cut it)."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from contracts.transfer import ChannelAddress
 from engine.config import EngineConfig
-from engine.model_runner import RunOutput
+from engine.executor import RunOutput
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
 from engine.worker_shell import WorkerService
@@ -121,7 +121,7 @@ class PrefillService(WorkerService):
                 continue
             if pending.started is None:
                 pending.started = now
-            if chunk.sample:
+            if chunk.num_sampled:
                 completing.append((chunk.seq, pending))
         kv = self.engine.kv_cache
 
@@ -131,13 +131,13 @@ class PrefillService(WorkerService):
                     pending.first_send = time.perf_counter()
                 pending.sender.send_layer(layer, kv.k[layer], kv.v[layer], seq.block_table)
 
-        run = self.engine.run(out, layer_hook=send_layer if completing and self.stream_layers else None)
+        run = self.engine.execute(out, layer_hook=send_layer if completing and self.stream_layers else None)
         computed = time.perf_counter()
         if completing and not self.stream_layers:
             for layer in range(self.layout.num_layers):
                 send_layer(layer)
         for seq, pending in completing:
-            token = run.sampled[seq.request_id]
+            (token,) = run.sampled[seq.request_id]  # a prompt's end samples exactly one token
             pending.sender.send_final(token, run.last_hidden.get(seq.request_id))
             pending.first_token_id, pending.computed = token, computed
         # postprocess frees the blocks of finished prompts right after this: send_layer already copied them.

@@ -8,6 +8,7 @@ import torch
 from bench.engine.decode_cpu import PROMPT as SMOL_PROMPT
 from contracts.sampling import SamplingParams
 from engine.config import EngineConfig
+from engine.executors.eager import EagerExecutor
 from engine.llm_engine import LLMEngine
 from engine.model_files import ModelPathError, embedded_model_path
 from engine.random_models import PRESETS, build_random_model
@@ -26,14 +27,19 @@ def smollm2_tok_s(new_tokens: int = 128) -> dict:
         engine = LLMEngine(config, model=(preset, model))
         weights = "random bf16 weights (embedded GGUF not installed here)"
     result: dict = {"weights": weights}
-    for label, graphs in (("graphed", True), ("eager", False)):
-        engine.runner.use_graphs = graphs
+    eager = EagerExecutor(engine.model, engine.kv_cache, torch.device(config.device))
+    for label, executor in (("graphed", engine.executor), ("eager", eager)):
         seq = engine.add_request(f"smol-{label}", SMOL_PROMPT,
                                  SamplingParams(max_tokens=new_tokens, ignore_eos=True))
-        engine.step()  # prefill + first token
+
+        def step(executor=executor) -> None:
+            batch = engine.schedule()
+            engine.postprocess(batch, executor.execute(batch))
+
+        step()  # prefill + first token
         t0 = time.perf_counter()
         while engine.has_work():
-            engine.step()
+            step()
         result[f"{label}_tok_s"] = (seq.num_output_tokens - 1) / (time.perf_counter() - t0)
         result[f"{label}_tokens"] = seq.output_token_ids
     result["graphed_equals_eager_tokens"] = result.pop("graphed_tokens") == result.pop("eager_tokens")

@@ -14,6 +14,7 @@ import torch
 
 from contracts.sampling import SamplingParams
 from engine.config import EngineConfig
+from engine.executors.cpu_flat import CpuFlatExecutor
 from engine.llm_engine import LLMEngine
 from engine.model_files import embedded_model_path, resolve_model_path
 
@@ -121,7 +122,7 @@ def main() -> None:
     print(f"copy bandwidth      {bandwidth / 1e9:8.1f} GB/s (read+write)")
     print(f"fp32 weight bytes   {weight_bytes / 1e6:8.1f} MB per decode token")
     print(f"roofline            {roofline:8.1f} tok/s")
-    path = "FlatDecoder" if getattr(engine.runner, "flat_decoder", None) is not None else "model forward"
+    path = "FlatDecoder" if isinstance(engine.executor, CpuFlatExecutor) else "model forward"
     print(f"pdserve decode path {path:>8s} (bs1 steps)")
     print(f"pdserve engine      {ours:8.1f} tok/s  ({ours / roofline:.0%} of roofline)   "
           f"runs: {' '.join(f'{r:.1f}' for r in ours_rates)}")

@@ -28,6 +28,7 @@ from bench._cuda import copy_bandwidth, cuda_missing, median_event_ms
 from contracts.kv_cache_spec import KVCacheSpec
 from contracts.sampling import SamplingParams
 from engine.config import EngineConfig, ModelConfig
+from engine.executors.eager import EagerExecutor
 from engine.kv_cache import KVCache, dtype_name
 from engine.llm_engine import LLMEngine
 from engine.model import LlamaModel
@@ -94,11 +95,16 @@ def start_decoding(engine: LLMEngine, batch: int, context: int, tag: str) -> lis
     return ids
 
 
-def step_wall_ms(engine: LLMEngine, steps: int, warmup: int = 3) -> float:
+def step_wall_ms(engine: LLMEngine, steps: int, warmup: int = 3, eager: EagerExecutor | None = None) -> float:
+    """Median wall ms of an engine step; `eager`: each step runs through it instead (no graphs)."""
     times = []
     for _ in range(warmup + steps):
         t0 = time.perf_counter()
-        engine.step()  # ends in the host sync on the sampled ids
+        if eager is None:
+            engine.step()  # ends in the host sync on the sampled ids
+        else:
+            batch = engine.schedule()
+            engine.postprocess(batch, eager.execute(batch))
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times[warmup:])
 
@@ -106,15 +112,16 @@ def step_wall_ms(engine: LLMEngine, steps: int, warmup: int = 3) -> float:
 def measure_ours(engine: LLMEngine, batch: int, context: int, steps: int) -> dict:
     ids = start_decoding(engine, batch, context, f"b{batch}c{context}")
     row: dict = {"ours_step_ms": step_wall_ms(engine, steps)}
-    graphs = engine.runner.graphs
+    graphs = getattr(engine.executor, "graphs", None)
     out = engine.schedule()
-    if graphs is not None and engine.runner.graphed(out):
+    if graphs is not None and engine.executor.graphed(out):
         # The same step replayed back to back (it rewrites the same KV slots): GPU time alone.
         row["ours_graph_gpu_ms"] = median_event_ms(lambda: graphs.run(out.chunks), repeats=steps)
-    engine.postprocess(out, engine.run(out))
-    engine.runner.use_graphs = False
-    row["ours_eager_step_ms"] = step_wall_ms(engine, max(steps // 2, 4), warmup=2)
-    engine.runner.use_graphs = True
+    engine.postprocess(out, engine.execute(out))
+    if engine.lookahead is not None:
+        engine.lookahead.drop()  # the eager steps below launch nothing ahead
+    eager = EagerExecutor(engine.model, engine.kv_cache, torch.device(engine.config.device))
+    row["ours_eager_step_ms"] = step_wall_ms(engine, max(steps // 2, 4), warmup=2, eager=eager)
     for rid in ids:
         engine.abort(rid)
     return row
@@ -245,11 +252,13 @@ def bench_ours(model: LlamaModel, points: list[tuple[int, int]], args, results: 
     max_len = max(max(c for _, c in points) + args.steps * 4, args.prefill_tokens) + 64
     engine = LLMEngine(
         EngineConfig(device="cuda", dtype="bfloat16", num_kv_blocks=blocks, max_model_len=max_len,
-                     max_batch_tokens=args.prefill_tokens, max_num_seqs=max([b for b, _ in feasible] + [1])),
+                     max_batch_tokens=args.prefill_tokens, max_num_seqs=max([b for b, _ in feasible] + [1]),
+                     decode_lookahead=not args.no_lookahead),
         model=(model.config, model))
     for cache in engine.kv_cache.k + engine.kv_cache.v:
         cache.normal_()  # attention reads real-looking KV, never zeros
-    results["graph_buckets"] = list(engine.runner.graphs.captured_buckets) if engine.runner.graphs else []
+    graphs = getattr(engine.executor, "graphs", None)
+    results["graph_buckets"] = list(graphs.captured_buckets) if graphs is not None else []
     print(f"# engine ready: {blocks} KV blocks, graphs for {results['graph_buckets']}", flush=True)
     for row in results["decode"]:
         if "skipped" not in row:
@@ -311,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-tokens", type=int, default=2048)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-smollm2", action="store_true")
+    parser.add_argument("--no-lookahead", action="store_true",
+                        help="EngineConfig(decode_lookahead=False): launch a step after reading the last")
     parser.add_argument("--out", default="bench/results/decode_gpu.json")
     args = parser.parse_args(argv)
     if cuda_missing(__file__):

@@ -82,15 +82,15 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         out = engine.schedule()
         t1 = time.perf_counter()
-        run = engine.run(out)  # ends in the host sync on the sampled ids
+        run = engine.execute(out)  # ends in the host sync on the sampled ids
         t2 = time.perf_counter()
         engine.postprocess(out, run)
         t3 = time.perf_counter()
         for key, ms in (("schedule", t1 - t0), ("run", t2 - t1), ("postprocess", t3 - t2)):
             phases[key].append(ms * 1e3)
-    graphs = engine.runner.graphs
+    graphs = getattr(engine.executor, "graphs", None)
     out = engine.schedule()
-    if graphs is not None and engine.runner.graphed(out):
+    if graphs is not None and engine.executor.graphed(out):
         # CPU cost of launching a graphed step (fill the inputs, H2D copy, graph launch): the GPU idles for it
         # unless something else keeps it busy; the same step replayed (it rewrites the same KV slots).
         with torch.inference_mode():
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 graphs.run(out.chunks)
                 phases["graph launch"].append((time.perf_counter() - t0) * 1e3)
-    engine.postprocess(out, engine.run(out))
+    engine.postprocess(out, engine.execute(out))
     medians = ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in phases.items())
     print(f"host phases (median ms): {medians}")
     return 0

@@ -8,11 +8,12 @@ from torch import nn
 
 from contracts.kv_cache_spec import KVCacheSpec
 from contracts.sampling import SamplingParams
-from engine.config import ModelConfig
+from engine.config import EngineConfig, ModelConfig
 from engine.cpu_decode import ColumnBlockLinear, FlatDecoder, use_column_blocks
+from engine.executors.cpu_flat import CpuFlatExecutor
+from engine.executors.factory import build_executor
 from engine.kv_cache import KVCache
 from engine.model import LlamaModel
-from engine.model_runner import ModelRunner
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from engine.sequence import Sequence
 from kernels.attention.metadata import AttentionMetadata, SeqSpan
@@ -179,33 +180,35 @@ def test_flat_decoder_needs_column_blocks_and_fp32() -> None:
     assert not FlatDecoder.supports(plain, KVCache(KVCacheSpec(4, 1, 8, "bfloat16"), 1, 4))
 
 
-def test_runner_decodes_bs1_flat_and_falls_back_for_scattered_blocks_and_hooks() -> None:
+def test_executor_decodes_bs1_flat_and_falls_back_for_scattered_blocks_hooks_and_verify_steps() -> None:
     model = tiny_blocked_model()
     c = model.config
-    runner = ModelRunner(model, KVCache(KVCacheSpec(4, c.num_kv_heads, c.head_dim), c.num_layers, 8), c)
-    assert runner.flat_decoder is not None
+    kv = KVCache(KVCacheSpec(4, c.num_kv_heads, c.head_dim), c.num_layers, 8)
+    executor = build_executor(model, kv, EngineConfig(), max_model_len=64)
+    assert isinstance(executor, CpuFlatExecutor)
     seq = Sequence("r", [3, 17, 5, 40, 22, 9, 11], SamplingParams(), block_table=[2, 3])
     seq.num_computed_tokens = 6
-    step = SchedulerOutput((ScheduledChunk(seq, 6, 1, sample=True),), ())
+    step = SchedulerOutput((ScheduledChunk(seq, 6, 1, 1),), ())
     with torch.inference_mode():
-        assert runner.flat_decode(step) is not None
-        assert runner.flat_decode(step, layer_hook=lambda layer: None) is None
+        assert executor.flat_hidden(step) is not None
+        assert executor.flat_hidden(step, layer_hook=lambda layer: None) is None
+        verify = SchedulerOutput((ScheduledChunk(seq, 6, 2, 2, (8,)),), ())
+        assert executor.flat_hidden(verify) is None
         seq.block_table = [2, 5]  # position 6 lives in block 5: not consecutive with block 2
-        assert runner.flat_decode(step) is None
-        prefill = SchedulerOutput((ScheduledChunk(seq, 0, 7, sample=True),), ())
-        assert runner.flat_decode(prefill) is None
+        assert executor.flat_hidden(step) is None
+        prefill = SchedulerOutput((ScheduledChunk(seq, 0, 7, 1),), ())
+        assert executor.flat_hidden(prefill) is None
 
 
 @pytest.mark.slow
 def test_embedded_model_bs1_greedy_tokens_are_the_same_flat_or_plain() -> None:
-    from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
 
     engine = LLMEngine(EngineConfig(num_kv_blocks=16, max_num_seqs=1))
-    assert engine.runner.flat_decoder is not None  # CPU, fp32, column blocks: bs1 decode runs flat
+    assert isinstance(engine.executor, CpuFlatExecutor)  # CPU, fp32, column blocks: bs1 decode runs flat
     prompt = [6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 418, 260, 5595]
     sampling = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     flat = engine.generate([prompt], sampling)
-    engine.runner.flat_decoder = None
+    engine.executor = engine.executor.eager
     plain = engine.generate([prompt], sampling)
     assert flat == plain and len(flat[0]) == 24

@@ -6,7 +6,7 @@ import torch
 
 from contracts.kv_cache_spec import KVCacheSpec
 from contracts.sampling import SamplingParams
-from engine.config import ModelConfig
+from engine.config import EngineConfig, ModelConfig
 from engine.cuda_graphs import (
     DecodeBatchError,
     DecodeInputs,
@@ -16,9 +16,11 @@ from engine.cuda_graphs import (
     input_layout,
     pick_bucket,
 )
+from engine.executor import RowsByRequest
+from engine.executors.eager import EagerExecutor
+from engine.executors.factory import build_executor
 from engine.kv_cache import KVCache
 from engine.model import LlamaModel
-from engine.model_runner import ModelRunner, RowsByRequest
 from engine.scheduler import ScheduledChunk
 from engine.sequence import Sequence
 from kernels.attention.metadata import BlockTableError
@@ -30,7 +32,7 @@ def decode_chunk(rid: str, num_tokens: int, table: list[int]) -> ScheduledChunk:
     """The decode chunk of a sequence holding `num_tokens` tokens (the last one new), ids = 100 + position."""
     seq = Sequence(rid, [100 + i for i in range(num_tokens)], SamplingParams(), block_table=table)
     seq.num_computed_tokens = num_tokens - 1
-    return ScheduledChunk(seq, num_tokens - 1, 1, sample=True)
+    return ScheduledChunk(seq, num_tokens - 1, 1, 1)
 
 
 def test_buckets_are_powers_of_two_capped_by_max_num_seqs() -> None:
@@ -89,7 +91,7 @@ def test_block_table_rows_follow_growth_row_shifts_and_swapped_tables() -> None:
     stager.fill([a, b])
     a.seq.token_ids.append(104)
     a.seq.block_table.append(11)  # the scheduler grew a's table in place: only the new entry is written
-    a5 = ScheduledChunk(a.seq, 4, 1, sample=True)
+    a5 = ScheduledChunk(a.seq, 4, 1, 1)
     stager.fill([a5, b])
     assert stager.inputs.block_tables[0, :2].tolist() == [10, 11]
     stager.fill([b])  # a finished: b moves up to row 0
@@ -109,21 +111,19 @@ def test_fill_rejects_what_a_decode_graph_cannot_serve() -> None:
         stager.fill([decode_chunk(r, 2, [1]) for r in "abc"])  # 3 rows > bucket 2
     prefill = decode_chunk("p", 4, [1])
     with pytest.raises(DecodeBatchError):
-        stager.fill([ScheduledChunk(prefill.seq, 0, 4, sample=True)])
+        stager.fill([ScheduledChunk(prefill.seq, 0, 4, 1)])
     with pytest.raises(BlockTableError):
         stager.fill([decode_chunk("short", 6, [1])])  # position 5 needs a second block
     with pytest.raises(DecodeBatchError):
         stager.fill([decode_chunk("long", 12, [1, 2, 3])])  # 3 blocks > captured width 2
 
 
-def test_runner_on_cpu_never_uses_graphs() -> None:
+def test_executor_on_cpu_never_uses_graphs() -> None:
     config = ModelConfig(name="t", vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
                          num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=64)
     kv = KVCache(KVCacheSpec(BLOCK, 1, 8), 1, 4)
-    runner = ModelRunner(LlamaModel(config), kv, config)
-    assert runner.graphs is None and not runner.use_graphs
-    with pytest.raises(ValueError):
-        ModelRunner(LlamaModel(config), kv, config, cuda_graphs=True)
+    executor = build_executor(LlamaModel(config), kv, EngineConfig(cuda_graphs=True), max_model_len=64)
+    assert type(executor) is EagerExecutor  # plain nn.Linear layout: not even the flat CPU decoder
 
 
 def test_run_output_hidden_rows_are_looked_up_by_request_id() -> None:

@@ -9,9 +9,10 @@ import torch
 from contracts.kv_cache_spec import KVCacheSpec, KVScales, ScaleKind
 from contracts.sampling import SamplingParams
 from engine.config import EngineConfig, ModelConfig
+from engine.executors.batch_inputs import prepare_inputs
+from engine.executors.eager import EagerExecutor
 from engine.kv_cache import KVCache
 from engine.model import LlamaModel
-from engine.model_runner import ModelRunner
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from engine.sequence import Sequence
 from kernels.attention.metadata import AttentionMetadata, BlockTableError
@@ -83,7 +84,7 @@ def test_metadata_maps_each_new_token_to_its_block_slot() -> None:
     a = seq("a", list(range(10)), [7, 2, 9])  # 10 tokens, block size 4: blocks 7, 2, 9
     b = seq("b", list(range(3)), [4])
     meta = AttentionMetadata.from_chunks(
-        [ScheduledChunk(a, 3, 6, sample=False), ScheduledChunk(b, 0, 3, sample=True)], BLOCK)
+        [ScheduledChunk(a, 3, 6, 0), ScheduledChunk(b, 0, 3, 1)], BLOCK)
     # a: positions 3..8 → (7,3) (2,0..3) (9,0); b: positions 0..2 → (4,0..2)
     assert meta.slot_mapping.tolist() == [31, 8, 9, 10, 11, 36, 16, 17, 18]
     assert meta.query_start_loc.tolist() == [0, 6, 9]
@@ -97,15 +98,14 @@ def test_metadata_maps_each_new_token_to_its_block_slot() -> None:
 def test_metadata_rejects_block_table_shorter_than_scheduled_tokens() -> None:
     short = seq("s", list(range(9)), [0, 1])
     with pytest.raises(BlockTableError, match="2 blocks cannot hold 9 tokens"):
-        AttentionMetadata.from_chunks([ScheduledChunk(short, 0, 9, sample=True)], BLOCK)
+        AttentionMetadata.from_chunks([ScheduledChunk(short, 0, 9, 1)], BLOCK)
 
 
 def full_hidden(model: LlamaModel, tokens: list[int]) -> torch.Tensor:
     """Every position's final hidden state from one pass over the whole sequence (its own fresh cache)."""
     kv = tiny_cache()
     s = seq("full", tokens, list(range(-(-len(tokens) // BLOCK))))
-    runner = ModelRunner(model, kv, TINY)
-    ids, pos, meta = runner.prepare(SchedulerOutput((ScheduledChunk(s, 0, len(tokens), sample=True),), ()))
+    ids, pos, meta = prepare_inputs([ScheduledChunk(s, 0, len(tokens), 1)], BLOCK, torch.device("cpu"))
     with torch.inference_mode():
         return model(ids, pos, meta, kv)
 
@@ -120,20 +120,20 @@ def test_chunked_prefill_then_decode_over_scattered_blocks_equals_one_full_pass(
     rng.shuffle(pool)
     seqs = {rid: seq(rid, toks, [pool.pop() for _ in range(6)], max_tokens=8)
             for rid, toks in prompts.items()}
-    runner = ModelRunner(tiny_model, tiny_cache(), TINY)
+    runner = EagerExecutor(tiny_model, tiny_cache(), torch.device("cpu"))
     a, b = seqs["a"], seqs["b"]
     # Step 1: a's first 5 tokens + all of b (b samples). Step 2: b decodes + the rest of a (samples).
     # Then 3 decode steps of both.
     steps = [[(a, 5, False), (b, 6, True)], [(b, 1, True), (a, 8, True)]] + [[(a, 1, True), (b, 1, True)]] * 3
     hidden: dict[str, dict[int, torch.Tensor]] = {"a": {}, "b": {}}  # position → last_hidden
     for step in steps:
-        chunks = [ScheduledChunk(s, s.num_computed_tokens, n, sample) for s, n, sample in step]
-        out = runner.run(SchedulerOutput(tuple(chunks), ()))
-        assert set(out.sampled) == {c.seq.request_id for c in chunks if c.sample}
+        chunks = [ScheduledChunk(s, s.num_computed_tokens, n, int(sample)) for s, n, sample in step]
+        out = runner.execute(SchedulerOutput(tuple(chunks), ()))
+        assert set(out.sampled) == {c.seq.request_id for c in chunks if c.num_sampled}
         for c in chunks:  # what the scheduler's postprocess would do
             c.seq.num_computed_tokens = c.start + c.num_new_tokens
-            if c.sample:
-                c.seq.token_ids.append(out.sampled[c.seq.request_id])
+            if c.num_sampled:
+                c.seq.token_ids.extend(out.sampled[c.seq.request_id])
                 hidden[c.seq.request_id][c.start + c.num_new_tokens - 1] = out.last_hidden[c.seq.request_id]
     for s in (a, b):
         assert len(s.output_token_ids) == len(hidden[s.request_id]) >= 4
@@ -156,13 +156,13 @@ def test_layer_hook_runs_once_per_layer_after_that_layers_kv_is_stored(tiny_mode
         seen.append((layer, bool(kv.k[layer][3].any() and kv.v[layer][4, 0].any()),
                      nxt is None or not nxt.any()))
 
-    step = SchedulerOutput((ScheduledChunk(s, 0, 5, True),), ())
-    ModelRunner(tiny_model, kv, TINY).run(step, layer_hook=hook)
+    step = SchedulerOutput((ScheduledChunk(s, 0, 5, 1),), ())
+    EagerExecutor(tiny_model, kv, torch.device("cpu")).execute(step, layer_hook=hook)
     assert seen == [(i, True, True) for i in range(TINY.num_layers)]
 
 
 def test_runner_returns_nothing_for_an_empty_step_or_non_sampling_chunks(tiny_model: LlamaModel) -> None:
-    runner = ModelRunner(tiny_model, tiny_cache(), TINY)
-    assert runner.run(SchedulerOutput((), ())).sampled == {}
-    out = runner.run(SchedulerOutput((ScheduledChunk(seq("p", [1, 2, 3, 4, 5], [0, 1]), 0, 3, False),), ()))
+    runner = EagerExecutor(tiny_model, tiny_cache(), torch.device("cpu"))
+    assert runner.execute(SchedulerOutput((), ())).sampled == {}
+    out = runner.execute(SchedulerOutput((ScheduledChunk(seq("p", [1, 2, 3, 4, 5], [0, 1]), 0, 3, 0),), ()))
     assert out.sampled == {} and out.last_hidden == {}

@@ -2,11 +2,14 @@
 and the scheduler keeping a block ready for it."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from contracts.sampling import SamplingParams
 from engine.block_manager import BlockManager
-from engine.lookahead import DecodeLookahead, SampledStep, matching_rows
+from engine.executor import SampledStep
+from engine.executors.lookahead import DecodeLookahead, matching_rows
 from engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
 
@@ -20,7 +23,7 @@ def decoding(rid: str, num_tokens: int, blocks: int) -> Sequence:
 
 
 def chunk(seq: Sequence, start: int | None = None) -> ScheduledChunk:
-    return ScheduledChunk(seq, seq.num_computed_tokens if start is None else start, 1, sample=True)
+    return ScheduledChunk(seq, seq.num_computed_tokens if start is None else start, 1, 1)
 
 
 def test_rows_serve_the_same_step_or_that_step_minus_some_sequences() -> None:
@@ -32,6 +35,12 @@ def test_rows_serve_the_same_step_or_that_step_minus_some_sequences() -> None:
     assert matching_rows(launched, [chunk(a), chunk(b, start=3)]) is None  # another position (preempted)
     d = decoding("d", 5, 2)
     assert matching_rows(launched, [chunk(a), chunk(d)]) is None  # a newcomer
+    verify = ScheduledChunk(a, a.num_computed_tokens, 2, 2, (9,))
+    assert matching_rows(launched, [verify]) is None  # a verify step is never launched ahead
+
+
+def lookahead_over(graphs: FakeGraphs) -> DecodeLookahead:
+    return DecodeLookahead(SimpleNamespace(graphs=graphs))  # what it reads of the graphed executor
 
 
 class FakeGraphs:
@@ -59,10 +68,10 @@ def step_for(seqs: list[Sequence]) -> SampledStep:
 
 def test_launch_stages_the_next_positions_fed_by_the_device_tokens_and_claim_returns_them() -> None:
     graphs = FakeGraphs()
-    ahead = DecodeLookahead(graphs)
+    ahead = lookahead_over(graphs)
     a, b = decoding("a", 5, 2), decoding("b", 6, 2)  # positions 4 and 5; blocks hold 8 tokens
     step = step_for([a, b])
-    assert ahead.launch([chunk(a), chunk(b)], step)
+    assert ahead.launch_next([chunk(a), chunk(b)], step)
     staged, ids = graphs.runs[-1]
     assert [(c.seq.request_id, c.start) for c in staged] == [("a", 5), ("b", 6)]
     assert ids is step.token_ids
@@ -77,11 +86,11 @@ def test_launch_stages_the_next_positions_fed_by_the_device_tokens_and_claim_ret
 
 def test_no_launch_without_a_slot_for_the_next_position_and_stale_results_are_dropped() -> None:
     graphs = FakeGraphs()
-    ahead = DecodeLookahead(graphs)
+    ahead = lookahead_over(graphs)
     full = decoding("full", 8, 2)  # position 7 is the last slot of its 2 blocks
-    assert not ahead.launch([chunk(full)], step_for([full]))
+    assert not ahead.launch_next([chunk(full)], step_for([full]))
     a = decoding("a", 5, 2)
-    assert ahead.launch([chunk(a)], step_for([a]))
+    assert ahead.launch_next([chunk(a)], step_for([a]))
     newcomer = decoding("n", 3, 1)
     assert ahead.claim(SchedulerOutput((chunk(newcomer),), ())) is None
     assert (ahead.launched, ahead.used, ahead.dropped) == (1, 0, 1)
@@ -99,10 +108,10 @@ def test_scheduler_keeps_a_block_ready_for_the_lookahead_only_when_free() -> Non
     assert len(seq.block_table) == 2  # one more for position 4, which the lookahead step writes
     other = Sequence("o", [1] * 4, SamplingParams(max_tokens=20, ignore_eos=True))
     assert scheduler.reserve(other)  # takes the last free block
-    scheduler.postprocess(out, {"s": 5})
+    scheduler.postprocess(out, {"s": (5,)})
     for _ in range(3):
         out = scheduler.schedule()
-        scheduler.postprocess(out, {"s": 5})
+        scheduler.postprocess(out, {"s": (5,)})
     # Position 7 is the last slot: the lookahead block is not free, and nobody is preempted for it.
     assert len(seq.block_table) == 2 and scheduler.get("o") is not None
 
@@ -117,9 +126,9 @@ def test_schedule_restricted_to_the_launched_batch_defers_everyone_else_one_step
     waiting = Sequence("w", [5, 6], SamplingParams(max_tokens=9, ignore_eos=True))
     scheduler.add(waiting)
     out = scheduler.schedule(decode_only=[a])
-    assert [c.seq.request_id for c in out.chunks] == ["a"]
+    assert [c.seq.request_id for c in out.chunks] == ["a"] and out.others_waiting
     assert scheduler.num_waiting == 1  # not admitted in a restricted step
-    scheduler.postprocess(out, {"a": 7})
+    scheduler.postprocess(out, {"a": (7,)})
     out = scheduler.schedule()  # unrestricted: b decodes, w prefills, a decodes
     assert sorted(c.seq.request_id for c in out.chunks) == ["a", "b", "w"]
 
@@ -144,7 +153,7 @@ def test_engine_drops_a_launched_step_whose_sequences_are_all_gone_and_schedules
         def drop(self) -> None:
             self.dropped += 1
 
-    engine.runner.lookahead = Pending()
+    engine.lookahead = Pending()
     engine.add_request("new", [3, 4, 5], SamplingParams(max_tokens=2))
     out = engine.schedule()
-    assert [c.seq.request_id for c in out.chunks] == ["new"] and engine.runner.lookahead.dropped == 1
+    assert [c.seq.request_id for c in out.chunks] == ["new"] and engine.lookahead.dropped == 1

@@ -40,10 +40,9 @@ def check(out: SchedulerOutput, sched: Scheduler, bm: BlockManager) -> None:
         assert c.num_new_tokens >= 1
         assert c.start == c.seq.num_computed_tokens
         assert len(c.seq.block_table) * bm.block_size >= c.start + c.num_new_tokens
-        assert c.sample == (c.start + c.num_new_tokens == c.seq.num_tokens)
+        assert c.num_sampled == (c.start + c.num_new_tokens == c.seq.num_tokens)
         assert c.seq.status is SequenceStatus.RUNNING
-    tables = [b for s in sched._running + list(sched._awaiting.values()) + list(sched._held.values())
-              for b in s.block_table]
+    tables = [b for s in sched._running + list(sched._awaiting.values()) for b in s.block_table]
     assert len(tables) == len(set(tables)) == bm.num_total - bm.num_free
     assert sched.num_running + sched.num_awaiting_kv <= sched.config.max_num_seqs
     bm.check_invariants()
@@ -53,7 +52,8 @@ def step(sched: Scheduler, bm: BlockManager,
          model: TokenFn = fake_token) -> tuple[SchedulerOutput, list[Sequence]]:
     out = sched.schedule()
     check(out, sched, bm)
-    sampled = {c.seq.request_id: model(c.seq.request_id, c.seq.num_tokens) for c in out.chunks if c.sample}
+    sampled = {c.seq.request_id: (model(c.seq.request_id, c.seq.num_tokens),)
+               for c in out.chunks if c.num_sampled}
     return out, sched.postprocess(out, sampled)
 
 
@@ -75,8 +75,8 @@ def test_long_prompt_is_chunked_over_several_steps_within_budget():
     s = seq("long", 100, max_tokens=1)
     sched.add(s)
     outs = run_to_end(sched, bm)
-    prefill = [(c.start, c.num_new_tokens, c.sample) for o in outs for c in o.chunks]
-    assert prefill == [(0, 32, False), (32, 32, False), (64, 32, False), (96, 4, True)]
+    prefill = [(c.start, c.num_new_tokens, c.num_sampled) for o in outs for c in o.chunks]
+    assert prefill == [(0, 32, 0), (32, 32, 0), (64, 32, 0), (96, 4, 1)]
     assert s.finish_reason is FinishReason.LENGTH and s.output_token_ids == expected_output(s, 1)
     assert bm.num_free == bm.num_total
 
@@ -89,8 +89,8 @@ def test_decode_tokens_go_first_then_prefill_fills_the_budget_in_one_split_fused
     b = seq("b", 40, max_tokens=2)
     sched.add(b)
     out, _ = step(sched, bm)
-    got = [(c.seq.request_id, c.num_new_tokens, c.sample) for c in out.chunks]
-    assert got == [("a", 1, True), ("b", 15, False)]
+    got = [(c.seq.request_id, c.num_new_tokens, c.num_sampled) for c in out.chunks]
+    assert got == [("a", 1, 1), ("b", 15, 0)]
     assert out.num_batched_tokens == 16
 
 
@@ -155,12 +155,12 @@ def test_preempted_sequence_is_reset_and_first_in_line():
 
 
 def test_abort_in_every_state_returns_free_blocks_to_start():
-    sched, bm = make(num_blocks=8, block_size=4, max_batch_tokens=8, hold_finished_blocks=True)
+    sched, bm = make(num_blocks=8, block_size=4, max_batch_tokens=8)
     start = bm.num_free
     states = {}
     sched.add(fin := seq("finished", 3, max_tokens=1))
     step(sched, bm)
-    states["finished-held"] = fin
+    assert fin.is_finished and fin.block_table == [] and sched.abort("finished") is None
     sched.add(dec := seq("decoding", 3, max_tokens=50))
     sched.add(mid := seq("mid-prefill", 20, max_tokens=5))
     step(sched, bm)
@@ -169,17 +169,16 @@ def test_abort_in_every_state_returns_free_blocks_to_start():
     states["waiting"] = wait
     assert sched.reserve(aw := seq("awaiting", 5))
     states["awaiting-kv"] = aw
-    assert (dec.status, mid.status, wait.status, aw.status, fin.status) == (
-        SequenceStatus.RUNNING, SequenceStatus.RUNNING, SequenceStatus.WAITING, SequenceStatus.AWAITING_KV,
-        SequenceStatus.FINISHED)
+    assert (dec.status, mid.status, wait.status, aw.status) == (
+        SequenceStatus.RUNNING, SequenceStatus.RUNNING, SequenceStatus.WAITING, SequenceStatus.AWAITING_KV)
     assert mid.num_computed_tokens < mid.num_prompt_tokens
     for name, s in states.items():
         assert sched.abort(s.request_id) is s, name
         assert sched.abort(s.request_id) is None, name
         assert s.is_finished and s.block_table == []
         bm.check_invariants()
-    assert fin.finish_reason is FinishReason.LENGTH  # it had really finished: abort only frees
-    assert all(s.finish_reason is FinishReason.ABORT for n, s in states.items() if n != "finished-held")
+    assert fin.finish_reason is FinishReason.LENGTH  # it had really finished: abort left it alone
+    assert all(s.finish_reason is FinishReason.ABORT for s in states.values())
     assert bm.num_free == start and not sched.has_work() and sched.get("decoding") is None
 
 
@@ -202,7 +201,7 @@ def test_abort_between_schedule_and_postprocess_is_ignored_by_postprocess():
     sched.add(s := seq("a", 5, max_tokens=4))
     out = sched.schedule()
     sched.abort("a")
-    assert sched.postprocess(out, {"a": 123}) == [] and s.num_tokens == 5
+    assert sched.postprocess(out, {"a": (123,)}) == [] and s.num_tokens == 5
     assert bm.num_free == bm.num_total
 
 
@@ -216,7 +215,7 @@ def test_reserve_holds_blocks_without_scheduling_until_activate():
     assert sched.activate("r", 777) is s
     assert s.status is SequenceStatus.RUNNING and s.num_computed_tokens == 10 and s.token_ids[-1] == 777
     out, _ = step(sched, bm)
-    assert [(c.start, c.num_new_tokens, c.sample) for c in out.chunks] == [(10, 1, True)]
+    assert [(c.start, c.num_new_tokens, c.num_sampled) for c in out.chunks] == [(10, 1, 1)]
     run_to_end(sched, bm)
     assert s.output_token_ids == [777, fake_token("r", 11), fake_token("r", 12)]
     assert bm.num_free == 16
@@ -244,27 +243,6 @@ def test_activate_applies_stop_rules_to_the_first_token():
     assert sched.num_running == 0
     with pytest.raises(SchedulerError):
         sched.activate("one", 1)
-
-
-def test_hold_finished_blocks_keeps_kv_until_released_exactly_once():
-    sched, bm = make(num_blocks=8, block_size=4, hold_finished_blocks=True)
-    s = seq("p", 10, max_tokens=1)
-    sched.add(s)
-    _, finished = step(sched, bm)
-    assert finished == [s] and s.is_finished and len(s.block_table) == 3 and bm.num_free == 5
-    assert sched.get("p") is s and sched.num_running == 0 and not sched.has_work()
-    sched.release(s)
-    assert bm.num_free == 8 and s.block_table == []
-    sched.release(s)  # second call is a no-op
-    assert bm.num_free == 8 and sched.abort("p") is None
-    bm.check_invariants()
-
-
-def test_release_of_unfinished_sequence_raises():
-    sched, _ = make()
-    sched.add(s := seq("a", 3))
-    with pytest.raises(SchedulerError):
-        sched.release(s)
 
 
 @pytest.mark.parametrize("sp, tokens, reason, n_out", [

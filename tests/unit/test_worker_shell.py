@@ -9,7 +9,7 @@ import torch
 
 from contracts.sampling import SamplingParams
 from engine.config import EngineConfig
-from engine.model_runner import RunOutput
+from engine.executor import RunOutput
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
 from engine.worker_shell import WorkerActor, WorkerMetrics, WorkerService

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from contracts.kv_cache_spec import KVCacheSpec
 from engine.config import ModelConfig
 from engine.cpu_decode import FlatDecoder, use_column_blocks
 from engine.kv_cache import KVCache
@@ -97,8 +98,8 @@ def test_flat_decoder_stores_the_bytes_the_eager_model_stores() -> None:
             p.normal_(0, 0.3)
     model.init_buffers("cpu")
     use_column_blocks(model, parts=2)
-    eager_kv, flat_kv = (KVCache(config.num_layers, 4, BLOCK, config.num_kv_heads, config.head_dim)
-                         for _ in range(2))
+    spec = KVCacheSpec(BLOCK, config.num_kv_heads, config.head_dim)
+    eager_kv, flat_kv = (KVCache(spec, config.num_layers, 4) for _ in range(2))
     prompt, token = [3, 17, 5, 40, 22], 11
     position = len(prompt)
     with torch.inference_mode():

@@ -1,10 +1,10 @@
-"""Decode lookahead: launch step n+1 before the host reads step n's tokens; the GPU never waits for the host.
+"""Decode lookahead: an executor wrapping the graphed one that launches step n+1 before the host reads step n.
 
 After a graphed decode step's tokens reach the host, the host spends ~0.3 ms (an H100 host, Llama-3-8B) on
 postprocessing, scheduling, staging inputs and launching graphs, while the GPU idles: ~5% of a bs1 step. So
-right after launching step n, the runner also launches the step the scheduler will most likely ask for next:
+right after launching step n, the executor also launches the step the scheduler will most likely ask for next:
 the same sequences one position on, each fed step n's sampled token on the device. When the scheduler's next
-output is that step, or that step without some of its sequences (finished, aborted, preempted), the runner
+output is that step, or that step without some of its sequences (finished, aborted, preempted), the executor
 takes its results instead of launching; anything else drops them (the GPU time is lost, nothing is read).
 
 Why the results are exact: a lookahead row has the inputs the real step would have (token, position, block
@@ -21,18 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.cuda_graphs import DecodeGraphRunner
+from engine.executor import Executor, RunOutput, SampledStep, read_to_host
+from engine.executors.graphed import GraphedExecutor
+from engine.model import LayerHook
 from engine.sampler import sample
 from engine.scheduler import ScheduledChunk, SchedulerOutput
-
-
-@dataclass(frozen=True)
-class SampledStep:
-    """A step's results still on the device: what the runner turns into host ints with its one sync."""
-
-    token_ids: torch.Tensor  # [N] int64, one per sampling sequence
-    seqs: tuple  # the sampling sequences (engine.sequence.Sequence), in row order
-    last_hidden: torch.Tensor  # [N, H], owned by the caller (not a view of graph outputs)
 
 
 @dataclass(frozen=True)
@@ -50,20 +43,55 @@ def matching_rows(launched: Sequence[ScheduledChunk], asked: Sequence[ScheduledC
         while i < len(launched) and launched[i].seq is not chunk.seq:
             i += 1
         if (i == len(launched) or launched[i].start != chunk.start or chunk.num_new_tokens != 1
-                or not chunk.sample):
+                or chunk.num_sampled != 1):
             return None
         rows.append(i)
         i += 1
     return rows
 
 
-class DecodeLookahead:
-    """At most one lookahead step in flight; counts what became of them (launched, used, dropped)."""
+class DecodeLookahead(Executor):
+    """Wraps the graphed executor: a graphed step also launches the step after it, unless others wait to
+    join the batch (`SchedulerOutput.others_waiting`). At most one step in flight; counts what became of
+    them (launched, used, dropped). Steps that are not graphed (prefill, mixed, hooked, verify steps) run
+    through the graphed executor's eager path and drop whatever was launched ahead."""
 
-    def __init__(self, graphs: DecodeGraphRunner) -> None:
-        self.graphs = graphs
+    def __init__(self, graphed: GraphedExecutor) -> None:
+        self.graphed_executor = graphed
+        self.graphs = graphed.graphs
         self._pending: _Pending | None = None
         self.launched = self.used = self.dropped = 0
+
+    def graphed(self, batch: SchedulerOutput, layer_hook: LayerHook | None = None) -> bool:
+        return self.graphed_executor.graphed(batch, layer_hook)
+
+    def launch(self, batch: SchedulerOutput, layer_hook: LayerHook | None = None) -> SampledStep | None:
+        """This step's results on the device: the step launched ahead if it serves `batch`, else launched
+        now. Launches nothing ahead (that is `execute`'s, after it queued this step's ids for the host)."""
+        if not self.graphed(batch, layer_hook):
+            self.drop()  # an eager step: whatever was launched ahead is stale
+            return self.graphed_executor.launch(batch, layer_hook)
+        step = self.claim(batch)
+        return step if step is not None else self.graphed_executor.launch(batch)
+
+    @torch.inference_mode()
+    def execute(self, batch: SchedulerOutput, layer_hook: LayerHook | None = None) -> RunOutput:
+        if not self.graphed(batch, layer_hook):
+            return read_to_host(self.launch(batch, layer_hook))  # launch drops what was launched ahead
+        step = self.claim(batch)
+        if step is None:
+            step = self.graphed_executor.launch(batch)
+        if step is None:
+            return RunOutput()
+        # Queue this step's ids for the host before launching the next step behind them, then wait.
+        pinned = torch.empty(step.token_ids.shape, dtype=step.token_ids.dtype, pin_memory=True)
+        pinned.copy_(step.token_ids, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        if not batch.others_waiting:
+            self.launch_next(batch.chunks, step)
+        copied.synchronize()
+        return step.to_output(pinned.tolist())
 
     def claim(self, out: SchedulerOutput) -> SampledStep | None:
         """The in-flight lookahead's results for `out`, rows in out's order; None (and dropped) if it does
@@ -91,7 +119,7 @@ class DecodeLookahead:
             self._pending = None
             self.dropped += 1
 
-    def launch(self, chunks: Sequence[ScheduledChunk], step: SampledStep) -> bool:
+    def launch_next(self, chunks: Sequence[ScheduledChunk], step: SampledStep) -> bool:
         """After decode step `chunks` was launched (`step`: its device results, one row per chunk), launch
         the step that follows it; False if that step cannot be staged (a block or the graph table is full)."""
         following = self._following(chunks)
@@ -112,9 +140,9 @@ class DecodeLookahead:
         following = []
         for chunk in chunks:
             pos = chunk.start + 1
-            if (not chunk.sample or pos >= self.graphs.max_model_len
+            if (chunk.num_sampled != 1 or pos >= self.graphs.max_model_len
                     or pos >= len(chunk.seq.block_table) * block_size
                     or pos // block_size + 1 > self.graphs.table_width):
                 return None
-            following.append(ScheduledChunk(chunk.seq, pos, 1, sample=True))
+            following.append(ScheduledChunk(chunk.seq, pos, 1, 1))
         return tuple(following)

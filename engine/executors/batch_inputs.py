@@ -1,0 +1,60 @@
+"""A batch's flat model inputs (token ids, positions, attention metadata) and the rows that sample."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from engine.scheduler import ScheduledChunk
+from kernels.attention.metadata import AttentionMetadata
+
+
+def prepare_inputs(chunks: Sequence[ScheduledChunk], block_size: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """(input_ids [T], positions [T], metadata), rows in chunk order, verify positions included."""
+    token_ids: list[int] = []
+    positions: list[int] = []
+    for chunk in chunks:
+        token_ids.extend(chunk.token_ids)
+        positions.extend(range(chunk.start, chunk.start + chunk.num_new_tokens))
+    meta = AttentionMetadata.from_chunks(chunks, block_size, device)
+    ids = torch.tensor(token_ids, dtype=torch.long, device=device)
+    pos = torch.tensor(positions, dtype=torch.long, device=device)
+    return ids, pos, meta
+
+
+@dataclass(frozen=True)
+class SamplingRows:
+    """Which rows of a flat batch sample, and what the sampler needs to know about each."""
+
+    rows: list[int]  # flat rows whose next token is sampled, chunk by chunk, in position order
+    last_rows: list[int]  # per sampling chunk: its last row (the draft-feature row)
+    seqs: tuple  # per sampling chunk: its sequence
+    num_sampled: tuple[int, ...]  # per sampling chunk: how many of `rows` are its
+    params: list  # per row: its sequence's SamplingParams
+    positions: list[int]  # per row: the index its sampled token takes in the sequence (seeds the draw)
+
+    @property
+    def one_each(self) -> bool:
+        return len(self.rows) == len(self.seqs)
+
+    @classmethod
+    def of(cls, chunks: Sequence[ScheduledChunk]) -> SamplingRows:
+        rows: list[int] = []
+        last_rows: list[int] = []
+        seqs, counts, params, positions = [], [], [], []
+        start = 0
+        for chunk in chunks:
+            end = start + chunk.num_new_tokens
+            if chunk.num_sampled:
+                first = end - chunk.num_sampled
+                rows.extend(range(first, end))
+                last_rows.append(end - 1)
+                seqs.append(chunk.seq)
+                counts.append(chunk.num_sampled)
+                params.extend([chunk.seq.sampling] * chunk.num_sampled)
+                position = chunk.start + chunk.num_new_tokens - chunk.num_sampled
+                positions.extend(range(position + 1, position + 1 + chunk.num_sampled))
+            start = end
+        return cls(rows, last_rows, tuple(seqs), tuple(counts), params, positions)
