@@ -19,5 +19,8 @@ class PrefillWorkerActor(WorkerActor):
     async def connect_channel(self, address: ChannelAddress) -> None:
         await asyncio.to_thread(self.service.connect_channel, address)
 
+    async def channel_peers(self) -> dict[str, str]:
+        return self.service.channel_peers()
+
     async def prefill(self, req: PrefillRequest) -> PrefillResult:
         return await self.service.prefill(req)
