@@ -42,8 +42,8 @@ class DecodeWorkerActor(WorkerActor):
     async def channel_address(self) -> ChannelAddress:
         return self.service.channel_address()
 
-    async def accept_channel(self, peer_id: str) -> None:
-        await asyncio.to_thread(self.service.accept_channel, peer_id)
+    async def accept_channel(self, peer_id: str, timeout: float = 120.0) -> None:
+        await asyncio.to_thread(self.service.accept_channel, peer_id, timeout)
 
     async def reserve(self, req: ReserveRequest) -> Reservation:
         return await self.service.reserve(req)

@@ -35,6 +35,11 @@ class ClusterConfig:
     request_timeout_s: float = 600.0
     local_prefill_max_tokens: int = 0
     ray_address: str | None = None  # None: start a private local Ray instance
+    # Healing: Ray restarts a dead worker process up to this many times (-1 = always); a request on a dead
+    # decode worker moves to another (or the restarted) one up to `migration_limit` times.
+    max_worker_restarts: int = -1
+    migration_limit: int = 1
+    kv_failure_policy: str = "recompute"  # contracts.transfer.KV_FAILURE_POLICIES
     ready_file: str | None = None  # written with the bound addresses once the router serves
 
 
@@ -78,6 +83,7 @@ class LocalCluster:
         self.prefill: list = []
         self.decode: list = []
         self.router = None
+        self.supervisor = None
         self._started_ray = False
         self._closed = False
 
@@ -102,8 +108,9 @@ class LocalCluster:
         # num_cpus=0: the engine threads do the work; Ray's CPU accounting would starve a 2-core box.
         # On CUDA each worker owns one GPU. On a multi-node cluster the decode side's KV channel listens
         # on its node's address ("auto"); locally on loopback.
+        # max_restarts: a killed worker process comes back behind the same handle (docs/architecture.md).
         placement = {"num_cpus": 0, "num_gpus": 1 if cfg.engine.device == "cuda" else 0,
-                     "max_concurrency": 1000}
+                     "max_concurrency": 1000, "max_restarts": cfg.max_worker_restarts}
         channel_host = "127.0.0.1" if cfg.ray_address is None else "auto"
         # On a real cluster the node types declare custom resources (deploy/ray-cluster.yaml,
         # kuberay.yaml) that pin each role to its worker group; a private local Ray has none.
@@ -112,7 +119,8 @@ class LocalCluster:
         decode_cls = ray.remote(**placement, resources=roles.get("decode"))(DecodeWorkerActor)
         prefill_cls = ray.remote(**placement, resources=roles.get("prefill"))(PrefillWorkerActor)
         self.decode = [(f"decode-{i}", decode_cls.options(name=f"pdserve-decode-{i}")
-                        .remote(f"decode-{i}", engine_cfg, channel_host=channel_host))
+                        .remote(f"decode-{i}", engine_cfg, channel_host=channel_host,
+                                kv_failure_policy=cfg.kv_failure_policy))
                        for i in range(cfg.num_decode)]
         self.prefill = [(f"prefill-{i}", prefill_cls.options(name=f"pdserve-prefill-{i}")
                          .remote(f"prefill-{i}", engine_cfg))
@@ -146,7 +154,8 @@ class LocalCluster:
                                   request_timeout_s=cfg.request_timeout_s,
                                   local_prefill_max_tokens=cfg.local_prefill_max_tokens,
                                   max_model_len=model_info.context_length, metrics_port=cfg.metrics_port,
-                                  http_port=cfg.http_port,
+                                  http_port=cfg.http_port, migration_limit=cfg.migration_limit,
+                                  kv_failure_policy=cfg.kv_failure_policy,
                                   served_model_name=cfg.served_model_name or served_model_name(model_path))
         tokenizer = Tokenizer.from_model(model_path)
         decode_clients = [RayDecodeClient(wid, h) for wid, h in self.decode]
@@ -154,6 +163,11 @@ class LocalCluster:
         self.router = build_server(router_cfg, prefill_clients, decode_clients, tokenizer,
                                    model_info)
         await self.router.start()  # also serves /metrics and the HTTP door on their ports
+        from deploy.supervisor import Supervisor
+
+        self.supervisor = Supervisor(self.prefill, self.decode,
+                                     on_restart=self.router.metrics.worker_restarted)
+        supervising = asyncio.create_task(self.supervisor.run(), name="supervisor")
         address = f"{cfg.host}:{self.router.port}"
         metrics_url = f"http://{cfg.host}:{self.router.metrics_port}/metrics"
         http_port = self.router.http_port
@@ -176,6 +190,9 @@ class LocalCluster:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         _status("\nshutting down…")
+        supervising.cancel()
+        await asyncio.gather(supervising, return_exceptions=True)
+        await self.supervisor.close()
         await self.router.stop(grace=2.0)
 
     def close(self) -> None:

@@ -70,9 +70,10 @@ class PrefillService(WorkerService):
         if old is not None:
             old.close()  # sends still on it fail; their requests follow the decode side's failure policy
 
-    def channel_peers(self) -> dict[str, str]:
-        """decode_id -> incarnation of every decode worker this one has a channel to (supervisor's view)."""
-        return dict(self._peers)
+    def channel_peers(self) -> tuple[str, dict[str, str]]:
+        """This process's incarnation, and decode_id -> incarnation of every decode worker it has a channel
+        to: the supervisor's view of who must (re)join whom."""
+        return self.incarnation, dict(self._peers)
 
     async def info(self) -> WorkerInfo:
         """"starting" until it has a KV channel: before that it could prefill but send nowhere."""

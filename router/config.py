@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from contracts.transfer import KV_FAILURE_POLICIES
+
 
 @dataclass(frozen=True)
 class RouterConfig:
@@ -24,9 +26,14 @@ class RouterConfig:
     worker_refresh_s: float = 1.0  # how often worker info (state, load) is pulled for dispatch and health
     worker_call_timeout_s: float = 5.0  # bound on control calls (info, abort, metrics_text) to one worker
     max_request_id_len: int = 128
+    # A request whose decode worker dies moves to another (or the restarted) one at most this many times,
+    # re-prefilled from prompt + the tokens already streamed; 0 = it fails with UNAVAILABLE.
+    migration_limit: int = 1
+    # A prefill worker that fails a request: "recompute" prefills it on its decode worker, "fail" ends it.
+    kv_failure_policy: str = "recompute"
 
     def __post_init__(self) -> None:
-        for name in ("queue_capacity", "max_request_id_len"):
+        for name in ("queue_capacity", "max_request_id_len", "migration_limit"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("max_inflight", "default_max_tokens"):
@@ -45,5 +52,8 @@ class RouterConfig:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 65535:
                 raise ValueError(f"{name} must be in [0, 65535] or None, got {value}")
+        if self.kv_failure_policy not in KV_FAILURE_POLICIES:
+            raise ValueError(f"kv_failure_policy must be one of {KV_FAILURE_POLICIES}, "
+                             f"got {self.kv_failure_policy!r}")
         if self.served_model_name is not None and not self.served_model_name:
             raise ValueError("served_model_name must not be empty (None = the model's own name)")
