@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 
+from contracts.transfer import KV_FAILURE_POLICIES
 from router.dispatch import known_policies
 
 
@@ -23,6 +24,18 @@ def _positive(flag: str):
             raise argparse.ArgumentTypeError(f"{flag} wants a whole number, got {text!r}") from None
         if value < 1:
             raise argparse.ArgumentTypeError(f"{flag} must be >= 1, got {value}")
+        return value
+    return parse
+
+
+def _non_negative(flag: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} wants a whole number, got {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= 0, got {value}")
         return value
     return parse
 
@@ -99,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "default: start a private one")
     up.add_argument("--local-prefill-max-tokens", type=int, default=0,
                     help="prompts up to this many tokens are prefilled on the decode worker (0 = never)")
+    up.add_argument("--migration-limit", type=_non_negative("--migration-limit"), default=1,
+                    help="times a request moves off a dead decode worker, re-prefilled from prompt + "
+                         "tokens streamed so far (default 1; 0 = it fails)")
+    up.add_argument("--kv-failure-policy", choices=KV_FAILURE_POLICIES, default="recompute",
+                    help="a failed or expired KV transfer, or a dead prefill worker: recompute the prompt on "
+                         "the decode worker, or fail the request (default recompute)")
+    up.add_argument("--max-worker-restarts", type=int, default=-1,
+                    help="Ray restarts a dead worker process up to this many times (default -1 = always)")
 
     gen = sub.add_parser("generate", help="stream a completion from a running cluster")
     gen.add_argument("prompt")
@@ -150,6 +171,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                          dispatch_policy=args.dispatch_policy,
                                          queue_capacity=args.queue_capacity,
                                          local_prefill_max_tokens=args.local_prefill_max_tokens,
+                                         migration_limit=args.migration_limit,
+                                         kv_failure_policy=args.kv_failure_policy,
+                                         max_worker_restarts=args.max_worker_restarts,
                                          ray_address=args.ray_address, ready_file=args.ready_file))
     try:
         cluster.start_workers()
