@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from deploy.ray_connect import init_ray, use_token_auth_if_available
 from engine.config import EngineConfig
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class LocalCluster:
         self._closed = False
 
     def start_workers(self) -> None:
+        use_token_auth_if_available(self.config.ray_address)  # before Ray is imported
         import ray
 
         from decode_worker.actor import DecodeWorkerActor
@@ -115,10 +117,7 @@ class LocalCluster:
                 engine_cfg, num_threads=max(1, (os.cpu_count() or 1) // (cfg.num_prefill + cfg.num_decode)))
         _status(f"[1/4] starting Ray ({'local' if cfg.ray_address is None else cfg.ray_address})")
         if not ray.is_initialized():
-            ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False,
-                     num_cpus=None if cfg.ray_address else os.cpu_count(),
-                     object_store_memory=None if cfg.ray_address else 256 * 1024 * 1024)
-            self._started_ray = cfg.ray_address is None
+            self._started_ray = init_ray(cfg.ray_address, os.cpu_count(), 256 * 1024 * 1024)
         # num_cpus=0: the engine threads do the work; Ray's CPU accounting would starve a 2-core box.
         # On CUDA each worker owns one GPU. On a multi-node cluster the decode side's KV channel listens
         # on its node's address ("auto"); locally on loopback.

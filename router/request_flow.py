@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from router.clients import DecodeClient, WorkerClient, WorkerUnavailable
 from router.config import RouterConfig
 from router.dispatch import DispatchPolicy
 from router.metrics import RouterMetrics
+from router.migration import Streamed
 from router.validation import ValidatedRequest
 from router.workers import DECODE, PREFILL, WorkerPool
 
@@ -90,12 +90,7 @@ class RequestFlow:
         self._dispatched_at: float | None = None
         self._first_token_at: float | None = None
         self._num_output = 0
-        # Migration: what the client already has, so another worker can continue exactly there.
-        self._output_ids: list[int] = []
-        self._chars_sent = 0
-        self._skip_chars = 0  # of the current attempt's text: characters the client already has
-        self._migrations = 0
-        self._lost: set[str] = set()  # decode workers that died under this request
+        self._streamed = Streamed()  # what the client has: where a migrated request continues
         self._finish: FinishReason | None = None
         self._decode_id = ""
         self._prefill_id = ""
@@ -173,36 +168,31 @@ class RequestFlow:
                 return await self._attempt()
             except _DecodeLost as e:
                 self._touched.pop(e.worker_id, None)  # gone, or failed everything it held: no abort call
-                limit = self._config.migration_limit
-                if self._migrations >= limit:
+                limit, streamed = self._config.migration_limit, self._streamed
+                if streamed.migrations >= limit:
                     raise _Fail(grpc.StatusCode.UNAVAILABLE, f"{e.message} (migration limit {limit} reached)",
                                 "unavailable") from None
-                self._migrations += 1
+                streamed.migrate(e.worker_id)
                 self._metrics.request_migrated()
-                self._lost.add(e.worker_id)
                 await self._abort_workers()  # e.g. the prefill worker still sending to the dead one
-                self._skip_chars = self._chars_sent
                 log.warning("request %s migrates after %d tokens (%d/%d): %s", self.request.request_id,
-                            len(self._output_ids), self._migrations, limit, e.message)
+                            len(streamed.output_ids), streamed.migrations, limit, e.message)
 
     async def _attempt(self) -> FinishReason:
         """One decode worker's go at the request: from the prompt plus any tokens already streamed."""
-        resumed = len(self._output_ids)
-        prompt = self.request.prompt_token_ids + tuple(self._output_ids)
-        sampling = self.request.sampling
-        if resumed:
-            sampling = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - resumed)
-        n = len(prompt)
+        req = self.request
+        n = len(req.prompt_token_ids) + len(self._streamed.output_ids)
         local = n <= self._config.local_prefill_max_tokens
         if not local and not self._pool.ready(PREFILL):
             if self._config.kv_failure_policy != "recompute":
                 raise _Fail(grpc.StatusCode.UNAVAILABLE, "no prefill worker is ready", "unavailable")
             local = True  # degraded, not down: the decode worker prefills it itself
-        decode, reservation = await self._reserve(ReserveRequest(
-            self.request.request_id, prompt, sampling, prefill_locally=local, num_resumed_tokens=resumed))
+        reserve = self._streamed.reserve_request(req.request_id, req.prompt_token_ids, req.sampling, local)
+        decode, reservation = await self._reserve(reserve)
         tasks = [asyncio.create_task(self._relay(decode))]
         if not local:
-            tasks.append(asyncio.create_task(self._prefill(decode, reservation, prompt, sampling)))
+            tasks.append(asyncio.create_task(
+                self._prefill(decode, reservation, reserve.prompt_token_ids, reserve.sampling)))
         else:
             self._prefill_id = LOCAL_PREFILL
         try:
@@ -224,9 +214,9 @@ class RequestFlow:
         deadline) until one answers ready again: Ray restarts the dead one, and a stale "ready" of a dead
         worker must not be trusted, so it is asked afresh."""
         order = self._policy.order_decode(self._pool.ready(DECODE))
-        if not self._lost:
+        if not self._streamed.lost:
             return order
-        others = [i for i in order if i.worker_id not in self._lost]
+        others = [i for i in order if i.worker_id not in self._streamed.lost]
         if others:
             return others
         ids = [i.worker_id for i in self._pool.infos() if i.role == DECODE]
@@ -313,16 +303,11 @@ class RequestFlow:
         stream = decode.stream(rid)
         try:
             async for chunk in stream:
-                text = chunk.text
-                if self._skip_chars:  # a migrated request's new worker repeats the text the client has
-                    cut = min(self._skip_chars, len(text))
-                    text, self._skip_chars = text[cut:], self._skip_chars - cut
+                text = self._streamed.relay(chunk.token_ids, chunk.text)
                 if chunk.token_ids or text:
                     if self._first_token_at is None:
                         self._first_token_at = asyncio.get_running_loop().time()
                     self._num_output += len(chunk.token_ids)
-                    self._output_ids.extend(chunk.token_ids)
-                    self._chars_sent += len(text)
                     self._events.put_nowait(
                         pb.GenerateResponse(
                             request_id=rid, delta=pb.TokenDelta(token_ids=chunk.token_ids, text=text)
