@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dispatch-policy", default="least_loaded", choices=known_policies(),
                     help="how the router picks workers (default least_loaded)")
     up.add_argument("--queue-capacity", type=_positive("--queue-capacity"), default=256)
+    up.add_argument("--admin-port", type=_port("--admin-port"), default=50052,
+                    help="loopback port for `pdserve scale` (default 50052; 0 = any free port)")
     up.add_argument("--ready-file", default=None,
                     help="once serving, write the bound addresses here as JSON (useful with --port 0)")
     up.add_argument("--ray-address", default=None,
@@ -162,6 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     gen.add_argument("--json", action="store_true", help="print only the final message as JSON")
 
+    scale = sub.add_parser("scale", help="change the number of workers of a running cluster (drains before "
+                                         "removing)")
+    scale.add_argument("--prefill", type=_positive("--prefill"), default=None,
+                       help="prefill workers wanted (default: unchanged)")
+    scale.add_argument("--decode", type=_positive("--decode"), default=None,
+                       help="decode workers wanted (default: unchanged)")
+    scale.add_argument("--admin", default="127.0.0.1:50052",
+                       help="the launcher's admin address (its --admin-port; default 127.0.0.1:50052)")
+    scale.add_argument("--timeout", type=float, default=900.0,
+                       help="seconds to wait for new workers to load and old ones to drain (default 900)")
+
     inf = sub.add_parser("info", help="model and worker status of a running cluster")
     inf.add_argument("--address", default="127.0.0.1:50051")
     inf.add_argument("--timeout", type=float, default=10.0)
@@ -176,7 +189,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         resolve_model_path(args.model)
     except ModelPathError as e:
         raise UsageError(f"--model: {e}") from None
-    ports = ((args.port, "--port"), (args.metrics_port, "--metrics-port"), (args.http_port, "--http-port"))
+    ports = ((args.port, "--port"), (args.metrics_port, "--metrics-port"), (args.http_port, "--http-port"),
+             (args.admin_port, "--admin-port"))
     for port, flag in ports:
         if port:  # 0: the OS picks a free port when the server binds (see --ready-file); None: off
             _check_port_free(args.host, port, flag)
@@ -201,6 +215,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                          kv_failure_policy=args.kv_failure_policy,
                                          max_worker_restarts=args.max_worker_restarts,
                                          ray_address=args.ray_address, ready_file=args.ready_file,
+                                         admin_port=args.admin_port,
                                          prefill_resources=args.prefill_resources,
                                          decode_resources=args.decode_resources))
     try:
@@ -218,6 +233,23 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_scale(args: argparse.Namespace) -> int:
+    from deploy.scaling import request_scale
+
+    if args.prefill is None and args.decode is None:
+        raise UsageError("give --prefill N and/or --decode M")
+    try:
+        reply = request_scale(args.admin, {"prefill": args.prefill, "decode": args.decode}, args.timeout)
+    except OSError as e:
+        raise UsageError(f"cannot reach the launcher at {args.admin} ({e}): is `pdserve up` running, "
+                         "and is --admin its --admin-port?") from None
+    if not reply.get("ok"):
+        print(f"pdserve scale: error: {reply.get('error')}", file=sys.stderr)
+        return 1
+    print(f"prefill: {' '.join(reply['prefill'])}\ndecode: {' '.join(reply['decode'])}")
+    return 0
+
+
 def _one_line(e: BaseException) -> str:
     """Ray wraps worker errors in multi-line reports: keep the original exception's own message."""
     cause = getattr(e, "cause", None) or e
@@ -230,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "up":
             return _cmd_up(args)
+        if args.command == "scale":
+            return _cmd_scale(args)
         from deploy import client
         if args.command == "generate":
             opts = client.GenerateOptions(prompt=args.prompt, chat=not args.raw, system=args.system,

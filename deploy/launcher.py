@@ -11,8 +11,10 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from deploy.ray_connect import init_ray, use_token_auth_if_available
 from engine.config import EngineConfig
@@ -47,6 +49,7 @@ class ClusterConfig:
     migration_limit: int = 1
     kv_failure_policy: str = "recompute"  # contracts.transfer.KV_FAILURE_POLICIES
     ready_file: str | None = None  # written with the bound addresses once the router serves
+    admin_port: int = 50052  # `pdserve scale` talks to the launcher here, on loopback only; 0 = any free port
 
 
     def role_resources(self, role: str) -> dict[str, float] | None:
@@ -99,6 +102,8 @@ class LocalCluster:
         self.decode: list = []
         self.router = None
         self.supervisor = None
+        self._spawners: dict[str, Callable[[str], Any]] = {}
+        self._next_index = {"prefill": 0, "decode": 0}  # ids are never reused, so metrics stay apart
         self._started_ray = False
         self._closed = False
 
@@ -127,13 +132,13 @@ class LocalCluster:
         channel_host = "127.0.0.1" if cfg.ray_address is None else "auto"
         decode_cls = ray.remote(**placement, resources=cfg.role_resources("decode"))(DecodeWorkerActor)
         prefill_cls = ray.remote(**placement, resources=cfg.role_resources("prefill"))(PrefillWorkerActor)
-        self.decode = [(f"decode-{i}", decode_cls.options(name=f"pdserve-decode-{i}")
-                        .remote(f"decode-{i}", engine_cfg, channel_host=channel_host,
-                                kv_failure_policy=cfg.kv_failure_policy))
-                       for i in range(cfg.num_decode)]
-        self.prefill = [(f"prefill-{i}", prefill_cls.options(name=f"pdserve-prefill-{i}")
-                         .remote(f"prefill-{i}", engine_cfg))
-                        for i in range(cfg.num_prefill)]
+        self._spawners = {
+            "decode": lambda wid: decode_cls.options(name=f"pdserve-{wid}").remote(
+                wid, engine_cfg, channel_host=channel_host, kv_failure_policy=cfg.kv_failure_policy),
+            "prefill": lambda wid: prefill_cls.options(name=f"pdserve-{wid}").remote(wid, engine_cfg),
+        }
+        self.decode = [self._spawn("decode") for _ in range(cfg.num_decode)]
+        self.prefill = [self._spawn("prefill") for _ in range(cfg.num_prefill)]
         _status(f"[2/4] loading {cfg.engine.model_path or 'the embedded SmolLM2-135M-Instruct'} into "
                 f"{cfg.num_prefill} prefill + {cfg.num_decode} decode workers")
         _wait_with_progress([h.info.remote() for _, h in self.decode + self.prefill], "workers")
@@ -144,6 +149,11 @@ class LocalCluster:
             for prefill_id, p in self.prefill:
                 refs += [d.accept_channel.remote(prefill_id), p.connect_channel.remote(address)]
         _wait_with_progress(refs, "channel ends")
+
+    def _spawn(self, role: str) -> tuple[str, Any]:
+        wid = f"{role}-{self._next_index[role]}"
+        self._next_index[role] += 1
+        return wid, self._spawners[role](wid)
 
     async def serve(self) -> None:
         """Runs the router until SIGINT/SIGTERM, then shuts everything down."""
@@ -177,6 +187,12 @@ class LocalCluster:
         self.supervisor = Supervisor(self.prefill, self.decode,
                                      on_restart=self.router.metrics.worker_restarted)
         supervising = asyncio.create_task(self.supervisor.run(), name="supervisor")
+        from deploy.scaling import Scaler, start_admin
+
+        scaler = Scaler(self._spawn, {"prefill": self.prefill, "decode": self.decode}, self.router.pool,
+                        self.router.metrics.worker_source, drain_timeout_s=cfg.request_timeout_s)
+        admin = await start_admin(scaler, cfg.admin_port)
+        admin_address = f"127.0.0.1:{admin.sockets[0].getsockname()[1]}"
         address = f"{cfg.host}:{self.router.port}"
         metrics_url = f"http://{cfg.host}:{self.router.metrics_port}/metrics"
         http_port = self.router.http_port
@@ -185,13 +201,15 @@ class LocalCluster:
         if http_url:
             _status(f"OpenAI-compatible API on {http_url}")
         if cfg.ready_file:
-            Path(cfg.ready_file).write_text(json.dumps({"address": address, "metrics_url": metrics_url,
-                                                        "http_url": http_url}))
+            Path(cfg.ready_file).write_text(json.dumps({
+                "address": address, "metrics_url": metrics_url, "http_url": http_url,
+                "admin_address": admin_address}))
         try_http = (f"  curl -s {http_url}/models\n" if http_url else "")
         _status("\nReady. Try:\n"
                 f"  .venv/bin/pdserve generate \"What is the capital of France?\" --address {address}\n"
                 f"  grpcurl -plaintext {address} list\n"
                 f"{try_http}"
+                f"  .venv/bin/pdserve scale --prefill 1 --decode 2 --admin {admin_address}\n"
                 "Ctrl-C stops the cluster.")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -199,6 +217,7 @@ class LocalCluster:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         _status("\nshutting down…")
+        admin.close()
         supervising.cancel()
         await asyncio.gather(supervising, return_exceptions=True)
         await self.supervisor.close()

@@ -28,9 +28,10 @@ class Supervisor:
     """
 
     def __init__(self, prefill: list[Worker], decode: list[Worker], on_restart: Callable[[str], None],
-                 interval_s: float = 0.5, call_timeout_s: float = 5.0, join_timeout_s: float = 30.0) -> None:
+                 interval_s: float = 0.5, call_timeout_s: float = 5.0, join_timeout_s: float = 30.0,
+                 kill: Callable[[Any], None] = lambda handle: ray.kill(handle, no_restart=False)) -> None:
         self.prefill, self.decode = prefill, decode  # the launcher's lists: scale edits them in place
-        self._on_restart = on_restart
+        self._on_restart, self._kill = on_restart, kill
         self._interval_s, self._call_timeout_s = interval_s, call_timeout_s
         self._join_timeout_s = join_timeout_s
         self._incarnations: dict[str, str] = {}  # worker id -> incarnation last seen
@@ -105,4 +106,4 @@ class Supervisor:
                 continue
             self._killed.add((wid, incarnation))
             log.warning("worker %s reports its engine failed: killing it so that Ray restarts it", wid)
-            ray.kill(handle, no_restart=False)
+            self._kill(handle)

@@ -38,6 +38,10 @@ class WorkerMetricsSource:
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
+    def set_clients(self, clients: Sequence[WorkerClient]) -> None:
+        """The workers changed (`pdserve scale`): scrape these from now on."""
+        self._clients = list(clients)
+
     async def fetch_async(self) -> dict[str, str]:
         """worker_id -> exposition text; a worker that fails or times out is left out of this scrape."""
 
