@@ -6,14 +6,16 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import REPO, Cluster, _stop_like_ctrl_c, _wait_ready_file, _wait_serving
+from conftest import REPO, _stop_like_ctrl_c, _wait_ready_file, _wait_serving
 
 from proto.api import pb, pb_grpc
 
@@ -28,12 +30,22 @@ PROMPT = pb.TokenIds(ids=[1, 504, 3458, 282, 4649, 314])
 GREEDY = pb.SamplingOptions(max_tokens=64, ignore_eos=True)
 
 
+@dataclass(frozen=True)
+class Cluster:
+    address: str
+    metrics_url: str
+    admin_address: str  # where `pdserve scale` reaches the launcher
+    process: subprocess.Popen
+    log_path: Path
+
+
 @contextlib.contextmanager
 def own_cluster(workdir: Path) -> Iterator[Cluster]:
     """A cluster only this module uses: it kills workers, which would disturb the session's cluster."""
     log_path, ready_path = workdir / "pdserve-up.log", workdir / "ready.json"
     cmd = [sys.executable, "-m", "deploy.cli", "up", "--port", "0", "--metrics-port", "0", "--http-port", "0",
-           "--ready-file", str(ready_path), "--kv-blocks", "128", "--device", "cpu", "--migration-limit", "1"]
+           "--admin-port", "0", "--ready-file", str(ready_path), "--kv-blocks", "128", "--device", "cpu",
+           "--migration-limit", "1"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
@@ -43,7 +55,7 @@ def own_cluster(workdir: Path) -> Iterator[Cluster]:
         metrics_port = int(ready["metrics_url"].rsplit(":", 1)[1].split("/")[0])
         ports = (int(ready["address"].rsplit(":", 1)[1]), metrics_port)
         _wait_serving(ready["address"], proc, log_path, timeout=120)
-        yield Cluster(ready["address"], ready["metrics_url"], "", proc, log_path)
+        yield Cluster(ready["address"], ready["metrics_url"], ready["admin_address"], proc, log_path)
     finally:
         _stop_like_ctrl_c(proc, ports, log_path)
 
@@ -149,3 +161,31 @@ def test_kill_prefill_it_comes_back_and_serves_again(healing_cluster):
                 break
         assert final.timings.prefill_worker == "prefill-0"
     assert metric(healing_cluster, 'pdserve_worker_restarts_total{role="prefill"}') == 1
+
+
+def pdserve_scale(cluster: Cluster, *flags: str) -> str:
+    cmd = [sys.executable, "-m", "deploy.cli", "scale", *flags, "--admin", cluster.admin_address]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_scale_decode_up_then_down_drains_without_dropping_a_request(healing_cluster):
+    assert "decode: decode-0 decode-1" in pdserve_scale(healing_cluster, "--decode", "2")
+    with grpc.insecure_channel(healing_cluster.address) as channel:
+        stub = pb_grpc.PDServeStub(channel)
+        serving_again(stub, "decode-1", time.monotonic() + REJOIN_WITHIN_S, seen_down=True)
+        reference, _ = generate(stub)
+        results: list[tuple[list[int], pb.FinalResult]] = []
+        streams = [threading.Thread(target=lambda: results.append(generate(stub))) for _ in range(4)]
+        for t in streams:
+            t.start()
+        time.sleep(1.0)  # spread over both decode workers
+        assert "decode: decode-0\n" in pdserve_scale(healing_cluster, "--decode", "1")  # returns once drained
+        for t in streams:
+            t.join(timeout=180)
+        assert len(results) == 4 and all(ids == reference for ids, _ in results)
+        assert all(final.finish_reason == pb.FINISH_REASON_LENGTH for _, final in results)
+        info = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
+        assert sorted(w.worker_id for w in info.workers) == ["decode-0", "prefill-0"]
+        assert generate(stub)[0] == reference
