@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -68,6 +69,7 @@ class RayNode:
                 os.kill(pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
         self.log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def _wait_port(port: int, timeout: float) -> None:
