@@ -219,13 +219,12 @@ class RequestFlow:
         others = [i for i in order if i.worker_id not in self._streamed.lost]
         if others:
             return others
-        ids = [i.worker_id for i in self._pool.infos() if i.role == DECODE]
         timeout = self._config.worker_call_timeout_s
         while True:
-            for wid in ids:
+            for wid in [i.worker_id for i in self._pool.infos() if i.role == DECODE]:
                 try:
                     info = await asyncio.wait_for(self._pool.decode(wid).info(), timeout)
-                except (WorkerUnavailable, TimeoutError):
+                except (WorkerUnavailable, TimeoutError, KeyError):  # KeyError: scaled away meanwhile
                     continue
                 if info.state == "ready":
                     return [info]
