@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test venv proto test-fast fuzz clean
+.PHONY: serve test venv proto test-fast fuzz soak clean
 
 venv: $(STAMP)
 
@@ -22,15 +22,19 @@ proto: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/pdserve up
 
-# Everything except the soak-scale fuzz (its few-hundred-request variant is part of the suite).
+# Everything except the long runs: soak-scale fuzz (its few-hundred-request variant is part of the suite) and the
+# fault-injection soaks (kill -9 of workers, real multi-node Ray clusters).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not fuzz"
+	$(BIN)/python -m pytest -q -m "not fuzz and not soak"
 
 fuzz: $(STAMP)
 	$(BIN)/python -m pytest -q -m fuzz
 
+soak: $(STAMP)
+	$(BIN)/python -m pytest -q -s -m soak
+
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not e2e and not slow and not fuzz"
+	$(BIN)/python -m pytest -q -m "not e2e and not slow and not fuzz and not soak"
 
 clean:
 	rm -rf $(VENV) proto/pdserve/v1/*_pb2*.py proto/pdserve/v1/*_pb2*.pyi

@@ -34,3 +34,11 @@ class ChannelAddress:
     host: str
     port: int
     decode_id: str
+    # Names this process of the decode worker: a restarted worker listens anew, and peers holding a channel
+    # to an older incarnation must connect again (deploy/supervisor.py compares these).
+    incarnation: str = ""
+
+
+# What a decode worker does when a prompt's KV transfer fails or its lease expires (--kv-failure-policy):
+# "recompute" prefills the prompt on the decode worker itself; "fail" ends the request with the reason.
+KV_FAILURE_POLICIES = ("recompute", "fail")

@@ -16,13 +16,14 @@ class DecodeWorkerActor(WorkerActor):
     service: DecodeService
 
     def __init__(self, worker_id: str, config: EngineConfig, kv_lease_seconds: float = 120.0,
-                 channel_host: str = "127.0.0.1") -> None:
+                 channel_host: str = "127.0.0.1", kv_failure_policy: str = "recompute") -> None:
         if channel_host == "auto":  # multi-node: prefill workers on other nodes must reach this listener
             import ray
 
             channel_host = ray.util.get_node_ip_address()
         super().__init__(config, lambda: DecodeService(worker_id, config, host=channel_host,
-                                                       kv_lease_seconds=kv_lease_seconds))
+                                                       kv_lease_seconds=kv_lease_seconds,
+                                                       kv_failure_policy=kv_failure_policy))
 
     async def model_info(self) -> ModelInfo:
         """What GetModelInfo reports; read from the worker that actually runs the model."""
@@ -41,11 +42,14 @@ class DecodeWorkerActor(WorkerActor):
     async def channel_address(self) -> ChannelAddress:
         return self.service.channel_address()
 
-    async def accept_channel(self, peer_id: str) -> None:
-        await asyncio.to_thread(self.service.accept_channel, peer_id)
+    async def accept_channel(self, peer_id: str, timeout: float = 120.0) -> None:
+        await asyncio.to_thread(self.service.accept_channel, peer_id, timeout)
 
     async def reserve(self, req: ReserveRequest) -> Reservation:
         return await self.service.reserve(req)
+
+    async def recompute(self, request_id: str) -> bool:
+        return await self.service.recompute(request_id)
 
     async def stream(self, request_id: str) -> AsyncIterator[TokenChunk]:
         async for chunk in self.service.stream(request_id):

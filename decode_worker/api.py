@@ -12,6 +12,9 @@ class ReserveRequest:
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
     prefill_locally: bool = False  # conditional disaggregation: decode worker prefills it itself
+    # Migration: the last `num_resumed_tokens` ids of `prompt_token_ids` were generated (and streamed) by an
+    # earlier worker; they count as output for the detokenizer, so text and stop strings continue seamlessly.
+    num_resumed_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class TokenChunk:
     num_output_tokens: int = 0
     # Set with finish_reason ABORT when the worker failed the request (e.g. KV transfer).
     error: str | None = None
+    # The worker itself failed (its engine thread died), not this request: the router may migrate it.
+    worker_failed: bool = False
 
 
 class NoCapacity(RuntimeError):

@@ -13,6 +13,12 @@ class DecodeMetrics(WorkerMetrics):
                                  "KV bytes received from prefill workers", registry=self.registry)
         self._tokens = Counter("pdserve_decode_tokens", "Tokens sampled by this decode worker",
                                registry=self.registry)
+        self._recomputed = Counter("pdserve_kv_recomputes",
+                                   "Prompts prefilled here because their KV transfer failed "
+                                   "(--kv-failure-policy recompute)", registry=self.registry)
+
+    def kv_recomputed(self) -> None:
+        self._recomputed.inc()
 
     def transfer_received(self, nbytes: int) -> None:
         self._received.inc(nbytes)

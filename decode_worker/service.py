@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from contracts.sampling import FinishReason
-from contracts.transfer import ChannelAddress, TransferTarget
+from contracts.stats import WorkerInfo
+from contracts.transfer import KV_FAILURE_POLICIES, ChannelAddress, TransferTarget
 from decode_worker.api import NoCapacity, Reservation, ReserveRequest, TokenChunk
 from decode_worker.metrics import DecodeMetrics
 from engine.config import EngineConfig
@@ -50,8 +53,14 @@ class DecodeService(WorkerService):
     role = "decode"
 
     def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
-                 kv_lease_seconds: float = 120.0, progress: bool = False) -> None:
+                 kv_lease_seconds: float = 120.0, progress: bool = False,
+                 kv_failure_policy: str = "recompute") -> None:
+        if kv_failure_policy not in KV_FAILURE_POLICIES:
+            raise ValueError(f"kv_failure_policy must be one of {KV_FAILURE_POLICIES}, "
+                             f"got {kv_failure_policy!r}")
         super().__init__(worker_id, config, progress=progress)
+        self.kv_failure_policy = kv_failure_policy
+        self.incarnation = uuid.uuid4().hex  # this process's listener; peers of an older one reconnect
         # Random-weight models (speed work) have no tokenizer: their streams carry token ids and empty text.
         self.tokenizer = None if is_random_model(config.model_path) else \
             Tokenizer.from_model(resolve_model_path(config.model_path))
@@ -61,6 +70,8 @@ class DecodeService(WorkerService):
         self._listener = ChannelListener(host=host, port=0, device=config.device)
         self._endpoints: dict[str, KVReceiveEndpoint] = {}
         self._receivers: dict[str, KVReceiver] = {}  # engine thread only
+        self._awaiting_kv: dict[str, ReserveRequest] = {}  # engine thread only: what a recompute prefills
+        self._joined = False  # a prefill worker has connected at least once
         self._active: dict[str, _Stream] = {}  # engine thread only
         self._streams: dict[str, _Stream] = {}  # actor loop only
         self.start()
@@ -69,14 +80,32 @@ class DecodeService(WorkerService):
 
     def channel_address(self) -> ChannelAddress:
         host, port = self._listener.address
-        return ChannelAddress(host=host, port=port, decode_id=self.worker_id)
+        return ChannelAddress(host=host, port=port, decode_id=self.worker_id, incarnation=self.incarnation)
 
     def accept_channel(self, peer_id: str, timeout: float = 120.0) -> None:
-        """Blocks until prefill worker `peer_id` joins; then its frames land in this worker's KV cache."""
+        """Blocks until prefill worker `peer_id` joins; then its frames land in this worker's KV cache.
+
+        A peer may join again (it restarted, or this worker did and it reconnects): the new channel replaces
+        the old one, and reservations still waiting for their first frame listen on it too."""
         channel = self._listener.accept(peer_id, self.layout, timeout=timeout)
         endpoint = KVReceiveEndpoint(channel, self.layout, self.engine.kv_cache.k, self.engine.kv_cache.v)
         endpoint.start()
-        self._thread.submit(lambda: self._endpoints.__setitem__(peer_id, endpoint)).result()
+        old = self._thread.submit(lambda: self._add_endpoint(peer_id, endpoint)).result()
+        self._joined = True
+        if old is not None:
+            old.stop()  # its transfers in flight fail (channel_error) and follow the failure policy
+
+    async def info(self) -> WorkerInfo:
+        """"starting" until a prefill worker has joined: before that no prompt's KV could reach it."""
+        info = await super().info()
+        if info.state == "ready" and not self._joined:
+            return dataclasses.replace(info, state="starting")
+        return info
+
+    async def recompute(self, request_id: str) -> bool:
+        """The prompt's KV will not come (its prefill worker failed): prefill it here instead. False if the
+        request awaits no KV here (already arrived, finished or unknown)."""
+        return await self._on_engine_thread(lambda: self._recompute(request_id, "prefill worker failed"))
 
     async def reserve(self, req: ReserveRequest) -> Reservation:
         if req.request_id in self._streams:
@@ -91,7 +120,9 @@ class DecodeService(WorkerService):
     def _detokenizer(self, req: ReserveRequest) -> IncrementalDetokenizer | None:
         if self.tokenizer is None:
             return None
-        return IncrementalDetokenizer(self.tokenizer, list(req.prompt_token_ids), req.sampling.stop)
+        num_prompt = len(req.prompt_token_ids) - req.num_resumed_tokens
+        return IncrementalDetokenizer(self.tokenizer, list(req.prompt_token_ids[:num_prompt]),
+                                      req.sampling.stop)
 
     async def stream(self, request_id: str) -> AsyncIterator[TokenChunk]:
         stream = self._streams.get(request_id)
@@ -117,16 +148,35 @@ class DecodeService(WorkerService):
 
     # ---- engine thread ----
 
+    def _add_endpoint(self, peer_id: str, endpoint: KVReceiveEndpoint) -> KVReceiveEndpoint | None:
+        old = self._endpoints.get(peer_id)
+        self._endpoints[peer_id] = endpoint
+        for receiver in self._receivers.values():
+            if receiver.state in (TransferState.BOOTSTRAPPING, TransferState.WAITING):
+                endpoint.register(receiver)
+        return old
+
+    def _resume_text(self, req: ReserveRequest, stream: _Stream) -> None:
+        """A migrated request: feed the tokens an earlier worker streamed to the detokenizer, so the text
+        continues where it was; the router drops the characters its client already has."""
+        if not req.num_resumed_tokens or stream.detok is None:
+            return
+        text = stream.detok.add(req.prompt_token_ids[-req.num_resumed_tokens:]).text
+        if text:
+            stream.push(TokenChunk(req.request_id, (), text, None, stream.num_prompt_tokens, 0))
+
     def _reserve(self, req: ReserveRequest, stream: _Stream) -> Reservation:
         prompt = list(req.prompt_token_ids)
         if req.prefill_locally:
             self.engine.add_request(req.request_id, prompt, req.sampling)
+            self._resume_text(req, stream)
             self._active[req.request_id] = stream
             return Reservation(req.request_id, self.worker_id, ())
         block_ids = self.engine.reserve(req.request_id, prompt, req.sampling)
         if block_ids is None:
             raise NoCapacity(f"{self.worker_id}: no room for {len(prompt)} prompt tokens "
                              f"({self.engine.stats().num_free_blocks} free KV blocks)")
+        self._resume_text(req, stream)
         target = TransferTarget(req.request_id, self.worker_id, block_ids, len(prompt))
         # on_finish runs on the endpoint thread when the last frame lands: wake the engine to admit it now.
         receiver = KVReceiver(target, self.layout, lease_seconds=self._lease,
@@ -135,10 +185,25 @@ class DecodeService(WorkerService):
         for endpoint in self._endpoints.values():
             endpoint.register(receiver)
         self._receivers[req.request_id] = receiver
+        self._awaiting_kv[req.request_id] = req
         self._active[req.request_id] = stream
         return Reservation(req.request_id, self.worker_id, target.block_ids)
 
+    def _recompute(self, request_id: str, reason: str) -> bool:
+        """Turn a reservation awaiting KV into a local prefill; the client's stream stays the same."""
+        receiver = self._receivers.pop(request_id, None)
+        req = self._awaiting_kv.pop(request_id, None)
+        if receiver is None or req is None:
+            return False
+        receiver.abort(reason)  # from here on no frame of the failed transfer lands in its blocks
+        self.engine.abort(request_id)  # frees them; the prefill below allocates and writes its own
+        self.engine.add_request(request_id, list(req.prompt_token_ids), req.sampling)
+        self.metrics.kv_recomputed()
+        log.info("KV for %s recomputed locally: %s", request_id, reason)
+        return True
+
     def _abort(self, request_id: str, reason: str, error: str | None = None) -> bool:
+        self._awaiting_kv.pop(request_id, None)
         receiver = self._receivers.pop(request_id, None)
         if receiver is not None:
             receiver.abort(reason)
@@ -153,9 +218,11 @@ class DecodeService(WorkerService):
         for receiver in self._receivers.values():
             receiver.abort("decode worker failed")
         self._receivers.clear()
+        self._awaiting_kv.clear()
         for request_id, stream in self._active.items():
             stream.push(TokenChunk(request_id, (), stream.flush_text(), FinishReason.ABORT,
-                                   stream.num_prompt_tokens, stream.num_output_tokens, error))
+                                   stream.num_prompt_tokens, stream.num_output_tokens, error,
+                                   worker_failed=True))
         self._active.clear()
 
     def _poll_transfers(self) -> bool:
@@ -165,6 +232,7 @@ class DecodeService(WorkerService):
             state = receiver.poll()
             if state is TransferState.DONE:
                 del self._receivers[request_id]
+                self._awaiting_kv.pop(request_id, None)
                 self.metrics.transfer_received(receiver.bytes_received)
                 seq = self.engine.activate(request_id, receiver.first_token_id)
                 self._push_tokens(seq, [receiver.first_token_id])
@@ -173,7 +241,8 @@ class DecodeService(WorkerService):
                 reason = receiver.failure_reason or "unknown"
                 self.metrics.transfer_failed(reason)
                 log.warning("KV transfer for %s failed: %s", request_id, reason)
-                self._abort(request_id, reason, error=f"KV transfer failed: {reason}")
+                if self.kv_failure_policy != "recompute" or not self._recompute(request_id, reason):
+                    self._abort(request_id, reason, error=f"KV transfer failed: {reason}")
                 changed = True
         return changed
 

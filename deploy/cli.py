@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 
+from contracts.transfer import KV_FAILURE_POLICIES
 from engine.config import KERNEL_BACKENDS
 from router.dispatch import known_policies
 
@@ -25,6 +26,38 @@ def _positive(flag: str):
         if value < 1:
             raise argparse.ArgumentTypeError(f"{flag} must be >= 1, got {value}")
         return value
+    return parse
+
+
+def _non_negative(flag: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} wants a whole number, got {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= 0, got {value}")
+        return value
+    return parse
+
+
+def _resources(flag: str):
+    """NAME=AMOUNT[,NAME=AMOUNT...] -> {name: amount}; "none" -> {} (no custom resource at all)."""
+    def parse(text: str) -> dict[str, float]:
+        if text.strip().lower() == "none":
+            return {}
+        out: dict[str, float] = {}
+        for item in text.split(","):
+            name, sep, amount = item.strip().partition("=")
+            try:
+                value = float(amount)
+            except ValueError:
+                value = -1.0
+            if not sep or not name or value <= 0:
+                raise argparse.ArgumentTypeError(
+                    f"{flag} wants NAME=AMOUNT[,NAME=AMOUNT...] with AMOUNT > 0 (or 'none'), got {text!r}")
+            out[name] = value
+        return out
     return parse
 
 
@@ -106,7 +139,7 @@ def _add_client_flags(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving.",
                                      formatter_class=_HelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{up,generate,info,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{up,generate,info,scale,bench}")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:  # noqa: A002  (argparse's name)
         p = sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
@@ -153,13 +186,29 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--auth-token-file", default=None,
                     help="file with one bearer token; gRPC and HTTP API calls must then send "
                          "'authorization: Bearer <token>' (health and /metrics stay open)")
+    up.add_argument("--admin-port", type=_port("--admin-port"), default=50052,
+                    help="loopback port for `pdserve scale` (0 = any free port)")
     up.add_argument("--ready-file", default=None,
                     help="once serving, write the bound addresses here as JSON (useful with --port 0)")
     up.add_argument("--ray-address", default=None,
                     help="join an existing Ray cluster (e.g. 'auto' on a Ray node); "
                          "default: start a private one")
+    up.add_argument("--prefill-resources", type=_resources("--prefill-resources"), default=None,
+                    help="custom Ray resources prefill actors ask for, NAME=AMOUNT[,...] ('none' = place "
+                         "anywhere); default pdserve_prefill=1 with --ray-address, none otherwise")
+    up.add_argument("--decode-resources", type=_resources("--decode-resources"), default=None,
+                    help="custom Ray resources decode actors ask for, NAME=AMOUNT[,...] ('none' = place "
+                         "anywhere); default pdserve_decode=1 with --ray-address, none otherwise")
     up.add_argument("--local-prefill-max-tokens", type=int, default=0,
                     help="prompts up to this many tokens are prefilled on the decode worker (0 = never)")
+    up.add_argument("--migration-limit", type=_non_negative("--migration-limit"), default=1,
+                    help="times a request moves off a dead decode worker, re-prefilled from prompt + "
+                         "tokens streamed so far (default 1; 0 = it fails)")
+    up.add_argument("--kv-failure-policy", choices=KV_FAILURE_POLICIES, default="recompute",
+                    help="a failed or expired KV transfer, or a dead prefill worker: recompute the prompt on "
+                         "the decode worker, or fail the request (default recompute)")
+    up.add_argument("--max-worker-restarts", type=int, default=-1,
+                    help="Ray restarts a dead worker process up to this many times (default -1 = always)")
 
     gen = command("generate", "stream a completion from a running cluster")
     gen.add_argument("prompt", help="the prompt (a user message, or raw text with --raw)")
@@ -179,6 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds (default: none)")
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object at the end: the text and the final message")
+
+    scale = command("scale", "change the number of workers of a running cluster (drains before removing)")
+    scale.add_argument("--prefill", type=_positive("--prefill"), default=None,
+                       help="prefill workers wanted (default: unchanged)")
+    scale.add_argument("--decode", type=_positive("--decode"), default=None,
+                       help="decode workers wanted (default: unchanged)")
+    scale.add_argument("--admin", default="127.0.0.1:50052",
+                       help="the launcher's admin address (its --admin-port)")
+    scale.add_argument("--timeout", type=float, default=900.0,
+                       help="seconds to wait for new workers to load and old ones to drain")
 
     inf = command("info", "model and worker status of a running cluster")
     _add_client_flags(inf)
@@ -209,7 +268,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     except ModelPathError as e:
         raise UsageError(f"--model: {e}") from None
     _check_security_files(args)
-    ports = ((args.port, "--port"), (args.metrics_port, "--metrics-port"), (args.http_port, "--http-port"))
+    ports = ((args.port, "--port"), (args.metrics_port, "--metrics-port"), (args.http_port, "--http-port"),
+             (args.admin_port, "--admin-port"))
     for port, flag in ports:
         if port:  # 0: the OS picks a free port when the server binds (see --ready-file); None: off
             _check_port_free(args.host, port, flag)
@@ -231,7 +291,13 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                          dispatch_policy=args.dispatch_policy,
                                          queue_capacity=args.queue_capacity,
                                          local_prefill_max_tokens=args.local_prefill_max_tokens,
+                                         migration_limit=args.migration_limit,
+                                         kv_failure_policy=args.kv_failure_policy,
+                                         max_worker_restarts=args.max_worker_restarts,
                                          ray_address=args.ray_address, ready_file=args.ready_file,
+                                         admin_port=args.admin_port,
+                                         prefill_resources=args.prefill_resources,
+                                         decode_resources=args.decode_resources,
                                          drain_seconds=args.drain_seconds, metrics_host=args.metrics_host,
                                          tls_cert_file=args.tls_cert, tls_key_file=args.tls_key,
                                          auth_token_file=args.auth_token_file,
@@ -266,6 +332,23 @@ def _check_security_files(args: argparse.Namespace) -> None:
         raise UsageError(str(e)) from None
 
 
+def _cmd_scale(args: argparse.Namespace) -> int:
+    from deploy.scaling import request_scale
+
+    if args.prefill is None and args.decode is None:
+        raise UsageError("give --prefill N and/or --decode M")
+    try:
+        reply = request_scale(args.admin, {"prefill": args.prefill, "decode": args.decode}, args.timeout)
+    except OSError as e:
+        raise UsageError(f"cannot reach the launcher at {args.admin} ({e}): is `pdserve up` running, "
+                         "and is --admin its --admin-port?") from None
+    if not reply.get("ok"):
+        print(f"pdserve scale: error: {reply.get('error')}", file=sys.stderr)
+        return 1
+    print(f"prefill: {' '.join(reply['prefill'])}\ndecode: {' '.join(reply['decode'])}")
+    return 0
+
+
 def _one_line(e: BaseException) -> str:
     """Ray wraps worker errors in multi-line reports: keep the original exception's own message."""
     cause = getattr(e, "cause", None) or e
@@ -282,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "up":
             return _cmd_up(args)
+        if args.command == "scale":
+            return _cmd_scale(args)
         from deploy import client
         from router.security import SecurityConfigError
         try:

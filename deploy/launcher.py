@@ -11,9 +11,12 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from deploy.ray_connect import init_ray, use_token_auth_if_available
 from engine.config import EngineConfig
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,16 @@ class ClusterConfig:
     request_timeout_s: float = 600.0
     local_prefill_max_tokens: int = 0
     ray_address: str | None = None  # None: start a private local Ray instance
+    # Custom Ray resources each role's actors ask for, so roles land on the nodes that declare them (a node
+    # started with `ray start --resources '{"pdserve_decode": 1}'`, a KubeRay worker group). None: the
+    # defaults below on a joined cluster, nothing on a private one.
+    prefill_resources: dict[str, float] | None = None
+    decode_resources: dict[str, float] | None = None
+    # Healing: Ray restarts a dead worker process up to this many times (-1 = always); a request on a dead
+    # decode worker moves to another (or the restarted) one up to `migration_limit` times.
+    max_worker_restarts: int = -1
+    migration_limit: int = 1
+    kv_failure_policy: str = "recompute"  # contracts.transfer.KV_FAILURE_POLICIES
     ready_file: str | None = None  # written with the bound addresses once the router serves
     drain_seconds: float = 10.0  # on SIGINT/SIGTERM, running streams get this long to finish
     metrics_host: str = "127.0.0.1"  # /metrics stays on loopback unless told otherwise
@@ -42,6 +55,15 @@ class ClusterConfig:
     tls_key_file: str | None = None
     auth_token_file: str | None = None  # clients then send "authorization: Bearer <token>"
     max_request_bytes: int = 4 * 1024 * 1024
+    admin_port: int = 50052  # `pdserve scale` talks to the launcher here, on loopback only; 0 = any free port
+
+    def role_resources(self, role: str) -> dict[str, float] | None:
+        """On a joined cluster the node types declare custom resources (deploy/ray-cluster.yaml, kuberay.yaml)
+        that pin each role to its worker group; a private local Ray has none."""
+        given = self.prefill_resources if role == "prefill" else self.decode_resources
+        if given is not None:
+            return given or None
+        return None if self.ray_address is None else {f"pdserve_{role}": 1}
 
 
 _QUANT_SUFFIX = re.compile(r"[.-](q\d\w*|iq\d\w*|f16|f32|bf16)$", re.IGNORECASE)
@@ -85,10 +107,14 @@ class LocalCluster:
         self.prefill: list = []
         self.decode: list = []
         self.router = None
+        self.supervisor = None
+        self._spawners: dict[str, Callable[[str], Any]] = {}
+        self._next_index = {"prefill": 0, "decode": 0}  # ids are never reused, so metrics stay apart
         self._started_ray = False
         self._closed = False
 
     def start_workers(self) -> None:
+        use_token_auth_if_available(self.config.ray_address)  # before Ray is imported
         import ray
 
         from decode_worker.actor import DecodeWorkerActor
@@ -102,28 +128,23 @@ class LocalCluster:
                 engine_cfg, num_threads=max(1, (os.cpu_count() or 1) // (cfg.num_prefill + cfg.num_decode)))
         _status(f"[1/4] starting Ray ({'local' if cfg.ray_address is None else cfg.ray_address})")
         if not ray.is_initialized():
-            ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False,
-                     num_cpus=None if cfg.ray_address else os.cpu_count(),
-                     object_store_memory=None if cfg.ray_address else 256 * 1024 * 1024)
-            self._started_ray = cfg.ray_address is None
+            self._started_ray = init_ray(cfg.ray_address, os.cpu_count(), 256 * 1024 * 1024)
         # num_cpus=0: the engine threads do the work; Ray's CPU accounting would starve a 2-core box.
         # On CUDA each worker owns one GPU. On a multi-node cluster the decode side's KV channel listens
         # on its node's address ("auto"); locally on loopback.
+        # max_restarts: a killed worker process comes back behind the same handle (docs/architecture.md).
         placement = {"num_cpus": 0, "num_gpus": 1 if cfg.engine.device == "cuda" else 0,
-                     "max_concurrency": 1000}
+                     "max_concurrency": 1000, "max_restarts": cfg.max_worker_restarts}
         channel_host = "127.0.0.1" if cfg.ray_address is None else "auto"
-        # On a real cluster the node types declare custom resources (deploy/ray-cluster.yaml,
-        # kuberay.yaml) that pin each role to its worker group; a private local Ray has none.
-        roles = ({} if cfg.ray_address is None
-                 else {"decode": {"pdserve_decode": 1}, "prefill": {"pdserve_prefill": 1}})
-        decode_cls = ray.remote(**placement, resources=roles.get("decode"))(DecodeWorkerActor)
-        prefill_cls = ray.remote(**placement, resources=roles.get("prefill"))(PrefillWorkerActor)
-        self.decode = [(f"decode-{i}", decode_cls.options(name=f"pdserve-decode-{i}")
-                        .remote(f"decode-{i}", engine_cfg, channel_host=channel_host))
-                       for i in range(cfg.num_decode)]
-        self.prefill = [(f"prefill-{i}", prefill_cls.options(name=f"pdserve-prefill-{i}")
-                         .remote(f"prefill-{i}", engine_cfg))
-                        for i in range(cfg.num_prefill)]
+        decode_cls = ray.remote(**placement, resources=cfg.role_resources("decode"))(DecodeWorkerActor)
+        prefill_cls = ray.remote(**placement, resources=cfg.role_resources("prefill"))(PrefillWorkerActor)
+        self._spawners = {
+            "decode": lambda wid: decode_cls.options(name=f"pdserve-{wid}").remote(
+                wid, engine_cfg, channel_host=channel_host, kv_failure_policy=cfg.kv_failure_policy),
+            "prefill": lambda wid: prefill_cls.options(name=f"pdserve-{wid}").remote(wid, engine_cfg),
+        }
+        self.decode = [self._spawn("decode") for _ in range(cfg.num_decode)]
+        self.prefill = [self._spawn("prefill") for _ in range(cfg.num_prefill)]
         _status(f"[2/4] loading {cfg.engine.model_path or 'the embedded SmolLM2-135M-Instruct'} into "
                 f"{cfg.num_prefill} prefill + {cfg.num_decode} decode workers")
         _wait_with_progress([h.info.remote() for _, h in self.decode + self.prefill], "workers")
@@ -134,6 +155,11 @@ class LocalCluster:
             for prefill_id, p in self.prefill:
                 refs += [d.accept_channel.remote(prefill_id), p.connect_channel.remote(address)]
         _wait_with_progress(refs, "channel ends")
+
+    def _spawn(self, role: str) -> tuple[str, Any]:
+        wid = f"{role}-{self._next_index[role]}"
+        self._next_index[role] += 1
+        return wid, self._spawners[role](wid)
 
     async def serve(self) -> None:
         """Runs the router until SIGINT/SIGTERM, then shuts everything down."""
@@ -157,6 +183,8 @@ class LocalCluster:
                                   tls_cert_file=cfg.tls_cert_file, tls_key_file=cfg.tls_key_file,
                                   auth_token_file=cfg.auth_token_file,
                                   max_request_bytes=cfg.max_request_bytes,
+                                  migration_limit=cfg.migration_limit,
+                                  kv_failure_policy=cfg.kv_failure_policy,
                                   served_model_name=cfg.served_model_name or served_model_name(model_path))
         tokenizer = Tokenizer.from_model(model_path)
         decode_clients = [RayDecodeClient(wid, h) for wid, h in self.decode]
@@ -164,6 +192,17 @@ class LocalCluster:
         self.router = build_server(router_cfg, prefill_clients, decode_clients, tokenizer,
                                    model_info)
         await self.router.start()  # also serves /metrics and the HTTP door on their ports
+        from deploy.supervisor import Supervisor
+
+        self.supervisor = Supervisor(self.prefill, self.decode,
+                                     on_restart=self.router.metrics.worker_restarted)
+        supervising = asyncio.create_task(self.supervisor.run(), name="supervisor")
+        from deploy.scaling import Scaler, start_admin
+
+        scaler = Scaler(self._spawn, {"prefill": self.prefill, "decode": self.decode}, self.router.pool,
+                        self.router.metrics.worker_source, drain_timeout_s=cfg.request_timeout_s)
+        admin = await start_admin(scaler, cfg.admin_port)
+        admin_address = f"127.0.0.1:{admin.sockets[0].getsockname()[1]}"
         address = f"{cfg.host}:{self.router.port}"
         metrics_url = f"http://{cfg.metrics_host}:{self.router.metrics_port}/metrics"
         http_port = self.router.http_port
@@ -173,8 +212,9 @@ class LocalCluster:
         if http_url:
             _status(f"OpenAI-compatible API on {http_url}")
         if cfg.ready_file:
-            Path(cfg.ready_file).write_text(json.dumps({"address": address, "metrics_url": metrics_url,
-                                                        "http_url": http_url}))
+            Path(cfg.ready_file).write_text(json.dumps({
+                "address": address, "metrics_url": metrics_url, "http_url": http_url,
+                "admin_address": admin_address}))
         tls = f" --tls-ca {cfg.tls_cert_file}" if cfg.tls_cert_file else ""
         auth = f" --auth-token-file {cfg.auth_token_file}" if cfg.auth_token_file else ""
         curl = (f" --cacert {cfg.tls_cert_file}" if tls else "") + (
@@ -185,8 +225,10 @@ class LocalCluster:
                 f"{tls}{auth}\n"
                 f"  grpcurl {f'-cacert {cfg.tls_cert_file}' if tls else '-plaintext'} {address} list\n"
                 f"{try_http}"
+                f"  .venv/bin/pdserve scale --prefill 1 --decode 2 --admin {admin_address}\n"
                 "Ctrl-C stops the cluster.")
         await self._wait_for_signal()
+        admin.close()  # no scaling while the cluster drains
         running = len(self.router.active)
         _status(f"\nshutting down: {running} running request(s) get up to {cfg.drain_seconds:g} s to finish "
                 "(Ctrl-C again to stop now)")
@@ -199,6 +241,9 @@ class LocalCluster:
             await asyncio.gather(drain, return_exceptions=True)
             _status("stopping now: the remaining requests are aborted")
             await self.router.stop(grace=None)
+        supervising.cancel()
+        await asyncio.gather(supervising, return_exceptions=True)
+        await self.supervisor.close()
 
     @staticmethod
     async def _wait_for_signal() -> None:

@@ -80,10 +80,16 @@ class KVReceiver(TransferLifecycle["KVReceiver"]):
         return state
 
     def abort(self, reason: str) -> None:
-        """FAILED with `reason` (no-op once DONE/FAILED). Frames that arrive later are drained and dropped."""
+        """FAILED with `reason` (no-op once DONE/FAILED). Frames that arrive later are drained and dropped.
+
+        Once this returns, the blocks may be handed to another request: no scatter of this transfer is
+        started after the lock is released, and those already queued on a device stream have finished."""
         with self._lock:
             self._finish_locked(TransferState.FAILED, reason, reason)
+            source = self._source
         self._notify_finished()
+        if source is not None:
+            source.synchronize()
 
     # ---- called by endpoints ----
 
@@ -285,6 +291,10 @@ class KVReceiveEndpoint:
         self.channel.close()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        self.alive = False
+        # Transfers running over this channel cannot finish now: fail them (the others stay registered on
+        # the endpoints that remain) instead of leaving them to their lease.
+        self._fail_receivers(CHANNEL_ERROR, "KV channel closed")
 
     def synchronize(self) -> None:
         """Wait until this endpoint's device work (scatters) finished; a no-op on CPU."""
@@ -336,6 +346,9 @@ class KVReceiveEndpoint:
         self.alive = False
         self.error = detail
         log.warning("KV receive endpoint stopped: %s", detail)
+        self._fail_receivers(reason, detail)
+
+    def _fail_receivers(self, reason: str, detail: str) -> None:
         with self._lock:
             receivers = list(self._receivers.values())
         # Receivers mid-transfer over this channel fail; the others may still be served by another channel.

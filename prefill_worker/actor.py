@@ -16,8 +16,11 @@ class PrefillWorkerActor(WorkerActor):
     def __init__(self, worker_id: str, config: EngineConfig, kv_lease_seconds: float = 120.0) -> None:
         super().__init__(config, lambda: PrefillService(worker_id, config, kv_lease_seconds=kv_lease_seconds))
 
-    async def connect_channel(self, address: ChannelAddress) -> None:
-        await asyncio.to_thread(self.service.connect_channel, address)
+    async def connect_channel(self, address: ChannelAddress, timeout: float = 120.0) -> None:
+        await asyncio.to_thread(self.service.connect_channel, address, timeout)
+
+    async def channel_peers(self) -> tuple[str, dict[str, str]]:
+        return self.service.channel_peers()
 
     async def prefill(self, req: PrefillRequest) -> PrefillResult:
         return await self.service.prefill(req)

@@ -5,9 +5,11 @@ import asyncio
 import dataclasses
 import logging
 import time
+import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from contracts.stats import WorkerInfo
 from contracts.transfer import ChannelAddress
 from engine.config import EngineConfig
 from engine.executor import RunOutput
@@ -52,15 +54,33 @@ class PrefillService(WorkerService):
         self.metrics = PrefillMetrics(worker_id, self.layout.dtype)
         self._lease = kv_lease_seconds
         self._channels: dict[str, KVChannel] = {}  # decode_id -> channel
+        self._peers: dict[str, str] = {}  # decode_id -> the incarnation its channel was opened to
+        self.incarnation = uuid.uuid4().hex
         self._pending: dict[str, _Pending] = {}  # engine thread only
         self.start()
 
     # ---- control plane ----
 
     def connect_channel(self, address: ChannelAddress, timeout: float = 120.0) -> None:
+        """Join decode worker `address.decode_id`; a channel to an older incarnation of it is replaced."""
         channel = connect_channel(address.host, address.port, self.worker_id, self.layout,
                                   device=self.config.device, timeout=timeout)
-        self._thread.submit(lambda: self._channels.__setitem__(address.decode_id, channel)).result()
+        old = self._thread.submit(lambda: self._swap_channel(address.decode_id, channel)).result()
+        self._peers[address.decode_id] = address.incarnation
+        if old is not None:
+            old.close()  # sends still on it fail; their requests follow the decode side's failure policy
+
+    def channel_peers(self) -> tuple[str, dict[str, str]]:
+        """This process's incarnation, and decode_id -> incarnation of every decode worker it has a channel
+        to: the supervisor's view of who must (re)join whom."""
+        return self.incarnation, dict(self._peers)
+
+    async def info(self) -> WorkerInfo:
+        """"starting" until it has a KV channel: before that it could prefill but send nowhere."""
+        info = await super().info()
+        if info.state == "ready" and not self._peers:
+            return dataclasses.replace(info, state="starting")
+        return info
 
     async def prefill(self, req: PrefillRequest) -> PrefillResult:
         result: Future = Future()
@@ -76,6 +96,11 @@ class PrefillService(WorkerService):
             channel.close()
 
     # ---- engine thread ----
+
+    def _swap_channel(self, decode_id: str, channel: KVChannel) -> KVChannel | None:
+        old = self._channels.get(decode_id)
+        self._channels[decode_id] = channel
+        return old
 
     def _idle_poll_s(self) -> float:
         # Send completion is polled (gloo/NCCL handles have no callback): poll fast while sends are in flight.

@@ -43,6 +43,11 @@ class DecodeClient(WorkerClient):
         Raises decode_worker.api.NoCapacity."""
 
     @abc.abstractmethod
+    async def recompute(self, request_id: str) -> bool:
+        """The prompt's KV will not arrive (its prefill worker failed): prefill it on this worker instead.
+        False if the request awaits no KV here any more."""
+
+    @abc.abstractmethod
     def stream(self, request_id: str) -> AsyncIterator[TokenChunk]:
         """Token chunks of a reserved request as they are generated; the last one has `finish_reason` set.
         Closing the iterator early does not abort the request: call `abort`."""

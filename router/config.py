@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from contracts.transfer import KV_FAILURE_POLICIES
+
 
 @dataclass(frozen=True)
 class RouterConfig:
@@ -33,9 +35,15 @@ class RouterConfig:
     tls_cert_file: str | None = None  # PEM chain; with tls_key_file: both doors speak TLS
     tls_key_file: str | None = None
     auth_token_file: str | None = None  # one line; gRPC and HTTP then need "authorization: Bearer <token>"
+    # A request whose decode worker dies moves to another (or the restarted) one at most this many times,
+    # re-prefilled from prompt + the tokens already streamed; 0 = it fails with UNAVAILABLE.
+    migration_limit: int = 1
+    # A prefill worker that fails a request: "recompute" prefills it on its decode worker, "fail" ends it.
+    kv_failure_policy: str = "recompute"
 
     def __post_init__(self) -> None:
-        for name in ("queue_capacity", "max_request_id_len", "max_stop_strings", "max_stop_token_ids"):
+        for name in ("queue_capacity", "max_request_id_len", "max_stop_strings", "max_stop_token_ids",
+                     "migration_limit"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("max_inflight", "default_max_tokens", "max_request_bytes", "max_stop_chars"):
@@ -56,5 +64,8 @@ class RouterConfig:
                 raise ValueError(f"{name} must be in [0, 65535] or None, got {value}")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together: give both or neither")
+        if self.kv_failure_policy not in KV_FAILURE_POLICIES:
+            raise ValueError(f"kv_failure_policy must be one of {KV_FAILURE_POLICIES}, "
+                             f"got {self.kv_failure_policy!r}")
         if self.served_model_name is not None and not self.served_model_name:
             raise ValueError("served_model_name must not be empty (None = the model's own name)")

@@ -38,6 +38,10 @@ class WorkerMetricsSource:
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
+    def set_clients(self, clients: Sequence[WorkerClient]) -> None:
+        """The workers changed (`pdserve scale`): scrape these from now on."""
+        self._clients = list(clients)
+
     async def fetch_async(self) -> dict[str, str]:
         """worker_id -> exposition text; a worker that fails or times out is left out of this scrape."""
 
@@ -158,9 +162,18 @@ class RouterMetrics:
         self.kv_usage = Gauge(
             "pdserve_kv_cache_usage_ratio", "Fraction of KV blocks in use", ["role", "worker"], registry=r
         )
+        self.worker_restarts = Counter(
+            "pdserve_worker_restarts", "Worker processes that came back as a new incarnation", ["role"],
+            registry=r,
+        )
+        self.request_migrations = Counter(
+            "pdserve_request_migrations", "Requests moved off a dead decode worker", registry=r
+        )
         self._own_names = {
             m.name
             for c in (
+                self.worker_restarts,
+                self.request_migrations,
                 self.ttft,
                 self.tpot,
                 self.e2e,
@@ -227,6 +240,13 @@ class RouterMetrics:
             if self._thread is not None:
                 self._thread.join(timeout=5)
             self._httpd = self._thread = None
+
+
+    def worker_restarted(self, role: str) -> None:
+        self.worker_restarts.labels(role=role).inc()
+
+    def request_migrated(self) -> None:
+        self.request_migrations.inc()
 
 
 def start_metrics_server(target: RouterMetrics | Any, port: int, host: str = "127.0.0.1") -> WSGIServer:

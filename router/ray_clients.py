@@ -71,6 +71,9 @@ class RayDecodeClient(_RayWorker, DecodeClient):
     async def reserve(self, request: ReserveRequest) -> Reservation:
         return await self._call("reserve", request)
 
+    async def recompute(self, request_id: str) -> bool:
+        return await self._call("recompute", request_id)
+
     async def stream(self, request_id: str) -> AsyncIterator[TokenChunk]:
         gen = self._handle.stream.options(num_returns="streaming").remote(request_id)
         exhausted = False

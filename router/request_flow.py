@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from contracts.sampling import FinishReason
+from contracts.sampling import FinishReason, SamplingParams
+from contracts.stats import WorkerInfo
 from contracts.transfer import TransferTarget
 from decode_worker.api import NoCapacity, Reservation, ReserveRequest
 from prefill_worker.api import PrefillFailed, PrefillRequest, PrefillResult
@@ -19,6 +20,7 @@ from router.clients import DecodeClient, WorkerClient, WorkerUnavailable
 from router.config import RouterConfig
 from router.dispatch import DispatchPolicy
 from router.metrics import RouterMetrics
+from router.migration import Streamed
 from router.validation import ValidatedRequest
 from router.workers import DECODE, PREFILL, WorkerPool
 
@@ -44,6 +46,14 @@ class _Fail(Exception):
     def __init__(self, code: grpc.StatusCode, message: str, outcome: str) -> None:
         super().__init__(message)
         self.code, self.message, self.outcome = code, message, outcome
+
+
+class _DecodeLost(Exception):
+    """The decode worker serving this attempt died (or its engine did): the request may migrate."""
+
+    def __init__(self, worker_id: str, message: str) -> None:
+        super().__init__(message)
+        self.worker_id, self.message = worker_id, message
 
 
 class RequestFlow:
@@ -80,6 +90,7 @@ class RequestFlow:
         self._dispatched_at: float | None = None
         self._first_token_at: float | None = None
         self._num_output = 0
+        self._streamed = Streamed()  # what the client has: where a migrated request continues
         self._finish: FinishReason | None = None
         self._decode_id = ""
         self._prefill_id = ""
@@ -151,15 +162,37 @@ class RequestFlow:
             self._events.put_nowait(terminal if terminal is not None else self._final_message())
 
     async def _serve(self) -> FinishReason:
-        n = len(self.request.prompt_token_ids)
+        self._dispatched_at = asyncio.get_running_loop().time()
+        while True:
+            try:
+                return await self._attempt()
+            except _DecodeLost as e:
+                self._touched.pop(e.worker_id, None)  # gone, or failed everything it held: no abort call
+                limit, streamed = self._config.migration_limit, self._streamed
+                if streamed.migrations >= limit:
+                    raise _Fail(grpc.StatusCode.UNAVAILABLE, f"{e.message} (migration limit {limit} reached)",
+                                "unavailable") from None
+                streamed.migrate(e.worker_id)
+                self._metrics.request_migrated()
+                await self._abort_workers()  # e.g. the prefill worker still sending to the dead one
+                log.warning("request %s migrates after %d tokens (%d/%d): %s", self.request.request_id,
+                            len(streamed.output_ids), streamed.migrations, limit, e.message)
+
+    async def _attempt(self) -> FinishReason:
+        """One decode worker's go at the request: from the prompt plus any tokens already streamed."""
+        req = self.request
+        n = len(req.prompt_token_ids) + len(self._streamed.output_ids)
         local = n <= self._config.local_prefill_max_tokens
         if not local and not self._pool.ready(PREFILL):
-            raise _Fail(grpc.StatusCode.UNAVAILABLE, "no prefill worker is ready", "unavailable")
-        self._dispatched_at = asyncio.get_running_loop().time()
-        decode, reservation = await self._reserve(local)
+            if self._config.kv_failure_policy != "recompute":
+                raise _Fail(grpc.StatusCode.UNAVAILABLE, "no prefill worker is ready", "unavailable")
+            local = True  # degraded, not down: the decode worker prefills it itself
+        reserve = self._streamed.reserve_request(req.request_id, req.prompt_token_ids, req.sampling, local)
+        decode, reservation = await self._reserve(reserve)
         tasks = [asyncio.create_task(self._relay(decode))]
         if not local:
-            tasks.append(asyncio.create_task(self._prefill(reservation)))
+            tasks.append(asyncio.create_task(
+                self._prefill(decode, reservation, reserve.prompt_token_ids, reserve.sampling)))
         else:
             self._prefill_id = LOCAL_PREFILL
         try:
@@ -176,12 +209,32 @@ class RequestFlow:
             raise RuntimeError("decode stream ended without a finish reason")
         return self._finish
 
-    async def _reserve(self, local: bool) -> tuple[DecodeClient, Reservation]:
+    async def _decode_candidates(self) -> list[WorkerInfo]:
+        """Ready decode workers in policy order; after a death, the others first, else wait (within the
+        deadline) until one answers ready again: Ray restarts the dead one, and a stale "ready" of a dead
+        worker must not be trusted, so it is asked afresh."""
         order = self._policy.order_decode(self._pool.ready(DECODE))
+        if not self._streamed.lost:
+            return order
+        others = [i for i in order if i.worker_id not in self._streamed.lost]
+        if others:
+            return others
+        timeout = self._config.worker_call_timeout_s
+        while True:
+            for wid in [i.worker_id for i in self._pool.infos() if i.role == DECODE]:
+                try:
+                    info = await asyncio.wait_for(self._pool.decode(wid).info(), timeout)
+                except (WorkerUnavailable, TimeoutError, KeyError):  # KeyError: scaled away meanwhile
+                    continue
+                if info.state == "ready":
+                    return [info]
+            await asyncio.sleep(0.25)
+
+    async def _reserve(self, reserve: ReserveRequest) -> tuple[DecodeClient, Reservation]:
+        order = await self._decode_candidates()
         if not order:
             raise _Fail(grpc.StatusCode.UNAVAILABLE, "no decode worker is ready", "unavailable")
-        req = self.request
-        reserve = ReserveRequest(req.request_id, req.prompt_token_ids, req.sampling, prefill_locally=local)
+        local = reserve.prefill_locally
         for info in order:
             client = self._pool.decode(info.worker_id)
             # Marked before the call: if we are cancelled mid-call the worker may already hold blocks.
@@ -197,49 +250,71 @@ class RequestFlow:
             return client, reservation
         raise _Fail(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"no decode worker has room for {len(req.prompt_token_ids)} prompt tokens right now "
+            f"no decode worker has room for {len(reserve.prompt_token_ids)} prompt tokens right now "
             f"({len(order)} tried)",
             "no_capacity",
         )
 
-    async def _prefill(self, reservation: Reservation) -> None:
-        req = self.request
-        n = len(req.prompt_token_ids)
+    async def _prefill(
+        self,
+        decode: DecodeClient,
+        reservation: Reservation,
+        prompt: tuple[int, ...],
+        sampling: SamplingParams,
+    ) -> None:
+        rid = self.request.request_id
+        n = len(prompt)
         order = self._policy.order_prefill(self._pool.ready(PREFILL), n)
         if not order:
-            raise _Fail(grpc.StatusCode.UNAVAILABLE, "no prefill worker is ready", "unavailable")
+            return await self._prefill_failed(decode, "no prefill worker is ready", "unavailable")
         client = self._pool.prefill(order[0].worker_id)
         self._prefill_id = client.worker_id
-        target = TransferTarget(req.request_id, self._decode_id, reservation.block_ids, num_tokens=n)
+        target = TransferTarget(rid, self._decode_id, reservation.block_ids, num_tokens=n)
         self._touched[client.worker_id] = client
         self._pool.note_prefill(client.worker_id, n, finished=False)
         try:
-            self._prefill_result = await client.prefill(
-                PrefillRequest(req.request_id, req.prompt_token_ids, req.sampling, target)
-            )
+            self._prefill_result = await client.prefill(PrefillRequest(rid, prompt, sampling, target))
         except PrefillFailed as e:
             del self._touched[client.worker_id]  # the prefill side cleaned up after itself
-            raise _Fail(
-                grpc.StatusCode.UNAVAILABLE, f"prefill failed on {client.worker_id}: {e}", "prefill_failed"
-            ) from None
+            await self._prefill_failed(decode, f"prefill failed on {client.worker_id}: {e}", "prefill_failed")
         except WorkerUnavailable as e:
-            raise _Fail(grpc.StatusCode.UNAVAILABLE, str(e), "unavailable") from None
+            self._touched.pop(client.worker_id, None)
+            await self._prefill_failed(decode, str(e), "unavailable")
         finally:
             self._pool.note_prefill(client.worker_id, n, finished=True)
+
+    async def _prefill_failed(self, decode: DecodeClient, message: str, outcome: str) -> None:
+        """--kv-failure-policy: "recompute" has the decode worker prefill the prompt itself (the stream
+        goes on); "fail" ends the request with the reason."""
+        if self._config.kv_failure_policy != "recompute":
+            raise _Fail(grpc.StatusCode.UNAVAILABLE, message, outcome)
+        log.warning("request %s: %s; prefilling on %s", self.request.request_id, message, decode.worker_id)
+        self._prefill_id = LOCAL_PREFILL
+        try:
+            # False: the KV arrived after all, or the decode worker already recomputed on its own.
+            await asyncio.wait_for(decode.recompute(self.request.request_id),
+                                   self._config.worker_call_timeout_s)
+        except (WorkerUnavailable, TimeoutError) as e:
+            raise _DecodeLost(decode.worker_id, f"decode worker {decode.worker_id} is gone: {e}") from None
 
     async def _relay(self, decode: DecodeClient) -> None:
         rid = self.request.request_id
         stream = decode.stream(rid)
         try:
             async for chunk in stream:
-                if chunk.token_ids or chunk.text:
+                text = self._streamed.relay(chunk.token_ids, chunk.text)
+                if chunk.token_ids or text:
                     if self._first_token_at is None:
                         self._first_token_at = asyncio.get_running_loop().time()
                     self._num_output += len(chunk.token_ids)
                     self._events.put_nowait(
                         pb.GenerateResponse(
-                            request_id=rid, delta=pb.TokenDelta(token_ids=chunk.token_ids, text=chunk.text)
+                            request_id=rid, delta=pb.TokenDelta(token_ids=chunk.token_ids, text=text)
                         )
+                    )
+                if chunk.worker_failed:
+                    raise _DecodeLost(
+                        decode.worker_id, f"decode worker {decode.worker_id} failed: {chunk.error}"
                     )
                 if (
                     chunk.error
@@ -253,16 +328,13 @@ class RequestFlow:
                     self._finish = chunk.finish_reason
                     return
         except WorkerUnavailable as e:
-            raise _Fail(grpc.StatusCode.UNAVAILABLE, str(e), "unavailable") from None
+            raise _DecodeLost(decode.worker_id, str(e)) from None
         finally:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:  # close now (e.g. stop the remote generator), not whenever GC gets to it
                 await aclose()
-        raise _Fail(
-            grpc.StatusCode.UNAVAILABLE,
-            f"decode worker {decode.worker_id} ended the stream without a finish reason",
-            "unavailable",
-        )
+        raise _DecodeLost(decode.worker_id, f"decode worker {decode.worker_id} ended the stream without a "
+                          "finish reason")
 
     # -- finishing -------------------------------------------------------------------------------------------
     async def _abort_workers(self) -> None:

@@ -32,6 +32,7 @@ class WorkerPool:
             wid: WorkerInfo(wid, role, "starting", _EMPTY_STATS) for wid, (role, _) in self._clients.items()
         }
         self._call_timeout_s = call_timeout_s
+        self._draining: set[str] = set()  # `pdserve scale` removes them once their requests ended
 
     # -- lookups --------------------------------------------------------------------------------------------
     def infos(self) -> list[WorkerInfo]:
@@ -71,9 +72,13 @@ class WorkerPool:
 
         results = await asyncio.gather(*(info(self._clients[w][1]) for w in ids), return_exceptions=True)
         for wid, result in zip(ids, results, strict=True):
+            if wid not in self._clients:
+                continue  # removed (scaled down) while the round ran
             old = self._infos[wid]
             if isinstance(result, WorkerInfo):
                 new = dataclasses.replace(result, worker_id=wid, role=old.role)  # the client's id is the key
+                if wid in self._draining and new.state == "ready":
+                    new = dataclasses.replace(new, state="draining")
             else:
                 if isinstance(result, asyncio.CancelledError):
                     raise result
@@ -100,7 +105,9 @@ class WorkerPool:
     # Between refreshes the snapshots go stale; without these notes every request of a burst would pick the
     # same "least loaded" worker. The next refresh replaces the estimate with the worker's own numbers.
     def _adjust(self, worker_id: str, **delta: int) -> None:
-        info = self._infos[worker_id]
+        info = self._infos.get(worker_id)
+        if info is None:  # removed by `pdserve scale` while a request still finished there
+            return
         s = info.stats
         stats = dataclasses.replace(s, **{k: max(0, getattr(s, k) + v) for k, v in delta.items()})
         self._infos[worker_id] = dataclasses.replace(info, stats=stats)
@@ -113,3 +120,21 @@ class WorkerPool:
 
     def note_prefill(self, prefill_id: str, num_tokens: int, finished: bool) -> None:
         self._adjust(prefill_id, queued_prefill_tokens=-num_tokens if finished else num_tokens)
+
+    # -- membership (pdserve scale) ---------------------------------------------------------------------
+    def add(self, role: str, client: WorkerClient) -> None:
+        """A new worker; dispatch uses it once a refresh finds it ready."""
+        if client.worker_id in self._clients:
+            raise ValueError(f"two workers share the id {client.worker_id!r}")
+        self._clients[client.worker_id] = (role, client)
+        self._infos[client.worker_id] = WorkerInfo(client.worker_id, role, "starting", _EMPTY_STATS)
+
+    def drain(self, worker_id: str) -> None:
+        """No new request goes to the worker (state "draining"); those it holds run to their end."""
+        self._draining.add(worker_id)
+        self._infos[worker_id] = dataclasses.replace(self._infos[worker_id], state="draining")
+
+    def remove(self, worker_id: str) -> None:
+        self._clients.pop(worker_id, None)
+        self._infos.pop(worker_id, None)
+        self._draining.discard(worker_id)

@@ -53,7 +53,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     # Port 0: the servers bind whatever is free and report it in the ready file (a port picked here first
     # could be taken by one of Ray's own processes before the router binds it).
     cmd = [sys.executable, "-m", "deploy.cli", "up", "--port", "0", "--metrics-port", "0",
-           "--http-port", "auto",
+           "--http-port", "auto", "--admin-port", "0",
            "--ready-file", str(ready_path), "--kv-blocks", str(KV_BLOCKS), "--device", "cpu"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,

@@ -5,6 +5,7 @@ import asyncio
 import threading
 
 import pytest
+import torch
 
 from contracts.sampling import FinishReason, SamplingParams
 from contracts.transfer import TransferTarget
@@ -12,6 +13,7 @@ from decode_worker.api import ReserveRequest
 from decode_worker.service import DecodeService
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from kv_transfer.sender import KVSender
 from prefill_worker.api import PrefillRequest
 from prefill_worker.service import PrefillService
 
@@ -82,3 +84,55 @@ def test_abort_while_awaiting_kv_frees_reserved_blocks(services):
 
     asyncio.run(scenario())
     assert decode.engine.stats().num_free_blocks == free_before
+
+
+def test_blocks_of_a_transfer_cut_mid_way_are_reused_without_its_kv(services):
+    """Half the layers of a transfer land (garbage), the request is aborted, its blocks go to a request
+    prefilled locally; the rest of the garbage arrives after that: dropped, and the output is unaffected."""
+    prefill, decode = services
+    greedy = SamplingParams(max_tokens=16, ignore_eos=True)
+    expected = LLMEngine(CONFIG).generate([PROMPTS[1]], greedy)[0]
+    layout, channel = prefill.layout, prefill._channels["decode-0"]
+    garbage_k = torch.full_like(prefill.engine.kv_cache.k[0], 1e3)
+    garbage_v = torch.full_like(prefill.engine.kv_cache.v[0], -1e3)
+    half = layout.num_layers // 2
+    free_before = decode.engine.stats().num_free_blocks
+
+    async def scenario() -> None:
+        victim = await decode.reserve(ReserveRequest("victim", tuple(PROMPTS[1]), greedy))
+        sender = KVSender(TransferTarget("victim", "decode-0", victim.block_ids, len(PROMPTS[1])), layout,
+                          channel)
+        source = list(range(len(victim.block_ids)))
+        for layer in range(half):
+            sender.send_layer(layer, garbage_k, garbage_v, source)
+        receiver = decode._receivers["victim"]
+        await _until(lambda: receiver.bytes_received > 0 and len(receiver._layers) == half)
+        assert await decode.abort("victim")  # the transfer fails mid-way; its blocks are free again
+        # Freed blocks queue up last: a filler takes all but the victim's and two spare (the reuser's decode
+        # grows), so the request prefilled next lands in the victim's blocks.
+        filler_blocks = decode.engine.stats().num_free_blocks - len(victim.block_ids) - 2
+        filler = tuple(range(3, 3 + filler_blocks * CONFIG.block_size))
+        await decode.reserve(ReserveRequest("filler", filler, SamplingParams(max_tokens=1)))
+        await decode.reserve(ReserveRequest("reuser", tuple(PROMPTS[1]), greedy, prefill_locally=True))
+        ids: list[int] = []
+        async for chunk in decode.stream("reuser"):
+            if not ids:  # its prompt's KV is in the reused blocks now: the late garbage comes after it
+                assert set(decode.engine.scheduler.get("reuser").block_table) & set(victim.block_ids)
+                for layer in range(half, layout.num_layers):
+                    sender.send_layer(layer, garbage_k, garbage_v, source)
+                sender.send_final(0)
+                await _until(lambda: sender.poll().terminal)
+            ids.extend(chunk.token_ids)
+        assert ids == expected
+        assert await decode.abort("filler")
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
+    assert decode._endpoints["prefill-0"].frames_dropped >= layout.num_layers - half + 1
+    assert decode.engine.stats().num_free_blocks == free_before
+
+
+async def _until(predicate, timeout_s: float = 30.0) -> None:
+    end = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        assert asyncio.get_running_loop().time() < end, "condition not reached"
+        await asyncio.sleep(0.01)

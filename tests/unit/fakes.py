@@ -19,7 +19,7 @@ from contracts.stats import EngineStats, WorkerInfo
 from decode_worker.api import NoCapacity, Reservation, ReserveRequest, TokenChunk
 from prefill_worker.api import PrefillFailed, PrefillRequest, PrefillResult
 from proto.api import pb_grpc
-from router.clients import DecodeClient, PrefillClient
+from router.clients import DecodeClient, PrefillClient, WorkerUnavailable
 from router.config import RouterConfig
 from router.server import RouterServer, build_server
 
@@ -87,10 +87,16 @@ class FakeDecodeClient(DecodeClient):
         state: str = "ready",
         step_delay_s: float = 0.0,
         fail_with: str | None = None,
+        die_after: int | None = None,
     ) -> None:
         self._worker_id = worker_id
         self.state = state
         self.fail_with = fail_with  # after the first token, end every stream with ABORT + this error
+        # After this many tokens of a stream the "process" dies: calls raise WorkerUnavailable and its
+        # state is lost until `restart()` (what Ray does), which brings it back empty.
+        self.die_after = die_after
+        self.dead = False
+        self.recompute_calls: list[str] = []
         self.block_size = block_size
         self.num_total_blocks = num_blocks
         self.free_blocks = list(range(num_blocks))
@@ -111,7 +117,18 @@ class FakeDecodeClient(DecodeClient):
     def worker_id(self) -> str:
         return self._worker_id
 
+    def _check_alive(self) -> None:
+        if self.dead:
+            raise WorkerUnavailable(f"{self._worker_id} is gone (fake)")
+
+    def restart(self) -> None:
+        """A new incarnation: alive, empty, ready."""
+        self.dead, self.die_after, self.state = False, None, "ready"
+        self.requests.clear()
+        self.free_blocks = list(range(self.num_total_blocks))
+
     async def info(self) -> WorkerInfo:
+        self._check_alive()
         live = [r for r in self.requests.values() if not r.finished]
         stats = EngineStats(
             num_free_blocks=len(self.free_blocks),
@@ -123,6 +140,7 @@ class FakeDecodeClient(DecodeClient):
         return WorkerInfo(self._worker_id, "decode", self.state, stats)
 
     async def reserve(self, request: ReserveRequest) -> Reservation:
+        self._check_alive()
         self.reserve_calls.append(request)
         need = 0 if request.prefill_locally else math.ceil(len(request.prompt_token_ids) / self.block_size)
         if need > len(self.free_blocks):
@@ -138,23 +156,40 @@ class FakeDecodeClient(DecodeClient):
         """What the real KV receiver does when the last layer arrived."""
         self.requests[request_id].kv_ready.set()
 
+    async def recompute(self, request_id: str) -> bool:
+        self._check_alive()
+        self.recompute_calls.append(request_id)
+        r = self.requests.get(request_id)
+        if r is None or r.finished or r.kv_ready.is_set():
+            return False
+        r.kv_ready.set()  # "prefilled" here
+        return True
+
     def _release(self, r: _Reserved) -> None:
         if not r.finished:
             r.finished = True
             self.free_blocks.extend(r.block_ids)
 
     async def stream(self, request_id: str) -> AsyncIterator[TokenChunk]:
+        self._check_alive()
         self.streams_opened.append(request_id)
         r = self.requests[request_id]
         n_prompt = len(r.request.prompt_token_ids)
+        resumed = r.request.num_resumed_tokens  # a migrated request: its text so far comes first, no ids
+        if resumed:
+            ids = r.request.prompt_token_ids[-resumed:]
+            yield TokenChunk(request_id, (), "".join(chr(t - BYTE_OFFSET) for t in ids), None, n_prompt, 0)
         await r.kv_ready.wait()
         sampling = r.request.sampling
         for i in range(sampling.max_tokens):
             if i:
                 await asyncio.sleep(self.step_delay_s)
+            if self.die_after is not None and i >= self.die_after:
+                self.dead, self.state = True, "failed"
+            self._check_alive()
             if r.aborted or (i and self.fail_with):
                 break
-            tok = output_token(i)
+            tok = output_token(resumed + i)
             self.draft_tokens.inc(2)
             self.accepted_tokens.inc(1)
             last = i + 1 == sampling.max_tokens
@@ -171,6 +206,7 @@ class FakeDecodeClient(DecodeClient):
         yield TokenChunk(request_id, (), "", FinishReason.ABORT, n_prompt, 0, error=error)
 
     async def abort(self, request_id: str) -> bool:
+        self._check_alive()
         self.abort_calls.append(request_id)
         r = self.requests.get(request_id)
         if r is None or r.finished:

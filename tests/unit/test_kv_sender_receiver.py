@@ -306,6 +306,29 @@ def test_peer_closing_fails_only_the_transfer_running_over_the_channel(pair):
     assert not pair.endpoint.alive
 
 
+def test_stopping_a_replaced_endpoint_fails_its_transfer_now_and_a_waiting_one_moves_on(pair):
+    """A prefill worker rejoined (new incarnation): the decode worker stops the old endpoint and registers the
+    reservations still waiting on the new one (DecodeService._add_endpoint)."""
+    sender, running = pair.request("running", 4, (2,), lease=60.0)
+    _, waiting = pair.request("waiting", 4, (3,), lease=60.0)
+    pair.send_layer(sender, 0, [1])
+    _wait_for(lambda: running.poll() is TransferState.TRANSFERRING)
+    new_prefill_end, new_decode_end = LoopbackChannel.pair()
+    new_endpoint = KVReceiveEndpoint(new_decode_end, LAYOUT, pair.dst_k, pair.dst_v)
+    new_endpoint.start()
+    new_endpoint.register(waiting)
+    pair.endpoint.stop()
+    assert running.poll() is TransferState.FAILED and running.failure_reason == "channel_error"
+    assert waiting.poll() is TransferState.WAITING
+    resent = KVSender(waiting.target, LAYOUT, new_prefill_end)
+    for layer in range(LAYOUT.num_layers):
+        resent.send_layer(layer, pair.src_k[layer], pair.src_v[layer], [5])
+    resent.send_final(7)
+    _wait_for(lambda: waiting.poll() is TransferState.DONE)
+    assert torch.equal(pair.dst_k[1][3], pair.src_k[1][5]) and waiting.first_token_id == 7
+    new_endpoint.stop()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_transfer_between_cuda_caches_matches_the_source_blocks():

@@ -148,7 +148,8 @@ def test_prefill_failure_is_unavailable_with_the_reason_and_decode_is_aborted() 
     async def body() -> grpc.aio.AioRpcError:
         prefill, decode = fake_cluster()
         prefill[0].fail_with = "KV send to decode-0 timed out"
-        async with serve_router(prefill, decode) as h:
+        # "fail": end with the reason (the default, "recompute", is tested in test_router_healing.py)
+        async with serve_router(prefill, decode, kv_failure_policy="fail") as h:
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 [r async for r in h.stub.Generate(long_request("r-fail"))]
             assert decode[0].abort_calls == ["r-fail"]

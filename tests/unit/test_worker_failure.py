@@ -43,8 +43,9 @@ def test_decode_streams_end_with_the_error_when_its_engine_dies() -> None:
         decode.shutdown()
 
 
-def test_prefill_fails_its_callers_when_its_engine_dies() -> None:
-    decode = DecodeService("decode-0", CONFIG)
+@pytest.mark.parametrize("policy", ["fail", "recompute"])
+def test_prefill_fails_its_callers_when_its_engine_dies(policy: str) -> None:
+    decode = DecodeService("decode-0", CONFIG, kv_failure_policy=policy)
     prefill = PrefillService("prefill-0", CONFIG)
     try:
         accept = threading.Thread(target=decode.accept_channel, args=("prefill-0",))
@@ -60,9 +61,15 @@ def test_prefill_fails_its_callers_when_its_engine_dies() -> None:
             with pytest.raises(PrefillFailed, match=died):
                 await prefill.prefill(PrefillRequest("r", PROMPT, SAMPLING, target))
             assert (await prefill.info()).state == "failed"
-            # The sender's ABORT frame reached the decode side: the reservation ends now, not at its lease.
+            # The sender's ABORT frame reached the decode side now, not at the lease: with "fail" the request
+            # ends with the reason; with "recompute" the decode worker prefills the prompt itself.
             chunks = [chunk async for chunk in decode.stream("r")]
-            assert chunks[-1].finish_reason is FinishReason.ABORT
+            if policy == "fail":
+                assert chunks[-1].finish_reason is FinishReason.ABORT
+                assert "KV transfer failed: peer_aborted" in chunks[-1].error
+            else:
+                assert chunks[-1].finish_reason is FinishReason.LENGTH
+                assert sum(len(c.token_ids) for c in chunks) == SAMPLING.max_tokens
             assert (await decode.info()).stats.num_free_blocks == CONFIG.num_kv_blocks
 
         asyncio.run(asyncio.wait_for(scenario(), 60))

@@ -1,0 +1,45 @@
+"""What a request carries from a dead decode worker to the next one: the token ids and text its client has."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from contracts.sampling import SamplingParams
+from decode_worker.api import ReserveRequest
+
+
+@dataclass
+class Streamed:
+    """The client's view of one request's output so far, so another worker can continue exactly there."""
+
+    output_ids: list[int] = field(default_factory=list)
+    chars_sent: int = 0
+    migrations: int = 0
+    lost: set[str] = field(default_factory=set)  # decode workers that died under this request
+    _skip_chars: int = 0  # of the current worker's text: characters the client already has
+
+    def relay(self, token_ids: Sequence[int], text: str) -> str:
+        """Record a chunk on its way to the client; returns the text it still lacks (a new worker first
+        re-emits the text of the resumed tokens)."""
+        if self._skip_chars:
+            cut = min(self._skip_chars, len(text))
+            text, self._skip_chars = text[cut:], self._skip_chars - cut
+        self.output_ids.extend(token_ids)
+        self.chars_sent += len(text)
+        return text
+
+    def migrate(self, dead_worker: str) -> None:
+        self.migrations += 1
+        self.lost.add(dead_worker)
+        self._skip_chars = self.chars_sent
+
+    def reserve_request(self, request_id: str, prompt: tuple[int, ...], sampling: SamplingParams,
+                        local: bool) -> ReserveRequest:
+        """The next attempt: prompt + streamed ids, the tokens left to generate, the resumed count."""
+        resumed = len(self.output_ids)
+        if resumed:
+            sampling = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - resumed)
+        return ReserveRequest(request_id, prompt + tuple(self.output_ids), sampling, prefill_locally=local,
+                              num_resumed_tokens=resumed)
