@@ -1,4 +1,4 @@
-"""RequestFlow: one request end to end: admit, reserve, prefill (or local), relay tokens, finish, clean up."""
+"""RequestFlow: one request end to end: queue until a worker has room, prefill (or local), relay, clean up."""
 
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ class FlowError:
 
     code: grpc.StatusCode
     message: str
+    retry_after_s: float | None = None  # a hint for the client (full queue): gRPC trailer, HTTP Retry-After
 
 
 class _Fail(Exception):
@@ -77,7 +78,9 @@ class RequestFlow:
         loop = asyncio.get_running_loop()
         self._received_at = loop.time()
         self._deadline = self._received_at + budget_s
-        self._dispatched_at: float | None = None
+        self._dispatched_at: float | None = None  # a decode worker reserved room: it left the queue
+        self._holds_slot = False  # an admission in-flight slot, given back exactly once
+        self._refusal = ""  # why the last reservation round found no room (named when the deadline hits)
         self._first_token_at: float | None = None
         self._num_output = 0
         self._finish: FinishReason | None = None
@@ -112,21 +115,23 @@ class RequestFlow:
     # -- the request -----------------------------------------------------------------------------------------
     async def _run(self) -> None:
         outcome, terminal = "error", None
-        admitted = False
         try:
             async with asyncio.timeout_at(self._deadline):
-                await self._admission.acquire()
-                admitted = True
                 self._finish = await self._serve()
             outcome = self._finish.value
         except QueueFull as e:
-            outcome, terminal = "rejected", FlowError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            self._metrics.count_rejected("queue_full")
+            terminal = FlowError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), retry_after_s=e.retry_after_s)
+            outcome = "rejected"
         except TimeoutError:
             outcome = "deadline"
-            terminal = FlowError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"request {self.request.request_id} exceeded its deadline of {self._budget_s:.3g}s",
-            )
+            message = f"request {self.request.request_id} exceeded its deadline of {self._budget_s:.3g}s"
+            if self._dispatched_at is None:
+                self._metrics.count_rejected("deadline")
+                message += " waiting for a decode worker with room"
+                if self._refusal:
+                    message += f" ({self._refusal})"
+            terminal = FlowError(grpc.StatusCode.DEADLINE_EXCEEDED, message)
         except _Fail as e:
             outcome, terminal = e.outcome, FlowError(e.code, e.message)
         except asyncio.CancelledError:
@@ -145,7 +150,8 @@ class RequestFlow:
             self._closing = True
             if outcome not in ("stop", "length"):
                 await self._abort_workers()
-            if admitted:
+            if self._holds_slot:
+                self._holds_slot = False
                 self._admission.release()
             self._record(outcome)
             self._events.put_nowait(terminal if terminal is not None else self._final_message())
@@ -155,8 +161,11 @@ class RequestFlow:
         local = n <= self._config.local_prefill_max_tokens
         if not local and not self._pool.ready(PREFILL):
             raise _Fail(grpc.StatusCode.UNAVAILABLE, "no prefill worker is ready", "unavailable")
+        if not self._pool.ready(DECODE):  # not worth queueing for: fail now rather than at the deadline
+            raise _Fail(grpc.StatusCode.UNAVAILABLE, "no decode worker is ready", "unavailable")
+        decode, reservation = await self._admit(local)
         self._dispatched_at = asyncio.get_running_loop().time()
-        decode, reservation = await self._reserve(local)
+        self._metrics.observe_queue_wait(self._dispatched_at - self._received_at)
         tasks = [asyncio.create_task(self._relay(decode))]
         if not local:
             tasks.append(asyncio.create_task(self._prefill(reservation)))
@@ -176,31 +185,52 @@ class RequestFlow:
             raise RuntimeError("decode stream ended without a finish reason")
         return self._finish
 
-    async def _reserve(self, local: bool) -> tuple[DecodeClient, Reservation]:
+    async def _admit(self, local: bool) -> tuple[DecodeClient, Reservation]:
+        """Wait in the admission queue for a slot, then for a decode worker that takes the reservation; a
+        round where every worker refuses puts the request back at the head of the queue, not to the client."""
+        await self._admission.acquire()
+        self._holds_slot = True
+        while (placed := await self._reserve(local)) is None:
+            self._holds_slot = False
+            await self._admission.requeue()
+            self._holds_slot = True
+        return placed
+
+    async def _reserve(self, local: bool) -> tuple[DecodeClient, Reservation] | None:
+        """Try the ready decode workers in policy order; None if every one said NoCapacity."""
         order = self._policy.order_decode(self._pool.ready(DECODE))
         if not order:
             raise _Fail(grpc.StatusCode.UNAVAILABLE, "no decode worker is ready", "unavailable")
         req = self.request
         reserve = ReserveRequest(req.request_id, req.prompt_token_ids, req.sampling, prefill_locally=local)
+        refusals: list[str] = []
+        unreachable: list[str] = []
         for info in order:
             client = self._pool.decode(info.worker_id)
             # Marked before the call: if we are cancelled mid-call the worker may already hold blocks.
             self._touched[client.worker_id] = client
             try:
                 reservation = await client.reserve(reserve)
-            except (NoCapacity, WorkerUnavailable) as e:
+            except NoCapacity as e:
                 del self._touched[client.worker_id]
-                log.debug("reserve on %s refused: %s", client.worker_id, e)
+                refusals.append(str(e))
+                continue
+            except WorkerUnavailable as e:
+                del self._touched[client.worker_id]
+                unreachable.append(str(e))
                 continue
             self._decode_id = client.worker_id
             self._pool.note_reserved(client.worker_id, len(reservation.block_ids), local)
             return client, reservation
-        raise _Fail(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"no decode worker has room for {len(req.prompt_token_ids)} prompt tokens right now "
-            f"({len(order)} tried)",
-            "no_capacity",
-        )
+        if not refusals:
+            raise _Fail(
+                grpc.StatusCode.UNAVAILABLE,
+                f"no decode worker could be reached: {'; '.join(unreachable)}",
+                "unavailable",
+            )
+        self._refusal = "; ".join(refusals)
+        log.debug("no room for %s yet: %s", req.request_id, self._refusal)
+        return None
 
     async def _prefill(self, reservation: Reservation) -> None:
         req = self.request

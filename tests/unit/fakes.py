@@ -75,8 +75,9 @@ class _Reserved:
 
 
 class FakeDecodeClient(DecodeClient):
-    """Reserves blocks from a free list, waits for the fake prefill's KV (or prefills locally), then emits one
-    token per step until max_tokens (LENGTH), a stop token (STOP), an abort or `fail_with` (ABORT)."""
+    """Reserves blocks from a free list and one of `max_num_seqs` slots, waits for the fake prefill's KV (or
+    prefills locally), then emits one token per step until max_tokens (LENGTH), a stop token (STOP), an abort
+    or `fail_with` (ABORT). `info_delay_s` makes info() slow (a worker whose control plane lags)."""
 
     def __init__(
         self,
@@ -87,9 +88,13 @@ class FakeDecodeClient(DecodeClient):
         state: str = "ready",
         step_delay_s: float = 0.0,
         fail_with: str | None = None,
+        max_num_seqs: int = 32,
+        info_delay_s: float = 0.0,
     ) -> None:
         self._worker_id = worker_id
         self.state = state
+        self.max_num_seqs = max_num_seqs
+        self.info_delay_s = info_delay_s
         self.fail_with = fail_with  # after the first token, end every stream with ABORT + this error
         self.block_size = block_size
         self.num_total_blocks = num_blocks
@@ -111,22 +116,29 @@ class FakeDecodeClient(DecodeClient):
     def worker_id(self) -> str:
         return self._worker_id
 
+    def _live(self) -> list[_Reserved]:
+        return [r for r in self.requests.values() if not r.finished]
+
     async def info(self) -> WorkerInfo:
-        live = [r for r in self.requests.values() if not r.finished]
+        await asyncio.sleep(self.info_delay_s)
+        live = self._live()
         stats = EngineStats(
             num_free_blocks=len(self.free_blocks),
             num_total_blocks=self.num_total_blocks,
             num_running=sum(r.kv_ready.is_set() for r in live),
             num_waiting=sum(not r.kv_ready.is_set() for r in live),
             queued_prefill_tokens=0,
+            max_num_seqs=self.max_num_seqs,
         )
         return WorkerInfo(self._worker_id, "decode", self.state, stats)
 
     async def reserve(self, request: ReserveRequest) -> Reservation:
         self.reserve_calls.append(request)
         need = 0 if request.prefill_locally else math.ceil(len(request.prompt_token_ids) / self.block_size)
+        if len(self._live()) >= self.max_num_seqs:
+            raise NoCapacity(f"{self._worker_id}: all {self.max_num_seqs} sequence slots are taken")
         if need > len(self.free_blocks):
-            raise NoCapacity(f"{need} blocks needed, {len(self.free_blocks)} free")
+            raise NoCapacity(f"{self._worker_id}: {need} KV blocks needed, {len(self.free_blocks)} free")
         blocks, self.free_blocks = tuple(self.free_blocks[:need]), self.free_blocks[need:]
         reserved = _Reserved(request, blocks)
         if request.prefill_locally:
