@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -19,11 +20,15 @@ class QueueFull(RuntimeError):
 
 
 @dataclass(eq=False)
-class _Waiter:
-    future: asyncio.Future[None]
-    # The room generation this waiter must see before it is let through again: a request that every worker
-    # just refused waits for a release or a fresh worker report instead of spinning on reserve calls.
+class Ticket:
+    """One request's place in line, kept across requeues so that it goes back where it stood."""
+
+    number: int  # arrival order
+    future: asyncio.Future[None] | None = None  # set while waiting
+    # The room generation it must see before it is let through again: a request that every worker just
+    # refused waits for a release or a fresh worker report instead of spinning on reserve calls.
     min_generation: int = 0
+    refused: bool = False
 
 
 class Admission:
@@ -32,9 +37,10 @@ class Admission:
 
     The capacity follows the decode workers' reported sequence slots (`set_capacity`, after each refresh),
     capped by the configured `max_inflight`. A request whose reservation every worker refuses calls
-    `requeue()`: it gives its slot back and waits at the head of the queue until room may have changed
-    (`release()` by another request, or `room_changed()` after a worker report). The head blocks those behind
-    it, so a long prompt is not overtaken forever by short ones.
+    `requeue()`: it gives its slot back and returns to its place at the head of the queue until room may have
+    changed (`release()` by another request, or `room_changed()` after a worker report). Then only that head
+    tries again; those behind it wait until it is `placed()` or refused once more, so a long prompt is not
+    overtaken forever by short ones and a room change costs one reservation attempt, not one per waiter.
     """
 
     def __init__(
@@ -52,7 +58,9 @@ class Admission:
         self._inflight = 0
         self._depth = 0  # live waiters; an int, so a scrape thread reads it safely
         self._generation = 0
-        self._waiters: collections.deque[_Waiter] = collections.deque()
+        self._tickets = itertools.count()
+        self._waiters: collections.deque[Ticket] = collections.deque()
+        self._retrying: Ticket | None = None  # a refused request let through again, not yet placed
 
     # -- state ----------------------------------------------------------------------------------------------
     @property
@@ -69,6 +77,12 @@ class Admission:
         bounds = [b for b in (self.max_inflight, self._worker_capacity) if b is not None]
         return min(bounds) if bounds else None
 
+    def describe(self) -> str:
+        """The limit a waiting request is held by, for messages."""
+        cap = self.capacity
+        slots = "no bound" if cap is None else f"{self._inflight} of {cap} taken"
+        return f"in-flight slots (the decode workers' max_num_seqs): {slots}; {self._depth} waiting"
+
     def set_capacity(self, worker_slots: int | None) -> None:
         """The decode workers' total sequence slots (None = no cap reported); lets waiters in if it grew."""
         if worker_slots != self._worker_capacity:
@@ -81,66 +95,82 @@ class Admission:
         self._dispatch()
 
     # -- a request's calls -----------------------------------------------------------------------------------
-    async def acquire(self) -> None:
+    async def acquire(self) -> Ticket:
         """Take an in-flight slot in arrival order; raises QueueFull at once when the queue is full."""
-        if not self._waiters and self._has_slot():
+        ticket = Ticket(next(self._tickets))
+        if not self._waiters and self._retrying is None and self._has_slot():
             self._inflight += 1
-            return
+            return ticket
         if self._depth >= self.queue_capacity:
             raise QueueFull(self._depth, self.retry_after_s)
-        await self._wait(_Waiter(asyncio.get_running_loop().create_future()), at_head=False)
+        await self._wait(ticket)
+        return ticket
 
-    async def requeue(self) -> None:
-        """Every worker refused this slot's request: give the slot back and wait at the head of the queue
-        until room may have changed. It counts in the depth but is never refused: it was admitted already."""
+    async def requeue(self, ticket: Ticket) -> None:
+        """Every worker refused `ticket`'s request: give the slot back and wait at its place in line (ahead of
+        all who never got a slot) until room may have changed. Never refused: it was admitted already."""
         self._inflight -= 1
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), min_generation=self._generation + 1)
-        await self._wait(waiter, at_head=True)
+        self._end_retry(ticket)
+        ticket.refused = True
+        ticket.min_generation = self._generation + 1
+        await self._wait(ticket)
 
-    def release(self) -> None:
+    def placed(self, ticket: Ticket) -> None:
+        """`ticket`'s request got its reservation: those behind a retried head may go now."""
+        self._end_retry(ticket)
+        self._dispatch()
+
+    def release(self, ticket: Ticket | None = None) -> None:
         """The request left the workers: its slot goes to the next waiter (or is freed)."""
         self._inflight -= 1
+        if ticket is not None:
+            self._end_retry(ticket)
         self._generation += 1  # its blocks and slot are back: a blocked head may fit now
         self._dispatch()
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        await self.acquire()
+        ticket = await self.acquire()
         try:
             yield
         finally:
-            self.release()
+            self.release(ticket)
 
     # -- internals -------------------------------------------------------------------------------------------
     def _has_slot(self) -> bool:
         cap = self.capacity
         return cap is None or self._inflight < cap
 
-    async def _wait(self, waiter: _Waiter, at_head: bool) -> None:
-        if at_head:
-            self._waiters.appendleft(waiter)
-        else:
-            self._waiters.append(waiter)
+    def _end_retry(self, ticket: Ticket) -> None:
+        if self._retrying is ticket:
+            self._retrying = None
+
+    async def _wait(self, ticket: Ticket) -> None:
+        # Arrival order is ticket order, so a requeued ticket goes in front of everyone who came after it.
+        at = next((i for i, t in enumerate(self._waiters) if t.number > ticket.number), len(self._waiters))
+        self._waiters.insert(at, ticket)
+        future = ticket.future = asyncio.get_running_loop().create_future()
         self._depth += 1
         self._dispatch()
         try:
-            await waiter.future
+            await future
         except asyncio.CancelledError:
-            if waiter.future.done() and not waiter.future.cancelled():
-                self.release()  # the slot was handed to us just as we were cancelled: pass it on
+            if future.done() and not future.cancelled():
+                self.release(ticket)  # the slot was handed to us just as we were cancelled: pass it on
             else:
-                waiter.future.cancel()
+                future.cancel()
                 with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
+                    self._waiters.remove(ticket)
                     self._depth -= 1
                 self._dispatch()  # a blocked head that leaves unblocks those behind it
             raise
 
     def _dispatch(self) -> None:
-        """Hand free slots to waiters in order; stops at a head that waits for room to change (FCFS)."""
-        while self._waiters and self._has_slot():
+        """Hand free slots to waiters in order; stops at a head that waits for room to change (FCFS) and
+        while a refused head tries again."""
+        while self._waiters and self._retrying is None and self._has_slot():
             head = self._waiters[0]
-            if head.future.done():  # cancelled; its task removes nothing twice (remove() tolerates it)
+            if head.future is None or head.future.done():  # cancelled: counted out here, not by its task
                 self._waiters.popleft()
                 self._depth -= 1
                 continue
@@ -149,4 +179,6 @@ class Admission:
             self._waiters.popleft()
             self._depth -= 1
             self._inflight += 1
+            if head.refused:
+                self._retrying = head
             head.future.set_result(None)

@@ -14,7 +14,7 @@ from contracts.transfer import TransferTarget
 from decode_worker.api import NoCapacity, Reservation, ReserveRequest
 from prefill_worker.api import PrefillFailed, PrefillRequest, PrefillResult
 from proto.api import pb
-from router.admission import Admission, QueueFull
+from router.admission import Admission, QueueFull, Ticket
 from router.clients import DecodeClient, WorkerClient, WorkerUnavailable
 from router.config import RouterConfig
 from router.dispatch import DispatchPolicy
@@ -79,6 +79,7 @@ class RequestFlow:
         self._received_at = loop.time()
         self._deadline = self._received_at + budget_s
         self._dispatched_at: float | None = None  # a decode worker reserved room: it left the queue
+        self._ticket: Ticket | None = None  # its place in the admission queue
         self._holds_slot = False  # an admission in-flight slot, given back exactly once
         self._refusal = ""  # why the last reservation round found no room (named when the deadline hits)
         self._first_token_at: float | None = None
@@ -129,8 +130,7 @@ class RequestFlow:
             if self._dispatched_at is None:
                 self._metrics.count_rejected("deadline")
                 message += " waiting for a decode worker with room"
-                if self._refusal:
-                    message += f" ({self._refusal})"
+                message += f" ({self._refusal or self._admission.describe()})"
             terminal = FlowError(grpc.StatusCode.DEADLINE_EXCEEDED, message)
         except _Fail as e:
             outcome, terminal = e.outcome, FlowError(e.code, e.message)
@@ -152,7 +152,7 @@ class RequestFlow:
                 await self._abort_workers()
             if self._holds_slot:
                 self._holds_slot = False
-                self._admission.release()
+                self._admission.release(self._ticket)
             self._record(outcome)
             self._events.put_nowait(terminal if terminal is not None else self._final_message())
 
@@ -188,12 +188,13 @@ class RequestFlow:
     async def _admit(self, local: bool) -> tuple[DecodeClient, Reservation]:
         """Wait in the admission queue for a slot, then for a decode worker that takes the reservation; a
         round where every worker refuses puts the request back at the head of the queue, not to the client."""
-        await self._admission.acquire()
+        self._ticket = await self._admission.acquire()
         self._holds_slot = True
         while (placed := await self._reserve(local)) is None:
             self._holds_slot = False
-            await self._admission.requeue()
+            await self._admission.requeue(self._ticket)
             self._holds_slot = True
+        self._admission.placed(self._ticket)
         return placed
 
     async def _reserve(self, local: bool) -> tuple[DecodeClient, Reservation] | None:

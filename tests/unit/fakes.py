@@ -198,7 +198,7 @@ class FakeDecodeClient(DecodeClient):
 
 class FakePrefillClient(PrefillClient):
     """'Prefills' after `delay_s`, then hands the KV to the target fake decode worker. `fail_with` makes every
-    prefill raise PrefillFailed; `hang` makes it wait until aborted."""
+    prefill raise PrefillFailed; `hang` makes it wait until aborted; `info_delay_s` makes info() slow."""
 
     def __init__(
         self,
@@ -209,8 +209,10 @@ class FakePrefillClient(PrefillClient):
         delay_s: float = 0.0,
         fail_with: str | None = None,
         hang: bool = False,
+        info_delay_s: float = 0.0,
     ) -> None:
         self._worker_id = worker_id
+        self.info_delay_s = info_delay_s
         self.decoders = {d.worker_id: d for d in decoders}
         self.state = state
         self.delay_s = delay_s
@@ -232,6 +234,7 @@ class FakePrefillClient(PrefillClient):
         return self._worker_id
 
     async def info(self) -> WorkerInfo:
+        await asyncio.sleep(self.info_delay_s)
         queued = sum(len(p.prompt_token_ids) for p in self.prefill_calls if p.request_id in self._running)
         stats = EngineStats(
             num_free_blocks=64,
