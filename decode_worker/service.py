@@ -124,7 +124,7 @@ class DecodeService(WorkerService):
             self._active[req.request_id] = stream
             return Reservation(req.request_id, self.worker_id, ())
         block_ids = self.engine.reserve(req.request_id, prompt, req.sampling)
-        if block_ids is None:  # say which limit it was: a full batch and a full cache call for different fixes
+        if block_ids is None:  # name the limit: a full batch and a full cache call for different fixes
             stats = self.engine.stats()
             if stats.num_free_seqs == 0:
                 why = f"all {stats.max_num_seqs} sequence slots (max_num_seqs) are taken"

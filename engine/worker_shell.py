@@ -107,10 +107,11 @@ class WorkerService(ABC):
             if out.num_batched_tokens:
                 run = self._execute(out)
                 finished = self.engine.postprocess(out, run)
+                self._publish_stats()  # before results reach callers, who may ask info() at once
                 self._after_step(out, run, finished)
                 did_work = True
         if did_work:
-            self._publish_stats()
+            self._publish_stats()  # what the role did after the step (stop strings, transfers) shows too
         return did_work
 
     def _publish_stats(self) -> None:
