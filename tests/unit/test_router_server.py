@@ -115,12 +115,14 @@ def test_full_decode_worker_is_skipped_and_a_prompt_nobody_has_room_for_waits_fo
     async def body() -> None:
         full, roomy = FakeDecodeClient("decode-0", num_blocks=0), FakeDecodeClient("decode-1", num_blocks=1)
         prefill = [FakePrefillClient(decoders=[full, roomy])]
-        async with serve_router(prefill, [full, roomy], dispatch_policy="round_robin") as h:
+        async with serve_router(
+            prefill, [full, roomy], dispatch_policy="round_robin", request_timeout_s=0.5
+        ) as h:
             _, final = await collect(h.stub.Generate(pb.GenerateRequest(text="hi")))
             assert final.final.timings.decode_worker == "decode-1"
             assert len(full.reserve_calls) == 1 and not full.abort_calls
             with pytest.raises(grpc.aio.AioRpcError) as info:  # 17 tokens need 2 blocks: nobody has them
-                await collect(h.stub.Generate(pb.GenerateRequest(text="x" * 17), timeout=0.5))
+                await collect(h.stub.Generate(pb.GenerateRequest(text="x" * 17)))
             assert h.server.metrics.rejected.labels(reason="deadline")._value.get() == 1
         # Queued, not refused: the deadline ends it, and the message names the limit each worker hit.
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
