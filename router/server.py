@@ -178,6 +178,7 @@ class RouterServer:
         self.active: dict[str, RequestFlow] = {}
         self.health = health.aio.HealthServicer()
         self._flow_tasks: set[asyncio.Task[None]] = set()
+        self._decode_reports_seen = -1
         self._server: grpc.aio.Server | None = None
         self._http: HttpDoor | None = None
         self._refresher: asyncio.Task[None] | None = None
@@ -240,9 +241,11 @@ class RouterServer:
         for name in HEALTH_SERVICES:
             await self.health.set(name, status)
         self.metrics.update_gauges(self.pool.infos())
-        # The in-flight bound follows the decode workers' sequence slots; a fresh report may show room.
+        # The in-flight bound follows the decode workers' sequence slots; a changed report may show room.
         self.admission.set_capacity(self.pool.decode_slots())
-        self.admission.room_changed()
+        if self.pool.decode_reports_changed != self._decode_reports_seen:
+            self._decode_reports_seen = self.pool.decode_reports_changed
+            self.admission.room_changed()
 
     async def start(self) -> None:
         if self._server is not None:

@@ -46,6 +46,8 @@ class WorkerPool:
         self._clock = clock
         now = clock()
         self._heard = dict.fromkeys(self._clients, now)  # last answered info(); creation counts as one
+        # Bumped whenever a decode worker's report differs from the last: room for a queued request may exist.
+        self.decode_reports_changed = 0
 
     # -- lookups --------------------------------------------------------------------------------------------
     def infos(self) -> list[WorkerInfo]:
@@ -92,7 +94,10 @@ class WorkerPool:
         role, client = self._clients[worker_id]
         old = self._infos[worker_id]
         try:
-            result = await asyncio.wait_for(client.info(), self._call_timeout_s)
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that lands as the call
+            # completes, and the refresher would then poll on after RouterServer.stop() cancelled it.
+            async with asyncio.timeout(self._call_timeout_s):
+                result = await client.info()
         except TimeoutError:
             silent_s = self._clock() - self._heard[worker_id]
             if silent_s < self._heartbeat_timeout_s:
@@ -107,6 +112,8 @@ class WorkerPool:
         if new.state != old.state:
             log_at = logging.WARNING if new.state == "failed" else logging.INFO
             log.log(log_at, "worker %s (%s): %s -> %s (%s)", worker_id, role, old.state, new.state, why)
+        if role == DECODE and new != old:
+            self.decode_reports_changed += 1
         self._infos[worker_id] = new
 
     async def run_refresher(self, interval_s: float, on_refresh: Callable[[], Awaitable[None]]) -> None:
