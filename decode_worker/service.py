@@ -173,9 +173,14 @@ class DecodeService(WorkerService):
             self._active[req.request_id] = stream
             return Reservation(req.request_id, self.worker_id, ())
         block_ids = self.engine.reserve(req.request_id, prompt, req.sampling)
-        if block_ids is None:
-            raise NoCapacity(f"{self.worker_id}: no room for {len(prompt)} prompt tokens "
-                             f"({self.engine.stats().num_free_blocks} free KV blocks)")
+        if block_ids is None:  # name the limit: a full batch and a full cache call for different fixes
+            stats = self.engine.stats()
+            if stats.num_free_seqs == 0:
+                why = f"all {stats.max_num_seqs} sequence slots (max_num_seqs) are taken"
+            else:
+                need = -(-len(prompt) // self.config.block_size)
+                why = f"{need} KV blocks needed, {stats.num_free_blocks} free"
+            raise NoCapacity(f"{self.worker_id}: no room for {len(prompt)} prompt tokens: {why}")
         self._resume_text(req, stream)
         target = TransferTarget(req.request_id, self.worker_id, block_ids, len(prompt))
         # on_finish runs on the endpoint thread when the last frame lands: wake the engine to admit it now.

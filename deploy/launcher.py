@@ -34,7 +34,7 @@ class ClusterConfig:
     served_model_name: str | None = None  # None: derived from the model file (served_model_name())
     dispatch_policy: str = "least_loaded"
     queue_capacity: int = 256
-    max_inflight: int = 64
+    max_inflight: int | None = None  # None: the decode workers' reported sequence slots bound it
     request_timeout_s: float = 600.0
     local_prefill_max_tokens: int = 0
     ray_address: str | None = None  # None: start a private local Ray instance

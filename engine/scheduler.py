@@ -305,7 +305,8 @@ class Scheduler:
                       if s.num_tokens - s.num_computed_tokens > 1)
         return EngineStats(num_free_blocks=self.blocks.num_free, num_total_blocks=self.blocks.num_total,
                            num_running=len(self._running) + len(self._awaiting),
-                           num_waiting=len(self._waiting), queued_prefill_tokens=queued)
+                           num_waiting=len(self._waiting), queued_prefill_tokens=queued,
+                           max_num_seqs=self.config.max_num_seqs)
 
     # ---- internals ----
 

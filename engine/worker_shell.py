@@ -57,6 +57,9 @@ class WorkerService(ABC):
         self.engine = LLMEngine(config, progress=progress)
         self._thread = EngineThread(f"{self.role}-{worker_id}", self._step, idle_poll_s=self._idle_poll_s,
                                     on_error=self._engine_died)
+        # Written only by the engine thread, read by info() on the actor's loop: swapping one reference to an
+        # immutable snapshot needs no lock, and the control plane never queues behind a step.
+        self._stats: EngineStats = self.engine.stats()
 
     def start(self) -> None:
         self._thread.start()
@@ -64,13 +67,10 @@ class WorkerService(ABC):
     # ---- called from the actor's event loop ----
 
     async def info(self) -> WorkerInfo:
+        """Answers at once, never behind a running step: the state is the engine thread's liveness and the
+        stats are the snapshot it published after its last command or step (a long step is not a failure)."""
         if self._thread.alive:
-            try:
-                stats = await self._on_engine_thread(self.engine.stats)
-                return WorkerInfo(self.worker_id, self.role, "ready", stats)
-            except RuntimeError:  # the thread died while this query waited: answer as if it came later
-                if self._thread.alive:
-                    raise
+            return WorkerInfo(self.worker_id, self.role, "ready", self._stats)
         nothing = EngineStats(0, self.config.num_kv_blocks, 0, 0, 0)
         return WorkerInfo(self.worker_id, self.role, "failed", nothing)
 
@@ -86,23 +86,36 @@ class WorkerService(ABC):
         self._close()
 
     async def _on_engine_thread(self, fn: Callable[[], T]) -> T:
-        """Runs `fn` between engine steps and awaits its result (or exception) without blocking the loop."""
-        return await asyncio.wrap_future(self._thread.submit(fn))
+        """Runs `fn` between engine steps and awaits its result (or exception) without blocking the loop;
+        the stats snapshot is republished after it, so info() sees its effect before the next step ends."""
+
+        def run_and_publish() -> T:
+            try:
+                return fn()
+            finally:
+                self._publish_stats()
+
+        return await asyncio.wrap_future(self._thread.submit(run_and_publish))
 
     # ---- engine thread ----
 
     def _step(self) -> bool:
         """One step, read aloud: advance transfers → schedule → execute → postprocess → hand results on."""
         did_work = self._poll_transfers()
-        if not self.engine.has_work():
-            return did_work
-        out = self.engine.schedule()
-        if out.num_batched_tokens == 0:
-            return did_work
-        run = self._execute(out)
-        finished = self.engine.postprocess(out, run)
-        self._after_step(out, run, finished)
-        return True
+        if self.engine.has_work():
+            out = self.engine.schedule()
+            if out.num_batched_tokens:
+                run = self._execute(out)
+                finished = self.engine.postprocess(out, run)
+                self._publish_stats()  # before results reach callers, who may ask info() at once
+                self._after_step(out, run, finished)
+                did_work = True
+        if did_work:
+            self._publish_stats()  # what the role did after the step (stop strings, transfers) shows too
+        return did_work
+
+    def _publish_stats(self) -> None:
+        self._stats = self.engine.stats()
 
     def _engine_died(self, error: BaseException) -> None:
         self._fail_waiters(f"{self.worker_id} engine thread died: {type(error).__name__}: {error}")

@@ -11,8 +11,11 @@ from contracts.transfer import KV_FAILURE_POLICIES
 class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 = pick a free port (RouterServer.port tells which)
-    queue_capacity: int = 256  # requests waiting for an in-flight slot; beyond -> RESOURCE_EXHAUSTED
-    max_inflight: int = 64  # requests dispatched to workers at once
+    queue_capacity: int = 256  # requests waiting for a decode worker with room; beyond -> RESOURCE_EXHAUSTED
+    # Requests dispatched to workers at once, on top of the bound the decode workers' reported sequence slots
+    # (max_num_seqs) set; None = that bound alone.
+    max_inflight: int | None = None
+    queue_retry_after_s: float = 1.0  # the retry hint sent with a full-queue RESOURCE_EXHAUSTED
     dispatch_policy: str = "least_loaded"
     default_max_tokens: int = 64
     request_timeout_s: float = 300.0  # upper bound on a request's life; a client deadline can only shorten it
@@ -23,8 +26,10 @@ class RouterConfig:
     # The OpenAI-compatible HTTP door on `host`: None = off (`pdserve up` serves it on 8000); 0 = a free port.
     http_port: int | None = None
     served_model_name: str | None = None  # the HTTP door's model id; None = ModelInfo.model_name
-    worker_refresh_s: float = 1.0  # how often worker info (state, load) is pulled for dispatch and health
+    worker_refresh_s: float = 0.1  # how often each worker's info (state, load) is pulled: GetServerInfo's age
     worker_call_timeout_s: float = 5.0  # bound on control calls (info, abort, metrics_text) to one worker
+    # A worker whose info() has not answered for this long is marked failed; one slow answer is not a failure.
+    worker_heartbeat_timeout_s: float = 15.0
     max_request_id_len: int = 128
     # Bad input and security on the public doors (gRPC and HTTP); see docs/operations.md "Security".
     max_request_bytes: int = 4 * 1024 * 1024  # larger requests: RESOURCE_EXHAUSTED (gRPC) or 413 (HTTP)
@@ -46,10 +51,18 @@ class RouterConfig:
                      "migration_limit"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("max_inflight", "default_max_tokens", "max_request_bytes", "max_stop_chars"):
+        if self.max_inflight is not None and self.max_inflight < 1:
+            raise ValueError(f"max_inflight must be >= 1 or None, got {self.max_inflight}")
+        for name in ("default_max_tokens", "max_request_bytes", "max_stop_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("request_timeout_s", "worker_refresh_s", "worker_call_timeout_s"):
+        for name in (
+            "request_timeout_s",
+            "worker_refresh_s",
+            "worker_call_timeout_s",
+            "worker_heartbeat_timeout_s",
+            "queue_retry_after_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.local_prefill_max_tokens < 0:

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+_QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ROUTER_ROLE = "router"  # queue_depth{role="router", worker="router"} is the admission queue
 
 
@@ -162,18 +163,30 @@ class RouterMetrics:
         self.kv_usage = Gauge(
             "pdserve_kv_cache_usage_ratio", "Fraction of KV blocks in use", ["role", "worker"], registry=r
         )
-        self.worker_restarts = Counter(
-            "pdserve_worker_restarts", "Worker processes that came back as a new incarnation", ["role"],
+        self.queue_wait = Histogram(
+            "pdserve_queue_wait_seconds",
+            "Router receipt to a decode worker's reservation (time spent in the admission queue)",
+            buckets=_QUEUE_WAIT_BUCKETS,
             registry=r,
         )
+        self.rejected = Counter(
+            "pdserve_requests_rejected",
+            "Requests turned away by admission: queue_full, or deadline (expired while queued)",
+            ["reason"],
+            registry=r,
+        )
+        # Hooks for the healing side (launcher supervision, request migration): one call each.
+        self.worker_restarts = Counter(
+            "pdserve_worker_restarts", "Workers restarted after they died", ["role"], registry=r
+        )
         self.request_migrations = Counter(
-            "pdserve_request_migrations", "Requests moved off a dead decode worker", registry=r
+            "pdserve_request_migrations",
+            "In-flight requests moved to another decode worker after theirs died",
+            registry=r,
         )
         self._own_names = {
             m.name
             for c in (
-                self.worker_restarts,
-                self.request_migrations,
                 self.ttft,
                 self.tpot,
                 self.e2e,
@@ -182,6 +195,10 @@ class RouterMetrics:
                 self.generation_tokens,
                 self.queue_depth,
                 self.kv_usage,
+                self.queue_wait,
+                self.rejected,
+                self.worker_restarts,
+                self.request_migrations,
             )
             for m in c.describe()
         }
@@ -216,8 +233,24 @@ class RouterMetrics:
         """A request rejected by validation, before any flow existed."""
         self.requests.labels(outcome="invalid", api=api).inc()
 
-    def update_gauges(self, workers: Iterable[WorkerInfo], router_queue_depth: int) -> None:
-        self.queue_depth.labels(role=ROUTER_ROLE, worker=ROUTER_ROLE).set(router_queue_depth)
+    def observe_queue_wait(self, seconds: float) -> None:
+        """A request left the admission queue for a worker (its reservation succeeded)."""
+        self.queue_wait.observe(seconds)
+
+    def count_rejected(self, reason: str) -> None:
+        self.rejected.labels(reason=reason).inc()
+
+    def worker_restarted(self, role: str) -> None:
+        self.worker_restarts.labels(role=role).inc()
+
+    def request_migrated(self) -> None:
+        self.request_migrations.inc()
+
+    def track_queue_depth(self, depth: Callable[[], int]) -> None:
+        """queue_depth{role="router"} reads the admission queue at scrape time, so it is never stale."""
+        self.queue_depth.labels(role=ROUTER_ROLE, worker=ROUTER_ROLE).set_function(depth)
+
+    def update_gauges(self, workers: Iterable[WorkerInfo]) -> None:
         for w in workers:
             self.queue_depth.labels(role=w.role, worker=w.worker_id).set(w.stats.num_waiting)
             if w.stats.num_total_blocks > 0:  # a worker still starting has no cache yet: no ratio, not 100%
@@ -240,13 +273,6 @@ class RouterMetrics:
             if self._thread is not None:
                 self._thread.join(timeout=5)
             self._httpd = self._thread = None
-
-
-    def worker_restarted(self, role: str) -> None:
-        self.worker_restarts.labels(role=role).inc()
-
-    def request_migrated(self) -> None:
-        self.request_migrations.inc()
 
 
 def start_metrics_server(target: RouterMetrics | Any, port: int, host: str = "127.0.0.1") -> WSGIServer:

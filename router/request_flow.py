@@ -1,4 +1,4 @@
-"""RequestFlow: one request end to end: admit, reserve, prefill (or local), relay tokens, finish, clean up."""
+"""RequestFlow: one request end to end: queue until a worker has room, prefill (or local), relay, clean up."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from contracts.transfer import TransferTarget
 from decode_worker.api import NoCapacity, Reservation, ReserveRequest
 from prefill_worker.api import PrefillFailed, PrefillRequest, PrefillResult
 from proto.api import pb
-from router.admission import Admission, QueueFull
+from router.admission import Admission, QueueFull, Ticket
 from router.clients import DecodeClient, WorkerClient, WorkerUnavailable
 from router.config import RouterConfig
 from router.dispatch import DispatchPolicy
@@ -40,6 +40,7 @@ class FlowError:
 
     code: grpc.StatusCode
     message: str
+    retry_after_s: float | None = None  # a hint for the client (full queue): gRPC trailer, HTTP Retry-After
 
 
 class _Fail(Exception):
@@ -87,7 +88,10 @@ class RequestFlow:
         loop = asyncio.get_running_loop()
         self._received_at = loop.time()
         self._deadline = self._received_at + budget_s
-        self._dispatched_at: float | None = None
+        self._dispatched_at: float | None = None  # a decode worker reserved room: it left the queue
+        self._ticket: Ticket | None = None  # its place in the admission queue
+        self._holds_slot = False  # an admission in-flight slot, given back exactly once
+        self._refusal = ""  # why the last reservation round found no room (named when the deadline hits)
         self._first_token_at: float | None = None
         self._num_output = 0
         self._streamed = Streamed()  # what the client has: where a migrated request continues
@@ -123,21 +127,22 @@ class RequestFlow:
     # -- the request -----------------------------------------------------------------------------------------
     async def _run(self) -> None:
         outcome, terminal = "error", None
-        admitted = False
         try:
             async with asyncio.timeout_at(self._deadline):
-                await self._admission.acquire()
-                admitted = True
                 self._finish = await self._serve()
             outcome = self._finish.value
         except QueueFull as e:
-            outcome, terminal = "rejected", FlowError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            self._metrics.count_rejected("queue_full")
+            terminal = FlowError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), retry_after_s=e.retry_after_s)
+            outcome = "rejected"
         except TimeoutError:
             outcome = "deadline"
-            terminal = FlowError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"request {self.request.request_id} exceeded its deadline of {self._budget_s:.3g}s",
-            )
+            message = f"request {self.request.request_id} exceeded its deadline of {self._budget_s:.3g}s"
+            if self._dispatched_at is None:
+                self._metrics.count_rejected("deadline")
+                message += " waiting for a decode worker with room"
+                message += f" ({self._refusal or self._admission.describe()})"
+            terminal = FlowError(grpc.StatusCode.DEADLINE_EXCEEDED, message)
         except _Fail as e:
             outcome, terminal = e.outcome, FlowError(e.code, e.message)
         except asyncio.CancelledError:
@@ -156,13 +161,13 @@ class RequestFlow:
             self._closing = True
             if outcome not in ("stop", "length"):
                 await self._abort_workers()
-            if admitted:
-                self._admission.release()
+            if self._holds_slot:
+                self._holds_slot = False
+                self._admission.release(self._ticket)
             self._record(outcome)
             self._events.put_nowait(terminal if terminal is not None else self._final_message())
 
     async def _serve(self) -> FinishReason:
-        self._dispatched_at = asyncio.get_running_loop().time()
         while True:
             try:
                 return await self._attempt()
@@ -187,8 +192,15 @@ class RequestFlow:
             if self._config.kv_failure_policy != "recompute":
                 raise _Fail(grpc.StatusCode.UNAVAILABLE, "no prefill worker is ready", "unavailable")
             local = True  # degraded, not down: the decode worker prefills it itself
+        if not self._streamed.lost and not self._pool.ready(DECODE):
+            # Not worth queueing for: fail now rather than at the deadline. (A migrating request instead
+            # waits, within its deadline, for the dead worker's restart: _decode_candidates.)
+            raise _Fail(grpc.StatusCode.UNAVAILABLE, "no decode worker is ready", "unavailable")
         reserve = self._streamed.reserve_request(req.request_id, req.prompt_token_ids, req.sampling, local)
-        decode, reservation = await self._reserve(reserve)
+        decode, reservation = await self._admit(reserve)
+        if self._dispatched_at is None:  # first placement: it left the admission queue
+            self._dispatched_at = asyncio.get_running_loop().time()
+            self._metrics.observe_queue_wait(self._dispatched_at - self._received_at)
         tasks = [asyncio.create_task(self._relay(decode))]
         if not local:
             tasks.append(asyncio.create_task(
@@ -208,6 +220,20 @@ class RequestFlow:
         if self._finish is None:  # _relay returns only after a finish chunk; guard the invariant anyway
             raise RuntimeError("decode stream ended without a finish reason")
         return self._finish
+
+    async def _admit(self, reserve: ReserveRequest) -> tuple[DecodeClient, Reservation]:
+        """Wait in the admission queue for a slot, then for a decode worker that takes the reservation; a
+        round where every worker refuses puts the request back at its place in the queue, not to the client.
+        A migrating request keeps the slot it holds and only waits for room."""
+        if not self._holds_slot:
+            self._ticket = await self._admission.acquire()
+            self._holds_slot = True
+        while (placed := await self._reserve(reserve)) is None:
+            self._holds_slot = False
+            await self._admission.requeue(self._ticket)
+            self._holds_slot = True
+        self._admission.placed(self._ticket)
+        return placed
 
     async def _decode_candidates(self) -> list[WorkerInfo]:
         """Ready decode workers in policy order; after a death, the others first, else wait (within the
@@ -230,30 +256,40 @@ class RequestFlow:
                     return [info]
             await asyncio.sleep(0.25)
 
-    async def _reserve(self, reserve: ReserveRequest) -> tuple[DecodeClient, Reservation]:
+    async def _reserve(self, reserve: ReserveRequest) -> tuple[DecodeClient, Reservation] | None:
+        """Try the ready decode workers in policy order; None if every one said NoCapacity."""
         order = await self._decode_candidates()
         if not order:
             raise _Fail(grpc.StatusCode.UNAVAILABLE, "no decode worker is ready", "unavailable")
         local = reserve.prefill_locally
+        refusals: list[str] = []
+        unreachable: list[str] = []
         for info in order:
             client = self._pool.decode(info.worker_id)
             # Marked before the call: if we are cancelled mid-call the worker may already hold blocks.
             self._touched[client.worker_id] = client
             try:
                 reservation = await client.reserve(reserve)
-            except (NoCapacity, WorkerUnavailable) as e:
+            except NoCapacity as e:
                 del self._touched[client.worker_id]
-                log.debug("reserve on %s refused: %s", client.worker_id, e)
+                refusals.append(str(e))
+                continue
+            except WorkerUnavailable as e:
+                del self._touched[client.worker_id]
+                unreachable.append(str(e))
                 continue
             self._decode_id = client.worker_id
             self._pool.note_reserved(client.worker_id, len(reservation.block_ids), local)
             return client, reservation
-        raise _Fail(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"no decode worker has room for {len(reserve.prompt_token_ids)} prompt tokens right now "
-            f"({len(order)} tried)",
-            "no_capacity",
-        )
+        if not refusals:
+            raise _Fail(
+                grpc.StatusCode.UNAVAILABLE,
+                f"no decode worker could be reached: {'; '.join(unreachable)}",
+                "unavailable",
+            )
+        self._refusal = "; ".join(refusals)
+        log.debug("no room for %s yet: %s", reserve.request_id, self._refusal)
+        return None
 
     async def _prefill(
         self,

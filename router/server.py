@@ -55,7 +55,7 @@ class PDServeServicer(pb_grpc.PDServeServicer):
         try:
             async for event in flow.events():
                 if isinstance(event, FlowError):
-                    await context.abort(event.code, event.message)
+                    await context.abort(event.code, event.message, _trailers(event))
                 yield event
         finally:
             flow.stop("cancelled")  # client went away (or the RPC failed): a no-op once the flow finished
@@ -106,6 +106,14 @@ class PDServeServicer(pb_grpc.PDServeServicer):
         )
 
 
+def _trailers(error: FlowError) -> tuple[tuple[str, str], ...]:
+    """A retry hint rides in trailing metadata (`retry-after-ms`), as gRPC's own retry throttling reads it."""
+    if error.retry_after_s is None:
+        return ()
+    return (("retry-after-ms", str(round(error.retry_after_s * 1000))),)
+
+
+
 class RouterServer:
     def __init__(
         self,
@@ -135,10 +143,12 @@ class RouterServer:
             if config.tls_cert_file and config.tls_key_file
             else None
         )
-        self.admission = Admission(config.max_inflight, config.queue_capacity)
+        self.admission = Admission(config.queue_capacity, config.max_inflight, config.queue_retry_after_s)
+        metrics.track_queue_depth(lambda: self.admission.queue_depth)
         self.active: dict[str, RequestFlow] = {}
         self.health = health.aio.HealthServicer()
         self._flow_tasks: set[asyncio.Task[None]] = set()
+        self._decode_reports_seen = -1
         self._server: grpc.aio.Server | None = None
         self._http: HttpDoor | None = None
         self._refresher: asyncio.Task[None] | None = None
@@ -200,7 +210,12 @@ class RouterServer:
         )
         for name in HEALTH_SERVICES:
             await self.health.set(name, status)
-        self.metrics.update_gauges(self.pool.infos(), self.admission.queue_depth)
+        self.metrics.update_gauges(self.pool.infos())
+        # The in-flight bound follows the decode workers' sequence slots; a changed report may show room.
+        self.admission.set_capacity(self.pool.decode_slots())
+        if self.pool.decode_reports_changed != self._decode_reports_seen:
+            self._decode_reports_seen = self.pool.decode_reports_changed
+            self.admission.room_changed()
 
     async def start(self) -> None:
         if self._server is not None:
@@ -293,6 +308,11 @@ def build_server(
     model_info: ModelInfo,
 ) -> RouterServer:
     policy = make_policy(config.dispatch_policy)  # unknown names fail here, before anything binds
-    pool = WorkerPool(prefill_clients, decode_clients, call_timeout_s=config.worker_call_timeout_s)
+    pool = WorkerPool(
+        prefill_clients,
+        decode_clients,
+        call_timeout_s=config.worker_call_timeout_s,
+        heartbeat_timeout_s=config.worker_heartbeat_timeout_s,
+    )
     source = WorkerMetricsSource(pool.clients(), timeout_s=min(2.0, config.worker_call_timeout_s))
     return RouterServer(config, pool, tokenizer, model_info, policy, RouterMetrics(source))

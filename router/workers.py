@@ -1,10 +1,11 @@
-"""WorkerPool: the router's view of its workers (clients + latest WorkerInfo), refreshed in the background."""
+"""WorkerPool: the router's view of its workers (clients + latest WorkerInfo), kept by their heartbeats."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from contracts.stats import EngineStats, WorkerInfo
@@ -19,8 +20,17 @@ _EMPTY_STATS = EngineStats(
 
 
 class WorkerPool:
+    """Liveness is a heartbeat: every answered info() is one. A worker is marked "failed" when a call errors
+    (gone, transport failure), when it says so itself (its engine thread died), or when it has not answered
+    for `heartbeat_timeout_s`; a single slow answer only leaves its last snapshot in place."""
+
     def __init__(
-        self, prefill: Sequence[PrefillClient], decode: Sequence[DecodeClient], call_timeout_s: float = 5.0
+        self,
+        prefill: Sequence[PrefillClient],
+        decode: Sequence[DecodeClient],
+        call_timeout_s: float = 5.0,
+        heartbeat_timeout_s: float = 15.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._clients: dict[str, tuple[str, WorkerClient]] = {}
         for role, clients in ((PREFILL, prefill), (DECODE, decode)):
@@ -33,6 +43,12 @@ class WorkerPool:
         }
         self._call_timeout_s = call_timeout_s
         self._draining: set[str] = set()  # `pdserve scale` removes them once their requests ended
+        self._heartbeat_timeout_s = heartbeat_timeout_s
+        self._clock = clock
+        now = clock()
+        self._heard = dict.fromkeys(self._clients, now)  # last answered info(); creation counts as one
+        # Bumped whenever a decode worker's report differs from the last: room for a queued request may exist.
+        self.decode_reports_changed = 0
 
     # -- lookups --------------------------------------------------------------------------------------------
     def infos(self) -> list[WorkerInfo]:
@@ -45,6 +61,14 @@ class WorkerPool:
     def serving(self) -> bool:
         """At least one ready prefill and one ready decode worker."""
         return bool(self.ready(PREFILL)) and bool(self.ready(DECODE))
+
+    def decode_slots(self) -> int | None:
+        """Sequence slots of the ready decode workers together (the router's in-flight bound); None if one of
+        them reports no cap."""
+        ready = self.ready(DECODE)
+        if any(w.stats.max_num_seqs == 0 for w in ready):
+            return None
+        return sum(w.stats.max_num_seqs for w in ready)
 
     def decode(self, worker_id: str) -> DecodeClient:
         client = self._clients[worker_id][1]
@@ -63,43 +87,62 @@ class WorkerPool:
 
     # -- refresh --------------------------------------------------------------------------------------------
     async def refresh(self) -> None:
-        """Pull info() from every worker at once; one that errors or times out is marked "failed"."""
-        ids = list(self._clients)
+        """Ask every worker at once (start-up, tests); the refresher polls each on its own instead."""
+        await asyncio.gather(*(self.refresh_one(wid) for wid in list(self._clients)))
 
-        async def info(client: WorkerClient) -> WorkerInfo:
-            # The call is created inside the task, so a cancelled round leaves no never-awaited coroutine.
-            return await asyncio.wait_for(client.info(), self._call_timeout_s)
-
-        results = await asyncio.gather(*(info(self._clients[w][1]) for w in ids), return_exceptions=True)
-        for wid, result in zip(ids, results, strict=True):
-            if wid not in self._clients:
-                continue  # removed (scaled down) while the round ran
-            old = self._infos[wid]
-            if isinstance(result, WorkerInfo):
-                new = dataclasses.replace(result, worker_id=wid, role=old.role)  # the client's id is the key
-                if wid in self._draining and new.state == "ready":
-                    new = dataclasses.replace(new, state="draining")
-            else:
-                if isinstance(result, asyncio.CancelledError):
-                    raise result
-                new = dataclasses.replace(old, state="failed")
-                if old.state != "failed":
-                    log.warning("worker %s did not answer info(): %s: %s", wid, type(result).__name__, result)
-            if new.state != old.state:
-                log.info("worker %s (%s): %s -> %s", wid, old.role, old.state, new.state)
-            self._infos[wid] = new
+    async def refresh_one(self, worker_id: str) -> None:
+        """One heartbeat round for one worker: take its answer, or judge its silence."""
+        role, client = self._clients[worker_id]
+        old = self._infos[worker_id]
+        try:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that lands as the call
+            # completes, and the refresher would then poll on after RouterServer.stop() cancelled it.
+            async with asyncio.timeout(self._call_timeout_s):
+                result = await client.info()
+        except TimeoutError:
+            silent_s = self._clock() - self._heard[worker_id]
+            if silent_s < self._heartbeat_timeout_s:
+                log.debug("worker %s slow to answer info() (%.1fs without a heartbeat)", worker_id, silent_s)
+                return
+            new, why = dataclasses.replace(old, state="failed"), f"no heartbeat for {silent_s:.1f}s"
+        except Exception as e:  # WorkerUnavailable (gone, transport) or an error raised by the worker
+            new, why = dataclasses.replace(old, state="failed"), f"info() failed: {type(e).__name__}: {e}"
+        else:
+            self._heard[worker_id] = self._clock()
+            new, why = dataclasses.replace(result, worker_id=worker_id, role=role), "it reported so"
+            if worker_id in self._draining and new.state == "ready":
+                new = dataclasses.replace(new, state="draining")
+        if worker_id not in self._clients:
+            return  # removed (scaled down) while the call ran
+        if new.state != old.state:
+            log_at = logging.WARNING if new.state == "failed" else logging.INFO
+            log.log(log_at, "worker %s (%s): %s -> %s (%s)", worker_id, role, old.state, new.state, why)
+        if role == DECODE and new != old:
+            self.decode_reports_changed += 1
+        self._infos[worker_id] = new
 
     async def run_refresher(self, interval_s: float, on_refresh: Callable[[], Awaitable[None]]) -> None:
-        """Refresh forever (until cancelled), calling `on_refresh` after each round (health, gauges)."""
-        while True:
-            try:
-                await self.refresh()
-                await on_refresh()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug here must not stop health/dispatch updates for good
-                log.exception("worker refresh failed")
-            await asyncio.sleep(interval_s)
+        """Poll every worker on its own loop (a silent one delays no other) forever, until cancelled, calling
+        `on_refresh` after each answer (health, gauges, admission capacity)."""
+
+        async def poll(worker_id: str) -> None:
+            while worker_id in self._clients:  # a worker removed by `pdserve scale` stops being polled
+                try:
+                    await self.refresh_one(worker_id)
+                    await on_refresh()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # a bug here must not stop health/dispatch updates for good
+                    log.exception("refresh of worker %s failed", worker_id)
+                await asyncio.sleep(interval_s)
+
+        async with asyncio.TaskGroup() as group:
+            polled: set[str] = set()  # worker ids are never reused
+            while True:  # workers added by `pdserve scale` get their own loop within an interval
+                for wid in self._clients.keys() - polled:
+                    polled.add(wid)
+                    group.create_task(poll(wid), name=f"refresh-{wid}")
+                await asyncio.sleep(interval_s)
 
     # -- optimistic load accounting ----------------------------------------------------------------------
     # Between refreshes the snapshots go stale; without these notes every request of a burst would pick the
@@ -128,6 +171,7 @@ class WorkerPool:
             raise ValueError(f"two workers share the id {client.worker_id!r}")
         self._clients[client.worker_id] = (role, client)
         self._infos[client.worker_id] = WorkerInfo(client.worker_id, role, "starting", _EMPTY_STATS)
+        self._heard[client.worker_id] = self._clock()
 
     def drain(self, worker_id: str) -> None:
         """No new request goes to the worker (state "draining"); those it holds run to their end."""
@@ -137,4 +181,5 @@ class WorkerPool:
     def remove(self, worker_id: str) -> None:
         self._clients.pop(worker_id, None)
         self._infos.pop(worker_id, None)
+        self._heard.pop(worker_id, None)
         self._draining.discard(worker_id)

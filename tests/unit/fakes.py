@@ -75,8 +75,9 @@ class _Reserved:
 
 
 class FakeDecodeClient(DecodeClient):
-    """Reserves blocks from a free list, waits for the fake prefill's KV (or prefills locally), then emits one
-    token per step until max_tokens (LENGTH), a stop token (STOP), an abort or `fail_with` (ABORT)."""
+    """Reserves blocks from a free list and one of `max_num_seqs` slots, waits for the fake prefill's KV (or
+    prefills locally), then emits one token per step until max_tokens (LENGTH), a stop token (STOP), an abort
+    or `fail_with` (ABORT). `info_delay_s` makes info() slow (a worker whose control plane lags)."""
 
     def __init__(
         self,
@@ -88,9 +89,13 @@ class FakeDecodeClient(DecodeClient):
         step_delay_s: float = 0.0,
         fail_with: str | None = None,
         die_after: int | None = None,
+        max_num_seqs: int = 32,
+        info_delay_s: float = 0.0,
     ) -> None:
         self._worker_id = worker_id
         self.state = state
+        self.max_num_seqs = max_num_seqs
+        self.info_delay_s = info_delay_s
         self.fail_with = fail_with  # after the first token, end every stream with ABORT + this error
         # After this many tokens of a stream the "process" dies: calls raise WorkerUnavailable and its
         # state is lost until `restart()` (what Ray does), which brings it back empty.
@@ -127,15 +132,20 @@ class FakeDecodeClient(DecodeClient):
         self.requests.clear()
         self.free_blocks = list(range(self.num_total_blocks))
 
+    def _live(self) -> list[_Reserved]:
+        return [r for r in self.requests.values() if not r.finished]
+
     async def info(self) -> WorkerInfo:
+        await asyncio.sleep(self.info_delay_s)
         self._check_alive()
-        live = [r for r in self.requests.values() if not r.finished]
+        live = self._live()
         stats = EngineStats(
             num_free_blocks=len(self.free_blocks),
             num_total_blocks=self.num_total_blocks,
             num_running=sum(r.kv_ready.is_set() for r in live),
             num_waiting=sum(not r.kv_ready.is_set() for r in live),
             queued_prefill_tokens=0,
+            max_num_seqs=self.max_num_seqs,
         )
         return WorkerInfo(self._worker_id, "decode", self.state, stats)
 
@@ -143,8 +153,10 @@ class FakeDecodeClient(DecodeClient):
         self._check_alive()
         self.reserve_calls.append(request)
         need = 0 if request.prefill_locally else math.ceil(len(request.prompt_token_ids) / self.block_size)
+        if len(self._live()) >= self.max_num_seqs:
+            raise NoCapacity(f"{self._worker_id}: all {self.max_num_seqs} sequence slots are taken")
         if need > len(self.free_blocks):
-            raise NoCapacity(f"{need} blocks needed, {len(self.free_blocks)} free")
+            raise NoCapacity(f"{self._worker_id}: {need} KV blocks needed, {len(self.free_blocks)} free")
         blocks, self.free_blocks = tuple(self.free_blocks[:need]), self.free_blocks[need:]
         reserved = _Reserved(request, blocks)
         if request.prefill_locally:
@@ -222,7 +234,7 @@ class FakeDecodeClient(DecodeClient):
 
 class FakePrefillClient(PrefillClient):
     """'Prefills' after `delay_s`, then hands the KV to the target fake decode worker. `fail_with` makes every
-    prefill raise PrefillFailed; `hang` makes it wait until aborted."""
+    prefill raise PrefillFailed; `hang` makes it wait until aborted; `info_delay_s` makes info() slow."""
 
     def __init__(
         self,
@@ -233,8 +245,10 @@ class FakePrefillClient(PrefillClient):
         delay_s: float = 0.0,
         fail_with: str | None = None,
         hang: bool = False,
+        info_delay_s: float = 0.0,
     ) -> None:
         self._worker_id = worker_id
+        self.info_delay_s = info_delay_s
         self.decoders = {d.worker_id: d for d in decoders}
         self.state = state
         self.delay_s = delay_s
@@ -256,6 +270,7 @@ class FakePrefillClient(PrefillClient):
         return self._worker_id
 
     async def info(self) -> WorkerInfo:
+        await asyncio.sleep(self.info_delay_s)
         queued = sum(len(p.prompt_token_ids) for p in self.prefill_calls if p.request_id in self._running)
         stats = EngineStats(
             num_free_blocks=64,

@@ -119,7 +119,7 @@ def test_client_deadline_bounds_the_request_and_aborts_both_workers() -> None:
     run(body())
 
 
-def test_queue_full_is_resource_exhausted_naming_the_waiting_count() -> None:
+def test_queue_full_is_resource_exhausted_with_the_waiting_count_and_a_retry_hint() -> None:
     async def body() -> None:
         prefill, decode = fake_cluster(step_delay_s=10.0)
         async with serve_router(prefill, decode, max_inflight=1, queue_capacity=2) as h:
@@ -132,7 +132,8 @@ def test_queue_full_is_resource_exhausted_naming_the_waiting_count() -> None:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 [r async for r in h.stub.Generate(long_request("q3"))]
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert err.value.details() == "queue full (2 waiting)"
+            assert err.value.details() == "queue full (2 waiting); retry after 1s"
+            assert ("retry-after-ms", "1000") in tuple(err.value.trailing_metadata())
             # A queued request that is cancelled never touches a worker.
             queued[0].cancel()
             await wait_until(lambda: h.server.admission.queue_depth == 1, what="queue to shrink")

@@ -51,6 +51,7 @@ def test_metrics_endpoint_exposes_router_and_worker_families() -> None:
     assert got[("pdserve_time_per_output_token_seconds_count", lab(api="grpc"))] == 1
     assert got[("pdserve_e2e_request_latency_seconds_count", lab(api="grpc"))] == 1
     assert got[("pdserve_queue_depth", lab(role="router", worker="router"))] == 0
+    assert got[("pdserve_queue_wait_seconds_count", lab())] == 1
     assert got[("pdserve_kv_cache_usage_ratio", lab(role="decode", worker="decode-0"))] == 0.0
     # Worker families, labelled with the worker they came from.
     assert got[("pdserve_kv_transfer_bytes_total", lab(dtype="int8", worker="prefill-0"))] == 5 * 1024
@@ -116,3 +117,24 @@ def test_start_metrics_server_returns_the_running_endpoint_instead_of_binding_tw
                 start_metrics_server(h.server, port + 1 if port < 65535 else port - 1)
 
     run(body())
+
+
+def test_fault_counters_are_one_call_each_and_the_router_queue_depth_is_read_at_scrape() -> None:
+    m = RouterMetrics()
+    depth = [3]
+    m.track_queue_depth(lambda: depth[0])
+    m.count_rejected("queue_full")
+    m.count_rejected("queue_full")
+    m.count_rejected("deadline")
+    m.worker_restarted("decode")
+    m.request_migrated()
+    m.observe_queue_wait(0.3)
+    depth[0] = 7
+    got = samples(generate_latest(m.registry).decode())
+    lab = lambda **kw: frozenset(kw.items())  # noqa: E731
+    assert got[("pdserve_queue_depth", lab(role="router", worker="router"))] == 7
+    assert got[("pdserve_requests_rejected_total", lab(reason="queue_full"))] == 2
+    assert got[("pdserve_requests_rejected_total", lab(reason="deadline"))] == 1
+    assert got[("pdserve_worker_restarts_total", lab(role="decode"))] == 1
+    assert got[("pdserve_request_migrations_total", lab())] == 1
+    assert got[("pdserve_queue_wait_seconds_bucket", lab(le="0.5"))] == 1

@@ -112,18 +112,25 @@ def test_eight_concurrent_clients_each_get_their_own_complete_stream() -> None:
     run(body())
 
 
-def test_full_decode_worker_is_skipped_and_all_full_is_resource_exhausted() -> None:
+def test_full_decode_worker_is_skipped_and_a_prompt_nobody_has_room_for_waits_for_its_deadline() -> None:
     async def body() -> None:
         full, roomy = FakeDecodeClient("decode-0", num_blocks=0), FakeDecodeClient("decode-1", num_blocks=1)
         prefill = [FakePrefillClient(decoders=[full, roomy])]
-        async with serve_router(prefill, [full, roomy], dispatch_policy="round_robin") as h:
+        async with serve_router(
+            prefill, [full, roomy], dispatch_policy="round_robin", request_timeout_s=0.5
+        ) as h:
             _, final = await collect(h.stub.Generate(pb.GenerateRequest(text="hi")))
             assert final.final.timings.decode_worker == "decode-1"
             assert len(full.reserve_calls) == 1 and not full.abort_calls
             with pytest.raises(grpc.aio.AioRpcError) as info:  # 17 tokens need 2 blocks: nobody has them
                 await collect(h.stub.Generate(pb.GenerateRequest(text="x" * 17)))
-        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "no decode worker has room for 17 prompt tokens" in info.value.details()
+            assert h.server.metrics.rejected.labels(reason="deadline")._value.get() == 1
+        # Queued, not refused: the deadline ends it, and the message names the limit each worker hit.
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        details = info.value.details()
+        assert "waiting for a decode worker with room" in details
+        assert "decode-0: 2 KV blocks needed, 0 free" in details
+        assert "decode-1: 2 KV blocks needed, 1 free" in details
 
     run(body())
 

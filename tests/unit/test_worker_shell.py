@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from concurrent.futures import Future
 
 import pytest
@@ -80,6 +82,43 @@ def test_step_loop_runs_requests_through_the_role_hooks_and_info_reports_stats()
     finally:
         service.shutdown()
     assert service.calls[-1] == "close:thread_alive=False"  # transports close after the thread stopped
+
+
+def test_info_answers_at_once_from_the_published_snapshot_while_a_step_runs_for_seconds() -> None:
+    service = GenerateService()
+    entered, release = threading.Event(), threading.Event()
+    run_step = service.engine.execute
+
+    def slow_run(out: SchedulerOutput, *args: object, **kwargs: object) -> RunOutput:
+        entered.set()
+        release.wait(30)  # a long prefill (38 s for 4k tokens on a 2-core box), cut short by the test
+        return run_step(out, *args, **kwargs)
+
+    service.engine.execute = slow_run  # type: ignore[method-assign]
+    try:
+        async def scenario() -> None:
+            generate = asyncio.create_task(service.generate("a", [1, 2, 3, 4, 5]))
+            assert await asyncio.to_thread(entered.wait, 30)
+            answers = []
+            for _ in range(6):  # over a second of the step
+                start = time.perf_counter()
+                info = await service.info()
+                answers.append((time.perf_counter() - start, info))
+                await asyncio.sleep(0.2)
+            release.set()
+            assert len(await asyncio.wait_for(generate, 30)) == 4
+            assert max(seconds for seconds, _ in answers) < 0.1
+            for _, info in answers:  # not a failure; the snapshot from before the step counts the prompt
+                assert info.state == "ready"
+                assert (info.stats.num_waiting, info.stats.queued_prefill_tokens) == (1, 5)
+            after = (await service.info()).stats
+            assert (after.num_running, after.num_waiting, after.num_free_blocks) == (0, 0, 16)
+            assert after.max_num_seqs == CONFIG.max_num_seqs
+
+        asyncio.run(scenario())
+    finally:
+        release.set()
+        service.shutdown()
 
 
 def test_an_engine_thread_that_dies_makes_the_worker_report_failed() -> None:
