@@ -6,17 +6,81 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.store_kv.quant import INT4_MAX, INT8_MAX, MIN_SCALE, QuantizedKV
+
+_INT8_MAX = tl.constexpr(INT8_MAX)
+_INT4_MAX = tl.constexpr(INT4_MAX)
+_MIN_SCALE = tl.constexpr(MIN_SCALE)
+
 
 @triton.jit
-def store_kv_values(cache_ptr, slot, head, col, values, mask, stride_slot, stride_head):
+def store_kv_values(cache_ptr, slot, head, col, values, mask, stride_slot, stride_head,
+                    scale_ptr=None, zero_ptr=None, stride_scale_slot=0, stride_scale_head=0,
+                    GROUP_SIZE: tl.constexpr = 0):
     """The one Triton write into a paged cache [num_blocks, block_size, Hk, D] (slot s of head h at
     s * stride_slot + h * stride_head): `values` at (slot, head, col), broadcast together, where `mask`.
 
-    Callers pass the cache pointer, never a dtype: the cache's element type decides the stored format, so a
-    quantized cache (its scale pointers beside cache_ptr) grows this function, not the kernels calling it.
+    Callers pass the cache pointer, never a dtype: the cache's element type decides the stored format at
+    compile time, so float caches compile to the one store below. Quantized caches (kernels/store_kv/quant.py:
+    int8 codes, or uint8 int4 pairs with GROUP_SIZE-value groups) also take their scale (and zero) pointers
+    and strides, and whole rows: `values` and `mask` [R, D] with D = head_dim, `col` = arange(D)[None, :],
+    slot and head broadcastable to [R, 1].
     """
-    dst = cache_ptr + slot * stride_slot + head * stride_head + col
-    tl.store(dst, values.to(cache_ptr.dtype.element_ty), mask=mask)
+    if cache_ptr.dtype.element_ty == tl.int8:
+        _store_int8_rows(cache_ptr, slot, head, values, mask, stride_slot, stride_head, scale_ptr,
+                         stride_scale_slot, stride_scale_head)
+    elif cache_ptr.dtype.element_ty == tl.uint8:
+        _store_int4_rows(cache_ptr, slot, head, values, mask, stride_slot, stride_head, scale_ptr, zero_ptr,
+                         stride_scale_slot, stride_scale_head, GROUP_SIZE)
+    else:
+        dst = cache_ptr + slot * stride_slot + head * stride_head + col
+        tl.store(dst, values.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _row_offsets(slot, head, stride_slot, stride_head, ROWS: tl.constexpr):
+    """[ROWS] offsets of rows (slot, head) broadcast to [ROWS, 1]."""
+    return tl.reshape(slot * stride_slot + head * stride_head + tl.zeros([ROWS, 1], tl.int64), [ROWS])
+
+
+@triton.jit
+def _store_int8_rows(cache_ptr, slot, head, values, mask, stride_slot, stride_head, scale_ptr,
+                     stride_scale_slot, stride_scale_head):
+    ROWS: tl.constexpr = values.shape[0]
+    D: tl.constexpr = values.shape[1]
+    x = tl.where(mask, values.to(tl.float32), 0.0)
+    # The scale is rounded to its float16 storage before dividing by it: the reader multiplies by that one.
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1) / _INT8_MAX, _MIN_SCALE).to(tl.float16)
+    codes = tl.floor(x / scale.to(tl.float32)[:, None] + 0.5)
+    codes = tl.minimum(tl.maximum(codes, -_INT8_MAX), _INT8_MAX)
+    rows = _row_offsets(slot, head, stride_slot, stride_head, ROWS)
+    tl.store(cache_ptr + rows[:, None] + tl.arange(0, D)[None, :], codes.to(tl.int8), mask=mask)
+    live = tl.max(mask.to(tl.int32), axis=1) > 0
+    srows = _row_offsets(slot, head, stride_scale_slot, stride_scale_head, ROWS)
+    tl.store(scale_ptr + srows, scale, mask=live)
+
+
+@triton.jit
+def _store_int4_rows(cache_ptr, slot, head, values, mask, stride_slot, stride_head, scale_ptr, zero_ptr,
+                     stride_scale_slot, stride_scale_head, GROUP_SIZE: tl.constexpr):
+    ROWS: tl.constexpr = values.shape[0]
+    D: tl.constexpr = values.shape[1]
+    GROUPS: tl.constexpr = D // GROUP_SIZE
+    x = tl.reshape(values.to(tl.float32), [ROWS, GROUPS, GROUP_SIZE])
+    low = tl.min(x, axis=2)
+    scale = tl.maximum((tl.max(x, axis=2) - low) / _INT4_MAX, _MIN_SCALE).to(tl.float16)
+    zero = low.to(tl.float16)
+    q = tl.floor((x - zero.to(tl.float32)[:, :, None]) / scale.to(tl.float32)[:, :, None] + 0.5)
+    q = tl.minimum(tl.maximum(q, 0.0), _INT4_MAX).to(tl.uint8)
+    even, odd = tl.split(tl.reshape(q, [ROWS, D // 2, 2]))  # value 2j low nibble, 2j + 1 high
+    byte_mask = tl.max(tl.reshape(mask.to(tl.int32), [ROWS, D // 2, 2]), axis=2) > 0
+    rows = _row_offsets(slot, head, stride_slot, stride_head, ROWS)
+    tl.store(cache_ptr + rows[:, None] + tl.arange(0, D // 2)[None, :], even | (odd << 4), mask=byte_mask)
+    group_mask = tl.max(tl.reshape(mask.to(tl.int32), [ROWS, GROUPS, GROUP_SIZE]), axis=2) > 0
+    srows = _row_offsets(slot, head, stride_scale_slot, stride_scale_head, ROWS)
+    sdst = srows[:, None] + tl.arange(0, GROUPS)[None, :]
+    tl.store(scale_ptr + sdst, scale, mask=group_mask)
+    tl.store(zero_ptr + sdst, zero, mask=group_mask)
 
 
 @triton.jit
