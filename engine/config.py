@@ -34,7 +34,7 @@ class ModelConfig:
 
 
 # What EngineConfig.kv_cache_dtype accepts: a KVCacheSpec logical dtype that the store and attention kernels
-# handle, or "auto" for the compute dtype. int8 / int4 caches keep scales (contracts.kv_cache_spec.scales_for).
+# handle, or "auto" for the compute dtype. int8 / int4 caches keep scales (kv_cache_spec.scales_for).
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8", "int4")
 KERNEL_BACKENDS = ("auto", "torch", "triton")  # kernels/registry.py's KernelRegistry.for_device backends
 

@@ -69,7 +69,8 @@ def main() -> None:
         ppl = perplexity(model, model_config, config, ids)
         base = results.get("baseline", {}).get("ppl", ppl)
         results[name] = {"ppl": ppl, "rel_delta": ppl / base - 1.0}
-        print(f"{name:10s} ppl {ppl:8.4f}  delta {100 * (ppl / base - 1):+.3f}%  ({time.monotonic() - t0:.0f}s)",
+        seconds = time.monotonic() - t0
+        print(f"{name:10s} ppl {ppl:8.4f}  delta {100 * (ppl / base - 1):+.3f}%  ({seconds:.0f}s)",
               flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -1,4 +1,4 @@
-"""Quantized KV rows in torch: the int8 / int4 formats the stores write and attention reads (the reference)."""
+"""Quantized KV rows in torch: the int8 / int4 formats the stores write and attention reads (reference)."""
 from __future__ import annotations
 
 import functools
