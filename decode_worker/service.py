@@ -74,7 +74,9 @@ class DecodeService(WorkerService):
     def accept_channel(self, peer_id: str, timeout: float = 120.0) -> None:
         """Blocks until prefill worker `peer_id` joins; then its frames land in this worker's KV cache."""
         channel = self._listener.accept(peer_id, self.layout, timeout=timeout)
-        endpoint = KVReceiveEndpoint(channel, self.layout, self.engine.kv_cache.k, self.engine.kv_cache.v)
+        kv = self.engine.kv_cache
+        endpoint = KVReceiveEndpoint(channel, self.layout, kv.k, kv.v,
+                                     [kv.layer_scales(i) for i in range(kv.num_layers)])
         endpoint.start()
         self._thread.submit(lambda: self._endpoints.__setitem__(peer_id, endpoint)).result()
 
