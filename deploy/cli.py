@@ -67,6 +67,10 @@ def _check_port_free(host: str, port: int, flag: str) -> None:
             raise UsageError(f"cannot bind {host}:{port} ({e.strerror}): fix {flag}") from None
 
 
+# --kv-cache value -> EngineConfig.kv_cache_dtype
+_KV_CACHE_FLAG = {"auto": "auto", "bf16": "bfloat16", "int8": "int8", "int4": "int4"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="token budget per engine step (default 512)")
     up.add_argument("--kv-blocks", type=_positive("--kv-blocks"), default=512,
                     help="KV cache blocks per worker (default 512, 16 tokens each)")
+    up.add_argument("--kv-cache", choices=tuple(_KV_CACHE_FLAG), default="auto",
+                    help="KV cache dtype: auto = the compute dtype; int8 / int4 keep scales and move between "
+                         "workers as stored (default auto)")
     up.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     up.add_argument("--kernels", choices=KERNEL_BACKENDS, default="auto",
                     help="auto: Triton on CUDA, torch references elsewhere; torch: references everywhere")
@@ -151,8 +158,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     device = args.device or _default_device()
     engine = EngineConfig(model_path=args.model, device=device,
                           dtype="float32" if device == "cpu" else "bfloat16",
-                          num_kv_blocks=args.kv_blocks, max_batch_tokens=args.max_batch_tokens,
-                          kernels=args.kernels)
+                          kv_cache_dtype=_KV_CACHE_FLAG[args.kv_cache], num_kv_blocks=args.kv_blocks,
+                          max_batch_tokens=args.max_batch_tokens, kernels=args.kernels)
     cluster = LocalCluster(ClusterConfig(engine=engine, num_prefill=args.prefill, num_decode=args.decode,
                                          host=args.host, port=args.port, metrics_port=args.metrics_port,
                                          http_port=args.http_port, served_model_name=args.served_model_name,
