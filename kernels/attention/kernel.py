@@ -240,11 +240,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _quantized_args(k_cache: KVOperand, v_cache: KVOperand) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(k and v as stored, the kernels' quantization arguments): scale / zero tensors and their strides, bits,
-    group sizes, rotation; None / zeros for float caches, whose kernels compile as before."""
+    group sizes, rotation; None (constexprs) for float caches, whose kernels compile as before."""
     if not isinstance(k_cache, QuantizedKV):
         return k_cache, v_cache, dict(
-            k_scale_ptr=None, k_zero_ptr=None, v_scale_ptr=None, v_zero_ptr=None, stride_ks_slot=0,
-            stride_ks_h=0, stride_vs_slot=0, stride_vs_h=0, KV_BITS=0, K_GROUP=0, V_GROUP=0, HADAMARD=False)
+            k_scale_ptr=None, k_zero_ptr=None, v_scale_ptr=None, v_zero_ptr=None, stride_ks_slot=None,
+            stride_ks_h=None, stride_vs_slot=None, stride_vs_h=None, KV_BITS=0, K_GROUP=0, V_GROUP=0,
+            HADAMARD=False)
     head_dim = k_cache.shape[3]
     if head_dim & (head_dim - 1) or not all(t.is_contiguous() for t in (k_cache.scale, v_cache.scale)):
         raise ValueError("paged_attention: quantized caches need a power-of-two head_dim, contiguous scales")

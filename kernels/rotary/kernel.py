@@ -91,18 +91,20 @@ def _rotary_store_kv_kernel(
         first, second, k_mask = _rotated_halves(k_ptr, token, cos, sin, stride_kt, stride_kh, NUM_KV_HEADS,
                                                 HALF, BLOCK_KH, BLOCK_HALF)
         offs_h = tl.arange(0, BLOCK_KH)[:, None]
-        offs_d = tl.arange(0, BLOCK_HALF)[None, :]
-        offs_full = tl.arange(0, 2 * BLOCK_HALF)[None, :]
-        mask = (offs_h < NUM_KV_HEADS) & (offs_full < 2 * HALF)
         if QUANTIZED:
             # A quantized row's scale covers both halves: store whole rows (HALF == BLOCK_HALF here).
             k = tl.reshape(tl.permute(tl.join(first, second), (0, 2, 1)), [BLOCK_KH, 2 * BLOCK_HALF])
-            store_kv_values(k_cache_ptr, slot, offs_h, offs_full, k, mask, stride_kc_slot, stride_kc_h,
-                            k_scale_ptr, k_zero_ptr, stride_ks_slot, stride_ks_h, K_GROUP, K_HADAMARD)
+            cols = tl.arange(0, 2 * BLOCK_HALF)[None, :]
+            store_kv_values(k_cache_ptr, slot, offs_h, cols, k, (offs_h < NUM_KV_HEADS) & (cols < 2 * HALF),
+                            stride_kc_slot, stride_kc_h, k_scale_ptr, k_zero_ptr, stride_ks_slot, stride_ks_h,
+                            K_GROUP, K_HADAMARD)
         else:
+            offs_d = tl.arange(0, BLOCK_HALF)[None, :]
             store_kv_values(k_cache_ptr, slot, offs_h, offs_d, first, k_mask, stride_kc_slot, stride_kc_h)
             store_kv_values(k_cache_ptr, slot, offs_h, offs_d + HALF, second, k_mask, stride_kc_slot,
                             stride_kc_h)
+        offs_full = tl.arange(0, 2 * BLOCK_HALF)[None, :]
+        mask = (offs_h < NUM_KV_HEADS) & (offs_full < 2 * HALF)
         v = tl.load(v_ptr + token * stride_vt + offs_h * stride_vh + offs_full, mask=mask)
         store_kv_values(v_cache_ptr, slot, offs_h, offs_full, v, mask, stride_vc_slot, stride_vc_h,
                         v_scale_ptr, v_zero_ptr, stride_vs_slot, stride_vs_h, V_GROUP, V_HADAMARD)

@@ -103,9 +103,10 @@ def _store_int4_rows(cache_ptr, slot, head, values, mask, stride_slot, stride_he
 
 def quantized_operands(cache: torch.Tensor | QuantizedKV) -> tuple:
     """A cache's Triton arguments: (stored tensor, scale, zero, scale slot stride, scale head stride, group
-    size, hadamard); for a float cache (tensor, None, None, 0, 0, 0, False), whose store ignores the rest."""
+    size, hadamard); for a float cache (tensor, None, None, None, None, 0, False): Nones are constexprs, so
+    the float kernels keep their signatures and code."""
     if not isinstance(cache, QuantizedKV):
-        return cache, None, None, 0, 0, 0, False
+        return cache, None, None, None, None, 0, False
     if not (cache.codes.is_contiguous() and cache.scale.is_contiguous()):
         raise ValueError("store_kv: quantized caches and their scales must be contiguous")
     return (cache.codes, cache.scale, cache.zero, cache.scale.stride(1), cache.scale.stride(2),
