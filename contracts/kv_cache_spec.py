@@ -14,6 +14,11 @@ KV_FORMATS: dict[str, tuple[str, int]] = {
     "int4": ("uint8", 2),
 }
 QUANTIZED_DTYPES = ("int8", "int4")
+# int4's values per scale + zero along head_dim (capped at head_dim), keys and values. Keys carry the loss
+# (docs/benchmarks.md, "KV cache quantization"): 32-value key groups, 64-value value groups, float16 scale and
+# zero: 0.30x the bytes of bf16 per token (32 for both would be 0.31x, over the wire budget).
+INT4_KEY_GROUP_SIZE = 32
+INT4_VALUE_GROUP_SIZE = 64
 STORAGE_ITEMSIZE: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
 _SCALE_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -21,8 +26,10 @@ _SCALE_DTYPES = ("float32", "float16", "bfloat16")
 class ScaleKind(enum.StrEnum):
     NONE = "none"  # float caches
     PER_TOKEN_HEAD = "per_token_head"  # one scale per (token, kv head): int8
-    # One scale (and zero point) per group of `group_size` values: keys grouped along tokens (per channel),
-    # values along head_dim (per token): int4.
+    # One scale (and zero point) per group of `group_size` (keys) / `value_group_size` (values) consecutive
+    # head_dim values of one token and kv head: int4. (Not KIVI's per-channel key groups along tokens: a
+    # block's key scales would change as decode appends tokens, and at block_size 16 they cost more wire bytes
+    # than the 0.30x budget.)
     GROUPED = "grouped"
 
 
@@ -31,9 +38,13 @@ class KVScales:
     """Where a quantized cache keeps its scales; `kind=NONE` for float caches."""
 
     kind: ScaleKind = ScaleKind.NONE
-    group_size: int = 0  # GROUPED only
+    group_size: int = 0  # GROUPED only: key values per scale
     zero_points: bool = False  # asymmetric quantization: a zero point beside every scale
     dtype: str = "float32"  # storage dtype of scales and zero points
+    value_group_size: int = 0  # GROUPED only: value values per scale; 0 = group_size
+    # Rows are stored rotated by the normalized Hadamard matrix of head_dim (x @ H): it spreads outlier
+    # channels over the row before quantizing; readers rotate back (H @ H = I), or rotate q and the output.
+    hadamard: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -46,10 +57,27 @@ class KVScales:
         if self.kind is ScaleKind.GROUPED:
             if not isinstance(self.group_size, int) or self.group_size < 1:
                 raise ValueError(f"grouped scales need group_size >= 1, got {self.group_size!r}")
-        elif self.group_size != 0:
+            if not isinstance(self.value_group_size, int) or self.value_group_size < 0:
+                raise ValueError(f"value_group_size must be >= 0, got {self.value_group_size!r}")
+            if not self.value_group_size:
+                object.__setattr__(self, "value_group_size", self.group_size)
+        elif self.group_size != 0 or self.value_group_size != 0:
             raise ValueError(f"group_size is for grouped scales only, got {self.group_size} with {self.kind}")
         if self.kind is ScaleKind.NONE and self.zero_points:
             raise ValueError("zero_points need scales (kind 'none' has neither)")
+
+
+def scales_for(dtype: str, head_dim: int) -> KVScales:
+    """The scales a cache of logical `dtype` keeps: none for floats; float16 scales (their bytes count on the
+    wire: float32 ones would put int8 at 0.53x of bf16 for head_dim 64) per token and head for int8; for int4
+    per group (INT4_*_GROUP_SIZE) with a zero point (asymmetric), over Hadamard-rotated rows."""
+    if dtype == "int8":
+        return KVScales(ScaleKind.PER_TOKEN_HEAD, dtype="float16")
+    if dtype == "int4":
+        return KVScales(ScaleKind.GROUPED, group_size=min(INT4_KEY_GROUP_SIZE, head_dim), zero_points=True,
+                        dtype="float16", value_group_size=min(INT4_VALUE_GROUP_SIZE, head_dim),
+                        hadamard=True)
+    return KVScales()
 
 
 @dataclass(frozen=True)
@@ -80,9 +108,11 @@ class KVCacheSpec:
             raise ValueError(f"a {self.dtype} KV cache needs "
                              f"{'scales' if quantized else 'no scales'}, got scales {self.scales.kind}")
         g = self.scales.group_size
-        if self.scales.kind is ScaleKind.GROUPED and (self.block_size % g or self.head_dim % g):
-            raise ValueError(f"group_size {g} must divide block_size {self.block_size} (key groups) and "
-                             f"head_dim {self.head_dim} (value groups)")
+        gv = self.scales.value_group_size
+        if self.scales.kind is ScaleKind.GROUPED and (self.head_dim % g or self.head_dim % gv):
+            raise ValueError(f"group sizes {g} (keys) and {gv} (values) must divide head_dim {self.head_dim}")
+        if self.scales.hadamard and self.head_dim & (self.head_dim - 1):
+            raise ValueError(f"a Hadamard rotation needs a power-of-two head_dim, got {self.head_dim}")
 
     @property
     def storage_dtype(self) -> str:
@@ -112,13 +142,13 @@ class KVCacheSpec:
         """Per-block shape of each scale tensor by name (`k_scale`, `v_scale`, `k_zero`, `v_zero`); none for
         float caches."""
         b, h, d = self.block_shape
-        kind, g = self.scales.kind, self.scales.group_size
+        kind = self.scales.kind
         if kind is ScaleKind.NONE:
             return {}
         if kind is ScaleKind.PER_TOKEN_HEAD:
             k = v = (b, h)
         else:
-            k, v = (b // g, h, d), (b, h, d // g)
+            k, v = (b, h, d // self.scales.group_size), (b, h, d // self.scales.value_group_size)
         shapes = {"k_scale": k, "v_scale": v}
         if self.scales.zero_points:
             shapes |= {"k_zero": k, "v_zero": v}
@@ -135,6 +165,11 @@ class KVCacheSpec:
         """Bytes of one layer's k and v in one block, scales included."""
         scale_elems = sum(math.prod(shape) for shape in self.scale_shapes().values())
         return 2 * self.value_bytes_per_block + scale_elems * STORAGE_ITEMSIZE[self.scales.dtype]
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes of one token's k and v in one layer, scales included: what the wire carries per token."""
+        return self.bytes_per_block // self.block_size  # every tensor of a block is per token
 
     def num_blocks_for(self, num_tokens: int) -> int:
         """Blocks that hold `num_tokens` tokens."""

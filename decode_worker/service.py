@@ -88,7 +88,9 @@ class DecodeService(WorkerService):
         A peer may join again (it restarted, or this worker did and it reconnects): the new channel replaces
         the old one, and reservations still waiting for their first frame listen on it too."""
         channel = self._listener.accept(peer_id, self.layout, timeout=timeout)
-        endpoint = KVReceiveEndpoint(channel, self.layout, self.engine.kv_cache.k, self.engine.kv_cache.v)
+        kv = self.engine.kv_cache
+        endpoint = KVReceiveEndpoint(channel, self.layout, kv.k, kv.v,
+                                     [kv.layer_scales(i) for i in range(kv.num_layers)])
         endpoint.start()
         old = self._thread.submit(lambda: self._add_endpoint(peer_id, endpoint)).result()
         self._joined = True

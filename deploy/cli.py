@@ -105,6 +105,10 @@ def _check_port_free(host: str, port: int, flag: str) -> None:
             raise UsageError(f"cannot bind {host}:{port} ({e.strerror}): fix {flag}") from None
 
 
+# --kv-cache value -> EngineConfig.kv_cache_dtype
+_KV_CACHE_FLAG = {"auto": "auto", "bf16": "bfloat16", "int8": "int8", "int4": "int4"}
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: X)" to every flag's help, except where there is no value to show (None, False):
     those flags say in their help what leaving them out means."""
@@ -167,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="token budget per engine step")
     up.add_argument("--kv-blocks", type=_positive("--kv-blocks"), default=512,
                     help="KV cache blocks per worker (16 tokens each)")
+    up.add_argument("--kv-cache", choices=tuple(_KV_CACHE_FLAG), default="auto",
+                    help="KV cache dtype: auto = the compute dtype; int8 / int4 keep scales and move between "
+                         "workers as stored")
     up.add_argument("--device", choices=("cpu", "cuda"), default=None,
                     help="where the workers run (default: cuda if available, else cpu)")
     up.add_argument("--kernels", choices=KERNEL_BACKENDS, default="auto",
@@ -283,8 +290,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     device = args.device or _default_device()
     engine = EngineConfig(model_path=args.model, device=device,
                           dtype="float32" if device == "cpu" else "bfloat16",
-                          num_kv_blocks=args.kv_blocks, max_batch_tokens=args.max_batch_tokens,
-                          kernels=args.kernels)
+                          kv_cache_dtype=_KV_CACHE_FLAG[args.kv_cache], num_kv_blocks=args.kv_blocks,
+                          max_batch_tokens=args.max_batch_tokens, kernels=args.kernels)
     cluster = LocalCluster(ClusterConfig(engine=engine, num_prefill=args.prefill, num_decode=args.decode,
                                          host=args.host, port=args.port, metrics_port=args.metrics_port,
                                          http_port=args.http_port, served_model_name=args.served_model_name,

@@ -34,8 +34,8 @@ class ModelConfig:
 
 
 # What EngineConfig.kv_cache_dtype accepts: a KVCacheSpec logical dtype that the store and attention kernels
-# handle today, or "auto" for the compute dtype.
-KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+# handle, or "auto" for the compute dtype. int8 / int4 caches keep scales (kv_cache_spec.scales_for).
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8", "int4")
 KERNEL_BACKENDS = ("auto", "torch", "triton")  # kernels/registry.py's KernelRegistry.for_device backends
 
 
@@ -46,7 +46,7 @@ class EngineConfig:
     model_path: str | None = None  # GGUF file or HF directory; None = embedded SmolLM2-135M-Instruct
     device: str = "cpu"
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
-    kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES; auto = compute dtype (quantized formats come later)
+    kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES; auto = compute dtype
     block_size: int = 16
     num_kv_blocks: int = 512
     max_batch_tokens: int = 512  # token budget per step (decode tokens first, then prefill chunks)

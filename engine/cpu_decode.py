@@ -152,6 +152,8 @@ class FlatDecoder:
                                                              layer.mlp.gate_up_proj, layer.mlp.down_proj)]
         return (all(isinstance(m, ColumnBlockLinear) and m.weight_blocks.dtype == torch.float32
                     and m.weight_blocks.device.type == "cpu" for m in projections)
+                # fp32 caches only: a quantized one (int8 / uint8 storage) runs the plain forward, whose
+                # attention reads its blocks as stored.
                 and kv.dtype == torch.float32 and kv.device.type == "cpu"
                 and all(t.is_contiguous() for t in kv.k + kv.v))
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from contracts.kv_cache_spec import KVCacheSpec
+from contracts.kv_cache_spec import KVCacheSpec, scales_for
 from engine.config import EngineConfig, ModelConfig
+from kernels.store_kv.quant import QuantizedKV
 
 # The spec names dtypes without torch; this is where the names become torch dtypes.
 _TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -52,12 +53,14 @@ class KVCache:
                    for _ in range(num_layers)]
             for name, block in spec.scale_shapes().items()
         }
+        self._layers = [(self._operand("k", i), self._operand("v", i)) for i in range(num_layers)]
 
     @classmethod
     def for_model(cls, model: ModelConfig, engine: EngineConfig) -> KVCache:
         """The cache `engine` asks for: its block count and size, kv_cache_dtype ("auto" = compute dtype)."""
-        spec = KVCacheSpec(engine.block_size, model.num_kv_heads, model.head_dim,
-                           engine.resolved_kv_cache_dtype)
+        dtype = engine.resolved_kv_cache_dtype
+        spec = KVCacheSpec(engine.block_size, model.num_kv_heads, model.head_dim, dtype,
+                           scales_for(dtype, model.head_dim))
         return cls(spec, model.num_layers, engine.num_kv_blocks, engine.device)
 
     @property
@@ -81,8 +84,21 @@ class KVCache:
     def num_bytes(self) -> int:
         return self.bytes_per_block * self.num_blocks
 
-    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[index], self.v[index]
+    def layer(self, index: int) -> tuple[torch.Tensor | QuantizedKV, torch.Tensor | QuantizedKV]:
+        """Layer `index`'s k and v as the kernels take them: tensors, or QuantizedKV with their scales."""
+        return self._layers[index]
+
+    def _operand(self, name: str, index: int) -> torch.Tensor | QuantizedKV:
+        codes = (self.k if name == "k" else self.v)[index]
+        if not self.spec.is_quantized:
+            return codes
+        zero, scales = self.scales.get(f"{name}_zero"), self.spec.scales
+        return QuantizedKV(codes, self.scales[f"{name}_scale"][index], None if zero is None else zero[index],
+                           scales.group_size if name == "k" else scales.value_group_size, scales.hadamard)
+
+    def layer_scales(self, index: int) -> tuple[torch.Tensor, ...]:
+        """Layer `index`'s scale tensors in `spec.scale_shapes()` order: what travels beside its k and v."""
+        return tuple(self.scales[name][index] for name in self.spec.scale_shapes())
 
     def __repr__(self) -> str:
         return (f"KVCache(layers={self.num_layers}, blocks={self.num_blocks}, block_size={self.block_size}, "

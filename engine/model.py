@@ -66,7 +66,7 @@ class LlamaAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(attention output, x + residual) for the layer input x and its norm."""
         num_tokens = x.shape[0]
-        k_cache, v_cache = kv.k[self.layer_index], kv.v[self.layer_index]
+        k_cache, v_cache = kv.layer(self.layer_index)  # tensors, or QuantizedKV with their scales
         if type(self.qkv_proj) is Linear:
             # Norm, qkv projection, rotary, KV store: one op (one kernel for a CUDA decode row).
             q, residual = self.kernels.rms_norm_qkv_rotary_store(

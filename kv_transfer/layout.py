@@ -7,7 +7,7 @@ import enum
 import json
 from typing import Any, Protocol
 
-from contracts.kv_cache_spec import KVCacheSpec, KVScales, ScaleKind
+from contracts.kv_cache_spec import KVCacheSpec, KVScales
 
 # 2: the layout carries the cache's KVCacheSpec (logical dtype, scales) instead of a torch dtype name.
 _WIRE_VERSION = 2
@@ -34,7 +34,9 @@ class CacheTensor(Protocol):
 @dataclasses.dataclass(frozen=True)
 class KVLayout:
     """One worker's KV cache on the wire, built from its spec, layer count and TP shard: per layer, k and v
-    are `[num_blocks, *spec.storage_block_shape]` of `spec.storage_dtype`, sent as stored."""
+    are `[num_blocks, *spec.storage_block_shape]` of `spec.storage_dtype`, then each of `scale_names()`
+    (`[num_blocks, *shape]` of `spec.scales.dtype`), all sent as stored: a quantized cache's bytes and scales
+    land on the decode side unchanged, never re-quantized."""
 
     spec: KVCacheSpec
     num_layers: int
@@ -48,10 +50,6 @@ class KVLayout:
                 raise ValueError(f"KVLayout.{name} must be an int >= 1, got {value!r}")
         if not isinstance(self.tp_rank, int) or not 0 <= self.tp_rank < self.tp_size:
             raise ValueError(f"KVLayout.tp_rank must be in [0, {self.tp_size}), got {self.tp_rank!r}")
-        if self.spec.scales.kind is not ScaleKind.NONE:
-            # Frames carry k and v only: shipping such a cache would drop its scales.
-            raise ValueError(f"KV transfer does not carry {self.spec.scales.kind} scales yet "
-                             f"(a {self.spec.dtype} cache)")
 
     @property
     def dtype(self) -> str:
@@ -70,6 +68,28 @@ class KVLayout:
     def block_bytes(self) -> int:
         """Bytes of one block of k (or v) for one layer."""
         return self.spec.value_bytes_per_block
+
+    def scale_names(self) -> tuple[str, ...]:
+        """The scale tensors a layer frame carries after k and v, in order (none for float caches)."""
+        return tuple(self.spec.scale_shapes())
+
+    def bytes_per_token(self) -> int:
+        """Bytes one token of one layer puts on the wire: k, v and their scales (frame padding aside)."""
+        return self.spec.bytes_per_token
+
+    def wire_ratio_vs_bf16(self) -> float:
+        """bytes_per_token over a bf16 cache's of the same heads and head_dim."""
+        bf16 = KVCacheSpec(self.spec.block_size, self.spec.num_kv_heads, self.spec.head_dim, "bfloat16")
+        return self.spec.bytes_per_token / bf16.bytes_per_token
+
+    def check_scales(self, scales: tuple[CacheTensor, ...], what: str = "scales") -> None:
+        """Raise ValueError unless `scales` are `scale_names()`'s tensors: `[num_blocks, *shape]`, scale
+        dtype, in order."""
+        shapes = self.spec.scale_shapes()
+        got = [(tuple(t.shape)[1:], str(t.dtype).removeprefix("torch.")) for t in scales]
+        want = [(shape, self.spec.scales.dtype) for shape in shapes.values()]
+        if got != want:
+            raise ValueError(f"{what} {got} do not match the layout's {list(shapes)} {want}")
 
     def num_blocks_for(self, num_tokens: int) -> int:
         """Blocks that hold `num_tokens` tokens (what the sender ships for a prompt of that length)."""

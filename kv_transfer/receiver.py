@@ -230,6 +230,7 @@ class KVReceiveEndpoint:
         for i, (k, v) in enumerate(zip(k_caches, v_caches, strict=True)):
             layout.check_cache(k, f"k cache of layer {i}")
             layout.check_cache(v, f"v cache of layer {i}")
+            layout.check_scales(tuple(extra_caches[i]) if extra_caches else (), f"scales of layer {i}")
         self.channel = channel
         self.layout = layout
         self._tensors = [

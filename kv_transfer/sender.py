@@ -73,12 +73,14 @@ class KVSender(TransferLifecycle["KVSender"]):
         src_block_ids: Sequence[int],
         extra: Sequence[torch.Tensor] = (),
     ) -> None:
-        """Copy `k_cache[src_block_ids]`, `v_cache[...]` (and `extra[i][...]`, e.g. quantization scales with a
-        leading block dim) of the first ceil(num_tokens/block_size) blocks, checksum, issue an async send."""
+        """Copy `k_cache[src_block_ids]`, `v_cache[...]` and `extra[i][...]` (the layout's scale tensors, in
+        `layout.scale_names()` order) of the first ceil(num_tokens/block_size) blocks, checksum, issue an
+        async send."""
         if not 0 <= layer < self.layout.num_layers:
             raise ValueError(f"layer {layer} out of range [0, {self.layout.num_layers})")
         self.layout.check_cache(k_cache, f"k cache of layer {layer}")
         self.layout.check_cache(v_cache, f"v cache of layer {layer}")
+        self.layout.check_scales(tuple(extra), f"scales of layer {layer}")
         if len(src_block_ids) < self.num_blocks:
             raise ValueError(
                 f"{self.target.request_id}: {self.target.num_tokens} tokens need {self.num_blocks} "

@@ -154,7 +154,8 @@ class PrefillService(WorkerService):
             for seq, pending in completing:
                 if pending.first_send is None:
                     pending.first_send = time.perf_counter()
-                pending.sender.send_layer(layer, kv.k[layer], kv.v[layer], seq.block_table)
+                pending.sender.send_layer(layer, kv.k[layer], kv.v[layer], seq.block_table,
+                                          kv.layer_scales(layer))
 
         run = self.engine.execute(out, layer_hook=send_layer if completing and self.stream_layers else None)
         computed = time.perf_counter()

@@ -25,6 +25,7 @@ from bench.transfer._kv_services import (
     pair_group,
     weights_fingerprint,
 )
+from contracts.kv_cache_spec import scales_for
 from contracts.sampling import SamplingParams
 from contracts.transfer import TransferTarget
 from decode_worker.api import ReserveRequest
@@ -53,6 +54,7 @@ class BenchPlan:
     bandwidth_repeats: int
     threads: int  # torch intra-op threads per process on CPU; 0 = torch's default
     seed: int = 1234
+    kv_cache_dtype: str = "auto"  # EngineConfig.kv_cache_dtype of both sides
 
     def device_of(self, role: str) -> str:
         if self.device == "cpu":
@@ -64,7 +66,7 @@ class BenchPlan:
         # One request at a time: room for the longest prompt plus its output, and a spare block.
         blocks = -(-(max(self.prompts) + self.new_tokens) // block_size) + 1
         return EngineConfig(model_path=self.model, device=self.device_of(role), dtype=self.dtype,
-                            block_size=block_size, num_kv_blocks=blocks,
+                            kv_cache_dtype=self.kv_cache_dtype, block_size=block_size, num_kv_blocks=blocks,
                             max_batch_tokens=self.max_batch_tokens,
                             max_model_len=max(self.prompts) + self.new_tokens)
 
@@ -176,10 +178,22 @@ def _decode(plan: BenchPlan, conn: Any, results: Any) -> None:
         "bandwidth_alone": bandwidth,
         "weights_identical": all(p == decode_print for p in prefill_prints.values()),
         "kv_dtype": layout.dtype,
-        "kv_bytes_per_token": 2 * layout.num_layers * layout.block_bytes() // layout.block_size,
+        "kv_bytes_per_token": layout.num_layers * layout.bytes_per_token(),
+        "wire_bytes_per_token_layer": _wire_bytes(layout),
         "num_layers": layout.num_layers,
         "devices": _device_names(plan),
     }))
+
+
+def _wire_bytes(layout: KVLayout) -> dict[str, dict[str, float]]:
+    """Bytes per token per layer on the wire (k, v, scales) of each cache dtype for this model's heads, and
+    their ratio to bf16: computed from the layout each dtype's spec gives."""
+    out = {}
+    for dtype in ("bfloat16", "int8", "int4"):
+        spec = replace(layout.spec, dtype=dtype, scales=scales_for(dtype, layout.spec.head_dim))
+        other = KVLayout(spec, layout.num_layers)
+        out[dtype] = {"bytes": other.bytes_per_token(), "vs_bf16": other.wire_ratio_vs_bf16()}
+    return out
 
 
 async def _drive(plan: BenchPlan, service: TimedDecodeService, conn: Any,

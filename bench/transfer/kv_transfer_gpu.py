@@ -26,11 +26,12 @@ import torch
 import torch.multiprocessing as mp
 
 from bench.transfer._kv_workers import AFTER_PREFILL, LAYERWISE, MODES, BenchPlan, decode_main, prefill_main
+from engine.config import KV_CACHE_DTYPES
 
 EXPOSED_GOAL = 0.10  # exposed transfer ≤ 10% of prefill time with layer-wise streaming
 DEFAULT_GPU_OUT = "bench/results/kv_transfer_2gpu.json"
-QUANTIZED_CACHES = ("int8", "int4")
-NOT_YET = "n/a (no quantized cache yet)"
+# Wire budget per token per layer, as a fraction of bf16's (issue 12).
+WIRE_BUDGET = {"int8": 0.53, "int4": 0.30}
 _TIMED = ("queue_s", "prefill_s", "exposed_s", "exposed_service_s", "transfer_s", "ttft_s",
           "submit_to_prefill_s")
 
@@ -45,7 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cuda: prefill on cuda:0, decode on cuda:1 (NCCL); cpu: two CPU processes (gloo)")
     p.add_argument("--model", default="random:llama-3-8b",
                    help="random:PRESET, a GGUF file or an HF directory")
-    p.add_argument("--dtype", default="bfloat16", help="compute and KV-cache dtype")
+    p.add_argument("--dtype", default="bfloat16", help="compute dtype")
+    p.add_argument("--kv-cache", default="auto", choices=KV_CACHE_DTYPES,
+                   help="KV cache dtype of both workers (auto = the compute dtype)")
     p.add_argument("--prompts", default="1024,4096,16384", help="comma-separated prompt lengths (tokens)")
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per request")
     p.add_argument("--max-batch-tokens", type=int, default=0,
@@ -74,7 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def plan_from_args(args: argparse.Namespace) -> BenchPlan:
-    return BenchPlan(device=args.device, model=args.model, dtype=args.dtype, prompts=args.prompt_list,
+    return BenchPlan(device=args.device, model=args.model, dtype=args.dtype, kv_cache_dtype=args.kv_cache,
+                     prompts=args.prompt_list,
                      new_tokens=args.new_tokens,
                      max_batch_tokens=args.max_batch_tokens or max(args.prompt_list),
                      repeats=args.repeats, warmup=args.warmup, bandwidth_repeats=args.bandwidth_repeats,
@@ -150,7 +154,7 @@ def summarize(plan: BenchPlan, payload: dict[str, Any]) -> dict[str, Any]:
         "ids_match": all(r["ids_match"] for r in runs),
         "exposed_goal_fraction": EXPOSED_GOAL,
         "results": rows,
-        "quantized_caches": [{"kv_dtype": q, "status": NOT_YET} for q in QUANTIZED_CACHES],
+        "wire_bytes_per_token_layer": payload["wire_bytes_per_token_layer"],
         "runs": runs,
     }
 
@@ -179,8 +183,12 @@ def format_report(report: dict[str, Any]) -> str:
     rows = [[str(row["prompt_tokens"]), row["kv_dtype"], f"{row[AFTER_PREFILL]['kv_bytes'] / 1e6:.2f}",
              f"{row['bandwidth_alone_gbps']:.3g}", f"{row[AFTER_PREFILL]['transfer_gbps']:.3g}",
              f"{row[LAYERWISE]['transfer_gbps']:.3g}"] for row in report["results"]]
-    rows += [["all", q["kv_dtype"], "n/a", "n/a", "n/a", q["status"]] for q in report["quantized_caches"]]
     lines += _table(["prompt", "cache", "KV MB", "alone GB/s", "after GB/s", "layerwise GB/s"], rows)
+    lines += ["", "Bytes on the wire per token per layer (k, v and scales, from each dtype's layout)"]
+    wire = report["wire_bytes_per_token_layer"]
+    rows = [[dtype, str(w["bytes"]), f"{w['vs_bf16']:.3f}",
+             f"<= {WIRE_BUDGET[dtype]}" if dtype in WIRE_BUDGET else ""] for dtype, w in wire.items()]
+    lines += _table(["cache", "bytes", "vs bf16", "budget"], rows)
     lines += ["", (f"Exposed transfer (prefill's last layer → decode holds all KV) and TTFT split, ms; "
                    f"goal: layer-wise exposed ≤ {EXPOSED_GOAL:.0%} of prefill")]
     rows = []

@@ -17,9 +17,12 @@ from kernels.attention.config import (
 )
 from kernels.attention.tiles import NEG_BIG, attend_kv, attend_tile, load_kv, merge_splits
 from kernels.pdl import pdl_launch, pdl_release, pdl_wait
+from kernels.store_kv.kernel import hadamard_rows
+from kernels.store_kv.quant import QuantizedKV
 
 if TYPE_CHECKING:
     from kernels.attention.metadata import AttentionMetadata
+    from kernels.store_kv.reference import KVOperand
 
 _LOG2E = 1.4426950408889634
 
@@ -34,10 +37,15 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIXED: tl.constexpr,
     MERGE_IN_PLACE: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
     PRELOAD: tl.constexpr,
+    k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
+    stride_ks_slot, stride_ks_h, stride_vs_slot, stride_vs_h,
+    KV_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr, HADAMARD: tl.constexpr,
 ):
     """One program: one sequence, one KV head (all its GROUP query heads packed as dot rows), one KV split.
 
     MIXED: the batch also holds multi-row chunks (the prefill kernel's); this kernel serves 1-row sequences.
+    KV_BITS 8 / 4: a quantized cache (tiles dequantized in registers); HADAMARD: its rows are stored rotated,
+    so q is rotated the same way and the output rotated back.
     """
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -62,7 +70,9 @@ def _decode_kernel(
         # read before waiting for the kernels before this one (which store the newest position and make q).
         pos0 = start + tl.arange(0, BLOCK_N)
         k0, v0 = load_kv(k_cache_ptr, v_cache_ptr, block_row, pos0, kv_head, stride_cb, stride_ct, stride_ch,
-                          pos0 < tl.minimum(end, seq_len - 1), HEAD_DIM, BLOCK_D, BLOCK_SIZE, True)
+                          pos0 < tl.minimum(end, seq_len - 1), HEAD_DIM, BLOCK_D, BLOCK_SIZE, True,
+                          k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_ks_slot, stride_ks_h,
+                          stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP)
         first = start + BLOCK_N
     pdl_wait(USE_PDL)  # q and this step's KV come from the kernels before (kernels/pdl.py)
     pdl_release(USE_PDL)
@@ -75,6 +85,8 @@ def _decode_kernel(
     busy = offs_g < tl.where(start < seq_len, GROUP, 0)  # a bound, not a scalar mask (the interpreter)
     q = tl.load(q_ptr + row.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=busy[:, None] & d_mask[None, :], other=0.0)
+    if HADAMARD:  # q·k = (q H)·(k H): score against the keys as stored
+        q = hadamard_rows(q.to(tl.float32)).to(q.dtype)
 
     m_i = tl.full([BLOCK_G], NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -82,7 +94,9 @@ def _decode_kernel(
     if PRELOAD:
         newest = (pos0 == seq_len - 1) & (pos0 < end)  # stored by the kernel before: read it now
         kn, vn = load_kv(k_cache_ptr, v_cache_ptr, block_row, pos0, kv_head, stride_cb, stride_ct, stride_ch,
-                          newest, HEAD_DIM, BLOCK_D, BLOCK_SIZE, True)
+                          newest, HEAD_DIM, BLOCK_D, BLOCK_SIZE, True,
+                          k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_ks_slot, stride_ks_h,
+                          stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP)
         k0 = tl.where(newest[:, None], kn, k0)
         v0 = tl.where(newest[:, None], vn, v0)
         acc, m_i, l_i = attend_kv(acc, m_i, l_i, q, 0, k0, v0, pos0, pos0 < end, scale_log2, True, False,
@@ -92,12 +106,18 @@ def _decode_kernel(
     for n0 in range(first, full_end, BLOCK_N):
         acc, m_i, l_i = attend_tile(
             acc, m_i, l_i, q, 0, k_cache_ptr, v_cache_ptr, block_row, n0, end, kv_head, stride_cb, stride_ct,
-            stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, False, False, DOT_PRECISION)
+            stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, False, False, DOT_PRECISION,
+            k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_ks_slot, stride_ks_h,
+            stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP)
     for n0 in range(full_end, end, BLOCK_N):
         acc, m_i, l_i = attend_tile(
             acc, m_i, l_i, q, 0, k_cache_ptr, v_cache_ptr, block_row, n0, end, kv_head, stride_cb, stride_ct,
-            stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, True, False, DOT_PRECISION)
+            stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, True, False, DOT_PRECISION,
+            k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_ks_slot, stride_ks_h,
+            stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP)
 
+    if HADAMARD:  # values were stored as v H: the weighted sum comes back by H (H H = I); linear, so before
+        acc = hadamard_rows(acc)  # the split merge too
     if NUM_SPLITS == 1:
         # Empty sequences (padding rows of a captured batch) have l == 0: write zeros, not NaN.
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -153,6 +173,9 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKIP_SINGLE_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
+    stride_ks_slot, stride_ks_h, stride_vs_slot, stride_vs_h,
+    KV_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr, HADAMARD: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one sequence's chunk, one query head. Context from the paged cache.
 
@@ -177,6 +200,8 @@ def _prefill_kernel(
         rows = (q_start + offs_m).to(tl.int64)
         q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
                     mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        if HADAMARD:  # as in the decode kernel
+            q = hadamard_rows(q.to(tl.float32)).to(q.dtype)
         q_pos = context_len + offs_m
         block_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
         # Keys before this tile's first query position are visible to every row: whole tiles of those need no
@@ -192,13 +217,17 @@ def _prefill_kernel(
             acc, m_i, l_i = attend_tile(
                 acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_row, n0, kv_end, kv_head, stride_cb,
                 stride_ct, stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, False, False,
-                DOT_PRECISION)
+                DOT_PRECISION, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_ks_slot, stride_ks_h,
+                stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP)
         for n0 in range(full_end, kv_end, BLOCK_N):
             acc, m_i, l_i = attend_tile(
                 acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_row, n0, kv_end, kv_head, stride_cb,
                 stride_ct, stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, True, True,
-                DOT_PRECISION)
+                DOT_PRECISION, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_ks_slot, stride_ks_h,
+                stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP)
 
+        if HADAMARD:
+            acc = hadamard_rows(acc)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         dst = out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
         tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
@@ -209,19 +238,41 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> None:
-    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+def _quantized_args(k_cache: KVOperand, v_cache: KVOperand) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(k and v as stored, the kernels' quantization arguments): scale / zero tensors and their strides, bits,
+    group sizes, rotation; None (constexprs) for float caches, whose kernels compile as before."""
+    if not isinstance(k_cache, QuantizedKV):
+        return k_cache, v_cache, dict(
+            k_scale_ptr=None, k_zero_ptr=None, v_scale_ptr=None, v_zero_ptr=None, stride_ks_slot=None,
+            stride_ks_h=None, stride_vs_slot=None, stride_vs_h=None, KV_BITS=0, K_GROUP=0, V_GROUP=0,
+            HADAMARD=False)
+    head_dim = k_cache.shape[3]
+    if head_dim & (head_dim - 1) or not all(t.is_contiguous() for t in (k_cache.scale, v_cache.scale)):
+        raise ValueError("paged_attention: quantized caches need a power-of-two head_dim, contiguous scales")
+    return k_cache.codes, v_cache.codes, dict(
+        k_scale_ptr=k_cache.scale, k_zero_ptr=k_cache.zero, v_scale_ptr=v_cache.scale,
+        v_zero_ptr=v_cache.zero,
+        stride_ks_slot=k_cache.scale.stride(1), stride_ks_h=k_cache.scale.stride(2),
+        stride_vs_slot=v_cache.scale.stride(1), stride_vs_h=v_cache.scale.stride(2), KV_BITS=k_cache.bits,
+        K_GROUP=k_cache.group_size, V_GROUP=v_cache.group_size, HADAMARD=k_cache.hadamard)
+
+
+def _check(q: torch.Tensor, k_cache: KVOperand, v_cache: KVOperand, meta: AttentionMetadata) -> None:
+    """Shapes are the logical ones (a QuantizedKV's too); strides those of the stored tensors."""
+    if q.dim() != 3 or len(k_cache.shape) != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(
             f"paged_attention: q {tuple(q.shape)}, caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)}")
     if q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
         raise ValueError(
             f"paged_attention: q heads/dim {tuple(q.shape[1:])} do not fit KV {tuple(k_cache.shape[2:])}")
+    if isinstance(k_cache, QuantizedKV):
+        k_cache, v_cache = k_cache.codes, v_cache.codes
     if k_cache.shape[1] != meta.block_size or k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
         raise ValueError("paged_attention: caches must share strides, be dense in D, match meta.block_size")
 
 
 def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                   scale: float, out: torch.Tensor, num_splits: int | None, mixed: bool) -> None:
+                   scale: float, out: torch.Tensor, num_splits: int | None, mixed: bool, quant: dict) -> None:
     num_seqs = meta.seq_lens.shape[0]
     _, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -255,7 +306,7 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         BLOCK_SIZE=meta.block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, MIXED=mixed,
         MERGE_IN_PLACE=in_place, BLOCK_S=triton.next_power_of_2(num_splits), PRELOAD=preload,
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
-        **pdl_launch(q.device),
+        **pdl_launch(q.device), **quant,
     )
     if num_splits > 1 and not in_place:
         _decode_reduce_kernel[(num_seqs, num_heads)](
@@ -268,7 +319,7 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 
 
 def _launch_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                    scale: float, out: torch.Tensor, skip_single_rows: bool) -> None:
+                    scale: float, out: torch.Tensor, skip_single_rows: bool, quant: dict) -> None:
     _, num_heads, head_dim = q.shape
     block_m, block_n, warps, stages = prefill_config(head_dim, meta.max_query_len, q.device.type == "cpu")
     grid = (triton.cdiv(meta.max_query_len, block_m), meta.seq_lens.shape[0], num_heads)
@@ -279,53 +330,57 @@ def _launch_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         meta.block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=num_heads // k_cache.shape[2], HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=meta.block_size, BLOCK_M=block_m, BLOCK_N=block_n, SKIP_SINGLE_ROWS=skip_single_rows,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages, **quant,
     )
 
 
 def paged_decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+    q: torch.Tensor, k_cache: KVOperand, v_cache: KVOperand, meta: AttentionMetadata, scale: float,
     num_splits: int | None = None,
 ) -> torch.Tensor:
     """Decode-only batch (every sequence brings one query row) → [B, Hq, D]. `num_splits` None = auto."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_cache, v_cache, quant = _quantized_args(k_cache, v_cache)
     if q.shape[0]:
-        _launch_decode(q, k_cache, v_cache, meta, scale, out, num_splits, mixed=False)
+        _launch_decode(q, k_cache, v_cache, meta, scale, out, num_splits, mixed=False, quant=quant)
     return out
 
 
 def paged_prefill_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor, k_cache: KVOperand, v_cache: KVOperand, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     """The prefill kernel alone over any batch (chunks, decodes, mixes) → [T, Hq, D]."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_cache, v_cache, quant = _quantized_args(k_cache, v_cache)
     if q.shape[0]:
-        _launch_prefill(q, k_cache, v_cache, meta, scale, out, skip_single_rows=False)
+        _launch_prefill(q, k_cache, v_cache, meta, scale, out, skip_single_rows=False, quant=quant)
     return out
 
 
 def paged_attention_triton(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+    q: torch.Tensor, k_cache: KVOperand, v_cache: KVOperand, meta: AttentionMetadata, scale: float,
 ) -> torch.Tensor:
     """q [T, Hq, D] → [T, Hq, D], paged_attention_ref's contract; reads only meta's device tensors and ints.
 
     Decode-only batches run the split-K decode kernel. Other batches run the prefill kernel for multi-row
     chunks and the decode kernel for 1-row sequences beside them (each kernel skips the other's sequences on
-    device, so the host never needs to know which is which).
+    device, so the host never needs to know which is which). Quantized caches (QuantizedKV) are read as
+    stored: each tile is dequantized in registers.
     """
     _check(q, k_cache, v_cache, meta)
+    k_cache, v_cache, quant = _quantized_args(k_cache, v_cache)
     if q.stride(-1) != 1:
         q = q.contiguous()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.shape[0] == 0:
         return out
     if meta.is_decode_only:
-        _launch_decode(q, k_cache, v_cache, meta, scale, out, None, mixed=False)
+        _launch_decode(q, k_cache, v_cache, meta, scale, out, None, mixed=False, quant=quant)
     else:
         num_seqs = meta.seq_lens.shape[0]
         # T == B * max_query_len means every sequence brings max_query_len > 1 rows: no decode rows to serve.
         has_single_rows = q.shape[0] != num_seqs * meta.max_query_len
-        _launch_prefill(q, k_cache, v_cache, meta, scale, out, skip_single_rows=has_single_rows)
+        _launch_prefill(q, k_cache, v_cache, meta, scale, out, skip_single_rows=has_single_rows, quant=quant)
         if has_single_rows:
-            _launch_decode(q, k_cache, v_cache, meta, scale, out, None, mixed=True)
+            _launch_decode(q, k_cache, v_cache, meta, scale, out, None, mixed=True, quant=quant)
     return out

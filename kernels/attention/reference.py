@@ -7,8 +7,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from kernels.store_kv.quant import QuantizedKV, dequantize_blocks
+
 if TYPE_CHECKING:
     from kernels.attention.metadata import AttentionMetadata, SeqSpan
+    from kernels.store_kv.reference import KVOperand
 
 
 @functools.lru_cache(maxsize=16)
@@ -64,12 +67,13 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> 
 
 
 def paged_attention_ref(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor, k_cache: KVOperand, v_cache: KVOperand, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     """q [T, Hq, D] (this step's queries, rows laid out by meta.spans) → attention output [T, Hq, D].
 
     Each sequence's queries attend to all its cached tokens before them plus causally within the chunk, so one
     call serves chunked prefill, decode and mixed batches. The cache must already hold this step's KV.
+    Quantized caches (QuantizedKV) are dequantized one sequence's blocks at a time, never as a whole.
     """
     if len(meta.spans) == 1:  # one sequence (e.g. bs1 decode): no output buffer to scatter into
         return _attend_span(q, k_cache, v_cache, meta.spans[0], scale)
@@ -80,8 +84,19 @@ def paged_attention_ref(
     return out
 
 
-def _attend_span(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, span: SeqSpan,
+def _quantized_context(cache: QuantizedKV, block_ids: tuple[int, ...], seq_len: int,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """A sequence's seq_len rows of a quantized cache, dequantized to `dtype`, heads first [Hk, S, D]."""
+    index = torch.tensor(block_ids, dtype=torch.long, device=cache.device)
+    return dequantize_blocks(cache, index, dtype).flatten(0, 1)[:seq_len].transpose(0, 1)
+
+
+def _attend_span(q: torch.Tensor, k_cache: KVOperand, v_cache: KVOperand, span: SeqSpan,
                  scale: float) -> torch.Tensor:
+    if isinstance(k_cache, QuantizedKV):
+        k = _quantized_context(k_cache, span.block_ids, span.seq_len, q.dtype)
+        v = _quantized_context(v_cache, span.block_ids, span.seq_len, q.dtype)
+        return _attend(q, k, v, scale)
     k = _context(k_cache, span.block_ids, span.first_slot, span.seq_len)
     v = _context(v_cache, span.block_ids, span.first_slot, span.seq_len)
     if k.dtype != q.dtype:

@@ -10,9 +10,14 @@ NEG_BIG = tl.constexpr(-1.0e30)
 
 @triton.jit
 def load_kv(k_cache_ptr, v_cache_ptr, block_row, pos, kv_head, stride_cb, stride_ct, stride_ch, valid,
-             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr):
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr,
+             k_scale_ptr=None, k_zero_ptr=None, v_scale_ptr=None, v_zero_ptr=None, stride_ks_slot=0,
+             stride_ks_h=0, stride_vs_slot=0, stride_vs_h=0, KV_BITS: tl.constexpr = 0,
+             K_GROUP: tl.constexpr = 0, V_GROUP: tl.constexpr = 0):
     """K and V [len(pos), BLOCK_D] of one KV head at token positions `pos`, through the block table. MASKED:
-    only rows where `valid` (the rest read as zeros, no memory traffic)."""
+    only rows where `valid` (the rest read as zeros, no memory traffic). KV_BITS 8 / 4: the cache holds
+    quantized codes (kernels/store_kv/quant.py), dequantized here to float32 tiles with their scales; 0: the
+    cache's own dtype, as stored."""
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d[None, :] < HEAD_DIM
     if MASKED:
@@ -22,10 +27,45 @@ def load_kv(k_cache_ptr, v_cache_ptr, block_row, pos, kv_head, stride_cb, stride
         block = tl.load(block_row + pos // BLOCK_SIZE).to(tl.int64)
         kv_mask = d_mask
     token_off = block * stride_cb + (pos % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
-    kv_off = token_off[:, None] + offs_d[None, :]
-    k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-    v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+    if KV_BITS == 0:
+        kv_off = token_off[:, None] + offs_d[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+    else:  # quantized caches have power-of-two head dims: BLOCK_D == HEAD_DIM, no column mask
+        slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
+        k = _dequantize(k_cache_ptr, k_scale_ptr, k_zero_ptr, token_off, slot * stride_ks_slot
+                        + kv_head * stride_ks_h, valid, MASKED, KV_BITS, K_GROUP, BLOCK_D)
+        v = _dequantize(v_cache_ptr, v_scale_ptr, v_zero_ptr, token_off, slot * stride_vs_slot
+                        + kv_head * stride_vs_h, valid, MASKED, KV_BITS, V_GROUP, BLOCK_D)
     return k, v
+
+
+@triton.jit
+def _dequantize(codes_ptr, scale_ptr, zero_ptr, token_off, scale_off, valid, MASKED: tl.constexpr,
+                BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr):
+    """float32 [N, BLOCK_D] of quantized rows (BLOCK_D = head_dim): int8 codes times their row scale, or int4
+    pairs unpacked (low nibble first) times their group scale plus zero. MASKED: rows not `valid` read 0."""
+    N: tl.constexpr = token_off.shape[0]
+    offs_d = tl.arange(0, BLOCK_D)
+    if BITS == 8:
+        codes = _rows(codes_ptr + token_off[:, None] + offs_d[None, :], valid[:, None], MASKED)
+        scale = _rows(scale_ptr + scale_off, valid, MASKED)
+        return codes.to(tl.float32) * scale.to(tl.float32)[:, None]
+    pairs = tl.arange(0, BLOCK_D // 2)
+    packed = _rows(codes_ptr + token_off[:, None] + pairs[None, :], valid[:, None], MASKED)
+    codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), [N, BLOCK_D]).to(tl.float32)
+    group = scale_off[:, None] + offs_d[None, :] // GROUP
+    scale = _rows(scale_ptr + group, valid[:, None], MASKED).to(tl.float32)
+    zero = _rows(zero_ptr + group, valid[:, None], MASKED).to(tl.float32)
+    return codes * scale + zero
+
+
+@triton.jit
+def _rows(ptrs, valid, MASKED: tl.constexpr):
+    """Load `ptrs`, only where `valid` when MASKED (zeros elsewhere)."""
+    if MASKED:
+        return tl.load(ptrs, mask=valid, other=0)
+    return tl.load(ptrs)
 
 
 @triton.jit
@@ -55,6 +95,9 @@ def attend_tile(
     stride_cb, stride_ct, stride_ch, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BOUNDED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    k_scale_ptr=None, k_zero_ptr=None, v_scale_ptr=None, v_zero_ptr=None, stride_ks_slot=0, stride_ks_h=0,
+    stride_vs_slot=0, stride_vs_h=0, KV_BITS: tl.constexpr = 0, K_GROUP: tl.constexpr = 0,
+    V_GROUP: tl.constexpr = 0,
 ):
     """Online-softmax step over keys [n0, n0 + BLOCK_N) of one sequence and KV head, from paged blocks.
 
@@ -64,7 +107,8 @@ def attend_tile(
     pos = n0 + tl.arange(0, BLOCK_N)
     valid = pos < kv_end
     k, v = load_kv(k_cache_ptr, v_cache_ptr, block_row, pos, kv_head, stride_cb, stride_ct, stride_ch, valid,
-                    HEAD_DIM, BLOCK_D, BLOCK_SIZE, BOUNDED)
+                    HEAD_DIM, BLOCK_D, BLOCK_SIZE, BOUNDED, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
+                    stride_ks_slot, stride_ks_h, stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP)
     return attend_kv(acc, m_i, l_i, q, q_pos, k, v, pos, valid, scale_log2, BOUNDED, CAUSAL, DOT_PRECISION)
 
 

@@ -24,6 +24,8 @@ from kernels.pdl import pdl_launch, pdl_release, pdl_wait
 from kernels.rmsnorm.kernel import rms_norm_and_residual_triton
 from kernels.rotary.kernel import rotary_store_kv_triton
 from kernels.store_kv.kernel import store_kv_values
+from kernels.store_kv.quant import QuantizedKV
+from kernels.store_kv.reference import KVOperand
 
 
 @triton.jit
@@ -106,18 +108,21 @@ def fused_rms_norm_qkv_rotary_store(
 
 def rms_norm_qkv_rotary_store_triton(
     x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-    weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: KVOperand, v_cache: KVOperand,
     slot_mapping: torch.Tensor, num_heads: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """rms_norm_qkv_rotary_store_ref's contract: one kernel for one decode row; the norm, then the qkv GEMM
     with rotary + KV store in its epilogue for up to SKINNY_MAX_M rows; otherwise the norm + GEMM path, then
     the fused rotary + KV store kernel."""
     head_dim = k_cache.shape[3]
-    if (x.numel() == x.shape[-1] and slot_mapping.numel() == 1
+    # Quantized caches take the unfused path: these epilogues hold a few columns of a row, not the whole row
+    # a scale covers.
+    quantized = isinstance(k_cache, QuantizedKV)
+    if (not quantized and x.numel() == x.shape[-1] and slot_mapping.numel() == 1
             and norm_qkv_rope_supported(x, norm_weight, weight, residual, head_dim)):
         return fused_rms_norm_qkv_rotary_store(x, residual, norm_weight, eps, weight, cos, sin, k_cache,
                                                v_cache, slot_mapping, num_heads)
-    if qkv_rope_supported(x, weight, cos, sin, k_cache, v_cache, num_heads):
+    if not quantized and qkv_rope_supported(x, weight, cos, sin, k_cache, v_cache, num_heads):
         h, new_residual = rms_norm_and_residual_triton(x, norm_weight, eps, residual)
         q = qkv_rotary_store(h, weight, cos, sin, k_cache, v_cache, slot_mapping, num_heads)
         return q, new_residual

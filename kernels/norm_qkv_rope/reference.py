@@ -5,11 +5,12 @@ import torch
 
 from kernels.norm_linear.reference import rms_norm_linear_ref
 from kernels.rotary.reference import rotary_store_kv_ref
+from kernels.store_kv.reference import KVOperand
 
 
 def rms_norm_qkv_rotary_store_ref(
     x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-    weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: KVOperand, v_cache: KVOperand,
     slot_mapping: torch.Tensor, num_heads: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A layer's attention input in one op: RMSNorm (+ residual), the fused qkv projection, rotary, KV store.

@@ -6,7 +6,8 @@ import triton
 import triton.language as tl
 
 from kernels.pdl import pdl_launch, pdl_release, pdl_wait
-from kernels.store_kv.kernel import store_kv_values
+from kernels.store_kv.kernel import check_quantized_rows, quantized_operands, store_kv_values
+from kernels.store_kv.quant import QuantizedKV
 
 
 @triton.jit
@@ -70,8 +71,12 @@ def _rotary_store_kv_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_sin,
     stride_qot, stride_qoh, stride_kc_slot, stride_kc_h, stride_vc_slot, stride_vc_h,
+    k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
+    stride_ks_slot, stride_ks_h, stride_vs_slot, stride_vs_h,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
     BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr,
+    QUANTIZED: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr, K_HADAMARD: tl.constexpr,
+    V_HADAMARD: tl.constexpr,
 ):
     pdl_wait(USE_PDL)  # q, k, v come from the qkv projection just before (kernels/pdl.py)
     pdl_release(USE_PDL)
@@ -86,13 +91,23 @@ def _rotary_store_kv_kernel(
         first, second, k_mask = _rotated_halves(k_ptr, token, cos, sin, stride_kt, stride_kh, NUM_KV_HEADS,
                                                 HALF, BLOCK_KH, BLOCK_HALF)
         offs_h = tl.arange(0, BLOCK_KH)[:, None]
-        offs_d = tl.arange(0, BLOCK_HALF)[None, :]
-        store_kv_values(k_cache_ptr, slot, offs_h, offs_d, first, k_mask, stride_kc_slot, stride_kc_h)
-        store_kv_values(k_cache_ptr, slot, offs_h, offs_d + HALF, second, k_mask, stride_kc_slot, stride_kc_h)
+        if QUANTIZED:
+            # A quantized row's scale covers both halves: store whole rows (HALF == BLOCK_HALF here).
+            k = tl.reshape(tl.permute(tl.join(first, second), (0, 2, 1)), [BLOCK_KH, 2 * BLOCK_HALF])
+            cols = tl.arange(0, 2 * BLOCK_HALF)[None, :]
+            store_kv_values(k_cache_ptr, slot, offs_h, cols, k, (offs_h < NUM_KV_HEADS) & (cols < 2 * HALF),
+                            stride_kc_slot, stride_kc_h, k_scale_ptr, k_zero_ptr, stride_ks_slot, stride_ks_h,
+                            K_GROUP, K_HADAMARD)
+        else:
+            offs_d = tl.arange(0, BLOCK_HALF)[None, :]
+            store_kv_values(k_cache_ptr, slot, offs_h, offs_d, first, k_mask, stride_kc_slot, stride_kc_h)
+            store_kv_values(k_cache_ptr, slot, offs_h, offs_d + HALF, second, k_mask, stride_kc_slot,
+                            stride_kc_h)
         offs_full = tl.arange(0, 2 * BLOCK_HALF)[None, :]
         mask = (offs_h < NUM_KV_HEADS) & (offs_full < 2 * HALF)
         v = tl.load(v_ptr + token * stride_vt + offs_h * stride_vh + offs_full, mask=mask)
-        store_kv_values(v_cache_ptr, slot, offs_h, offs_full, v, mask, stride_vc_slot, stride_vc_h)
+        store_kv_values(v_cache_ptr, slot, offs_h, offs_full, v, mask, stride_vc_slot, stride_vc_h,
+                        v_scale_ptr, v_zero_ptr, stride_vs_slot, stride_vs_h, V_GROUP, V_HADAMARD)
 
 
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
@@ -137,7 +152,7 @@ def apply_rotary_triton(
 
 def rotary_store_kv_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    k_cache: torch.Tensor | QuantizedKV, v_cache: torch.Tensor | QuantizedKV, slot_mapping: torch.Tensor,
 ) -> torch.Tensor:
     """rotary_store_kv_ref's contract in one kernel: one program per token rotates its q heads into a fresh
     tensor and writes its rotated k heads and its v heads into cache slot `slot_mapping[t]` (< 0: skipped)."""
@@ -151,6 +166,10 @@ def rotary_store_kv_triton(
     if cos.shape != (num_tokens, half) or sin.shape != cos.shape:
         raise ValueError(
             f"rotary_store_kv: cos {tuple(cos.shape)}/sin {tuple(sin.shape)} must be [{num_tokens}, {half}]")
+    check_quantized_rows(k_cache, "rotary_store_kv")
+    quantized = isinstance(k_cache, QuantizedKV)
+    k_cache, k_scale, k_zero, ks_slot, ks_h, k_group, k_hadamard = quantized_operands(k_cache)
+    v_cache, v_scale, v_zero, vs_slot, vs_h, v_group, v_hadamard = quantized_operands(v_cache)
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("rotary_store_kv: caches must be contiguous [num_blocks, block_size, Hk, D]")
     q_out = torch.empty(q.shape, dtype=torch.promote_types(q.dtype, cos.dtype), device=q.device)
@@ -162,9 +181,11 @@ def rotary_store_kv_triton(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos.stride(0), sin.stride(0), q_out.stride(0), q_out.stride(1),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
+        k_scale, k_zero, v_scale, v_zero, ks_slot, ks_h, vs_slot, vs_h,
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HALF=half,
         BLOCK_QH=triton.next_power_of_2(num_q_heads), BLOCK_KH=triton.next_power_of_2(num_kv_heads),
-        BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_HALF=triton.next_power_of_2(half), QUANTIZED=quantized, K_GROUP=k_group, V_GROUP=v_group,
+        K_HADAMARD=k_hadamard, V_HADAMARD=v_hadamard,
         num_warps=4 if num_q_heads * head_dim >= 2048 else 1, **pdl_launch(q.device),
     )
     return q_out

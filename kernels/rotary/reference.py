@@ -5,7 +5,7 @@ import functools
 
 import torch
 
-from kernels.store_kv.reference import store_kv_ref
+from kernels.store_kv.reference import KVOperand, store_kv_ref
 
 
 def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
@@ -52,7 +52,7 @@ def apply_rotary_ref(
 
 def rotary_store_kv_ref(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    k_cache: KVOperand, v_cache: KVOperand, slot_mapping: torch.Tensor,
 ) -> torch.Tensor:
     """apply_rotary to q and k, then store_kv of the rotated k and of v; returns the rotated q."""
     q, k = apply_rotary_ref(q, k, cos, sin)

@@ -23,7 +23,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
            "--out", str(out)]
     proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "n/a (no quantized cache yet)" in proc.stdout
+    assert "Bytes on the wire per token per layer" in proc.stdout
     return json.loads(out.read_text())
 
 
@@ -60,5 +60,8 @@ def test_report_carries_bandwidth_exposure_and_ttft_split_per_prompt(report: dic
         assert row["layerwise"]["transfer_s"] >= row["layerwise"]["exposed_s"]
         assert row["after_prefill"]["transfer_s"] <= row["after_prefill"]["exposed_s"]
         assert row["exposed_goal_met"] == (row["layerwise"]["exposed_fraction"] <= 0.10)
-    assert [q["kv_dtype"] for q in report["quantized_caches"]] == ["int8", "int4"]
-    assert all(q["status"] == "n/a (no quantized cache yet)" for q in report["quantized_caches"])
+    wire = report["wire_bytes_per_token_layer"]
+    assert wire["bfloat16"] == {"bytes": 2 * 2 * 16 * 2, "vs_bf16": 1.0}
+    # head_dim 16: a row's scales weigh more than at 64 or 128 (test_kv_layout pins the budgets there).
+    assert wire["int8"]["bytes"] == 2 * 2 * (16 + 2)  # k and v, 2 heads: codes + a float16 scale
+    assert wire["int4"]["bytes"] == 2 * 2 * (8 + 2 + 2)  # 16 values a byte pair, one group's scale + zero

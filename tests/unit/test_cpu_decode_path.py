@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from contracts.kv_cache_spec import KVCacheSpec
+from contracts.kv_cache_spec import KVCacheSpec, scales_for
 from contracts.sampling import SamplingParams
 from engine.config import EngineConfig, ModelConfig
 from engine.cpu_decode import ColumnBlockLinear, FlatDecoder, use_column_blocks
@@ -178,6 +178,11 @@ def test_flat_decoder_needs_column_blocks_and_fp32() -> None:
     use_column_blocks(plain, parts=2)
     assert FlatDecoder.supports(plain, kv)
     assert not FlatDecoder.supports(plain, KVCache(KVCacheSpec(4, 1, 8, "bfloat16"), 1, 4))
+    # A quantized cache takes the plain forward (its attention reads the blocks as stored), never a
+    # dequantized copy.
+    for dtype in ("int8", "int4"):
+        quantized = KVCache(KVCacheSpec(4, 1, 8, dtype, scales_for(dtype, 8)), 1, 4)
+        assert not FlatDecoder.supports(plain, quantized)
 
 
 def test_executor_decodes_bs1_flat_and_falls_back_for_scattered_blocks_hooks_and_verify_steps() -> None:

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from contracts.kv_cache_spec import KVCacheSpec, KVScales, ScaleKind
+from contracts.kv_cache_spec import KVCacheSpec, KVScales, ScaleKind, scales_for
 from contracts.sampling import SamplingParams
 from engine.config import EngineConfig, ModelConfig
 from engine.executors.batch_inputs import prepare_inputs
@@ -59,10 +59,15 @@ def test_quantized_spec_allocates_its_scale_tensors_per_layer() -> None:
     kv = KVCache(spec, num_layers=2, num_blocks=5)
     assert kv.k[0].shape == (5, 4, 2, 4) and kv.k[0].dtype == torch.uint8  # two int4 values a byte
     assert {name: (len(ts), ts[0].shape) for name, ts in kv.scales.items()} == {
-        "k_scale": (2, (5, 1, 2, 8)), "v_scale": (2, (5, 4, 2, 2)),
-        "k_zero": (2, (5, 1, 2, 8)), "v_zero": (2, (5, 4, 2, 2)),
+        "k_scale": (2, (5, 4, 2, 2)), "v_scale": (2, (5, 4, 2, 2)),
+        "k_zero": (2, (5, 4, 2, 2)), "v_zero": (2, (5, 4, 2, 2)),
     }
     assert kv.bytes_per_block == 2 * spec.bytes_per_block
+    k, v = kv.layer(1)  # what the kernels take: the stored codes with their scales and zeros
+    assert k.codes is kv.k[1] and k.scale is kv.scales["k_scale"][1] and v.zero is kv.scales["v_zero"][1]
+    assert (k.bits, k.group_size, k.shape) == (4, 4, (5, 4, 2, 8))
+    names = ("k_scale", "v_scale", "k_zero", "v_zero")
+    assert all(t is kv.scales[n][1] for t, n in zip(kv.layer_scales(1), names, strict=True))
 
 
 def test_engine_config_picks_the_cache_dtype_and_rejects_others() -> None:
@@ -71,9 +76,12 @@ def test_engine_config_picks_the_cache_dtype_and_rejects_others() -> None:
     assert auto.k[0].dtype == torch.bfloat16 and len(auto.k) == TINY.num_layers
     wide = KVCache.for_model(TINY, EngineConfig(dtype="bfloat16", kv_cache_dtype="float32", num_kv_blocks=3))
     assert wide.spec.dtype == "float32" and wide.v[0].dtype == torch.float32
-    with pytest.raises(ValueError, match=r"kv_cache_dtype 'int8' is not supported; expected one of auto, "
-                                         r"float32, float16, bfloat16"):
-        EngineConfig(kv_cache_dtype="int8")
+    int8 = KVCache.for_model(TINY, EngineConfig(kv_cache_dtype="int8", num_kv_blocks=3, block_size=BLOCK))
+    assert int8.spec.scales == scales_for("int8", TINY.head_dim) and int8.k[0].dtype == torch.int8
+    assert int8.layer(0)[0].scale.shape == (3, BLOCK, TINY.num_kv_heads)
+    with pytest.raises(ValueError, match=r"kv_cache_dtype 'int2' is not supported; expected one of auto, "
+                                         r"float32, float16, bfloat16, int8, int4"):
+        EngineConfig(kv_cache_dtype="int2")
 
 
 def seq(request_id: str, tokens: list[int], blocks: list[int], max_tokens: int = 4) -> Sequence:

@@ -1,10 +1,10 @@
-"""KVCacheSpec: validation, storage shape and bytes per block for float and (future) quantized caches."""
+"""KVCacheSpec: validation, storage shape and bytes per block for float and quantized caches."""
 
 from __future__ import annotations
 
 import pytest
 
-from contracts.kv_cache_spec import KVCacheSpec, KVScales, ScaleKind
+from contracts.kv_cache_spec import KVCacheSpec, KVScales, ScaleKind, scales_for
 
 
 def test_float_spec_fills_its_storage_and_has_no_scales():
@@ -29,13 +29,24 @@ def test_int8_spec_keeps_one_scale_per_token_and_head():
 
 
 def test_int4_spec_packs_two_values_a_byte_with_grouped_scales_and_zeros():
-    spec = KVCacheSpec(16, 8, 128, "int4", scales=KVScales("grouped", group_size=16, zero_points=True))
+    spec = KVCacheSpec(16, 8, 128, "int4", scales=KVScales("grouped", group_size=16, zero_points=True,
+                                                            value_group_size=32))
     assert (spec.storage_dtype, spec.values_per_element) == ("uint8", 2)
     assert spec.storage_block_shape == (16, 8, 64)
-    # Keys are grouped along tokens (per channel), values along head_dim (per token).
-    assert spec.scale_shapes() == {"k_scale": (1, 8, 128), "v_scale": (16, 8, 8),
-                                   "k_zero": (1, 8, 128), "v_zero": (16, 8, 8)}
-    assert spec.bytes_per_block == 2 * 16 * 8 * 64 + 4 * 1024 * 4
+    # Both grouped along head_dim, per token: keys by group_size, values by value_group_size.
+    assert spec.scale_shapes() == {"k_scale": (16, 8, 8), "v_scale": (16, 8, 4),
+                                   "k_zero": (16, 8, 8), "v_zero": (16, 8, 4)}
+    assert spec.bytes_per_block == 2 * 16 * 8 * 64 + 2 * (16 * 8 * 8 + 16 * 8 * 4) * 4
+    assert spec.bytes_per_token == spec.bytes_per_block // 16
+
+
+def test_value_groups_default_to_the_key_groups_and_scales_for_picks_each_dtypes_format():
+    assert KVScales("grouped", group_size=8).value_group_size == 8
+    assert scales_for("bfloat16", 64) == KVScales()
+    assert scales_for("int8", 64) == KVScales("per_token_head", dtype="float16")
+    int4 = scales_for("int4", 64)
+    assert (int4.group_size, int4.value_group_size, int4.zero_points, int4.hadamard) == (32, 64, True, True)
+    assert scales_for("int4", 16).group_size == 16  # capped at head_dim
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -44,7 +55,10 @@ def test_int4_spec_packs_two_values_a_byte_with_grouped_scales_and_zeros():
     ({"head_dim": 7, "dtype": "int4", "scales": KVScales("grouped", 1)}, "head_dim 7 does not pack 2 values"),
     ({"dtype": "int8"}, "int8 KV cache needs scales"),
     ({"scales": KVScales("per_token_head")}, "float32 KV cache needs no scales"),
-    ({"dtype": "int4", "scales": KVScales("grouped", 24)}, "group_size 24 must divide block_size 16"),
+    ({"dtype": "int4", "scales": KVScales("grouped", 24)}, r"group sizes 24 \(keys\) and 24 \(values\) must "
+                                                           "divide head_dim 128"),
+    ({"head_dim": 96, "dtype": "int4", "scales": KVScales("grouped", 32, hadamard=True)},
+     "Hadamard rotation needs a power-of-two head_dim"),
 ])
 def test_invalid_spec_is_rejected_naming_the_problem(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from contracts.kv_cache_spec import KVCacheSpec, KVScales, ScaleKind
+from contracts.kv_cache_spec import KVCacheSpec, scales_for
 from engine.config import EngineConfig, ModelConfig
 from engine.kv_cache import KVCache
 from kv_transfer.layout import KVLayout, KVLayoutMismatch
@@ -54,10 +54,32 @@ def test_block_bytes_counts_one_block_of_k_for_one_layer():
     assert _layout(dtype="bfloat16").block_bytes() == 16 * 3 * 64 * 2
 
 
-def test_a_cache_with_scales_cannot_travel_yet():
-    # Frames carry k and v only; a quantized layout would silently drop its scales.
-    with pytest.raises(ValueError, match="does not carry per_token_head scales"):
-        _layout(dtype="int8", scales=KVScales(ScaleKind.PER_TOKEN_HEAD))
+@pytest.mark.parametrize("head_dim, kv_heads", [(64, 3), (128, 8)])  # the embedded model, Llama-3-8B
+def test_quantized_layouts_put_their_budgets_on_the_wire(head_dim: int, kv_heads: int) -> None:
+    ratios = {dtype: KVLayout(KVCacheSpec(16, kv_heads, head_dim, dtype, scales_for(dtype, head_dim)), 32)
+              .wire_ratio_vs_bf16() for dtype in ("bfloat16", "int8", "int4")}
+    assert ratios["bfloat16"] == 1.0
+    assert ratios["int8"] <= 0.53 and ratios["int4"] <= 0.30
+    int4 = KVLayout(KVCacheSpec(16, kv_heads, head_dim, "int4", scales_for("int4", head_dim)), 32)
+    # k, v codes at half a byte a value, then float16 scale and zero per 32 (keys) / 64 (values) values
+    assert int4.bytes_per_token() == kv_heads * (head_dim + 4 * head_dim // 32 + 4 * head_dim // 64)
+    assert int4.scale_names() == ("k_scale", "v_scale", "k_zero", "v_zero")
+
+
+def test_quantized_layout_round_trips_and_checks_its_scale_tensors() -> None:
+    layout = _layout(dtype="int4", scales=scales_for("int4", 64))
+    assert KVLayout.from_bytes(layout.to_bytes()) == layout
+    good = [torch.zeros(5, 16, 3, 2, dtype=torch.float16), torch.zeros(5, 16, 3, 1, dtype=torch.float16)] * 2
+    layout.check_scales(tuple(good))
+    with pytest.raises(ValueError, match=r"scales of layer 0 .* do not match the layout's \['k_scale'"):
+        layout.check_scales(tuple(good[:3]), "scales of layer 0")
+
+
+def test_a_spec_mismatch_in_scales_names_both_sides() -> None:
+    with pytest.raises(KVLayoutMismatch, match="dtype decode='int8' prefill='int4'.*scales.kind "
+                                               "decode='per_token_head' prefill='grouped'"):
+        _layout(dtype="int8", scales=scales_for("int8", 64)).check_compatible(
+            _layout(dtype="int4", scales=scales_for("int4", 64)), names=("decode", "prefill"))
 
 
 @pytest.mark.parametrize("bad", [{"tp_rank": 2, "tp_size": 2}, {"num_layers": -1}, {"tp_size": 0}])

@@ -1,0 +1,81 @@
+"""Perplexity of the embedded model per KV cache dtype (fp32 KV baseline vs int8 / int4), sliding windows."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+
+from engine.config import EngineConfig
+from engine.kv_cache import KVCache
+from engine.model_files import load_model, resolve_model_path
+from engine.tokenizer import Tokenizer
+from kernels.attention.metadata import AttentionMetadata, SeqSpan
+
+CONTEXT = 512
+STRIDE = 256  # each window after the first scores only its last STRIDE tokens (they see >= 256 of context)
+
+
+def kv_cache_configs() -> dict[str, dict[str, str]]:
+    """EngineConfig overrides of each KV cache config the quality harness measures, by row name."""
+    return {"baseline": {"kv_cache_dtype": "float32"}, "kv-int8": {"kv_cache_dtype": "int8"},
+            "kv-int4": {"kv_cache_dtype": "int4"}}
+
+
+def default_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[name] for name in sorted(topics))
+
+
+@torch.inference_mode()
+def perplexity(model, model_config, config: EngineConfig, ids: list[int]) -> float:
+    """exp(mean NLL) of `ids` under `model` with a KV cache built from `config` (ctx CONTEXT, STRIDE)."""
+    blocks = -(-CONTEXT // config.block_size)
+    kv = KVCache.for_model(model_config, config)
+    nll, scored = 0.0, 0
+    for start in range(0, max(len(ids) - 1, 1), STRIDE):
+        window = ids[start:start + CONTEXT + 1]
+        if len(window) < 2:
+            break
+        inputs, targets = window[:-1], torch.tensor(window[1:])
+        n = len(inputs)
+        span = SeqSpan(0, n, n, tuple(range(blocks))[: -(-n // config.block_size)], 0)
+        meta = AttentionMetadata.from_spans([span], list(range(n)), config.block_size)
+        hidden = model(torch.tensor(inputs), torch.arange(n), meta, kv)
+        first = 0 if start == 0 else n - min(STRIDE, n)
+        logits = model.compute_logits(hidden[first:])
+        nll += torch.nn.functional.cross_entropy(logits, targets[first:], reduction="sum").item()
+        scored += n - first
+        if start + CONTEXT + 1 >= len(ids):
+            break
+    return math.exp(nll / scored)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    path = resolve_model_path(None)
+    model_config, model = load_model(path, "float32", "cpu")
+    ids = Tokenizer.from_model(path).encode(default_text())[: args.tokens]
+    results: dict[str, dict[str, float]] = {}
+    for name, overrides in kv_cache_configs().items():
+        config = EngineConfig(num_kv_blocks=-(-CONTEXT // 16), **overrides)
+        t0 = time.monotonic()
+        ppl = perplexity(model, model_config, config, ids)
+        base = results.get("baseline", {}).get("ppl", ppl)
+        results[name] = {"ppl": ppl, "rel_delta": ppl / base - 1.0}
+        seconds = time.monotonic() - t0
+        print(f"{name:10s} ppl {ppl:8.4f}  delta {100 * (ppl / base - 1):+.3f}%  ({seconds:.0f}s)",
+              flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"tokens": len(ids), "configs": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
