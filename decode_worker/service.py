@@ -215,6 +215,8 @@ class DecodeService(WorkerService):
         if receiver is not None:
             receiver.abort(reason)
         known = self.engine.abort(request_id)
+        if known:
+            self._publish_stats()  # the freed blocks show in info() before the stream's last chunk goes out
         stream = self._active.pop(request_id, None)
         if stream is not None:
             stream.push(TokenChunk(request_id, (), stream.flush_text(), FinishReason.ABORT,
