@@ -47,17 +47,21 @@ def _dequantize(codes_ptr, scale_ptr, zero_ptr, token_off, scale_off, valid, MAS
     pairs unpacked (low nibble first) times their group scale plus zero. MASKED: rows not `valid` read 0."""
     N: tl.constexpr = token_off.shape[0]
     offs_d = tl.arange(0, BLOCK_D)
+    # One return, after both constexpr branches: the compiler (unlike the interpreter) still generates code
+    # after a return inside a constexpr `if`, and the int4 branch does not compile for int8 (no zeros).
     if BITS == 8:
         codes = _rows(codes_ptr + token_off[:, None] + offs_d[None, :], valid[:, None], MASKED)
         scale = _rows(scale_ptr + scale_off, valid, MASKED)
-        return codes.to(tl.float32) * scale.to(tl.float32)[:, None]
-    pairs = tl.arange(0, BLOCK_D // 2)
-    packed = _rows(codes_ptr + token_off[:, None] + pairs[None, :], valid[:, None], MASKED)
-    codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), [N, BLOCK_D]).to(tl.float32)
-    group = scale_off[:, None] + offs_d[None, :] // GROUP
-    scale = _rows(scale_ptr + group, valid[:, None], MASKED).to(tl.float32)
-    zero = _rows(zero_ptr + group, valid[:, None], MASKED).to(tl.float32)
-    return codes * scale + zero
+        rows = codes.to(tl.float32) * scale.to(tl.float32)[:, None]
+    else:
+        pairs = tl.arange(0, BLOCK_D // 2)
+        packed = _rows(codes_ptr + token_off[:, None] + pairs[None, :], valid[:, None], MASKED)
+        codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), [N, BLOCK_D]).to(tl.float32)
+        group = scale_off[:, None] + offs_d[None, :] // GROUP
+        scale = _rows(scale_ptr + group, valid[:, None], MASKED).to(tl.float32)
+        zero = _rows(zero_ptr + group, valid[:, None], MASKED).to(tl.float32)
+        rows = codes * scale + zero
+    return rows
 
 
 @triton.jit

@@ -38,17 +38,28 @@ def store_kv_values(cache_ptr, slot, head, col, values, mask, stride_slot, strid
 
 
 @triton.jit
+def _butterfly(x, STAGE: tl.constexpr):
+    """One stage of the fast Walsh-Hadamard transform over x's rows: pairs 2**STAGE apart become (a+b, a-b).
+    A function per stage, so each stage's span is a constexpr of its own (a constexpr can't be reassigned)."""
+    R: tl.constexpr = x.shape[0]
+    D: tl.constexpr = x.shape[1]
+    H: tl.constexpr = 1 << STAGE
+    if H < D:
+        pairs = tl.permute(tl.reshape(x, [R, D // (2 * H), 2, H]), (0, 1, 3, 2))
+        a, b = tl.split(pairs)
+        out = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), [R, D])
+    else:
+        out = x
+    return out
+
+
+@triton.jit
 def hadamard_rows(x):
     """x [R, D] @ H, H the normalized Sylvester Hadamard matrix of D (a power of two, <= 256): a fast
     Walsh-Hadamard transform in registers, log2(D) butterfly stages."""
-    R: tl.constexpr = x.shape[0]
     D: tl.constexpr = x.shape[1]
     for stage in tl.static_range(8):
-        H: tl.constexpr = 1 << stage
-        if H < D:
-            pairs = tl.permute(tl.reshape(x, [R, D // (2 * H), 2, H]), (0, 1, 3, 2))
-            a, b = tl.split(pairs)
-            x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), [R, D])
+        x = _butterfly(x, stage)
     return x * (1.0 / tl.sqrt(D * 1.0))
 
 
