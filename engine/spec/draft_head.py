@@ -14,6 +14,9 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.rope import rope_inv_freq
 
+# The head trained for the embedded SmolLM2-135M-Instruct (recipe: docs/speculative.md).
+DEFAULT_HEAD_PATH = Path(__file__).parent / "heads" / "smollm2-135m-instruct.safetensors"
+
 
 @dataclass(frozen=True)
 class DraftHeadConfig:

@@ -28,7 +28,6 @@ from engine.spec.ttt import Batch, ttt_loss
 from engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
-DEFAULT_HEAD = Path(__file__).parent / "heads" / "smollm2-135m-instruct.safetensors"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
