@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--ttt-steps", type=int, default=3, help="unrolled draft steps per training position")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--prompt-context", type=int, default=64,
+                   help="prompt tokens (the last ones) a training row may attend to")
     p.add_argument("--val", type=int, default=12, help="held-out examples (last of the data)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -69,16 +71,18 @@ def distil(args: argparse.Namespace, model, model_config, layers: tuple[int, ...
 
 
 def make_batch(examples: list[Example], columns: torch.Tensor, embed: torch.nn.Embedding,
-               t2d: torch.Tensor, device: torch.device) -> Batch:
-    n = max(len(e.token_ids) for e in examples)
+               t2d: torch.Tensor, device: torch.device, prompt_context: int) -> Batch:
+    # Only the last `prompt_context` prompt tokens are kept: the loss is on reply tokens only (the head
+    # drafts replies; the prompt is context), and most of a training step's cost is rows, not loss.
+    starts = [max(0, e.num_prompt_tokens - prompt_context) for e in examples]
+    n = max(len(e.token_ids) - s for e, s in zip(examples, starts, strict=True))
     ids = torch.zeros(len(examples), n, dtype=torch.int64)
     labels = torch.full((len(examples), n), -1, dtype=torch.int64)
     feats = torch.zeros(len(examples), n, columns.numel())
-    for b, e in enumerate(examples):
-        ids[b, :len(e.token_ids)] = e.token_ids
-        # Loss on reply tokens only: the target drafts for its replies; the prompt is context.
-        labels[b, e.num_prompt_tokens:len(e.token_ids)] = t2d[e.token_ids[e.num_prompt_tokens:]]
-        feats[b, :len(e.features)] = e.features.float()[:, columns]
+    for b, (e, s) in enumerate(zip(examples, starts, strict=True)):
+        ids[b, :len(e.token_ids) - s] = e.token_ids[s:]
+        labels[b, e.num_prompt_tokens - s:len(e.token_ids) - s] = t2d[e.token_ids[e.num_prompt_tokens:]]
+        feats[b, :len(e.features) - s] = e.features[s:].float()[:, columns]
     ids, labels, feats = ids.to(device), labels.to(device), feats.to(device)
     with torch.no_grad():
         emb = embed(ids).float()
@@ -91,7 +95,8 @@ def evaluate(head: DraftHead, examples: list[Example], args, columns, embed, t2d
     head.eval()
     with torch.no_grad():
         for i in range(0, len(examples), args.batch_size):
-            batch = make_batch(examples[i:i + args.batch_size], columns, embed, t2d, device)
+            batch = make_batch(examples[i:i + args.batch_size], columns, embed, t2d, device,
+                               args.prompt_context)
             for step, (c, n) in enumerate(ttt_loss(head, batch, args.ttt_steps)[1]):
                 totals[step][0] += c
                 totals[step][1] += n
@@ -163,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         batch = make_batch(rng.sample(train, min(args.batch_size, len(train))), columns, model.embed_tokens,
-                           t2d, device)
+                           t2d, device, args.prompt_context)
         loss, stats = ttt_loss(head, batch, args.ttt_steps)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -188,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
                    "train_reply": sum(len(e.token_ids) - e.num_prompt_tokens for e in train)},
         "distil_seconds": round(data["seconds"], 1), "reply_max_tokens": args.max_tokens,
         "features": args.features, "feature_layers": list(head_layers), "draft_vocab": args.draft_vocab,
-        "steps": step, "batch_size": args.batch_size, "ttt_steps": args.ttt_steps, "lr": args.lr,
+        "steps": step, "batch_size": args.batch_size, "prompt_context": args.prompt_context,
+        "ttt_steps": args.ttt_steps, "lr": args.lr,
         "seed": args.seed, "train_seconds": round(seconds, 1), "hardware": hardware,
         "val_accuracy_per_step": val_acc,
     }
