@@ -1,0 +1,77 @@
+"""Chain drafts from a DraftHead for one sequence, over the head's own KV of the accepted positions."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from engine.spec.draft_head import DraftHead
+from engine.spec.drafter import Drafter
+
+
+class HeadDrafter(Drafter):
+    """Position i's head input is [embedding of token i+1 ‖ fused target features of i]; its output predicts
+    token i+2 and stands in for the features of i+1 in the next draft step (the head reads its own output).
+
+    `accept` appends accepted positions to the head's KV; `propose` drafts on a copy that is then dropped,
+    so rejected drafts need no rollback. `draft_vocab_limit` drafts only over the first (most frequent) ids
+    of the head's subset, to measure what a smaller subset costs.
+    """
+
+    needs_features = True
+
+    def __init__(self, head: DraftHead, embed: nn.Embedding, draft_vocab_limit: int | None = None) -> None:
+        self.head = head
+        self.embed = embed
+        self.limit = draft_vocab_limit
+        self.num_committed = 0  # positions in the head's KV
+        self.k: torch.Tensor | None = None  # [1, Hk, n, D]
+        self.v: torch.Tensor | None = None
+        self.last: torch.Tensor | None = None  # block output of the last accepted position [1, 1, H]
+
+    def _run(self, token_ids: Sequence[int], g: torch.Tensor, start: int,
+             k_cache: torch.Tensor | None, v_cache: torch.Tensor | None):
+        """Rows at positions start.. with their next tokens and features g [1, T, H] → (a, k, v) caches."""
+        device = g.device
+        emb = self.embed(torch.tensor([list(token_ids)], device=device)).to(g.dtype)
+        positions = torch.arange(start, start + g.shape[1], device=device)
+        q, k, v = self.head.qkv(emb, g, positions)
+        if k_cache is not None:
+            k, v = torch.cat([k_cache, k], dim=2), torch.cat([v_cache, v], dim=2)
+        t, total = g.shape[1], k.shape[2]
+        mask = torch.ones(t, total, dtype=torch.bool, device=device).tril(total - t)
+        return self.head.finish(g, q, k, v, mask), k, v
+
+    @torch.no_grad()
+    def accept(self, token_ids: Sequence[int], features: torch.Tensor | None) -> None:
+        if features is None:
+            raise ValueError("the draft head needs the target's features")
+        start, n = self.num_committed, features.shape[0]
+        if start + n != len(token_ids) - 1:
+            raise ValueError(
+                f"{n} feature rows after {start} accepted positions, but {len(token_ids)} tokens")
+        if n == 0:
+            return
+        g = self.head.fuse(features.to(self.head.fc.weight.dtype)).unsqueeze(0)
+        a, self.k, self.v = self._run(token_ids[start + 1:], g, start, self.k, self.v)
+        self.last = a[:, -1:]
+        self.num_committed = start + n
+
+    def _draft(self, a: torch.Tensor) -> int:
+        logits = self.head.logits(a[0, -1])
+        if self.limit is not None:
+            logits = logits[:self.limit]
+        return int(self.head.d2t[int(logits.argmax())])
+
+    @torch.no_grad()
+    def propose(self, k: int) -> list[int]:
+        if self.last is None:
+            return []
+        drafts = [self._draft(self.last)]
+        a, k_cache, v_cache = self.last, self.k, self.v
+        while len(drafts) < k:
+            position = self.num_committed + len(drafts) - 1
+            a, k_cache, v_cache = self._run(drafts[-1:], a, position, k_cache, v_cache)
+            drafts.append(self._draft(a))
+        return drafts

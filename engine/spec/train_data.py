@@ -1,0 +1,85 @@
+"""Self-distillation data for the draft head: prompts over Debian package docs, the target's replies."""
+from __future__ import annotations
+
+import gzip
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.model import LlamaModel
+from engine.spec.chain_replay import chain_replay
+
+DOC_ROOT = Path("/usr/share/doc")
+# Licence texts repeat across hundreds of packages, changelogs are terse lists: neither reads like a request.
+_SKIP_NAMES = re.compile(r"^(copyright|changelog|news|license|copying)", re.IGNORECASE)
+# Code and markup read badly as prose prompts (and the eval prompts are chat questions).
+_SKIP_SUFFIXES = {".js", ".css", ".html", ".htm", ".py", ".c", ".h", ".json", ".xml", ".svg", ".pl", ".sh"}
+_INSTRUCTIONS = (
+    "Summarize the following text in a few sentences.\n\n{}",
+    "What is this text about? Explain it simply.\n\n{}",
+    "Explain the following to someone new to Linux.\n\n{}",
+    "Write three questions a reader might ask about this text, and answer them.\n\n{}",
+    "Rewrite this text in plain English.\n\n{}",
+    "What are the key points of the following?\n\n{}",
+    "{}\n\nWhat does this mean in practice?",
+    "Give a short example that illustrates this:\n\n{}",
+)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt + reply: token ids, how many are prompt, the target's features per position but the last."""
+
+    token_ids: torch.Tensor  # [N] int64
+    num_prompt_tokens: int
+    features: torch.Tensor  # [N - 1, F·H], stored as bfloat16
+
+
+def _read_text(path: Path) -> str:
+    try:
+        raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    except OSError:
+        return ""
+    if b"\0" in raw[:4096]:
+        return ""  # binary
+    return raw.decode("utf-8", errors="ignore")
+
+
+def doc_paragraphs(root: Path = DOC_ROOT, min_chars: int = 160, max_chars: int = 700) -> list[str]:
+    """Prose paragraphs from the docs (README, *.txt, *.md, …), deduplicated, in a fixed order."""
+    seen: set[str] = set()
+    out: list[str] = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not _SKIP_NAMES.match(p.name)
+                       and p.suffix.lower() not in _SKIP_SUFFIXES):
+        for block in re.split(r"\n\s*\n", _read_text(path)):
+            text = " ".join(block.split())
+            letters = sum(ch.isalpha() or ch == " " for ch in text)
+            if not min_chars <= len(text) <= max_chars or letters < 0.85 * len(text) or text in seen:
+                continue
+            seen.add(text)
+            out.append(text)
+    return out
+
+
+def training_prompts(count: int, seed: int, root: Path = DOC_ROOT) -> list[str]:
+    """`count` user messages: a seeded draw of paragraphs, each under one of a few instructions."""
+    paragraphs = doc_paragraphs(root)
+    if not paragraphs:
+        raise FileNotFoundError(f"no prose paragraphs under {root}")
+    rng = random.Random(seed)
+    chosen = rng.sample(paragraphs, min(count, len(paragraphs)))
+    return [rng.choice(_INSTRUCTIONS).format(p) for p in chosen]
+
+
+def build_examples(model: LlamaModel, prompts: Sequence[Sequence[int]], max_tokens: int,
+                   feature_layers: Sequence[int], eos_token_ids: Sequence[int], batch: int
+                   ) -> list[Example]:
+    """The target's greedy replies, with the layer outputs captured in the same forwards (one pass)."""
+    replay = chain_replay(model, prompts, max_tokens, batch=batch, eos_token_ids=eos_token_ids,
+                          feature_layers=feature_layers, keep_features=True, progress="distill")
+    return [Example(torch.tensor(list(p) + out), len(p), feats.to(torch.bfloat16))
+            for p, out, feats in zip(prompts, replay.outputs, replay.features, strict=True)]

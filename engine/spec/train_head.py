@@ -1,0 +1,209 @@
+"""One command trains a draft head: distil data, build the vocab map, TTT-train, export safetensors.
+
+    python -m engine.spec.train_head [--steps N] [--device cuda] [--time-budget S] [--fresh]
+
+Re-running continues from `<work-dir>/data.pt` and `<work-dir>/<name>.ckpt.pt`: a CPU run here and a GPU
+run on the device extend the same training. The recipe (data, steps, time, hardware) goes into the exported
+file's metadata and `<work-dir>/<name>.recipe.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import platform
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from engine.model_files import load_model, resolve_model_path
+from engine.spec.draft_head import DraftHead, DraftHeadConfig, build_vocab_map, target_to_draft
+from engine.spec.target_forward import default_feature_layers
+from engine.spec.train_data import DOC_ROOT, Example, build_examples, training_prompts
+from engine.spec.ttt import Batch, ttt_loss
+from engine.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="target (GGUF / HF dir); default the embedded SmolLM2")
+    p.add_argument("--work-dir", type=Path, default=Path("runs/spec-head"), help="data and checkpoints")
+    p.add_argument("--name", default="fused", help="checkpoint name inside --work-dir")
+    p.add_argument("--out", type=Path, default=None, help="exported head (default: the work dir)")
+    p.add_argument("--features", choices=("fused", "last"), default="fused",
+                   help="fused: low/mid/high layer outputs; last: the last layer's only")
+    p.add_argument("--draft-vocab", type=int, default=4096,
+                   help="frequency-ranked target ids the head drafts")
+    p.add_argument("--num-prompts", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=128, help="reply length the target generates per prompt")
+    p.add_argument("--steps", type=int, default=400, help="optimizer steps in all (a resumed run goes on)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--ttt-steps", type=int, default=3, help="unrolled draft steps per training position")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--prompt-context", type=int, default=64,
+                   help="prompt tokens (the last ones) a training row may attend to")
+    p.add_argument("--val", type=int, default=12, help="held-out examples (last of the data)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1 on a shared box: oversubscribed pools thrash)")
+    p.add_argument("--time-budget", type=float, default=0.0,
+                   help="seconds of training, then checkpoint; 0 = none")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    return p.parse_args(argv)
+
+
+def distil(args: argparse.Namespace, model, model_config, layers: tuple[int, ...]) -> dict:
+    tokenizer = Tokenizer.from_model(resolve_model_path(args.model))
+    texts = training_prompts(args.num_prompts, args.seed)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
+    start = time.time()
+    examples = build_examples(model, prompts, args.max_tokens, layers, model_config.eos_token_ids, batch=32)
+    return {"layers": layers, "examples": examples, "seconds": time.time() - start,
+            "recipe_args": [args.num_prompts, args.max_tokens, args.seed],
+            "source": f"{len(texts)} paragraphs of {DOC_ROOT} (seed {args.seed}) under chat instructions"}
+
+
+def make_batch(examples: list[Example], columns: torch.Tensor, embed: torch.nn.Embedding,
+               t2d: torch.Tensor, device: torch.device, prompt_context: int) -> Batch:
+    # Only the last `prompt_context` prompt tokens are kept: the loss is on reply tokens only (the head
+    # drafts replies; the prompt is context), and most of a training step's cost is rows, not loss.
+    starts = [max(0, e.num_prompt_tokens - prompt_context) for e in examples]
+    n = max(len(e.token_ids) - s for e, s in zip(examples, starts, strict=True))
+    ids = torch.zeros(len(examples), n, dtype=torch.int64)
+    labels = torch.full((len(examples), n), -1, dtype=torch.int64)
+    feats = torch.zeros(len(examples), n, columns.numel())
+    for b, (e, s) in enumerate(zip(examples, starts, strict=True)):
+        ids[b, :len(e.token_ids) - s] = e.token_ids[s:]
+        labels[b, e.num_prompt_tokens - s:len(e.token_ids) - s] = t2d[e.token_ids[e.num_prompt_tokens:]]
+        feats[b, :len(e.features) - s] = e.features[s:].float()[:, columns]
+    ids, labels, feats = ids.to(device), labels.to(device), feats.to(device)
+    with torch.no_grad():
+        emb = embed(ids).float()
+    return Batch(emb, feats, labels)
+
+
+def evaluate(head: DraftHead, examples: list[Example], args, columns, embed, t2d, device) -> list[float]:
+    """Per unrolled step, the share of held-out reply tokens the head predicts exactly."""
+    totals = [[0, 0] for _ in range(args.ttt_steps)]
+    head.eval()
+    with torch.no_grad():
+        for i in range(0, len(examples), args.batch_size):
+            batch = make_batch(examples[i:i + args.batch_size], columns, embed, t2d, device,
+                               args.prompt_context)
+            for step, (c, n) in enumerate(ttt_loss(head, batch, args.ttt_steps)[1]):
+                totals[step][0] += c
+                totals[step][1] += n
+    head.train()
+    return [round(c / max(n, 1), 4) for c, n in totals]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    model_config, model = load_model(args.model, "float32", device)
+    layers = tuple(sorted({*default_feature_layers(model_config.num_layers), model_config.num_layers - 1}))
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    data_path = args.work_dir / "data.pt"
+    if data_path.exists():
+        data = torch.load(data_path, weights_only=False)
+        if data["recipe_args"] != [args.num_prompts, args.max_tokens, args.seed]:
+            raise SystemExit(f"{data_path} was built with (num_prompts, max_tokens, seed) = "
+                             f"{data['recipe_args']}: delete it or pass those")
+    else:
+        data = distil(args, model, model_config, layers)
+        torch.save(data, data_path)
+    examples: list[Example] = data["examples"]
+    train, val = examples[:-args.val], examples[-args.val:]
+    head_layers = (default_feature_layers(model_config.num_layers) if args.features == "fused"
+                   else (model_config.num_layers - 1,))
+    hidden = model_config.hidden_size
+    columns = torch.cat([torch.arange(hidden) + data["layers"].index(i) * hidden for i in head_layers])
+
+    counts = torch.zeros(model_config.vocab_size, dtype=torch.int64)
+    for e in train:
+        counts += torch.bincount(e.token_ids[e.num_prompt_tokens:], minlength=model_config.vocab_size)
+    d2t = build_vocab_map(counts, args.draft_vocab)
+    t2d = target_to_draft(d2t, model_config.vocab_size)
+    head = DraftHead(DraftHeadConfig.for_target(model_config, head_layers, args.draft_vocab)).to(device)
+    with torch.no_grad():
+        # The target's own (tied) output rows and final norm: a head that starts in the right output space.
+        head.d2t.copy_(d2t.to(device))
+        head.lm_head.weight.copy_(model.lm_head_weight[d2t.to(device)].float())
+        head.norm.weight.copy_(model.norm.weight.float())
+    optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    ckpt_path = args.work_dir / f"{args.name}.ckpt.pt"
+    step, seconds, rng = 0, 0.0, random.Random(args.seed)
+    if ckpt_path.exists() and not args.fresh:
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        head.load_state_dict(ckpt["head"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, seconds = ckpt["step"], ckpt["seconds"]
+        rng.setstate(ckpt["rng"])
+        logger.info("resumed %s at step %d", ckpt_path, step)
+
+    def lr_at(i: int) -> float:  # linear warm-up, cosine decay to 10% over --steps
+        warm = max(args.steps // 20, 1)
+        if i < warm:
+            return args.lr * (i + 1) / warm
+        done = min(1.0, (i - warm) / max(args.steps - warm, 1))
+        return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * done)))
+
+    def save_checkpoint() -> None:
+        torch.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                    "seconds": seconds, "rng": rng.getstate()}, ckpt_path)
+
+    bar = tqdm(total=args.steps, initial=step, desc="train", unit="step")
+    started = time.time()
+    while step < args.steps and not (args.time_budget and time.time() - started > args.time_budget):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        batch = make_batch(rng.sample(train, min(args.batch_size, len(train))), columns, model.embed_tokens,
+                           t2d, device, args.prompt_context)
+        loss, stats = ttt_loss(head, batch, args.ttt_steps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc0=f"{stats[0][0] / max(stats[0][1], 1):.3f}")
+        if step % 50 == 0:
+            save_checkpoint()
+    seconds += time.time() - started
+    bar.close()
+    save_checkpoint()
+
+    val_acc = evaluate(head, val, args, columns, model.embed_tokens, t2d, device)
+    hardware = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                else f"{platform.processor() or platform.machine()} CPU, {args.threads} torch threads")
+    recipe = {
+        "target": model_config.name, "data": data["source"],
+        "examples": {"train": len(train), "val": len(val)},
+        "tokens": {"train": sum(len(e.token_ids) for e in train),
+                   "train_reply": sum(len(e.token_ids) - e.num_prompt_tokens for e in train)},
+        "distil_seconds": round(data["seconds"], 1), "reply_max_tokens": args.max_tokens,
+        "features": args.features, "feature_layers": list(head_layers), "draft_vocab": args.draft_vocab,
+        "steps": step, "batch_size": args.batch_size, "prompt_context": args.prompt_context,
+        "ttt_steps": args.ttt_steps, "lr": args.lr,
+        "seed": args.seed, "train_seconds": round(seconds, 1), "hardware": hardware,
+        "val_accuracy_per_step": val_acc,
+    }
+    out = args.out or args.work_dir / f"{args.name}.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    head.save(out, metadata={"recipe": json.dumps(recipe, sort_keys=True)})
+    (args.work_dir / f"{args.name}.recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    logger.info("wrote %s (%.1f MB): %s", out, out.stat().st_size / 1e6, json.dumps(recipe))
+
+
+if __name__ == "__main__":
+    main()
