@@ -19,6 +19,9 @@ from engine.model import LayerHook, LlamaModel
 from engine.model_files import load_model, parse_dtype
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
+from engine.tp.comm import TPComm
+from engine.tp.group import TPGroup
+from engine.tp.shard import ShardPlan, shard_model
 from kernels.registry import KernelRegistry
 
 logger = logging.getLogger(__name__)
@@ -27,10 +30,11 @@ logger = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(
         self, config: EngineConfig, progress: bool = False,
-        model: tuple[ModelConfig, LlamaModel] | None = None,
+        model: tuple[ModelConfig, LlamaModel] | None = None, tp: TPGroup | None = None,
     ) -> None:
         """`model`: a built (config, model) on config.device in config.dtype, served instead of loading
-        config.model_path (random-weight benchmarks, engines sharing one model in tests)."""
+        config.model_path (random-weight benchmarks, engines sharing one model in tests).
+        `tp`: this rank's group when config.tp_size > 1; the model is sharded onto it after loading."""
         self.config = config
         dtype = parse_dtype(config.dtype)
         device = torch.device(config.device)
@@ -39,6 +43,14 @@ class LLMEngine:
             self.model_config, self.model = load_model(config.model_path, dtype, device, progress)
         else:
             self.model_config, self.model = model
+        self.tp_comm: TPComm | None = None
+        self.tp_plan: ShardPlan | None = None
+        if config.tp_size > 1:
+            if tp is None or tp.size != config.tp_size:
+                raise ValueError(f"tp_size {config.tp_size} needs a TP group of that size, got {tp}")
+            self.tp_comm = TPComm(tp, config.tp_comm)
+            self.tp_plan = shard_model(self.model, self.tp_comm, config.tp_overlap_chunks,
+                                       config.tp_overlap_min_tokens)
         self.model.bind_kernels(self.kernels)  # before the runner: it captures graphs of these kernels
         if device.type == "cpu":
             # bs1 decode on CPU is GEMV-bound: blocked weights let every core stream its share (same math).
@@ -49,7 +61,11 @@ class LLMEngine:
         if max_model_len > self.model_config.max_position_embeddings:
             raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length "
                              f"{self.model_config.max_position_embeddings}")
-        self.kv_cache = KVCache.for_model(self.model_config, config)
+        if self.tp_plan is None:
+            self.kv_cache = KVCache.for_model(self.model_config, config)
+        else:  # the rank's kv heads only
+            self.kv_cache = KVCache(self.tp_plan.kv_cache_spec(self.model_config, config),
+                                    self.model_config.num_layers, config.num_kv_blocks, device)
         self.executor = build_executor(self.model, self.kv_cache, config, max_model_len)
         # The scheduler asks the lookahead which step it launched ahead (schedule below).
         self.lookahead = self.executor if isinstance(self.executor, DecodeLookahead) else None
