@@ -65,6 +65,7 @@ class EngineConfig:
     # Row-parallel GEMMs split along tokens into this many chunks, each chunk's all-reduce in flight while the
     # next multiplies; only for steps of >= tp_overlap_chunks * tp_overlap_min_tokens tokens (prefill), as
     # decode-sized chunks cost more in per-call overhead than they hide (bench/engine/tp.py measures both).
+    # 0 = measured at engine start (engine/tp/overlap.py) for a max_batch_tokens step.
     tp_overlap_chunks: int = 1
     tp_overlap_min_tokens: int = 64
 
@@ -74,9 +75,11 @@ class EngineConfig:
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
         for name in ("block_size", "num_kv_blocks", "max_batch_tokens", "max_num_seqs", "tp_size",
-                     "tp_overlap_chunks", "tp_overlap_min_tokens"):
+                     "tp_overlap_min_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.tp_overlap_chunks < 0:
+            raise ValueError(f"tp_overlap_chunks must be >= 0 (0 = measured), got {self.tp_overlap_chunks}")
         if self.tp_comm not in TP_COMMS:
             raise ValueError(f"tp_comm must be one of {TP_COMMS}, got {self.tp_comm!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

@@ -21,6 +21,7 @@ from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
 from engine.tp.comm import TPComm
 from engine.tp.group import TPGroup
+from engine.tp.overlap import measure, set_chunks
 from engine.tp.shard import ShardPlan, shard_model
 from kernels.registry import KernelRegistry
 
@@ -49,7 +50,7 @@ class LLMEngine:
             if tp is None or tp.size != config.tp_size:
                 raise ValueError(f"tp_size {config.tp_size} needs a TP group of that size, got {tp}")
             self.tp_comm = TPComm(tp, config.tp_comm)
-            self.tp_plan = shard_model(self.model, self.tp_comm, config.tp_overlap_chunks,
+            self.tp_plan = shard_model(self.model, self.tp_comm, max(config.tp_overlap_chunks, 1),
                                        config.tp_overlap_min_tokens)
         self.model.bind_kernels(self.kernels)  # before the runner: it captures graphs of these kernels
         if device.type == "cpu":
@@ -57,6 +58,12 @@ class LLMEngine:
             parts = torch.get_num_threads()
             swapped = use_column_blocks(self.model, parts)
             logger.info("CPU decode layout: %d linears split into %d column blocks", swapped, parts)
+        if self.tp_comm is not None and config.tp_overlap_chunks == 0:
+            # Measured with the kernels and layout that will serve (o_proj: its input is plain activations).
+            timing = measure(self.model.layers[0].self_attn.o_proj, self.tp_comm, config.max_batch_tokens)
+            set_chunks(self.model, timing.best_chunks())
+            logger.info("TP overlap: comm/compute %.2f at %d tokens → %d chunks", timing.ratio,
+                        config.max_batch_tokens, timing.best_chunks())
         max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         if max_model_len > self.model_config.max_position_embeddings:
             raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length "

@@ -1,4 +1,4 @@
-"""8-bit all-reduce on 2 gloo ranks: within its error bound of an fp32 all-reduce, ≤ 0.53x the bytes of bf16."""
+"""8-bit all-reduce on 2 gloo ranks: within its error bound of fp32's, ≤ 0.53x the bytes of bf16."""
 import torch
 
 from engine.tp.comm import TPComm, ring_all_reduce_bytes

@@ -1,5 +1,5 @@
 """Sharding transform: which heads a rank owns, and TP=2/TP=4 on gloo ranks matching TP=1 (logits within
-tolerance, greedy tokens identical) on the tiny preset and on the embedded model's head layout (9 q / 3 kv)."""
+tolerance, greedy tokens identical) on the tiny preset and the embedded model's head layout (9 q / 3 kv)."""
 from dataclasses import replace
 
 import pytest
@@ -20,8 +20,8 @@ from engine.tp.local_ranks import run_local_ranks
 
 CONFIGS = {
     "tiny": PRESETS["tiny"],
-    # SmolLM2-135M's head layout, vocab and widths, two layers: the embedded model's sharding cases, fast.
-    "smollm2-2l": replace(PRESETS["smollm2-135m"], num_layers=2),
+    # SmolLM2-135M's head layout and widths, two layers, a vocab not divisible by 4 (uneven vocab shards).
+    "smollm2-2l": replace(PRESETS["smollm2-135m"], num_layers=2, vocab_size=1002),
 }
 ENGINE = EngineConfig(num_kv_blocks=32, max_batch_tokens=64, max_num_seqs=4)
 PROMPTS = [[5, 17, 42, 9, 33, 100, 7, 64, 12, 3, 88, 21], [3, 1, 4, 1, 5, 9, 2, 6]]
@@ -46,14 +46,16 @@ def test_head_shard_splits_groups_then_replicates_kv():
 
 def _prefill_logits(model: LlamaModel, kv: KVCache, prompt: list[int]) -> torch.Tensor:
     seq = Sequence("p", list(prompt), GREEDY, block_table=list(range(-(-len(prompt) // kv.block_size))))
-    ids, pos, meta = prepare_inputs([ScheduledChunk(seq, 0, len(prompt), 1)], kv.block_size, torch.device("cpu"))
+    chunk = ScheduledChunk(seq, 0, len(prompt), 1)
+    ids, pos, meta = prepare_inputs([chunk], kv.block_size, torch.device("cpu"))
     with torch.no_grad():
         return model.compute_logits(model(ids, pos, meta, kv))
 
 
-def _compare(group: TPGroup, names: tuple[str, ...], comm: str, chunks: int) -> dict:
+def _compare(group: TPGroup, variants: tuple[tuple[str, str, int], ...]) -> dict:
+    """Per (model name, tp_comm, overlap chunks): TP=1's and this rank's prefill logits and greedy tokens."""
     out = {}
-    for name in names:
+    for name, comm, chunks in variants:
         config = CONFIGS[name]
         ref = None
         if group.rank == 0:  # TP=1 reference, on rank 0 only
@@ -62,31 +64,40 @@ def _compare(group: TPGroup, names: tuple[str, ...], comm: str, chunks: int) -> 
             ref = (logits, LLMEngine(ENGINE, model=(config, full)).generate(PROMPTS, GREEDY))
         tp_config = replace(ENGINE, tp_size=group.size, tp_comm=comm, tp_overlap_chunks=chunks,
                             tp_overlap_min_tokens=2)
-        engine = LLMEngine(tp_config, model=(config, build_random_model(config, torch.float32, "cpu", seed=1)),
-                           tp=group)
+        built = build_random_model(config, torch.float32, "cpu", seed=1)
+        engine = LLMEngine(tp_config, model=(config, built), tp=group)
         logits = _prefill_logits(engine.model, engine.kv_cache, PROMPTS[0])
-        out[name] = {"ref": ref, "tp": (logits, engine.generate(PROMPTS, GREEDY)),
+        out[(name, comm, chunks)] = {"ref": ref, "tp": (logits, engine.generate(PROMPTS, GREEDY)),
                      "kv_heads": engine.kv_cache.num_kv_heads}
     return out
 
 
-def _check(results: list[dict], names: tuple[str, ...], atol: float) -> None:
-    for name in names:
-        ref_logits, ref_tokens = results[0][name]["ref"]
+def _check(results: list[dict], variants: tuple[tuple[str, str, int], ...]) -> None:
+    for variant in variants:
+        ref_logits, ref_tokens = results[0][variant]["ref"]
         for rank in results:
-            logits, tokens = rank[name]["tp"]
-            torch.testing.assert_close(logits, ref_logits, atol=atol, rtol=0)
-            assert tokens == ref_tokens, name
+            logits, tokens = rank[variant]["tp"]
+            if variant[1] == "int8":
+                # 8-bit all-reduces: close, not equal; random weights give near-tied logits, so greedy
+                # tokens may legitimately differ (the quality bar is bench.quality.ppl on a real model).
+                scale = ref_logits.abs().max()
+                torch.testing.assert_close(logits, ref_logits, atol=float(0.05 * scale), rtol=0)
+                continue
+            torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
+            assert tokens == ref_tokens, variant
 
 
 def test_tp2_matches_tp1():
-    names = ("tiny", "smollm2-2l")
-    results = run_local_ranks(_compare, 2, names, "bf16", 1)
-    _check(results, names, atol=1e-4)
-    assert [r["smollm2-2l"]["kv_heads"] for r in results] == [2, 1]  # the rank's kv heads only
+    # tiny: even splits; smollm2-2l: 3 kv heads as 2 + 1 groups, with and without overlap chunks; int8 comm.
+    variants = (("tiny", "bf16", 1), ("smollm2-2l", "bf16", 1), ("smollm2-2l", "bf16", 3),
+                ("tiny", "int8", 1))
+    results = run_local_ranks(_compare, 2, variants)
+    _check(results, variants)
+    assert [r[variants[1]]["kv_heads"] for r in results] == [2, 1]  # the rank's kv heads only
 
 
 def test_tp4_matches_tp1_with_replicated_kv_heads():
-    results = run_local_ranks(_compare, 4, ("smollm2-2l",), "bf16", 1)
-    _check(results, ("smollm2-2l",), atol=1e-4)
-    assert [r["smollm2-2l"]["kv_heads"] for r in results] == [1, 1, 2, 1]
+    variants = (("smollm2-2l", "bf16", 2),)
+    results = run_local_ranks(_compare, 4, variants)
+    _check(results, variants)
+    assert [r[variants[0]]["kv_heads"] for r in results] == [1, 1, 2, 1]
