@@ -11,6 +11,7 @@ class EngineStats:
     num_running: int
     num_waiting: int
     queued_prefill_tokens: int  # prompt tokens scheduled but not yet computed
+    tp_comm_bytes: int = 0  # bytes this worker's rank 0 sent in tensor-parallel collectives (0 at TP=1)
 
     @property
     def kv_usage_ratio(self) -> float:

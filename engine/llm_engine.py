@@ -1,6 +1,7 @@
 """One worker's engine: model, KV cache, scheduler, executor; a step is schedule → execute → postprocess."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 
@@ -131,7 +132,10 @@ class LLMEngine:
         return self.scheduler.abort(request_id) is not None
 
     def stats(self) -> EngineStats:
-        return self.scheduler.stats()
+        stats = self.scheduler.stats()
+        if self.tp_comm is None:
+            return stats
+        return dataclasses.replace(stats, tp_comm_bytes=self.tp_comm.stats.bytes_sent)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[int]]:
         """Offline loop: run every prompt to completion; returns the output token ids, in prompt order."""

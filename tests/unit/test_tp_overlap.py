@@ -37,7 +37,7 @@ def _row_parallel(group: TPGroup) -> dict:
     chunks = engine.model.layers[0].mlp.down_proj.chunks
     tokens = engine.generate([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]], GREEDY)
     return {"plain": plain, "chunked": chunked, "short": short, "calls": calls, "chunks": chunks,
-            "tokens": tokens}
+            "tokens": tokens, "comm_bytes": engine.stats().tp_comm_bytes}
 
 
 def test_chunked_all_reduce_equals_unchunked():
@@ -49,6 +49,7 @@ def test_chunked_all_reduce_equals_unchunked():
     torch.testing.assert_close(results[0]["plain"], results[1]["plain"], atol=0, rtol=0)
     assert results[0]["chunks"] == results[1]["chunks"] >= 1
     assert results[0]["tokens"] == results[1]["tokens"]
+    assert results[0]["comm_bytes"] > 0  # the worker's metrics see the TP traffic
 
 
 def test_chunk_model_hides_communication_only_when_it_pays():
