@@ -21,6 +21,7 @@ from engine.model_files import load_model, parse_dtype
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
 from engine.tp.comm import TPComm
+from engine.tp.follower import TPLeaderExecutor, follow
 from engine.tp.group import TPGroup
 from engine.tp.overlap import measure, set_chunks
 from engine.tp.shard import ShardPlan, shard_model
@@ -75,6 +76,10 @@ class LLMEngine:
             self.kv_cache = KVCache(self.tp_plan.kv_cache_spec(self.model_config, config),
                                     self.model_config.num_layers, config.num_kv_blocks, device)
         self.executor = build_executor(self.model, self.kv_cache, config, max_model_len)
+        if tp is not None and self.tp_comm is not None and tp.rank == 0:
+            # Rank 0 schedules and samples; each step goes to the follower ranks (`follow`) before it runs.
+            self.executor = TPLeaderExecutor(self.executor, tp)
+        self._tp_group = tp
         # The scheduler asks the lookahead which step it launched ahead (schedule below).
         self.lookahead = self.executor if isinstance(self.executor, DecodeLookahead) else None
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
@@ -148,6 +153,20 @@ class LLMEngine:
                     "scheduler has work but scheduled nothing (KV cache too small for a prompt?)")
             self.postprocess(batch, self.executor.execute(batch))
         return [seq.output_token_ids for seq in seqs]
+
+    # ---- tensor parallelism: ranks other than 0 follow rank 0's steps ----
+
+    def follow(self) -> int:
+        """A follower rank (tp rank > 0): run rank 0's steps until it calls stop_followers; steps run."""
+        if self._tp_group is None or self._tp_group.rank == 0:
+            raise RuntimeError("follow() is for tensor-parallel ranks other than 0")
+        return follow(self.executor, self._tp_group)
+
+    def stop_followers(self) -> None:
+        """Rank 0: end the followers' loops (the worker is shutting down)."""
+        if not isinstance(self.executor, TPLeaderExecutor):
+            raise RuntimeError("stop_followers() is for tensor-parallel rank 0")
+        self.executor.stop_followers()
 
     # ---- decode side: KV arriving from a prefill worker ----
 

@@ -35,7 +35,11 @@ def _row_parallel(group: TPGroup) -> dict:
     built = build_random_model(model, torch.float32, "cpu", seed=2)
     engine = LLMEngine(config, model=(model, built), tp=group)
     chunks = engine.model.layers[0].mlp.down_proj.chunks
-    tokens = engine.generate([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]], GREEDY)
+    if group.rank == 0:
+        tokens = engine.generate([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]], GREEDY)
+        engine.stop_followers()
+    else:
+        tokens = engine.follow()
     return {"plain": plain, "chunked": chunked, "short": short, "calls": calls, "chunks": chunks,
             "tokens": tokens, "comm_bytes": engine.stats().tp_comm_bytes}
 
@@ -48,7 +52,7 @@ def test_chunked_all_reduce_equals_unchunked():
         assert r["calls"] == 1 + 3 + 1
     torch.testing.assert_close(results[0]["plain"], results[1]["plain"], atol=0, rtol=0)
     assert results[0]["chunks"] == results[1]["chunks"] >= 1
-    assert results[0]["tokens"] == results[1]["tokens"]
+    assert len(results[0]["tokens"][0]) == 4 and results[1]["tokens"] == 4  # rank 1 followed 4 steps
     assert results[0]["comm_bytes"] > 0  # the worker's metrics see the TP traffic
 
 
