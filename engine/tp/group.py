@@ -31,6 +31,7 @@ class TPGroup:
         device = torch.device(device)
         group_store = dist.PrefixStore(prefix, store)
         if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL binds the communicator to the current device
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = _TIMEOUT
             pg = dist.ProcessGroupNCCL(group_store, rank, size, opts)
