@@ -23,7 +23,7 @@ from engine.sequence import Sequence
 from engine.tp.comm import TPComm
 from engine.tp.follower import TPLeaderExecutor, follow
 from engine.tp.group import TPGroup
-from engine.tp.overlap import measure, set_chunks
+from engine.tp.overlap import tune_chunks
 from engine.tp.shard import ShardPlan, shard_model
 from kernels.registry import KernelRegistry
 
@@ -61,11 +61,8 @@ class LLMEngine:
             swapped = use_column_blocks(self.model, parts)
             logger.info("CPU decode layout: %d linears split into %d column blocks", swapped, parts)
         if self.tp_comm is not None and config.tp_overlap_chunks == 0:
-            # Measured with the kernels and layout that will serve (o_proj: its input is plain activations).
-            timing = measure(self.model.layers[0].self_attn.o_proj, self.tp_comm, config.max_batch_tokens)
-            set_chunks(self.model, timing.best_chunks())
-            logger.info("TP overlap: comm/compute %.2f at %d tokens → %d chunks", timing.ratio,
-                        config.max_batch_tokens, timing.best_chunks())
+            # Measured with the kernels and layout that will serve.
+            tune_chunks(self.model, self.tp_comm, config.max_batch_tokens)
         max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         if max_model_len > self.model_config.max_position_embeddings:
             raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length "
@@ -76,10 +73,9 @@ class LLMEngine:
             self.kv_cache = KVCache(self.tp_plan.kv_cache_spec(self.model_config, config),
                                     self.model_config.num_layers, config.num_kv_blocks, device)
         self.executor = build_executor(self.model, self.kv_cache, config, max_model_len)
-        if tp is not None and self.tp_comm is not None and tp.rank == 0:
+        if self.tp_comm is not None and self.tp_comm.group.rank == 0:
             # Rank 0 schedules and samples; each step goes to the follower ranks (`follow`) before it runs.
-            self.executor = TPLeaderExecutor(self.executor, tp)
-        self._tp_group = tp
+            self.executor = TPLeaderExecutor(self.executor, self.tp_comm.group)
         # The scheduler asks the lookahead which step it launched ahead (schedule below).
         self.lookahead = self.executor if isinstance(self.executor, DecodeLookahead) else None
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
@@ -158,9 +154,9 @@ class LLMEngine:
 
     def follow(self) -> int:
         """A follower rank (tp rank > 0): run rank 0's steps until it calls stop_followers; steps run."""
-        if self._tp_group is None or self._tp_group.rank == 0:
+        if self.tp_comm is None or self.tp_comm.group.rank == 0:
             raise RuntimeError("follow() is for tensor-parallel ranks other than 0")
-        return follow(self.executor, self._tp_group)
+        return follow(self.executor, self.tp_comm.group)
 
     def stop_followers(self) -> None:
         """Rank 0: end the followers' loops (the worker is shutting down)."""

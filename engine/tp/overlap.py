@@ -2,6 +2,7 @@
 compute time, communication time and per-chunk overhead (measured the same on every rank)."""
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -11,6 +12,8 @@ from torch import nn
 
 from engine.tp.comm import TPComm
 from engine.tp.layers import RowParallel
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,3 +91,13 @@ def set_chunks(model: nn.Module, chunks: int) -> int:
     for layer in layers:
         layer.chunks = chunks
     return len(layers)
+
+
+def tune_chunks(model: nn.Module, comm: TPComm, tokens: int) -> int:
+    """Measures the first layer's o_proj (its input is plain activations) at `tokens` rows and sets every
+    row-parallel module's chunk count to the pipeline model's best; every rank must call it."""
+    timing = measure(model.layers[0].self_attn.o_proj, comm, tokens)
+    chunks = timing.best_chunks()
+    set_chunks(model, chunks)
+    logger.info("TP overlap: comm/compute %.2f at %d tokens → %d chunks", timing.ratio, tokens, chunks)
+    return chunks
