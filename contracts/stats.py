@@ -13,6 +13,7 @@ class EngineStats:
     queued_prefill_tokens: int  # prompt tokens scheduled but not yet computed
     # Sequence slots (EngineConfig.max_num_seqs); num_running counts the taken ones. 0 = not reported.
     max_num_seqs: int = 0
+    tp_comm_bytes: int = 0  # bytes this worker's rank 0 sent in tensor-parallel collectives (0 at TP=1)
 
     @property
     def kv_usage_ratio(self) -> float:

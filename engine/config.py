@@ -37,6 +37,8 @@ class ModelConfig:
 # handle, or "auto" for the compute dtype. int8 / int4 caches keep scales (kv_cache_spec.scales_for).
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8", "int4")
 KERNEL_BACKENDS = ("auto", "torch", "triton")  # kernels/registry.py's KernelRegistry.for_device backends
+# Tensor-parallel all-reduce: bf16 = unquantized in the compute dtype (engine/tp/comm.py), int8 = 8-bit.
+TP_COMMS = ("bf16", "int8")
 
 
 @dataclass(frozen=True)
@@ -58,15 +60,28 @@ class EngineConfig:
     kernels: str = "auto"
     cuda_graphs: bool = True  # CUDA: decode-only steps that fit a batch bucket replay captured graphs
     decode_lookahead: bool = True  # CUDA graphs: launch the next decode step before reading this one's tokens
+    tp_size: int = 1  # tensor-parallel ranks of this worker (engine/tp/), each holding 1/tp_size of the model
+    tp_comm: str = "bf16"  # TP_COMMS: how row-parallel outputs are all-reduced
+    # Row-parallel GEMMs split along tokens into this many chunks, each chunk's all-reduce in flight while the
+    # next multiplies; only for steps of >= tp_overlap_chunks * tp_overlap_min_tokens tokens (prefill), as
+    # decode-sized chunks cost more in per-call overhead than they hide (bench/engine/tp.py measures both).
+    # 0 = measured at engine start (engine/tp/overlap.py) for a max_batch_tokens step.
+    tp_overlap_chunks: int = 1
+    tp_overlap_min_tokens: int = 64
 
     def __post_init__(self) -> None:
         if self.kernels not in KERNEL_BACKENDS:
             raise ValueError(f"kernels must be one of {KERNEL_BACKENDS}, got {self.kernels!r}")
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
-        for name in ("block_size", "num_kv_blocks", "max_batch_tokens", "max_num_seqs"):
+        for name in ("block_size", "num_kv_blocks", "max_batch_tokens", "max_num_seqs", "tp_size",
+                     "tp_overlap_min_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.tp_overlap_chunks < 0:
+            raise ValueError(f"tp_overlap_chunks must be >= 0 (0 = measured), got {self.tp_overlap_chunks}")
+        if self.tp_comm not in TP_COMMS:
+            raise ValueError(f"tp_comm must be one of {TP_COMMS}, got {self.tp_comm!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported; "
                              f"expected one of {', '.join(KV_CACHE_DTYPES)}")

@@ -1,6 +1,7 @@
 """One worker's engine: model, KV cache, scheduler, executor; a step is schedule → execute → postprocess."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 
@@ -19,6 +20,11 @@ from engine.model import LayerHook, LlamaModel
 from engine.model_files import load_model, parse_dtype
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
+from engine.tp.comm import TPComm
+from engine.tp.follower import TPLeaderExecutor, follow
+from engine.tp.group import TPGroup
+from engine.tp.overlap import tune_chunks
+from engine.tp.shard import ShardPlan, shard_model
 from kernels.registry import KernelRegistry
 
 logger = logging.getLogger(__name__)
@@ -27,10 +33,11 @@ logger = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(
         self, config: EngineConfig, progress: bool = False,
-        model: tuple[ModelConfig, LlamaModel] | None = None,
+        model: tuple[ModelConfig, LlamaModel] | None = None, tp: TPGroup | None = None,
     ) -> None:
         """`model`: a built (config, model) on config.device in config.dtype, served instead of loading
-        config.model_path (random-weight benchmarks, engines sharing one model in tests)."""
+        config.model_path (random-weight benchmarks, engines sharing one model in tests).
+        `tp`: this rank's group when config.tp_size > 1; the model is sharded onto it after loading."""
         self.config = config
         dtype = parse_dtype(config.dtype)
         device = torch.device(config.device)
@@ -39,18 +46,36 @@ class LLMEngine:
             self.model_config, self.model = load_model(config.model_path, dtype, device, progress)
         else:
             self.model_config, self.model = model
+        self.tp_comm: TPComm | None = None
+        self.tp_plan: ShardPlan | None = None
+        if config.tp_size > 1:
+            if tp is None or tp.size != config.tp_size:
+                raise ValueError(f"tp_size {config.tp_size} needs a TP group of that size, got {tp}")
+            self.tp_comm = TPComm(tp, config.tp_comm)
+            self.tp_plan = shard_model(self.model, self.tp_comm, max(config.tp_overlap_chunks, 1),
+                                       config.tp_overlap_min_tokens)
         self.model.bind_kernels(self.kernels)  # before the runner: it captures graphs of these kernels
         if device.type == "cpu":
             # bs1 decode on CPU is GEMV-bound: blocked weights let every core stream its share (same math).
             parts = torch.get_num_threads()
             swapped = use_column_blocks(self.model, parts)
             logger.info("CPU decode layout: %d linears split into %d column blocks", swapped, parts)
+        if self.tp_comm is not None and config.tp_overlap_chunks == 0:
+            # Measured with the kernels and layout that will serve.
+            tune_chunks(self.model, self.tp_comm, config.max_batch_tokens)
         max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         if max_model_len > self.model_config.max_position_embeddings:
             raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length "
                              f"{self.model_config.max_position_embeddings}")
-        self.kv_cache = KVCache.for_model(self.model_config, config)
+        if self.tp_plan is None:
+            self.kv_cache = KVCache.for_model(self.model_config, config)
+        else:  # the rank's kv heads only
+            self.kv_cache = KVCache(self.tp_plan.kv_cache_spec(self.model_config, config),
+                                    self.model_config.num_layers, config.num_kv_blocks, device)
         self.executor = build_executor(self.model, self.kv_cache, config, max_model_len)
+        if self.tp_comm is not None and self.tp_comm.group.rank == 0:
+            # Rank 0 schedules and samples; each step goes to the follower ranks (`follow`) before it runs.
+            self.executor = TPLeaderExecutor(self.executor, self.tp_comm.group)
         # The scheduler asks the lookahead which step it launched ahead (schedule below).
         self.lookahead = self.executor if isinstance(self.executor, DecodeLookahead) else None
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
@@ -108,7 +133,10 @@ class LLMEngine:
         return self.scheduler.abort(request_id) is not None
 
     def stats(self) -> EngineStats:
-        return self.scheduler.stats()
+        stats = self.scheduler.stats()
+        if self.tp_comm is None:
+            return stats
+        return dataclasses.replace(stats, tp_comm_bytes=self.tp_comm.stats.bytes_sent)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[int]]:
         """Offline loop: run every prompt to completion; returns the output token ids, in prompt order."""
@@ -121,6 +149,20 @@ class LLMEngine:
                     "scheduler has work but scheduled nothing (KV cache too small for a prompt?)")
             self.postprocess(batch, self.executor.execute(batch))
         return [seq.output_token_ids for seq in seqs]
+
+    # ---- tensor parallelism: ranks other than 0 follow rank 0's steps ----
+
+    def follow(self) -> int:
+        """A follower rank (tp rank > 0): run rank 0's steps until it calls stop_followers; steps run."""
+        if self.tp_comm is None or self.tp_comm.group.rank == 0:
+            raise RuntimeError("follow() is for tensor-parallel ranks other than 0")
+        return follow(self.executor, self.tp_comm.group)
+
+    def stop_followers(self) -> None:
+        """Rank 0: end the followers' loops (the worker is shutting down)."""
+        if not isinstance(self.executor, TPLeaderExecutor):
+            raise RuntimeError("stop_followers() is for tensor-parallel rank 0")
+        self.executor.stop_followers()
 
     # ---- decode side: KV arriving from a prefill worker ----
 

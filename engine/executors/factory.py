@@ -30,7 +30,8 @@ def build_executor(model: LlamaModel, kv_cache: KVCache, config: EngineConfig,
         if FlatDecoder.supports(model, kv_cache):
             return CpuFlatExecutor(FlatDecoder(model, kv_cache), eager)
         return eager
-    if not config.cuda_graphs:
+    if not config.cuda_graphs or config.tp_size > 1:
+        # TP steps run eager: capturing NCCL collectives in the decode graphs is not yet verified (issue 17).
         return eager
     if not graph_safe_kernels(model, device):
         logger.info("no CUDA graphs: the model's kernels on %s cannot be replayed from a graph", device)

@@ -1,0 +1,1 @@
+"""Tensor parallelism inside one worker: rank group, sharding transform over the plain model, collectives."""
