@@ -17,6 +17,7 @@ from engine.lookahead import DecodeLookahead
 from engine.model import LayerHook, LlamaModel
 from engine.model_files import load_model, parse_dtype
 from engine.model_runner import ModelRunner, RunOutput
+from engine.quantize import apply_weights_scheme
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
 
@@ -45,6 +46,7 @@ class LLMEngine:
             self.model_config, self.model = load_model(config.model_path, dtype, device, progress)
         else:
             self.model_config, self.model = model
+        apply_weights_scheme(self.model, config)  # config.weights: quantized projections, if it asks for them
         if device.type == "cpu":
             # bs1 decode on CPU is GEMV-bound: blocked weights let every core stream its share (same math).
             parts = torch.get_num_threads()
