@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 
+from engine.config import WEIGHT_SCHEMES
 from router.dispatch import known_policies
 
 
@@ -76,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--kv-blocks", type=_positive("--kv-blocks"), default=512,
                     help="KV cache blocks per worker (default 512, 16 tokens each)")
     up.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    up.add_argument("--weights", choices=WEIGHT_SCHEMES, default="auto",
+                    help="auto: the file's weights in the compute dtype; bf16: the same in bfloat16 (also "
+                         "on CPU); w8a8: int8 weights and activations; w4a16: int4 weights (CPU; GGUF Q4_1 "
+                         "as is)")
     up.add_argument("--dispatch-policy", default="least_loaded", choices=known_policies(),
                     help="how the router picks workers (default least_loaded)")
     up.add_argument("--queue-capacity", type=_positive("--queue-capacity"), default=256)
@@ -124,9 +129,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from deploy.launcher import ClusterConfig, LocalCluster
 
     device = args.device or _default_device()
+    if args.weights == "w4a16" and device != "cpu":
+        raise UsageError("--weights w4a16 runs on CPU only so far: add --device cpu")
     engine = EngineConfig(model_path=args.model, device=device,
-                          dtype="float32" if device == "cpu" else "bfloat16",
-                          num_kv_blocks=args.kv_blocks, max_batch_tokens=args.max_batch_tokens)
+                          dtype="float32" if device == "cpu" and args.weights != "bf16" else "bfloat16",
+                          weights=args.weights, num_kv_blocks=args.kv_blocks,
+                          max_batch_tokens=args.max_batch_tokens)
     cluster = LocalCluster(ClusterConfig(engine=engine, num_prefill=args.prefill, num_decode=args.decode,
                                          host=args.host, port=args.port, metrics_port=args.metrics_port,
                                          dispatch_policy=args.dispatch_policy,

@@ -1,4 +1,4 @@
-"""Weight schemes as transforms of a built model: picked by EngineConfig.weights.
+"""Weight schemes as transforms of a built model, picked by EngineConfig.weights (apply_weights_scheme).
 
 The model stays plain: a scheme swaps the layers' projection modules (engine/quantize/projections.py) for
 quantized ones, which LlamaModel calls through its module path. Those are not float linears, so the CPU
