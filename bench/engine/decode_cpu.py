@@ -1,6 +1,6 @@
-"""bs1 greedy decode tokens/s on CPU: LLMEngine (fp32, W4A16, W8A8) vs HF and llama.cpp on one GGUF.
+"""bs1 greedy decode tokens/s on CPU: LLMEngine (fp32, W4A16, W8A8) vs HF on one GGUF, and each roofline.
 
-    .venv/bin/python -m bench.engine.decode_cpu --tokens 128 [--llama-cpp-python VENV/bin/python]
+    .venv/bin/python -m bench.engine.decode_cpu --tokens 128
 
 Roofline per contestant: copy bandwidth / the bytes its decode token reads (quantized weights count as
 stored). "same tokens": positions equal to the first contestant's greedy output.
@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import subprocess
 import time
-from pathlib import Path
 from unittest import mock
 
 import torch
@@ -103,15 +100,6 @@ def hf_decode(model: torch.nn.Module, new_tokens: int) -> tuple[float, list[int]
 CONTESTANTS = {"fp32": "auto", "w4a16-native": "w4a16", "w8": "w8a8"}
 
 
-def llamacpp_decode(python: str, path: Path, new_tokens: int) -> tuple[float, list[int]]:
-    """llama.cpp on the same GGUF via llama-cpp-python in its own venv (bench/engine/_llamacpp_decode.py)."""
-    script = Path(__file__).with_name("_llamacpp_decode.py")
-    out = subprocess.run([python, str(script), str(path), str(new_tokens), str(torch.get_num_threads()),
-                          *map(str, PROMPT)], check=True, capture_output=True, text=True)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    return result["rate"], result["ids"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="GGUF file (default: the embedded SmolLM2-135M)")
@@ -120,8 +108,6 @@ def main() -> None:
     parser.add_argument("--weights", nargs="+", choices=list(CONTESTANTS), default=list(CONTESTANTS),
                         help="our contestants (default: all; the first is the tokens reference)")
     parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--llama-cpp-python", default=None, metavar="PYTHON",
-                        help="python of a venv with llama-cpp-python: adds llama.cpp on the same GGUF")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = resolve_model_path(args.model) if args.model else embedded_model_path()
@@ -132,8 +118,7 @@ def main() -> None:
     hf_model = None if args.skip_hf else load_hf(path)
     # Shared CPUs drift: alternate the contestants (and the bandwidth probe) and keep each one's best.
     bandwidths: list[float] = []
-    others = ([] if hf_model is None else ["HF"]) + ([] if args.llama_cpp_python is None else ["llama.cpp"])
-    rates: dict[str, list[float]] = {name: [] for name in [*engines, *others]}
+    rates: dict[str, list[float]] = {name: [] for name in [*engines, *([] if hf_model is None else ["HF"])]}
     ids: dict[str, list[int]] = {}
     for _ in range(args.runs):
         bandwidths.append(copy_bandwidth())
@@ -143,9 +128,6 @@ def main() -> None:
         if hf_model is not None:
             rate, ids["HF"] = hf_decode(hf_model, args.tokens)
             rates["HF"].append(rate)
-        if args.llama_cpp_python is not None:
-            rate, ids["llama.cpp"] = llamacpp_decode(args.llama_cpp_python, path, args.tokens)
-            rates["llama.cpp"].append(rate)
     bandwidth = max(bandwidths)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.tokens} new tokens, "
@@ -160,7 +142,7 @@ def main() -> None:
         weight_bytes["HF"] = weight_bytes["fp32"]
     for name, runs in rates.items():
         engine = engines.get(name)
-        path_name = {"HF": "HF generate", "llama.cpp": "GGUF Q4_1"}.get(name) if engine is None else (
+        path_name = "HF generate" if engine is None else (
             "FlatDecoder" if engine.runner.flat_decoder is not None else "model forward")
         same = sum(a == b for a, b in zip(ids[name], reference, strict=True))
         best, size = max(runs), weight_bytes.get(name)
