@@ -14,6 +14,7 @@ class ModelInfo:
     kv_cache_dtype: str
     weight_dtype: str
     compute_dtype: str
+    weights: str = "auto"  # the weight scheme the engine runs (EngineConfig.weights)
 
     def __post_init__(self) -> None:
         if self.context_length < 2 or self.vocab_size < 1:

@@ -33,10 +33,10 @@ class DecodeWorkerActor(WorkerActor):
             context_length=engine_cfg.max_model_len or cfg.max_position_embeddings,
             vocab_size=cfg.vocab_size,
             kv_cache_dtype=self.service.layout.dtype,
-            # GGUF blocks are dequantized at load: weights live in the compute dtype
-            # (quantized weights come later).
-            weight_dtype=engine_cfg.dtype,
+            # "auto"/"bf16": GGUF blocks are dequantized at load, weights live in the compute dtype.
+            weight_dtype={"w4a16": "int4", "w8a8": "int8"}.get(engine_cfg.weights, engine_cfg.dtype),
             compute_dtype=engine_cfg.dtype,
+            weights=engine_cfg.weights,
         )
 
     async def channel_address(self) -> ChannelAddress:

@@ -9,7 +9,7 @@ import socket
 import sys
 
 from contracts.transfer import KV_FAILURE_POLICIES
-from engine.config import KERNEL_BACKENDS
+from engine.config import KERNEL_BACKENDS, WEIGHT_SCHEMES
 from router.dispatch import known_policies
 
 
@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the workers run (default: cuda if available, else cpu)")
     up.add_argument("--kernels", choices=KERNEL_BACKENDS, default="auto",
                     help="auto: Triton on CUDA, torch references elsewhere; torch: references everywhere")
+    up.add_argument("--weights", choices=WEIGHT_SCHEMES, default="auto",
+                    help="auto: the file's weights in the compute dtype; bf16: the same in bfloat16 (also "
+                         "on CPU); w8a8: int8 weights and activations; w4a16: int4 weights (CPU; GGUF Q4_1 "
+                         "as is)")
     up.add_argument("--dispatch-policy", default="least_loaded", choices=known_policies(),
                     help="how the router picks workers")
     up.add_argument("--queue-capacity", type=_positive("--queue-capacity"), default=256,
@@ -288,8 +292,11 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from deploy.launcher import ClusterConfig, LocalCluster
 
     device = args.device or _default_device()
+    if args.weights == "w4a16" and device != "cpu":
+        raise UsageError("--weights w4a16 runs on CPU only so far: add --device cpu")
     engine = EngineConfig(model_path=args.model, device=device,
-                          dtype="float32" if device == "cpu" else "bfloat16",
+                          dtype="float32" if device == "cpu" and args.weights != "bf16" else "bfloat16",
+                          weights=args.weights,
                           kv_cache_dtype=_KV_CACHE_FLAG[args.kv_cache], num_kv_blocks=args.kv_blocks,
                           max_batch_tokens=args.max_batch_tokens, kernels=args.kernels)
     cluster = LocalCluster(ClusterConfig(engine=engine, num_prefill=args.prefill, num_decode=args.decode,

@@ -40,6 +40,11 @@ KERNEL_BACKENDS = ("auto", "torch", "triton")  # kernels/registry.py's KernelReg
 # Tensor-parallel all-reduce: bf16 = unquantized in the compute dtype (engine/tp/comm.py), int8 = 8-bit.
 TP_COMMS = ("bf16", "int8")
 
+# What EngineConfig.weights accepts (engine/quantize applies it to the built model): auto = the weights file's
+# numbers dequantized to the compute dtype; bf16 = the same, and the compute dtype must be bfloat16;
+# w8a8 = int8 weights and per-token int8 activations; w4a16 = group-wise int4 weights, 16-bit activations.
+WEIGHT_SCHEMES = ("auto", "bf16", "w8a8", "w4a16")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -49,6 +54,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
     kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES; auto = compute dtype
+    weights: str = "auto"  # WEIGHT_SCHEMES: how the projections hold their weights (engine/quantize)
     block_size: int = 16
     num_kv_blocks: int = 512
     max_batch_tokens: int = 512  # token budget per step (decode tokens first, then prefill chunks)
@@ -85,6 +91,11 @@ class EngineConfig:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported; "
                              f"expected one of {', '.join(KV_CACHE_DTYPES)}")
+        if self.weights not in WEIGHT_SCHEMES:
+            raise ValueError(f"weights {self.weights!r} is not supported; "
+                             f"expected one of {', '.join(WEIGHT_SCHEMES)}")
+        if self.weights == "bf16" and self.dtype != "bfloat16":
+            raise ValueError(f"weights 'bf16' needs dtype 'bfloat16' (got dtype {self.dtype!r})")
 
     @property
     def resolved_kv_cache_dtype(self) -> str:

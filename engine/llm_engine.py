@@ -18,6 +18,7 @@ from engine.executors.lookahead import DecodeLookahead
 from engine.kv_cache import KVCache
 from engine.model import LayerHook, LlamaModel
 from engine.model_files import load_model, parse_dtype
+from engine.quantize import apply_weights_scheme
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
 from engine.tp.comm import TPComm
@@ -46,6 +47,7 @@ class LLMEngine:
             self.model_config, self.model = load_model(config.model_path, dtype, device, progress)
         else:
             self.model_config, self.model = model
+        apply_weights_scheme(self.model, config)  # config.weights: quantized projections, if it asks for them
         self.tp_comm: TPComm | None = None
         self.tp_plan: ShardPlan | None = None
         if config.tp_size > 1:

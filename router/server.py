@@ -80,6 +80,7 @@ class PDServeServicer(pb_grpc.PDServeServicer):
             kv_cache_dtype=m.kv_cache_dtype,
             weight_dtype=m.weight_dtype,
             compute_dtype=m.compute_dtype,
+            weights=m.weights,
         )
 
     async def GetServerInfo(

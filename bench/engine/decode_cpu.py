@@ -1,6 +1,9 @@
-"""bs1 greedy decode tokens/s on CPU: LLMEngine vs HF transformers on one GGUF, and the weight-bytes roofline.
+"""bs1 greedy decode tokens/s on CPU: LLMEngine (fp32, W4A16, W8A8) vs HF on one GGUF, and each roofline.
 
     .venv/bin/python -m bench.engine.decode_cpu --tokens 128
+
+Roofline per contestant: copy bandwidth / the bytes its decode token reads (quantized weights count as
+stored). "same tokens": positions equal to the first contestant's greedy output.
 """
 from __future__ import annotations
 
@@ -37,10 +40,13 @@ def copy_bandwidth(num_bytes: int = 256 << 20, repeats: int = 5) -> float:
 
 
 def decode_weight_bytes(model: torch.nn.Module) -> int:
-    """fp32 bytes a decode token must read: every weight but the embedding (one row), plus the LM head."""
-    total = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
-    head = model.lm_head_weight.numel()  # tied: the embedding matrix, read in full by the logits matmul
-    return 4 * (total + (head if model.lm_head is None else 0))
+    """Bytes a decode token must read: every weight (parameters, and the buffers quantized projections keep
+    their weights in) but the embedding (one row) and the rope tables, plus the LM head."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    total = sum(t.numel() * t.element_size() for name, t in tensors
+                if "embed_tokens" not in name and "rotary" not in name)
+    head = model.lm_head_weight  # tied: the embedding matrix, read in full by the logits matmul
+    return total + (head.numel() * head.element_size() if model.lm_head is None else 0)
 
 
 def ours_decode(engine: LLMEngine, new_tokens: int) -> tuple[float, list[int]]:
@@ -91,47 +97,60 @@ def hf_decode(model: torch.nn.Module, new_tokens: int) -> tuple[float, list[int]
     return (len(stamps.times) - 2) / (last - first), out[0, len(PROMPT):].tolist()
 
 
+# Contestant → EngineConfig.weights. "w8" is W8A8 (int8 weights and per-token int8 activations).
+CONTESTANTS = {"fp32": "auto", "w4a16-native": "w4a16", "w8": "w8a8"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="GGUF file (default: the embedded SmolLM2-135M)")
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per run")
     parser.add_argument("--runs", type=int, default=3, help="alternating runs per engine; best reported")
+    parser.add_argument("--weights", nargs="+", choices=list(CONTESTANTS), default=list(CONTESTANTS),
+                        help="our contestants (default: all; the first is the tokens reference)")
     parser.add_argument("--skip-hf", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = resolve_model_path(args.model) if args.model else embedded_model_path()
 
-    engine = LLMEngine(EngineConfig(model_path=str(path), num_kv_blocks=64, max_num_seqs=1))
+    engines = {name: LLMEngine(EngineConfig(model_path=str(path), weights=CONTESTANTS[name], num_kv_blocks=64,
+                                            max_num_seqs=1))
+               for name in args.weights}
     hf_model = None if args.skip_hf else load_hf(path)
-    weight_bytes = decode_weight_bytes(engine.model)
     # Shared CPUs drift: alternate the contestants (and the bandwidth probe) and keep each one's best.
-    bandwidths, ours_rates, hf_rates = [], [], []
-    ours_ids = hf_ids = None
+    bandwidths: list[float] = []
+    rates: dict[str, list[float]] = {name: [] for name in [*engines, *([] if hf_model is None else ["HF"])]}
+    ids: dict[str, list[int]] = {}
     for _ in range(args.runs):
         bandwidths.append(copy_bandwidth())
-        rate, ours_ids = ours_decode(engine, args.tokens)
-        ours_rates.append(rate)
+        for name, engine in engines.items():
+            rate, ids[name] = ours_decode(engine, args.tokens)
+            rates[name].append(rate)
         if hf_model is not None:
-            rate, hf_ids = hf_decode(hf_model, args.tokens)
-            hf_rates.append(rate)
-    bandwidth, ours = max(bandwidths), max(ours_rates)
-    roofline = bandwidth / weight_bytes
+            rate, ids["HF"] = hf_decode(hf_model, args.tokens)
+            rates["HF"].append(rate)
+    bandwidth = max(bandwidths)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.tokens} new tokens, "
           f"prompt {len(PROMPT)} tokens, best of {args.runs} alternating runs")
     print(f"copy bandwidth      {bandwidth / 1e9:8.1f} GB/s (read+write)")
-    print(f"fp32 weight bytes   {weight_bytes / 1e6:8.1f} MB per decode token")
-    print(f"roofline            {roofline:8.1f} tok/s")
-    path = "FlatDecoder" if isinstance(engine.executor, CpuFlatExecutor) else "model forward"
-    print(f"pdserve decode path {path:>8s} (bs1 steps)")
-    print(f"pdserve engine      {ours:8.1f} tok/s  ({ours / roofline:.0%} of roofline)   "
-          f"runs: {' '.join(f'{r:.1f}' for r in ours_rates)}")
-    if hf_model is None:
-        return
-    hf = max(hf_rates)
-    print(f"HF transformers     {hf:8.1f} tok/s  ({hf / roofline:.0%} of roofline)   "
-          f"runs: {' '.join(f'{r:.1f}' for r in hf_rates)}")
-    print(f"ratio pdserve / HF  {ours / hf:8.2f}x   same tokens: {ours_ids == hf_ids}")
+    reference = ids[next(iter(engines))]
+    print(f"{'contestant':14s} {'path':>13s} {'MB/token':>9s} {'tok/s':>8s} {'roofline':>9s} "
+          f"{'same tokens':>12s}  runs")
+    # HF runs the same fp32 weights as our fp32 contestant: it shares that roofline (none without it).
+    weight_bytes = {name: decode_weight_bytes(engine.model) for name, engine in engines.items()}
+    if "fp32" in weight_bytes and hf_model is not None:
+        weight_bytes["HF"] = weight_bytes["fp32"]
+    for name, runs in rates.items():
+        engine = engines.get(name)
+        path_name = "HF generate" if engine is None else (
+            "FlatDecoder" if isinstance(engine.executor, CpuFlatExecutor) else "model forward")
+        same = sum(a == b for a, b in zip(ids[name], reference, strict=True))
+        best, size = max(runs), weight_bytes.get(name)
+        roof = "-" if size is None else f"{best / (bandwidth / size):.0%}"
+        megabytes = "-" if size is None else f"{size / 1e6:.1f}"
+        print(f"{name:14s} {path_name:>13s} {megabytes:>9s} {best:8.1f} {roof:>9s} "
+              f"{same:5d}/{len(reference):<6d}  {' '.join(f'{r:.1f}' for r in runs)}")
 
 
 if __name__ == "__main__":

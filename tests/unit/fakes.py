@@ -333,6 +333,7 @@ FAKE_MODEL = ModelInfo(
     kv_cache_dtype="int8",
     weight_dtype="q4_1",
     compute_dtype="float32",
+    weights="w8a8",
 )
 
 

@@ -236,7 +236,8 @@ def test_model_info_and_server_info_report_model_workers_and_queue() -> None:
         FAKE_MODEL.context_length,
         FAKE_MODEL.vocab_size,
     )
-    assert (model.kv_cache_dtype, model.weight_dtype, model.compute_dtype) == ("int8", "q4_1", "float32")
+    assert (model.kv_cache_dtype, model.weight_dtype, model.compute_dtype, model.weights) == (
+        "int8", "q4_1", "float32", "w8a8")
     assert [(w.worker_id, w.role, w.state) for w in server.workers] == [
         ("decode-0", "decode", "ready"),
         ("decode-1", "decode", "ready"),

@@ -1,0 +1,73 @@
+"""W8A8: per-output-channel int8 weights, per-token dynamic int8 activations, SmoothQuant smoothing factors.
+
+y = (q_x · q_wᵀ) · a_x · a_w, with x' = x / s and w' = w · s first (s per input feature, SmoothQuant): s moves
+activation outliers into the weights, where per-channel scales absorb them. The int8 × int8 products run in
+`torch._int_mm` on CUDA (untested here: no GPU on the dev box). On CPU torch's `_int_mm` is a scalar loop on
+this AVX2 box (607 ms for a 512×576×1536 product vs 20 ms fp32), so the CPU path multiplies the same int8
+values in an fp32 GEMM: every product (≤ 127²) is exact in fp32 and so is every partial sum below 2^24, which
+holds for any K ≤ 1040 and, in practice, for K = 1536 too (it needs hundreds of near-±127 pairs in one row).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.activation.reference import silu_mul_ref
+
+SMOOTHING_ALPHA = 0.5  # SmoothQuant's migration strength: s = max|x|^α / max|w|^(1−α)
+_CUDA_INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA wants more than 16 rows
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float [N, K] → (int8 [N, K], scale [N]) symmetric per row: w ≈ q · scale, |error| ≤ scale / 2."""
+    scale = (weight.float().abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    q = (weight.float() / scale.unsqueeze(1)).round_().clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float [M, K] → (int8-valued float32 [M, K], scale [M, 1]) symmetric per row (dynamic: every call)."""
+    scale = (x.abs().amax(dim=1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    return (x / scale).round_().clamp_(-127, 127), scale
+
+
+def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor,
+                      alpha: float = SMOOTHING_ALPHA) -> torch.Tensor:
+    """SmoothQuant s [K] from calibrated per-input-feature max|x| [K] and the weight [N, K]."""
+    w_absmax = weight.float().abs().amax(dim=0)
+    s = act_absmax.float().clamp_min(1e-5).pow(alpha) / w_absmax.clamp_min(1e-5).pow(1 - alpha)
+    return s.clamp_min(1e-5)
+
+
+class W8A8Linear(nn.Module):
+    """Bias-free linear with int8 weights and activations; `smooth` [K]: the SmoothQuant factors folded into
+    the weight (the activations are divided by them before quantizing). `silu_mul_input`: see Int4Linear."""
+
+    def __init__(self, weight: torch.Tensor, smooth: torch.Tensor, silu_mul_input: bool = False) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.silu_mul_input = silu_mul_input
+        q, scale = quantize_per_channel(weight.float() * smooth.float())
+        self.register_buffer("weight_int8", q)
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("inv_smooth", 1.0 / smooth.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.silu_mul_input:
+            x = silu_mul_ref(x)
+        rows = x.reshape(-1, self.in_features).float() * self.inv_smooth
+        q_x, a_x = quantize_per_token(rows)
+        y = self._int8_products(q_x) * a_x * self.weight_scale
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def _int8_products(self, q_x: torch.Tensor) -> torch.Tensor:
+        """q_x · q_wᵀ (int8-valued float32 [M, K]) → float32 [M, N], exact (module docstring)."""
+        if not q_x.is_cuda:
+            return F.linear(q_x, self.weight_int8.float())
+        m = q_x.shape[0]
+        padded = F.pad(q_x, (0, 0, 0, max(0, _CUDA_INT_MM_MIN_ROWS - m))).to(torch.int8)
+        return torch._int_mm(padded, self.weight_int8.t())[:m].float()
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}"

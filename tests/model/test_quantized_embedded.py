@@ -1,0 +1,47 @@
+"""The embedded model's Q4_1 blocks served as they are (W4A16 native): exact repack, greedy ~ baseline."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from contracts.sampling import SamplingParams
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.model_files import embedded_model_path, load_model
+from engine.quantize.gguf_q4_1 import read_q4_1_projections
+from engine.quantize.int4 import Int4Linear, dequantize_int4
+from engine.quantize.projections import projections
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+PROMPTS = [
+    [6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 418, 260, 5595, 282, 253, 1109, 3150, 28, 665, 4161,
+     354],
+    [1604, 3987, 46477, 24, 94, 727, 472, 1620, 14362, 260, 304, 29, 373, 24681, 46477, 1230, 7996, 198],
+]
+
+
+def test_q4_1_blocks_equal_the_float_loader_bit_for_bit() -> None:
+    """Every projection's (q, d, m), un-permuted and fused, dequantizes to exactly the fp32 weights the float
+    loader builds: the native path serves the same weights, only without the fp32 copy."""
+    config, model = load_model(None)
+    blocks = read_q4_1_projections(embedded_model_path(), config)
+    assert blocks is not None
+    for slot in projections(model):
+        q, d, m = blocks[slot.layer, slot.name]
+        assert torch.equal(dequantize_int4(q, d, m), slot.module.weight), (slot.layer, slot.name)
+
+
+def test_w4a16_native_greedy_output_matches_the_baseline() -> None:
+    """Not bit-equal: bf16 activations (and bf16 scale/zero) tip a near-tie sooner or later, after which the
+    continuations differ. Measured here: the first 18 and 12 tokens equal, 43 of 64 positions equal."""
+    torch.set_num_threads(1)
+    sampling = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    outputs = {}
+    for weights in ("auto", "w4a16"):
+        engine = LLMEngine(EngineConfig(weights=weights, num_kv_blocks=32, max_num_seqs=2))
+        if weights == "w4a16":
+            assert sum(isinstance(m, Int4Linear) for m in engine.model.modules()) == 4 * 30
+        outputs[weights] = engine.generate(PROMPTS, sampling)
+    for base, quant in zip(outputs["auto"], outputs["w4a16"], strict=True):
+        assert quant[:8] == base[:8]

@@ -1,0 +1,77 @@
+"""Weight schemes as transforms: exactly the layers' projections are replaced, the engine serves the result
+on the plain forward, and bad scheme names are refused naming the value (config) or the flag (CLI)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from contracts.sampling import SamplingParams
+from deploy.cli import build_parser
+from engine.config import EngineConfig
+from engine.executors.eager import EagerExecutor
+from engine.llm_engine import LLMEngine
+from engine.quantize import use_int4, use_w8a8
+from engine.quantize.int4 import Int4Linear
+from engine.quantize.w8a8 import W8A8Linear
+from engine.random_models import PRESETS, build_random_model
+from engine.sequence_forward import forward_sequence
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@torch.inference_mode()
+def logits_of(model: nn.Module, tokens: list[int]) -> torch.Tensor:
+    return model.compute_logits(forward_sequence(model, tokens))
+
+
+def tiny_model() -> nn.Module:
+    return build_random_model(PRESETS["tiny"], torch.float32, "cpu")
+
+
+@pytest.mark.parametrize(("transform", "cls"), [(use_int4, Int4Linear), (use_w8a8, W8A8Linear)])
+def test_transform_replaces_exactly_the_four_projections_of_every_layer(transform, cls) -> None:
+    torch.set_num_threads(1)
+    model = tiny_model()
+    untouched = {name: p.clone() for name, p in model.named_parameters()
+                 if not name.endswith(("qkv_proj.weight", "o_proj.weight", "gate_up_proj.weight",
+                                       "down_proj.weight"))}
+    tokens = list(range(1, 40))
+    before = logits_of(model, tokens)
+    transform(model, None)
+    replaced = [name for name, m in model.named_modules() if isinstance(m, cls)]
+    expected = [f"layers.{i}.{part}" for i in range(model.config.num_layers)
+                for part in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")]
+    assert replaced == expected
+    assert not any(isinstance(m, nn.Linear) for m in model.layers.modules())
+    assert all(m.silu_mul_input == name.endswith("down_proj") for name, m in model.named_modules()
+               if isinstance(m, cls))
+    after = dict(model.named_parameters())
+    assert after.keys() == untouched.keys()  # embedding, norms (and head, if untied) stay float parameters
+    assert all(torch.equal(after[name], p) for name, p in untouched.items())
+    logits = logits_of(model, tokens)
+    # Same function up to quantization noise (int4 groups of 32 on Gaussian weights: ~9% here; w8a8 ~1%).
+    assert ((logits - before).norm() / before.norm()).item() < 0.15
+
+
+def test_quantized_engine_takes_the_plain_decode_path() -> None:
+    torch.set_num_threads(1)
+    engine = LLMEngine(EngineConfig(model_path="random:tiny", weights="w4a16", num_kv_blocks=16,
+                                    max_num_seqs=2))
+    assert type(engine.executor) is EagerExecutor  # no FlatDecoder over int4 projections
+    out = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    assert len(out[0]) == 4
+
+
+def test_engine_config_names_a_bad_weights_value() -> None:
+    with pytest.raises(ValueError, match="weights 'int3' is not supported; expected one of auto, bf16"):
+        EngineConfig(weights="int3")
+    with pytest.raises(ValueError, match="weights 'bf16' needs dtype 'bfloat16'"):
+        EngineConfig(weights="bf16", dtype="float32")
+
+
+def test_cli_rejects_a_bad_weights_value_naming_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["up", "--weights", "int3"])
+    assert "--weights: invalid choice: 'int3'" in capsys.readouterr().err
+    assert build_parser().parse_args(["up", "--weights", "w4a16"]).weights == "w4a16"
