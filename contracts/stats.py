@@ -11,6 +11,13 @@ class EngineStats:
     num_running: int
     num_waiting: int
     queued_prefill_tokens: int  # prompt tokens scheduled but not yet computed
+    # Prefix cache, since the worker started: prompt tokens found cached, and prompt tokens looked up.
+    prefix_hit_tokens: int = 0
+    prefix_query_tokens: int = 0
+
+    @property
+    def prefix_hit_ratio(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
 
     @property
     def kv_usage_ratio(self) -> float:

@@ -58,6 +58,9 @@ class EngineConfig:
     kernels: str = "auto"
     cuda_graphs: bool = True  # CUDA: decode-only steps that fit a batch bucket replay captured graphs
     decode_lookahead: bool = True  # CUDA graphs: launch the next decode step before reading this one's tokens
+    # Reuse the KV of full prompt blocks computed before (chain-hashed, LRU-evicted when blocks run out).
+    # On by default: a lookup costs one blake2b per 16 tokens, and a miss computes what it did without.
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.kernels not in KERNEL_BACKENDS:

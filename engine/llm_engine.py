@@ -62,6 +62,7 @@ class LLMEngine:
                 max_model_len=max_model_len,
                 eos_token_ids=self.model_config.eos_token_ids,
                 lookahead_tokens=1 if self.lookahead is not None else 0,
+                prefix_caching=config.prefix_caching,
             ),
             self.block_manager,
         )

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import ClassVar, TypeVar
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from contracts.stats import EngineStats, WorkerInfo
 from engine.config import EngineConfig
@@ -29,6 +29,14 @@ class WorkerMetrics:
         self._transfer_failures = Counter("pdserve_kv_transfer_failures",
                                           "KV transfers that failed, by reason", ["reason"],
                                           registry=self.registry)
+
+    def watch_prefix_cache(self, engine: LLMEngine) -> None:
+        """Export the engine's prefix-cache hit ratio, read at scrape time (no engine-thread hop)."""
+        prefix = engine.scheduler.prefix
+        gauge = Gauge("pdserve_prefix_cache_hit_ratio",
+                      "Prompt tokens found in the prefix cache / prompt tokens looked up, since start",
+                      registry=self.registry)
+        gauge.set_function(lambda: prefix.hit_ratio if prefix is not None else 0.0)
 
     def transfer_failed(self, reason: str) -> None:
         self._transfer_failures.labels(reason=reason).inc()
@@ -59,6 +67,7 @@ class WorkerService(ABC):
                                     on_error=self._engine_died)
 
     def start(self) -> None:
+        self.metrics.watch_prefix_cache(self.engine)
         self._thread.start()
 
     # ---- called from the actor's event loop ----
