@@ -137,6 +137,11 @@ class LLMEngine:
             return None
         return tuple(seq.block_table)
 
+    def reserved_prefix_tokens(self, request_id: str) -> int:
+        """Leading tokens of a reservation whose KV is here already (prefix cache): no transfer for them."""
+        seq = self.scheduler.get(request_id)
+        return seq.num_computed_tokens if seq is not None else 0
+
     def activate(self, request_id: str, first_token_id: int) -> Sequence:
         """The prompt's KV has landed in the reserved blocks: the sequence joins the running batch with the
         first token the prefill worker sampled (raises SchedulerError if `request_id` awaits no KV)."""

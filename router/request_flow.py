@@ -269,7 +269,8 @@ class RequestFlow:
             return await self._prefill_failed(decode, "no prefill worker is ready", "unavailable")
         client = self._pool.prefill(order[0].worker_id)
         self._prefill_id = client.worker_id
-        target = TransferTarget(rid, self._decode_id, reservation.block_ids, num_tokens=n)
+        target = TransferTarget(rid, self._decode_id, reservation.block_ids, num_tokens=n,
+                                start_token=reservation.start_token)
         self._touched[client.worker_id] = client
         self._pool.note_prefill(client.worker_id, n, finished=False)
         try:
