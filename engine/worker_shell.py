@@ -75,8 +75,9 @@ class WorkerService(ABC):
     async def info(self) -> WorkerInfo:
         if self._thread.alive:
             try:
-                stats = await self._on_engine_thread(self.engine.stats)
-                return WorkerInfo(self.worker_id, self.role, "ready", stats)
+                stats, cached = await self._on_engine_thread(
+                    lambda: (self.engine.stats(), frozenset(self.engine.block_manager.cached_hashes())))
+                return WorkerInfo(self.worker_id, self.role, "ready", stats, self.config.block_size, cached)
             except RuntimeError:  # the thread died while this query waited: answer as if it came later
                 if self._thread.alive:
                     raise

@@ -18,7 +18,7 @@ from proto.api import pb
 from router.admission import Admission, QueueFull
 from router.clients import DecodeClient, WorkerClient, WorkerUnavailable
 from router.config import RouterConfig
-from router.dispatch import DispatchPolicy
+from router.dispatch import DispatchPolicy, PromptBlocks
 from router.metrics import RouterMetrics
 from router.migration import Streamed
 from router.validation import ValidatedRequest
@@ -95,6 +95,7 @@ class RequestFlow:
         self._decode_id = ""
         self._prefill_id = ""
         self._prefill_result: PrefillResult | None = None
+        self._prompt_blocks: PromptBlocks | None = None  # the attempt's prompt, as dispatch policies see it
 
     # -- control -------------------------------------------------------------------------------------------
     def start(self) -> asyncio.Task[None]:
@@ -188,6 +189,7 @@ class RequestFlow:
                 raise _Fail(grpc.StatusCode.UNAVAILABLE, "no prefill worker is ready", "unavailable")
             local = True  # degraded, not down: the decode worker prefills it itself
         reserve = self._streamed.reserve_request(req.request_id, req.prompt_token_ids, req.sampling, local)
+        self._prompt_blocks = PromptBlocks(reserve.prompt_token_ids)  # hashed only if the policy asks
         decode, reservation = await self._reserve(reserve)
         tasks = [asyncio.create_task(self._relay(decode))]
         if not local:
@@ -213,7 +215,7 @@ class RequestFlow:
         """Ready decode workers in policy order; after a death, the others first, else wait (within the
         deadline) until one answers ready again: Ray restarts the dead one, and a stale "ready" of a dead
         worker must not be trusted, so it is asked afresh."""
-        order = self._policy.order_decode(self._pool.ready(DECODE))
+        order = self._policy.order_decode(self._pool.ready(DECODE), prompt=self._prompt_blocks)
         if not self._streamed.lost:
             return order
         others = [i for i in order if i.worker_id not in self._streamed.lost]
@@ -264,7 +266,7 @@ class RequestFlow:
     ) -> None:
         rid = self.request.request_id
         n = len(prompt)
-        order = self._policy.order_prefill(self._pool.ready(PREFILL), n)
+        order = self._policy.order_prefill(self._pool.ready(PREFILL), n, prompt=self._prompt_blocks)
         if not order:
             return await self._prefill_failed(decode, "no prefill worker is ready", "unavailable")
         client = self._pool.prefill(order[0].worker_id)
