@@ -167,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="token budget per engine step")
     up.add_argument("--kv-blocks", type=_positive("--kv-blocks"), default=512,
                     help="KV cache blocks per worker (16 tokens each)")
+    up.add_argument("--prefix-caching", choices=("on", "off"), default="on",
+                    help="reuse the KV of prompt blocks a worker computed before (and send only the "
+                         "missing suffix to a decode worker that holds the prefix)")
+    up.add_argument("--long-prefill-threshold", type=_non_negative("--long-prefill-threshold"), default=128,
+                    help="while others run or wait, a prompt with more tokens left than this computes at "
+                         "most this many per step (0 = off: one prompt may take the whole budget)")
     up.add_argument("--device", choices=("cpu", "cuda"), default=None,
                     help="where the workers run (default: cuda if available, else cpu)")
     up.add_argument("--kernels", choices=KERNEL_BACKENDS, default="auto",
@@ -284,7 +290,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     engine = EngineConfig(model_path=args.model, device=device,
                           dtype="float32" if device == "cpu" else "bfloat16",
                           num_kv_blocks=args.kv_blocks, max_batch_tokens=args.max_batch_tokens,
-                          kernels=args.kernels)
+                          kernels=args.kernels, prefix_caching=args.prefix_caching == "on",
+                          long_prefill_token_threshold=args.long_prefill_threshold)
     cluster = LocalCluster(ClusterConfig(engine=engine, num_prefill=args.prefill, num_decode=args.decode,
                                          host=args.host, port=args.port, metrics_port=args.metrics_port,
                                          http_port=args.http_port, served_model_name=args.served_model_name,

@@ -63,6 +63,8 @@ class LLMEngine:
                 eos_token_ids=self.model_config.eos_token_ids,
                 lookahead_tokens=1 if self.lookahead is not None else 0,
                 prefix_caching=config.prefix_caching,
+                long_prefill_token_threshold=config.long_prefill_token_threshold,
+                max_long_partial_prefills=config.max_long_partial_prefills,
             ),
             self.block_manager,
         )

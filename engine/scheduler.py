@@ -90,6 +90,10 @@ class Scheduler:
         and nothing else — the step a decode lookahead already launched (engine/executors/lookahead.py);
         everyone else waits a step (then nothing is launched ahead, so the step after includes them)."""
         only = None if decode_only is None else {id(s) for s in decode_only}
+        # Fair prefill: with anyone else running or waiting, a long prompt's chunk is capped so that it
+        # shares the budget (engine/scheduler_types.py: long_prefill_token_threshold).
+        contended = len(self._running) + len(self._waiting) > 1
+        long_prefills = 0  # long prompts partly prefilled (running) or started this step
         budget = self.config.max_batch_tokens
         chunks: list[ScheduledChunk] = []
         scheduled: set[str] = set()
@@ -128,7 +132,8 @@ class Scheduler:
                 continue
             # No preemption for prefill: whoever holds the blocks is older (and progresses) or decodes newer
             # (and preempts itself when it next needs a block), so a stalled chunk resumes.
-            n = self._fit_chunk(seq, min(seq.num_tokens - seq.num_computed_tokens, budget))
+            long_prefills += self._is_long(seq, seq.num_computed_tokens)  # a partial one, chunk or not
+            n = self._fit_chunk(seq, self._prefill_chunk(seq, seq.num_computed_tokens, budget, contended))
             if n == 0:
                 continue
             chunks.append(self._schedule_chunk(seq, n))
@@ -136,19 +141,25 @@ class Scheduler:
             budget -= n
 
         # 3) Waiting sequences, FIFO. Not in a step that preempted: their blocks were freed for running ones.
-        while (self._waiting and budget > 0 and not preempted
+        #    A long prompt waits while max_long_partial_prefills long ones run; shorter ones behind it start.
+        i = 0
+        while (i < len(self._waiting) and budget > 0 and not preempted
                and self._num_slots_used() < self.config.max_num_seqs):
-            seq = self._waiting[0]
+            seq = self._waiting[i]
             cached = self._prefix_match(seq)
             start = seq.num_computed_tokens if cached is None else len(cached) * self.blocks.block_size
-            n = min(seq.num_tokens - start, budget)
+            if self._is_long(seq, start) and long_prefills >= self.config.max_long_partial_prefills:
+                i += 1
+                continue
+            n = self._prefill_chunk(seq, start, budget, contended)
             if cached is None:
                 need = self._blocks_missing(seq, start + n)
             else:
                 need = self.prefix.free_blocks_needed(seq, cached, start + n)
             if not self.blocks.can_allocate(need):
-                break  # strict FIFO: a later, smaller prompt does not overtake this one
-            self._waiting.popleft()
+                break  # FIFO on blocks: a later, smaller prompt does not take the blocks this one waits for
+            del self._waiting[i]
+            long_prefills += self._is_long(seq, start)
             if cached is not None:
                 self.prefix.attach(seq, cached)
             seq.status = SequenceStatus.RUNNING
@@ -292,6 +303,17 @@ class Scheduler:
         if self.prefix is None or seq.block_table or seq.num_computed_tokens:
             return None
         return self.prefix.match(seq)
+
+    def _is_long(self, seq: Sequence, start: int) -> bool:
+        threshold = self.config.long_prefill_token_threshold
+        return 0 < threshold < seq.num_tokens - start
+
+    def _prefill_chunk(self, seq: Sequence, start: int, budget: int, contended: bool) -> int:
+        """Prefill tokens seq may compute from `start` this step, before block limits."""
+        n = min(seq.num_tokens - start, budget)
+        if contended and self._is_long(seq, start):
+            n = min(n, self.config.long_prefill_token_threshold)
+        return n
 
     def _blocks_missing(self, seq: Sequence, num_tokens: int) -> int:
         return max(0, self.blocks.blocks_needed(num_tokens) - len(seq.block_table))

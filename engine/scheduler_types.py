@@ -18,11 +18,22 @@ class SchedulerConfig:
     lookahead_tokens: int = 0
     # New sequences start after their cached full blocks (engine/prefix_cache.py).
     prefix_caching: bool = False
+    # Fair prefill (vLLM's long_prefill_token_threshold / max_long_partial_prefills): a prompt with more than
+    # this many tokens left is long; while others run or wait, a long prompt computes at most this many per
+    # step, and at most max_long_partial_prefills long prompts progress at once (later short ones start
+    # meanwhile). 0 = off: one prompt may take the whole budget.
+    long_prefill_token_threshold: int = 0
+    max_long_partial_prefills: int = 1
 
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_num_seqs", "block_size", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be >= 0, "
+                             f"got {self.long_prefill_token_threshold}")
+        if self.max_long_partial_prefills < 1:
+            raise ValueError(f"max_long_partial_prefills must be >= 1, got {self.max_long_partial_prefills}")
         if self.lookahead_tokens < 0:
             raise ValueError(f"lookahead_tokens must be >= 0, got {self.lookahead_tokens}")
 
