@@ -11,6 +11,7 @@ import sys
 from contracts.transfer import KV_FAILURE_POLICIES
 from engine.config import KERNEL_BACKENDS
 from router.dispatch import known_policies
+from router.placement import known_placements
 
 
 class UsageError(Exception):
@@ -205,8 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--decode-resources", type=_resources("--decode-resources"), default=None,
                     help="custom Ray resources decode actors ask for, NAME=AMOUNT[,...] ('none' = place "
                          "anywhere); default pdserve_decode=1 with --ray-address, none otherwise")
+    up.add_argument("--prefill-placement", choices=known_placements(), default="cost",
+                    help="where prompts are prefilled: cost = per request from measured costs (prefill "
+                         "s/token, transfer, pool queue, decode load); threshold: --local-prefill-max-tokens")
     up.add_argument("--local-prefill-max-tokens", type=int, default=0,
-                    help="prompts up to this many tokens are prefilled on the decode worker (0 = never)")
+                    help="with --prefill-placement threshold: prompts up to this many tokens are "
+                         "prefilled on the decode worker (0 = never)")
     up.add_argument("--migration-limit", type=_non_negative("--migration-limit"), default=1,
                     help="times a request moves off a dead decode worker, re-prefilled from prompt + "
                          "tokens streamed so far (default 1; 0 = it fails)")
@@ -298,6 +303,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                          dispatch_policy=args.dispatch_policy,
                                          queue_capacity=args.queue_capacity,
                                          local_prefill_max_tokens=args.local_prefill_max_tokens,
+                                         prefill_placement=args.prefill_placement,
                                          migration_limit=args.migration_limit,
                                          kv_failure_policy=args.kv_failure_policy,
                                          max_worker_restarts=args.max_worker_restarts,

@@ -169,6 +169,10 @@ class RouterMetrics:
         self.request_migrations = Counter(
             "pdserve_request_migrations", "Requests moved off a dead decode worker", registry=r
         )
+        self.prefill_placements = Counter(
+            "pdserve_prefill_placement", "Where prompts were prefilled (local: on the decode worker), why",
+            ["where", "reason"], registry=r,
+        )
         self._own_names = {
             m.name
             for c in (
@@ -247,6 +251,9 @@ class RouterMetrics:
 
     def request_migrated(self) -> None:
         self.request_migrations.inc()
+
+    def prefill_placed(self, where: str, reason: str) -> None:
+        self.prefill_placements.labels(where=where, reason=reason).inc()
 
 
 def start_metrics_server(target: RouterMetrics | Any, port: int, host: str = "127.0.0.1") -> WSGIServer:

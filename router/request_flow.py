@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from router.config import RouterConfig
 from router.dispatch import DispatchPolicy, PromptBlocks
 from router.metrics import RouterMetrics
 from router.migration import Streamed
+from router.placement import NO_PREFILL_WORKER, PlacementPolicy
 from router.validation import ValidatedRequest
 from router.workers import DECODE, PREFILL, WorkerPool
 
@@ -67,6 +69,7 @@ class RequestFlow:
         *,
         pool: WorkerPool,
         policy: DispatchPolicy,
+        placement: PlacementPolicy,
         admission: Admission,
         metrics: RouterMetrics,
         config: RouterConfig,
@@ -75,7 +78,7 @@ class RequestFlow:
     ) -> None:
         self.request = request
         self.api = api  # the door it came through ("grpc" | "http"): a metrics label, nothing else
-        self._pool, self._policy, self._admission = pool, policy, admission
+        self._pool, self._policy, self._placement, self._admission = pool, policy, placement, admission
         self._metrics, self._config = metrics, config
         self._budget_s = budget_s
         self._events: asyncio.Queue[pb.GenerateResponse | FlowError] = asyncio.Queue()
@@ -183,11 +186,11 @@ class RequestFlow:
         """One decode worker's go at the request: from the prompt plus any tokens already streamed."""
         req = self.request
         n = len(req.prompt_token_ids) + len(self._streamed.output_ids)
-        local = n <= self._config.local_prefill_max_tokens
-        if not local and not self._pool.ready(PREFILL):
-            if self._config.kv_failure_policy != "recompute":
-                raise _Fail(grpc.StatusCode.UNAVAILABLE, "no prefill worker is ready", "unavailable")
-            local = True  # degraded, not down: the decode worker prefills it itself
+        placement = self._placement.place(n, self._pool.ready(PREFILL), self._pool.ready(DECODE))
+        if placement.reason == NO_PREFILL_WORKER and self._config.kv_failure_policy != "recompute":
+            raise _Fail(grpc.StatusCode.UNAVAILABLE, "no prefill worker is ready", "unavailable")
+        self._metrics.prefill_placed(placement.where, placement.reason)
+        local = placement.local
         reserve = self._streamed.reserve_request(req.request_id, req.prompt_token_ids, req.sampling, local)
         self._prompt_blocks = PromptBlocks(reserve.prompt_token_ids)  # hashed only if the policy asks
         decode, reservation = await self._reserve(reserve)
@@ -276,7 +279,9 @@ class RequestFlow:
         self._touched[client.worker_id] = client
         self._pool.note_prefill(client.worker_id, n, finished=False)
         try:
+            called = time.perf_counter()
             self._prefill_result = await client.prefill(PrefillRequest(rid, prompt, sampling, target))
+            self._placement.observe(n, self._prefill_result, time.perf_counter() - called)
         except PrefillFailed as e:
             del self._touched[client.worker_id]  # the prefill side cleaned up after itself
             await self._prefill_failed(decode, f"prefill failed on {client.worker_id}: {e}", "prefill_failed")
