@@ -5,6 +5,7 @@ import pytest
 
 from contracts.prefix_hash import block_hashes, extend_block_hashes
 from contracts.sampling import SamplingParams
+from contracts.transfer import TransferTarget
 from engine.block_manager import BlockAccountingError, BlockManager
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence, SequenceStatus
@@ -165,3 +166,17 @@ def test_block_manager_rejects_misuse_of_the_cache():
     bm.free([x])
     with pytest.raises(BlockAccountingError):
         bm.cache_block(x, 123)  # free blocks hold nothing to name
+
+
+class _Sizing:
+    def num_blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // BS)
+
+
+def test_a_transfer_target_with_a_start_offset_carries_only_the_blocks_after_it():
+    target = TransferTarget("r", "d", (5, 6, 7, 8), num_tokens=14, start_token=12)
+    assert (target.first_block(_Sizing()), target.num_blocks(_Sizing())) == (3, 1)
+    assert TransferTarget("r", "d", (5, 6, 7, 8), 14).num_blocks(_Sizing()) == 4
+    for bad in (5, 16):  # not a block boundary; past the prompt's last block
+        with pytest.raises(ValueError, match="start_token"):
+            TransferTarget("r", "d", (5, 6, 7, 8), 14, start_token=bad).num_blocks(_Sizing())
