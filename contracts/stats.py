@@ -1,7 +1,7 @@
 """Load snapshots that workers report to the router for dispatch, health and metrics."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -14,6 +14,13 @@ class EngineStats:
     # Sequence slots (EngineConfig.max_num_seqs); num_running counts the taken ones. 0 = not reported.
     max_num_seqs: int = 0
     tp_comm_bytes: int = 0  # bytes this worker's rank 0 sent in tensor-parallel collectives (0 at TP=1)
+    # Prefix cache, since the worker started: prompt tokens found cached, and prompt tokens looked up.
+    prefix_hit_tokens: int = 0
+    prefix_query_tokens: int = 0
+
+    @property
+    def prefix_hit_ratio(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
 
     @property
     def kv_usage_ratio(self) -> float:
@@ -31,3 +38,16 @@ class WorkerInfo:
     role: str  # "prefill" | "decode"
     state: str  # "starting" | "ready" | "failed"
     stats: EngineStats
+    # Prefix-aware dispatch: the worker's KV block size and the chain hashes (contracts/prefix_hash.py) of
+    # every block in its prefix cache, as of this snapshot (at most num_kv_blocks of them, 8 bytes each).
+    block_size: int = 0
+    cached_blocks: frozenset[int] = field(default_factory=frozenset)
+
+    def cached_prefix_blocks(self, block_hashes: list[int]) -> int:
+        """How many leading blocks of a prompt (its chain hashes) this worker holds in its prefix cache."""
+        n = 0
+        for h in block_hashes:
+            if h not in self.cached_blocks:
+                break
+            n += 1
+        return n

@@ -16,15 +16,27 @@ class TransferTarget:
     request_id: str
     decode_id: str  # names the channel (prefill side keeps one channel per decode worker)
     block_ids: tuple[int, ...]  # reserved on the decode side, in block-table order
-    num_tokens: int  # prompt tokens whose KV is sent
+    num_tokens: int  # prompt tokens whose KV the decode side holds once the transfer is done
+    # Block-aligned token index the transfer starts at: the decode side found the tokens before it in its
+    # prefix cache, so only the blocks from here on travel (block_ids still lists the whole prompt's blocks).
+    start_token: int = 0
+
+    def first_block(self, sizing: BlockSizing) -> int:
+        """Index in block_ids of the first block that travels."""
+        return sizing.num_blocks_for(self.start_token) if self.start_token > 0 else 0
 
     def num_blocks(self, sizing: BlockSizing) -> int:
-        """Blocks that carry `num_tokens` under `sizing`; the reservation must hold at least that many."""
+        """Blocks that travel: those holding tokens start_token .. num_tokens - 1 under `sizing`; the
+        reservation must hold every block up to the last of them."""
         needed = sizing.num_blocks_for(self.num_tokens)
         if len(self.block_ids) < needed:
             raise ValueError(f"{self.request_id}: {self.num_tokens} tokens need {needed} blocks, "
                              f"the target reserved {len(self.block_ids)}")
-        return needed
+        first = self.first_block(sizing)
+        if not 0 <= first < needed or sizing.num_blocks_for(self.start_token + 1) != first + 1:
+            raise ValueError(f"{self.request_id}: start_token {self.start_token} is not a block boundary "
+                             f"before the last of {self.num_tokens} tokens")
+        return needed - first
 
 
 @dataclass(frozen=True)

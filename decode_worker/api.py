@@ -22,6 +22,8 @@ class Reservation:
     request_id: str
     decode_id: str
     block_ids: tuple[int, ...]  # empty when prefill_locally
+    # Tokens whose KV the decode worker already holds (its prefix cache): the transfer starts here.
+    start_token: int = 0
 
 
 @dataclass(frozen=True)

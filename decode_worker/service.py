@@ -184,7 +184,8 @@ class DecodeService(WorkerService):
                 why = f"{need} KV blocks needed, {stats.num_free_blocks} free"
             raise NoCapacity(f"{self.worker_id}: no room for {len(prompt)} prompt tokens: {why}")
         self._resume_text(req, stream)
-        target = TransferTarget(req.request_id, self.worker_id, block_ids, len(prompt))
+        target = TransferTarget(req.request_id, self.worker_id, block_ids, len(prompt),
+                                start_token=self.engine.reserved_prefix_tokens(req.request_id))
         # on_finish runs on the endpoint thread when the last frame lands: wake the engine to admit it now.
         receiver = KVReceiver(target, self.layout, lease_seconds=self._lease,
                               on_finish=lambda _: self._thread.wake())
@@ -194,7 +195,7 @@ class DecodeService(WorkerService):
         self._receivers[req.request_id] = receiver
         self._awaiting_kv[req.request_id] = req
         self._active[req.request_id] = stream
-        return Reservation(req.request_id, self.worker_id, target.block_ids)
+        return Reservation(req.request_id, self.worker_id, target.block_ids, target.start_token)
 
     def _recompute(self, request_id: str, reason: str) -> bool:
         """Turn a reservation awaiting KV into a local prefill; the client's stream stays the same."""

@@ -11,6 +11,7 @@ import sys
 from contracts.transfer import KV_FAILURE_POLICIES
 from engine.config import KERNEL_BACKENDS, WEIGHT_SCHEMES
 from router.dispatch import known_policies
+from router.placement import known_placements
 
 
 class UsageError(Exception):
@@ -174,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--kv-cache", choices=tuple(_KV_CACHE_FLAG), default="auto",
                     help="KV cache dtype: auto = the compute dtype; int8 / int4 keep scales and move between "
                          "workers as stored")
+    up.add_argument("--prefix-caching", choices=("on", "off"), default="on",
+                    help="reuse the KV of prompt blocks a worker computed before (and send only the "
+                         "missing suffix to a decode worker that holds the prefix)")
+    up.add_argument("--long-prefill-threshold", type=_non_negative("--long-prefill-threshold"), default=128,
+                    help="while others run or wait, a prompt with more tokens left than this computes at "
+                         "most this many per step (0 = off: one prompt may take the whole budget)")
     up.add_argument("--device", choices=("cpu", "cuda"), default=None,
                     help="where the workers run (default: cuda if available, else cpu)")
     up.add_argument("--kernels", choices=KERNEL_BACKENDS, default="auto",
@@ -210,8 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--decode-resources", type=_resources("--decode-resources"), default=None,
                     help="custom Ray resources decode actors ask for, NAME=AMOUNT[,...] ('none' = place "
                          "anywhere); default pdserve_decode=1 with --ray-address, none otherwise")
+    up.add_argument("--prefill-placement", choices=known_placements(), default="cost",
+                    help="where prompts are prefilled: cost = per request from measured costs (prefill "
+                         "s/token, transfer, pool queue, decode load); threshold: --local-prefill-max-tokens")
     up.add_argument("--local-prefill-max-tokens", type=int, default=0,
-                    help="prompts up to this many tokens are prefilled on the decode worker (0 = never)")
+                    help="with --prefill-placement threshold: prompts up to this many tokens are "
+                         "prefilled on the decode worker (0 = never)")
     up.add_argument("--migration-limit", type=_non_negative("--migration-limit"), default=1,
                     help="times a request moves off a dead decode worker, re-prefilled from prompt + "
                          "tokens streamed so far (default 1; 0 = it fails)")
@@ -298,13 +309,16 @@ def _cmd_up(args: argparse.Namespace) -> int:
                           dtype="float32" if device == "cpu" and args.weights != "bf16" else "bfloat16",
                           weights=args.weights,
                           kv_cache_dtype=_KV_CACHE_FLAG[args.kv_cache], num_kv_blocks=args.kv_blocks,
-                          max_batch_tokens=args.max_batch_tokens, kernels=args.kernels)
+                          max_batch_tokens=args.max_batch_tokens, kernels=args.kernels,
+                          prefix_caching=args.prefix_caching == "on",
+                          long_prefill_token_threshold=args.long_prefill_threshold)
     cluster = LocalCluster(ClusterConfig(engine=engine, num_prefill=args.prefill, num_decode=args.decode,
                                          host=args.host, port=args.port, metrics_port=args.metrics_port,
                                          http_port=args.http_port, served_model_name=args.served_model_name,
                                          dispatch_policy=args.dispatch_policy,
                                          queue_capacity=args.queue_capacity,
                                          local_prefill_max_tokens=args.local_prefill_max_tokens,
+                                         prefill_placement=args.prefill_placement,
                                          migration_limit=args.migration_limit,
                                          kv_failure_policy=args.kv_failure_policy,
                                          max_worker_restarts=args.max_worker_restarts,

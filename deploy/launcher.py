@@ -37,6 +37,7 @@ class ClusterConfig:
     max_inflight: int | None = None  # None: the decode workers' reported sequence slots bound it
     request_timeout_s: float = 600.0
     local_prefill_max_tokens: int = 0
+    prefill_placement: str = "cost"  # router/placement.py
     ray_address: str | None = None  # None: start a private local Ray instance
     # Custom Ray resources each role's actors ask for, so roles land on the nodes that declare them (a node
     # started with `ray start --resources '{"pdserve_decode": 1}'`, a KubeRay worker group). None: the
@@ -178,6 +179,7 @@ class LocalCluster:
                                   max_inflight=cfg.max_inflight, dispatch_policy=cfg.dispatch_policy,
                                   request_timeout_s=cfg.request_timeout_s,
                                   local_prefill_max_tokens=cfg.local_prefill_max_tokens,
+                                  prefill_placement=cfg.prefill_placement,
                                   max_model_len=model_info.context_length, metrics_port=cfg.metrics_port,
                                   http_port=cfg.http_port, metrics_host=cfg.metrics_host,
                                   tls_cert_file=cfg.tls_cert_file, tls_key_file=cfg.tls_key_file,

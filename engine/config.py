@@ -74,10 +74,23 @@ class EngineConfig:
     # 0 = measured at engine start (engine/tp/overlap.py) for a max_batch_tokens step.
     tp_overlap_chunks: int = 1
     tp_overlap_min_tokens: int = 64
+    # Reuse the KV of full prompt blocks computed before (chain-hashed, LRU-evicted when blocks run out).
+    # On by default: a lookup costs one blake2b per 16 tokens, and a miss computes what it did without.
+    prefix_caching: bool = True
+    # Fair prefill (engine/scheduler_types.py): while others run or wait, a prompt with more than this many
+    # tokens left computes at most this many per step, beside decodes and new short prompts; at most
+    # max_long_partial_prefills such prompts progress at once. 0 = a prompt may take the whole budget.
+    long_prefill_token_threshold: int = 128
+    max_long_partial_prefills: int = 1
 
     def __post_init__(self) -> None:
         if self.kernels not in KERNEL_BACKENDS:
             raise ValueError(f"kernels must be one of {KERNEL_BACKENDS}, got {self.kernels!r}")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be >= 0, "
+                             f"got {self.long_prefill_token_threshold}")
+        if self.max_long_partial_prefills < 1:
+            raise ValueError(f"max_long_partial_prefills must be >= 1, got {self.max_long_partial_prefills}")
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
         for name in ("block_size", "num_kv_blocks", "max_batch_tokens", "max_num_seqs", "tp_size",

@@ -89,6 +89,9 @@ class LLMEngine:
                 max_model_len=max_model_len,
                 eos_token_ids=self.model_config.eos_token_ids,
                 lookahead_tokens=1 if self.lookahead is not None else 0,
+                prefix_caching=config.prefix_caching,
+                long_prefill_token_threshold=config.long_prefill_token_threshold,
+                max_long_partial_prefills=config.max_long_partial_prefills,
             ),
             self.block_manager,
         )
@@ -179,6 +182,11 @@ class LLMEngine:
         if not self.scheduler.reserve(seq):
             return None
         return tuple(seq.block_table)
+
+    def reserved_prefix_tokens(self, request_id: str) -> int:
+        """Leading tokens of a reservation whose KV is here already (prefix cache): no transfer for them."""
+        seq = self.scheduler.get(request_id)
+        return seq.num_computed_tokens if seq is not None else 0
 
     def activate(self, request_id: str, first_token_id: int) -> Sequence:
         """The prompt's KV has landed in the reserved blocks: the sequence joins the running batch with the

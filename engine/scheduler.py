@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 from contracts.sampling import FinishReason
 from contracts.stats import EngineStats
 from engine.block_manager import BlockManager
+from engine.prefix_cache import PrefixCache
+from engine.scheduler_types import ScheduledChunk, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
 
 
@@ -17,69 +18,6 @@ class SchedulerError(RuntimeError):
 
 class SequenceRejected(ValueError):
     """A sequence can never be scheduled here (too long for max_model_len or for the whole KV cache)."""
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_batch_tokens: int
-    max_num_seqs: int
-    block_size: int
-    max_model_len: int
-    eos_token_ids: tuple[int, ...] = ()
-    # Decode steps also take blocks for this many tokens past the step, when free (never by preempting): the
-    # decode lookahead (engine/executors/lookahead.py) writes the next position's KV before scheduling.
-    lookahead_tokens: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch_tokens", "max_num_seqs", "block_size", "max_model_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lookahead_tokens < 0:
-            raise ValueError(f"lookahead_tokens must be >= 0, got {self.lookahead_tokens}")
-
-
-@dataclass(frozen=True)
-class ScheduledChunk:
-    """One sequence's share of a step: positions start .. start + num_new_tokens - 1 are computed."""
-
-    seq: Sequence  # its block_table already covers start + num_new_tokens tokens
-    start: int  # == seq.num_computed_tokens when scheduled
-    num_new_tokens: int  # tokens computed this step, verify positions included
-    # Trailing positions whose next token is sampled: 0 mid-prompt, 1 at a prompt's end or a decode step,
-    # k + 1 for a verify step over k draft tokens.
-    num_sampled: int
-    # Verify positions: the last len(draft_token_ids) tokens computed are these proposals (not yet in
-    # seq.token_ids); a snapshot, so proposals made after scheduling do not change this step.
-    draft_token_ids: tuple[int, ...] = ()
-
-    @property
-    def token_ids(self) -> list[int]:
-        """The tokens computed this step, in position order (draft tokens last)."""
-        end = self.start + self.num_new_tokens - len(self.draft_token_ids)
-        tokens = self.seq.token_ids[self.start:end]
-        return tokens + list(self.draft_token_ids) if self.draft_token_ids else tokens
-
-    @property
-    def output_start(self) -> int:
-        """Index in seq.token_ids of the first token postprocess appends for this (sampling) chunk."""
-        return self.start + self.num_new_tokens - len(self.draft_token_ids)
-
-
-@dataclass(frozen=True)
-class SchedulerOutput:
-    chunks: tuple[ScheduledChunk, ...]
-    preempted: tuple[Sequence, ...]
-    # Some sequence waits or runs outside this step, so the next step will not be these chunks one position
-    # on: a decode lookahead (engine/executors/lookahead.py) launches nothing ahead of this one.
-    others_waiting: bool = False
-
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(c.num_new_tokens for c in self.chunks)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.chunks
 
 
 class Scheduler:
@@ -100,6 +38,7 @@ class Scheduler:
         self._seqs: dict[str, Sequence] = {}  # every sequence the scheduler still tracks
         # The context window is also bounded by the cache: a sequence longer than all blocks could never run.
         self.max_len = min(config.max_model_len, block_manager.num_total * block_manager.block_size)
+        self.prefix = PrefixCache(block_manager) if config.prefix_caching else None
 
     # ---- admission ----
 
@@ -116,10 +55,16 @@ class Scheduler:
         Returns False (allocating nothing) if the blocks or a sequence slot are not available now.
         """
         self._validate_new(seq)
-        need = self.blocks.blocks_needed(seq.num_tokens) - len(seq.block_table)
+        cached = self._prefix_match(seq)
+        if cached is None:
+            need = self._blocks_missing(seq, seq.num_tokens)
+        else:
+            need = self.prefix.free_blocks_needed(seq, cached, seq.num_tokens)
         if self._num_slots_used() >= self.config.max_num_seqs or not self.blocks.can_allocate(need):
             return False
-        seq.block_table.extend(self.blocks.allocate(need))
+        if cached is not None:  # its KV is here already: num_computed_tokens is where the transfer starts
+            self.prefix.attach(seq, cached)
+        seq.block_table.extend(self.blocks.allocate(self._blocks_missing(seq, seq.num_tokens)))
         seq.status = SequenceStatus.AWAITING_KV
         self._awaiting[seq.request_id] = seq
         self._seqs[seq.request_id] = seq
@@ -131,6 +76,8 @@ class Scheduler:
         if seq is None:
             raise SchedulerError(f"activate({request_id!r}): no sequence awaiting KV under that id")
         seq.num_computed_tokens = seq.num_prompt_tokens
+        if self.prefix is not None:
+            self.prefix.register(seq)
         seq.status = SequenceStatus.RUNNING
         self._running.append(seq)
         self._append_token(seq, first_token_id)
@@ -143,6 +90,10 @@ class Scheduler:
         and nothing else — the step a decode lookahead already launched (engine/executors/lookahead.py);
         everyone else waits a step (then nothing is launched ahead, so the step after includes them)."""
         only = None if decode_only is None else {id(s) for s in decode_only}
+        # Fair prefill: with anyone else running or waiting, a long prompt's chunk is capped so that it
+        # shares the budget (engine/scheduler_types.py: long_prefill_token_threshold).
+        contended = len(self._running) + len(self._waiting) > 1
+        long_prefills = 0  # long prompts partly prefilled (running) or started this step
         budget = self.config.max_batch_tokens
         chunks: list[ScheduledChunk] = []
         scheduled: set[str] = set()
@@ -181,7 +132,8 @@ class Scheduler:
                 continue
             # No preemption for prefill: whoever holds the blocks is older (and progresses) or decodes newer
             # (and preempts itself when it next needs a block), so a stalled chunk resumes.
-            n = self._fit_chunk(seq, min(seq.num_tokens - seq.num_computed_tokens, budget))
+            long_prefills += self._is_long(seq, seq.num_computed_tokens)  # a partial one, chunk or not
+            n = self._fit_chunk(seq, self._prefill_chunk(seq, seq.num_computed_tokens, budget, contended))
             if n == 0:
                 continue
             chunks.append(self._schedule_chunk(seq, n))
@@ -189,13 +141,27 @@ class Scheduler:
             budget -= n
 
         # 3) Waiting sequences, FIFO. Not in a step that preempted: their blocks were freed for running ones.
-        while (self._waiting and budget > 0 and not preempted
+        #    A long prompt waits while max_long_partial_prefills long ones run; shorter ones behind it start.
+        i = 0
+        while (i < len(self._waiting) and budget > 0 and not preempted
                and self._num_slots_used() < self.config.max_num_seqs):
-            seq = self._waiting[0]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.blocks.can_allocate(self._blocks_missing(seq, seq.num_computed_tokens + n)):
-                break  # strict FIFO: a later, smaller prompt does not overtake this one
-            self._waiting.popleft()
+            seq = self._waiting[i]
+            cached = self._prefix_match(seq)
+            start = seq.num_computed_tokens if cached is None else len(cached) * self.blocks.block_size
+            if self._is_long(seq, start) and long_prefills >= self.config.max_long_partial_prefills:
+                i += 1
+                continue
+            n = self._prefill_chunk(seq, start, budget, contended)
+            if cached is None:
+                need = self._blocks_missing(seq, start + n)
+            else:
+                need = self.prefix.free_blocks_needed(seq, cached, start + n)
+            if not self.blocks.can_allocate(need):
+                break  # FIFO on blocks: a later, smaller prompt does not take the blocks this one waits for
+            del self._waiting[i]
+            long_prefills += self._is_long(seq, start)
+            if cached is not None:
+                self.prefix.attach(seq, cached)
             seq.status = SequenceStatus.RUNNING
             self._running.append(seq)
             chunks.append(self._schedule_chunk(seq, n))
@@ -218,6 +184,8 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:  # aborted between schedule and postprocess
                 continue
             seq.num_computed_tokens = chunk.start + chunk.num_new_tokens
+            if self.prefix is not None:  # before the stop rules free a finished sequence's blocks
+                self.prefix.register(seq)
             if not chunk.num_sampled:
                 continue
             ids = sampled.get(seq.request_id)
@@ -303,10 +271,12 @@ class Scheduler:
         queued = sum(s.num_tokens - s.num_computed_tokens for s in self._waiting)
         queued += sum(s.num_tokens - s.num_computed_tokens for s in self._running
                       if s.num_tokens - s.num_computed_tokens > 1)
+        hits, queries = (self.prefix.hit_tokens, self.prefix.query_tokens) if self.prefix else (0, 0)
         return EngineStats(num_free_blocks=self.blocks.num_free, num_total_blocks=self.blocks.num_total,
                            num_running=len(self._running) + len(self._awaiting),
                            num_waiting=len(self._waiting), queued_prefill_tokens=queued,
-                           max_num_seqs=self.config.max_num_seqs)
+                           max_num_seqs=self.config.max_num_seqs,
+                           prefix_hit_tokens=hits, prefix_query_tokens=queries)
 
     # ---- internals ----
 
@@ -327,6 +297,24 @@ class Scheduler:
     def _num_slots_used(self) -> int:
         # Awaiting-KV sequences count: activate() moves them into the running batch unconditionally.
         return len(self._running) + len(self._awaiting)
+
+    def _prefix_match(self, seq: Sequence) -> list[int] | None:
+        """seq's cached leading blocks if it may start from the cache (caching on, nothing held or computed
+        yet), else None."""
+        if self.prefix is None or seq.block_table or seq.num_computed_tokens:
+            return None
+        return self.prefix.match(seq)
+
+    def _is_long(self, seq: Sequence, start: int) -> bool:
+        threshold = self.config.long_prefill_token_threshold
+        return 0 < threshold < seq.num_tokens - start
+
+    def _prefill_chunk(self, seq: Sequence, start: int, budget: int, contended: bool) -> int:
+        """Prefill tokens seq may compute from `start` this step, before block limits."""
+        n = min(seq.num_tokens - start, budget)
+        if contended and self._is_long(seq, start):
+            n = min(n, self.config.long_prefill_token_threshold)
+        return n
 
     def _blocks_missing(self, seq: Sequence, num_tokens: int) -> int:
         return max(0, self.blocks.blocks_needed(num_tokens) - len(seq.block_table))
@@ -389,6 +377,8 @@ class Scheduler:
         self._free_blocks(seq)
 
     def _free_blocks(self, seq: Sequence) -> None:
-        # Clearing the table makes a second free impossible by construction.
+        # Clearing the table makes a second free impossible by construction. Freed last block first: the LRU
+        # prefix cache then evicts a sequence's tail (the least shared part) before its head.
         table, seq.block_table = seq.block_table, []
-        self.blocks.free(table)
+        seq.num_cached_blocks = 0
+        self.blocks.free(reversed(table))

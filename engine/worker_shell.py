@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import ClassVar, TypeVar
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from contracts.stats import EngineStats, WorkerInfo
 from engine.config import EngineConfig
@@ -18,6 +19,9 @@ from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
 
 T = TypeVar("T")
+# How stale the prefix-cache hashes in info() may be (the router refreshes every 0.1 s; a stale hash only
+# costs a prefix-aware dispatch a miss).
+_CACHED_BLOCKS_PERIOD_S = 0.1
 
 
 class WorkerMetrics:
@@ -29,6 +33,14 @@ class WorkerMetrics:
         self._transfer_failures = Counter("pdserve_kv_transfer_failures",
                                           "KV transfers that failed, by reason", ["reason"],
                                           registry=self.registry)
+
+    def watch_prefix_cache(self, engine: LLMEngine) -> None:
+        """Export the engine's prefix-cache hit ratio, read at scrape time (no engine-thread hop)."""
+        prefix = engine.scheduler.prefix
+        gauge = Gauge("pdserve_prefix_cache_hit_ratio",
+                      "Prompt tokens found in the prefix cache / prompt tokens looked up, since start",
+                      registry=self.registry)
+        gauge.set_function(lambda: prefix.hit_ratio if prefix is not None else 0.0)
 
     def transfer_failed(self, reason: str) -> None:
         self._transfer_failures.labels(reason=reason).inc()
@@ -60,8 +72,13 @@ class WorkerService(ABC):
         # Written only by the engine thread, read by info() on the actor's loop: swapping one reference to an
         # immutable snapshot needs no lock, and the control plane never queues behind a step.
         self._stats: EngineStats = self.engine.stats()
+        # The prefix cache's block hashes for prefix-aware dispatch: up to num_kv_blocks of them, so they are
+        # republished at most every _CACHED_BLOCKS_PERIOD_S, not after every step.
+        self._cached_blocks: frozenset[int] = frozenset()
+        self._cached_blocks_at = float("-inf")
 
     def start(self) -> None:
+        self.metrics.watch_prefix_cache(self.engine)
         self._thread.start()
 
     # ---- called from the actor's event loop ----
@@ -70,7 +87,8 @@ class WorkerService(ABC):
         """Answers at once, never behind a running step: the state is the engine thread's liveness and the
         stats are the snapshot it published after its last command or step (a long step is not a failure)."""
         if self._thread.alive:
-            return WorkerInfo(self.worker_id, self.role, "ready", self._stats)
+            return WorkerInfo(self.worker_id, self.role, "ready", self._stats, self.config.block_size,
+                              self._cached_blocks)
         nothing = EngineStats(0, self.config.num_kv_blocks, 0, 0, 0)
         return WorkerInfo(self.worker_id, self.role, "failed", nothing)
 
@@ -116,6 +134,10 @@ class WorkerService(ABC):
 
     def _publish_stats(self) -> None:
         self._stats = self.engine.stats()
+        now = time.monotonic()
+        if now - self._cached_blocks_at >= _CACHED_BLOCKS_PERIOD_S:
+            self._cached_blocks = frozenset(self.engine.block_manager.cached_hashes())
+            self._cached_blocks_at = now
 
     def _engine_died(self, error: BaseException) -> None:
         self._fail_waiters(f"{self.worker_id} engine thread died: {type(error).__name__}: {error}")

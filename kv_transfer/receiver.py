@@ -57,7 +57,8 @@ class KVReceiver(TransferLifecycle["KVReceiver"]):
         super().__init__(lease_seconds, on_finish, TransferState.BOOTSTRAPPING)
         self.target = target
         self.layout = layout
-        self.num_blocks = target.num_blocks(layout)
+        self.num_blocks = target.num_blocks(layout)  # those that travel, from target.first_block on
+        self._first_block = target.first_block(layout)
         self._dst_ids: dict[torch.device, torch.Tensor] = {}
         self._layers: set[int] = set()
         self._endpoints: list[KVReceiveEndpoint] = []
@@ -189,7 +190,8 @@ class KVReceiver(TransferLifecycle["KVReceiver"]):
     def _block_ids_on(self, device: torch.device) -> torch.Tensor:
         ids = self._dst_ids.get(device)
         if ids is None:
-            ids = torch.tensor(self.target.block_ids[: self.num_blocks], dtype=torch.long, device=device)
+            blocks = self.target.block_ids[self._first_block:self._first_block + self.num_blocks]
+            ids = torch.tensor(blocks, dtype=torch.long, device=device)
             self._dst_ids[device] = ids
         return ids
 

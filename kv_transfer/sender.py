@@ -50,7 +50,8 @@ class KVSender(TransferLifecycle["KVSender"]):
         )
         self.target = target
         self.layout = layout
-        self.num_blocks = target.num_blocks(layout)
+        self.num_blocks = target.num_blocks(layout)  # those that travel, from first_block on
+        self.first_block = target.first_block(layout)
         self._channel = channel
         self._layers_sent: set[int] = set()
         self._final_sent = False
@@ -74,16 +75,17 @@ class KVSender(TransferLifecycle["KVSender"]):
         extra: Sequence[torch.Tensor] = (),
     ) -> None:
         """Copy `k_cache[src_block_ids]`, `v_cache[...]` and `extra[i][...]` (the layout's scale tensors, in
-        `layout.scale_names()` order) of the first ceil(num_tokens/block_size) blocks, checksum, issue an
-        async send."""
+        `layout.scale_names()` order) of the blocks that travel (first_block on, up to
+        ceil(num_tokens/block_size)), checksum, issue an async send."""
         if not 0 <= layer < self.layout.num_layers:
             raise ValueError(f"layer {layer} out of range [0, {self.layout.num_layers})")
         self.layout.check_cache(k_cache, f"k cache of layer {layer}")
         self.layout.check_cache(v_cache, f"v cache of layer {layer}")
         self.layout.check_scales(tuple(extra), f"scales of layer {layer}")
-        if len(src_block_ids) < self.num_blocks:
+        end = self.first_block + self.num_blocks
+        if len(src_block_ids) < end:
             raise ValueError(
-                f"{self.target.request_id}: {self.target.num_tokens} tokens need {self.num_blocks} "
+                f"{self.target.request_id}: {self.target.num_tokens} tokens need {end} "
                 f"source blocks, got {len(src_block_ids)}"
             )
         with self._lock:
@@ -95,7 +97,7 @@ class KVSender(TransferLifecycle["KVSender"]):
                 raise ValueError(f"{self.target.request_id}: layer {layer} sent twice or after send_final")
             tensors = (k_cache, v_cache, *extra)
             ids = torch.tensor(
-                list(src_block_ids[: self.num_blocks]), dtype=torch.long, device=k_cache.device
+                list(src_block_ids[self.first_block:end]), dtype=torch.long, device=k_cache.device
             )
             payload = gather_blocks(tensors, ids)
             kv_bytes = 2 * self.num_blocks * self.layout.block_bytes()

@@ -19,8 +19,11 @@ class RouterConfig:
     dispatch_policy: str = "least_loaded"
     default_max_tokens: int = 64
     request_timeout_s: float = 300.0  # upper bound on a request's life; a client deadline can only shorten it
-    # Conditional disaggregation: prompts of at most this many tokens are prefilled on the decode worker.
+    # Conditional disaggregation (router/placement.py): "cost" decides per request from measured costs;
+    # "threshold" prefills prompts of at most local_prefill_max_tokens tokens on the decode worker.
+    prefill_placement: str = "cost"
     local_prefill_max_tokens: int = 0
+    local_prefill_budget_tokens: int = 512  # "cost": longer prompts are never prefilled on a decode worker
     max_model_len: int | None = None  # None = the model's context length
     metrics_port: int | None = 9400  # None = no /metrics endpoint; 0 = pick a free port
     # The OpenAI-compatible HTTP door on `host`: None = off (`pdserve up` serves it on 8000); 0 = a free port.
@@ -65,6 +68,9 @@ class RouterConfig:
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.local_prefill_budget_tokens < 0:
+            raise ValueError(f"local_prefill_budget_tokens must be >= 0, "
+                             f"got {self.local_prefill_budget_tokens}")
         if self.local_prefill_max_tokens < 0:
             raise ValueError(f"local_prefill_max_tokens must be >= 0, got {self.local_prefill_max_tokens}")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -184,6 +184,10 @@ class RouterMetrics:
             "In-flight requests moved to another decode worker after theirs died",
             registry=r,
         )
+        self.prefill_placements = Counter(
+            "pdserve_prefill_placement", "Where prompts were prefilled (local: on the decode worker), why",
+            ["where", "reason"], registry=r,
+        )
         self._own_names = {
             m.name
             for c in (
@@ -274,6 +278,9 @@ class RouterMetrics:
                 self._thread.join(timeout=5)
             self._httpd = self._thread = None
 
+
+    def prefill_placed(self, where: str, reason: str) -> None:
+        self.prefill_placements.labels(where=where, reason=reason).inc()
 
 def start_metrics_server(target: RouterMetrics | Any, port: int, host: str = "127.0.0.1") -> WSGIServer:
     """Serve `target`'s metrics (a RouterMetrics, or anything with a `.metrics` one such as RouterServer) on

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -18,9 +19,10 @@ from proto.api import pb
 from router.admission import Admission, QueueFull, Ticket
 from router.clients import DecodeClient, WorkerClient, WorkerUnavailable
 from router.config import RouterConfig
-from router.dispatch import DispatchPolicy
+from router.dispatch import DispatchPolicy, PromptBlocks
 from router.metrics import RouterMetrics
 from router.migration import Streamed
+from router.placement import NO_PREFILL_WORKER, PlacementPolicy
 from router.validation import ValidatedRequest
 from router.workers import DECODE, PREFILL, WorkerPool
 
@@ -68,6 +70,7 @@ class RequestFlow:
         *,
         pool: WorkerPool,
         policy: DispatchPolicy,
+        placement: PlacementPolicy,
         admission: Admission,
         metrics: RouterMetrics,
         config: RouterConfig,
@@ -76,7 +79,7 @@ class RequestFlow:
     ) -> None:
         self.request = request
         self.api = api  # the door it came through ("grpc" | "http"): a metrics label, nothing else
-        self._pool, self._policy, self._admission = pool, policy, admission
+        self._pool, self._policy, self._placement, self._admission = pool, policy, placement, admission
         self._metrics, self._config = metrics, config
         self._budget_s = budget_s
         self._events: asyncio.Queue[pb.GenerateResponse | FlowError] = asyncio.Queue()
@@ -99,6 +102,7 @@ class RequestFlow:
         self._decode_id = ""
         self._prefill_id = ""
         self._prefill_result: PrefillResult | None = None
+        self._prompt_blocks: PromptBlocks | None = None  # the attempt's prompt, as dispatch policies see it
 
     # -- control -------------------------------------------------------------------------------------------
     def start(self) -> asyncio.Task[None]:
@@ -187,16 +191,17 @@ class RequestFlow:
         """One decode worker's go at the request: from the prompt plus any tokens already streamed."""
         req = self.request
         n = len(req.prompt_token_ids) + len(self._streamed.output_ids)
-        local = n <= self._config.local_prefill_max_tokens
-        if not local and not self._pool.ready(PREFILL):
-            if self._config.kv_failure_policy != "recompute":
-                raise _Fail(grpc.StatusCode.UNAVAILABLE, "no prefill worker is ready", "unavailable")
-            local = True  # degraded, not down: the decode worker prefills it itself
+        placement = self._placement.place(n, self._pool.ready(PREFILL), self._pool.ready(DECODE))
+        if placement.reason == NO_PREFILL_WORKER and self._config.kv_failure_policy != "recompute":
+            raise _Fail(grpc.StatusCode.UNAVAILABLE, "no prefill worker is ready", "unavailable")
         if not self._streamed.lost and not self._pool.ready(DECODE):
             # Not worth queueing for: fail now rather than at the deadline. (A migrating request instead
             # waits, within its deadline, for the dead worker's restart: _decode_candidates.)
             raise _Fail(grpc.StatusCode.UNAVAILABLE, "no decode worker is ready", "unavailable")
+        self._metrics.prefill_placed(placement.where, placement.reason)
+        local = placement.local
         reserve = self._streamed.reserve_request(req.request_id, req.prompt_token_ids, req.sampling, local)
+        self._prompt_blocks = PromptBlocks(reserve.prompt_token_ids)  # hashed only if the policy asks
         decode, reservation = await self._admit(reserve)
         if self._dispatched_at is None:  # first placement: it left the admission queue
             self._dispatched_at = asyncio.get_running_loop().time()
@@ -239,7 +244,7 @@ class RequestFlow:
         """Ready decode workers in policy order; after a death, the others first, else wait (within the
         deadline) until one answers ready again: Ray restarts the dead one, and a stale "ready" of a dead
         worker must not be trusted, so it is asked afresh."""
-        order = self._policy.order_decode(self._pool.ready(DECODE))
+        order = self._policy.order_decode(self._pool.ready(DECODE), prompt=self._prompt_blocks)
         if not self._streamed.lost:
             return order
         others = [i for i in order if i.worker_id not in self._streamed.lost]
@@ -300,16 +305,19 @@ class RequestFlow:
     ) -> None:
         rid = self.request.request_id
         n = len(prompt)
-        order = self._policy.order_prefill(self._pool.ready(PREFILL), n)
+        order = self._policy.order_prefill(self._pool.ready(PREFILL), n, prompt=self._prompt_blocks)
         if not order:
             return await self._prefill_failed(decode, "no prefill worker is ready", "unavailable")
         client = self._pool.prefill(order[0].worker_id)
         self._prefill_id = client.worker_id
-        target = TransferTarget(rid, self._decode_id, reservation.block_ids, num_tokens=n)
+        target = TransferTarget(rid, self._decode_id, reservation.block_ids, num_tokens=n,
+                                start_token=reservation.start_token)
         self._touched[client.worker_id] = client
         self._pool.note_prefill(client.worker_id, n, finished=False)
         try:
+            called = time.perf_counter()
             self._prefill_result = await client.prefill(PrefillRequest(rid, prompt, sampling, target))
+            self._placement.observe(n, self._prefill_result, time.perf_counter() - called)
         except PrefillFailed as e:
             del self._touched[client.worker_id]  # the prefill side cleaned up after itself
             await self._prefill_failed(decode, f"prefill failed on {client.worker_id}: {e}", "prefill_failed")

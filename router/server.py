@@ -17,6 +17,7 @@ from router.config import RouterConfig
 from router.dispatch import DispatchPolicy, make_policy
 from router.http.app import HttpDoor, build_app
 from router.metrics import RouterMetrics, WorkerMetricsSource
+from router.placement import make_placement
 from router.reflection import enable_reflection
 from router.request_flow import FlowError, RequestFlow
 from router.rpc_handlers import add_pdserve_to_server
@@ -127,6 +128,7 @@ class RouterServer:
     ) -> None:
         self.config, self.pool, self.tokenizer, self.model_info = config, pool, tokenizer, model_info
         self.policy, self.metrics = policy, metrics
+        self.placement = make_placement(config)  # shared by every flow: it learns from their prefills
         context = min(model_info.context_length, config.max_model_len or model_info.context_length)
         self.limits = ValidationLimits(
             context_length=context,
@@ -184,6 +186,7 @@ class RouterServer:
             request,
             pool=self.pool,
             policy=self.policy,
+            placement=self.placement,
             admission=self.admission,
             metrics=self.metrics,
             config=self.config,

@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 # max_batch_tokens=32: long prompts take several chunks.
 CONFIG = EngineConfig(device="cpu", num_kv_blocks=64, max_batch_tokens=32)
 PROMPTS = [[1, 504, 3458, 282, 4649, 314], list(range(100, 170))]
+UNSEEN = list(range(300, 370))  # a prompt no other test sends: nothing of it is in a prefix cache
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,8 @@ def services():
 async def _disaggregated(prefill: PrefillService, decode: DecodeService, rid: str, prompt: list[int],
                          sampling: SamplingParams) -> tuple[list[int], FinishReason | None]:
     reservation = await decode.reserve(ReserveRequest(rid, tuple(prompt), sampling))
-    target = TransferTarget(rid, reservation.decode_id, reservation.block_ids, len(prompt))
+    target = TransferTarget(rid, reservation.decode_id, reservation.block_ids, len(prompt),
+                            start_token=reservation.start_token)
     ids, reason = [], None
 
     async def consume() -> None:
@@ -72,6 +74,27 @@ def test_disaggregated_matches_colocated_greedy_and_seeded(services):
     assert prefill.engine.stats().num_free_blocks == prefill.engine.stats().num_total_blocks
 
 
+def test_a_prefix_the_decode_worker_holds_does_not_travel_again(services):
+    prefill, decode = services
+    greedy = SamplingParams(max_tokens=8, ignore_eos=True)
+    prompt = list(range(400, 480))  # 5 blocks of 16; its first 4 are cached on both sides after one run
+    expected = LLMEngine(CONFIG).generate([prompt], greedy)[0]
+
+    def bytes_sent() -> float:
+        return prefill.metrics.registry.get_sample_value("pdserve_kv_transfer_bytes_total",
+                                                         {"dtype": prefill.layout.dtype}) or 0.0
+
+    sent = []
+    for rid in ("cold", "warm"):
+        before = bytes_sent()
+        got, _ = asyncio.run(_disaggregated(prefill, decode, rid, prompt, greedy))
+        assert got == expected
+        sent.append(bytes_sent() - before)
+    assert sent[1] < sent[0] / 3  # one block of five (and the final frame) travelled
+    assert decode.engine.stats().prefix_hit_tokens >= 64
+    decode.engine.block_manager.check_invariants()
+
+
 def test_abort_while_awaiting_kv_frees_reserved_blocks(services):
     _, decode = services
     free_before = decode.engine.stats().num_free_blocks
@@ -91,7 +114,7 @@ def test_blocks_of_a_transfer_cut_mid_way_are_reused_without_its_kv(services):
     prefilled locally; the rest of the garbage arrives after that: dropped, and the output is unaffected."""
     prefill, decode = services
     greedy = SamplingParams(max_tokens=16, ignore_eos=True)
-    expected = LLMEngine(CONFIG).generate([PROMPTS[1]], greedy)[0]
+    expected = LLMEngine(CONFIG).generate([UNSEEN], greedy)[0]
     layout, channel = prefill.layout, prefill._channels["decode-0"]
     garbage_k = torch.full_like(prefill.engine.kv_cache.k[0], 1e3)
     garbage_v = torch.full_like(prefill.engine.kv_cache.v[0], -1e3)
@@ -99,7 +122,7 @@ def test_blocks_of_a_transfer_cut_mid_way_are_reused_without_its_kv(services):
     free_before = decode.engine.stats().num_free_blocks
 
     async def scenario() -> None:
-        victim = await decode.reserve(ReserveRequest("victim", tuple(PROMPTS[1]), greedy))
+        victim = await decode.reserve(ReserveRequest("victim", tuple(UNSEEN), greedy))
         sender = KVSender(TransferTarget("victim", "decode-0", victim.block_ids, len(PROMPTS[1])), layout,
                           channel)
         source = list(range(len(victim.block_ids)))
@@ -113,7 +136,7 @@ def test_blocks_of_a_transfer_cut_mid_way_are_reused_without_its_kv(services):
         filler_blocks = decode.engine.stats().num_free_blocks - len(victim.block_ids) - 2
         filler = tuple(range(3, 3 + filler_blocks * CONFIG.block_size))
         await decode.reserve(ReserveRequest("filler", filler, SamplingParams(max_tokens=1)))
-        await decode.reserve(ReserveRequest("reuser", tuple(PROMPTS[1]), greedy, prefill_locally=True))
+        await decode.reserve(ReserveRequest("reuser", tuple(UNSEEN), greedy, prefill_locally=True))
         ids: list[int] = []
         async for chunk in decode.stream("reuser"):
             if not ids:  # its prompt's KV is in the reused blocks now: the late garbage comes after it

@@ -138,9 +138,13 @@ def test_full_decode_worker_is_skipped_and_a_prompt_nobody_has_room_for_waits_fo
 def test_short_prompt_is_prefilled_locally_on_the_decode_worker() -> None:
     async def body() -> None:
         prefill, decode = fake_cluster()
-        async with serve_router(prefill, decode, local_prefill_max_tokens=8) as h:
+        config = {"prefill_placement": "threshold", "local_prefill_max_tokens": 8}
+        async with serve_router(prefill, decode, **config) as h:
             _, short = await collect(h.stub.Generate(pb.GenerateRequest(text="hi")))
             _, long = await collect(h.stub.Generate(pb.GenerateRequest(text="a much longer prompt")))
+            placed = h.server.metrics.registry.get_sample_value
+            for where, reason in (("local", "under_threshold"), ("remote", "over_threshold")):
+                assert placed("pdserve_prefill_placement_total", {"where": where, "reason": reason}) == 1
         assert short.final.timings.prefill_worker == "local"
         assert long.final.timings.prefill_worker == "prefill-0"
         assert [r.prefill_locally for r in decode[0].reserve_calls] == [True, False]

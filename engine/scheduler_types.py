@@ -1,0 +1,82 @@
+"""The scheduler's config and what it hands the executor: one step's chunks."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch_tokens: int
+    max_num_seqs: int
+    block_size: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...] = ()
+    # Decode steps also take blocks for this many tokens past the step, when free (never by preempting): the
+    # decode lookahead (engine/executors/lookahead.py) writes the next position's KV before scheduling.
+    lookahead_tokens: int = 0
+    # New sequences start after their cached full blocks (engine/prefix_cache.py).
+    prefix_caching: bool = False
+    # Fair prefill (vLLM's long_prefill_token_threshold / max_long_partial_prefills): a prompt with more than
+    # this many tokens left is long; while others run or wait, a long prompt computes at most this many per
+    # step, and at most max_long_partial_prefills long prompts progress at once (later short ones start
+    # meanwhile). 0 = off: one prompt may take the whole budget.
+    long_prefill_token_threshold: int = 0
+    max_long_partial_prefills: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_tokens", "max_num_seqs", "block_size", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be >= 0, "
+                             f"got {self.long_prefill_token_threshold}")
+        if self.max_long_partial_prefills < 1:
+            raise ValueError(f"max_long_partial_prefills must be >= 1, got {self.max_long_partial_prefills}")
+        if self.lookahead_tokens < 0:
+            raise ValueError(f"lookahead_tokens must be >= 0, got {self.lookahead_tokens}")
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """One sequence's share of a step: positions start .. start + num_new_tokens - 1 are computed."""
+
+    seq: Sequence  # its block_table already covers start + num_new_tokens tokens
+    start: int  # == seq.num_computed_tokens when scheduled
+    num_new_tokens: int  # tokens computed this step, verify positions included
+    # Trailing positions whose next token is sampled: 0 mid-prompt, 1 at a prompt's end or a decode step,
+    # k + 1 for a verify step over k draft tokens.
+    num_sampled: int
+    # Verify positions: the last len(draft_token_ids) tokens computed are these proposals (not yet in
+    # seq.token_ids); a snapshot, so proposals made after scheduling do not change this step.
+    draft_token_ids: tuple[int, ...] = ()
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The tokens computed this step, in position order (draft tokens last)."""
+        end = self.start + self.num_new_tokens - len(self.draft_token_ids)
+        tokens = self.seq.token_ids[self.start:end]
+        return tokens + list(self.draft_token_ids) if self.draft_token_ids else tokens
+
+    @property
+    def output_start(self) -> int:
+        """Index in seq.token_ids of the first token postprocess appends for this (sampling) chunk."""
+        return self.start + self.num_new_tokens - len(self.draft_token_ids)
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    chunks: tuple[ScheduledChunk, ...]
+    preempted: tuple[Sequence, ...]
+    # Some sequence waits or runs outside this step, so the next step will not be these chunks one position
+    # on: a decode lookahead (engine/executors/lookahead.py) launches nothing ahead of this one.
+    others_waiting: bool = False
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(c.num_new_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
