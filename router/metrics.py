@@ -203,6 +203,7 @@ class RouterMetrics:
                 self.rejected,
                 self.worker_restarts,
                 self.request_migrations,
+                self.prefill_placements,
             )
             for m in c.describe()
         }

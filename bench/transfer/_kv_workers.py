@@ -63,12 +63,13 @@ class BenchPlan:
 
     def engine_config(self, role: str) -> EngineConfig:
         block_size = 16
-        # One request at a time: room for the longest prompt plus its output, and a spare block.
+        # One request at a time: room for the longest prompt plus its output, and a spare block. No prefix
+        # cache: each round sends the same prompts again, and a cache hit would leave nothing to transfer.
         blocks = -(-(max(self.prompts) + self.new_tokens) // block_size) + 1
         return EngineConfig(model_path=self.model, device=self.device_of(role), dtype=self.dtype,
                             kv_cache_dtype=self.kv_cache_dtype, block_size=block_size, num_kv_blocks=blocks,
                             max_batch_tokens=self.max_batch_tokens,
-                            max_model_len=max(self.prompts) + self.new_tokens)
+                            max_model_len=max(self.prompts) + self.new_tokens, prefix_caching=False)
 
     @property
     def sampling(self) -> SamplingParams:
