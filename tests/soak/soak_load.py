@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -55,7 +56,9 @@ def mixed_plans(n: int, seed: int, greedy_prompts: list[tuple[int, ...]], cancel
     return plans
 
 
-def run_one(stub: pb_grpc.PDServeStub, plan: Plan, timeout_s: float) -> Outcome:
+def run_one(stub: pb_grpc.PDServeStub, plan: Plan, timeout_s: float,
+            on_tokens: Callable[[int], None] | None = None) -> Outcome:
+    """Streams one request; on_tokens(count so far) runs after each delta (a fault trigger)."""
     out = Outcome(plan, started=time.monotonic())
     sampling = pb.SamplingOptions(max_tokens=plan.max_tokens, ignore_eos=True)
     call = stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=plan.prompt), sampling=sampling),
@@ -66,6 +69,8 @@ def run_one(stub: pb_grpc.PDServeStub, plan: Plan, timeout_s: float) -> Outcome:
         for response in call:
             if response.HasField("delta"):
                 out.token_ids += response.delta.token_ids
+                if on_tokens is not None:
+                    on_tokens(len(out.token_ids))
                 if plan.cancel_after is not None and len(out.token_ids) >= plan.cancel_after:
                     call.cancel()
             else:

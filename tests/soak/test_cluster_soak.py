@@ -151,6 +151,7 @@ def test_soak_mixed_load_with_cancels_and_kills(tmp_path_factory: pytest.TempPat
         stub = pb_grpc.PDServeStub(channel)
         references = [run_one(stub, Plan(-1, p, GREEDY_TOKENS, None), TIMEOUT_S) for p in GREEDY_PROMPTS]
         assert all(r.code == grpc.StatusCode.OK and len(r.token_ids) == GREEDY_TOKENS for r in references)
+        witness_ref = run_one(stub, Plan(-1, GREEDY_PROMPTS[0], 4 * GREEDY_TOKENS, None), TIMEOUT_S).token_ids
         capacity = measure_capacity(stub)
         # The start: every block free once the probe's last requests are gone (the stats lag a step).
         start_blocks = {wid: w.total_kv_blocks for wid, w in workers(stub).items()}
@@ -161,23 +162,42 @@ def test_soak_mixed_load_with_cancels_and_kills(tmp_path_factory: pytest.TempPat
         plans = mixed_plans(soak_requests, SEED, GREEDY_PROMPTS, CANCEL_SHARE, GREEDY_EVERY)
         killed: dict[str, float] = {}
 
+        witnesses: list[Outcome] = []
+
         def kill(actor_class: str) -> Callable[[], None]:
+            """Sends a greedy request and kills the worker once it streamed 4 tokens: a decode kill then
+            migrates at least one greedy request (checked against its undisturbed output)."""
             def go() -> None:
-                os.kill(actor_pid(cluster, actor_class), signal.SIGKILL)
-                killed[actor_class] = time.monotonic()
+                pid = actor_pid(cluster, actor_class)
+
+                def trigger(n: int) -> None:
+                    if n >= 4 and actor_class not in killed:
+                        os.kill(pid, signal.SIGKILL)
+                        killed[actor_class] = time.monotonic()
+
+                plan = Plan(-2, GREEDY_PROMPTS[0], 4 * GREEDY_TOKENS, None, 0)
+                thread = threading.Thread(target=lambda: witnesses.append(run_one(stub, plan, TIMEOUT_S,
+                                                                                  trigger)))
+                thread.start()
+                threads.append(thread)
             return go
 
+        threads: list[threading.Thread] = []
         kills = {soak_requests // 3: kill("DecodeWorkerActor"),
                  2 * soak_requests // 3: kill("PrefillWorkerActor")}
         began = time.monotonic()
         with RssSampler(cluster.process.pid) as rss:
             outcomes, lag = run_open_loop(stub, plans, rate, kills)
+            for thread in threads:
+                thread.join()
             after = settled(stub, start_blocks)
         wall = time.monotonic() - began
         migrations = metric(cluster, "pdserve_request_migrations_total")
         restarts = metric(cluster, "pdserve_worker_restarts_total")
 
     codes = collections.Counter(o.code.name for o in outcomes)
+    reasons = collections.Counter(f"{o.code.name}: {o.details[:70]}" for o in outcomes
+                                  if o.code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED))
     cancelled_planned = sum(o.plan.cancel_after is not None for o in outcomes)
     greedy = [o for o in outcomes if o.plan.greedy_ref is not None]
     greedy_ok = [o for o in greedy if o.code == grpc.StatusCode.OK]
@@ -194,10 +214,15 @@ def test_soak_mixed_load_with_cancels_and_kills(tmp_path_factory: pytest.TempPat
           f"(largest send lag {lag:.1f} s), wall {wall:.0f} s")
     print(f"  planned client cancels: {cancelled_planned} ({cancelled_planned / soak_requests:.0%})")
     print(f"  statuses: {dict(sorted(codes.items()))}")
+    for reason, count in reasons.most_common():
+        print(f"    {count:5d}  {reason}")
     print(f"  kill -9: decode at request {soak_requests // 3}, prefill at {2 * soak_requests // 3}; "
           f"worker restarts {restarts:.0f}, migrations {migrations:.0f}")
     print(f"  greedy: {len(greedy_ok)}/{len(greedy)} OK, {greedy_across_kill} in flight across the decode "
           f"kill, {len(wrong)} differ from the undisturbed run")
+    hit = [(w.code.name, "identical" if w.token_ids == witness_ref else "DIFFERS", w.decode_worker)
+           for w in witnesses]
+    print(f"  greedy streams the kills hit mid-stream (decode, prefill kill): {hit}")
     print(f"  longest stream {longest:.1f} s (deadline {TIMEOUT_S:.0f} s), overdue {len(overdue)}")
     print("  free KV blocks start -> end: " + ", ".join(
         f"{wid} {free} -> {after[wid].free_kv_blocks if wid in after else '?'}"
@@ -211,5 +236,7 @@ def test_soak_mixed_load_with_cancels_and_kills(tmp_path_factory: pytest.TempPat
     assert not overdue, f"streams outlived their deadline: {overdue[:20]}"
     assert not unclear, f"requests without a clear status: {unclear[:20]}"
     assert not wrong, f"greedy outputs differ from the undisturbed run: {wrong}"
+    assert len(witnesses) == 2 and all(w.code == grpc.StatusCode.OK and w.token_ids == witness_ref
+                                       for w in witnesses), "a greedy stream hit by a kill did not survive it"
     assert codes["OK"] > 0 and greedy_ok
     assert end_rss - start_rss <= max(64 * MIB, start_rss // 4), "the router's RSS grew"
