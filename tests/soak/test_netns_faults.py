@@ -145,6 +145,7 @@ class Peer:
 class Pair:
     prefill: Peer
     decode: Peer
+    policy: str  # the decode side's --kv-failure-policy
     reference: list[list[int]]
     _count: int = 0
 
@@ -172,7 +173,7 @@ def pair(request: pytest.FixtureRequest, veth_pair: None) -> Iterator[Pair]:
         prefill = Peer(NS_PREFILL, "prefill", "--host", IP_PREFILL, "--lease", str(LEASE_S),
                        "--decode", json.dumps(hello))
         prefill.wait("hello")
-        built = Pair(prefill, decode, [])
+        built = Pair(prefill, decode, request.param, [])
         for prompt in PROMPTS:  # the undisturbed run every faulty one is compared with
             result, answer = built.generate(prompt)
             assert result["reason"] == "LENGTH" and "first" in answer, (result, answer)
@@ -184,10 +185,6 @@ def pair(request: pytest.FixtureRequest, veth_pair: None) -> Iterator[Pair]:
         for peer in (prefill, decode):
             if peer is not None:
                 peer.close()
-
-
-def _policy(pair: Pair) -> str:
-    return pair.decode.proc.args[pair.decode.proc.args.index("--policy") + 1]
 
 
 def _failures(stats: dict[str, Any]) -> float:
@@ -202,11 +199,11 @@ def test_partition_ends_the_transfer_by_lease_and_the_policy_applies(pair: Pair)
     finally:
         _ip("-n", NS_PREFILL, "link", "set", DEV_PREFILL, "up")
     after = pair.stats()
-    print(f"\npartition ({_policy(pair)}): decode {result['reason']} {result['error']!r}; prefill {answer}; "
-          f"failure counters {after['counters']}")
+    print(f"\npartition ({pair.policy}): decode {result['reason']} {result['error']!r}; prefill {answer}; "
+          f"{after['frames_dropped']} stale frames dropped, failure counters {after['counters']}")
     assert "error" in answer, "the prefill side's send must fail by its lease"
     assert _failures(after) == _failures(before) + 1
-    if _policy(pair) == "recompute":
+    if pair.policy == "recompute":
         assert result["reason"] == "LENGTH" and result["ids"] == pair.reference[1]
     else:
         assert result["reason"] == "ABORT" and "KV transfer failed" in (result["error"] or "")
@@ -233,11 +230,11 @@ def test_netem_fault_gives_no_wrong_token(pair: Pair, fault: str) -> None:
         _clear_netem()
     after = pair.stats()
     failed = _failures(after) - _failures(before)
-    print(f"\nnetem {' '.join(NETEM[fault])} ({_policy(pair)}): {failed:.0f} transfers failed, "
+    print(f"\nnetem {' '.join(NETEM[fault])} ({pair.policy}): {failed:.0f} transfers failed, "
           f"{after['frames_dropped']} frames dropped, counters {after['counters']}")
     for (result, _), expected in zip(outcomes, pair.reference, strict=True):
         if result["reason"] == "ABORT":  # only the fail policy may end a request, and only with the reason
-            assert _policy(pair) == "fail" and "KV transfer failed" in (result["error"] or "")
+            assert pair.policy == "fail" and "KV transfer failed" in (result["error"] or "")
         else:
             assert result["ids"] == expected, "a token differs from the undisturbed run"
     assert after["free"] == after["total"], "KV blocks leaked"
