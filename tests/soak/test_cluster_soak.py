@@ -161,8 +161,8 @@ def test_soak_mixed_load_with_cancels_and_kills(tmp_path_factory: pytest.TempPat
         rate = RATE_OF_CAPACITY * capacity
         plans = mixed_plans(soak_requests, SEED, GREEDY_PROMPTS, CANCEL_SHARE, GREEDY_EVERY)
         killed: dict[str, float] = {}
-
-        witnesses: list[Outcome] = []
+        witnesses: list[Outcome] = []  # the greedy streams each kill hits
+        threads: list[threading.Thread] = []
 
         def kill(actor_class: str) -> Callable[[], None]:
             """Sends a greedy request and kills the worker once it streamed 4 tokens: a decode kill then
@@ -182,7 +182,6 @@ def test_soak_mixed_load_with_cancels_and_kills(tmp_path_factory: pytest.TempPat
                 threads.append(thread)
             return go
 
-        threads: list[threading.Thread] = []
         kills = {soak_requests // 3: kill("DecodeWorkerActor"),
                  2 * soak_requests // 3: kill("PrefillWorkerActor")}
         began = time.monotonic()
