@@ -9,6 +9,7 @@ import socket
 import sys
 
 from contracts.transfer import KV_FAILURE_POLICIES
+from deploy.cli_args import HelpFormatter, http_port, non_negative, port, positive, resources, seconds
 from engine.config import KERNEL_BACKENDS, WEIGHT_SCHEMES
 from router.dispatch import known_policies
 from router.placement import known_placements
@@ -16,70 +17,6 @@ from router.placement import known_placements
 
 class UsageError(Exception):
     """Bad flag value: the message names the flag and the fix."""
-
-
-def _positive(flag: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} wants a whole number, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{flag} must be >= 1, got {value}")
-        return value
-    return parse
-
-
-def _non_negative(flag: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} wants a whole number, got {text!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{flag} must be >= 0, got {value}")
-        return value
-    return parse
-
-
-def _resources(flag: str):
-    """NAME=AMOUNT[,NAME=AMOUNT...] -> {name: amount}; "none" -> {} (no custom resource at all)."""
-    def parse(text: str) -> dict[str, float]:
-        if text.strip().lower() == "none":
-            return {}
-        out: dict[str, float] = {}
-        for item in text.split(","):
-            name, sep, amount = item.strip().partition("=")
-            try:
-                value = float(amount)
-            except ValueError:
-                value = -1.0
-            if not sep or not name or value <= 0:
-                raise argparse.ArgumentTypeError(
-                    f"{flag} wants NAME=AMOUNT[,NAME=AMOUNT...] with AMOUNT > 0 (or 'none'), got {text!r}")
-            out[name] = value
-        return out
-    return parse
-
-
-def _port(flag: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} wants a port number, got {text!r}") from None
-        if not 0 <= value < 65536:
-            raise argparse.ArgumentTypeError(f"{flag} must be in 0..65535 (0 = any free port), got {value}")
-        return value
-    return parse
-
-
-def _http_port(text: str) -> int | None:
-    """--http-port: a port, 0 = no HTTP door, "auto" = any free port (see --ready-file)."""
-    if text == "auto":
-        return 0
-    value = _port("--http-port")(text)
-    return None if value == 0 else value
 
 
 def _default_device() -> str:
@@ -110,28 +47,6 @@ def _check_port_free(host: str, port: int, flag: str) -> None:
 _KV_CACHE_FLAG = {"auto": "auto", "bf16": "bfloat16", "int8": "int8", "int4": "int4"}
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: X)" to every flag's help, except where there is no value to show (None, False):
-    those flags say in their help what leaving them out means."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
-def _seconds(flag: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} wants a number of seconds, got {text!r}") from None
-        if not 0 <= value < float("inf"):
-            raise argparse.ArgumentTypeError(f"{flag} must be >= 0, got {text}")
-        return value
-    return parse
-
-
 def _add_client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default="127.0.0.1:50051", help="the router's gRPC address (host:port)")
     p.add_argument("--tls-ca", default=None,
@@ -143,34 +58,34 @@ def _add_client_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving.",
-                                     formatter_class=_HelpFormatter)
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{up,generate,info,scale,bench}")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:  # noqa: A002  (argparse's name)
-        p = sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+        p = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
         p.set_defaults(command_parser=p)  # so errors found after parsing print this command's usage
         return p
 
     up = command("up", "start router + prefill + decode workers on this machine")
     up.add_argument("--model", default=None, help="GGUF file or HF safetensors dir (default: the embedded "
                                                   "SmolLM2-135M-Instruct)")
-    up.add_argument("--prefill", type=_positive("--prefill"), default=1, help="prefill workers")
-    up.add_argument("--decode", type=_positive("--decode"), default=1, help="decode workers")
+    up.add_argument("--prefill", type=positive("--prefill"), default=1, help="prefill workers")
+    up.add_argument("--decode", type=positive("--decode"), default=1, help="decode workers")
     up.add_argument("--host", default="127.0.0.1",
                     help="address the public ports (gRPC, HTTP) bind; 0.0.0.0 = every interface")
-    up.add_argument("--port", type=_port("--port"), default=50051, help="gRPC port (0 = any free port)")
-    up.add_argument("--metrics-port", type=_port("--metrics-port"), default=9400,
+    up.add_argument("--port", type=port("--port"), default=50051, help="gRPC port (0 = any free port)")
+    up.add_argument("--metrics-port", type=port("--metrics-port"), default=9400,
                     help="Prometheus /metrics port (0 = any free port)")
     up.add_argument("--metrics-host", default="127.0.0.1",
                     help="address /metrics binds (unauthenticated: keep it off public interfaces)")
-    up.add_argument("--http-port", type=_http_port, default=8000,
+    up.add_argument("--http-port", type=http_port, default=8000,
                     help="OpenAI-compatible HTTP API port (0 = off; auto = any free port)")
     up.add_argument("--served-model-name", default=None,
                     help="model name clients see (HTTP model id, `pdserve info`; default: the model file's "
                          "name, e.g. SmolLM2-135M-Instruct)")
-    up.add_argument("--max-batch-tokens", type=_positive("--max-batch-tokens"), default=512,
+    up.add_argument("--max-batch-tokens", type=positive("--max-batch-tokens"), default=512,
                     help="token budget per engine step")
-    up.add_argument("--kv-blocks", type=_positive("--kv-blocks"), default=512,
+    up.add_argument("--kv-blocks", type=positive("--kv-blocks"), default=512,
                     help="KV cache blocks per worker (16 tokens each)")
     up.add_argument("--kv-cache", choices=tuple(_KV_CACHE_FLAG), default="auto",
                     help="KV cache dtype: auto = the compute dtype; int8 / int4 keep scales and move between "
@@ -178,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--prefix-caching", choices=("on", "off"), default="on",
                     help="reuse the KV of prompt blocks a worker computed before (and send only the "
                          "missing suffix to a decode worker that holds the prefix)")
-    up.add_argument("--long-prefill-threshold", type=_non_negative("--long-prefill-threshold"), default=128,
+    up.add_argument("--long-prefill-threshold", type=non_negative("--long-prefill-threshold"), default=128,
                     help="while others run or wait, a prompt with more tokens left than this computes at "
                          "most this many per step (0 = off: one prompt may take the whole budget)")
     up.add_argument("--device", choices=("cpu", "cuda"), default=None,
@@ -191,11 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "as is)")
     up.add_argument("--dispatch-policy", default="least_loaded", choices=known_policies(),
                     help="how the router picks workers")
-    up.add_argument("--queue-capacity", type=_positive("--queue-capacity"), default=256,
+    up.add_argument("--queue-capacity", type=positive("--queue-capacity"), default=256,
                     help="requests that may wait for a worker; beyond it RESOURCE_EXHAUSTED")
-    up.add_argument("--drain-seconds", type=_seconds("--drain-seconds"), default=10.0,
+    up.add_argument("--drain-seconds", type=seconds("--drain-seconds"), default=10.0,
                     help="on Ctrl-C/SIGTERM, how long running streams get to finish before they are aborted")
-    up.add_argument("--max-request-bytes", type=_positive("--max-request-bytes"), default=4 * 1024 * 1024,
+    up.add_argument("--max-request-bytes", type=positive("--max-request-bytes"), default=4 * 1024 * 1024,
                     help="largest request accepted (gRPC message or HTTP body); larger ones get "
                          "RESOURCE_EXHAUSTED or 413")
     up.add_argument("--tls-cert", default=None,
@@ -204,17 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--auth-token-file", default=None,
                     help="file with one bearer token; gRPC and HTTP API calls must then send "
                          "'authorization: Bearer <token>' (health and /metrics stay open)")
-    up.add_argument("--admin-port", type=_port("--admin-port"), default=50052,
+    up.add_argument("--admin-port", type=port("--admin-port"), default=50052,
                     help="loopback port for `pdserve scale` (0 = any free port)")
     up.add_argument("--ready-file", default=None,
                     help="once serving, write the bound addresses here as JSON (useful with --port 0)")
     up.add_argument("--ray-address", default=None,
                     help="join an existing Ray cluster (e.g. 'auto' on a Ray node); "
                          "default: start a private one")
-    up.add_argument("--prefill-resources", type=_resources("--prefill-resources"), default=None,
+    up.add_argument("--prefill-resources", type=resources("--prefill-resources"), default=None,
                     help="custom Ray resources prefill actors ask for, NAME=AMOUNT[,...] ('none' = place "
                          "anywhere); default pdserve_prefill=1 with --ray-address, none otherwise")
-    up.add_argument("--decode-resources", type=_resources("--decode-resources"), default=None,
+    up.add_argument("--decode-resources", type=resources("--decode-resources"), default=None,
                     help="custom Ray resources decode actors ask for, NAME=AMOUNT[,...] ('none' = place "
                          "anywhere); default pdserve_decode=1 with --ray-address, none otherwise")
     up.add_argument("--prefill-placement", choices=known_placements(), default="cost",
@@ -223,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--local-prefill-max-tokens", type=int, default=0,
                     help="with --prefill-placement threshold: prompts up to this many tokens are "
                          "prefilled on the decode worker (0 = never)")
-    up.add_argument("--migration-limit", type=_non_negative("--migration-limit"), default=1,
+    up.add_argument("--migration-limit", type=non_negative("--migration-limit"), default=1,
                     help="times a request moves off a dead decode worker, re-prefilled from prompt + "
                          "tokens streamed so far (default 1; 0 = it fails)")
     up.add_argument("--kv-failure-policy", choices=KV_FAILURE_POLICIES, default="recompute",
@@ -237,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_flags(gen)
     gen.add_argument("--raw", action="store_true", help="send the prompt as raw text (no chat template)")
     gen.add_argument("--system", default=None, help="system message (chat mode)")
-    gen.add_argument("--max-tokens", type=_positive("--max-tokens"), default=None,
+    gen.add_argument("--max-tokens", type=positive("--max-tokens"), default=None,
                      help="most tokens to generate (default: the server's, within the context window)")
     gen.add_argument("--temperature", type=float, default=None,
                      help="sampling temperature (default: 0, greedy)")
@@ -252,9 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print one JSON object at the end: the text and the final message")
 
     scale = command("scale", "change the number of workers of a running cluster (drains before removing)")
-    scale.add_argument("--prefill", type=_positive("--prefill"), default=None,
+    scale.add_argument("--prefill", type=positive("--prefill"), default=None,
                        help="prefill workers wanted (default: unchanged)")
-    scale.add_argument("--decode", type=_positive("--decode"), default=None,
+    scale.add_argument("--decode", type=positive("--decode"), default=None,
                        help="decode workers wanted (default: unchanged)")
     scale.add_argument("--admin", default="127.0.0.1:50052",
                        help="the launcher's admin address (its --admin-port)")
@@ -292,13 +207,13 @@ def _cmd_up(args: argparse.Namespace) -> int:
     _check_security_files(args)
     ports = ((args.port, "--port"), (args.metrics_port, "--metrics-port"), (args.http_port, "--http-port"),
              (args.admin_port, "--admin-port"))
-    for port, flag in ports:
-        if port:  # 0: the OS picks a free port when the server binds (see --ready-file); None: off
-            _check_port_free(args.host, port, flag)
-    fixed = [(port, flag) for port, flag in ports if port]
-    for i, (port, flag) in enumerate(fixed):
+    for number, flag in ports:
+        if number:  # 0: the OS picks a free port when the server binds (see --ready-file); None: off
+            _check_port_free(args.host, number, flag)
+    fixed = [(number, flag) for number, flag in ports if number]
+    for i, (number, flag) in enumerate(fixed):
         for other, other_flag in fixed[i + 1:]:
-            if port == other:
+            if number == other:
                 raise UsageError(f"{flag} and {other_flag} must differ")
     from deploy.launcher import ClusterConfig, LocalCluster
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from contracts.sampling import SamplingParams
+from contracts.stats import WorkerInfo
 from decode_worker.api import ReserveRequest
+from router.clients import WorkerUnavailable
+from router.workers import DECODE, WorkerPool
 
 
 @dataclass
@@ -43,3 +47,18 @@ class Streamed:
             sampling = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - resumed)
         return ReserveRequest(request_id, prompt + tuple(self.output_ids), sampling, prefill_locally=local,
                               num_resumed_tokens=resumed)
+
+
+async def wait_for_ready_decode(pool: WorkerPool, call_timeout_s: float) -> WorkerInfo:
+    """The first decode worker that answers ready, asked afresh (a dead worker's stale "ready" is not
+    trusted): after the only decode worker died, the wait for Ray to restart it. The caller's deadline bounds
+    it."""
+    while True:
+        for wid in [i.worker_id for i in pool.infos() if i.role == DECODE]:
+            try:
+                info = await asyncio.wait_for(pool.decode(wid).info(), call_timeout_s)
+            except (WorkerUnavailable, TimeoutError, KeyError):  # KeyError: scaled away meanwhile
+                continue
+            if info.state == "ready":
+                return info
+        await asyncio.sleep(0.25)

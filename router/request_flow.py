@@ -6,7 +6,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import grpc
 
@@ -20,8 +19,9 @@ from router.admission import Admission, QueueFull, Ticket
 from router.clients import DecodeClient, WorkerClient, WorkerUnavailable
 from router.config import RouterConfig
 from router.dispatch import DispatchPolicy, PromptBlocks
+from router.flow_errors import DecodeLost, FlowError, FlowFailure
 from router.metrics import RouterMetrics
-from router.migration import Streamed
+from router.migration import Streamed, wait_for_ready_decode
 from router.placement import NO_PREFILL_WORKER, PlacementPolicy
 from router.validation import ValidatedRequest
 from router.workers import DECODE, PREFILL, WorkerPool
@@ -34,29 +34,6 @@ _FINISH_TO_PB = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.ABORT: pb.FINISH_REASON_ABORT,
 }
-
-
-@dataclass(frozen=True)
-class FlowError:
-    """Terminal event: the RPC ends with this status instead of a final message."""
-
-    code: grpc.StatusCode
-    message: str
-    retry_after_s: float | None = None  # a hint for the client (full queue): gRPC trailer, HTTP Retry-After
-
-
-class _Fail(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str, outcome: str) -> None:
-        super().__init__(message)
-        self.code, self.message, self.outcome = code, message, outcome
-
-
-class _DecodeLost(Exception):
-    """The decode worker serving this attempt died (or its engine did): the request may migrate."""
-
-    def __init__(self, worker_id: str, message: str) -> None:
-        super().__init__(message)
-        self.worker_id, self.message = worker_id, message
 
 
 class RequestFlow:
@@ -147,7 +124,7 @@ class RequestFlow:
                 message += " waiting for a decode worker with room"
                 message += f" ({self._refusal or self._admission.describe()})"
             terminal = FlowError(grpc.StatusCode.DEADLINE_EXCEEDED, message)
-        except _Fail as e:
+        except FlowFailure as e:
             outcome, terminal = e.outcome, FlowError(e.code, e.message)
         except asyncio.CancelledError:
             if self._stop_reason is None:
@@ -175,12 +152,12 @@ class RequestFlow:
         while True:
             try:
                 return await self._attempt()
-            except _DecodeLost as e:
+            except DecodeLost as e:
                 self._touched.pop(e.worker_id, None)  # gone, or failed everything it held: no abort call
                 limit, streamed = self._config.migration_limit, self._streamed
                 if streamed.migrations >= limit:
-                    raise _Fail(grpc.StatusCode.UNAVAILABLE, f"{e.message} (migration limit {limit} reached)",
-                                "unavailable") from None
+                    message = f"{e.message} (migration limit {limit} reached)"
+                    raise FlowFailure(grpc.StatusCode.UNAVAILABLE, message, "unavailable") from None
                 streamed.migrate(e.worker_id)
                 self._metrics.request_migrated()
                 await self._abort_workers()  # e.g. the prefill worker still sending to the dead one
@@ -193,11 +170,11 @@ class RequestFlow:
         n = len(req.prompt_token_ids) + len(self._streamed.output_ids)
         placement = self._placement.place(n, self._pool.ready(PREFILL), self._pool.ready(DECODE))
         if placement.reason == NO_PREFILL_WORKER and self._config.kv_failure_policy != "recompute":
-            raise _Fail(grpc.StatusCode.UNAVAILABLE, "no prefill worker is ready", "unavailable")
+            raise FlowFailure(grpc.StatusCode.UNAVAILABLE, "no prefill worker is ready", "unavailable")
         if not self._streamed.lost and not self._pool.ready(DECODE):
             # Not worth queueing for: fail now rather than at the deadline. (A migrating request instead
             # waits, within its deadline, for the dead worker's restart: _decode_candidates.)
-            raise _Fail(grpc.StatusCode.UNAVAILABLE, "no decode worker is ready", "unavailable")
+            raise FlowFailure(grpc.StatusCode.UNAVAILABLE, "no decode worker is ready", "unavailable")
         self._metrics.prefill_placed(placement.where, placement.reason)
         local = placement.local
         reserve = self._streamed.reserve_request(req.request_id, req.prompt_token_ids, req.sampling, local)
@@ -241,31 +218,19 @@ class RequestFlow:
         return placed
 
     async def _decode_candidates(self) -> list[WorkerInfo]:
-        """Ready decode workers in policy order; after a death, the others first, else wait (within the
-        deadline) until one answers ready again: Ray restarts the dead one, and a stale "ready" of a dead
-        worker must not be trusted, so it is asked afresh."""
+        """Ready decode workers in policy order; after a death, the others first, else the first that answers
+        ready again (router/migration.py)."""
         order = self._policy.order_decode(self._pool.ready(DECODE), prompt=self._prompt_blocks)
         if not self._streamed.lost:
             return order
         others = [i for i in order if i.worker_id not in self._streamed.lost]
-        if others:
-            return others
-        timeout = self._config.worker_call_timeout_s
-        while True:
-            for wid in [i.worker_id for i in self._pool.infos() if i.role == DECODE]:
-                try:
-                    info = await asyncio.wait_for(self._pool.decode(wid).info(), timeout)
-                except (WorkerUnavailable, TimeoutError, KeyError):  # KeyError: scaled away meanwhile
-                    continue
-                if info.state == "ready":
-                    return [info]
-            await asyncio.sleep(0.25)
+        return others or [await wait_for_ready_decode(self._pool, self._config.worker_call_timeout_s)]
 
     async def _reserve(self, reserve: ReserveRequest) -> tuple[DecodeClient, Reservation] | None:
         """Try the ready decode workers in policy order; None if every one said NoCapacity."""
         order = await self._decode_candidates()
         if not order:
-            raise _Fail(grpc.StatusCode.UNAVAILABLE, "no decode worker is ready", "unavailable")
+            raise FlowFailure(grpc.StatusCode.UNAVAILABLE, "no decode worker is ready", "unavailable")
         local = reserve.prefill_locally
         refusals: list[str] = []
         unreachable: list[str] = []
@@ -287,7 +252,7 @@ class RequestFlow:
             self._pool.note_reserved(client.worker_id, len(reservation.block_ids), local)
             return client, reservation
         if not refusals:
-            raise _Fail(
+            raise FlowFailure(
                 grpc.StatusCode.UNAVAILABLE,
                 f"no decode worker could be reached: {'; '.join(unreachable)}",
                 "unavailable",
@@ -331,7 +296,7 @@ class RequestFlow:
         """--kv-failure-policy: "recompute" has the decode worker prefill the prompt itself (the stream
         goes on); "fail" ends the request with the reason."""
         if self._config.kv_failure_policy != "recompute":
-            raise _Fail(grpc.StatusCode.UNAVAILABLE, message, outcome)
+            raise FlowFailure(grpc.StatusCode.UNAVAILABLE, message, outcome)
         log.warning("request %s: %s; prefilling on %s", self.request.request_id, message, decode.worker_id)
         self._prefill_id = LOCAL_PREFILL
         try:
@@ -339,7 +304,7 @@ class RequestFlow:
             await asyncio.wait_for(decode.recompute(self.request.request_id),
                                    self._config.worker_call_timeout_s)
         except (WorkerUnavailable, TimeoutError) as e:
-            raise _DecodeLost(decode.worker_id, f"decode worker {decode.worker_id} is gone: {e}") from None
+            raise DecodeLost(decode.worker_id, f"decode worker {decode.worker_id} is gone: {e}") from None
 
     async def _relay(self, decode: DecodeClient) -> None:
         rid = self.request.request_id
@@ -357,13 +322,13 @@ class RequestFlow:
                         )
                     )
                 if chunk.worker_failed:
-                    raise _DecodeLost(
+                    raise DecodeLost(
                         decode.worker_id, f"decode worker {decode.worker_id} failed: {chunk.error}"
                     )
                 if (
                     chunk.error
                 ):  # the worker gave up on the request (e.g. KV transfer failed): not the client's abort
-                    raise _Fail(
+                    raise FlowFailure(
                         grpc.StatusCode.UNAVAILABLE,
                         f"decode worker {decode.worker_id} failed the request: {chunk.error}",
                         "worker_failed",
@@ -372,12 +337,12 @@ class RequestFlow:
                     self._finish = chunk.finish_reason
                     return
         except WorkerUnavailable as e:
-            raise _DecodeLost(decode.worker_id, str(e)) from None
+            raise DecodeLost(decode.worker_id, str(e)) from None
         finally:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:  # close now (e.g. stop the remote generator), not whenever GC gets to it
                 await aclose()
-        raise _DecodeLost(decode.worker_id, f"decode worker {decode.worker_id} ended the stream without a "
+        raise DecodeLost(decode.worker_id, f"decode worker {decode.worker_id} ended the stream without a "
                           "finish reason")
 
     # -- finishing -------------------------------------------------------------------------------------------

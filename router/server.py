@@ -15,11 +15,12 @@ from router.admission import Admission
 from router.clients import DecodeClient, PrefillClient
 from router.config import RouterConfig
 from router.dispatch import DispatchPolicy, make_policy
+from router.flow_errors import FlowError
 from router.http.app import HttpDoor, build_app
 from router.metrics import RouterMetrics, WorkerMetricsSource
 from router.placement import make_placement
 from router.reflection import enable_reflection
-from router.request_flow import FlowError, RequestFlow
+from router.request_flow import RequestFlow
 from router.rpc_handlers import add_pdserve_to_server
 from router.security import BearerAuth, TlsFiles
 from router.validation import InvalidRequest, Tokenizer, ValidatedRequest, ValidationLimits, validate_request

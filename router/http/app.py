@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from router.flow_errors import FlowError
 from router.http.mapping import (
     ApiError,
     ResponseShape,
@@ -25,7 +26,7 @@ from router.http.mapping import (
 )
 from router.http.schemas import ChatCompletionRequest, CompletionRequest
 from router.http.sse import sse_stream
-from router.request_flow import FlowError, RequestFlow
+from router.request_flow import RequestFlow
 from router.security import AUTH_HEADER, TlsFiles
 from router.validation import InvalidRequest, new_request_id, validate
 

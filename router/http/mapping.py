@@ -11,8 +11,8 @@ import grpc
 from pydantic import ValidationError
 
 from proto.api import pb
+from router.flow_errors import FlowError
 from router.http.schemas import ChatCompletionRequest, CompletionRequest
-from router.request_flow import FlowError
 from router.validation import ChatMessage, GenerateInput, InvalidRequest
 
 RETRY_AFTER_S = 1  # a full queue drains in about a request's time; clients back off and retry

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from proto.api import pb
+from router.flow_errors import FlowError
 from router.http.mapping import FINISH_REASONS, ResponseShape, flow_error_to_api
-from router.request_flow import FlowError
 
 DONE = b"data: [DONE]\n\n"
 Event = pb.GenerateResponse | FlowError

@@ -17,7 +17,8 @@ from fakes import (
 )
 
 from proto.api import pb
-from router.request_flow import FlowError, RequestFlow
+from router.flow_errors import FlowError
+from router.request_flow import RequestFlow
 from router.validation import validate_request
 
 pytestmark = pytest.mark.timeout(120)

@@ -1,0 +1,87 @@
+"""Value types of the `pdserve` flags: each parser names its flag in the error argparse prints."""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+
+def whole_number(flag: str, minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} wants a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def positive(flag: str) -> Callable[[str], int]:
+    return whole_number(flag, 1)
+
+
+def non_negative(flag: str) -> Callable[[str], int]:
+    return whole_number(flag, 0)
+
+
+def seconds(flag: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} wants a number of seconds, got {text!r}") from None
+        if not 0 <= value < float("inf"):
+            raise argparse.ArgumentTypeError(f"{flag} must be >= 0, got {text}")
+        return value
+    return parse
+
+
+def resources(flag: str) -> Callable[[str], dict[str, float]]:
+    """NAME=AMOUNT[,NAME=AMOUNT...] -> {name: amount}; "none" -> {} (no custom resource at all)."""
+    def parse(text: str) -> dict[str, float]:
+        if text.strip().lower() == "none":
+            return {}
+        out: dict[str, float] = {}
+        for item in text.split(","):
+            name, sep, amount = item.strip().partition("=")
+            try:
+                value = float(amount)
+            except ValueError:
+                value = -1.0
+            if not sep or not name or value <= 0:
+                raise argparse.ArgumentTypeError(
+                    f"{flag} wants NAME=AMOUNT[,NAME=AMOUNT...] with AMOUNT > 0 (or 'none'), got {text!r}")
+            out[name] = value
+        return out
+    return parse
+
+
+def port(flag: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} wants a port number, got {text!r}") from None
+        if not 0 <= value < 65536:
+            raise argparse.ArgumentTypeError(f"{flag} must be in 0..65535 (0 = any free port), got {value}")
+        return value
+    return parse
+
+
+def http_port(text: str) -> int | None:
+    """--http-port: a port, 0 = no HTTP door, "auto" = any free port (see --ready-file)."""
+    if text == "auto":
+        return 0
+    value = port("--http-port")(text)
+    return None if value == 0 else value
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to every flag's help, except where there is no value to show (None, False):
+    those flags say in their help what leaving them out means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
