@@ -38,7 +38,9 @@ def build_app(router: RouterServer, served_model: str) -> FastAPI:
     """Routes onto `router`: the same validation, admission, dispatch and RequestFlow as the gRPC door."""
     app = FastAPI(title="pdserve", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
-    names = {served_model, router.model_info.model_name}
+    # Model ids match without regard to case: the issue's and the field's spelling (smollm2-135m-instruct) and
+    # the model card's (SmolLM2-135M-Instruct) both name the one model served.
+    names = {served_model.casefold(), router.model_info.model_name.casefold()}
 
     def model_card() -> dict[str, Any]:
         return {
@@ -81,7 +83,7 @@ def build_app(router: RouterServer, served_model: str) -> FastAPI:
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str) -> dict[str, Any]:
-        if model not in names:
+        if model.casefold() not in names:
             raise _unknown_model(model, served_model)
         return model_card()
 
@@ -121,7 +123,7 @@ async def _generate(
     except ApiError:
         router.metrics.count_invalid("http")
         raise
-    if body.model not in names:
+    if body.model.casefold() not in names:
         raise _unknown_model(body.model, served_model)
 
     shape = ResponseShape(id=f"{'chatcmpl' if chat else 'cmpl'}-{rid}", model=body.model, chat=chat)

@@ -100,11 +100,15 @@ def test_models_lists_the_served_model_and_retrieve_knows_it() -> None:
         async with serve_http(prefill, decode, served_model_name="byte-model") as (_, client):
             listed = (await client.get("/v1/models")).json()
             one = await client.get("/v1/models/byte-model")
+            shouted = await client.get("/v1/models/BYTE-Model")  # ids match without regard to case
+            completion = await client.post("/v1/completions",
+                                           json={"model": "Byte-Model", "prompt": "ab", "max_tokens": 2})
             other = await client.get("/v1/models/gpt-4")
         assert listed["object"] == "list" and [m["id"] for m in listed["data"]] == ["byte-model"]
         card = listed["data"][0]
         assert card["object"] == "model" and card["max_model_len"] == FAKE_MODEL.context_length
-        assert one.json()["id"] == "byte-model"
+        assert one.json()["id"] == "byte-model" and shouted.json()["id"] == "byte-model"
+        assert completion.status_code == 200 and completion.json()["choices"][0]["finish_reason"]
         assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found"
 
     run(body())
