@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 
 import torch
 
@@ -22,20 +21,10 @@ from engine.sequence import Sequence
 from engine.tp.comm import TPComm
 from engine.tp.group import TPGroup
 from engine.tp.local_ranks import run_local_ranks
-from engine.tp.overlap import measure, set_chunks
+from engine.tp.overlap import best_time_s, measure, set_chunks
 from engine.tp.shard import shard_model
 
 SIZES = (64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20)  # message bytes in fp32
-
-
-def _best(fn, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 @torch.no_grad()
@@ -54,7 +43,7 @@ def _prefill(group: TPGroup, layers: int, prompt: int, chunk_options: tuple[int,
     for _ in range(reps):  # alternate settings each round: drifting load hits all of them alike
         for chunks in chunk_options:
             set_chunks(model, chunks)
-            best[chunks] = min(best[chunks], _best(lambda: model(ids, pos, meta, kv), 1))
+            best[chunks] = min(best[chunks], best_time_s(lambda: model(ids, pos, meta, kv), 1))
     return {"prefill_s": best, "comm_over_compute": timing.ratio, "model_best_chunks": timing.best_chunks(),
             "o_proj_gemm_s": timing.compute_s, "o_proj_allreduce_s": timing.comm_s}
 
@@ -67,7 +56,8 @@ def _all_reduce(group: TPGroup, reps: int) -> list[dict]:
         for mode, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("int8", torch.float32)):
             comm = TPComm(group, "int8" if mode == "int8" else "bf16")
             y = x.to(dtype)
-            row[f"{mode}_s"] = _best(lambda c=comm, t=y: c.all_reduce(t.clone()), reps)  # clone: in place
+            # clone: the all-reduce works in place
+            row[f"{mode}_s"] = best_time_s(lambda c=comm, t=y: c.all_reduce(t.clone()), reps)
             row[f"{mode}_wire_bytes"] = comm.stats.bytes_sent // comm.stats.all_reduces
         row["int8_over_bf16_bytes"] = row["int8_wire_bytes"] / row["bf16_wire_bytes"]
         rows.append(row)

@@ -39,7 +39,8 @@ class OverlapTiming:
         return min(range(1, max_chunks + 1), key=self.pipelined_s)
 
 
-def _timed(fn, reps: int) -> float:
+def best_time_s(fn, reps: int) -> float:
+    """Best wall seconds of `reps` calls of fn after one warm-up call."""
     fn()  # warm
     best = float("inf")
     for _ in range(reps):
@@ -76,7 +77,7 @@ def measure(layer: RowParallel, comm: TPComm, tokens: int, reps: int = 5) -> Ove
         sync()
 
     counted = (comm.stats.bytes_sent, comm.stats.all_reduces)  # measuring is not serving traffic
-    times = [_timed(gemm, reps), _timed(reduce, reps), _timed(overhead, reps)]
+    times = [best_time_s(gemm, reps), best_time_s(reduce, reps), best_time_s(overhead, reps)]
     comm.stats.bytes_sent, comm.stats.all_reduces = counted
     slowest = torch.tensor(times, dtype=torch.float64, device=weight.device)
     opts = dist.AllreduceOptions()
