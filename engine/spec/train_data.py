@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import random
 import re
 from collections.abc import Sequence
@@ -28,6 +29,30 @@ _INSTRUCTIONS = (
     "{}\n\nWhat does this mean in practice?",
     "Give a short example that illustrates this:\n\n{}",
 )
+
+# General requests over words drawn from the same docs: chat-shaped prompts (the eval prompts are chat
+# questions), none of them taken from bench/quality/spec.py. One or two words fill each.
+_QUESTIONS = (
+    "What is {}? Explain it in simple terms.",
+    "Write a short paragraph about {}.",
+    "Give me three tips about {}.",
+    "List five facts about {}.",
+    "Explain {} to a ten-year-old.",
+    "What are the advantages and disadvantages of {}?",
+    "Write a short story that mentions {}.",
+    "How would you teach someone about {}, step by step?",
+    "Write a haiku about {}.",
+    "Why does {} matter? Answer in a few sentences.",
+    "Compare {} and {}.",
+    "How are {} and {} related?",
+    "Write a short dialogue between two friends about {} and {}.",
+    "Give an everyday example of {} and one of {}.",
+)
+_STOPWORDS = frozenset(
+    "about above after again against because before being below between both could does doing during each "
+    "from further have having here into more most other over same should some such than that their them "
+    "then there these they this those through under until very were what when where which while with would "
+    "your also only just like used using will shall must might make made many much".split())
 
 
 @dataclass(frozen=True)
@@ -65,14 +90,41 @@ def doc_paragraphs(root: Path = DOC_ROOT, min_chars: int = 160, max_chars: int =
     return out
 
 
-def training_prompts(count: int, seed: int, root: Path = DOC_ROOT) -> list[str]:
-    """`count` user messages: a seeded draw of paragraphs, each under one of a few instructions."""
+def topic_words(paragraphs: Sequence[str], min_count: int = 20) -> list[str]:
+    """Lowercase words of 5-12 letters seen at least `min_count` times in the paragraphs, sorted."""
+    counts: dict[str, int] = {}
+    for text in paragraphs:
+        for word in re.findall(r"\b[a-z]{5,12}\b", text):
+            counts[word] = counts.get(word, 0) + 1
+    return sorted(w for w, c in counts.items() if c >= min_count and w not in _STOPWORDS)
+
+
+def mixed_prompts(count: int, seed: int, questions: float = 0.5, root: Path = DOC_ROOT) -> list[str]:
+    """`count` user messages: a `questions` share of word-list questions, the rest doc paragraphs under
+    instructions, shuffled together with `seed`."""
     paragraphs = doc_paragraphs(root)
     if not paragraphs:
         raise FileNotFoundError(f"no prose paragraphs under {root}")
     rng = random.Random(seed)
-    chosen = rng.sample(paragraphs, min(count, len(paragraphs)))
-    return [rng.choice(_INSTRUCTIONS).format(p) for p in chosen]
+    num_questions = round(count * questions)
+    chosen = rng.sample(paragraphs, min(count - num_questions, len(paragraphs)))
+    out = [rng.choice(_INSTRUCTIONS).format(p) for p in chosen]
+    words = topic_words(paragraphs)
+    for _ in range(num_questions):
+        template = rng.choice(_QUESTIONS)
+        out.append(template.format(*rng.sample(words, template.count("{}"))))
+    rng.shuffle(out)
+    return out
+
+
+def write_prompts(path: Path, prompts: Sequence[str]) -> None:
+    """One JSON string per line (paragraph prompts hold newlines)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(p) + "\n" for p in prompts), encoding="utf-8")
+
+
+def read_prompts(path: Path) -> list[str]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def build_examples(model: LlamaModel, prompts: Sequence[Sequence[int]], max_tokens: int,

@@ -1,6 +1,8 @@
 """One command trains a draft head: distil data, build the vocab map, TTT-train, export safetensors.
 
     python -m engine.spec.train_head [--steps N] [--device cuda] [--time-budget S] [--fresh]
+    python -m engine.spec.train_head --export-prompts runs/prompts.jsonl --num-prompts 6000   # then ship it
+    python -m engine.spec.train_head --prompts-file runs/prompts.jsonl --device cuda ...      # on the GPU
 
 Re-running continues from `<work-dir>/data.pt` and `<work-dir>/<name>.ckpt.pt`: a CPU run here and a GPU
 run on the device extend the same training. The recipe (data, steps, time, hardware) goes into the exported
@@ -23,9 +25,17 @@ from tqdm import tqdm
 from engine.model_files import load_model, resolve_model_path
 from engine.spec.draft_head import DraftHead, DraftHeadConfig, build_vocab_map, target_to_draft
 from engine.spec.target_forward import default_feature_layers
-from engine.spec.train_data import DOC_ROOT, Example, build_examples, training_prompts
+from engine.spec.train_data import (
+    DOC_ROOT,
+    Example,
+    build_examples,
+    mixed_prompts,
+    read_prompts,
+    write_prompts,
+)
 from engine.spec.ttt import Batch, ttt_loss
 from engine.tokenizer import Tokenizer
+from kernels.registry import BACKENDS, KernelRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +50,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="fused: low/mid/high layer outputs; last: the last layer's only")
     p.add_argument("--draft-vocab", type=int, default=4096,
                    help="frequency-ranked target ids the head drafts")
-    p.add_argument("--num-prompts", type=int, default=128)
+    p.add_argument("--num-prompts", type=int, default=128, help="prompts drawn (or the first read)")
+    p.add_argument("--question-share", type=float, default=0.5,
+                   help="share of drawn prompts that are word-list questions (the rest doc paragraphs)")
+    p.add_argument("--prompts-file", type=Path, default=None,
+                   help="read the prompts from this --export-prompts file instead of drawing them here")
+    p.add_argument("--export-prompts", type=Path, default=None,
+                   help="draw the prompts, write them to this file (JSON lines) and exit: the device has "
+                        "other docs, so draw here and ship the file")
+    p.add_argument("--distil-batch", type=int, default=32, help="sequences per target forward")
+    p.add_argument("--distil-budget", type=float, default=0.0,
+                   help="seconds of distillation: no new batch of prompts starts after it; 0 = none")
+    p.add_argument("--save-data", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the distilled data in <work-dir>/data.pt for later runs (GBs at GPU scale)")
     p.add_argument("--max-tokens", type=int, default=128, help="reply length the target generates per prompt")
     p.add_argument("--steps", type=int, default=400, help="optimizer steps in all (a resumed run goes on)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -51,23 +73,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val", type=int, default=12, help="held-out examples (last of the data)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--kernels", choices=BACKENDS, default="auto",
+                   help="the target's kernels: auto = Triton on CUDA (batched paged attention), torch on CPU")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 on a shared box: oversubscribed pools thrash)")
     p.add_argument("--time-budget", type=float, default=0.0,
-                   help="seconds of training, then checkpoint; 0 = none")
+                   help="seconds of training, then checkpoint; the lr schedule ends at whichever of "
+                        "--steps and this budget comes first; 0 = none")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     return p.parse_args(argv)
 
 
+def draw_prompts(args: argparse.Namespace) -> tuple[list[str], str]:
+    """(user messages, where they came from)."""
+    if args.prompts_file is not None:
+        texts = read_prompts(args.prompts_file)[:args.num_prompts]
+        return texts, f"{len(texts)} prompts of {args.prompts_file.name}"
+    texts = mixed_prompts(args.num_prompts, args.seed, args.question_share)
+    return texts, (f"{len(texts)} prompts (seed {args.seed}): {args.question_share:.0%} questions over words "
+                   f"of {DOC_ROOT}, the rest its paragraphs under chat instructions")
+
+
+def recipe_key(args: argparse.Namespace) -> list:
+    """What the distilled data depends on: a data.pt built with other values is not reused."""
+    source = args.prompts_file.name if args.prompts_file is not None else args.question_share
+    return [args.num_prompts, args.max_tokens, args.seed, source]
+
+
 def distil(args: argparse.Namespace, model, model_config, layers: tuple[int, ...]) -> dict:
     tokenizer = Tokenizer.from_model(resolve_model_path(args.model))
-    texts = training_prompts(args.num_prompts, args.seed)
+    texts, source = draw_prompts(args)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
     start = time.time()
-    examples = build_examples(model, prompts, args.max_tokens, layers, model_config.eos_token_ids, batch=32)
+    examples: list[Example] = []
+    # In chunks of a few forwards' worth, so that --distil-budget can stop between them.
+    chunk = args.distil_batch * 4
+    for first in range(0, len(prompts), chunk):
+        if args.distil_budget and time.time() - start > args.distil_budget:
+            logger.info("distil budget spent: %d of %d prompts", len(examples), len(prompts))
+            break
+        examples += build_examples(model, prompts[first:first + chunk], args.max_tokens, layers,
+                                   model_config.eos_token_ids, batch=args.distil_batch)
+        logger.info("distilled %d/%d prompts in %.0f s", len(examples), len(prompts), time.time() - start)
+    if len(examples) < len(prompts):
+        source += f" (the first {len(examples)} distilled within {args.distil_budget:.0f} s)"
     return {"layers": layers, "examples": examples, "seconds": time.time() - start,
-            "recipe_args": [args.num_prompts, args.max_tokens, args.seed],
-            "source": f"{len(texts)} paragraphs of {DOC_ROOT} (seed {args.seed}) under chat instructions"}
+            "recipe_args": recipe_key(args), "source": source}
 
 
 def make_batch(examples: list[Example], columns: torch.Tensor, embed: torch.nn.Embedding,
@@ -78,12 +129,13 @@ def make_batch(examples: list[Example], columns: torch.Tensor, embed: torch.nn.E
     n = max(len(e.token_ids) - s for e, s in zip(examples, starts, strict=True))
     ids = torch.zeros(len(examples), n, dtype=torch.int64)
     labels = torch.full((len(examples), n), -1, dtype=torch.int64)
-    feats = torch.zeros(len(examples), n, columns.numel())
+    # Features are built where they live (the GPU after a GPU distillation): no round trip through the host.
+    feats = torch.zeros(len(examples), n, columns.numel(), device=device)
     for b, (e, s) in enumerate(zip(examples, starts, strict=True)):
         ids[b, :len(e.token_ids) - s] = e.token_ids[s:]
         labels[b, e.num_prompt_tokens - s:len(e.token_ids) - s] = t2d[e.token_ids[e.num_prompt_tokens:]]
-        feats[b, :len(e.features) - s] = e.features[s:].float()[:, columns]
-    ids, labels, feats = ids.to(device), labels.to(device), feats.to(device)
+        feats[b, :len(e.features) - s] = e.features[s:].to(device).float()[:, columns]
+    ids, labels = ids.to(device), labels.to(device)
     with torch.no_grad():
         emb = embed(ids).float()
     return Batch(emb, feats, labels)
@@ -107,21 +159,32 @@ def evaluate(head: DraftHead, examples: list[Example], args, columns, embed, t2d
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.export_prompts is not None:
+        texts, source = draw_prompts(args)
+        write_prompts(args.export_prompts, texts)
+        logger.info("wrote %s: %s", args.export_prompts, source)
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     model_config, model = load_model(args.model, "float32", device)
+    # Triton on CUDA: the torch reference attention loops over sequences, hundreds per forward here.
+    model.bind_kernels(KernelRegistry.for_device(device, args.kernels))
     layers = tuple(sorted({*default_feature_layers(model_config.num_layers), model_config.num_layers - 1}))
     args.work_dir.mkdir(parents=True, exist_ok=True)
     data_path = args.work_dir / "data.pt"
     if data_path.exists():
-        data = torch.load(data_path, weights_only=False)
-        if data["recipe_args"] != [args.num_prompts, args.max_tokens, args.seed]:
-            raise SystemExit(f"{data_path} was built with (num_prompts, max_tokens, seed) = "
+        data = torch.load(data_path, map_location=device, weights_only=False)
+        if data["recipe_args"] != recipe_key(args):
+            raise SystemExit(f"{data_path} was built with (num_prompts, max_tokens, seed, source) = "
                              f"{data['recipe_args']}: delete it or pass those")
     else:
         data = distil(args, model, model_config, layers)
-        torch.save(data, data_path)
+        if args.save_data:
+            torch.save(data, data_path)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the head's training only: the data is distilled
+        torch.backends.cudnn.allow_tf32 = True
     examples: list[Example] = data["examples"]
     train, val = examples[:-args.val], examples[-args.val:]
     head_layers = (default_feature_layers(model_config.num_layers) if args.features == "fused"
@@ -151,11 +214,15 @@ def main(argv: list[str] | None = None) -> None:
         rng.setstate(ckpt["rng"])
         logger.info("resumed %s at step %d", ckpt_path, step)
 
-    def lr_at(i: int) -> float:  # linear warm-up, cosine decay to 10% over --steps
-        warm = max(args.steps // 20, 1)
+    def lr_at(i: int, elapsed: float) -> float:
+        # Linear warm-up, cosine decay to 10% by --steps or by the end of --time-budget, whichever is
+        # first: a time-boxed GPU run still anneals (its step count depends on the machine, not its seed).
+        warm = max(min(args.steps // 20, 200), 1)
         if i < warm:
             return args.lr * (i + 1) / warm
         done = min(1.0, (i - warm) / max(args.steps - warm, 1))
+        if args.time_budget:
+            done = max(done, min(1.0, elapsed / args.time_budget))
         return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * done)))
 
     def save_checkpoint() -> None:
@@ -166,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     while step < args.steps and not (args.time_budget and time.time() - started > args.time_budget):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = lr_at(step, time.time() - started)
         batch = make_batch(rng.sample(train, min(args.batch_size, len(train))), columns, model.embed_tokens,
                            t2d, device, args.prompt_context)
         loss, stats = ttt_loss(head, batch, args.ttt_steps)
@@ -176,7 +243,8 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.step()
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", acc0=f"{stats[0][0] / max(stats[0][1], 1):.3f}")
+        if step % 10 == 0:  # each postfix syncs the GPU
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc0=f"{stats[0][0] / max(stats[0][1], 1):.3f}")
         if step % 50 == 0:
             save_checkpoint()
     seconds += time.time() - started
@@ -191,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
         "examples": {"train": len(train), "val": len(val)},
         "tokens": {"train": sum(len(e.token_ids) for e in train),
                    "train_reply": sum(len(e.token_ids) - e.num_prompt_tokens for e in train)},
-        "distil_seconds": round(data["seconds"], 1), "reply_max_tokens": args.max_tokens,
+        "distil_seconds": round(data["seconds"], 1), "distil_batch": args.distil_batch,
+        "reply_max_tokens": args.max_tokens, "time_budget": args.time_budget,
         "features": args.features, "feature_layers": list(head_layers), "draft_vocab": args.draft_vocab,
         "steps": step, "batch_size": args.batch_size, "prompt_context": args.prompt_context,
         "ttt_steps": args.ttt_steps, "lr": args.lr,
@@ -201,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or args.work_dir / f"{args.name}.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
     head.save(out, metadata={"recipe": json.dumps(recipe, sort_keys=True)})
-    (args.work_dir / f"{args.name}.recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    out.with_suffix(".recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
     logger.info("wrote %s (%.1f MB): %s", out, out.stat().st_size / 1e6, json.dumps(recipe))
 
 
