@@ -103,19 +103,19 @@ def recipe_key(args: argparse.Namespace) -> list:
 def distil(args: argparse.Namespace, model, model_config, layers: tuple[int, ...]) -> dict:
     tokenizer = Tokenizer.from_model(resolve_model_path(args.model))
     texts, source = draw_prompts(args)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
     start = time.time()
     examples: list[Example] = []
-    # In chunks of a few forwards' worth, so that --distil-budget can stop between them.
-    chunk = args.distil_batch * 4
-    for first in range(0, len(prompts), chunk):
+    # One forward batch at a time (templated as it goes), so that --distil-budget can stop between them.
+    for first in range(0, len(texts), args.distil_batch):
         if args.distil_budget and time.time() - start > args.distil_budget:
-            logger.info("distil budget spent: %d of %d prompts", len(examples), len(prompts))
+            logger.info("distil budget spent: %d of %d prompts", len(examples), len(texts))
             break
-        examples += build_examples(model, prompts[first:first + chunk], args.max_tokens, layers,
-                                   model_config.eos_token_ids, batch=args.distil_batch)
-        logger.info("distilled %d/%d prompts in %.0f s", len(examples), len(prompts), time.time() - start)
-    if len(examples) < len(prompts):
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}])
+                   for t in texts[first:first + args.distil_batch]]
+        examples += build_examples(model, prompts, args.max_tokens, layers, model_config.eos_token_ids,
+                                   batch=args.distil_batch)
+        logger.info("distilled %d/%d prompts in %.0f s", len(examples), len(texts), time.time() - start)
+    if len(examples) < len(texts):
         source += f" (the first {len(examples)} distilled within {args.distil_budget:.0f} s)"
     return {"layers": layers, "examples": examples, "seconds": time.time() - start,
             "recipe_args": recipe_key(args), "source": source}
