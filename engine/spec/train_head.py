@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
                    else (model_config.num_layers - 1,))
     hidden = model_config.hidden_size
     columns = torch.cat([torch.arange(hidden) + data["layers"].index(i) * hidden for i in head_layers])
+    columns = columns.to(device)  # indexes the features where make_batch moved them
 
     counts = torch.zeros(model_config.vocab_size, dtype=torch.int64)
     for e in train:
