@@ -2,9 +2,17 @@
 from __future__ import annotations
 
 import gzip
+import random
 from pathlib import Path
 
-from engine.spec.train_data import mixed_prompts, read_prompts, topic_words, write_prompts
+from engine.spec.train_data import (
+    _INSTRUCTIONS,
+    doc_paragraphs,
+    mixed_prompts,
+    read_prompts,
+    topic_words,
+    write_prompts,
+)
 
 PARAGRAPH = ("The {w} daemon reads its configuration at start-up and writes a short report of every "
              "connection it accepts, so that an administrator can follow what the {w} service does.")
@@ -28,6 +36,12 @@ def test_mixed_prompts_are_seeded_and_hold_both_kinds(tmp_path) -> None:
     with_paragraph = [p for p in prompts if "daemon reads its configuration" in p]
     assert len(with_paragraph) == 10 and len(set(prompts)) == 20
     assert not any("licence" in p for p in prompts)  # copyright files are skipped
+    # No questions: the paragraph-only draw the shipped head was trained on (seeded sample, then one
+    # instruction per paragraph, in that order).
+    rng = random.Random(3)
+    paragraphs = rng.sample(doc_paragraphs(tmp_path), 6)
+    assert mixed_prompts(6, seed=3, questions=0.0, root=tmp_path) == [
+        rng.choice(_INSTRUCTIONS).format(p) for p in paragraphs]
 
 
 def test_topic_words_keep_frequent_words_without_stopwords() -> None:
