@@ -6,7 +6,7 @@
 
 Re-running continues from `<work-dir>/data.pt` and `<work-dir>/<name>.ckpt.pt`: a CPU run here and a GPU
 run on the device extend the same training. The recipe (data, steps, time, hardware) goes into the exported
-file's metadata and `<work-dir>/<name>.recipe.json`.
+file's metadata and the `.recipe.json` beside it. The recipes themselves: docs/speculative.md.
 """
 from __future__ import annotations
 
@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         "tokens": {"train": sum(len(e.token_ids) for e in train),
                    "train_reply": sum(len(e.token_ids) - e.num_prompt_tokens for e in train)},
         "distil_seconds": round(data["seconds"], 1), "distil_batch": args.distil_batch,
+        "distil_budget": args.distil_budget,
         "reply_max_tokens": args.max_tokens, "time_budget": args.time_budget,
         "features": args.features, "feature_layers": list(head_layers), "draft_vocab": args.draft_vocab,
         "steps": step, "batch_size": args.batch_size, "prompt_context": args.prompt_context,
