@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
                     "seconds": seconds, "rng": rng.getstate()}, ckpt_path)
 
     bar = tqdm(total=args.steps, initial=step, desc="train", unit="step")
-    started = time.time()
+    started = saved = time.time()
     while step < args.steps and not (args.time_budget and time.time() - started > args.time_budget):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, time.time() - started)
@@ -246,8 +246,9 @@ def main(argv: list[str] | None = None) -> None:
         bar.update(1)
         if step % 10 == 0:  # each postfix syncs the GPU
             bar.set_postfix(loss=f"{loss.item():.3f}", acc0=f"{stats[0][0] / max(stats[0][1], 1):.3f}")
-        if step % 50 == 0:
+        if time.time() - saved > 60:  # by time, not steps: a GPU step is ~100x shorter than a CPU one
             save_checkpoint()
+            saved = time.time()
     seconds += time.time() - started
     bar.close()
     save_checkpoint()
