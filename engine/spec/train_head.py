@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None) -> None:
         step += 1
         bar.update(1)
         if step % 10 == 0:  # each postfix syncs the GPU
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc0=f"{stats[0][0] / max(stats[0][1], 1):.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc0=f"{stats[0][0] / max(stats[0][1], 1):.3f}",
+                            refresh=False)
         if time.time() - saved > 60:  # by time, not steps: a GPU step is ~100x shorter than a CPU one
             save_checkpoint()
             saved = time.time()
