@@ -1,8 +1,8 @@
 """One command trains a draft head: distil data, build the vocab map, TTT-train, export safetensors.
 
     python -m engine.spec.train_head [--steps N] [--device cuda] [--time-budget S] [--fresh]
-    python -m engine.spec.train_head --export-prompts runs/prompts.jsonl --num-prompts 6000   # then ship it
-    python -m engine.spec.train_head --prompts-file runs/prompts.jsonl --device cuda ...      # on the GPU
+    python -m engine.spec.train_head --export-prompts runs/spec-prompts.jsonl --num-prompts 20000  # ship it
+    python -m engine.spec.train_head --prompts-file runs/spec-prompts.jsonl --device cuda ...     # on the GPU
 
 Re-running continues from `<work-dir>/data.pt` and `<work-dir>/<name>.ckpt.pt`: a CPU run here and a GPU
 run on the device extend the same training. The recipe (data, steps, time, hardware) goes into the exported
