@@ -58,9 +58,11 @@ def time_candidates(run: Run, shape: str, label: str, fn, weights: list, x: torc
     results, best = {}, None
     for config in candidates:
         config = fit_k(auto_split_k(config, n, k), k)
-        if k % (config.split_k * config.block_k):
+        try:
+            got = fn(x, weights[0], config)
+        except ValueError:  # this config does not fit this shape or group size
             continue
-        err = rel_err(fn(x, weights[0], config), ref)
+        err = rel_err(got, ref)
         ms = run.timer(lambda i, c=config: fn(x, weights[i], c), len(weights))
         entry = row("decode", shape, label, ms, base_ms, roof_ms, err, config)
         results[str(config)] = entry
