@@ -6,7 +6,8 @@ nibbles are values 2b and 2b + 1, so a tile stays two halves (even and odd colum
 are read as their even and odd columns, never interleaved in registers. Dequantization is q · scale + low
 in fp32.
   - one row (GEMV): the tile is [BLOCK_N, groups, group / 2] bytes, so each group's scale and low load
-    once and broadcast; fp32 multiply-adds into an accumulator of that shape, reduced once at the end;
+    once and broadcast; a bf16 input loads as int32 pairs (contiguous; each half shifts into an fp32);
+    fp32 multiply-adds into an accumulator of that shape, reduced once at the end;
   - more rows: the dequantized halves (in x's dtype, the group's scale gathered per value, an L1 hit after
     the first) on the left of tl.dot against the input halves transposed, [BLOCK_N, BLOCK_K / 2] ×
     [BLOCK_K / 2, BLOCK_M], as kernels/linear does ("swap AB"); BLOCK_M = 16 serves decode batches, larger
@@ -27,7 +28,7 @@ from kernels.quant_linear.layout import W4Weight
 def _w4a16_gemv_kernel(
     x_ptr, p_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_pn, stride_sn,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    EVEN_N: tl.constexpr,
+    EVEN_N: tl.constexpr, BF16_PAIRS: tl.constexpr,
 ):
     GROUPS: tl.constexpr = BLOCK_K // GROUP
     HALF_G: tl.constexpr = GROUP // 2
@@ -43,7 +44,10 @@ def _w4a16_gemv_kernel(
     p_ptrs = p_ptr + rows * stride_pn + (k_start // 2 + byte)[None, :, :]
     s_ptrs = s_ptr + rows * stride_sn + (k_start // GROUP + offs_g)[None, :, None]
     z_ptrs = z_ptr + rows * stride_sn + (k_start // GROUP + offs_g)[None, :, None]
-    x_ptrs = x_ptr + k_start + 2 * byte[None, :, :]
+    if BF16_PAIRS:  # x_ptr: the bf16 input seen as int32 pairs, pair b = values 2b (low half), 2b + 1
+        x_ptrs = x_ptr + k_start // 2 + byte[None, :, :]
+    else:
+        x_ptrs = x_ptr + k_start + 2 * byte[None, :, :]
     acc = tl.zeros((BLOCK_N, GROUPS, HALF_G), dtype=tl.float32)
     for _ in range(0, k_per_split, BLOCK_K):
         if EVEN_N:  # weights are read once a step: evict_first keeps them from pushing activations out of L2
@@ -54,13 +58,19 @@ def _w4a16_gemv_kernel(
             p = tl.load(p_ptrs, mask=n_mask, other=0, eviction_policy="evict_first")
             s = tl.load(s_ptrs, mask=n_mask, other=0.0).to(tl.float32)
             z = tl.load(z_ptrs, mask=n_mask, other=0.0).to(tl.float32)
-        xe = tl.load(x_ptrs).to(tl.float32)
-        xo = tl.load(x_ptrs + 1).to(tl.float32)
+        if BF16_PAIRS:  # one contiguous (vectorized) load; a bf16 is the high half of its fp32
+            pair = tl.load(x_ptrs)
+            xe = (pair << 16).to(tl.float32, bitcast=True)
+            xo = (pair & -65536).to(tl.float32, bitcast=True)
+            x_ptrs += BLOCK_K // 2
+        else:  # two strided loads
+            xe = tl.load(x_ptrs).to(tl.float32)
+            xo = tl.load(x_ptrs + 1).to(tl.float32)
+            x_ptrs += BLOCK_K
         acc += (exact_float(p & 0xF) * s + z) * xe + (exact_float(p >> 4) * s + z) * xo
         p_ptrs += BLOCK_K // 2
         s_ptrs += GROUPS
         z_ptrs += GROUPS
-        x_ptrs += BLOCK_K
     total = tl.sum(tl.sum(acc, axis=2), axis=1)[:, None]  # [BLOCK_N, 1]
     store_rows(out_ptr, total, tl.arange(0, 1), offs_n, 1, N, 0, SPLIT_K)
 
@@ -128,9 +138,10 @@ def w4a16_linear(x: torch.Tensor, weight: W4Weight, config: QuantConfig | None =
                   SPLIT_K=config.split_k, EVEN_N=n % config.block_n == 0, num_warps=config.num_warps,
                   num_stages=config.num_stages)
     if gemv:
+        pairs = rows.dtype == torch.bfloat16 and rows.storage_offset() % 2 == 0
         _w4a16_gemv_kernel[grid(m, n, config)[:2]](
-            rows, weight.packed, weight.scale, weight.low, out, n, k, weight.packed.stride(0),
-            weight.scale.stride(0), **common)
+            rows.view(torch.int32) if pairs else rows, weight.packed, weight.scale, weight.low, out, n, k,
+            weight.packed.stride(0), weight.scale.stride(0), BF16_PAIRS=pairs, **common)
     elif m:
         _w4a16_dot_kernel[grid(m, n, config)](
             rows, weight.packed, weight.scale, weight.low, out, m, n, k, rows.stride(0),

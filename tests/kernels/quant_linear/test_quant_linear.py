@@ -65,6 +65,14 @@ def test_w4a16_half_inputs_group_128_and_leading_dims() -> None:
     torch.testing.assert_close(got.float(), w4a16_linear_ref(x, weight).float(), atol=3e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("group", [32, 128])
+def test_w4a16_one_bf16_row_reads_the_input_as_pairs(group: int) -> None:
+    weight = w4_weight(24, 512, group, seed=group)
+    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(9)).bfloat16()
+    got = w4a16_linear(x, weight, QuantConfig(8, 256, 1, 1, split_k=2))
+    torch.testing.assert_close(got.float(), w4a16_linear_ref(x, weight).float(), atol=2e-2, rtol=1e-2)
+
+
 def test_w4a16_default_configs_serve_every_bucket() -> None:
     weight = w4_weight(64, 256, 32, seed=4)
     for rows in (1, 8, 20):
