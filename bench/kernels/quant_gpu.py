@@ -44,6 +44,32 @@ def wrong(entries: object) -> bool:
     return False
 
 
+def summary(results: dict) -> list[str]:
+    """The headline ratios (issue 12's goals): best of ours per shape vs bf16, torch's kernel and the roof."""
+    lines = []
+    for name, by_rows in results["decode"].items():
+        for rows, entries in by_rows.items():
+            base = entries["bf16"]["ms"]
+            for key, entry in entries.items():
+                best = entry.get("best") if isinstance(entry, dict) else None
+                if not key.startswith("ours") or not best:
+                    continue
+                torch_ms = entries.get(key.replace("ours_w4a16", "torch_int4"), {}).get("ms")
+                vs_torch = f", {torch_ms / best['ms']:.2f}x torch int4" if torch_ms and "w4a16" in key else ""
+                roof = f"roof {base / best['roof_ms']:.2f}x, {best['fraction_of_roof']:.0%} of roof"
+                lines.append(f"decode  {name} {rows} {key}: {base / best['ms']:.2f}x bf16 ({roof}){vs_torch}")
+    for name, entries in results["prefill"].items():
+        best, base = entries["ours_w8a8"]["best"], entries["bf16"]["ms"]
+        torch_ms = entries.get("torch_w8a8", {}).get("ms")
+        if best:
+            vs_torch = f", torch quant+_int_mm {base / torch_ms:.2f}x bf16" if torch_ms else ""
+            lines.append(f"prefill {name} W8A8: {base / best['ms']:.2f}x bf16{vs_torch}")
+    for case, entries in results["attention"].items():
+        ratios = ", ".join(f"{dtype} {entry['speedup_vs_bf16']:.2f}x" for dtype, entry in entries.items())
+        lines.append(f"attention {case} vs the float cache: {ratios}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1,16", help="decode row counts")
@@ -94,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             results["attention"][f"B{batch}_ctx{context}"] = attention_case(run, batch, context)
             if run.device.type == "cuda":
                 torch.cuda.empty_cache()
+    print("# summary (best config of ours per shape)")
+    print("\n".join(summary(results)))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 1 if wrong(results) else 0
