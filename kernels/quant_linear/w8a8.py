@@ -1,0 +1,122 @@
+"""W8A8 in Triton: per-token dynamic int8 activation quantization, then an int8 × int8 → int32 GEMM whose
+epilogue applies the per-token and per-channel scales and writes bf16 (or x's dtype).
+
+quantize_rows: one program per row reads it once (times the SmoothQuant 1/s when given), takes max|x| and
+writes int8 codes and the fp32 scale max|x| / 127. int8_gemm: BLOCK_M × BLOCK_N output tiles over
+[M, K] int8 activations and the [N, K] int8 weight (both K-major, as Hopper's int8 MMA wants them), program
+ids swizzled in groups of GROUP_M row blocks so neighbouring programs share weight tiles in L2.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.quant_linear.config import W8A8_CANDIDATES, QuantConfig
+from kernels.quant_linear.layout import W8Weight
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, inv_smooth_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm,
+                          BLOCK_K: tl.constexpr, SMOOTH: tl.constexpr, TINY: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    x = tl.load(x_ptr + row.to(tl.int64) * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+    if SMOOTH:
+        x *= tl.load(inv_smooth_ptr + offs, mask=mask, other=0.0)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0) / 127.0, TINY)
+    y = x / scale
+    q = tl.where(y >= 0, tl.floor(y + 0.5), -tl.floor(0.5 - y))  # half away from zero, as the reference
+    q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+    tl.store(q_ptr + row.to(tl.int64) * stride_qm + offs, q.to(tl.int8), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+def quantize_rows(x: torch.Tensor,
+                  inv_smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] → (int8 [M, K], float32 scale [M]), reference.quantize_rows_ref's contract."""
+    m, k = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    block_k = triton.next_power_of_2(k)
+    if m:
+        _quantize_rows_kernel[(m,)](
+            x, inv_smooth if inv_smooth is not None else x, q, scale, k, x.stride(0), q.stride(0),
+            BLOCK_K=block_k, SMOOTH=inv_smooth is not None, TINY=_TINY,
+            num_warps=max(1, min(16, block_k // 1024)),  # ~32 values a thread: a whole row in registers
+        )
+    return q, scale
+
+
+@triton.jit
+def _int8_gemm_kernel(
+    a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, out_ptr, M, N, K, stride_am, stride_bn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    blocks_m = tl.cdiv(M, BLOCK_M)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * blocks_n
+    first_m = (pid // in_group) * GROUP_M
+    group_rows = tl.minimum(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_rows
+    pid_n = (pid % in_group) // group_rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows past M / N clamp to the last one (their products are never stored): no masks on the main loads.
+    rows_a = tl.minimum(offs_m, M - 1).to(tl.int64)
+    rows_b = tl.minimum(offs_n, N - 1).to(tl.int64)
+    a_ptrs = a_ptr + rows_a[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + rows_b[None, :] * stride_bn + offs_k[:, None]  # [BLOCK_K, BLOCK_N], K-major
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(k + offs_k)[None, :] < K, other=0)
+            b = tl.load(b_ptrs, mask=(k + offs_k)[:, None] < K, other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    a_scale = tl.load(a_scale_ptr + rows_a)
+    b_scale = tl.load(b_scale_ptr + rows_b)
+    y = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+    o_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def int8_gemm(q_x: torch.Tensor, x_scale: torch.Tensor, weight: W8Weight, out_dtype: torch.dtype,
+              config: QuantConfig | None = None) -> torch.Tensor:
+    """(int8 [M, K], fp32 scale [M]) × weightᵀ → [M, N] of out_dtype; reference.int8_gemm_ref's contract."""
+    m, k = q_x.shape
+    n = weight.shape[0]
+    config = config or W8A8_CANDIDATES[0]
+    if q_x.stride(1) != 1 or weight.q.stride(1) != 1:
+        raise ValueError("int8_gemm: activation and weight rows must be contiguous along K")
+    out = torch.empty((m, n), dtype=out_dtype, device=q_x.device)
+    if m and n:
+        programs = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+        _int8_gemm_kernel[(programs,)](
+            q_x, weight.q, x_scale, weight.scale, out, m, n, k, q_x.stride(0), weight.q.stride(0),
+            out.stride(0), BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            GROUP_M=config.group_m, EVEN_K=k % config.block_k == 0,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    return out
+
+
+def w8a8_linear(x: torch.Tensor, weight: W8Weight, inv_smooth: torch.Tensor | None = None,
+                config: QuantConfig | None = None) -> torch.Tensor:
+    """x [..., K] → [..., N] in x's dtype: quantize_rows, then int8_gemm (reference.w8a8_linear_ref)."""
+    n, k = weight.shape
+    q_x, x_scale = quantize_rows(x.reshape(-1, k), inv_smooth)
+    return int8_gemm(q_x, x_scale, weight, x.dtype, config).view(*x.shape[:-1], n)
+

@@ -1,0 +1,111 @@
+"""Compiled quantized linear kernels equal their torch references at Llama-3-8B shapes, graph-safe."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+from engine.quantize.int4 import quantize_int4
+from engine.quantize.w8a8 import quantize_per_channel
+from kernels.quant_linear.config import W4_CANDIDATES, W8_CANDIDATES, W8A8_CANDIDATES, auto_split_k, fit_k
+from kernels.quant_linear.layout import W8Weight, pack_w4
+from kernels.quant_linear.reference import (
+    dequantize_w4,
+    int8_gemm_ref,
+    quantize_rows_ref,
+    w8_linear_ref,
+)
+from kernels.quant_linear.w4a16 import w4a16_linear
+from kernels.quant_linear.w8 import w8_linear
+from kernels.quant_linear.w8a8 import int8_gemm, quantize_rows, w8a8_linear
+
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300)]
+
+DEV = torch.device("cuda")
+BF16 = torch.bfloat16
+SHAPES = [(6144, 4096), (4096, 14336)]  # qkv, down (Llama-3-8B)
+
+
+@pytest.fixture(autouse=True)
+def compiled_kernels_only() -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("interpreter mode is on in this process: run tests/gpu in its own pytest process")
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.float() - ref.float()).abs().max() / ref.float().abs().max())
+
+
+def weight(n: int, k: int) -> torch.Tensor:
+    gen = torch.Generator(DEV).manual_seed(n + k)
+    return torch.empty(n, k, dtype=BF16, device=DEV).normal_(std=0.02, generator=gen)
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("rows", [1, 7, 16, 300])
+def test_w4a16_every_candidate_matches_the_reference(n: int, k: int, group: int, rows: int) -> None:
+    w4 = pack_w4(*quantize_int4(weight(n, k), group))
+    x = torch.randn(rows, k, dtype=BF16, device=DEV)
+    ref = x.float() @ dequantize_w4(w4).t()
+    bucket = "one" if rows == 1 else "few" if rows <= 16 else "many"
+    for config in W4_CANDIDATES[bucket]:
+        config = fit_k(auto_split_k(config, n, k), k)
+        if config.block_m == 1 and config.block_k % group:
+            continue
+        assert rel_err(w4a16_linear(x, w4, config), ref) < 1e-2, config
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_w8_every_candidate_matches_the_reference(n: int, k: int, rows: int) -> None:
+    w8 = W8Weight(*quantize_per_channel(weight(n, k)))
+    x = torch.randn(rows, k, dtype=BF16, device=DEV)
+    ref = w8_linear_ref(x.float(), w8)
+    for config in W8_CANDIDATES["one" if rows == 1 else "few"]:
+        assert rel_err(w8_linear(x, w8, fit_k(auto_split_k(config, n, k), k)), ref) < 1e-2, config
+
+
+def test_activation_quantization_matches_the_reference_within_one_code() -> None:
+    x = torch.randn(300, 14336, dtype=BF16, device=DEV) * 3
+    smooth = torch.rand(14336, device=DEV) + 0.5
+    for inv in (None, smooth):
+        q, scale = quantize_rows(x, inv)
+        q_ref, scale_ref = quantize_rows_ref(x, inv)
+        torch.testing.assert_close(scale, scale_ref)
+        diff = (q.int() - q_ref.int()).abs()
+        assert diff.max() <= 1 and diff.float().mean() < 1e-3  # a division tie gone the other way, rarely
+
+
+@pytest.mark.parametrize("m,n,k", [(2048, 6144, 4096), (333, 4096, 14336), (16, 4096, 4096)])
+def test_int8_gemm_every_candidate_is_exact_up_to_the_scales(m: int, n: int, k: int) -> None:
+    gen = torch.Generator(DEV).manual_seed(m)
+    q_x = torch.randint(-127, 128, (m, k), generator=gen, device=DEV, dtype=torch.int8)
+    x_scale = torch.rand(m, generator=gen, device=DEV)
+    w8 = W8Weight(*quantize_per_channel(weight(n, k)))
+    ref = int8_gemm_ref(q_x, x_scale, w8, torch.float32)
+    for config in W8A8_CANDIDATES:
+        torch.testing.assert_close(int8_gemm(q_x, x_scale, w8, torch.float32, config), ref,
+                                   atol=1e-4, rtol=1e-5)
+
+
+def test_kernels_replay_from_a_cuda_graph() -> None:
+    n, k = 4096, 4096
+    w4 = pack_w4(*quantize_int4(weight(n, k), 32))
+    w8 = W8Weight(*quantize_per_channel(weight(n, k)))
+    x1, x16, x_big = (torch.randn(m, k, dtype=BF16, device=DEV) for m in (1, 16, 512))
+    calls = [lambda: w4a16_linear(x1, w4), lambda: w4a16_linear(x16, w4), lambda: w8_linear(x1, w8),
+             lambda: w8_linear(x16, w8), lambda: w8a8_linear(x_big, w8)]
+    eager = [call() for call in calls]
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = [call() for call in calls]
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(eager, captured, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)  # split-K adds in any order
