@@ -8,9 +8,12 @@ import torch
 
 from contracts.sampling import SamplingParams
 from engine.config import EngineConfig
+from engine.executors.batch_inputs import SamplingRows
+from engine.executors.verify_sampling import sample_rows
 from engine.llm_engine import LLMEngine
 from engine.random_models import PRESETS, build_random_model
-from engine.scheduler_types import SchedulerOutput
+from engine.sampler import sample
+from engine.scheduler_types import ScheduledChunk, SchedulerOutput
 from engine.sequence import Sequence
 from engine.spec.rejection import rejection_verify
 
@@ -90,3 +93,25 @@ def test_a_sampled_verify_beside_a_plain_request_is_rejection_sampled_over_its_o
     assert seq.num_computed_tokens == len(PROMPT) + 1 + accepted  # the rejected positions rolled back
     finish(engine)
     assert other.output_token_ids == plain_reference
+
+
+def test_verify_chunks_of_different_lengths_are_padded_and_written_back_to_their_rows() -> None:
+    vocab = 40
+    gen = torch.Generator().manual_seed(9)
+    params = [SamplingParams(temperature=1.0, seed=s) for s in (1, 2, 3)]
+    seqs = [Sequence(f"r{i}", list(range(10 + i)), p) for i, p in enumerate(params)]
+    q2 = torch.softmax(torch.randn(2, vocab, generator=gen), -1)
+    q4 = torch.softmax(torch.randn(4, vocab, generator=gen), -1)
+    chunks = [ScheduledChunk(seqs[0], 9, 3, 3, (4, 5), q2),  # k = 2
+              ScheduledChunk(seqs[1], 10, 1, 1),  # a plain decode row between them
+              ScheduledChunk(seqs[2], 11, 5, 5, (6, 7, 8, 9), q4)]  # k = 4
+    rows = SamplingRows.of(chunks)
+    logits = torch.randn(9, vocab, generator=gen)
+    got = sample_rows(logits, rows).tolist()
+    first = rejection_verify(logits[0:3].unsqueeze(0), params[:1], [10], torch.tensor([[4, 5]]),
+                             q2.unsqueeze(0), torch.tensor([2]))
+    last = rejection_verify(logits[4:9].unsqueeze(0), params[2:], [12], torch.tensor([[6, 7, 8, 9]]),
+                            q4.unsqueeze(0), torch.tensor([4]))
+    assert got[0:3] == first.token_ids[0].tolist()
+    assert got[3] == sample(logits[3:4], params[1:2], [11]).item()
+    assert got[4:9] == last.token_ids[0].tolist()
