@@ -77,8 +77,8 @@ def attend_kv(acc, m_i, l_i, q, q_pos, k, v, pos, valid, scale_log2,
                BOUNDED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
                tree_bits=0, chunk_start=0, TREE: tl.constexpr = False):
     """Online-softmax step of the q rows over keys k / values v at positions `pos` (masked where not valid
-    when BOUNDED; after a row's q_pos when CAUSAL; when also TREE, keys of the chunk (from chunk_start) a
-    row's tree_bits [rows] int64 do not set — bit j: the chunk's j-th position)."""
+    when BOUNDED; after a row's q_pos when CAUSAL; when also TREE, chunk keys (from chunk_start) whose bit
+    is clear in the row's tree_bits [rows] int64 — bit j: the chunk's j-th position)."""
     k = k.to(q.dtype)
     v = v.to(q.dtype)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
