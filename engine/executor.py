@@ -72,7 +72,9 @@ class Executor(ABC):
     - for a chunk with `num_sampled = m > 0`, each of its last m positions p samples one token, seeded
       by (seed, p + 1) — the index that token takes in its sequence — so paths and processes agree;
       `RunOutput.sampled[request_id]` holds those m ids in position order and `last_hidden[request_id]`
-      the final hidden state of the chunk's last token; chunks with m == 0 appear in neither;
+      the final hidden state of the chunk's last token; chunks with m == 0 appear in neither; a verify
+      chunk with `draft_probs` is rejection-sampled instead (engine/spec/rejection.py): its m ids are the
+      accepted drafts, the target's token after them, then -1;
     - `layer_hook(i)`, when given, runs right after layer i stored its K/V (paths that cannot call it
       hand the batch to an eager executor);
     - an executor holds no scheduling state; the host waits for the device once per step, to read the

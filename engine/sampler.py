@@ -49,7 +49,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], positions: Se
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, vocab], got shape {tuple(logits.shape)}")
-    n, vocab = logits.shape
+    n = logits.shape[0]
     if len(params) != n or len(positions) != n:
         raise ValueError(f"{n} logit rows but {len(params)} params and {len(positions)} positions")
     logits = logits.float()
@@ -57,29 +57,54 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], positions: Se
     if all(p.greedy for p in params):
         return greedy_ids
 
-    device = logits.device
-    temps = _to_device([1.0 if p.greedy else p.temperature for p in params], torch.float32, device)
+    probs = processed_probs(logits, params)
+    noise = race_noise(params, positions, probs.shape, probs.device)
+    sampled_ids = argmax_rows(probs / noise)
+
+    greedy_mask = _to_device([p.greedy for p in params], torch.bool, logits.device)
+    return torch.where(greedy_mask, greedy_ids, sampled_ids)
+
+
+def processed_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Each row's sampling distribution [N, vocab] (float32): temperature, then top-k, then top-p, softmax.
+
+    Greedy rows get temperature 1 and no filter (their callers take the argmax). Speculative verification
+    applies this same function to the drafter's logits and the target's, so both sides are processed alike.
+    """
+    logits = logits.float()
+    vocab = logits.shape[1]
+    temps = _to_device([1.0 if p.greedy else p.temperature for p in params], torch.float32, logits.device)
     scaled = logits / temps.unsqueeze(1)
     if any(not p.greedy and (0 < p.top_k < vocab or p.top_p < 1.0) for p in params):
         scaled = _apply_top_k_top_p(scaled, params, vocab)
-    probs = torch.softmax(scaled, dim=-1)
+    return torch.softmax(scaled, dim=-1)
 
+
+def seeded_generator(seed: int, position: int, device: torch.device) -> torch.Generator:
+    """The generator of a seeded request's draws at one position (the sampler's race noise comes first)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(position_seed(seed, position))
+    return gen
+
+
+def fresh_generator(device: torch.device) -> torch.Generator:
+    """A non-deterministically seeded generator, independent of the global torch RNG (unseeded requests)."""
+    gen = torch.Generator(device=device)
+    gen.seed()
+    return gen
+
+
+def race_noise(params: Sequence[SamplingParams], positions: Sequence[int], shape: torch.Size,
+               device: torch.device) -> torch.Tensor:
+    """Exp(1) noise [N, vocab] of the exponential race, row i seeded by (seed, positions[i]) when seeded."""
     # Exponential noise as -log(U): several times faster on CPU than Tensor.exponential_.
-    uniform = torch.empty_like(probs)
+    uniform = torch.empty(shape, dtype=torch.float32, device=device)
     if any(not p.greedy and p.seed is None for p in params):
-        fresh = torch.Generator(device=device)
-        fresh.seed()  # non-deterministic, and independent of the global torch RNG
-        uniform.uniform_(generator=fresh)
+        uniform.uniform_(generator=fresh_generator(device))
     for i, p in enumerate(params):
         if not p.greedy and p.seed is not None:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(position_seed(p.seed, positions[i]))
-            uniform[i].uniform_(generator=gen)
-    noise = uniform.log_().neg_().clamp_min_(1e-20)  # U = 0 gives inf (that token loses); never divide by 0
-    sampled_ids = argmax_rows(probs / noise)
-
-    greedy_mask = _to_device([p.greedy for p in params], torch.bool, device)
-    return torch.where(greedy_mask, greedy_ids, sampled_ids)
+            uniform[i].uniform_(generator=seeded_generator(p.seed, positions[i], device))
+    return uniform.log_().neg_().clamp_min_(1e-20)  # U = 0 gives inf (that token loses); never divide by 0
 
 
 def _apply_top_k_top_p(scaled: torch.Tensor, params: Sequence[SamplingParams], vocab: int) -> torch.Tensor:

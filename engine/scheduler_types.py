@@ -1,9 +1,13 @@
 """The scheduler's config and what it hands the executor: one step's chunks."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,10 @@ class ScheduledChunk:
     # Verify positions: the last len(draft_token_ids) tokens computed are these proposals (not yet in
     # seq.token_ids); a snapshot, so proposals made after scheduling do not change this step.
     draft_token_ids: tuple[int, ...] = ()
+    # [len(draft_token_ids), vocab]: the distributions a sampling drafter drew the drafts from, processed like
+    # the target's (engine.sampler.processed_probs). Set: the verify is rejection-sampled
+    # (engine/spec/rejection.py); None: drafts are kept while they equal the target's own seeded draws.
+    draft_probs: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def token_ids(self) -> list[int]:

@@ -34,16 +34,23 @@ class SamplingRows:
     num_sampled: tuple[int, ...]  # per sampling chunk: how many of `rows` are its
     params: list  # per row: its sequence's SamplingParams
     positions: list[int]  # per row: the index its sampled token takes in the sequence (seeds the draw)
+    # Per sampling chunk: its scheduled chunk, for the verify chunks whose drafts carry probabilities.
+    chunks: tuple[ScheduledChunk, ...] = ()
 
     @property
     def one_each(self) -> bool:
         return len(self.rows) == len(self.seqs)
 
+    @property
+    def rejection_sampled(self) -> bool:
+        """Whether some verify chunk is rejection-sampled (its drafts carry their distributions)."""
+        return any(c.draft_probs is not None for c in self.chunks)
+
     @classmethod
     def of(cls, chunks: Sequence[ScheduledChunk]) -> SamplingRows:
         rows: list[int] = []
         last_rows: list[int] = []
-        seqs, counts, params, positions = [], [], [], []
+        seqs, counts, params, positions, sampling = [], [], [], [], []
         start = 0
         for chunk in chunks:
             end = start + chunk.num_new_tokens
@@ -52,9 +59,10 @@ class SamplingRows:
                 rows.extend(range(first, end))
                 last_rows.append(end - 1)
                 seqs.append(chunk.seq)
+                sampling.append(chunk)
                 counts.append(chunk.num_sampled)
                 params.extend([chunk.seq.sampling] * chunk.num_sampled)
                 position = chunk.start + chunk.num_new_tokens - chunk.num_sampled
                 positions.extend(range(position + 1, position + 1 + chunk.num_sampled))
             start = end
-        return cls(rows, last_rows, tuple(seqs), tuple(counts), params, positions)
+        return cls(rows, last_rows, tuple(seqs), tuple(counts), params, positions, tuple(sampling))

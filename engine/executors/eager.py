@@ -5,9 +5,9 @@ import torch
 
 from engine.executor import Executor, SampledStep
 from engine.executors.batch_inputs import SamplingRows, prepare_inputs
+from engine.executors.verify_sampling import sample_rows
 from engine.kv_cache import KVCache
 from engine.model import LayerHook, LlamaModel
-from engine.sampler import sample
 from engine.scheduler import SchedulerOutput
 
 
@@ -34,7 +34,7 @@ class EagerExecutor(Executor):
         else:
             selected = hidden[torch.tensor(rows.rows).to(hidden.device, non_blocking=True)]
         logits = self.model.compute_logits(selected)
-        token_ids = sample(logits, rows.params, rows.positions)
+        token_ids = sample_rows(logits, rows)  # verify chunks with draft distributions: rejection-sampled
         if rows.one_each:
             return SampledStep(token_ids, rows.seqs, selected)
         last = hidden[torch.tensor(rows.last_rows).to(hidden.device, non_blocking=True)]

@@ -176,10 +176,13 @@ def _prefill_kernel(
     k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
     stride_ks_slot, stride_ks_h, stride_vs_slot, stride_vs_h,
     KV_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr, HADAMARD: tl.constexpr,
+    tree_mask_ptr, TREE: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one sequence's chunk, one query head. Context from the paged cache.
 
     SKIP_SINGLE_ROWS: 1-row sequences are left to the decode kernel (which reads their KV once per KV head).
+    TREE: tree verification (AttentionMetadata.tree_mask): a row sees the context and the chunk rows its
+    int64 mask sets; off, the mask code is not compiled at all.
     """
     m_block = tl.program_id(0)
     seq = tl.program_id(1)
@@ -209,6 +212,10 @@ def _prefill_kernel(
         first_pos = context_len + m_block * BLOCK_M
         full_end = first_pos // BLOCK_N * BLOCK_N
         kv_end = tl.minimum(seq_len, first_pos + BLOCK_M)
+        tree_bits = 0
+        if TREE:  # earlier chunk rows are not all ancestors: only the context goes unmasked
+            full_end = context_len // BLOCK_N * BLOCK_N
+            tree_bits = tl.load(tree_mask_ptr + rows, mask=m_mask, other=0)
 
         m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -224,7 +231,7 @@ def _prefill_kernel(
                 acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_row, n0, kv_end, kv_head, stride_cb,
                 stride_ct, stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, True, True,
                 DOT_PRECISION, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_ks_slot, stride_ks_h,
-                stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP)
+                stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP, tree_bits, context_len, TREE)
 
         if HADAMARD:
             acc = hadamard_rows(acc)
@@ -331,6 +338,7 @@ def _launch_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         GROUP=num_heads // k_cache.shape[2], HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=meta.block_size, BLOCK_M=block_m, BLOCK_N=block_n, SKIP_SINGLE_ROWS=skip_single_rows,
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages, **quant,
+        tree_mask_ptr=meta.tree_mask, TREE=meta.tree_mask is not None,
     )
 
 

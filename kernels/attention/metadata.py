@@ -46,6 +46,19 @@ class SeqSpan:
     # Set when those blocks are consecutive ids: the context is then one contiguous slice of the flat cache,
     # so attention can read a view instead of gathering blocks.
     first_slot: int | None
+    # A tree verify chunk (engine/spec/tree.py): per query row, bit j set when the row attends to the chunk's
+    # j-th row (its tree ancestors and itself); the context before the chunk stays visible to every row.
+    # None: causal within the chunk. At most MAX_TREE_ROWS rows.
+    tree: tuple[int, ...] | None = None
+
+
+# Tree rows' visibility is one int64 bitmask per query row.
+MAX_TREE_ROWS = 64
+
+
+def _as_int64(bits: int) -> int:
+    """A 64-bit mask as the signed int64 that holds the same bits."""
+    return bits - (1 << 64) if bits >= 1 << 63 else bits
 
 
 @dataclass(frozen=True)
@@ -61,6 +74,9 @@ class AttentionMetadata:
     # int32 zeros the decode kernel may count split arrivals in (kernels/attention/config.py), owned by
     # whoever replays this metadata from a CUDA graph; None: the kernels use a shared per-stream buffer.
     arrivals: torch.Tensor | None = None
+    # [T] int64, set when some span is a tree: its rows' SeqSpan.tree bits; rows of other spans hold -1
+    # (every bit: causal alone decides). None: every chunk is causal (the kernels compile without the mask).
+    tree_mask: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -109,6 +125,15 @@ class AttentionMetadata:
         tables = [list(s.block_ids) + [0] * (max_blocks - len(s.block_ids)) for s in spans]
         total = spans[-1].query_start + spans[-1].query_len if spans else 0
         starts = [s.query_start for s in spans] + [total]
+        tree_mask = None
+        if any(s.tree is not None for s in spans):
+            for s in spans:
+                if s.tree is not None and (len(s.tree) != s.query_len or s.query_len > MAX_TREE_ROWS):
+                    raise ValueError(f"a tree span needs one mask per query row (<= {MAX_TREE_ROWS}), got "
+                                     f"{len(s.tree)} for {s.query_len} rows")
+            bits = [_as_int64(b) for s in spans
+                    for b in (s.tree if s.tree is not None else [-1] * s.query_len)]
+            tree_mask = torch.tensor(bits, dtype=torch.int64, device=device)
         return cls(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
@@ -118,4 +143,5 @@ class AttentionMetadata:
             max_seq_len=max((s.seq_len for s in spans), default=0),
             block_size=block_size,
             spans=tuple(spans),
+            tree_mask=tree_mask,
         )

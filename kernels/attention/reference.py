@@ -48,13 +48,25 @@ def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
     return torch.bmm(probs, v).view(1, -1, head_dim)  # [Hk, G, D] → [1, Hq, D]
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [L, Hq, D] are the last L positions of the S keys/values [Hk, S, D]; causal; GQA by head groups."""
+def _tree_mask(tree: tuple[int, ...], seq_len: int, device: torch.device) -> torch.Tensor:
+    """[L, S] bool: the whole context before the chunk, then the chunk rows set in each query row's bits."""
+    query_len = len(tree)
+    bits = torch.tensor([[(b >> j) & 1 for j in range(query_len)] for b in tree], dtype=torch.bool)
+    context = torch.ones(query_len, seq_len - query_len, dtype=torch.bool)
+    return torch.cat([context, bits], dim=1).to(device)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+            tree: tuple[int, ...] | None = None) -> torch.Tensor:
+    """q [L, Hq, D] are the last L positions of the S keys/values [Hk, S, D]; causal (or, for a tree chunk,
+    each row sees the context and its `tree` bits of the chunk); GQA by head groups."""
     query_len, seq_len = q.shape[0], k.shape[1]
     if query_len == 1:
         return _attend_one(q, k, v, scale)  # the newest token sees every cached position
     qh = q.transpose(0, 1)  # heads first, like k and v
-    if query_len == seq_len:
+    if tree is not None:
+        mask, causal = _tree_mask(tree, seq_len, q.device), False
+    elif query_len == seq_len:
         mask, causal = None, True
     else:
         # Query i sits at position seq_len - query_len + i and sees keys up to and including itself.
@@ -71,8 +83,9 @@ def paged_attention_ref(
 ) -> torch.Tensor:
     """q [T, Hq, D] (this step's queries, rows laid out by meta.spans) → attention output [T, Hq, D].
 
-    Each sequence's queries attend to all its cached tokens before them plus causally within the chunk, so one
-    call serves chunked prefill, decode and mixed batches. The cache must already hold this step's KV.
+    Each sequence's queries attend to all its cached tokens before them plus causally within the chunk (a
+    tree span: to its rows' ancestors in the chunk), so one call serves chunked prefill, decode, mixed
+    batches and tree verification. The cache must already hold this step's KV.
     Quantized caches (QuantizedKV) are dequantized one sequence's blocks at a time, never as a whole.
     """
     if len(meta.spans) == 1:  # one sequence (e.g. bs1 decode): no output buffer to scatter into
@@ -96,9 +109,9 @@ def _attend_span(q: torch.Tensor, k_cache: KVOperand, v_cache: KVOperand, span: 
     if isinstance(k_cache, QuantizedKV):
         k = _quantized_context(k_cache, span.block_ids, span.seq_len, q.dtype)
         v = _quantized_context(v_cache, span.block_ids, span.seq_len, q.dtype)
-        return _attend(q, k, v, scale)
+        return _attend(q, k, v, scale, span.tree)
     k = _context(k_cache, span.block_ids, span.first_slot, span.seq_len)
     v = _context(v_cache, span.block_ids, span.first_slot, span.seq_len)
     if k.dtype != q.dtype:
         k, v = k.to(q.dtype), v.to(q.dtype)
-    return _attend(q, k, v, scale)
+    return _attend(q, k, v, scale, span.tree)

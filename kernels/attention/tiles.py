@@ -74,9 +74,11 @@ def _rows(ptrs, valid, MASKED: tl.constexpr):
 
 @triton.jit
 def attend_kv(acc, m_i, l_i, q, q_pos, k, v, pos, valid, scale_log2,
-               BOUNDED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               BOUNDED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               tree_bits=0, chunk_start=0, TREE: tl.constexpr = False):
     """Online-softmax step of the q rows over keys k / values v at positions `pos` (masked where not valid
-    when BOUNDED; after a row's q_pos when CAUSAL)."""
+    when BOUNDED; after a row's q_pos when CAUSAL; when also TREE, chunk keys (from chunk_start) whose bit
+    is clear in the row's tree_bits [rows] int64 — bit j: the chunk's j-th position)."""
     k = k.to(q.dtype)
     v = v.to(q.dtype)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
@@ -84,6 +86,11 @@ def attend_kv(acc, m_i, l_i, q, q_pos, k, v, pos, valid, scale_log2,
         visible = valid[None, :]
         if CAUSAL:
             visible = visible & (pos[None, :] <= q_pos[:, None])
+            if TREE:
+                rel = pos - chunk_start  # the key's row in the chunk; negative: the context, always seen
+                shift = tl.minimum(tl.maximum(rel, 0), 63).to(tl.int64)
+                bit = (tree_bits[:, None] >> shift[None, :]) & 1
+                visible = visible & ((rel[None, :] < 0) | (bit != 0))
         qk = tl.where(visible, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, axis=1))
     alpha = tl.exp2(m_i - m_new)
@@ -101,19 +108,21 @@ def attend_tile(
     BOUNDED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     k_scale_ptr=None, k_zero_ptr=None, v_scale_ptr=None, v_zero_ptr=None, stride_ks_slot=0, stride_ks_h=0,
     stride_vs_slot=0, stride_vs_h=0, KV_BITS: tl.constexpr = 0, K_GROUP: tl.constexpr = 0,
-    V_GROUP: tl.constexpr = 0,
+    V_GROUP: tl.constexpr = 0, tree_bits=0, chunk_start=0, TREE: tl.constexpr = False,
 ):
     """Online-softmax step over keys [n0, n0 + BLOCK_N) of one sequence and KV head, from paged blocks.
 
-    BOUNDED: the tile may run past kv_end (masked). CAUSAL: keys after a row's q_pos are masked. Tiles that
-    need neither skip the mask math entirely, which is most of a long context.
+    BOUNDED: the tile may run past kv_end (masked). CAUSAL: keys after a row's q_pos are masked (TREE: and
+    chunk keys outside a row's tree_bits, `attend_kv`). Tiles that need neither skip the mask math
+    entirely, which is most of a long context.
     """
     pos = n0 + tl.arange(0, BLOCK_N)
     valid = pos < kv_end
     k, v = load_kv(k_cache_ptr, v_cache_ptr, block_row, pos, kv_head, stride_cb, stride_ct, stride_ch, valid,
                     HEAD_DIM, BLOCK_D, BLOCK_SIZE, BOUNDED, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
                     stride_ks_slot, stride_ks_h, stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP)
-    return attend_kv(acc, m_i, l_i, q, q_pos, k, v, pos, valid, scale_log2, BOUNDED, CAUSAL, DOT_PRECISION)
+    return attend_kv(acc, m_i, l_i, q, q_pos, k, v, pos, valid, scale_log2, BOUNDED, CAUSAL, DOT_PRECISION,
+                     tree_bits, chunk_start, TREE)
 
 
 @triton.jit
