@@ -5,6 +5,7 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from triton.runtime.errors import OutOfResources
 
 from bench.kernels.quant_common import Run, rel_err, row
 from engine.quantize.int4 import quantize_int4
@@ -60,7 +61,7 @@ def time_candidates(run: Run, shape: str, label: str, fn, weights: list, x: torc
         config = fit_k(auto_split_k(config, n, k), k)
         try:
             got = fn(x, weights[0], config)
-        except ValueError:  # this config does not fit this shape or group size
+        except (ValueError, OutOfResources):  # this config does not fit this shape, group size or the SM
             continue
         err = rel_err(got, ref)
         ms = run.timer(lambda i, c=config: fn(x, weights[i], c), len(weights))
