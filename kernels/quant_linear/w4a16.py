@@ -40,7 +40,7 @@ def _w4a16_dot_kernel(
     offs_b = tl.arange(0, HALF_K)
     byte = offs_g[:, None] * (SPAN // 2) + tl.arange(0, SPAN // 2)[None, :]  # [SPANS, SPAN / 2]
     k_per_split = K // SPLIT_K
-    k_start = pid_k * k_per_split
+    k_start = tl.multiple_of(pid_k * k_per_split, BLOCK_K)
     n_mask = offs_n[:, None] < N
     rows = offs_n[:, None].to(tl.int64)
     p_row = p_ptr + rows[:, :, None] * stride_pn
@@ -50,7 +50,8 @@ def _w4a16_dot_kernel(
     x_even = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + 2 * offs_b[:, None]
     m_mask = offs_m[None, :] < M
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k in range(k_start, k_start + k_per_split, BLOCK_K):
+    for step in range(0, k_per_split, BLOCK_K):
+        k = tl.multiple_of(k_start + step, BLOCK_K)  # lets the weight copies vectorize to 16 B
         p_ptrs = p_row + (k // 2 + byte)[None, :, :]
         g = ((k + offs_g * SPAN) // GROUP)[None, :]
         if EVEN_N:

@@ -65,7 +65,7 @@ def _w4a16_gemv_bytes_kernel(
     offs_g = tl.arange(0, GROUPS)
     byte = offs_g[:, None] * HALF_G + tl.arange(0, HALF_G)[None, :]  # [GROUPS, HALF_G] within the tile
     k_per_split = K // SPLIT_K  # the wrapper guarantees K % (SPLIT_K * BLOCK_K) == 0
-    k_start = pid_k * k_per_split
+    k_start = tl.multiple_of(pid_k * k_per_split, BLOCK_K)  # lets the loads below vectorize to 16 B
     rows = offs_n[:, None].to(tl.int64)
     n_mask = offs_n[:, None] < N
     p_ptrs = p_ptr + rows[:, :, None] * stride_pn + (k_start // 2 + byte)[None, :, :]
@@ -111,7 +111,7 @@ def _w4a16_gemv_words_kernel(
     offs_g = tl.arange(0, GROUPS)
     word = offs_g[:, None] * WORDS + tl.arange(0, WORDS)[None, :]  # [GROUPS, WORDS] within the tile
     k_per_split = K // SPLIT_K  # the wrapper guarantees K % (SPLIT_K * BLOCK_K) == 0
-    k_start = pid_k * k_per_split
+    k_start = tl.multiple_of(pid_k * k_per_split, BLOCK_K)  # lets the loads below vectorize to 16 B
     rows = offs_n[:, None].to(tl.int64)
     n_mask = offs_n[:, None] < N
     w_ptrs = w_ptr + rows[:, :, None] * stride_wn + (k_start // 8 + word)[None, :, :]
