@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from triton.runtime.errors import OutOfResources
 
-from bench.kernels.quant_common import Run, rel_err, row
+from bench.kernels.quant_common import Run, rel_err, row, skipped
 from engine.quantize.w8a8 import quantize_per_channel
 from kernels.quant_linear.config import W8A8_CANDIDATES
 from kernels.quant_linear.layout import W8Weight
@@ -49,7 +48,8 @@ def prefill_shape(run: Run, name: str, n: int, k: int, rows: int) -> dict:
 
         try:
             err = rel_err(w8a8(), ref)
-        except OutOfResources:  # this tile does not fit the SM's shared memory
+        except Exception as error:  # one candidate that fails to build must not end the sweep
+            skipped(config, error)
             continue
         ms = run.timer(lambda i, f=w8a8: f(), COPIES)
         entry = row("prefill", shape, "ours W8A8 (quant+gemm)", ms, base, err=err, config=config)

@@ -23,6 +23,7 @@ class QuantConfig:
     split_k: int = 1  # 0: as many as fill the SMs (auto_split_k)
     group_m: int = 8  # W8A8 GEMM: row blocks per L2 swizzle group
     words: bool = False  # W4A16 GEMV: read the packed weights as int32 words of eight nibbles, not bytes
+    tma: bool = False  # W8A8 GEMM: tiles copied by Hopper's tensor memory accelerator, not pointer loads
 
 
 # Weight-streaming kernels (W4A16 and w8): one row, up to FEW_ROWS rows, and (W4A16 only) more.
@@ -52,6 +53,8 @@ W8A8_CANDIDATES: tuple[QuantConfig, ...] = (
     QuantConfig(256, 128, 8, 3, block_m=128), QuantConfig(256, 128, 8, 4, block_m=128),
     QuantConfig(128, 128, 8, 3, block_m=256), QuantConfig(128, 128, 8, 4, block_m=256),
     QuantConfig(256, 128, 8, 4, block_m=128, group_m=16), QuantConfig(128, 128, 4, 4, block_m=128),
+    QuantConfig(256, 128, 8, 3, block_m=128, tma=True), QuantConfig(256, 128, 8, 4, block_m=128, tma=True),
+    QuantConfig(128, 128, 8, 4, block_m=256, tma=True),
 )
 
 

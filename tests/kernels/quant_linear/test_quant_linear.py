@@ -121,10 +121,11 @@ def test_activation_quantization_matches_the_reference_within_one_code() -> None
 
 
 @pytest.mark.parametrize("config", [QuantConfig(32, 32, 1, 1, block_m=16, group_m=2),
-                                    QuantConfig(16, 64, 1, 1, block_m=32, group_m=1)])
+                                    QuantConfig(16, 64, 1, 1, block_m=32, group_m=1),
+                                    QuantConfig(16, 64, 1, 1, block_m=32, group_m=2, tma=True)])
 def test_int8_gemm_is_exact_up_to_the_scales(config: QuantConfig) -> None:
     gen = torch.Generator().manual_seed(6)
-    m, n, k = 50, 72, 96  # ragged in M, N and (for block_k 64) K
+    m, n, k = 50, 72, 96  # ragged in M, N and (for block_k 64) K: tensor-memory copies zero what lies past
     q_x = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
     x_scale = torch.rand(m, generator=gen) * 0.1
     weight = w8_weight(n, k, seed=7)
