@@ -68,3 +68,9 @@ def row(section: str, shape: str, name: str, ms: float, base_ms: float | None = 
     print(f"{section:9s} {shape:14s} {name:22s} {ms * 1e3:9.1f} {speedup} {of_roof:>8s} {err_text}  "
           f"{config}{flag}", flush=True)
     return entry
+
+
+def skipped(config: object, error: Exception) -> None:
+    """Prints a candidate that failed to build or launch here (Triton version, shared memory) and why."""
+    reason = (str(error).strip().splitlines() or [""])[0][:160]
+    print(f"# skipped {config}: {type(error).__name__}: {reason}", flush=True)

@@ -6,7 +6,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from bench.kernels.quant_common import Run, rel_err, row
+from bench.kernels.quant_common import Run, rel_err, row, skipped
 from engine.quantize.int4 import quantize_int4
 from engine.quantize.w8a8 import quantize_per_channel
 from kernels.quant_linear.config import W4_CANDIDATES, W8_CANDIDATES, auto_split_k, bucket, fit_k
@@ -61,6 +61,9 @@ def time_candidates(run: Run, shape: str, label: str, fn, weights: list, x: torc
         try:
             got = fn(x, weights[0], config)
         except ValueError:  # this config does not fit this shape or group size
+            continue
+        except Exception as error:  # one candidate that fails to build must not end the sweep
+            skipped(config, error)
             continue
         err = rel_err(got, ref)
         ms = run.timer(lambda i, c=config: fn(x, weights[i], c), len(weights))

@@ -1,7 +1,8 @@
 """Launch configurations of the quantized linears: a handful of explicit candidates per kernel and row bucket.
 
-Not tuned on a GPU yet: `pick` takes each bucket's first candidate, and bench/kernels/quant_gpu.py times all
-of them and prints the fastest per shape, so the order here is what the next tuning step edits.
+`pick` takes each bucket's first candidate; bench/kernels/quant_gpu.py times all of them and prints the
+fastest per shape, so the order here is what each tuning run edits (the comment above the lists says what
+the last H100 run chose).
 """
 from __future__ import annotations
 
@@ -21,24 +22,39 @@ class QuantConfig:
     block_m: int = 1  # 1: the GEMV path (fp32 multiply-adds); >= 16: tl.dot
     split_k: int = 1  # 0: as many as fill the SMs (auto_split_k)
     group_m: int = 8  # W8A8 GEMM: row blocks per L2 swizzle group
+    words: bool = False  # W4A16 GEMV: read the packed weights as int32 words of eight nibbles, not bytes
+    tma: bool = False  # W8A8 GEMM: tiles copied by Hopper's tensor memory accelerator, not pointer loads
 
 
 # Weight-streaming kernels (W4A16 and w8): one row, up to FEW_ROWS rows, and (W4A16 only) more.
+# Round 1 on H100: W4A16 one row best at 4 × 1024 (4 warps, 2 stages), the byte GEMV with the affine inside;
+# w8 one row at 4 × 1024; w8 few rows at 64 × 128 (5 stages) on wide N and 64 × 256 split-K on narrow N;
+# W8A8 at 128 × 256 × 128 (8 warps, 3 stages). Round 2's new kernels (int32 words, affine out of the loop,
+# scales once per group at M = 16) are untimed: the bench sweeps every candidate below.
 W4_CANDIDATES: dict[str, tuple[QuantConfig, ...]] = {
-    "one": (QuantConfig(8, 512, 4, 3), QuantConfig(16, 512, 8, 2), QuantConfig(4, 1024, 4, 2),
-            QuantConfig(32, 256, 4, 3, split_k=0)),
-    "few": (QuantConfig(64, 256, 4, 4, block_m=16, split_k=0), QuantConfig(64, 128, 4, 5, block_m=16),
-            QuantConfig(128, 256, 8, 3, block_m=16, split_k=0)),
+    "one": (QuantConfig(16, 1024, 4, 3, split_k=0, words=True), QuantConfig(16, 1024, 4, 3, words=True),
+            QuantConfig(8, 1024, 4, 3, words=True), QuantConfig(16, 2048, 8, 3, split_k=0, words=True),
+            QuantConfig(32, 1024, 8, 3, split_k=0, words=True), QuantConfig(4, 1024, 4, 3, words=True),
+            QuantConfig(16, 512, 4, 3), QuantConfig(4, 1024, 4, 2)),
+    "few": (QuantConfig(64, 256, 4, 3, block_m=16), QuantConfig(64, 128, 4, 4, block_m=16),
+            QuantConfig(128, 256, 8, 3, block_m=16), QuantConfig(64, 256, 4, 3, block_m=16, split_k=0),
+            QuantConfig(32, 256, 4, 4, block_m=16, split_k=0)),
     "many": (QuantConfig(128, 64, 4, 3, block_m=64), QuantConfig(128, 64, 8, 3, block_m=128)),
 }
 W8_CANDIDATES: dict[str, tuple[QuantConfig, ...]] = {
-    "one": (QuantConfig(8, 512, 4, 3), QuantConfig(4, 1024, 4, 3), QuantConfig(16, 512, 8, 2)),
-    "few": (QuantConfig(64, 128, 4, 5, block_m=16), QuantConfig(64, 256, 4, 3, block_m=16, split_k=0)),
+    "one": (QuantConfig(4, 1024, 4, 3), QuantConfig(8, 512, 4, 3), QuantConfig(8, 1024, 4, 3),
+            QuantConfig(4, 2048, 8, 3)),
+    "few": (QuantConfig(64, 128, 4, 5, block_m=16), QuantConfig(64, 256, 4, 3, block_m=16, split_k=0),
+            QuantConfig(64, 256, 4, 4, block_m=16), QuantConfig(128, 128, 8, 4, block_m=16),
+            QuantConfig(32, 256, 4, 4, block_m=16, split_k=0)),
 }
 # W8A8 int8 × int8 GEMM (prefill-sized M): block_m × block_n output tiles, block_k int8 values deep.
 W8A8_CANDIDATES: tuple[QuantConfig, ...] = (
-    QuantConfig(128, 128, 4, 4, block_m=128), QuantConfig(256, 128, 8, 3, block_m=128),
-    QuantConfig(128, 128, 8, 3, block_m=256), QuantConfig(128, 128, 4, 4, block_m=64),
+    QuantConfig(256, 128, 8, 3, block_m=128), QuantConfig(256, 128, 8, 4, block_m=128),
+    QuantConfig(128, 128, 8, 3, block_m=256), QuantConfig(128, 128, 8, 4, block_m=256),
+    QuantConfig(256, 128, 8, 4, block_m=128, group_m=16), QuantConfig(128, 128, 4, 4, block_m=128),
+    QuantConfig(256, 128, 8, 3, block_m=128, tma=True), QuantConfig(256, 128, 8, 4, block_m=128, tma=True),
+    QuantConfig(128, 128, 8, 4, block_m=256, tma=True),
 )
 
 

@@ -1,17 +1,14 @@
 """W4A16 in Triton: y [M, N] = x [M, K] · dequant(W4Weight)ᵀ, fp32 accumulation, out in x's dtype.
 
-A program owns BLOCK_N weight rows (contiguous packed bytes along K) and walks its share of K (split-K:
-SPLIT_K programs per row block add fp32 partial sums atomically), BLOCK_K values a step. Each byte's two
-nibbles are values 2b and 2b + 1, so a tile stays two halves (even and odd columns) end to end: the inputs
-are read as their even and odd columns, never interleaved in registers. Dequantization is q · scale + low
-in fp32.
-  - one row (GEMV): the tile is [BLOCK_N, groups, group / 2] bytes, so each group's scale and low load
-    once and broadcast; a bf16 input loads as int32 pairs (contiguous; each half shifts into an fp32);
-    fp32 multiply-adds into an accumulator of that shape, reduced once at the end;
-  - more rows: the dequantized halves (in x's dtype, the group's scale gathered per value, an L1 hit after
-    the first) on the left of tl.dot against the input halves transposed, [BLOCK_N, BLOCK_K / 2] ×
-    [BLOCK_K / 2, BLOCK_M], as kernels/linear does ("swap AB"); BLOCK_M = 16 serves decode batches, larger
-    blocks (a grid over input rows) prefill.
+One row takes a GEMV of w4a16_gemv (config.words picks its reading of the packed bytes). More rows take
+the tl.dot kernel here: a program owns BLOCK_N weight rows and walks its share of K (split-K: SPLIT_K
+programs per row block add fp32 partial sums atomically), BLOCK_K values a step. The packed tile is
+[BLOCK_N, groups, group / 2] bytes, so each group's scale and low load once per step and broadcast (a
+per-value gather of them made round 1's M = 16 ten times slower than the weight bytes alone); the low and
+high nibbles dequantize (w4a16_gemv.nibble_float: w = 16s·f + (z − 16s)) into the even and odd columns
+of the tile, in x's dtype, on the left of tl.dot against the input's even and odd columns transposed,
+[BLOCK_N, BLOCK_K / 2] × [BLOCK_K / 2, BLOCK_M], as kernels/linear does ("swap AB"). BLOCK_M = 16 serves
+decode batches, larger blocks (a grid over input rows) prefill.
 """
 from __future__ import annotations
 
@@ -19,60 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.quant_linear.common import dot_precision, exact_float, grid, output, rows_of, store_rows
+from kernels.quant_linear.common import dot_precision, grid, output, rows_of, store_rows
 from kernels.quant_linear.config import W4_CANDIDATES, QuantConfig, pick
 from kernels.quant_linear.layout import W4Weight
-
-
-@triton.jit
-def _w4a16_gemv_kernel(
-    x_ptr, p_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_pn, stride_sn,
-    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    EVEN_N: tl.constexpr, BF16_PAIRS: tl.constexpr,
-):
-    GROUPS: tl.constexpr = BLOCK_K // GROUP
-    HALF_G: tl.constexpr = GROUP // 2
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_g = tl.arange(0, GROUPS)
-    byte = offs_g[:, None] * HALF_G + tl.arange(0, HALF_G)[None, :]  # [GROUPS, HALF_G] within the tile
-    k_per_split = K // SPLIT_K  # the wrapper guarantees K % (SPLIT_K * BLOCK_K) == 0
-    k_start = pid_k * k_per_split
-    n_mask = (offs_n < N)[:, None, None]
-    rows = offs_n[:, None, None].to(tl.int64)
-    p_ptrs = p_ptr + rows * stride_pn + (k_start // 2 + byte)[None, :, :]
-    s_ptrs = s_ptr + rows * stride_sn + (k_start // GROUP + offs_g)[None, :, None]
-    z_ptrs = z_ptr + rows * stride_sn + (k_start // GROUP + offs_g)[None, :, None]
-    if BF16_PAIRS:  # x_ptr: the bf16 input seen as int32 pairs, pair b = values 2b (low half), 2b + 1
-        x_ptrs = x_ptr + k_start // 2 + byte[None, :, :]
-    else:
-        x_ptrs = x_ptr + k_start + 2 * byte[None, :, :]
-    acc = tl.zeros((BLOCK_N, GROUPS, HALF_G), dtype=tl.float32)
-    for _ in range(0, k_per_split, BLOCK_K):
-        if EVEN_N:  # weights are read once a step: evict_first keeps them from pushing activations out of L2
-            p = tl.load(p_ptrs, eviction_policy="evict_first")
-            s = tl.load(s_ptrs).to(tl.float32)
-            z = tl.load(z_ptrs).to(tl.float32)
-        else:
-            p = tl.load(p_ptrs, mask=n_mask, other=0, eviction_policy="evict_first")
-            s = tl.load(s_ptrs, mask=n_mask, other=0.0).to(tl.float32)
-            z = tl.load(z_ptrs, mask=n_mask, other=0.0).to(tl.float32)
-        if BF16_PAIRS:  # one contiguous (vectorized) load; a bf16 is the high half of its fp32
-            pair = tl.load(x_ptrs)
-            xe = (pair << 16).to(tl.float32, bitcast=True)
-            xo = (pair & -65536).to(tl.float32, bitcast=True)
-            x_ptrs += BLOCK_K // 2
-        else:  # two strided loads
-            xe = tl.load(x_ptrs).to(tl.float32)
-            xo = tl.load(x_ptrs + 1).to(tl.float32)
-            x_ptrs += BLOCK_K
-        acc += (exact_float(p & 0xF) * s + z) * xe + (exact_float(p >> 4) * s + z) * xo
-        p_ptrs += BLOCK_K // 2
-        s_ptrs += GROUPS
-        z_ptrs += GROUPS
-    total = tl.sum(tl.sum(acc, axis=2), axis=1)[:, None]  # [BLOCK_N, 1]
-    store_rows(out_ptr, total, tl.arange(0, 1), offs_n, 1, N, 0, SPLIT_K)
+from kernels.quant_linear.w4a16_gemv import _w4a16_gemv_bytes_kernel, _w4a16_gemv_words_kernel, nibble_float
 
 
 @triton.jit
@@ -82,46 +29,65 @@ def _w4a16_dot_kernel(
     SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     HALF_K: tl.constexpr = BLOCK_K // 2
+    SPAN: tl.constexpr = GROUP if GROUP < BLOCK_K else BLOCK_K  # values of one group within a tile
+    SPANS: tl.constexpr = BLOCK_K // SPAN
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_g = tl.arange(0, SPANS)
     offs_b = tl.arange(0, HALF_K)
+    byte = offs_g[:, None] * (SPAN // 2) + tl.arange(0, SPAN // 2)[None, :]  # [SPANS, SPAN / 2]
     k_per_split = K // SPLIT_K
-    k_start = pid_k * k_per_split
+    k_start = tl.multiple_of(pid_k * k_per_split, BLOCK_K)
     n_mask = offs_n[:, None] < N
     rows = offs_n[:, None].to(tl.int64)
-    p_row = p_ptr + rows * stride_pn
+    p_row = p_ptr + rows[:, :, None] * stride_pn
     s_row = s_ptr + rows * stride_sn
     z_row = z_ptr + rows * stride_sn
     # input tiles transposed, [HALF_K, BLOCK_M]: the product's right operand
     x_even = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + 2 * offs_b[:, None]
     m_mask = offs_m[None, :] < M
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k in range(k_start, k_start + k_per_split, BLOCK_K):
-        p_ptrs = p_row + (k // 2 + offs_b)[None, :]
-        g = ((k + 2 * offs_b) // GROUP)[None, :]  # both nibbles of a byte share a group (GROUP is even)
+    for step in range(0, k_per_split, BLOCK_K):
+        k = tl.multiple_of(k_start + step, BLOCK_K)  # lets the weight copies vectorize to 16 B
+        p_ptrs = p_row + (k // 2 + byte)[None, :, :]
+        g = ((k + offs_g * SPAN) // GROUP)[None, :]
         if EVEN_N:
             p = tl.load(p_ptrs, eviction_policy="evict_first")
             s = tl.load(s_row + g).to(tl.float32)
             z = tl.load(z_row + g).to(tl.float32)
         else:
-            p = tl.load(p_ptrs, mask=n_mask, other=0, eviction_policy="evict_first")
+            p = tl.load(p_ptrs, mask=n_mask[:, :, None], other=0, eviction_policy="evict_first")
             s = tl.load(s_row + g, mask=n_mask, other=0.0).to(tl.float32)
             z = tl.load(z_row + g, mask=n_mask, other=0.0).to(tl.float32)
         xe = tl.load(x_even + k, mask=m_mask, other=0.0)
         xo = tl.load(x_even + k + 1, mask=m_mask, other=0.0)
-        acc = tl.dot((exact_float(p & 0xF) * s + z).to(xe.dtype), xe, acc, input_precision=DOT_PRECISION)
-        acc = tl.dot((exact_float(p >> 4) * s + z).to(xo.dtype), xo, acc, input_precision=DOT_PRECISION)
+        s16 = (16.0 * s)[:, :, None]
+        low = (z - 16.0 * s)[:, :, None]
+        p = p.to(tl.int32)
+        we = tl.reshape(nibble_float(p, 0) * s16 + low, (BLOCK_N, HALF_K))
+        wo = tl.reshape(nibble_float(p, 4) * s16 + low, (BLOCK_N, HALF_K))
+        acc = tl.dot(we.to(xe.dtype), xe, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(wo.to(xo.dtype), xo, acc, input_precision=DOT_PRECISION)
     store_rows(out_ptr, acc, offs_m, offs_n, M, N, stride_om, SPLIT_K)
+
+
+def _reads_words(rows: torch.Tensor, weight: W4Weight, config: QuantConfig) -> bool:
+    """The int32-word GEMV needs a bf16 input and packed rows whose bytes view as aligned int32 words."""
+    p = weight.packed
+    return (config.words and rows.dtype == torch.bfloat16 and rows.storage_offset() % 2 == 0
+            and p.stride(0) % 4 == 0 and p.shape[1] % 4 == 0 and p.data_ptr() % 4 == 0
+            and weight.group_size % 8 == 0)
 
 
 def w4a16_linear(x: torch.Tensor, weight: W4Weight, config: QuantConfig | None = None) -> torch.Tensor:
     """x [..., K] (bf16, fp16 or fp32) → [..., N] in x's dtype; config None: config.pick's for this shape.
 
-    One row takes the GEMV kernel (config.block_m == 1, block_k a multiple of the group size), more rows the
-    tl.dot kernel (block_m >= 16)."""
+    One row takes a GEMV kernel (config.block_m == 1, block_k a multiple of the group size; config.words
+    reads int32 words where the input is bf16 and the rows align, bytes otherwise), more rows the tl.dot
+    kernel (block_m >= 16)."""
     n, k = weight.shape
     rows = rows_of(x, k)
     m = rows.shape[0]
@@ -137,9 +103,13 @@ def w4a16_linear(x: torch.Tensor, weight: W4Weight, config: QuantConfig | None =
     common = dict(GROUP=weight.group_size, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                   SPLIT_K=config.split_k, EVEN_N=n % config.block_n == 0, num_warps=config.num_warps,
                   num_stages=config.num_stages)
-    if gemv:
+    if gemv and _reads_words(rows, weight, config):
+        _w4a16_gemv_words_kernel[grid(m, n, config)[:2]](
+            rows.view(torch.int32), weight.packed.view(torch.int32), weight.scale, weight.low, out, n, k,
+            weight.packed.stride(0) // 4, weight.scale.stride(0), **common)
+    elif gemv:
         pairs = rows.dtype == torch.bfloat16 and rows.storage_offset() % 2 == 0
-        _w4a16_gemv_kernel[grid(m, n, config)[:2]](
+        _w4a16_gemv_bytes_kernel[grid(m, n, config)[:2]](
             rows.view(torch.int32) if pairs else rows, weight.packed, weight.scale, weight.low, out, n, k,
             weight.packed.stride(0), weight.scale.stride(0), BF16_PAIRS=pairs, **common)
     elif m:

@@ -27,7 +27,7 @@ def _w8_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     k_per_split = K // SPLIT_K  # the wrapper guarantees K % (SPLIT_K * BLOCK_K) == 0
-    k_start = pid_k * k_per_split
+    k_start = tl.multiple_of(pid_k * k_per_split, BLOCK_K)  # lets the loads below vectorize to 16 B
     n_mask = offs_n[:, None] < N
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_start + offs_k)[None, :]
     if USE_DOT:  # input tiles transposed, [BLOCK_K, BLOCK_M]

@@ -4,13 +4,16 @@ epilogue applies the per-token and per-channel scales and writes bf16 (or x's dt
 quantize_rows: one program per row reads it once (times the SmoothQuant 1/s when given), takes max|x| and
 writes int8 codes and the fp32 scale max|x| / 127. int8_gemm: BLOCK_M × BLOCK_N output tiles over
 [M, K] int8 activations and the [N, K] int8 weight (both K-major, as Hopper's int8 MMA wants them), program
-ids swizzled in groups of GROUP_M row blocks so neighbouring programs share weight tiles in L2.
+ids swizzled in groups of GROUP_M row blocks so neighbouring programs share weight tiles in L2; config.tma
+copies the tiles with tensor descriptors (Hopper's TMA: no per-thread addresses, no masks) instead of
+pointer loads.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.quant_linear.config import W8A8_CANDIDATES, QuantConfig
 from kernels.quant_linear.layout import W8Weight
@@ -93,6 +96,33 @@ def _int8_gemm_kernel(
     tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+@triton.jit
+def _int8_gemm_tma_kernel(
+    a_desc, b_desc, a_scale_ptr, b_scale_ptr, out_ptr, M, N, K, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    blocks_m = tl.cdiv(M, BLOCK_M)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * blocks_n
+    first_m = (pid // in_group) * GROUP_M
+    group_rows = tl.minimum(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_rows
+    pid_n = (pid % in_group) // group_rows
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in range(0, K, BLOCK_K):  # the tensor-memory engine copies whole tiles, zeros past M, N and K
+        a = a_desc.load([pid_m * BLOCK_M, k])
+        b = b_desc.load([pid_n * BLOCK_N, k])
+        acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
+    b_scale = tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+    y = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+    o_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
 def int8_gemm(q_x: torch.Tensor, x_scale: torch.Tensor, weight: W8Weight, out_dtype: torch.dtype,
               config: QuantConfig | None = None) -> torch.Tensor:
     """(int8 [M, K], fp32 scale [M]) × weightᵀ → [M, N] of out_dtype; reference.int8_gemm_ref's contract."""
@@ -101,9 +131,19 @@ def int8_gemm(q_x: torch.Tensor, x_scale: torch.Tensor, weight: W8Weight, out_dt
     config = config or W8A8_CANDIDATES[0]
     if q_x.stride(1) != 1 or weight.q.stride(1) != 1:
         raise ValueError("int8_gemm: activation and weight rows must be contiguous along K")
+    if config.tma and (k % 16 or q_x.stride(0) % 16 or weight.q.stride(0) % 16):
+        raise ValueError(f"int8_gemm: tensor-memory copies need rows of 16-byte multiples, K = {k}")
     out = torch.empty((m, n), dtype=out_dtype, device=q_x.device)
-    if m and n:
-        programs = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    programs = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    if m and n and config.tma:
+        _int8_gemm_tma_kernel[(programs,)](
+            TensorDescriptor.from_tensor(q_x, [config.block_m, config.block_k]),
+            TensorDescriptor.from_tensor(weight.q, [config.block_n, config.block_k]),
+            x_scale, weight.scale, out, m, n, k, out.stride(0), BLOCK_M=config.block_m,
+            BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    elif m and n:
         _int8_gemm_kernel[(programs,)](
             q_x, weight.q, x_scale, weight.scale, out, m, n, k, q_x.stride(0), weight.q.stride(0),
             out.stride(0), BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,

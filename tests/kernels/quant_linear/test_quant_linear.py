@@ -65,12 +65,22 @@ def test_w4a16_half_inputs_group_128_and_leading_dims() -> None:
     torch.testing.assert_close(got.float(), w4a16_linear_ref(x, weight).float(), atol=3e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("words", [False, True])
 @pytest.mark.parametrize("group", [32, 128])
-def test_w4a16_one_bf16_row_reads_the_input_as_pairs(group: int) -> None:
-    weight = w4_weight(24, 512, group, seed=group)
+def test_w4a16_one_bf16_row_reads_the_input_as_pairs(group: int, words: bool) -> None:
+    weight = w4_weight(24, 512, group, seed=group)  # N = 24: a ragged last row block of 16
     x = torch.randn(1, 512, generator=torch.Generator().manual_seed(9)).bfloat16()
-    got = w4a16_linear(x, weight, QuantConfig(8, 256, 1, 1, split_k=2))
-    torch.testing.assert_close(got.float(), w4a16_linear_ref(x, weight).float(), atol=2e-2, rtol=1e-2)
+    for config in (QuantConfig(8, 256, 1, 1, split_k=2, words=words),
+                   QuantConfig(16, 512, 1, 1, words=words)):
+        got = w4a16_linear(x, weight, config)
+        torch.testing.assert_close(got.float(), w4a16_linear_ref(x, weight).float(), atol=2e-2, rtol=1e-2)
+
+
+def test_w4a16_word_configs_serve_inputs_other_than_bf16_from_the_bytes() -> None:
+    weight = w4_weight(16, 256, 32, seed=5)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(10))
+    got = w4a16_linear(x, weight, QuantConfig(8, 128, 1, 1, words=True))
+    torch.testing.assert_close(got, w4a16_linear_ref(x, weight), atol=1e-3, rtol=1e-3)
 
 
 def test_w4a16_default_configs_serve_every_bucket() -> None:
@@ -111,10 +121,11 @@ def test_activation_quantization_matches_the_reference_within_one_code() -> None
 
 
 @pytest.mark.parametrize("config", [QuantConfig(32, 32, 1, 1, block_m=16, group_m=2),
-                                    QuantConfig(16, 64, 1, 1, block_m=32, group_m=1)])
+                                    QuantConfig(16, 64, 1, 1, block_m=32, group_m=1),
+                                    QuantConfig(16, 64, 1, 1, block_m=32, group_m=2, tma=True)])
 def test_int8_gemm_is_exact_up_to_the_scales(config: QuantConfig) -> None:
     gen = torch.Generator().manual_seed(6)
-    m, n, k = 50, 72, 96  # ragged in M, N and (for block_k 64) K
+    m, n, k = 50, 72, 96  # ragged in M, N and (for block_k 64) K: tensor-memory copies zero what lies past
     q_x = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
     x_scale = torch.rand(m, generator=gen) * 0.1
     weight = w8_weight(n, k, seed=7)

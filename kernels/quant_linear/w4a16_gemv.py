@@ -1,0 +1,146 @@
+"""W4A16 GEMV (one input row) in Triton: y [1, N] = x [1, K] · dequant(W4Weight)ᵀ, fp32 accumulation.
+
+At HBM speed an int4 GEMV is bound by the integer/float instructions per weight value, not by bytes, so
+the inner loop is two integer ops and one fp32 multiply-add per value:
+  - a nibble q becomes the float f = 1 + q/16 by moving it into mantissa bits 19..22 of 1.0 (a shift and
+    an and-or: no conversion instruction, no float subtraction);
+  - the group's affine stays out of the inner product: w = q·s + z = 16s·f + (z − 16s), so per group
+    Σ w·x = 16s · Σ f·x + (z − 16s) · Σ x, with Σ x per group taken once per tile for all rows.
+A program owns BLOCK_N weight rows and walks its share of K (split-K: SPLIT_K programs per row block add
+fp32 partial sums atomically), BLOCK_K values a step, the tile shaped [BLOCK_N, groups, per group] so each
+group's scale and low load once. Two readings of the packed bytes:
+  - bytes: [.., group / 2] uint8, the low and high nibble of a byte are values 2b and 2b + 1; a bf16 input
+    loads as int32 pairs (contiguous), each half shifted into an fp32;
+  - words: [.., group / 8] int32, nibble j of a word is value 8w + j (little-endian bytes): no per-byte
+    extraction; the input loads as int32 pairs [.., 4] split in registers into the eight values of a word.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kernels.quant_linear.common import store_rows
+
+
+@triton.jit
+def nibble_float(w, SHIFT: tl.constexpr):
+    """1 + q/16 (float32) for the nibble q at bits SHIFT..SHIFT+3 of the int32 w."""
+    if SHIFT <= 19:
+        m = w << (19 - SHIFT)
+    else:
+        m = w >> (SHIFT - 19)  # arithmetic shift: the sign bits it drags in are masked off
+    return ((m & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def pair_floats(pair):
+    """An int32 holding two bf16 (low half first) → both as float32 (a bf16 is the high half of its fp32)."""
+    return (pair << 16).to(tl.float32, bitcast=True), (pair & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def group_affine(acc, t, sx, s_ptrs, z_ptrs, n_mask, EVEN_N: tl.constexpr):
+    """acc [BLOCK_N, GROUPS] += 16s·Σf·x + (z − 16s)·Σx for this step's groups."""
+    if EVEN_N:
+        s = tl.load(s_ptrs).to(tl.float32)
+        z = tl.load(z_ptrs).to(tl.float32)
+    else:
+        s = tl.load(s_ptrs, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptrs, mask=n_mask, other=0.0).to(tl.float32)
+    s16 = 16.0 * s
+    return acc + t * s16 + (z - s16) * sx[None, :]
+
+
+@triton.jit
+def _w4a16_gemv_bytes_kernel(
+    x_ptr, p_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_pn, stride_sn,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN_N: tl.constexpr, BF16_PAIRS: tl.constexpr,
+):
+    GROUPS: tl.constexpr = BLOCK_K // GROUP
+    HALF_G: tl.constexpr = GROUP // 2
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_g = tl.arange(0, GROUPS)
+    byte = offs_g[:, None] * HALF_G + tl.arange(0, HALF_G)[None, :]  # [GROUPS, HALF_G] within the tile
+    k_per_split = K // SPLIT_K  # the wrapper guarantees K % (SPLIT_K * BLOCK_K) == 0
+    k_start = tl.multiple_of(pid_k * k_per_split, BLOCK_K)  # lets the loads below vectorize to 16 B
+    rows = offs_n[:, None].to(tl.int64)
+    n_mask = offs_n[:, None] < N
+    p_ptrs = p_ptr + rows[:, :, None] * stride_pn + (k_start // 2 + byte)[None, :, :]
+    s_ptrs = s_ptr + rows * stride_sn + (k_start // GROUP + offs_g)[None, :]
+    z_ptrs = z_ptr + rows * stride_sn + (k_start // GROUP + offs_g)[None, :]
+    if BF16_PAIRS:  # x_ptr: the bf16 input seen as int32 pairs, pair b = values 2b (low half), 2b + 1
+        x_ptrs = x_ptr + k_start // 2 + byte
+    else:
+        x_ptrs = x_ptr + k_start + 2 * byte
+    acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
+    for _ in range(0, k_per_split, BLOCK_K):
+        if EVEN_N:  # weights are read once: evict_first keeps them from pushing the input out of L2
+            p = tl.load(p_ptrs, eviction_policy="evict_first")
+        else:
+            p = tl.load(p_ptrs, mask=n_mask[:, :, None], other=0, eviction_policy="evict_first")
+        if BF16_PAIRS:
+            xe, xo = pair_floats(tl.load(x_ptrs))
+            x_ptrs += BLOCK_K // 2
+        else:
+            xe = tl.load(x_ptrs).to(tl.float32)
+            xo = tl.load(x_ptrs + 1).to(tl.float32)
+            x_ptrs += BLOCK_K
+        p = p.to(tl.int32)
+        fx = nibble_float(p, 0) * xe[None, :, :] + nibble_float(p, 4) * xo[None, :, :]
+        acc = group_affine(acc, tl.sum(fx, axis=2), tl.sum(xe + xo, axis=1), s_ptrs, z_ptrs, n_mask, EVEN_N)
+        p_ptrs += BLOCK_K // 2
+        s_ptrs += GROUPS
+        z_ptrs += GROUPS
+    store_rows(out_ptr, tl.sum(acc, axis=1)[:, None], tl.arange(0, 1), offs_n, 1, N, 0, SPLIT_K)
+
+
+@triton.jit
+def _w4a16_gemv_words_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+):
+    GROUPS: tl.constexpr = BLOCK_K // GROUP
+    WORDS: tl.constexpr = GROUP // 8  # int32 words a group
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_g = tl.arange(0, GROUPS)
+    word = offs_g[:, None] * WORDS + tl.arange(0, WORDS)[None, :]  # [GROUPS, WORDS] within the tile
+    k_per_split = K // SPLIT_K  # the wrapper guarantees K % (SPLIT_K * BLOCK_K) == 0
+    k_start = tl.multiple_of(pid_k * k_per_split, BLOCK_K)  # lets the loads below vectorize to 16 B
+    rows = offs_n[:, None].to(tl.int64)
+    n_mask = offs_n[:, None] < N
+    w_ptrs = w_ptr + rows[:, :, None] * stride_wn + (k_start // 8 + word)[None, :, :]
+    s_ptrs = s_ptr + rows * stride_sn + (k_start // GROUP + offs_g)[None, :]
+    z_ptrs = z_ptr + rows * stride_sn + (k_start // GROUP + offs_g)[None, :]
+    # the bf16 input as int32 pairs: a word's eight values are the four pairs 4w .. 4w + 3, one 16-byte load
+    x_ptrs = x_ptr + k_start // 2 + 4 * word[:, :, None] + tl.arange(0, 4)[None, None, :]
+    acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
+    for _ in range(0, k_per_split, BLOCK_K):
+        if EVEN_N:
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
+        else:
+            w = tl.load(w_ptrs, mask=n_mask[:, :, None], other=0, eviction_policy="evict_first")
+        pairs = tl.reshape(tl.load(x_ptrs), (GROUPS, WORDS, 2, 2))
+        low, high = tl.split(pairs)  # pairs 0, 2 and 1, 3 of each word
+        p0, p2 = tl.split(low)
+        p1, p3 = tl.split(high)
+        x0, x1 = pair_floats(p0)
+        x2, x3 = pair_floats(p1)
+        x4, x5 = pair_floats(p2)
+        x6, x7 = pair_floats(p3)
+        fx = (nibble_float(w, 0) * x0[None] + nibble_float(w, 4) * x1[None] + nibble_float(w, 8) * x2[None]
+              + nibble_float(w, 12) * x3[None] + nibble_float(w, 16) * x4[None]
+              + nibble_float(w, 20) * x5[None] + nibble_float(w, 24) * x6[None]
+              + nibble_float(w, 28) * x7[None])
+        sx = tl.sum(((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)), axis=1)
+        acc = group_affine(acc, tl.sum(fx, axis=2), sx, s_ptrs, z_ptrs, n_mask, EVEN_N)
+        w_ptrs += BLOCK_K // 8
+        x_ptrs += BLOCK_K // 2
+        s_ptrs += GROUPS
+        z_ptrs += GROUPS
+    store_rows(out_ptr, tl.sum(acc, axis=1)[:, None], tl.arange(0, 1), offs_n, 1, N, 0, SPLIT_K)
