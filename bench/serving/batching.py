@@ -25,6 +25,7 @@ class EngineRun:
     decode_tok_s: float  # tokens sampled in decode-only steps / their wall time
     decode_step_ms: float
     prefill_s: float  # wall time of the steps that computed prompt tokens
+    cpu_cores: float  # this process's CPU seconds / wall seconds over the decode-only steps
 
 
 @dataclass(frozen=True)
@@ -41,30 +42,35 @@ def prompt_ids(i: int, n: int) -> list[int]:
     return [1000 + (i * 7919 + j * 104729) % 40000 for j in range(n)]
 
 
-def run_engine(streams: int, prompt_len: int, max_tokens: int) -> EngineRun:
+def run_engine(streams: int, prompt_len: int, max_tokens: int, threads: int) -> EngineRun:
     """The engine in this process, as the decode worker builds it (EngineConfig defaults, CPU, fp32)."""
+    import torch
+
     from contracts.sampling import SamplingParams
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
 
+    torch.set_num_threads(threads)
     engine = LLMEngine(EngineConfig())
     sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     for i in range(streams):
         engine.add_request(f"e{i}", prompt_ids(i, prompt_len), sampling)
-    decode_s = prefill_s = 0.0
+    decode_s = prefill_s = decode_cpu = 0.0
     decode_tokens = decode_steps = 0
     while engine.has_work():
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         batch = engine.schedule()
         engine.postprocess(batch, engine.execute(batch))
         dt = time.perf_counter() - t0
         if all(c.seq.num_prompt_tokens <= c.start for c in batch.chunks):
+            decode_cpu += time.process_time() - cpu0
             decode_s += dt
             decode_tokens += len(batch.chunks)
             decode_steps += 1
         else:
             prefill_s += dt
-    return EngineRun(streams, decode_tokens / decode_s, decode_s / decode_steps * 1e3, prefill_s)
+    return EngineRun(streams, decode_tokens / decode_s, decode_s / decode_steps * 1e3, prefill_s,
+                     decode_cpu / decode_s)
 
 
 def _cpu_by_group() -> dict[str, float]:
@@ -133,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--streams", default="16,32", help="batch sizes, comma-separated (default 16,32)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
+    # Ray starts the workers with OMP_NUM_THREADS=1 (actors of num_cpus=0): same batch, same threads.
+    p.add_argument("--engine-threads", type=int, default=1, help="torch threads of the engine alone "
+                   "(default 1: what a Ray worker gets)")
     p.add_argument("--json", type=Path, default=None, dest="json_out")
     return p
 
@@ -143,17 +152,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     rows = []
     for n in (int(x) for x in args.streams.split(",")):
-        eng = run_engine(n, args.prompt_len, args.max_tokens)
+        eng = run_engine(n, args.prompt_len, args.max_tokens, args.engine_threads)
         print(f"engine alone, {n} streams: {eng.decode_tok_s:.1f} tok/s decoding "
-              f"({eng.decode_step_ms:.0f} ms a step), prefill {eng.prefill_s:.1f} s", flush=True)
+              f"({eng.decode_step_ms:.0f} ms a step, {eng.cpu_cores:.2f} cores busy), prefill "
+              f"{eng.prefill_s:.1f} s", flush=True)
         clu = asyncio.run(run_cluster(args.address, n, args.prompt_len, args.max_tokens))
         ratio = clu.decode_tok_s / eng.decode_tok_s
+        # On a shared box each side got what CPU it could: compare tokens per core-second as well.
+        cluster_cores = sum(v for g, v in clu.cpu_cores.items() if g != "bench client")
+        per_core = (clu.decode_tok_s / cluster_cores) / (eng.decode_tok_s / eng.cpu_cores) \
+            if cluster_cores and eng.cpu_cores else float("nan")
         print(f"cluster,      {n} streams: {clu.decode_tok_s:.1f} tok/s decoding "
               f"(window {clu.window_s:.1f} s), {clu.overall_tok_s:.1f} tok/s overall, prefill "
               f"{clu.prefill_share:.0%} of the run; cores busy in the window: {clu.cpu_cores}", flush=True)
         print(f"goal cluster >= {GOAL_RATIO:.0%} of the engine at {n} streams: {ratio:.1%} = "
-              f"{ratio / GOAL_RATIO:.2f}x the goal", flush=True)
-        rows.append({"engine": asdict(eng), "cluster": asdict(clu), "ratio": ratio})
+              f"{ratio / GOAL_RATIO:.2f}x the goal; per core-second used (the cluster's processes together): "
+              f"{per_core:.1%}", flush=True)
+        rows.append({"engine": asdict(eng), "cluster": asdict(clu), "ratio": ratio,
+                     "per_core_ratio": per_core})
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps({"config": vars(args) | {"json_out": str(args.json_out)},
