@@ -234,10 +234,12 @@ def main(argv: list[str] | None = None) -> int:
           f"core-second ({sat.tokens_per_s:,.0f} tok/s measured at {sat.server_cpu_share:.0%} of a core) = "
           f"{per_core / GOAL_TOKENS_PER_S:.2f}x the goal")
     for bare, routed in (results[1:3], results[3:5]):
-        added = routed.overhead_ms_p99 - bare.overhead_ms_p99
-        print(f"goal router overhead p99 <= {GOAL_P99_MS:g} ms, {routed.streams} stream(s) a step: "
-              f"{routed.overhead_ms_p99:.3f} ms routed - {bare.overhead_ms_p99:.3f} ms bare gRPC = "
-              f"{added:.3f} ms = {added / GOAL_P99_MS:.2f}x the bound")
+        # Where the bare gRPC path's own p99 is far above the bound, the box's scheduling sets both p99s and
+        # their difference is noise: the p50 difference is then what the router adds.
+        print(f"goal router overhead p99 <= {GOAL_P99_MS:g} ms, {routed.streams} stream(s) a step: routed - "
+              f"bare gRPC = p50 {routed.overhead_ms_p50 - bare.overhead_ms_p50:+.3f} ms, p99 "
+              f"{routed.overhead_ms_p99 - bare.overhead_ms_p99:+.3f} ms (bare p99 "
+              f"{bare.overhead_ms_p99:.3f} ms)")
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps({"results": [asdict(r) for r in results]}, indent=1))
