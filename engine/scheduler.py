@@ -130,8 +130,9 @@ class Scheduler:
         decode_tokens = self.config.max_batch_tokens - budget
         if only is not None:
             return self._output(chunks, preempted, decode_tokens)
-        cap = self.step_cost.prefill_cap(decode_tokens) if decode_tokens and self.step_cost else None
-        budget = budget if cap is None else min(budget, cap)  # split-fused: what the step's cost allows
+        if decode_tokens and self.step_cost and (self._waiting or len(chunks) < len(self._running)):
+            cap = self.step_cost.prefill_cap(decode_tokens)  # split-fused: what the step's cost allows
+            budget = budget if cap is None else min(budget, cap)
         # 2) Running sequences still mid-prefill: as much of the next chunk as budget and blocks allow.
         for seq in list(self._running):
             if budget == 0:

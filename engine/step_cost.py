@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 MIN_STEPS = 4  # steps with prefill tokens, and steps without, before the fit is trusted
+REFIT_EVERY = 32  # steps between fits: costs drift over many steps, and a fit costs tens of us of Python
 
 
 def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
@@ -37,41 +38,41 @@ class StepCostModel:
             raise ValueError(f"window must be >= 2, got {window}")
         self.max_slowdown = max_slowdown
         self._keep = 1.0 - 1.0 / window
-        self._xx = [[0.0] * 3 for _ in range(3)]  # sum of w * x x^T, x = (1, decode, prefill)
-        self._xt = [0.0] * 3  # sum of w * x * seconds
+        # Weighted sums over x = (1, decode tokens d, prefill tokens p): of x x^T (n, d, p, dd, dp, pp) and of
+        # x * seconds (t, dt, pt): the normal equations of the fit.
+        self._sums = [0.0] * 9
         self._steps_with_prefill = self._steps_without = 0
         self._coef: tuple[float, float, float] | None = None
-        self._stale = False
+        self._unfitted = 0  # steps observed since the last fit
 
     def observe(self, decode_tokens: int, prefill_tokens: int, seconds: float) -> None:
         if seconds <= 0 or decode_tokens + prefill_tokens <= 0:
             return
-        x = (1.0, float(decode_tokens), float(prefill_tokens))
-        keep = self._keep
-        for i in range(3):
-            self._xt[i] = self._xt[i] * keep + x[i] * seconds
-            row = self._xx[i]
-            for j in range(3):
-                row[j] = row[j] * keep + x[i] * x[j]
+        d, p, k = float(decode_tokens), float(prefill_tokens), self._keep
+        n, sd, sp, dd, dp, pp, t, dt, pt = self._sums
+        self._sums = [n * k + 1.0, sd * k + d, sp * k + p, dd * k + d * d, dp * k + d * p, pp * k + p * p,
+                      t * k + seconds, dt * k + d * seconds, pt * k + p * seconds]
         if prefill_tokens:
             self._steps_with_prefill += 1
         else:
             self._steps_without += 1
-        self._stale = True
+        self._unfitted += 1
 
     @property
     def coefficients(self) -> tuple[float, float, float] | None:
         """(fixed s, s per decode token, s per prefill token), or None while the steps seen cannot tell a
-        prefill token's cost (too few, or not both steps with and without prefill)."""
-        if self._stale:
-            self._stale = False
+        prefill token's cost (too few, or not both steps with and without prefill). Refitted every
+        REFIT_EVERY steps, and as soon as the first fit is possible."""
+        if self._unfitted >= REFIT_EVERY or (self._coef is None and self._unfitted):
+            self._unfitted = 0
             self._coef = self._fit()
         return self._coef
 
     def _fit(self) -> tuple[float, float, float] | None:
         if min(self._steps_with_prefill, self._steps_without) < MIN_STEPS:
             return None
-        xx, xt = self._xx, self._xt
+        n, sd, sp, dd, dp, pp, t, dt, pt = self._sums
+        xx, xt = [[n, sd, sp], [sd, dd, dp], [sp, dp, pp]], [t, dt, pt]
         coef = _solve(xx, xt)
         if coef is None:  # one batch size throughout: fixed and per-decode cost merge into one intercept
             two = _solve([[xx[0][0], xx[0][2]], [xx[2][0], xx[2][2]]], [xt[0], xt[2]])
