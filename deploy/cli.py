@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--long-prefill-threshold", type=non_negative("--long-prefill-threshold"), default=128,
                     help="while others run or wait, a prompt with more tokens left than this computes at "
                          "most this many per step (0 = off: one prompt may take the whole budget)")
+    up.add_argument("--fused-max-slowdown", type=float, default=1.5,
+                    help="with decodes running, cap a step's prefill tokens so it costs at most this many "
+                         "times a pure decode step, by a step cost model fitted online (0 = off)")
     up.add_argument("--device", choices=("cpu", "cuda"), default=None,
                     help="where the workers run (default: cuda if available, else cpu)")
     up.add_argument("--kernels", choices=KERNEL_BACKENDS, default="auto",
@@ -226,7 +229,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
                           kv_cache_dtype=_KV_CACHE_FLAG[args.kv_cache], num_kv_blocks=args.kv_blocks,
                           max_batch_tokens=args.max_batch_tokens, kernels=args.kernels,
                           prefix_caching=args.prefix_caching == "on",
-                          long_prefill_token_threshold=args.long_prefill_threshold)
+                          long_prefill_token_threshold=args.long_prefill_threshold,
+                          fused_step_max_slowdown=args.fused_max_slowdown)
     cluster = LocalCluster(ClusterConfig(engine=engine, num_prefill=args.prefill, num_decode=args.decode,
                                          host=args.host, port=args.port, metrics_port=args.metrics_port,
                                          http_port=args.http_port, served_model_name=args.served_model_name,

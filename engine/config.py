@@ -82,6 +82,10 @@ class EngineConfig:
     # max_long_partial_prefills such prompts progress at once. 0 = a prompt may take the whole budget.
     long_prefill_token_threshold: int = 128
     max_long_partial_prefills: int = 1
+    # Split-fused steps (engine/step_cost.py): with decodes running, a step's prefill tokens are capped so it
+    # costs at most this many times a pure decode step of the same batch (issue 14's TPOT goal), by a step
+    # cost model the scheduler fits from its own steps. 0 = off: the token budget and the threshold alone.
+    fused_step_max_slowdown: float = 1.5
 
     def __post_init__(self) -> None:
         if self.kernels not in KERNEL_BACKENDS:
@@ -91,6 +95,9 @@ class EngineConfig:
                              f"got {self.long_prefill_token_threshold}")
         if self.max_long_partial_prefills < 1:
             raise ValueError(f"max_long_partial_prefills must be >= 1, got {self.max_long_partial_prefills}")
+        if self.fused_step_max_slowdown and self.fused_step_max_slowdown <= 1.0:
+            raise ValueError(f"fused_step_max_slowdown must be 0 (off) or > 1, "
+                             f"got {self.fused_step_max_slowdown}")
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
         for name in ("block_size", "num_kv_blocks", "max_batch_tokens", "max_num_seqs", "tp_size",

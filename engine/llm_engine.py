@@ -92,6 +92,7 @@ class LLMEngine:
                 prefix_caching=config.prefix_caching,
                 long_prefill_token_threshold=config.long_prefill_token_threshold,
                 max_long_partial_prefills=config.max_long_partial_prefills,
+                fused_step_max_slowdown=config.fused_step_max_slowdown,
             ),
             self.block_manager,
         )

@@ -1,6 +1,7 @@
 """Token-budget scheduler (vLLM-v1 style, no phases): decode tokens first, then prefill chunks; preemption."""
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 
@@ -10,6 +11,7 @@ from engine.block_manager import BlockManager
 from engine.prefix_cache import PrefixCache
 from engine.scheduler_types import ScheduledChunk, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
+from engine.step_cost import StepCostModel
 
 
 class SchedulerError(RuntimeError):
@@ -39,6 +41,9 @@ class Scheduler:
         # The context window is also bounded by the cache: a sequence longer than all blocks could never run.
         self.max_len = min(config.max_model_len, block_manager.num_total * block_manager.block_size)
         self.prefix = PrefixCache(block_manager) if config.prefix_caching else None
+        slowdown = config.fused_step_max_slowdown
+        self.step_cost = StepCostModel(slowdown) if slowdown else None
+        self._timed: tuple[SchedulerOutput, float, int] | None = None  # the step postprocess will time
 
     # ---- admission ----
 
@@ -122,8 +127,12 @@ class Scheduler:
             scheduled.add(seq.request_id)
             budget -= n
 
+        decode_tokens = self.config.max_batch_tokens - budget
         if only is not None:
-            return self._output(chunks, preempted)
+            return self._output(chunks, preempted, decode_tokens)
+        if decode_tokens and self.step_cost and (self._waiting or len(chunks) < len(self._running)):
+            cap = self.step_cost.prefill_cap(decode_tokens)  # split-fused: what the step's cost allows
+            budget = budget if cap is None else min(budget, cap)
         # 2) Running sequences still mid-prefill: as much of the next chunk as budget and blocks allow.
         for seq in list(self._running):
             if budget == 0:
@@ -168,7 +177,7 @@ class Scheduler:
             scheduled.add(seq.request_id)
             budget -= n
 
-        return self._output(chunks, preempted)
+        return self._output(chunks, preempted, decode_tokens)
 
     def postprocess(self, out: SchedulerOutput, sampled: Mapping[str, tuple[int, ...]]) -> list[Sequence]:
         """Advance computed counts, append accepted tokens, apply stop rules; return the finished ones.
@@ -178,6 +187,11 @@ class Scheduler:
         the model's token there (or after the last draft): with sampling seeded by (seed, position), those
         are exactly the tokens single steps would give. Rejected positions are rolled back (`rollback`).
         """
+        if self._timed is not None and self._timed[0] is out:  # schedule -> postprocess: the step's cost
+            _, started, decode_tokens = self._timed
+            self.step_cost.observe(decode_tokens, out.num_batched_tokens - decode_tokens,
+                                   time.perf_counter() - started)
+            self._timed = None
         finished: list[Sequence] = []
         for chunk in out.chunks:
             seq = chunk.seq
@@ -290,9 +304,13 @@ class Scheduler:
                                    f"{self.max_len} (max_model_len {self.config.max_model_len}, "
                                    f"KV cache {self.blocks.num_total} x {self.blocks.block_size} tokens)")
 
-    def _output(self, chunks: list[ScheduledChunk], preempted: list[Sequence]) -> SchedulerOutput:
+    def _output(self, chunks: list[ScheduledChunk], preempted: list[Sequence],
+                decode_tokens: int) -> SchedulerOutput:
         others = bool(self._waiting) or len(self._running) != len(chunks)
-        return SchedulerOutput(tuple(chunks), tuple(preempted), others_waiting=others)
+        out = SchedulerOutput(tuple(chunks), tuple(preempted), others_waiting=others)
+        if self.step_cost is not None and chunks:
+            self._timed = (out, time.perf_counter(), decode_tokens)
+        return out
 
     def _num_slots_used(self) -> int:
         # Awaiting-KV sequences count: activate() moves them into the running batch unconditionally.

@@ -28,6 +28,10 @@ class SchedulerConfig:
     # meanwhile). 0 = off: one prompt may take the whole budget.
     long_prefill_token_threshold: int = 0
     max_long_partial_prefills: int = 1
+    # Split-fused steps (engine/step_cost.py): with decodes in a step, its prefill tokens are capped so that
+    # the step costs at most this many times the pure decode step of the same batch, by a cost model fitted
+    # to the steps this scheduler timed (schedule -> postprocess). 0 = off (the token budget alone).
+    fused_step_max_slowdown: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_num_seqs", "block_size", "max_model_len"):
@@ -38,6 +42,9 @@ class SchedulerConfig:
                              f"got {self.long_prefill_token_threshold}")
         if self.max_long_partial_prefills < 1:
             raise ValueError(f"max_long_partial_prefills must be >= 1, got {self.max_long_partial_prefills}")
+        if self.fused_step_max_slowdown and self.fused_step_max_slowdown <= 1.0:
+            raise ValueError(f"fused_step_max_slowdown must be 0 (off) or > 1, "
+                             f"got {self.fused_step_max_slowdown}")
         if self.lookahead_tokens < 0:
             raise ValueError(f"lookahead_tokens must be >= 0, got {self.lookahead_tokens}")
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import sys
 from dataclasses import asdict
@@ -62,7 +63,8 @@ def _rate_range(text: str) -> tuple[float, float]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdserve bench", description="Load a running cluster over its gRPC "
                                 "API (loopback only) and report TTFT/TPOT/e2e percentiles, throughput and "
-                                "goodput.")
+                                "goodput. Other modes: `pdserve bench router-overhead|batching|fused|compare "
+                                "--help`.")
     p.add_argument("--address", default="127.0.0.1:50051", help="router gRPC address (loopback only)")
     p.add_argument("--label", default="run", help="configuration name in the JSON and the goodput bars")
     load = p.add_argument_group("load")
@@ -159,6 +161,12 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    modes = {"router-overhead": "router_overhead", "batching": "batching", "fused": "fused",
+             "compare": "compare"}
+    if argv[:1] and argv[0] in modes:  # the other measurements; each module's --help says what it does
+        module = importlib.import_module(f"bench.serving.{modes[argv[0]]}")
+        return module.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.trace is not None and args.sweep:

@@ -1,0 +1,32 @@
+"""The router-overhead bench's model-free workers behind the real router: every token arrives, stamped."""
+from __future__ import annotations
+
+import pytest
+
+from bench.serving.fast_workers import FIRST_TOKEN, FastDecodeClient, FastPrefillClient
+from proto.api import pb
+from tests.unit.fakes import run, serve_router
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.parametrize("step_s", [0.0, 0.001])
+@pytest.mark.parametrize("local", [True, False])
+def test_fast_worker_streams_every_token_through_the_router_and_stamps_each_once(step_s: float,
+                                                                                  local: bool) -> None:
+    async def body() -> tuple[list[int], dict[str, list[float]]]:
+        decode = FastDecodeClient(step_s=step_s)
+        placement = {"prefill_placement": "threshold", "local_prefill_max_tokens": 64 if local else 0}
+        try:
+            async with serve_router([FastPrefillClient(decode)], [decode], **placement) as h:
+                request = pb.GenerateRequest(request_id="r", token_ids=pb.TokenIds(ids=[5, 6, 7]),
+                                             sampling=pb.SamplingOptions(max_tokens=7, ignore_eos=True))
+                ids = [i async for r in h.stub.Generate(request) if r.HasField("delta")
+                       for i in r.delta.token_ids]
+        finally:
+            await decode.close()
+        return ids, decode.emitted
+
+    ids, emitted = run(body())
+    assert ids == [FIRST_TOKEN + i for i in range(7)]
+    assert len(emitted["r"]) == 7 and emitted["r"] == sorted(emitted["r"])
