@@ -212,6 +212,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         resolve_model_path(args.model)
     except ModelPathError as e:
         raise UsageError(f"--model: {e}") from None
+    _check_tp_flags(args)
     _check_security_files(args)
     ports = ((args.port, "--port"), (args.metrics_port, "--metrics-port"), (args.http_port, "--http-port"),
              (args.admin_port, "--admin-port"))
@@ -228,7 +229,6 @@ def _cmd_up(args: argparse.Namespace) -> int:
     device = args.device or _default_device()
     if args.weights == "w4a16" and device != "cpu":
         raise UsageError("--weights w4a16 runs on CPU only so far: add --device cpu")
-    _check_tp_flags(args)
     engine = EngineConfig(model_path=args.model, device=device, tp_comm=args.tp_comm,
                           dtype="float32" if device == "cpu" and args.weights != "bf16" else "bfloat16",
                           weights=args.weights,
