@@ -178,8 +178,9 @@ class KVReceiver(TransferLifecycle["KVReceiver"]):
                 f"expected {self.num_blocks} blocks / {expected} bytes",
             )
             return
-        ids = self._block_ids_on(payload.device)
-        if self.landing is not None:
+        if self.landing is None:
+            ids = self._block_ids_on(payload.device)
+        else:  # the landing holds exactly the blocks that travel, in order
             ids = torch.arange(self.num_blocks, device=payload.device)
         scatter_blocks(payload, tensors, ids)
         self._layers.add(layer)
