@@ -12,7 +12,11 @@ from engine.config import TP_COMMS
 from engine.tp.group import TPGroup
 from engine.tp.int8_allreduce import int8_all_reduce
 
-INT8_BLOCK = 256  # elements per int8 scale: 4/256 of the payload in scales keeps int8 at 0.508x of bf16
+# Elements per int8 scale. 64 with fp16 scales: 0.516x of bf16's bytes (the issue allows 0.53x), and blocks
+# that tile a hidden row (576 = 9·64, 4096 = 64·64), so one token's outlier channels never widen another
+# token's scale. 256 with fp32 scales (0.508x) straddled rows and cost +0.78% perplexity at TP=2 (vs +0.2%
+# allowed): docs/benchmarks.md.
+INT8_BLOCK = 64
 
 
 class Waitable(Protocol):
