@@ -94,7 +94,8 @@ class WorkerService(ABC):
     async def info(self) -> WorkerInfo:
         """Answers at once, never behind a running step: the state is the engine thread's liveness and the
         stats are the snapshot it published after its last command or step (a long step is not a failure)."""
-        if self._thread.alive:
+        # A dead follower rank fails the worker too: its next step could not run (the supervisor restarts it).
+        if self._thread.alive and (self.tp_ranks is None or self.tp_ranks.alive):
             return WorkerInfo(self.worker_id, self.role, "ready", self._stats, self.config.block_size,
                               self._cached_blocks, self._rank_infos)
         nothing = EngineStats(0, self.config.num_kv_blocks, 0, 0, 0)

@@ -4,6 +4,7 @@ blocks whose KV shards the followers send rank 0 at every layer), or a load (blo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -15,6 +16,10 @@ from engine.tp.group import TPGroup
 
 _STOP = -1  # a length that ends the followers' loop
 _STEP, _LOAD = 0, 1  # the payload's first word: which message
+# How long an idle follower waits for rank 0's next message: as long as the worker lives (an idle worker may
+# see no request for hours; a follower exits with its parent instead: engine/tp/worker_ranks.py). The group's
+# own timeout (engine/tp/group.py) still bounds every collective inside a step.
+_IDLE_WAIT = timedelta(days=365)
 
 
 @dataclass(frozen=True)
@@ -86,11 +91,13 @@ def decode(flat: torch.Tensor) -> Message:
     return StepMessage(SchedulerOutput(tuple(chunks), ()), export)
 
 
-def _broadcast(group: TPGroup, tensor: torch.Tensor) -> torch.Tensor:
+def _broadcast(group: TPGroup, tensor: torch.Tensor, timeout: timedelta | None = None) -> torch.Tensor:
     """Rank 0's `tensor` on every rank (NCCL broadcasts device tensors, gloo host ones)."""
     tensor = tensor.to(group.device)
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
+    if timeout is not None:
+        opts.timeout = timeout
     group.pg.broadcast([tensor], opts).wait()
     return tensor.cpu()
 
@@ -109,7 +116,7 @@ def send_step(group: TPGroup, batch: SchedulerOutput | None, export_blocks: tupl
 
 def receive_message(group: TPGroup) -> Message | None:
     """A follower: what rank 0 does next, or None when it stops."""
-    length = int(_broadcast(group, torch.zeros(1, dtype=torch.int64)).item())
+    length = int(_broadcast(group, torch.zeros(1, dtype=torch.int64), _IDLE_WAIT).item())
     if length == _STOP:
         return None
     return decode(_broadcast(group, torch.zeros(length, dtype=torch.int64)))

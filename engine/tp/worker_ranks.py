@@ -86,6 +86,11 @@ class LocalTPRanks:
         self.ranks = tuple(_rank_info(self.engine, r, config, p.pid if p else os.getpid())
                            for r, p in enumerate([None, *self.followers]))
 
+    @property
+    def alive(self) -> bool:
+        """Every follower still runs (a dead one leaves rank 0's next collective without a peer)."""
+        return all(p.is_alive() for p in self.followers)
+
     def close(self, timeout: float = 30.0, graceful: bool = True) -> None:
         """Stops the followers' loops and waits for them to exit (killed past `timeout`); idempotent.
         graceful=False kills them at once (rank 0 died mid-step: they may sit inside a collective)."""
