@@ -38,8 +38,8 @@ def _bound(numel: int, world: int) -> torch.Tensor:
     per_rank = sum(x.abs().amax(1) for x in xs) / QMAX / 2
     # The sum's scale is bounded by the sum of the ranks' absmaxes (the requantized block's absmax).
     total = per_rank + sum(x.abs().amax(1) for x in xs) / QMAX / 2
-    # Scales travel as fp16: each may round up by a relative 2^-11.
-    return total.repeat_interleave(BLOCK)[:numel] * (1 + 2 ** -10) + 1e-5
+    # Scales travel as one-byte powers of 2^(1/8), rounded up: each is at most 2^(1/8) times the exact one.
+    return total.repeat_interleave(BLOCK)[:numel] * 2 ** (1 / 8) + 1e-5
 
 
 def test_int8_all_reduce_within_bound_and_bytes():
