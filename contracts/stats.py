@@ -33,6 +33,16 @@ class EngineStats:
 
 
 @dataclass(frozen=True)
+class TPRankInfo:
+    """One tensor-parallel rank of a worker: device, process id, the global kv heads its cache holds."""
+
+    rank: int
+    device: str
+    pid: int
+    kv_heads: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class WorkerInfo:
     worker_id: str
     role: str  # "prefill" | "decode"
@@ -42,6 +52,7 @@ class WorkerInfo:
     # every block in its prefix cache, as of this snapshot (at most num_kv_blocks of them, 8 bytes each).
     block_size: int = 0
     cached_blocks: frozenset[int] = field(default_factory=frozenset)
+    tp_ranks: tuple[TPRankInfo, ...] = ()  # one entry per rank (rank 0 first); empty: not reported
 
     def cached_prefix_blocks(self, block_hashes: list[int]) -> int:
         """How many leading blocks of a prompt (its chain hashes) this worker holds in its prefix cache."""

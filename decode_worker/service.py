@@ -8,6 +8,8 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import torch
+
 from contracts.sampling import FinishReason
 from contracts.stats import WorkerInfo
 from contracts.transfer import KV_FAILURE_POLICIES, ChannelAddress, TransferTarget
@@ -64,7 +66,9 @@ class DecodeService(WorkerService):
         # Random-weight models (speed work) have no tokenizer: their streams carry token ids and empty text.
         self.tokenizer = None if is_random_model(config.model_path) else \
             Tokenizer.from_model(resolve_model_path(config.model_path))
-        self.layout = KVLayout(self.engine.kv_cache.spec, self.engine.kv_cache.num_layers)
+        # Whole kv heads on the wire (engine.wire_kv_spec); at TP > 1 they land beside the cache first and
+        # are scattered to the ranks when the transfer is done (_admit).
+        self.layout = KVLayout(self.engine.wire_kv_spec, self.engine.kv_cache.num_layers)
         self.metrics = DecodeMetrics(worker_id)
         self._lease = kv_lease_seconds
         self._listener = ChannelListener(host=host, port=0, device=config.device)
@@ -89,8 +93,11 @@ class DecodeService(WorkerService):
         the old one, and reservations still waiting for their first frame listen on it too."""
         channel = self._listener.accept(peer_id, self.layout, timeout=timeout)
         kv = self.engine.kv_cache
-        endpoint = KVReceiveEndpoint(channel, self.layout, kv.k, kv.v,
-                                     [kv.layer_scales(i) for i in range(kv.num_layers)])
+        if self.engine.tp_comm is None:
+            endpoint = KVReceiveEndpoint(channel, self.layout, kv.k, kv.v,
+                                         [kv.layer_scales(i) for i in range(kv.num_layers)])
+        else:  # each receiver brings its landing (_reserve)
+            endpoint = KVReceiveEndpoint(channel, self.layout, [], [], device=kv.device)
         endpoint.start()
         old = self._thread.submit(lambda: self._add_endpoint(peer_id, endpoint)).result()
         self._joined = True
@@ -188,7 +195,7 @@ class DecodeService(WorkerService):
                                 start_token=self.engine.reserved_prefix_tokens(req.request_id))
         # on_finish runs on the endpoint thread when the last frame lands: wake the engine to admit it now.
         receiver = KVReceiver(target, self.layout, lease_seconds=self._lease,
-                              on_finish=lambda _: self._thread.wake())
+                              on_finish=lambda _: self._thread.wake(), landing=self._landing(target))
         # The prefill worker is picked after this returns: listen for the request on every channel.
         for endpoint in self._endpoints.values():
             endpoint.register(receiver)
@@ -196,6 +203,21 @@ class DecodeService(WorkerService):
         self._awaiting_kv[req.request_id] = req
         self._active[req.request_id] = stream
         return Reservation(req.request_id, self.worker_id, target.block_ids, target.start_token)
+
+    def _landing(self, target: TransferTarget) -> list[tuple[torch.Tensor, ...]] | None:
+        """TP > 1: whole-head tensors the transfer's blocks land in before they are scattered to the ranks
+        (rank 0's cache holds only its kv heads); None at TP=1 (frames land in the cache itself)."""
+        if self.engine.tp_comm is None:
+            return None
+        kv, spec = self.engine.kv_cache, self.layout.spec
+        n = target.num_blocks(self.layout)
+        values = (n, *spec.storage_block_shape)
+        scales = [(n, *shape) for shape in spec.scale_shapes().values()]
+        return [(torch.zeros(values, dtype=kv.dtype, device=kv.device),
+                 torch.zeros(values, dtype=kv.dtype, device=kv.device),
+                 *(torch.zeros(shape, dtype=kv.scales[name][0].dtype, device=kv.device)
+                   for name, shape in zip(spec.scale_shapes(), scales, strict=True)))
+                for _ in range(kv.num_layers)]
 
     def _recompute(self, request_id: str, reason: str) -> bool:
         """Turn a reservation awaiting KV into a local prefill; the client's stream stays the same."""
@@ -244,6 +266,10 @@ class DecodeService(WorkerService):
                 del self._receivers[request_id]
                 self._awaiting_kv.pop(request_id, None)
                 self.metrics.transfer_received(receiver.bytes_received)
+                if receiver.landing is not None:  # TP: each rank takes its kv heads of the landed blocks
+                    first = receiver.target.first_block(self.layout)
+                    self.engine.load_kv(receiver.target.block_ids[first:first + receiver.num_blocks],
+                                        receiver.landing)
                 seq = self.engine.activate(request_id, receiver.first_token_id)
                 self._push_tokens(seq, [receiver.first_token_id])
                 changed = True

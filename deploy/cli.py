@@ -10,7 +10,7 @@ import sys
 
 from contracts.transfer import KV_FAILURE_POLICIES
 from deploy.cli_args import HelpFormatter, http_port, non_negative, port, positive, resources, seconds
-from engine.config import KERNEL_BACKENDS, WEIGHT_SCHEMES
+from engine.config import KERNEL_BACKENDS, TP_COMMS, WEIGHT_SCHEMES
 from router.dispatch import known_policies
 from router.placement import known_placements
 
@@ -107,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: the file's weights in the compute dtype; bf16: the same in bfloat16 (also "
                          "on CPU); w8a8: int8 weights and activations; w4a16: int4 weights (CPU; GGUF Q4_1 "
                          "as is)")
+    up.add_argument("--prefill-tp", type=positive("--prefill-tp"), default=1,
+                    help="tensor-parallel ranks per prefill worker (one process each; at most the model's "
+                         "attention heads)")
+    up.add_argument("--decode-tp", type=positive("--decode-tp"), default=1,
+                    help="tensor-parallel ranks per decode worker (may differ from --prefill-tp)")
+    up.add_argument("--tp-comm", choices=TP_COMMS, default="bf16",
+                    help="how tensor-parallel ranks all-reduce: bf16 = unquantized in the compute dtype; "
+                         "int8 = 8-bit blocks with scales (about half the bytes)")
     up.add_argument("--dispatch-policy", default="least_loaded", choices=known_policies(),
                     help="how the router picks workers")
     up.add_argument("--queue-capacity", type=positive("--queue-capacity"), default=256,
@@ -207,6 +215,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         resolve_model_path(args.model)
     except ModelPathError as e:
         raise UsageError(f"--model: {e}") from None
+    _check_tp_flags(args)
     _check_security_files(args)
     ports = ((args.port, "--port"), (args.metrics_port, "--metrics-port"), (args.http_port, "--http-port"),
              (args.admin_port, "--admin-port"))
@@ -223,7 +232,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     device = args.device or _default_device()
     if args.weights == "w4a16" and device != "cpu":
         raise UsageError("--weights w4a16 runs on CPU only so far: add --device cpu")
-    engine = EngineConfig(model_path=args.model, device=device,
+    engine = EngineConfig(model_path=args.model, device=device, tp_comm=args.tp_comm,
                           dtype="float32" if device == "cpu" and args.weights != "bf16" else "bfloat16",
                           weights=args.weights,
                           kv_cache_dtype=_KV_CACHE_FLAG[args.kv_cache], num_kv_blocks=args.kv_blocks,
@@ -232,6 +241,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
                           long_prefill_token_threshold=args.long_prefill_threshold,
                           fused_step_max_slowdown=args.fused_max_slowdown)
     cluster = LocalCluster(ClusterConfig(engine=engine, num_prefill=args.prefill, num_decode=args.decode,
+                                         prefill_tp=args.prefill_tp, decode_tp=args.decode_tp,
                                          host=args.host, port=args.port, metrics_port=args.metrics_port,
                                          http_port=args.http_port, served_model_name=args.served_model_name,
                                          dispatch_policy=args.dispatch_policy,
@@ -262,6 +272,20 @@ def _cmd_up(args: argparse.Namespace) -> int:
     finally:
         cluster.close()
     return 0
+
+
+def _check_tp_flags(args: argparse.Namespace) -> None:
+    """Each TP size must be <= the model's attention heads (heads and kv heads are split in balanced, possibly
+    uneven shares: engine/tp/heads.py); checked from the model's config before any worker starts."""
+    from engine.model_files import read_model_config
+
+    if args.prefill_tp == 1 and args.decode_tp == 1:
+        return
+    config = read_model_config(args.model)
+    for flag, size in (("--prefill-tp", args.prefill_tp), ("--decode-tp", args.decode_tp)):
+        if size > config.num_heads:
+            raise UsageError(f"{flag} {size}: the model has {config.num_heads} attention heads "
+                             f"({config.num_kv_heads} kv heads); a TP size must not exceed the heads")
 
 
 def _check_security_files(args: argparse.Namespace) -> None:

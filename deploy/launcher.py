@@ -27,6 +27,10 @@ class ClusterConfig:
     engine: EngineConfig
     num_prefill: int = 1
     num_decode: int = 1
+    # Tensor-parallel ranks per worker of each role (--prefill-tp/--decode-tp): engine.tp_size is replaced
+    # by these per role; the two may differ (the KV moves as whole heads: docs/architecture.md).
+    prefill_tp: int = 1
+    decode_tp: int = 1
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9400
@@ -124,25 +128,33 @@ class LocalCluster:
         cfg = self.config
         engine_cfg = cfg.engine
         if engine_cfg.device == "cpu" and engine_cfg.num_threads == 0 and cfg.ray_address is None:
-            # Workers share this machine's cores: oversubscribed torch pools thrash (KV copies slow 10x).
-            engine_cfg = dataclasses.replace(
-                engine_cfg, num_threads=max(1, (os.cpu_count() or 1) // (cfg.num_prefill + cfg.num_decode)))
+            # Workers (each of their TP ranks) share this machine's cores: oversubscribed torch pools thrash
+            # (KV copies slow 10x).
+            ranks = cfg.num_prefill * cfg.prefill_tp + cfg.num_decode * cfg.decode_tp
+            engine_cfg = dataclasses.replace(engine_cfg, num_threads=max(1, (os.cpu_count() or 1) // ranks))
+        role_engine = {"prefill": dataclasses.replace(engine_cfg, tp_size=cfg.prefill_tp),
+                       "decode": dataclasses.replace(engine_cfg, tp_size=cfg.decode_tp)}
         _status(f"[1/4] starting Ray ({'local' if cfg.ray_address is None else cfg.ray_address})")
         if not ray.is_initialized():
             self._started_ray = init_ray(cfg.ray_address, os.cpu_count(), 256 * 1024 * 1024)
         # num_cpus=0: the engine threads do the work; Ray's CPU accounting would starve a 2-core box.
-        # On CUDA each worker owns one GPU. On a multi-node cluster the decode side's KV channel listens
-        # on its node's address ("auto"); locally on loopback.
+        # On CUDA each worker owns one GPU per TP rank (its follower ranks run in processes it spawns, on
+        # the GPUs Ray gave the actor). On a multi-node cluster the decode side's KV channel listens on its
+        # node's address ("auto"); locally on loopback.
         # max_restarts: a killed worker process comes back behind the same handle (docs/architecture.md).
-        placement = {"num_cpus": 0, "num_gpus": 1 if cfg.engine.device == "cuda" else 0,
-                     "max_concurrency": 1000, "max_restarts": cfg.max_worker_restarts}
+        def placement(role: str) -> dict[str, Any]:
+            gpus = role_engine[role].tp_size if cfg.engine.device == "cuda" else 0
+            return {"num_cpus": 0, "num_gpus": gpus, "max_concurrency": 1000,
+                    "max_restarts": cfg.max_worker_restarts, "resources": cfg.role_resources(role)}
+
         channel_host = "127.0.0.1" if cfg.ray_address is None else "auto"
-        decode_cls = ray.remote(**placement, resources=cfg.role_resources("decode"))(DecodeWorkerActor)
-        prefill_cls = ray.remote(**placement, resources=cfg.role_resources("prefill"))(PrefillWorkerActor)
+        decode_cls = ray.remote(**placement("decode"))(DecodeWorkerActor)
+        prefill_cls = ray.remote(**placement("prefill"))(PrefillWorkerActor)
+        decode_engine, prefill_engine = role_engine["decode"], role_engine["prefill"]
         self._spawners = {
             "decode": lambda wid: decode_cls.options(name=f"pdserve-{wid}").remote(
-                wid, engine_cfg, channel_host=channel_host, kv_failure_policy=cfg.kv_failure_policy),
-            "prefill": lambda wid: prefill_cls.options(name=f"pdserve-{wid}").remote(wid, engine_cfg),
+                wid, decode_engine, channel_host=channel_host, kv_failure_policy=cfg.kv_failure_policy),
+            "prefill": lambda wid: prefill_cls.options(name=f"pdserve-{wid}").remote(wid, prefill_engine),
         }
         self.decode = [self._spawn("decode") for _ in range(cfg.num_decode)]
         self.prefill = [self._spawn("prefill") for _ in range(cfg.num_prefill)]

@@ -4,9 +4,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+from collections.abc import Sequence as Seq
 
 import torch
 
+from contracts.kv_cache_spec import KVCacheSpec
 from contracts.sampling import SamplingParams
 from contracts.stats import EngineStats
 from engine.block_manager import BlockManager
@@ -24,6 +26,7 @@ from engine.sequence import Sequence
 from engine.tp.comm import TPComm
 from engine.tp.follower import TPLeaderExecutor, follow
 from engine.tp.group import TPGroup
+from engine.tp.kv_shards import KVHeadMap, LayerTensors, gather_layer, layer_tensors, scatter_blocks
 from engine.tp.overlap import tune_chunks
 from engine.tp.shard import ShardPlan, shard_model
 from kernels.registry import KernelRegistry
@@ -97,6 +100,7 @@ class LLMEngine:
             self.block_manager,
         )
         self._ids = itertools.count()
+        self._kv_heads: KVHeadMap | None = None  # built on first use (TP KV exports and loads)
         logger.info("engine ready: %s, %s, %s", self.model_config.name, self.kv_cache,
                     type(self.executor).__name__)
 
@@ -118,7 +122,12 @@ class LLMEngine:
             lookahead.drop()  # all of its sequences are gone (finished, aborted): it serves no step
         return self.scheduler.schedule()
 
-    def execute(self, batch: SchedulerOutput, layer_hook: LayerHook | None = None) -> RunOutput:
+    def execute(self, batch: SchedulerOutput, layer_hook: LayerHook | None = None,
+                export_blocks: Seq[int] = ()) -> RunOutput:
+        """`export_blocks`: blocks whose KV `layer_hook` reads with `export_layer` (TP: every rank then
+        offers its shard of them at each layer)."""
+        if isinstance(self.executor, TPLeaderExecutor):
+            return self.executor.execute(batch, layer_hook, export_blocks)
         return self.executor.execute(batch, layer_hook)
 
     def postprocess(self, batch: SchedulerOutput, out: RunOutput) -> list[Sequence]:
@@ -162,13 +171,46 @@ class LLMEngine:
         """A follower rank (tp rank > 0): run rank 0's steps until it calls stop_followers; steps run."""
         if self.tp_comm is None or self.tp_comm.group.rank == 0:
             raise RuntimeError("follow() is for tensor-parallel ranks other than 0")
-        return follow(self.executor, self.tp_comm.group)
+        return follow(self.executor, self.tp_comm.group, self.kv_cache)
 
     def stop_followers(self) -> None:
         """Rank 0: end the followers' loops (the worker is shutting down)."""
         if not isinstance(self.executor, TPLeaderExecutor):
             raise RuntimeError("stop_followers() is for tensor-parallel rank 0")
         self.executor.stop_followers()
+
+    # ---- KV as whole heads: what travels between workers, whatever their TP sizes ----
+
+    @property
+    def wire_kv_spec(self) -> KVCacheSpec:
+        """The cache spec with all of the model's kv heads: KV leaves and enters this worker as whole heads
+        (a TP rank's cache holds a shard of them; rank 0 gathers or scatters the others')."""
+        return dataclasses.replace(self.kv_cache.spec, num_kv_heads=self.model_config.num_kv_heads)
+
+    def export_layer(self, layer: int, block_ids: torch.Tensor) -> LayerTensors:
+        """Whole-head (k, v, *scales)[block_ids] of `layer`: call it from the layer hook of a step run with
+        `execute(..., export_blocks=block_ids)` (TP: the followers' shards are gathered then)."""
+        tensors = layer_tensors(self.kv_cache, layer)
+        if self.tp_comm is None:
+            return tuple(t.index_select(0, block_ids) for t in tensors)
+        return tuple(gather_layer(self.tp_comm.group, self._head_map(), tensors, block_ids, layer))
+
+    def load_kv(self, block_ids: Seq[int], layers: Seq[LayerTensors]) -> None:
+        """Write whole-head `layers[i]` = (k, v, *scales) `[len(block_ids), block_size, kv_heads, ...]` into
+        these blocks (TP: each rank gets its kv heads)."""
+        ids = torch.tensor(list(block_ids), dtype=torch.long, device=self.kv_cache.device)
+        if self.tp_comm is None:
+            for i, values in enumerate(layers):
+                for cache, src in zip(layer_tensors(self.kv_cache, i), values, strict=True):
+                    cache.index_copy_(0, ids, src.to(cache.device))
+            return
+        self.executor.announce_load(tuple(block_ids))
+        scatter_blocks(self.tp_comm.group, self._head_map(), self.kv_cache, ids, layers)
+
+    def _head_map(self) -> KVHeadMap:
+        if self._kv_heads is None:
+            self._kv_heads = KVHeadMap(self.model_config, self.config.tp_size)
+        return self._kv_heads
 
     # ---- decode side: KV arriving from a prefill worker ----
 

@@ -70,6 +70,18 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return dtypes[name]
 
 
+def read_model_config(path: str | Path | None) -> ModelConfig:
+    """The model's config (heads, layers, ...) without reading its weights."""
+    if is_random_model(path):
+        return preset_config(str(path))
+    resolved = resolve_model_path(None if path is None else str(path))
+    if resolved.is_file():
+        from engine import weights_gguf as fmt
+    else:
+        from engine import weights_hf as fmt  # type: ignore[no-redef]
+    return fmt.read_config(resolved)
+
+
 def load_model(
     path: str | Path | None, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
     progress: bool = False,

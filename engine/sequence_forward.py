@@ -21,7 +21,8 @@ def forward_sequence(model: LlamaModel, token_ids: list[int]) -> torch.Tensor:
     c = model.config
     weight = model.embed_tokens.weight
     num_blocks = -(-len(token_ids) // _BLOCK_SIZE)
-    spec = KVCacheSpec(_BLOCK_SIZE, c.num_kv_heads, c.head_dim, dtype_name(weight.dtype))
+    kv_heads = model.layers[0].self_attn.num_kv_heads  # a TP rank's share once the model is sharded
+    spec = KVCacheSpec(_BLOCK_SIZE, kv_heads, c.head_dim, dtype_name(weight.dtype))
     kv = KVCache(spec, c.num_layers, num_blocks, weight.device)
     span = SeqSpan(0, len(token_ids), len(token_ids), tuple(range(num_blocks)), 0)
     meta = AttentionMetadata.from_spans([span], list(range(len(token_ids))), _BLOCK_SIZE, weight.device)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -10,13 +11,14 @@ from typing import ClassVar, TypeVar
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from contracts.stats import EngineStats, WorkerInfo
+from contracts.stats import EngineStats, TPRankInfo, WorkerInfo
 from engine.config import EngineConfig
 from engine.engine_thread import EngineThread
 from engine.executor import RunOutput
 from engine.llm_engine import LLMEngine
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
+from engine.tp.worker_ranks import LocalTPRanks
 
 T = TypeVar("T")
 # How stale the prefix-cache hashes in info() may be (the router refreshes every 0.1 s; a stale hash only
@@ -66,7 +68,13 @@ class WorkerService(ABC):
     def __init__(self, worker_id: str, config: EngineConfig, progress: bool = False) -> None:
         self.worker_id = worker_id
         self.config = config
-        self.engine = LLMEngine(config, progress=progress)
+        # TP > 1: this process is rank 0 (schedules, samples, owns the KV channels); ranks 1..N-1 are
+        # follower processes it spawns and ends (engine/tp/worker_ranks.py says why not N actors).
+        self.tp_ranks = LocalTPRanks(config, progress=progress) if config.tp_size > 1 else None
+        self.engine = (self.tp_ranks.engine if self.tp_ranks is not None
+                       else LLMEngine(config, progress=progress))
+        self._rank_infos = self.tp_ranks.ranks if self.tp_ranks is not None else (
+            TPRankInfo(0, config.device, os.getpid(), tuple(range(self.engine.model_config.num_kv_heads))),)
         self._thread = EngineThread(f"{self.role}-{worker_id}", self._step, idle_poll_s=self._idle_poll_s,
                                     on_error=self._engine_died)
         # Written only by the engine thread, read by info() on the actor's loop: swapping one reference to an
@@ -86,11 +94,12 @@ class WorkerService(ABC):
     async def info(self) -> WorkerInfo:
         """Answers at once, never behind a running step: the state is the engine thread's liveness and the
         stats are the snapshot it published after its last command or step (a long step is not a failure)."""
-        if self._thread.alive:
+        # A dead follower rank fails the worker too: its next step could not run (the supervisor restarts it).
+        if self._thread.alive and (self.tp_ranks is None or self.tp_ranks.alive):
             return WorkerInfo(self.worker_id, self.role, "ready", self._stats, self.config.block_size,
-                              self._cached_blocks)
+                              self._cached_blocks, self._rank_infos)
         nothing = EngineStats(0, self.config.num_kv_blocks, 0, 0, 0)
-        return WorkerInfo(self.worker_id, self.role, "failed", nothing)
+        return WorkerInfo(self.worker_id, self.role, "failed", nothing, tp_ranks=self._rank_infos)
 
     async def abort(self, request_id: str) -> bool:
         """Drop a request in any state, freeing what it holds exactly once; False if it is unknown here."""
@@ -100,8 +109,11 @@ class WorkerService(ABC):
         return self.metrics.exposition()
 
     def shutdown(self) -> None:
+        graceful = self._thread.alive  # a dead engine thread may have left the followers inside a collective
         self._thread.stop()
         self._close()
+        if self.tp_ranks is not None:  # after the engine thread: the stop message must not split a step
+            self.tp_ranks.close(graceful=graceful)
 
     async def _on_engine_thread(self, fn: Callable[[], T]) -> T:
         """Runs `fn` between engine steps and awaits its result (or exception) without blocking the loop;

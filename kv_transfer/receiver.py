@@ -42,9 +42,12 @@ class KVReceiver(TransferLifecycle["KVReceiver"]):
     """Decode side of one request: BOOTSTRAPPING (not registered) → WAITING → TRANSFERRING → DONE | FAILED.
 
     Layer payloads are verified (checksum, sizes) and scattered into the first ceil(num_tokens/block_size) of
-    `target.block_ids` under this receiver's lock; `abort` takes the same lock, so once it returns nothing
-    more is written into those blocks. DONE when every layer and the FINAL frame arrived. `on_finish` runs
-    exactly once, in the thread that caused DONE/FAILED (the endpoint's reader, or poll/abort's caller).
+    `target.block_ids` under this receiver's lock — or, given `landing` (one (k, v, *scales) tuple per layer,
+    `[blocks that travel, *block shape]`), into those tensors, which the caller loads into its cache once
+    DONE (a TP decode worker, whose rank-0 cache holds only some kv heads); `abort` takes the same lock, so
+    once it returns nothing more is written into those blocks. DONE when every layer and the FINAL frame
+    arrived. `on_finish` runs exactly once, in the thread that caused DONE/FAILED (the endpoint's reader, or
+    poll/abort's caller).
     """
 
     def __init__(
@@ -53,12 +56,23 @@ class KVReceiver(TransferLifecycle["KVReceiver"]):
         layout: KVLayout,
         lease_seconds: float = 30.0,
         on_finish: Callable[[KVReceiver], None] | None = None,
+        landing: Sequence[tuple[torch.Tensor, ...]] | None = None,
     ) -> None:
         super().__init__(lease_seconds, on_finish, TransferState.BOOTSTRAPPING)
         self.target = target
         self.layout = layout
         self.num_blocks = target.num_blocks(layout)  # those that travel, from target.first_block on
         self._first_block = target.first_block(layout)
+        if landing is not None:
+            if len(landing) != layout.num_layers:
+                raise ValueError(f"landing needs one tensor tuple per layer ({layout.num_layers})")
+            for i, tensors in enumerate(landing):
+                layout.check_cache(tensors[0], f"landing k of layer {i}")
+                layout.check_cache(tensors[1], f"landing v of layer {i}")
+                layout.check_scales(tuple(tensors[2:]), f"landing scales of layer {i}")
+                if tensors[0].shape[0] != self.num_blocks:
+                    raise ValueError(f"landing holds {tensors[0].shape[0]} blocks, {self.num_blocks} travel")
+        self.landing = landing
         self._dst_ids: dict[torch.device, torch.Tensor] = {}
         self._layers: set[int] = set()
         self._endpoints: list[KVReceiveEndpoint] = []
@@ -151,7 +165,10 @@ class KVReceiver(TransferLifecycle["KVReceiver"]):
         if not 0 <= layer < self.layout.num_layers or layer in self._layers:
             self._finish_locked(TransferState.FAILED, PROTOCOL_ERROR, f"unexpected or repeated layer {layer}")
             return
-        tensors = endpoint.layer_tensors(layer)
+        tensors = endpoint.layer_tensors(layer) if self.landing is None else self.landing[layer]
+        if tensors is None:
+            self._finish_locked(TransferState.FAILED, PROTOCOL_ERROR, "no landing for KV on this endpoint")
+            return
         expected = expected_layer_bytes(tensors, self.num_blocks)
         if payload is None or header.num_blocks != self.num_blocks or header.payload_bytes != expected:
             self._finish_locked(
@@ -161,7 +178,11 @@ class KVReceiver(TransferLifecycle["KVReceiver"]):
                 f"expected {self.num_blocks} blocks / {expected} bytes",
             )
             return
-        scatter_blocks(payload, tensors, self._block_ids_on(payload.device))
+        if self.landing is None:
+            ids = self._block_ids_on(payload.device)
+        else:  # the landing holds exactly the blocks that travel, in order
+            ids = torch.arange(self.num_blocks, device=payload.device)
+        scatter_blocks(payload, tensors, ids)
         self._layers.add(layer)
         self.bytes_received += header.payload_bytes
         self._state = TransferState.TRANSFERRING
@@ -220,7 +241,34 @@ class KVReceiveEndpoint:
         k_caches: list[torch.Tensor],
         v_caches: list[torch.Tensor],
         extra_caches: Sequence[Sequence[torch.Tensor]] = (),
+        device: torch.device | str | None = None,
     ) -> None:
+        """No caches (empty lists, `device` given): every receiver registered here brings its `landing`."""
+        self.channel = channel
+        self.layout = layout
+        self._tensors: list[tuple[torch.Tensor, ...]] | None = None
+        if not k_caches and not v_caches and device is not None:
+            self.device = torch.device(device)
+        else:
+            self._tensors = self._check_caches(layout, k_caches, v_caches, extra_caches)
+            self.device = k_caches[0].device
+        self._receivers: dict[str, KVReceiver] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.alive = True
+        self.frames_received = 0
+        self.frames_dropped = 0
+        self.error: str | None = None
+
+    @staticmethod
+    def _check_caches(
+        layout: KVLayout,
+        k_caches: list[torch.Tensor],
+        v_caches: list[torch.Tensor],
+        extra_caches: Sequence[Sequence[torch.Tensor]],
+    ) -> list[tuple[torch.Tensor, ...]]:
         if len(k_caches) != layout.num_layers or len(v_caches) != layout.num_layers:
             raise ValueError(
                 f"need {layout.num_layers} k and v caches, got {len(k_caches)} and {len(v_caches)}"
@@ -233,25 +281,14 @@ class KVReceiveEndpoint:
             layout.check_cache(k, f"k cache of layer {i}")
             layout.check_cache(v, f"v cache of layer {i}")
             layout.check_scales(tuple(extra_caches[i]) if extra_caches else (), f"scales of layer {i}")
-        self.channel = channel
-        self.layout = layout
-        self._tensors = [
+        return [
             (k, v, *(extra_caches[i] if extra_caches else ()))
             for i, (k, v) in enumerate(zip(k_caches, v_caches, strict=True))
         ]
-        self.device = k_caches[0].device
-        self._receivers: dict[str, KVReceiver] = {}
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self.alive = True
-        self.frames_received = 0
-        self.frames_dropped = 0
-        self.error: str | None = None
 
-    def layer_tensors(self, layer: int) -> tuple[torch.Tensor, ...]:
-        return self._tensors[layer]
+    def layer_tensors(self, layer: int) -> tuple[torch.Tensor, ...] | None:
+        """The cache tensors frames of `layer` land in; None if receivers bring their own landing."""
+        return None if self._tensors is None else self._tensors[layer]
 
     def register(self, receiver: KVReceiver) -> None:
         """Route frames of `receiver.request_id` to it. Call before the prefill side starts sending, from the

@@ -9,6 +9,8 @@ import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+import torch
+
 from contracts.stats import WorkerInfo
 from contracts.transfer import ChannelAddress
 from engine.config import EngineConfig
@@ -50,7 +52,9 @@ class PrefillService(WorkerService):
         all issued once the forward pass has ended instead of from each layer's hook."""
         super().__init__(worker_id, config, progress=progress)
         self.stream_layers = stream_layers
-        self.layout = KVLayout(self.engine.kv_cache.spec, self.engine.kv_cache.num_layers)
+        # Whole kv heads on the wire, whatever this worker's TP size (a decode worker of another size maps
+        # them onto its own ranks): engine.wire_kv_spec.
+        self.layout = KVLayout(self.engine.wire_kv_spec, self.engine.kv_cache.num_layers)
         self.metrics = PrefillMetrics(worker_id, self.layout.dtype)
         self._lease = kv_lease_seconds
         self._channels: dict[str, KVChannel] = {}  # decode_id -> channel
@@ -148,6 +152,20 @@ class PrefillService(WorkerService):
                 pending.started = now
             if chunk.num_sampled:
                 completing.append((chunk.seq, pending))
+        if self.engine.tp_comm is None:
+            run = self._run_sending(out, completing)
+        else:
+            run = self._run_sending_gathered(out, completing)
+        computed = time.perf_counter()
+        for seq, pending in completing:
+            (token,) = run.sampled[seq.request_id]  # a prompt's end samples exactly one token
+            pending.sender.send_final(token, run.last_hidden.get(seq.request_id))
+            pending.first_token_id, pending.computed = token, computed
+        # postprocess frees the blocks of finished prompts right after this: send_layer already copied them.
+        return run
+
+    def _run_sending(self, out: SchedulerOutput, completing: list[tuple[Sequence, _Pending]]) -> RunOutput:
+        """TP=1: each layer's KV goes from the cache straight to the senders."""
         kv = self.engine.kv_cache
 
         def send_layer(layer: int) -> None:  # runs right after layer `layer` stored its KV
@@ -158,15 +176,42 @@ class PrefillService(WorkerService):
                                           kv.layer_scales(layer))
 
         run = self.engine.execute(out, layer_hook=send_layer if completing and self.stream_layers else None)
-        computed = time.perf_counter()
         if completing and not self.stream_layers:
             for layer in range(self.layout.num_layers):
                 send_layer(layer)
+        return run
+
+    def _run_sending_gathered(self, out: SchedulerOutput,
+                              completing: list[tuple[Sequence, _Pending]]) -> RunOutput:
+        """TP > 1: at each layer rank 0 gathers the ranks' kv-head shards of the finished prompts' blocks
+        (every rank must take part, so the gather always runs in the layer hook) and sends whole heads."""
+        if not completing:
+            return self.engine.execute(out)
+        exported: list[int] = []
+        rows: list[list[int]] = []  # per prompt: where its blocks sit among the gathered ones
         for seq, pending in completing:
-            (token,) = run.sampled[seq.request_id]  # a prompt's end samples exactly one token
-            pending.sender.send_final(token, run.last_hidden.get(seq.request_id))
-            pending.first_token_id, pending.computed = token, computed
-        # postprocess frees the blocks of finished prompts right after this: send_layer already copied them.
+            blocks = seq.block_table[:pending.sender.first_block + pending.sender.num_blocks]
+            rows.append(list(range(len(exported), len(exported) + len(blocks))))
+            exported += blocks
+        ids = torch.tensor(exported, dtype=torch.long, device=self.engine.kv_cache.device)
+        gathered: list[tuple[torch.Tensor, ...]] = []
+
+        def send_layer(layer: int, whole: tuple[torch.Tensor, ...]) -> None:
+            for (_, pending), row in zip(completing, rows, strict=True):
+                if pending.first_send is None:
+                    pending.first_send = time.perf_counter()
+                pending.sender.send_layer(layer, whole[0], whole[1], row, whole[2:])
+
+        def gather_layer(layer: int) -> None:
+            whole = self.engine.export_layer(layer, ids)
+            if self.stream_layers:
+                send_layer(layer, whole)
+            else:
+                gathered.append(whole)
+
+        run = self.engine.execute(out, layer_hook=gather_layer, export_blocks=exported)
+        for layer, whole in enumerate(gathered):
+            send_layer(layer, whole)
         return run
 
     def _after_step(self, out: SchedulerOutput, run: RunOutput, finished: list[Sequence]) -> None:

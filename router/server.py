@@ -98,6 +98,9 @@ class PDServeServicer(pb_grpc.PDServeServicer):
                 total_kv_blocks=w.stats.num_total_blocks,
                 running_requests=w.stats.num_running,
                 queued_tokens=w.stats.queued_prefill_tokens,
+                tp_size=len(w.tp_ranks),
+                tp_ranks=[pb.TPRank(rank=t.rank, device=t.device, pid=t.pid, kv_heads=list(t.kv_heads))
+                          for t in w.tp_ranks],
             )
             for w in sorted(r.pool.infos(), key=lambda w: (w.role, w.worker_id))
         ]

@@ -1,6 +1,7 @@
 """Perplexity and greedy agreement of the embedded model per weight / KV scheme, against the fp32 baseline.
 
     .venv/bin/python -m bench.quality.ppl [--text-file PATH] [--tokens N] [--json OUT]
+    .venv/bin/python -m bench.quality.ppl --tp 2 --tp-comm int8   # TP=2 (gloo, local ranks) vs TP=1
 
 Baseline: the GGUF weights dequantized to fp32, fp32 KV cache. Text: Python's `pydoc_data.topics` (the
 language reference; W8A8 calibrates on other text, engine/quantize/calibration.py) or PATH. Perplexity over
@@ -8,6 +9,8 @@ sliding windows of CONTEXT tokens moved by STRIDE: the first window scores all i
 only its last STRIDE (each scored token sees at least CONTEXT − STRIDE tokens of context). Greedy agreement:
 GREEDY_PROMPTS prompts cut from the text, GREEDY_TOKENS tokens each; the share of positions equal to the
 baseline's. Configs whose pieces are not built yet print a row saying so and stay out of the JSON.
+With --tp N the rows are the baseline and the model sharded over N local ranks (gloo, one process each:
+engine/tp/local_ranks.py), all-reducing in --tp-comm, gated at +0.2% (issue 16).
 """
 from __future__ import annotations
 
@@ -23,11 +26,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from contracts.sampling import SamplingParams
-from engine.config import EngineConfig
+from engine.config import TP_COMMS, EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.model_files import embedded_model_path
 from engine.sequence_forward import forward_sequence
 from engine.tokenizer import Tokenizer
+from engine.tp.group import TPGroup
+from engine.tp.local_ranks import run_local_ranks
 
 CONTEXT = 512
 STRIDE = 256
@@ -71,7 +76,7 @@ def windows(num_tokens: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def perplexity(engine: LLMEngine, tokens: list[int], bar: tqdm) -> float:
+def perplexity(engine: LLMEngine, tokens: list[int], bar: tqdm | None) -> float:
     """exp(mean NLL) of tokens[1:] given their preceding context (windows above)."""
     nll, count = 0.0, 0
     for start, end, first in windows(len(tokens)):
@@ -81,7 +86,8 @@ def perplexity(engine: LLMEngine, tokens: list[int], bar: tqdm) -> float:
         targets = torch.tensor(window[first:])
         nll += F.cross_entropy(logits, targets, reduction="sum").item()
         count += len(targets)
-        bar.update(1)
+        if bar is not None:
+            bar.update(1)
     return math.exp(nll / count)
 
 
@@ -96,6 +102,25 @@ def match_rate(outputs: list[list[int]], reference: list[list[int]]) -> float:
     return sum(a == b for a, b in pairs) / len(pairs)
 
 
+def engine_config(weights: str = "auto", tp_size: int = 1, tp_comm: str = "bf16") -> EngineConfig:
+    return EngineConfig(weights=weights, num_kv_blocks=GREEDY_PROMPTS * 6, max_num_seqs=GREEDY_PROMPTS,
+                        tp_size=tp_size, tp_comm=tp_comm)
+
+
+def tp_rank_run(group: TPGroup, tokens: list[int], prompts: list[list[int]], sampling: SamplingParams,
+                tp_comm: str) -> tuple[float, list[list[int]]] | None:
+    """One rank of the sharded model: every rank runs the perplexity forwards (their collectives pair up);
+    rank 0 then generates while the others follow its steps. Rank 0 returns (ppl, greedy outputs)."""
+    engine = LLMEngine(engine_config(tp_size=group.size, tp_comm=tp_comm), tp=group)
+    ppl = perplexity(engine, tokens, None)
+    if group.rank != 0:
+        engine.follow()
+        return None
+    outputs = engine.generate(prompts, sampling)
+    engine.stop_followers()
+    return ppl, outputs
+
+
 def gate_text(config: Config, rel_delta: float) -> str:
     delta, bound = (abs(rel_delta), "|rel_delta| <=") if config.two_sided else (rel_delta, "rel_delta <=")
     return f"{'PASS' if delta <= config.gate else 'FAIL'} ({bound} {config.gate:.1%})"
@@ -107,7 +132,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="tokens of the text to score (default 4096)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    parser.add_argument("--tp", type=int, default=1,
+                        help="compare the baseline with the model sharded over this many local ranks")
+    parser.add_argument("--tp-comm", choices=TP_COMMS, default="bf16", help="the TP ranks' all-reduce")
     args = parser.parse_args()
+    if args.tp < 1:
+        parser.error(f"--tp must be >= 1, got {args.tp}")
     if args.threads:
         torch.set_num_threads(args.threads)
     text = args.text_file.read_text() if args.text_file else default_text()
@@ -116,7 +146,10 @@ def main() -> None:
         parser.error(f"--tokens: the text gives {len(tokens)} tokens, fewer than the context {CONTEXT}")
     prompts = greedy_prompts(tokens)
     sampling = SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0.0, ignore_eos=True)
-    built = [c for c in CONFIGS if c.weights is not None]
+    configs = CONFIGS
+    if args.tp > 1:
+        configs = (CONFIGS[0], Config(f"tp{args.tp}-{args.tp_comm}", "auto", 0.002))
+    built = [c for c in configs if c.weights is not None]
     results: dict[str, dict[str, float]] = {}
     agreement: dict[str, float] = {}
     reference: list[list[int]] = []
@@ -124,21 +157,25 @@ def main() -> None:
     with tqdm(total=len(built) * len(windows(len(tokens))), desc="perplexity", unit="window") as bar:
         for config in built:
             bar.set_postfix_str(config.name)
-            engine = LLMEngine(EngineConfig(weights=config.weights, num_kv_blocks=GREEDY_PROMPTS * 6,
-                                            max_num_seqs=GREEDY_PROMPTS))
-            ppl = perplexity(engine, tokens, bar)
-            outputs = engine.generate(prompts, sampling)
+            if config.name.startswith("tp"):  # the ranks run in their own processes, one thread each
+                ppl, outputs = run_local_ranks(tp_rank_run, args.tp, tokens, prompts, sampling,
+                                               args.tp_comm)[0]
+                bar.update(len(windows(len(tokens))))
+            else:
+                engine = LLMEngine(engine_config(config.weights))
+                ppl = perplexity(engine, tokens, bar)
+                outputs = engine.generate(prompts, sampling)
+                del engine
             reference = reference or outputs
             base = results.get("baseline", {}).get("ppl", ppl)
             results[config.name] = {"ppl": ppl, "rel_delta": ppl / base - 1.0}
             agreement[config.name] = match_rate(outputs, reference)
-            del engine
     elapsed = time.perf_counter() - start
 
     print(f"\n{len(tokens)} tokens of {args.text_file or 'pydoc_data.topics'}, context {CONTEXT}, "
           f"stride {STRIDE}, greedy {GREEDY_TOKENS} tokens x {GREEDY_PROMPTS} prompts, {elapsed:.0f} s")
     print(f"{'config':16s} {'ppl':>9s} {'rel_delta':>10s} {'greedy match':>13s}  gate")
-    for config in CONFIGS:
+    for config in configs:
         if config.name not in results:
             print(f"{config.name:16s} {'not built yet':>34s}")
             continue

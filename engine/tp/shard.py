@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from contracts.kv_cache_spec import KVCacheSpec
+from contracts.kv_cache_spec import KVCacheSpec, scales_for
 from engine.config import EngineConfig, ModelConfig
 from engine.model import LlamaModel
 from engine.tp.comm import TPComm
@@ -36,8 +36,9 @@ class ShardPlan:
 
     def kv_cache_spec(self, config: ModelConfig, engine: EngineConfig) -> KVCacheSpec:
         """The rank's cache holds only its kv heads."""
-        return KVCacheSpec(engine.block_size, len(self.heads.kv_heads), config.head_dim,
-                           engine.resolved_kv_cache_dtype)
+        dtype = engine.resolved_kv_cache_dtype
+        return KVCacheSpec(engine.block_size, len(self.heads.kv_heads), config.head_dim, dtype,
+                           scales_for(dtype, config.head_dim))
 
 
 def _linear(weight: torch.Tensor, cls: type[Linear] = Linear) -> Linear:

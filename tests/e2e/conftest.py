@@ -1,6 +1,7 @@
 """Starts the real cluster once per session: `pdserve up`, local Ray, 1 prefill + 1 decode, on loopback."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -8,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,15 +48,15 @@ def _wait_serving(address: str, proc: subprocess.Popen, log_path: Path, timeout:
     raise TimeoutError(f"cluster not SERVING after {timeout} s:\n{log_path.read_text()[-4000:]}")
 
 
-@pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
-    workdir = tmp_path_factory.mktemp("cluster")
+@contextlib.contextmanager
+def running_cluster(workdir: Path, *flags: str) -> Iterator[Cluster]:
+    """`pdserve up` with `flags` on free ports, until SERVING; on exit stopped like Ctrl-C and checked."""
     log_path, ready_path = workdir / "pdserve-up.log", workdir / "ready.json"
     # Port 0: the servers bind whatever is free and report it in the ready file (a port picked here first
     # could be taken by one of Ray's own processes before the router binds it).
     cmd = [sys.executable, "-m", "deploy.cli", "up", "--port", "0", "--metrics-port", "0",
            "--http-port", "auto", "--admin-port", "0",
-           "--ready-file", str(ready_path), "--kv-blocks", str(KV_BLOCKS), "--device", "cpu"]
+           "--ready-file", str(ready_path), "--kv-blocks", str(KV_BLOCKS), "--device", "cpu", *flags]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
@@ -68,6 +70,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         yield Cluster(ready["address"], ready["metrics_url"], ready["http_url"], proc, log_path)
     finally:
         _stop_like_ctrl_c(proc, ports, log_path)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    with running_cluster(tmp_path_factory.mktemp("cluster")) as running:
+        yield running
 
 
 def _wait_ready_file(path: Path, proc: subprocess.Popen, log_path: Path, timeout: float) -> dict:
@@ -117,3 +125,9 @@ def _stop_like_ctrl_c(proc: subprocess.Popen, ports: tuple[int, ...], log_path: 
         raise AssertionError(f"processes left after Ctrl-C: {leftovers}")
     assert proc.returncode == 0, f"pdserve up exited {proc.returncode}:\n{log_path.read_text()[-3000:]}"
     assert all(_port_is_free(p) for p in ports), f"ports {ports} still bound after shutdown"
+
+
+@pytest.fixture(scope="module")
+def start_cluster():
+    """`running_cluster` for a test module that needs its own flags (a module-scoped cluster of its own)."""
+    return running_cluster

@@ -135,3 +135,23 @@ def test_layout_mismatch_fails_the_handshake_on_both_sides():
     finally:
         _finish(proc)
         listener.close()
+
+
+def test_a_kv_head_shard_on_the_wire_fails_the_handshake_naming_the_head_mapping():
+    # KV travels as whole heads whatever the TP sizes; a side offering one rank's shard (2 of 3 kv heads,
+    # rank 0 of 2) maps heads differently and is refused on both sides.
+    listener = ChannelListener("127.0.0.1", 0)
+    shard = KVLayout(KVCacheSpec(block_size=16, num_kv_heads=2, head_dim=64, dtype="float32"), num_layers=4,
+                     tp_rank=0, tp_size=2)
+    proc, _, results = _start_prefill(listener.address[1], shard)
+    try:
+        with pytest.raises(KVLayoutMismatch) as info:
+            listener.accept("prefill-0", LAYOUT, timeout=30)
+        kind, prefill_message = results.get(timeout=30)
+        assert kind == "mismatch"
+        for message in (str(info.value), prefill_message):
+            assert "num_kv_heads decode=3 prefill=2" in message
+            assert "tp_size decode=1 prefill=2" in message
+    finally:
+        _finish(proc)
+        listener.close()

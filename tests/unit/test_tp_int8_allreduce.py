@@ -1,12 +1,12 @@
 """8-bit all-reduce on 2 gloo ranks: within its error bound of fp32's, ≤ 0.53x the bytes of bf16."""
 import torch
 
-from engine.tp.comm import TPComm, ring_all_reduce_bytes
+from engine.tp.comm import INT8_BLOCK, TPComm, ring_all_reduce_bytes
 from engine.tp.group import TPGroup
 from engine.tp.int8_allreduce import QMAX, padded_length
 from engine.tp.local_ranks import run_local_ranks
 
-BLOCK = 256
+BLOCK = INT8_BLOCK  # what workers run
 
 
 def _inputs(rank: int, numel: int) -> torch.Tensor:
@@ -38,7 +38,8 @@ def _bound(numel: int, world: int) -> torch.Tensor:
     per_rank = sum(x.abs().amax(1) for x in xs) / QMAX / 2
     # The sum's scale is bounded by the sum of the ranks' absmaxes (the requantized block's absmax).
     total = per_rank + sum(x.abs().amax(1) for x in xs) / QMAX / 2
-    return total.repeat_interleave(BLOCK)[:numel] + 1e-5
+    # Scales travel as one-byte powers of 2^(1/8), rounded up: each is at most 2^(1/8) times the exact one.
+    return total.repeat_interleave(BLOCK)[:numel] * 2 ** (1 / 8) + 1e-5
 
 
 def test_int8_all_reduce_within_bound_and_bytes():

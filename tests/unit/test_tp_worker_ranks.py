@@ -20,3 +20,16 @@ def test_two_rank_worker_matches_one_rank():
     finally:
         ranks.close()
     assert all(p.exitcode == 0 for p in ranks.followers)
+
+
+def test_ranks_report_their_kv_heads_and_close_is_idempotent():
+    ranks = LocalTPRanks(dataclasses.replace(CONFIG, tp_size=2))
+    try:
+        kv_heads = ranks.engine.model_config.num_kv_heads
+        assert [r.rank for r in ranks.ranks] == [0, 1]
+        assert sorted(h for r in ranks.ranks for h in r.kv_heads) == list(range(kv_heads))
+        assert ranks.ranks[1].pid == ranks.followers[0].pid
+    finally:
+        ranks.close()
+        ranks.close()
+    assert all(p.exitcode == 0 for p in ranks.followers)
