@@ -17,7 +17,7 @@ from kernels.quant_linear.reference import (
 )
 from kernels.quant_linear.w4a16 import w4a16_linear
 from kernels.quant_linear.w8 import w8_linear
-from kernels.quant_linear.w8a8 import int8_gemm, quantize_rows, w8a8_linear
+from kernels.quant_linear.w8a8 import default_config, int8_gemm, quantize_rows, w8a8_linear
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -142,6 +142,11 @@ def test_w8a8_linear_matches_the_reference() -> None:
     expected = w8a8_linear_ref(x.reshape(-1, 64), weight).view(2, 10, 48)
     # a code may round the other way at a tie: one step of x's scale times |w| summed, far below this bound
     torch.testing.assert_close(got, expected, atol=5e-3, rtol=5e-3)
+
+
+def test_w8a8_default_leaves_tma_tiles_to_hopper() -> None:
+    q_x = torch.zeros(8, 64, dtype=torch.int8)  # a CPU tensor: no tensor-memory accelerator
+    assert not default_config(q_x, w8_weight(16, 64, seed=1)).tma
 
 
 def test_auto_split_k_fills_the_sms_within_k() -> None:
