@@ -34,7 +34,13 @@ class QuantConfig:
 # (8 warps, 4 stages). Candidates that never won and were more than 1.3× the winner somewhere are gone.
 W4_CANDIDATES: dict[str, tuple[QuantConfig, ...]] = {
     "one": (QuantConfig(4, 1024, 4, 2), QuantConfig(16, 1024, 4, 3, split_k=0, words=True),
-            QuantConfig(8, 1024, 4, 3, words=True)),
+            QuantConfig(8, 1024, 4, 3, words=True),
+            # round 3, untimed: deeper pipelines of the winner's tile; one step over the whole K (x and the
+            # weights in registers, no loop-carried pipeline; fit_k halves it where K is no power of two);
+            # the words kernel at two stages like the bytes winner
+            QuantConfig(4, 1024, 4, 4), QuantConfig(4, 512, 4, 5), QuantConfig(4, 2048, 8, 2),
+            QuantConfig(8, 1024, 4, 2), QuantConfig(4, 4096, 8, 1), QuantConfig(2, 4096, 4, 1),
+            QuantConfig(16, 1024, 4, 2, words=True)),
     "few": (QuantConfig(64, 256, 4, 3, block_m=16, split_k=0), QuantConfig(64, 128, 4, 4, block_m=16),
             QuantConfig(32, 256, 4, 4, block_m=16, split_k=0)),
     "many": (QuantConfig(128, 64, 4, 3, block_m=64), QuantConfig(128, 64, 8, 3, block_m=128)),

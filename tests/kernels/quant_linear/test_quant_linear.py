@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine.quantize.int4 import dequantize_int4, quantize_int4
-from kernels.quant_linear.config import W4_CANDIDATES, QuantConfig, auto_split_k, pick
+from kernels.quant_linear.config import W4_CANDIDATES, QuantConfig, auto_split_k, fit_k, pick
 from kernels.quant_linear.layout import W4Weight, W8Weight, pack_w4, unpack_w4
 from kernels.quant_linear.reference import (
     dequantize_w4,
@@ -45,6 +45,7 @@ def test_repack_keeps_our_w4a16_values() -> None:
 
 @pytest.mark.parametrize("rows,config", [
     (1, QuantConfig(16, 64, 1, 1)), (1, QuantConfig(32, 32, 1, 1, split_k=2)),
+    (1, QuantConfig(2, 128, 1, 1)), (1, QuantConfig(4, 64, 1, 5)),  # one step over all of K; 2-row blocks
     (5, QuantConfig(16, 64, 1, 1, block_m=16)), (16, QuantConfig(32, 32, 1, 1, block_m=16, split_k=2)),
     (40, QuantConfig(16, 64, 1, 1, block_m=16)), (40, QuantConfig(32, 32, 1, 1, block_m=32, split_k=2)),
 ])
@@ -142,6 +143,13 @@ def test_w8a8_linear_matches_the_reference() -> None:
     expected = w8a8_linear_ref(x.reshape(-1, 64), weight).view(2, 10, 48)
     # a code may round the other way at a tie: one step of x's scale times |w| summed, far below this bound
     torch.testing.assert_close(got, expected, atol=5e-3, rtol=5e-3)
+
+
+def test_every_one_row_w4a16_candidate_fits_the_bench_shapes() -> None:
+    for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
+        for config in W4_CANDIDATES["one"]:
+            got = fit_k(auto_split_k(config, n, k), k)
+            assert k % (got.split_k * got.block_k) == 0 and got.block_k % 128 == 0, (config, n, k)
 
 
 def test_w8a8_default_leaves_tma_tiles_to_hopper() -> None:
