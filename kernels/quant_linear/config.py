@@ -24,6 +24,7 @@ class QuantConfig:
     group_m: int = 8  # W8A8 GEMM: row blocks per L2 swizzle group
     words: bool = False  # W4A16 GEMV: read the packed weights as int32 words of eight nibbles, not bytes
     tma: bool = False  # W8A8 GEMM: tiles copied by Hopper's tensor memory accelerator, not pointer loads
+    partials: bool = False  # W4A16 GEMV split-K: per-split slices summed by a second kernel, not atomics
 
 
 # Weight-streaming kernels (W4A16 and w8): one row, up to FEW_ROWS rows, and (W4A16 only) more.
@@ -40,7 +41,11 @@ W4_CANDIDATES: dict[str, tuple[QuantConfig, ...]] = {
             # the words kernel at two stages like the bytes winner
             QuantConfig(4, 1024, 4, 4), QuantConfig(4, 512, 4, 5), QuantConfig(4, 2048, 8, 2),
             QuantConfig(8, 1024, 4, 2), QuantConfig(4, 4096, 8, 1), QuantConfig(2, 4096, 4, 1),
-            QuantConfig(16, 1024, 4, 2, words=True)),
+            QuantConfig(16, 1024, 4, 2, words=True),
+            # split-K whose partials a second small kernel sums (no zeroing memset, no atomics, no cast)
+            QuantConfig(16, 1024, 4, 2, split_k=2, words=True, partials=True),
+            QuantConfig(8, 1024, 4, 2, split_k=2, partials=True),
+            QuantConfig(16, 512, 4, 3, split_k=4, words=True, partials=True)),
     "few": (QuantConfig(64, 256, 4, 3, block_m=16, split_k=0), QuantConfig(64, 128, 4, 4, block_m=16),
             QuantConfig(32, 256, 4, 4, block_m=16, split_k=0)),
     "many": (QuantConfig(128, 64, 4, 3, block_m=64), QuantConfig(128, 64, 8, 3, block_m=128)),

@@ -46,6 +46,7 @@ def test_repack_keeps_our_w4a16_values() -> None:
 @pytest.mark.parametrize("rows,config", [
     (1, QuantConfig(16, 64, 1, 1)), (1, QuantConfig(32, 32, 1, 1, split_k=2)),
     (1, QuantConfig(2, 128, 1, 1)), (1, QuantConfig(4, 64, 1, 5)),  # one step over all of K; 2-row blocks
+    (1, QuantConfig(16, 32, 1, 1, split_k=4, partials=True)),  # split partials summed by sum_splits
     (5, QuantConfig(16, 64, 1, 1, block_m=16)), (16, QuantConfig(32, 32, 1, 1, block_m=16, split_k=2)),
     (40, QuantConfig(16, 64, 1, 1, block_m=16)), (40, QuantConfig(32, 32, 1, 1, block_m=32, split_k=2)),
 ])
@@ -72,7 +73,8 @@ def test_w4a16_one_bf16_row_reads_the_input_as_pairs(group: int, words: bool) ->
     weight = w4_weight(24, 512, group, seed=group)  # N = 24: a ragged last row block of 16
     x = torch.randn(1, 512, generator=torch.Generator().manual_seed(9)).bfloat16()
     for config in (QuantConfig(8, 256, 1, 1, split_k=2, words=words),
-                   QuantConfig(16, 512, 1, 1, words=words)):
+                   QuantConfig(16, 512, 1, 1, words=words),
+                   QuantConfig(16, 128, 1, 1, split_k=2, words=words, partials=True)):
         got = w4a16_linear(x, weight, config)
         torch.testing.assert_close(got.float(), w4a16_linear_ref(x, weight).float(), atol=2e-2, rtol=1e-2)
 
@@ -150,6 +152,13 @@ def test_every_one_row_w4a16_candidate_fits_the_bench_shapes() -> None:
         for config in W4_CANDIDATES["one"]:
             got = fit_k(auto_split_k(config, n, k), k)
             assert k % (got.split_k * got.block_k) == 0 and got.block_k % 128 == 0, (config, n, k)
+
+
+def test_w4a16_split_partials_serve_only_one_row() -> None:
+    weight = w4_weight(16, 128, 32, seed=2)
+    config = QuantConfig(16, 32, 1, 1, block_m=16, split_k=2, partials=True)
+    with pytest.raises(ValueError, match="partials"):
+        w4a16_linear(torch.randn(4, 128), weight, config)
 
 
 def test_w8a8_default_leaves_tma_tiles_to_hopper() -> None:
