@@ -5,9 +5,10 @@ import random
 
 import torch
 
-from bench.kernels.quant_common import Run, rel_err, row
+from bench.kernels.quant_common import Run, rel_err, row, skipped
 from contracts.kv_cache_spec import KVCacheSpec, scales_for
 from engine.kv_cache import KVCache, dtype_name
+from kernels.attention.config import INT8_DECODE_TILES, choose_num_splits
 from kernels.attention.metadata import AttentionMetadata, SeqSpan
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16  # Llama-3-8B
@@ -57,4 +58,40 @@ def attention_case(run: Run, batch: int, context: int) -> dict:
         note = " (fits L2)" if cache.num_bytes < 50 << 20 else ""
         roof = run.roof_ms(cache.num_bytes)
         out[dtype] = row("attention", shape, f"decode KV {dtype}{note}", ms, base, roof, err)
+        if dtype == "int8":
+            out["int8_sweep"] = int8_sweep(run, q, k_cache, v_cache, meta, scale, shape, base, roof)
     return out
+
+
+def int8_sweep(run: Run, q: torch.Tensor, k_cache, v_cache, meta: AttentionMetadata, scale: float, shape: str,
+               base_ms: float, roof_ms: float) -> dict:
+    """The int8 cache under every config.INT8_DECODE_TILES candidate, at the automatic split count and twice
+    it; the entry keeps all and names the fastest (its config: tiles and splits)."""
+    from kernels.attention.kernel import paged_decode_attention
+    from kernels.attention.reference import paged_attention_ref
+
+    batch, context = q.shape[0], meta.max_seq_len
+    auto = choose_num_splits(batch, KV_HEADS, context, q.device)
+    ref = None
+    if batch * context <= REFERENCE_MAX_TOKENS:
+        ref = paged_attention_ref(q, k_cache, v_cache, meta, scale)
+    candidates = [tiles for tiles in INT8_DECODE_TILES if tiles]
+    if q.device.type != "cuda":
+        candidates = candidates[:1]  # the interpreter (--smoke): one proves the path, each costs minutes
+    results, best = {}, None
+    for tiles in candidates:
+        for splits in sorted({auto, min(2 * auto, 64)}):
+            config = f"tiles={tiles} splits={splits}"
+            try:
+                got = paged_decode_attention(q, k_cache, v_cache, meta, scale, splits, tiles)
+            except Exception as error:  # one candidate that fails to build must not end the sweep
+                skipped(config, error)
+                continue
+            err = rel_err(got, ref) if ref is not None else None
+            ms = run.timer(lambda i, t=tiles, n=splits: paged_decode_attention(
+                q, k_cache, v_cache, meta, scale, n, t), 1)
+            entry = row("attention", shape, "decode KV int8 sweep", ms, base_ms, roof_ms, err, config)
+            results[config] = entry
+            if (err is None or err <= 2e-2) and (best is None or ms < best["ms"]):
+                best = entry
+    return {"candidates": results, "best": best}

@@ -61,8 +61,17 @@ def _last_wave_fill(programs: int, per_sm: int, sms: int) -> float:
     return programs / (-(-programs // slots) * slots)
 
 
+# int8 KV decode tiles (BLOCK_N, num_warps, num_stages): an int8 K/V tile holds half a bf16 tile's bytes, so
+# longer tiles or deeper pipelines fit the same shared memory. Untimed on an H100 since the scales were folded
+# out of the tile (tiles.attend_kv): bench/kernels/quant_gpu_attention.py sweeps these, and the first is the
+# launch's (None: the bf16 cache's choice).
+INT8_DECODE_TILES: tuple[tuple[int, int, int] | None, ...] = (
+    None, (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (128, 8, 3), (32, 4, 3),
+)
+
+
 def decode_config(head_dim: int, interpreted: bool, programs: int = 1,
-                  device: torch.device | None = None) -> tuple[int, int, int]:
+                  device: torch.device | None = None, kv_bits: int = 0) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) of a decode launch of `programs` programs.
 
     At head_dim 128 a stage holds 32 KB of K/V tiles: two stages fit three programs on an SM, three stages
@@ -73,6 +82,8 @@ def decode_config(head_dim: int, interpreted: bool, programs: int = 1,
         return 16, 1, 1  # the interpreter's cost grows with tile size
     if head_dim > 128:
         return 32, 4, 2
+    if kv_bits == 8 and head_dim == 128 and INT8_DECODE_TILES[0] is not None:
+        return INT8_DECODE_TILES[0]
     sms = _num_sms(device) if device is not None else 132
     fill2, fill3 = (_last_wave_fill(programs, _programs_per_sm(s), sms) for s in (2, 3))
     return (64, 4, 2) if fill2 >= fill3 else (64, 4, 3)

@@ -279,7 +279,8 @@ def _check(q: torch.Tensor, k_cache: KVOperand, v_cache: KVOperand, meta: Attent
 
 
 def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                   scale: float, out: torch.Tensor, num_splits: int | None, mixed: bool, quant: dict) -> None:
+                   scale: float, out: torch.Tensor, num_splits: int | None, mixed: bool, quant: dict,
+                   tiles: tuple[int, int, int] | None = None) -> None:
     num_seqs = meta.seq_lens.shape[0]
     _, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -289,7 +290,8 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     block_d = triton.next_power_of_2(head_dim)
     interpreted = q.device.type == "cpu"
     programs = num_seqs * num_kv_heads * num_splits
-    block_n, warps, stages = decode_config(head_dim, interpreted, programs, q.device)
+    kv_bits = quant["KV_BITS"]
+    block_n, warps, stages = tiles or decode_config(head_dim, interpreted, programs, q.device, kv_bits)
     preload = preload_first_tile(programs, stages, q.device)
     if num_splits > 1:
         part_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32,
@@ -344,13 +346,15 @@ def _launch_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 def paged_decode_attention(
     q: torch.Tensor, k_cache: KVOperand, v_cache: KVOperand, meta: AttentionMetadata, scale: float,
-    num_splits: int | None = None,
+    num_splits: int | None = None, tiles: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
-    """Decode-only batch (every sequence brings one query row) → [B, Hq, D]. `num_splits` None = auto."""
+    """Decode-only batch (every sequence brings one query row) → [B, Hq, D]. `num_splits` None = auto;
+    `tiles` (BLOCK_N, num_warps, num_stages) None = config.decode_config's (the bench sweeps others)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_cache, v_cache, quant = _quantized_args(k_cache, v_cache)
     if q.shape[0]:
-        _launch_decode(q, k_cache, v_cache, meta, scale, out, num_splits, mixed=False, quant=quant)
+        _launch_decode(q, k_cache, v_cache, meta, scale, out, num_splits, mixed=False, quant=quant,
+                       tiles=tiles)
     return out
 
 

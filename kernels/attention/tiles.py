@@ -41,6 +41,28 @@ def load_kv(k_cache_ptr, v_cache_ptr, block_row, pos, kv_head, stride_cb, stride
 
 
 @triton.jit
+def load_kv_int8(k_cache_ptr, v_cache_ptr, block_row, pos, kv_head, stride_cb, stride_ct, stride_ch, valid,
+                 k_scale_ptr, v_scale_ptr, stride_ks_slot, stride_ks_h, stride_vs_slot, stride_vs_h,
+                 BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr):
+    """int8 K and V codes [len(pos), BLOCK_D] as stored and their float32 row scales [len(pos)]: attend_kv
+    folds the scales into the scores and probabilities (N values a tile) instead of multiplying every code
+    (N · BLOCK_D). MASKED: rows not `valid` read as zeros (codes and scales)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    if MASKED:
+        block = tl.load(block_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    else:
+        block = tl.load(block_row + pos // BLOCK_SIZE).to(tl.int64)
+    token_off = block * stride_cb + (pos % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
+    kv_off = token_off[:, None] + offs_d[None, :]
+    slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
+    k = _rows(k_cache_ptr + kv_off, valid[:, None], MASKED)
+    v = _rows(v_cache_ptr + kv_off, valid[:, None], MASKED)
+    k_scale = _rows(k_scale_ptr + slot * stride_ks_slot + kv_head * stride_ks_h, valid, MASKED)
+    v_scale = _rows(v_scale_ptr + slot * stride_vs_slot + kv_head * stride_vs_h, valid, MASKED)
+    return k, v, k_scale.to(tl.float32), v_scale.to(tl.float32)
+
+
+@triton.jit
 def _dequantize(codes_ptr, scale_ptr, zero_ptr, token_off, scale_off, valid, MASKED: tl.constexpr,
                 BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr):
     """float32 [N, BLOCK_D] of quantized rows (BLOCK_D = head_dim): int8 codes times their row scale, or int4
@@ -75,13 +97,19 @@ def _rows(ptrs, valid, MASKED: tl.constexpr):
 @triton.jit
 def attend_kv(acc, m_i, l_i, q, q_pos, k, v, pos, valid, scale_log2,
                BOUNDED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               tree_bits=0, chunk_start=0, TREE: tl.constexpr = False):
+               tree_bits=0, chunk_start=0, TREE: tl.constexpr = False, k_scale=None, v_scale=None,
+               ROW_SCALES: tl.constexpr = False):
     """Online-softmax step of the q rows over keys k / values v at positions `pos` (masked where not valid
     when BOUNDED; after a row's q_pos when CAUSAL; when also TREE, chunk keys (from chunk_start) whose bit
-    is clear in the row's tree_bits [rows] int64 — bit j: the chunk's j-th position)."""
-    k = k.to(q.dtype)
+    is clear in the row's tree_bits [rows] int64 — bit j: the chunk's j-th position). ROW_SCALES: k and v are
+    int8 codes with per-key scales k_scale / v_scale [len(pos)] (load_kv_int8): q·(s c) = s (q·c), and
+    Σ p (s c) = Σ (p s) c, so the scales multiply the scores and the probabilities, not the codes."""
+    k = k.to(q.dtype)  # int8 codes: exact in bf16 / fp16 (|c| <= 127)
     v = v.to(q.dtype)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    if ROW_SCALES:
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (k_scale * scale_log2)[None, :]
+    else:
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
     if BOUNDED:
         visible = valid[None, :]
         if CAUSAL:
@@ -96,7 +124,11 @@ def attend_kv(acc, m_i, l_i, q, q_pos, k, v, pos, valid, scale_log2,
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    if ROW_SCALES:
+        p_scaled = (p * v_scale[None, :]).to(v.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p_scaled, v, input_precision=DOT_PRECISION)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
@@ -118,11 +150,22 @@ def attend_tile(
     """
     pos = n0 + tl.arange(0, BLOCK_N)
     valid = pos < kv_end
-    k, v = load_kv(k_cache_ptr, v_cache_ptr, block_row, pos, kv_head, stride_cb, stride_ct, stride_ch, valid,
-                    HEAD_DIM, BLOCK_D, BLOCK_SIZE, BOUNDED, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
-                    stride_ks_slot, stride_ks_h, stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP)
-    return attend_kv(acc, m_i, l_i, q, q_pos, k, v, pos, valid, scale_log2, BOUNDED, CAUSAL, DOT_PRECISION,
-                     tree_bits, chunk_start, TREE)
+    # One return after both constexpr branches (see _dequantize).
+    if KV_BITS == 8:  # int8 codes straight into the dots, their row scales folded (attend_kv's ROW_SCALES)
+        k, v, k_scale, v_scale = load_kv_int8(
+            k_cache_ptr, v_cache_ptr, block_row, pos, kv_head, stride_cb, stride_ct, stride_ch, valid,
+            k_scale_ptr, v_scale_ptr, stride_ks_slot, stride_ks_h, stride_vs_slot, stride_vs_h, BLOCK_D,
+            BLOCK_SIZE, BOUNDED)
+        acc, m_i, l_i = attend_kv(acc, m_i, l_i, q, q_pos, k, v, pos, valid, scale_log2, BOUNDED, CAUSAL,
+                                  DOT_PRECISION, tree_bits, chunk_start, TREE, k_scale, v_scale, True)
+    else:
+        k, v = load_kv(k_cache_ptr, v_cache_ptr, block_row, pos, kv_head, stride_cb, stride_ct, stride_ch,
+                       valid, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BOUNDED, k_scale_ptr, k_zero_ptr, v_scale_ptr,
+                       v_zero_ptr, stride_ks_slot, stride_ks_h, stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP,
+                       V_GROUP)
+        acc, m_i, l_i = attend_kv(acc, m_i, l_i, q, q_pos, k, v, pos, valid, scale_log2, BOUNDED, CAUSAL,
+                                  DOT_PRECISION, tree_bits, chunk_start, TREE)
+    return acc, m_i, l_i
 
 
 @triton.jit

@@ -20,14 +20,40 @@ def exact_float(i):
 
 
 @triton.jit
-def store_rows(out_ptr, acc, offs_m, offs_n, M, N, stride_om, SPLIT_K: tl.constexpr):
-    """acc [BLOCK_N, BLOCK_M] (weight rows × input rows) into out [M, N]: stored, or added under split-K."""
+def store_rows(out_ptr, acc, offs_m, offs_n, M, N, stride_om, SPLIT_K: tl.constexpr,
+               PARTIALS: tl.constexpr = False):
+    """acc [BLOCK_N, BLOCK_M] (weight rows × input rows) into out [M, N]: stored, or added under split-K.
+    PARTIALS (split-K, out [SPLIT_K, M, N] dense): each split stores its own slice for sum_splits, so the
+    buffer needs no zeroing and no atomics."""
     o_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
     o_mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
     if SPLIT_K == 1:
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+    elif PARTIALS:
+        tl.store(o_ptrs + tl.program_id(1).to(tl.int64) * M * N, acc, mask=o_mask)
     else:
         tl.atomic_add(o_ptrs, acc, mask=o_mask, sem="relaxed")
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, size, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < size
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for split in tl.static_range(SPLIT_K):
+        acc += tl.load(part_ptr + split * size + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def sum_splits(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 split partials [S, M, N] (store_rows' PARTIALS) → their sum [M, N] in dtype, one small kernel."""
+    splits, m, n = partials.shape
+    out = torch.empty((m, n), dtype=dtype, device=partials.device)
+    block = 1024 if partials.is_cuda else 64  # the interpreter's cost grows with the block
+    if m * n:
+        _sum_splits_kernel[(triton.cdiv(m * n, block),)](partials, out, m * n, SPLIT_K=splits, BLOCK=block,
+                                                           num_warps=4)
+    return out
 
 
 def rows_of(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -36,10 +62,13 @@ def rows_of(x: torch.Tensor, k: int) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def output(m: int, n: int, like: torch.Tensor, config: QuantConfig) -> torch.Tensor:
-    """The product's buffer: x's dtype, or fp32 zeros that split-K programs add into."""
+def output(m: int, n: int, like: torch.Tensor, config: QuantConfig, partials: bool = False) -> torch.Tensor:
+    """The product's buffer: x's dtype, or fp32 zeros that split-K programs add into, or (partials) one
+    uninitialized fp32 [M, N] slice a split (store_rows' PARTIALS)."""
     if config.split_k == 1:
         return torch.empty((m, n), dtype=like.dtype, device=like.device)
+    if partials:
+        return torch.empty((config.split_k, m, n), dtype=torch.float32, device=like.device)
     return torch.zeros((m, n), dtype=torch.float32, device=like.device)
 
 

@@ -24,39 +24,47 @@ class QuantConfig:
     group_m: int = 8  # W8A8 GEMM: row blocks per L2 swizzle group
     words: bool = False  # W4A16 GEMV: read the packed weights as int32 words of eight nibbles, not bytes
     tma: bool = False  # W8A8 GEMM: tiles copied by Hopper's tensor memory accelerator, not pointer loads
+    partials: bool = False  # W4A16 GEMV split-K: per-split slices summed by a second kernel, not atomics
 
 
 # Weight-streaming kernels (W4A16 and w8): one row, up to FEW_ROWS rows, and (W4A16 only) more.
-# Round 1 on H100: W4A16 one row best at 4 × 1024 (4 warps, 2 stages), the byte GEMV with the affine inside;
-# w8 one row at 4 × 1024; w8 few rows at 64 × 128 (5 stages) on wide N and 64 × 256 split-K on narrow N;
-# W8A8 at 128 × 256 × 128 (8 warps, 3 stages). Round 2's new kernels (int32 words, affine out of the loop,
-# scales once per group at M = 16) are untimed: the bench sweeps every candidate below.
+# Round 2 on H100 (Llama-3-8B layer shapes, g32 and g128): W4A16 one row best at the byte GEMV 4 × 1024
+# (4 warps, 2 stages; fastest on o and down, within 7% elsewhere), the int32-word 16 × 1024 with auto split-K
+# fastest on qkv and gate_up; W4A16 few rows at 64 × 256 with auto split-K (10 of 12 shapes); w8 one row at
+# 4 × 1024 everywhere; w8 few rows at 32 × 256 auto split-K everywhere; W8A8 at the TMA 128 × 256 × 128
+# (8 warps, 4 stages). Candidates that never won and were more than 1.3× the winner somewhere are gone.
 W4_CANDIDATES: dict[str, tuple[QuantConfig, ...]] = {
-    "one": (QuantConfig(16, 1024, 4, 3, split_k=0, words=True), QuantConfig(16, 1024, 4, 3, words=True),
-            QuantConfig(8, 1024, 4, 3, words=True), QuantConfig(16, 2048, 8, 3, split_k=0, words=True),
-            QuantConfig(32, 1024, 8, 3, split_k=0, words=True), QuantConfig(4, 1024, 4, 3, words=True),
-            QuantConfig(16, 512, 4, 3), QuantConfig(4, 1024, 4, 2)),
-    "few": (QuantConfig(64, 256, 4, 3, block_m=16), QuantConfig(64, 128, 4, 4, block_m=16),
-            QuantConfig(128, 256, 8, 3, block_m=16), QuantConfig(64, 256, 4, 3, block_m=16, split_k=0),
+    "one": (QuantConfig(4, 1024, 4, 2), QuantConfig(16, 1024, 4, 3, split_k=0, words=True),
+            QuantConfig(8, 1024, 4, 3, words=True),
+            # round 3, untimed: deeper pipelines of the winner's tile; one step over the whole K (x and the
+            # weights in registers, no loop-carried pipeline; fit_k halves it where K is no power of two);
+            # the words kernel at two stages like the bytes winner
+            QuantConfig(4, 1024, 4, 4), QuantConfig(4, 512, 4, 5), QuantConfig(4, 2048, 8, 2),
+            QuantConfig(8, 1024, 4, 2), QuantConfig(4, 4096, 8, 1), QuantConfig(2, 4096, 4, 1),
+            QuantConfig(16, 1024, 4, 2, words=True),
+            # split-K whose partials a second small kernel sums (no zeroing memset, no atomics, no cast)
+            QuantConfig(16, 1024, 4, 2, split_k=2, words=True, partials=True),
+            QuantConfig(8, 1024, 4, 2, split_k=2, partials=True),
+            QuantConfig(16, 512, 4, 3, split_k=4, words=True, partials=True)),
+    "few": (QuantConfig(64, 256, 4, 3, block_m=16, split_k=0), QuantConfig(64, 128, 4, 4, block_m=16),
             QuantConfig(32, 256, 4, 4, block_m=16, split_k=0)),
     "many": (QuantConfig(128, 64, 4, 3, block_m=64), QuantConfig(128, 64, 8, 3, block_m=128)),
 }
 W8_CANDIDATES: dict[str, tuple[QuantConfig, ...]] = {
     "one": (QuantConfig(4, 1024, 4, 3), QuantConfig(8, 512, 4, 3), QuantConfig(8, 1024, 4, 3),
             QuantConfig(4, 2048, 8, 3)),
-    "few": (QuantConfig(64, 128, 4, 5, block_m=16), QuantConfig(64, 256, 4, 3, block_m=16, split_k=0),
-            QuantConfig(64, 256, 4, 4, block_m=16), QuantConfig(128, 128, 8, 4, block_m=16),
-            QuantConfig(32, 256, 4, 4, block_m=16, split_k=0)),
+    "few": (QuantConfig(32, 256, 4, 4, block_m=16, split_k=0),
+            QuantConfig(64, 256, 4, 3, block_m=16, split_k=0)),
 }
-# W8A8 int8 × int8 GEMM (prefill-sized M): block_m × block_n output tiles, block_k int8 values deep.
+# W8A8 int8 × int8 GEMM (prefill-sized M): block_m × block_n output tiles, block_k int8 values deep. The TMA
+# tiles need sm_90 and 16-byte rows: w8a8.default_config falls back to the first pointer-load candidate.
 W8A8_CANDIDATES: tuple[QuantConfig, ...] = (
+    QuantConfig(256, 128, 8, 4, block_m=128, tma=True), QuantConfig(128, 128, 8, 4, block_m=256, tma=True),
+    QuantConfig(256, 128, 8, 3, block_m=128, tma=True),
     QuantConfig(256, 128, 8, 3, block_m=128), QuantConfig(256, 128, 8, 4, block_m=128),
     QuantConfig(128, 128, 8, 3, block_m=256), QuantConfig(128, 128, 8, 4, block_m=256),
-    QuantConfig(256, 128, 8, 4, block_m=128, group_m=16), QuantConfig(128, 128, 4, 4, block_m=128),
-    QuantConfig(256, 128, 8, 3, block_m=128, tma=True), QuantConfig(256, 128, 8, 4, block_m=128, tma=True),
-    QuantConfig(128, 128, 8, 4, block_m=256, tma=True),
+    QuantConfig(256, 128, 8, 4, block_m=128, group_m=16),
 )
-
 
 def bucket(m: int) -> str:
     return "one" if m == 1 else "few" if m <= FEW_ROWS else "many"

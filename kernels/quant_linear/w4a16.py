@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.quant_linear.common import dot_precision, grid, output, rows_of, store_rows
+from kernels.quant_linear.common import dot_precision, grid, output, rows_of, store_rows, sum_splits
 from kernels.quant_linear.config import W4_CANDIDATES, QuantConfig, pick
 from kernels.quant_linear.layout import W4Weight
 from kernels.quant_linear.w4a16_gemv import _w4a16_gemv_bytes_kernel, _w4a16_gemv_words_kernel, nibble_float
@@ -99,22 +99,27 @@ def w4a16_linear(x: torch.Tensor, weight: W4Weight, config: QuantConfig | None =
         raise ValueError(f"W4A16: K = {k} is no multiple of split {config.split_k} × block {config.block_k}")
     if weight.scale.stride() != weight.low.stride() or weight.packed.stride(1) != 1:
         raise ValueError("W4A16: packed rows must be contiguous and scale / low laid out alike")
-    out = output(m, n, x, config)
+    if config.partials and not gemv:
+        raise ValueError(f"W4A16: split partials serve the one-row GEMV only, not {config}")
+    partials = config.partials and config.split_k > 1
+    out = output(m, n, x, config, partials)
     common = dict(GROUP=weight.group_size, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                   SPLIT_K=config.split_k, EVEN_N=n % config.block_n == 0, num_warps=config.num_warps,
                   num_stages=config.num_stages)
     if gemv and _reads_words(rows, weight, config):
         _w4a16_gemv_words_kernel[grid(m, n, config)[:2]](
             rows.view(torch.int32), weight.packed.view(torch.int32), weight.scale, weight.low, out, n, k,
-            weight.packed.stride(0) // 4, weight.scale.stride(0), **common)
+            weight.packed.stride(0) // 4, weight.scale.stride(0), PARTIALS=partials, **common)
     elif gemv:
         pairs = rows.dtype == torch.bfloat16 and rows.storage_offset() % 2 == 0
         _w4a16_gemv_bytes_kernel[grid(m, n, config)[:2]](
             rows.view(torch.int32) if pairs else rows, weight.packed, weight.scale, weight.low, out, n, k,
-            weight.packed.stride(0), weight.scale.stride(0), BF16_PAIRS=pairs, **common)
+            weight.packed.stride(0), weight.scale.stride(0), BF16_PAIRS=pairs, PARTIALS=partials, **common)
     elif m:
         _w4a16_dot_kernel[grid(m, n, config)](
             rows, weight.packed, weight.scale, weight.low, out, m, n, k, rows.stride(0),
             weight.packed.stride(0), weight.scale.stride(0), out.stride(0), BLOCK_M=config.block_m,
             DOT_PRECISION=dot_precision(x.dtype), **common)
+    if partials:
+        out = sum_splits(out, x.dtype)
     return out.to(x.dtype).view(*x.shape[:-1], n)

@@ -123,12 +123,19 @@ def _int8_gemm_tma_kernel(
     tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+def default_config(q_x: torch.Tensor, weight: W8Weight) -> QuantConfig:
+    """The first W8A8 candidate this device and these rows can run: TMA tiles need sm_90+ and 16-byte rows."""
+    tma_fits = (q_x.is_cuda and torch.cuda.get_device_capability(q_x.device)[0] >= 9
+                and q_x.shape[1] % 16 == 0 and q_x.stride(0) % 16 == 0 and weight.q.stride(0) % 16 == 0)
+    return next(c for c in W8A8_CANDIDATES if tma_fits or not c.tma)
+
+
 def int8_gemm(q_x: torch.Tensor, x_scale: torch.Tensor, weight: W8Weight, out_dtype: torch.dtype,
               config: QuantConfig | None = None) -> torch.Tensor:
     """(int8 [M, K], fp32 scale [M]) × weightᵀ → [M, N] of out_dtype; reference.int8_gemm_ref's contract."""
     m, k = q_x.shape
     n = weight.shape[0]
-    config = config or W8A8_CANDIDATES[0]
+    config = config or default_config(q_x, weight)
     if q_x.stride(1) != 1 or weight.q.stride(1) != 1:
         raise ValueError("int8_gemm: activation and weight rows must be contiguous along K")
     if config.tma and (k % 16 or q_x.stride(0) % 16 or weight.q.stride(0) % 16):

@@ -45,6 +45,14 @@ def test_triton_decode_over_a_quantized_cache_matches_the_reference(dtype: str, 
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
 
 
+def test_int8_decode_under_swept_tiles_matches_the_reference() -> None:
+    # 32-key tiles (the bench's sweep passes tiles): contexts of whole tiles, a ragged tail and one short key
+    q, k, v, meta, _ = quantized_batch([(64, 1), (45, 1), (1, 1)], "int8", seed=5)
+    expected = paged_attention_ref(q, k, v, meta, HEAD_DIM ** -0.5)
+    got = paged_decode_attention(q, k, v, meta, HEAD_DIM ** -0.5, num_splits=2, tiles=(32, 1, 1))
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 def test_triton_prefill_and_mixed_batches_over_a_quantized_cache_match_the_reference(dtype: str) -> None:
     q, k, v, meta, _ = quantized_batch([(0, 17), (20, 1), (7, 9)], dtype, seed=7)

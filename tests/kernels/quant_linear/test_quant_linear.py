@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine.quantize.int4 import dequantize_int4, quantize_int4
-from kernels.quant_linear.config import W4_CANDIDATES, QuantConfig, auto_split_k, pick
+from kernels.quant_linear.config import W4_CANDIDATES, QuantConfig, auto_split_k, fit_k, pick
 from kernels.quant_linear.layout import W4Weight, W8Weight, pack_w4, unpack_w4
 from kernels.quant_linear.reference import (
     dequantize_w4,
@@ -17,7 +17,7 @@ from kernels.quant_linear.reference import (
 )
 from kernels.quant_linear.w4a16 import w4a16_linear
 from kernels.quant_linear.w8 import w8_linear
-from kernels.quant_linear.w8a8 import int8_gemm, quantize_rows, w8a8_linear
+from kernels.quant_linear.w8a8 import default_config, int8_gemm, quantize_rows, w8a8_linear
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -45,6 +45,8 @@ def test_repack_keeps_our_w4a16_values() -> None:
 
 @pytest.mark.parametrize("rows,config", [
     (1, QuantConfig(16, 64, 1, 1)), (1, QuantConfig(32, 32, 1, 1, split_k=2)),
+    (1, QuantConfig(2, 128, 1, 1)), (1, QuantConfig(4, 64, 1, 5)),  # one step over all of K; 2-row blocks
+    (1, QuantConfig(16, 32, 1, 1, split_k=4, partials=True)),  # split partials summed by sum_splits
     (5, QuantConfig(16, 64, 1, 1, block_m=16)), (16, QuantConfig(32, 32, 1, 1, block_m=16, split_k=2)),
     (40, QuantConfig(16, 64, 1, 1, block_m=16)), (40, QuantConfig(32, 32, 1, 1, block_m=32, split_k=2)),
 ])
@@ -71,7 +73,8 @@ def test_w4a16_one_bf16_row_reads_the_input_as_pairs(group: int, words: bool) ->
     weight = w4_weight(24, 512, group, seed=group)  # N = 24: a ragged last row block of 16
     x = torch.randn(1, 512, generator=torch.Generator().manual_seed(9)).bfloat16()
     for config in (QuantConfig(8, 256, 1, 1, split_k=2, words=words),
-                   QuantConfig(16, 512, 1, 1, words=words)):
+                   QuantConfig(16, 512, 1, 1, words=words),
+                   QuantConfig(16, 128, 1, 1, split_k=2, words=words, partials=True)):
         got = w4a16_linear(x, weight, config)
         torch.testing.assert_close(got.float(), w4a16_linear_ref(x, weight).float(), atol=2e-2, rtol=1e-2)
 
@@ -142,6 +145,25 @@ def test_w8a8_linear_matches_the_reference() -> None:
     expected = w8a8_linear_ref(x.reshape(-1, 64), weight).view(2, 10, 48)
     # a code may round the other way at a tie: one step of x's scale times |w| summed, far below this bound
     torch.testing.assert_close(got, expected, atol=5e-3, rtol=5e-3)
+
+
+def test_every_one_row_w4a16_candidate_fits_the_bench_shapes() -> None:
+    for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
+        for config in W4_CANDIDATES["one"]:
+            got = fit_k(auto_split_k(config, n, k), k)
+            assert k % (got.split_k * got.block_k) == 0 and got.block_k % 128 == 0, (config, n, k)
+
+
+def test_w4a16_split_partials_serve_only_one_row() -> None:
+    weight = w4_weight(16, 128, 32, seed=2)
+    config = QuantConfig(16, 32, 1, 1, block_m=16, split_k=2, partials=True)
+    with pytest.raises(ValueError, match="partials"):
+        w4a16_linear(torch.randn(4, 128), weight, config)
+
+
+def test_w8a8_default_leaves_tma_tiles_to_hopper() -> None:
+    q_x = torch.zeros(8, 64, dtype=torch.int8)  # a CPU tensor: no tensor-memory accelerator
+    assert not default_config(q_x, w8_weight(16, 64, seed=1)).tma
 
 
 def test_auto_split_k_fills_the_sms_within_k() -> None:
