@@ -62,11 +62,12 @@ def _last_wave_fill(programs: int, per_sm: int, sms: int) -> float:
 
 
 # int8 KV decode tiles (BLOCK_N, num_warps, num_stages): an int8 K/V tile holds half a bf16 tile's bytes, so
-# longer tiles or deeper pipelines fit the same shared memory. Untimed on an H100 since the scales were folded
-# out of the tile (tiles.attend_kv): bench/kernels/quant_gpu_attention.py sweeps these, and the first is the
-# launch's (None: the bf16 cache's choice).
+# longer tiles or deeper pipelines fit the same shared memory. bench/kernels/quant_gpu_attention.py sweeps
+# these and the first is the launch's (None would mean the bf16 cache's choice). (64, 4, 3) measured on an
+# H100 at ctx 8k with the bench's split count: B=1 0.92x, B=16 1.37x, B=64 1.00x the bf16 cache's time, where
+# the bf16 choice gave int8 0.92x / 0.86x / 1.00x (docs/benchmarks.md, "Quantized kernels on the H100").
 INT8_DECODE_TILES: tuple[tuple[int, int, int] | None, ...] = (
-    None, (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (128, 8, 3), (32, 4, 3),
+    (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (128, 8, 3), (32, 4, 3),
 )
 
 
