@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.spec.config import SpecConfig
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -82,6 +84,8 @@ class EngineConfig:
     # max_long_partial_prefills such prompts progress at once. 0 = a prompt may take the whole budget.
     long_prefill_token_threshold: int = 128
     max_long_partial_prefills: int = 1
+    # Speculative decoding (engine/spec/speculator.py): drafter, draft length, the head's file.
+    spec: SpecConfig = field(default_factory=SpecConfig)
 
     def __post_init__(self) -> None:
         if self.kernels not in KERNEL_BACKENDS:
@@ -107,6 +111,8 @@ class EngineConfig:
         if self.weights not in WEIGHT_SCHEMES:
             raise ValueError(f"weights {self.weights!r} is not supported; "
                              f"expected one of {', '.join(WEIGHT_SCHEMES)}")
+        if self.spec.enabled and self.tp_size > 1:
+            raise ValueError("speculative decoding (spec) does not run with tp_size > 1 yet")
         if self.weights == "bf16" and self.dtype != "bfloat16":
             raise ValueError(f"weights 'bf16' needs dtype 'bfloat16' (got dtype {self.dtype!r})")
 
