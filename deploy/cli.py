@@ -9,8 +9,18 @@ import socket
 import sys
 
 from contracts.transfer import KV_FAILURE_POLICIES
-from deploy.cli_args import HelpFormatter, http_port, non_negative, port, positive, resources, seconds
+from deploy.cli_args import (
+    HelpFormatter,
+    http_port,
+    non_negative,
+    port,
+    positive,
+    resources,
+    seconds,
+    spec_k,
+)
 from engine.config import KERNEL_BACKENDS, WEIGHT_SCHEMES
+from engine.spec.config import SPEC_METHODS, SpecConfig
 from router.dispatch import known_policies
 from router.placement import known_placements
 
@@ -42,6 +52,11 @@ def _check_port_free(host: str, port: int, flag: str) -> None:
                                  f"another with {flag}") from None
             raise UsageError(f"cannot bind {host}:{port} ({e.strerror}): fix {flag}") from None
 
+
+# `pdserve up` (and so `make serve`) speculates with the n-gram drafter unless told otherwise: measured on
+# the embedded model, the shipped head's drafts are accepted too rarely to pay for its verify rows
+# (docs/speculative.md, "In the engine").
+DEFAULT_SPEC = "ngram"
 
 # --kv-cache value -> EngineConfig.kv_cache_dtype
 _KV_CACHE_FLAG = {"auto": "auto", "bf16": "bfloat16", "int8": "int8", "int4": "int4"}
@@ -104,6 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: the file's weights in the compute dtype; bf16: the same in bfloat16 (also "
                          "on CPU); w8a8: int8 weights and activations; w4a16: int4 weights (CPU; GGUF Q4_1 "
                          "as is)")
+    up.add_argument("--spec", choices=SPEC_METHODS, default=DEFAULT_SPEC,
+                    help="speculative decoding on the decode workers: ngram = prompt lookup; head = the "
+                         "learned draft head (--spec-head); off = one token per step. Default ngram: the "
+                         "shipped head drafts too poorly to pay for itself yet (docs/speculative.md)")
+    up.add_argument("--spec-k", type=spec_k, default=5, help="most draft tokens per verify step (1..16)")
+    up.add_argument("--spec-head", default=None,
+                    help="draft head safetensors for --spec head (default: the head shipped for the "
+                         "embedded model)")
+    up.add_argument("--spec-adaptive", choices=("on", "off"), default="on",
+                    help="each request drafts 1..k tokens, following its measured acceptance")
     up.add_argument("--dispatch-policy", default="least_loaded", choices=known_policies(),
                     help="how the router picks workers")
     up.add_argument("--queue-capacity", type=positive("--queue-capacity"), default=256,
@@ -196,6 +221,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _spec_config(args: argparse.Namespace) -> SpecConfig:
+    if args.spec_head is not None:
+        if args.spec != "head":
+            raise UsageError(f"--spec-head is for --spec head (got --spec {args.spec})")
+        if not os.path.isfile(args.spec_head):
+            raise UsageError(f"--spec-head: no such file: {args.spec_head}")
+    return SpecConfig(args.spec, k=args.spec_k, head_path=args.spec_head, adaptive=args.spec_adaptive == "on")
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from engine.config import EngineConfig
     from engine.model_files import ModelPathError, resolve_model_path
@@ -205,6 +239,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     except ModelPathError as e:
         raise UsageError(f"--model: {e}") from None
     _check_security_files(args)
+    spec = _spec_config(args)
     ports = ((args.port, "--port"), (args.metrics_port, "--metrics-port"), (args.http_port, "--http-port"),
              (args.admin_port, "--admin-port"))
     for number, flag in ports:
@@ -226,7 +261,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
                           kv_cache_dtype=_KV_CACHE_FLAG[args.kv_cache], num_kv_blocks=args.kv_blocks,
                           max_batch_tokens=args.max_batch_tokens, kernels=args.kernels,
                           prefix_caching=args.prefix_caching == "on",
-                          long_prefill_token_threshold=args.long_prefill_threshold)
+                          long_prefill_token_threshold=args.long_prefill_threshold, spec=spec)
     cluster = LocalCluster(ClusterConfig(engine=engine, num_prefill=args.prefill, num_decode=args.decode,
                                          host=args.host, port=args.port, metrics_port=args.metrics_port,
                                          http_port=args.http_port, served_model_name=args.served_model_name,

@@ -18,6 +18,7 @@ from typing import Any
 
 from deploy.ray_connect import init_ray, use_token_auth_if_available
 from engine.config import EngineConfig
+from engine.spec.config import SpecConfig
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,9 @@ class LocalCluster:
             # Workers share this machine's cores: oversubscribed torch pools thrash (KV copies slow 10x).
             engine_cfg = dataclasses.replace(
                 engine_cfg, num_threads=max(1, (os.cpu_count() or 1) // (cfg.num_prefill + cfg.num_decode)))
+        # Prefill workers draft nothing: they run the draft head only to ship its features with the KV.
+        prefill_cfg = engine_cfg if engine_cfg.spec.method == "head" else dataclasses.replace(
+            engine_cfg, spec=SpecConfig())
         _status(f"[1/4] starting Ray ({'local' if cfg.ray_address is None else cfg.ray_address})")
         if not ray.is_initialized():
             self._started_ray = init_ray(cfg.ray_address, os.cpu_count(), 256 * 1024 * 1024)
@@ -142,7 +146,7 @@ class LocalCluster:
         self._spawners = {
             "decode": lambda wid: decode_cls.options(name=f"pdserve-{wid}").remote(
                 wid, engine_cfg, channel_host=channel_host, kv_failure_policy=cfg.kv_failure_policy),
-            "prefill": lambda wid: prefill_cls.options(name=f"pdserve-{wid}").remote(wid, engine_cfg),
+            "prefill": lambda wid: prefill_cls.options(name=f"pdserve-{wid}").remote(wid, prefill_cfg),
         }
         self.decode = [self._spawn("decode") for _ in range(cfg.num_decode)]
         self.prefill = [self._spawn("prefill") for _ in range(cfg.num_prefill)]
