@@ -137,6 +137,11 @@ class Speculator:
     def num_drafting(self) -> int:
         return len(self._drafts)
 
+    def close(self) -> None:
+        """Removes the feature hooks from the model (engines sharing one model, benchmarks)."""
+        if self.capture is not None:
+            self.capture.close()
+
     # ---- internals ----
 
     def _chunk_features(self, request_id: str, n: int) -> torch.Tensor | None:
