@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(row)
             print(f"batch {batch}, {drafter} k={k}: τ {row['tau']}, {row['speedup']}x ({got.seconds:.0f} s)",
                   file=sys.stderr)
+            if args.json is not None:  # after every row: a long sweep cut short keeps what it measured
+                write_json(args, runs, len(texts))
     print(f"{len(texts)} prompts, ≤ {args.max_tokens} tokens, T = {args.temperature}, "
           f"{args.threads} thread(s), adaptive k {'off' if args.fixed_k else 'on'}")
     print(f"{'drafter':<8} {'k':>2} {'batch':>5} {'tau':>6} {'accepted/drafted':>17} {'tok/s':>8} "
@@ -141,11 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         slower = [r["batch"] for r in runs if (r["drafter"], r["k"]) == (drafter, k) and r["speedup"] < 1]
         if slower:
             print(f"{drafter} k={k}: below 1x from batch {min(slower)}")
-    if args.json is not None:
-        args.json.write_text(json.dumps({"runs": runs, "prompts": len(texts), "max_tokens": args.max_tokens,
-                                         "temperature": args.temperature, "threads": args.threads},
-                                        indent=2) + "\n")
     return 0
+
+
+def write_json(args: argparse.Namespace, runs: list[dict], num_prompts: int) -> None:
+    args.json.write_text(json.dumps({"runs": runs, "prompts": num_prompts, "max_tokens": args.max_tokens,
+                                     "temperature": args.temperature, "threads": args.threads,
+                                     "adaptive_k": not args.fixed_k}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
