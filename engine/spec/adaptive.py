@@ -5,7 +5,7 @@ import math
 
 
 class AdaptiveK:
-    """EWMA of accepted drafts per verify step → next draft length in 1..k (k when off).
+    """EWMA of accepted drafts per verify step, rounded, plus one → next draft length in 1..k (k when off).
 
     Drafting one more token than the target has lately accepted keeps a good request growing toward k while
     a poor one drops to 1 draft (one wasted verify row a step instead of k). Starts optimistic, at k.
@@ -28,4 +28,5 @@ class AdaptiveK:
     def k(self) -> int:
         if not self.adaptive:
             return self.max_k
-        return max(1, min(self.max_k, math.floor(self.accepted_ewma) + 1))
+        # Rounded, not floored: a request fully accepting 1 draft (EWMA approaching 1 from below) must grow.
+        return max(1, min(self.max_k, math.floor(self.accepted_ewma + 0.5) + 1))
