@@ -19,7 +19,7 @@ QUESTIONS = ("Why is the sky blue?", "List five healthy breakfast ideas.",
 def test_embedded_model_greedy_tokens_are_the_same_with_and_without_speculation() -> None:
     tokenizer = Tokenizer.from_model(resolve_model_path(None))
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
-    sampling = SamplingParams(max_tokens=24, temperature=0.0)
+    sampling = SamplingParams(max_tokens=16, temperature=0.0)
     config = EngineConfig(num_kv_blocks=64, max_num_seqs=4)
     plain = LLMEngine(config)
     reference = plain.generate(prompts, sampling)
