@@ -5,7 +5,8 @@
 
 For each batch size, the prompts (20 built-in chat questions, or one per line of --prompts-file;
 chat-templated, repeated to fill at least one batch) run through the engine's steps with speculation off,
-then with each drafter and k (EngineConfig.spec), all engines sharing one loaded model. τ = tokens emitted per
+then with each drafter and k (EngineConfig.spec), all engines sharing one loaded model, round-robin by
+groups of B prompts (each setting sees the same load swings of a shared box). τ = tokens emitted per
 decode or verify step of a sequence (accepted drafts + the target's own token); tokens/s = output tokens /
 wall seconds of the whole run (prefill included, the same for every row); speedup = tokens/s over the
 speculation-off run of the same batch size in the same process; greedy_identical = every output equals the
@@ -41,6 +42,11 @@ class Measured:
     emitted: int  # tokens those steps appended
     drafted: int
     accepted: int
+
+    def plus(self, other: Measured) -> Measured:
+        return Measured(self.outputs + other.outputs, self.seconds + other.seconds, self.steps + other.steps,
+                        self.emitted + other.emitted, self.drafted + other.drafted,
+                        self.accepted + other.accepted)
 
     @property
     def tokens_per_s(self) -> float:
@@ -100,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(None)
     tokenizer = Tokenizer.from_model(resolve_model_path(None))
     texts = load_prompts(args.prompts_file)
-    runs = []
+    specs = [SpecConfig()] + [
+        SpecConfig(drafter, k=k, head_path=str(args.head) if drafter == "head" and args.head else None,
+                   adaptive=not args.fixed_k)
+        for drafter, k in itertools.product(args.drafters, args.k)]
+    runs: list[dict] = []
     for batch in args.batch:
         # At least one full batch: the gain at batch B is measured with B sequences decoding.
         chosen = list(itertools.islice(itertools.cycle(texts), max(len(texts), batch)))
@@ -108,29 +118,23 @@ def main(argv: list[str] | None = None) -> int:
         sampling = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=1000 + i)
                     for i in range(len(prompts))]
         blocks = batch * (-(-(max(map(len, prompts)) + args.max_tokens + max(args.k) + 1) // 16)) + 16
-
-        def engine(spec: SpecConfig, batch: int = batch, blocks: int = blocks) -> LLMEngine:
-            return LLMEngine(EngineConfig(num_kv_blocks=blocks, max_num_seqs=batch, spec=spec), model=model)
-
-        plain = measure(engine(SpecConfig()), prompts, sampling)
-        print(f"batch {batch}, off: {plain.tokens_per_s:.1f} tok/s ({plain.seconds:.0f} s)", file=sys.stderr)
-        for drafter, k in itertools.product(args.drafters, args.k):
-            head = str(args.head) if drafter == "head" and args.head is not None else None
-            spec_engine = engine(SpecConfig(drafter, k=k, head_path=head, adaptive=not args.fixed_k))
-            got = measure(spec_engine, prompts, sampling)
-            spec_engine.speculator.close()  # its feature hooks stay off the next engine's forwards
-            row = {"drafter": drafter, "k": k, "batch": batch, "tau": round(got.tau, 3),
-                   "speedup": round(got.tokens_per_s / plain.tokens_per_s, 3),
-                   "greedy_identical": got.outputs == plain.outputs,
-                   "acceptance": round(got.accepted / max(got.drafted, 1), 3),
-                   "tokens_per_s": round(got.tokens_per_s, 2),
-                   "baseline_tokens_per_s": round(plain.tokens_per_s, 2),
-                   "drafted": got.drafted, "accepted": got.accepted}
-            runs.append(row)
-            print(f"batch {batch}, {drafter} k={k}: τ {row['tau']}, {row['speedup']}x ({got.seconds:.0f} s)",
-                  file=sys.stderr)
-            if args.json is not None:  # after every row: a long sweep cut short keeps what it measured
-                write_json(args, runs, len(texts))
+        totals: list[Measured | None] = [None] * len(specs)
+        # Round-robin over the settings, one group of `batch` prompts at a time: on a shared, noisy box each
+        # setting then sees the same load swings (one setting after the other would compare two moments).
+        for first in range(0, len(prompts), batch):
+            group = slice(first, first + batch)
+            for i, spec in enumerate(specs):
+                engine = LLMEngine(EngineConfig(num_kv_blocks=blocks, max_num_seqs=batch, spec=spec),
+                                   model=model)
+                got = measure(engine, prompts[group], sampling[group])
+                if engine.speculator is not None:
+                    engine.speculator.close()  # its feature hooks stay off the next engine's forwards
+                totals[i] = got if totals[i] is None else totals[i].plus(got)
+            print(f"batch {batch}: {first + batch} of {len(prompts)} prompts", file=sys.stderr)
+            rows = [row(spec, batch, got, totals[0]) for spec, got in zip(specs[1:], totals[1:], strict=True)]
+            if args.json is not None:  # after every group: a long sweep cut short keeps what it measured
+                write_json(args, runs + rows, min(first + batch, len(prompts)))
+        runs += rows
     print(f"{len(texts)} prompts, ≤ {args.max_tokens} tokens, T = {args.temperature}, "
           f"{args.threads} thread(s), adaptive k {'off' if args.fixed_k else 'on'}")
     print(f"{'drafter':<8} {'k':>2} {'batch':>5} {'tau':>6} {'accepted/drafted':>17} {'tok/s':>8} "
@@ -139,11 +143,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['drafter']:<8} {r['k']:>2} {r['batch']:>5} {r['tau']:>6.3f} {r['acceptance']:>17.3f} "
               f"{r['tokens_per_s']:>8.1f} {r['baseline_tokens_per_s']:>9.1f} {r['speedup']:>7.2f}x "
               f"{str(r['greedy_identical']):>9}")
-    for drafter, k in itertools.product(args.drafters, args.k):
-        slower = [r["batch"] for r in runs if (r["drafter"], r["k"]) == (drafter, k) and r["speedup"] < 1]
+    for spec in specs[1:]:
+        slower = [r["batch"] for r in runs if (r["drafter"], r["k"]) == (spec.method, spec.k)
+                  and r["speedup"] < 1]
         if slower:
-            print(f"{drafter} k={k}: below 1x from batch {min(slower)}")
+            print(f"{spec.method} k={spec.k}: below 1x from batch {min(slower)}")
     return 0
+
+
+def row(spec: SpecConfig, batch: int, got: Measured, plain: Measured) -> dict:
+    return {"drafter": spec.method, "k": spec.k, "batch": batch, "tau": round(got.tau, 3),
+            "speedup": round(got.tokens_per_s / plain.tokens_per_s, 3),
+            "greedy_identical": got.outputs == plain.outputs,
+            "acceptance": round(got.accepted / max(got.drafted, 1), 3),
+            "tokens_per_s": round(got.tokens_per_s, 2), "baseline_tokens_per_s": round(plain.tokens_per_s, 2),
+            "drafted": got.drafted, "accepted": got.accepted}
 
 
 def write_json(args: argparse.Namespace, runs: list[dict], num_prompts: int) -> None:
