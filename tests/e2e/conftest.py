@@ -54,7 +54,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     # could be taken by one of Ray's own processes before the router binds it).
     cmd = [sys.executable, "-m", "deploy.cli", "up", "--port", "0", "--metrics-port", "0",
            "--http-port", "auto", "--admin-port", "0",
-           "--ready-file", str(ready_path), "--kv-blocks", str(KV_BLOCKS), "--device", "cpu"]
+           "--ready-file", str(ready_path), "--kv-blocks", str(KV_BLOCKS), "--device", "cpu",
+           "--spec", "ngram"]  # every e2e test runs through speculative decoding (test_cluster checks it)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)

@@ -83,7 +83,7 @@ def test_generate_streams_tokens_then_a_final_message(stub):
 
 
 def test_disaggregated_greedy_equals_single_process_engine(stub):
-    # The cluster speculates (pdserve up's default --spec ngram); the reference engine does not.
+    # The cluster speculates (conftest starts it with --spec ngram); the reference engine does not.
     engine = LLMEngine(EngineConfig(device="cpu", num_kv_blocks=64, spec=SpecConfig("off")))
     expected = engine.generate(PARITY_PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True))
     drafted = accepted = 0
