@@ -53,10 +53,10 @@ def _check_port_free(host: str, port: int, flag: str) -> None:
             raise UsageError(f"cannot bind {host}:{port} ({e.strerror}): fix {flag}") from None
 
 
-# `pdserve up` (and so `make serve`) speculates with the n-gram drafter unless told otherwise: measured on
-# the embedded model, the shipped head's drafts are accepted too rarely to pay for its verify rows
-# (docs/speculative.md, "In the engine").
-DEFAULT_SPEC = "ngram"
+# `pdserve up` (and so `make serve`) does not speculate unless told to: on the embedded model on this CPU
+# both drafters slow decoding (the shipped head to ~0.5x at batch 1, the n-gram drafter to ~0.75x: too few
+# drafts are accepted to pay for verify steps, which leave the flat bs1 decoder; docs/speculative.md).
+DEFAULT_SPEC = "off"
 
 # --kv-cache value -> EngineConfig.kv_cache_dtype
 _KV_CACHE_FLAG = {"auto": "auto", "bf16": "bfloat16", "int8": "int8", "int4": "int4"}
@@ -121,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "as is)")
     up.add_argument("--spec", choices=SPEC_METHODS, default=DEFAULT_SPEC,
                     help="speculative decoding on the decode workers: ngram = prompt lookup; head = the "
-                         "learned draft head (--spec-head); off = one token per step. Default ngram: the "
-                         "shipped head drafts too poorly to pay for itself yet (docs/speculative.md)")
+                         "learned draft head (--spec-head); off = one token per step. Default off: on the "
+                         "embedded model both drafters are accepted too rarely to pay (docs/speculative.md)")
     up.add_argument("--spec-k", type=spec_k, default=5, help="most draft tokens per verify step (1..16)")
     up.add_argument("--spec-head", default=None,
                     help="draft head safetensors for --spec head (default: the head shipped for the "

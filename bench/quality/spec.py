@@ -130,10 +130,11 @@ def main(argv: list[str] | None = None) -> int:
                 if engine.speculator is not None:
                     engine.speculator.close()  # its feature hooks stay off the next engine's forwards
                 totals[i] = got if totals[i] is None else totals[i].plus(got)
-            print(f"batch {batch}: {first + batch} of {len(prompts)} prompts", file=sys.stderr)
+            done = min(first + batch, len(prompts))
+            print(f"batch {batch}: {done} of {len(prompts)} prompts", file=sys.stderr)
             rows = [row(spec, batch, got, totals[0]) for spec, got in zip(specs[1:], totals[1:], strict=True)]
             if args.json is not None:  # after every group: a long sweep cut short keeps what it measured
-                write_json(args, runs + rows, min(first + batch, len(prompts)))
+                write_json(args, runs + rows, done)
         runs += rows
     print(f"{len(texts)} prompts, ≤ {args.max_tokens} tokens, T = {args.temperature}, "
           f"{args.threads} thread(s), adaptive k {'off' if args.fixed_k else 'on'}")
