@@ -15,6 +15,7 @@ class ModelInfo:
     weight_dtype: str
     compute_dtype: str
     weights: str = "auto"  # the weight scheme the engine runs (EngineConfig.weights)
+    speculative: str = "off"  # the decode workers' SpecConfig.describe(), e.g. "head k=5 adaptive"
 
     def __post_init__(self) -> None:
         if self.context_length < 2 or self.vocab_size < 1:

@@ -37,6 +37,7 @@ class DecodeWorkerActor(WorkerActor):
             weight_dtype={"w4a16": "int4", "w8a8": "int8"}.get(engine_cfg.weights, engine_cfg.dtype),
             compute_dtype=engine_cfg.dtype,
             weights=engine_cfg.weights,
+            speculative=engine_cfg.spec.describe(),
         )
 
     async def channel_address(self) -> ChannelAddress:

@@ -40,6 +40,9 @@ class TokenChunk:
     error: str | None = None
     # The worker itself failed (its engine thread died), not this request: the router may migrate it.
     worker_failed: bool = False
+    # Speculative decoding in the step that produced this chunk: drafts verified, and how many were kept.
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
 
 class NoCapacity(RuntimeError):

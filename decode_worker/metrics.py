@@ -1,7 +1,7 @@
 """The decode worker's own metric families, beside those both roles count (engine/worker_shell.py)."""
 from __future__ import annotations
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
 from engine.worker_shell import WorkerMetrics
 
@@ -16,6 +16,21 @@ class DecodeMetrics(WorkerMetrics):
         self._recomputed = Counter("pdserve_kv_recomputes",
                                    "Prompts prefilled here because their KV transfer failed "
                                    "(--kv-failure-policy recompute)", registry=self.registry)
+
+        self._drafted = Counter("pdserve_spec_draft_tokens", "Draft tokens verified by the target model",
+                                registry=self.registry)
+        self._accepted = Counter("pdserve_spec_accepted_tokens",
+                                 "Draft tokens the target model accepted (emitted as output)",
+                                 registry=self.registry)
+        self._acceptance = Histogram("pdserve_spec_acceptance_ratio",
+                                     "Accepted / drafted tokens of one verify step",
+                                     buckets=(0.0, 0.2, 0.4, 0.6, 0.8, 0.999, 1.0), registry=self.registry)
+
+    def verified(self, drafted: int, accepted: int) -> None:
+        """One sequence's verify step: `accepted` of its `drafted` tokens were kept."""
+        self._drafted.inc(drafted)
+        self._accepted.inc(accepted)
+        self._acceptance.observe(accepted / drafted)
 
     def kv_recomputed(self) -> None:
         self._recomputed.inc()

@@ -22,6 +22,7 @@ from engine.model_files import resolve_model_path
 from engine.random_models import is_random_model
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
+from engine.spec.verify import accepted_prefix
 from engine.tokenizer import Tokenizer
 from engine.worker_shell import WorkerService
 from kv_transfer.dist_channel import ChannelListener
@@ -270,7 +271,8 @@ class DecodeService(WorkerService):
                     first = receiver.target.first_block(self.layout)
                     self.engine.load_kv(receiver.target.block_ids[first:first + receiver.num_blocks],
                                         receiver.landing)
-                seq = self.engine.activate(request_id, receiver.first_token_id)
+                # The prefill worker's draft-head features (if it runs the head): speculate from step one.
+                seq = self.engine.activate(request_id, receiver.first_token_id, receiver.draft_features)
                 self._push_tokens(seq, [receiver.first_token_id])
                 changed = True
             elif state is TransferState.FAILED:
@@ -283,14 +285,20 @@ class DecodeService(WorkerService):
         return changed
 
     def _after_step(self, out: SchedulerOutput, run: RunOutput, finished: list[Sequence]) -> None:
-        """Streams each sampled token to its request."""
+        """Streams each sampled token to its request, with what its verify step drafted and kept."""
         for chunk in out.chunks:
             if chunk.num_sampled and chunk.seq.request_id in run.sampled:
-                accepted = chunk.seq.token_ids[chunk.output_start:]  # what postprocess appended
-                if accepted:
-                    self._push_tokens(chunk.seq, accepted)
+                appended = chunk.seq.token_ids[chunk.output_start:]  # what postprocess appended
+                if not appended:
+                    continue
+                drafts = chunk.draft_token_ids
+                kept = accepted_prefix(drafts, appended) if drafts else 0
+                if drafts:
+                    self.metrics.verified(len(drafts), kept)
+                self._push_tokens(chunk.seq, appended, len(drafts), kept)
 
-    def _push_tokens(self, seq: Sequence, token_ids: list[int]) -> None:
+    def _push_tokens(self, seq: Sequence, token_ids: list[int], num_drafts: int = 0,
+                     num_accepted: int = 0) -> None:
         stream = self._active.get(seq.request_id)
         if stream is None:
             return
@@ -306,6 +314,7 @@ class DecodeService(WorkerService):
             text += stream.flush_text()
         self.metrics.tokens_generated(len(token_ids))
         stream.push(TokenChunk(seq.request_id, tuple(token_ids), text, reason,
-                               seq.num_prompt_tokens, seq.num_output_tokens))
+                               seq.num_prompt_tokens, seq.num_output_tokens,
+                               num_draft_tokens=num_drafts, num_accepted_tokens=num_accepted))
         if reason is not None:
             del self._active[seq.request_id]

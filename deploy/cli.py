@@ -9,8 +9,18 @@ import socket
 import sys
 
 from contracts.transfer import KV_FAILURE_POLICIES
-from deploy.cli_args import HelpFormatter, http_port, non_negative, port, positive, resources, seconds
+from deploy.cli_args import (
+    HelpFormatter,
+    http_port,
+    non_negative,
+    port,
+    positive,
+    resources,
+    seconds,
+    spec_k,
+)
 from engine.config import KERNEL_BACKENDS, TP_COMMS, WEIGHT_SCHEMES
+from engine.spec.config import SPEC_METHODS, SpecConfig
 from router.dispatch import known_policies
 from router.placement import known_placements
 
@@ -42,6 +52,11 @@ def _check_port_free(host: str, port: int, flag: str) -> None:
                                  f"another with {flag}") from None
             raise UsageError(f"cannot bind {host}:{port} ({e.strerror}): fix {flag}") from None
 
+
+# `pdserve up` (and so `make serve`) does not speculate unless told to: on the embedded model on this CPU
+# both drafters slow decoding (the shipped head to ~0.5x at batch 1, the n-gram drafter to ~0.75x: too few
+# drafts are accepted to pay for verify steps, which leave the flat bs1 decoder; docs/speculative.md).
+DEFAULT_SPEC = "off"
 
 # --kv-cache value -> EngineConfig.kv_cache_dtype
 _KV_CACHE_FLAG = {"auto": "auto", "bf16": "bfloat16", "int8": "int8", "int4": "int4"}
@@ -115,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--tp-comm", choices=TP_COMMS, default="bf16",
                     help="how tensor-parallel ranks all-reduce: bf16 = unquantized in the compute dtype; "
                          "int8 = 8-bit blocks with scales (about half the bytes)")
+    up.add_argument("--spec", choices=SPEC_METHODS, default=DEFAULT_SPEC,
+                    help="speculative decoding on the decode workers: ngram = prompt lookup; head = the "
+                         "learned draft head (--spec-head); off = one token per step. Default off: on the "
+                         "embedded model both drafters are accepted too rarely to pay (docs/speculative.md)")
+    up.add_argument("--spec-k", type=spec_k, default=5, help="most draft tokens per verify step (1..16)")
+    up.add_argument("--spec-head", default=None,
+                    help="draft head safetensors for --spec head (default: the head shipped for the "
+                         "embedded model)")
+    up.add_argument("--spec-adaptive", choices=("on", "off"), default="on",
+                    help="each request drafts 1..k tokens, following its measured acceptance")
     up.add_argument("--dispatch-policy", default="least_loaded", choices=known_policies(),
                     help="how the router picks workers")
     up.add_argument("--queue-capacity", type=positive("--queue-capacity"), default=256,
@@ -207,6 +232,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _spec_config(args: argparse.Namespace) -> SpecConfig:
+    if args.spec_head is not None:
+        if args.spec != "head":
+            raise UsageError(f"--spec-head is for --spec head (got --spec {args.spec})")
+        if not os.path.isfile(args.spec_head):
+            raise UsageError(f"--spec-head: no such file: {args.spec_head}")
+    return SpecConfig(args.spec, k=args.spec_k, head_path=args.spec_head, adaptive=args.spec_adaptive == "on")
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from engine.config import EngineConfig
     from engine.model_files import ModelPathError, resolve_model_path
@@ -217,6 +251,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         raise UsageError(f"--model: {e}") from None
     _check_tp_flags(args)
     _check_security_files(args)
+    spec = _spec_config(args)
     ports = ((args.port, "--port"), (args.metrics_port, "--metrics-port"), (args.http_port, "--http-port"),
              (args.admin_port, "--admin-port"))
     for number, flag in ports:
@@ -239,7 +274,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
                           max_batch_tokens=args.max_batch_tokens, kernels=args.kernels,
                           prefix_caching=args.prefix_caching == "on",
                           long_prefill_token_threshold=args.long_prefill_threshold,
-                          fused_step_max_slowdown=args.fused_max_slowdown)
+                          fused_step_max_slowdown=args.fused_max_slowdown, spec=spec)
     cluster = LocalCluster(ClusterConfig(engine=engine, num_prefill=args.prefill, num_decode=args.decode,
                                          prefill_tp=args.prefill_tp, decode_tp=args.decode_tp,
                                          host=args.host, port=args.port, metrics_port=args.metrics_port,

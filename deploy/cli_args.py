@@ -25,6 +25,14 @@ def non_negative(flag: str) -> Callable[[str], int]:
     return whole_number(flag, 0)
 
 
+def spec_k(text: str) -> int:
+    """--spec-k: draft tokens per verify step, 1..16 (SpecConfig's bounds)."""
+    value = positive("--spec-k")(text)
+    if value > 16:
+        raise argparse.ArgumentTypeError(f"--spec-k must be <= 16, got {value}")
+    return value
+
+
 def seconds(flag: str) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:

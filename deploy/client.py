@@ -115,8 +115,11 @@ def generate(conn: Connection, opts: GenerateOptions, as_json: bool, timeout: fl
     else:
         _end_line(text)
         f = final.final
+        spec = ""
+        if f.usage.draft_tokens:
+            spec = f", {f.usage.accepted_draft_tokens}/{f.usage.draft_tokens} draft tokens accepted"
         print(f"[{pb.FinishReason.Name(f.finish_reason).removeprefix('FINISH_REASON_').lower()}: "
-              f"{f.usage.prompt_tokens} prompt + {f.usage.completion_tokens} generated tokens, "
+              f"{f.usage.prompt_tokens} prompt + {f.usage.completion_tokens} generated tokens{spec}, "
               f"TTFT {f.timings.ttft_seconds * 1000:.0f} ms, total {f.timings.e2e_seconds:.2f} s]",
               file=sys.stderr)
     return 0

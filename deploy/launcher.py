@@ -18,6 +18,7 @@ from typing import Any
 
 from deploy.ray_connect import init_ray, use_token_auth_if_available
 from engine.config import EngineConfig
+from engine.spec.config import SpecConfig
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,9 @@ class LocalCluster:
             # (KV copies slow 10x).
             ranks = cfg.num_prefill * cfg.prefill_tp + cfg.num_decode * cfg.decode_tp
             engine_cfg = dataclasses.replace(engine_cfg, num_threads=max(1, (os.cpu_count() or 1) // ranks))
-        role_engine = {"prefill": dataclasses.replace(engine_cfg, tp_size=cfg.prefill_tp),
+        # Prefill workers draft nothing: they run the draft head only to ship its features with the KV.
+        prefill_spec = engine_cfg.spec if engine_cfg.spec.method == "head" else SpecConfig()
+        role_engine = {"prefill": dataclasses.replace(engine_cfg, tp_size=cfg.prefill_tp, spec=prefill_spec),
                        "decode": dataclasses.replace(engine_cfg, tp_size=cfg.decode_tp)}
         _status(f"[1/4] starting Ray ({'local' if cfg.ray_address is None else cfg.ray_address})")
         if not ray.is_initialized():

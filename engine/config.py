@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.spec.config import SpecConfig
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -86,6 +88,8 @@ class EngineConfig:
     # costs at most this many times a pure decode step of the same batch (issue 14's TPOT goal), by a step
     # cost model the scheduler fits from its own steps. 0 = off: the token budget and the threshold alone.
     fused_step_max_slowdown: float = 1.5
+    # Speculative decoding (engine/spec/speculator.py): drafter, draft length, the head's file.
+    spec: SpecConfig = field(default_factory=SpecConfig)
 
     def __post_init__(self) -> None:
         if self.kernels not in KERNEL_BACKENDS:
@@ -114,6 +118,8 @@ class EngineConfig:
         if self.weights not in WEIGHT_SCHEMES:
             raise ValueError(f"weights {self.weights!r} is not supported; "
                              f"expected one of {', '.join(WEIGHT_SCHEMES)}")
+        if self.spec.enabled and self.tp_size > 1:
+            raise ValueError("speculative decoding (spec) does not run with tp_size > 1 yet")
         if self.weights == "bf16" and self.dtype != "bfloat16":
             raise ValueError(f"weights 'bf16' needs dtype 'bfloat16' (got dtype {self.dtype!r})")
 

@@ -23,6 +23,7 @@ from engine.model_files import load_model, parse_dtype
 from engine.quantize import apply_weights_scheme
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
+from engine.spec.speculator import Speculator
 from engine.tp.comm import TPComm
 from engine.tp.follower import TPLeaderExecutor, follow
 from engine.tp.group import TPGroup
@@ -99,6 +100,9 @@ class LLMEngine:
             ),
             self.block_manager,
         )
+        # After the executor: its CUDA graphs are captured before the draft head's feature hooks exist.
+        self.speculator = (Speculator(config.spec, self.model, self.model_config)
+                           if config.spec.enabled else None)
         self._ids = itertools.count()
         self._kv_heads: KVHeadMap | None = None  # built on first use (TP KV exports and loads)
         logger.info("engine ready: %s, %s, %s", self.model_config.name, self.kv_cache,
@@ -126,18 +130,23 @@ class LLMEngine:
                 export_blocks: Seq[int] = ()) -> RunOutput:
         """`export_blocks`: blocks whose KV `layer_hook` reads with `export_layer` (TP: every rank then
         offers its shard of them at each layer)."""
-        if isinstance(self.executor, TPLeaderExecutor):
+        if isinstance(self.executor, TPLeaderExecutor):  # speculation is refused at tp_size > 1
             return self.executor.execute(batch, layer_hook, export_blocks)
+        if self.speculator is not None:  # the draft head reads the target's features of this forward
+            return self.speculator.execute(self.executor, batch, layer_hook)
         return self.executor.execute(batch, layer_hook)
 
     def postprocess(self, batch: SchedulerOutput, out: RunOutput) -> list[Sequence]:
-        """Returns the sequences that finished this step."""
-        return self.scheduler.postprocess(batch, out.sampled)
+        """Returns the sequences that finished this step; with speculation on, the others' next drafts are
+        in their draft_token_ids (verified by the next step)."""
+        finished = self.scheduler.postprocess(batch, out.sampled)
+        if self.speculator is not None:
+            self.speculator.after_step(batch)
+        return finished
 
     def step(self) -> list[Sequence]:
         batch = self.schedule()
-        out = self.executor.execute(batch)
-        return self.scheduler.postprocess(batch, out.sampled)
+        return self.postprocess(batch, self.execute(batch))
 
     # ---- queries and control ----
 
@@ -145,7 +154,14 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def abort(self, request_id: str) -> bool:
+        if self.speculator is not None:
+            self.speculator.drop(request_id)
         return self.scheduler.abort(request_id) is not None
+
+    def draft_features(self, request_id: str) -> torch.Tensor | None:
+        """Prefill side: the draft head's fused feature [H] of the last position `request_id` computed in the
+        step just executed, to ship with its KV; None when this engine runs no draft head."""
+        return self.speculator.fused_features(request_id) if self.speculator is not None else None
 
     def stats(self) -> EngineStats:
         stats = self.scheduler.stats()
@@ -162,7 +178,7 @@ class LLMEngine:
                 # Nothing fits and nothing runs: looping would spin forever.
                 raise RuntimeError(
                     "scheduler has work but scheduled nothing (KV cache too small for a prompt?)")
-            self.postprocess(batch, self.executor.execute(batch))
+            self.postprocess(batch, self.execute(batch))
         return [seq.output_token_ids for seq in seqs]
 
     # ---- tensor parallelism: ranks other than 0 follow rank 0's steps ----
@@ -231,7 +247,13 @@ class LLMEngine:
         seq = self.scheduler.get(request_id)
         return seq.num_computed_tokens if seq is not None else 0
 
-    def activate(self, request_id: str, first_token_id: int) -> Sequence:
+    def activate(self, request_id: str, first_token_id: int,
+                 draft_features: torch.Tensor | None = None) -> Sequence:
         """The prompt's KV has landed in the reserved blocks: the sequence joins the running batch with the
-        first token the prefill worker sampled (raises SchedulerError if `request_id` awaits no KV)."""
-        return self.scheduler.activate(request_id, first_token_id)
+        first token the prefill worker sampled (raises SchedulerError if `request_id` awaits no KV).
+        `draft_features`: the prefill worker's fused draft-head feature of the last prompt position, from
+        which the head drafts before the first decode step (without it, that step runs plain)."""
+        seq = self.scheduler.activate(request_id, first_token_id)
+        if self.speculator is not None and not seq.is_finished:
+            self.speculator.start_decode(seq, draft_features)
+        return seq

@@ -11,6 +11,7 @@ from engine.block_manager import BlockManager
 from engine.prefix_cache import PrefixCache
 from engine.scheduler_types import ScheduledChunk, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
+from engine.spec.verify import accepted_prefix
 from engine.step_cost import StepCostModel
 
 
@@ -183,9 +184,10 @@ class Scheduler:
         """Advance computed counts, append accepted tokens, apply stop rules; return the finished ones.
 
         `sampled[request_id]`: one id per sampled position of the chunk, in position order. A verify chunk
-        keeps its draft tokens up to the first one the model did not sample at that position, then appends
-        the model's token there (or after the last draft): with sampling seeded by (seed, position), those
-        are exactly the tokens single steps would give. Rejected positions are rolled back (`rollback`).
+        keeps its draft tokens up to the first one the model did not sample at that position
+        (`engine/spec/verify.py`), then appends the model's token there (or after the last draft): with
+        sampling seeded by (seed, position), those are exactly the tokens single steps would give. Rejected
+        positions are rolled back (`rollback`); seq.num_draft_tokens / num_accepted_tokens count them.
         """
         if self._timed is not None and self._timed[0] is out:  # schedule -> postprocess: the step's cost
             _, started, decode_tokens = self._timed
@@ -207,13 +209,13 @@ class Scheduler:
                 raise SchedulerError(f"{seq.request_id!r}: its chunk samples {chunk.num_sampled} token(s), "
                                      f"got {ids!r}")
             drafts = chunk.draft_token_ids
-            accepted = 0
-            while accepted < len(drafts) and ids[accepted] == drafts[accepted]:
-                accepted += 1
+            accepted = accepted_prefix(drafts, ids)
             if drafts:
                 seq.draft_token_ids = []
+                seq.num_draft_tokens += len(drafts)
             done = False
-            for token_id in ids[:accepted + 1]:
+            for i, token_id in enumerate(ids[:accepted + 1]):
+                seq.num_accepted_tokens += i < accepted
                 if self._append_token(seq, token_id):
                     finished.append(seq)
                     done = True

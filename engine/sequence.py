@@ -31,6 +31,9 @@ class Sequence:
     # Proposed continuation (speculative decoding): the scheduler computes them after the last token as
     # verify positions; postprocess keeps the ones the target model samples too and clears the list.
     draft_token_ids: list[int] = field(default_factory=list)
+    # Speculation totals over the request's verify steps: drafts proposed, drafts kept (appended as output).
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
     # Prefix cache (engine/prefix_cache.py): chain hashes of full blocks of token_ids, computed as needed, and
     # how many leading blocks of block_table are named in the cache (shared ones, or ones this one computed).
     block_hashes: list[int] = field(default_factory=list)

@@ -159,7 +159,9 @@ class PrefillService(WorkerService):
         computed = time.perf_counter()
         for seq, pending in completing:
             (token,) = run.sampled[seq.request_id]  # a prompt's end samples exactly one token
-            pending.sender.send_final(token, run.last_hidden.get(seq.request_id))
+            # The draft head's fused feature of the last prompt position (None unless this worker runs the
+            # head): the decode worker's head drafts from it before its first step.
+            pending.sender.send_final(token, self.engine.draft_features(seq.request_id))
             pending.first_token_id, pending.computed = token, computed
         # postprocess frees the blocks of finished prompts right after this: send_layer already copied them.
         return run

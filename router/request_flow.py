@@ -74,6 +74,7 @@ class RequestFlow:
         self._refusal = ""  # why the last reservation round found no room (named when the deadline hits)
         self._first_token_at: float | None = None
         self._num_output = 0
+        self._num_drafted = self._num_accepted = 0  # speculative decoding, summed over the stream's chunks
         self._streamed = Streamed()  # what the client has: where a migrated request continues
         self._finish: FinishReason | None = None
         self._decode_id = ""
@@ -316,6 +317,8 @@ class RequestFlow:
                     if self._first_token_at is None:
                         self._first_token_at = asyncio.get_running_loop().time()
                     self._num_output += len(chunk.token_ids)
+                    self._num_drafted += chunk.num_draft_tokens
+                    self._num_accepted += chunk.num_accepted_tokens
                     self._events.put_nowait(
                         pb.GenerateResponse(
                             request_id=rid, delta=pb.TokenDelta(token_ids=chunk.token_ids, text=text)
@@ -393,7 +396,8 @@ class RequestFlow:
             prefill_worker=self._prefill_id,
             decode_worker=self._decode_id,
         )
-        usage = pb.Usage(prompt_tokens=len(self.request.prompt_token_ids), completion_tokens=self._num_output)
+        usage = pb.Usage(prompt_tokens=len(self.request.prompt_token_ids), completion_tokens=self._num_output,
+                         draft_tokens=self._num_drafted, accepted_draft_tokens=self._num_accepted)
         return pb.GenerateResponse(
             request_id=self.request.request_id,
             final=pb.FinalResult(finish_reason=_FINISH_TO_PB[finish], usage=usage, timings=timings),

@@ -83,6 +83,7 @@ class PDServeServicer(pb_grpc.PDServeServicer):
             weight_dtype=m.weight_dtype,
             compute_dtype=m.compute_dtype,
             weights=m.weights,
+            speculative=m.speculative,
         )
 
     async def GetServerInfo(

@@ -1,56 +1,60 @@
-"""Speculative decoding quality: acceptance τ per drafter and k, and whether greedy outputs stay identical.
+"""Speculative decoding through the real engine: τ, tokens/s with and without it, greedy identity.
 
-    python -m bench.quality.spec [--prompts-file PATH] [--max-tokens N] [--batch B] [--json OUT]
-                                 [--k 5] [--head PATH] [--compare-head LABEL=PATH] [--vocab-limit S]
+    python -m bench.quality.spec [--prompts-file PATH] [--max-tokens N] [--temperature T] [--batch B ...]
+                                 [--json OUT] [--k K ...] [--drafters ngram head] [--head PATH] [--threads 1]
 
-Offline part (today): each drafter's chain drafts are verified against the embedded target's greedy tokens,
-`--batch` sequences per target forward (engine/spec/chain_replay.py), and the outputs compared with plain
-greedy decoding of the same prompts in the same run. τ = tokens emitted per verify forward (accepted drafts +
-the target's own token). Tokens/s with and without speculation need speculation inside the engine's steps;
-until then the speedup column says so and the JSON carries null.
+For each batch size, the prompts (20 built-in chat questions, or one per line of --prompts-file;
+chat-templated, repeated to fill at least one batch) run through the engine's steps with speculation off,
+then with each drafter and k (EngineConfig.spec), all engines sharing one loaded model, round-robin by
+groups of B prompts (each setting sees the same load swings of a shared box). τ = tokens emitted per
+decode or verify step of a sequence (accepted drafts + the target's own token); tokens/s = output tokens /
+wall seconds of the whole run (prefill included, the same for every row); speedup = tokens/s over the
+speculation-off run of the same batch size in the same process; greedy_identical = every output equals the
+speculation-off output (at T > 0, seeded per request: the same draws). Offline acceptance for comparing
+heads without the engine: `python -m bench.quality.spec_offline`.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from bench.quality.spec_offline import PROMPTS
+from contracts.sampling import SamplingParams
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
 from engine.model_files import load_model, resolve_model_path
-from engine.spec.chain_replay import ReplayResult, chain_replay
-from engine.spec.draft_head import DEFAULT_HEAD_PATH, DraftHead
-from engine.spec.head_drafter import HeadDrafter
-from engine.spec.ngram import NgramDrafter
+from engine.spec.config import SpecConfig
 from engine.tokenizer import Tokenizer
 
-NOT_MEASURED = "not measured yet"
 
-# General chat requests written for this benchmark: no overlap with the head's training source (package docs).
-PROMPTS = (
-    "Explain how a hash table works and when you would use one.",
-    "Write a short poem about the sea at night.",
-    "What are the main causes of the seasons on Earth?",
-    "Give me three tips for learning a new language.",
-    "Describe the water cycle in simple terms.",
-    "What is the difference between a virus and a bacterium?",
-    "Write a Python function that checks whether a string is a palindrome.",
-    "Summarize the story of Little Red Riding Hood.",
-    "How do I make a simple tomato pasta sauce?",
-    "Why is the sky blue?",
-    "List five healthy breakfast ideas.",
-    "Explain what a binary search is, step by step.",
-    "What should I pack for a weekend hiking trip?",
-    "Write a polite email asking my manager for a day off.",
-    "How does a bicycle stay upright when it moves?",
-    "What are the benefits of regular exercise?",
-    "Explain recursion to a ten-year-old.",
-    "Tell me a short story about a robot who learns to paint.",
-    "What is photosynthesis?",
-    "Compare cats and dogs as pets.",
-)
+@dataclass(frozen=True)
+class Measured:
+    outputs: list[list[int]]
+    seconds: float
+    steps: int  # decode + verify steps, summed over sequences
+    emitted: int  # tokens those steps appended
+    drafted: int
+    accepted: int
+
+    def plus(self, other: Measured) -> Measured:
+        return Measured(self.outputs + other.outputs, self.seconds + other.seconds, self.steps + other.steps,
+                        self.emitted + other.emitted, self.drafted + other.drafted,
+                        self.accepted + other.accepted)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(len(o) for o in self.outputs) / self.seconds
+
+    @property
+    def tau(self) -> float:
+        return self.emitted / max(self.steps, 1)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,19 +62,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts-file", type=Path, help="one user message per line (default: 20 built in)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0,
-                   help="only 0 today: sampled verification needs the engine integration")
-    p.add_argument("--batch", type=int, default=8, help="sequences verified together in one target forward")
+                   help="> 0: seeded sampling per request (the drafts are verified by seeded draws)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1], help="most sequences decoding together")
     p.add_argument("--json", type=Path, help="write {'runs': [...]} here")
-    p.add_argument("--k", type=int, nargs="+", default=[5], help="draft lengths to run")
-    p.add_argument("--head", type=Path, default=DEFAULT_HEAD_PATH, help="the learned head ('none' to skip)")
-    p.add_argument("--compare-head", action="append", default=[], metavar="LABEL=PATH",
-                   help="another head in the same table (e.g. last-layer features)")
-    p.add_argument("--vocab-limit", type=int, action="append", default=[], metavar="S",
-                   help="also run each head drafting over only its S most frequent ids")
+    p.add_argument("--k", type=int, nargs="+", default=[5], help="draft lengths (SpecConfig.k)")
+    p.add_argument("--drafters", nargs="+", choices=("ngram", "head"), default=["ngram", "head"])
+    p.add_argument("--head", type=Path, default=None, help="draft head file (default: the shipped one)")
+    p.add_argument("--fixed-k", action="store_true", help="always draft k (adaptive k off)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = p.parse_args(argv)
-    if args.temperature != 0.0:
-        p.error("--temperature > 0 needs rejection sampling in the engine's verify step: not measured yet")
+    if args.temperature < 0 or args.max_tokens < 1 or min(args.batch) < 1 or min(args.k) < 1:
+        p.error("need --temperature >= 0, --max-tokens >= 1, --batch >= 1 and --k >= 1")
     return args
 
 
@@ -80,52 +82,89 @@ def load_prompts(path: Path | None) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def measure(engine: LLMEngine, prompts: list[list[int]], sampling: list[SamplingParams]) -> Measured:
+    """Runs every prompt to completion through the engine's steps, counting decode/verify steps."""
+    seqs = [engine.add_request(f"bench-{i}", prompt, params)
+            for i, (prompt, params) in enumerate(zip(prompts, sampling, strict=True))]
+    steps = emitted = 0
+    start = time.perf_counter()
+    while engine.has_work():
+        batch = engine.schedule()
+        engine.postprocess(batch, engine.execute(batch))
+        for chunk in batch.chunks:
+            if chunk.num_sampled and chunk.start >= chunk.seq.num_prompt_tokens:  # not a prompt's end
+                steps += 1
+                emitted += len(chunk.seq.token_ids) - chunk.output_start
+    seconds = time.perf_counter() - start
+    return Measured([s.output_token_ids for s in seqs], seconds, steps, emitted,
+                    sum(s.num_draft_tokens for s in seqs), sum(s.num_accepted_tokens for s in seqs))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    model_config, model = load_model(None)
+    model = load_model(None)
     tokenizer = Tokenizer.from_model(resolve_model_path(None))
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}])
-               for t in load_prompts(args.prompts_file)]
-    eos = model_config.eos_token_ids
-
-    def replay(make_drafter=None, k: int = 0, layers=None, label: str = "greedy") -> ReplayResult:
-        start = time.time()
-        result = chain_replay(model, prompts, args.max_tokens, make_drafter=make_drafter, k=k,
-                              batch=args.batch, eos_token_ids=eos, feature_layers=layers, progress=label)
-        print(f"{label}: {time.time() - start:.0f} s", file=sys.stderr)
-        return result
-
-    plain = replay()
-    heads = [] if str(args.head) == "none" else [("head", args.head)]
-    heads += [tuple(spec.split("=", 1)) for spec in args.compare_head]
-    runs = []
-    for k in args.k:
-        variants = [("ngram", NgramDrafter, None)]
-        for label, path in heads:
-            head = DraftHead.load(path)
-            for limit in [None, *args.vocab_limit]:
-                name = label if limit is None else f"{label}@{limit}"
-
-                def make(head=head, limit=limit) -> HeadDrafter:
-                    return HeadDrafter(head, model.embed_tokens, draft_vocab_limit=limit)
-                variants.append((name, make, head.config.feature_layers))
-        for name, make_drafter, layers in variants:
-            result = replay(make_drafter, k, layers, label=f"{name} k={k}")
-            runs.append({
-                "drafter": name, "k": k, "tau": round(result.tau, 3),
-                "acceptance": round(sum(result.accepted) / max(sum(result.drafted), 1), 3),
-                "speedup": None, "greedy_identical": result.outputs == plain.outputs,
-            })
-    print(f"{len(prompts)} prompts, ≤ {args.max_tokens} tokens, T = 0, batch {args.batch}")
-    print(f"{'drafter':<18} {'k':>2} {'tau':>6} {'accepted/drafted':>17} {'greedy identical':>17}  speedup")
+    texts = load_prompts(args.prompts_file)
+    specs = [SpecConfig()] + [
+        SpecConfig(drafter, k=k, head_path=str(args.head) if drafter == "head" and args.head else None,
+                   adaptive=not args.fixed_k)
+        for drafter, k in itertools.product(args.drafters, args.k)]
+    runs: list[dict] = []
+    for batch in args.batch:
+        # At least one full batch: the gain at batch B is measured with B sequences decoding.
+        chosen = list(itertools.islice(itertools.cycle(texts), max(len(texts), batch)))
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in chosen]
+        sampling = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=1000 + i)
+                    for i in range(len(prompts))]
+        blocks = batch * (-(-(max(map(len, prompts)) + args.max_tokens + max(args.k) + 1) // 16)) + 16
+        totals: list[Measured | None] = [None] * len(specs)
+        # Round-robin over the settings, one group of `batch` prompts at a time: on a shared, noisy box each
+        # setting then sees the same load swings (one setting after the other would compare two moments).
+        for first in range(0, len(prompts), batch):
+            group = slice(first, first + batch)
+            for i, spec in enumerate(specs):
+                engine = LLMEngine(EngineConfig(num_kv_blocks=blocks, max_num_seqs=batch, spec=spec),
+                                   model=model)
+                got = measure(engine, prompts[group], sampling[group])
+                if engine.speculator is not None:
+                    engine.speculator.close()  # its feature hooks stay off the next engine's forwards
+                totals[i] = got if totals[i] is None else totals[i].plus(got)
+            done = min(first + batch, len(prompts))
+            print(f"batch {batch}: {done} of {len(prompts)} prompts", file=sys.stderr)
+            rows = [row(spec, batch, got, totals[0]) for spec, got in zip(specs[1:], totals[1:], strict=True)]
+            if args.json is not None:  # after every group: a long sweep cut short keeps what it measured
+                write_json(args, runs + rows, done)
+        runs += rows
+    print(f"{len(texts)} prompts, ≤ {args.max_tokens} tokens, T = {args.temperature}, "
+          f"{args.threads} thread(s), adaptive k {'off' if args.fixed_k else 'on'}")
+    print(f"{'drafter':<8} {'k':>2} {'batch':>5} {'tau':>6} {'accepted/drafted':>17} {'tok/s':>8} "
+          f"{'off tok/s':>9} {'speedup':>8} {'identical':>9}")
     for r in runs:
-        print(f"{r['drafter']:<18} {r['k']:>2} {r['tau']:>6.3f} {r['acceptance']:>17.3f} "
-              f"{str(r['greedy_identical']):>17}  {NOT_MEASURED}")
-    if args.json is not None:
-        args.json.write_text(json.dumps({"runs": runs, "prompts": len(prompts), "max_tokens": args.max_tokens,
-                                         "batch": args.batch, "speedup": NOT_MEASURED}, indent=2) + "\n")
+        print(f"{r['drafter']:<8} {r['k']:>2} {r['batch']:>5} {r['tau']:>6.3f} {r['acceptance']:>17.3f} "
+              f"{r['tokens_per_s']:>8.1f} {r['baseline_tokens_per_s']:>9.1f} {r['speedup']:>7.2f}x "
+              f"{str(r['greedy_identical']):>9}")
+    for spec in specs[1:]:
+        slower = [r["batch"] for r in runs if (r["drafter"], r["k"]) == (spec.method, spec.k)
+                  and r["speedup"] < 1]
+        if slower:
+            print(f"{spec.method} k={spec.k}: below 1x from batch {min(slower)}")
     return 0
+
+
+def row(spec: SpecConfig, batch: int, got: Measured, plain: Measured) -> dict:
+    return {"drafter": spec.method, "k": spec.k, "batch": batch, "tau": round(got.tau, 3),
+            "speedup": round(got.tokens_per_s / plain.tokens_per_s, 3),
+            "greedy_identical": got.outputs == plain.outputs,
+            "acceptance": round(got.accepted / max(got.drafted, 1), 3),
+            "tokens_per_s": round(got.tokens_per_s, 2), "baseline_tokens_per_s": round(plain.tokens_per_s, 2),
+            "drafted": got.drafted, "accepted": got.accepted}
+
+
+def write_json(args: argparse.Namespace, runs: list[dict], num_prompts: int) -> None:
+    args.json.write_text(json.dumps({"runs": runs, "prompts": num_prompts, "max_tokens": args.max_tokens,
+                                     "temperature": args.temperature, "threads": args.threads,
+                                     "adaptive_k": not args.fixed_k}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

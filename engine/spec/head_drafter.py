@@ -16,16 +16,19 @@ class HeadDrafter(Drafter):
 
     `accept` appends accepted positions to the head's KV; `propose` drafts on a copy that is then dropped,
     so rejected drafts need no rollback. `draft_vocab_limit` drafts only over the first (most frequent) ids
-    of the head's subset, to measure what a smaller subset costs.
+    of the head's subset, to measure what a smaller subset costs. `first_position`: the first position whose
+    features it gets (a prefix-cached or transferred prompt brings only its last rows); earlier positions
+    are simply not in the head's KV (it was trained on windows of the context, docs/speculative.md).
     """
 
     needs_features = True
 
-    def __init__(self, head: DraftHead, embed: nn.Embedding, draft_vocab_limit: int | None = None) -> None:
+    def __init__(self, head: DraftHead, embed: nn.Embedding, draft_vocab_limit: int | None = None,
+                 first_position: int = 0) -> None:
         self.head = head
         self.embed = embed
         self.limit = draft_vocab_limit
-        self.num_committed = 0  # positions in the head's KV
+        self.num_committed = first_position  # positions from here on go into the head's KV
         self.k: torch.Tensor | None = None  # [1, Hk, n, D]
         self.v: torch.Tensor | None = None
         self.last: torch.Tensor | None = None  # block output of the last accepted position [1, 1, H]
@@ -47,13 +50,18 @@ class HeadDrafter(Drafter):
     def accept(self, token_ids: Sequence[int], features: torch.Tensor | None) -> None:
         if features is None:
             raise ValueError("the draft head needs the target's features")
-        start, n = self.num_committed, features.shape[0]
+        self.accept_fused(token_ids, self.head.fuse(features.to(self.head.fc.weight.dtype)))
+
+    @torch.no_grad()
+    def accept_fused(self, token_ids: Sequence[int], g: torch.Tensor) -> None:
+        """`accept` with the features already fused ([n, H]): as a prefill worker ships them."""
+        start, n = self.num_committed, g.shape[0]
         if start + n != len(token_ids) - 1:
             raise ValueError(
                 f"{n} feature rows after {start} accepted positions, but {len(token_ids)} tokens")
         if n == 0:
             return
-        g = self.head.fuse(features.to(self.head.fc.weight.dtype)).unsqueeze(0)
+        g = g.to(self.head.fc.weight.dtype).unsqueeze(0)
         a, self.k, self.v = self._run(token_ids[start + 1:], g, start, self.k, self.v)
         self.last = a[:, -1:]
         self.num_committed = start + n

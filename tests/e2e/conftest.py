@@ -74,7 +74,8 @@ def running_cluster(workdir: Path, *flags: str) -> Iterator[Cluster]:
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
-    with running_cluster(tmp_path_factory.mktemp("cluster")) as running:
+    # Every test on the shared cluster runs through speculative decoding (test_cluster checks it).
+    with running_cluster(tmp_path_factory.mktemp("cluster"), "--spec", "ngram") as running:
         yield running
 
 

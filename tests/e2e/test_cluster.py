@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from contracts.sampling import SamplingParams
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.spec.config import SpecConfig
 from proto.api import pb, pb_grpc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -82,14 +83,19 @@ def test_generate_streams_tokens_then_a_final_message(stub):
 
 
 def test_disaggregated_greedy_equals_single_process_engine(stub):
-    engine = LLMEngine(EngineConfig(device="cpu", num_kv_blocks=64))
+    # The cluster speculates (conftest starts it with --spec ngram); the reference engine does not.
+    engine = LLMEngine(EngineConfig(device="cpu", num_kv_blocks=64, spec=SpecConfig("off")))
     expected = engine.generate(PARITY_PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True))
+    drafted = accepted = 0
     for prompt, want in zip(PARITY_PROMPTS, expected, strict=True):
         request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt),
                                      sampling=pb.SamplingOptions(max_tokens=24, ignore_eos=True))
         got, _, final = run_generate(stub, request)
         assert got == want
         assert final.finish_reason == pb.FINISH_REASON_LENGTH
+        drafted += final.usage.draft_tokens
+        accepted += final.usage.accepted_draft_tokens
+    assert drafted > 0 and 0 <= accepted <= drafted
 
 
 def test_eight_concurrent_clients_all_complete(stub):
@@ -186,6 +192,7 @@ def test_health_serving_and_reflection_lists_services(cluster):
 def test_model_and_server_info(stub):
     model = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
     assert model.vocab_size == 49152 and model.context_length > 0 and model.kv_cache_dtype
+    assert model.speculative == "ngram k=5 adaptive"
     server = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=5)
     roles = sorted(w.role for w in server.workers)
     assert roles == ["decode", "prefill"] and all(w.state == "ready" for w in server.workers)
@@ -196,5 +203,6 @@ def test_metrics_endpoint_covers_router_and_workers(cluster, stub):
     body = urllib.request.urlopen(cluster.metrics_url, timeout=10).read().decode()
     for name in ("pdserve_time_to_first_token_seconds", "pdserve_requests_total",
                  "pdserve_generation_tokens_total", "pdserve_kv_transfer_bytes_total",
-                 "pdserve_kv_cache_usage_ratio"):
+                 "pdserve_kv_cache_usage_ratio", "pdserve_spec_draft_tokens_total",
+                 "pdserve_spec_accepted_tokens_total", "pdserve_spec_acceptance_ratio_bucket"):
         assert name in body, name

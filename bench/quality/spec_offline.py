@@ -1,0 +1,132 @@
+"""Offline draft acceptance: τ per drafter and k without the engine, for comparing heads and vocab subsets.
+
+    python -m bench.quality.spec_offline [--prompts-file PATH] [--max-tokens N] [--batch B] [--json OUT]
+                                         [--k 5] [--head PATH] [--compare-head LABEL=PATH] [--vocab-limit S]
+
+Each drafter's chain drafts are verified against the embedded target's greedy tokens, `--batch` sequences
+per target forward (engine/spec/chain_replay.py), and the outputs compared with plain greedy decoding of the
+same prompts in the same run. τ = tokens emitted per verify forward (accepted drafts + the target's own
+token). No timing: tokens/s with and without speculation come from the engine
+(`python -m bench.quality.spec`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from engine.model_files import load_model, resolve_model_path
+from engine.spec.chain_replay import ReplayResult, chain_replay
+from engine.spec.draft_head import DEFAULT_HEAD_PATH, DraftHead
+from engine.spec.head_drafter import HeadDrafter
+from engine.spec.ngram import NgramDrafter
+from engine.tokenizer import Tokenizer
+
+NOT_MEASURED = "see bench.quality.spec"
+
+# General chat requests written for this benchmark: no overlap with the head's training source (package docs).
+PROMPTS = (
+    "Explain how a hash table works and when you would use one.",
+    "Write a short poem about the sea at night.",
+    "What are the main causes of the seasons on Earth?",
+    "Give me three tips for learning a new language.",
+    "Describe the water cycle in simple terms.",
+    "What is the difference between a virus and a bacterium?",
+    "Write a Python function that checks whether a string is a palindrome.",
+    "Summarize the story of Little Red Riding Hood.",
+    "How do I make a simple tomato pasta sauce?",
+    "Why is the sky blue?",
+    "List five healthy breakfast ideas.",
+    "Explain what a binary search is, step by step.",
+    "What should I pack for a weekend hiking trip?",
+    "Write a polite email asking my manager for a day off.",
+    "How does a bicycle stay upright when it moves?",
+    "What are the benefits of regular exercise?",
+    "Explain recursion to a ten-year-old.",
+    "Tell me a short story about a robot who learns to paint.",
+    "What is photosynthesis?",
+    "Compare cats and dogs as pets.",
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--prompts-file", type=Path, help="one user message per line (default: 20 built in)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="only 0 today: sampled verification needs the engine integration")
+    p.add_argument("--batch", type=int, default=8, help="sequences verified together in one target forward")
+    p.add_argument("--json", type=Path, help="write {'runs': [...]} here")
+    p.add_argument("--k", type=int, nargs="+", default=[5], help="draft lengths to run")
+    p.add_argument("--head", type=Path, default=DEFAULT_HEAD_PATH, help="the learned head ('none' to skip)")
+    p.add_argument("--compare-head", action="append", default=[], metavar="LABEL=PATH",
+                   help="another head in the same table (e.g. last-layer features)")
+    p.add_argument("--vocab-limit", type=int, action="append", default=[], metavar="S",
+                   help="also run each head drafting over only its S most frequent ids")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = p.parse_args(argv)
+    if args.temperature != 0.0:
+        p.error("--temperature > 0 needs rejection sampling in the engine's verify step: not measured yet")
+    return args
+
+
+def load_prompts(path: Path | None) -> list[str]:
+    if path is None:
+        return list(PROMPTS)
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model_config, model = load_model(None)
+    tokenizer = Tokenizer.from_model(resolve_model_path(None))
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}])
+               for t in load_prompts(args.prompts_file)]
+    eos = model_config.eos_token_ids
+
+    def replay(make_drafter=None, k: int = 0, layers=None, label: str = "greedy") -> ReplayResult:
+        start = time.time()
+        result = chain_replay(model, prompts, args.max_tokens, make_drafter=make_drafter, k=k,
+                              batch=args.batch, eos_token_ids=eos, feature_layers=layers, progress=label)
+        print(f"{label}: {time.time() - start:.0f} s", file=sys.stderr)
+        return result
+
+    plain = replay()
+    heads = [] if str(args.head) == "none" else [("head", args.head)]
+    heads += [tuple(spec.split("=", 1)) for spec in args.compare_head]
+    runs = []
+    for k in args.k:
+        variants = [("ngram", NgramDrafter, None)]
+        for label, path in heads:
+            head = DraftHead.load(path)
+            for limit in [None, *args.vocab_limit]:
+                name = label if limit is None else f"{label}@{limit}"
+
+                def make(head=head, limit=limit) -> HeadDrafter:
+                    return HeadDrafter(head, model.embed_tokens, draft_vocab_limit=limit)
+                variants.append((name, make, head.config.feature_layers))
+        for name, make_drafter, layers in variants:
+            result = replay(make_drafter, k, layers, label=f"{name} k={k}")
+            runs.append({
+                "drafter": name, "k": k, "tau": round(result.tau, 3),
+                "acceptance": round(sum(result.accepted) / max(sum(result.drafted), 1), 3),
+                "speedup": None, "greedy_identical": result.outputs == plain.outputs,
+            })
+    print(f"{len(prompts)} prompts, ≤ {args.max_tokens} tokens, T = 0, batch {args.batch}")
+    print(f"{'drafter':<18} {'k':>2} {'tau':>6} {'accepted/drafted':>17} {'greedy identical':>17}  speedup")
+    for r in runs:
+        print(f"{r['drafter']:<18} {r['k']:>2} {r['tau']:>6.3f} {r['acceptance']:>17.3f} "
+              f"{str(r['greedy_identical']):>17}  {NOT_MEASURED}")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"runs": runs, "prompts": len(prompts), "max_tokens": args.max_tokens,
+                                         "batch": args.batch, "speedup": NOT_MEASURED}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Speculation between engine steps: drafters learn each step's accepted tokens, then draft the next."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import ModelConfig
+from engine.executor import Executor, RunOutput
+from engine.model import LayerHook, LlamaModel
+from engine.scheduler import SchedulerOutput
+from engine.sequence import Sequence, SequenceStatus
+from engine.spec.adaptive import AdaptiveK
+from engine.spec.config import SpecConfig
+from engine.spec.draft_head import DEFAULT_HEAD_PATH, DraftHead
+from engine.spec.drafter import Drafter
+from engine.spec.head_drafter import HeadDrafter
+from engine.spec.ngram import NgramDrafter
+from engine.spec.target_forward import LayerCapture
+
+logger = logging.getLogger(__name__)
+
+
+def _each_layer(_layer: int) -> None:
+    """The layer hook of a capturing step: executors that cannot call per-layer hooks (CPU flat decode,
+    CUDA graphs) hand such a step to their eager path, where the capture's forward hooks run."""
+
+
+@dataclass
+class _Draft:
+    drafter: Drafter
+    length: AdaptiveK
+
+
+class Speculator:
+    """Owns one drafter per decoding sequence (request_id → drafter), created when the sequence's first
+    token is sampled and dropped when it finishes, is aborted or preempted (a preempted one starts afresh
+    from its recompute). After each step's postprocess, `after_step` hands every sampling sequence's drafter
+    the accepted tokens (and, for the head, the target's low/mid/high layer outputs at those positions,
+    captured from the step's forward) and stores its next drafts in `seq.draft_token_ids`, which the
+    scheduler verifies in the next step.
+
+    Only the head captures features; with method ngram steps run on whatever path they would without
+    speculation (verify steps are eager, engine/executors/).
+    """
+
+    def __init__(self, config: SpecConfig, model: LlamaModel, model_config: ModelConfig) -> None:
+        if not config.enabled:
+            raise ValueError("a Speculator needs a spec method other than 'off'")
+        self.config = config
+        self.embed = model.embed_tokens
+        self.head: DraftHead | None = None
+        self.capture: LayerCapture | None = None
+        if config.method == "head":
+            weight = model.embed_tokens.weight
+            path = config.head_path or DEFAULT_HEAD_PATH
+            self.head = DraftHead.load(path, weight.device, weight.dtype)
+            check_head_fits(self.head, model_config, str(path))
+            self.capture = LayerCapture(model, self.head.config.feature_layers)
+            logger.info("draft head %s: features of layers %s, %d draft ids", path,
+                        self.head.config.feature_layers, self.head.config.draft_vocab_size)
+        self._drafts: dict[str, _Draft] = {}
+        self._features: torch.Tensor | None = None  # the last step's captured rows [T, F·H]
+        self._rows: dict[str, tuple[int, int]] = {}  # request_id → (first row, rows) of its chunk then
+
+    # ---- the step ----
+
+    def execute(self, executor: Executor, batch: SchedulerOutput,
+                layer_hook: LayerHook | None = None) -> RunOutput:
+        """Runs the step through `executor`, keeping the feature rows of each chunk when the head drafts."""
+        if self.capture is None:
+            return executor.execute(batch, layer_hook)
+        out = executor.execute(batch, layer_hook or _each_layer)
+        self._rows.clear()
+        row = 0
+        for chunk in batch.chunks:
+            self._rows[chunk.seq.request_id] = (row, chunk.num_new_tokens)
+            row += chunk.num_new_tokens
+        self._features = self.capture.take() if batch.chunks else None
+        return out
+
+    def after_step(self, batch: SchedulerOutput) -> None:
+        """After the scheduler's postprocess: drafters learn what each sampling chunk accepted, then draft."""
+        for seq in batch.preempted:
+            self._drafts.pop(seq.request_id, None)
+        for chunk in batch.chunks:
+            seq = chunk.seq
+            if seq.status is not SequenceStatus.RUNNING:  # finished or aborted: its drafter goes too
+                self._drafts.pop(seq.request_id, None)
+                continue
+            if not chunk.num_sampled:
+                continue
+            state = self._drafts.get(seq.request_id)
+            if chunk.draft_token_ids and state is not None:
+                kept = seq.num_tokens - chunk.output_start - 1  # postprocess appended kept drafts + 1
+                state.length.update(len(chunk.draft_token_ids), kept)
+            features = self._chunk_features(seq.request_id, seq.num_tokens - 1 - chunk.start)
+            if state is None or not self._learn(state.drafter, seq, chunk.start, features):
+                state = self._start(seq, chunk.start, features)
+                if state is None:
+                    continue
+            self._propose(seq, state)
+        self._features = None
+
+    # ---- sequences arriving and leaving ----
+
+    def start_decode(self, seq: Sequence, fused_features: torch.Tensor | None) -> None:
+        """A sequence whose prompt was computed elsewhere joins with its first token: the head starts from the
+        prefill worker's fused features of the last prompt position ([H] or [1, H]); without them (that worker
+        runs no head) the first decode step runs plain and the head starts from its features."""
+        if self.head is None:
+            state = self._start(seq, seq.num_tokens - 1, None)
+        elif fused_features is None:
+            return
+        else:
+            drafter = HeadDrafter(self.head, self.embed, first_position=seq.num_tokens - 2)
+            drafter.accept_fused(seq.token_ids, fused_features.reshape(1, -1))
+            state = _Draft(drafter, AdaptiveK(self.config.k, self.config.adaptive))
+            self._drafts[seq.request_id] = state
+        if state is not None:
+            self._propose(seq, state)
+
+    def drop(self, request_id: str) -> None:
+        self._drafts.pop(request_id, None)
+
+    def fused_features(self, request_id: str) -> torch.Tensor | None:
+        """The head's fused input feature [H] of the last position `request_id` computed in the step just
+        executed (what a prefill worker ships with the KV); None without a head or a chunk in that step."""
+        if self.head is None or self._features is None or request_id not in self._rows:
+            return None
+        first, n = self._rows[request_id]
+        with torch.no_grad():
+            return self.head.fuse(self._features[first + n - 1].to(self.head.fc.weight.dtype)).clone()
+
+    @property
+    def num_drafting(self) -> int:
+        return len(self._drafts)
+
+    def close(self) -> None:
+        """Removes the feature hooks from the model (engines sharing one model, benchmarks)."""
+        if self.capture is not None:
+            self.capture.close()
+
+    # ---- internals ----
+
+    def _chunk_features(self, request_id: str, n: int) -> torch.Tensor | None:
+        """The first n feature rows of request_id's chunk in the step just executed (None without a head)."""
+        if self._features is None:
+            return None
+        first, _ = self._rows[request_id]
+        return self._features[first:first + n]
+
+    def _learn(self, drafter: Drafter, seq: Sequence, start: int, features: torch.Tensor | None) -> bool:
+        """Feed the accepted positions; False if the drafter is not where this chunk starts (start afresh)."""
+        if isinstance(drafter, HeadDrafter) and drafter.num_committed != start:
+            return False
+        drafter.accept(seq.token_ids, features)
+        return True
+
+    def _start(self, seq: Sequence, start: int, features: torch.Tensor | None) -> _Draft | None:
+        if self.head is None:
+            drafter: Drafter = NgramDrafter()
+            drafter.accept(seq.token_ids, None)
+        elif features is None:
+            return None
+        else:
+            drafter = HeadDrafter(self.head, self.embed, first_position=start)
+            drafter.accept(seq.token_ids, features)
+        state = _Draft(drafter, AdaptiveK(self.config.k, self.config.adaptive))
+        self._drafts[seq.request_id] = state
+        return state
+
+    def _propose(self, seq: Sequence, state: _Draft) -> None:
+        # The target's own token after the drafts is free: drafting up to max_tokens - 1 ahead wastes none.
+        room = seq.sampling.max_tokens - seq.num_output_tokens - 1
+        if room <= 0:
+            seq.draft_token_ids = []
+            return
+        seq.draft_token_ids = state.drafter.propose(min(state.length.k, room))
+
+
+def check_head_fits(head: DraftHead, target: ModelConfig, where: str) -> None:
+    """A head trained for another target fails loudly at engine start, naming what differs."""
+    c = head.config
+    wrong = [f"{name} {mine} != target's {theirs}" for name, mine, theirs in (
+        ("hidden_size", c.hidden_size, target.hidden_size),
+        ("target_vocab_size", c.target_vocab_size, target.vocab_size),
+    ) if mine != theirs]
+    if max(c.feature_layers) >= target.num_layers:
+        wrong.append(f"feature layers {c.feature_layers} past the target's {target.num_layers} layers")
+    if wrong:
+        raise ValueError(f"draft head {where} does not fit {target.name}: " + "; ".join(wrong))
