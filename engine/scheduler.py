@@ -1,7 +1,6 @@
 """Token-budget scheduler (vLLM-v1 style, no phases): decode tokens first, then prefill chunks; preemption."""
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 
@@ -44,7 +43,6 @@ class Scheduler:
         self.prefix = PrefixCache(block_manager) if config.prefix_caching else None
         slowdown = config.fused_step_max_slowdown
         self.step_cost = StepCostModel(slowdown) if slowdown else None
-        self._timed: tuple[SchedulerOutput, float, int] | None = None  # the step postprocess will time
 
     # ---- admission ----
 
@@ -189,11 +187,8 @@ class Scheduler:
         sampling seeded by (seed, position), those are exactly the tokens single steps would give. Rejected
         positions are rolled back (`rollback`); seq.num_draft_tokens / num_accepted_tokens count them.
         """
-        if self._timed is not None and self._timed[0] is out:  # schedule -> postprocess: the step's cost
-            _, started, decode_tokens = self._timed
-            self.step_cost.observe(decode_tokens, out.num_batched_tokens - decode_tokens,
-                                   time.perf_counter() - started)
-            self._timed = None
+        if self.step_cost is not None:  # schedule -> postprocess: the step's cost
+            self.step_cost.finish(out, out.num_batched_tokens)
         finished: list[Sequence] = []
         for chunk in out.chunks:
             seq = chunk.seq
@@ -311,7 +306,7 @@ class Scheduler:
         others = bool(self._waiting) or len(self._running) != len(chunks)
         out = SchedulerOutput(tuple(chunks), tuple(preempted), others_waiting=others)
         if self.step_cost is not None and chunks:
-            self._timed = (out, time.perf_counter(), decode_tokens)
+            self.step_cost.start(out, decode_tokens)
         return out
 
     def _num_slots_used(self) -> int:

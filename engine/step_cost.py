@@ -1,6 +1,8 @@
 """A step's cost fitted online (fixed + per decode + per prefill token); it caps prefill beside decodes."""
 from __future__ import annotations
 
+import time
+
 MIN_STEPS = 4  # steps with prefill tokens, and steps without, before the fit is trusted
 REFIT_EVERY = 32  # steps between fits: costs drift over many steps, and a fit costs tens of us of Python
 
@@ -38,12 +40,23 @@ class StepCostModel:
             raise ValueError(f"window must be >= 2, got {window}")
         self.max_slowdown = max_slowdown
         self._keep = 1.0 - 1.0 / window
+        self._timed: tuple[object, float, int] | None = None  # the step `finish` will time
         # Weighted sums over x = (1, decode tokens d, prefill tokens p): of x x^T (n, d, p, dd, dp, pp) and of
         # x * seconds (t, dt, pt): the normal equations of the fit.
         self._sums = [0.0] * 9
         self._steps_with_prefill = self._steps_without = 0
         self._coef: tuple[float, float, float] | None = None
         self._unfitted = 0  # steps observed since the last fit
+
+    def start(self, step: object, decode_tokens: int) -> None:
+        """The scheduler made `step` (an opaque token) now; `finish(step)` times it and observes its cost."""
+        self._timed = (step, time.perf_counter(), decode_tokens)
+
+    def finish(self, step: object, batched_tokens: int) -> None:
+        timed = self._timed
+        if timed is not None and timed[0] is step:
+            self._timed = None
+            self.observe(timed[2], batched_tokens - timed[2], time.perf_counter() - timed[1])
 
     def observe(self, decode_tokens: int, prefill_tokens: int, seconds: float) -> None:
         if seconds <= 0 or decode_tokens + prefill_tokens <= 0:
