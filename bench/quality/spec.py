@@ -2,6 +2,7 @@
 
     python -m bench.quality.spec [--prompts-file PATH] [--max-tokens N] [--temperature T] [--batch B ...]
                                  [--json OUT] [--k K ...] [--drafters ngram head] [--head PATH] [--threads 1]
+                                 [--device cuda] [--model PATH]
 
 For each batch size, the prompts (20 built-in chat questions, or one per line of --prompts-file;
 chat-templated, repeated to fill at least one batch) run through the engine's steps with speculation off,
@@ -70,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--head", type=Path, default=None, help="draft head file (default: the shipped one)")
     p.add_argument("--fixed-k", action="store_true", help="always draft k (adaptive k off)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (bfloat16 model, decode in CUDA graphs)")
+    p.add_argument("--model", default=None, help="target GGUF / HF dir (default: the embedded SmolLM2)")
     args = p.parse_args(argv)
     if args.temperature < 0 or args.max_tokens < 1 or min(args.batch) < 1 or min(args.k) < 1:
         p.error("need --temperature >= 0, --max-tokens >= 1, --batch >= 1 and --k >= 1")
@@ -103,8 +106,9 @@ def measure(engine: LLMEngine, prompts: list[list[int]], sampling: list[Sampling
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = load_model(None)
-    tokenizer = Tokenizer.from_model(resolve_model_path(None))
+    dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    model = load_model(args.model, dtype=dtype, device=args.device)
+    tokenizer = Tokenizer.from_model(resolve_model_path(args.model))
     texts = load_prompts(args.prompts_file)
     specs = [SpecConfig()] + [
         SpecConfig(drafter, k=k, head_path=str(args.head) if drafter == "head" and args.head else None,
@@ -124,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         for first in range(0, len(prompts), batch):
             group = slice(first, first + batch)
             for i, spec in enumerate(specs):
-                engine = LLMEngine(EngineConfig(num_kv_blocks=blocks, max_num_seqs=batch, spec=spec),
-                                   model=model)
+                engine = LLMEngine(EngineConfig(device=args.device, dtype=dtype, num_kv_blocks=blocks,
+                                                max_num_seqs=batch, spec=spec), model=model)
                 got = measure(engine, prompts[group], sampling[group])
                 if engine.speculator is not None:
                     engine.speculator.close()  # its feature hooks stay off the next engine's forwards
