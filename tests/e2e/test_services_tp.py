@@ -9,13 +9,11 @@ import threading
 import pytest
 
 from contracts.sampling import FinishReason, SamplingParams
-from contracts.transfer import TransferTarget
-from decode_worker.api import ReserveRequest
 from decode_worker.service import DecodeService
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from prefill_worker.api import PrefillRequest
 from prefill_worker.service import PrefillService
+from tests.e2e.test_services_inprocess import _disaggregated
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -25,25 +23,6 @@ CONFIG = EngineConfig(model_path="random:tiny", device="cpu", num_kv_blocks=32, 
                       num_threads=1)
 PROMPTS = [[1, 504, 345, 282, 469, 314], list(range(100, 150))]
 GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
-
-
-async def _disaggregated(prefill: PrefillService, decode: DecodeService, rid: str,
-                         prompt: list[int]) -> tuple[list[int], FinishReason | None]:
-    reservation = await decode.reserve(ReserveRequest(rid, tuple(prompt), GREEDY))
-    target = TransferTarget(rid, reservation.decode_id, reservation.block_ids, len(prompt),
-                            start_token=reservation.start_token)
-    ids, reason = [], None
-
-    async def consume() -> None:
-        nonlocal reason
-        async for chunk in decode.stream(rid):
-            ids.extend(chunk.token_ids)
-            reason = chunk.finish_reason
-
-    consumer = asyncio.create_task(consume())
-    await prefill.prefill(PrefillRequest(rid, tuple(prompt), GREEDY, target))
-    await consumer
-    return ids, reason
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +43,7 @@ def test_prefill_and_decode_of_different_tp_sizes_match_tp1_colocated(expected, 
         info = asyncio.run((prefill if prefill_tp > 1 else decode).info())
         assert [r.kv_heads for r in info.tp_ranks] == [(0,), (1,)]
         for i, prompt in enumerate(PROMPTS):
-            got, reason = asyncio.run(_disaggregated(prefill, decode, f"r{i}", prompt))
+            got, reason = asyncio.run(_disaggregated(prefill, decode, f"r{i}", prompt, GREEDY))
             assert got == expected[i]
             assert reason is FinishReason.LENGTH
         assert decode.engine.stats().num_free_blocks == CONFIG.num_kv_blocks
