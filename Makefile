@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test venv proto test-fast fuzz soak clean
+.PHONY: serve test venv proto test-fast fuzz soak clean bench-deps
 
 venv: $(STAMP)
 
@@ -35,6 +35,10 @@ soak: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not e2e and not slow and not fuzz and not soak"
+
+# Benchmark-only dependencies (llama.cpp for bench/engine/decode_cpu); not part of venv or test.
+bench-deps: $(STAMP)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements-bench.txt
 
 clean:
 	rm -rf $(VENV) proto/pdserve/v1/*_pb2*.py proto/pdserve/v1/*_pb2*.pyi

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from contracts.kv_cache_spec import KVCacheSpec
+from contracts.kv_cache_spec import KVCacheSpec, scales_for
 from engine.kv_cache import KVCache, dtype_name
 from engine.model import LlamaModel
 from kernels.attention.metadata import AttentionMetadata, SeqSpan
@@ -12,17 +12,19 @@ _BLOCK_SIZE = 16
 
 
 @torch.inference_mode()
-def forward_sequence(model: LlamaModel, token_ids: list[int]) -> torch.Tensor:
+def forward_sequence(model: LlamaModel, token_ids: list[int], kv_cache_dtype: str = "auto") -> torch.Tensor:
     """Final-normed hidden states [T, H] of `token_ids` at positions 0..T-1, one prefill in a fresh cache.
 
-    The same forward the engine runs for a prompt (paged attention over a KV cache in the model's dtype), so
-    calibration and perplexity see exactly the served numerics; the cache lives only for this call.
+    The same forward the engine runs for a prompt (paged attention over a KV cache of `kv_cache_dtype`, a
+    KVCacheSpec logical dtype; "auto": the model's dtype), so calibration and perplexity see exactly the
+    served numerics; the cache lives only for this call.
     """
     c = model.config
     weight = model.embed_tokens.weight
     num_blocks = -(-len(token_ids) // _BLOCK_SIZE)
     kv_heads = model.layers[0].self_attn.num_kv_heads  # a TP rank's share once the model is sharded
-    spec = KVCacheSpec(_BLOCK_SIZE, kv_heads, c.head_dim, dtype_name(weight.dtype))
+    dtype = dtype_name(weight.dtype) if kv_cache_dtype == "auto" else kv_cache_dtype
+    spec = KVCacheSpec(_BLOCK_SIZE, kv_heads, c.head_dim, dtype, scales_for(dtype, c.head_dim))
     kv = KVCache(spec, c.num_layers, num_blocks, weight.device)
     span = SeqSpan(0, len(token_ids), len(token_ids), tuple(range(num_blocks)), 0)
     meta = AttentionMetadata.from_spans([span], list(range(len(token_ids))), _BLOCK_SIZE, weight.device)

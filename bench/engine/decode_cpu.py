@@ -1,9 +1,12 @@
-"""bs1 greedy decode tokens/s on CPU: LLMEngine (fp32, W4A16, W8A8) vs HF on one GGUF, and each roofline.
+"""bs1 greedy decode tokens/s on CPU: LLMEngine (fp32, W4A16, W8A8) vs HF vs llama.cpp on one GGUF, and
+each roofline.
 
-    .venv/bin/python -m bench.engine.decode_cpu --tokens 128
+    .venv/bin/python -m bench.engine.decode_cpu --tokens 128 [--threads N]
 
 Roofline per contestant: copy bandwidth / the bytes its decode token reads (quantized weights count as
-stored). "same tokens": positions equal to the first contestant's greedy output.
+stored; llama.cpp: the GGUF's tensors as stored). "same tokens": positions equal to the first contestant's
+greedy output. llama.cpp runs through `llama-cpp-python`, a benchmark-only dependency (`make bench-deps`,
+requirements-bench.txt); without it that row is skipped with a message.
 """
 from __future__ import annotations
 
@@ -74,6 +77,38 @@ class _Stamps:
         pass
 
 
+def load_llama_cpp(path, threads: int):
+    """llama.cpp on the same GGUF with `threads` threads; None, with a message, when the module is missing."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("llama.cpp: skipped, `llama_cpp` is not installed (make bench-deps installs llama-cpp-python)")
+        return None
+    return Llama(model_path=str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+
+def llama_cpp_decode(model, new_tokens: int) -> tuple[float, list[int]]:
+    """bs1 greedy (top_k 1, temperature 0, no penalties) from an empty cache; tokens/s after the first."""
+    model.reset()
+    times: list[float] = []
+    out: list[int] = []
+    for token in model.generate(PROMPT, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
+                                reset=True):
+        times.append(time.perf_counter())
+        out.append(token)
+        if len(out) == new_tokens:  # never stops at EOS by itself: the same count as the others
+            break
+    return (len(times) - 1) / (times[-1] - times[0]), out
+
+
+def gguf_tensor_bytes(path) -> int:
+    """Bytes of every tensor in the GGUF as stored: what llama.cpp's decode token reads (the tied embedding
+    is read in full as the LM head)."""
+    from gguf import GGUFReader
+
+    return sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors)
+
+
 def load_hf(path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, modeling_utils
     from transformers.utils import is_accelerate_available
@@ -109,7 +144,12 @@ def main() -> None:
     parser.add_argument("--weights", nargs="+", choices=list(CONTESTANTS), default=list(CONTESTANTS),
                         help="our contestants (default: all; the first is the tokens reference)")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--skip-llama-cpp", action="store_true")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads, and llama.cpp's (default: torch's own count)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = resolve_model_path(args.model) if args.model else embedded_model_path()
 
@@ -117,9 +157,11 @@ def main() -> None:
                                             max_num_seqs=1))
                for name in args.weights}
     hf_model = None if args.skip_hf else load_hf(path)
+    llama = None if args.skip_llama_cpp else load_llama_cpp(path, torch.get_num_threads())
     # Shared CPUs drift: alternate the contestants (and the bandwidth probe) and keep each one's best.
     bandwidths: list[float] = []
-    rates: dict[str, list[float]] = {name: [] for name in [*engines, *([] if hf_model is None else ["HF"])]}
+    others = [*([] if hf_model is None else ["HF"]), *([] if llama is None else ["llama.cpp"])]
+    rates: dict[str, list[float]] = {name: [] for name in [*engines, *others]}
     ids: dict[str, list[int]] = {}
     for _ in range(args.runs):
         bandwidths.append(copy_bandwidth())
@@ -129,10 +171,17 @@ def main() -> None:
         if hf_model is not None:
             rate, ids["HF"] = hf_decode(hf_model, args.tokens)
             rates["HF"].append(rate)
+        if llama is not None:
+            rate, ids["llama.cpp"] = llama_cpp_decode(llama, args.tokens)
+            rates["llama.cpp"].append(rate)
     bandwidth = max(bandwidths)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.tokens} new tokens, "
           f"prompt {len(PROMPT)} tokens, best of {args.runs} alternating runs")
+    if llama is not None:
+        import llama_cpp
+
+        print(f"llama-cpp-python {llama_cpp.__version__}, {llama.n_threads} threads")
     print(f"copy bandwidth      {bandwidth / 1e9:8.1f} GB/s (read+write)")
     reference = ids[next(iter(engines))]
     print(f"{'contestant':14s} {'path':>13s} {'MB/token':>9s} {'tok/s':>8s} {'roofline':>9s} "
@@ -141,9 +190,11 @@ def main() -> None:
     weight_bytes = {name: decode_weight_bytes(engine.model) for name, engine in engines.items()}
     if "fp32" in weight_bytes and hf_model is not None:
         weight_bytes["HF"] = weight_bytes["fp32"]
+    if llama is not None:
+        weight_bytes["llama.cpp"] = gguf_tensor_bytes(path)
     for name, runs in rates.items():
         engine = engines.get(name)
-        path_name = "HF generate" if engine is None else (
+        path_name = {"HF": "HF generate", "llama.cpp": "llama-cpp-py"}[name] if engine is None else (
             "FlatDecoder" if isinstance(engine.executor, CpuFlatExecutor) else "model forward")
         same = sum(a == b for a, b in zip(ids[name], reference, strict=True))
         best, size = max(runs), weight_bytes.get(name)

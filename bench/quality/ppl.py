@@ -8,7 +8,7 @@ language reference; W8A8 calibrates on other text, engine/quantize/calibration.p
 sliding windows of CONTEXT tokens moved by STRIDE: the first window scores all its tokens, every later one
 only its last STRIDE (each scored token sees at least CONTEXT − STRIDE tokens of context). Greedy agreement:
 GREEDY_PROMPTS prompts cut from the text, GREEDY_TOKENS tokens each; the share of positions equal to the
-baseline's. Configs whose pieces are not built yet print a row saying so and stay out of the JSON.
+baseline's. The KV cache rows take their cache dtypes from bench/quality/kv_cache_ppl.kv_cache_configs().
 With --tp N the rows are the baseline and the model sharded over N local ranks (gloo, one process each:
 engine/tp/local_ranks.py), all-reducing in --tp-comm, gated at +0.2% (issue 16).
 """
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from bench.quality.kv_cache_ppl import kv_cache_configs
 from contracts.sampling import SamplingParams
 from engine.config import TP_COMMS, EngineConfig
 from engine.llm_engine import LLMEngine
@@ -44,19 +45,25 @@ GREEDY_TOKENS = 64
 @dataclass(frozen=True)
 class Config:
     name: str
-    weights: str | None  # EngineConfig.weights; None: the config needs pieces not built yet
+    weights: str  # EngineConfig.weights
     gate: float | None  # bound on rel_delta vs baseline (issue 12); None: no gate
     two_sided: bool = False  # the gate bounds |rel_delta| ("within"), not just the increase
+    kv_cache_dtype: str = "auto"  # EngineConfig.kv_cache_dtype (auto: the compute dtype, fp32 here)
+
+
+def _kv(row: str) -> str:
+    """The KV cache dtype of a kv_cache_ppl row: both harnesses measure the same KV configs."""
+    return kv_cache_configs()[row]["kv_cache_dtype"]
 
 
 CONFIGS = (
     Config("baseline", "auto", None),
     Config("w4a16-native", "w4a16", 0.001, two_sided=True),  # the same weights: within 0.1% either way
     Config("w8a8", "w8a8", 0.010),
-    Config("kv-int8", None, 0.003),
-    Config("kv-int4", None, 0.030),
-    Config("w8a8+kv-int8", None, None),
-    Config("w4a16+kv-int4", None, None),
+    Config("kv-int8", "auto", 0.003, kv_cache_dtype=_kv("kv-int8")),
+    Config("kv-int4", "auto", 0.030, kv_cache_dtype=_kv("kv-int4")),
+    Config("w8a8+kv-int8", "w8a8", None, kv_cache_dtype=_kv("kv-int8")),
+    Config("w4a16+kv-int4", "w4a16", None, kv_cache_dtype=_kv("kv-int4")),
 )
 
 
@@ -77,11 +84,13 @@ def windows(num_tokens: int) -> list[tuple[int, int, int]]:
 
 
 def perplexity(engine: LLMEngine, tokens: list[int], bar: tqdm | None) -> float:
-    """exp(mean NLL) of tokens[1:] given their preceding context (windows above)."""
+    """exp(mean NLL) of tokens[1:] given their preceding context (windows above), through a KV cache of the
+    engine's kv_cache_dtype."""
+    kv_cache_dtype = engine.config.kv_cache_dtype
     nll, count = 0.0, 0
     for start, end, first in windows(len(tokens)):
         window = tokens[start:end]
-        hidden = forward_sequence(engine.model, window)[first - 1:-1]
+        hidden = forward_sequence(engine.model, window, kv_cache_dtype)[first - 1:-1]
         logits = engine.model.compute_logits(hidden)
         targets = torch.tensor(window[first:])
         nll += F.cross_entropy(logits, targets, reduction="sum").item()
@@ -102,9 +111,10 @@ def match_rate(outputs: list[list[int]], reference: list[list[int]]) -> float:
     return sum(a == b for a, b in pairs) / len(pairs)
 
 
-def engine_config(weights: str = "auto", tp_size: int = 1, tp_comm: str = "bf16") -> EngineConfig:
+def engine_config(weights: str = "auto", tp_size: int = 1, tp_comm: str = "bf16",
+                  kv_cache_dtype: str = "auto") -> EngineConfig:
     return EngineConfig(weights=weights, num_kv_blocks=GREEDY_PROMPTS * 6, max_num_seqs=GREEDY_PROMPTS,
-                        tp_size=tp_size, tp_comm=tp_comm)
+                        tp_size=tp_size, tp_comm=tp_comm, kv_cache_dtype=kv_cache_dtype)
 
 
 def tp_rank_run(group: TPGroup, tokens: list[int], prompts: list[list[int]], sampling: SamplingParams,
@@ -149,20 +159,19 @@ def main() -> None:
     configs = CONFIGS
     if args.tp > 1:
         configs = (CONFIGS[0], Config(f"tp{args.tp}-{args.tp_comm}", "auto", 0.002))
-    built = [c for c in configs if c.weights is not None]
     results: dict[str, dict[str, float]] = {}
     agreement: dict[str, float] = {}
     reference: list[list[int]] = []
     start = time.perf_counter()
-    with tqdm(total=len(built) * len(windows(len(tokens))), desc="perplexity", unit="window") as bar:
-        for config in built:
+    with tqdm(total=len(configs) * len(windows(len(tokens))), desc="perplexity", unit="window") as bar:
+        for config in configs:
             bar.set_postfix_str(config.name)
             if config.name.startswith("tp"):  # the ranks run in their own processes, one thread each
                 ppl, outputs = run_local_ranks(tp_rank_run, args.tp, tokens, prompts, sampling,
                                                args.tp_comm)[0]
                 bar.update(len(windows(len(tokens))))
             else:
-                engine = LLMEngine(engine_config(config.weights))
+                engine = LLMEngine(engine_config(config.weights, kv_cache_dtype=config.kv_cache_dtype))
                 ppl = perplexity(engine, tokens, bar)
                 outputs = engine.generate(prompts, sampling)
                 del engine
@@ -176,9 +185,6 @@ def main() -> None:
           f"stride {STRIDE}, greedy {GREEDY_TOKENS} tokens x {GREEDY_PROMPTS} prompts, {elapsed:.0f} s")
     print(f"{'config':16s} {'ppl':>9s} {'rel_delta':>10s} {'greedy match':>13s}  gate")
     for config in configs:
-        if config.name not in results:
-            print(f"{config.name:16s} {'not built yet':>34s}")
-            continue
         r = results[config.name]
         gate = "" if config.gate is None else gate_text(config, r["rel_delta"])
         match = agreement[config.name]

@@ -6,10 +6,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.store_kv.quant import INT4_MAX, INT8_MAX, MIN_SCALE, QuantizedKV
+from kernels.store_kv.quant import INT4_MAX, INT4_REFIT_STEPS, INT8_MAX, MIN_SCALE, QuantizedKV
 
 _INT8_MAX = tl.constexpr(INT8_MAX)
 _INT4_MAX = tl.constexpr(INT4_MAX)
+_INT4_REFIT_STEPS = tl.constexpr(INT4_REFIT_STEPS)
 _MIN_SCALE = tl.constexpr(MIN_SCALE)
 
 
@@ -87,6 +88,13 @@ def _store_int8_rows(cache_ptr, slot, head, values, mask, stride_slot, stride_he
 
 
 @triton.jit
+def _int4_codes(x, scale, zero):
+    """Nearest codes 0..15 (float32) of x [R, G, group] on the grid code * scale + zero ([R, G] float16)."""
+    q = tl.floor((x - zero.to(tl.float32)[:, :, None]) / scale.to(tl.float32)[:, :, None] + 0.5)
+    return tl.minimum(tl.maximum(q, 0.0), _INT4_MAX)
+
+
+@triton.jit
 def _store_int4_rows(cache_ptr, slot, head, values, mask, stride_slot, stride_head, scale_ptr, zero_ptr,
                      stride_scale_slot, stride_scale_head, GROUP_SIZE: tl.constexpr, HADAMARD: tl.constexpr):
     ROWS: tl.constexpr = values.shape[0]
@@ -99,8 +107,21 @@ def _store_int4_rows(cache_ptr, slot, head, values, mask, stride_slot, stride_he
     low = tl.min(x, axis=2)
     scale = tl.maximum((tl.max(x, axis=2) - low) / _INT4_MAX, _MIN_SCALE).to(tl.float16)
     zero = low.to(tl.float16)
-    q = tl.floor((x - zero.to(tl.float32)[:, :, None]) / scale.to(tl.float32)[:, :, None] + 0.5)
-    q = tl.minimum(tl.maximum(q, 0.0), _INT4_MAX).to(tl.uint8)
+    q = _int4_codes(x, scale, zero)
+    # quantize_int4's least-squares refits of scale and zero to the codes, op for op.
+    mean = tl.sum(x, axis=2) / GROUP_SIZE
+    centered = x - mean[:, :, None]
+    for _ in tl.static_range(_INT4_REFIT_STEPS):
+        q_mean = tl.sum(q, axis=2) / GROUP_SIZE
+        dq = q - q_mean[:, :, None]
+        var = tl.sum(dq * dq, axis=2)
+        fitted = tl.where(var > 0, tl.sum(dq * centered, axis=2) / tl.maximum(var, 1e-9),
+                          scale.to(tl.float32))
+        fitted = tl.maximum(fitted, _MIN_SCALE)
+        scale = fitted.to(tl.float16)
+        zero = (mean - fitted * q_mean).to(tl.float16)
+        q = _int4_codes(x, scale, zero)
+    q = q.to(tl.uint8)
     even, odd = tl.split(tl.reshape(q, [ROWS, D // 2, 2]))  # value 2j low nibble, 2j + 1 high
     byte_mask = tl.max(tl.reshape(mask.to(tl.int32), [ROWS, D // 2, 2]), axis=2) > 0
     rows = _row_offsets(slot, head, stride_slot, stride_head, ROWS)

@@ -48,8 +48,11 @@ def test_triton_store_writes_what_the_reference_writes_within_one_code(dtype: st
     for a, b in zip((ref.k[0], ref.v[0]), (tri.k[0], tri.v[0]), strict=True):
         diff = (codes(a) - codes(b)).abs()
         assert diff.max() <= 1 and diff.float().mean() < 0.01  # a rounding tie gone the other way, rarely
+    # int8: a float16 ulp at most. int4 refits scale and zero to the codes (quant.INT4_REFIT_STEPS): a code
+    # flipped at a tie moves its group's later fits by up to ~1 / group_size.
+    atol, rtol = (1e-4, 2e-3) if dtype == "int8" else (2e-3, 5e-2)
     for a, b in zip(ref.layer_scales(0), tri.layer_scales(0), strict=True):
-        torch.testing.assert_close(b.float(), a.float(), atol=1e-4, rtol=2e-3)  # a float16 ulp at most
+        torch.testing.assert_close(b.float(), a.float(), atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
