@@ -103,3 +103,25 @@ def test_sampled_drafts_repeat_for_a_seed_and_greedy_stays_argmax(small_model, s
                       model=small_model).generate([PROMPT], greedy[0])
     assert first[2].output_token_ids == plain[0]
     assert engine.speculator.num_drafting == 0
+
+
+def test_abort_mid_sampled_verify_keeps_block_counts_exact(small_model, small_head) -> None:
+    config = EngineConfig(device="cpu", dtype="float32", num_kv_blocks=16, block_size=4,
+                          spec=SpecConfig("head", k=4, head_path=str(small_head), adaptive=False))
+    engine = LLMEngine(config, model=small_model)
+    sampling = SamplingParams(max_tokens=40, temperature=1.0, seed=9, ignore_eos=True)
+    a = engine.add_request("a", PROMPT * 3, sampling)
+    b = engine.add_request("b", PROMPT * 2, sampling)
+    engine.step()
+    batch = engine.schedule()
+    (chunk_a,) = [c for c in batch.chunks if c.seq is a]
+    assert chunk_a.draft_probs is not None and chunk_a.draft_probs.shape == (4, SMALL.vocab_size)
+    out = engine.execute(batch)
+    assert engine.abort("a")  # between the rejection-sampled verify and its postprocess
+    engine.postprocess(batch, out)
+    bm = engine.block_manager
+    assert a.block_table == [] and bm.num_free == bm.num_total - len(b.block_table)
+    bm.check_invariants()
+    while engine.has_work():
+        engine.step()
+    assert bm.num_free == bm.num_total and engine.speculator.num_drafting == 0
