@@ -122,7 +122,8 @@ class Scheduler:
                 if self.blocks.can_allocate(self._blocks_missing(seq, ahead)):
                     seq.block_table.extend(self.blocks.allocate(self._blocks_missing(seq, ahead)))
             n = 1 + len(drafts)
-            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n, n, drafts))
+            probs = None if not drafts or seq.draft_probs is None else seq.draft_probs[:len(drafts)]
+            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n, n, drafts, probs))
             scheduled.add(seq.request_id)
             budget -= n
 
@@ -206,7 +207,7 @@ class Scheduler:
             drafts = chunk.draft_token_ids
             accepted = accepted_prefix(drafts, ids)
             if drafts:
-                seq.draft_token_ids = []
+                seq.draft_token_ids, seq.draft_probs = [], None
                 seq.num_draft_tokens += len(drafts)
             done = False
             for i, token_id in enumerate(ids[:accepted + 1]):

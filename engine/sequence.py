@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from contracts.sampling import FinishReason, SamplingParams
+
+if TYPE_CHECKING:
+    import torch
 
 
 class SequenceStatus(enum.Enum):
@@ -31,6 +35,9 @@ class Sequence:
     # Proposed continuation (speculative decoding): the scheduler computes them after the last token as
     # verify positions; postprocess keeps the ones the target model samples too and clears the list.
     draft_token_ids: list[int] = field(default_factory=list)
+    # [len(draft_token_ids), vocab] float32: the distributions sampled drafts were drawn from (the head at
+    # T > 0), handed to the verify chunk as ScheduledChunk.draft_probs; None for deterministic drafts.
+    draft_probs: torch.Tensor | None = None
     # Speculation totals over the request's verify steps: drafts proposed, drafts kept (appended as output).
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0

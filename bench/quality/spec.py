@@ -11,7 +11,8 @@ groups of B prompts (each setting sees the same load swings of a shared box). τ
 decode or verify step of a sequence (accepted drafts + the target's own token); tokens/s = output tokens /
 wall seconds of the whole run (prefill included, the same for every row); speedup = tokens/s over the
 speculation-off run of the same batch size in the same process; greedy_identical = every output equals the
-speculation-off output (at T > 0, seeded per request: the same draws). Offline acceptance for comparing
+speculation-off output (at T > 0, seeded per request: the same draws for n-gram; the head samples its
+drafts then, so its text differs by design, its distribution does not). Offline acceptance for comparing
 heads without the engine: `python -m bench.quality.spec_offline`.
 """
 from __future__ import annotations

@@ -1,13 +1,17 @@
 """Chain drafts from a DraftHead for one sequence, over the head's own KV of the accepted positions."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from contracts.sampling import SamplingParams
+from engine.sampler import processed_probs, race_noise
 from engine.spec.draft_head import DraftHead
 from engine.spec.drafter import Drafter
+from engine.spec.rejection import draft_seed
 
 
 class HeadDrafter(Drafter):
@@ -19,12 +23,17 @@ class HeadDrafter(Drafter):
     of the head's subset, to measure what a smaller subset costs. `first_position`: the first position whose
     features it gets (a prefix-cached or transferred prompt brings only its last rows); earlier positions
     are simply not in the head's KV (it was trained on windows of the context, docs/speculative.md).
+
+    `sampling`: the request's parameters. Greedy (or None) drafts the head's argmax; at T > 0 each draft is
+    sampled from the head's distribution processed with the request's temperature / top-k / top-p, drawn
+    with (draft_seed(seed), position) — never the verifier's noise — and `draft_probs` holds those
+    distributions over the full target vocabulary (the head's subset mapped through d2t, 0 elsewhere).
     """
 
     needs_features = True
 
     def __init__(self, head: DraftHead, embed: nn.Embedding, draft_vocab_limit: int | None = None,
-                 first_position: int = 0) -> None:
+                 first_position: int = 0, sampling: SamplingParams | None = None) -> None:
         self.head = head
         self.embed = embed
         self.limit = draft_vocab_limit
@@ -32,6 +41,10 @@ class HeadDrafter(Drafter):
         self.k: torch.Tensor | None = None  # [1, Hk, n, D]
         self.v: torch.Tensor | None = None
         self.last: torch.Tensor | None = None  # block output of the last accepted position [1, 1, H]
+        self.sampling = None if sampling is None or sampling.greedy else sampling
+        # The draws' own params: the same processing, the drafter's salted seed (None stays unseeded).
+        self._draw_params = (None if self.sampling is None or self.sampling.seed is None
+                             else dataclasses.replace(self.sampling, seed=draft_seed(self.sampling.seed)))
 
     def _run(self, token_ids: Sequence[int], g: torch.Tensor, start: int,
              k_cache: torch.Tensor | None, v_cache: torch.Tensor | None):
@@ -66,20 +79,35 @@ class HeadDrafter(Drafter):
         self.last = a[:, -1:]
         self.num_committed = start + n
 
-    def _draft(self, a: torch.Tensor) -> int:
+    def _draft(self, a: torch.Tensor, position: int, probs: list[torch.Tensor]) -> int:
+        """The draft that takes index `position` of the sequence; a sampled one appends its q to `probs`."""
         logits = self.head.logits(a[0, -1])
+        d2t = self.head.d2t
         if self.limit is not None:
-            logits = logits[:self.limit]
-        return int(self.head.d2t[int(logits.argmax())])
+            logits, d2t = logits[:self.limit], d2t[:self.limit]
+        if self.sampling is None:
+            return int(d2t[int(logits.argmax())])
+        # Top-k / top-p over the subset equal them over a target-vocab row that is -inf off the subset.
+        q = processed_probs(logits.unsqueeze(0), [self.sampling])  # [1, S] float32
+        params = self._draw_params or self.sampling
+        noise = race_noise([params], [position], q.shape, q.device)
+        choice = int((q / noise).argmax())  # the exponential race: choice ~ q
+        probs.append(q.new_zeros(self.head.config.target_vocab_size).index_copy_(0, d2t, q[0]))
+        return int(d2t[choice])
 
     @torch.no_grad()
     def propose(self, k: int) -> list[int]:
+        self.draft_probs = None
         if self.last is None:
             return []
-        drafts = [self._draft(self.last)]
+        probs: list[torch.Tensor] = []
+        first = self.num_committed + 1  # the index the first draft takes in the sequence
+        drafts = [self._draft(self.last, first, probs)]
         a, k_cache, v_cache = self.last, self.k, self.v
         while len(drafts) < k:
             position = self.num_committed + len(drafts) - 1
             a, k_cache, v_cache = self._run(drafts[-1:], a, position, k_cache, v_cache)
-            drafts.append(self._draft(a))
+            drafts.append(self._draft(a, first + len(drafts), probs))
+        if probs:
+            self.draft_probs = torch.stack(probs)
         return drafts

@@ -114,7 +114,8 @@ class Speculator:
         elif fused_features is None:
             return
         else:
-            drafter = HeadDrafter(self.head, self.embed, first_position=seq.num_tokens - 2)
+            drafter = HeadDrafter(self.head, self.embed, first_position=seq.num_tokens - 2,
+                                  sampling=seq.sampling)
             drafter.accept_fused(seq.token_ids, fused_features.reshape(1, -1))
             state = _Draft(drafter, AdaptiveK(self.config.k, self.config.adaptive))
             self._drafts[seq.request_id] = state
@@ -165,7 +166,7 @@ class Speculator:
         elif features is None:
             return None
         else:
-            drafter = HeadDrafter(self.head, self.embed, first_position=start)
+            drafter = HeadDrafter(self.head, self.embed, first_position=start, sampling=seq.sampling)
             drafter.accept(seq.token_ids, features)
         state = _Draft(drafter, AdaptiveK(self.config.k, self.config.adaptive))
         self._drafts[seq.request_id] = state
@@ -175,9 +176,10 @@ class Speculator:
         # The target's own token after the drafts is free: drafting up to max_tokens - 1 ahead wastes none.
         room = seq.sampling.max_tokens - seq.num_output_tokens - 1
         if room <= 0:
-            seq.draft_token_ids = []
+            seq.draft_token_ids, seq.draft_probs = [], None
             return
         seq.draft_token_ids = state.drafter.propose(min(state.length.k, room))
+        seq.draft_probs = state.drafter.draft_probs  # sampled drafts (head, T > 0): rejection-sampled
 
 
 def check_head_fits(head: DraftHead, target: ModelConfig, where: str) -> None:

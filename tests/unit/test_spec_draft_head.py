@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from contracts.sampling import SamplingParams
 from engine.random_models import preset_config
 from engine.spec.draft_head import (
     DraftHead,
@@ -109,6 +110,30 @@ def test_draft_vocab_limit_keeps_drafts_in_the_most_frequent_ids() -> None:
     drafter = HeadDrafter(head, embed, draft_vocab_limit=2)
     drafter.accept(ids[0].tolist(), batch.features[0, :11])
     assert set(drafter.propose(5)) <= set(head.d2t[:2].tolist())
+
+
+def test_sampled_drafts_come_with_their_distributions_over_the_target_vocab() -> None:
+    head = make_head().eval()
+    batch, ids, embed = make_batch(batch=1)
+    params = SamplingParams(temperature=0.9, top_k=5, seed=4)
+
+    def propose() -> tuple[list[int], torch.Tensor]:
+        drafter = HeadDrafter(head, embed, sampling=params)
+        drafter.accept(ids[0].tolist(), batch.features[0, :11])
+        return drafter.propose(4), drafter.draft_probs
+
+    drafts, probs = propose()
+    assert probs.shape == (4, TARGET.vocab_size) and probs.dtype == torch.float32
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(4))
+    off_subset = torch.ones(TARGET.vocab_size, dtype=torch.bool)
+    off_subset[head.d2t] = False
+    assert (probs[:, off_subset] == 0).all() and ((probs > 0).sum(dim=1) <= 5).all()  # top-k 5
+    assert all(probs[j, d] > 0 for j, d in enumerate(drafts))
+    again, probs_again = propose()  # drawn with (draft_seed(seed), position): repeatable
+    assert again == drafts and torch.equal(probs, probs_again)
+    greedy = HeadDrafter(head, embed, sampling=SamplingParams())
+    greedy.accept(ids[0].tolist(), batch.features[0, :11])
+    assert greedy.propose(4) and greedy.draft_probs is None
 
 
 def test_one_training_step_lowers_the_loss_on_a_fixed_batch() -> None:

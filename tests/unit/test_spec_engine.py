@@ -54,6 +54,8 @@ def spec_configs(head: Path) -> list[SpecConfig]:
 def test_speculation_gives_the_tokens_of_plain_decoding(tiny_model, tiny_head, sampling) -> None:
     reference = tiny_engine(tiny_model, SpecConfig()).generate(PROMPTS, sampling)
     for spec in spec_configs(tiny_head):
+        if spec.method == "head" and not sampling.greedy:
+            continue  # it samples drafts at T > 0: the same distribution, not text (test_spec_sampled)
         engine = tiny_engine(tiny_model, spec)
         assert engine.generate(PROMPTS, sampling) == reference, spec
         assert engine.block_manager.num_free == engine.block_manager.num_total
