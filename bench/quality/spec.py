@@ -2,7 +2,7 @@
 
     python -m bench.quality.spec [--prompts-file PATH] [--max-tokens N] [--temperature T] [--batch B ...]
                                  [--json OUT] [--k K ...] [--drafters ngram head] [--head PATH] [--threads 1]
-                                 [--device cuda] [--model PATH]
+                                 [--device cuda] [--model PATH] [--dtype D]
 
 For each batch size, the prompts (20 built-in chat questions, or one per line of --prompts-file;
 chat-templated, repeated to fill at least one batch) run through the engine's steps with speculation off,
@@ -74,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu, or cuda (bfloat16 model, decode in CUDA graphs)")
     p.add_argument("--model", default=None, help="target GGUF / HF dir (default: the embedded SmolLM2)")
+    p.add_argument("--dtype", default=None, help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
     args = p.parse_args(argv)
     if args.temperature < 0 or args.max_tokens < 1 or min(args.batch) < 1 or min(args.k) < 1:
         p.error("need --temperature >= 0, --max-tokens >= 1, --batch >= 1 and --k >= 1")
@@ -107,7 +108,7 @@ def measure(engine: LLMEngine, prompts: list[list[int]], sampling: list[Sampling
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     model = load_model(args.model, dtype=dtype, device=args.device)
     tokenizer = Tokenizer.from_model(resolve_model_path(args.model))
     texts = load_prompts(args.prompts_file)
