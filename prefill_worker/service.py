@@ -152,11 +152,8 @@ class PrefillService(WorkerService):
                 pending.started = now
             if chunk.num_sampled:
                 completing.append((chunk.seq, pending))
-        if self.engine.tp_comm is None:
-            run = self._run_sending(out, completing)
-        else:
-            run = self._run_sending_gathered(out, completing)
-        computed = time.perf_counter()
+        send = self._run_sending if self.engine.tp_comm is None else self._run_sending_gathered
+        run, computed = send(out, completing)
         for seq, pending in completing:
             (token,) = run.sampled[seq.request_id]  # a prompt's end samples exactly one token
             # The draft head's fused feature of the last prompt position (None unless this worker runs the
@@ -166,8 +163,10 @@ class PrefillService(WorkerService):
         # postprocess frees the blocks of finished prompts right after this: send_layer already copied them.
         return run
 
-    def _run_sending(self, out: SchedulerOutput, completing: list[tuple[Sequence, _Pending]]) -> RunOutput:
-        """TP=1: each layer's KV goes from the cache straight to the senders."""
+    def _run_sending(self, out: SchedulerOutput,
+                     completing: list[tuple[Sequence, _Pending]]) -> tuple[RunOutput, float]:
+        """TP=1: each layer's KV goes from the cache straight to the senders. Returns the run and when its
+        compute ended (before any after-prefill sends: the TTFT split counts those as exposed transfer)."""
         kv = self.engine.kv_cache
 
         def send_layer(layer: int) -> None:  # runs right after layer `layer` stored its KV
@@ -178,17 +177,18 @@ class PrefillService(WorkerService):
                                           kv.layer_scales(layer))
 
         run = self.engine.execute(out, layer_hook=send_layer if completing and self.stream_layers else None)
+        computed = time.perf_counter()
         if completing and not self.stream_layers:
             for layer in range(self.layout.num_layers):
                 send_layer(layer)
-        return run
+        return run, computed
 
     def _run_sending_gathered(self, out: SchedulerOutput,
-                              completing: list[tuple[Sequence, _Pending]]) -> RunOutput:
+                              completing: list[tuple[Sequence, _Pending]]) -> tuple[RunOutput, float]:
         """TP > 1: at each layer rank 0 gathers the ranks' kv-head shards of the finished prompts' blocks
         (every rank must take part, so the gather always runs in the layer hook) and sends whole heads."""
         if not completing:
-            return self.engine.execute(out)
+            return self.engine.execute(out), time.perf_counter()
         exported: list[int] = []
         rows: list[list[int]] = []  # per prompt: where its blocks sit among the gathered ones
         for seq, pending in completing:
@@ -212,9 +212,10 @@ class PrefillService(WorkerService):
                 gathered.append(whole)
 
         run = self.engine.execute(out, layer_hook=gather_layer, export_blocks=exported)
+        computed = time.perf_counter()
         for layer, whole in enumerate(gathered):
             send_layer(layer, whole)
-        return run
+        return run, computed
 
     def _after_step(self, out: SchedulerOutput, run: RunOutput, finished: list[Sequence]) -> None:
         self._poll_transfers()
