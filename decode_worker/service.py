@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,18 +34,42 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class _Subscriber:
+    """One consumer's multiplexed stream (a router): chunks of every request attached to it, handed over
+    as one batch per wake-up, so a decode step's tokens for N streams cost one item, not N."""
+
+    pending: list[TokenChunk] = field(default_factory=list)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    requests: set[str] = field(default_factory=set)
+
+    def put(self, chunk: TokenChunk) -> None:
+        self.pending.append(chunk)
+        self.ready.set()
+
+
+@dataclass
 class _Stream:
-    """The actor-side end of one request's token stream; the engine thread pushes into it thread-safely."""
+    """The actor-side end of one request's token stream; the engine thread pushes into it thread-safely.
+
+    Chunks queue here until a consumer takes them: `stream()` per request, or a subscriber once attached."""
 
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     detok: IncrementalDetokenizer | None
     num_prompt_tokens: int
     num_output_tokens: int = 0  # as of the last chunk pushed (engine thread)
+    subscriber: _Subscriber | None = None  # actor loop only
 
     def push(self, chunk: TokenChunk) -> None:
         self.num_output_tokens = chunk.num_output_tokens
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, chunk)
+        # One callback per chunk; a step's burst of them all runs before a subscriber's task wakes.
+        self.loop.call_soon_threadsafe(self._deliver, chunk)
+
+    def _deliver(self, chunk: TokenChunk) -> None:
+        if self.subscriber is not None:
+            self.subscriber.put(chunk)
+        else:
+            self.queue.put_nowait(chunk)
 
     def flush_text(self) -> str:
         """Text the detokenizer held back (a possible stop-string prefix), released when the sequence ends."""
@@ -79,6 +103,7 @@ class DecodeService(WorkerService):
         self._joined = False  # a prefill worker has connected at least once
         self._active: dict[str, _Stream] = {}  # engine thread only
         self._streams: dict[str, _Stream] = {}  # actor loop only
+        self._subscribers: dict[str, _Subscriber] = {}  # actor loop only
         self.start()
 
     # ---- control plane (called from the actor's event loop) ----
@@ -150,6 +175,40 @@ class DecodeService(WorkerService):
             self._streams.pop(request_id, None)
             if not finished:  # consumer went away mid-stream: client disconnect = abort
                 await self.abort(request_id)
+
+    async def subscribe(self, subscriber_id: str) -> AsyncIterator[tuple[TokenChunk, ...]]:
+        """One long-lived stream of the chunks of every request `attach`ed to `subscriber_id`, batched: each
+        item is what arrived since the last one (one decode step's tokens for all its streams). A request
+        leaves it with its finishing chunk; if the consumer goes away, its unfinished requests abort."""
+        sub = self._subscribers.setdefault(subscriber_id, _Subscriber())
+        try:
+            while True:
+                await sub.ready.wait()
+                sub.ready.clear()
+                batch, sub.pending = tuple(sub.pending), []
+                for chunk in batch:
+                    if chunk.finish_reason is not None:
+                        sub.requests.discard(chunk.request_id)
+                        self._streams.pop(chunk.request_id, None)
+                yield batch
+        finally:
+            if self._subscribers.get(subscriber_id) is sub:
+                del self._subscribers[subscriber_id]
+            for request_id in list(sub.requests):  # consumer went away mid-stream: client disconnect = abort
+                self._streams.pop(request_id, None)
+                await self.abort(request_id)
+
+    def attach(self, subscriber_id: str, request_id: str) -> None:
+        """Route `request_id`'s chunks (those queued so far first) to `subscriber_id`'s stream."""
+        stream = self._streams.get(request_id)
+        if stream is None or stream.subscriber is not None:
+            raise KeyError(f"no reserved, unstreamed request {request_id!r} on {self.worker_id}")
+        # Created here too if attach overtakes subscribe; subscribe then takes it over.
+        sub = self._subscribers.setdefault(subscriber_id, _Subscriber())
+        sub.requests.add(request_id)
+        stream.subscriber = sub
+        while not stream.queue.empty():
+            sub.put(stream.queue.get_nowait())
 
     def _close(self) -> None:
         for endpoint in self._endpoints.values():
