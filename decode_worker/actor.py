@@ -1,4 +1,4 @@
-"""Ray actor around DecodeService; tokens stream back as a Ray streaming generator (docs/architecture.md)."""
+"""Ray actor around DecodeService; tokens stream back as Ray streaming generators (docs/architecture.md)."""
 from __future__ import annotations
 
 import asyncio
@@ -55,3 +55,10 @@ class DecodeWorkerActor(WorkerActor):
     async def stream(self, request_id: str) -> AsyncIterator[TokenChunk]:
         async for chunk in self.service.stream(request_id):
             yield chunk
+
+    async def subscribe(self, subscriber_id: str) -> AsyncIterator[tuple[TokenChunk, ...]]:
+        async for batch in self.service.subscribe(subscriber_id):
+            yield batch
+
+    async def attach(self, subscriber_id: str, request_id: str) -> None:
+        self.service.attach(subscriber_id, request_id)

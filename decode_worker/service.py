@@ -5,8 +5,8 @@ import asyncio
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 import torch
 
@@ -15,6 +15,7 @@ from contracts.stats import WorkerInfo
 from contracts.transfer import KV_FAILURE_POLICIES, ChannelAddress, TransferTarget
 from decode_worker.api import NoCapacity, Reservation, ReserveRequest, TokenChunk
 from decode_worker.metrics import DecodeMetrics
+from decode_worker.streams import RequestStream, Subscriber, deliver_all
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.executor import RunOutput
@@ -31,25 +32,7 @@ from kv_transfer.receiver import KVReceiveEndpoint, KVReceiver
 from kv_transfer.state import TransferState
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Stream:
-    """The actor-side end of one request's token stream; the engine thread pushes into it thread-safely."""
-
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    detok: IncrementalDetokenizer | None
-    num_prompt_tokens: int
-    num_output_tokens: int = 0  # as of the last chunk pushed (engine thread)
-
-    def push(self, chunk: TokenChunk) -> None:
-        self.num_output_tokens = chunk.num_output_tokens
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, chunk)
-
-    def flush_text(self) -> str:
-        """Text the detokenizer held back (a possible stop-string prefix), released when the sequence ends."""
-        return self.detok.finish() if self.detok is not None else ""
+T = TypeVar("T")
 
 
 class DecodeService(WorkerService):
@@ -77,8 +60,12 @@ class DecodeService(WorkerService):
         self._receivers: dict[str, KVReceiver] = {}  # engine thread only
         self._awaiting_kv: dict[str, ReserveRequest] = {}  # engine thread only: what a recompute prefills
         self._joined = False  # a prefill worker has connected at least once
-        self._active: dict[str, _Stream] = {}  # engine thread only
-        self._streams: dict[str, _Stream] = {}  # actor loop only
+        self._active: dict[str, RequestStream] = {}  # engine thread only
+        self._streams: dict[str, RequestStream] = {}  # actor loop only
+        self._subscribers: dict[str, Subscriber] = {}  # actor loop only
+        # Chunks pushed since the last flush (engine thread only): handed to the actor loop in one callback at
+        # the end of each step or command, so a subscriber's next item holds the whole step.
+        self._outbox: list[tuple[RequestStream, TokenChunk]] = []
         self.start()
 
     # ---- control plane (called from the actor's event loop) ----
@@ -120,7 +107,7 @@ class DecodeService(WorkerService):
     async def reserve(self, req: ReserveRequest) -> Reservation:
         if req.request_id in self._streams:
             raise ValueError(f"request_id {req.request_id!r} is already active on {self.worker_id}")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(),
+        stream = RequestStream(asyncio.get_running_loop(), asyncio.Queue(),
                          self._detokenizer(req),
                          len(req.prompt_token_ids))
         reservation = await self._on_engine_thread(lambda: self._reserve(req, stream))
@@ -151,12 +138,71 @@ class DecodeService(WorkerService):
             if not finished:  # consumer went away mid-stream: client disconnect = abort
                 await self.abort(request_id)
 
+    async def subscribe(self, subscriber_id: str) -> AsyncIterator[tuple[TokenChunk, ...]]:
+        """One long-lived stream of the chunks of every request `attach`ed to `subscriber_id`, batched: each
+        item is what arrived since the last one (one decode step's tokens for all its streams). A request
+        leaves it with its finishing chunk; if the consumer goes away, its unfinished requests abort."""
+        sub = self._subscribers.setdefault(subscriber_id, Subscriber())
+        try:
+            while True:
+                await sub.ready.wait()
+                sub.ready.clear()
+                batch, sub.pending = tuple(sub.pending), []
+                for chunk in batch:
+                    if chunk.finish_reason is not None:
+                        sub.requests.discard(chunk.request_id)
+                        self._streams.pop(chunk.request_id, None)
+                yield batch
+        finally:
+            if self._subscribers.get(subscriber_id) is sub:
+                del self._subscribers[subscriber_id]
+            for request_id in list(sub.requests):  # consumer went away mid-stream: client disconnect = abort
+                self._streams.pop(request_id, None)
+                await self.abort(request_id)
+
+    def attach(self, subscriber_id: str, request_id: str) -> None:
+        """Route `request_id`'s chunks (those queued so far first) to `subscriber_id`'s stream."""
+        stream = self._streams.get(request_id)
+        if stream is None or stream.subscriber is not None:
+            raise KeyError(f"no reserved, unstreamed request {request_id!r} on {self.worker_id}")
+        # Created here too if attach overtakes subscribe; subscribe then takes it over.
+        sub = self._subscribers.setdefault(subscriber_id, Subscriber())
+        sub.requests.add(request_id)
+        stream.subscriber = sub
+        while not stream.queue.empty():
+            sub.put(stream.queue.get_nowait())
+
+    async def _on_engine_thread(self, fn: Callable[[], T]) -> T:
+        def run_and_flush() -> T:
+            try:
+                return fn()
+            finally:
+                self._flush()
+
+        return await super()._on_engine_thread(run_and_flush)
+
     def _close(self) -> None:
         for endpoint in self._endpoints.values():
             endpoint.stop()
         self._listener.close()
 
     # ---- engine thread ----
+
+    def _step(self) -> bool:
+        try:
+            return super()._step()
+        finally:
+            self._flush()
+
+    def _push(self, stream: RequestStream, chunk: TokenChunk) -> None:
+        stream.num_output_tokens = chunk.num_output_tokens
+        self._outbox.append((stream, chunk))
+
+    def _flush(self) -> None:
+        if not self._outbox:
+            return
+        batch, self._outbox = self._outbox, []
+        batch[0][0].loop.call_soon_threadsafe(deliver_all, batch)  # every stream lives on the actor's loop
 
     def _add_endpoint(self, peer_id: str, endpoint: KVReceiveEndpoint) -> KVReceiveEndpoint | None:
         old = self._endpoints.get(peer_id)
@@ -166,16 +212,16 @@ class DecodeService(WorkerService):
                 endpoint.register(receiver)
         return old
 
-    def _resume_text(self, req: ReserveRequest, stream: _Stream) -> None:
+    def _resume_text(self, req: ReserveRequest, stream: RequestStream) -> None:
         """A migrated request: feed the tokens an earlier worker streamed to the detokenizer, so the text
         continues where it was; the router drops the characters its client already has."""
         if not req.num_resumed_tokens or stream.detok is None:
             return
         text = stream.detok.add(req.prompt_token_ids[-req.num_resumed_tokens:]).text
         if text:
-            stream.push(TokenChunk(req.request_id, (), text, None, stream.num_prompt_tokens, 0))
+            self._push(stream, TokenChunk(req.request_id, (), text, None, stream.num_prompt_tokens, 0))
 
-    def _reserve(self, req: ReserveRequest, stream: _Stream) -> Reservation:
+    def _reserve(self, req: ReserveRequest, stream: RequestStream) -> Reservation:
         prompt = list(req.prompt_token_ids)
         if req.prefill_locally:
             self.engine.add_request(req.request_id, prompt, req.sampling)
@@ -243,8 +289,8 @@ class DecodeService(WorkerService):
             self._publish_stats()  # the freed blocks show in info() before the stream's last chunk goes out
         stream = self._active.pop(request_id, None)
         if stream is not None:
-            stream.push(TokenChunk(request_id, (), stream.flush_text(), FinishReason.ABORT,
-                                   stream.num_prompt_tokens, stream.num_output_tokens, error))
+            self._push(stream, TokenChunk(request_id, (), stream.flush_text(), FinishReason.ABORT,
+                                          stream.num_prompt_tokens, stream.num_output_tokens, error))
         return receiver is not None or known or stream is not None
 
     def _fail_waiters(self, error: str) -> None:
@@ -253,10 +299,11 @@ class DecodeService(WorkerService):
         self._receivers.clear()
         self._awaiting_kv.clear()
         for request_id, stream in self._active.items():
-            stream.push(TokenChunk(request_id, (), stream.flush_text(), FinishReason.ABORT,
-                                   stream.num_prompt_tokens, stream.num_output_tokens, error,
-                                   worker_failed=True))
+            self._push(stream, TokenChunk(request_id, (), stream.flush_text(), FinishReason.ABORT,
+                                          stream.num_prompt_tokens, stream.num_output_tokens, error,
+                                          worker_failed=True))
         self._active.clear()
+        self._flush()  # the engine thread ends here: no step or command flushes after this
 
     def _poll_transfers(self) -> bool:
         """Admits requests whose KV has arrived (their first token streams now); fails those whose did not."""
@@ -313,8 +360,8 @@ class DecodeService(WorkerService):
         elif reason is not None:
             text += stream.flush_text()
         self.metrics.tokens_generated(len(token_ids))
-        stream.push(TokenChunk(seq.request_id, tuple(token_ids), text, reason,
-                               seq.num_prompt_tokens, seq.num_output_tokens,
-                               num_draft_tokens=num_drafts, num_accepted_tokens=num_accepted))
+        self._push(stream, TokenChunk(seq.request_id, tuple(token_ids), text, reason,
+                                      seq.num_prompt_tokens, seq.num_output_tokens,
+                                      num_draft_tokens=num_drafts, num_accepted_tokens=num_accepted))
         if reason is not None:
             del self._active[seq.request_id]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any, TypeVar
 
-import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from contracts.stats import WorkerInfo
@@ -68,6 +69,10 @@ class RayDecodeClient(_RayWorker, DecodeClient):
             info: WorkerInfo = await handle.info.remote()
         return cls(info.worker_id, handle)
 
+    def __init__(self, worker_id: str, handle: Any) -> None:
+        super().__init__(worker_id, handle)
+        self._mux: _Multiplexed | None = None  # created by the first stream, on the router's loop
+
     async def reserve(self, request: ReserveRequest) -> Reservation:
         return await self._call("reserve", request)
 
@@ -75,25 +80,68 @@ class RayDecodeClient(_RayWorker, DecodeClient):
         return await self._call("recompute", request_id)
 
     async def stream(self, request_id: str) -> AsyncIterator[TokenChunk]:
-        gen = self._handle.stream.options(num_returns="streaming").remote(request_id)
-        exhausted = False
+        mux = self._mux
+        if mux is None or mux.error is not None:  # first stream, or the last one's worker connection broke
+            mux = self._mux = _Multiplexed(self._worker_id, self._handle)
+        queue = mux.open(request_id)
         try:
+            await self._call("attach", mux.subscriber_id, request_id)
             while True:
-                with _ray_errors(self._worker_id, "stream"):
-                    try:
-                        ref = await gen.__anext__()
-                    except StopAsyncIteration:
-                        exhausted = True
-                        return
-                    chunk: TokenChunk = await ref
-                exhausted = chunk.finish_reason is not None
-                yield chunk
+                item = await queue.get()
+                if isinstance(item, WorkerUnavailable):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
         finally:
-            if not exhausted:
-                # The consumer left early (cancel, failure): stop the remote generator task too, best effort;
-                # freeing KV is the job of the explicit abort call.
-                with contextlib.suppress(Exception):
-                    ray.cancel(gen)
+            # A consumer that leaves early just stops listening; freeing KV is the job of the explicit abort.
+            mux.close(request_id)
+
+
+class _Multiplexed:
+    """The router's end of one decode worker's `subscribe` stream: one Ray item per batch of chunks (a decode
+    step's tokens for all of this router's requests there), fanned out here to each request's queue.
+
+    One Ray streaming-generator item per token per stream cost the router ~1 ms of CPU per token; per step
+    it is divided by the batch size (docs/benchmarks.md, issue 14's batching goal)."""
+
+    def __init__(self, worker_id: str, handle: Any) -> None:
+        self.subscriber_id = uuid.uuid4().hex
+        self.error: WorkerUnavailable | None = None
+        self._worker_id = worker_id
+        self._queues: dict[str, asyncio.Queue[TokenChunk | WorkerUnavailable]] = {}
+        self._gen = handle.subscribe.options(num_returns="streaming").remote(self.subscriber_id)
+        self._task = asyncio.get_running_loop().create_task(self._pump())
+
+    def open(self, request_id: str) -> asyncio.Queue[TokenChunk | WorkerUnavailable]:
+        queue: asyncio.Queue[TokenChunk | WorkerUnavailable] = asyncio.Queue()
+        if self.error is not None:
+            queue.put_nowait(self.error)
+        self._queues[request_id] = queue
+        return queue
+
+    def close(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+
+    async def _pump(self) -> None:
+        try:
+            with _ray_errors(self._worker_id, "subscribe"):
+                while True:
+                    try:
+                        ref = await self._gen.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    batch: tuple[TokenChunk, ...] = await ref
+                    for chunk in batch:
+                        queue = self._queues.get(chunk.request_id)
+                        if queue is not None:  # else its consumer left (it was or will be aborted)
+                            queue.put_nowait(chunk)
+            error = WorkerUnavailable(f"{self._worker_id} ended its token stream")
+        except WorkerUnavailable as e:
+            error = e
+        self.error = error  # every stream waiting on this worker fails over (migration); new ones reconnect
+        for queue in self._queues.values():
+            queue.put_nowait(error)
 
 
 class RayPrefillClient(_RayWorker, PrefillClient):

@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 
 from decode_worker.api import Reservation, ReserveRequest
-from decode_worker.service import DecodeService, _Stream
+from decode_worker.service import DecodeService
+from decode_worker.streams import RequestStream
 from kv_transfer.receiver import KVReceiver
 from prefill_worker.service import PrefillService, _Pending
 
@@ -70,7 +71,7 @@ class TimedDecodeService(DecodeService):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._bench_receivers: dict[str, KVReceiver] = {}
 
-    def _reserve(self, req: ReserveRequest, stream: _Stream) -> Reservation:
+    def _reserve(self, req: ReserveRequest, stream: RequestStream) -> Reservation:
         reservation = super()._reserve(req, stream)
         receiver = self._receivers.get(req.request_id)
         if receiver is not None:

@@ -37,9 +37,22 @@ def toy_actors() -> tuple[Any, Any]:
                 raise NoCapacity("only 4 tokens fit")
             return Reservation(req.request_id, "toy-decode", (3, 5))
 
-        async def stream(self, request_id: str):  # type: ignore[no-untyped-def]
+        def __init__(self) -> None:
+            self.attached: list[str] = []
+            self.both = asyncio.Event()
+
+        async def attach(self, subscriber_id: str, request_id: str) -> None:
+            self.attached.append(request_id)
+            if len(self.attached) == 2:
+                self.both.set()
+
+        async def subscribe(self, subscriber_id: str):  # type: ignore[no-untyped-def]
+            # As a decode step does: one item carries a token for every attached request.
+            await self.both.wait()
             for i in range(3):
-                yield TokenChunk(request_id, (i,), str(i), FinishReason.LENGTH if i == 2 else None)
+                yield tuple(TokenChunk(rid, (i,), str(i), FinishReason.LENGTH if i == 2 else None)
+                            for rid in self.attached)
+            await asyncio.Event().wait()  # the worker's stream stays open for later requests
 
         async def abort(self, request_id: str) -> bool:
             return request_id == "known"
@@ -90,9 +103,14 @@ def test_ray_clients_relay_results_streams_and_typed_errors(actors: tuple[Any, A
         assert reservation.block_ids == (3, 5)
         with pytest.raises(NoCapacity, match="only 4 tokens fit"):
             await decode.reserve(ReserveRequest("r2", (1,) * 9, sampling))
-        chunks = [c async for c in decode.stream("r1")]
-        assert [c.token_ids for c in chunks] == [(0,), (1,), (2,)]
-        assert chunks[-1].finish_reason is FinishReason.LENGTH
+        async def collect(rid: str) -> list[TokenChunk]:
+            return [c async for c in decode.stream(rid)]
+
+        # Two requests' tokens arrive in shared items and are fanned out to each request's own stream.
+        for rid, chunks in zip(("r1", "r3"), await asyncio.gather(collect("r1"), collect("r3")), strict=True):
+            assert [c.token_ids for c in chunks] == [(0,), (1,), (2,)]
+            assert {c.request_id for c in chunks} == {rid}
+            assert chunks[-1].finish_reason is FinishReason.LENGTH
         assert await decode.abort("known") and not await decode.abort("other")
         assert "pdserve_spec_draft_tokens_total 2" in await decode.metrics_text()
 
@@ -106,6 +124,13 @@ def test_ray_clients_relay_results_streams_and_typed_errors(actors: tuple[Any, A
 
         ray.kill(prefill_handle)
         assert (await dead_within(prefill, seconds=20)).startswith("toy-prefill is gone (")
+
+        # The decode worker dies with a request streaming: its stream fails (the router migrates it).
+        waiting = asyncio.ensure_future(collect("r4"))
+        await asyncio.sleep(0.5)
+        ray.kill(decode_handle)
+        with pytest.raises(WorkerUnavailable, match="toy-decode"):
+            await asyncio.wait_for(waiting, 20)
 
     run(body(), timeout_s=60)
 
