@@ -92,6 +92,9 @@ class KVCacheSpec:
     head_dim: int
     dtype: str = "float32"  # logical dtype: float32 | float16 | bfloat16 (int8 | int4 with scales)
     scales: KVScales = field(default_factory=KVScales)
+    # int4 only: a hash of the calibrated per-(layer, kv head) key offsets every store subtracts ("" = none).
+    # Writers of one sequence's cache must subtract the same offsets, so the handshake compares it.
+    key_offset_digest: str = ""
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_kv_heads", "head_dim"):
@@ -111,6 +114,8 @@ class KVCacheSpec:
         gv = self.scales.value_group_size
         if self.scales.kind is ScaleKind.GROUPED and (self.head_dim % g or self.head_dim % gv):
             raise ValueError(f"group sizes {g} (keys) and {gv} (values) must divide head_dim {self.head_dim}")
+        if self.key_offset_digest and self.dtype != "int4":
+            raise ValueError(f"key offsets are for int4 KV caches only, not {self.dtype}")
         if self.scales.hadamard and self.head_dim & (self.head_dim - 1):
             raise ValueError(f"a Hadamard rotation needs a power-of-two head_dim, got {self.head_dim}")
 

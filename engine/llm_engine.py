@@ -17,10 +17,11 @@ from engine.cpu_decode import use_column_blocks
 from engine.executor import RunOutput
 from engine.executors.factory import build_executor
 from engine.executors.lookahead import DecodeLookahead
-from engine.kv_cache import KVCache
+from engine.kv_cache import KVCache, key_offset_digest, with_key_offsets
 from engine.model import LayerHook, LlamaModel
 from engine.model_files import load_model, parse_dtype
 from engine.quantize import apply_weights_scheme
+from engine.quantize.kv_offsets import calibrate_key_offsets, calibration_ids
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
 from engine.spec.speculator import Speculator
@@ -52,6 +53,14 @@ class LLMEngine:
         else:
             self.model_config, self.model = model
         apply_weights_scheme(self.model, config)  # config.weights: quantized projections, if it asks for them
+        key_offsets = None
+        if config.resolved_kv_cache_dtype == "int4":
+            # Before sharding, from fixed text: every worker of this model and weights subtracts the same
+            # offsets (the KV handshake compares their digest).
+            key_offsets = calibrate_key_offsets(
+                self.model, calibration_ids(config.model_path, self.model_config.vocab_size))
+        # The wire spec names all heads' offsets, whatever share of them this rank's cache holds.
+        self._key_offset_digest = "" if key_offsets is None else key_offset_digest(key_offsets)
         self.tp_comm: TPComm | None = None
         self.tp_plan: ShardPlan | None = None
         if config.tp_size > 1:
@@ -74,10 +83,13 @@ class LLMEngine:
             raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length "
                              f"{self.model_config.max_position_embeddings}")
         if self.tp_plan is None:
-            self.kv_cache = KVCache.for_model(self.model_config, config)
+            self.kv_cache = KVCache.for_model(self.model_config, config, key_offsets)
         else:  # the rank's kv heads only
-            self.kv_cache = KVCache(self.tp_plan.kv_cache_spec(self.model_config, config),
-                                    self.model_config.num_layers, config.num_kv_blocks, device)
+            if key_offsets is not None:
+                key_offsets = key_offsets[:, list(self.tp_plan.heads.kv_heads)].contiguous()
+            self.kv_cache = KVCache(
+                with_key_offsets(self.tp_plan.kv_cache_spec(self.model_config, config), key_offsets),
+                self.model_config.num_layers, config.num_kv_blocks, device, key_offsets)
         self.executor = build_executor(self.model, self.kv_cache, config, max_model_len)
         if self.tp_comm is not None and self.tp_comm.group.rank == 0:
             # Rank 0 schedules and samples; each step goes to the follower ranks (`follow`) before it runs.
@@ -201,7 +213,8 @@ class LLMEngine:
     def wire_kv_spec(self) -> KVCacheSpec:
         """The cache spec with all of the model's kv heads: KV leaves and enters this worker as whole heads
         (a TP rank's cache holds a shard of them; rank 0 gathers or scatters the others')."""
-        return dataclasses.replace(self.kv_cache.spec, num_kv_heads=self.model_config.num_kv_heads)
+        return dataclasses.replace(self.kv_cache.spec, num_kv_heads=self.model_config.num_kv_heads,
+                                   key_offset_digest=self._key_offset_digest)
 
     def export_layer(self, layer: int, block_ids: torch.Tensor) -> LayerTensors:
         """Whole-head (k, v, *scales)[block_ids] of `layer`: call it from the layer hook of a step run with

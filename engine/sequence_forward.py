@@ -19,6 +19,13 @@ def forward_sequence(model: LlamaModel, token_ids: list[int], kv_cache_dtype: st
     KVCacheSpec logical dtype; "auto": the model's dtype), so calibration and perplexity see exactly the
     served numerics; the cache lives only for this call.
     """
+    return prefill_cache(model, token_ids, kv_cache_dtype)[0]
+
+
+@torch.inference_mode()
+def prefill_cache(model: LlamaModel, token_ids: list[int],
+                  kv_cache_dtype: str = "auto") -> tuple[torch.Tensor, KVCache]:
+    """forward_sequence's hidden states and the cache it filled: token t's k, v at slot t of every layer."""
     c = model.config
     weight = model.embed_tokens.weight
     num_blocks = -(-len(token_ids) // _BLOCK_SIZE)
@@ -29,4 +36,4 @@ def forward_sequence(model: LlamaModel, token_ids: list[int], kv_cache_dtype: st
     span = SeqSpan(0, len(token_ids), len(token_ids), tuple(range(num_blocks)), 0)
     meta = AttentionMetadata.from_spans([span], list(range(len(token_ids))), _BLOCK_SIZE, weight.device)
     ids = torch.tensor(token_ids, device=weight.device)
-    return model(ids, torch.arange(len(token_ids), device=weight.device), meta, kv)
+    return model(ids, torch.arange(len(token_ids), device=weight.device), meta, kv), kv

@@ -11,6 +11,7 @@ import torch
 from engine.config import EngineConfig
 from engine.kv_cache import KVCache
 from engine.model_files import load_model, resolve_model_path
+from engine.quantize.kv_offsets import calibrate_key_offsets, calibration_ids
 from engine.tokenizer import Tokenizer
 from kernels.attention.metadata import AttentionMetadata, SeqSpan
 
@@ -31,10 +32,12 @@ def default_text() -> str:
 
 
 @torch.inference_mode()
-def perplexity(model, model_config, config: EngineConfig, ids: list[int]) -> float:
-    """exp(mean NLL) of `ids` under `model` with a KV cache built from `config` (ctx CONTEXT, STRIDE)."""
+def perplexity(model, model_config, config: EngineConfig, ids: list[int],
+               key_offsets: torch.Tensor | None = None) -> float:
+    """exp(mean NLL) of `ids` under `model` with a KV cache built from `config` (ctx CONTEXT, STRIDE) and
+    the int4 key offsets given."""
     blocks = -(-CONTEXT // config.block_size)
-    kv = KVCache.for_model(model_config, config)
+    kv = KVCache.for_model(model_config, config, key_offsets)
     nll, scored = 0.0, 0
     for start in range(0, max(len(ids) - 1, 1), STRIDE):
         window = ids[start:start + CONTEXT + 1]
@@ -62,11 +65,14 @@ def main() -> None:
     path = resolve_model_path(None)
     model_config, model = load_model(path, "float32", "cpu")
     ids = Tokenizer.from_model(path).encode(default_text())[: args.tokens]
+    # int4 subtracts the key offsets the engine calibrates at start (engine/quantize/kv_offsets.py).
+    key_offsets = calibrate_key_offsets(model, calibration_ids(None, model_config.vocab_size))
     results: dict[str, dict[str, float]] = {}
     for name, overrides in kv_cache_configs().items():
         config = EngineConfig(num_kv_blocks=-(-CONTEXT // 16), **overrides)
         t0 = time.monotonic()
-        ppl = perplexity(model, model_config, config, ids)
+        offsets = key_offsets if config.resolved_kv_cache_dtype == "int4" else None
+        ppl = perplexity(model, model_config, config, ids, offsets)
         base = results.get("baseline", {}).get("ppl", ppl)
         results[name] = {"ppl": ppl, "rel_delta": ppl / base - 1.0}
         seconds = time.monotonic() - t0

@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from kernels.pdl import pdl_launch, pdl_release, pdl_wait
-from kernels.store_kv.kernel import check_quantized_rows, quantized_operands, store_kv_values
+from kernels.store_kv.kernel import check_quantized_rows, key_offset, quantized_operands, store_kv_values
 from kernels.store_kv.quant import QuantizedKV
 
 
@@ -71,7 +71,7 @@ def _rotary_store_kv_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_sin,
     stride_qot, stride_qoh, stride_kc_slot, stride_kc_h, stride_vc_slot, stride_vc_h,
-    k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
+    k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, k_offset_ptr,
     stride_ks_slot, stride_ks_h, stride_vs_slot, stride_vs_h,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
     BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr,
@@ -97,7 +97,7 @@ def _rotary_store_kv_kernel(
             cols = tl.arange(0, 2 * BLOCK_HALF)[None, :]
             store_kv_values(k_cache_ptr, slot, offs_h, cols, k, (offs_h < NUM_KV_HEADS) & (cols < 2 * HALF),
                             stride_kc_slot, stride_kc_h, k_scale_ptr, k_zero_ptr, stride_ks_slot, stride_ks_h,
-                            K_GROUP, K_HADAMARD)
+                            K_GROUP, K_HADAMARD, k_offset_ptr)
         else:
             offs_d = tl.arange(0, BLOCK_HALF)[None, :]
             store_kv_values(k_cache_ptr, slot, offs_h, offs_d, first, k_mask, stride_kc_slot, stride_kc_h)
@@ -168,6 +168,7 @@ def rotary_store_kv_triton(
             f"rotary_store_kv: cos {tuple(cos.shape)}/sin {tuple(sin.shape)} must be [{num_tokens}, {half}]")
     check_quantized_rows(k_cache, "rotary_store_kv")
     quantized = isinstance(k_cache, QuantizedKV)
+    k_offset = key_offset(k_cache)
     k_cache, k_scale, k_zero, ks_slot, ks_h, k_group, k_hadamard = quantized_operands(k_cache)
     v_cache, v_scale, v_zero, vs_slot, vs_h, v_group, v_hadamard = quantized_operands(v_cache)
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
@@ -181,7 +182,7 @@ def rotary_store_kv_triton(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos.stride(0), sin.stride(0), q_out.stride(0), q_out.stride(1),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
-        k_scale, k_zero, v_scale, v_zero, ks_slot, ks_h, vs_slot, vs_h,
+        k_scale, k_zero, v_scale, v_zero, k_offset, ks_slot, ks_h, vs_slot, vs_h,
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HALF=half,
         BLOCK_QH=triton.next_power_of_2(num_q_heads), BLOCK_KH=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=triton.next_power_of_2(half), QUANTIZED=quantized, K_GROUP=k_group, V_GROUP=v_group,

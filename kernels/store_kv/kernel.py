@@ -17,7 +17,7 @@ _MIN_SCALE = tl.constexpr(MIN_SCALE)
 @triton.jit
 def store_kv_values(cache_ptr, slot, head, col, values, mask, stride_slot, stride_head,
                     scale_ptr=None, zero_ptr=None, stride_scale_slot=0, stride_scale_head=0,
-                    GROUP_SIZE: tl.constexpr = 0, HADAMARD: tl.constexpr = False):
+                    GROUP_SIZE: tl.constexpr = 0, HADAMARD: tl.constexpr = False, offset_ptr=None):
     """The one Triton write into a paged cache [num_blocks, block_size, Hk, D] (slot s of head h at
     s * stride_slot + h * stride_head): `values` at (slot, head, col), broadcast together, where `mask`.
 
@@ -26,13 +26,15 @@ def store_kv_values(cache_ptr, slot, head, col, values, mask, stride_slot, strid
     int8 codes, or uint8 int4 pairs with GROUP_SIZE-value groups, rotated first when HADAMARD) also take
     their scale (and zero) pointers and strides, and whole rows: `values` and `mask` [R, D] with D the
     head_dim, slot and head broadcastable to [R, 1] (`col` is then arange(D)[None, :] and goes unread).
+    int4 keys may take `offset_ptr`: a contiguous float32 [Hk, D] vector subtracted from each row first
+    (QuantizedKV.offset).
     """
     if cache_ptr.dtype.element_ty == tl.int8:
         _store_int8_rows(cache_ptr, slot, head, values, mask, stride_slot, stride_head, scale_ptr,
                          stride_scale_slot, stride_scale_head)
     elif cache_ptr.dtype.element_ty == tl.uint8:
         _store_int4_rows(cache_ptr, slot, head, values, mask, stride_slot, stride_head, scale_ptr, zero_ptr,
-                         stride_scale_slot, stride_scale_head, GROUP_SIZE, HADAMARD)
+                         stride_scale_slot, stride_scale_head, GROUP_SIZE, HADAMARD, offset_ptr)
     else:
         dst = cache_ptr + slot * stride_slot + head * stride_head + col
         tl.store(dst, values.to(cache_ptr.dtype.element_ty), mask=mask)
@@ -96,11 +98,14 @@ def _int4_codes(x, scale, zero):
 
 @triton.jit
 def _store_int4_rows(cache_ptr, slot, head, values, mask, stride_slot, stride_head, scale_ptr, zero_ptr,
-                     stride_scale_slot, stride_scale_head, GROUP_SIZE: tl.constexpr, HADAMARD: tl.constexpr):
+                     stride_scale_slot, stride_scale_head, GROUP_SIZE: tl.constexpr, HADAMARD: tl.constexpr,
+                     offset_ptr):
     ROWS: tl.constexpr = values.shape[0]
     D: tl.constexpr = values.shape[1]
     GROUPS: tl.constexpr = D // GROUP_SIZE
     x = tl.where(mask, values.to(tl.float32), 0.0)
+    if offset_ptr is not None:  # store_rows' `x - cache.offset`, before the rotation
+        x = x - tl.load(offset_ptr + head * D + tl.arange(0, D)[None, :], mask=mask, other=0.0)
     if HADAMARD:
         x = hadamard_rows(x)
     x = tl.reshape(x, [ROWS, GROUPS, GROUP_SIZE])
@@ -147,7 +152,7 @@ def quantized_operands(cache: torch.Tensor | QuantizedKV) -> tuple:
 
 @triton.jit
 def _store_kv_kernel(
-    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_offset_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kc_slot, stride_kc_h, stride_vc_slot, stride_vc_h,
     k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
@@ -167,9 +172,14 @@ def _store_kv_kernel(
         v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
         heads, cols = offs_h[:, None], offs_d[None, :]
         store_kv_values(k_cache_ptr, slot, heads, cols, k, mask, stride_kc_slot, stride_kc_h, k_scale_ptr,
-                        k_zero_ptr, stride_ks_slot, stride_ks_h, K_GROUP, K_HADAMARD)
+                        k_zero_ptr, stride_ks_slot, stride_ks_h, K_GROUP, K_HADAMARD, k_offset_ptr)
         store_kv_values(v_cache_ptr, slot, heads, cols, v, mask, stride_vc_slot, stride_vc_h, v_scale_ptr,
                         v_zero_ptr, stride_vs_slot, stride_vs_h, V_GROUP, V_HADAMARD)
+
+
+def key_offset(cache: torch.Tensor | QuantizedKV) -> torch.Tensor | None:
+    """A cache's key offset operand (QuantizedKV.offset); None, a constexpr, for every other cache."""
+    return cache.offset if isinstance(cache, QuantizedKV) else None
 
 
 def _rows_with_unit_last_stride(x: torch.Tensor) -> torch.Tensor:
@@ -203,6 +213,7 @@ def store_kv_triton(
             f"cache rows [{num_kv_heads}, {head_dim}]"
         )
     check_quantized_rows(k_cache, "store_kv")
+    k_offset = key_offset(k_cache)
     k_cache, k_scale, k_zero, ks_slot, ks_h, k_group, k_hadamard = quantized_operands(k_cache)
     v_cache, v_scale, v_zero, vs_slot, vs_h, v_group, v_hadamard = quantized_operands(v_cache)
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
@@ -210,7 +221,7 @@ def store_kv_triton(
         raise ValueError("store_kv: caches must be contiguous [num_blocks, block_size, Hk, D]")
     k, v = _rows_with_unit_last_stride(k), _rows_with_unit_last_stride(v)
     _store_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping,
+        k, v, k_cache, v_cache, slot_mapping, k_offset,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
         k_scale, k_zero, v_scale, v_zero, ks_slot, ks_h, vs_slot, vs_h,

@@ -24,7 +24,9 @@ class QuantizedKV:
     codes: [num_blocks, block_size, Hk, D] int8 (symmetric, `scale` [num_blocks, block_size, Hk]), or
     [..., D // 2] uint8 of int4 pairs (value 2j in the low nibble, 2j+1 in the high one) with `scale` and
     `zero` [num_blocks, block_size, Hk, D // group_size]: value = code * scale + zero. `hadamard`: the stored
-    rows are x @ H (hadamard_matrix), so x = stored @ H.
+    rows are x @ H (hadamard_matrix), so x = stored @ H. `offset` (int4 keys only): a float32 [Hk, D] vector
+    subtracted from every row before it is rotated and quantized; readers never add it back, since a key
+    offset shifts all of a query's scores by the same q·offset, which softmax ignores.
     """
 
     codes: torch.Tensor
@@ -32,10 +34,17 @@ class QuantizedKV:
     zero: torch.Tensor | None = None
     group_size: int = 0  # int4 only: values per scale along head_dim
     hadamard: bool = False
+    offset: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.bits == 4 and (self.zero is None or self.group_size < 1):
             raise ValueError("int4 KV needs zero points and a group size")
+        if self.offset is not None and self.bits == 8:
+            raise ValueError("a KV offset is for int4 caches only")
+        if self.offset is not None and (self.offset.dtype != torch.float32 or not self.offset.is_contiguous()
+                                        or tuple(self.offset.shape) != self.shape[2:]):
+            raise ValueError(f"a KV offset must be contiguous float32 {list(self.shape[2:])}, got "
+                             f"{self.offset.dtype} {list(self.offset.shape)}")
 
     @property
     def bits(self) -> int:
@@ -121,6 +130,8 @@ def store_rows(x: torch.Tensor, cache: QuantizedKV, slots: torch.Tensor) -> None
         codes, scale = quantize_int8(x)
         rows(cache.scale).index_copy_(0, slots, scale)
     else:
+        if cache.offset is not None:
+            x = x.float() - cache.offset
         if cache.hadamard:
             x = x.float() @ hadamard_matrix(x.shape[-1], x.device)
         codes, scale, zero = quantize_int4(x, cache.group_size)
