@@ -6,8 +6,11 @@ import random
 import torch
 
 from engine.model import LlamaModel
+from engine.model_files import resolve_model_path
 from engine.quantize.calibration import CALIBRATION_CONTEXT, calibration_text
+from engine.random_models import is_random_model
 from engine.sequence_forward import prefill_cache
+from engine.tokenizer import Tokenizer
 
 # 4 windows of CALIBRATION_CONTEXT (positions 0..511 each), the calibration docs/benchmarks.md measured.
 KEY_OFFSET_TOKENS = 2048
@@ -16,15 +19,14 @@ KEY_OFFSET_TOKENS = 2048
 def calibration_ids(model_path: str | None, vocab_size: int) -> list[int]:
     """KEY_OFFSET_TOKENS ids of engine/quantize/calibration.py's stdlib docstrings, or seeded random ids for a
     random-weight model (no tokenizer): the same ids on every worker of the same model."""
-    from engine.model_files import resolve_model_path
-    from engine.random_models import is_random_model
-    from engine.tokenizer import Tokenizer
-
     if is_random_model(model_path):
         rng = random.Random(0)
         return [rng.randrange(vocab_size) for _ in range(KEY_OFFSET_TOKENS)]
-    ids = Tokenizer.from_model(resolve_model_path(model_path)).encode(calibration_text())
-    return ids[:KEY_OFFSET_TOKENS]
+    ids = Tokenizer.from_model(resolve_model_path(model_path)).encode(calibration_text())[:KEY_OFFSET_TOKENS]
+    if max(ids) >= vocab_size:
+        raise ValueError(f"the tokenizer of model_path {model_path!r} gives ids past the model's vocab "
+                         f"{vocab_size}: key offsets are calibrated on the tokenizer's own model")
+    return ids
 
 
 @torch.inference_mode()
