@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
 from contracts.kv_cache_spec import KVCacheSpec, scales_for
-from engine.kv_cache import KVCache
+from engine.kv_cache import KVCache, with_key_offsets
 from kernels.attention.config import INT8_DECODE_TILES
 from kernels.attention.kernel import paged_attention_triton, paged_decode_attention
 from kernels.attention.reference import paged_attention_ref
@@ -29,17 +29,22 @@ def compiled_kernels_only() -> None:
         pytest.skip("interpreter mode is on in this process: run tests/gpu in its own pytest process")
 
 
-def cache(dtype: str, num_blocks: int) -> KVCache:
+def cache(dtype: str, num_blocks: int, key_offsets: torch.Tensor | None = None) -> KVCache:
     spec = KVCacheSpec(BLOCK, KV_HEADS, HEAD_DIM, dtype, scales_for(dtype, HEAD_DIM))
-    return KVCache(spec, 1, num_blocks, DEV)
+    return KVCache(with_key_offsets(spec, key_offsets), 1, num_blocks, DEV, key_offsets)
 
 
-@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", ["int8", "int4", "int4+offset"])
 def test_triton_store_writes_what_the_reference_writes_within_one_code(dtype: str) -> None:
     tokens = 100
     k, v = (torch.randn(tokens, KV_HEADS, HEAD_DIM, device=DEV, dtype=torch.bfloat16) for _ in range(2))
     slots = torch.randperm(16 * BLOCK, device=DEV)[:tokens]
-    ref, tri = cache(dtype, 16), cache(dtype, 16)
+    # int4+offset: keys with a shared mean per head, stored minus a calibrated offset (QuantizedKV.offset).
+    offsets = None
+    if dtype == "int4+offset":
+        dtype, offsets = "int4", (2 * torch.randn(1, KV_HEADS, HEAD_DIM, device=DEV)).half().float()
+        k = (k.float() + offsets[0]).bfloat16()
+    ref, tri = cache(dtype, 16, offsets), cache(dtype, 16, offsets)
     store_kv_ref(k, v, *ref.layer(0), slots)
     store_kv_triton(k, v, *tri.layer(0), slots)
     def codes(t: torch.Tensor) -> torch.Tensor:
