@@ -66,8 +66,11 @@ class KVCache:
                    for _ in range(num_layers)]
             for name, block in spec.scale_shapes().items()
         }
-        self.key_offsets = (None if key_offsets is None else
-                            [o.to(self.device, torch.float32).contiguous() for o in key_offsets])
+        if key_offsets is not None and tuple(key_offsets.shape) != (num_layers, *spec.block_shape[1:]):
+            raise ValueError(f"key offsets must be [{num_layers}, {spec.num_kv_heads}, {spec.head_dim}], got "
+                             f"{list(key_offsets.shape)}")
+        self.key_offsets = (None if key_offsets is None
+                            else key_offsets.to(self.device, torch.float32).contiguous())
         self._layers = [(self._operand("k", i), self._operand("v", i)) for i in range(num_layers)]
 
     @classmethod

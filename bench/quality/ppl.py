@@ -90,7 +90,9 @@ def perplexity(engine: LLMEngine, tokens: list[int], bar: tqdm | None) -> float:
     nll, count = 0.0, 0
     for start, end, first in windows(len(tokens)):
         window = tokens[start:end]
-        hidden = forward_sequence(engine.model, window, kv_cache_dtype)[first - 1:-1]
+        # The engine's int4 key offsets too: the scratch cache stores keys as the engine's own cache does.
+        hidden = forward_sequence(engine.model, window, kv_cache_dtype,
+                                  engine.kv_cache.key_offsets)[first - 1:-1]
         logits = engine.model.compute_logits(hidden)
         targets = torch.tensor(window[first:])
         nll += F.cross_entropy(logits, targets, reduction="sum").item()
