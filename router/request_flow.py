@@ -372,25 +372,21 @@ class RequestFlow:
         return max(0.0, end - since)
 
     def _record(self, outcome: str) -> None:
-        dispatched = self._dispatched_at is not None
         ttft = self._elapsed(self._received_at, self._first_token_at) if self._first_token_at else None
         self._metrics.observe_request(
             outcome,
             api=self.api,
-            prompt_tokens=len(self.request.prompt_token_ids) if dispatched else 0,
+            prompt_tokens=len(self.request.prompt_token_ids) if self._dispatched_at is not None else 0,
             completion_tokens=self._num_output,
             ttft_s=ttft,
             e2e_s=self._elapsed(self._received_at) if outcome in ("stop", "length") else None,
         )
 
     def _final_message(self) -> pb.GenerateResponse:
-        finish = self._finish or FinishReason.ABORT
-        first = self._first_token_at
+        finish, received, first = self._finish or FinishReason.ABORT, self._received_at, self._first_token_at
         timings = pb.Timings(
-            queue_seconds=self._elapsed(self._received_at, self._dispatched_at)
-            if self._dispatched_at
-            else 0.0,
-            ttft_seconds=self._elapsed(self._received_at, first) if first is not None else 0.0,
+            queue_seconds=self._elapsed(received, self._dispatched_at) if self._dispatched_at else 0.0,
+            ttft_seconds=self._elapsed(received, first) if first is not None else 0.0,
             prefill_seconds=self._prefill_result.prefill_seconds if self._prefill_result else 0.0,
             e2e_seconds=self._elapsed(self._received_at),
             prefill_worker=self._prefill_id,
