@@ -52,10 +52,6 @@ class DecodeWorkerActor(WorkerActor):
     async def recompute(self, request_id: str) -> bool:
         return await self.service.recompute(request_id)
 
-    async def stream(self, request_id: str) -> AsyncIterator[TokenChunk]:
-        async for chunk in self.service.stream(request_id):
-            yield chunk
-
     async def subscribe(self, subscriber_id: str) -> AsyncIterator[tuple[TokenChunk, ...]]:
         async for batch in self.service.subscribe(subscriber_id):
             yield batch
