@@ -34,7 +34,7 @@ class DecodeWorkerActor(WorkerActor):
             vocab_size=cfg.vocab_size,
             kv_cache_dtype=self.service.layout.dtype,
             # "auto"/"bf16": GGUF blocks are dequantized at load, weights live in the compute dtype.
-            weight_dtype={"w4a16": "int4", "w8a8": "int8"}.get(engine_cfg.weights, engine_cfg.dtype),
+            weight_dtype={"w4a16": "int4", "w8": "int8", "w8a8": "int8"}.get(engine_cfg.weights, engine_cfg.dtype),
             compute_dtype=engine_cfg.dtype,
             weights=engine_cfg.weights,
             speculative=engine_cfg.spec.describe(),

@@ -120,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: Triton on CUDA, torch references elsewhere; torch: references everywhere")
     up.add_argument("--weights", choices=WEIGHT_SCHEMES, default="auto",
                     help="auto: the file's weights in the compute dtype; bf16: the same in bfloat16 (also "
-                         "on CPU); w8a8: int8 weights and activations; w4a16: int4 weights (CPU; GGUF Q4_1 "
-                         "as is)")
+                         "on CPU); w8: int8 weights, activations in the compute dtype; w8a8: int8 weights "
+                         "and activations; w4a16: int4 weights (GGUF Q4_1 as is)")
     up.add_argument("--prefill-tp", type=positive("--prefill-tp"), default=1,
                     help="tensor-parallel ranks per prefill worker (one process each; at most the model's "
                          "attention heads)")
@@ -265,8 +265,6 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from deploy.launcher import ClusterConfig, LocalCluster
 
     device = args.device or _default_device()
-    if args.weights == "w4a16" and device != "cpu":
-        raise UsageError("--weights w4a16 runs on CPU only so far: add --device cpu")
     engine = EngineConfig(model_path=args.model, device=device, tp_comm=args.tp_comm,
                           dtype="float32" if device == "cpu" and args.weights != "bf16" else "bfloat16",
                           weights=args.weights,

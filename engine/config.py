@@ -44,8 +44,9 @@ TP_COMMS = ("bf16", "int8")
 
 # What EngineConfig.weights accepts (engine/quantize applies it to the built model): auto = the weights file's
 # numbers dequantized to the compute dtype; bf16 = the same, and the compute dtype must be bfloat16;
-# w8a8 = int8 weights and per-token int8 activations; w4a16 = group-wise int4 weights, 16-bit activations.
-WEIGHT_SCHEMES = ("auto", "bf16", "w8a8", "w4a16")
+# w8 = per-channel int8 weights, activations in the compute dtype (weight-only); w8a8 = int8 weights and
+# per-token int8 activations; w4a16 = group-wise int4 weights, 16-bit activations.
+WEIGHT_SCHEMES = ("auto", "bf16", "w8", "w8a8", "w4a16")
 
 
 @dataclass(frozen=True)

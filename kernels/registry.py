@@ -13,6 +13,7 @@ from kernels.linear.reference import linear_ref, silu_mul_linear_ref
 from kernels.norm_linear.reference import rms_norm_linear_ref
 from kernels.norm_mlp.reference import rms_norm_mlp_ref
 from kernels.norm_qkv_rope.reference import rms_norm_qkv_rotary_store_ref
+from kernels.quant_linear.reference import w4a16_linear_ref, w8_linear_ref, w8a8_linear_ref
 from kernels.rmsnorm.reference import rms_norm_ref
 from kernels.rotary.reference import apply_rotary_ref, rotary_store_kv_ref
 from kernels.store_kv.reference import store_kv_ref
@@ -47,6 +48,11 @@ class KernelRegistry:
     rms_norm_linear: Callable
     rms_norm_qkv_rotary_store: Callable
     rms_norm_mlp: Callable
+    # Quantized projections (engine/quantize): int4 weights × 16-bit input, int8 weights × 16-bit input, and
+    # int8 weights × per-token int8 input (optional SmoothQuant 1/s); kernels/quant_linear/layout's weights.
+    w4a16_linear: Callable
+    w8_linear: Callable
+    w8a8_linear: Callable
 
     @property
     def graph_safe(self) -> bool:
@@ -65,6 +71,7 @@ class KernelRegistry:
             apply_rotary=apply_rotary_ref, rotary_store_kv=rotary_store_kv_ref, linear=linear_ref,
             silu_mul=silu_mul_ref, silu_mul_linear=silu_mul_linear_ref, rms_norm_linear=rms_norm_linear_ref,
             rms_norm_qkv_rotary_store=rms_norm_qkv_rotary_store_ref, rms_norm_mlp=rms_norm_mlp_ref,
+            w4a16_linear=w4a16_linear_ref, w8_linear=w8_linear_ref, w8a8_linear=w8a8_linear_ref,
         )
 
     @classmethod
@@ -81,6 +88,7 @@ class KernelRegistry:
         from kernels.norm_linear.kernel import rms_norm_linear_triton
         from kernels.norm_mlp.kernel import rms_norm_mlp_triton
         from kernels.norm_qkv_rope.kernel import rms_norm_qkv_rotary_store_triton
+        from kernels.quant_linear.ops import w4a16_linear_triton, w8_linear_triton, w8a8_linear_triton
         from kernels.rmsnorm.kernel import rms_norm_triton
         from kernels.rotary.kernel import apply_rotary_triton, rotary_store_kv_triton
         from kernels.store_kv.kernel import store_kv_triton
@@ -92,6 +100,7 @@ class KernelRegistry:
             linear=linear_triton, silu_mul=silu_mul_triton, silu_mul_linear=silu_mul_linear_triton,
             rms_norm_linear=rms_norm_linear_triton,
             rms_norm_qkv_rotary_store=rms_norm_qkv_rotary_store_triton, rms_norm_mlp=rms_norm_mlp_triton,
+            w4a16_linear=w4a16_linear_triton, w8_linear=w8_linear_triton, w8a8_linear=w8a8_linear_triton,
         )
 
     @classmethod

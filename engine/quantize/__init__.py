@@ -2,7 +2,10 @@
 
 The model stays plain: a scheme swaps the layers' projection modules (engine/quantize/projections.py) for
 quantized ones, which LlamaModel calls through its module path. Those are not float linears, so the CPU
-column-block layout skips them and FlatDecoder declines the model: quantized decode runs the plain forward.
+column-block layout skips them and FlatDecoder declines the model: quantized CPU decode runs the plain
+forward. On CPU, w4a16 and w8a8 keep their own modules (torch's CPU int4 kernel; int8 values in an fp32
+GEMM); elsewhere, and for w8 everywhere, the projections are engine/quantize/kernel_linears.py's, whose
+products are the kernel registry's quantized ops (kernels/quant_linear on CUDA, graph-capturable).
 """
 from __future__ import annotations
 
@@ -16,13 +19,18 @@ from engine.model_files import resolve_model_path
 from engine.quantize.calibration import activation_absmax, calibration_text
 from engine.quantize.gguf_q4_1 import read_q4_1_projections
 from engine.quantize.int4 import Int4Linear, quantize_int4
+from engine.quantize.kernel_linears import W4A16KernelLinear, W8A8KernelLinear, W8KernelLinear
 from engine.quantize.projections import projections
-from engine.quantize.w8a8 import W8A8Linear, smoothing_factors
+from engine.quantize.w8a8 import W8A8Linear, quantize_per_channel, smoothing_factors
 from engine.random_models import is_random_model
+from kernels.quant_linear.layout import W8Weight, pack_w4
 
 logger = logging.getLogger(__name__)
 
 FLOAT_INT4_GROUP_SIZE = 32  # int4 from float weights: GGUF's block size (128 is coarser; tests cover both)
+# On CUDA the Triton kernels read 4.25 bits a weight at g = 128 (4.5 at 32) and decode is bandwidth-bound:
+# the largest of these that divides a projection's in_features (Llama-3-8B: 128 everywhere).
+KERNEL_INT4_GROUP_SIZES = (128, 64, 32)
 
 
 class UnsupportedWeightsError(ValueError):
@@ -36,14 +44,16 @@ def apply_weights_scheme(model: LlamaModel, config: EngineConfig) -> None:
         return
     device = model.embed_tokens.weight.device
     source = None if is_random_model(config.model_path) else resolve_model_path(config.model_path)
+    on_cpu = device.type == "cpu"
     if config.weights == "w4a16":
-        if device.type != "cpu":
-            raise UnsupportedWeightsError(f"weights 'w4a16' runs on CPU only so far, not on {device}")
-        how = use_int4(model, source)
+        how = use_int4(model, source) if on_cpu else use_int4_kernels(model, source)
+    elif config.weights == "w8":
+        how = use_w8(model)
     else:
-        how = use_w8a8(model, source)
-    logger.info("weights %s: %s; CPU decode runs the plain forward (column blocks and FlatDecoder take "
-                "float projections only)", config.weights, how)
+        how = use_w8a8(model, source, kernel_modules=not on_cpu)
+    logger.info("weights %s: %s%s", config.weights, how,
+                "; CPU decode runs the plain forward (column blocks and FlatDecoder take float projections "
+                "only)" if on_cpu else "")
 
 
 def use_int4(model: LlamaModel, source: Path | None) -> str:
@@ -63,8 +73,47 @@ def use_int4(model: LlamaModel, source: Path | None) -> str:
     return f"int4 groups of {FLOAT_INT4_GROUP_SIZE} from float weights (torch int4 kernel, bf16 activations)"
 
 
-def use_w8a8(model: LlamaModel, source: Path | None) -> str:
-    """W8A8 with SmoothQuant factors calibrated on stdlib docstrings (engine/quantize/calibration.py)."""
+def kernel_group_size(in_features: int) -> int:
+    """The int4 group size the kernel path quantizes float weights with (KERNEL_INT4_GROUP_SIZES)."""
+    for group in KERNEL_INT4_GROUP_SIZES:
+        if in_features % group == 0:
+            return group
+    raise UnsupportedWeightsError(f"int4 groups of {KERNEL_INT4_GROUP_SIZES} do not divide in_features "
+                                  f"{in_features}")
+
+
+def use_int4_kernels(model: LlamaModel, source: Path | None) -> str:
+    """W4A16 for the kernel registry (CUDA): the GGUF's Q4_1 blocks repacked once into the kernels' layout
+    (their float16 d and m carry over exactly), else group-wise int4 from the loaded float weights."""
+    native = None
+    if source is not None and source.suffix.lower() == ".gguf":
+        native = read_q4_1_projections(source, model.config)
+    groups = set()
+    for slot in projections(model):
+        weight = slot.module.weight.detach()
+        if native is not None:
+            q, d, m = (t.to(weight.device) for t in native[slot.layer, slot.name])
+        else:
+            q, d, m = quantize_int4(weight, kernel_group_size(weight.shape[1]))
+        packed = pack_w4(q, d, m)
+        groups.add(packed.group_size)
+        slot.replace(W4A16KernelLinear(packed, slot.silu_mul_input))
+    how = (f"GGUF Q4_1 blocks of {source.name} repacked" if native is not None
+           else f"int4 groups of {sorted(groups)} from float weights")
+    return f"{how} (Triton W4A16 kernels through the registry, 16-bit activations)"
+
+
+def use_w8(model: LlamaModel) -> str:
+    """Weight-only int8: symmetric per-output-channel int8 weights, activations in the compute dtype."""
+    for slot in projections(model):
+        q, scale = quantize_per_channel(slot.module.weight.detach())
+        slot.replace(W8KernelLinear(W8Weight(q, scale), slot.silu_mul_input))
+    return "int8 per output channel, activations in the compute dtype (registry's w8_linear)"
+
+
+def use_w8a8(model: LlamaModel, source: Path | None, kernel_modules: bool = False) -> str:
+    """W8A8 with SmoothQuant factors calibrated on stdlib docstrings (engine/quantize/calibration.py);
+    `kernel_modules`: the registry's w8a8_linear serves them (CUDA), else the CPU module."""
     if source is not None:
         from engine.tokenizer import Tokenizer
 
@@ -75,5 +124,10 @@ def use_w8a8(model: LlamaModel, source: Path | None) -> str:
         text = "seeded random token ids (random-weight model)"
     for slot, absmax in activation_absmax(model, tokens):
         weight = slot.module.weight.detach()
-        slot.replace(W8A8Linear(weight, smoothing_factors(absmax, weight), slot.silu_mul_input))
+        smooth = smoothing_factors(absmax, weight)
+        if kernel_modules:
+            q, scale = quantize_per_channel(weight.float() * smooth.float())
+            slot.replace(W8A8KernelLinear(W8Weight(q, scale), 1.0 / smooth.float(), slot.silu_mul_input))
+        else:
+            slot.replace(W8A8Linear(weight, smooth, slot.silu_mul_input))
     return f"int8 per channel, int8 per token, SmoothQuant alpha 0.5 calibrated on {text}"

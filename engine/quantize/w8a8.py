@@ -1,11 +1,12 @@
 """W8A8: per-output-channel int8 weights, per-token dynamic int8 activations, SmoothQuant smoothing factors.
 
 y = (q_x · q_wᵀ) · a_x · a_w, with x' = x / s and w' = w · s first (s per input feature, SmoothQuant): s moves
-activation outliers into the weights, where per-channel scales absorb them. The int8 × int8 products run in
-`torch._int_mm` on CUDA (untested here: no GPU on the dev box). On CPU torch's `_int_mm` is a scalar loop on
-this AVX2 box (607 ms for a 512×576×1536 product vs 20 ms fp32), so the CPU path multiplies the same int8
-values in an fp32 GEMM: every product (≤ 127²) is exact in fp32 and so is every partial sum below 2^24, which
-holds for any K ≤ 1040 and, in practice, for K = 1536 too (it needs hundreds of near-±127 pairs in one row).
+activation outliers into the weights, where per-channel scales absorb them. W8A8Linear is the CPU path (on
+CUDA the kernel registry's w8a8_linear serves the scheme: engine/quantize/kernel_linears.py). On CPU torch's
+`_int_mm` is a scalar loop on this AVX2 box (607 ms for a 512×576×1536 product vs 20 ms fp32), so the CPU
+path multiplies the same int8 values in an fp32 GEMM: every product (≤ 127²) is exact in fp32 and so is every
+partial sum below 2^24, which holds for any K ≤ 1040 and, in practice, for K = 1536 too (it needs hundreds
+of near-±127 pairs in one row).
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from torch import nn
 from kernels.activation.reference import silu_mul_ref
 
 SMOOTHING_ALPHA = 0.5  # SmoothQuant's migration strength: s = max|x|^α / max|w|^(1−α)
-_CUDA_INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA wants more than 16 rows
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,11 +63,7 @@ class W8A8Linear(nn.Module):
 
     def _int8_products(self, q_x: torch.Tensor) -> torch.Tensor:
         """q_x · q_wᵀ (int8-valued float32 [M, K]) → float32 [M, N], exact (module docstring)."""
-        if not q_x.is_cuda:
-            return F.linear(q_x, self.weight_int8.float())
-        m = q_x.shape[0]
-        padded = F.pad(q_x, (0, 0, 0, max(0, _CUDA_INT_MM_MIN_ROWS - m))).to(torch.int8)
-        return torch._int_mm(padded, self.weight_int8.t())[:m].float()
+        return F.linear(q_x, self.weight_int8.float())
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}"

@@ -1,0 +1,38 @@
+"""The kernel registry's quantized linear ops on Triton: each picks its kernel by the row bucket of the call.
+
+Buckets (config.bucket): one row → a GEMV, up to FEW_ROWS → the weight-streaming tl.dot kernels, more →
+W4A16's tiled dequant-GEMM, or for w8 a cuBLAS product over the weight converted to x's dtype (prefill is
+compute-bound, so the transient copy costs little beside the product). The choice reads only shapes, fixed
+per captured graph, so every path replays from a CUDA graph. The kernel modules are reached through their
+module attributes at call time, so a re-decorated (interpreted) kernel module is picked up.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.quant_linear import w4a16, w8, w8a8
+from kernels.quant_linear.config import FEW_ROWS
+from kernels.quant_linear.layout import W4Weight, W8Weight
+
+
+def w4a16_linear_triton(x: torch.Tensor, weight: W4Weight) -> torch.Tensor:
+    """reference.w4a16_linear_ref's contract; w4a16_linear picks GEMV / few-row / tiled by x's rows."""
+    return w4a16.w4a16_linear(x, weight)
+
+
+def w8_linear_triton(x: torch.Tensor, weight: W8Weight) -> torch.Tensor:
+    """reference.w8_linear_ref's contract: the int8 GEMV kernels up to FEW_ROWS rows, cuBLAS beyond."""
+    n, k = weight.shape
+    rows = x.reshape(-1, k)
+    if rows.shape[0] <= FEW_ROWS:
+        return w8.w8_linear(x, weight)
+    # |q| <= 127 is exact in x's dtype; the per-channel scale multiplies the product, as in the kernels.
+    y = F.linear(rows, weight.q.to(x.dtype)).float() * weight.scale
+    return y.to(x.dtype).view(*x.shape[:-1], n)
+
+
+def w8a8_linear_triton(x: torch.Tensor, weight: W8Weight,
+                       inv_smooth: torch.Tensor | None = None) -> torch.Tensor:
+    """reference.w8a8_linear_ref's contract: fused per-token quantization, then the int8 GEMM."""
+    return w8a8.w8a8_linear(x, weight, inv_smooth)
