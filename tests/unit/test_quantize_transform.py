@@ -2,6 +2,8 @@
 on the plain forward, and bad scheme names are refused naming the value (config) or the flag (CLI)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -11,8 +13,9 @@ from deploy.cli import build_parser
 from engine.config import EngineConfig
 from engine.executors.eager import EagerExecutor
 from engine.llm_engine import LLMEngine
-from engine.quantize import use_int4, use_w8a8
+from engine.quantize import use_int4, use_int4_kernels, use_w8, use_w8a8
 from engine.quantize.int4 import Int4Linear
+from engine.quantize.kernel_linears import W4A16KernelLinear, W8A8KernelLinear, W8KernelLinear
 from engine.quantize.w8a8 import W8A8Linear
 from engine.random_models import PRESETS, build_random_model
 from engine.sequence_forward import forward_sequence
@@ -29,7 +32,12 @@ def tiny_model() -> nn.Module:
     return build_random_model(PRESETS["tiny"], torch.float32, "cpu")
 
 
-@pytest.mark.parametrize(("transform", "cls"), [(use_int4, Int4Linear), (use_w8a8, W8A8Linear)])
+@pytest.mark.parametrize(("transform", "cls"), [
+    (use_int4, Int4Linear), (use_w8a8, W8A8Linear),
+    # the kernel-registry modules CUDA gets (and w8 everywhere), here on the torch references
+    (use_int4_kernels, W4A16KernelLinear), (lambda model, source: use_w8(model), W8KernelLinear),
+    (lambda model, source: use_w8a8(model, source, kernel_modules=True), W8A8KernelLinear),
+])
 def test_transform_replaces_exactly_the_four_projections_of_every_layer(transform, cls) -> None:
     torch.set_num_threads(1)
     model = tiny_model()
@@ -59,8 +67,21 @@ def test_quantized_engine_takes_the_plain_decode_path() -> None:
     engine = LLMEngine(EngineConfig(model_path="random:tiny", weights="w4a16", num_kv_blocks=16,
                                     max_num_seqs=2))
     assert type(engine.executor) is EagerExecutor  # no FlatDecoder over int4 projections
+    assert type(engine.model.layers[0].mlp.down_proj) is Int4Linear  # CPU keeps torch's CPU int4 kernel
     out = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     assert len(out[0]) == 4
+
+
+def test_w8_engine_serves_int8_weights_through_the_reference_op_on_cpu() -> None:
+    torch.set_num_threads(1)
+    config = EngineConfig(model_path="random:tiny", num_kv_blocks=16, max_num_seqs=2)
+    plain = LLMEngine(config)
+    w8 = LLMEngine(dataclasses.replace(config, weights="w8"))
+    down = w8.model.layers[0].mlp.down_proj
+    assert type(down) is W8KernelLinear and down.silu_mul_input and down.weight_int8.dtype == torch.int8
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    # per-channel int8 moves a tiny random model's logits by well under 1%: greedy tokens stay the same
+    assert w8.generate([[5, 6, 7]], params) == plain.generate([[5, 6, 7]], params)
 
 
 def test_engine_config_names_a_bad_weights_value() -> None:
@@ -75,3 +96,5 @@ def test_cli_rejects_a_bad_weights_value_naming_the_flag(capsys: pytest.CaptureF
         build_parser().parse_args(["up", "--weights", "int3"])
     assert "--weights: invalid choice: 'int3'" in capsys.readouterr().err
     assert build_parser().parse_args(["up", "--weights", "w4a16"]).weights == "w4a16"
+    assert build_parser().parse_args(["up", "--weights", "w8"]).weights == "w8"
+    assert EngineConfig(weights="w8").weights == "w8"
