@@ -1,6 +1,7 @@
 """Llama-3-8B-shape decode/prefill on CUDA: our engine vs HF transformers eager vs the roofline, in one run.
 
     python -m bench.engine.decode_gpu --out bench/results/decode_gpu.json     # CUDA machine, repo root
+    python -m bench.engine.decode_gpu --quant-only --quant-rows bf16,w8,w4a16,w4a16+kv-int4 --contexts 512
 
 Random bf16 weights drawn on the GPU. Ceilings measured in the same run: copy bandwidth (large D2D copy,
 bytes read + written) and bf16 GEMM peak (8192³). Decode roofline = (all weights but the embedding table +
@@ -322,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-smollm2", action="store_true")
     parser.add_argument("--no-lookahead", action="store_true",
                         help="EngineConfig(decode_lookahead=False): launch a step after reading the last")
+    parser.add_argument("--quant-rows", default="",
+                        help="quantized-weight rows (bench/engine/_decode_gpu_quant.py), e.g. "
+                             "bf16,w8,w4a16,w4a16+kv-int4: each at --quant-batches x --contexts")
+    parser.add_argument("--quant-batches", default="1,16")
+    parser.add_argument("--quant-only", action="store_true", help="only the --quant-rows rows")
     parser.add_argument("--out", default="bench/results/decode_gpu.json")
     args = parser.parse_args(argv)
     if cuda_missing(__file__):
@@ -344,20 +350,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {props.name}: copy {results['copy_bandwidth_gbps']:.0f} GB/s, "
           f"GEMM {results['gemm_bf16_tflops']:.0f} TFLOP/s", flush=True)
     torch.cuda.reset_peak_memory_stats()
-    model = random_llama(LLAMA3_8B)
-    section(results, "linears", linears_floor_ms, model, results)
-    section(results, "ours", bench_ours, model, points, args, results, out_path)
-    save(results, out_path)
-    if not args.skip_hf:
+    model = None if args.quant_only else random_llama(LLAMA3_8B)
+    if model is not None:
+        section(results, "linears", linears_floor_ms, model, results)
+        section(results, "ours", bench_ours, model, points, args, results, out_path)
+        save(results, out_path)
+    if model is not None and not args.skip_hf:
         section(results, "hf", bench_hf, model, args, results, out_path)
     del model
-    if not args.skip_smollm2:
+    if args.quant_rows:
+        from bench.engine._decode_gpu_quant import quant_rows
+
+        section(results, "quant", quant_rows, args, results, out_path)
+    if not args.skip_smollm2 and not args.quant_only:
         from bench.engine._decode_gpu_smollm2 import smollm2_tok_s
 
         section(results, "smollm2", lambda: results.__setitem__("smollm2_135m_bf16_bs1", smollm2_tok_s()))
         print(f"SmolLM2-135M: {results.get('smollm2_135m_bf16_bs1')}", flush=True)
     save(results, out_path)
-    print(table(results))
+    if not args.quant_only:
+        print(table(results))
     return 0
 
 
