@@ -11,6 +11,9 @@ from decode_worker.service import DecodeService
 from engine.config import EngineConfig
 from engine.worker_shell import WorkerActor
 
+# What the quantized weight schemes store a weight as (GetModelInfo's weight_dtype).
+_WEIGHT_DTYPES = {"w4a16": "int4", "w8": "int8", "w8a8": "int8"}
+
 
 class DecodeWorkerActor(WorkerActor):
     service: DecodeService
@@ -34,7 +37,7 @@ class DecodeWorkerActor(WorkerActor):
             vocab_size=cfg.vocab_size,
             kv_cache_dtype=self.service.layout.dtype,
             # "auto"/"bf16": GGUF blocks are dequantized at load, weights live in the compute dtype.
-            weight_dtype={"w4a16": "int4", "w8": "int8", "w8a8": "int8"}.get(engine_cfg.weights, engine_cfg.dtype),
+            weight_dtype=_WEIGHT_DTYPES.get(engine_cfg.weights, engine_cfg.dtype),
             compute_dtype=engine_cfg.dtype,
             weights=engine_cfg.weights,
             speculative=engine_cfg.spec.describe(),
