@@ -64,6 +64,13 @@ class _Worker:
     finishing: list[tuple[int, int, _Req]] = field(default_factory=list)  # (step, index, req) heap
     kv_used: int = 0
     assigned: int = 0  # requests dispatched here and not finished
+    # the running step, for the shared host's processor sharing (StepCosts.contention)
+    started: float = 0.0
+    work_ms: float = 0.0  # what is left of it at full speed
+    slowdown: float = 1.0  # its current rate is 1 / slowdown
+    since: float = 0.0  # when work_ms and slowdown were last set
+    step_id: int = 0  # end events of an older id were superseded by a reschedule
+    chunks: list[tuple[_Req, int]] = field(default_factory=list)  # the running step's prefill chunks
 
 
 class Simulation:
@@ -145,10 +152,24 @@ class Simulation:
         if batch:
             ms = c.decode.step_ms(batch, w.ctx_sum) + (c.prefill.marginal_ms(
                 [(n, r.computed) for r, n in chunks]) if chunks else 0.0)
+        w.busy, w.chunks, w.work_ms, w.slowdown = True, chunks, ms, 1.0
+        w.started = w.since = self.now
         if c.contention:
-            ms *= 1 + c.contention * sum(1 for o in self.workers if o.busy)
-        w.busy = True
-        self._at(self.now + ms / 1e3, self._end_step, w, chunks, ms)
+            self._share_host()
+        else:
+            self._at(self.now + ms / 1e3, self._end_step, w, chunks, w.step_id)
+
+    def _share_host(self) -> None:
+        """Processor sharing on one host: while k workers compute, each step progresses at
+        1 / (1 + contention * (k - 1)) of its full speed. Called whenever a step starts or ends, so a step
+        pays for exactly the overlap it had, not for the busy set at its start."""
+        busy = [w for w in self.workers if w.busy]
+        slowdown = 1 + self.costs.contention * (len(busy) - 1)
+        for w in busy:
+            w.work_ms -= (self.now - w.since) * 1e3 / w.slowdown
+            w.since, w.slowdown = self.now, slowdown
+            w.step_id += 1
+            self._at(self.now + max(w.work_ms, 0.0) * slowdown / 1e3, self._end_step, w, w.chunks, w.step_id)
 
     def _chunks(self, w: _Worker, budget: int) -> list[tuple[_Req, int]]:
         out = []
@@ -177,7 +198,11 @@ class Simulation:
         r.finish_step = w.steps + r.req.output - 1
         heapq.heappush(w.finishing, (r.finish_step, r.index, r))
 
-    def _end_step(self, w: _Worker, chunks: list[tuple[_Req, int]], ms: float) -> None:
+    def _end_step(self, w: _Worker, chunks: list[tuple[_Req, int]], step_id: int) -> None:
+        if step_id != w.step_id or not w.busy:
+            return  # superseded: the host's sharing changed and the end was rescheduled
+        w.step_id += 1
+        ms = (self.now - w.started) * 1e3  # as it ran, slowed or not: what the KV stream overlapped
         if w.active:
             w.steps += 1
             w.ctx_sum += w.active
@@ -201,6 +226,8 @@ class Simulation:
         # Busy until here so that a dispatch triggered above cannot start a second step on this worker.
         w.busy = False
         self._kick(w)
+        if self.costs.contention and not w.busy:
+            self._share_host()  # one fewer busy worker: the others speed up
 
     def _kv_arrived(self, r: _Req) -> None:
         d = r.decode_worker
