@@ -12,6 +12,7 @@ from pathlib import Path
 from bench.serving.metrics import Slo
 from bench.serving.sim_calibrate import fit_cpu
 from bench.serving.sim_costs import load_costs, save_costs
+from bench.serving.sim_crossval import crossval, format_crossval, save_crossval
 from bench.serving.sim_fit import fit_h100
 from bench.serving.sim_search import MIXES, SearchSettings, project, search
 from bench.serving.sim_validate import format_rows, host_slowdown, validate
@@ -42,6 +43,7 @@ def _mixes(args: argparse.Namespace) -> list:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
     if args.target == "cpu":
         costs = fit_cpu(_paths(args.runs), _paths(args.calibrate_on) if args.calibrate_on else None)
     else:
@@ -50,20 +52,35 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.out:
         save_costs(costs, args.out)
         print(f"wrote {args.out}")
+    print(f"({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
     rows = validate(_paths(args.runs), load_costs(args.costs))
     print(format_rows(rows))
     within = [r for r in rows if abs(r.rel_err) <= 0.15]
-    print(f"{len(within)} of {len(rows)} figures within 15%")
+    print(f"{len(within)} of {len(rows)} figures within 15%; "
+          f"{sum(bool(r.in_band) for r in rows)} of {sum(r.band is not None for r in rows)} latency figures "
+          f"inside their measured noise band ({time.perf_counter() - t0:.1f} s)")
     for path in args.host_speed or []:
         factor, slow_rows = host_slowdown(path, load_costs(args.costs))
         print(f"\n{path} replayed on a host {factor:g}x slower:\n{format_rows(slow_rows)}")
     if args.plots:
         from bench.serving.sim_plots import plot_validation
         print(f"wrote {plot_validation(rows, args.plots)}")
+    return 0
+
+
+def cmd_crossval(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    compared = crossval(_paths(args.runs))
+    print(format_crossval(compared))
+    print(f"({time.perf_counter() - t0:.1f} s)")
+    if args.json_out:
+        save_crossval(compared, args.json_out)
+        print(f"wrote {args.json_out}")
     return 0
 
 
@@ -138,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--host-speed", nargs="+", default=None, metavar="JSON",
                    help="single runs to also replay with the one host slowdown factor that fits each best")
     v.set_defaults(func=cmd_validate)
+    x = sub.add_parser("crossval", help="fit on every run and on each leave-one-file-out split; "
+                       "in-sample and held-out errors per figure")
+    x.add_argument("--runs", nargs="+", default=[CPU_RUNS])
+    x.add_argument("--json", type=Path, default=None, dest="json_out")
+    x.set_defaults(func=cmd_crossval)
     for name, func, gpus in (("search", cmd_search, "8"), ("project", cmd_project, "8,64,512")):
         s = sub.add_parser(name, help="best P:D x TP unit per mix" if name == "search" else
                            "disaggregated vs colocated goodput at several GPU counts")

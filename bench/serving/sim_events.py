@@ -92,7 +92,7 @@ class Simulation:
         self.reqs = [_Req(i, r) for i, r in enumerate(requests)]
         self._waiting: deque[_Req] = deque()  # admitted, no decode worker has KV room yet
         for r in self.reqs:
-            self._at(r.req.arrival + costs.router_ms / 1e3, self._arrive, r)
+            self._at(r.req.arrival + costs.path_ms(r.index) / 1e3, self._arrive, r)
 
     def _at(self, t: float, fn: Callable[..., None], *args) -> None:
         heapq.heappush(self._heap, (t, self._seq, fn, args))

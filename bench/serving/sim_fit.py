@@ -31,10 +31,18 @@ class Obs:
 
 def harness_runs(path: str | Path) -> list[tuple[float, list[dict]]]:
     """(offered rate, records) of each run in a `pdserve bench --json` file: the single run or every probe."""
+    return [(rate, recs) for _, rate, recs in named_runs(path)]
+
+
+def named_runs(path: str | Path) -> list[tuple[str, float, list[dict]]]:
+    """(name, offered rate, records) of each run in a `pdserve bench --json` file. Names are how validation
+    and cross-validation refer to a run: the file's stem without `serving_cpu_`, `@rate` for a sweep probe;
+    the sweep's goodput is the stem alone."""
     d = json.loads(Path(path).read_text())
+    stem = Path(path).stem.removeprefix("serving_cpu_")
     if d.get("sweep"):
-        return [(p["rate"], p["records"]) for p in d["sweep"]["probes"]]
-    return [(d["rate"], d["records"])]
+        return [(f"{stem}@{p['rate']:g}", p["rate"], p["records"]) for p in d["sweep"]["probes"]]
+    return [(stem, d["rate"], d["records"])]
 
 
 def observations(records: list[dict]) -> list[Obs]:
