@@ -20,6 +20,7 @@ from bench.serving.sim_fit import (
     isolated,
     named_runs,
     observations,
+    residuals_ms,
 )
 from bench.serving.sim_validate import CPU_CLUSTER, replay, sim_goodput
 
@@ -96,8 +97,7 @@ def fit_cpu(paths: list[str | Path], calibrate_on: list[str | Path] | None = Non
     if not lone:
         raise ValueError("no request ran alone in these runs: the prefill fit needs some")
     base = fit_prefill(lone)
-    # What the same request on an idle cluster varies by (the box, the hops): replayed as path latency.
-    jitter = tuple(sorted(round(o.ttft * 1e3 - base.step_ms([(o.prompt, 0)]), 1) for o in lone))
+    jitter = residuals_ms(lone, base)
     one_stream = float(np.median([o.tpot * 1e3 for o in lone if o.tpot is not None]))
     transfer = TransferCost(CPU_KV_BYTES_PER_TOKEN, CPU_LAYERS, transfer_gb_per_s, transfer_latency_ms)
     cal = Calibration.load(calibrate_on or paths, exclude)

@@ -70,6 +70,12 @@ def fit_prefill(iso: list[Obs]) -> PrefillCost:
     return PrefillCost(float(np.mean(y)), 0.0)  # one prompt length: everything in the fixed part
 
 
+def residuals_ms(lone: list[Obs], prefill: PrefillCost) -> tuple[float, ...]:
+    """Lone requests' TTFT minus the prefill fit's prediction (ms), sorted: what the same request on an idle
+    cluster varies by (the shared box, the hops), which the simulator replays as path latency."""
+    return tuple(sorted(round(o.ttft * 1e3 - prefill.step_ms([(o.prompt, 0)]), 1) for o in lone))
+
+
 def fit_h100(path: str | Path, transfer_gb_per_s: float = 25.0,
              transfer_latency_ms: float = 1.0) -> StepCosts:
     """Llama-3-8B on one H100 from bench/results/decode_gpu.json: decode by least squares over the measured
