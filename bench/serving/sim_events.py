@@ -30,10 +30,20 @@ class ClusterSpec:
     max_batch_tokens: int = 512  # engine/config.py's default token budget per step
     max_num_seqs: int = 32  # decode batch cap; more reserved sequences wait for a slot
     kv_capacity_tokens: int = 8192  # per decode-capable worker (512 blocks x 16 tokens by default)
+    # The engine's scheduler policies (engine/config.py; 0 = off, as when the CPU runs were measured).
+    # Fair prefill: while others run or wait, a prompt with more than this many tokens left computes at most
+    # this many a step, and a new long prompt waits while max_long_partial_prefills long ones progress.
+    long_prefill_threshold: int = 0
+    max_long_partial_prefills: int = 1
+    # Split-fused cap: with decodes running, a step's prefill tokens are capped so that it costs at most this
+    # many times the pure decode step (engine/step_cost.py's prefill_cap, with the sim's own costs).
+    fused_max_slowdown: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        if self.fused_max_slowdown and self.fused_max_slowdown <= 1.0:
+            raise ValueError(f"fused_max_slowdown must be 0 (off) or > 1, got {self.fused_max_slowdown}")
         if self.decode_workers < 1 or (self.mode == "disagg" and self.prefill_workers < 1):
             raise ValueError("a cluster needs at least one worker of each role it uses")
 
@@ -143,11 +153,14 @@ class Simulation:
             return
         if w.role != "prefill":
             self._activate(w)
-        batch = w.active
-        chunks = self._chunks(w, self.spec.max_batch_tokens - batch) if w.role != "decode" else []
+        batch, c = w.active, self.costs
+        budget = self.spec.max_batch_tokens - batch
+        if batch and self.spec.fused_max_slowdown:
+            extra_ms = (self.spec.fused_max_slowdown - 1) * c.decode.step_ms(batch, w.ctx_sum)
+            budget = min(budget, max(1, int(extra_ms / c.prefill.per_token_ms)))
+        chunks = self._chunks(w, budget) if w.role != "decode" else []
         if not batch and not chunks:
             return
-        c = self.costs
         ms = c.prefill.step_ms([(n, r.computed) for r, n in chunks]) if chunks else 0.0
         if batch:
             ms = c.decode.step_ms(batch, w.ctx_sum) + (c.prefill.marginal_ms(
@@ -172,11 +185,20 @@ class Simulation:
             self._at(self.now + max(w.work_ms, 0.0) * slowdown / 1e3, self._end_step, w, w.chunks, w.step_id)
 
     def _chunks(self, w: _Worker, budget: int) -> list[tuple[_Req, int]]:
-        out = []
+        """FCFS chunks under the budget (partial prompts are older, so first), with fair prefill's caps."""
+        threshold, out = self.spec.long_prefill_threshold, []
+        contended = len(w.queue) + w.active + len(w.pending) > 1
+        long_partials = sum(1 for r in w.queue if r.computed and 0 < threshold < r.req.prompt - r.computed)
         for r in w.queue:
             if budget <= 0:
                 break
-            n = min(r.req.prompt - r.computed, budget)
+            left = r.req.prompt - r.computed
+            is_long = 0 < threshold < left
+            if is_long and not r.computed:
+                if long_partials >= self.spec.max_long_partial_prefills:
+                    continue  # waits; shorter prompts behind it start
+                long_partials += 1
+            n = min(left, budget, threshold if contended and is_long else left)
             out.append((r, n))
             budget -= n
         return out

@@ -1,4 +1,4 @@
-"""The simulator's model pieces on hand-checked cases: processor sharing, path spread, noise bands, crossval."""
+"""The simulator's model pieces on hand-checked cases: host sharing, path spread, policies, crossval."""
 from __future__ import annotations
 
 import json
@@ -59,7 +59,8 @@ def replace_prefill(costs: StepCosts, fixed_ms: float) -> StepCosts:
 
 def test_residuals_are_the_lone_ttfts_around_the_prefill_fit_sorted() -> None:
     fit = PrefillCost(100.0, 2.0)
-    lone = [Obs(0.0, n, 4, (100 + 2 * n + e) / 1e3, 0.05, 1.0) for n, e in ((10, 30.0), (50, -12.5), (90, 0.0))]
+    lone = [Obs(0.0, n, 4, (100 + 2 * n + e) / 1e3, 0.05, 1.0)
+            for n, e in ((10, 30.0), (50, -12.5), (90, 0.0))]
     assert residuals_ms(lone, fit) == (-12.5, 0.0, 30.0)
 
 
@@ -123,3 +124,44 @@ def test_validate_prints_each_figure_with_its_noise_band_and_a_count(tmp_path: P
     burst_ttft = next(line for line in lines if line.startswith("burst") and "TTFT p50" in line)
     assert burst_ttft.split()[-1] == "yes" and "+0.0%" in burst_ttft
     assert lines[-1].startswith("15 of 15 figures within 15%; 12 of 12 latency figures inside their")
+
+
+POLICY_COSTS = StepCosts(PrefillCost(10.0, 1.0), DecodeCost(20.0, 0.0), FREE_LINK)
+
+
+def test_fair_prefill_lets_a_short_prompt_start_beside_a_long_one() -> None:
+    # a 50-token prompt holds the prefill worker 0-60 ms while a long and a short one queue behind it
+    reqs = [SimRequest(0.0, 50, 1), SimRequest(0.001, 1000, 1), SimRequest(0.001, 10, 1)]
+    _, fcfs_long, fcfs_short = simulate(ClusterSpec("disagg"), POLICY_COSTS, reqs)
+    _, fair_long, fair_short = simulate(ClusterSpec("disagg", long_prefill_threshold=100), POLICY_COSTS, reqs)
+    # FCFS: 512 long tokens, then the other 488 with the short one: 60 + 522 + 508 ms
+    assert fcfs_short.ttft == pytest.approx(1.090 - 0.001, abs=1e-6)
+    assert fcfs_long.ttft == pytest.approx(1.090 - 0.001, abs=1e-6)
+    # fair: 100 long tokens beside the short one (60 + 120 ms); the long one then runs alone, uncontended,
+    # 512 + 388 (+ 522 + 398 ms)
+    assert fair_short.ttft == pytest.approx(0.180 - 0.001, abs=1e-6)
+    assert fair_long.ttft == pytest.approx(1.100 - 0.001, abs=1e-6)
+
+
+def test_only_max_long_partial_prefills_long_prompts_progress_at_once() -> None:
+    spec = ClusterSpec("disagg", long_prefill_threshold=100, max_long_partial_prefills=1)
+    _, a, b = simulate(spec, POLICY_COSTS, [SimRequest(0.0, 50, 1), SimRequest(0.001, 300, 1),
+                                            SimRequest(0.001, 300, 1)])
+    # after the 60 ms blocker: a 100 (b waits), a 100 (b waits), a's last 100 (no longer long) + b's first
+    # 100, then b's last 200 alone
+    assert a.ttft == pytest.approx(0.060 + 0.110 + 0.110 + 0.210 - 0.001, abs=1e-6)
+    assert b.ttft == pytest.approx(a.ttft + 0.210, abs=1e-6)
+
+
+def test_fused_cap_keeps_a_colocated_step_within_the_slowdown_of_its_decode_step() -> None:
+    costs = StepCosts(PrefillCost(0.0, 1.0), DecodeCost(20.0, 0.0), FREE_LINK)
+    reqs = [SimRequest(0.0, 1, 10), SimRequest(0.001, 400, 2)]
+    free_a, _ = simulate(ClusterSpec("coloc"), costs, reqs)
+    a, b = simulate(ClusterSpec("coloc", fused_max_slowdown=1.5), costs, reqs)
+    # uncapped, one of a's 9 decode steps carries all 400 prefill tokens (+400 ms); capped, every step
+    # carries 10 (0.5 x the 20 ms decode step), so a's steps cost 1.5 x 20 ms while b's prompt trickles in
+    assert free_a.tpot == pytest.approx((420 + 8 * 20) / 9 / 1e3)
+    assert a.tpot == pytest.approx(0.030)
+    assert b.ttft > 0.4
+    with pytest.raises(ValueError, match="fused_max_slowdown"):
+        ClusterSpec("coloc", fused_max_slowdown=1.0)
