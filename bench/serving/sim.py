@@ -81,6 +81,10 @@ def cmd_crossval(args: argparse.Namespace) -> int:
     if args.json_out:
         save_crossval(compared, args.json_out)
         print(f"wrote {args.json_out}")
+    if args.plots:
+        from bench.serving.sim_plots import plot_validation
+        png = plot_validation([c.in_sample for c in compared], args.plots, [c.held_out for c in compared])
+        print(f"wrote {png}")
     return 0
 
 
@@ -159,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "in-sample and held-out errors per figure")
     x.add_argument("--runs", nargs="+", default=[CPU_RUNS])
     x.add_argument("--json", type=Path, default=None, dest="json_out")
+    x.add_argument("--plots", type=Path, default=None, help="writes sim_validation.png, held-out hollow")
     x.set_defaults(func=cmd_crossval)
     for name, func, gpus in (("search", cmd_search, "8"), ("project", cmd_project, "8,64,512")):
         s = sub.add_parser(name, help="best P:D x TP unit per mix" if name == "search" else

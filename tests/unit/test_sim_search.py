@@ -29,7 +29,8 @@ def test_candidate_units_fill_the_unit_with_every_split_and_tp() -> None:
     assert all(u.gpus == 4 for u in units if u.mode == "disagg")
     splits = {(u.n_p, u.tp_p, u.n_d, u.tp_d) for u in units if u.mode == "disagg"}
     assert splits == {(1, 1, 3, 1), (2, 1, 2, 1), (3, 1, 1, 1), (2, 1, 1, 2), (1, 2, 2, 1), (1, 2, 1, 2)}
-    assert {(u.tp_d, u.budget) for u in units if u.mode == "coloc"} == {(1, 512), (2, 512)}
+    assert {(u.tp_d, u.budget, u.fused) for u in units if u.mode == "coloc"} == {
+        (1, 512, 0.0), (1, 512, 1.5), (2, 512, 0.0), (2, 512, 1.5)}
 
 
 def test_search_picks_the_known_best_ratio() -> None:
