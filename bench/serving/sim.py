@@ -14,7 +14,7 @@ from bench.serving.sim_calibrate import fit_cpu
 from bench.serving.sim_costs import load_costs, save_costs
 from bench.serving.sim_crossval import crossval, format_crossval, save_crossval
 from bench.serving.sim_fit import fit_h100
-from bench.serving.sim_search import MIXES, SearchSettings, project, search
+from bench.serving.sim_search import MIXES, SearchSettings, project, search, work_bound
 from bench.serving.sim_validate import format_rows, host_slowdown, validate
 
 CPU_RUNS = "bench/results/serving_cpu_*.json"
@@ -89,12 +89,19 @@ def cmd_crossval(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
     costs, s = load_costs(args.costs), _settings(args)
     for mix in _mixes(args):
         best = search(args.gpus, costs, mix, s)
         for mode, f in best.items():
             print(f"{mix.name:<14} {mode:<7} {f.unit!s:<28} goodput {f.goodput:8.2f} req/s per unit, "
                   f"{f.per_gpu:6.2f} per GPU")
+        for tp in s.tp_choices:
+            b = work_bound(costs, mix, s, tp)
+            print(f"{mix.name:<14} bound   TP{tp}: prefill {b.prefill_ms:.1f} + decode {b.decode_ms:.1f} "
+                  f"GPU-ms a request (batch {b.batch}) -> at most {b.per_gpu:.2f} per GPU, "
+                  f"{b.per_gpu / best['coloc'].per_gpu:.2f}x the colocated best")
+    print(f"({time.perf_counter() - t0:.1f} s)")
     return 0
 
 

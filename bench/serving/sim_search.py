@@ -121,6 +121,33 @@ def estimate(unit: Unit, costs: StepCosts, mix: Mix, s: SearchSettings) -> float
     return unit.n_d / (marginal_s + decode_s)
 
 
+@dataclass(frozen=True)
+class WorkBound:
+    """GPU time one request of a mix needs at one TP, with nothing wasted: its prompt's prefill alone,
+    its answer's share of the largest decode batch whose step meets the TPOT SLO. 1 / their sum bounds
+    any arrangement's goodput per GPU, so bound / colocated bounds what disaggregation can gain."""
+    tp: int
+    prefill_ms: float  # GPU-ms (tp GPUs x wall ms) of the mean prompt
+    decode_ms: float  # GPU-ms of the mean answer at `batch`
+    batch: int
+
+    @property
+    def per_gpu(self) -> float:
+        return 1e3 / (self.prefill_ms + self.decode_ms)
+
+
+def work_bound(costs: StepCosts, mix: Mix, s: SearchSettings, tp: int = 1) -> WorkBound:
+    c = costs.with_tp(tp, s.tp_efficiency)
+    prompt, output = _mean(mix.prompt), _mean(mix.output)
+    chunks = [(min(s.prefill_budget, prompt - done), done) for done in range(0, prompt, s.prefill_budget)]
+    prefill = sum(c.prefill.step_ms([ch]) for ch in chunks)
+    ctx = prompt + output // 2
+    batch = max((b for b in range(1, s.max_num_seqs + 1)
+                 if c.decode.step_ms(b, b * ctx) <= mix.slo.tpot * 1e3), default=1)
+    decode = c.decode.step_ms(batch, batch * ctx) / batch * output
+    return WorkBound(tp, prefill * tp, decode * tp, batch)
+
+
 def unit_goodput(unit: Unit, costs: StepCosts, mix: Mix, s: SearchSettings) -> float:
     """Highest rate (req/s) where >= target of requests meet both SLOs, bisected as `pdserve bench --sweep`
     does, between bounds around the estimate (widened while the high end still passes)."""
