@@ -14,7 +14,7 @@ from bench.serving.sim_calibrate import fit_cpu
 from bench.serving.sim_costs import load_costs, save_costs
 from bench.serving.sim_crossval import crossval, format_crossval, save_crossval
 from bench.serving.sim_fit import fit_h100
-from bench.serving.sim_search import MIXES, SearchSettings, project, search, work_bound
+from bench.serving.sim_search import MIXES, SearchSettings, best_bound, project, search, work_bound
 from bench.serving.sim_validate import format_rows, host_slowdown, validate
 
 CPU_RUNS = "bench/results/serving_cpu_*.json"
@@ -101,6 +101,10 @@ def cmd_search(args: argparse.Namespace) -> int:
             print(f"{mix.name:<14} bound   TP{tp}: prefill {b.prefill_ms:.1f} + decode {b.decode_ms:.1f} "
                   f"GPU-ms a request (batch {b.batch}) -> at most {b.per_gpu:.2f} per GPU, "
                   f"{b.per_gpu / best['coloc'].per_gpu:.2f}x the colocated best")
+        p, d, bound = best_bound(costs, mix, s)
+        print(f"{mix.name:<14} bound   each role at its best TP: prefill {p.prefill_ms:.1f} (TP{p.tp}) + "
+              f"decode {d.decode_ms:.1f} (TP{d.tp}) -> at most {bound:.2f} per GPU, "
+              f"{bound / best['coloc'].per_gpu:.2f}x the colocated best")
     print(f"({time.perf_counter() - t0:.1f} s)")
     return 0
 

@@ -124,8 +124,9 @@ def estimate(unit: Unit, costs: StepCosts, mix: Mix, s: SearchSettings) -> float
 @dataclass(frozen=True)
 class WorkBound:
     """GPU time one request of a mix needs at one TP, with nothing wasted: its prompt's prefill alone,
-    its answer's share of the largest decode batch whose step meets the TPOT SLO. 1 / their sum bounds
-    any arrangement's goodput per GPU, so bound / colocated bounds what disaggregation can gain."""
+    its answer's share of the largest decode batch whose step meets the TPOT SLO. 1 / their sum bounds the
+    goodput per GPU of any arrangement at that TP; with each role at its own best TP (`best_bound`), of any
+    arrangement at all, so that bound / colocated bounds what disaggregation can gain."""
     tp: int
     prefill_ms: float  # GPU-ms (tp GPUs x wall ms) of the mean prompt
     decode_ms: float  # GPU-ms of the mean answer at `batch`
@@ -146,6 +147,15 @@ def work_bound(costs: StepCosts, mix: Mix, s: SearchSettings, tp: int = 1) -> Wo
                  if c.decode.step_ms(b, b * ctx) <= mix.slo.tpot * 1e3), default=1)
     decode = c.decode.step_ms(batch, batch * ctx) / batch * output
     return WorkBound(tp, prefill * tp, decode * tp, batch)
+
+
+def best_bound(costs: StepCosts, mix: Mix, s: SearchSettings) -> tuple[WorkBound, WorkBound, float]:
+    """The TP choice with the least prefill GPU-ms, the one with the least decode GPU-ms, and the per-GPU
+    goodput no arrangement of the TP choices exceeds."""
+    bounds = [work_bound(costs, mix, s, tp) for tp in s.tp_choices]
+    p = min(bounds, key=lambda b: b.prefill_ms)
+    d = min(bounds, key=lambda b: b.decode_ms)
+    return p, d, 1e3 / (p.prefill_ms + d.decode_ms)
 
 
 def unit_goodput(unit: Unit, costs: StepCosts, mix: Mix, s: SearchSettings) -> float:

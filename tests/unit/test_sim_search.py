@@ -10,6 +10,7 @@ from bench.serving.sim_search import (
     Mix,
     SearchSettings,
     Unit,
+    best_bound,
     candidate_units,
     project,
     search,
@@ -67,3 +68,15 @@ def test_work_bound_is_prefill_plus_the_answers_share_of_the_largest_batch_withi
     assert b.per_gpu == pytest.approx(1e3 / (110 + 20.0 / 15 * 10))
     tp2 = work_bound(costs, mix, SearchSettings(max_num_seqs=64), tp=2)
     assert tp2.prefill_ms == pytest.approx(2 * 110 / 1.8)  # two GPUs, each 1.8x faster than one
+
+
+def test_best_bound_takes_each_role_at_its_own_best_tp() -> None:
+    # TP2 runs a step 1.8x faster on 2 GPUs: prefill costs 110 GPU-ms at TP1, 122 at TP2; decode's batch is
+    # capped by the 20 ms TPOT: 15 streams at TP1 (13.3 GPU-ms an answer), 31 at TP2 (12.9)
+    costs = StepCosts(PrefillCost(10.0, 1.0), DecodeCost(5.0, 1.0), TransferCost(1, 1, 1e9))
+    mix = Mix("t", parse_length("fixed:100"), parse_length("fixed:10"), Slo(1.0, 0.020))
+    s = SearchSettings(tp_choices=(1, 2), tp_efficiency=0.9, max_num_seqs=64)
+    p, d, bound = best_bound(costs, mix, s)
+    assert (p.tp, d.tp) == (1, 2)
+    assert bound == pytest.approx(1e3 / (p.prefill_ms + d.decode_ms))
+    assert bound > max(work_bound(costs, mix, s, tp).per_gpu for tp in (1, 2))
