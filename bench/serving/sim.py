@@ -58,7 +58,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    rows = validate(_paths(args.runs), load_costs(args.costs))
+    costs = load_costs(args.costs)
+    if args.per_seq_ms is not None:  # another grid point: the same one-stream step, another slope
+        d = costs.decode
+        costs = replace(costs, decode=replace(d, fixed_ms=d.fixed_ms + d.per_seq_ms - args.per_seq_ms,
+                                              per_seq_ms=args.per_seq_ms))
+    rows = validate(_paths(args.runs), costs)
     print(format_rows(rows))
     within = [r for r in rows if abs(r.rel_err) <= 0.15]
     print(f"{len(within)} of {len(rows)} figures within 15%; "
@@ -167,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--costs", default=CPU_COSTS)
     v.add_argument("--runs", nargs="+", default=[CPU_RUNS])
     v.add_argument("--plots", type=Path, default=None)
+    v.add_argument("--per-seq-ms", type=float, default=None,
+                   help="replay with this decode ms per stream instead, the one-stream step kept")
     v.add_argument("--host-speed", nargs="+", default=None, metavar="JSON",
                    help="single runs to also replay with the one host slowdown factor that fits each best")
     v.set_defaults(func=cmd_validate)
