@@ -165,3 +165,16 @@ def test_fused_cap_keeps_a_colocated_step_within_the_slowdown_of_its_decode_step
     assert b.ttft > 0.4
     with pytest.raises(ValueError, match="fused_max_slowdown"):
         ClusterSpec("coloc", fused_max_slowdown=1.0)
+
+
+def test_validate_can_replay_another_decode_slope_with_the_one_stream_step_kept(tmp_path: Path,
+                                                                               capsys) -> None:
+    paths = [str(p) for p in _runs(tmp_path)]
+    save_costs(TRUTH, tmp_path / "costs.json")
+    base = ["validate", "--costs", str(tmp_path / "costs.json"), "--runs", *paths]
+    assert main([*base, "--per-seq-ms", "10"]) == 0  # TRUTH's own slope: the same replay
+    assert capsys.readouterr().out.splitlines()[-1].startswith("15 of 15 figures within 15%")
+    assert main([*base, "--per-seq-ms", "40"]) == 0
+    burst_tpot = next(line for line in capsys.readouterr().out.splitlines()
+                      if line.startswith("burst") and "TPOT p50" in line)
+    assert float(burst_tpot.split()[6].rstrip("%")) > 15  # batches of several streams pay the steeper slope
