@@ -12,8 +12,9 @@ from pathlib import Path
 from bench.serving.metrics import Slo
 from bench.serving.sim_calibrate import fit_cpu
 from bench.serving.sim_costs import load_costs, save_costs
+from bench.serving.sim_crossval import crossval, format_crossval, save_crossval
 from bench.serving.sim_fit import fit_h100
-from bench.serving.sim_search import MIXES, SearchSettings, project, search
+from bench.serving.sim_search import MIXES, SearchSettings, best_bound, project, search, work_bound
 from bench.serving.sim_validate import format_rows, host_slowdown, validate
 
 CPU_RUNS = "bench/results/serving_cpu_*.json"
@@ -42,6 +43,7 @@ def _mixes(args: argparse.Namespace) -> list:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
     if args.target == "cpu":
         costs = fit_cpu(_paths(args.runs), _paths(args.calibrate_on) if args.calibrate_on else None)
     else:
@@ -50,14 +52,23 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.out:
         save_costs(costs, args.out)
         print(f"wrote {args.out}")
+    print(f"({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    rows = validate(_paths(args.runs), load_costs(args.costs))
+    t0 = time.perf_counter()
+    costs = load_costs(args.costs)
+    if args.per_seq_ms is not None:  # another grid point: the same one-stream step, another slope
+        d = costs.decode
+        costs = replace(costs, decode=replace(d, fixed_ms=d.fixed_ms + d.per_seq_ms - args.per_seq_ms,
+                                              per_seq_ms=args.per_seq_ms))
+    rows = validate(_paths(args.runs), costs)
     print(format_rows(rows))
     within = [r for r in rows if abs(r.rel_err) <= 0.15]
-    print(f"{len(within)} of {len(rows)} figures within 15%")
+    print(f"{len(within)} of {len(rows)} figures within 15%; "
+          f"{sum(bool(r.in_band) for r in rows)} of {sum(r.band is not None for r in rows)} latency figures "
+          f"inside their measured noise band ({time.perf_counter() - t0:.1f} s)")
     for path in args.host_speed or []:
         factor, slow_rows = host_slowdown(path, load_costs(args.costs))
         print(f"\n{path} replayed on a host {factor:g}x slower:\n{format_rows(slow_rows)}")
@@ -67,13 +78,39 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_crossval(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    compared = crossval(_paths(args.runs))
+    print(format_crossval(compared))
+    print(f"({time.perf_counter() - t0:.1f} s)")
+    if args.json_out:
+        save_crossval(compared, args.json_out)
+        print(f"wrote {args.json_out}")
+    if args.plots:
+        from bench.serving.sim_plots import plot_validation
+        png = plot_validation([c.in_sample for c in compared], args.plots, [c.held_out for c in compared])
+        print(f"wrote {png}")
+    return 0
+
+
 def cmd_search(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
     costs, s = load_costs(args.costs), _settings(args)
     for mix in _mixes(args):
         best = search(args.gpus, costs, mix, s)
         for mode, f in best.items():
             print(f"{mix.name:<14} {mode:<7} {f.unit!s:<28} goodput {f.goodput:8.2f} req/s per unit, "
                   f"{f.per_gpu:6.2f} per GPU")
+        for tp in s.tp_choices:
+            b = work_bound(costs, mix, s, tp)
+            print(f"{mix.name:<14} bound   TP{tp}: prefill {b.prefill_ms:.1f} + decode {b.decode_ms:.1f} "
+                  f"GPU-ms a request (batch {b.batch}) -> at most {b.per_gpu:.2f} per GPU, "
+                  f"{b.per_gpu / best['coloc'].per_gpu:.2f}x the colocated best")
+        p, d, bound = best_bound(costs, mix, s)
+        print(f"{mix.name:<14} bound   each role at its best TP: prefill {p.prefill_ms:.1f} (TP{p.tp}) + "
+              f"decode {d.decode_ms:.1f} (TP{d.tp}) -> at most {bound:.2f} per GPU, "
+              f"{bound / best['coloc'].per_gpu:.2f}x the colocated best")
+    print(f"({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
@@ -135,9 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--costs", default=CPU_COSTS)
     v.add_argument("--runs", nargs="+", default=[CPU_RUNS])
     v.add_argument("--plots", type=Path, default=None)
+    v.add_argument("--per-seq-ms", type=float, default=None,
+                   help="replay with this decode ms per stream instead, the one-stream step kept")
     v.add_argument("--host-speed", nargs="+", default=None, metavar="JSON",
                    help="single runs to also replay with the one host slowdown factor that fits each best")
     v.set_defaults(func=cmd_validate)
+    x = sub.add_parser("crossval", help="fit on every run and on each leave-one-file-out split; "
+                       "in-sample and held-out errors per figure")
+    x.add_argument("--runs", nargs="+", default=[CPU_RUNS])
+    x.add_argument("--json", type=Path, default=None, dest="json_out")
+    x.add_argument("--plots", type=Path, default=None, help="writes sim_validation.png, held-out hollow")
+    x.set_defaults(func=cmd_crossval)
     for name, func, gpus in (("search", cmd_search, "8"), ("project", cmd_project, "8,64,512")):
         s = sub.add_parser(name, help="best P:D x TP unit per mix" if name == "search" else
                            "disaggregated vs colocated goodput at several GPU counts")

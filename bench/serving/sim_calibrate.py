@@ -17,9 +17,10 @@ from bench.serving.sim_fit import (
     CPU_KV_BYTES_PER_TOKEN,
     CPU_LAYERS,
     fit_prefill,
-    harness_runs,
     isolated,
+    named_runs,
     observations,
+    residuals_ms,
 )
 from bench.serving.sim_validate import CPU_CLUSTER, replay, sim_goodput
 
@@ -50,13 +51,19 @@ class Calibration:
     sweeps: tuple[tuple[dict, float], ...]
 
     @staticmethod
-    def load(paths: list[str | Path]) -> Calibration:
+    def load(paths: list[str | Path], exclude: frozenset[str] = frozenset()) -> Calibration:
+        """`exclude`: run names (sim_fit.named_runs) held out; a sweep's goodput (named by the stem) is
+        also left out when any of its probes is, since the measured figure came from them."""
         runs, sweeps = [], []
         for p in paths:
             d = json.loads(Path(p).read_text())
             cfg = d["config"]
-            runs += [(recs, Slo(cfg["slo_ttft"], cfg["slo_tpot"])) for _, recs in harness_runs(p)]
-            if d.get("sweep") and d["sweep"]["goodput_rps"] > 0:
+            named = named_runs(p)
+            runs += [(recs, Slo(cfg["slo_ttft"], cfg["slo_tpot"])) for name, _, recs in named
+                     if name not in exclude]
+            stem = Path(p).stem.removeprefix("serving_cpu_")
+            held = stem in exclude or any(n in exclude for n, _, _ in named)
+            if d.get("sweep") and d["sweep"]["goodput_rps"] > 0 and not held:
                 sweeps.append((cfg, d["sweep"]["goodput_rps"]))
         return Calibration(tuple(runs), tuple(sweeps))
 
@@ -79,36 +86,41 @@ def replay_error(costs: StepCosts, cal: Calibration) -> float:
 
 
 def fit_cpu(paths: list[str | Path], calibrate_on: list[str | Path] | None = None, grid: Grid = Grid(),
-            transfer_gb_per_s: float = 0.31, transfer_latency_ms: float = 1.6) -> StepCosts:
+            transfer_gb_per_s: float = 0.31, transfer_latency_ms: float = 1.6,
+            exclude: frozenset[str] = frozenset()) -> StepCosts:
     """Lone requests (nothing else in flight at their send) of every run in `paths` fix prefill's per-token
-    parts, the path's total fixed cost and a one-stream decode step; the grid then splits and loads them
-    against `calibrate_on`'s runs (default: all of `paths`). A run left out of `calibrate_on` lends only its
-    lone requests: its loaded behaviour stays held out."""
-    runs = [recs for p in paths for _, recs in harness_runs(p)]
+    parts, the path's total fixed cost, its spread and a one-stream decode step; the grid then splits and
+    loads them against `calibrate_on`'s runs (default: all of `paths`). A run left out of `calibrate_on`
+    lends only its lone requests; a run named in `exclude` (sim_fit.named_runs) lends nothing."""
+    runs = [recs for p in paths for name, _, recs in named_runs(p) if name not in exclude]
     lone = [o for recs in runs for o in isolated(observations(recs))]
     if not lone:
         raise ValueError("no request ran alone in these runs: the prefill fit needs some")
     base = fit_prefill(lone)
+    jitter = residuals_ms(lone, base)
     one_stream = float(np.median([o.tpot * 1e3 for o in lone if o.tpot is not None]))
     transfer = TransferCost(CPU_KV_BYTES_PER_TOKEN, CPU_LAYERS, transfer_gb_per_s, transfer_latency_ms)
-    cal = Calibration.load(calibrate_on or paths)
+    cal = Calibration.load(calibrate_on or paths, exclude)
 
     def costs(share: float, per_seq: float, contention: float) -> StepCosts:
         return StepCosts(
             prefill=PrefillCost(base.fixed_ms * share, base.per_token_ms, base.per_pair_ms),
             decode=DecodeCost(max(one_stream - per_seq, 0.0), per_seq), transfer=transfer,
-            router_ms=base.fixed_ms * (1 - share), contention=contention)
+            router_ms=base.fixed_ms * (1 - share), contention=contention, path_jitter_ms=jitter)
 
     scored = [(replay_error(costs(*g), cal), g)
               for g in itertools.product(grid.worker_share, grid.per_seq_ms, grid.contention)]
     err, (share, per_seq, contention) = min(scored)
     names = ", ".join(Path(p).name for p in paths)
+    names += f" without {', '.join(sorted(exclude))}" if exclude else ""
     cal_names = ", ".join(Path(p).name for p in (calibrate_on or paths))
     fitted = costs(share, per_seq, contention)
     return replace(fitted, source={
         "prefill": f"least squares on the TTFT of the {len(lone)} lone requests in {names}: per-token and "
                    f"per-pair parts; fixed part {base.fixed_ms:.0f} ms split by the grid, {share:.0%} on the "
                    "prefill worker, the rest router_ms (latency that occupies no worker)",
+        "path_jitter_ms": f"the {len(lone)} lone requests' TTFT minus the prefill fit (ms, sorted): each "
+                          "simulated request adds one to router_ms",
         "decode": f"one-stream step = median lone TPOT {one_stream:.1f} ms; per_seq_ms by the grid",
         "contention": f"by the grid (replay error {err:.3f}: latency, attainment, goodput of {cal_names})",
         "transfer": "docs/benchmarks.md, KV transfer CPU/gloo table (256-token alone GB/s, layerwise exposed "

@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+GOLDEN = (5 ** 0.5 - 1) / 2
+
 
 @dataclass(frozen=True)
 class PrefillCost:
@@ -64,6 +66,17 @@ class StepCosts:
     router_ms: float = 0.0  # per request, arrival -> dispatched
     contention: float = 0.0  # workers sharing one host: a step costs (1 + contention * other busy workers)x
     source: dict[str, str] | None = None
+    # The measured spread of router_ms: lone requests' TTFT minus the prefill fit, sorted (ms). Empty: none.
+    path_jitter_ms: tuple[float, ...] = ()
+
+    def path_ms(self, index: int) -> float:
+        """Request `index`'s arrival -> dispatch latency: router_ms plus one of the measured residuals, picked
+        by a low-discrepancy walk (frac((index + 1) x golden ratio)) so any stretch of requests sees the
+        measured spread evenly and a run stays deterministic."""
+        if not self.path_jitter_ms:
+            return self.router_ms
+        pick = int(((index + 1) * GOLDEN) % 1 * len(self.path_jitter_ms))
+        return max(self.router_ms + self.path_jitter_ms[pick], 0.0)
 
     def with_tp(self, tp: int, efficiency: float) -> StepCosts:
         """Tensor parallelism over `tp` GPUs: compute and per-GPU bytes split tp ways at `efficiency` per
@@ -77,7 +90,8 @@ class StepCosts:
     def slowed(self, factor: float) -> StepCosts:
         """Every step cost and the path's latency x factor: the same cluster on a host with 1/factor of
         the CPU to spare (a shared box's load changes run to run)."""
-        return replace(self._steps_times(factor), router_ms=self.router_ms * factor)
+        return replace(self._steps_times(factor), router_ms=self.router_ms * factor,
+                       path_jitter_ms=tuple(j * factor for j in self.path_jitter_ms))
 
     def _steps_times(self, k: float) -> StepCosts:
         p, d = self.prefill, self.decode
@@ -91,7 +105,8 @@ class StepCosts:
     def from_dict(d: dict) -> StepCosts:
         return StepCosts(prefill=PrefillCost(**d["prefill"]), decode=DecodeCost(**d["decode"]),
                          transfer=TransferCost(**d["transfer"]), router_ms=d.get("router_ms", 0.0),
-                         contention=d.get("contention", 0.0), source=d.get("source"))
+                         contention=d.get("contention", 0.0), source=d.get("source"),
+                         path_jitter_ms=tuple(d.get("path_jitter_ms", ())))
 
 
 def load_costs(path: str | Path) -> StepCosts:

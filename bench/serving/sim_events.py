@@ -30,10 +30,20 @@ class ClusterSpec:
     max_batch_tokens: int = 512  # engine/config.py's default token budget per step
     max_num_seqs: int = 32  # decode batch cap; more reserved sequences wait for a slot
     kv_capacity_tokens: int = 8192  # per decode-capable worker (512 blocks x 16 tokens by default)
+    # The engine's scheduler policies (engine/config.py; 0 = off, as when the CPU runs were measured).
+    # Fair prefill: while others run or wait, a prompt with more than this many tokens left computes at most
+    # this many a step, and a new long prompt waits while max_long_partial_prefills long ones progress.
+    long_prefill_threshold: int = 0
+    max_long_partial_prefills: int = 1
+    # Split-fused cap: with decodes running, a step's prefill tokens are capped so that it costs at most this
+    # many times the pure decode step (engine/step_cost.py's prefill_cap, with the sim's own costs).
+    fused_max_slowdown: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        if self.fused_max_slowdown and self.fused_max_slowdown <= 1.0:
+            raise ValueError(f"fused_max_slowdown must be 0 (off) or > 1, got {self.fused_max_slowdown}")
         if self.decode_workers < 1 or (self.mode == "disagg" and self.prefill_workers < 1):
             raise ValueError("a cluster needs at least one worker of each role it uses")
 
@@ -64,6 +74,13 @@ class _Worker:
     finishing: list[tuple[int, int, _Req]] = field(default_factory=list)  # (step, index, req) heap
     kv_used: int = 0
     assigned: int = 0  # requests dispatched here and not finished
+    # the running step, for the shared host's processor sharing (StepCosts.contention)
+    started: float = 0.0
+    work_ms: float = 0.0  # what is left of it at full speed
+    slowdown: float = 1.0  # its current rate is 1 / slowdown
+    since: float = 0.0  # when work_ms and slowdown were last set
+    step_id: int = 0  # end events of an older id were superseded by a reschedule
+    chunks: list[tuple[_Req, int]] = field(default_factory=list)  # the running step's prefill chunks
 
 
 class Simulation:
@@ -85,7 +102,7 @@ class Simulation:
         self.reqs = [_Req(i, r) for i, r in enumerate(requests)]
         self._waiting: deque[_Req] = deque()  # admitted, no decode worker has KV room yet
         for r in self.reqs:
-            self._at(r.req.arrival + costs.router_ms / 1e3, self._arrive, r)
+            self._at(r.req.arrival + costs.path_ms(r.index) / 1e3, self._arrive, r)
 
     def _at(self, t: float, fn: Callable[..., None], *args) -> None:
         heapq.heappush(self._heap, (t, self._seq, fn, args))
@@ -136,26 +153,52 @@ class Simulation:
             return
         if w.role != "prefill":
             self._activate(w)
-        batch = w.active
-        chunks = self._chunks(w, self.spec.max_batch_tokens - batch) if w.role != "decode" else []
+        batch, c = w.active, self.costs
+        budget = self.spec.max_batch_tokens - batch
+        if batch and self.spec.fused_max_slowdown:
+            extra_ms = (self.spec.fused_max_slowdown - 1) * c.decode.step_ms(batch, w.ctx_sum)
+            budget = min(budget, max(1, int(extra_ms / c.prefill.per_token_ms)))
+        chunks = self._chunks(w, budget) if w.role != "decode" else []
         if not batch and not chunks:
             return
-        c = self.costs
         ms = c.prefill.step_ms([(n, r.computed) for r, n in chunks]) if chunks else 0.0
         if batch:
             ms = c.decode.step_ms(batch, w.ctx_sum) + (c.prefill.marginal_ms(
                 [(n, r.computed) for r, n in chunks]) if chunks else 0.0)
+        w.busy, w.chunks, w.work_ms, w.slowdown = True, chunks, ms, 1.0
+        w.started = w.since = self.now
         if c.contention:
-            ms *= 1 + c.contention * sum(1 for o in self.workers if o.busy)
-        w.busy = True
-        self._at(self.now + ms / 1e3, self._end_step, w, chunks, ms)
+            self._share_host()
+        else:
+            self._at(self.now + ms / 1e3, self._end_step, w, chunks, w.step_id)
+
+    def _share_host(self) -> None:
+        """Processor sharing on one host: while k workers compute, each step progresses at
+        1 / (1 + contention * (k - 1)) of its full speed. Called whenever a step starts or ends, so a step
+        pays for exactly the overlap it had, not for the busy set at its start."""
+        busy = [w for w in self.workers if w.busy]
+        slowdown = 1 + self.costs.contention * (len(busy) - 1)
+        for w in busy:
+            w.work_ms -= (self.now - w.since) * 1e3 / w.slowdown
+            w.since, w.slowdown = self.now, slowdown
+            w.step_id += 1
+            self._at(self.now + max(w.work_ms, 0.0) * slowdown / 1e3, self._end_step, w, w.chunks, w.step_id)
 
     def _chunks(self, w: _Worker, budget: int) -> list[tuple[_Req, int]]:
-        out = []
+        """FCFS chunks under the budget (partial prompts are older, so first), with fair prefill's caps."""
+        threshold, out = self.spec.long_prefill_threshold, []
+        contended = len(w.queue) + w.active + len(w.pending) > 1
+        long_partials = sum(1 for r in w.queue if r.computed and 0 < threshold < r.req.prompt - r.computed)
         for r in w.queue:
             if budget <= 0:
                 break
-            n = min(r.req.prompt - r.computed, budget)
+            left = r.req.prompt - r.computed
+            is_long = 0 < threshold < left
+            if is_long and not r.computed:
+                if long_partials >= self.spec.max_long_partial_prefills:
+                    continue  # waits; shorter prompts behind it start
+                long_partials += 1
+            n = min(left, budget, threshold if contended and is_long else left)
             out.append((r, n))
             budget -= n
         return out
@@ -177,7 +220,11 @@ class Simulation:
         r.finish_step = w.steps + r.req.output - 1
         heapq.heappush(w.finishing, (r.finish_step, r.index, r))
 
-    def _end_step(self, w: _Worker, chunks: list[tuple[_Req, int]], ms: float) -> None:
+    def _end_step(self, w: _Worker, chunks: list[tuple[_Req, int]], step_id: int) -> None:
+        if step_id != w.step_id or not w.busy:
+            return  # superseded: the host's sharing changed and the end was rescheduled
+        w.step_id += 1
+        ms = (self.now - w.started) * 1e3  # as it ran, slowed or not: what the KV stream overlapped
         if w.active:
             w.steps += 1
             w.ctx_sum += w.active
@@ -201,6 +248,8 @@ class Simulation:
         # Busy until here so that a dispatch triggered above cannot start a second step on this worker.
         w.busy = False
         self._kick(w)
+        if self.costs.contention and not w.busy:
+            self._share_host()  # one fewer busy worker: the others speed up
 
     def _kv_arrived(self, r: _Req) -> None:
         d = r.decode_worker

@@ -31,10 +31,18 @@ class Obs:
 
 def harness_runs(path: str | Path) -> list[tuple[float, list[dict]]]:
     """(offered rate, records) of each run in a `pdserve bench --json` file: the single run or every probe."""
+    return [(rate, recs) for _, rate, recs in named_runs(path)]
+
+
+def named_runs(path: str | Path) -> list[tuple[str, float, list[dict]]]:
+    """(name, offered rate, records) of each run in a `pdserve bench --json` file. Names are how validation
+    and cross-validation refer to a run: the file's stem without `serving_cpu_`, `@rate` for a sweep probe;
+    the sweep's goodput is the stem alone."""
     d = json.loads(Path(path).read_text())
+    stem = Path(path).stem.removeprefix("serving_cpu_")
     if d.get("sweep"):
-        return [(p["rate"], p["records"]) for p in d["sweep"]["probes"]]
-    return [(d["rate"], d["records"])]
+        return [(f"{stem}@{p['rate']:g}", p["rate"], p["records"]) for p in d["sweep"]["probes"]]
+    return [(stem, d["rate"], d["records"])]
 
 
 def observations(records: list[dict]) -> list[Obs]:
@@ -60,6 +68,12 @@ def fit_prefill(iso: list[Obs]) -> PrefillCost:
         if min(lin) >= 0:
             return PrefillCost(float(lin[0]), float(lin[1]))
     return PrefillCost(float(np.mean(y)), 0.0)  # one prompt length: everything in the fixed part
+
+
+def residuals_ms(lone: list[Obs], prefill: PrefillCost) -> tuple[float, ...]:
+    """Lone requests' TTFT minus the prefill fit's prediction (ms), sorted: what the same request on an idle
+    cluster varies by (the shared box, the hops), which the simulator replays as path latency."""
+    return tuple(sorted(round(o.ttft * 1e3 - prefill.step_ms([(o.prompt, 0)]), 1) for o in lone))
 
 
 def fit_h100(path: str | Path, transfer_gb_per_s: float = 25.0,

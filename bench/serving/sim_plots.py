@@ -10,16 +10,22 @@ from bench.serving.sim_validate import Row
 DPI = 80  # small committed PNGs
 
 
-def plot_validation(rows: list[Row], out: Path) -> Path:
-    """Measured against simulated for every latency percentile of every run (log axes, y = x dashed)."""
+def plot_validation(rows: list[Row], out: Path, held_out: list[Row] | None = None) -> Path:
+    """Measured against simulated for every latency percentile of every run (log axes, y = x dashed);
+    held-out simulations (each fitted without its run), when given, as hollow markers of the same shape."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    for metric, marker in (("TTFT p50 ms", "o"), ("TTFT p90 ms", "s"), ("TPOT p50 ms", "^"),
-                           ("TPOT p90 ms", "v")):
+    for i, (metric, marker) in enumerate((("TTFT p50 ms", "o"), ("TTFT p90 ms", "s"), ("TPOT p50 ms", "^"),
+                                          ("TPOT p90 ms", "v"))):
         pts = [(r.measured, r.simulated) for r in rows if r.metric == metric]
-        ax.scatter([m for m, _ in pts], [s for _, s in pts], marker=marker, label=metric)
-    lo = min(min(r.measured, r.simulated) for r in rows if r.metric.endswith("ms"))
-    hi = max(max(r.measured, r.simulated) for r in rows if r.metric.endswith("ms"))
+        ax.scatter([m for m, _ in pts], [s for _, s in pts], marker=marker, color=f"C{i}", label=metric)
+        held = [(r.measured, r.simulated) for r in held_out or [] if r.metric == metric]
+        if held:
+            ax.scatter([m for m, _ in held], [s for _, s in held], marker=marker, facecolors="none",
+                       edgecolors=f"C{i}", label=f"{metric}, held out")
+    every = [r for r in rows + (held_out or []) if r.metric.endswith("ms")]
+    lo = min(min(r.measured, r.simulated) for r in every)
+    hi = max(max(r.measured, r.simulated) for r in every)
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
     ax.fill_between([lo, hi], [lo * 0.85, hi * 0.85], [lo * 1.15, hi * 1.15], color="grey", alpha=0.15,
                     label="within 15%")

@@ -39,6 +39,7 @@ class SearchSettings:
     tp_efficiency: float = 0.9  # per doubling of TP (all-reduce, smaller GEMMs)
     unit_max_gpus: int = 8  # one node: a replica's KV moves over NVLink, the router spreads replicas
     coloc_budgets: tuple[int, ...] = (512, 2048)  # colocated gets the better of a small and a whole chunk
+    coloc_fused: tuple[float, ...] = (0.0, 1.5)  # and of no cap and the engine's split-fused cap (default)
     prefill_budget: int = 2048  # a prefill worker's token budget per step
     max_num_seqs: int = 128  # decode batch cap (decode_gpu.json's largest CUDA graph bucket)
     kv_tokens_per_gpu: int = 400_000  # (68 GB free - 15 GB weights) / 128 KiB a token, Llama-3-8B bf16
@@ -60,6 +61,7 @@ class Unit:
     n_d: int
     tp_d: int
     budget: int
+    fused: float = 0.0  # colocated: ClusterSpec.fused_max_slowdown (0 = off)
 
     @property
     def gpus(self) -> int:
@@ -67,7 +69,8 @@ class Unit:
 
     def __str__(self) -> str:
         if self.mode == "coloc":
-            return f"coloc {self.n_d}xTP{self.tp_d} budget {self.budget}"
+            cap = f" fused<={self.fused:g}x" if self.fused else ""
+            return f"coloc {self.n_d}xTP{self.tp_d} budget {self.budget}{cap}"
         return f"{self.n_p}P(TP{self.tp_p}):{self.n_d}D(TP{self.tp_d})"
 
 
@@ -118,13 +121,50 @@ def estimate(unit: Unit, costs: StepCosts, mix: Mix, s: SearchSettings) -> float
     return unit.n_d / (marginal_s + decode_s)
 
 
+@dataclass(frozen=True)
+class WorkBound:
+    """GPU time one request of a mix needs at one TP, with nothing wasted: its prompt's prefill alone,
+    its answer's share of the largest decode batch whose step meets the TPOT SLO. 1 / their sum bounds the
+    goodput per GPU of any arrangement at that TP; with each role at its own best TP (`best_bound`), of any
+    arrangement at all, so that bound / colocated bounds what disaggregation can gain."""
+    tp: int
+    prefill_ms: float  # GPU-ms (tp GPUs x wall ms) of the mean prompt
+    decode_ms: float  # GPU-ms of the mean answer at `batch`
+    batch: int
+
+    @property
+    def per_gpu(self) -> float:
+        return 1e3 / (self.prefill_ms + self.decode_ms)
+
+
+def work_bound(costs: StepCosts, mix: Mix, s: SearchSettings, tp: int = 1) -> WorkBound:
+    c = costs.with_tp(tp, s.tp_efficiency)
+    prompt, output = _mean(mix.prompt), _mean(mix.output)
+    chunks = [(min(s.prefill_budget, prompt - done), done) for done in range(0, prompt, s.prefill_budget)]
+    prefill = sum(c.prefill.step_ms([ch]) for ch in chunks)
+    ctx = prompt + output // 2
+    batch = max((b for b in range(1, s.max_num_seqs + 1)
+                 if c.decode.step_ms(b, b * ctx) <= mix.slo.tpot * 1e3), default=1)
+    decode = c.decode.step_ms(batch, batch * ctx) / batch * output
+    return WorkBound(tp, prefill * tp, decode * tp, batch)
+
+
+def best_bound(costs: StepCosts, mix: Mix, s: SearchSettings) -> tuple[WorkBound, WorkBound, float]:
+    """The TP choice with the least prefill GPU-ms, the one with the least decode GPU-ms, and the per-GPU
+    goodput no arrangement of the TP choices exceeds."""
+    bounds = [work_bound(costs, mix, s, tp) for tp in s.tp_choices]
+    p = min(bounds, key=lambda b: b.prefill_ms)
+    d = min(bounds, key=lambda b: b.decode_ms)
+    return p, d, 1e3 / (p.prefill_ms + d.decode_ms)
+
+
 def unit_goodput(unit: Unit, costs: StepCosts, mix: Mix, s: SearchSettings) -> float:
     """Highest rate (req/s) where >= target of requests meet both SLOs, bisected as `pdserve bench --sweep`
     does, between bounds around the estimate (widened while the high end still passes)."""
     c = unit_costs(unit, costs, s)
     spec = ClusterSpec(unit.mode, prefill_workers=max(unit.n_p, 1), decode_workers=unit.n_d,
                        max_batch_tokens=unit.budget, max_num_seqs=s.max_num_seqs,
-                       kv_capacity_tokens=s.kv_tokens_per_gpu * unit.tp_d)
+                       kv_capacity_tokens=s.kv_tokens_per_gpu * unit.tp_d, fused_max_slowdown=unit.fused)
 
     def attainment(rate: float) -> float:
         return summarize(simulate(spec, c, workload(mix, rate, s)), slo=mix.slo).slo_attainment or 0.0
@@ -144,7 +184,7 @@ def _mean(d: LengthDist) -> int:
 
 def candidate_units(gpus: int, s: SearchSettings) -> list[Unit]:
     """Every disaggregated split of a unit of min(gpus, unit_max_gpus) GPUs over the TP choices, and every
-    colocated TP and chunk budget."""
+    colocated TP, chunk budget and split-fused cap."""
     size = min(gpus, s.unit_max_gpus)
     out = []
     for tp_p, tp_d in itertools.product(s.tp_choices, repeat=2):
@@ -152,9 +192,9 @@ def candidate_units(gpus: int, s: SearchSettings) -> list[Unit]:
             rest = size - n_p * tp_p
             if rest >= tp_d and rest % tp_d == 0:
                 out.append(Unit("disagg", n_p, tp_p, rest // tp_d, tp_d, s.prefill_budget))
-    for tp, budget in itertools.product(s.tp_choices, s.coloc_budgets):
-        if tp <= size:
-            out.append(Unit("coloc", 0, tp, 1, tp, budget))  # replicas are independent: one worker a unit
+    for tp, budget, fused in itertools.product(s.tp_choices, s.coloc_budgets, s.coloc_fused):
+        if tp <= size:  # replicas are independent: one worker a unit
+            out.append(Unit("coloc", 0, tp, 1, tp, budget, fused))
     return out
 
 

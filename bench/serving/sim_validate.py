@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.serving.arrivals import arrival_offsets
 from bench.serving.goodput import find_goodput
-from bench.serving.metrics import Slo, summarize
+from bench.serving.metrics import Slo, percentile, summarize
 from bench.serving.sim_costs import StepCosts
 from bench.serving.sim_events import ClusterSpec, SimRequest, simulate
 from bench.serving.workload import WorkloadSpec, parse_length, synthesize
@@ -17,16 +18,33 @@ from bench.serving.workload import WorkloadSpec, parse_length, synthesize
 CPU_CLUSTER = ClusterSpec("disagg", prefill_workers=1, decode_workers=1)
 
 
+BOOTSTRAP = 2000  # resamples for a measured percentile's noise band
+
+
 @dataclass(frozen=True)
 class Row:
     run: str
     metric: str
     measured: float
     simulated: float
+    # 90% bootstrap interval of the measured figure (its requests resampled): how far the same cluster's
+    # rerun could land from `measured` on sampling alone. None: not a per-request percentile.
+    band: tuple[float, float] | None = None
 
     @property
     def rel_err(self) -> float:
         return (self.simulated - self.measured) / self.measured if self.measured else float("nan")
+
+    @property
+    def in_band(self) -> bool | None:
+        return None if self.band is None else self.band[0] <= self.simulated <= self.band[1]
+
+
+def noise_band(values: list[float], q: float, seed: int = 0) -> tuple[float, float]:
+    """5th and 95th percentile of the q-th percentile over bootstrap resamples of `values` (seeded)."""
+    rng = random.Random(seed)
+    stats = [percentile(rng.choices(values, k=len(values)), q) for _ in range(BOOTSTRAP)]
+    return percentile(stats, 5), percentile(stats, 95)
 
 
 def replay(records: list[dict]) -> list[SimRequest]:
@@ -38,11 +56,14 @@ def replay(records: list[dict]) -> list[SimRequest]:
 def _compare(run: str, measured: dict, records: list[dict], costs: StepCosts, spec: ClusterSpec,
              slo: Slo) -> list[Row]:
     sim = summarize(simulate(spec, costs, replay(records)), slo=slo)
+    judged = [r for r in records if r["status"] == "OK" and not r["warmup"]]
     rows = []
     for name in ("ttft_s", "tpot_s"):
+        values = [r[name[:4]] * 1e3 for r in judged if r[name[:4]] is not None]
         for q in ("p50", "p90"):
             sim_q = getattr(sim, name)[q]
-            rows.append(Row(run, f"{name[:4].upper()} {q} ms", measured[name][q] * 1e3, sim_q * 1e3))
+            rows.append(Row(run, f"{name[:4].upper()} {q} ms", measured[name][q] * 1e3, sim_q * 1e3,
+                            noise_band(values, float(q[1:]))))
     rows.append(Row(run, "within SLO", measured["slo_attainment"], sim.slo_attainment))
     return rows
 
@@ -99,8 +120,14 @@ def host_slowdown(path: str | Path, costs: StepCosts, spec: ClusterSpec = CPU_CL
 
 
 def format_rows(rows: list[Row]) -> str:
-    lines = [f"{'run':<18} {'metric':<16} {'measured':>10} {'sim':>10} {'rel err':>8}"]
+    """One line a figure; `noise band` is the measured figure's 90% bootstrap interval, `in` whether the
+    simulated figure lies inside it."""
+    lines = [f"{'run':<18} {'metric':<16} {'measured':>10} {'sim':>10} {'rel err':>8} "
+             f"{'noise band':>21} {'in':>3}"]
     for r in rows:
+        band = f"[{r.band[0]:.0f}, {r.band[1]:.0f}] {(r.band[1] - r.band[0]) / 2 / r.measured:>4.0%}" \
+            if r.band else ""
+        inside = {None: "", True: "yes", False: "no"}[r.in_band]
         lines.append(f"{r.run:<18} {r.metric:<16} {r.measured:>10.3f} {r.simulated:>10.3f} "
-                     f"{r.rel_err:>+8.1%}")
+                     f"{r.rel_err:>+8.1%} {band:>21} {inside:>3}")
     return "\n".join(lines)

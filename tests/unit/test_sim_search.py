@@ -1,10 +1,22 @@
 """The simulator's search: seeded determinism, the known-best P:D ratio on a built case, the projection."""
 from __future__ import annotations
 
+import pytest
+
 from bench.serving.metrics import Slo
 from bench.serving.sim_costs import DecodeCost, PrefillCost, StepCosts, TransferCost
 from bench.serving.sim_events import ClusterSpec, simulate
-from bench.serving.sim_search import Mix, SearchSettings, Unit, candidate_units, project, search, workload
+from bench.serving.sim_search import (
+    Mix,
+    SearchSettings,
+    Unit,
+    best_bound,
+    candidate_units,
+    project,
+    search,
+    work_bound,
+    workload,
+)
 from bench.serving.workload import parse_length
 
 # A prompt costs its prefill worker 30 ms; an answer costs its decode worker 10 ms (ten 1-ms steps of one
@@ -29,7 +41,8 @@ def test_candidate_units_fill_the_unit_with_every_split_and_tp() -> None:
     assert all(u.gpus == 4 for u in units if u.mode == "disagg")
     splits = {(u.n_p, u.tp_p, u.n_d, u.tp_d) for u in units if u.mode == "disagg"}
     assert splits == {(1, 1, 3, 1), (2, 1, 2, 1), (3, 1, 1, 1), (2, 1, 1, 2), (1, 2, 2, 1), (1, 2, 1, 2)}
-    assert {(u.tp_d, u.budget) for u in units if u.mode == "coloc"} == {(1, 512), (2, 512)}
+    assert {(u.tp_d, u.budget, u.fused) for u in units if u.mode == "coloc"} == {
+        (1, 512, 0.0), (1, 512, 1.5), (2, 512, 0.0), (2, 512, 1.5)}
 
 
 def test_search_picks_the_known_best_ratio() -> None:
@@ -44,3 +57,26 @@ def test_projection_replicates_the_unit_over_the_gpu_count() -> None:
     assert p4.disagg == p16.disagg  # the same 4-GPU unit: the same search
     assert p16.cluster_goodput(p16.disagg) == 4 * p4.cluster_goodput(p4.disagg)
     assert p16.gain == p4.gain
+
+
+def test_work_bound_is_prefill_plus_the_answers_share_of_the_largest_batch_within_tpot() -> None:
+    costs = StepCosts(PrefillCost(10.0, 1.0), DecodeCost(5.0, 1.0), TransferCost(1, 1, 1e9))
+    mix = Mix("t", parse_length("fixed:100"), parse_length("fixed:10"), Slo(1.0, 0.020))
+    b = work_bound(costs, mix, SearchSettings(max_num_seqs=64))
+    assert (b.prefill_ms, b.batch) == (110.0, 15)  # 5 + 15 x 1 ms = the 20 ms TPOT
+    assert b.decode_ms == pytest.approx(20.0 / 15 * 10)
+    assert b.per_gpu == pytest.approx(1e3 / (110 + 20.0 / 15 * 10))
+    tp2 = work_bound(costs, mix, SearchSettings(max_num_seqs=64), tp=2)
+    assert tp2.prefill_ms == pytest.approx(2 * 110 / 1.8)  # two GPUs, each 1.8x faster than one
+
+
+def test_best_bound_takes_each_role_at_its_own_best_tp() -> None:
+    # TP2 runs a step 1.8x faster on 2 GPUs: prefill costs 110 GPU-ms at TP1, 122 at TP2; decode's batch is
+    # capped by the 20 ms TPOT: 15 streams at TP1 (13.3 GPU-ms an answer), 31 at TP2 (12.9)
+    costs = StepCosts(PrefillCost(10.0, 1.0), DecodeCost(5.0, 1.0), TransferCost(1, 1, 1e9))
+    mix = Mix("t", parse_length("fixed:100"), parse_length("fixed:10"), Slo(1.0, 0.020))
+    s = SearchSettings(tp_choices=(1, 2), tp_efficiency=0.9, max_num_seqs=64)
+    p, d, bound = best_bound(costs, mix, s)
+    assert (p.tp, d.tp) == (1, 2)
+    assert bound == pytest.approx(1e3 / (p.prefill_ms + d.decode_ms))
+    assert bound > max(work_bound(costs, mix, s, tp).per_gpu for tp in (1, 2))
