@@ -108,8 +108,7 @@ class RequestFlow:
             while True:
                 event = await self._events.get()
                 if isinstance(event, TokenRelay):
-                    overhead = self._metrics.token_overhead
-                    async with aclosing(event.deltas(self._relay_chunk, overhead)) as deltas:
+                    async with aclosing(event.deltas(self._relay_chunk, self._metrics)) as deltas:
                         async for delta in deltas:
                             yield delta
                     continue

@@ -7,13 +7,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
-from prometheus_client import Histogram
 
 from contracts.sampling import FinishReason
 from decode_worker.api import TokenChunk
 from proto.api import pb
 from router.clients import WorkerUnavailable
 from router.flow_errors import DecodeLost, FlowFailure
+from router.metrics import RouterMetrics
 
 # The flow's handling of one chunk: the delta for the client, or None when the chunk carries none.
 ChunkToDelta = Callable[[TokenChunk], "pb.GenerateResponse | None"]
@@ -52,19 +52,23 @@ class TokenRelay:
             self._reading.reschedule(asyncio.get_running_loop().time())
 
     # -- the reader's side -----------------------------------------------------------------------------------
-    async def deltas(self, convert: ChunkToDelta, overhead: Histogram) -> AsyncIterator[pb.GenerateResponse]:
+    async def deltas(self, convert: ChunkToDelta,
+                     metrics: RouterMetrics) -> AsyncIterator[pb.GenerateResponse]:
         """The reader's loop: the attempt's deltas until its finish chunk, an error (handed to the flow task
-        as the verdict) or an interrupt. `overhead` times each delta from its chunk's arrival here to the
-        reader's return from writing it (the gRPC write, or the SSE frame handed on): the router's own share
-        of a token's trip."""
-        worker_id = self.worker_id
+        as the verdict) or an interrupt. Times each delta from its chunk's arrival here to its message handed
+        to the writer (`token_overhead`: the router's own share of a token's trip), and from there to the
+        writer's return (`token_write`: the gRPC write or SSE frame, the transport's share and a slow
+        client's)."""
+        worker_id, overhead, write = self.worker_id, metrics.token_overhead, metrics.token_write
         try:
             while (chunk := await self._next_chunk()) is not None:
                 arrived = time.perf_counter()
                 delta = convert(chunk)
                 if delta is not None:
+                    handed = time.perf_counter()
+                    overhead.observe(handed - arrived)
                     yield delta
-                    overhead.observe(time.perf_counter() - arrived)
+                    write.observe(time.perf_counter() - handed)
                 if chunk.worker_failed:
                     raise DecodeLost(worker_id, f"decode worker {worker_id} failed: {chunk.error}")
                 if chunk.error:  # the worker gave up on the request (e.g. KV transfer failed): not an abort

@@ -30,3 +30,15 @@ def test_fast_worker_streams_every_token_through_the_router_and_stamps_each_once
     ids, emitted = run(body())
     assert ids == [FIRST_TOKEN + i for i in range(7)]
     assert len(emitted["r"]) == 7 and emitted["r"] == sorted(emitted["r"])
+
+
+def test_quantiles_read_off_the_overhead_histogram_interpolate_within_a_bucket() -> None:
+    from bench.serving.router_overhead import _cumulative, bucket_quantile, within
+
+    # 98 deltas at 0.15 ms (bucket 0.1-0.2 ms), 2 at 3 ms (bucket 2.5-5 ms).
+    buckets = _cumulative([0.00015] * 98 + [0.003] * 2)
+    assert buckets[-1] == 100
+    assert 0.0001 < bucket_quantile(buckets, 0.5) < 0.0002
+    assert 0.0025 < bucket_quantile(buckets, 0.99) <= 0.005
+    assert within(buckets, 0.001) == 0.98
+    assert bucket_quantile(_cumulative([1.0]), 0.99) == 0.1  # past the last bound: that bound

@@ -10,13 +10,14 @@ from typing import Any
 import grpc
 import pytest
 from fakes import fake_cluster, run, serve_router
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import generate_latest
 
 from contracts.sampling import FinishReason
 from decode_worker.api import TokenChunk
 from proto.api import pb
 from router.clients import WorkerUnavailable
 from router.flow_errors import DecodeLost, FlowFailure
+from router.metrics import RouterMetrics
 from router.token_relay import TokenRelay
 
 pytestmark = pytest.mark.timeout(60)
@@ -33,8 +34,6 @@ def to_delta(c: TokenChunk) -> pb.GenerateResponse | None:
     return pb.GenerateResponse(request_id=c.request_id, delta=delta)
 
 
-def histogram() -> Histogram:
-    return Histogram("overhead_seconds", "test", registry=CollectorRegistry())
 
 
 class Recorded:
@@ -59,19 +58,20 @@ class Recorded:
             self.closed = True
 
 
-async def read_all(relay: TokenRelay, overhead: Histogram | None = None) -> list[int]:
-    return [i async for d in relay.deltas(to_delta, overhead or histogram()) for i in d.delta.token_ids]
+async def read_all(relay: TokenRelay, metrics: RouterMetrics | None = None) -> list[int]:
+    return [i async for d in relay.deltas(to_delta, metrics or RouterMetrics()) for i in d.delta.token_ids]
 
 
 def test_deltas_keep_order_and_the_finish_chunk_is_the_verdict() -> None:
     async def body() -> None:
         src = Recorded([chunk("r", i) for i in range(4)] + [chunk("r", 4, FinishReason.LENGTH)])
-        relay, overhead = TokenRelay("d0", src.stream()), histogram()
-        assert await read_all(relay, overhead) == [0, 1, 2, 3, 4]
+        relay, metrics = TokenRelay("d0", src.stream()), RouterMetrics()
+        assert await read_all(relay, metrics) == [0, 1, 2, 3, 4]
         assert await relay.done == FinishReason.LENGTH
         assert src.closed
-        count = next(s.value for s in overhead.collect()[0].samples if s.name.endswith("_count"))
-        assert count == 5  # one observation per delta
+        for histogram in (metrics.token_overhead, metrics.token_write):
+            count = next(s.value for s in histogram.collect()[0].samples if s.name.endswith("_count"))
+            assert count == 5  # one observation per delta
 
     run(body())
 
@@ -155,7 +155,7 @@ def test_a_slow_reader_loses_nothing_from_the_multiplexed_worker_stream() -> Non
 
         async def read(rid: str, delay_s: float) -> list[int]:
             relay, out = TokenRelay("d0", client.stream(rid)), []
-            async for d in relay.deltas(to_delta, histogram()):
+            async for d in relay.deltas(to_delta, RouterMetrics()):
                 out.extend(d.delta.token_ids)
                 await asyncio.sleep(delay_s)  # the gRPC write of a slow client
             assert await relay.done == FinishReason.LENGTH
@@ -237,6 +237,7 @@ def test_the_router_exports_its_per_token_overhead_histogram() -> None:
 
     text = run(body())
     assert "pdserve_router_token_overhead_seconds_count 6.0" in text
+    assert "pdserve_router_token_write_seconds_count 6.0" in text
     assert 'pdserve_router_token_overhead_seconds_bucket{le="0.001"}' in text
 
 
