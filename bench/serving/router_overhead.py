@@ -48,6 +48,7 @@ class Phase:
     step_s: float  # the fake decode worker's step (0 = a token whenever the router asks)
     seconds: float
     bare: bool = False  # the fake worker behind a bare gRPC servicer instead of the router
+    tokens_per_step: int = 1  # tokens in each step's chunk, i.e. in each gRPC message (speculation: several)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class PhaseResult:
     name: str
     streams: int
     step_ms: float
+    tokens_per_step: int
     tokens: int
     requests: int
     errors: int
@@ -112,13 +114,13 @@ def within(cumulative: list[float], bound_s: float) -> float:
     return cumulative[TOKEN_OVERHEAD_BUCKETS.index(bound_s)] / cumulative[-1]
 
 
-def _router_main(conn, step_s: float) -> None:
+def _router_main(conn, step_s: float, tokens_per_step: int) -> None:
     """Child process: the real router (grpc.aio, admission, dispatch, flows) over fast fake workers."""
     from router.config import RouterConfig
     from router.server import build_server
 
     async def serve() -> None:
-        decode = FastDecodeClient(step_s=step_s)
+        decode = FastDecodeClient(step_s=step_s, tokens_per_step=tokens_per_step)
         # Every prompt prefilled "locally": the fake prefill worker is there so the router reports SERVING.
         config = RouterConfig(port=0, metrics_port=None, prefill_placement="threshold",
                               local_prefill_max_tokens=1 << 16, request_timeout_s=600.0)
@@ -133,7 +135,7 @@ def _router_main(conn, step_s: float) -> None:
     asyncio.run(serve())
 
 
-def _bare_main(conn, step_s: float) -> None:
+def _bare_main(conn, step_s: float, tokens_per_step: int) -> None:
     """Child process: the same fake worker behind a bare gRPC servicer (no router): the transport's share."""
     from contracts.sampling import SamplingParams
     from decode_worker.api import ReserveRequest
@@ -157,7 +159,7 @@ def _bare_main(conn, step_s: float) -> None:
                 self.write.append(time.perf_counter() - handed)
 
     async def serve() -> None:
-        decode = FastDecodeClient(step_s=step_s)
+        decode = FastDecodeClient(step_s=step_s, tokens_per_step=tokens_per_step)
         server, bare = grpc.aio.server(), Bare(decode)
         pb_grpc.add_PDServeServicer_to_server(bare, server)
         port = server.add_insecure_port("127.0.0.1:0")
@@ -232,7 +234,7 @@ def run_phase(phase: Phase) -> PhaseResult:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     target = _bare_main if phase.bare else _router_main
-    proc = ctx.Process(target=target, args=(child, phase.step_s), daemon=True)
+    proc = ctx.Process(target=target, args=(child, phase.step_s, phase.tokens_per_step), daemon=True)
     proc.start()
     try:
         port = parent.recv()
@@ -249,7 +251,8 @@ def run_phase(phase: Phase) -> PhaseResult:
     gaps.sort()
     tokens = sum(len(v) for v in received.values())
     return PhaseResult(
-        name=phase.name, streams=phase.streams, step_ms=phase.step_s * 1e3, tokens=tokens, requests=requests,
+        name=phase.name, streams=phase.streams, step_ms=phase.step_s * 1e3,
+        tokens_per_step=phase.tokens_per_step, tokens=tokens, requests=requests,
         errors=errors, seconds=wall, tokens_per_s=tokens / wall,
         server_cpu_us_per_token=server_cpu / max(tokens, 1) * 1e6, server_cpu_share=server_cpu / wall,
         client_cpu_share=client_cpu / wall, overhead_ms_p50=_percentile(gaps, 0.5) * 1e3,
@@ -282,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-ms", type=float, default=50.0,
                    help="decode step of the paced phase: every stream gets a token per step (default 50)")
     p.add_argument("--seconds", type=float, default=10.0, help="length of each phase (default 10)")
+    p.add_argument("--tokens-per-step", type=int, default=1,
+                   help="tokens in each step's chunk and so in each gRPC message, as speculative decoding's "
+                   "accepted tokens (default 1)")
     p.add_argument("--json", type=Path, default=None, dest="json_out")
     return p
 
@@ -289,11 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     step = args.step_ms / 1e3
-    phases = [Phase("saturated", args.streams, args.max_tokens, 0.0, args.seconds)]
+    k = args.tokens_per_step
+    phases = [Phase("saturated", args.streams, args.max_tokens, 0.0, args.seconds, tokens_per_step=k)]
     for name, streams in (("one", 1), ("batch", args.streams)):
-        phases += [Phase(f"{name}-bare", streams, args.max_tokens, step, args.seconds, bare=True),
-                   Phase(name, streams, args.max_tokens, step, args.seconds)]
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        phases += [Phase(f"{name}-bare", streams, args.max_tokens, step, args.seconds, True, k),
+                   Phase(name, streams, args.max_tokens, step, args.seconds, tokens_per_step=k)]
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; {k} token(s) per message")
     results = []
     for phase in phases:
         results.append(run_phase(phase))

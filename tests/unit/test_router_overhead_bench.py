@@ -32,6 +32,24 @@ def test_fast_worker_streams_every_token_through_the_router_and_stamps_each_once
     assert len(emitted["r"]) == 7 and emitted["r"] == sorted(emitted["r"])
 
 
+def test_a_step_of_several_tokens_goes_out_as_one_message_each_token_stamped() -> None:
+    async def body() -> tuple[list[list[int]], dict[str, list[float]]]:
+        decode = FastDecodeClient(step_s=0.001, tokens_per_step=3)
+        try:
+            async with serve_router([FastPrefillClient(decode)], [decode]) as h:
+                request = pb.GenerateRequest(request_id="r", token_ids=pb.TokenIds(ids=[5]),
+                                             sampling=pb.SamplingOptions(max_tokens=7, ignore_eos=True))
+                deltas = [list(r.delta.token_ids) async for r in h.stub.Generate(request)
+                          if r.HasField("delta")]
+        finally:
+            await decode.close()
+        return deltas, decode.emitted
+
+    deltas, emitted = run(body())
+    assert deltas == [[FIRST_TOKEN + i for i in range(j, min(j + 3, 7))] for j in (0, 3, 6)]
+    assert len(emitted["r"]) == 7
+
+
 def test_quantiles_read_off_the_overhead_histogram_interpolate_within_a_bucket() -> None:
     from bench.serving.router_overhead import _cumulative, bucket_quantile, within
 
