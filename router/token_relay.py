@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 
@@ -33,7 +34,9 @@ class TokenRelay:
         self.worker_id = worker_id
         self.done: asyncio.Future[FinishReason] = asyncio.get_running_loop().create_future()
         self._stream = stream
-        self._reading: asyncio.Timeout | None = None  # set while the reader waits inside the stream
+        self._reader: asyncio.Task[Any] | None = None  # the task reading, while it waits inside the stream
+        self._cancelling = 0  # the reader task's pending cancel requests when it began waiting
+        self._cancelled = False  # interrupt() cancelled the reader's wait
         self._interrupted = False
         self._closed = False
 
@@ -46,10 +49,9 @@ class TokenRelay:
         self._interrupted = True
         if self.done.done() and not self.done.cancelled():
             self.done.exception()  # a verdict that lost the race with the flow's own end is no news
-        if self._reading is not None:
-            # The reader's never-expiring timeout fires now: asyncio's own cancel scope, so a cancellation
-            # of the reader's task from elsewhere (client gone) still propagates as itself.
-            self._reading.reschedule(asyncio.get_running_loop().time())
+        if self._reader is not None:  # it waits inside the stream: cancel that wait (and only that: below)
+            self._cancelled = True
+            self._reader.cancel()
 
     # -- the reader's side -----------------------------------------------------------------------------------
     async def deltas(self, convert: ChunkToDelta,
@@ -89,18 +91,29 @@ class TokenRelay:
             await self._close()
 
     async def _next_chunk(self) -> TokenChunk | None:
-        """The stream's next chunk; None once the flow interrupted the attempt. Stream errors propagate."""
+        """The stream's next chunk; None once the flow interrupted the attempt. Stream errors propagate.
+
+        A cancel scope as asyncio.timeout keeps one (the same uncancel accounting: a cancellation of the
+        reader's task from elsewhere, e.g. client gone, still propagates), minus its per-entry cost, which
+        was a fifth of the router's time per token: the scope is armed only by an interrupt."""
         if self._interrupted or self.done.done():
             return None
+        task = self._reader = asyncio.current_task()
+        assert task is not None  # called from a coroutine: there is always a task
+        self._cancelling = task.cancelling()
         try:
-            async with asyncio.timeout(None) as self._reading:
-                return await anext(self._stream)
-        except TimeoutError:
-            if self._interrupted:
-                return None
-            raise  # the stream's own timeout, not ours
+            chunk = await anext(self._stream)
+        except asyncio.CancelledError:
+            # Ours (and no one else's) only if interrupt() cancelled and the count is back to before it.
+            if not self._cancelled or task.uncancel() > self._cancelling:
+                raise
+            return None
         finally:
-            self._reading = None
+            self._reader = None
+        if self._cancelled:  # the stream swallowed our cancel and went on: take it back, stop anyway
+            task.uncancel()
+            return None
+        return chunk
 
     def _give_verdict(self, verdict: FinishReason | Exception) -> None:
         if self._interrupted or self.done.done():  # the flow moved on (its wait was cancelled)

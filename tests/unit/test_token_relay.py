@@ -106,10 +106,16 @@ def test_interrupt_stops_a_reader_waiting_inside_the_stream_and_closes_it() -> N
     async def body() -> None:
         src = Recorded([chunk("r", 0)], hang=True)
         relay = TokenRelay("d0", src.stream())
-        reader = asyncio.create_task(read_all(relay))
+
+        async def read_then_go_on() -> tuple[list[int], int]:
+            ids = await read_all(relay)
+            await asyncio.sleep(0.01)  # the task lives on (reads the flow's next event): no cancel left over
+            return ids, asyncio.current_task().cancelling()  # type: ignore[union-attr]
+
+        reader = asyncio.create_task(read_then_go_on())
         await asyncio.sleep(0.05)  # the reader has the first delta and waits inside the stream
         relay.interrupt()  # the flow ended the attempt: abort, client gone, deadline, prefill failure
-        assert await asyncio.wait_for(reader, 1.0) == [0]
+        assert await asyncio.wait_for(reader, 1.0) == ([0], 0)
         assert src.closed and not relay.done.done()
 
     run(body())
@@ -127,13 +133,16 @@ def test_interrupt_before_the_reader_starts_closes_the_stream_unread() -> None:
     run(body())
 
 
-def test_cancelling_the_reader_task_propagates_and_closes_the_stream() -> None:
+@pytest.mark.parametrize("interrupted_too", [False, True])
+def test_cancelling_the_reader_task_propagates_and_closes_the_stream(interrupted_too: bool) -> None:
     async def body() -> None:
         src = Recorded([], hang=True)
         relay = TokenRelay("d0", src.stream())
         reader = asyncio.create_task(read_all(relay))
         await asyncio.sleep(0.02)
         reader.cancel()  # the client went away: its RPC task is cancelled, not interrupted
+        if interrupted_too:
+            relay.interrupt()  # and the flow ended in the same loop turn: the cancel is still not swallowed
         with pytest.raises(asyncio.CancelledError):
             await reader
         assert src.closed
