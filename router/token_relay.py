@@ -94,8 +94,8 @@ class TokenRelay:
         """The stream's next chunk; None once the flow interrupted the attempt. Stream errors propagate.
 
         A cancel scope as asyncio.timeout keeps one (the same uncancel accounting: a cancellation of the
-        reader's task from elsewhere, e.g. client gone, still propagates), minus its per-entry cost, which
-        was a fifth of the router's time per token: the scope is armed only by an interrupt."""
+        reader's task from elsewhere, e.g. client gone, still propagates), minus its per-entry cost (~10 µs a
+        chunk on a 2-core box): the scope is armed only by an interrupt."""
         if self._interrupted or self.done.done():
             return None
         task = self._reader = asyncio.current_task()
