@@ -6,13 +6,14 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import grpc
 
 from contracts.sampling import FinishReason, SamplingParams
 from contracts.stats import WorkerInfo
 from contracts.transfer import TransferTarget
-from decode_worker.api import NoCapacity, Reservation, ReserveRequest
+from decode_worker.api import NoCapacity, Reservation, ReserveRequest, TokenChunk
 from prefill_worker.api import PrefillFailed, PrefillRequest, PrefillResult
 from proto.api import pb
 from router.admission import Admission, QueueFull, Ticket
@@ -23,6 +24,7 @@ from router.flow_errors import DecodeLost, FlowError, FlowFailure
 from router.metrics import RouterMetrics
 from router.migration import Streamed, wait_for_ready_decode
 from router.placement import NO_PREFILL_WORKER, PlacementPolicy
+from router.token_relay import TokenRelay
 from router.validation import ValidatedRequest
 from router.workers import DECODE, PREFILL, WorkerPool
 
@@ -39,7 +41,7 @@ _FINISH_TO_PB = {
 class RequestFlow:
     """Runs in its own task so that Abort, client cancel and the deadline all end it the same way: cancel the
     task, abort every worker it touched exactly once, free the admission slot, then emit the terminal event.
-    The gRPC handler only relays `events()`."""
+    The gRPC handler only relays `events()`, whose reading task also reads the decode stream (TokenRelay)."""
 
     def __init__(
         self,
@@ -59,7 +61,7 @@ class RequestFlow:
         self._pool, self._policy, self._placement, self._admission = pool, policy, placement, admission
         self._metrics, self._config = metrics, config
         self._budget_s = budget_s
-        self._events: asyncio.Queue[pb.GenerateResponse | FlowError] = asyncio.Queue()
+        self._events: asyncio.Queue[pb.GenerateResponse | FlowError | TokenRelay] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._stop_reason: str | None = None  # "abort" (Abort RPC) | "cancelled" (client gone, shutdown)
         self._closing = False
@@ -99,12 +101,22 @@ class RequestFlow:
             await asyncio.wait({self._task}, timeout=timeout_s)  # never cancels the flow itself
 
     async def events(self) -> AsyncIterator[pb.GenerateResponse | FlowError]:
-        """Deltas, then exactly one terminal event: a final message or a FlowError."""
-        while True:
-            event = await self._events.get()
-            yield event
-            if isinstance(event, FlowError) or event.WhichOneof("payload") == "final":
-                return
+        """Deltas, then exactly one terminal event: a final message or a FlowError. The caller's task reads
+        the decode stream itself (TokenRelay): a token reaches the caller's write with no task switch. Leaving
+        early stops the flow, as a client that goes away does."""
+        try:
+            while True:
+                event = await self._events.get()
+                if isinstance(event, TokenRelay):
+                    async with aclosing(event.deltas(self._relay_chunk, self._metrics)) as deltas:
+                        async for delta in deltas:
+                            yield delta
+                    continue
+                yield event
+                if isinstance(event, FlowError) or event.WhichOneof("payload") == "final":
+                    return
+        finally:
+            self.stop("cancelled")  # a no-op once the flow is finishing
 
     # -- the request -----------------------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -308,45 +320,26 @@ class RequestFlow:
             raise DecodeLost(decode.worker_id, f"decode worker {decode.worker_id} is gone: {e}") from None
 
     async def _relay(self, decode: DecodeClient) -> None:
-        rid = self.request.request_id
-        stream = decode.stream(rid)
+        """Hand the attempt's token stream to the reader of `events()` and wait for its verdict."""
+        relay = TokenRelay(decode.worker_id, decode.stream(self.request.request_id))
+        self._events.put_nowait(relay)
         try:
-            async for chunk in stream:
-                text = self._streamed.relay(chunk.token_ids, chunk.text)
-                if chunk.token_ids or text:
-                    if self._first_token_at is None:
-                        self._first_token_at = asyncio.get_running_loop().time()
-                    self._num_output += len(chunk.token_ids)
-                    self._num_drafted += chunk.num_draft_tokens
-                    self._num_accepted += chunk.num_accepted_tokens
-                    self._events.put_nowait(
-                        pb.GenerateResponse(
-                            request_id=rid, delta=pb.TokenDelta(token_ids=chunk.token_ids, text=text)
-                        )
-                    )
-                if chunk.worker_failed:
-                    raise DecodeLost(
-                        decode.worker_id, f"decode worker {decode.worker_id} failed: {chunk.error}"
-                    )
-                if (
-                    chunk.error
-                ):  # the worker gave up on the request (e.g. KV transfer failed): not the client's abort
-                    raise FlowFailure(
-                        grpc.StatusCode.UNAVAILABLE,
-                        f"decode worker {decode.worker_id} failed the request: {chunk.error}",
-                        "worker_failed",
-                    )
-                if chunk.finish_reason is not None:
-                    self._finish = chunk.finish_reason
-                    return
-        except WorkerUnavailable as e:
-            raise DecodeLost(decode.worker_id, str(e)) from None
+            self._finish = await relay.done
         finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:  # close now (e.g. stop the remote generator), not whenever GC gets to it
-                await aclose()
-        raise DecodeLost(decode.worker_id, f"decode worker {decode.worker_id} ended the stream without a "
-                          "finish reason")
+            relay.interrupt()
+
+    def _relay_chunk(self, chunk: TokenChunk) -> pb.GenerateResponse | None:
+        """One chunk of the decode stream: its delta for the client, if it carries any."""
+        text = self._streamed.relay(chunk.token_ids, chunk.text)
+        if not chunk.token_ids and not text:
+            return None
+        if self._first_token_at is None:
+            self._first_token_at = asyncio.get_running_loop().time()
+        self._num_output += len(chunk.token_ids)
+        self._num_drafted += chunk.num_draft_tokens
+        self._num_accepted += chunk.num_accepted_tokens
+        return pb.GenerateResponse(request_id=self.request.request_id,
+                                   delta=pb.TokenDelta(token_ids=chunk.token_ids, text=text))
 
     # -- finishing -------------------------------------------------------------------------------------------
     async def _abort_workers(self) -> None:

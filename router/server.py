@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -55,10 +56,11 @@ class PDServeServicer(pb_grpc.PDServeServicer):
         )
         flow = r.open_flow(validated, budget, api="grpc")
         try:
-            async for event in flow.events():
-                if isinstance(event, FlowError):
-                    await context.abort(event.code, event.message, _trailers(event))
-                yield event
+            async with aclosing(flow.events()) as events:  # closed now, not at GC: it holds the decode stream
+                async for event in events:
+                    if isinstance(event, FlowError):
+                        await context.abort(event.code, event.message, _trailers(event))
+                    yield event
         finally:
             flow.stop("cancelled")  # client went away (or the RPC failed): a no-op once the flow finished
 

@@ -17,13 +17,15 @@ FIRST_TOKEN = 100  # the fake model's output is FIRST_TOKEN, FIRST_TOKEN + 1, ..
 class FastDecodeClient(DecodeClient):
     """A decode worker without a model. step_s > 0: every step_s one token goes to each stream at once, as a
     real decode batch does; step_s == 0: each stream gets its next token as soon as the router asks (the
-    generator only yields the event loop between tokens). `emitted[request_id]` holds the time.perf_counter()
-    at which each token was handed over (CLOCK_MONOTONIC: comparable with another process's clock)."""
+    generator only yields the event loop between tokens). Each step's chunk carries `tokens_per_step` tokens
+    (as a speculative step's accepted tokens do). `emitted[request_id]` holds the time.perf_counter() at which
+    each token was handed over (CLOCK_MONOTONIC: comparable with another process's clock)."""
 
-    def __init__(self, worker_id: str = "decode-fast", *, step_s: float = 0.0,
+    def __init__(self, worker_id: str = "decode-fast", *, step_s: float = 0.0, tokens_per_step: int = 1,
                  max_num_seqs: int = 1024) -> None:
         self._worker_id = worker_id
         self.step_s = step_s
+        self.tokens_per_step = tokens_per_step
         self.max_num_seqs = max_num_seqs
         self.emitted: dict[str, list[float]] = {}
         self._requests: dict[str, ReserveRequest] = {}
@@ -85,17 +87,19 @@ class FastDecodeClient(DecodeClient):
         await self._kv_ready[request_id].wait()
         n_prompt, max_tokens = len(req.prompt_token_ids), req.sampling.max_tokens
         try:
-            for i in range(max_tokens):
+            for i in range(0, max_tokens, self.tokens_per_step):
                 if self.step_s > 0:
                     await self._next_step()
                 else:
                     await asyncio.sleep(0)
                 if request_id in self._aborted:
                     break
-                last = i + 1 == max_tokens
-                times.append(time.perf_counter())
-                yield TokenChunk(request_id, (FIRST_TOKEN + i,), "x", FinishReason.LENGTH if last else None,
-                                 n_prompt, i + 1)
+                ids = tuple(range(FIRST_TOKEN + i, FIRST_TOKEN + min(i + self.tokens_per_step, max_tokens)))
+                n = i + len(ids)
+                last = n == max_tokens
+                times.extend([time.perf_counter()] * len(ids))
+                reason = FinishReason.LENGTH if last else None
+                yield TokenChunk(request_id, ids, "x" * len(ids), reason, n_prompt, n)
                 if last:
                     return
             yield TokenChunk(request_id, (), "", FinishReason.ABORT, n_prompt, 0)
