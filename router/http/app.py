@@ -130,19 +130,20 @@ async def _generate(
     flow = router.open_flow(validated, router.config.request_timeout_s, api="http")
     watcher = asyncio.create_task(_stop_on_disconnect(request, flow))
 
-    def close() -> None:  # however the response ends; stop() is a no-op once the flow finished
+    events = flow.events()
+
+    async def close() -> None:  # however the response ends; stop() is a no-op once the flow finished
         watcher.cancel()
         flow.stop("cancelled")
-
-    events = flow.events()
+        await events.aclose()  # now, not at GC: the generator holds the decode stream
     try:
         # Wait for the first event before any header goes out, so a full queue is a 429, not a broken stream.
         first = await anext(events)
     except BaseException:
-        close()
+        await close()
         raise
     if isinstance(first, FlowError):
-        close()
+        await close()
         raise flow_error_to_api(first)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -159,7 +160,7 @@ async def _generate(
             if isinstance(event, FlowError):
                 raise flow_error_to_api(event)
     finally:
-        close()
+        await close()
     return JSONResponse(shape.completion(text, event.final))
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from proto.api import pb
@@ -24,7 +24,7 @@ async def sse_stream(
     first: Event,
     rest: AsyncIterator[Event],
     include_usage: bool,
-    on_close: Callable[[], None],
+    on_close: Callable[[], Awaitable[None]],
 ) -> AsyncIterator[bytes]:
     """The response body of a streamed request. `first` was read before the headers went out, so a request
     that fails before its first token got a real HTTP status. `on_close` runs however the body ends: normally,
@@ -50,4 +50,4 @@ async def sse_stream(
             event = await anext(rest, None)
         yield DONE
     finally:
-        on_close()
+        await on_close()
