@@ -42,7 +42,8 @@ class Speculator:
     scheduler verifies in the next step.
 
     Only the head captures features; with method ngram steps run on whatever path they would without
-    speculation (verify steps are eager, engine/executors/).
+    speculation (on CUDA, verify steps replay verify graphs, engine/verify_graphs.py, which output the
+    head's features too).
     """
 
     def __init__(self, config: SpecConfig, model: LlamaModel, model_config: ModelConfig) -> None:
@@ -60,6 +61,8 @@ class Speculator:
             self.capture = LayerCapture(model, self.head.config.feature_layers)
             logger.info("draft head %s: features of layers %s, %d draft ids", path,
                         self.head.config.feature_layers, self.head.config.draft_vocab_size)
+        # Set by the engine when its executor's verify graphs hand `capture` the features (CUDA).
+        self.features_in_graphs = False
         self._drafts: dict[str, _Draft] = {}
         self._features: torch.Tensor | None = None  # the last step's captured rows [T, F·H]
         self._rows: dict[str, tuple[int, int]] = {}  # request_id → (first row, rows) of its chunk then
@@ -71,7 +74,8 @@ class Speculator:
         """Runs the step through `executor`, keeping the feature rows of each chunk when the head drafts."""
         if self.capture is None:
             return executor.execute(batch, layer_hook)
-        out = executor.execute(batch, layer_hook or _each_layer)
+        # Graphs that output the features themselves need no hook (keep_features); others run it eagerly.
+        out = executor.execute(batch, layer_hook if self.features_in_graphs else layer_hook or _each_layer)
         self._rows.clear()
         row = 0
         for chunk in batch.chunks:
