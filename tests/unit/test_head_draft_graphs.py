@@ -68,3 +68,40 @@ def test_serves_only_greedy_drafters_of_its_head_that_fit() -> None:
     assert not graphs.serves(drafter_after(other, embed, 10, 0, 1))
     with pytest.raises(ValueError):
         graphs.propose([drafter_after(head, embed, 10, 0, i) for i in range(3)])  # 3 > max_num_seqs 2
+
+
+def test_engine_drafting_in_graphs_proposes_and_emits_what_eager_drafting_does(tmp_path) -> None:
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.random_models import PRESETS, build_random_model
+    from engine.spec.config import SpecConfig
+
+    tiny = PRESETS["tiny"]
+    model = (tiny, build_random_model(tiny, torch.float32, "cpu", seed=0))
+    torch.manual_seed(1)
+    path = tmp_path / "head.safetensors"
+    DraftHead(DraftHeadConfig.for_target(tiny, (0, 1, 1), 128)).save(path, dtype=torch.float32)
+    prompts = [[5, 17, 300, 42, 9, 5, 17, 300], [7, 7, 7, 7], [100, 200, 300, 400, 500, 11, 12]]
+    greedy = SamplingParams(max_tokens=12, ignore_eos=True)
+
+    batched_calls = []
+
+    def run(in_graphs: bool) -> tuple[list[list[int]], list[tuple[int, int]]]:
+        engine = LLMEngine(EngineConfig(device="cpu", dtype="float32", num_kv_blocks=64, max_num_seqs=4,
+                                        spec=SpecConfig("head", k=3, head_path=str(path))), model=model)
+        if in_graphs:  # on CPU the graph path runs eagerly over its static buffers
+            engine.speculator.draft_in_graphs(4, 128)
+            graphs = engine.speculator.draft_graphs
+            propose = graphs.propose
+            graphs.propose = lambda drafters: batched_calls.append(len(drafters)) or propose(drafters)
+        seqs = [engine.add_request(f"r{i}", p, greedy) for i, p in enumerate(prompts)]
+        while engine.has_work():
+            engine.step()
+        engine.speculator.close()
+        return [s.output_token_ids for s in seqs], [(s.num_draft_tokens, s.num_accepted_tokens) for s in seqs]
+
+    eager_out, eager_counts = run(False)
+    graph_out, graph_counts = run(True)
+    assert graph_out == eager_out and graph_counts == eager_counts
+    assert sum(drafted for drafted, _ in graph_counts) > 0
+    assert max(batched_calls) == len(prompts)  # the batch's drafts came from one batched call per step
