@@ -101,6 +101,8 @@ def test_speculating_engine_captures_every_bucket_and_width_and_no_lookahead(mod
     assert isinstance(eng.executor, GraphedExecutor) and eng.lookahead is None
     assert verify.captured == tuple((b, w) for b in decode_buckets(8) for w in verify_widths(5))
     assert verify.feature_layers == FEATURES and eng.speculator.features_in_graphs
+    assert eng.speculator.draft_graphs is not None  # greedy head drafts in graphs too
+    assert engine(model, SpecConfig("ngram", k=5)).executor.verify.feature_layers == ()
     eng.speculator.close()
 
 
@@ -153,3 +155,30 @@ def test_graphed_verify_step_equals_the_eager_step_with_its_features(model, draf
     for a, b in zip(kv_eager.k + kv_eager.v, kv_graph.k + kv_graph.v, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     capture.close()
+
+
+def test_graphed_head_drafts_equal_each_drafters_eager_drafts(head_path) -> None:
+    from torch import nn
+
+    from engine.spec.head_drafter import HeadDrafter
+    from engine.spec.head_graphs import HeadDraftGraphs
+
+    head = DraftHead.load(head_path, CUDA, torch.float32)
+    for p in head.parameters():
+        nn.init.normal_(p, std=0.3)  # away from argmax ties between the batched and per-sequence math
+    embed = nn.Embedding(TINY.vocab_size, TINY.hidden_size, device=CUDA)
+    nn.init.normal_(embed.weight)
+    graphs = HeadDraftGraphs(head, embed, max_num_seqs=4, max_len=256, k=5)
+    graphs.capture_all()
+    gen = torch.Generator().manual_seed(0)
+    drafters = []
+    for n, first in ((9, 0), (70, 30), (2, 0)):
+        ids = torch.randint(0, TINY.vocab_size, (n,), generator=gen).tolist()
+        features = torch.randn(n - 1 - first, len(FEATURES) * TINY.hidden_size, generator=gen).to(CUDA)
+        drafter = HeadDrafter(head, embed, first_position=first)
+        drafter.accept(ids, features)
+        drafters.append(drafter)
+    with torch.no_grad():
+        expected = [d.propose(5) for d in drafters]
+        assert graphs.propose(drafters) == expected
+        assert graphs.propose(drafters[1:]) == expected[1:]
