@@ -216,9 +216,11 @@ class VerifyGraphRunner:
             slot_mapping=inputs.slot_mapping, query_start_loc=inputs.query_start_loc,
             seq_lens=inputs.seq_lens, block_tables=inputs.block_tables, max_query_len=width,
             max_seq_len=self.max_model_len, block_size=self.kv_cache.block_size, spans=())
-        model, kv = self.model, self.kv_cache
+        # Locals only in the closures: a closure holding `self` would make runner → graph → runner a cycle
+        # that keeps the graphs' memory until the garbage collector runs (benchmarks build many engines).
+        model, kv, feature_layers = self.model, self.kv_cache, self.feature_layers
         pieces = graph_pieces(len(model.layers))
-        wanted = set(self.feature_layers)
+        wanted = set(feature_layers)
         state: dict[str, torch.Tensor | None] = {}  # what a piece hands the next (graph memory once captured)
 
         def run_piece(i: int) -> None:
@@ -236,8 +238,8 @@ class VerifyGraphRunner:
             if i == len(pieces) - 1:
                 state["hidden"] = model.final_norm(h, residual)
                 state["logits"] = model.compute_logits(state["hidden"])
-                if self.feature_layers:
-                    state["features"] = torch.cat([state[f"feature{j}"] for j in self.feature_layers], dim=-1)
+                if feature_layers:
+                    state["features"] = torch.cat([state[f"feature{j}"] for j in feature_layers], dim=-1)
 
         def forward() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             for i in range(len(pieces)):
