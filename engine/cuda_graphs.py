@@ -48,9 +48,12 @@ def pick_bucket(batch: int, buckets: Sequence[int]) -> int | None:
     return next((b for b in sorted(buckets) if b >= batch), None)
 
 
-def input_layout(bucket: int, table_width: int) -> tuple[dict[str, tuple[int, int]], int]:
-    """(field → (offset, length)) in int32 elements, each offset 16-byte aligned; and the buffer length."""
-    lengths = {"input_ids": bucket, "positions": bucket, "slot_mapping": bucket, "seq_lens": bucket,
+def input_layout(bucket: int, table_width: int,
+                 rows: int | None = None) -> tuple[dict[str, tuple[int, int]], int]:
+    """(field → (offset, length)) in int32 elements, each offset 16-byte aligned; and the buffer length.
+    `rows`: query rows (token ids, positions, slots) of the batch; None = one per sequence (decode)."""
+    rows = bucket if rows is None else rows
+    lengths = {"input_ids": rows, "positions": rows, "slot_mapping": rows, "seq_lens": bucket,
                "query_start_loc": bucket + 1, "block_tables": bucket * table_width}
     layout: dict[str, tuple[int, int]] = {}
     offset = 0
@@ -64,16 +67,17 @@ def input_layout(bucket: int, table_width: int) -> tuple[dict[str, tuple[int, in
 class DecodeInputs:
     """Views of one flat int32 buffer (host staging or device): what a captured decode step reads."""
 
-    input_ids: torch.Tensor  # [bucket]
-    positions: torch.Tensor  # [bucket]
-    slot_mapping: torch.Tensor  # [bucket]; -1 on padded rows: store_kv writes nothing there
+    input_ids: torch.Tensor  # [rows] (decode: rows = bucket)
+    positions: torch.Tensor  # [rows]
+    slot_mapping: torch.Tensor  # [rows]; -1 on padded rows: store_kv writes nothing there
     seq_lens: torch.Tensor  # [bucket]; 0 on padded rows: attention reads no KV and writes zeros
-    query_start_loc: torch.Tensor  # [bucket + 1] = arange: one query row per sequence
+    query_start_loc: torch.Tensor  # [bucket + 1]; decode: arange, one query row per sequence
     block_tables: torch.Tensor  # [bucket, table_width]
 
     @classmethod
-    def views(cls, buffer: torch.Tensor, bucket: int, table_width: int) -> DecodeInputs:
-        layout, size = input_layout(bucket, table_width)
+    def views(cls, buffer: torch.Tensor, bucket: int, table_width: int,
+              rows: int | None = None) -> DecodeInputs:
+        layout, size = input_layout(bucket, table_width, rows)
         if buffer.dtype != torch.int32 or buffer.numel() != size:
             raise ValueError(f"decode inputs need int32 [{size}], got {buffer.dtype} [{buffer.numel()}]")
         parts = {name: buffer[off:off + n] for name, (off, n) in layout.items()}
@@ -205,6 +209,11 @@ class DecodeGraphRunner:
     def captured_buckets(self) -> tuple[int, ...]:
         return tuple(sorted(self._captured))
 
+    @property
+    def pool(self) -> object | None:
+        """The graphs' memory pool (None before the first capture): the verify graphs share it."""
+        return self._pool
+
     def fits(self, chunks: Sequence[ScheduledChunk]) -> bool:
         """A decode-only step (one new token per sequence) small enough for a bucket."""
         return (pick_bucket(len(chunks), self.buckets) is not None
@@ -293,22 +302,32 @@ class DecodeGraphRunner:
         if not on_cuda:  # nothing to capture: the same static buffers, the forward run eagerly
             hidden, logits = forward()
             return _CapturedBucket(stager, device_buffer, inputs, (), forward, hidden, logits)
-        # Warm-up outside the capture: compiles this bucket's Triton kernels, lets cuBLAS pick its kernels.
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                forward()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graphs = []
-        for i in range(len(pieces)):
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: other threads (KV receivers, servers) may use CUDA while this thread captures.
-            # Each piece reads the tensors the piece before it wrote inside its own capture (held in `state`).
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                run_piece(i)
-            if self._pool is None:
-                self._pool = graph.pool()
-            graphs.append(graph)
+        graphs, self._pool = capture_pieces(run_piece, len(pieces), forward, self.device, self._pool)
         hidden, logits = state["hidden"], state["logits"]
-        return _CapturedBucket(stager, device_buffer, inputs, tuple(graphs), forward, hidden, logits)
+        return _CapturedBucket(stager, device_buffer, inputs, graphs, forward, hidden, logits)
+
+
+def capture_pieces(
+    run_piece: Callable[[int], None], num_pieces: int, forward: Callable[[], object], device: torch.device,
+    pool: object | None,
+) -> tuple[tuple[torch.cuda.CUDAGraph, ...], object]:
+    """One CUDA graph per piece (`run_piece(i)`), in order, all in memory pool `pool` (None: a new one);
+    returns the graphs and the pool. `forward` (every piece) runs twice first, outside the capture: it
+    compiles the Triton kernels and lets cuBLAS pick its kernels. Each piece reads the tensors the piece
+    before it wrote inside its own capture, so the caller keeps them (graph memory once captured)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graphs = []
+    for i in range(num_pieces):
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: other threads (KV receivers, servers) may use CUDA while this thread captures.
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            run_piece(i)
+        if pool is None:
+            pool = graph.pool()
+        graphs.append(graph)
+    return tuple(graphs), pool

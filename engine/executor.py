@@ -4,6 +4,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -63,6 +64,15 @@ class SampledStep:
         return RunOutput(sampled=sampled, last_hidden=RowsByRequest(request_ids, self.last_hidden))
 
 
+class FeatureSink(Protocol):
+    """Where the draft head's target features go (engine.spec.target_forward.LayerCapture)."""
+
+    @property
+    def layers(self) -> tuple[int, ...]: ...
+
+    def put(self, features: torch.Tensor) -> None: ...
+
+
 class Executor(ABC):
     """Runs one scheduled batch on the model and the KV cache; chosen once when the engine is built.
 
@@ -90,6 +100,13 @@ class Executor(ABC):
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput, layer_hook: LayerHook | None = None) -> RunOutput:
         return read_to_host(self.launch(batch, layer_hook))
+
+    def keep_features(self, capture: FeatureSink) -> bool:
+        """Whether this executor's graphed steps hand `capture` the rows of its layers' outputs themselves
+        (`capture.put`), so a step needs no layer hook to keep the draft head's features; then they do from
+        now on. Default: no graph computes them (steps that want features run eagerly, where the capture's
+        forward hooks see the layers)."""
+        return False
 
 
 def read_to_host(step: SampledStep | None) -> RunOutput:

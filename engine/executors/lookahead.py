@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.executor import Executor, RunOutput, SampledStep, read_to_host
+from engine.executor import Executor, FeatureSink, RunOutput, SampledStep, read_to_host
 from engine.executors.graphed import GraphedExecutor
 from engine.model import LayerHook
 from engine.sampler import sample
@@ -53,8 +53,8 @@ def matching_rows(launched: Sequence[ScheduledChunk], asked: Sequence[ScheduledC
 class DecodeLookahead(Executor):
     """Wraps the graphed executor: a graphed step also launches the step after it, unless others wait to
     join the batch (`SchedulerOutput.others_waiting`). At most one step in flight; counts what became of
-    them (launched, used, dropped). Steps that are not graphed (prefill, mixed, hooked, verify steps) run
-    through the graphed executor's eager path and drop whatever was launched ahead."""
+    them (launched, used, dropped). Steps that replay no decode graph (prefill, mixed, hooked, verify steps)
+    run through the graphed executor (verify graphs or eager) and drop whatever was launched ahead."""
 
     def __init__(self, graphed: GraphedExecutor) -> None:
         self.graphed_executor = graphed
@@ -64,6 +64,10 @@ class DecodeLookahead(Executor):
 
     def graphed(self, batch: SchedulerOutput, layer_hook: LayerHook | None = None) -> bool:
         return self.graphed_executor.graphed(batch, layer_hook)
+
+    def keep_features(self, capture: FeatureSink) -> bool:
+        # Kept features make every decode step a verify-graph step, which is never launched ahead.
+        return self.graphed_executor.keep_features(capture)
 
     def launch(self, batch: SchedulerOutput, layer_hook: LayerHook | None = None) -> SampledStep | None:
         """This step's results on the device: the step launched ahead if it serves `batch`, else launched

@@ -16,6 +16,7 @@ from engine.spec.config import SpecConfig
 from engine.spec.draft_head import DEFAULT_HEAD_PATH, DraftHead
 from engine.spec.drafter import Drafter
 from engine.spec.head_drafter import HeadDrafter
+from engine.spec.head_graphs import HeadDraftGraphs
 from engine.spec.ngram import NgramDrafter
 from engine.spec.target_forward import LayerCapture
 
@@ -42,7 +43,8 @@ class Speculator:
     scheduler verifies in the next step.
 
     Only the head captures features; with method ngram steps run on whatever path they would without
-    speculation (verify steps are eager, engine/executors/).
+    speculation (on CUDA, verify steps replay verify graphs, engine/verify_graphs.py, which output the
+    head's features too).
     """
 
     def __init__(self, config: SpecConfig, model: LlamaModel, model_config: ModelConfig) -> None:
@@ -60,6 +62,9 @@ class Speculator:
             self.capture = LayerCapture(model, self.head.config.feature_layers)
             logger.info("draft head %s: features of layers %s, %d draft ids", path,
                         self.head.config.feature_layers, self.head.config.draft_vocab_size)
+        # Set by the engine when its executor's verify graphs hand `capture` the features (CUDA).
+        self.features_in_graphs = False
+        self.draft_graphs: HeadDraftGraphs | None = None  # greedy head drafts in CUDA graphs
         self._drafts: dict[str, _Draft] = {}
         self._features: torch.Tensor | None = None  # the last step's captured rows [T, F·H]
         self._rows: dict[str, tuple[int, int]] = {}  # request_id → (first row, rows) of its chunk then
@@ -71,7 +76,8 @@ class Speculator:
         """Runs the step through `executor`, keeping the feature rows of each chunk when the head drafts."""
         if self.capture is None:
             return executor.execute(batch, layer_hook)
-        out = executor.execute(batch, layer_hook or _each_layer)
+        # Graphs that output the features themselves need no hook (keep_features); others run it eagerly.
+        out = executor.execute(batch, layer_hook if self.features_in_graphs else layer_hook or _each_layer)
         self._rows.clear()
         row = 0
         for chunk in batch.chunks:
@@ -84,6 +90,7 @@ class Speculator:
         """After the scheduler's postprocess: drafters learn what each sampling chunk accepted, then draft."""
         for seq in batch.preempted:
             self._drafts.pop(seq.request_id, None)
+        proposing: list[tuple[Sequence, _Draft]] = []
         for chunk in batch.chunks:
             seq = chunk.seq
             if seq.status is not SequenceStatus.RUNNING:  # finished or aborted: its drafter goes too
@@ -100,8 +107,9 @@ class Speculator:
                 state = self._start(seq, chunk.start, features)
                 if state is None:
                     continue
-            self._propose(seq, state)
+            proposing.append((seq, state))
         self._features = None
+        self._propose_all(proposing)
 
     # ---- sequences arriving and leaving ----
 
@@ -121,6 +129,14 @@ class Speculator:
             self._drafts[seq.request_id] = state
         if state is not None:
             self._propose(seq, state)
+
+    def draft_in_graphs(self, max_num_seqs: int, max_len: int) -> None:
+        """CUDA: greedy head drafts come from one graph replay per step for the whole batch (HeadDraftGraphs,
+        captured now) instead of k eager head steps per sequence."""
+        if self.head is None:
+            raise ValueError("only the draft head drafts in graphs")
+        self.draft_graphs = HeadDraftGraphs(self.head, self.embed, max_num_seqs, max_len, self.config.k)
+        self.draft_graphs.capture_all()
 
     def drop(self, request_id: str) -> None:
         self._drafts.pop(request_id, None)
@@ -172,14 +188,35 @@ class Speculator:
         self._drafts[seq.request_id] = state
         return state
 
+    def _propose_all(self, proposing: list[tuple[Sequence, _Draft]]) -> None:
+        """Next drafts for each (seq, state); greedy head drafters all at once in the draft graphs, if any."""
+        graphs = self.draft_graphs
+        batched = [] if graphs is None else [
+            (seq, state) for seq, state in proposing
+            if isinstance(state.drafter, HeadDrafter) and graphs.serves(state.drafter) and _room(seq) > 0]
+        if batched:
+            drafts = graphs.propose([state.drafter for _, state in batched])
+            for (seq, state), ids in zip(batched, drafts, strict=True):
+                # The first n of the graph's k drafts are what the drafter's propose(n) gives.
+                seq.draft_token_ids, seq.draft_probs = ids[:min(state.length.k, _room(seq))], None
+        done = {id(seq) for seq, _ in batched}
+        for seq, state in proposing:
+            if id(seq) not in done:
+                self._propose(seq, state)
+
     def _propose(self, seq: Sequence, state: _Draft) -> None:
-        # The target's own token after the drafts is free: drafting up to max_tokens - 1 ahead wastes none.
-        room = seq.sampling.max_tokens - seq.num_output_tokens - 1
+        room = _room(seq)
         if room <= 0:
             seq.draft_token_ids, seq.draft_probs = [], None
             return
         seq.draft_token_ids = state.drafter.propose(min(state.length.k, room))
         seq.draft_probs = state.drafter.draft_probs  # sampled drafts (head, T > 0): rejection-sampled
+
+
+def _room(seq: Sequence) -> int:
+    """Drafts worth proposing: the target's own token after the drafts is free, so up to max_tokens - 1
+    ahead wastes none."""
+    return seq.sampling.max_tokens - seq.num_output_tokens - 1
 
 
 def check_head_fits(head: DraftHead, target: ModelConfig, where: str) -> None:

@@ -1,0 +1,255 @@
+"""CUDA graphs for verify steps: up to `width` query rows per sequence (k drafts + 1), draft features out."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from engine.cuda_graphs import (
+    DecodeBatchError,
+    DecodeInputs,
+    capture_pieces,
+    decode_buckets,
+    graph_pieces,
+    input_layout,
+    pick_bucket,
+)
+from engine.kv_cache import KVCache
+from engine.model import LlamaModel
+from engine.scheduler import ScheduledChunk
+from kernels.attention.metadata import AttentionMetadata, BlockTableError
+
+logger = logging.getLogger(__name__)
+
+
+def verify_widths(k: int) -> tuple[int, ...]:
+    """Captured query rows per sequence for verify steps of up to k drafts: 2, 4, 8, … below k + 1, then
+    k + 1. Adaptive k sends steps of every draft count; a step runs in the narrowest width that holds its
+    longest chunk, so at most half of a width is padding and k = 5 needs 3 widths, not 5."""
+    if k < 1:
+        raise ValueError(f"need k >= 1 drafts, got {k}")
+    widths, width = [], 2
+    while width < k + 1:
+        widths.append(width)
+        width *= 2
+    widths.append(k + 1)
+    return tuple(widths)
+
+
+class VerifyStager:
+    """Host side of one (bucket, width): fills a (pinned, on CUDA) int32 buffer from a step's chunks.
+
+    Rows are packed: chunk i's tokens follow chunk i-1's (query_start_loc is their running sum), exactly the
+    eager layout, so the sampling rows of `SamplingRows.of(chunks)` index the graph's outputs directly.
+    Rows past the last chunk's are padding (token 0, position 0, no KV slot), sequences past the last chunk
+    have no rows and an empty context: the attention kernel skips them and their rows are never read.
+    """
+
+    def __init__(self, bucket: int, width: int, table_width: int, block_size: int,
+                 pin_memory: bool = False) -> None:
+        self.bucket = bucket
+        self.width = width
+        self.table_width = table_width
+        self.block_size = block_size
+        _, size = input_layout(bucket, table_width, bucket * width)
+        self.buffer = torch.zeros(size, dtype=torch.int32, pin_memory=pin_memory)
+        self.inputs = DecodeInputs.views(self.buffer, bucket, table_width, bucket * width)
+        self._np = {name: getattr(self.inputs, name).numpy() for name in (
+            "input_ids", "positions", "slot_mapping", "seq_lens", "query_start_loc", "block_tables")}
+        self._np["slot_mapping"][:] = -1  # until filled, every row is padding
+
+    def fill(self, chunks: Sequence[ScheduledChunk]) -> int:
+        """Write one step (chunk order, each chunk's tokens in position order); returns the real rows."""
+        if len(chunks) > self.bucket:
+            raise DecodeBatchError(f"{len(chunks)} sequences do not fit a verify bucket of {self.bucket}")
+        bs = self.block_size
+        ids, positions, slots, lens, starts = [], [], [], [], [0]
+        tables = self._np["block_tables"]
+        for row, chunk in enumerate(chunks):
+            n, start = chunk.num_new_tokens, chunk.start
+            if not 1 <= n <= self.width:
+                raise DecodeBatchError(f"{chunk.seq.request_id}: {n} new tokens, not 1..{self.width}")
+            end = start + n
+            table = chunk.seq.block_table
+            needed = -(-end // bs)
+            if len(table) < needed:
+                raise BlockTableError(f"{chunk.seq.request_id}: {len(table)} blocks cannot hold {end} "
+                                      f"tokens (block_size {bs})")
+            if needed > self.table_width:
+                raise DecodeBatchError(f"{chunk.seq.request_id}: {needed} blocks exceed the captured table "
+                                       f"width {self.table_width}")
+            tables[row, :needed] = table[:needed]
+            ids.extend(chunk.token_ids)
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            lens.append(end)
+            starts.append(starts[-1] + n)
+        total, n = len(ids), len(chunks)
+        self._np["input_ids"][:total] = ids
+        self._np["positions"][:total] = positions
+        self._np["slot_mapping"][:total] = slots
+        self._np["input_ids"][total:] = 0
+        self._np["positions"][total:] = 0
+        self._np["slot_mapping"][total:] = -1
+        self._np["seq_lens"][:n] = lens
+        self._np["seq_lens"][n:] = 0
+        self._np["query_start_loc"][:n + 1] = starts
+        self._np["query_start_loc"][n + 1:] = total  # no rows for padded sequences
+        return total
+
+
+@dataclass
+class _CapturedVerify:
+    stager: VerifyStager
+    device_buffer: torch.Tensor
+    graphs: tuple[torch.cuda.CUDAGraph, ...]  # one per graph_pieces range; () runs `forward` eagerly
+    forward: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]  # → these three outputs
+    hidden: torch.Tensor  # [bucket · width, H]
+    logits: torch.Tensor  # [bucket · width, V] fp32
+    features: torch.Tensor | None  # [bucket · width, F·H]: feature layers' outputs, when asked for
+    copied: torch.cuda.Event | None = None  # the H2D copy out of `stager.buffer` that may still be in flight
+
+
+class VerifyGraphRunner:
+    """Replays a (bucket, width)'s CUDA graphs: embed → layers → final norm → fp32 logits of every row, and,
+    when `feature_layers` are given, those layers' outputs (the residual stream h + residual, what
+    `LayerCapture` keeps on the eager path) concatenated in that order: the draft head's features.
+
+    Attention runs the kernel an eager verify step of the same row count runs (the prefill kernel over every
+    sequence's rows, causal within them). Graph memory lives in `pool` (shared with the decode graphs: the
+    two never run at once and callers copy what they keep before the next replay of either). Everything is
+    captured at start-up (`capture_all`), before the draft head's forward hooks exist: a capture with hooks
+    on would run them inside the graph once and never again.
+    """
+
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, max_num_seqs: int, max_model_len: int,
+                 device: torch.device | str, k: int, feature_layers: Sequence[int] = (),
+                 pool: object | None = None) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = torch.device(device)
+        self.buckets = decode_buckets(max_num_seqs)
+        self.widths = verify_widths(k)
+        self.max_model_len = max_model_len
+        self.table_width = min(-(-max_model_len // kv_cache.block_size), kv_cache.num_blocks)
+        self.feature_layers = tuple(feature_layers)
+        if any(not 0 <= i < len(model.layers) for i in self.feature_layers):
+            raise ValueError(f"feature layers {self.feature_layers} outside the model's {len(model.layers)}")
+        self._pool = pool
+        self._captured: dict[tuple[int, int], _CapturedVerify] = {}
+
+    @property
+    def captured(self) -> tuple[tuple[int, int], ...]:
+        """(bucket, width) pairs captured so far."""
+        return tuple(sorted(self._captured))
+
+    def shape_for(self, chunks: Sequence[ScheduledChunk]) -> tuple[int, int] | None:
+        """The (bucket, width) serving this step, or None (run it eagerly): too many sequences, a chunk
+        wider than k + 1 rows (a prompt chunk), or a context past the captured block-table width."""
+        bucket = pick_bucket(len(chunks), self.buckets)
+        if bucket is None:
+            return None
+        widest = max(c.num_new_tokens for c in chunks)
+        width = next((w for w in self.widths if w >= widest), None)
+        if width is None or min(c.num_new_tokens for c in chunks) < 1:
+            return None
+        bs = self.kv_cache.block_size
+        if any(-(-(c.start + c.num_new_tokens) // bs) > self.table_width for c in chunks):
+            return None
+        return bucket, width
+
+    @torch.inference_mode()
+    def capture_all(self) -> None:
+        """Capture every (bucket, width) now, largest first (smaller graphs then reuse the pool's memory)."""
+        for bucket in sorted(self.buckets, reverse=True):
+            for width in sorted(self.widths, reverse=True):
+                self._entry(bucket, width)
+        logger.info("captured verify CUDA graphs for batch sizes %s × query widths %s%s", self.buckets,
+                    self.widths, f", features of layers {self.feature_layers}" if self.feature_layers else "")
+
+    def run(self, chunks: Sequence[ScheduledChunk]
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(hidden [R, H], logits [R, V] fp32, features [R, F·H] or None) of the step's R packed rows, without
+        a host sync. Views of the graph's outputs: valid until the next replay of any graph in the pool."""
+        if not torch.is_inference_mode_enabled():  # the buffers are inference tensors
+            with torch.inference_mode():
+                return self.run(chunks)
+        shape = self.shape_for(chunks)
+        if shape is None:
+            raise DecodeBatchError(f"a step of {len(chunks)} chunks fits no verify graph "
+                                   f"{self.buckets} × {self.widths}")
+        entry = self._entry(*shape)
+        if entry.copied is not None and not entry.copied.query():
+            entry.copied.synchronize()  # only if a caller never waited for the last step's results
+        rows = entry.stager.fill(chunks)
+        entry.device_buffer.copy_(entry.stager.buffer, non_blocking=True)
+        if self.device.type == "cuda":
+            if entry.copied is None:
+                entry.copied = torch.cuda.Event()
+            entry.copied.record()
+        if entry.graphs:
+            for graph in entry.graphs:
+                graph.replay()
+            hidden, logits, features = entry.hidden, entry.logits, entry.features
+        else:
+            hidden, logits, features = entry.forward()
+        return hidden[:rows], logits[:rows], None if features is None else features[:rows]
+
+    def _entry(self, bucket: int, width: int) -> _CapturedVerify:
+        entry = self._captured.get((bucket, width))
+        if entry is None:
+            entry = self._captured[(bucket, width)] = self._capture(bucket, width)
+        return entry
+
+    def _capture(self, bucket: int, width: int) -> _CapturedVerify:
+        on_cuda = self.device.type == "cuda"
+        rows = bucket * width
+        stager = VerifyStager(bucket, width, self.table_width, self.kv_cache.block_size, pin_memory=on_cuda)
+        # All rows padding, so warm-up and capture store no KV. (clone: on CPU `.to` would alias the staging.)
+        device_buffer = stager.buffer.to(self.device) if on_cuda else stager.buffer.clone()
+        inputs = DecodeInputs.views(device_buffer, bucket, self.table_width, rows)
+        # max_query_len = width and T = bucket · width: the attention runs the prefill kernel alone over
+        # every sequence (its grid covers `width` rows each; shorter chunks and padded sequences mask off).
+        meta = AttentionMetadata(
+            slot_mapping=inputs.slot_mapping, query_start_loc=inputs.query_start_loc,
+            seq_lens=inputs.seq_lens, block_tables=inputs.block_tables, max_query_len=width,
+            max_seq_len=self.max_model_len, block_size=self.kv_cache.block_size, spans=())
+        # Locals only in the closures: a closure holding `self` would make runner → graph → runner a cycle
+        # that keeps the graphs' memory until the garbage collector runs (benchmarks build many engines).
+        model, kv, feature_layers = self.model, self.kv_cache, self.feature_layers
+        pieces = graph_pieces(len(model.layers))
+        wanted = set(feature_layers)
+        state: dict[str, torch.Tensor | None] = {}  # what a piece hands the next (graph memory once captured)
+
+        def run_piece(i: int) -> None:
+            if i == 0:
+                h, state["cos"], state["sin"] = model.embed(inputs.input_ids, inputs.positions)
+                residual = None
+            else:
+                h, residual = state["h"], state["residual"]
+            for layer in pieces[i]:  # one layer at a time: a feature layer's output is read right after it
+                h, residual = model.forward_layers(h, residual, state["cos"], state["sin"], meta, kv,
+                                                   range(layer, layer + 1))
+                if layer in wanted:
+                    state[f"feature{layer}"] = h + residual
+            state["h"], state["residual"] = h, residual
+            if i == len(pieces) - 1:
+                state["hidden"] = model.final_norm(h, residual)
+                state["logits"] = model.compute_logits(state["hidden"])
+                if feature_layers:
+                    state["features"] = torch.cat([state[f"feature{j}"] for j in feature_layers], dim=-1)
+
+        def forward() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+            for i in range(len(pieces)):
+                run_piece(i)
+            return state["hidden"], state["logits"], state.get("features")
+
+        if on_cuda:
+            graphs, self._pool = capture_pieces(run_piece, len(pieces), forward, self.device, self._pool)
+            outputs = state["hidden"], state["logits"], state.get("features")
+        else:  # nothing to capture: the same static buffers, the forward run eagerly at each step
+            graphs, outputs = (), forward()
+        return _CapturedVerify(stager, device_buffer, graphs, forward, *outputs)
+
