@@ -71,6 +71,13 @@ INT8_DECODE_TILES: tuple[tuple[int, int, int] | None, ...] = (
 )
 
 
+# int4 KV dequantization in the decode kernel (tiles._dequantize's INT4_DEQUANT), the first the launch's:
+# 0 gathers a scale and a zero per value and converts each code int → float (0.34–0.39x the bf16 cache's
+# time on an H100 at ctx 8k, docs/benchmarks.md); 1 loads them once per group and builds floats from the
+# nibbles' bits (tiles._dequantize_int4_groups). bench/kernels/quant_gpu_attention.py times both.
+INT4_DEQUANT_MODES: tuple[int, ...] = (0, 1)
+
+
 def decode_config(head_dim: int, interpreted: bool, programs: int = 1,
                   device: torch.device | None = None, kv_bits: int = 0) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) of a decode launch of `programs` programs.

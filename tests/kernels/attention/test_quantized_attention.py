@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels.attention.config import INT4_DEQUANT_MODES
 from kernels.attention.kernel import paged_attention_triton, paged_decode_attention
 from kernels.attention.reference import paged_attention_ref
 from kernels.store_kv.quant import QuantizedKV, store_rows
@@ -50,6 +51,18 @@ def test_int8_decode_under_swept_tiles_matches_the_reference() -> None:
     q, k, v, meta, _ = quantized_batch([(64, 1), (45, 1), (1, 1)], "int8", seed=5)
     expected = paged_attention_ref(q, k, v, meta, HEAD_DIM ** -0.5)
     got = paged_decode_attention(q, k, v, meta, HEAD_DIM ** -0.5, num_splits=2, tiles=(32, 1, 1))
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("int4_dequant", INT4_DEQUANT_MODES)
+@pytest.mark.parametrize("key_group, value_group", [(16, 32), (8, 16)])
+def test_int4_decode_under_each_dequant_mode_matches_the_reference(int4_dequant: int, key_group: int,
+                                                                   value_group: int) -> None:
+    # several groups a row (scales broadcast per group), a ragged tail, an empty sequence, split-K
+    q, k_cache, v_cache, meta = make_batch([(3, 1), (29, 1), (0, 1), (40, 1)], 4, 2, HEAD_DIM, 4, True, 11)
+    k, v = quantized(k_cache, "int4", key_group), quantized(v_cache, "int4", value_group)
+    expected = paged_attention_ref(q, k, v, meta, HEAD_DIM ** -0.5)
+    got = paged_decode_attention(q, k, v, meta, HEAD_DIM ** -0.5, num_splits=2, int4_dequant=int4_dequant)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
 
 
