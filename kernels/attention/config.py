@@ -76,6 +76,10 @@ INT8_DECODE_TILES: tuple[tuple[int, int, int] | None, ...] = (
 # time on an H100 at ctx 8k, docs/benchmarks.md); 1 loads them once per group and builds floats from the
 # nibbles' bits (tiles._dequantize_int4_groups). bench/kernels/quant_gpu_attention.py times both.
 INT4_DEQUANT_MODES: tuple[int, ...] = (0, 1)
+# int8 KV decode dots (tiles.attend_kv's INT8_FP16), the first the launch's: False puts the codes in the
+# query's dtype (bf16: a conversion a value); True converts the query to float16 once, the codes by bit
+# tricks.
+INT8_FP16_MODES: tuple[bool, ...] = (False, True)
 
 
 def decode_config(head_dim: int, interpreted: bool, programs: int = 1,

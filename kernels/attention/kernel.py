@@ -9,6 +9,7 @@ import triton.language as tl
 
 from kernels.attention.config import (
     INT4_DEQUANT_MODES,
+    INT8_FP16_MODES,
     arrival_counters,
     choose_num_splits,
     decode_config,
@@ -41,12 +42,13 @@ def _decode_kernel(
     k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
     stride_ks_slot, stride_ks_h, stride_vs_slot, stride_vs_h,
     KV_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr, HADAMARD: tl.constexpr,
-    INT4_DEQUANT: tl.constexpr = 0,
+    INT4_DEQUANT: tl.constexpr = 0, INT8_FP16: tl.constexpr = False,
 ):
     """One program: one sequence, one KV head (all its GROUP query heads packed as dot rows), one KV split.
 
     MIXED: the batch also holds multi-row chunks (the prefill kernel's); this kernel serves 1-row sequences.
-    KV_BITS 8 / 4: a quantized cache (tiles dequantized in registers, int4 ones as INT4_DEQUANT picks);
+    KV_BITS 8 / 4: a quantized cache (tiles dequantized in registers, int4 ones as INT4_DEQUANT picks; int8
+    ones in float16 dots under INT8_FP16, tiles.int8_fp16);
     HADAMARD: its rows are stored rotated, so q is rotated the same way and the output rotated back.
     """
     seq = tl.program_id(0)
@@ -89,6 +91,8 @@ def _decode_kernel(
                 mask=busy[:, None] & d_mask[None, :], other=0.0)
     if HADAMARD:  # q·k = (q H)·(k H): score against the keys as stored
         q = hadamard_rows(q.to(tl.float32)).to(q.dtype)
+    if INT8_FP16:  # bf16 → fp16 is exact in fp16's range; p · v_scale (<= max|v| / 127) fits it too
+        q = q.to(tl.float16)
 
     m_i = tl.full([BLOCK_G], NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -110,13 +114,15 @@ def _decode_kernel(
             acc, m_i, l_i, q, 0, k_cache_ptr, v_cache_ptr, block_row, n0, end, kv_head, stride_cb, stride_ct,
             stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, False, False, DOT_PRECISION,
             k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_ks_slot, stride_ks_h,
-            stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP, INT4_DEQUANT=INT4_DEQUANT)
+            stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP, INT4_DEQUANT=INT4_DEQUANT,
+            INT8_FP16=INT8_FP16)
     for n0 in range(full_end, end, BLOCK_N):
         acc, m_i, l_i = attend_tile(
             acc, m_i, l_i, q, 0, k_cache_ptr, v_cache_ptr, block_row, n0, end, kv_head, stride_cb, stride_ct,
             stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, True, False, DOT_PRECISION,
             k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_ks_slot, stride_ks_h,
-            stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP, INT4_DEQUANT=INT4_DEQUANT)
+            stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP, INT4_DEQUANT=INT4_DEQUANT,
+            INT8_FP16=INT8_FP16)
 
     if HADAMARD:  # values were stored as v H: the weighted sum comes back by H (H H = I); linear, so before
         acc = hadamard_rows(acc)  # the split merge too
@@ -282,7 +288,8 @@ def _check(q: torch.Tensor, k_cache: KVOperand, v_cache: KVOperand, meta: Attent
 
 def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                    scale: float, out: torch.Tensor, num_splits: int | None, mixed: bool, quant: dict,
-                   tiles: tuple[int, int, int] | None = None, int4_dequant: int | None = None) -> None:
+                   tiles: tuple[int, int, int] | None = None, int4_dequant: int | None = None,
+                   int8_fp16: bool | None = None) -> None:
     num_seqs = meta.seq_lens.shape[0]
     _, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -318,6 +325,7 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         MERGE_IN_PLACE=in_place, BLOCK_S=triton.next_power_of_2(num_splits), PRELOAD=preload,
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
         INT4_DEQUANT=INT4_DEQUANT_MODES[0] if int4_dequant is None else int4_dequant,
+        INT8_FP16=kv_bits == 8 and (INT8_FP16_MODES[0] if int8_fp16 is None else int8_fp16),
         **pdl_launch(q.device), **quant,
     )
     if num_splits > 1 and not in_place:
@@ -350,15 +358,16 @@ def _launch_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 def paged_decode_attention(
     q: torch.Tensor, k_cache: KVOperand, v_cache: KVOperand, meta: AttentionMetadata, scale: float,
     num_splits: int | None = None, tiles: tuple[int, int, int] | None = None, int4_dequant: int | None = None,
+    int8_fp16: bool | None = None,
 ) -> torch.Tensor:
     """Decode-only batch (every sequence brings one query row) → [B, Hq, D]. `num_splits` None = auto;
-    `tiles` (BLOCK_N, num_warps, num_stages) None = config.decode_config's; `int4_dequant` None =
-    config.INT4_DEQUANT_MODES[0] (the bench sweeps the others)."""
+    `tiles` (BLOCK_N, num_warps, num_stages) None = config.decode_config's; `int4_dequant` /
+    `int8_fp16` None = config.INT4_DEQUANT_MODES[0] / INT8_FP16_MODES[0] (the bench sweeps the others)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_cache, v_cache, quant = _quantized_args(k_cache, v_cache)
     if q.shape[0]:
         _launch_decode(q, k_cache, v_cache, meta, scale, out, num_splits, mixed=False, quant=quant,
-                       tiles=tiles, int4_dequant=int4_dequant)
+                       tiles=tiles, int4_dequant=int4_dequant, int8_fp16=int8_fp16)
     return out
 
 
