@@ -47,9 +47,9 @@ W4_CANDIDATES: dict[str, tuple[QuantConfig, ...]] = {
             QuantConfig(16, 1024, 4, 2, split_k=2, words=True, partials=True),
             QuantConfig(8, 1024, 4, 2, split_k=2, partials=True),
             QuantConfig(16, 512, 4, 3, split_k=4, words=True, partials=True),
-            # round 4, untimed: the words kernels above with nibbles read in place (ptxas sm_90: 5% fewer loop
-            # instructions at 16 rows), and at 32 rows, whose x conversions spread over more rows (~4.0-4.2
-            # instructions a weight value against 4.6-4.8 at 16, docs/benchmarks.md)
+            # round 4, untimed: the words kernels above with nibbles read in place (ptxas sm_90: 2-5% fewer
+            # loop instructions a weight value), and at 32 rows, whose input conversions spread over more rows
+            # (4.0-4.4 instructions a value against 4.5-4.8 at 16: bench/kernels/sass_mix.py)
             QuantConfig(16, 1024, 4, 3, split_k=0, words=True, in_place=True),
             QuantConfig(16, 1024, 4, 2, words=True, in_place=True),
             QuantConfig(32, 1024, 4, 2, split_k=0, words=True, in_place=True),
