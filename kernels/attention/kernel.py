@@ -184,7 +184,7 @@ def _prefill_kernel(
     k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
     stride_ks_slot, stride_ks_h, stride_vs_slot, stride_vs_h,
     KV_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr, HADAMARD: tl.constexpr,
-    tree_mask_ptr, TREE: tl.constexpr,
+    tree_mask_ptr, TREE: tl.constexpr, INT4_DEQUANT: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one sequence's chunk, one query head. Context from the paged cache.
 
@@ -233,13 +233,14 @@ def _prefill_kernel(
                 acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_row, n0, kv_end, kv_head, stride_cb,
                 stride_ct, stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, False, False,
                 DOT_PRECISION, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_ks_slot, stride_ks_h,
-                stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP)
+                stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP, INT4_DEQUANT=INT4_DEQUANT)
         for n0 in range(full_end, kv_end, BLOCK_N):
             acc, m_i, l_i = attend_tile(
                 acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_row, n0, kv_end, kv_head, stride_cb,
                 stride_ct, stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, True, True,
                 DOT_PRECISION, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_ks_slot, stride_ks_h,
-                stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP, tree_bits, context_len, TREE)
+                stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP, tree_bits, context_len, TREE,
+                INT4_DEQUANT)
 
         if HADAMARD:
             acc = hadamard_rows(acc)
@@ -351,7 +352,7 @@ def _launch_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         GROUP=num_heads // k_cache.shape[2], HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=meta.block_size, BLOCK_M=block_m, BLOCK_N=block_n, SKIP_SINGLE_ROWS=skip_single_rows,
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages, **quant,
-        tree_mask_ptr=meta.tree_mask, TREE=meta.tree_mask is not None,
+        tree_mask_ptr=meta.tree_mask, TREE=meta.tree_mask is not None, INT4_DEQUANT=INT4_DEQUANT_MODES[0],
     )
 
 
