@@ -66,11 +66,13 @@ def summary(results: dict) -> list[str]:
             lines.append(f"prefill {name} W8A8: {base / best['ms']:.2f}x bf16{vs_torch}")
     for case, entries in results["attention"].items():
         ratios = ", ".join(f"{dtype} {entry['speedup_vs_bf16']:.2f}x" for dtype, entry in entries.items()
-                           if "speedup_vs_bf16" in entry)
+                           if isinstance(entry, dict) and "speedup_vs_bf16" in entry)
         lines.append(f"attention {case} vs the float cache: {ratios}")
-        best = entries.get("int8_sweep", {}).get("best")
-        if best:
-            lines.append(f"attention {case} int8 best {best['config']}: {best['speedup_vs_bf16']:.2f}x bf16")
+        for sweep in ("int8_sweep", "int4_sweep"):
+            best = entries.get(sweep, {}).get("best")
+            if best:
+                lines.append(f"attention {case} {sweep[:4]} best {best['config']}: "
+                             f"{best['speedup_vs_bf16']:.2f}x bf16")
     return lines
 
 

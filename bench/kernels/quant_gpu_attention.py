@@ -1,14 +1,15 @@
-"""Decode attention at one batch and context over bf16, int8 and int4 KV caches (kernels/attention as is)."""
+"""Decode attention at one batch and context over bf16, int8 and int4 KV caches: the launch's choices, the
+int8 tile / float16-dot sweep and the int4 dequantization modes, in one run."""
 from __future__ import annotations
 
 import random
 
 import torch
 
-from bench.kernels.quant_common import Run, rel_err, row, skipped
+from bench.kernels.quant_common import MAX_REL_ERR, Run, rel_err, row, skipped
 from contracts.kv_cache_spec import KVCacheSpec, scales_for
 from engine.kv_cache import KVCache, dtype_name
-from kernels.attention.config import INT8_DECODE_TILES, choose_num_splits
+from kernels.attention.config import INT4_DEQUANT_MODES, INT8_DECODE_TILES, INT8_FP16_MODES, choose_num_splits
 from kernels.attention.metadata import AttentionMetadata, SeqSpan
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16  # Llama-3-8B
@@ -60,38 +61,78 @@ def attention_case(run: Run, batch: int, context: int) -> dict:
         out[dtype] = row("attention", shape, f"decode KV {dtype}{note}", ms, base, roof, err)
         if dtype == "int8":
             out["int8_sweep"] = int8_sweep(run, q, k_cache, v_cache, meta, scale, shape, base, roof)
+        if dtype == "int4":
+            out["int4_sweep"] = int4_sweep(run, q, k_cache, v_cache, meta, scale, shape, base, roof)
     return out
+
+
+def int4_sweep(run: Run, q: torch.Tensor, k_cache, v_cache, meta: AttentionMetadata, scale: float, shape: str,
+               base_ms: float, roof_ms: float) -> dict:
+    """The int4 cache under every config.INT4_DEQUANT_MODES mode at the launch's tiles and split count."""
+    from kernels.attention.kernel import paged_decode_attention
+
+    ref = reference(q, k_cache, v_cache, meta, scale)
+    results, best = {}, None
+    for mode in INT4_DEQUANT_MODES:
+        config = f"int4_dequant={mode}"
+        entry = timed(run, shape, "decode KV int4 sweep", config, base_ms, roof_ms, ref,
+                      lambda m=mode: paged_decode_attention(q, k_cache, v_cache, meta, scale, int4_dequant=m))
+        if entry:
+            results[config] = entry
+            best = entry if faster(entry, best) else best
+    return {"candidates": results, "best": best}
+
+
+def reference(q: torch.Tensor, k_cache, v_cache, meta: AttentionMetadata,
+              scale: float) -> torch.Tensor | None:
+    """The torch reference over the quantized cache as stored, where the batch is small enough to check."""
+    from kernels.attention.reference import paged_attention_ref
+
+    if q.shape[0] * meta.max_seq_len > REFERENCE_MAX_TOKENS:
+        return None
+    return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+
+
+def timed(run: Run, shape: str, name: str, config: str, base_ms: float, roof_ms: float,
+          ref: torch.Tensor | None, fn) -> dict | None:
+    """One candidate: checked against ref, timed, printed (WRONG past the bound); None where it fails to
+    build."""
+    try:
+        got = fn()
+    except Exception as error:  # one candidate that fails to build must not end the sweep
+        skipped(config, error)
+        return None
+    err = rel_err(got, ref) if ref is not None else None
+    return row("attention", shape, name, run.timer(lambda i: fn(), 1), base_ms, roof_ms, err, config)
+
+
+def faster(entry: dict, best: dict | None) -> bool:
+    """Whether a checked (or uncheckable) entry beats the best so far."""
+    return entry.get("rel_err", 0.0) <= MAX_REL_ERR and (best is None or entry["ms"] < best["ms"])
 
 
 def int8_sweep(run: Run, q: torch.Tensor, k_cache, v_cache, meta: AttentionMetadata, scale: float, shape: str,
                base_ms: float, roof_ms: float) -> dict:
     """The int8 cache under every config.INT8_DECODE_TILES candidate, at the automatic split count and twice
-    it; the entry keeps all and names the fastest (its config: tiles and splits)."""
+    it, with each config.INT8_FP16_MODES dot; the entry keeps all and names the fastest (its config: tiles,
+    splits, dots)."""
     from kernels.attention.kernel import paged_decode_attention
-    from kernels.attention.reference import paged_attention_ref
 
     batch, context = q.shape[0], meta.max_seq_len
     auto = choose_num_splits(batch, KV_HEADS, context, q.device)
-    ref = None
-    if batch * context <= REFERENCE_MAX_TOKENS:
-        ref = paged_attention_ref(q, k_cache, v_cache, meta, scale)
+    ref = reference(q, k_cache, v_cache, meta, scale)
     candidates = [tiles for tiles in INT8_DECODE_TILES if tiles]
     if q.device.type != "cuda":
         candidates = candidates[:1]  # the interpreter (--smoke): one proves the path, each costs minutes
     results, best = {}, None
     for tiles in candidates:
         for splits in sorted({auto, min(2 * auto, 64)}):
-            config = f"tiles={tiles} splits={splits}"
-            try:
-                got = paged_decode_attention(q, k_cache, v_cache, meta, scale, splits, tiles)
-            except Exception as error:  # one candidate that fails to build must not end the sweep
-                skipped(config, error)
-                continue
-            err = rel_err(got, ref) if ref is not None else None
-            ms = run.timer(lambda i, t=tiles, n=splits: paged_decode_attention(
-                q, k_cache, v_cache, meta, scale, n, t), 1)
-            entry = row("attention", shape, "decode KV int8 sweep", ms, base_ms, roof_ms, err, config)
-            results[config] = entry
-            if (err is None or err <= 2e-2) and (best is None or ms < best["ms"]):
-                best = entry
+            for fp16 in INT8_FP16_MODES:
+                config = f"tiles={tiles} splits={splits} fp16_dots={fp16}"
+                entry = timed(run, shape, "decode KV int8 sweep", config, base_ms, roof_ms, ref,
+                              lambda t=tiles, n=splits, f=fp16: paged_decode_attention(
+                                  q, k_cache, v_cache, meta, scale, n, t, int8_fp16=f))
+                if entry:
+                    results[config] = entry
+                    best = entry if faster(entry, best) else best
     return {"candidates": results, "best": best}

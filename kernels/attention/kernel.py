@@ -8,6 +8,8 @@ import triton
 import triton.language as tl
 
 from kernels.attention.config import (
+    INT4_DEQUANT_MODES,
+    INT8_FP16_MODES,
     arrival_counters,
     choose_num_splits,
     decode_config,
@@ -40,12 +42,14 @@ def _decode_kernel(
     k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
     stride_ks_slot, stride_ks_h, stride_vs_slot, stride_vs_h,
     KV_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr, HADAMARD: tl.constexpr,
+    INT4_DEQUANT: tl.constexpr = 0, INT8_FP16: tl.constexpr = False,
 ):
     """One program: one sequence, one KV head (all its GROUP query heads packed as dot rows), one KV split.
 
     MIXED: the batch also holds multi-row chunks (the prefill kernel's); this kernel serves 1-row sequences.
-    KV_BITS 8 / 4: a quantized cache (tiles dequantized in registers); HADAMARD: its rows are stored rotated,
-    so q is rotated the same way and the output rotated back.
+    KV_BITS 8 / 4: a quantized cache (tiles dequantized in registers, int4 ones as INT4_DEQUANT picks; int8
+    ones in float16 dots under INT8_FP16, tiles.int8_fp16);
+    HADAMARD: its rows are stored rotated, so q is rotated the same way and the output rotated back.
     """
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -72,7 +76,7 @@ def _decode_kernel(
         k0, v0 = load_kv(k_cache_ptr, v_cache_ptr, block_row, pos0, kv_head, stride_cb, stride_ct, stride_ch,
                           pos0 < tl.minimum(end, seq_len - 1), HEAD_DIM, BLOCK_D, BLOCK_SIZE, True,
                           k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_ks_slot, stride_ks_h,
-                          stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP)
+                          stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP, INT4_DEQUANT)
         first = start + BLOCK_N
     pdl_wait(USE_PDL)  # q and this step's KV come from the kernels before (kernels/pdl.py)
     pdl_release(USE_PDL)
@@ -87,6 +91,8 @@ def _decode_kernel(
                 mask=busy[:, None] & d_mask[None, :], other=0.0)
     if HADAMARD:  # q·k = (q H)·(k H): score against the keys as stored
         q = hadamard_rows(q.to(tl.float32)).to(q.dtype)
+    if INT8_FP16:  # bf16 → fp16 is exact in fp16's range; p · v_scale (<= max|v| / 127) fits it too
+        q = q.to(tl.float16)
 
     m_i = tl.full([BLOCK_G], NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -96,7 +102,7 @@ def _decode_kernel(
         kn, vn = load_kv(k_cache_ptr, v_cache_ptr, block_row, pos0, kv_head, stride_cb, stride_ct, stride_ch,
                           newest, HEAD_DIM, BLOCK_D, BLOCK_SIZE, True,
                           k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_ks_slot, stride_ks_h,
-                          stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP)
+                          stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP, INT4_DEQUANT)
         k0 = tl.where(newest[:, None], kn, k0)
         v0 = tl.where(newest[:, None], vn, v0)
         acc, m_i, l_i = attend_kv(acc, m_i, l_i, q, 0, k0, v0, pos0, pos0 < end, scale_log2, True, False,
@@ -108,13 +114,15 @@ def _decode_kernel(
             acc, m_i, l_i, q, 0, k_cache_ptr, v_cache_ptr, block_row, n0, end, kv_head, stride_cb, stride_ct,
             stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, False, False, DOT_PRECISION,
             k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_ks_slot, stride_ks_h,
-            stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP)
+            stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP, INT4_DEQUANT=INT4_DEQUANT,
+            INT8_FP16=INT8_FP16)
     for n0 in range(full_end, end, BLOCK_N):
         acc, m_i, l_i = attend_tile(
             acc, m_i, l_i, q, 0, k_cache_ptr, v_cache_ptr, block_row, n0, end, kv_head, stride_cb, stride_ct,
             stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, True, False, DOT_PRECISION,
             k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_ks_slot, stride_ks_h,
-            stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP)
+            stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP, INT4_DEQUANT=INT4_DEQUANT,
+            INT8_FP16=INT8_FP16)
 
     if HADAMARD:  # values were stored as v H: the weighted sum comes back by H (H H = I); linear, so before
         acc = hadamard_rows(acc)  # the split merge too
@@ -176,7 +184,7 @@ def _prefill_kernel(
     k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
     stride_ks_slot, stride_ks_h, stride_vs_slot, stride_vs_h,
     KV_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr, HADAMARD: tl.constexpr,
-    tree_mask_ptr, TREE: tl.constexpr,
+    tree_mask_ptr, TREE: tl.constexpr, INT4_DEQUANT: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one sequence's chunk, one query head. Context from the paged cache.
 
@@ -225,13 +233,14 @@ def _prefill_kernel(
                 acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_row, n0, kv_end, kv_head, stride_cb,
                 stride_ct, stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, False, False,
                 DOT_PRECISION, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_ks_slot, stride_ks_h,
-                stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP)
+                stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP, INT4_DEQUANT=INT4_DEQUANT)
         for n0 in range(full_end, kv_end, BLOCK_N):
             acc, m_i, l_i = attend_tile(
                 acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_row, n0, kv_end, kv_head, stride_cb,
                 stride_ct, stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, True, True,
                 DOT_PRECISION, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_ks_slot, stride_ks_h,
-                stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP, tree_bits, context_len, TREE)
+                stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP, tree_bits, context_len, TREE,
+                INT4_DEQUANT)
 
         if HADAMARD:
             acc = hadamard_rows(acc)
@@ -280,7 +289,8 @@ def _check(q: torch.Tensor, k_cache: KVOperand, v_cache: KVOperand, meta: Attent
 
 def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                    scale: float, out: torch.Tensor, num_splits: int | None, mixed: bool, quant: dict,
-                   tiles: tuple[int, int, int] | None = None) -> None:
+                   tiles: tuple[int, int, int] | None = None, int4_dequant: int | None = None,
+                   int8_fp16: bool | None = None) -> None:
     num_seqs = meta.seq_lens.shape[0]
     _, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -315,6 +325,8 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         BLOCK_SIZE=meta.block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, MIXED=mixed,
         MERGE_IN_PLACE=in_place, BLOCK_S=triton.next_power_of_2(num_splits), PRELOAD=preload,
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+        INT4_DEQUANT=INT4_DEQUANT_MODES[0] if int4_dequant is None else int4_dequant,
+        INT8_FP16=kv_bits == 8 and (INT8_FP16_MODES[0] if int8_fp16 is None else int8_fp16),
         **pdl_launch(q.device), **quant,
     )
     if num_splits > 1 and not in_place:
@@ -340,21 +352,23 @@ def _launch_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         GROUP=num_heads // k_cache.shape[2], HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=meta.block_size, BLOCK_M=block_m, BLOCK_N=block_n, SKIP_SINGLE_ROWS=skip_single_rows,
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages, **quant,
-        tree_mask_ptr=meta.tree_mask, TREE=meta.tree_mask is not None,
+        tree_mask_ptr=meta.tree_mask, TREE=meta.tree_mask is not None, INT4_DEQUANT=INT4_DEQUANT_MODES[0],
     )
 
 
 def paged_decode_attention(
     q: torch.Tensor, k_cache: KVOperand, v_cache: KVOperand, meta: AttentionMetadata, scale: float,
-    num_splits: int | None = None, tiles: tuple[int, int, int] | None = None,
+    num_splits: int | None = None, tiles: tuple[int, int, int] | None = None, int4_dequant: int | None = None,
+    int8_fp16: bool | None = None,
 ) -> torch.Tensor:
     """Decode-only batch (every sequence brings one query row) → [B, Hq, D]. `num_splits` None = auto;
-    `tiles` (BLOCK_N, num_warps, num_stages) None = config.decode_config's (the bench sweeps others)."""
+    `tiles` (BLOCK_N, num_warps, num_stages) None = config.decode_config's; `int4_dequant` /
+    `int8_fp16` None = config.INT4_DEQUANT_MODES[0] / INT8_FP16_MODES[0] (the bench sweeps the others)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_cache, v_cache, quant = _quantized_args(k_cache, v_cache)
     if q.shape[0]:
         _launch_decode(q, k_cache, v_cache, meta, scale, out, num_splits, mixed=False, quant=quant,
-                       tiles=tiles)
+                       tiles=tiles, int4_dequant=int4_dequant, int8_fp16=int8_fp16)
     return out
 
 

@@ -13,11 +13,11 @@ def load_kv(k_cache_ptr, v_cache_ptr, block_row, pos, kv_head, stride_cb, stride
              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr,
              k_scale_ptr=None, k_zero_ptr=None, v_scale_ptr=None, v_zero_ptr=None, stride_ks_slot=0,
              stride_ks_h=0, stride_vs_slot=0, stride_vs_h=0, KV_BITS: tl.constexpr = 0,
-             K_GROUP: tl.constexpr = 0, V_GROUP: tl.constexpr = 0):
+             K_GROUP: tl.constexpr = 0, V_GROUP: tl.constexpr = 0, INT4_DEQUANT: tl.constexpr = 0):
     """K and V [len(pos), BLOCK_D] of one KV head at token positions `pos`, through the block table. MASKED:
     only rows where `valid` (the rest read as zeros, no memory traffic). KV_BITS 8 / 4: the cache holds
     quantized codes (kernels/store_kv/quant.py), dequantized here to float32 tiles with their scales; 0: the
-    cache's own dtype, as stored."""
+    cache's own dtype, as stored. INT4_DEQUANT picks the int4 dequantization (_dequantize_int4_groups)."""
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d[None, :] < HEAD_DIM
     if MASKED:
@@ -34,9 +34,9 @@ def load_kv(k_cache_ptr, v_cache_ptr, block_row, pos, kv_head, stride_cb, stride
     else:  # quantized caches have power-of-two head dims: BLOCK_D == HEAD_DIM, no column mask
         slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
         k = _dequantize(k_cache_ptr, k_scale_ptr, k_zero_ptr, token_off, slot * stride_ks_slot
-                        + kv_head * stride_ks_h, valid, MASKED, KV_BITS, K_GROUP, BLOCK_D)
+                        + kv_head * stride_ks_h, valid, MASKED, KV_BITS, K_GROUP, BLOCK_D, INT4_DEQUANT)
         v = _dequantize(v_cache_ptr, v_scale_ptr, v_zero_ptr, token_off, slot * stride_vs_slot
-                        + kv_head * stride_vs_h, valid, MASKED, KV_BITS, V_GROUP, BLOCK_D)
+                        + kv_head * stride_vs_h, valid, MASKED, KV_BITS, V_GROUP, BLOCK_D, INT4_DEQUANT)
     return k, v
 
 
@@ -64,9 +64,12 @@ def load_kv_int8(k_cache_ptr, v_cache_ptr, block_row, pos, kv_head, stride_cb, s
 
 @triton.jit
 def _dequantize(codes_ptr, scale_ptr, zero_ptr, token_off, scale_off, valid, MASKED: tl.constexpr,
-                BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr):
+                BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr,
+                INT4_DEQUANT: tl.constexpr = 0):
     """float32 [N, BLOCK_D] of quantized rows (BLOCK_D = head_dim): int8 codes times their row scale, or int4
-    pairs unpacked (low nibble first) times their group scale plus zero. MASKED: rows not `valid` read 0."""
+    pairs unpacked (low nibble first) times their group scale plus zero. MASKED: rows not `valid` read 0.
+    INT4_DEQUANT 0: a scale and a zero gathered per value, codes converted int → float; 1:
+    _dequantize_int4_groups."""
     N: tl.constexpr = token_off.shape[0]
     offs_d = tl.arange(0, BLOCK_D)
     # One return, after both constexpr branches: the compiler (unlike the interpreter) still generates code
@@ -75,6 +78,9 @@ def _dequantize(codes_ptr, scale_ptr, zero_ptr, token_off, scale_off, valid, MAS
         codes = _rows(codes_ptr + token_off[:, None] + offs_d[None, :], valid[:, None], MASKED)
         scale = _rows(scale_ptr + scale_off, valid, MASKED)
         rows = codes.to(tl.float32) * scale.to(tl.float32)[:, None]
+    elif INT4_DEQUANT == 1:
+        rows = _dequantize_int4_groups(codes_ptr, scale_ptr, zero_ptr, token_off, scale_off, valid, MASKED,
+                                       GROUP, BLOCK_D)
     else:
         pairs = tl.arange(0, BLOCK_D // 2)
         packed = _rows(codes_ptr + token_off[:, None] + pairs[None, :], valid[:, None], MASKED)
@@ -87,6 +93,31 @@ def _dequantize(codes_ptr, scale_ptr, zero_ptr, token_off, scale_off, valid, MAS
 
 
 @triton.jit
+def _dequantize_int4_groups(codes_ptr, scale_ptr, zero_ptr, token_off, scale_off, valid, MASKED: tl.constexpr,
+                            GROUP: tl.constexpr, BLOCK_D: tl.constexpr):
+    """_dequantize's int4 rows with a load per group, not per value, and no int → float conversion.
+
+    The packed tile is viewed [N, groups, GROUP / 2] so each group's scale and zero load once ([N, groups],
+    one short vector a row) and broadcast. A nibble q becomes f = 1 + q/16 by moving it into mantissa bits
+    19..22 of 1.0 (w4a16_gemv.nibble_float: a shift and an and-or), and q·s + z = 16s·f + (z − 16s): one
+    fp32 multiply-add a value, as exact as the int → float path up to fp32 rounding.
+    """
+    N: tl.constexpr = token_off.shape[0]
+    GROUPS: tl.constexpr = BLOCK_D // GROUP
+    pairs = tl.arange(0, BLOCK_D // 2)
+    packed = _rows(codes_ptr + token_off[:, None] + pairs[None, :], valid[:, None], MASKED)
+    packed = tl.reshape(packed, [N, GROUPS, GROUP // 2]).to(tl.int32)
+    groups = scale_off[:, None] + tl.arange(0, GROUPS)[None, :]
+    s16 = 16.0 * _rows(scale_ptr + groups, valid[:, None], MASKED).to(tl.float32)
+    low = _rows(zero_ptr + groups, valid[:, None], MASKED).to(tl.float32) - s16
+    s16 = s16[:, :, None]
+    low = low[:, :, None]
+    even = ((packed << 19) & 0x00780000 | 0x3F800000).to(tl.float32, bitcast=True) * s16 + low
+    odd = ((packed << 15) & 0x00780000 | 0x3F800000).to(tl.float32, bitcast=True) * s16 + low
+    return tl.reshape(tl.join(even, odd), [N, BLOCK_D])
+
+
+@triton.jit
 def _rows(ptrs, valid, MASKED: tl.constexpr):
     """Load `ptrs`, only where `valid` when MASKED (zeros elsewhere)."""
     if MASKED:
@@ -95,17 +126,31 @@ def _rows(ptrs, valid, MASKED: tl.constexpr):
 
 
 @triton.jit
+def int8_fp16(codes):
+    """int8 codes c → float16, exactly: c + 128 (the sign bit flipped, zero-extended) in the low mantissa
+    bits of 1024.0 (0x6400) reads as 1024 + 128 + c; one subtraction leaves c. Integer and half ops the
+    compiler can pack two to a register, where int8 → bf16 goes through a float32 conversion a value."""
+    biased = (codes.to(tl.uint8, bitcast=True).to(tl.int16) ^ 0x80) | 0x6400
+    return biased.to(tl.float16, bitcast=True) - 1152.0
+
+
+@triton.jit
 def attend_kv(acc, m_i, l_i, q, q_pos, k, v, pos, valid, scale_log2,
                BOUNDED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
                tree_bits=0, chunk_start=0, TREE: tl.constexpr = False, k_scale=None, v_scale=None,
-               ROW_SCALES: tl.constexpr = False):
+               ROW_SCALES: tl.constexpr = False, INT8_FP16: tl.constexpr = False):
     """Online-softmax step of the q rows over keys k / values v at positions `pos` (masked where not valid
     when BOUNDED; after a row's q_pos when CAUSAL; when also TREE, chunk keys (from chunk_start) whose bit
     is clear in the row's tree_bits [rows] int64 — bit j: the chunk's j-th position). ROW_SCALES: k and v are
     int8 codes with per-key scales k_scale / v_scale [len(pos)] (load_kv_int8): q·(s c) = s (q·c), and
-    Σ p (s c) = Σ (p s) c, so the scales multiply the scores and the probabilities, not the codes."""
-    k = k.to(q.dtype)  # int8 codes: exact in bf16 / fp16 (|c| <= 127)
-    v = v.to(q.dtype)
+    Σ p (s c) = Σ (p s) c, so the scales multiply the scores and the probabilities, not the codes.
+    INT8_FP16 (with ROW_SCALES; q float16): codes → float16 without a conversion instruction (int8_fp16)."""
+    if INT8_FP16:
+        k = int8_fp16(k)
+        v = int8_fp16(v)
+    else:
+        k = k.to(q.dtype)  # int8 codes: exact in bf16 / fp16 (|c| <= 127)
+        v = v.to(q.dtype)
     if ROW_SCALES:
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (k_scale * scale_log2)[None, :]
     else:
@@ -141,6 +186,7 @@ def attend_tile(
     k_scale_ptr=None, k_zero_ptr=None, v_scale_ptr=None, v_zero_ptr=None, stride_ks_slot=0, stride_ks_h=0,
     stride_vs_slot=0, stride_vs_h=0, KV_BITS: tl.constexpr = 0, K_GROUP: tl.constexpr = 0,
     V_GROUP: tl.constexpr = 0, tree_bits=0, chunk_start=0, TREE: tl.constexpr = False,
+    INT4_DEQUANT: tl.constexpr = 0, INT8_FP16: tl.constexpr = False,
 ):
     """Online-softmax step over keys [n0, n0 + BLOCK_N) of one sequence and KV head, from paged blocks.
 
@@ -157,12 +203,13 @@ def attend_tile(
             k_scale_ptr, v_scale_ptr, stride_ks_slot, stride_ks_h, stride_vs_slot, stride_vs_h, BLOCK_D,
             BLOCK_SIZE, BOUNDED)
         acc, m_i, l_i = attend_kv(acc, m_i, l_i, q, q_pos, k, v, pos, valid, scale_log2, BOUNDED, CAUSAL,
-                                  DOT_PRECISION, tree_bits, chunk_start, TREE, k_scale, v_scale, True)
+                                  DOT_PRECISION, tree_bits, chunk_start, TREE, k_scale, v_scale, True,
+                                  INT8_FP16)
     else:
         k, v = load_kv(k_cache_ptr, v_cache_ptr, block_row, pos, kv_head, stride_cb, stride_ct, stride_ch,
                        valid, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BOUNDED, k_scale_ptr, k_zero_ptr, v_scale_ptr,
                        v_zero_ptr, stride_ks_slot, stride_ks_h, stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP,
-                       V_GROUP)
+                       V_GROUP, INT4_DEQUANT)
         acc, m_i, l_i = attend_kv(acc, m_i, l_i, q, q_pos, k, v, pos, valid, scale_log2, BOUNDED, CAUSAL,
                                   DOT_PRECISION, tree_bits, chunk_start, TREE)
     return acc, m_i, l_i

@@ -1,0 +1,105 @@
+"""Instruction mix of quantized kernels' main loops, compiled for sm_90 on a machine without a GPU.
+
+`python -m bench.kernels.sass_mix` compiles kernels/attention's decode kernel (Llama-3-8B heads, 64-key tiles,
+4 splits) for the bf16 cache and each int8 / int4 mode, and the W4A16 int32-word GEMV (BLOCK_K 1024, 4
+warps, 2 stages, pointers and strides 16-divisible as the launcher specializes them) with nibbles shifted or
+read in place; disassembles each with the nvdisasm Triton ships and prints the instructions of the longest
+loop body (per weight value for the GEMV) and its local-memory (spill) traffic: a GPU-free check of a
+dequantization change before an H100 run times it (bench/kernels/quant_gpu.py).
+"""
+from __future__ import annotations
+
+import collections
+import inspect
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kernels.attention.kernel import _decode_kernel
+from kernels.quant_linear.w4a16_gemv import _w4a16_gemv_words_kernel
+
+_POINTERS = dict(block_tables_ptr="*i32", seq_lens_ptr="*i32", query_start_ptr="*i32", out_ptr="*bf16",
+                 q_ptr="*bf16", part_acc_ptr="*fp32", part_ml_ptr="*fp32", arrivals_ptr="*i32",
+                 k_scale_ptr="*fp16", k_zero_ptr="*fp16", v_scale_ptr="*fp16", v_zero_ptr="*fp16",
+                 scale_log2="fp32")
+_CACHE_DTYPE = {0: "*bf16", 8: "*i8", 4: "*u8"}
+# name → (KV_BITS, INT4_DEQUANT, INT8_FP16, num_stages): the launch's stages for each cache (config.py)
+VARIANTS = {"bf16": (0, 0, False, 2), "int8": (8, 0, False, 3), "int8 fp16 dots": (8, 0, True, 3),
+            "int4 dequant 0": (4, 0, False, 2), "int4 dequant 1": (4, 1, False, 2)}
+
+
+_GEMV_SIGNATURE = dict(x_ptr="*i32", w_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16", out_ptr="*bf16", N="i32",
+                       K="i32", stride_wn="i32", stride_sn="i32")
+
+
+def disassemble(compiled) -> str:
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        return subprocess.run([nvdisasm, "-c", cubin.name], capture_output=True, text=True, check=True).stdout
+
+
+def gemv_sass(block_n: int, group: int, in_place: bool) -> str:
+    constexprs = dict(GROUP=group, BLOCK_N=block_n, BLOCK_K=1024, SPLIT_K=1, EVEN_N=True, PARTIALS=False,
+                      IN_PLACE=in_place)
+    names = list(_GEMV_SIGNATURE)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n != "out_ptr"}
+    signature = dict(_GEMV_SIGNATURE, **dict.fromkeys(constexprs, "constexpr"))
+    source = ASTSource(_w4a16_gemv_words_kernel, signature, constexprs, attrs)
+    return disassemble(triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                      options=dict(num_warps=4, num_stages=2)))
+
+
+def sass(bits: int, int4_dequant: int, int8_fp16: bool, stages: int) -> str:
+    constexprs = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=64, NUM_SPLITS=4,
+                      MIXED=False, MERGE_IN_PLACE=True, BLOCK_S=4, DOT_PRECISION="tf32", USE_PDL=False,
+                      PRELOAD=True, KV_BITS=bits, K_GROUP=32 if bits == 4 else 0,
+                      V_GROUP=64 if bits == 4 else 0, HADAMARD=bits == 4, INT4_DEQUANT=int4_dequant,
+                      INT8_FP16=int8_fp16)
+    pointers = dict(_POINTERS, k_cache_ptr=_CACHE_DTYPE[bits], v_cache_ptr=_CACHE_DTYPE[bits])
+    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32")
+                 for name in inspect.signature(_decode_kernel.fn).parameters}
+    return disassemble(triton.compile(ASTSource(_decode_kernel, signature, constexprs),
+                                      target=GPUTarget("cuda", 90, 32),
+                                      options=dict(num_warps=4, num_stages=stages)))
+
+
+def loop_mix(text: str) -> collections.Counter:
+    """Opcode counts of the longest body between a label and a branch back to it."""
+    lines = text.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\s*\.?(L_x_\d+):", line))}
+    best: list[str] = []
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA\s+`?\(?\.?(L_x_\d+)", line)
+        if m and labels.get(m.group(1), i) < i and i - labels[m.group(1)] > len(best):
+            best = lines[labels[m.group(1)]:i + 1]
+    ops = (re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line) for line in best)
+    return collections.Counter(m.group(1) for m in ops if m)
+
+
+def main() -> None:
+    print(f"# triton {triton.__version__}, sm_90 decode kernel, head_dim 128, 64-key tiles")
+    for name, variant in VARIANTS.items():
+        mix = loop_mix(sass(*variant))
+        spills = mix["LDL"] + mix["STL"]
+        top = ", ".join(f"{op} {n}" for op, n in mix.most_common(6))
+        print(f"{name:16s} loop {sum(mix.values()):5d} instructions, spills {spills:4d} | {top}", flush=True)
+    print("# W4A16 words GEMV, one bf16 row, BLOCK_K 1024: loop instructions per weight value of a thread")
+    for block_n in (16, 32):
+        for group in (32, 128):
+            for in_place in (False, True):
+                mix = loop_mix(gemv_sass(block_n, group, in_place))
+                per_value = sum(mix.values()) / (block_n * 1024 / 128)
+                top = ", ".join(f"{op} {n}" for op, n in mix.most_common(6))
+                print(f"gemv {block_n:2d} rows g{group:<3d} {'in place' if in_place else 'shifted ':8s} "
+                      f"{per_value:5.2f} per value | {top}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
