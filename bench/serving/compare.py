@@ -34,10 +34,17 @@ def _start(flags: list[str], workdir: Path) -> tuple[subprocess.Popen, dict, Pat
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        return proc, _wait_serving(proc, flags, ready, log), log
+    except BaseException:  # Ctrl-C while it loads too: its own session would outlive this process
+        _stop(proc)
+        raise
+
+
+def _wait_serving(proc: subprocess.Popen, flags: list[str], ready: Path, log: Path) -> dict:
     deadline = time.monotonic() + 600
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
-            _stop(proc)
             raise RuntimeError(f"pdserve up {' '.join(flags)} did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
     info = json.loads(ready.read_text())
@@ -47,11 +54,10 @@ def _start(flags: list[str], workdir: Path) -> tuple[subprocess.Popen, dict, Pat
             try:
                 if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
                         health_pb2.HealthCheckResponse.SERVING:
-                    return proc, info, log
+                    return info
             except grpc.RpcError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                _stop(proc)
                 raise RuntimeError(f"pdserve up {' '.join(flags)} never served:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
 
