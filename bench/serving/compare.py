@@ -169,7 +169,7 @@ def format_misses(results: list[dict]) -> str:
                 continue
             misses = slo_misses(probe["records"], Slo(**s["slo"]))
             att = s["slo_attainment"]
-            lines.append(f"{r['label']} at {probe['rate']} req/s (served {s['request_throughput']:.2f}): "
+            lines.append(f"{r['label']} at {probe['rate']:.3f} req/s (served {s['request_throughput']:.2f}): "
                          f"{'-' if att is None else f'{att:.0%}'} within SLO; {misses.describe()}")
     return "\n".join(lines)
 
