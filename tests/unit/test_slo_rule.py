@@ -66,5 +66,5 @@ def test_comparison_prints_each_probes_misses() -> None:
     summary = {"slo": asdict(slo), "slo_attainment": 0.5, "request_throughput": 0.4}
     probe = {"rate": 0.5, "summary": summary, "records": [record(0, 0.5, 0.05), record(1, 0.5, 0.2)]}
     result = {"label": "disagg", "sweep": {"probes": [probe]}, "run": None}
-    assert format_misses([result]) == ("disagg at 0.500 req/s (served 0.40): 50% within SLO; missed TTFT only "
-                                       "0, TPOT only 1, both 0, failed 0 of 2 judged")
+    assert format_misses([result]) == ("disagg at 0.500 req/s (served 0.40): 50% within SLO; missed TTFT "
+                                       "only 0, TPOT only 1, both 0, failed 0 of 2 judged")
