@@ -9,6 +9,7 @@ import socket
 import sys
 
 from contracts.transfer import KV_FAILURE_POLICIES
+from deploy.affinity import CPU_AFFINITY_MODES, AffinityError, check_affinity_flags
 from deploy.cli_args import (
     HelpFormatter,
     http_port,
@@ -180,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--kv-failure-policy", choices=KV_FAILURE_POLICIES, default="recompute",
                     help="a failed or expired KV transfer, or a dead prefill worker: recompute the prompt on "
                          "the decode worker, or fail the request (default recompute)")
+    up.add_argument("--cpu-affinity", choices=CPU_AFFINITY_MODES, default="off",
+                    help="auto: pin each worker process to its own cores of those this process may use "
+                         "(round-robin when workers outnumber cores; decode workers first), torch threads = "
+                         "its cores; CPU workers, TP 1, local Ray only. off: the OS places them")
     up.add_argument("--max-worker-restarts", type=int, default=-1,
                     help="Ray restarts a dead worker process up to this many times (default -1 = always)")
 
@@ -250,6 +255,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
     except ModelPathError as e:
         raise UsageError(f"--model: {e}") from None
     _check_tp_flags(args)
+    device = args.device or _default_device()
+    if args.cpu_affinity == "auto":
+        try:
+            check_affinity_flags(device, args.prefill_tp, args.decode_tp, args.ray_address)
+        except AffinityError as e:
+            raise UsageError(str(e)) from None
     _check_security_files(args)
     spec = _spec_config(args)
     ports = ((args.port, "--port"), (args.metrics_port, "--metrics-port"), (args.http_port, "--http-port"),
@@ -264,7 +275,6 @@ def _cmd_up(args: argparse.Namespace) -> int:
                 raise UsageError(f"{flag} and {other_flag} must differ")
     from deploy.launcher import ClusterConfig, LocalCluster
 
-    device = args.device or _default_device()
     engine = EngineConfig(model_path=args.model, device=device, tp_comm=args.tp_comm,
                           dtype="float32" if device == "cpu" and args.weights != "bf16" else "bfloat16",
                           weights=args.weights,
@@ -291,7 +301,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                          drain_seconds=args.drain_seconds, metrics_host=args.metrics_host,
                                          tls_cert_file=args.tls_cert, tls_key_file=args.tls_key,
                                          auth_token_file=args.auth_token_file,
-                                         max_request_bytes=args.max_request_bytes))
+                                         max_request_bytes=args.max_request_bytes,
+                                         cpu_affinity=args.cpu_affinity == "auto"))
     try:
         cluster.start_workers()
         asyncio.run(cluster.serve())

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deploy.affinity import allowed_cores, plan_affinity
 from deploy.ray_connect import init_ray, use_token_auth_if_available
 from engine.config import EngineConfig
 from engine.spec.config import SpecConfig
@@ -62,6 +63,9 @@ class ClusterConfig:
     auth_token_file: str | None = None  # clients then send "authorization: Bearer <token>"
     max_request_bytes: int = 4 * 1024 * 1024
     admin_port: int = 50052  # `pdserve scale` talks to the launcher here, on loopback only; 0 = any free port
+    # --cpu-affinity auto: each worker process pinned to its own cores (deploy/affinity.py), torch threads =
+    # its cores; False: the OS places them and the threads split os.cpu_count() (below).
+    cpu_affinity: bool = False
 
     def role_resources(self, role: str) -> dict[str, float] | None:
         """On a joined cluster the node types declare custom resources (deploy/ray-cluster.yaml, kuberay.yaml)
@@ -114,8 +118,13 @@ class LocalCluster:
         self.decode: list = []
         self.router = None
         self.supervisor = None
-        self._spawners: dict[str, Callable[[str], Any]] = {}
+        self._spawners: dict[str, Callable[[str, EngineConfig], Any]] = {}
+        self._engines: dict[str, EngineConfig] = {}  # each role's engine config, before pinning
         self._next_index = {"prefill": 0, "decode": 0}  # ids are never reused, so metrics stay apart
+        # --cpu-affinity auto: worker k (in spawn order, either role) gets _affinity[k % len]; workers that
+        # `pdserve scale` adds later share the slots of the first ones.
+        self._affinity: tuple[tuple[int, ...], ...] = ()
+        self._spawned = 0
         self._started_ray = False
         self._closed = False
 
@@ -153,12 +162,14 @@ class LocalCluster:
         channel_host = "127.0.0.1" if cfg.ray_address is None else "auto"
         decode_cls = ray.remote(**placement("decode"))(DecodeWorkerActor)
         prefill_cls = ray.remote(**placement("prefill"))(PrefillWorkerActor)
-        decode_engine, prefill_engine = role_engine["decode"], role_engine["prefill"]
+        self._engines = role_engine
         self._spawners = {
-            "decode": lambda wid: decode_cls.options(name=f"pdserve-{wid}").remote(
-                wid, decode_engine, channel_host=channel_host, kv_failure_policy=cfg.kv_failure_policy),
-            "prefill": lambda wid: prefill_cls.options(name=f"pdserve-{wid}").remote(wid, prefill_engine),
+            "decode": lambda wid, engine: decode_cls.options(name=f"pdserve-{wid}").remote(
+                wid, engine, channel_host=channel_host, kv_failure_policy=cfg.kv_failure_policy),
+            "prefill": lambda wid, engine: prefill_cls.options(name=f"pdserve-{wid}").remote(wid, engine),
         }
+        if cfg.cpu_affinity:
+            self._affinity = plan_affinity(allowed_cores(), cfg.num_decode + cfg.num_prefill)
         self.decode = [self._spawn("decode") for _ in range(cfg.num_decode)]
         self.prefill = [self._spawn("prefill") for _ in range(cfg.num_prefill)]
         _status(f"[2/4] loading {cfg.engine.model_path or 'the embedded SmolLM2-135M-Instruct'} into "
@@ -175,7 +186,14 @@ class LocalCluster:
     def _spawn(self, role: str) -> tuple[str, Any]:
         wid = f"{role}-{self._next_index[role]}"
         self._next_index[role] += 1
-        return wid, self._spawners[role](wid)
+        engine = self._engines[role]
+        if self._affinity:
+            cores = self._affinity[self._spawned % len(self._affinity)]
+            engine = dataclasses.replace(engine, cpu_affinity=cores, num_threads=len(cores))
+            _status(f"  {wid}: pinned to core{'s' if len(cores) > 1 else ''} {','.join(map(str, cores))}, "
+                    f"{len(cores)} torch thread{'s' if len(cores) > 1 else ''}")
+        self._spawned += 1
+        return wid, self._spawners[role](wid, engine)
 
     async def serve(self) -> None:
         """Runs the router until SIGINT/SIGTERM, then shuts everything down."""

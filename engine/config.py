@@ -64,6 +64,8 @@ class EngineConfig:
     max_num_seqs: int = 32
     max_model_len: int | None = None  # None = model's context length
     num_threads: int = 0  # torch intra-op threads for this worker; 0 = torch's default
+    # Cores this worker's process is pinned to (deploy/affinity.py plans them); () = not pinned.
+    cpu_affinity: tuple[int, ...] = ()
     # auto: Triton kernels on CUDA, torch references elsewhere; torch: references everywhere (debugging,
     # numerics comparisons); triton: Triton or fail at engine start.
     kernels: str = "auto"
@@ -105,6 +107,8 @@ class EngineConfig:
                              f"got {self.fused_step_max_slowdown}")
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
+        if len(set(self.cpu_affinity)) != len(self.cpu_affinity) or any(c < 0 for c in self.cpu_affinity):
+            raise ValueError(f"cpu_affinity must be distinct non-negative core ids, got {self.cpu_affinity}")
         for name in ("block_size", "num_kv_blocks", "max_batch_tokens", "max_num_seqs", "tp_size",
                      "tp_overlap_min_tokens"):
             if getattr(self, name) < 1:

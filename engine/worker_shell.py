@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from contracts.stats import EngineStats, TPRankInfo, WorkerInfo
 from engine.config import EngineConfig
+from engine.cpu_affinity import pin_process
 from engine.engine_thread import EngineThread
 from engine.executor import RunOutput
 from engine.llm_engine import LLMEngine
@@ -190,6 +191,8 @@ class WorkerActor:
     """
 
     def __init__(self, config: EngineConfig, make_service: Callable[[], WorkerService]) -> None:
+        if config.cpu_affinity:  # before the engine thread and torch's pool start: they inherit it
+            pin_process(config.cpu_affinity)
         if config.num_threads:  # the actor owns its process: size torch's pool before the engine is built
             torch.set_num_threads(config.num_threads)
         self.service = make_service()

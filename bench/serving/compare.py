@@ -17,8 +17,11 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.serving.metrics import Slo
 from bench.serving.run import build_parser as bench_parser
 from bench.serving.run import run as bench_run
+from bench.serving.slo_rule import SloScale, measure_single_requests, slo_misses
+from bench.serving.workload import SharedPrefix, WorkloadSpec, synthesize
 
 REPO = Path(__file__).resolve().parents[2]
 _HIT_RATIO = re.compile(r'^pdserve_prefix_cache_hit_ratio\{[^}]*worker="([^"]+)"[^}]*\} ([0-9.eE+-]+)$', re.M)
@@ -31,10 +34,17 @@ def _start(flags: list[str], workdir: Path) -> tuple[subprocess.Popen, dict, Pat
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        return proc, _wait_serving(proc, flags, ready, log), log
+    except BaseException:  # Ctrl-C while it loads too: its own session would outlive this process
+        _stop(proc)
+        raise
+
+
+def _wait_serving(proc: subprocess.Popen, flags: list[str], ready: Path, log: Path) -> dict:
     deadline = time.monotonic() + 600
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
-            _stop(proc)
             raise RuntimeError(f"pdserve up {' '.join(flags)} did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
     info = json.loads(ready.read_text())
@@ -44,11 +54,10 @@ def _start(flags: list[str], workdir: Path) -> tuple[subprocess.Popen, dict, Pat
             try:
                 if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
                         health_pb2.HealthCheckResponse.SERVING:
-                    return proc, info, log
+                    return info
             except grpc.RpcError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                _stop(proc)
                 raise RuntimeError(f"pdserve up {' '.join(flags)} never served:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
 
@@ -78,32 +87,91 @@ def main(argv: list[str] | None = None) -> int:
                                 "stop it; then print the summaries side by side and the ratios to the first.")
     p.add_argument("--up", action="append", required=True, metavar="'LABEL: FLAGS'",
                    help="a configuration: its label, a colon, then `pdserve up` flags; give it twice or more")
+    p.add_argument("--slo-scale", type=SloScale.parse, default=None, metavar="TTFT_X:TPOT_X",
+                   help="SLOs from single requests (DistServe's way): before its load, the first "
+                        "configuration serves --calibration-requests requests of the workload one at a time; "
+                        "TTFT SLO = "
+                        "TTFT_X x their median TTFT, TPOT SLO = TPOT_X x their median TPOT, for every "
+                        "configuration (replaces --slo-ttft/--slo-tpot)")
+    p.add_argument("--calibration-requests", type=int, default=5,
+                   help="single requests measured for --slo-scale, after one warm-up (default 5)")
     p.add_argument("--json", type=Path, default=None, dest="json_out")
     args, load = p.parse_known_args(argv)
     configs = [(label.strip(), shlex.split(flags)) for label, _, flags in (u.partition(":") for u in args.up)]
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    results = []
+    probe_args = bench_parser().parse_args(load)
+    if args.slo_scale and (probe_args.slo_ttft or probe_args.slo_tpot):
+        p.error("--slo-scale sets the SLOs: leave out --slo-ttft/--slo-tpot")
+    w = probe_args
+    print(f"load average {_load()} on {os.cpu_count()} cores; workload: prompts {w.prompt_len}, outputs "
+          f"{w.output_len}, {w.arrival} arrivals, {w.num_requests} requests ({w.warmup} warm-up) a run, at "
+          f"most {w.duration:g} s; goodput = highest rate with >= {w.slo_target:.0%} within both SLOs")
+    results, calibration = [], None
     for label, flags in configs:
         with tempfile.TemporaryDirectory(prefix="pdserve-compare-") as tmp:
             t0 = time.monotonic()
             proc, info, _ = _start(flags, Path(tmp))
-            print(f"--- {label}: pdserve up {' '.join(flags)} (serving after {time.monotonic() - t0:.0f} s)",
-                  flush=True)
+            print(f"--- {label}: pdserve up {' '.join(flags)} (serving after {time.monotonic() - t0:.0f} s, "
+                  f"load average {_load()})", flush=True)
             try:
+                if args.slo_scale and calibration is None:
+                    calibration = _calibrate(info["address"], probe_args, args.slo_scale,
+                                             args.calibration_requests)
+                    load += ["--slo-ttft", f"{calibration['slo_ttft_s']:.6f}",
+                             "--slo-tpot", f"{calibration['slo_tpot_s']:.6f}"]
                 bench_args = bench_parser().parse_args([*load, "--address", info["address"],
                                                         "--label", label])
                 result = bench_run(bench_args)
                 result["up_flags"] = flags
                 result["prefix_cache_hit_ratio"] = _hit_ratios(info["metrics_url"])
+                result["load_average"] = os.getloadavg()
             finally:
                 _stop(proc)
         results.append(result)
     print(format_comparison(results))
+    if calibration:
+        results[0]["slo_calibration"] = calibration
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(results, indent=1))
         print(f"wrote {args.json_out}")
     return 0
+
+
+def _load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def _calibrate(address: str, load: argparse.Namespace, scale: SloScale, n: int) -> dict:
+    """The SLOs for every configuration, from lone requests of the workload (another seed: no cache hits)."""
+    sp = SharedPrefix(*load.shared_prefix) if load.shared_prefix else None
+    spec = WorkloadSpec(num_requests=n + 1, prompt_len=load.prompt_len, output_len=load.output_len,
+                        seed=load.seed + 1, shared_prefix=sp)
+    costs = measure_single_requests(address, synthesize(spec), warmup=1)
+    slo = costs.slo(scale)
+    print(f"SLO rule: TTFT <= {scale.ttft_x:g} x single-request TTFT ({costs.ttft_s * 1e3:.0f} ms) = "
+          f"{slo.ttft * 1e3:.0f} ms; TPOT <= {scale.tpot_x:g} x single-request TPOT "
+          f"({costs.tpot_s * 1e3:.1f} ms, pure decode) = {slo.tpot * 1e3:.1f} ms (medians of "
+          f"{costs.requests} requests sent one at a time)", flush=True)
+    return {"ttft_x": scale.ttft_x, "tpot_x": scale.tpot_x, "single_ttft_s": costs.ttft_s,
+            "single_tpot_s": costs.tpot_s, "requests": costs.requests, "slo_ttft_s": slo.ttft,
+            "slo_tpot_s": slo.tpot}
+
+
+def format_misses(results: list[dict]) -> str:
+    """Per configuration and probe: attainment and which SLO the misses broke."""
+    lines = []
+    for r in results:
+        probes = r["sweep"]["probes"] if r["sweep"] else [{"rate": r["rate"], "summary": r["run"],
+                                                           "records": r["records"]}]
+        for probe in probes:
+            s = probe["summary"]
+            if not s.get("slo"):
+                continue
+            misses = slo_misses(probe["records"], Slo(**s["slo"]))
+            att = s["slo_attainment"]
+            lines.append(f"{r['label']} at {probe['rate']:.3f} req/s (served {s['request_throughput']:.2f}): "
+                         f"{'-' if att is None else f'{att:.0%}'} within SLO; {misses.describe()}")
+    return "\n".join(lines)
 
 
 def _summary(result: dict) -> dict:
@@ -142,7 +210,8 @@ def format_comparison(results: list[dict]) -> str:
             if (b.get(key) or {}).get(q) and (s.get(key) or {}).get(q):
                 parts.append(f"{name} {s[key][q] / b[key][q]:.2f}x")
         lines.append(f"{r['label']} / {base['label']}: " + ", ".join(parts))
-    return "\n".join(lines)
+    misses = format_misses(results)
+    return "\n".join(lines) + ("\n" + misses if misses else "")
 
 
 if __name__ == "__main__":
