@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import os
-import socket
 import sys
 
 from contracts.transfer import KV_FAILURE_POLICIES
@@ -20,14 +18,11 @@ from deploy.cli_args import (
     seconds,
     spec_k,
 )
+from deploy.cli_checks import UsageError, check_port_free, check_security_files, check_tp_flags
 from engine.config import KERNEL_BACKENDS, TP_COMMS, WEIGHT_SCHEMES
 from engine.spec.config import SPEC_METHODS, SpecConfig
 from router.dispatch import known_policies
 from router.placement import known_placements
-
-
-class UsageError(Exception):
-    """Bad flag value: the message names the flag and the fix."""
 
 
 def _default_device() -> str:
@@ -36,22 +31,6 @@ def _default_device() -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     except ImportError:
         return "cpu"
-
-
-def _check_port_free(host: str, port: int, flag: str) -> None:
-    """Fails early with the flag to change if something listens on the port. SO_REUSEADDR, as the servers
-    themselves bind: connections of a just-stopped cluster in TIME_WAIT (a scraped /metrics) hold the port
-    for a minute, but nothing listens there, and a restart must work."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                raise UsageError(f"port {port} on {host} is already in use: stop what holds it or pick "
-                                 f"another with {flag}") from None
-            raise UsageError(f"cannot bind {host}:{port} ({e.strerror}): fix {flag}") from None
 
 
 # `pdserve up` (and so `make serve`) does not speculate unless told to: on the embedded model on this CPU
@@ -254,20 +233,20 @@ def _cmd_up(args: argparse.Namespace) -> int:
         resolve_model_path(args.model)
     except ModelPathError as e:
         raise UsageError(f"--model: {e}") from None
-    _check_tp_flags(args)
+    check_tp_flags(args)
     device = args.device or _default_device()
     if args.cpu_affinity == "auto":
         try:
             check_affinity_flags(device, args.prefill_tp, args.decode_tp, args.ray_address)
         except AffinityError as e:
             raise UsageError(str(e)) from None
-    _check_security_files(args)
+    check_security_files(args)
     spec = _spec_config(args)
     ports = ((args.port, "--port"), (args.metrics_port, "--metrics-port"), (args.http_port, "--http-port"),
              (args.admin_port, "--admin-port"))
     for number, flag in ports:
         if number:  # 0: the OS picks a free port when the server binds (see --ready-file); None: off
-            _check_port_free(args.host, number, flag)
+            check_port_free(args.host, number, flag)
     fixed = [(number, flag) for number, flag in ports if number]
     for i, (number, flag) in enumerate(fixed):
         for other, other_flag in fixed[i + 1:]:
@@ -316,35 +295,6 @@ def _cmd_up(args: argparse.Namespace) -> int:
     finally:
         cluster.close()
     return 0
-
-
-def _check_tp_flags(args: argparse.Namespace) -> None:
-    """Each TP size must be <= the model's attention heads (heads and kv heads are split in balanced, possibly
-    uneven shares: engine/tp/heads.py); checked from the model's config before any worker starts."""
-    from engine.model_files import read_model_config
-
-    if args.prefill_tp == 1 and args.decode_tp == 1:
-        return
-    config = read_model_config(args.model)
-    for flag, size in (("--prefill-tp", args.prefill_tp), ("--decode-tp", args.decode_tp)):
-        if size > config.num_heads:
-            raise UsageError(f"{flag} {size}: the model has {config.num_heads} attention heads "
-                             f"({config.num_kv_heads} kv heads); a TP size must not exceed the heads")
-
-
-def _check_security_files(args: argparse.Namespace) -> None:
-    """Before Ray starts: a TLS pair given whole and readable, a readable non-empty token file."""
-    from router.security import BearerAuth, SecurityConfigError, TlsFiles
-
-    if (args.tls_cert is None) != (args.tls_key is None):
-        raise UsageError("--tls-cert and --tls-key go together: give both or neither")
-    try:
-        if args.tls_cert:
-            TlsFiles(args.tls_cert, args.tls_key).grpc_credentials()
-        if args.auth_token_file:
-            BearerAuth.from_file(args.auth_token_file)
-    except SecurityConfigError as e:
-        raise UsageError(str(e)) from None
 
 
 def _cmd_scale(args: argparse.Namespace) -> int:

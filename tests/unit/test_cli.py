@@ -10,7 +10,7 @@ import socket
 import pytest
 from fakes import fake_cluster, run, serve_router
 
-from deploy import cli, client
+from deploy import cli, cli_checks, client
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -102,5 +102,5 @@ def test_restart_on_the_same_ports_right_after_a_scrape() -> None:
 
     run(serve_and_scrape())
     for name, port in ports.items():
-        cli._check_port_free("127.0.0.1", port, f"--{name}")
+        cli_checks.check_port_free("127.0.0.1", port, f"--{name}")
     run(serve_and_scrape())
