@@ -1,0 +1,151 @@
+"""Where a speculative engine step's time goes at batch 1: verify forward, drafting, capture, bookkeeping.
+
+    python -m bench.quality.spec_profile [--prompts N] [--max-tokens N] [--k K] [--drafters ngram head]
+                                         [--head PATH] [--fixed-k] [--threads 1] [--json OUT]
+
+The first N built-in chat prompts run one after the other (batch 1, T = 0) with speculation off, then with
+each drafter, all engines sharing one loaded model. Each engine phase is timed by wrapping the object that
+runs it: the executor's forward (split by rows per step: a 1-row decode step or a (k + 1)-row verify step),
+the speculator's feature capture (`LayerCapture.take`), the drafter's `accept` and `propose` (the head's
+forwards), the rest of the speculator's `after_step` (its Python), and the scheduler's schedule and
+postprocess (which rolls rejected drafts back). Times are ms per step of one sequence, means over the run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from bench.quality.spec_offline import PROMPTS
+from contracts.sampling import SamplingParams
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.model_files import load_model, resolve_model_path
+from engine.spec.config import SpecConfig
+from engine.spec.head_drafter import HeadDrafter
+from engine.spec.ngram import NgramDrafter
+from engine.tokenizer import Tokenizer
+
+
+class Timers:
+    """name → (calls, seconds), filled by wrapped callables."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = defaultdict(int)
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.calls[name] += 1
+        self.seconds[name] += seconds
+
+    def wrap(self, name: str | Callable[..., str], fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.add(name(*args, **kwargs) if callable(name) else name, time.perf_counter() - start)
+        return timed
+
+
+def _rows(batch, *_args) -> str:
+    n = sum(c.num_new_tokens for c in batch.chunks)
+    prefill = any(c.start < c.seq.num_prompt_tokens for c in batch.chunks)
+    return "prefill" if prefill else ("forward, 1 row" if n == 1 else "forward, verify")
+
+
+def profile(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> tuple[Timers, int, float, list]:
+    """Runs the prompts one at a time through `engine` with its phases wrapped → (timers, steps, s, outputs)."""
+    t = Timers()
+    ex = engine.executor
+    ex.execute = t.wrap(_rows, ex.execute)
+    sched = engine.scheduler
+    sched.schedule = t.wrap("schedule", sched.schedule)
+    sched.postprocess = t.wrap("postprocess (incl. rollback)", sched.postprocess)
+    spec = engine.speculator
+    patched: list[tuple[type, str, Callable]] = []
+    if spec is not None:
+        spec.after_step = t.wrap("after_step (total)", spec.after_step)
+        if spec.capture is not None:
+            spec.capture.take = t.wrap("feature capture (take)", spec.capture.take)
+        for cls in (HeadDrafter, NgramDrafter):
+            for name in ("accept", "propose"):
+                original = getattr(cls, name)
+                patched.append((cls, name, original))
+                setattr(cls, name, t.wrap(f"drafter {name}", original))
+    outputs, steps = [], 0
+    start = time.perf_counter()
+    try:
+        for i, prompt in enumerate(prompts):
+            seq = engine.add_request(f"p{i}", prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+            while engine.has_work():
+                batch = engine.schedule()
+                engine.postprocess(batch, engine.execute(batch))
+                steps += sum(1 for c in batch.chunks if c.num_sampled and c.start >= c.seq.num_prompt_tokens)
+            outputs.append(seq.output_token_ids)
+    finally:
+        for cls, name, original in patched:
+            setattr(cls, name, original)
+    return t, steps, time.perf_counter() - start, outputs
+
+
+def report(label: str, t: Timers, steps: int, seconds: float, tokens: int) -> dict:
+    rows = {name: {"calls": t.calls[name], "ms_per_call": 1e3 * t.seconds[name] / t.calls[name],
+                   "ms_per_step": 1e3 * t.seconds[name] / max(steps, 1)} for name in sorted(t.calls)}
+    if "after_step (total)" in rows:  # the speculator's own Python: after_step less the drafter's calls
+        inner = sum(t.seconds[n] for n in ("drafter accept", "drafter propose"))
+        rows["after_step (speculator Python)"] = {
+            "calls": t.calls["after_step (total)"], "ms_per_call": float("nan"),
+            "ms_per_step": 1e3 * (t.seconds["after_step (total)"] - inner) / max(steps, 1)}
+    print(f"\n{label}: {steps} decode/verify steps, {tokens} tokens, {seconds:.2f} s, "
+          f"{tokens / seconds:.1f} tok/s, τ {tokens / max(steps, 1):.3f}")
+    for name, r in rows.items():
+        print(f"  {name:<32} {r['calls']:>6} calls {r['ms_per_call']:>8.2f} ms/call {r['ms_per_step']:>8.2f} ms/step")
+    return {"label": label, "steps": steps, "tokens": tokens, "seconds": seconds, "phases": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--drafters", nargs="+", choices=("ngram", "head"), default=["ngram", "head"])
+    p.add_argument("--head", type=Path, default=None)
+    p.add_argument("--fixed-k", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = load_model(None, dtype="float32", device="cpu")
+    tokenizer = Tokenizer.from_model(resolve_model_path(None))
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}])
+               for text in PROMPTS[:args.prompts]]
+    specs = [SpecConfig()] + [SpecConfig(d, k=args.k, head_path=str(args.head) if d == "head" and args.head
+                                         else None, adaptive=not args.fixed_k) for d in args.drafters]
+    blocks = -(-(max(map(len, prompts)) + args.max_tokens + args.k + 1) // 16) + 16
+    results, reference = [], None
+    for spec in specs:
+        engine = LLMEngine(EngineConfig(device="cpu", dtype="float32", num_kv_blocks=blocks, max_num_seqs=1,
+                                        spec=spec), model=model)
+        t, steps, seconds, outputs = profile(engine, prompts, args.max_tokens)
+        if engine.speculator is not None:
+            engine.speculator.close()
+        reference = outputs if reference is None else reference
+        tokens = sum(len(o) - 1 for o in outputs)  # the first token comes from the prefill step
+        label = spec.describe()
+        results.append(report(label, t, steps, seconds, tokens) | {"greedy_identical": outputs == reference})
+        print(f"  greedy identical to off: {outputs == reference}")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"runs": results, "prompts": args.prompts,
+                                         "max_tokens": args.max_tokens, "threads": args.threads}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
