@@ -61,7 +61,7 @@ def _rows(batch, *_args) -> str:
 
 
 def profile(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> tuple[Timers, int, float, list]:
-    """Runs the prompts one at a time through `engine` with its phases wrapped → (timers, steps, s, outputs)."""
+    """The prompts one at a time through `engine`, its phases wrapped → (timers, steps, s, outputs)."""
     t = Timers()
     ex = engine.executor
     ex.execute = t.wrap(_rows, ex.execute)
@@ -106,7 +106,8 @@ def report(label: str, t: Timers, steps: int, seconds: float, tokens: int) -> di
     print(f"\n{label}: {steps} decode/verify steps, {tokens} tokens, {seconds:.2f} s, "
           f"{tokens / seconds:.1f} tok/s, τ {tokens / max(steps, 1):.3f}")
     for name, r in rows.items():
-        print(f"  {name:<32} {r['calls']:>6} calls {r['ms_per_call']:>8.2f} ms/call {r['ms_per_step']:>8.2f} ms/step")
+        print(f"  {name:<32} {r['calls']:>6} calls {r['ms_per_call']:>8.2f} ms/call "
+              f"{r['ms_per_step']:>8.2f} ms/step")
     return {"label": label, "steps": steps, "tokens": tokens, "seconds": seconds, "phases": rows}
 
 

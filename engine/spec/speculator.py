@@ -23,8 +23,8 @@ logger = logging.getLogger(__name__)
 
 
 def _each_layer(_layer: int) -> None:
-    """The layer hook of a capturing step: executors that cannot call per-layer hooks (CPU flat decode,
-    CUDA graphs) hand such a step to their eager path, where the capture's forward hooks run."""
+    """The layer hook of a capturing step on an executor that does not feed the capture itself (CUDA
+    graphs): it hands such a step to its eager path, where the capture's forward hooks run."""
 
 
 @dataclass
@@ -42,7 +42,7 @@ class Speculator:
     scheduler verifies in the next step.
 
     Only the head captures features; with method ngram steps run on whatever path they would without
-    speculation (verify steps are eager, engine/executors/).
+    speculation (bs1 verify steps on CPU run flat, elsewhere eager: engine/executors/).
     """
 
     def __init__(self, config: SpecConfig, model: LlamaModel, model_config: ModelConfig) -> None:
@@ -63,15 +63,25 @@ class Speculator:
         self._drafts: dict[str, _Draft] = {}
         self._features: torch.Tensor | None = None  # the last step's captured rows [T, F·H]
         self._rows: dict[str, tuple[int, int]] = {}  # request_id → (first row, rows) of its chunk then
+        self._fed: Executor | None = None  # the executor feeding the capture itself (attach)
 
     # ---- the step ----
+
+    def attach(self, executor: Executor) -> None:
+        """Executors that can hand the capture each layer's output themselves (the CPU flat executor's
+        `feed`) keep capturing steps on their fast path; the others get a layer hook that sends such a
+        step to their eager path, where the capture's forward hooks run."""
+        feed = getattr(executor, "feed", None)
+        if self.capture is not None and feed is not None:
+            feed(self.capture.keep)
+            self._fed = executor
 
     def execute(self, executor: Executor, batch: SchedulerOutput,
                 layer_hook: LayerHook | None = None) -> RunOutput:
         """Runs the step through `executor`, keeping the feature rows of each chunk when the head drafts."""
         if self.capture is None:
             return executor.execute(batch, layer_hook)
-        out = executor.execute(batch, layer_hook or _each_layer)
+        out = executor.execute(batch, layer_hook or (None if executor is self._fed else _each_layer))
         self._rows.clear()
         row = 0
         for chunk in batch.chunks:
@@ -142,6 +152,9 @@ class Speculator:
         """Removes the feature hooks from the model (engines sharing one model, benchmarks)."""
         if self.capture is not None:
             self.capture.close()
+        if self._fed is not None:
+            self._fed.feed(None)
+            self._fed = None
 
     # ---- internals ----
 

@@ -36,6 +36,11 @@ class LayerCapture:
             self._kept[index] = h + residual
         return keep
 
+    def keep(self, index: int, stream: torch.Tensor) -> None:
+        """Layer `index`'s output stream from a path that runs no module hooks (the CPU flat executor)."""
+        if index in self.layers:
+            self._kept[index] = stream
+
     def take(self) -> torch.Tensor:
         missing = [i for i in self.layers if i not in self._kept]
         if missing:
