@@ -31,6 +31,7 @@ from engine.spec.config import SpecConfig
 from engine.spec.head_drafter import HeadDrafter
 from engine.spec.ngram import NgramDrafter
 from engine.tokenizer import Tokenizer
+from kernels.attention.metadata import AttentionMetadata, SeqSpan
 
 
 class Timers:
@@ -111,6 +112,48 @@ def report(label: str, t: Timers, steps: int, seconds: float, tokens: int) -> di
     return {"label": label, "steps": steps, "tokens": tokens, "seconds": seconds, "phases": rows}
 
 
+def step_costs(engine: LLMEngine, prompt: list[int], max_rows: int, reps: int) -> list[dict]:
+    """ms per forward of one sequence at 1..max_rows rows (the last token + drafts), each path timed
+    round-robin over `reps` rounds (medians), so a shared box's load swings hit every path alike:
+    the flat bs1 step (+ 1 LM-head row), the eager forward (+ every row's LM head: the old verify path),
+    FlatRows (+ 1 LM-head row, the lazy head's cost when the first draft is rejected)."""
+    ex = engine.executor
+    model, kv = ex.eager.model, ex.eager.kv_cache
+    position, drafts = len(prompt), [int(t) for t in prompt[:max_rows - 1]]
+    first_block = 0
+
+    def flat() -> None:
+        model.compute_logits(ex.flat(prompt[-1], position, first_block))
+
+    def eager(rows: int) -> None:
+        end = position + rows
+        span = SeqSpan(0, rows, end, tuple(range(-(-end // kv.block_size))), 0)
+        meta = AttentionMetadata.from_spans([span], list(range(position, end)), kv.block_size)
+        tokens = torch.tensor([prompt[-1], *drafts[:rows - 1]])
+        model.compute_logits(model(tokens, torch.arange(position, end), meta, kv))
+
+    def rows_path(rows: int) -> None:
+        model.compute_logits(ex.rows([prompt[-1], *drafts[:rows - 1]], position, first_block)[:1])
+
+    paths: dict[str, Callable[[], None]] = {"flat bs1 step": flat}
+    for rows in range(1, max_rows + 1):
+        paths[f"eager, {rows} rows, all LM-head rows"] = lambda r=rows: eager(r)
+        paths[f"FlatRows, {rows} rows, 1 LM-head row"] = lambda r=rows: rows_path(r)
+    times: dict[str, list[float]] = defaultdict(list)
+    with torch.inference_mode():
+        for _ in range(reps + 1):  # the first round warms up (and packs FlatRows' weights)
+            for name, fn in paths.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    out = []
+    for name, ts in times.items():
+        ms = 1e3 * sorted(ts[1:])[len(ts[1:]) // 2]
+        out.append({"path": name, "ms": round(ms, 2)})
+        print(f"  {name:<40} {ms:8.2f} ms")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompts", type=int, default=4)
@@ -121,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fixed-k", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path)
+    p.add_argument("--step-costs", type=int, default=0, metavar="REPS",
+                   help="also time one forward per path and row count, REPS rounds (medians)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = load_model(None, dtype="float32", device="cpu")
@@ -142,8 +187,14 @@ def main(argv: list[str] | None = None) -> int:
         label = spec.describe()
         results.append(report(label, t, steps, seconds, tokens) | {"greedy_identical": outputs == reference})
         print(f"  greedy identical to off: {outputs == reference}")
+    costs = []
+    if args.step_costs:
+        engine = LLMEngine(EngineConfig(device="cpu", dtype="float32", num_kv_blocks=blocks, max_num_seqs=1),
+                           model=model)
+        print(f"\nstep costs at position {len(prompts[0])}, medians of {args.step_costs} rounds:")
+        costs = step_costs(engine, prompts[0], args.k + 1, args.step_costs)
     if args.json is not None:
-        args.json.write_text(json.dumps({"runs": results, "prompts": args.prompts,
+        args.json.write_text(json.dumps({"runs": results, "step_costs": costs, "prompts": args.prompts,
                                          "max_tokens": args.max_tokens, "threads": args.threads}, indent=2))
     return 0
 

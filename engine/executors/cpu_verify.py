@@ -23,7 +23,8 @@ _ROWS_HINT = 6
 class RowsLinear:
     """A ColumnBlockLinear's weight for T-row GEMMs: oneDNN's packed layout where torch has it (at 6 rows
     ~2× faster than MKL's sgemm on this AMD EPYC, where the GEMM, not the weight stream, bounds a verify
-    step), else a bmm over the column blocks as FlatDecoder._gemv does. The packed copy costs one more
+    step), else — and for one row, where the GEMV is faster — a bmm over the column blocks as
+    FlatDecoder._gemv does. The packed copy costs one more
     copy of the projection weights (~420 MB fp32 for the embedded model), made only when a verify or
     capturing step first runs (the flat bs1 step keeps using the column blocks)."""
 
@@ -35,7 +36,7 @@ class RowsLinear:
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, in] → x Wᵀ [T, out] (+ residual)."""
-        if self.packed is not None:
+        if self.packed is not None and x.shape[0] > 1:  # one row: the column-block GEMV is faster
             out = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
             return out if residual is None else out.add_(residual)
         linear = self.linear
