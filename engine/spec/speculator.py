@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,7 @@ from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
 from engine.spec.adaptive import AdaptiveK
 from engine.spec.config import SpecConfig
+from engine.spec.cost_model import StepCosts
 from engine.spec.draft_head import DEFAULT_HEAD_PATH, DraftHead
 from engine.spec.drafter import Drafter
 from engine.spec.head_drafter import HeadDrafter
@@ -64,6 +66,8 @@ class Speculator:
         self._features: torch.Tensor | None = None  # the last step's captured rows [T, F·H]
         self._rows: dict[str, tuple[int, int]] = {}  # request_id → (first row, rows) of its chunk then
         self._fed: Executor | None = None  # the executor feeding the capture itself (attach)
+        # Measured step and drafting costs: adaptive k drafts only what pays (engine/spec/adaptive.py).
+        self.costs = StepCosts() if config.adaptive else None
 
     # ---- the step ----
 
@@ -79,9 +83,17 @@ class Speculator:
     def execute(self, executor: Executor, batch: SchedulerOutput,
                 layer_hook: LayerHook | None = None) -> RunOutput:
         """Runs the step through `executor`, keeping the feature rows of each chunk when the head drafts."""
+        start = time.perf_counter()
         if self.capture is None:
-            return executor.execute(batch, layer_hook)
-        out = executor.execute(batch, layer_hook or (None if executor is self._fed else _each_layer))
+            out = executor.execute(batch, layer_hook)
+        else:
+            out = executor.execute(batch, layer_hook or (None if executor is self._fed else _each_layer))
+        decoding = [c for c in batch.chunks if c.start >= c.seq.num_prompt_tokens]
+        if self.costs is not None and decoding and len(decoding) == len(batch.chunks):
+            self.costs.observe_step(len(decoding), sum(len(c.draft_token_ids) for c in decoding),
+                                    time.perf_counter() - start)
+        if self.capture is None:
+            return out
         self._rows.clear()
         row = 0
         for chunk in batch.chunks:
@@ -94,6 +106,9 @@ class Speculator:
         """After the scheduler's postprocess: drafters learn what each sampling chunk accepted, then draft."""
         for seq in batch.preempted:
             self._drafts.pop(seq.request_id, None)
+        sequences = len(batch.chunks)
+        learned = drafted = 0
+        learn_s = draft_s = 0.0
         for chunk in batch.chunks:
             seq = chunk.seq
             if seq.status is not SequenceStatus.RUNNING:  # finished or aborted: its drafter goes too
@@ -106,11 +121,17 @@ class Speculator:
                 kept = seq.num_tokens - chunk.output_start - 1  # postprocess appended kept drafts + 1
                 state.length.update(len(chunk.draft_token_ids), kept)
             features = self._chunk_features(seq.request_id, seq.num_tokens - 1 - chunk.start)
+            t0 = time.perf_counter()
             if state is None or not self._learn(state.drafter, seq, chunk.start, features):
                 state = self._start(seq, chunk.start, features)
                 if state is None:
                     continue
-            self._propose(seq, state)
+            t1 = time.perf_counter()
+            self._propose(seq, state, sequences)
+            learned, drafted = learned + 1, drafted + len(seq.draft_token_ids)
+            learn_s, draft_s = learn_s + t1 - t0, draft_s + time.perf_counter() - t1
+        if self.costs is not None:
+            self.costs.observe_drafting(learned, drafted, learn_s, draft_s)
         self._features = None
 
     # ---- sequences arriving and leaving ----
@@ -127,10 +148,10 @@ class Speculator:
             drafter = HeadDrafter(self.head, self.embed, first_position=seq.num_tokens - 2,
                                   sampling=seq.sampling)
             drafter.accept_fused(seq.token_ids, fused_features.reshape(1, -1))
-            state = _Draft(drafter, AdaptiveK(self.config.k, self.config.adaptive))
+            state = _Draft(drafter, self._length())
             self._drafts[seq.request_id] = state
         if state is not None:
-            self._propose(seq, state)
+            self._propose(seq, state, max(self.num_drafting, 1))
 
     def drop(self, request_id: str) -> None:
         self._drafts.pop(request_id, None)
@@ -181,17 +202,20 @@ class Speculator:
         else:
             drafter = HeadDrafter(self.head, self.embed, first_position=start, sampling=seq.sampling)
             drafter.accept(seq.token_ids, features)
-        state = _Draft(drafter, AdaptiveK(self.config.k, self.config.adaptive))
+        state = _Draft(drafter, self._length())
         self._drafts[seq.request_id] = state
         return state
 
-    def _propose(self, seq: Sequence, state: _Draft) -> None:
+    def _length(self) -> AdaptiveK:
+        return AdaptiveK(self.config.k, self.config.adaptive, costs=self.costs)
+
+    def _propose(self, seq: Sequence, state: _Draft, sequences: int) -> None:
         # The target's own token after the drafts is free: drafting up to max_tokens - 1 ahead wastes none.
-        room = seq.sampling.max_tokens - seq.num_output_tokens - 1
-        if room <= 0:
+        room = min(seq.sampling.max_tokens - seq.num_output_tokens - 1, state.length.next(sequences))
+        if room <= 0:  # no room, or drafts would not pay for themselves now: a plain step
             seq.draft_token_ids, seq.draft_probs = [], None
             return
-        seq.draft_token_ids = state.drafter.propose(min(state.length.k, room))
+        seq.draft_token_ids = state.drafter.propose(room)
         seq.draft_probs = state.drafter.draft_probs  # sampled drafts (head, T > 0): rejection-sampled
 
 
