@@ -1,6 +1,7 @@
 """CPU bs1 verify steps: FlatDecoder's math over the k + 1 rows of one sequence, and a lazy LM head."""
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -18,6 +19,8 @@ LayerKeep = Callable[[int, torch.Tensor], None]
 # The verify rows' GEMMs are packed once for this many rows: oneDNN picks its blocking from the hint, and
 # the packed weight serves any row count (a verify step has 1..k + 1 rows).
 _ROWS_HINT = 6
+# One packed copy per model projection, shared by every engine over that model (benchmarks build many).
+_PACKED: weakref.WeakKeyDictionary[ColumnBlockLinear, torch.Tensor] = weakref.WeakKeyDictionary()
 
 
 class RowsLinear:
@@ -32,7 +35,10 @@ class RowsLinear:
         self.linear = linear
         self.packed: torch.Tensor | None = None
         if torch.backends.mkldnn.is_available():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.contiguous(), _ROWS_HINT)
+            if linear not in _PACKED:
+                _PACKED[linear] = torch.ops.mkldnn._reorder_linear_weight(linear.weight.contiguous(),
+                                                                          _ROWS_HINT)
+            self.packed = _PACKED[linear]
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, in] → x Wᵀ [T, out] (+ residual)."""
