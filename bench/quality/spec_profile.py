@@ -3,12 +3,13 @@
     python -m bench.quality.spec_profile [--prompts N] [--max-tokens N] [--k K] [--drafters ngram head]
                                          [--head PATH] [--fixed-k] [--threads 1] [--json OUT]
 
-The first N built-in chat prompts run one after the other (batch 1, T = 0) with speculation off, then with
-each drafter, all engines sharing one loaded model. Each engine phase is timed by wrapping the object that
-runs it: the executor's forward (split by rows per step: a 1-row decode step or a (k + 1)-row verify step),
-the speculator's feature capture (`LayerCapture.take`), the drafter's `accept` and `propose` (the head's
-forwards), the rest of the speculator's `after_step` (its Python), and the scheduler's schedule and
-postprocess (which rolls rejected drafts back). Times are ms per step of one sequence, means over the run.
+The first N built-in chat prompts run one at a time (batch 1, T = 0), each with speculation off and then
+with each drafter (round-robin: a fresh engine per prompt and setting, all over one loaded model). Each
+engine phase is timed by wrapping the object that runs it: the executor's forward (split by rows per step:
+a 1-row decode step or a (k + 1)-row verify step), the speculator's feature capture (`LayerCapture.take`),
+the drafter's `accept` and `propose` (the head's forwards), the rest of the speculator's `after_step` (its
+Python), and the scheduler's schedule and postprocess (which rolls rejected drafts back). Times are ms per
+step of one sequence, means over the run.
 """
 from __future__ import annotations
 
@@ -61,9 +62,8 @@ def _rows(batch, *_args) -> str:
     return "prefill" if prefill else ("forward, 1 row" if n == 1 else "forward, verify")
 
 
-def profile(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> tuple[Timers, int, float, list]:
-    """The prompts one at a time through `engine`, its phases wrapped → (timers, steps, s, outputs)."""
-    t = Timers()
+def profile(engine: LLMEngine, prompt: list[int], max_tokens: int, t: Timers) -> tuple[int, float, list[int]]:
+    """One prompt through `engine`, its phases timed into `t` → (decode/verify steps, seconds, output)."""
     ex = engine.executor
     ex.execute = t.wrap(_rows, ex.execute)
     sched = engine.scheduler
@@ -80,20 +80,18 @@ def profile(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> tup
                 original = getattr(cls, name)
                 patched.append((cls, name, original))
                 setattr(cls, name, t.wrap(f"drafter {name}", original))
-    outputs, steps = [], 0
+    steps = 0
     start = time.perf_counter()
     try:
-        for i, prompt in enumerate(prompts):
-            seq = engine.add_request(f"p{i}", prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0))
-            while engine.has_work():
-                batch = engine.schedule()
-                engine.postprocess(batch, engine.execute(batch))
-                steps += sum(1 for c in batch.chunks if c.num_sampled and c.start >= c.seq.num_prompt_tokens)
-            outputs.append(seq.output_token_ids)
+        seq = engine.add_request("p", prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+        while engine.has_work():
+            batch = engine.schedule()
+            engine.postprocess(batch, engine.execute(batch))
+            steps += sum(1 for c in batch.chunks if c.num_sampled and c.start >= c.seq.num_prompt_tokens)
     finally:
         for cls, name, original in patched:
             setattr(cls, name, original)
-    return t, steps, time.perf_counter() - start, outputs
+    return steps, time.perf_counter() - start, seq.output_token_ids
 
 
 def report(label: str, t: Timers, steps: int, seconds: float, tokens: int) -> dict:
@@ -175,18 +173,27 @@ def main(argv: list[str] | None = None) -> int:
     specs = [SpecConfig()] + [SpecConfig(d, k=args.k, head_path=str(args.head) if d == "head" and args.head
                                          else None, adaptive=not args.fixed_k) for d in args.drafters]
     blocks = -(-(max(map(len, prompts)) + args.max_tokens + args.k + 1) // 16) + 16
-    results, reference = [], None
-    for spec in specs:
-        engine = LLMEngine(EngineConfig(device="cpu", dtype="float32", num_kv_blocks=blocks, max_num_seqs=1,
-                                        spec=spec), model=model)
-        t, steps, seconds, outputs = profile(engine, prompts, args.max_tokens)
-        if engine.speculator is not None:
-            engine.speculator.close()
-        reference = outputs if reference is None else reference
-        tokens = sum(len(o) - 1 for o in outputs)  # the first token comes from the prefill step
-        label = spec.describe()
-        results.append(report(label, t, steps, seconds, tokens) | {"greedy_identical": outputs == reference})
-        print(f"  greedy identical to off: {outputs == reference}")
+    timers = [Timers() for _ in specs]
+    steps, seconds = [0] * len(specs), [0.0] * len(specs)
+    outputs: list[list[list[int]]] = [[] for _ in specs]
+    # Round-robin: each prompt through every setting in turn, so a shared box's load swings hit all alike.
+    for prompt in prompts:
+        for i, spec in enumerate(specs):
+            config = EngineConfig(device="cpu", dtype="float32", num_kv_blocks=blocks, max_num_seqs=1,
+                                  spec=spec)
+            engine = LLMEngine(config, model=model)
+            n, s, out = profile(engine, prompt, args.max_tokens, timers[i])
+            if engine.speculator is not None:
+                engine.speculator.close()
+            steps[i], seconds[i] = steps[i] + n, seconds[i] + s
+            outputs[i].append(out)
+    results = []
+    for i, spec in enumerate(specs):
+        tokens = sum(len(o) - 1 for o in outputs[i])  # the first token comes from the prefill step
+        same = outputs[i] == outputs[0]
+        row = report(spec.describe(), timers[i], steps[i], seconds[i], tokens)
+        results.append(row | {"greedy_identical": same})
+        print(f"  greedy identical to off: {same}")
     costs = []
     if args.step_costs:
         engine = LLMEngine(EngineConfig(device="cpu", dtype="float32", num_kv_blocks=blocks, max_num_seqs=1),
