@@ -83,15 +83,16 @@ class Speculator:
     def execute(self, executor: Executor, batch: SchedulerOutput,
                 layer_hook: LayerHook | None = None) -> RunOutput:
         """Runs the step through `executor`, keeping the feature rows of each chunk when the head drafts."""
-        start = time.perf_counter()
+        began = time.perf_counter()
         if self.capture is None:
             out = executor.execute(batch, layer_hook)
         else:
             out = executor.execute(batch, layer_hook or (None if executor is self._fed else _each_layer))
         decoding = [c for c in batch.chunks if c.start >= c.seq.num_prompt_tokens]
         if self.costs is not None and decoding and len(decoding) == len(batch.chunks):
-            self.costs.observe_step(len(decoding), sum(len(c.draft_token_ids) for c in decoding),
-                                    time.perf_counter() - start)
+            seconds = time.perf_counter() - began
+            verifying = [len(c.draft_token_ids) for c in decoding if c.draft_token_ids]
+            self.costs.observe_step(len(decoding), len(verifying), sum(verifying), seconds)
         if self.capture is None:
             return out
         self._rows.clear()

@@ -5,11 +5,11 @@ from engine.spec.adaptive import AdaptiveK
 from engine.spec.cost_model import StepCosts
 
 
-def costs_of(plain: float, per_row: float, per_seq: float = 0.0, draft: float = 0.0) -> StepCosts:
+def costs_of(plain: float, per_row: float, verify: float = 0.0, draft: float = 0.0) -> StepCosts:
     costs = StepCosts()
     for step in range(16):
         drafts = step % 6  # 0..5 draft rows at batch 1
-        costs.observe_step(1, drafts, plain + per_seq + per_row * drafts)
+        costs.observe_step(1, int(drafts > 0), drafts, plain + verify * (drafts > 0) + per_row * drafts)
     costs.observe_drafting(1, 5, 0.0, 5 * draft)
     return costs
 
@@ -17,7 +17,7 @@ def costs_of(plain: float, per_row: float, per_seq: float = 0.0, draft: float = 
 def test_no_estimate_until_the_drafts_vary() -> None:
     costs = StepCosts()
     for _ in range(20):
-        costs.observe_step(1, 5, 0.1)
+        costs.observe_step(1, 1, 5, 0.1)
     assert costs.draft_length(0.9, 1, 5) is None
 
 
@@ -29,6 +29,10 @@ def test_draft_length_is_where_acceptance_to_the_j_stops_paying_for_a_row() -> N
     assert costs.draft_length(0.4, 1, 5) == 0  # not even the first draft pays
     # Nearly free rows (a GPU verify): even a poor drafter drafts.
     assert costs_of(0.01, 0.0001).draft_length(0.3, 1, 5) == 3
+    # A fixed cost of verifying at all (this CPU: the first extra row costs most): one draft never pays
+    # at acceptance 0.5, three do; at 0.4 none.
+    assert costs_of(0.035, 0.003, verify=0.02).draft_length(0.5, 1, 5) == 3
+    assert costs_of(0.035, 0.003, verify=0.02).draft_length(0.4, 1, 5) == 0
     # Drafting time counts as part of a row's cost.
     assert costs_of(0.046, 0.02, draft=0.03).draft_length(0.9, 1, 5) == 0
 
