@@ -115,10 +115,8 @@ class LLMEngine:
         # After the executor: its CUDA graphs are captured before the draft head's feature hooks exist.
         self.speculator = (Speculator(config.spec, self.model, self.model_config)
                            if config.spec.enabled else None)
-        if self.speculator is not None and self.speculator.capture is not None:
-            self.speculator.features_in_graphs = self.executor.keep_features(self.speculator.capture)
-            if self.speculator.features_in_graphs:  # a CUDA-graphed engine: the head drafts in graphs too
-                self.speculator.draft_in_graphs(config.max_num_seqs, max_model_len)
+        if self.speculator is not None:
+            self.speculator.attach(self.executor, config.max_num_seqs, max_model_len)
         self._ids = itertools.count()
         self._kv_heads: KVHeadMap | None = None  # built on first use (TP KV exports and loads)
         logger.info("engine ready: %s, %s, %s", self.model_config.name, self.kv_cache,

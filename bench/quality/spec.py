@@ -12,8 +12,11 @@ decode or verify step of a sequence (accepted drafts + the target's own token); 
 wall seconds of the whole run (prefill included, the same for every row); speedup = tokens/s over the
 speculation-off run of the same batch size in the same process; greedy_identical = every output equals the
 speculation-off output (at T > 0, seeded per request: the same draws for n-gram; the head samples its
-drafts then, so its text differs by design, its distribution does not). Offline acceptance for comparing
-heads without the engine: `python -m bench.quality.spec_offline`.
+drafts then, so its text differs by design, its distribution does not). `--time-budget` (default 540 s
+of measuring, within the issue's 10 minutes with the model load) starts no group of prompts that would end
+past it: on a loaded box fewer prompts are measured — every setting the same ones, the count in each row —
+rather than the run overrunning. Offline acceptance for comparing heads without the engine:
+`python -m bench.quality.spec_offline`. Where a step's time goes: `python -m bench.quality.spec_profile`.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from bench.quality.spec_offline import PROMPTS
 from contracts.sampling import SamplingParams
@@ -75,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu, or cuda (bfloat16 model, decode in CUDA graphs)")
     p.add_argument("--model", default=None, help="target GGUF / HF dir (default: the embedded SmolLM2)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--time-budget", type=float, default=540.0,
+                   help="seconds of measuring, all batch sizes (0: no limit); no group starts that would "
+                        "end past it: a loaded box measures fewer prompts, every setting the same ones")
     args = p.parse_args(argv)
     if args.temperature < 0 or args.max_tokens < 1 or min(args.batch) < 1 or min(args.k) < 1:
         p.error("need --temperature >= 0, --max-tokens >= 1, --batch >= 1 and --k >= 1")
@@ -117,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
                    adaptive=not args.fixed_k)
         for drafter, k in itertools.product(args.drafters, args.k)]
     runs: list[dict] = []
+    started = time.perf_counter()
+    total = sum(max(len(texts), b) for b in args.batch)
+    bar = tqdm(total=total * len(specs), unit="prompt-run", desc="spec bench", file=sys.stderr)
+    stopped = False
     for batch in args.batch:
         # At least one full batch: the gain at batch B is measured with B sequences decoding.
         chosen = list(itertools.islice(itertools.cycle(texts), max(len(texts), batch)))
@@ -125,10 +136,16 @@ def main(argv: list[str] | None = None) -> int:
                     for i in range(len(prompts))]
         blocks = batch * (-(-(max(map(len, prompts)) + args.max_tokens + max(args.k) + 1) // 16)) + 16
         totals: list[Measured | None] = [None] * len(specs)
+        rows: list[dict] = []
+        group_seconds: list[float] = []
         # Round-robin over the settings, one group of `batch` prompts at a time: on a shared, noisy box each
         # setting then sees the same load swings (one setting after the other would compare two moments).
         for first in range(0, len(prompts), batch):
             group = slice(first, first + batch)
+            if over_budget(args.time_budget, started, group_seconds):
+                stopped = True
+                break
+            group_start = time.perf_counter()
             for i, spec in enumerate(specs):
                 engine = LLMEngine(EngineConfig(device=args.device, dtype=dtype, num_kv_blocks=blocks,
                                                 max_num_seqs=batch, spec=spec), model=model)
@@ -136,18 +153,27 @@ def main(argv: list[str] | None = None) -> int:
                 if engine.speculator is not None:
                     engine.speculator.close()  # its feature hooks stay off the next engine's forwards
                 totals[i] = got if totals[i] is None else totals[i].plus(got)
+                bar.update(len(prompts[group]))
+            group_seconds.append(time.perf_counter() - group_start)
             done = min(first + batch, len(prompts))
-            print(f"batch {batch}: {done} of {len(prompts)} prompts", file=sys.stderr)
-            rows = [row(spec, batch, got, totals[0]) for spec, got in zip(specs[1:], totals[1:], strict=True)]
+            rows = [row(spec, batch, got, totals[0]) | {"prompts": done}
+                    for spec, got in zip(specs[1:], totals[1:], strict=True)]
             if args.json is not None:  # after every group: a long sweep cut short keeps what it measured
                 write_json(args, runs + rows, done)
         runs += rows
+        if stopped:
+            break
+    bar.close()
+    if stopped:
+        print(f"time budget {args.time_budget:.0f} s reached: rows measured on the prompts shown per row "
+              "(every setting on the same ones); batch sizes after the last row not run", file=sys.stderr)
     print(f"{len(texts)} prompts, ≤ {args.max_tokens} tokens, T = {args.temperature}, "
           f"{args.threads} thread(s), adaptive k {'off' if args.fixed_k else 'on'}")
-    print(f"{'drafter':<8} {'k':>2} {'batch':>5} {'tau':>6} {'accepted/drafted':>17} {'tok/s':>8} "
-          f"{'off tok/s':>9} {'speedup':>8} {'identical':>9}")
+    print(f"{'drafter':<8} {'k':>2} {'batch':>5} {'prompts':>7} {'tau':>6} {'accepted/drafted':>17} "
+          f"{'tok/s':>8} {'off tok/s':>9} {'speedup':>8} {'identical':>9}")
     for r in runs:
-        print(f"{r['drafter']:<8} {r['k']:>2} {r['batch']:>5} {r['tau']:>6.3f} {r['acceptance']:>17.3f} "
+        print(f"{r['drafter']:<8} {r['k']:>2} {r['batch']:>5} {r['prompts']:>7} {r['tau']:>6.3f} "
+              f"{r['acceptance']:>17.3f} "
               f"{r['tokens_per_s']:>8.1f} {r['baseline_tokens_per_s']:>9.1f} {r['speedup']:>7.2f}x "
               f"{str(r['greedy_identical']):>9}")
     for spec in specs[1:]:
@@ -156,6 +182,15 @@ def main(argv: list[str] | None = None) -> int:
         if slower:
             print(f"{spec.method} k={spec.k}: below 1x from batch {min(slower)}")
     return 0
+
+
+def over_budget(budget: float, started: float, group_seconds: list[float]) -> bool:
+    """Whether one more group, at this batch size's mean group time so far, would end past `budget`
+    seconds of run (the first group of a batch size starts while any budget is left)."""
+    if budget <= 0:
+        return False
+    mean = sum(group_seconds) / len(group_seconds) if group_seconds else 0.0
+    return time.perf_counter() - started + mean > budget
 
 
 def row(spec: SpecConfig, batch: int, got: Measured, plain: Measured) -> dict:

@@ -1,45 +1,75 @@
-"""CPU flat executor: one-sequence decode steps over consecutive blocks run FlatDecoder; the rest eagerly."""
+"""CPU flat executor: bs1 decode and verify steps over consecutive blocks run flat; the rest eagerly."""
 from __future__ import annotations
 
 import torch
 
 from engine.cpu_decode import FlatDecoder
 from engine.executor import Executor, SampledStep
+from engine.executors.batch_inputs import SamplingRows
+from engine.executors.cpu_verify import FlatRows, LayerKeep, sample_lazily
 from engine.executors.eager import EagerExecutor
+from engine.executors.verify_sampling import sample_rows
 from engine.model import LayerHook
 from engine.sampler import sample
-from engine.scheduler import SchedulerOutput
+from engine.scheduler import ScheduledChunk, SchedulerOutput
 
 
 class CpuFlatExecutor(Executor):
-    """bs1 decode on CPU through `flat` (the model's own weights, the same math in fewer torch calls);
-    several sequences, prefill or verify chunks, a layer hook or scattered KV blocks go to `eager`."""
+    """bs1 decode on CPU through `flat` (the model's own weights, the same math in fewer torch calls), and
+    bs1 verify chunks (the last token + drafts) through FlatRows over the same weights; several sequences,
+    prefill chunks, a layer hook or scattered KV blocks go to `eager`.
+
+    `keep`: set by a draft head's speculator (`feed`); flat steps then hand it each layer's output, as the
+    head's forward hooks would see it on the eager path, so capturing steps need not leave the flat path.
+    """
 
     def __init__(self, flat: FlatDecoder, eager: EagerExecutor) -> None:
         self.flat = flat
+        self.rows = FlatRows(flat)
         self.eager = eager
+        self.keep: LayerKeep | None = None
 
-    def flat_hidden(self, batch: SchedulerOutput, layer_hook: LayerHook | None = None) -> torch.Tensor | None:
-        """Hidden state [1, H] of a bs1 decode step run flat; None (nothing computed) if it does not fit."""
+    def feed(self, keep: LayerKeep | None) -> None:
+        self.keep = keep
+
+    def _flat_chunk(self, batch: SchedulerOutput,
+                    layer_hook: LayerHook | None) -> tuple[ScheduledChunk, int] | None:
+        """(the chunk, its first cache slot) of a bs1 step whose every row samples (decode or verify) over
+        consecutive KV blocks; None for anything the eager path runs."""
         if layer_hook is not None or len(batch.chunks) != 1:
             return None
         chunk = batch.chunks[0]
-        if chunk.num_new_tokens != 1:
-            return None
-        seq, position, block_size = chunk.seq, chunk.start, self.eager.kv_cache.block_size
-        num_blocks = position // block_size + 1
+        if chunk.num_sampled != chunk.num_new_tokens:
+            return None  # prefill chunks: the eager path (paged attention over the prompt)
+        seq, block_size = chunk.seq, self.eager.kv_cache.block_size
+        num_blocks = (chunk.start + chunk.num_new_tokens - 1) // block_size + 1
         blocks = seq.block_table[:num_blocks]
         first = blocks[0] if blocks else 0
         if len(blocks) < num_blocks or blocks != list(range(first, first + num_blocks)):
             return None  # the eager path gathers scattered blocks (and reports a short table)
-        return self.flat(seq.token_ids[position], position, first * block_size)
+        return chunk, first * block_size
+
+    def flat_hidden(self, batch: SchedulerOutput, layer_hook: LayerHook | None = None) -> torch.Tensor | None:
+        """Hidden state [1, H] of a bs1 decode step run flat; None (nothing computed) if it does not fit."""
+        found = self._flat_chunk(batch, layer_hook)
+        if found is None or found[0].num_new_tokens != 1:
+            return None
+        chunk, first_slot = found
+        return self.flat(chunk.seq.token_ids[chunk.start], chunk.start, first_slot)
 
     def launch(self, batch: SchedulerOutput, layer_hook: LayerHook | None = None) -> SampledStep | None:
-        hidden = self.flat_hidden(batch, layer_hook)
-        if hidden is None:
+        found = self._flat_chunk(batch, layer_hook)
+        if found is None:
             return self.eager.launch(batch, layer_hook)
-        seq = batch.chunks[0].seq
-        if not batch.chunks[0].num_sampled:
-            return None
-        logits = self.eager.model.compute_logits(hidden)
-        return SampledStep(sample(logits, [seq.sampling], [seq.num_tokens]), (seq,), hidden)
+        chunk, first_slot = found
+        seq, n = chunk.seq, chunk.num_new_tokens
+        if n == 1 and self.keep is None:  # the plain bs1 step: FlatDecoder, unchanged
+            hidden = self.flat(seq.token_ids[chunk.start], chunk.start, first_slot)
+            logits = self.eager.model.compute_logits(hidden)
+            return SampledStep(sample(logits, [seq.sampling], [seq.num_tokens]), (seq,), hidden)
+        hidden = self.rows(chunk.token_ids, chunk.start, first_slot, self.keep)
+        if chunk.draft_probs is not None:  # sampled drafts: rejection-sampled over all rows together
+            token_ids = sample_rows(self.eager.model.compute_logits(hidden), SamplingRows.of(batch.chunks))
+        else:
+            token_ids = torch.tensor(sample_lazily(self.eager.model.compute_logits, hidden, chunk))
+        return SampledStep(token_ids, (seq,), hidden[-1:], None if n == 1 else (n,))

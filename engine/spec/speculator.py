@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,7 @@ from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
 from engine.spec.adaptive import AdaptiveK
 from engine.spec.config import SpecConfig
+from engine.spec.cost_model import StepCosts
 from engine.spec.draft_head import DEFAULT_HEAD_PATH, DraftHead
 from engine.spec.drafter import Drafter
 from engine.spec.head_drafter import HeadDrafter
@@ -24,8 +26,9 @@ logger = logging.getLogger(__name__)
 
 
 def _each_layer(_layer: int) -> None:
-    """The layer hook of a capturing step: executors that cannot call per-layer hooks (CPU flat decode,
-    CUDA graphs) hand such a step to their eager path, where the capture's forward hooks run."""
+    """The layer hook of a capturing step on an executor that neither feeds the capture itself (CPU flat)
+    nor outputs the features from its graphs (CUDA verify graphs): it hands such a step to its eager path,
+    where the capture's forward hooks run."""
 
 
 @dataclass
@@ -43,8 +46,8 @@ class Speculator:
     scheduler verifies in the next step.
 
     Only the head captures features; with method ngram steps run on whatever path they would without
-    speculation (on CUDA, verify steps replay verify graphs, engine/verify_graphs.py, which output the
-    head's features too).
+    speculation (on CPU, bs1 verify steps run flat; on CUDA, verify steps replay verify graphs,
+    engine/verify_graphs.py, which output the head's features too; elsewhere eager: engine/executors/).
     """
 
     def __init__(self, config: SpecConfig, model: LlamaModel, model_config: ModelConfig) -> None:
@@ -62,22 +65,48 @@ class Speculator:
             self.capture = LayerCapture(model, self.head.config.feature_layers)
             logger.info("draft head %s: features of layers %s, %d draft ids", path,
                         self.head.config.feature_layers, self.head.config.draft_vocab_size)
-        # Set by the engine when its executor's verify graphs hand `capture` the features (CUDA).
-        self.features_in_graphs = False
-        self.draft_graphs: HeadDraftGraphs | None = None  # greedy head drafts in CUDA graphs
         self._drafts: dict[str, _Draft] = {}
         self._features: torch.Tensor | None = None  # the last step's captured rows [T, F·H]
         self._rows: dict[str, tuple[int, int]] = {}  # request_id → (first row, rows) of its chunk then
+        self._fed: Executor | None = None  # the executor feeding the capture itself (attach)
+        self.features_in_graphs = False  # the executor's graphs hand `capture` the features (attach)
+        self.draft_graphs: HeadDraftGraphs | None = None  # greedy head drafts in CUDA graphs
+        # Measured step and drafting costs: adaptive k drafts only what pays (engine/spec/adaptive.py).
+        self.costs = StepCosts() if config.adaptive else None
 
     # ---- the step ----
+
+    def attach(self, executor: Executor, max_num_seqs: int, max_len: int) -> None:
+        """Executors that can hand the capture each layer's output themselves keep capturing steps on their
+        fast path: the CPU flat executor's `feed`, CUDA graphs that output the features (`keep_features`;
+        the head then drafts in graphs too). The others get a layer hook that sends such a step to their
+        eager path, where the capture's forward hooks run."""
+        if self.capture is None:
+            return
+        feed = getattr(executor, "feed", None)
+        if feed is not None:
+            feed(self.capture.keep)
+            self._fed = executor
+        elif executor.keep_features(self.capture):
+            self.features_in_graphs = True
+            self.draft_in_graphs(max_num_seqs, max_len)
 
     def execute(self, executor: Executor, batch: SchedulerOutput,
                 layer_hook: LayerHook | None = None) -> RunOutput:
         """Runs the step through `executor`, keeping the feature rows of each chunk when the head drafts."""
+        began = time.perf_counter()
         if self.capture is None:
-            return executor.execute(batch, layer_hook)
-        # Graphs that output the features themselves need no hook (keep_features); others run it eagerly.
-        out = executor.execute(batch, layer_hook if self.features_in_graphs else layer_hook or _each_layer)
+            out = executor.execute(batch, layer_hook)
+        else:
+            fed = self.features_in_graphs or executor is self._fed
+            out = executor.execute(batch, layer_hook if fed else layer_hook or _each_layer)
+        decoding = [c for c in batch.chunks if c.start >= c.seq.num_prompt_tokens]
+        if self.costs is not None and decoding and len(decoding) == len(batch.chunks):
+            seconds = time.perf_counter() - began
+            verifying = [len(c.draft_token_ids) for c in decoding if c.draft_token_ids]
+            self.costs.observe_step(len(decoding), len(verifying), sum(verifying), seconds)
+        if self.capture is None:
+            return out
         self._rows.clear()
         row = 0
         for chunk in batch.chunks:
@@ -90,7 +119,9 @@ class Speculator:
         """After the scheduler's postprocess: drafters learn what each sampling chunk accepted, then draft."""
         for seq in batch.preempted:
             self._drafts.pop(seq.request_id, None)
+        sequences = len(batch.chunks)
         proposing: list[tuple[Sequence, _Draft]] = []
+        learn_s = 0.0
         for chunk in batch.chunks:
             seq = chunk.seq
             if seq.status is not SequenceStatus.RUNNING:  # finished or aborted: its drafter goes too
@@ -103,13 +134,18 @@ class Speculator:
                 kept = seq.num_tokens - chunk.output_start - 1  # postprocess appended kept drafts + 1
                 state.length.update(len(chunk.draft_token_ids), kept)
             features = self._chunk_features(seq.request_id, seq.num_tokens - 1 - chunk.start)
+            t0 = time.perf_counter()
             if state is None or not self._learn(state.drafter, seq, chunk.start, features):
                 state = self._start(seq, chunk.start, features)
                 if state is None:
                     continue
+            learn_s += time.perf_counter() - t0
             proposing.append((seq, state))
         self._features = None
-        self._propose_all(proposing)
+        t1 = time.perf_counter()
+        drafted = self._propose_all(proposing, sequences)
+        if self.costs is not None:
+            self.costs.observe_drafting(len(proposing), drafted, learn_s, time.perf_counter() - t1)
 
     # ---- sequences arriving and leaving ----
 
@@ -125,10 +161,10 @@ class Speculator:
             drafter = HeadDrafter(self.head, self.embed, first_position=seq.num_tokens - 2,
                                   sampling=seq.sampling)
             drafter.accept_fused(seq.token_ids, fused_features.reshape(1, -1))
-            state = _Draft(drafter, AdaptiveK(self.config.k, self.config.adaptive))
+            state = _Draft(drafter, self._length())
             self._drafts[seq.request_id] = state
         if state is not None:
-            self._propose(seq, state)
+            self._propose(seq, state, min(_room(seq), state.length.next(max(self.num_drafting, 1))))
 
     def draft_in_graphs(self, max_num_seqs: int, max_len: int) -> None:
         """CUDA: greedy head drafts come from one graph replay per step for the whole batch (HeadDraftGraphs,
@@ -158,6 +194,9 @@ class Speculator:
         """Removes the feature hooks from the model (engines sharing one model, benchmarks)."""
         if self.capture is not None:
             self.capture.close()
+        if self._fed is not None:
+            self._fed.feed(None)
+            self._fed = None
 
     # ---- internals ----
 
@@ -184,32 +223,37 @@ class Speculator:
         else:
             drafter = HeadDrafter(self.head, self.embed, first_position=start, sampling=seq.sampling)
             drafter.accept(seq.token_ids, features)
-        state = _Draft(drafter, AdaptiveK(self.config.k, self.config.adaptive))
+        state = _Draft(drafter, self._length())
         self._drafts[seq.request_id] = state
         return state
 
-    def _propose_all(self, proposing: list[tuple[Sequence, _Draft]]) -> None:
-        """Next drafts for each (seq, state); greedy head drafters all at once in the draft graphs, if any."""
+    def _length(self) -> AdaptiveK:
+        return AdaptiveK(self.config.k, self.config.adaptive, costs=self.costs)
+
+    def _propose_all(self, proposing: list[tuple[Sequence, _Draft]], sequences: int) -> int:
+        """Next drafts for each (seq, state), as many as its adaptive length asks (0: a plain step); greedy
+        head drafters all at once in the draft graphs, if any. Returns the drafts proposed."""
+        wanted = [(seq, state, min(_room(seq), state.length.next(sequences))) for seq, state in proposing]
         graphs = self.draft_graphs
         batched = [] if graphs is None else [
-            (seq, state) for seq, state in proposing
-            if isinstance(state.drafter, HeadDrafter) and graphs.serves(state.drafter) and _room(seq) > 0]
+            (seq, state, n) for seq, state, n in wanted
+            if n > 0 and isinstance(state.drafter, HeadDrafter) and graphs.serves(state.drafter)]
         if batched:
-            drafts = graphs.propose([state.drafter for _, state in batched])
-            for (seq, state), ids in zip(batched, drafts, strict=True):
+            drafts = graphs.propose([state.drafter for _, state, _ in batched])
+            for (seq, _, n), ids in zip(batched, drafts, strict=True):
                 # The first n of the graph's k drafts are what the drafter's propose(n) gives.
-                seq.draft_token_ids, seq.draft_probs = ids[:min(state.length.k, _room(seq))], None
-        done = {id(seq) for seq, _ in batched}
-        for seq, state in proposing:
+                seq.draft_token_ids, seq.draft_probs = ids[:n], None
+        done = {id(seq) for seq, _, _ in batched}
+        for seq, state, n in wanted:
             if id(seq) not in done:
-                self._propose(seq, state)
+                self._propose(seq, state, n)
+        return sum(len(seq.draft_token_ids) for seq, _, _ in wanted)
 
-    def _propose(self, seq: Sequence, state: _Draft) -> None:
-        room = _room(seq)
-        if room <= 0:
+    def _propose(self, seq: Sequence, state: _Draft, n: int) -> None:
+        if n <= 0:  # no room, or drafts would not pay for themselves now: a plain step
             seq.draft_token_ids, seq.draft_probs = [], None
             return
-        seq.draft_token_ids = state.drafter.propose(min(state.length.k, room))
+        seq.draft_token_ids = state.drafter.propose(n)
         seq.draft_probs = state.drafter.draft_probs  # sampled drafts (head, T > 0): rejection-sampled
 
 

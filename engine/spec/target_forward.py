@@ -42,6 +42,11 @@ class LayerCapture:
         replays run no hooks): the next `take()` returns them."""
         self._given = features
 
+    def keep(self, index: int, stream: torch.Tensor) -> None:
+        """Layer `index`'s output stream from a path that runs no module hooks (the CPU flat executor)."""
+        if index in self.layers:
+            self._kept[index] = stream
+
     def take(self) -> torch.Tensor:
         given, self._given = self._given, None
         if given is not None:

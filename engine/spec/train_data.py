@@ -47,6 +47,18 @@ _QUESTIONS = (
     "How are {} and {} related?",
     "Write a short dialogue between two friends about {} and {}.",
     "Give an everyday example of {} and one of {}.",
+    # Everyday chat shapes (how-to, lists, letters, stories, step-by-step answers): what a chat user asks,
+    # so the head sees the replies' openings and list formatting it must draft at serving time.
+    "How do I get started with {}?",
+    "Write a short poem about {}.",
+    "Tell me a short story about {} and {}.",
+    "Write a polite email asking a colleague about {}.",
+    "Describe {} in simple terms.",
+    "What should a beginner know about {}?",
+    "Explain how {} works, step by step.",
+    "List three ideas for a weekend project about {}.",
+    "What is the difference between {} and {}?",
+    "Give me a simple plan to learn about {} in a week.",
 )
 _STOPWORDS = frozenset(
     "about above after again against because before being below between both could does doing during each "

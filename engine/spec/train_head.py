@@ -51,8 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--draft-vocab", type=int, default=4096,
                    help="frequency-ranked target ids the head drafts")
     p.add_argument("--num-prompts", type=int, default=128, help="prompts drawn (or the first read)")
-    p.add_argument("--question-share", type=float, default=0.5,
-                   help="share of drawn prompts that are word-list questions (the rest doc paragraphs)")
+    p.add_argument("--question-share", type=float, default=0.8,
+                   help="share of drawn prompts that are chat-shaped word-list questions (the rest doc "
+                        "paragraphs); the evaluation prompts are chat requests")
     p.add_argument("--prompts-file", type=Path, default=None,
                    help="read the prompts from this --export-prompts file instead of drawing them here")
     p.add_argument("--export-prompts", type=Path, default=None,
@@ -66,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=128, help="reply length the target generates per prompt")
     p.add_argument("--steps", type=int, default=400, help="optimizer steps in all (a resumed run goes on)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--ttt-steps", type=int, default=3, help="unrolled draft steps per training position")
+    p.add_argument("--ttt-steps", type=int, default=5,
+                   help="unrolled draft steps per training position (as many as the drafts served: k = 5)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--prompt-context", type=int, default=64,
                    help="prompt tokens (the last ones) a training row may attend to")

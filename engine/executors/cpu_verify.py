@@ -1,0 +1,129 @@
+"""CPU bs1 verify steps: FlatDecoder's math over the k + 1 rows of one sequence, and a lazy LM head."""
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from engine.cpu_decode import ColumnBlockLinear, FlatDecoder
+from engine.sampler import sample
+from engine.scheduler import ScheduledChunk
+from kernels.store_kv.reference import store_kv_ref
+
+# (layer index, residual stream [T, H] after it): where a draft head's feature capture is fed.
+LayerKeep = Callable[[int, torch.Tensor], None]
+
+
+# The verify rows' GEMMs are packed once for this many rows: oneDNN picks its blocking from the hint, and
+# the packed weight serves any row count (a verify step has 1..k + 1 rows).
+_ROWS_HINT = 6
+# One packed copy per model projection, shared by every engine over that model (benchmarks build many).
+_PACKED: weakref.WeakKeyDictionary[ColumnBlockLinear, torch.Tensor] = weakref.WeakKeyDictionary()
+
+
+class RowsLinear:
+    """A ColumnBlockLinear's weight for T-row GEMMs: oneDNN's packed layout where torch has it (at 6 rows
+    ~2× faster than MKL's sgemm on this AMD EPYC, where the GEMM, not the weight stream, bounds a verify
+    step), else — and for one row, where the GEMV is faster — a bmm over the column blocks as
+    FlatDecoder._gemv does. The packed copy costs one more
+    copy of the projection weights (~420 MB fp32 for the embedded model), made only when a verify or
+    capturing step first runs (the flat bs1 step keeps using the column blocks)."""
+
+    def __init__(self, linear: ColumnBlockLinear) -> None:
+        self.linear = linear
+        self.packed: torch.Tensor | None = None
+        if torch.backends.mkldnn.is_available():
+            if linear not in _PACKED:
+                _PACKED[linear] = torch.ops.mkldnn._reorder_linear_weight(linear.weight.contiguous(),
+                                                                          _ROWS_HINT)
+            self.packed = _PACKED[linear]
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, in] → x Wᵀ [T, out] (+ residual)."""
+        if self.packed is not None and x.shape[0] > 1:  # one row: the column-block GEMV is faster
+            out = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+            return out if residual is None else out.add_(residual)
+        linear = self.linear
+        rows = x.view(x.shape[0], linear.parts, -1).transpose(0, 1)
+        if residual is None:
+            return torch.bmm(rows, linear.weight_blocks).sum(0)
+        return torch.baddbmm(residual, rows, linear.weight_blocks, beta=1.0 / linear.parts).sum(0)
+
+
+class FlatRows:
+    """T consecutive positions of one sequence (a verify chunk: the last token and its drafts) through the
+    flat decoder's weights and rotary tables, in ~40 torch calls a layer as its bs1 step; the eager forward
+    costs ~30 ms more per step at this model's size on this CPU (docs/benchmarks.md, speculation on CPU).
+
+    `keep`, when given, receives each layer's residual stream — the layer output a forward hook sees as
+    h + residual — so the draft head's feature capture needs no module hooks (which this path never calls).
+    Same math as LlamaModel.forward up to the order of fp32 roundings (tests/unit/test_cpu_verify_path.py).
+    """
+
+    def __init__(self, flat: FlatDecoder) -> None:
+        self.flat = flat
+        self._layers: list[tuple] | None = None  # per layer (w_in, qkv, o, w_post, gate_up, down), packed
+
+    def _packed_layers(self) -> list[tuple]:
+        if self._layers is None:
+            self._layers = [(w_in, RowsLinear(qkv), RowsLinear(o), w_post, RowsLinear(gate_up),
+                             RowsLinear(down)) for w_in, qkv, o, w_post, gate_up, down in self.flat.layers]
+        return self._layers
+
+    def __call__(self, token_ids: Sequence[int], position: int, first_slot: int,
+                 keep: LayerKeep | None = None) -> torch.Tensor:
+        """Final-normed hidden states [T, H] of `token_ids` at positions position.., whose context occupies
+        cache slots first_slot..first_slot + position + T - 1; stores their KV in every layer."""
+        f = self.flat
+        hq, hk, d = f.num_heads, f.num_kv_heads, f.head_dim
+        t, half, group, row = len(token_ids), d // 2, hq // hk, hk * d
+        seq_len = position + t
+        positions = torch.arange(position, seq_len)
+        cos, sin = f.model.rotary(positions)  # [T, D/2] each
+        cos_t = torch.addcmul(f.cos_bias, cos.view(t, 1, 1, half), f.cos_scale)  # [T, Hq + 2Hk, 1, D/2]
+        sin_t = sin.view(t, 1, 1, half) * f.sin_scale  # [T, Hq + 2Hk, 2, D/2]
+        slots = positions + first_slot
+        # Row i (position + i) sees the context and the rows up to itself.
+        future = (torch.arange(seq_len).view(1, seq_len) > positions.view(t, 1)).view(1, t, 1, seq_len)
+        s = f.model.embed_tokens(torch.tensor(list(token_ids)))  # the residual stream [T, H]
+        for i, (w_in, qkv_proj, o_proj, w_post, gate_up_proj, down_proj) in enumerate(self._packed_layers()):
+            qkv = qkv_proj(f._norm(s, w_in)).view(t, hq + 2 * hk, 2, half)
+            rot = torch.addcmul(qkv * cos_t, qkv.flip(2), sin_t).view(t, hq + 2 * hk, d)
+            k_cache, v_cache = f.kv.k[i], f.kv.v[i]
+            store_kv_ref(rot[:, hq:hq + hk], rot[:, hq + hk:], k_cache, v_cache, slots)
+            start = k_cache.storage_offset() + first_slot * row
+            keys_t = k_cache.as_strided((hk, d, seq_len), (d, 1, row), start)  # [Hk, D, S]
+            values = v_cache.as_strided((hk, seq_len, d), (d, row, 1), start)  # [Hk, S, D]
+            q = rot[:, :hq].reshape(t, hk, group, d).transpose(0, 1).reshape(hk, t * group, d)
+            scores = torch.bmm(q, keys_t).view(hk, t, group, seq_len)  # already scaled
+            probs = scores.masked_fill_(future, float("-inf")).softmax(dim=-1).view(hk, t * group, seq_len)
+            attn = torch.bmm(probs, values).view(hk, t, group * d).transpose(0, 1).reshape(t, hq * d)
+            s = o_proj(attn, residual=s)
+            gate, up = gate_up_proj(f._norm(s, w_post)).chunk(2, dim=-1)
+            s = down_proj(F.silu(gate).mul_(up), residual=s)
+            if keep is not None:
+                keep(i, s)
+        return f.model.norm(s)
+
+
+def sample_lazily(compute_logits: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+                  chunk: ScheduledChunk) -> list[int]:
+    """The chunk's sampled ids, one LM-head row at a time, stopping at the first row that rejects its draft.
+
+    Row j decides draft j; rows past a rejection decide nothing, so they get -1 (the scheduler keeps the
+    drafts up to the first mismatch and the token there). Each row is sampled as a one-row decode step
+    would (seed, position), so the result equals sampling every row — while a verify step pays for
+    τ LM-head rows instead of k + 1: at 49k × 576 fp32 each row is ~4.5 ms of a ~45 ms step on this CPU.
+    Only for chunks without draft distributions (those are rejection-sampled over all rows together).
+    """
+    drafts, params = chunk.draft_token_ids, chunk.seq.sampling
+    first = chunk.start + chunk.num_new_tokens - chunk.num_sampled + 1  # the index row 0's token takes
+    ids: list[int] = []
+    for j in range(chunk.num_sampled):
+        token = int(sample(compute_logits(hidden[j:j + 1]), [params], [first + j])[0])
+        ids.append(token)
+        if j == len(drafts) or token != drafts[j]:
+            break
+    return ids + [-1] * (chunk.num_sampled - len(ids))

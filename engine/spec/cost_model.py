@@ -1,0 +1,80 @@
+"""Measured step costs decide how many drafts pay: each request's draft length from its acceptance rate."""
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+
+class StepCosts:
+    """What this engine's steps cost, measured as it runs (never a constant: a CPU verify row costs ~half a
+    plain step here, a GPU one almost nothing).
+
+    A decode step's wall time is fitted by least squares over the last `window` decode steps as
+    a + b·sequences + v·verifying sequences + c·draft rows: v is what a sequence pays for verifying at all
+    (on this CPU the first extra row costs ~57% of a plain bs1 step, each further one ~9%: the GEMMs switch
+    from a weight-streaming GEMV to a blocked GEMM), c what each draft row adds. Drafting costs `d` seconds
+    per drafted token and the drafter's bookkeeping (the head's forward over accepted positions) `e` per
+    sequence step, both EWMAs. Without enough spread in the observations (every step with the same number
+    of drafts) there is no estimate and callers fall back to acceptance alone.
+    """
+
+    def __init__(self, window: int = 64, decay: float = 0.9) -> None:
+        # (sequences, verifying sequences, draft rows, seconds)
+        self._steps: deque[tuple[float, float, float, float]] = deque(maxlen=window)
+        self._fit: tuple[float, float, float, float] | None = None
+        self._stale = True
+        self.decay = decay
+        self.draft_seconds: float | None = None  # per drafted token
+        self.learn_seconds: float | None = None  # per sequence step
+
+    def observe_step(self, sequences: int, verifying: int, drafts: int, seconds: float) -> None:
+        self._steps.append((float(sequences), float(verifying), float(drafts), seconds))
+        self._stale = True
+
+    def observe_drafting(self, sequences: int, drafted: int, learn_seconds: float,
+                         draft_seconds: float) -> None:
+        if sequences:
+            self.learn_seconds = self._ewma(self.learn_seconds, learn_seconds / sequences)
+        if drafted:
+            self.draft_seconds = self._ewma(self.draft_seconds, draft_seconds / drafted)
+
+    def _ewma(self, old: float | None, new: float) -> float:
+        return new if old is None else self.decay * old + (1.0 - self.decay) * new
+
+    def _coefficients(self) -> tuple[float, float, float, float] | None:
+        if self._stale:
+            self._stale = False
+            self._fit = None
+            drafts = {d for _, _, d, _ in self._steps}
+            if len(self._steps) >= 8 and len(drafts) >= 2:
+                # gelsd: the minimum-norm fit where columns coincide (every sequence verifying at batch 1):
+                # its predictions are right for the configurations seen, and probes add the others.
+                x = torch.tensor([(1.0, s, v, d) for s, v, d, _ in self._steps], dtype=torch.float64)
+                y = torch.tensor([[t] for *_, t in self._steps], dtype=torch.float64)
+                a, b, v, c = torch.linalg.lstsq(x, y, driver="gelsd").solution.flatten().tolist()
+                self._fit = (a, b, max(v, 0.0), max(c, 0.0))
+        return self._fit
+
+    def draft_length(self, acceptance: float, sequences: int, max_k: int) -> int | None:
+        """Drafts that pay for a request whose drafts are accepted with probability `acceptance` each
+        (0..max_k), None without an estimate yet.
+
+        Draft j is emitted only if drafts 1..j all are: probability acceptance^j. Each emitted draft saves
+        what a token costs without it — the step's share per sequence, plus the drafter's per-step
+        bookkeeping; drafting k costs verifying at all plus k rows and their drafting. The length with the
+        largest saving less cost, 0 if none saves more than it costs.
+        """
+        fit = self._coefficients()
+        if fit is None:
+            return None
+        a, b, verify, row = fit
+        token = (a + b * sequences) / max(sequences, 1) + (self.learn_seconds or 0.0)
+        row += self.draft_seconds or 0.0
+        best, best_gain, emitted = 0, 0.0, 0.0
+        for k in range(1, max_k + 1):
+            emitted += acceptance ** k
+            gain = emitted * token - verify - k * row
+            if gain > best_gain:
+                best, best_gain = k, gain
+        return best

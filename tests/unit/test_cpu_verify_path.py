@@ -1,0 +1,103 @@
+"""CPU bs1 verify steps run flat: FlatRows equals the plain forward (KV and captured layers too), the lazy
+LM head samples what sampling every row would, and the executor keeps verify and capturing steps flat."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from contracts.kv_cache_spec import KVCacheSpec
+from contracts.sampling import SamplingParams
+from engine.config import EngineConfig
+from engine.cpu_decode import FlatDecoder
+from engine.executors.cpu_flat import CpuFlatExecutor
+from engine.executors.cpu_verify import FlatRows, sample_lazily
+from engine.executors.factory import build_executor
+from engine.kv_cache import KVCache
+from engine.sampler import sample
+from engine.scheduler import ScheduledChunk, SchedulerOutput
+from engine.sequence import Sequence
+from engine.spec.target_forward import LayerCapture
+from tests.unit.test_cpu_decode_path import forward_step, tiny_blocked_model
+
+pytestmark = pytest.mark.timeout(60)
+
+PROMPT = [3, 17, 5, 40, 22, 9, 11, 30, 2]
+
+
+def kv_for(model) -> KVCache:
+    c = model.config
+    return KVCache(KVCacheSpec(4, c.num_kv_heads, c.head_dim), c.num_layers, 8)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_flat_rows_equal_the_plain_forward_kv_and_layer_outputs(rows: int) -> None:
+    model = tiny_blocked_model()
+    plain_kv, flat_kv = kv_for(model), kv_for(model)
+    capture = LayerCapture(model, (0, 1))
+    verify = [7, 8, 21, 4, 33, 12][:rows]
+    with torch.inference_mode():
+        for kv in (plain_kv, flat_kv):  # the same context in both caches, from block 2 on
+            forward_step(model, kv, PROMPT, 0, first_block=2)
+        capture.take()
+        expected = forward_step(model, plain_kv, verify, len(PROMPT), first_block=2)
+        expected_layers = capture.take()
+        got = FlatRows(FlatDecoder(model, flat_kv))(verify, len(PROMPT), 2 * 4, keep=capture.keep)
+        got_layers = capture.take()
+    capture.close()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_layers, expected_layers, atol=1e-5, rtol=1e-5)
+    for layer in range(model.config.num_layers):
+        torch.testing.assert_close(flat_kv.k[layer], plain_kv.k[layer], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(flat_kv.v[layer], plain_kv.v[layer], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_lazy_lm_head_samples_every_row_up_to_the_first_rejection(temperature: float) -> None:
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(50, 16, generator=gen)
+    hidden = torch.randn(5, 16, generator=gen)
+    params = SamplingParams(temperature=temperature, seed=7)
+    seq = Sequence("r", list(range(10)), params)
+    positions = list(range(10, 15))  # the chunk starts at position 9: row j's token takes index 10 + j
+    full = sample(hidden @ weight.t(), [params] * 5, positions).tolist()
+    rows_computed = []
+
+    def logits(h: torch.Tensor) -> torch.Tensor:
+        rows_computed.append(h.shape[0])
+        return h @ weight.t()
+
+    for accepted in range(5):  # drafts equal to the full sampling up to `accepted`, then one that differs
+        drafts = tuple(full[:accepted]) + tuple((t + 1) % 50 for t in full[accepted:4])
+        rows_computed.clear()
+        got = sample_lazily(logits, hidden, ScheduledChunk(seq, 9, 5, 5, drafts))
+        assert got[:accepted + 1] == full[:accepted + 1]
+        assert got[accepted + 1:] == [-1] * (4 - accepted)
+        assert rows_computed == [1] * (accepted + 1)  # one LM-head row per decided draft, no more
+
+
+def test_executor_runs_verify_and_capturing_steps_flat_with_the_eager_tokens() -> None:
+    model = tiny_blocked_model()
+    c = model.config
+    flat_kv, eager_kv = kv_for(model), kv_for(model)
+    executor = build_executor(model, flat_kv, EngineConfig(), max_model_len=64)
+    reference = build_executor(model, eager_kv, EngineConfig(), max_model_len=64).eager
+    assert isinstance(executor, CpuFlatExecutor)
+    capture = LayerCapture(model, (1,))
+    executor.feed(capture.keep)
+    with torch.inference_mode():
+        for kv in (flat_kv, eager_kv):
+            forward_step(model, kv, PROMPT[:-1], 0, first_block=2)
+        capture.take()
+        seq = Sequence("r", list(PROMPT), SamplingParams(), block_table=[2, 3, 4])
+        seq.num_computed_tokens = len(PROMPT) - 1
+        greedy = model.compute_logits(forward_step(model, kv_for(model), PROMPT, 0, 2)[-1:]).argmax(-1)
+        drafts = (int(greedy), 5, 6)  # the first draft is the target's token: accepted
+        batch = SchedulerOutput((ScheduledChunk(seq, len(PROMPT) - 1, 4, 4, drafts),), ())
+        calls = []
+        executor.eager.launch = lambda *a: calls.append(a)  # must not be reached
+        got = executor.execute(batch).sampled["r"]
+        want = reference.execute(batch).sampled["r"]
+        assert not calls and capture.take().shape == (4, c.hidden_size)
+    capture.close()
+    assert got[:2] == want[:2] and got[0] == drafts[0]
+    assert got[2:] == tuple(w if g != -1 else -1 for g, w in zip(got[2:], want[2:], strict=True))
