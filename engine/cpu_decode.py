@@ -12,6 +12,8 @@ from torch import nn
 
 from engine.kv_cache import KVCache
 from engine.model import LlamaModel
+from engine.quantize.int4 import Int4Linear
+from engine.quantize.w8a8 import W8A8Linear
 from kernels.activation.reference import silu_mul_ref
 from kernels.linear.modules import SiluMulLinear
 from kernels.store_kv.reference import store_kv_ref
@@ -114,8 +116,11 @@ def use_column_blocks(model: LlamaModel, parts: int) -> int:
 
 # ---- CPU bs1 decode executor (LlamaModel.forward's math in far fewer torch calls) -------------------------
 
+_QUANTIZED = (Int4Linear, W8A8Linear)  # CPU projection modules FlatDecoder calls as they are
+
 class FlatDecoder:
-    """Runs one bs1 decode step of a column-blocked fp32 LlamaModel on CPU, reading the model's own weights.
+    """Runs one bs1 decode step of a column-blocked fp32 LlamaModel on CPU, reading the model's own weights;
+    quantized projections (Int4Linear, W8A8Linear: not float linears, so not blocked) run as their modules.
 
     At bs1 a step is ~60% GEMV and ~40% per-call overhead: the plain forward spends ~55 tiny torch calls and
     9 module calls per layer. This executor runs the same math per layer in ~40 calls, with what the layers
@@ -127,7 +132,8 @@ class FlatDecoder:
 
     def __init__(self, model: LlamaModel, kv: KVCache) -> None:
         if not self.supports(model, kv):
-            raise ValueError("FlatDecoder needs fp32 column-blocked projections and a matching fp32 KV cache")
+            raise ValueError("FlatDecoder needs fp32 column-blocked or quantized projections and a matching "
+                             "fp32 KV cache")
         c = model.config
         self.model = model
         self.kv = kv
@@ -150,17 +156,22 @@ class FlatDecoder:
     def supports(model: LlamaModel, kv: KVCache) -> bool:
         projections = [m for layer in model.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                              layer.mlp.gate_up_proj, layer.mlp.down_proj)]
-        return (all(isinstance(m, ColumnBlockLinear) and m.weight_blocks.dtype == torch.float32
-                    and m.weight_blocks.device.type == "cpu" for m in projections)
+        embed = model.embed_tokens.weight
+        return (all(isinstance(m, _QUANTIZED) or (isinstance(m, ColumnBlockLinear)
+                                                  and m.weight_blocks.dtype == torch.float32)
+                    for m in projections)
+                and embed.device.type == "cpu" and embed.dtype == torch.float32
                 # fp32 caches only: a quantized one (int8 / uint8 storage) runs the plain forward, whose
                 # attention reads its blocks as stored.
                 and kv.dtype == torch.float32 and kv.device.type == "cpu"
                 and all(t.is_contiguous() for t in kv.k + kv.v))
 
     @staticmethod
-    def _gemv(linear: ColumnBlockLinear, x: torch.Tensor,
-              residual: torch.Tensor | None = None) -> torch.Tensor:
+    def _gemv(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x [1, in] → linear(x) [1, out] (+ residual): each block's partial sum takes residual / parts."""
+        if not isinstance(linear, ColumnBlockLinear):  # quantized: its own kernel
+            out = linear(x.view(1, -1))
+            return out if residual is None else out.add_(residual)
         rows = x.view(linear.parts, 1, -1)
         if residual is None:
             return torch.bmm(rows, linear.weight_blocks).sum(0)
@@ -195,6 +206,9 @@ class FlatDecoder:
             scores = torch.bmm(rot.as_strided((hk, group, d), (group * d, d, 1)), keys_t)  # already scaled
             attn = torch.bmm(scores.softmax(dim=-1), values)  # [Hk, G, D] = the heads in order
             s = self._gemv(o_proj, attn, residual=s)
-            gate, up = self._gemv(gate_up_proj, self._norm(s, w_post)).chunk(2, dim=-1)
-            s = self._gemv(down_proj, F.silu(gate, inplace=True).mul_(up), residual=s)
+            gate_up = self._gemv(gate_up_proj, self._norm(s, w_post))
+            if isinstance(down_proj, ColumnBlockLinear):  # a quantized one applies silu_mul itself
+                gate, up = gate_up.chunk(2, dim=-1)
+                gate_up = F.silu(gate, inplace=True).mul_(up)
+            s = self._gemv(down_proj, gate_up, residual=s)
         return self.model.norm(s)

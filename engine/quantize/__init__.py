@@ -2,7 +2,8 @@
 
 The model stays plain: a scheme swaps the layers' projection modules (engine/quantize/projections.py) for
 quantized ones, which LlamaModel calls through its module path. Those are not float linears, so the CPU
-column-block layout skips them and FlatDecoder declines the model: quantized decode runs the plain forward.
+column-block layout skips them (it still blocks the float LM head); CPU bs1 decode runs them through
+FlatDecoder, which calls each quantized module as it is.
 """
 from __future__ import annotations
 
@@ -42,8 +43,7 @@ def apply_weights_scheme(model: LlamaModel, config: EngineConfig) -> None:
         how = use_int4(model, source)
     else:
         how = use_w8a8(model, source)
-    logger.info("weights %s: %s; CPU decode runs the plain forward (column blocks and FlatDecoder take "
-                "float projections only)", config.weights, how)
+    logger.info("weights %s: %s", config.weights, how)
 
 
 def use_int4(model: LlamaModel, source: Path | None) -> str:

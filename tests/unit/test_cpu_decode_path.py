@@ -14,6 +14,7 @@ from engine.executors.cpu_flat import CpuFlatExecutor
 from engine.executors.factory import build_executor
 from engine.kv_cache import KVCache
 from engine.model import LlamaModel
+from engine.quantize import use_int4, use_w8a8
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from engine.sequence import Sequence
 from kernels.attention.metadata import AttentionMetadata, SeqSpan
@@ -123,9 +124,11 @@ def test_rms_norm_matches_hf_formula() -> None:
 
 # ---- the flat bs1 decoder against the plain forward --------------------------------------------------------
 
-def tiny_blocked_model(head_dim: int = 8) -> LlamaModel:
-    config = ModelConfig(name="t", vocab_size=48, hidden_size=32, intermediate_size=40, num_layers=2,
-                         num_heads=4, num_kv_heads=2, head_dim=head_dim, max_position_embeddings=64,
+def tiny_blocked_model(head_dim: int = 8, weights: str = "fp32") -> LlamaModel:
+    """`weights` "w4a16" / "w8a8": projections quantized first, as LLMEngine does (then only the head is
+    blocked)."""
+    config = ModelConfig(name="t", vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=head_dim, max_position_embeddings=512,
                          tie_word_embeddings=True)
     torch.manual_seed(0)
     model = LlamaModel(config)
@@ -133,6 +136,10 @@ def tiny_blocked_model(head_dim: int = 8) -> LlamaModel:
         for p in model.parameters():
             p.normal_(0, 0.3)
     model.init_buffers("cpu")
+    if weights == "w4a16":
+        use_int4(model, None)
+    elif weights == "w8a8":
+        use_w8a8(model, None)
     use_column_blocks(model, parts=2)
     return model
 
@@ -148,9 +155,11 @@ def forward_step(model: LlamaModel, kv: KVCache, tokens: list[int], start: int,
     return model(torch.tensor(tokens), torch.arange(start, end), meta, kv)
 
 
-@pytest.mark.parametrize("head_dim", [8, 6])  # scale 1/sqrt(8) and 1/sqrt(6): neither a power of two
-def test_flat_decoder_equals_plain_forward_and_stores_the_same_kv(head_dim: int) -> None:
-    model = tiny_blocked_model(head_dim)
+@pytest.mark.parametrize(("head_dim", "weights"), [(8, "fp32"), (6, "fp32"), (8, "w4a16"), (8, "w8a8")])
+def test_flat_decoder_equals_plain_forward_and_stores_the_same_kv(head_dim: int, weights: str) -> None:
+    """Scales 1/sqrt(8) and 1/sqrt(6): neither a power of two. Quantized projections run as their modules."""
+    model = tiny_blocked_model(head_dim, weights)
+    assert FlatDecoder.supports(model, KVCache(KVCacheSpec(4, model.config.num_kv_heads, head_dim), 2, 8))
     c = model.config
     plain_kv = KVCache(KVCacheSpec(4, c.num_kv_heads, c.head_dim), c.num_layers, 8)
     flat_kv = KVCache(KVCacheSpec(4, c.num_kv_heads, c.head_dim), c.num_layers, 8)
@@ -206,11 +215,13 @@ def test_executor_decodes_bs1_flat_and_falls_back_for_scattered_blocks_hooks_and
 
 
 @pytest.mark.slow
-def test_embedded_model_bs1_greedy_tokens_are_the_same_flat_or_plain() -> None:
+@pytest.mark.timeout(600)  # w8a8 calibrates its smoothing factors at load (minutes on a busy box)
+@pytest.mark.parametrize("weights", ["auto", "w4a16", "w8a8"])
+def test_embedded_model_bs1_greedy_tokens_are_the_same_flat_or_plain(weights: str) -> None:
     from engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(num_kv_blocks=16, max_num_seqs=1))
-    assert isinstance(engine.executor, CpuFlatExecutor)  # CPU, fp32, column blocks: bs1 decode runs flat
+    engine = LLMEngine(EngineConfig(weights=weights, num_kv_blocks=16, max_num_seqs=1))
+    assert isinstance(engine.executor, CpuFlatExecutor)  # CPU, fp32 activations: bs1 decode runs flat
     prompt = [6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 418, 260, 5595]
     sampling = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     flat = engine.generate([prompt], sampling)
