@@ -5,6 +5,7 @@ import ctypes
 import logging
 import math
 import sys
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -118,6 +119,7 @@ def use_column_blocks(model: LlamaModel, parts: int) -> int:
 
 _QUANTIZED = (Int4Linear, W8A8Linear)  # CPU projection modules FlatDecoder calls as they are
 
+
 class FlatDecoder:
     """Runs one bs1 decode step of a column-blocked fp32 LlamaModel on CPU, reading the model's own weights;
     quantized projections (Int4Linear, W8A8Linear: not float linears, so not blocked) run as their modules.
@@ -125,9 +127,9 @@ class FlatDecoder:
     At bs1 a step is ~60% GEMV and ~40% per-call overhead: the plain forward spends ~55 tiny torch calls and
     9 module calls per layer. This executor runs the same math per layer in ~40 calls, with what the layers
     share computed once per step (rope tables with the softmax scale folded into the query rows). KV goes
-    into the cache through store_kv_ref, as on every torch path. It serves one sequence whose KV blocks are
-    consecutive; the runner falls back to the plain forward for anything else. Results equal the forward's
-    up to the order of fp32 roundings (tests/unit/test_cpu_decode_path.py).
+    into the cache through store_kv_ref, as on every torch path. It serves one sequence (its KV blocks read
+    as views when consecutive, else gathered); the runner falls back to the plain forward for anything
+    else. Results equal the forward's up to the order of fp32 roundings (tests/unit/test_cpu_decode_path.py).
     """
 
     def __init__(self, model: LlamaModel, kv: KVCache) -> None:
@@ -182,12 +184,19 @@ class FlatDecoder:
         norm = torch.linalg.vector_norm(s, dim=-1, keepdim=True)
         return (s * torch.addcmul(self.eps, norm, norm, value=1.0 / s.shape[-1]).rsqrt_()).mul_(weight)
 
-    def __call__(self, token_id: int, position: int, first_slot: int) -> torch.Tensor:
+    def __call__(self, token_id: int, position: int, blocks: Sequence[int]) -> torch.Tensor:
         """Final-normed hidden state [1, H] of the token at `position`, whose context (positions 0..position)
-        occupies cache slots first_slot..first_slot + position; stores this token's KV in every layer."""
+        lives in cache blocks `blocks` (at least position // block_size + 1 of them, in order); stores this
+        token's KV in every layer. Consecutive blocks are read as views, others gathered per layer (a prefix
+        cache hit or a wrapped free list: ~1% of a layer's weight bytes at a few hundred tokens)."""
         hq, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
         half, group, seq_len, row = d // 2, hq // hk, position + 1, hk * d
-        ids = torch.tensor([token_id, position, first_slot + position])
+        block_size = self.kv.block_size
+        used = blocks[:position // block_size + 1]
+        first_slot = used[0] * block_size
+        consecutive = list(used) == list(range(used[0], used[0] + len(used)))
+        gather = None if consecutive else torch.tensor(used)
+        ids = torch.tensor([token_id, position, used[-1] * block_size + position % block_size])
         cos, sin = self.model.rotary(ids[1:2])  # [1, D/2] each
         cos_t = torch.addcmul(self.cos_bias, cos.view(1, 1, half), self.cos_scale)  # [Hq + 2Hk, 1, D/2]
         sin_t = sin.view(1, 1, half) * self.sin_scale  # [Hq + 2Hk, 2, D/2]
@@ -200,9 +209,13 @@ class FlatDecoder:
             # This token's rotated k heads and its v heads (rotated by cos 1, sin 0): [1, Hk, D] views of rot.
             store_kv_ref(rot.as_strided((1, hk, d), (row, d, 1), hq * d),
                          rot.as_strided((1, hk, d), (row, d, 1), (hq + hk) * d), k_cache, v_cache, slot)
-            start = k_cache.storage_offset() + first_slot * row
-            keys_t = k_cache.as_strided((hk, d, seq_len), (d, 1, row), start)  # [Hk, D, S]
-            values = v_cache.as_strided((hk, seq_len, d), (d, row, 1), start)  # [Hk, S, D]
+            if gather is None:
+                start = k_cache.storage_offset() + first_slot * row
+                keys_t = k_cache.as_strided((hk, d, seq_len), (d, 1, row), start)  # [Hk, D, S]
+                values = v_cache.as_strided((hk, seq_len, d), (d, row, 1), start)  # [Hk, S, D]
+            else:
+                keys_t = k_cache.index_select(0, gather).view(-1, hk, d)[:seq_len].permute(1, 2, 0)
+                values = v_cache.index_select(0, gather).view(-1, hk, d)[:seq_len].transpose(0, 1)
             scores = torch.bmm(rot.as_strided((hk, group, d), (group * d, d, 1)), keys_t)  # already scaled
             attn = torch.bmm(scores.softmax(dim=-1), values)  # [Hk, G, D] = the heads in order
             s = self._gemv(o_proj, attn, residual=s)

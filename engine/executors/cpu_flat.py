@@ -1,4 +1,4 @@
-"""CPU flat executor: one-sequence decode steps over consecutive blocks run FlatDecoder; the rest eagerly."""
+"""CPU flat executor: one-sequence decode steps run FlatDecoder; the rest eagerly."""
 from __future__ import annotations
 
 import torch
@@ -13,7 +13,7 @@ from engine.scheduler import SchedulerOutput
 
 class CpuFlatExecutor(Executor):
     """bs1 decode on CPU through `flat` (the model's own weights, the same math in fewer torch calls);
-    several sequences, prefill or verify chunks, a layer hook or scattered KV blocks go to `eager`."""
+    several sequences, prefill or verify chunks, a layer hook or a short block table go to `eager`."""
 
     def __init__(self, flat: FlatDecoder, eager: EagerExecutor) -> None:
         self.flat = flat
@@ -26,13 +26,10 @@ class CpuFlatExecutor(Executor):
         chunk = batch.chunks[0]
         if chunk.num_new_tokens != 1:
             return None
-        seq, position, block_size = chunk.seq, chunk.start, self.eager.kv_cache.block_size
-        num_blocks = position // block_size + 1
-        blocks = seq.block_table[:num_blocks]
-        first = blocks[0] if blocks else 0
-        if len(blocks) < num_blocks or blocks != list(range(first, first + num_blocks)):
-            return None  # the eager path gathers scattered blocks (and reports a short table)
-        return self.flat(seq.token_ids[position], position, first * block_size)
+        seq, position = chunk.seq, chunk.start
+        if len(seq.block_table) <= position // self.eager.kv_cache.block_size:
+            return None  # the eager path reports a short block table
+        return self.flat(seq.token_ids[position], position, seq.block_table)
 
     def launch(self, batch: SchedulerOutput, layer_hook: LayerHook | None = None) -> SampledStep | None:
         hidden = self.flat_hidden(batch, layer_hook)
