@@ -5,6 +5,7 @@ import ctypes
 import logging
 import math
 import sys
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,8 @@ from torch import nn
 
 from engine.kv_cache import KVCache
 from engine.model import LlamaModel
+from engine.quantize.int4 import Int4Linear
+from engine.quantize.w8a8 import W8A8Linear
 from kernels.activation.reference import silu_mul_ref
 from kernels.linear.modules import SiluMulLinear
 from kernels.store_kv.reference import store_kv_ref
@@ -114,20 +117,25 @@ def use_column_blocks(model: LlamaModel, parts: int) -> int:
 
 # ---- CPU bs1 decode executor (LlamaModel.forward's math in far fewer torch calls) -------------------------
 
+_QUANTIZED = (Int4Linear, W8A8Linear)  # CPU projection modules FlatDecoder calls as they are
+
+
 class FlatDecoder:
-    """Runs one bs1 decode step of a column-blocked fp32 LlamaModel on CPU, reading the model's own weights.
+    """Runs one bs1 decode step of a column-blocked fp32 LlamaModel on CPU, reading the model's own weights;
+    quantized projections (Int4Linear, W8A8Linear: not float linears, so not blocked) run as their modules.
 
     At bs1 a step is ~60% GEMV and ~40% per-call overhead: the plain forward spends ~55 tiny torch calls and
     9 module calls per layer. This executor runs the same math per layer in ~40 calls, with what the layers
     share computed once per step (rope tables with the softmax scale folded into the query rows). KV goes
-    into the cache through store_kv_ref, as on every torch path. It serves one sequence whose KV blocks are
-    consecutive; the runner falls back to the plain forward for anything else. Results equal the forward's
-    up to the order of fp32 roundings (tests/unit/test_cpu_decode_path.py).
+    into the cache through store_kv_ref, as on every torch path. It serves one sequence (its KV blocks read
+    as views when consecutive, else gathered); the runner falls back to the plain forward for anything
+    else. Results equal the forward's up to the order of fp32 roundings (tests/unit/test_cpu_decode_path.py).
     """
 
     def __init__(self, model: LlamaModel, kv: KVCache) -> None:
         if not self.supports(model, kv):
-            raise ValueError("FlatDecoder needs fp32 column-blocked projections and a matching fp32 KV cache")
+            raise ValueError("FlatDecoder needs fp32 column-blocked or quantized projections and a matching "
+                             "fp32 KV cache")
         c = model.config
         self.model = model
         self.kv = kv
@@ -150,17 +158,22 @@ class FlatDecoder:
     def supports(model: LlamaModel, kv: KVCache) -> bool:
         projections = [m for layer in model.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                              layer.mlp.gate_up_proj, layer.mlp.down_proj)]
-        return (all(isinstance(m, ColumnBlockLinear) and m.weight_blocks.dtype == torch.float32
-                    and m.weight_blocks.device.type == "cpu" for m in projections)
+        embed = model.embed_tokens.weight
+        return (all(isinstance(m, _QUANTIZED) or (isinstance(m, ColumnBlockLinear)
+                                                  and m.weight_blocks.dtype == torch.float32)
+                    for m in projections)
+                and embed.device.type == "cpu" and embed.dtype == torch.float32
                 # fp32 caches only: a quantized one (int8 / uint8 storage) runs the plain forward, whose
                 # attention reads its blocks as stored.
                 and kv.dtype == torch.float32 and kv.device.type == "cpu"
                 and all(t.is_contiguous() for t in kv.k + kv.v))
 
     @staticmethod
-    def _gemv(linear: ColumnBlockLinear, x: torch.Tensor,
-              residual: torch.Tensor | None = None) -> torch.Tensor:
+    def _gemv(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x [1, in] → linear(x) [1, out] (+ residual): each block's partial sum takes residual / parts."""
+        if not isinstance(linear, ColumnBlockLinear):  # quantized: its own kernel
+            out = linear(x.view(1, -1))
+            return out if residual is None else out.add_(residual)
         rows = x.view(linear.parts, 1, -1)
         if residual is None:
             return torch.bmm(rows, linear.weight_blocks).sum(0)
@@ -171,12 +184,19 @@ class FlatDecoder:
         norm = torch.linalg.vector_norm(s, dim=-1, keepdim=True)
         return (s * torch.addcmul(self.eps, norm, norm, value=1.0 / s.shape[-1]).rsqrt_()).mul_(weight)
 
-    def __call__(self, token_id: int, position: int, first_slot: int) -> torch.Tensor:
+    def __call__(self, token_id: int, position: int, blocks: Sequence[int]) -> torch.Tensor:
         """Final-normed hidden state [1, H] of the token at `position`, whose context (positions 0..position)
-        occupies cache slots first_slot..first_slot + position; stores this token's KV in every layer."""
+        lives in cache blocks `blocks` (at least position // block_size + 1 of them, in order); stores this
+        token's KV in every layer. Consecutive blocks are read as views, others gathered per layer (a prefix
+        cache hit or a wrapped free list: ~1% of a layer's weight bytes at a few hundred tokens)."""
         hq, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
         half, group, seq_len, row = d // 2, hq // hk, position + 1, hk * d
-        ids = torch.tensor([token_id, position, first_slot + position])
+        block_size = self.kv.block_size
+        used = blocks[:position // block_size + 1]
+        first_slot = used[0] * block_size
+        consecutive = list(used) == list(range(used[0], used[0] + len(used)))
+        gather = None if consecutive else torch.tensor(used)
+        ids = torch.tensor([token_id, position, used[-1] * block_size + position % block_size])
         cos, sin = self.model.rotary(ids[1:2])  # [1, D/2] each
         cos_t = torch.addcmul(self.cos_bias, cos.view(1, 1, half), self.cos_scale)  # [Hq + 2Hk, 1, D/2]
         sin_t = sin.view(1, 1, half) * self.sin_scale  # [Hq + 2Hk, 2, D/2]
@@ -189,12 +209,19 @@ class FlatDecoder:
             # This token's rotated k heads and its v heads (rotated by cos 1, sin 0): [1, Hk, D] views of rot.
             store_kv_ref(rot.as_strided((1, hk, d), (row, d, 1), hq * d),
                          rot.as_strided((1, hk, d), (row, d, 1), (hq + hk) * d), k_cache, v_cache, slot)
-            start = k_cache.storage_offset() + first_slot * row
-            keys_t = k_cache.as_strided((hk, d, seq_len), (d, 1, row), start)  # [Hk, D, S]
-            values = v_cache.as_strided((hk, seq_len, d), (d, row, 1), start)  # [Hk, S, D]
+            if gather is None:
+                start = k_cache.storage_offset() + first_slot * row
+                keys_t = k_cache.as_strided((hk, d, seq_len), (d, 1, row), start)  # [Hk, D, S]
+                values = v_cache.as_strided((hk, seq_len, d), (d, row, 1), start)  # [Hk, S, D]
+            else:
+                keys_t = k_cache.index_select(0, gather).view(-1, hk, d)[:seq_len].permute(1, 2, 0)
+                values = v_cache.index_select(0, gather).view(-1, hk, d)[:seq_len].transpose(0, 1)
             scores = torch.bmm(rot.as_strided((hk, group, d), (group * d, d, 1)), keys_t)  # already scaled
             attn = torch.bmm(scores.softmax(dim=-1), values)  # [Hk, G, D] = the heads in order
             s = self._gemv(o_proj, attn, residual=s)
-            gate, up = self._gemv(gate_up_proj, self._norm(s, w_post)).chunk(2, dim=-1)
-            s = self._gemv(down_proj, F.silu(gate, inplace=True).mul_(up), residual=s)
+            gate_up = self._gemv(gate_up_proj, self._norm(s, w_post))
+            if isinstance(down_proj, ColumnBlockLinear):  # a quantized one applies silu_mul itself
+                gate, up = gate_up.chunk(2, dim=-1)
+                gate_up = F.silu(gate, inplace=True).mul_(up)
+            s = self._gemv(down_proj, gate_up, residual=s)
         return self.model.norm(s)

@@ -43,6 +43,8 @@ def candidates(n: int, k: int, rows: int) -> dict[str, Callable[[], object]]:
     x8 = torch.randint(-127, 128, (rows, k), dtype=torch.int8)
     xb, szb, w8_scale_b = x.bfloat16(), scale_zero.bfloat16(), w8_scale.bfloat16()
     int4 = torch.ops.aten._weight_int4pack_mm_for_cpu
+    # FBGEMM's fp16-weight GEMM over the int8 values (exact in fp16): W8A8's CPU path (quantize/w8a8.py).
+    fp16_pack = torch.ops.quantized.linear_prepack_fp16(w8.float(), None)
     return {
         "fp32 F.linear": lambda: F.linear(x, w),
         "int4pack_mm, bf16 activations": lambda: int4(xb, packed, group, szb),
@@ -51,6 +53,8 @@ def candidates(n: int, k: int, rows: int) -> dict[str, Callable[[], object]]:
         "int8pack_mm (w8a16), fp32 activations": lambda: torch._weight_int8pack_mm(x, w8, w8_scale),
         "_int_mm int8 x int8": lambda: torch._int_mm(x8, w8.t()),
         "fp32 GEMM over int8 values": lambda: F.linear(x8.float(), w8.float()),
+        "FBGEMM fp16-weight GEMM over int8 values": lambda: torch.ops.quantized.linear_dynamic_fp16(
+            x8.float(), fp16_pack),
     }
 
 

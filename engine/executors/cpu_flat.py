@@ -1,4 +1,4 @@
-"""CPU flat executor: bs1 decode and verify steps over consecutive blocks run flat; the rest eagerly."""
+"""CPU flat executor: bs1 decode (and verify over consecutive blocks) steps run flat; the rest eagerly."""
 from __future__ import annotations
 
 import torch
@@ -16,8 +16,9 @@ from engine.scheduler import ScheduledChunk, SchedulerOutput
 
 class CpuFlatExecutor(Executor):
     """bs1 decode on CPU through `flat` (the model's own weights, the same math in fewer torch calls), and
-    bs1 verify chunks (the last token + drafts) through FlatRows over the same weights; several sequences,
-    prefill chunks, a layer hook or scattered KV blocks go to `eager`.
+    bs1 verify chunks (the last token + drafts) over consecutive KV blocks through FlatRows over the same
+    weights; several sequences, prefill chunks, a layer hook, a short block table or a verify chunk over
+    scattered blocks go to `eager` (FlatDecoder gathers scattered blocks itself).
 
     `keep`: set by a draft head's speculator (`feed`); flat steps then hand it each layer's output, as the
     head's forward hooks would see it on the eager path, so capturing steps need not leave the flat path.
@@ -33,9 +34,9 @@ class CpuFlatExecutor(Executor):
         self.keep = keep
 
     def _flat_chunk(self, batch: SchedulerOutput,
-                    layer_hook: LayerHook | None) -> tuple[ScheduledChunk, int] | None:
-        """(the chunk, its first cache slot) of a bs1 step whose every row samples (decode or verify) over
-        consecutive KV blocks; None for anything the eager path runs."""
+                    layer_hook: LayerHook | None) -> tuple[ScheduledChunk, list[int]] | None:
+        """(the chunk, the KV blocks its rows use) of a bs1 step whose every row samples (decode or verify);
+        None for anything the eager path runs."""
         if layer_hook is not None or len(batch.chunks) != 1:
             return None
         chunk = batch.chunks[0]
@@ -44,29 +45,31 @@ class CpuFlatExecutor(Executor):
         seq, block_size = chunk.seq, self.eager.kv_cache.block_size
         num_blocks = (chunk.start + chunk.num_new_tokens - 1) // block_size + 1
         blocks = seq.block_table[:num_blocks]
-        first = blocks[0] if blocks else 0
-        if len(blocks) < num_blocks or blocks != list(range(first, first + num_blocks)):
-            return None  # the eager path gathers scattered blocks (and reports a short table)
-        return chunk, first * block_size
+        if len(blocks) < num_blocks:
+            return None  # the eager path reports a short block table
+        return chunk, blocks
 
     def flat_hidden(self, batch: SchedulerOutput, layer_hook: LayerHook | None = None) -> torch.Tensor | None:
         """Hidden state [1, H] of a bs1 decode step run flat; None (nothing computed) if it does not fit."""
         found = self._flat_chunk(batch, layer_hook)
         if found is None or found[0].num_new_tokens != 1:
             return None
-        chunk, first_slot = found
-        return self.flat(chunk.seq.token_ids[chunk.start], chunk.start, first_slot)
+        chunk, blocks = found
+        return self.flat(chunk.seq.token_ids[chunk.start], chunk.start, blocks)
 
     def launch(self, batch: SchedulerOutput, layer_hook: LayerHook | None = None) -> SampledStep | None:
         found = self._flat_chunk(batch, layer_hook)
         if found is None:
             return self.eager.launch(batch, layer_hook)
-        chunk, first_slot = found
+        chunk, blocks = found
         seq, n = chunk.seq, chunk.num_new_tokens
-        if n == 1 and self.keep is None:  # the plain bs1 step: FlatDecoder, unchanged
-            hidden = self.flat(seq.token_ids[chunk.start], chunk.start, first_slot)
+        if n == 1 and self.keep is None:  # the plain bs1 step: FlatDecoder, over any blocks
+            hidden = self.flat(seq.token_ids[chunk.start], chunk.start, blocks)
             logits = self.eager.model.compute_logits(hidden)
             return SampledStep(sample(logits, [seq.sampling], [seq.num_tokens]), (seq,), hidden)
+        if blocks != list(range(blocks[0], blocks[0] + len(blocks))):
+            return self.eager.launch(batch, layer_hook)  # FlatRows reads its context as one slice
+        first_slot = blocks[0] * self.eager.kv_cache.block_size
         hidden = self.rows(chunk.token_ids, chunk.start, first_slot, self.keep)
         if chunk.draft_probs is not None:  # sampled drafts: rejection-sampled over all rows together
             token_ids = sample_rows(self.eager.model.compute_logits(hidden), SamplingRows.of(batch.chunks))

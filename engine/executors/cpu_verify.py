@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from engine.cpu_decode import ColumnBlockLinear, FlatDecoder
 from engine.sampler import sample
@@ -52,6 +53,21 @@ class RowsLinear:
         return torch.baddbmm(residual, rows, linear.weight_blocks, beta=1.0 / linear.parts).sum(0)
 
 
+class ModuleRows:
+    """A quantized projection (Int4Linear, W8A8Linear: FlatDecoder calls them as they are) over T rows."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.module(x)
+        return out if residual is None else out.add_(residual)
+
+
+def rows_linear(module: nn.Module) -> RowsLinear | ModuleRows:
+    return RowsLinear(module) if isinstance(module, ColumnBlockLinear) else ModuleRows(module)
+
+
 class FlatRows:
     """T consecutive positions of one sequence (a verify chunk: the last token and its drafts) through the
     flat decoder's weights and rotary tables, in ~40 torch calls a layer as its bs1 step; the eager forward
@@ -68,8 +84,8 @@ class FlatRows:
 
     def _packed_layers(self) -> list[tuple]:
         if self._layers is None:
-            self._layers = [(w_in, RowsLinear(qkv), RowsLinear(o), w_post, RowsLinear(gate_up),
-                             RowsLinear(down)) for w_in, qkv, o, w_post, gate_up, down in self.flat.layers]
+            self._layers = [(w_in, rows_linear(qkv), rows_linear(o), w_post, rows_linear(gate_up),
+                             rows_linear(down)) for w_in, qkv, o, w_post, gate_up, down in self.flat.layers]
         return self._layers
 
     def __call__(self, token_ids: Sequence[int], position: int, first_slot: int,
@@ -101,8 +117,11 @@ class FlatRows:
             probs = scores.masked_fill_(future, float("-inf")).softmax(dim=-1).view(hk, t * group, seq_len)
             attn = torch.bmm(probs, values).view(hk, t, group * d).transpose(0, 1).reshape(t, hq * d)
             s = o_proj(attn, residual=s)
-            gate, up = gate_up_proj(f._norm(s, w_post)).chunk(2, dim=-1)
-            s = down_proj(F.silu(gate).mul_(up), residual=s)
+            gate_up = gate_up_proj(f._norm(s, w_post))
+            if isinstance(down_proj, RowsLinear):  # a quantized one applies silu_mul itself
+                gate, up = gate_up.chunk(2, dim=-1)
+                gate_up = F.silu(gate).mul_(up)
+            s = down_proj(gate_up, residual=s)
             if keep is not None:
                 keep(i, s)
         return f.model.norm(s)

@@ -2,10 +2,11 @@
 
 The model stays plain: a scheme swaps the layers' projection modules (engine/quantize/projections.py) for
 quantized ones, which LlamaModel calls through its module path. Those are not float linears, so the CPU
-column-block layout skips them and FlatDecoder declines the model: quantized CPU decode runs the plain
-forward. On CPU, w4a16 and w8a8 keep their own modules (torch's CPU int4 kernel; int8 values in an fp32
-GEMM); elsewhere, and for w8 everywhere, the projections are engine/quantize/kernel_linears.py's, whose
-products are the kernel registry's quantized ops (kernels/quant_linear on CUDA, graph-capturable).
+column-block layout skips them (it still blocks the float LM head); CPU bs1 decode runs them through
+FlatDecoder, which calls each quantized module as it is. On CPU, w4a16 and w8a8 keep their own modules
+(torch's CPU int4 kernel; int8 values in FBGEMM's fp16-weight GEMM); elsewhere, and for w8 everywhere,
+the projections are engine/quantize/kernel_linears.py's, whose products are the kernel registry's quantized
+ops (kernels/quant_linear on CUDA, graph-capturable).
 """
 from __future__ import annotations
 
@@ -51,9 +52,7 @@ def apply_weights_scheme(model: LlamaModel, config: EngineConfig) -> None:
         how = use_w8(model)
     else:
         how = use_w8a8(model, source, kernel_modules=not on_cpu)
-    logger.info("weights %s: %s%s", config.weights, how,
-                "; CPU decode runs the plain forward (column blocks and FlatDecoder take float projections "
-                "only)" if on_cpu else "")
+    logger.info("weights %s: %s", config.weights, how)
 
 
 def use_int4(model: LlamaModel, source: Path | None) -> str:

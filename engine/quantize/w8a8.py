@@ -4,11 +4,15 @@ y = (q_x · q_wᵀ) · a_x · a_w, with x' = x / s and w' = w · s first (s per 
 activation outliers into the weights, where per-channel scales absorb them. W8A8Linear is the CPU path (on
 CUDA the kernel registry's w8a8_linear serves the scheme: engine/quantize/kernel_linears.py). On CPU torch's
 `_int_mm` is a scalar loop on this AVX2 box (607 ms for a 512×576×1536 product vs 20 ms fp32), so the CPU
-path multiplies the same int8 values in an fp32 GEMM: every product (≤ 127²) is exact in fp32 and so is every
+path multiplies the same int8 values with fp32 FMAs: every product (≤ 127²) is exact in fp32 and so is every
 partial sum below 2^24, which holds for any K ≤ 1040 and, in practice, for K = 1536 too (it needs hundreds
-of near-±127 pairs in one row).
+of near-±127 pairs in one row). The weights' int8 values are exact in fp16, so the CPU GEMM is FBGEMM's
+fp16-weight one (packed once, widened to fp32 in registers): half the bytes of an fp32 copy and no per-call
+conversion (docs/benchmarks.md).
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +21,18 @@ from torch import nn
 from kernels.activation.reference import silu_mul_ref
 
 SMOOTHING_ALPHA = 0.5  # SmoothQuant's migration strength: s = max|x|^α / max|w|^(1−α)
+
+logger = logging.getLogger(__name__)
+
+
+def pack_fp16_weight(weight: torch.Tensor) -> object | None:
+    """FBGEMM's packed fp16 copy of a CPU weight [N, K] for `quantized::linear_dynamic_fp16`; None, logged,
+    where this torch build has no FBGEMM (the caller then runs an fp32 GEMM: same numbers, slower)."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        logger.warning("W8A8 on CPU: this torch has no FBGEMM; int8 products run as an fp32 GEMM over a "
+                       "per-call fp32 copy of the weights (same numbers, ~3x slower)")
+        return None
+    return torch.ops.quantized.linear_prepack_fp16(weight.float(), None)
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,6 +68,8 @@ class W8A8Linear(nn.Module):
         self.register_buffer("weight_int8", q)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("inv_smooth", 1.0 / smooth.float())
+        self._cpu_pack: object | None = None  # pack_fp16_weight(weight_int8), made by the first CPU call
+        self._cpu_packed = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.silu_mul_input:
@@ -63,7 +81,11 @@ class W8A8Linear(nn.Module):
 
     def _int8_products(self, q_x: torch.Tensor) -> torch.Tensor:
         """q_x · q_wᵀ (int8-valued float32 [M, K]) → float32 [M, N], exact (module docstring)."""
-        return F.linear(q_x, self.weight_int8.float())
+        if not self._cpu_packed:
+            self._cpu_pack, self._cpu_packed = pack_fp16_weight(self.weight_int8), True
+        if self._cpu_pack is None:
+            return F.linear(q_x, self.weight_int8.float())
+        return torch.ops.quantized.linear_dynamic_fp16(q_x, self._cpu_pack)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}"

@@ -14,6 +14,7 @@ from engine.executors.cpu_flat import CpuFlatExecutor
 from engine.executors.factory import build_executor
 from engine.kv_cache import KVCache
 from engine.model import LlamaModel
+from engine.quantize import use_int4, use_w8a8
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from engine.sequence import Sequence
 from kernels.attention.metadata import AttentionMetadata, SeqSpan
@@ -123,9 +124,11 @@ def test_rms_norm_matches_hf_formula() -> None:
 
 # ---- the flat bs1 decoder against the plain forward --------------------------------------------------------
 
-def tiny_blocked_model(head_dim: int = 8) -> LlamaModel:
-    config = ModelConfig(name="t", vocab_size=48, hidden_size=32, intermediate_size=40, num_layers=2,
-                         num_heads=4, num_kv_heads=2, head_dim=head_dim, max_position_embeddings=64,
+def tiny_blocked_model(head_dim: int = 8, weights: str = "fp32") -> LlamaModel:
+    """`weights` "w4a16" / "w8a8": projections quantized first, as LLMEngine does (then only the head is
+    blocked)."""
+    config = ModelConfig(name="t", vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=head_dim, max_position_embeddings=512,
                          tie_word_embeddings=True)
     torch.manual_seed(0)
     model = LlamaModel(config)
@@ -133,35 +136,47 @@ def tiny_blocked_model(head_dim: int = 8) -> LlamaModel:
         for p in model.parameters():
             p.normal_(0, 0.3)
     model.init_buffers("cpu")
+    if weights == "w4a16":
+        use_int4(model, None)
+    elif weights == "w8a8":
+        use_w8a8(model, None)
     use_column_blocks(model, parts=2)
     return model
 
 
 def forward_step(model: LlamaModel, kv: KVCache, tokens: list[int], start: int,
-                 first_block: int) -> torch.Tensor:
-    """The plain forward over tokens at positions start.., stored in consecutive blocks from `first_block`."""
+                 blocks: list[int]) -> torch.Tensor:
+    """The plain forward over tokens at positions start.., stored in `blocks` (as many as they need)."""
     block = kv.block_size
     end = start + len(tokens)
-    blocks = tuple(range(first_block, first_block + -(-end // block)))
-    span = SeqSpan(0, len(tokens), end, blocks, first_block * block)
-    meta = AttentionMetadata.from_spans([span], [first_block * block + p for p in range(start, end)], block)
+    used = tuple(blocks[:-(-end // block)])
+    consecutive = list(used) == list(range(used[0], used[0] + len(used)))
+    span = SeqSpan(0, len(tokens), end, used, used[0] * block if consecutive else None)
+    slots = [used[p // block] * block + p % block for p in range(start, end)]
+    meta = AttentionMetadata.from_spans([span], slots, block)
     return model(torch.tensor(tokens), torch.arange(start, end), meta, kv)
 
 
-@pytest.mark.parametrize("head_dim", [8, 6])  # scale 1/sqrt(8) and 1/sqrt(6): neither a power of two
-def test_flat_decoder_equals_plain_forward_and_stores_the_same_kv(head_dim: int) -> None:
-    model = tiny_blocked_model(head_dim)
+@pytest.mark.parametrize(("head_dim", "weights", "blocks"), [
+    (8, "fp32", [2, 3, 4]), (6, "fp32", [2, 3, 4]), (8, "fp32", [5, 0, 3]), (8, "w4a16", [2, 3, 4]),
+    (8, "w8a8", [6, 1, 2])])
+def test_flat_decoder_equals_plain_forward_and_stores_the_same_kv(head_dim: int, weights: str,
+                                                                  blocks: list[int]) -> None:
+    """Scales 1/sqrt(8) and 1/sqrt(6): neither a power of two. Quantized projections run as their modules;
+    scattered blocks (a prefix cache hit, a wrapped free list) are gathered."""
+    model = tiny_blocked_model(head_dim, weights)
+    assert FlatDecoder.supports(model, KVCache(KVCacheSpec(4, model.config.num_kv_heads, head_dim), 2, 8))
     c = model.config
     plain_kv = KVCache(KVCacheSpec(4, c.num_kv_heads, c.head_dim), c.num_layers, 8)
     flat_kv = KVCache(KVCacheSpec(4, c.num_kv_heads, c.head_dim), c.num_layers, 8)
     prompt = [3, 17, 5, 40, 22, 9]
     with torch.inference_mode():
         for kv in (plain_kv, flat_kv):
-            forward_step(model, kv, prompt, 0, first_block=2)
+            forward_step(model, kv, prompt, 0, blocks)
         decoder = FlatDecoder(model, flat_kv)
         for position, token in enumerate([11, 30, 7, 1], start=len(prompt)):  # crosses a block boundary
-            expected = forward_step(model, plain_kv, [token], position, first_block=2)
-            got = decoder(token, position, first_slot=2 * 4)
+            expected = forward_step(model, plain_kv, [token], position, blocks)
+            got = decoder(token, position, blocks)
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     for a, b in zip(plain_kv.k + plain_kv.v, flat_kv.k + flat_kv.v, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
@@ -185,7 +200,7 @@ def test_flat_decoder_needs_column_blocks_and_fp32() -> None:
         assert not FlatDecoder.supports(plain, quantized)
 
 
-def test_executor_decodes_bs1_flat_and_falls_back_for_scattered_blocks_hooks_and_verify_steps() -> None:
+def test_executor_decodes_bs1_flat_also_over_scattered_blocks_and_falls_back_for_hooks_and_verify() -> None:
     model = tiny_blocked_model()
     c = model.config
     kv = KVCache(KVCacheSpec(4, c.num_kv_heads, c.head_dim), c.num_layers, 8)
@@ -199,18 +214,22 @@ def test_executor_decodes_bs1_flat_and_falls_back_for_scattered_blocks_hooks_and
         assert executor.flat_hidden(step, layer_hook=lambda layer: None) is None
         verify = SchedulerOutput((ScheduledChunk(seq, 6, 2, 2, (8,)),), ())
         assert executor.flat_hidden(verify) is None
-        seq.block_table = [2, 5]  # position 6 lives in block 5: not consecutive with block 2
+        seq.block_table = [2, 5]  # position 6 lives in block 5: not consecutive with block 2 (gathered)
+        assert executor.flat_hidden(step) is not None
+        seq.block_table = [2]  # short: position 6 has no block
         assert executor.flat_hidden(step) is None
         prefill = SchedulerOutput((ScheduledChunk(seq, 0, 7, 1),), ())
         assert executor.flat_hidden(prefill) is None
 
 
 @pytest.mark.slow
-def test_embedded_model_bs1_greedy_tokens_are_the_same_flat_or_plain() -> None:
+@pytest.mark.timeout(600)  # w8a8 calibrates its smoothing factors at load (minutes on a busy box)
+@pytest.mark.parametrize("weights", ["auto", "w4a16", "w8a8"])
+def test_embedded_model_bs1_greedy_tokens_are_the_same_flat_or_plain(weights: str) -> None:
     from engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(num_kv_blocks=16, max_num_seqs=1))
-    assert isinstance(engine.executor, CpuFlatExecutor)  # CPU, fp32, column blocks: bs1 decode runs flat
+    engine = LLMEngine(EngineConfig(weights=weights, num_kv_blocks=16, max_num_seqs=1))
+    assert isinstance(engine.executor, CpuFlatExecutor)  # CPU, fp32 activations: bs1 decode runs flat
     prompt = [6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 418, 260, 5595]
     sampling = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     flat = engine.generate([prompt], sampling)

@@ -1,5 +1,5 @@
 """Weight schemes as transforms: exactly the layers' projections are replaced, the engine serves the result
-on the plain forward, and bad scheme names are refused naming the value (config) or the flag (CLI)."""
+(bs1 decode through FlatDecoder), and bad scheme names are refused naming the value (config) or the flag."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +11,7 @@ from torch import nn
 from contracts.sampling import SamplingParams
 from deploy.cli import build_parser
 from engine.config import EngineConfig
-from engine.executors.eager import EagerExecutor
+from engine.executors.cpu_flat import CpuFlatExecutor
 from engine.llm_engine import LLMEngine
 from engine.quantize import use_int4, use_int4_kernels, use_w8, use_w8a8
 from engine.quantize.int4 import Int4Linear
@@ -62,14 +62,16 @@ def test_transform_replaces_exactly_the_four_projections_of_every_layer(transfor
     assert ((logits - before).norm() / before.norm()).item() < 0.15
 
 
-def test_quantized_engine_takes_the_plain_decode_path() -> None:
+@pytest.mark.parametrize("weights", ["w4a16", "w8a8"])
+def test_quantized_engine_decodes_bs1_flat_with_the_plain_forwards_tokens(weights: str) -> None:
     torch.set_num_threads(1)
-    engine = LLMEngine(EngineConfig(model_path="random:tiny", weights="w4a16", num_kv_blocks=16,
+    engine = LLMEngine(EngineConfig(model_path="random:tiny", weights=weights, num_kv_blocks=16,
                                     max_num_seqs=2))
-    assert type(engine.executor) is EagerExecutor  # no FlatDecoder over int4 projections
-    assert type(engine.model.layers[0].mlp.down_proj) is Int4Linear  # CPU keeps torch's CPU int4 kernel
-    out = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
-    assert len(out[0]) == 4
+    assert isinstance(engine.executor, CpuFlatExecutor)  # FlatDecoder calls the quantized modules
+    sampling = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    flat = engine.generate([[5, 6, 7]], sampling)
+    engine.executor = engine.executor.eager
+    assert engine.generate([[5, 6, 7]], sampling) == flat and len(flat[0]) == 8
 
 
 def test_w8_engine_serves_int8_weights_through_the_reference_op_on_cpu() -> None:

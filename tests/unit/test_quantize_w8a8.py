@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine.quantize import w8a8
 from engine.quantize.w8a8 import (
     W8A8Linear,
     quantize_per_channel,
@@ -32,6 +33,20 @@ def test_cpu_int8_products_equal_torch_int_mm() -> None:
     qx = torch.randint(-127, 128, (4, 96)).float()
     exact = torch._int_mm(qx.to(torch.int8), linear.weight_int8.t())
     assert torch.equal(linear._int8_products(qx), exact.float())
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize(("rows", "in_features"), [(1, 576), (1, 1536), (3, 1536)])
+def test_cpu_int8_products_are_exact_with_and_without_fbgemm(monkeypatch: pytest.MonkeyPatch, packed: bool,
+                                                             rows: int, in_features: int) -> None:
+    """FBGEMM's fp16-weight GEMM (int8 values are exact in fp16) and the fallback both give the int32 sums."""
+    if not packed:
+        monkeypatch.setattr(w8a8, "pack_fp16_weight", lambda weight: None)
+    linear = W8A8Linear(torch.randn(40, in_features), torch.ones(in_features))
+    qx = torch.randint(-127, 128, (rows, in_features)).float()
+    exact = (qx.double() @ linear.weight_int8.double().t()).float()  # integers far below 2^53: exact
+    assert torch.equal(linear._int8_products(qx), exact)
+    assert (linear._cpu_pack is not None) == packed
 
 
 def outlier_activations(rows: int, cols: int) -> torch.Tensor:

@@ -110,7 +110,7 @@ def test_flat_decoder_stores_the_bytes_the_eager_model_stores() -> None:
         # The same decode step: the eager forward, and the flat executor.
         meta = AttentionMetadata.from_spans([SeqSpan(0, 1, position + 1, (0, 1), 0)], [position], BLOCK)
         model(torch.tensor([token]), torch.tensor([position]), meta, eager_kv)
-        FlatDecoder(model, flat_kv)(token, position, first_slot=0)
+        FlatDecoder(model, flat_kv)(token, position, [0, 1])
     # Layer 0's KV is computed by the same ops on both paths, so its bytes must match; deeper layers see
     # attention outputs summed in another order (tests/unit/test_cpu_decode_path.py bounds those).
     assert torch.equal(flat_kv.k[0], eager_kv.k[0]) and torch.equal(flat_kv.v[0], eager_kv.v[0])
