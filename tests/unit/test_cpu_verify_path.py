@@ -37,9 +37,9 @@ def test_flat_rows_equal_the_plain_forward_kv_and_layer_outputs(rows: int) -> No
     verify = [7, 8, 21, 4, 33, 12][:rows]
     with torch.inference_mode():
         for kv in (plain_kv, flat_kv):  # the same context in both caches, from block 2 on
-            forward_step(model, kv, PROMPT, 0, first_block=2)
+            forward_step(model, kv, PROMPT, 0, blocks=[2, 3, 4, 5, 6, 7])
         capture.take()
-        expected = forward_step(model, plain_kv, verify, len(PROMPT), first_block=2)
+        expected = forward_step(model, plain_kv, verify, len(PROMPT), blocks=[2, 3, 4, 5, 6, 7])
         expected_layers = capture.take()
         got = FlatRows(FlatDecoder(model, flat_kv))(verify, len(PROMPT), 2 * 4, keep=capture.keep)
         got_layers = capture.take()
@@ -86,11 +86,12 @@ def test_executor_runs_verify_and_capturing_steps_flat_with_the_eager_tokens() -
     executor.feed(capture.keep)
     with torch.inference_mode():
         for kv in (flat_kv, eager_kv):
-            forward_step(model, kv, PROMPT[:-1], 0, first_block=2)
+            forward_step(model, kv, PROMPT[:-1], 0, blocks=[2, 3, 4, 5, 6, 7])
         capture.take()
         seq = Sequence("r", list(PROMPT), SamplingParams(), block_table=[2, 3, 4])
         seq.num_computed_tokens = len(PROMPT) - 1
-        greedy = model.compute_logits(forward_step(model, kv_for(model), PROMPT, 0, 2)[-1:]).argmax(-1)
+        hidden = forward_step(model, kv_for(model), PROMPT, 0, [2, 3, 4, 5, 6, 7])
+        greedy = model.compute_logits(hidden[-1:]).argmax(-1)
         drafts = (int(greedy), 5, 6)  # the first draft is the target's token: accepted
         batch = SchedulerOutput((ScheduledChunk(seq, len(PROMPT) - 1, 4, 4, drafts),), ())
         calls = []
@@ -101,3 +102,18 @@ def test_executor_runs_verify_and_capturing_steps_flat_with_the_eager_tokens() -
     capture.close()
     assert got[:2] == want[:2] and got[0] == drafts[0]
     assert got[2:] == tuple(w if g != -1 else -1 for g, w in zip(got[2:], want[2:], strict=True))
+
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a8"])
+def test_flat_rows_call_quantized_projections_as_the_plain_forward_does(scheme: str) -> None:
+    """FlatRows over Int4Linear / W8A8Linear projections (down's silu_mul applied by the module itself)."""
+    model = tiny_blocked_model(weights=scheme)
+    plain_kv, flat_kv = kv_for(model), kv_for(model)
+    blocks = [2, 3, 4, 5, 6, 7]
+    with torch.inference_mode():
+        for kv in (plain_kv, flat_kv):
+            forward_step(model, kv, PROMPT, 0, blocks=blocks)
+        expected = forward_step(model, plain_kv, [7, 8, 21, 4], len(PROMPT), blocks=blocks)
+        got = FlatRows(FlatDecoder(model, flat_kv))([7, 8, 21, 4], len(PROMPT), 2 * 4)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
