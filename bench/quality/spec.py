@@ -140,6 +140,15 @@ def main(argv: list[str] | None = None) -> int:
         group_seconds: list[float] = []
         # Round-robin over the settings, one group of `batch` prompts at a time: on a shared, noisy box each
         # setting then sees the same load swings (one setting after the other would compare two moments).
+        if args.device.startswith("cuda"):
+            # Untimed warm-up, the first group once per setting: Triton compiles each kernel variant at its
+            # first launch (seconds), which would otherwise land in whichever setting runs first (spec off).
+            for spec in specs:
+                engine = LLMEngine(EngineConfig(device=args.device, dtype=dtype, num_kv_blocks=blocks,
+                                                max_num_seqs=batch, spec=spec), model=model)
+                measure(engine, prompts[:batch], sampling[:batch])
+                if engine.speculator is not None:
+                    engine.speculator.close()
         for first in range(0, len(prompts), batch):
             group = slice(first, first + batch)
             if over_budget(args.time_budget, started, group_seconds):
