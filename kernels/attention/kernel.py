@@ -17,10 +17,10 @@ from kernels.attention.config import (
     prefill_config,
     preload_first_tile,
 )
+from kernels.attention.operands import check_operands, dot_precision, quantized_args
 from kernels.attention.tiles import NEG_BIG, attend_kv, attend_tile, load_kv, merge_splits
 from kernels.pdl import pdl_launch, pdl_release, pdl_wait
 from kernels.store_kv.kernel import hadamard_rows
-from kernels.store_kv.quant import QuantizedKV
 
 if TYPE_CHECKING:
     from kernels.attention.metadata import AttentionMetadata
@@ -249,44 +249,6 @@ def _prefill_kernel(
         tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 caches (CPU-parity tests) must not silently drop to tf32; bf16/fp16 ignore this.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _quantized_args(k_cache: KVOperand, v_cache: KVOperand) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(k and v as stored, the kernels' quantization arguments): scale / zero tensors and their strides, bits,
-    group sizes, rotation; None (constexprs) for float caches, whose kernels compile as before."""
-    if not isinstance(k_cache, QuantizedKV):
-        return k_cache, v_cache, dict(
-            k_scale_ptr=None, k_zero_ptr=None, v_scale_ptr=None, v_zero_ptr=None, stride_ks_slot=None,
-            stride_ks_h=None, stride_vs_slot=None, stride_vs_h=None, KV_BITS=0, K_GROUP=0, V_GROUP=0,
-            HADAMARD=False)
-    head_dim = k_cache.shape[3]
-    if head_dim & (head_dim - 1) or not all(t.is_contiguous() for t in (k_cache.scale, v_cache.scale)):
-        raise ValueError("paged_attention: quantized caches need a power-of-two head_dim, contiguous scales")
-    return k_cache.codes, v_cache.codes, dict(
-        k_scale_ptr=k_cache.scale, k_zero_ptr=k_cache.zero, v_scale_ptr=v_cache.scale,
-        v_zero_ptr=v_cache.zero,
-        stride_ks_slot=k_cache.scale.stride(1), stride_ks_h=k_cache.scale.stride(2),
-        stride_vs_slot=v_cache.scale.stride(1), stride_vs_h=v_cache.scale.stride(2), KV_BITS=k_cache.bits,
-        K_GROUP=k_cache.group_size, V_GROUP=v_cache.group_size, HADAMARD=k_cache.hadamard)
-
-
-def _check(q: torch.Tensor, k_cache: KVOperand, v_cache: KVOperand, meta: AttentionMetadata) -> None:
-    """Shapes are the logical ones (a QuantizedKV's too); strides those of the stored tensors."""
-    if q.dim() != 3 or len(k_cache.shape) != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(
-            f"paged_attention: q {tuple(q.shape)}, caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)}")
-    if q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
-        raise ValueError(
-            f"paged_attention: q heads/dim {tuple(q.shape[1:])} do not fit KV {tuple(k_cache.shape[2:])}")
-    if isinstance(k_cache, QuantizedKV):
-        k_cache, v_cache = k_cache.codes, v_cache.codes
-    if k_cache.shape[1] != meta.block_size or k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
-        raise ValueError("paged_attention: caches must share strides, be dense in D, match meta.block_size")
-
-
 def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                    scale: float, out: torch.Tensor, num_splits: int | None, mixed: bool, quant: dict,
                    tiles: tuple[int, int, int] | None = None, int4_dequant: int | None = None,
@@ -324,7 +286,7 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=meta.block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, MIXED=mixed,
         MERGE_IN_PLACE=in_place, BLOCK_S=triton.next_power_of_2(num_splits), PRELOAD=preload,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
         INT4_DEQUANT=INT4_DEQUANT_MODES[0] if int4_dequant is None else int4_dequant,
         INT8_FP16=kv_bits == 8 and (INT8_FP16_MODES[0] if int8_fp16 is None else int8_fp16),
         **pdl_launch(q.device), **quant,
@@ -351,7 +313,7 @@ def _launch_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         meta.block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=num_heads // k_cache.shape[2], HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=meta.block_size, BLOCK_M=block_m, BLOCK_N=block_n, SKIP_SINGLE_ROWS=skip_single_rows,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages, **quant,
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=stages, **quant,
         tree_mask_ptr=meta.tree_mask, TREE=meta.tree_mask is not None, INT4_DEQUANT=INT4_DEQUANT_MODES[0],
     )
 
@@ -365,7 +327,7 @@ def paged_decode_attention(
     `tiles` (BLOCK_N, num_warps, num_stages) None = config.decode_config's; `int4_dequant` /
     `int8_fp16` None = config.INT4_DEQUANT_MODES[0] / INT8_FP16_MODES[0] (the bench sweeps the others)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    k_cache, v_cache, quant = _quantized_args(k_cache, v_cache)
+    k_cache, v_cache, quant = quantized_args(k_cache, v_cache)
     if q.shape[0]:
         _launch_decode(q, k_cache, v_cache, meta, scale, out, num_splits, mixed=False, quant=quant,
                        tiles=tiles, int4_dequant=int4_dequant, int8_fp16=int8_fp16)
@@ -377,7 +339,7 @@ def paged_prefill_attention(
 ) -> torch.Tensor:
     """The prefill kernel alone over any batch (chunks, decodes, mixes) → [T, Hq, D]."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    k_cache, v_cache, quant = _quantized_args(k_cache, v_cache)
+    k_cache, v_cache, quant = quantized_args(k_cache, v_cache)
     if q.shape[0]:
         _launch_prefill(q, k_cache, v_cache, meta, scale, out, skip_single_rows=False, quant=quant)
     return out
@@ -393,8 +355,8 @@ def paged_attention_triton(
     device, so the host never needs to know which is which). Quantized caches (QuantizedKV) are read as
     stored: each tile is dequantized in registers.
     """
-    _check(q, k_cache, v_cache, meta)
-    k_cache, v_cache, quant = _quantized_args(k_cache, v_cache)
+    check_operands(q, k_cache, v_cache, meta)
+    k_cache, v_cache, quant = quantized_args(k_cache, v_cache)
     if q.stride(-1) != 1:
         q = q.contiguous()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
