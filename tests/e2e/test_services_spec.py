@@ -20,7 +20,10 @@ from prefill_worker.service import PrefillService
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 PLAIN = EngineConfig(device="cpu", num_kv_blocks=64, max_batch_tokens=64)
-HEAD = EngineConfig(device="cpu", num_kv_blocks=64, max_batch_tokens=64, spec=SpecConfig("head", k=4))
+# Fixed k: these tests check the features' transport and drafting from the first step; adaptive k may
+# (rightly) choose plain steps once its cost model has measured that drafts do not pay on this CPU.
+HEAD = EngineConfig(device="cpu", num_kv_blocks=64, max_batch_tokens=64,
+                    spec=SpecConfig("head", k=4, adaptive=False))
 PROMPTS = [[1, 504, 3458, 282, 4649, 314], [1, 17, 28, 339, 1142, 42, 2071, 30, 9641] * 3]
 SAMPLING = SamplingParams(max_tokens=16, ignore_eos=True)
 

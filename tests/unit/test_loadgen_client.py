@@ -110,7 +110,10 @@ def test_hard_stop_sends_nothing_more_and_cancels_open_streams(fake_server: Fake
     assert 8 <= len(result.records) <= 12 and result.not_sent == 100 - len(result.records)
     assert all(r.status == CANCELLED_AT_STOP for r in result.records)
     assert max(r.output_tokens for r in result.records) > 0  # what streamed before the stop is kept
-    assert fake_server.servicer.started - before == len(result.records)
+    # Every request that streamed reached the server; one sent in the stop's instant may be cancelled before
+    # the server's handler starts (its record says CANCELLED_AT_STOP with nothing streamed).
+    streamed = sum(r.output_tokens > 0 for r in result.records)
+    assert streamed <= fake_server.servicer.started - before <= len(result.records)
     assert _wait_closed(fake_server.servicer) == 0  # the server saw every cancellation
 
 
