@@ -100,11 +100,11 @@ class Speculator:
         else:
             fed = self.features_in_graphs or executor is self._fed
             out = executor.execute(batch, layer_hook if fed else layer_hook or _each_layer)
-        decoding = [c for c in batch.chunks if c.start >= c.seq.num_prompt_tokens]
-        if self.costs is not None and decoding and len(decoding) == len(batch.chunks):
-            seconds = time.perf_counter() - began
-            verifying = [len(c.draft_token_ids) for c in decoding if c.draft_token_ids]
-            self.costs.observe_step(len(decoding), len(verifying), sum(verifying), seconds)
+        chunks = batch.chunks
+        if self.costs is not None and chunks and all(c.start >= c.seq.num_prompt_tokens for c in chunks):
+            seconds = time.perf_counter() - began  # a decode/verify-only step: what the cost model fits
+            verifying = [len(c.draft_token_ids) for c in chunks if c.draft_token_ids]
+            self.costs.observe_step(len(chunks), len(verifying), sum(verifying), seconds)
         if self.capture is None:
             return out
         self._rows.clear()
