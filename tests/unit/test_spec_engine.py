@@ -26,14 +26,18 @@ def tiny_model():
     return TINY, build_random_model(TINY, torch.float32, "cpu", seed=0)
 
 
-@pytest.fixture(scope="module")
-def tiny_head(tmp_path_factory) -> Path:
-    torch.manual_seed(1)
-    head = DraftHead(DraftHeadConfig.for_target(TINY, (0, 1, 1), 128))
-    head.d2t.copy_(build_vocab_map(torch.randint(0, 50, (TINY.vocab_size,)), 128))
-    path = tmp_path_factory.mktemp("head") / "tiny.safetensors"
+def random_head_file(target, draft_vocab: int, seed: int, path: Path) -> Path:
+    """An untrained head for `target` (features of layers 0, 1, 1) saved at `path`: drafts to verify."""
+    torch.manual_seed(seed)
+    head = DraftHead(DraftHeadConfig.for_target(target, (0, 1, 1), draft_vocab))
+    head.d2t.copy_(build_vocab_map(torch.randint(0, 50, (target.vocab_size,)), draft_vocab))
     head.save(path, dtype=torch.float32)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_head(tmp_path_factory) -> Path:
+    return random_head_file(TINY, 128, 1, tmp_path_factory.mktemp("head") / "tiny.safetensors")
 
 
 def tiny_engine(tiny_model, spec: SpecConfig, **kw) -> LLMEngine:

@@ -13,8 +13,8 @@ from engine.llm_engine import LLMEngine
 from engine.random_models import PRESETS, build_random_model
 from engine.sampler import processed_probs
 from engine.spec.config import SpecConfig
-from engine.spec.draft_head import DraftHead, DraftHeadConfig, build_vocab_map
 from engine.spec.target_forward import TargetForward
+from tests.unit.test_spec_engine import random_head_file
 from tests.unit.test_spec_rejection import chi2_critical, chi_square
 
 pytestmark = pytest.mark.timeout(300)
@@ -32,12 +32,7 @@ def small_model():
 
 @pytest.fixture(scope="module")
 def small_head(tmp_path_factory) -> Path:
-    torch.manual_seed(2)
-    head = DraftHead(DraftHeadConfig.for_target(SMALL, (0, 1, 1), 6))
-    head.d2t.copy_(build_vocab_map(torch.randint(0, 50, (SMALL.vocab_size,)), 6))
-    path = tmp_path_factory.mktemp("head") / "small.safetensors"
-    head.save(path, dtype=torch.float32)
-    return path
+    return random_head_file(SMALL, 6, 2, tmp_path_factory.mktemp("head") / "small.safetensors")
 
 
 def target_pairs(model, params: SamplingParams) -> torch.Tensor:
