@@ -45,9 +45,8 @@ def disassemble(compiled) -> str:
         return subprocess.run([nvdisasm, "-c", cubin.name], capture_output=True, text=True, check=True).stdout
 
 
-def gemv_sass(block_n: int, group: int, in_place: bool) -> str:
-    constexprs = dict(GROUP=group, BLOCK_N=block_n, BLOCK_K=1024, SPLIT_K=1, EVEN_N=True, PARTIALS=False,
-                      IN_PLACE=in_place)
+def gemv_sass(block_n: int, group: int) -> str:
+    constexprs = dict(GROUP=group, BLOCK_N=block_n, BLOCK_K=1024, SPLIT_K=1, EVEN_N=True, PARTIALS=False)
     names = list(_GEMV_SIGNATURE)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n != "out_ptr"}
     signature = dict(_GEMV_SIGNATURE, **dict.fromkeys(constexprs, "constexpr"))
@@ -93,12 +92,10 @@ def main() -> None:
     print("# W4A16 words GEMV, one bf16 row, BLOCK_K 1024: loop instructions per weight value of a thread")
     for block_n in (16, 32):
         for group in (32, 128):
-            for in_place in (False, True):
-                mix = loop_mix(gemv_sass(block_n, group, in_place))
-                per_value = sum(mix.values()) / (block_n * 1024 / 128)
-                top = ", ".join(f"{op} {n}" for op, n in mix.most_common(6))
-                print(f"gemv {block_n:2d} rows g{group:<3d} {'in place' if in_place else 'shifted ':8s} "
-                      f"{per_value:5.2f} per value | {top}", flush=True)
+            mix = loop_mix(gemv_sass(block_n, group))
+            per_value = sum(mix.values()) / (block_n * 1024 / 128)
+            top = ", ".join(f"{op} {n}" for op, n in mix.most_common(6))
+            print(f"gemv {block_n:2d} rows g{group:<3d} {per_value:5.2f} per value | {top}", flush=True)
 
 
 if __name__ == "__main__":

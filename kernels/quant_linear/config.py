@@ -25,7 +25,6 @@ class QuantConfig:
     words: bool = False  # W4A16 GEMV: read the packed weights as int32 words of eight nibbles, not bytes
     tma: bool = False  # W8A8 GEMM: tiles copied by Hopper's tensor memory accelerator, not pointer loads
     partials: bool = False  # W4A16 GEMV split-K: per-split slices summed by a second kernel, not atomics
-    in_place: bool = False  # W4A16 words GEMV: nibbles read in place (w4a16_gemv.masked_float), fewer shifts
 
 
 # Weight-streaming kernels (W4A16 and w8): one row, up to FEW_ROWS rows, and (W4A16 only) more.
@@ -46,14 +45,7 @@ W4_CANDIDATES: dict[str, tuple[QuantConfig, ...]] = {
             # split-K whose partials a second small kernel sums (no zeroing memset, no atomics, no cast)
             QuantConfig(16, 1024, 4, 2, split_k=2, words=True, partials=True),
             QuantConfig(8, 1024, 4, 2, split_k=2, partials=True),
-            QuantConfig(16, 512, 4, 3, split_k=4, words=True, partials=True),
-            # round 4, untimed: the words kernels above with nibbles read in place (ptxas sm_90: 2-5% fewer
-            # loop instructions a weight value), and at 32 rows, whose input conversions spread over more rows
-            # (4.0-4.4 instructions a value against 4.5-4.8 at 16: bench/kernels/sass_mix.py)
-            QuantConfig(16, 1024, 4, 3, split_k=0, words=True, in_place=True),
-            QuantConfig(16, 1024, 4, 2, words=True, in_place=True),
-            QuantConfig(32, 1024, 4, 2, split_k=0, words=True, in_place=True),
-            QuantConfig(32, 1024, 4, 2, split_k=0, words=True)),
+            QuantConfig(16, 512, 4, 3, split_k=4, words=True, partials=True)),
     "few": (QuantConfig(64, 256, 4, 3, block_m=16, split_k=0), QuantConfig(64, 128, 4, 4, block_m=16),
             QuantConfig(32, 256, 4, 4, block_m=16, split_k=0)),
     "many": (QuantConfig(128, 64, 4, 3, block_m=64), QuantConfig(128, 64, 8, 3, block_m=128)),

@@ -86,8 +86,8 @@ def w4a16_linear(x: torch.Tensor, weight: W4Weight, config: QuantConfig | None =
     """x [..., K] (bf16, fp16 or fp32) → [..., N] in x's dtype; config None: config.pick's for this shape.
 
     One row takes a GEMV kernel (config.block_m == 1, block_k a multiple of the group size; config.words
-    reads int32 words where the input is bf16 and the rows align, bytes otherwise; config.in_place the words'
-    nibbles in place), more rows the tl.dot kernel (block_m >= 16)."""
+    reads int32 words where the input is bf16 and the rows align, bytes otherwise), more rows the tl.dot
+    kernel (block_m >= 16)."""
     n, k = weight.shape
     rows = rows_of(x, k)
     m = rows.shape[0]
@@ -109,8 +109,7 @@ def w4a16_linear(x: torch.Tensor, weight: W4Weight, config: QuantConfig | None =
     if gemv and _reads_words(rows, weight, config):
         _w4a16_gemv_words_kernel[grid(m, n, config)[:2]](
             rows.view(torch.int32), weight.packed.view(torch.int32), weight.scale, weight.low, out, n, k,
-            weight.packed.stride(0) // 4, weight.scale.stride(0), PARTIALS=partials, IN_PLACE=config.in_place,
-            **common)
+            weight.packed.stride(0) // 4, weight.scale.stride(0), PARTIALS=partials, **common)
     elif gemv:
         pairs = rows.dtype == torch.bfloat16 and rows.storage_offset() % 2 == 0
         _w4a16_gemv_bytes_kernel[grid(m, n, config)[:2]](

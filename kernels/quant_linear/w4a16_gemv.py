@@ -14,8 +14,6 @@ packed bytes:
     loads as int32 pairs (contiguous), each half shifted into an fp32;
   - words: [.., group / 8] int32, nibble j of a word is value 8w + j (little-endian bytes): no per-byte
     extraction; the input loads as int32 pairs [.., 4] split in registers into the eight values of a word.
-    IN_PLACE reads each nibble where it lies in w, w << 8, w >> 8, w << 16 or w >> 16 (masked_float: one
-    and-or, four shifts a word instead of eight), the power-of-two weight of its position moved onto x.
 """
 from __future__ import annotations
 
@@ -36,30 +34,20 @@ def nibble_float(w, SHIFT: tl.constexpr):
 
 
 @triton.jit
-def masked_float(w, LOW: tl.constexpr):
-    """1 + q·2^(LOW − 23) (float32) for the nibble q at bits LOW..LOW+3 (12 or 16) of the int32 w, read where
-    it lies: one and-or, no shift."""
-    return ((w & (0xF << LOW)) | 0x3F800000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def pair_floats(pair):
     """An int32 holding two bf16 (low half first) → both as float32 (a bf16 is the high half of its fp32)."""
     return (pair << 16).to(tl.float32, bitcast=True), (pair & -65536).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def group_affine(acc, t, sx, s_ptrs, z_ptrs, n_mask, EVEN_N: tl.constexpr, UNIT: tl.constexpr = False):
-    """acc [BLOCK_N, GROUPS] += 16s·Σf·x + (z − 16s)·Σx for this step's groups (t = Σf·x, f = 1 + q/16); UNIT:
-    t = Σq·x, acc += s·t + z·Σx."""
+def group_affine(acc, t, sx, s_ptrs, z_ptrs, n_mask, EVEN_N: tl.constexpr):
+    """acc [BLOCK_N, GROUPS] += 16s·Σf·x + (z − 16s)·Σx for this step's groups (t = Σf·x, f = 1 + q/16)."""
     if EVEN_N:
         s = tl.load(s_ptrs).to(tl.float32)
         z = tl.load(z_ptrs).to(tl.float32)
     else:
         s = tl.load(s_ptrs, mask=n_mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptrs, mask=n_mask, other=0.0).to(tl.float32)
-    if UNIT:
-        return acc + t * s + z * sx[None, :]
     s16 = 16.0 * s
     return acc + t * s16 + (z - s16) * sx[None, :]
 
@@ -115,7 +103,7 @@ def _w4a16_gemv_bytes_kernel(
 def _w4a16_gemv_words_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    EVEN_N: tl.constexpr, PARTIALS: tl.constexpr = False, IN_PLACE: tl.constexpr = False,
+    EVEN_N: tl.constexpr, PARTIALS: tl.constexpr = False,
 ):
     GROUPS: tl.constexpr = BLOCK_K // GROUP
     WORDS: tl.constexpr = GROUP // 8  # int32 words a group
@@ -147,30 +135,12 @@ def _w4a16_gemv_words_kernel(
         x2, x3 = pair_floats(p1)
         x4, x5 = pair_floats(p2)
         x6, x7 = pair_floats(p3)
-        if IN_PLACE:
-            # Nibble j sits at bits 16..19 (j even) or 12..15 (j odd) of w, w << 8, w >> 8, w << 16 or
-            # w >> 16: f = 1 + q/128 or 1 + q/2048 there, so with x scaled by 128 or 2048 (exact), f·x' =
-            # x' + q·x. The x' terms, the same for every row, come off per group: Σq·x = Σf·x' − Σx'.
-            even = (x0 + x2) + (x4 + x6)
-            odd = (x1 + x3) + (x5 + x7)
-            sx = tl.sum(even + odd, axis=1)
-            sx_scaled = tl.sum(128.0 * even + 2048.0 * odd, axis=1)
-            up8 = w << 8
-            down8 = w >> 8
-            fx = (masked_float(w << 16, 16) * (128.0 * x0)[None] + masked_float(up8, 12) * (2048.0 * x1)[None]
-                  + masked_float(up8, 16) * (128.0 * x2)[None] + masked_float(w, 12) * (2048.0 * x3)[None]
-                  + masked_float(w, 16) * (128.0 * x4)[None] + masked_float(down8, 12) * (2048.0 * x5)[None]
-                  + masked_float(down8, 16) * (128.0 * x6)[None]
-                  + masked_float(w >> 16, 12) * (2048.0 * x7)[None])
-            t = tl.sum(fx, axis=2) - sx_scaled[None, :]
-            acc = group_affine(acc, t, sx, s_ptrs, z_ptrs, n_mask, EVEN_N, UNIT=True)
-        else:
-            fx = (nibble_float(w, 0) * x0[None] + nibble_float(w, 4) * x1[None]
-                  + nibble_float(w, 8) * x2[None] + nibble_float(w, 12) * x3[None]
-                  + nibble_float(w, 16) * x4[None] + nibble_float(w, 20) * x5[None]
-                  + nibble_float(w, 24) * x6[None] + nibble_float(w, 28) * x7[None])
-            sx = tl.sum(((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)), axis=1)
-            acc = group_affine(acc, tl.sum(fx, axis=2), sx, s_ptrs, z_ptrs, n_mask, EVEN_N)
+        fx = (nibble_float(w, 0) * x0[None] + nibble_float(w, 4) * x1[None]
+              + nibble_float(w, 8) * x2[None] + nibble_float(w, 12) * x3[None]
+              + nibble_float(w, 16) * x4[None] + nibble_float(w, 20) * x5[None]
+              + nibble_float(w, 24) * x6[None] + nibble_float(w, 28) * x7[None])
+        sx = tl.sum(((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)), axis=1)
+        acc = group_affine(acc, tl.sum(fx, axis=2), sx, s_ptrs, z_ptrs, n_mask, EVEN_N)
         w_ptrs += BLOCK_K // 8
         x_ptrs += BLOCK_K // 2
         s_ptrs += GROUPS
