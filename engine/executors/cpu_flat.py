@@ -18,7 +18,7 @@ class CpuFlatExecutor(Executor):
     """bs1 decode on CPU through `flat` (the model's own weights, the same math in fewer torch calls), and
     bs1 verify chunks (the last token + drafts) over consecutive KV blocks through FlatRows over the same
     weights; several sequences, prefill chunks, a layer hook, a short block table or a verify chunk over
-    scattered blocks go to `eager` (FlatDecoder gathers scattered blocks itself).
+    scattered blocks or a tree verify go to `eager` (FlatDecoder gathers scattered blocks itself).
 
     `keep`: set by a draft head's speculator (`feed`); flat steps then hand it each layer's output, as the
     head's forward hooks would see it on the eager path, so capturing steps need not leave the flat path.
@@ -37,8 +37,8 @@ class CpuFlatExecutor(Executor):
                     layer_hook: LayerHook | None) -> tuple[ScheduledChunk, list[int]] | None:
         """(the chunk, the KV blocks its rows use) of a bs1 step whose every row samples (decode or verify);
         None for anything the eager path runs."""
-        if layer_hook is not None or len(batch.chunks) != 1:
-            return None
+        if layer_hook is not None or len(batch.chunks) != 1 or batch.has_tree:
+            return None  # tree verifies: the eager path's tree attention mask
         chunk = batch.chunks[0]
         if chunk.num_sampled != chunk.num_new_tokens:
             return None  # prefill chunks: the eager path (paged attention over the prompt)

@@ -1,4 +1,4 @@
-"""One eager target forward over tree verify chunks, and moving an accepted path's KV to consecutive slots."""
+"""Tree verify: one eager target forward over tree chunks, the walk, and moving the path's KV into place."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -8,7 +8,8 @@ import torch
 
 from engine.kv_cache import KVCache
 from engine.model import LlamaModel
-from engine.spec.tree import DraftTree
+from engine.scheduler_types import ScheduledChunk
+from engine.spec.tree import DraftTree, accept_tree_path
 from kernels.attention.metadata import AttentionMetadata, SeqSpan
 
 
@@ -75,3 +76,24 @@ def commit_path(kv_cache: KVCache, chunk: TreeChunk, rows: Sequence[int]) -> Non
     for tensor in per_slot:  # every one is [num_blocks, block_size, ...]
         flat = tensor.view(-1, *tensor.shape[2:])
         flat[dst] = flat[src]  # the gather reads every source before any write
+
+
+def walk_trees(logits: torch.Tensor, chunks: Sequence[ScheduledChunk], num_sampled: Sequence[int],
+               token_ids: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+    """A step's sampled ids [R] with each tree chunk's rows replaced by its walk: the accepted path's
+    drafts, the target's token after them, then -1 for the remaining rows (engine.spec.verify.num_accepted
+    reads the count back). Each walked path's KV is moved to consecutive slots (`commit_path`) before
+    postprocess rolls the rest back. logits [R, V]: the sampling rows, `chunks` with `num_sampled` of them
+    each, in order (engine.executors.batch_inputs.SamplingRows)."""
+    token_ids = token_ids.clone()
+    row = 0
+    for chunk, count in zip(chunks, num_sampled, strict=True):
+        tree = chunk.tree
+        if tree is not None:
+            seq = chunk.seq
+            walk = accept_tree_path(tree, logits[row:row + count], seq.sampling, chunk.start + 1)
+            commit_path(kv_cache, TreeChunk(tuple(seq.block_table), chunk.start, tree), walk.rows)
+            ids = [*walk.token_ids, *[-1] * (count - len(walk.token_ids))]
+            token_ids[row:row + count] = torch.tensor(ids, dtype=token_ids.dtype)
+        row += count
+    return token_ids
