@@ -55,6 +55,27 @@ def test_pruning_keeps_the_most_probable_paths_as_a_tree() -> None:
     assert {tuple(pruned.tokens[r] for r in _path(pruned, i)) for i in range(1, 6)} <= paths
 
 
+def test_pruning_while_growing_keeps_the_best_nodes_of_the_full_tree() -> None:
+    """Nodes outside the best max_nodes are not expanded, yet the kept set is the full tree's best."""
+    full = build_topk_tree(2, markov_propose, branching=(3, 3, 2))
+    scores = [1.0]
+    for row in range(1, full.num_rows):
+        parent = full.parents[row]
+        prob = torch.softmax(DRAFTER[full.tokens[parent]], -1)[full.tokens[row]]
+        scores.append(scores[parent] * float(prob))
+    best = sorted(range(1, full.num_rows), key=lambda i: -scores[i])[:6]
+    pruned = build_topk_tree(2, markov_propose, branching=(3, 3, 2), max_nodes=6)
+    paths = {tuple(full.tokens[r] for r in _path(full, i)) for i in best}
+    assert {tuple(pruned.tokens[r] for r in _path(pruned, i)) for i in range(1, 7)} == paths
+
+
+def test_a_path_is_found_from_its_tokens_and_prefixes_are_trees() -> None:
+    tree = DraftTree((9, 1, 2, 3, 4), (-1, 0, 0, 2, 2))
+    assert tree.path([2, 4]) == (0, 2, 4) and tree.path([]) == (0,)
+    assert tree.prefix(3) == DraftTree((9, 1, 2), (-1, 0, 0)) and not tree.is_chain
+    assert tree.prefix(2).is_chain and DraftTree.chain(9, [1, 2]).is_chain
+
+
 def _path(tree: DraftTree, row: int) -> list[int]:
     rows = []
     while row > 0:

@@ -10,9 +10,10 @@ from contracts.sampling import SamplingParams
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.random_models import build_random_model
-from engine.spec.config import SpecConfig
+from engine.spec.config import MAX_TREE_NODES, SpecConfig
 from engine.spec.head_drafter import HeadDrafter
 from engine.spec.head_tree import head_tree_drafts
+from kernels.attention.metadata import MAX_TREE_ROWS
 from tests.unit.test_spec_engine import PROMPTS, TINY, random_head_file, tiny_engine
 
 pytestmark = pytest.mark.timeout(300)
@@ -139,6 +140,7 @@ def test_a_chain_shaped_tree_drafts_and_verifies_as_the_chain(tiny_model, tiny_h
 
 
 def test_tree_spec_config_errors_name_the_value() -> None:
+    assert MAX_TREE_NODES == MAX_TREE_ROWS - 1  # the torch-free config's copy of the mask's rows
     with pytest.raises(ValueError, match="for spec method 'head'"):
         SpecConfig("ngram", tree_branching=(2, 1))
     with pytest.raises(ValueError, match="each >= 1"):
