@@ -110,5 +110,5 @@ class SchedulerOutput:
 
     @property
     def has_tree(self) -> bool:
-        """Whether a chunk is a tree verify: only the eager executor runs those (tree attention mask)."""
+        """Whether a chunk is a tree verify: CUDA graphs never replay those (eager and CPU flat paths do)."""
         return any(c.tree is not None for c in self.chunks)

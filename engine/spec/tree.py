@@ -138,10 +138,15 @@ def accept_tree_path(tree: DraftTree, target_logits: torch.Tensor, params: Sampl
     if not params.greedy:
         probs = processed_probs(target_logits, [params] * tree.num_rows)
         return sample_tree_path(tree, probs, params, first_position)
-    greedy_ids = target_logits.argmax(dim=-1).tolist()
+    return greedy_tree_path(tree, lambda row: target_logits[row])
+
+
+def greedy_tree_path(tree: DraftTree, row_logits: Callable[[int], torch.Tensor]) -> TreeAccept:
+    """The greedy walk, asking row_logits(r) [V] only for the rows it reaches (a lazy LM head computes
+    the path's rows alone)."""
     rows, row = [0], 0
     while True:
-        token = greedy_ids[row]
+        token = int(row_logits(row).argmax())
         nxt = next((c for c in tree.children(row) if tree.tokens[c] == token), None)
         if nxt is None:
             return TreeAccept(tuple(rows), tuple(tree.tokens[r] for r in rows[1:]) + (token,))
