@@ -84,8 +84,8 @@ class Speculator:
     def attach(self, executor: Executor, max_num_seqs: int, max_len: int) -> None:
         """Executors that can hand the capture each layer's output themselves keep capturing steps on their
         fast path: the CPU flat executor's `feed`, CUDA graphs that output the features (`keep_features`;
-        the head then drafts in graphs too). The others get a layer hook that sends such a step to their
-        eager path, where the capture's forward hooks run."""
+        greedy chain drafts then come from graphs too). The others get a layer hook that sends such a step
+        to their eager path, where the capture's forward hooks run."""
         if self.capture is None:
             return
         feed = getattr(executor, "feed", None)
@@ -94,7 +94,8 @@ class Speculator:
             self._fed = executor
         elif executor.keep_features(self.capture):
             self.features_in_graphs = True
-            self.draft_in_graphs(max_num_seqs, max_len)
+            if not self.config.tree_branching:  # the draft graphs draft chains; trees draft eagerly
+                self.draft_in_graphs(max_num_seqs, max_len)
 
     def execute(self, executor: Executor, batch: SchedulerOutput,
                 layer_hook: LayerHook | None = None) -> RunOutput:
@@ -251,7 +252,7 @@ class Speculator:
         """Next drafts for each (seq, state), as many as its adaptive length asks (0: a plain step); greedy
         head drafters all at once in the draft graphs, if any. Returns the drafts proposed."""
         wanted = [(seq, state, min(_room(seq), state.length.next(sequences))) for seq, state in proposing]
-        graphs = None if self.config.tree_branching else self.draft_graphs  # graphs draft chains
+        graphs = self.draft_graphs
         batched = [] if graphs is None else [
             (seq, state, n) for seq, state, n in wanted
             if n > 0 and isinstance(state.drafter, HeadDrafter) and graphs.serves(state.drafter)]
