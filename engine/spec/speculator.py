@@ -51,8 +51,9 @@ class Speculator:
     engine/verify_graphs.py, which output the head's features too; elsewhere eager: engine/executors/).
 
     Tree drafts (SpecConfig.tree_branching): the head proposes a top-k tree (engine/spec/head_tree.py) into
-    `seq.draft_tree`, its rows in `seq.draft_token_ids`; the eager executor verifies it with a tree mask and
-    walks it (engine/spec/tree_verify.py); the head then learns the features of the walked path's rows.
+    `seq.draft_tree`, its rows in `seq.draft_token_ids`; the executor verifies it with a tree mask (CPU bs1:
+    flat rows; otherwise eager, never a CUDA graph) and walks it (engine/spec/tree_verify.py); the head then
+    learns the features of the walked path's rows.
     """
 
     def __init__(self, config: SpecConfig, model: LlamaModel, model_config: ModelConfig) -> None:
