@@ -17,6 +17,7 @@ from deploy.cli_args import (
     resources,
     seconds,
     spec_k,
+    spec_tree,
 )
 from deploy.cli_checks import UsageError, check_port_free, check_security_files, check_tp_flags
 from engine.config import KERNEL_BACKENDS, TP_COMMS, WEIGHT_SCHEMES
@@ -120,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "embedded model)")
     up.add_argument("--spec-adaptive", choices=("on", "off"), default="on",
                     help="each request drafts 1..k tokens, following its measured acceptance")
+    up.add_argument("--spec-tree", type=spec_tree, default=None,
+                    help="--spec head drafts trees, not chains: the head's top-b tokens after each node, b "
+                         "per depth, e.g. 2,2,1,1,1 (the depth replaces --spec-k); default chains")
+    up.add_argument("--spec-tree-max-nodes", type=positive("--spec-tree-max-nodes"), default=None,
+                    help="keep only this many tree nodes, those of highest path probability")
     up.add_argument("--dispatch-policy", default="least_loaded", choices=known_policies(),
                     help="how the router picks workers")
     up.add_argument("--queue-capacity", type=positive("--queue-capacity"), default=256,
@@ -222,7 +228,12 @@ def _spec_config(args: argparse.Namespace) -> SpecConfig:
             raise UsageError(f"--spec-head is for --spec head (got --spec {args.spec})")
         if not os.path.isfile(args.spec_head):
             raise UsageError(f"--spec-head: no such file: {args.spec_head}")
-    return SpecConfig(args.spec, k=args.spec_k, head_path=args.spec_head, adaptive=args.spec_adaptive == "on")
+    if args.spec_tree is not None and args.spec != "head":
+        raise UsageError(f"--spec-tree is for --spec head (got --spec {args.spec})")
+    if args.spec_tree_max_nodes is not None and args.spec_tree is None:
+        raise UsageError("--spec-tree-max-nodes needs --spec-tree")
+    return SpecConfig(args.spec, k=args.spec_k, head_path=args.spec_head, adaptive=args.spec_adaptive == "on",
+                      tree_branching=args.spec_tree or (), tree_max_nodes=args.spec_tree_max_nodes)
 
 
 def _cmd_up(args: argparse.Namespace) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from engine.spec.config import MAX_TREE_NODES, tree_nodes
+
 
 def whole_number(flag: str, minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
@@ -31,6 +33,21 @@ def spec_k(text: str) -> int:
     if value > 16:
         raise argparse.ArgumentTypeError(f"--spec-k must be <= 16, got {value}")
     return value
+
+
+def spec_tree(text: str) -> tuple[int, ...]:
+    """--spec-tree: the draft tree's branching per depth, e.g. 2,2,1,1,1 (SpecConfig.tree_branching)."""
+    try:
+        branching = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--spec-tree wants whole numbers separated by commas (e.g. 2,2,1,1,1), got {text!r}") from None
+    if not 1 <= len(branching) <= 16 or min(branching) < 1:
+        raise argparse.ArgumentTypeError(f"--spec-tree wants 1..16 levels, each >= 1, got {text!r}")
+    if tree_nodes(branching) > MAX_TREE_NODES:
+        raise argparse.ArgumentTypeError(f"--spec-tree {text} has {tree_nodes(branching)} nodes; at most "
+                                         f"{MAX_TREE_NODES} fit (prune with --spec-tree-max-nodes)")
+    return branching
 
 
 def seconds(flag: str) -> Callable[[str], float]:

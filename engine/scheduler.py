@@ -10,7 +10,7 @@ from engine.block_manager import BlockManager
 from engine.prefix_cache import PrefixCache
 from engine.scheduler_types import ScheduledChunk, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
-from engine.spec.verify import accepted_prefix
+from engine.spec.verify import decode_chunk, num_accepted
 from engine.step_cost import StepCostModel
 
 
@@ -122,8 +122,7 @@ class Scheduler:
                 if self.blocks.can_allocate(self._blocks_missing(seq, ahead)):
                     seq.block_table.extend(self.blocks.allocate(self._blocks_missing(seq, ahead)))
             n = 1 + len(drafts)
-            probs = None if not drafts or seq.draft_probs is None else seq.draft_probs[:len(drafts)]
-            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n, n, drafts, probs))
+            chunks.append(decode_chunk(seq, drafts))
             scheduled.add(seq.request_id)
             budget -= n
 
@@ -205,9 +204,9 @@ class Scheduler:
                 raise SchedulerError(f"{seq.request_id!r}: its chunk samples {chunk.num_sampled} token(s), "
                                      f"got {ids!r}")
             drafts = chunk.draft_token_ids
-            accepted = accepted_prefix(drafts, ids)
+            accepted = num_accepted(chunk, ids)
             if drafts:
-                seq.draft_token_ids, seq.draft_probs = [], None
+                seq.draft_token_ids, seq.draft_probs, seq.draft_tree = [], None, None
                 seq.num_draft_tokens += len(drafts)
             done = False
             for i, token_id in enumerate(ids[:accepted + 1]):

@@ -9,6 +9,8 @@ from engine.sequence import Sequence
 if TYPE_CHECKING:
     import torch
 
+    from engine.spec.tree import DraftTree
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -66,6 +68,9 @@ class ScheduledChunk:
     # the target's (engine.sampler.processed_probs). Set: the verify is rejection-sampled
     # (engine/spec/rejection.py); None: drafts are kept while they equal the target's own seeded draws.
     draft_probs: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    # A tree verify (engine/spec/tree.py): the drafts are its rows 1.., computed at slots start + row and
+    # positions start + depth, each attending to its ancestors; None: a chain (causal rows).
+    tree: DraftTree | None = None
 
     @property
     def token_ids(self) -> list[int]:
@@ -73,6 +78,13 @@ class ScheduledChunk:
         end = self.start + self.num_new_tokens - len(self.draft_token_ids)
         tokens = self.seq.token_ids[self.start:end]
         return tokens + list(self.draft_token_ids) if self.draft_token_ids else tokens
+
+    @property
+    def positions(self) -> list[int]:
+        """Each computed token's position (RoPE), in row order."""
+        if self.tree is not None:
+            return self.tree.positions(self.start)
+        return list(range(self.start, self.start + self.num_new_tokens))
 
     @property
     def output_start(self) -> int:
@@ -95,3 +107,8 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.chunks
+
+    @property
+    def has_tree(self) -> bool:
+        """Whether a chunk is a tree verify: CUDA graphs never replay those (eager and CPU flat paths do)."""
+        return any(c.tree is not None for c in self.chunks)

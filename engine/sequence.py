@@ -10,6 +10,8 @@ from contracts.sampling import FinishReason, SamplingParams
 if TYPE_CHECKING:
     import torch
 
+    from engine.spec.tree import DraftTree
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # has tokens to compute, holds no blocks yet (or was preempted)
@@ -38,6 +40,9 @@ class Sequence:
     # [len(draft_token_ids), vocab] float32: the distributions sampled drafts were drawn from (the head at
     # T > 0), handed to the verify chunk as ScheduledChunk.draft_probs; None for deterministic drafts.
     draft_probs: torch.Tensor | None = None
+    # Tree drafts (SpecConfig.tree_branching): the tree whose drafted rows draft_token_ids lists in row order;
+    # None for chains.
+    draft_tree: DraftTree | None = None
     # Speculation totals over the request's verify steps: drafts proposed, drafts kept (appended as output).
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0

@@ -2,6 +2,7 @@
 
     python -m bench.quality.spec [--prompts-file PATH] [--max-tokens N] [--temperature T] [--batch B ...]
                                  [--json OUT] [--k K ...] [--drafters ngram head] [--head PATH] [--threads 1]
+                                 [--tree 2,2,1,1,1 ...] [--tree-max-nodes N]
                                  [--device cuda] [--model PATH] [--dtype D]
 
 For each batch size, the prompts (20 built-in chat questions, or one per line of --prompts-file;
@@ -17,6 +18,8 @@ of measuring, within the issue's 10 minutes with the model load) starts no group
 past it: on a loaded box fewer prompts are measured — every setting the same ones, the count in each row —
 rather than the run overrunning. Offline acceptance for comparing heads without the engine:
 `python -m bench.quality.spec_offline`. Where a step's time goes: `python -m bench.quality.spec_profile`.
+`--tree B` adds a "head-tree" row per branching B (SpecConfig.tree_branching; its k is the tree's depth):
+the head's top-k trees verified with a tree mask; drafted counts every tree node.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from contracts.sampling import SamplingParams
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.model_files import load_model, resolve_model_path
-from engine.spec.config import SpecConfig
+from engine.spec.config import SpecConfig, tree_nodes
 from engine.tokenizer import Tokenizer
 
 
@@ -75,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drafters", nargs="+", choices=("ngram", "head"), default=["ngram", "head"])
     p.add_argument("--head", type=Path, default=None, help="draft head file (default: the shipped one)")
     p.add_argument("--fixed-k", action="store_true", help="always draft k (adaptive k off)")
+    p.add_argument("--tree", type=branching, nargs="+", default=[],
+                   help="also the head drafting trees of these branchings per depth (e.g. 2,2,1,1,1)")
+    p.add_argument("--tree-max-nodes", type=int, default=None, help="prune each tree to this many nodes")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu, or cuda (bfloat16 model, decode in CUDA graphs)")
     p.add_argument("--model", default=None, help="target GGUF / HF dir (default: the embedded SmolLM2)")
@@ -86,6 +92,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.temperature < 0 or args.max_tokens < 1 or min(args.batch) < 1 or min(args.k) < 1:
         p.error("need --temperature >= 0, --max-tokens >= 1, --batch >= 1 and --k >= 1")
     return args
+
+
+def branching(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tree wants e.g. 2,2,1,1,1, got {text!r}") from None
+
+
+def drafter_name(spec: SpecConfig) -> str:
+    return "head-tree" if spec.tree_branching else spec.method
 
 
 def load_prompts(path: Path | None) -> list[str]:
@@ -122,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     specs = [SpecConfig()] + [
         SpecConfig(drafter, k=k, head_path=str(args.head) if drafter == "head" and args.head else None,
                    adaptive=not args.fixed_k)
-        for drafter, k in itertools.product(args.drafters, args.k)]
+        for drafter, k in itertools.product(args.drafters, args.k)] + [
+        SpecConfig("head", head_path=str(args.head) if args.head else None, adaptive=not args.fixed_k,
+                   tree_branching=tree, tree_max_nodes=args.tree_max_nodes) for tree in args.tree]
     runs: list[dict] = []
     started = time.perf_counter()
     total = sum(max(len(texts), b) for b in args.batch)
@@ -134,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in chosen]
         sampling = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=1000 + i)
                     for i in range(len(prompts))]
-        blocks = batch * (-(-(max(map(len, prompts)) + args.max_tokens + max(args.k) + 1) // 16)) + 16
+        rows_ahead = max([*args.k, *(tree_nodes(t) for t in args.tree)])  # verify rows past the context
+        blocks = batch * (-(-(max(map(len, prompts)) + args.max_tokens + rows_ahead + 1) // 16)) + 16
         totals: list[Measured | None] = [None] * len(specs)
         rows: list[dict] = []
         group_seconds: list[float] = []
@@ -178,18 +198,18 @@ def main(argv: list[str] | None = None) -> int:
               "(every setting on the same ones); batch sizes after the last row not run", file=sys.stderr)
     print(f"{len(texts)} prompts, ≤ {args.max_tokens} tokens, T = {args.temperature}, "
           f"{args.threads} thread(s), adaptive k {'off' if args.fixed_k else 'on'}")
-    print(f"{'drafter':<8} {'k':>2} {'batch':>5} {'prompts':>7} {'tau':>6} {'accepted/drafted':>17} "
+    print(f"{'drafter':<9} {'k':>2} {'batch':>5} {'prompts':>7} {'tau':>6} {'accepted/drafted':>17} "
           f"{'tok/s':>8} {'off tok/s':>9} {'speedup':>8} {'identical':>9}")
     for r in runs:
-        print(f"{r['drafter']:<8} {r['k']:>2} {r['batch']:>5} {r['prompts']:>7} {r['tau']:>6.3f} "
+        print(f"{r['drafter']:<9} {r['k']:>2} {r['batch']:>5} {r['prompts']:>7} {r['tau']:>6.3f} "
               f"{r['acceptance']:>17.3f} "
               f"{r['tokens_per_s']:>8.1f} {r['baseline_tokens_per_s']:>9.1f} {r['speedup']:>7.2f}x "
               f"{str(r['greedy_identical']):>9}")
     for spec in specs[1:]:
-        slower = [r["batch"] for r in runs if (r["drafter"], r["k"]) == (spec.method, spec.k)
+        slower = [r["batch"] for r in runs if (r["drafter"], r["k"]) == (drafter_name(spec), spec.draft_depth)
                   and r["speedup"] < 1]
         if slower:
-            print(f"{spec.method} k={spec.k}: below 1x from batch {min(slower)}")
+            print(f"{drafter_name(spec)} k={spec.draft_depth}: below 1x from batch {min(slower)}")
     return 0
 
 
@@ -203,12 +223,15 @@ def over_budget(budget: float, started: float, group_seconds: list[float]) -> bo
 
 
 def row(spec: SpecConfig, batch: int, got: Measured, plain: Measured) -> dict:
-    return {"drafter": spec.method, "k": spec.k, "batch": batch, "tau": round(got.tau, 3),
+    tree = {}
+    if spec.tree_branching:
+        tree = {"tree": list(spec.tree_branching), "tree_max_nodes": spec.tree_max_nodes}
+    return {"drafter": drafter_name(spec), "k": spec.draft_depth, "batch": batch, "tau": round(got.tau, 3),
             "speedup": round(got.tokens_per_s / plain.tokens_per_s, 3),
             "greedy_identical": got.outputs == plain.outputs,
             "acceptance": round(got.accepted / max(got.drafted, 1), 3),
             "tokens_per_s": round(got.tokens_per_s, 2), "baseline_tokens_per_s": round(plain.tokens_per_s, 2),
-            "drafted": got.drafted, "accepted": got.accepted}
+            "drafted": got.drafted, "accepted": got.accepted} | tree
 
 
 def write_json(args: argparse.Namespace, runs: list[dict], num_prompts: int) -> None:

@@ -1,6 +1,7 @@
 """A batch's flat model inputs (token ids, positions, attention metadata) and the rows that sample."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -10,6 +11,15 @@ from engine.scheduler import ScheduledChunk
 from kernels.attention.metadata import AttentionMetadata
 
 
+def tree_metadata(chunks: Sequence[ScheduledChunk], block_size: int,
+                  device: torch.device) -> AttentionMetadata:
+    """from_chunks' metadata with each tree chunk's rows masked to their ancestors (SeqSpan.tree)."""
+    host = AttentionMetadata.from_chunks(chunks, block_size, "cpu")
+    spans = [span if chunk.tree is None else dataclasses.replace(span, tree=chunk.tree.ancestor_masks())
+             for span, chunk in zip(host.spans, chunks, strict=True)]
+    return AttentionMetadata.from_spans(spans, host.slot_mapping.tolist(), block_size, device)
+
+
 def prepare_inputs(chunks: Sequence[ScheduledChunk], block_size: int,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
     """(input_ids [T], positions [T], metadata), rows in chunk order, verify positions included."""
@@ -17,8 +27,11 @@ def prepare_inputs(chunks: Sequence[ScheduledChunk], block_size: int,
     positions: list[int] = []
     for chunk in chunks:
         token_ids.extend(chunk.token_ids)
-        positions.extend(range(chunk.start, chunk.start + chunk.num_new_tokens))
-    meta = AttentionMetadata.from_chunks(chunks, block_size, device)
+        positions.extend(chunk.positions)
+    if any(c.tree is not None for c in chunks):
+        meta = tree_metadata(chunks, block_size, device)
+    else:
+        meta = AttentionMetadata.from_chunks(chunks, block_size, device)
     ids = torch.tensor(token_ids, dtype=torch.long, device=device)
     pos = torch.tensor(positions, dtype=torch.long, device=device)
     return ids, pos, meta

@@ -12,13 +12,14 @@ from engine.executors.verify_sampling import sample_rows
 from engine.model import LayerHook
 from engine.sampler import sample
 from engine.scheduler import ScheduledChunk, SchedulerOutput
+from engine.spec.tree_verify import walk_tree
 
 
 class CpuFlatExecutor(Executor):
     """bs1 decode on CPU through `flat` (the model's own weights, the same math in fewer torch calls), and
-    bs1 verify chunks (the last token + drafts) over consecutive KV blocks through FlatRows over the same
-    weights; several sequences, prefill chunks, a layer hook, a short block table or a verify chunk over
-    scattered blocks go to `eager` (FlatDecoder gathers scattered blocks itself).
+    bs1 verify chunks (the last token + drafts, chains or trees) over consecutive KV blocks through
+    FlatRows over the same weights; several sequences, prefill chunks, a layer hook, a short block table or
+    a verify chunk over scattered blocks go to `eager` (FlatDecoder gathers scattered blocks itself).
 
     `keep`: set by a draft head's speculator (`feed`); flat steps then hand it each layer's output, as the
     head's forward hooks would see it on the eager path, so capturing steps need not leave the flat path.
@@ -70,9 +71,13 @@ class CpuFlatExecutor(Executor):
         if blocks != list(range(blocks[0], blocks[0] + len(blocks))):
             return self.eager.launch(batch, layer_hook)  # FlatRows reads its context as one slice
         first_slot = blocks[0] * self.eager.kv_cache.block_size
-        hidden = self.rows(chunk.token_ids, chunk.start, first_slot, self.keep)
-        if chunk.draft_probs is not None:  # sampled drafts: rejection-sampled over all rows together
-            token_ids = sample_rows(self.eager.model.compute_logits(hidden), SamplingRows.of(batch.chunks))
+        hidden = self.rows(chunk.token_ids, chunk.start, first_slot, self.keep, chunk.tree)
+        compute_logits = self.eager.model.compute_logits
+        if chunk.tree is not None:  # walked (the path's LM-head rows only, greedy), the path's KV moved
+            ids = walk_tree(chunk, lambda r: compute_logits(hidden[r:r + 1])[0], self.eager.kv_cache)
+            token_ids = torch.tensor(ids)
+        elif chunk.draft_probs is not None:  # sampled drafts: rejection-sampled over all rows together
+            token_ids = sample_rows(compute_logits(hidden), SamplingRows.of(batch.chunks))
         else:
-            token_ids = torch.tensor(sample_lazily(self.eager.model.compute_logits, hidden, chunk))
+            token_ids = torch.tensor(sample_lazily(compute_logits, hidden, chunk))
         return SampledStep(token_ids, (seq,), hidden[-1:], None if n == 1 else (n,))

@@ -11,6 +11,7 @@ from torch import nn
 from engine.cpu_decode import ColumnBlockLinear, FlatDecoder
 from engine.sampler import sample
 from engine.scheduler import ScheduledChunk
+from engine.spec.tree import DraftTree
 from kernels.store_kv.reference import store_kv_ref
 
 # (layer index, residual stream [T, H] after it): where a draft head's feature capture is fed.
@@ -89,20 +90,26 @@ class FlatRows:
         return self._layers
 
     def __call__(self, token_ids: Sequence[int], position: int, first_slot: int,
-                 keep: LayerKeep | None = None) -> torch.Tensor:
+                 keep: LayerKeep | None = None, tree: DraftTree | None = None) -> torch.Tensor:
         """Final-normed hidden states [T, H] of `token_ids` at positions position.., whose context occupies
-        cache slots first_slot..first_slot + position + T - 1; stores their KV in every layer."""
+        cache slots first_slot..first_slot + position + T - 1; stores their KV in every layer. With `tree`
+        (a tree verify): row i sits at slot position + i but at position position + depth(i) (RoPE) and
+        sees the context and its tree ancestors instead of the rows before it."""
         f = self.flat
         hq, hk, d = f.num_heads, f.num_kv_heads, f.head_dim
         t, half, group, row = len(token_ids), d // 2, hq // hk, hk * d
         seq_len = position + t
-        positions = torch.arange(position, seq_len)
+        slots = torch.arange(position, seq_len) + first_slot
+        positions = slots - first_slot if tree is None else torch.tensor(tree.positions(position))
         cos, sin = f.model.rotary(positions)  # [T, D/2] each
         cos_t = torch.addcmul(f.cos_bias, cos.view(t, 1, 1, half), f.cos_scale)  # [T, Hq + 2Hk, 1, D/2]
         sin_t = sin.view(t, 1, 1, half) * f.sin_scale  # [T, Hq + 2Hk, 2, D/2]
-        slots = positions + first_slot
-        # Row i (position + i) sees the context and the rows up to itself.
-        future = (torch.arange(seq_len).view(1, seq_len) > positions.view(t, 1)).view(1, t, 1, seq_len)
+        if tree is None:  # row i (position + i) sees the context and the rows up to itself
+            future = (torch.arange(seq_len).view(1, seq_len) > positions.view(t, 1)).view(1, t, 1, seq_len)
+        else:  # row i sees the context and the rows of its ancestor mask
+            hidden_rows = [[not mask >> j & 1 for j in range(t)] for mask in tree.ancestor_masks()]
+            future = torch.cat([torch.zeros(t, position, dtype=torch.bool), torch.tensor(hidden_rows)], dim=1)
+            future = future.view(1, t, 1, seq_len)
         s = f.model.embed_tokens(torch.tensor(list(token_ids)))  # the residual stream [T, H]
         for i, (w_in, qkv_proj, o_proj, w_post, gate_up_proj, down_proj) in enumerate(self._packed_layers()):
             qkv = qkv_proj(f._norm(s, w_in)).view(t, hq + 2 * hk, 2, half)

@@ -9,10 +9,12 @@ from engine.executors.verify_sampling import sample_rows
 from engine.kv_cache import KVCache
 from engine.model import LayerHook, LlamaModel
 from engine.scheduler import SchedulerOutput
+from engine.spec.tree_verify import walk_trees
 
 
 class EagerExecutor(Executor):
-    """Runs any batch (prefill chunks, decode, verify positions, a layer hook) as one forward call."""
+    """Runs any batch (prefill chunks, decode, verify positions, tree verifies, a layer hook) as one forward
+    call."""
 
     def __init__(self, model: LlamaModel, kv_cache: KVCache, device: torch.device) -> None:
         self.model = model
@@ -35,6 +37,8 @@ class EagerExecutor(Executor):
             selected = hidden[torch.tensor(rows.rows).to(hidden.device, non_blocking=True)]
         logits = self.model.compute_logits(selected)
         token_ids = sample_rows(logits, rows)  # verify chunks with draft distributions: rejection-sampled
+        if batch.has_tree:  # tree verifies: walked, their paths' KV moved into place
+            token_ids = walk_trees(logits, rows.chunks, rows.num_sampled, token_ids, self.kv_cache)
         if rows.one_each:
             return SampledStep(token_ids, rows.seqs, selected)
         last = hidden[torch.tensor(rows.last_rows).to(hidden.device, non_blocking=True)]

@@ -24,9 +24,9 @@ class GraphedExecutor(Executor):
     """Replays `graphs` for batches of one new token per sequence that fit a bucket and need no per-layer
     host hook; with `verify` (speculation on), batches of up to k + 1 new tokens per sequence replay its
     graphs — verify steps, and every decode step once the draft head's features are kept (`keep_features`:
-    only the verify graphs output them). Everything else — prefill and mixed steps, hooked steps — goes to
-    the eager executor. A graphed step syncs nowhere until `execute` reads the sampled ids (inputs go up by
-    one non-blocking copy from pinned memory)."""
+    only the verify graphs output them). Everything else — prefill and mixed steps, tree verifies, hooked
+    steps — goes to the eager executor. A graphed step syncs nowhere until `execute` reads the sampled ids
+    (inputs go up by one non-blocking copy from pinned memory)."""
 
     def __init__(self, graphs: DecodeGraphRunner, eager: EagerExecutor,
                  verify: VerifyGraphRunner | None = None) -> None:
@@ -41,7 +41,7 @@ class GraphedExecutor(Executor):
 
     def verify_graphed(self, batch: SchedulerOutput, layer_hook: LayerHook | None = None) -> bool:
         """Whether this batch replays a verify graph."""
-        return (layer_hook is None and self.verify is not None and bool(batch.chunks)
+        return (layer_hook is None and self.verify is not None and bool(batch.chunks) and not batch.has_tree
                 and not self.graphed(batch) and self.verify.shape_for(batch.chunks) is not None)
 
     def keep_features(self, capture: FeatureSink) -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from engine.spec.cost_model import StepCosts
 
@@ -15,10 +16,12 @@ class AdaptiveK:
     With `costs` (the engine's measured step costs), the length is also capped by what pays
     (StepCosts.draft_length, from this request's per-draft acceptance rate): 0 switches speculation off for
     the request, except every `probe_every`-th step, which drafts one token so the rate stays measured.
+
+    Tree drafts: the length is the tree's depth (levels of the tree drafted), `rows` what each depth costs.
     """
 
     def __init__(self, k: int, adaptive: bool = True, decay: float = 0.5, costs: StepCosts | None = None,
-                 probe_every: int = 8) -> None:
+                 probe_every: int = 8, rows: Sequence[int] | None = None) -> None:
         if k < 1 or not 0.0 < decay < 1.0:
             raise ValueError(f"need k >= 1 and 0 < decay < 1, got k={k}, decay={decay}")
         self.max_k = k
@@ -27,6 +30,7 @@ class AdaptiveK:
         self.accepted_ewma = float(k)
         self.costs = costs
         self.probe_every = probe_every
+        self.rows = rows  # tree drafts: verify rows of 1..k levels (StepCosts.draft_length)
         # Per-draft acceptance: accepted drafts over accepted + rejected ones (a step stops at its first
         # rejection), decayed per step; one optimistic pseudo-step to start.
         self._accepted, self._rejected = 1.0, 0.5
@@ -57,7 +61,7 @@ class AdaptiveK:
         k = self.k
         if not self.adaptive or self.costs is None:
             return k
-        paid = self.costs.draft_length(self.acceptance, sequences, self.max_k)
+        paid = self.costs.draft_length(self.acceptance, sequences, self.max_k, self.rows)
         if paid is None or paid > 0:
             self._off_steps = 0
             return k if paid is None else min(k, paid)

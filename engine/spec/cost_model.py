@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -58,9 +59,11 @@ class StepCosts:
                 self._fit = (a, b, max(v, 0.0), max(c, 0.0))
         return self._fit
 
-    def draft_length(self, acceptance: float, sequences: int, max_k: int) -> int | None:
+    def draft_length(self, acceptance: float, sequences: int, max_k: int,
+                     rows: Sequence[int] | None = None) -> int | None:
         """Drafts that pay for a request whose drafts are accepted with probability `acceptance` each
-        (0..max_k), None without an estimate yet.
+        (0..max_k), None without an estimate yet. `rows[k - 1]`: the verify rows (and drafted tokens) that k
+        drafts cost, for tree drafts (k levels of a tree); None: k (a chain).
 
         Draft j is emitted only if drafts 1..j all are: probability acceptance^j. Each emitted draft saves
         what a token costs without it — the step's share per sequence, plus the drafter's per-step
@@ -76,7 +79,7 @@ class StepCosts:
         best, best_gain, emitted = 0, 0.0, 0.0
         for k in range(1, max_k + 1):
             emitted += acceptance ** k
-            gain = emitted * token - verify - k * row
+            gain = emitted * token - verify - (k if rows is None else rows[k - 1]) * row
             if gain > best_gain:
                 best, best_gain = k, gain
         return best

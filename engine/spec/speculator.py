@@ -13,12 +13,13 @@ from engine.model import LayerHook, LlamaModel
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
 from engine.spec.adaptive import AdaptiveK
-from engine.spec.config import SpecConfig
+from engine.spec.config import SpecConfig, tree_nodes
 from engine.spec.cost_model import StepCosts
 from engine.spec.draft_head import DEFAULT_HEAD_PATH, DraftHead
 from engine.spec.drafter import Drafter
 from engine.spec.head_drafter import HeadDrafter
 from engine.spec.head_graphs import HeadDraftGraphs
+from engine.spec.head_tree import head_tree_drafts
 from engine.spec.ngram import NgramDrafter
 from engine.spec.target_forward import LayerCapture
 
@@ -48,6 +49,11 @@ class Speculator:
     Only the head captures features; with method ngram steps run on whatever path they would without
     speculation (on CPU, bs1 verify steps run flat; on CUDA, verify steps replay verify graphs,
     engine/verify_graphs.py, which output the head's features too; elsewhere eager: engine/executors/).
+
+    Tree drafts (SpecConfig.tree_branching): the head proposes a top-k tree (engine/spec/head_tree.py) into
+    `seq.draft_tree`, its rows in `seq.draft_token_ids`; the executor verifies it with a tree mask (CPU bs1:
+    flat rows; otherwise eager, never a CUDA graph) and walks it (engine/spec/tree_verify.py); the head then
+    learns the features of the walked path's rows.
     """
 
     def __init__(self, config: SpecConfig, model: LlamaModel, model_config: ModelConfig) -> None:
@@ -79,8 +85,8 @@ class Speculator:
     def attach(self, executor: Executor, max_num_seqs: int, max_len: int) -> None:
         """Executors that can hand the capture each layer's output themselves keep capturing steps on their
         fast path: the CPU flat executor's `feed`, CUDA graphs that output the features (`keep_features`;
-        the head then drafts in graphs too). The others get a layer hook that sends such a step to their
-        eager path, where the capture's forward hooks run."""
+        greedy chain drafts then come from graphs too). The others get a layer hook that sends such a step
+        to their eager path, where the capture's forward hooks run."""
         if self.capture is None:
             return
         feed = getattr(executor, "feed", None)
@@ -89,7 +95,8 @@ class Speculator:
             self._fed = executor
         elif executor.keep_features(self.capture):
             self.features_in_graphs = True
-            self.draft_in_graphs(max_num_seqs, max_len)
+            if not self.config.tree_branching:  # the draft graphs draft chains; trees draft eagerly
+                self.draft_in_graphs(max_num_seqs, max_len)
 
     def execute(self, executor: Executor, batch: SchedulerOutput,
                 layer_hook: LayerHook | None = None) -> RunOutput:
@@ -130,10 +137,15 @@ class Speculator:
             if not chunk.num_sampled:
                 continue
             state = self._drafts.get(seq.request_id)
+            kept = seq.num_tokens - chunk.output_start - 1  # postprocess appended kept drafts + 1
             if chunk.draft_token_ids and state is not None:
-                kept = seq.num_tokens - chunk.output_start - 1  # postprocess appended kept drafts + 1
-                state.length.update(len(chunk.draft_token_ids), kept)
-            features = self._chunk_features(seq.request_id, seq.num_tokens - 1 - chunk.start)
+                depth = len(chunk.draft_token_ids) if chunk.tree is None else max(chunk.tree.depths)
+                state.length.update(depth, kept)
+            if chunk.tree is None:  # the chunk's leading rows: the last token and the kept drafts
+                rows = range(seq.num_tokens - 1 - chunk.start)
+            else:  # the walked path's rows
+                rows = chunk.tree.path(seq.token_ids[chunk.output_start:chunk.output_start + kept])
+            features = self._chunk_features(seq.request_id, rows)
             t0 = time.perf_counter()
             if state is None or not self._learn(state.drafter, seq, chunk.start, features):
                 state = self._start(seq, chunk.start, features)
@@ -200,12 +212,14 @@ class Speculator:
 
     # ---- internals ----
 
-    def _chunk_features(self, request_id: str, n: int) -> torch.Tensor | None:
-        """The first n feature rows of request_id's chunk in the step just executed (None without a head)."""
+    def _chunk_features(self, request_id: str, rows: range | tuple[int, ...]) -> torch.Tensor | None:
+        """Those feature rows of request_id's chunk in the step just executed (None without a head)."""
         if self._features is None:
             return None
         first, _ = self._rows[request_id]
-        return self._features[first:first + n]
+        if isinstance(rows, range):
+            return self._features[first + rows.start:first + rows.stop]
+        return self._features[torch.tensor(rows, device=self._features.device) + first]
 
     def _learn(self, drafter: Drafter, seq: Sequence, start: int, features: torch.Tensor | None) -> bool:
         """Feed the accepted positions; False if the drafter is not where this chunk starts (start afresh)."""
@@ -228,7 +242,12 @@ class Speculator:
         return state
 
     def _length(self) -> AdaptiveK:
-        return AdaptiveK(self.config.k, self.config.adaptive, costs=self.costs)
+        config = self.config
+        rows = None
+        if config.tree_branching:  # verify rows of each depth's tree, as max_nodes prunes it
+            rows = [tree_nodes(config.tree_branching[:d]) for d in range(1, len(config.tree_branching) + 1)]
+            rows = [min(r, config.tree_max_nodes or r) for r in rows]
+        return AdaptiveK(config.draft_depth, config.adaptive, costs=self.costs, rows=rows)
 
     def _propose_all(self, proposing: list[tuple[Sequence, _Draft]], sequences: int) -> int:
         """Next drafts for each (seq, state), as many as its adaptive length asks (0: a plain step); greedy
@@ -250,11 +269,19 @@ class Speculator:
         return sum(len(seq.draft_token_ids) for seq, _, _ in wanted)
 
     def _propose(self, seq: Sequence, state: _Draft, n: int) -> None:
+        seq.draft_tree = None
         if n <= 0:  # no room, or drafts would not pay for themselves now: a plain step
             seq.draft_token_ids, seq.draft_probs = [], None
             return
-        seq.draft_token_ids = state.drafter.propose(n)
-        seq.draft_probs = state.drafter.draft_probs  # sampled drafts (head, T > 0): rejection-sampled
+        drafter, branching = state.drafter, self.config.tree_branching
+        if branching and isinstance(drafter, HeadDrafter):
+            # n levels; the scheduler verifies the leading rows that fit (`_room` caps only the depth).
+            tree = head_tree_drafts(drafter, seq.token_ids[-1], branching[:n], self.config.tree_max_nodes)
+            seq.draft_token_ids, seq.draft_probs = ([] if tree is None else list(tree.tokens[1:])), None
+            seq.draft_tree = None if tree is None or tree.is_chain else tree
+            return
+        seq.draft_token_ids = drafter.propose(n)
+        seq.draft_probs = drafter.draft_probs  # sampled drafts (head, T > 0): rejection-sampled
 
 
 def _room(seq: Sequence) -> int:

@@ -52,41 +52,68 @@ class DraftTree:
     def children(self, row: int) -> list[int]:
         return [i for i, p in enumerate(self.parents) if p == row]
 
+    @property
+    def is_chain(self) -> bool:
+        return self.parents == tuple(range(-1, self.num_rows - 1))
+
+    def prefix(self, num_rows: int) -> DraftTree:
+        """The first num_rows rows: a tree too (every parent precedes its children)."""
+        return DraftTree(self.tokens[:num_rows], self.parents[:num_rows])
+
+    def path(self, token_ids: Sequence[int]) -> tuple[int, ...]:
+        """The rows (root first) of the path whose drafted tokens are `token_ids`: at each node its first
+        child with the next token, as both walks take it (siblings of a top-k tree are distinct)."""
+        rows = [0]
+        for token in token_ids:
+            rows.append(next(c for c in self.children(rows[-1]) if self.tokens[c] == token))
+        return tuple(rows)
+
     @classmethod
     def chain(cls, root: int, drafts: Sequence[int]) -> DraftTree:
         """The chain root → drafts[0] → drafts[1] …, as a tree."""
         return cls((root, *drafts), tuple(range(-1, len(drafts))))
 
 
-def build_topk_tree(root: int, propose: Callable[[Sequence[int]], torch.Tensor], branching: Sequence[int],
-                    max_nodes: int | None = None) -> DraftTree:
-    """Expand each node of depth d into the drafter's branching[d] most probable next tokens.
+# propose(tree, rows): the drafter's distributions [len(rows), V] of the token after each of `rows` (rows
+# of the tree grown so far, all of its deepest level; row 0 alone at first, the root).
+ProposeDepth = Callable[["DraftTree", Sequence[int]], torch.Tensor]
 
-    propose(path) is the drafter's distribution [V] of the token after the committed sequence and `path`
-    (drafted tokens, root excluded). With max_nodes, only the max_nodes nodes of highest path probability
-    (product of the drafter's probabilities along the path) stay; a parent scores at least its children
-    and comes first on ties, so the kept set is still a tree.
+
+def build_topk_tree(root: int, propose: ProposeDepth, branching: Sequence[int],
+                    max_nodes: int | None = None) -> DraftTree:
+    """Expand each node of depth d into the drafter's branching[d] most probable next tokens, one
+    `propose` call per depth for all of its nodes (a drafter batches their forwards).
+
+    With max_nodes, only the max_nodes nodes of highest path probability (product of the drafter's
+    probabilities along the path) stay; a parent scores at least its children and comes first on ties, so
+    the kept set is still a tree. A node already outside the best max_nodes is not expanded: none of its
+    descendants could be kept.
     """
-    tokens, parents, scores, paths = [root], [-1], [1.0], [()]
+    tokens, parents, scores = [root], [-1], [1.0]
     frontier = [0]
     for width in branching:
+        if not frontier:
+            break
+        probs, ids = propose(DraftTree(tuple(tokens), tuple(parents)), frontier).float().topk(width, dim=-1)
         grown = []
-        for row in frontier:
-            probs, ids = propose(paths[row]).float().topk(width)
-            for prob, token in zip(probs.tolist(), ids.tolist(), strict=True):
+        for row, row_probs, row_ids in zip(frontier, probs.tolist(), ids.tolist(), strict=True):
+            for prob, token in zip(row_probs, row_ids, strict=True):
                 tokens.append(token)
                 parents.append(row)
                 scores.append(scores[row] * prob)
-                paths.append((*paths[row], token))
                 grown.append(len(tokens) - 1)
-        frontier = grown
+        frontier = grown if max_nodes is None else sorted(set(grown) & set(_best(scores, max_nodes)))
     if max_nodes is not None and len(tokens) - 1 > max_nodes:
-        kept = sorted(range(1, len(tokens)), key=lambda i: (-scores[i], i))[:max_nodes]
-        keep = [0, *sorted(kept)]
+        keep = [0, *sorted(_best(scores, max_nodes))]
         row_of = {old: new for new, old in enumerate(keep)}
         tokens = [tokens[i] for i in keep]
         parents = [row_of[parents[i]] if parents[i] >= 0 else -1 for i in keep]
     return DraftTree(tuple(tokens), tuple(parents))
+
+
+def _best(scores: Sequence[float], count: int) -> list[int]:
+    """The `count` drafted rows (row 0, the root, excluded) of highest path probability, earlier on ties."""
+    return sorted(range(1, len(scores)), key=lambda i: (-scores[i], i))[:count]
 
 
 @dataclass(frozen=True)
@@ -111,10 +138,15 @@ def accept_tree_path(tree: DraftTree, target_logits: torch.Tensor, params: Sampl
     if not params.greedy:
         probs = processed_probs(target_logits, [params] * tree.num_rows)
         return sample_tree_path(tree, probs, params, first_position)
-    greedy_ids = target_logits.argmax(dim=-1).tolist()
+    return greedy_tree_path(tree, lambda row: target_logits[row])
+
+
+def greedy_tree_path(tree: DraftTree, row_logits: Callable[[int], torch.Tensor]) -> TreeAccept:
+    """The greedy walk, asking row_logits(r) [V] only for the rows it reaches (a lazy LM head computes
+    the path's rows alone)."""
     rows, row = [0], 0
     while True:
-        token = greedy_ids[row]
+        token = int(row_logits(row).argmax())
         nxt = next((c for c in tree.children(row) if tree.tokens[c] == token), None)
         if nxt is None:
             return TreeAccept(tuple(rows), tuple(tree.tokens[r] for r in rows[1:]) + (token,))

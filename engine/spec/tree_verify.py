@@ -1,14 +1,15 @@
-"""One eager target forward over tree verify chunks, and moving an accepted path's KV to consecutive slots."""
+"""Tree verify: one eager target forward over tree chunks, the walk, and moving the path's KV into place."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from engine.kv_cache import KVCache
 from engine.model import LlamaModel
-from engine.spec.tree import DraftTree
+from engine.scheduler_types import ScheduledChunk
+from engine.spec.tree import DraftTree, accept_tree_path, greedy_tree_path
 from kernels.attention.metadata import AttentionMetadata, SeqSpan
 
 
@@ -75,3 +76,33 @@ def commit_path(kv_cache: KVCache, chunk: TreeChunk, rows: Sequence[int]) -> Non
     for tensor in per_slot:  # every one is [num_blocks, block_size, ...]
         flat = tensor.view(-1, *tensor.shape[2:])
         flat[dst] = flat[src]  # the gather reads every source before any write
+
+
+def walk_trees(logits: torch.Tensor, chunks: Sequence[ScheduledChunk], num_sampled: Sequence[int],
+               token_ids: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+    """A step's sampled ids [R] with each tree chunk's rows replaced by `walk_tree`'s. logits [R, V]: the
+    sampling rows, `chunks` with `num_sampled` of them each, in order (batch_inputs.SamplingRows)."""
+    token_ids = token_ids.clone()
+    row = 0
+    for chunk, count in zip(chunks, num_sampled, strict=True):
+        if chunk.tree is not None:
+            ids = walk_tree(chunk, lambda r, first=row: logits[first + r], kv_cache)
+            token_ids[row:row + count] = torch.tensor(ids, dtype=token_ids.dtype)
+        row += count
+    return token_ids
+
+
+def walk_tree(chunk: ScheduledChunk, row_logits: Callable[[int], torch.Tensor],
+              kv_cache: KVCache) -> list[int]:
+    """A tree verify's sampled ids: the walk's tokens — the accepted path's drafts, the target's token after
+    them — then -1 for the remaining rows (engine.spec.verify.num_accepted reads the count back). The path's
+    KV is moved to consecutive slots (`commit_path`) before postprocess rolls the rest back. row_logits(r):
+    the target's logits [V] after tree row r; a greedy walk asks only for its path's rows."""
+    tree, seq = chunk.tree, chunk.seq
+    if seq.sampling.greedy:
+        walk = greedy_tree_path(tree, row_logits)
+    else:
+        logits = torch.stack([row_logits(r) for r in range(tree.num_rows)])
+        walk = accept_tree_path(tree, logits, seq.sampling, chunk.start + 1)
+    commit_path(kv_cache, TreeChunk(tuple(seq.block_table), chunk.start, tree), walk.rows)
+    return [*walk.token_ids, *[-1] * (tree.num_rows - len(walk.token_ids))]

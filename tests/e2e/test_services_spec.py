@@ -24,6 +24,9 @@ PLAIN = EngineConfig(device="cpu", num_kv_blocks=64, max_batch_tokens=64)
 # (rightly) choose plain steps once its cost model has measured that drafts do not pay on this CPU.
 HEAD = EngineConfig(device="cpu", num_kv_blocks=64, max_batch_tokens=64,
                     spec=SpecConfig("head", k=4, adaptive=False))
+# Tree drafts on the decode side: the head drafts its first tree from the shipped features.
+HEAD_TREE = EngineConfig(device="cpu", num_kv_blocks=64, max_batch_tokens=64,
+                         spec=SpecConfig("head", adaptive=False, tree_branching=(2, 2, 1)))
 PROMPTS = [[1, 504, 3458, 282, 4649, 314], [1, 17, 28, 339, 1142, 42, 2071, 30, 9641] * 3]
 SAMPLING = SamplingParams(max_tokens=16, ignore_eos=True)
 
@@ -68,10 +71,14 @@ async def _generate(prefill, decode, rid: str, prompt: list[int]) -> tuple[list[
     return ids, drafted, accepted
 
 
-@pytest.mark.parametrize("prefill_runs_the_head", [True, False], ids=["features-shipped", "no-features"])
-def test_head_speculation_across_the_split_gives_plain_greedy_tokens(prefill_runs_the_head) -> None:
+@pytest.mark.parametrize(("prefill_runs_the_head", "decode_config"),
+                         [(True, HEAD), (False, HEAD), (True, HEAD_TREE)],
+                         ids=["features-shipped", "no-features", "tree-features-shipped"])
+def test_head_speculation_across_the_split_gives_plain_greedy_tokens(prefill_runs_the_head,
+                                                                     decode_config) -> None:
     expected = LLMEngine(PLAIN).generate(PROMPTS, SAMPLING)
-    prefill, decode = _pair(HEAD if prefill_runs_the_head else PLAIN, HEAD, str(prefill_runs_the_head))
+    name = f"{prefill_runs_the_head}-{bool(decode_config.spec.tree_branching)}"
+    prefill, decode = _pair(HEAD if prefill_runs_the_head else PLAIN, decode_config, name)
     shipped, activated = [], []
     _record(prefill.engine, "draft_features", shipped)
     _record(decode.engine, "activate", activated)

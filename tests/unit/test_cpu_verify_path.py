@@ -17,6 +17,8 @@ from engine.sampler import sample
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from engine.sequence import Sequence
 from engine.spec.target_forward import LayerCapture
+from engine.spec.tree import DraftTree
+from engine.spec.tree_verify import TreeChunk, tree_verify_metadata
 from tests.unit.test_cpu_decode_path import forward_step, tiny_blocked_model
 
 pytestmark = pytest.mark.timeout(60)
@@ -117,3 +119,50 @@ def test_flat_rows_call_quantized_projections_as_the_plain_forward_does(scheme: 
         expected = forward_step(model, plain_kv, [7, 8, 21, 4], len(PROMPT), blocks=blocks)
         got = FlatRows(FlatDecoder(model, flat_kv))([7, 8, 21, 4], len(PROMPT), 2 * 4)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_flat_rows_over_a_tree_equal_the_plain_tree_forward_and_walk_like_eager() -> None:
+    """A tree verify stays flat at bs1: depth positions, the ancestor mask, the walk and the path's KV move
+    give the eager executor's tokens and cache."""
+    model = tiny_blocked_model()
+    flat_kv, eager_kv = kv_for(model), kv_for(model)
+    executor = build_executor(model, flat_kv, EngineConfig(), max_model_len=64)
+    reference = build_executor(model, eager_kv, EngineConfig(), max_model_len=64).eager
+    assert isinstance(executor, CpuFlatExecutor)
+    start = len(PROMPT) - 1
+    with torch.inference_mode():
+        for kv in (flat_kv, eager_kv):
+            forward_step(model, kv, PROMPT[:-1], 0, blocks=[2, 3, 4, 5, 6, 7])
+        hidden = forward_step(model, kv_for(model), PROMPT, 0, [2, 3, 4, 5, 6, 7])
+        greedy = int(model.compute_logits(hidden[-1:]).argmax(-1))
+        # root → {5, greedy}; greedy → {6, 7}; 5 → {8}: the walk leaves the first branch at once.
+        tree = DraftTree((PROMPT[-1], 5, greedy, 6, 7, 8), (-1, 0, 0, 2, 2, 1))
+        inputs = tree_verify_metadata([TreeChunk((2, 3, 4, 5), start, tree)], 4, torch.device("cpu"))
+        expected = model(*inputs, kv_for_copy(model, flat_kv))
+        got_hidden = executor.rows(list(tree.tokens), start, 2 * 4, tree=tree)
+        torch.testing.assert_close(got_hidden, expected, atol=1e-5, rtol=1e-5)
+        for kv in (flat_kv, eager_kv):  # the same cache again: the executors store the rows themselves
+            forward_step(model, kv, PROMPT[:-1], 0, blocks=[2, 3, 4, 5, 6, 7])
+        results, calls = [], []
+        executor.eager.launch = lambda *a: calls.append(a)  # must not be reached: the tree runs flat
+        for run in (executor, reference):
+            seq = Sequence("r", list(PROMPT), SamplingParams(), block_table=[2, 3, 4, 5])
+            seq.num_computed_tokens = start
+            batch = SchedulerOutput((ScheduledChunk(seq, start, 6, 6, tree.tokens[1:], tree=tree),), ())
+            results.append(run.execute(batch).sampled["r"])
+    got, want = results
+    accepted = sum(t >= 0 for t in got) - 1
+    assert not calls and got == want and got[0] == greedy and accepted >= 1
+    for layer in range(model.config.num_layers):  # the path's KV at consecutive slots, as eager left it
+        path_slots = slice(2 * 4 + start, 2 * 4 + start + accepted + 1)
+        torch.testing.assert_close(flat_kv.k[layer].view(-1, *flat_kv.k[layer].shape[2:])[path_slots],
+                                   eager_kv.k[layer].view(-1, *eager_kv.k[layer].shape[2:])[path_slots],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def kv_for_copy(model, kv: KVCache) -> KVCache:
+    """A fresh cache holding `kv`'s contents."""
+    copy = kv_for(model)
+    for mine, theirs in zip(copy.k + copy.v, kv.k + kv.v, strict=True):
+        mine.copy_(theirs)
+    return copy

@@ -87,6 +87,30 @@ def test_sampled_head_drafts_keep_the_target_distribution_at_t1(small_model, sma
     assert stat < chi2_critical(df), (stat, df)
 
 
+def test_tree_drafts_keep_the_target_distribution_at_t1(small_model, small_head) -> None:
+    """Top-k head trees walked by multi-candidate sampling (engine/spec/tree.py) through the engine."""
+    n = 2000
+    params = [SamplingParams(max_tokens=4, temperature=1.0, seed=i, ignore_eos=True) for i in range(n)]
+    spec = SpecConfig("head", head_path=str(small_head), adaptive=False, tree_branching=(3, 2))
+    engine = LLMEngine(EngineConfig(device="cpu", dtype="float32", num_kv_blocks=300, max_num_seqs=256,
+                                    spec=spec), model=small_model)
+    seqs = [engine.add_request(f"r{i}", PROMPT, p) for i, p in enumerate(params)]
+    trees = 0
+    while engine.has_work():
+        batch = engine.schedule()
+        trees += sum(c.tree is not None for c in batch.chunks)
+        engine.postprocess(batch, engine.execute(batch))
+    assert trees > 0 and engine.block_manager.num_free == engine.block_manager.num_total
+    accepted = sum(s.num_accepted_tokens for s in seqs)
+    assert 0 < accepted < sum(s.num_draft_tokens for s in seqs)
+    counts = torch.zeros(SMALL.vocab_size, SMALL.vocab_size)
+    for s in seqs:
+        counts[s.output_token_ids[1], s.output_token_ids[2]] += 1
+    pairs = target_pairs(small_model[1], params[0])
+    stat, df = chi_square(counts.flatten(), pairs.flatten())
+    assert stat < chi2_critical(df), (stat, df)
+
+
 def test_sampled_drafts_repeat_for_a_seed_and_greedy_stays_argmax(small_model, small_head) -> None:
     seeded = [SamplingParams(max_tokens=12, temperature=0.8, top_k=5, top_p=0.9, seed=s, ignore_eos=True)
               for s in (5, 6)]

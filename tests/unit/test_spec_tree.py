@@ -23,11 +23,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def markov_propose(root: int):
-    """The toy drafter of test_spec_rejection: next-token probabilities after the path's last token."""
-    def propose(path) -> torch.Tensor:
-        return torch.softmax(DRAFTER[path[-1] if path else root], -1)
-    return propose
+def markov_propose(tree: DraftTree, rows) -> torch.Tensor:
+    """The toy drafter of test_spec_rejection: next-token probabilities after each row's token."""
+    return torch.softmax(DRAFTER[[tree.tokens[r] for r in rows]], -1)
 
 
 def test_a_chain_flattens_to_consecutive_positions_and_causal_masks() -> None:
@@ -38,8 +36,7 @@ def test_a_chain_flattens_to_consecutive_positions_and_causal_masks() -> None:
 
 
 def test_topk_tree_branches_per_depth_with_depth_positions_and_ancestor_masks() -> None:
-    propose = markov_propose(0)
-    tree = build_topk_tree(0, propose, branching=(2, 2))
+    tree = build_topk_tree(0, markov_propose, branching=(2, 2))
     first = torch.softmax(DRAFTER[0], -1).topk(2).indices.tolist()
     assert tree.parents == (-1, 0, 0, 1, 1, 2, 2)
     assert list(tree.tokens[1:3]) == first
@@ -50,13 +47,33 @@ def test_topk_tree_branches_per_depth_with_depth_positions_and_ancestor_masks() 
 
 
 def test_pruning_keeps_the_most_probable_paths_as_a_tree() -> None:
-    propose = markov_propose(1)
-    full = build_topk_tree(1, propose, branching=(3, 3))
-    pruned = build_topk_tree(1, propose, branching=(3, 3), max_nodes=5)
+    full = build_topk_tree(1, markov_propose, branching=(3, 3))
+    pruned = build_topk_tree(1, markov_propose, branching=(3, 3), max_nodes=5)
     assert pruned.num_rows == 6
     assert all(0 <= p < i for i, p in enumerate(pruned.parents) if i)  # DraftTree checks it, too
     paths = {tuple(full.tokens[r] for r in _path(full, i)) for i in range(1, full.num_rows)}
     assert {tuple(pruned.tokens[r] for r in _path(pruned, i)) for i in range(1, 6)} <= paths
+
+
+def test_pruning_while_growing_keeps_the_best_nodes_of_the_full_tree() -> None:
+    """Nodes outside the best max_nodes are not expanded, yet the kept set is the full tree's best."""
+    full = build_topk_tree(2, markov_propose, branching=(3, 3, 2))
+    scores = [1.0]
+    for row in range(1, full.num_rows):
+        parent = full.parents[row]
+        prob = torch.softmax(DRAFTER[full.tokens[parent]], -1)[full.tokens[row]]
+        scores.append(scores[parent] * float(prob))
+    best = sorted(range(1, full.num_rows), key=lambda i: -scores[i])[:6]
+    pruned = build_topk_tree(2, markov_propose, branching=(3, 3, 2), max_nodes=6)
+    paths = {tuple(full.tokens[r] for r in _path(full, i)) for i in best}
+    assert {tuple(pruned.tokens[r] for r in _path(pruned, i)) for i in range(1, 7)} == paths
+
+
+def test_a_path_is_found_from_its_tokens_and_prefixes_are_trees() -> None:
+    tree = DraftTree((9, 1, 2, 3, 4), (-1, 0, 0, 2, 2))
+    assert tree.path([2, 4]) == (0, 2, 4) and tree.path([]) == (0,)
+    assert tree.prefix(3) == DraftTree((9, 1, 2), (-1, 0, 0)) and not tree.is_chain
+    assert tree.prefix(2).is_chain and DraftTree.chain(9, [1, 2]).is_chain
 
 
 def _path(tree: DraftTree, row: int) -> list[int]:
@@ -98,7 +115,7 @@ def test_a_chain_shaped_tree_walks_like_chain_rejection_sampling(one_thread: Non
                          ids=["t1", "top-k-top-p"])
 def test_tree_walk_emits_the_target_distribution(params: SamplingParams, one_thread: None) -> None:
     n = 10000
-    tree = build_topk_tree(0, markov_propose(0), branching=(3, 2))
+    tree = build_topk_tree(0, markov_propose, branching=(3, 2))
     logits = TARGET[torch.tensor(tree.tokens)]  # row r scores the token after row r's token
     probs = processed_probs(logits, [params] * tree.num_rows)  # what accept_tree_path walks, computed once
     firsts, seconds, accepted = [], [], 0
