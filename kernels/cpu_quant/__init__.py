@@ -1,0 +1,1 @@
+"""Quantized weights (GGUF Q4_1, Q8_0) × fp32 activations on CPU: an AVX2 C kernel library and its references."""

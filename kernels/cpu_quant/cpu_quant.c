@@ -1,0 +1,231 @@
+/* Q4_1 and Q8_0 weights x fp32 activations on CPU: y[M, N] = x[M, K] . W[N, K]^T with fp32 accumulation.
+ *
+ * Weights stay quantized in memory; every product is the fp32 GEMV of the dequantized weights up to the
+ * order of the fp32 additions. Each output row is computed by the same operations in the same order for
+ * any M and any thread count, so a verify step's rows equal the bs1 decode step's bit for bit.
+ *
+ * Q4_1 (w = d*q + m per block of 32 along K), repacked at load (kernels/cpu_quant/layout.py): a row is
+ * ceil(K / 64) chunks of 32 bytes; nibble i (bits 4i..4i+3) of 32-bit word L of chunk c holds
+ * q[64c + 8i + L], so shifting the chunk's 8 words by 4i and masking gives 8 consecutive weights in 8
+ * int32 lanes with no shuffle. Block b = 2c + (i >= 4). d, m: fp32 [N, K / 32]. The m term is folded
+ * through per-block sums of each activation row: sum_b m_b * sum_{j in b} x_j (computed once per call).
+ *
+ * Q8_0 (w = d*q, q int8, per block of 32): q int8 [N, K] as GGUF stores it, d fp32 [N, K / 32].
+ * Per row: sum_b d_b * (sum_{j in b} x_j q_j); d_b * q_j is exact in fp32 (11 + 8 bits).
+ *
+ * Built with -mavx2 -mfma -mf16c where the CPU has AVX2 (kernels/cpu_quant/library.py), else the scalar
+ * path below (same layouts, same math, its own summation order).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define QK 32
+
+/* Per-block sums of each activation row: xs[r * nb + b] = sum of x[r, 32b .. 32b + 31]. */
+static void block_sums(const float *x, int64_t m_rows, int64_t k, float *xs) {
+    int64_t nb = k / QK;
+    for (int64_t r = 0; r < m_rows; r++) {
+        for (int64_t b = 0; b < nb; b++) {
+            const float *p = x + r * k + b * QK;
+            float s = 0.0f;
+            for (int j = 0; j < QK; j++) s += p[j];
+            xs[r * nb + b] = s;
+        }
+    }
+}
+
+static float dot(const float *a, const float *b, int64_t n) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Weights of nibble slot i of a chunk as 8 fp32 lanes. */
+static inline __m256 nibbles(__m256i chunk, int i) {
+    __m256i v = i ? _mm256_srli_epi32(chunk, 4 * i) : chunk;
+    if (i < 7) v = _mm256_and_si256(v, _mm256_set1_epi32(0xF));
+    return _mm256_cvtepi32_ps(v);
+}
+
+/* M activation rows x one Q4_1 weight row n: y[r * ldy + n] for r < M. M is a literal at every call site
+ * so the row loops unroll and the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void q4_1_row(
+    int M, const float *x, int64_t k, const uint8_t *w, const float *d, const float *mins,
+    const float *xs, float *y, int64_t ldy) {
+    int64_t nb = k / QK;
+    __m256 sum[8];
+    for (int r = 0; r < M; r++) sum[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i chunk = _mm256_loadu_si256((const __m256i *)(w + (b >> 1) * 32));
+        int base = (int)(b & 1) * 4;
+        const float *xb = x + b * QK;
+        __m256 q0 = nibbles(chunk, base), q1 = nibbles(chunk, base + 1);
+        __m256 q2 = nibbles(chunk, base + 2), q3 = nibbles(chunk, base + 3);
+        __m256 db = _mm256_broadcast_ss(d + b);
+        for (int r = 0; r < M; r++) {
+            const float *xr = xb + r * k;
+            __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(xr), q0);
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), q1, acc);
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 16), q2, acc);
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 24), q3, acc);
+            sum[r] = _mm256_fmadd_ps(acc, db, sum[r]);
+        }
+    }
+    for (int r = 0; r < M; r++) y[r * ldy] = hsum(sum[r]) + dot(mins, xs + r * nb, nb);
+}
+
+static inline __m256 int8s(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+static inline __attribute__((always_inline)) void q8_0_row(
+    int M, const float *x, int64_t k, const int8_t *w, const float *d, float *y, int64_t ldy) {
+    int64_t nb = k / QK;
+    __m256 sum[8];
+    for (int r = 0; r < M; r++) sum[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const int8_t *wb = w + b * QK;
+        __m256 q0 = int8s(wb), q1 = int8s(wb + 8), q2 = int8s(wb + 16), q3 = int8s(wb + 24);
+        __m256 db = _mm256_broadcast_ss(d + b);
+        const float *xb = x + b * QK;
+        for (int r = 0; r < M; r++) {
+            const float *xr = xb + r * k;
+            __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(xr), q0);
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), q1, acc);
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 16), q2, acc);
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 24), q3, acc);
+            sum[r] = _mm256_fmadd_ps(acc, db, sum[r]);
+        }
+    }
+    for (int r = 0; r < M; r++) y[r * ldy] = hsum(sum[r]);
+}
+
+#else /* scalar: CPUs without AVX2 + FMA */
+
+static void q4_1_row(int M, const float *x, int64_t k, const uint8_t *w, const float *d, const float *mins,
+                     const float *xs, float *y, int64_t ldy) {
+    int64_t nb = k / QK;
+    for (int r = 0; r < M; r++) {
+        float sum = 0.0f;
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *chunk = w + (b >> 1) * 32;
+            int base = (int)(b & 1) * 4;
+            float acc = 0.0f;
+            for (int j = 0; j < QK; j++) {
+                int slot = base + j / 8, lane = j % 8;
+                uint32_t word;
+                memcpy(&word, chunk + 4 * lane, 4);
+                acc += x[r * k + b * QK + j] * (float)((word >> (4 * slot)) & 0xF);
+            }
+            sum += acc * d[b];
+        }
+        y[r * ldy] = sum + dot(mins, xs + r * nb, nb);
+    }
+}
+
+static void q8_0_row(int M, const float *x, int64_t k, const int8_t *w, const float *d, float *y,
+                     int64_t ldy) {
+    int64_t nb = k / QK;
+    for (int r = 0; r < M; r++) {
+        float sum = 0.0f;
+        for (int64_t b = 0; b < nb; b++) {
+            float acc = 0.0f;
+            for (int j = 0; j < QK; j++) acc += x[r * k + b * QK + j] * (float)w[b * QK + j];
+            sum += acc * d[b];
+        }
+        y[r * ldy] = sum;
+    }
+}
+#endif
+
+int cpu_quant_has_avx2(void) {
+#if defined(__AVX2__) && defined(__FMA__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Rows of 8 activations at most per weight pass: the callers tile larger M (or dequantize and GEMM). */
+#define ROWS_MAX 8
+
+/* y[M, N] = x[M, K] . dequant(W)^T for one tile of M <= 8 rows; output rows split over `threads`. */
+void q4_1_linear(const float *x, int64_t m_rows, int64_t k, const uint8_t *packed, const float *d,
+                 const float *mins, int64_t n, float *y, int threads) {
+    int64_t nb = k / QK, chunk_bytes = (k + 63) / 64 * 32;
+    float *xs = malloc(sizeof(float) * (size_t)(m_rows * nb));
+    block_sums(x, m_rows, k, xs);
+    int M = (int)m_rows;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t row = 0; row < n; row++) {
+        const uint8_t *w = packed + row * chunk_bytes;
+        const float *dr = d + row * nb, *mr = mins + row * nb;
+        switch (M) {
+            case 1: q4_1_row(1, x, k, w, dr, mr, xs, y + row, n); break;
+            case 2: q4_1_row(2, x, k, w, dr, mr, xs, y + row, n); break;
+            case 3: q4_1_row(3, x, k, w, dr, mr, xs, y + row, n); break;
+            case 4: q4_1_row(4, x, k, w, dr, mr, xs, y + row, n); break;
+            case 5: q4_1_row(5, x, k, w, dr, mr, xs, y + row, n); break;
+            case 6: q4_1_row(6, x, k, w, dr, mr, xs, y + row, n); break;
+            case 7: q4_1_row(7, x, k, w, dr, mr, xs, y + row, n); break;
+            default: q4_1_row(8, x, k, w, dr, mr, xs, y + row, n); break;
+        }
+    }
+    free(xs);
+}
+
+void q8_0_linear(const float *x, int64_t m_rows, int64_t k, const int8_t *q, const float *d, int64_t n,
+                 float *y, int threads) {
+    int64_t nb = k / QK;
+    int M = (int)m_rows;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t row = 0; row < n; row++) {
+        const int8_t *w = q + row * k;
+        const float *dr = d + row * nb;
+        switch (M) {
+            case 1: q8_0_row(1, x, k, w, dr, y + row, n); break;
+            case 2: q8_0_row(2, x, k, w, dr, y + row, n); break;
+            case 3: q8_0_row(3, x, k, w, dr, y + row, n); break;
+            case 4: q8_0_row(4, x, k, w, dr, y + row, n); break;
+            case 5: q8_0_row(5, x, k, w, dr, y + row, n); break;
+            case 6: q8_0_row(6, x, k, w, dr, y + row, n); break;
+            case 7: q8_0_row(7, x, k, w, dr, y + row, n); break;
+            default: q8_0_row(8, x, k, w, dr, y + row, n); break;
+        }
+    }
+}
+
+/* Dequantize whole weights to fp32 [N, K] (w = d*q + m, w = d*q): the prefill path's GEMM operand. */
+void q4_1_dequantize(const uint8_t *packed, const float *d, const float *mins, int64_t n, int64_t k,
+                     float *out, int threads) {
+    int64_t nb = k / QK, chunk_bytes = (k + 63) / 64 * 32;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t row = 0; row < n; row++) {
+        const uint8_t *w = packed + row * chunk_bytes;
+        for (int64_t j = 0; j < k; j++) {
+            int64_t c = j / 64, slot = (j % 64) / 8, lane = j % 8, b = j / QK;
+            uint32_t word;
+            memcpy(&word, w + c * 32 + 4 * lane, 4);
+            float q = (float)((word >> (4 * slot)) & 0xF);
+            out[row * k + j] = q * d[row * nb + b] + mins[row * nb + b];
+        }
+    }
+}
+
+void q8_0_dequantize(const int8_t *q, const float *d, int64_t n, int64_t k, float *out, int threads) {
+    int64_t nb = k / QK;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t row = 0; row < n; row++)
+        for (int64_t j = 0; j < k; j++) out[row * k + j] = (float)q[row * k + j] * d[row * nb + j / QK];
+}
