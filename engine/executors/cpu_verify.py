@@ -54,7 +54,7 @@ class RowsLinear:
 
 
 class ModuleRows:
-    """A quantized projection (Int4Linear, W8A8Linear: FlatDecoder calls them as they are) over T rows."""
+    """A quantized projection (Q41Linear, W8A8Linear: FlatDecoder calls them as they are) over T rows."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module

@@ -2,11 +2,13 @@
 
 The model stays plain: a scheme swaps the layers' projection modules (engine/quantize/projections.py) for
 quantized ones, which LlamaModel calls through its module path. Those are not float linears, so the CPU
-column-block layout skips them (it still blocks the float LM head); CPU bs1 decode runs them through
-FlatDecoder, which calls each quantized module as it is. On CPU, w4a16 and w8a8 keep their own modules
-(torch's CPU int4 kernel; int8 values in FBGEMM's fp16-weight GEMM); elsewhere, and for w8 everywhere,
-the projections are engine/quantize/kernel_linears.py's, whose products are the kernel registry's quantized
-ops (kernels/quant_linear on CUDA, graph-capturable).
+column-block layout skips them (it still blocks a float LM head); CPU bs1 decode runs them through
+FlatDecoder, which calls each quantized module as it is. On CPU, w4a16 and w8a8 keep their own modules:
+w4a16 serves Q4_1 blocks through kernels/cpu_quant's AVX2 kernels with fp32 activations
+(engine/quantize/cpu_linears.py), and the GGUF's Q8_0 LM head too where the file has one; w8a8 multiplies
+int8 values in FBGEMM's fp16-weight GEMM. Elsewhere, and for w8 everywhere, the projections are
+engine/quantize/kernel_linears.py's, whose products are the kernel registry's quantized ops
+(kernels/quant_linear on CUDA, graph-capturable).
 """
 from __future__ import annotations
 
@@ -18,12 +20,16 @@ from engine.config import EngineConfig
 from engine.model import LlamaModel
 from engine.model_files import resolve_model_path
 from engine.quantize.calibration import activation_absmax, calibration_text
+from engine.quantize.cpu_linears import Q41Linear, Q80Head
 from engine.quantize.gguf_q4_1 import read_q4_1_projections
-from engine.quantize.int4 import Int4Linear, quantize_int4
+from engine.quantize.gguf_q8_0 import read_q8_0_head
+from engine.quantize.int4 import quantize_int4
 from engine.quantize.kernel_linears import W4A16KernelLinear, W8A8KernelLinear, W8KernelLinear
 from engine.quantize.projections import projections
 from engine.quantize.w8a8 import W8A8Linear, quantize_per_channel, smoothing_factors
 from engine.random_models import is_random_model
+from kernels.cpu_quant.layout import pack_q4_1
+from kernels.cpu_quant.library import library
 from kernels.quant_linear.layout import W8Weight, pack_w4
 
 logger = logging.getLogger(__name__)
@@ -56,20 +62,27 @@ def apply_weights_scheme(model: LlamaModel, config: EngineConfig) -> None:
 
 
 def use_int4(model: LlamaModel, source: Path | None) -> str:
-    """W4A16: the GGUF's Q4_1 blocks as they are when every projection is Q4_1, else group-wise int4 from the
-    loaded float weights. Returns how, for the log."""
-    native = None
+    """W4A16 on CPU (kernels/cpu_quant, fp32 activations): the GGUF's Q4_1 blocks as they are when every
+    projection is Q4_1, else int4 groups of 32 from the loaded float weights; and the GGUF's Q8_0 LM head
+    blocks when it has them (the tied embedding keeps its float rows for lookups). Raises
+    CompilerMissingError, naming gcc, when the kernels cannot be built. Returns how, for the log."""
+    library()  # built (or found in the cache) now: a missing compiler fails the load, not the first step
+    native = head = None
     if source is not None and source.suffix.lower() == ".gguf":
         native = read_q4_1_projections(source, model.config)
+        head = read_q8_0_head(source, model.config)
     for slot in projections(model):
         if native is not None:
             q, d, m = native[slot.layer, slot.name]
         else:
             q, d, m = quantize_int4(slot.module.weight.detach(), FLOAT_INT4_GROUP_SIZE)
-        slot.replace(Int4Linear(q, d, m, slot.silu_mul_input))
-    if native is not None:
-        return f"GGUF Q4_1 blocks of {source.name} served natively (torch int4 kernel, bf16 activations)"
-    return f"int4 groups of {FLOAT_INT4_GROUP_SIZE} from float weights (torch int4 kernel, bf16 activations)"
+        slot.replace(Q41Linear(pack_q4_1(q, d, m), slot.silu_mul_input))
+    how = (f"GGUF Q4_1 blocks of {source.name} served natively" if native is not None
+           else f"int4 groups of {FLOAT_INT4_GROUP_SIZE} from float weights")
+    if head is not None:
+        model.lm_head = Q80Head(head)
+        how += ", the GGUF's Q8_0 LM head"
+    return how + " (kernels/cpu_quant, fp32 activations)"
 
 
 def kernel_group_size(in_features: int) -> int:

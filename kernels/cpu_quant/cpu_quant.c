@@ -51,36 +51,60 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* Weights of nibble slot i of a chunk as 8 fp32 lanes. */
+/* Weights of nibble slot i of a chunk as 8 fp32 lanes, times 16^i for slots 1..6: masking in place and
+ * converting skips a shift (the kernel is bound by the vector ALU ops per weight, not by memory). q * 16^i
+ * is exact in fp32, and so is the activation x * 16^-i it meets (scaled_activations), so every product
+ * equals x * q. Slot 7 is shifted down instead (masked in place it would read as a negative int32). */
 static inline __m256 nibbles(__m256i chunk, int i) {
-    __m256i v = i ? _mm256_srli_epi32(chunk, 4 * i) : chunk;
-    if (i < 7) v = _mm256_and_si256(v, _mm256_set1_epi32(0xF));
-    return _mm256_cvtepi32_ps(v);
+    if (i == 7) return _mm256_cvtepi32_ps(_mm256_srli_epi32(chunk, 28));
+    return _mm256_cvtepi32_ps(_mm256_and_si256(chunk, _mm256_set1_epi32(0xF << (4 * i))));
 }
 
-/* M activation rows x one Q4_1 weight row n: y[r * ldy + n] for r < M. M is a literal at every call site
- * so the row loops unroll and the accumulators stay in registers. */
+/* x with element 64c + 8i + L multiplied by 16^-i for slots i = 1..6 (powers of two: exact). */
+static float *scaled_activations(const float *x, int64_t m_rows, int64_t k) {
+    float *out = malloc(sizeof(float) * (size_t)(m_rows * k));
+    for (int64_t r = 0; r < m_rows; r++)
+        for (int64_t j = 0; j < k; j++) {
+            int slot = (int)((j % 64) / 8);
+            float scale = (slot == 0 || slot == 7) ? 1.0f : 1.0f / (float)(1 << (4 * slot));
+            out[r * k + j] = x[r * k + j] * scale;
+        }
+    return out;
+}
+
+/* One block's 4 weight vectors (slots base..base + 3 of its chunk) into M rows' sums. */
+#define Q4_1_BLOCK(M, chunk, base, b)                                                              \
+    do {                                                                                          \
+        __m256 q0 = nibbles(chunk, base), q1 = nibbles(chunk, base + 1);                          \
+        __m256 q2 = nibbles(chunk, base + 2), q3 = nibbles(chunk, base + 3);                      \
+        __m256 db = _mm256_broadcast_ss(d + (b));                                                 \
+        const float *xb = x + (b) * QK;                                                           \
+        for (int r = 0; r < M; r++) {                                                             \
+            const float *xr = xb + r * k;                                                         \
+            __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(xr), q0);                                  \
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), q1, acc);                              \
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 16), q2, acc);                             \
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 24), q3, acc);                             \
+            sum[r] = _mm256_fmadd_ps(acc, db, sum[r]);                                            \
+        }                                                                                         \
+    } while (0)
+
+/* M activation rows x one Q4_1 weight row: y[r * ldy] for r < M. M is a literal at every call site so
+ * the row loops unroll and the accumulators stay in registers; the shifts are immediates. */
 static inline __attribute__((always_inline)) void q4_1_row(
     int M, const float *x, int64_t k, const uint8_t *w, const float *d, const float *mins,
     const float *xs, float *y, int64_t ldy) {
-    int64_t nb = k / QK;
+    int64_t nb = k / QK, full = nb / 2;
     __m256 sum[8];
     for (int r = 0; r < M; r++) sum[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        __m256i chunk = _mm256_loadu_si256((const __m256i *)(w + (b >> 1) * 32));
-        int base = (int)(b & 1) * 4;
-        const float *xb = x + b * QK;
-        __m256 q0 = nibbles(chunk, base), q1 = nibbles(chunk, base + 1);
-        __m256 q2 = nibbles(chunk, base + 2), q3 = nibbles(chunk, base + 3);
-        __m256 db = _mm256_broadcast_ss(d + b);
-        for (int r = 0; r < M; r++) {
-            const float *xr = xb + r * k;
-            __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(xr), q0);
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), q1, acc);
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 16), q2, acc);
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 24), q3, acc);
-            sum[r] = _mm256_fmadd_ps(acc, db, sum[r]);
-        }
+    for (int64_t c = 0; c < full; c++) {
+        __m256i chunk = _mm256_loadu_si256((const __m256i *)(w + c * 32));
+        Q4_1_BLOCK(M, chunk, 0, 2 * c);
+        Q4_1_BLOCK(M, chunk, 4, 2 * c + 1);
+    }
+    if (nb & 1) {  /* a last half chunk: block nb - 1 in slots 0..3 */
+        __m256i chunk = _mm256_loadu_si256((const __m256i *)(w + full * 32));
+        Q4_1_BLOCK(M, chunk, 0, nb - 1);
     }
     for (int r = 0; r < M; r++) y[r * ldy] = hsum(sum[r]) + dot(mins, xs + r * nb, nb);
 }
@@ -112,6 +136,12 @@ static inline __attribute__((always_inline)) void q8_0_row(
 }
 
 #else /* scalar: CPUs without AVX2 + FMA */
+
+static float *scaled_activations(const float *x, int64_t m_rows, int64_t k) {
+    float *out = malloc(sizeof(float) * (size_t)(m_rows * k));
+    memcpy(out, x, sizeof(float) * (size_t)(m_rows * k));
+    return out;
+}
 
 static void q4_1_row(int M, const float *x, int64_t k, const uint8_t *w, const float *d, const float *mins,
                      const float *xs, float *y, int64_t ldy) {
@@ -166,23 +196,25 @@ void q4_1_linear(const float *x, int64_t m_rows, int64_t k, const uint8_t *packe
     int64_t nb = k / QK, chunk_bytes = (k + 63) / 64 * 32;
     float *xs = malloc(sizeof(float) * (size_t)(m_rows * nb));
     block_sums(x, m_rows, k, xs);
+    float *xk = scaled_activations(x, m_rows, k);
     int M = (int)m_rows;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t row = 0; row < n; row++) {
         const uint8_t *w = packed + row * chunk_bytes;
         const float *dr = d + row * nb, *mr = mins + row * nb;
         switch (M) {
-            case 1: q4_1_row(1, x, k, w, dr, mr, xs, y + row, n); break;
-            case 2: q4_1_row(2, x, k, w, dr, mr, xs, y + row, n); break;
-            case 3: q4_1_row(3, x, k, w, dr, mr, xs, y + row, n); break;
-            case 4: q4_1_row(4, x, k, w, dr, mr, xs, y + row, n); break;
-            case 5: q4_1_row(5, x, k, w, dr, mr, xs, y + row, n); break;
-            case 6: q4_1_row(6, x, k, w, dr, mr, xs, y + row, n); break;
-            case 7: q4_1_row(7, x, k, w, dr, mr, xs, y + row, n); break;
-            default: q4_1_row(8, x, k, w, dr, mr, xs, y + row, n); break;
+            case 1: q4_1_row(1, xk, k, w, dr, mr, xs, y + row, n); break;
+            case 2: q4_1_row(2, xk, k, w, dr, mr, xs, y + row, n); break;
+            case 3: q4_1_row(3, xk, k, w, dr, mr, xs, y + row, n); break;
+            case 4: q4_1_row(4, xk, k, w, dr, mr, xs, y + row, n); break;
+            case 5: q4_1_row(5, xk, k, w, dr, mr, xs, y + row, n); break;
+            case 6: q4_1_row(6, xk, k, w, dr, mr, xs, y + row, n); break;
+            case 7: q4_1_row(7, xk, k, w, dr, mr, xs, y + row, n); break;
+            default: q4_1_row(8, xk, k, w, dr, mr, xs, y + row, n); break;
         }
     }
     free(xs);
+    free(xk);
 }
 
 void q8_0_linear(const float *x, int64_t m_rows, int64_t k, const int8_t *q, const float *d, int64_t n,

@@ -33,7 +33,7 @@ class Q41Weight:
 
 @dataclass(frozen=True)
 class Q80Weight:
-    """w = d·q per block of 32 along K, q int8 [N, K] (GGUF Q8_0's values in its order), d float32 [N, K / 32]."""
+    """w = d·q per block of 32 along K: q int8 [N, K] (GGUF Q8_0's values), d float32 [N, K / 32]."""
 
     q: torch.Tensor
     d: torch.Tensor
@@ -49,8 +49,8 @@ class Q80Weight:
 
 def _check_blocks(n: int, k: int, *scales: torch.Tensor) -> None:
     if k % QK or any(tuple(s.shape) != (n, k // QK) for s in scales):
-        raise ValueError(f"weight [{n}, {k}] needs K a multiple of {QK} and scales of shape [{n}, {k // QK}], "
-                         f"got {[tuple(s.shape) for s in scales]}")
+        raise ValueError(f"weight [{n}, {k}] needs K a multiple of {QK} and scales of shape "
+                         f"[{n}, {k // QK}], got {[tuple(s.shape) for s in scales]}")
 
 
 def pack_q4_1(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> Q41Weight:

@@ -44,13 +44,14 @@ def cache_dir() -> Path:
     return Path(root) / "pdserve" / "cpu_quant"
 
 
-def build(compiler: str = "gcc") -> Path:
-    """The shared library for this source and these flags, compiled if the cache lacks it.
+def build(flags: tuple[str, ...] | None = None, compiler: str = "gcc") -> Path:
+    """The shared library for this source and `flags` (default: compile_flags()), compiled if the cache
+    lacks it.
 
     Several processes (Ray workers) may build at once: each compiles into its own temporary file and
     renames it into place (atomic on one filesystem), so a reader sees a whole library or none.
     """
-    flags = compile_flags()
+    flags = compile_flags() if flags is None else flags
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join((compiler, *flags)).encode()).hexdigest()[:16]
     target = cache_dir() / f"cpu_quant-{key}.so"
@@ -76,9 +77,9 @@ def build(compiler: str = "gcc") -> Path:
 
 
 @functools.cache
-def library() -> ctypes.CDLL:
-    """The loaded kernels (built on first use), with their argument types declared."""
-    lib = ctypes.CDLL(str(build()))
+def library(flags: tuple[str, ...] | None = None) -> ctypes.CDLL:
+    """The loaded kernels (built on first use) for `flags` (default: this CPU's), argument types declared."""
+    lib = ctypes.CDLL(str(build(flags)))
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
