@@ -14,7 +14,7 @@ from engine.config import EngineConfig
 from engine.executors.cpu_flat import CpuFlatExecutor
 from engine.llm_engine import LLMEngine
 from engine.quantize import use_int4, use_int4_kernels, use_w8, use_w8a8
-from engine.quantize.int4 import Int4Linear
+from engine.quantize.cpu_linears import Q41Linear
 from engine.quantize.kernel_linears import W4A16KernelLinear, W8A8KernelLinear, W8KernelLinear
 from engine.quantize.w8a8 import W8A8Linear
 from engine.random_models import PRESETS, build_random_model
@@ -33,7 +33,7 @@ def tiny_model() -> nn.Module:
 
 
 @pytest.mark.parametrize(("transform", "cls"), [
-    (use_int4, Int4Linear), (use_w8a8, W8A8Linear),
+    (use_int4, Q41Linear), (use_w8a8, W8A8Linear),
     # the kernel-registry modules CUDA gets (and w8 everywhere), here on the torch references
     (use_int4_kernels, W4A16KernelLinear), (lambda model, source: use_w8(model), W8KernelLinear),
     (lambda model, source: use_w8a8(model, source, kernel_modules=True), W8A8KernelLinear),
