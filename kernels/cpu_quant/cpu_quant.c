@@ -109,6 +109,70 @@ static inline __attribute__((always_inline)) void q4_1_row(
     for (int r = 0; r < M; r++) y[r * ldy] = hsum(sum[r]) + dot(mins, xs + r * nb, nb);
 }
 
+/* One block of 4 Q4_1 weight rows against one activation row (M = 1): the per-row operations of
+ * Q4_1_BLOCK at M = 1, in the same order, for 4 rows at once (4 independent FMA chains). */
+#define Q4_1_BLOCK4(base, b)                                                                       \
+    do {                                                                                          \
+        const float *xb = x + (b) * QK;                                                           \
+        __m256 x0 = _mm256_loadu_ps(xb), x1 = _mm256_loadu_ps(xb + 8);                            \
+        __m256 x2 = _mm256_loadu_ps(xb + 16), x3 = _mm256_loadu_ps(xb + 24);                      \
+        __m256 a0 = _mm256_mul_ps(x0, nibbles(c0, base));                                         \
+        __m256 a1 = _mm256_mul_ps(x0, nibbles(c1, base));                                         \
+        __m256 a2 = _mm256_mul_ps(x0, nibbles(c2, base));                                         \
+        __m256 a3 = _mm256_mul_ps(x0, nibbles(c3, base));                                         \
+        a0 = _mm256_fmadd_ps(x1, nibbles(c0, base + 1), a0);                                      \
+        a1 = _mm256_fmadd_ps(x1, nibbles(c1, base + 1), a1);                                      \
+        a2 = _mm256_fmadd_ps(x1, nibbles(c2, base + 1), a2);                                      \
+        a3 = _mm256_fmadd_ps(x1, nibbles(c3, base + 1), a3);                                      \
+        a0 = _mm256_fmadd_ps(x2, nibbles(c0, base + 2), a0);                                      \
+        a1 = _mm256_fmadd_ps(x2, nibbles(c1, base + 2), a1);                                      \
+        a2 = _mm256_fmadd_ps(x2, nibbles(c2, base + 2), a2);                                      \
+        a3 = _mm256_fmadd_ps(x2, nibbles(c3, base + 2), a3);                                      \
+        a0 = _mm256_fmadd_ps(x3, nibbles(c0, base + 3), a0);                                      \
+        a1 = _mm256_fmadd_ps(x3, nibbles(c1, base + 3), a1);                                      \
+        a2 = _mm256_fmadd_ps(x3, nibbles(c2, base + 3), a2);                                      \
+        a3 = _mm256_fmadd_ps(x3, nibbles(c3, base + 3), a3);                                      \
+        s0 = _mm256_fmadd_ps(a0, _mm256_broadcast_ss(d + (b)), s0);                               \
+        s1 = _mm256_fmadd_ps(a1, _mm256_broadcast_ss(d + nb + (b)), s1);                          \
+        s2 = _mm256_fmadd_ps(a2, _mm256_broadcast_ss(d + 2 * nb + (b)), s2);                      \
+        s3 = _mm256_fmadd_ps(a3, _mm256_broadcast_ss(d + 3 * nb + (b)), s3);                      \
+    } while (0)
+
+#define PREFETCH_ROWS 8
+
+/* 4 consecutive Q4_1 weight rows x one activation row: y[0..3]. */
+static void q4_1_rows4(const float *x, int64_t k, const uint8_t *w, int64_t row_bytes, const float *d,
+                       const float *mins, const float *xs, float *y) {
+    int64_t nb = k / QK, full = nb / 2;
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (int64_t c = 0; c < full; c++) {
+        const uint8_t *p = w + c * 32;
+        /* The next passes' rows, ahead of the hardware prefetcher (which alone reached ~8 GB/s here). */
+        _mm_prefetch((const char *)(p + PREFETCH_ROWS * row_bytes), _MM_HINT_T0);
+        _mm_prefetch((const char *)(p + (PREFETCH_ROWS + 1) * row_bytes), _MM_HINT_T0);
+        _mm_prefetch((const char *)(p + (PREFETCH_ROWS + 2) * row_bytes), _MM_HINT_T0);
+        _mm_prefetch((const char *)(p + (PREFETCH_ROWS + 3) * row_bytes), _MM_HINT_T0);
+        __m256i c0 = _mm256_loadu_si256((const __m256i *)p);
+        __m256i c1 = _mm256_loadu_si256((const __m256i *)(p + row_bytes));
+        __m256i c2 = _mm256_loadu_si256((const __m256i *)(p + 2 * row_bytes));
+        __m256i c3 = _mm256_loadu_si256((const __m256i *)(p + 3 * row_bytes));
+        Q4_1_BLOCK4(0, 2 * c);
+        Q4_1_BLOCK4(4, 2 * c + 1);
+    }
+    if (nb & 1) {
+        const uint8_t *p = w + full * 32;
+        __m256i c0 = _mm256_loadu_si256((const __m256i *)p);
+        __m256i c1 = _mm256_loadu_si256((const __m256i *)(p + row_bytes));
+        __m256i c2 = _mm256_loadu_si256((const __m256i *)(p + 2 * row_bytes));
+        __m256i c3 = _mm256_loadu_si256((const __m256i *)(p + 3 * row_bytes));
+        Q4_1_BLOCK4(0, nb - 1);
+    }
+    y[0] = hsum(s0) + dot(mins, xs, nb);
+    y[1] = hsum(s1) + dot(mins + nb, xs, nb);
+    y[2] = hsum(s2) + dot(mins + 2 * nb, xs, nb);
+    y[3] = hsum(s3) + dot(mins + 3 * nb, xs, nb);
+}
+
 static inline __m256 int8s(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
@@ -198,6 +262,23 @@ void q4_1_linear(const float *x, int64_t m_rows, int64_t k, const uint8_t *packe
     block_sums(x, m_rows, k, xs);
     float *xk = scaled_activations(x, m_rows, k);
     int M = (int)m_rows;
+#if defined(__AVX2__) && defined(__FMA__)
+    if (M == 1) {  /* bs1 decode: 4 weight rows a pass, then the leftover rows one by one */
+        int64_t quads = n / 4;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+        for (int64_t g = 0; g < quads + n % 4; g++) {
+            int64_t row = g < quads ? 4 * g : 4 * quads + (g - quads);
+            const uint8_t *w = packed + row * chunk_bytes;
+            if (g < quads)
+                q4_1_rows4(xk, k, w, chunk_bytes, d + row * nb, mins + row * nb, xs, y + row);
+            else
+                q4_1_row(1, xk, k, w, d + row * nb, mins + row * nb, xs, y + row, n);
+        }
+        free(xs);
+        free(xk);
+        return;
+    }
+#endif
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t row = 0; row < n; row++) {
         const uint8_t *w = packed + row * chunk_bytes;
