@@ -72,6 +72,16 @@ static float *scaled_activations(const float *x, int64_t m_rows, int64_t k) {
     return out;
 }
 
+/* A row's result: its block sums (sum) plus the m term sum_b m_b * xs_b, 8 blocks a vector. */
+static inline float q4_1_result(__m256 sum, const float *mins, const float *xs, int64_t nb) {
+    __m256 mv = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 8 <= nb; b += 8) mv = _mm256_fmadd_ps(_mm256_loadu_ps(mins + b), _mm256_loadu_ps(xs + b), mv);
+    float out = hsum(_mm256_add_ps(sum, mv));
+    for (; b < nb; b++) out += mins[b] * xs[b];
+    return out;
+}
+
 /* One block's 4 weight vectors (slots base..base + 3 of its chunk) into M rows' sums. */
 #define Q4_1_BLOCK(M, chunk, base, b)                                                              \
     do {                                                                                          \
@@ -106,7 +116,7 @@ static inline __attribute__((always_inline)) void q4_1_row(
         __m256i chunk = _mm256_loadu_si256((const __m256i *)(w + full * 32));
         Q4_1_BLOCK(M, chunk, 0, nb - 1);
     }
-    for (int r = 0; r < M; r++) y[r * ldy] = hsum(sum[r]) + dot(mins, xs + r * nb, nb);
+    for (int r = 0; r < M; r++) y[r * ldy] = q4_1_result(sum[r], mins, xs + r * nb, nb);
 }
 
 /* One block of 4 Q4_1 weight rows against one activation row (M = 1): the per-row operations of
@@ -167,10 +177,10 @@ static void q4_1_rows4(const float *x, int64_t k, const uint8_t *w, int64_t row_
         __m256i c3 = _mm256_loadu_si256((const __m256i *)(p + 3 * row_bytes));
         Q4_1_BLOCK4(0, nb - 1);
     }
-    y[0] = hsum(s0) + dot(mins, xs, nb);
-    y[1] = hsum(s1) + dot(mins + nb, xs, nb);
-    y[2] = hsum(s2) + dot(mins + 2 * nb, xs, nb);
-    y[3] = hsum(s3) + dot(mins + 3 * nb, xs, nb);
+    y[0] = q4_1_result(s0, mins, xs, nb);
+    y[1] = q4_1_result(s1, mins + nb, xs, nb);
+    y[2] = q4_1_result(s2, mins + 2 * nb, xs, nb);
+    y[3] = q4_1_result(s3, mins + 3 * nb, xs, nb);
 }
 
 static inline __m256 int8s(const int8_t *p) {
