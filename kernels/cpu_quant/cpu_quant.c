@@ -6,9 +6,10 @@
  *
  * Q4_1 (w = d*q + m per block of 32 along K), repacked at load (kernels/cpu_quant/layout.py): a row is
  * ceil(K / 64) chunks of 32 bytes; nibble i (bits 4i..4i+3) of 32-bit word L of chunk c holds
- * q[64c + 8i + L], so shifting the chunk's 8 words by 4i and masking gives 8 consecutive weights in 8
- * int32 lanes with no shuffle. Block b = 2c + (i >= 4). d, m: fp32 [N, K / 32]. The m term is folded
- * through per-block sums of each activation row: sum_b m_b * sum_{j in b} x_j (computed once per call).
+ * q[64c + 8i + L], so masking the chunk's 8 words gives 8 consecutive weights in 8 int32 lanes with no
+ * shuffle (see nibbles). Block b = 2c + (i >= 4). d, m: fp16 [N, K / 32], as GGUF stores them (fp32 would
+ * add a quarter to the bytes a token streams). The m term is folded through per-block sums of each
+ * activation row: sum_b m_b * sum_{j in b} x_j (computed once per call).
  *
  * Q8_0 (w = d*q, q int8, per block of 32): q int8 [N, K] as GGUF stores it, d fp32 [N, K / 32].
  * Per row: sum_b d_b * (sum_{j in b} x_j q_j); d_b * q_j is exact in fp32 (11 + 8 bits).
@@ -35,10 +36,23 @@ static void block_sums(const float *x, int64_t m_rows, int64_t k, float *xs) {
     }
 }
 
-static float dot(const float *a, const float *b, int64_t n) {
-    float s = 0.0f;
-    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
-    return s;
+/* IEEE half -> float (the dequantize functions and the scalar path; the AVX2 path uses F16C). */
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0x1F) {
+        bits = sign | 0x7F800000 | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else {  /* subnormal half: normalize */
+        exp = 113;
+        while (!(man & 0x400)) { man <<= 1; exp--; }
+        bits = sign | (exp << 23) | ((man & 0x3FF) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -72,13 +86,22 @@ static float *scaled_activations(const float *x, int64_t m_rows, int64_t k) {
     return out;
 }
 
+static inline __m256 halves8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
+/* A row's fp16 scales as fp32 (broadcast per block from here: one F16C conversion per 8 blocks). */
+static inline void row_scales(const uint16_t *d, int64_t nb, float *out) {
+    int64_t b = 0;
+    for (; b + 8 <= nb; b += 8) _mm256_storeu_ps(out + b, halves8(d + b));
+    for (; b < nb; b++) out[b] = _cvtsh_ss(d[b]);
+}
+
 /* A row's result: its block sums (sum) plus the m term sum_b m_b * xs_b, 8 blocks a vector. */
-static inline float q4_1_result(__m256 sum, const float *mins, const float *xs, int64_t nb) {
+static inline float q4_1_result(__m256 sum, const uint16_t *mins, const float *xs, int64_t nb) {
     __m256 mv = _mm256_setzero_ps();
     int64_t b = 0;
-    for (; b + 8 <= nb; b += 8) mv = _mm256_fmadd_ps(_mm256_loadu_ps(mins + b), _mm256_loadu_ps(xs + b), mv);
+    for (; b + 8 <= nb; b += 8) mv = _mm256_fmadd_ps(halves8(mins + b), _mm256_loadu_ps(xs + b), mv);
     float out = hsum(_mm256_add_ps(sum, mv));
-    for (; b < nb; b++) out += mins[b] * xs[b];
+    for (; b < nb; b++) out += _cvtsh_ss(mins[b]) * xs[b];
     return out;
 }
 
@@ -102,9 +125,11 @@ static inline float q4_1_result(__m256 sum, const float *mins, const float *xs, 
 /* M activation rows x one Q4_1 weight row: y[r * ldy] for r < M. M is a literal at every call site so
  * the row loops unroll and the accumulators stay in registers; the shifts are immediates. */
 static inline __attribute__((always_inline)) void q4_1_row(
-    int M, const float *x, int64_t k, const uint8_t *w, const float *d, const float *mins,
+    int M, const float *x, int64_t k, const uint8_t *w, const uint16_t *d16, const uint16_t *mins,
     const float *xs, float *y, int64_t ldy) {
     int64_t nb = k / QK, full = nb / 2;
+    float d[nb];
+    row_scales(d16, nb, d);
     __m256 sum[8];
     for (int r = 0; r < M; r++) sum[r] = _mm256_setzero_ps();
     for (int64_t c = 0; c < full; c++) {
@@ -151,9 +176,11 @@ static inline __attribute__((always_inline)) void q4_1_row(
 #define PREFETCH_ROWS 8
 
 /* 4 consecutive Q4_1 weight rows x one activation row: y[0..3]. */
-static void q4_1_rows4(const float *x, int64_t k, const uint8_t *w, int64_t row_bytes, const float *d,
-                       const float *mins, const float *xs, float *y) {
+static void q4_1_rows4(const float *x, int64_t k, const uint8_t *w, int64_t row_bytes, const uint16_t *d16,
+                       const uint16_t *mins, const float *xs, float *y) {
     int64_t nb = k / QK, full = nb / 2;
+    float d[4 * nb];  /* the 4 rows' scales, contiguous as in d16 */
+    row_scales(d16, 4 * nb, d);
     __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
     for (int64_t c = 0; c < full; c++) {
         const uint8_t *p = w + c * 32;
@@ -217,8 +244,8 @@ static float *scaled_activations(const float *x, int64_t m_rows, int64_t k) {
     return out;
 }
 
-static void q4_1_row(int M, const float *x, int64_t k, const uint8_t *w, const float *d, const float *mins,
-                     const float *xs, float *y, int64_t ldy) {
+static void q4_1_row(int M, const float *x, int64_t k, const uint8_t *w, const uint16_t *d,
+                     const uint16_t *mins, const float *xs, float *y, int64_t ldy) {
     int64_t nb = k / QK;
     for (int r = 0; r < M; r++) {
         float sum = 0.0f;
@@ -232,9 +259,11 @@ static void q4_1_row(int M, const float *x, int64_t k, const uint8_t *w, const f
                 memcpy(&word, chunk + 4 * lane, 4);
                 acc += x[r * k + b * QK + j] * (float)((word >> (4 * slot)) & 0xF);
             }
-            sum += acc * d[b];
+            sum += acc * half_to_float(d[b]);
         }
-        y[r * ldy] = sum + dot(mins, xs + r * nb, nb);
+        float mterm = 0.0f;
+        for (int64_t b = 0; b < nb; b++) mterm += half_to_float(mins[b]) * xs[r * nb + b];
+        y[r * ldy] = sum + mterm;
     }
 }
 
@@ -265,8 +294,8 @@ int cpu_quant_has_avx2(void) {
 #define ROWS_MAX 8
 
 /* y[M, N] = x[M, K] . dequant(W)^T for one tile of M <= 8 rows; output rows split over `threads`. */
-void q4_1_linear(const float *x, int64_t m_rows, int64_t k, const uint8_t *packed, const float *d,
-                 const float *mins, int64_t n, float *y, int threads) {
+void q4_1_linear(const float *x, int64_t m_rows, int64_t k, const uint8_t *packed, const uint16_t *d,
+                 const uint16_t *mins, int64_t n, float *y, int threads) {
     int64_t nb = k / QK, chunk_bytes = (k + 63) / 64 * 32;
     float *xs = malloc(sizeof(float) * (size_t)(m_rows * nb));
     block_sums(x, m_rows, k, xs);
@@ -292,7 +321,7 @@ void q4_1_linear(const float *x, int64_t m_rows, int64_t k, const uint8_t *packe
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t row = 0; row < n; row++) {
         const uint8_t *w = packed + row * chunk_bytes;
-        const float *dr = d + row * nb, *mr = mins + row * nb;
+        const uint16_t *dr = d + row * nb, *mr = mins + row * nb;
         switch (M) {
             case 1: q4_1_row(1, xk, k, w, dr, mr, xs, y + row, n); break;
             case 2: q4_1_row(2, xk, k, w, dr, mr, xs, y + row, n); break;
@@ -330,7 +359,7 @@ void q8_0_linear(const float *x, int64_t m_rows, int64_t k, const int8_t *q, con
 }
 
 /* Dequantize whole weights to fp32 [N, K] (w = d*q + m, w = d*q): the prefill path's GEMM operand. */
-void q4_1_dequantize(const uint8_t *packed, const float *d, const float *mins, int64_t n, int64_t k,
+void q4_1_dequantize(const uint8_t *packed, const uint16_t *d, const uint16_t *mins, int64_t n, int64_t k,
                      float *out, int threads) {
     int64_t nb = k / QK, chunk_bytes = (k + 63) / 64 * 32;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
@@ -341,7 +370,7 @@ void q4_1_dequantize(const uint8_t *packed, const float *d, const float *mins, i
             uint32_t word;
             memcpy(&word, w + c * 32 + 4 * lane, 4);
             float q = (float)((word >> (4 * slot)) & 0xF);
-            out[row * k + j] = q * d[row * nb + b] + mins[row * nb + b];
+            out[row * k + j] = q * half_to_float(d[row * nb + b]) + half_to_float(mins[row * nb + b]);
         }
     }
 }

@@ -15,7 +15,8 @@ class Q41Weight:
 
     packed: uint8 [N, ceil(K / 64) · 32]; in chunk c of a row, 32-bit word L (little-endian) holds
     q[64c + 8i + L] in its nibble i, so one shift and mask of the chunk gives 8 consecutive weights in
-    8 lanes (a last half chunk, K % 64 == 32, is zero-padded). d, m: float32 [N, K / 32].
+    8 lanes (a last half chunk, K % 64 == 32, is zero-padded). d, m: float16 [N, K / 32] (GGUF Q4_1's own
+    precision, so its blocks repack exactly).
     """
 
     packed: torch.Tensor
@@ -54,7 +55,8 @@ def _check_blocks(n: int, k: int, *scales: torch.Tensor) -> None:
 
 
 def pack_q4_1(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> Q41Weight:
-    """(q uint8 [N, K] in 0..15, d, m [N, K / 32]) — split_q4_1's and quantize_int4's triple — → Q41Weight."""
+    """(q uint8 [N, K] in 0..15, d, m [N, K / 32]) — split_q4_1's and quantize_int4's triple — → Q41Weight
+    (d and m rounded to float16: exact for GGUF's blocks)."""
     n, k = q.shape
     _check_blocks(n, k, d, m)
     chunks = -(-k // CHUNK)
@@ -64,7 +66,7 @@ def pack_q4_1(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> Q41Weight:
     slots = codes.view(n, chunks, 8, 8).transpose(2, 3)
     words = (slots << (4 * torch.arange(8))).sum(-1)  # [N, chunk, 8] in 0..2^32 - 1
     packed = ((words.unsqueeze(-1) >> (8 * torch.arange(4))) & 0xFF).to(torch.uint8).view(n, chunks * 32)
-    return Q41Weight(packed, d.float().contiguous(), m.float().contiguous())
+    return Q41Weight(packed, d.to(torch.float16).contiguous(), m.to(torch.float16).contiguous())
 
 
 def unpack_q4_1(weight: Q41Weight) -> torch.Tensor:

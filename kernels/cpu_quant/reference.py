@@ -11,7 +11,7 @@ from kernels.cpu_quant.layout import QK, Q41Weight, Q80Weight, unpack_q4_1
 def dequantize_q4_1_ref(weight: Q41Weight) -> torch.Tensor:
     n, k = weight.shape
     q = unpack_q4_1(weight).float().view(n, k // QK, QK)
-    return (q * weight.d.unsqueeze(-1) + weight.m.unsqueeze(-1)).view(n, k)
+    return (q * weight.d.float().unsqueeze(-1) + weight.m.float().unsqueeze(-1)).view(n, k)
 
 
 def dequantize_q8_0_ref(weight: Q80Weight) -> torch.Tensor:
