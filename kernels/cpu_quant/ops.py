@@ -24,8 +24,8 @@ def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
 def _is_tile(x: torch.Tensor, k: int) -> bool:
     """x is already one kernel tile ([≤ 8, K] contiguous fp32 on CPU): bs1 decode and verify steps, where
     the few microseconds of reshaping are a visible share of a ~50 µs product."""
-    return (x.dim() == 2 and x.shape[0] <= TILE_ROWS and x.shape[1] == k and x.dtype == torch.float32
-            and x.device.type == "cpu" and x.is_contiguous())
+    return (x.dim() == 2 and x.is_cpu and x.dtype is torch.float32 and x.shape[0] <= TILE_ROWS
+            and x.shape[1] == k and x.is_contiguous())
 
 
 def q4_1_linear(x: torch.Tensor, weight: Q41Weight) -> torch.Tensor:
