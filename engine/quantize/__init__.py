@@ -16,11 +16,13 @@ import logging
 import random
 from pathlib import Path
 
+import torch
+
 from engine.config import EngineConfig
 from engine.model import LlamaModel
 from engine.model_files import resolve_model_path
 from engine.quantize.calibration import activation_absmax, calibration_text
-from engine.quantize.cpu_linears import Q41Linear, Q80Head
+from engine.quantize.cpu_linears import Q41Linear, Q80Linear
 from engine.quantize.gguf_q4_1 import read_q4_1_projections
 from engine.quantize.gguf_q8_0 import read_q8_0_head
 from engine.quantize.int4 import quantize_int4
@@ -28,7 +30,7 @@ from engine.quantize.kernel_linears import W4A16KernelLinear, W8A8KernelLinear, 
 from engine.quantize.projections import projections
 from engine.quantize.w8a8 import W8A8Linear, quantize_per_channel, smoothing_factors
 from engine.random_models import is_random_model
-from kernels.cpu_quant.layout import pack_q4_1
+from kernels.cpu_quant.layout import QK, pack_q4_1, q8_0_of
 from kernels.cpu_quant.library import library
 from kernels.quant_linear.layout import W8Weight, pack_w4
 
@@ -55,7 +57,7 @@ def apply_weights_scheme(model: LlamaModel, config: EngineConfig) -> None:
     if config.weights == "w4a16":
         how = use_int4(model, source) if on_cpu else use_int4_kernels(model, source)
     elif config.weights == "w8":
-        how = use_w8(model)
+        how = use_w8(model, on_cpu)
     else:
         how = use_w8a8(model, source, kernel_modules=not on_cpu)
     logger.info("weights %s: %s", config.weights, how)
@@ -80,7 +82,7 @@ def use_int4(model: LlamaModel, source: Path | None) -> str:
     how = (f"GGUF Q4_1 blocks of {source.name} served natively" if native is not None
            else f"int4 groups of {FLOAT_INT4_GROUP_SIZE} from float weights")
     if head is not None:
-        model.lm_head = Q80Head(head)
+        model.lm_head = Q80Linear(head)
         how += ", the GGUF's Q8_0 LM head"
     return how + " (kernels/cpu_quant, fp32 activations)"
 
@@ -115,11 +117,27 @@ def use_int4_kernels(model: LlamaModel, source: Path | None) -> str:
     return f"{how} (Triton W4A16 kernels through the registry, 16-bit activations)"
 
 
-def use_w8(model: LlamaModel) -> str:
-    """Weight-only int8: symmetric per-output-channel int8 weights, activations in the compute dtype."""
-    for slot in projections(model):
+def use_w8(model: LlamaModel, on_cpu: bool = False) -> str:
+    """Weight-only int8: symmetric per-output-channel int8 weights, activations in the compute dtype. On CPU
+    with fp32 weights whose in_features are multiples of 32, kernels/cpu_quant's Q8_0 product serves them (the
+    channel's scale in each block of 32: the same weights), else the registry's w8_linear."""
+    slots = projections(model)
+    cpu_kernel = on_cpu and all(s.module.weight.dtype == torch.float32 and s.module.weight.shape[1] % QK == 0
+                                for s in slots)
+    if cpu_kernel:
+        library()  # a missing compiler fails the load, naming gcc
+    for slot in slots:
         q, scale = quantize_per_channel(slot.module.weight.detach())
-        slot.replace(W8KernelLinear(W8Weight(q, scale), slot.silu_mul_input))
+        if cpu_kernel:
+            blocks = scale.unsqueeze(1).expand(-1, q.shape[1] // QK)
+            slot.replace(Q80Linear(q8_0_of(q, blocks), slot.silu_mul_input))
+        else:
+            slot.replace(W8KernelLinear(W8Weight(q, scale), slot.silu_mul_input))
+    if cpu_kernel:
+        return "int8 per output channel, fp32 activations (kernels/cpu_quant's Q8_0 product)"
+    if on_cpu:
+        logger.info("w8 on CPU: not every projection is fp32 with in_features a multiple of %d; the "
+                    "registry's reference w8_linear serves them", QK)
     return "int8 per output channel, activations in the compute dtype (registry's w8_linear)"
 
 

@@ -36,22 +36,28 @@ class Q41Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, Q4_1 blocks of 32"
 
 
-class Q80Head(nn.Module):
-    """LM head over w = d·q per block of 32 (Q80Weight, the GGUF's Q8_0 blocks): fp32 logits. A tied model's
-    embedding lookup keeps its float rows; only the head reads these."""
+class Q80Linear(nn.Module):
+    """Bias-free linear over w = d·q per block of 32 (Q80Weight), fp32 activations and accumulation: the LM
+    head over the GGUF's Q8_0 blocks (a tied model's embedding lookup keeps its float rows; only the head
+    reads these), and w8's projections on CPU (per-channel int8, the channel's scale in every block).
+    `silu_mul_input`: see Q41Linear."""
 
-    def __init__(self, weight: Q80Weight) -> None:
+    def __init__(self, weight: Q80Weight, silu_mul_input: bool = False) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        self.silu_mul_input = silu_mul_input
         self.register_buffer("q", weight.q)
         self.register_buffer("d", weight.d)
         self._weight = weight  # see Q41Linear
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.silu_mul_input:
+            x = silu_mul_ref(x)
         weight = self._weight
         if weight.q is not self.q:
             weight = self._weight = Q80Weight(self.q, self.d)
-        return q8_0_linear(hidden, weight)
+        y = q8_0_linear(x, weight)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, Q8_0 blocks of 32"

@@ -8,7 +8,7 @@ from contracts.sampling import SamplingParams
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.model_files import embedded_model_path, load_model
-from engine.quantize.cpu_linears import Q41Linear, Q80Head
+from engine.quantize.cpu_linears import Q41Linear, Q80Linear
 from engine.quantize.gguf_q4_1 import read_q4_1_projections
 from engine.quantize.gguf_q8_0 import read_q8_0_head
 from engine.quantize.int4 import dequantize_int4
@@ -54,6 +54,6 @@ def test_w4a16_native_greedy_output_matches_the_baseline() -> None:
         engine = LLMEngine(EngineConfig(weights=weights, num_kv_blocks=32, max_num_seqs=2))
         if weights == "w4a16":
             assert sum(isinstance(m, Q41Linear) for m in engine.model.modules()) == 4 * 30
-            assert isinstance(engine.model.lm_head, Q80Head)
+            assert isinstance(engine.model.lm_head, Q80Linear)
         outputs[weights] = engine.generate(PROMPTS, sampling)
     assert outputs["w4a16"] == outputs["auto"]
