@@ -357,19 +357,24 @@ void q8_0_linear(const float *x, int64_t m_rows, int64_t k, const int8_t *q, con
     }
 }
 
-/* Dequantize whole weights to fp32 [N, K] (w = d*q + m, w = d*q): the prefill path's GEMM operand. */
+/* Dequantize whole weights to fp32 [N, K] (w = d*q + m, w = d*q): the prefill path's GEMM operand.
+ * Per block, so d and m convert once and the 8-lane inner loops vectorize. d*q is exact in fp32, so w
+ * equals the reference's d*q + m bit for bit (contracted to an FMA or not). */
 void q4_1_dequantize(const uint8_t *packed, const uint16_t *d, const uint16_t *mins, int64_t n, int64_t k,
                      float *out, int threads) {
     int64_t nb = k / QK, chunk_bytes = (k + 63) / 64 * 32;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t row = 0; row < n; row++) {
-        const uint8_t *w = packed + row * chunk_bytes;
-        for (int64_t j = 0; j < k; j++) {
-            int64_t c = j / 64, slot = (j % 64) / 8, lane = j % 8, b = j / QK;
-            uint32_t word;
-            memcpy(&word, w + c * 32 + 4 * lane, 4);
-            float q = (float)((word >> (4 * slot)) & 0xF);
-            out[row * k + j] = q * half_to_float(d[row * nb + b]) + half_to_float(mins[row * nb + b]);
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *chunk = packed + row * chunk_bytes + (b >> 1) * 32;
+            float db = half_to_float(d[row * nb + b]), mb = half_to_float(mins[row * nb + b]);
+            float *o = out + row * k + b * QK;
+            uint32_t words[8];
+            memcpy(words, chunk, sizeof(words));
+            for (int s = 0; s < 4; s++) {
+                int shift = 4 * ((int)(b & 1) * 4 + s);
+                for (int lane = 0; lane < 8; lane++) o[8 * s + lane] = (float)((words[lane] >> shift) & 0xF) * db + mb;
+            }
         }
     }
 }
@@ -378,5 +383,8 @@ void q8_0_dequantize(const int8_t *q, const float *d, int64_t n, int64_t k, floa
     int64_t nb = k / QK;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t row = 0; row < n; row++)
-        for (int64_t j = 0; j < k; j++) out[row * k + j] = (float)q[row * k + j] * d[row * nb + j / QK];
+        for (int64_t b = 0; b < nb; b++) {
+            float db = d[row * nb + b];
+            for (int j = 0; j < QK; j++) out[row * k + b * QK + j] = (float)q[row * k + b * QK + j] * db;
+        }
 }
