@@ -58,7 +58,7 @@ def apply_weights_scheme(model: LlamaModel, config: EngineConfig) -> None:
     if config.weights == "w4a16":
         how = use_int4(model, source) if on_cpu else use_int4_kernels(model, source)
     elif config.weights == "w8":
-        how = use_w8(model, on_cpu)
+        how = use_w8(model, on_cpu, source)
     else:
         how = use_w8a8(model, source, kernel_modules=not on_cpu)
     logger.info("weights %s: %s", config.weights, how)
@@ -70,10 +70,9 @@ def use_int4(model: LlamaModel, source: Path | None) -> str:
     blocks when it has them (the tied embedding keeps its float rows for lookups). Raises
     CompilerMissingError, naming gcc, when the kernels cannot be built. Returns how, for the log."""
     library()  # built (or found in the cache) now: a missing compiler fails the load, not the first step
-    native = head = None
+    native = None
     if source is not None and source.suffix.lower() == ".gguf":
         native = read_q4_1_projections(source, model.config)
-        head = read_q8_0_head(source, model.config)
     for slot in projections(model):
         if native is not None:
             q, d, m = native[slot.layer, slot.name]
@@ -82,10 +81,19 @@ def use_int4(model: LlamaModel, source: Path | None) -> str:
         slot.replace(Q41Linear(pack_q4_1(q, d, m), slot.silu_mul_input))
     how = (f"GGUF Q4_1 blocks of {source.name} served natively" if native is not None
            else f"int4 groups of {FLOAT_INT4_GROUP_SIZE} from float weights")
-    if head is not None:
-        model.lm_head = Q80Linear(head)
-        how += ", the GGUF's Q8_0 LM head"
-    return how + " (kernels/cpu_quant, fp32 activations)"
+    return how + use_native_head(model, source) + " (kernels/cpu_quant, fp32 activations)"
+
+
+def use_native_head(model: LlamaModel, source: Path | None) -> str:
+    """The GGUF's Q8_0 LM head blocks as the head (Q80Linear: the same values as the float head, 4x fewer
+    bytes a token), when the file has them; the embedding keeps its float rows. Returns how, for the log."""
+    if source is None or source.suffix.lower() != ".gguf":
+        return ""
+    head = read_q8_0_head(source, model.config)
+    if head is None:
+        return ""
+    model.lm_head = Q80Linear(head)
+    return ", the GGUF's Q8_0 LM head"
 
 
 def kernel_group_size(in_features: int) -> int:
@@ -118,10 +126,11 @@ def use_int4_kernels(model: LlamaModel, source: Path | None) -> str:
     return f"{how} (Triton W4A16 kernels through the registry, 16-bit activations)"
 
 
-def use_w8(model: LlamaModel, on_cpu: bool = False) -> str:
+def use_w8(model: LlamaModel, on_cpu: bool = False, source: Path | None = None) -> str:
     """Weight-only int8: symmetric per-output-channel int8 weights, activations in the compute dtype. On CPU
     with fp32 weights whose in_features are multiples of 32, kernels/cpu_quant's Q8_0 product serves them (the
-    channel's scale in each block of 32: the same weights), else the registry's w8_linear."""
+    channel's scale in each block of 32: the same weights), with the GGUF's Q8_0 LM head where `source` has
+    one (use_native_head), else the registry's w8_linear."""
     slots = projections(model)
     cpu_kernel = on_cpu and all(s.module.weight.dtype == torch.float32 and s.module.weight.shape[1] % QK == 0
                                 for s in slots)
@@ -135,7 +144,8 @@ def use_w8(model: LlamaModel, on_cpu: bool = False) -> str:
         else:
             slot.replace(W8KernelLinear(W8Weight(q, scale), slot.silu_mul_input))
     if cpu_kernel:
-        return "int8 per output channel, fp32 activations (kernels/cpu_quant's Q8_0 product)"
+        head = use_native_head(model, source)
+        return f"int8 per output channel{head}, fp32 activations (kernels/cpu_quant's Q8_0 product)"
     if on_cpu:
         logger.info("w8 on CPU: not every projection is fp32 with in_features a multiple of %d; the "
                     "registry's reference w8_linear serves them", QK)
