@@ -122,7 +122,7 @@ static inline float q4_1_result(__m256 sum, const uint16_t *mins, const float *x
     } while (0)
 
 /* M activation rows x one Q4_1 weight row: y[r * ldy] for r < M. M is a literal at every call site so
- * the row loops unroll and the accumulators stay in registers; the shifts are immediates. */
+ * the row loops unroll and the accumulators stay in registers; the masks are constants. */
 static inline __attribute__((always_inline)) void q4_1_row(
     int M, const float *x, int64_t k, const uint8_t *w, const uint16_t *d16, const uint16_t *mins,
     const float *xs, float *y, int64_t ldy) {
@@ -183,7 +183,8 @@ static void q4_1_rows4(const float *x, int64_t k, const uint8_t *w, int64_t row_
     __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
     for (int64_t c = 0; c < full; c++) {
         const uint8_t *p = w + c * 32;
-        /* The next passes' rows, ahead of the hardware prefetcher (which alone reached ~8 GB/s here). */
+        /* The next passes' rows, ahead of the hardware prefetcher (which alone reached ~8 GB/s here);
+         * a prefetch never faults, so running past the last row is harmless. */
         _mm_prefetch((const char *)(p + PREFETCH_ROWS * row_bytes), _MM_HINT_T0);
         _mm_prefetch((const char *)(p + (PREFETCH_ROWS + 1) * row_bytes), _MM_HINT_T0);
         _mm_prefetch((const char *)(p + (PREFETCH_ROWS + 2) * row_bytes), _MM_HINT_T0);
@@ -289,10 +290,8 @@ int cpu_quant_has_avx2(void) {
 #endif
 }
 
-/* Rows of 8 activations at most per weight pass: the callers tile larger M (or dequantize and GEMM). */
-#define ROWS_MAX 8
-
-/* y[M, N] = x[M, K] . dequant(W)^T for one tile of M <= 8 rows; output rows split over `threads`. */
+/* y[M, N] = x[M, K] . dequant(W)^T for one tile of M <= 8 rows (the callers tile larger M, or dequantize
+ * and GEMM); output rows split over `threads`. */
 void q4_1_linear(const float *x, int64_t m_rows, int64_t k, const uint8_t *packed, const uint16_t *d,
                  const uint16_t *mins, int64_t n, float *y, int threads) {
     int64_t nb = k / QK, chunk_bytes = (k + 63) / 64 * 32;

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from kernels.cpu_quant.layout import QK, Q41Weight, Q80Weight
 from kernels.cpu_quant.library import library
 
-TILE_ROWS = 8  # activation rows per weight pass (cpu_quant.c's ROWS_MAX)
+TILE_ROWS = 8  # activation rows per weight pass (cpu_quant.c takes at most 8)
 # Above this many rows a product dequantizes the weight to fp32 once and runs torch's GEMM: a pass per 8
 # rows re-reads (and re-dequantizes) the whole weight, which stops paying off past a few passes.
 MAX_TILED_ROWS = 32
