@@ -13,7 +13,7 @@ from torch import nn
 
 from engine.kv_cache import KVCache
 from engine.model import LlamaModel
-from engine.quantize.int4 import Int4Linear
+from engine.quantize.cpu_linears import Q41Linear, Q80Linear
 from engine.quantize.w8a8 import W8A8Linear
 from kernels.activation.reference import silu_mul_ref
 from kernels.linear.modules import SiluMulLinear
@@ -117,12 +117,13 @@ def use_column_blocks(model: LlamaModel, parts: int) -> int:
 
 # ---- CPU bs1 decode executor (LlamaModel.forward's math in far fewer torch calls) -------------------------
 
-_QUANTIZED = (Int4Linear, W8A8Linear)  # CPU projection modules FlatDecoder calls as they are
+_QUANTIZED = (Q41Linear, Q80Linear, W8A8Linear)  # CPU projection modules FlatDecoder calls as they are
 
 
 class FlatDecoder:
     """Runs one bs1 decode step of a column-blocked fp32 LlamaModel on CPU, reading the model's own weights;
-    quantized projections (Int4Linear, W8A8Linear: not float linears, so not blocked) run as their modules.
+    quantized projections (Q41Linear, Q80Linear, W8A8Linear: not float linears, so not blocked) run as their
+    modules.
 
     At bs1 a step is ~60% GEMV and ~40% per-call overhead: the plain forward spends ~55 tiny torch calls and
     9 module calls per layer. This executor runs the same math per layer in ~40 calls, with what the layers

@@ -1,4 +1,4 @@
-"""bs1 greedy decode tokens/s on CPU: LLMEngine (fp32, W4A16, W8A8) vs HF vs llama.cpp on one GGUF, and
+"""bs1 greedy decode tokens/s on CPU: LLMEngine (fp32, W4A16, W8A8, W8) vs HF vs llama.cpp on one GGUF, and
 each roofline.
 
     .venv/bin/python -m bench.engine.decode_cpu --tokens 128 [--threads N]
@@ -140,8 +140,9 @@ def hf_decode(model: torch.nn.Module, new_tokens: int) -> tuple[float, list[int]
     return (len(stamps.times) - 2) / (last - first), out[0, len(PROMPT):].tolist()
 
 
-# Contestant → EngineConfig.weights. "w8" is W8A8 (int8 weights and per-token int8 activations).
-CONTESTANTS = {"fp32": "auto", "w4a16-native": "w4a16", "w8": "w8a8"}
+# Contestant → EngineConfig.weights. "w8" is W8A8 (int8 weights and per-token int8 activations);
+# "w8-weight-only" is --weights w8 (per-channel int8 weights, fp32 activations: kernels/cpu_quant on CPU).
+CONTESTANTS = {"fp32": "auto", "w4a16-native": "w4a16", "w8": "w8a8", "w8-weight-only": "w8"}
 
 
 def main() -> None:

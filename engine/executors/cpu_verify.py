@@ -55,7 +55,8 @@ class RowsLinear:
 
 
 class ModuleRows:
-    """A quantized projection (Int4Linear, W8A8Linear: FlatDecoder calls them as they are) over T rows."""
+    """A quantized projection (Q41Linear, Q80Linear, W8A8Linear: FlatDecoder calls them as they are) over
+    T rows."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module

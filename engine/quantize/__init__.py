@@ -2,11 +2,14 @@
 
 The model stays plain: a scheme swaps the layers' projection modules (engine/quantize/projections.py) for
 quantized ones, which LlamaModel calls through its module path. Those are not float linears, so the CPU
-column-block layout skips them (it still blocks the float LM head); CPU bs1 decode runs them through
-FlatDecoder, which calls each quantized module as it is. On CPU, w4a16 and w8a8 keep their own modules
-(torch's CPU int4 kernel; int8 values in FBGEMM's fp16-weight GEMM); elsewhere, and for w8 everywhere,
-the projections are engine/quantize/kernel_linears.py's, whose products are the kernel registry's quantized
-ops (kernels/quant_linear on CUDA, graph-capturable).
+column-block layout skips them (it still blocks a float LM head); CPU bs1 decode runs them through
+FlatDecoder, which calls each quantized module as it is. On CPU the schemes keep their own modules:
+w4a16 serves Q4_1 blocks through kernels/cpu_quant's AVX2 kernels with fp32 activations
+(engine/quantize/cpu_linears.py), and the GGUF's Q8_0 LM head too where the file has one; w8 serves its
+per-channel int8 through the same Q8_0 product; w8a8 multiplies int8 values in FBGEMM's fp16-weight GEMM.
+Elsewhere (and for w8 where the CPU module cannot take the weights) the projections are
+engine/quantize/kernel_linears.py's, whose products are the kernel registry's quantized ops
+(kernels/quant_linear on CUDA, graph-capturable).
 """
 from __future__ import annotations
 
@@ -14,16 +17,22 @@ import logging
 import random
 from pathlib import Path
 
+import torch
+
 from engine.config import EngineConfig
 from engine.model import LlamaModel
 from engine.model_files import resolve_model_path
 from engine.quantize.calibration import activation_absmax, calibration_text
+from engine.quantize.cpu_linears import Q41Linear, Q80Linear
 from engine.quantize.gguf_q4_1 import read_q4_1_projections
-from engine.quantize.int4 import Int4Linear, quantize_int4
+from engine.quantize.gguf_q8_0 import read_q8_0_head
+from engine.quantize.int4 import quantize_int4
 from engine.quantize.kernel_linears import W4A16KernelLinear, W8A8KernelLinear, W8KernelLinear
 from engine.quantize.projections import projections
 from engine.quantize.w8a8 import W8A8Linear, quantize_per_channel, smoothing_factors
 from engine.random_models import is_random_model
+from kernels.cpu_quant.layout import QK, pack_q4_1, q8_0_of
+from kernels.cpu_quant.library import library
 from kernels.quant_linear.layout import W8Weight, pack_w4
 
 logger = logging.getLogger(__name__)
@@ -49,15 +58,18 @@ def apply_weights_scheme(model: LlamaModel, config: EngineConfig) -> None:
     if config.weights == "w4a16":
         how = use_int4(model, source) if on_cpu else use_int4_kernels(model, source)
     elif config.weights == "w8":
-        how = use_w8(model)
+        how = use_w8(model, on_cpu, source)
     else:
         how = use_w8a8(model, source, kernel_modules=not on_cpu)
     logger.info("weights %s: %s", config.weights, how)
 
 
 def use_int4(model: LlamaModel, source: Path | None) -> str:
-    """W4A16: the GGUF's Q4_1 blocks as they are when every projection is Q4_1, else group-wise int4 from the
-    loaded float weights. Returns how, for the log."""
+    """W4A16 on CPU (kernels/cpu_quant, fp32 activations): the GGUF's Q4_1 blocks as they are when every
+    projection is Q4_1, else int4 groups of 32 from the loaded float weights; and the GGUF's Q8_0 LM head
+    blocks when it has them (the tied embedding keeps its float rows for lookups). Raises
+    CompilerMissingError, naming gcc, when the kernels cannot be built. Returns how, for the log."""
+    library()  # built (or found in the cache) now: a missing compiler fails the load, not the first step
     native = None
     if source is not None and source.suffix.lower() == ".gguf":
         native = read_q4_1_projections(source, model.config)
@@ -66,10 +78,22 @@ def use_int4(model: LlamaModel, source: Path | None) -> str:
             q, d, m = native[slot.layer, slot.name]
         else:
             q, d, m = quantize_int4(slot.module.weight.detach(), FLOAT_INT4_GROUP_SIZE)
-        slot.replace(Int4Linear(q, d, m, slot.silu_mul_input))
-    if native is not None:
-        return f"GGUF Q4_1 blocks of {source.name} served natively (torch int4 kernel, bf16 activations)"
-    return f"int4 groups of {FLOAT_INT4_GROUP_SIZE} from float weights (torch int4 kernel, bf16 activations)"
+        slot.replace(Q41Linear(pack_q4_1(q, d, m), slot.silu_mul_input))
+    how = (f"GGUF Q4_1 blocks of {source.name} served natively" if native is not None
+           else f"int4 groups of {FLOAT_INT4_GROUP_SIZE} from float weights")
+    return how + use_native_head(model, source) + " (kernels/cpu_quant, fp32 activations)"
+
+
+def use_native_head(model: LlamaModel, source: Path | None) -> str:
+    """The GGUF's Q8_0 LM head blocks as the head (Q80Linear: the same values as the float head, 4x fewer
+    bytes a token), when the file has them; the embedding keeps its float rows. Returns how, for the log."""
+    if source is None or source.suffix.lower() != ".gguf":
+        return ""
+    head = read_q8_0_head(source, model.config)
+    if head is None:
+        return ""
+    model.lm_head = Q80Linear(head)
+    return ", the GGUF's Q8_0 LM head"
 
 
 def kernel_group_size(in_features: int) -> int:
@@ -102,11 +126,29 @@ def use_int4_kernels(model: LlamaModel, source: Path | None) -> str:
     return f"{how} (Triton W4A16 kernels through the registry, 16-bit activations)"
 
 
-def use_w8(model: LlamaModel) -> str:
-    """Weight-only int8: symmetric per-output-channel int8 weights, activations in the compute dtype."""
-    for slot in projections(model):
+def use_w8(model: LlamaModel, on_cpu: bool = False, source: Path | None = None) -> str:
+    """Weight-only int8: symmetric per-output-channel int8 weights, activations in the compute dtype. On CPU
+    with fp32 weights whose in_features are multiples of 32, kernels/cpu_quant's Q8_0 product serves them (the
+    channel's scale in each block of 32: the same weights), with the GGUF's Q8_0 LM head where `source` has
+    one (use_native_head), else the registry's w8_linear."""
+    slots = projections(model)
+    cpu_kernel = on_cpu and all(s.module.weight.dtype == torch.float32 and s.module.weight.shape[1] % QK == 0
+                                for s in slots)
+    if cpu_kernel:
+        library()  # a missing compiler fails the load, naming gcc
+    for slot in slots:
         q, scale = quantize_per_channel(slot.module.weight.detach())
-        slot.replace(W8KernelLinear(W8Weight(q, scale), slot.silu_mul_input))
+        if cpu_kernel:
+            blocks = scale.unsqueeze(1).expand(-1, q.shape[1] // QK)
+            slot.replace(Q80Linear(q8_0_of(q, blocks), slot.silu_mul_input))
+        else:
+            slot.replace(W8KernelLinear(W8Weight(q, scale), slot.silu_mul_input))
+    if cpu_kernel:
+        head = use_native_head(model, source)
+        return f"int8 per output channel{head}, fp32 activations (kernels/cpu_quant's Q8_0 product)"
+    if on_cpu:
+        logger.info("w8 on CPU: not every projection is fp32 with in_features a multiple of %d; the "
+                    "registry's reference w8_linear serves them", QK)
     return "int8 per output channel, activations in the compute dtype (registry's w8_linear)"
 
 

@@ -1,19 +1,14 @@
-"""W4A16: group-wise asymmetric int4 weights served by torch's CPU int4 kernel with bfloat16 activations.
+"""Group-wise asymmetric int4 weights from float ones, and back: w = d·q + m per group, q in 0..15.
 
-Every scheme here writes a weight as w = d·q + m per group of `group_size` input features, q in 0..15 (GGUF
-Q4_1's own formula, so its blocks load as they are). torch's int4 kernel computes w = scale·(q − 8) + zero
-(checked in tests/unit/test_quantize_int4.py), so zero = m + 8·d. On this AVX2 box only its bfloat16
-activation path is vectorized (fp32 activations run ~20x slower than an fp32 GEMV; docs/benchmarks.md), so
-activations and (scale, zero) are bfloat16: that is the "A16".
+GGUF Q4_1's own formula, so its blocks (engine/quantize/gguf_q4_1.py) and these share one representation:
+the CPU modules (engine/quantize/cpu_linears.py, groups of 32) and the CUDA kernels' layout
+(kernels/quant_linear/layout.pack_w4) both repack (q, d, m) triples.
 """
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from kernels.activation.reference import silu_mul_ref
-
-GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernel accepts
+GROUP_SIZES = (32, 64, 128, 256)
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -34,39 +29,3 @@ def dequantize_int4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.
     n, k = q.shape
     groups = q.reshape(n, d.shape[1], -1).float()
     return (groups * d.float().unsqueeze(-1) + m.float().unsqueeze(-1)).reshape(n, k)
-
-
-class Int4Linear(nn.Module):
-    """Bias-free linear over int4 weights packed once for torch's CPU kernel (`_weight_int4pack_mm_for_cpu`).
-
-    Holds 4 bits per weight plus a (scale, zero) pair per group in `act_dtype`, the dtype the kernel runs its
-    activations in (bfloat16: the fast path; float32: exact up to fp32 rounding, slow on AVX2); no float copy
-    of the weight. `silu_mul_input`: it replaces the MLP's down projection (its input is gate_up).
-    """
-
-    def __init__(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, silu_mul_input: bool = False,
-                 act_dtype: torch.dtype = torch.bfloat16) -> None:
-        super().__init__()
-        self.act_dtype = act_dtype
-        self.out_features, self.in_features = q.shape
-        self.group_size = self.in_features // d.shape[1]
-        if self.group_size not in GROUP_SIZES or self.group_size * d.shape[1] != self.in_features:
-            raise ValueError(f"int4 groups of {self.group_size} over {self.in_features} inputs: "
-                             f"torch's kernel takes one of {GROUP_SIZES}")
-        self.silu_mul_input = silu_mul_input
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
-        self.register_buffer("packed", packed)
-        zero = d.float() * 8 + m.float()  # torch's convention: w = scale·(q − 8) + zero
-        scale_zero = torch.stack((d.float().t(), zero.t()), dim=-1)  # [K/g, N, 2]
-        self.register_buffer("scale_zero", scale_zero.to(act_dtype).contiguous())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.silu_mul_input:
-            x = silu_mul_ref(x)
-        rows = x.reshape(-1, self.in_features).to(self.act_dtype)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group_size, self.scale_zero)
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, group={self.group_size}, "
-                f"activations={self.act_dtype}")

@@ -58,7 +58,7 @@ def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor,
 
 class W8A8Linear(nn.Module):
     """Bias-free linear with int8 weights and activations; `smooth` [K]: the SmoothQuant factors folded into
-    the weight (the activations are divided by them before quantizing). `silu_mul_input`: see Int4Linear."""
+    the weight (the activations are divided by them before quantizing). `silu_mul_input`: see Q41Linear."""
 
     def __init__(self, weight: torch.Tensor, smooth: torch.Tensor, silu_mul_input: bool = False) -> None:
         super().__init__()

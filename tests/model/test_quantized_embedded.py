@@ -8,9 +8,12 @@ from contracts.sampling import SamplingParams
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.model_files import embedded_model_path, load_model
+from engine.quantize.cpu_linears import Q41Linear, Q80Linear
 from engine.quantize.gguf_q4_1 import read_q4_1_projections
-from engine.quantize.int4 import Int4Linear, dequantize_int4
+from engine.quantize.gguf_q8_0 import read_q8_0_head
+from engine.quantize.int4 import dequantize_int4
 from engine.quantize.projections import projections
+from kernels.cpu_quant.reference import dequantize_q8_0_ref
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -32,16 +35,41 @@ def test_q4_1_blocks_equal_the_float_loader_bit_for_bit() -> None:
         assert torch.equal(dequantize_int4(q, d, m), slot.module.weight), (slot.layer, slot.name)
 
 
+def test_q8_0_head_blocks_equal_the_float_embedding_bit_for_bit() -> None:
+    """The native head reads the same weights the fp32 head (the tied embedding) holds, 4x fewer bytes."""
+    config, model = load_model(None)
+    head = read_q8_0_head(embedded_model_path(), config)
+    assert head is not None and head.q.dtype == torch.int8
+    assert torch.equal(dequantize_q8_0_ref(head), model.embed_tokens.weight)
+
+
 def test_w4a16_native_greedy_output_matches_the_baseline() -> None:
-    """Not bit-equal: bf16 activations (and bf16 scale/zero) tip a near-tie sooner or later, after which the
-    continuations differ. Measured here: the first 18 and 12 tokens equal, 43 of 64 positions equal."""
+    """The same weights in fp32 arithmetic (kernels/cpu_quant: fp32 activations, the Q8_0 head): only the
+    order of fp32 additions differs from the baseline. Measured here: 64 of 64 tokens equal on both prompts
+    (torch's int4 kernel with bf16 activations, before: the first 18 and 12)."""
     torch.set_num_threads(1)
     sampling = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
     outputs = {}
     for weights in ("auto", "w4a16"):
         engine = LLMEngine(EngineConfig(weights=weights, num_kv_blocks=32, max_num_seqs=2))
         if weights == "w4a16":
-            assert sum(isinstance(m, Int4Linear) for m in engine.model.modules()) == 4 * 30
+            assert sum(isinstance(m, Q41Linear) for m in engine.model.modules()) == 4 * 30
+            assert isinstance(engine.model.lm_head, Q80Linear)
         outputs[weights] = engine.generate(PROMPTS, sampling)
-    for base, quant in zip(outputs["auto"], outputs["w4a16"], strict=True):
-        assert quant[:8] == base[:8]
+    assert outputs["w4a16"] == outputs["auto"]
+
+
+def test_w8_on_cpu_serves_q8_0_projections_and_the_native_head() -> None:
+    """--weights w8 on CPU: per-channel int8 through kernels/cpu_quant, and the GGUF's Q8_0 head as w4a16 has
+    it. int8 rounding of the projections (not the same weights as the baseline) moves greedy output late:
+    decode_cpu measured 59 of 64 tokens equal; the first 8 are asserted here."""
+    torch.set_num_threads(1)
+    sampling = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    outputs = {}
+    for weights in ("auto", "w8"):
+        engine = LLMEngine(EngineConfig(weights=weights, num_kv_blocks=32, max_num_seqs=2))
+        if weights == "w8":
+            assert sum(isinstance(m, Q80Linear) for m in engine.model.layers.modules()) == 4 * 30
+            assert isinstance(engine.model.lm_head, Q80Linear)
+        outputs[weights] = engine.generate(PROMPTS, sampling)
+    assert outputs["w8"] == outputs["auto"]

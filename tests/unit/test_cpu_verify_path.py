@@ -109,7 +109,7 @@ def test_executor_runs_verify_and_capturing_steps_flat_with_the_eager_tokens() -
 
 @pytest.mark.parametrize("scheme", ["w4a16", "w8a8"])
 def test_flat_rows_call_quantized_projections_as_the_plain_forward_does(scheme: str) -> None:
-    """FlatRows over Int4Linear / W8A8Linear projections (down's silu_mul applied by the module itself)."""
+    """FlatRows over Q41Linear / W8A8Linear projections (down's silu_mul applied by the module itself)."""
     model = tiny_blocked_model(weights=scheme)
     plain_kv, flat_kv = kv_for(model), kv_for(model)
     blocks = [2, 3, 4, 5, 6, 7]

@@ -14,7 +14,7 @@ from engine.config import EngineConfig
 from engine.executors.cpu_flat import CpuFlatExecutor
 from engine.llm_engine import LLMEngine
 from engine.quantize import use_int4, use_int4_kernels, use_w8, use_w8a8
-from engine.quantize.int4 import Int4Linear
+from engine.quantize.cpu_linears import Q41Linear, Q80Linear
 from engine.quantize.kernel_linears import W4A16KernelLinear, W8A8KernelLinear, W8KernelLinear
 from engine.quantize.w8a8 import W8A8Linear
 from engine.random_models import PRESETS, build_random_model
@@ -33,7 +33,8 @@ def tiny_model() -> nn.Module:
 
 
 @pytest.mark.parametrize(("transform", "cls"), [
-    (use_int4, Int4Linear), (use_w8a8, W8A8Linear),
+    (use_int4, Q41Linear), (use_w8a8, W8A8Linear),
+    (lambda model, source: use_w8(model, on_cpu=True), Q80Linear),
     # the kernel-registry modules CUDA gets (and w8 everywhere), here on the torch references
     (use_int4_kernels, W4A16KernelLinear), (lambda model, source: use_w8(model), W8KernelLinear),
     (lambda model, source: use_w8a8(model, source, kernel_modules=True), W8A8KernelLinear),
@@ -74,13 +75,14 @@ def test_quantized_engine_decodes_bs1_flat_with_the_plain_forwards_tokens(weight
     assert engine.generate([[5, 6, 7]], sampling) == flat and len(flat[0]) == 8
 
 
-def test_w8_engine_serves_int8_weights_through_the_reference_op_on_cpu() -> None:
+def test_w8_engine_serves_int8_weights_through_the_cpu_kernels_flat() -> None:
     torch.set_num_threads(1)
     config = EngineConfig(model_path="random:tiny", num_kv_blocks=16, max_num_seqs=2)
     plain = LLMEngine(config)
     w8 = LLMEngine(dataclasses.replace(config, weights="w8"))
     down = w8.model.layers[0].mlp.down_proj
-    assert type(down) is W8KernelLinear and down.silu_mul_input and down.weight_int8.dtype == torch.int8
+    assert type(down) is Q80Linear and down.silu_mul_input and down.q.dtype == torch.int8
+    assert isinstance(w8.executor, CpuFlatExecutor)  # FlatDecoder calls the Q8_0 modules
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     # per-channel int8 moves a tiny random model's logits by well under 1%: greedy tokens stay the same
     assert w8.generate([[5, 6, 7]], params) == plain.generate([[5, 6, 7]], params)
