@@ -305,6 +305,9 @@ class DecodeService(WorkerService):
         self._active.clear()
         self._flush()  # the engine thread ends here: no step or command flushes after this
 
+    def _transfers_in_flight(self) -> bool:
+        return bool(self._receivers)
+
     def _poll_transfers(self) -> bool:
         """Admits requests whose KV has arrived (their first token streams now); fails those whose did not."""
         changed = False

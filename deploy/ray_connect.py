@@ -5,6 +5,8 @@ import os
 from pathlib import Path
 
 _AUTH_MODE = "RAY_AUTH_MODE"
+# Read by the raylet a private `ray.init` starts (it inherits this process's environment).
+WORKER_NICENESS_ENV = "RAY_worker_niceness"
 
 
 def ray_token_available() -> bool:
@@ -31,6 +33,12 @@ def init_ray(address: str | None, num_cpus: int | None, object_store_bytes: int)
     import ray
 
     if address is None:
+        # Ray starts its worker processes at nice 15 (meant for background tasks), and pdserve's workers are
+        # the cluster's compute: on a machine shared with other jobs a nice-15 decode worker gets a small
+        # fraction of a core against any nice-0 process (CFS weights 36 vs 1024), while the engine run
+        # alone, or the router, competes at 0 (docs/benchmarks.md, issue 14's batching goal). An operator's
+        # own RAY_worker_niceness wins; a joined cluster's raylets were started with their own setting.
+        os.environ.setdefault(WORKER_NICENESS_ENV, "0")
         ray.init(include_dashboard=False, log_to_driver=False, num_cpus=num_cpus,
                  object_store_memory=object_store_bytes)
         return True

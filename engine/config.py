@@ -87,9 +87,10 @@ class EngineConfig:
     # max_long_partial_prefills such prompts progress at once. 0 = a prompt may take the whole budget.
     long_prefill_token_threshold: int = 128
     max_long_partial_prefills: int = 1
-    # Split-fused steps (engine/step_cost.py): with decodes running, a step's prefill tokens are capped so it
-    # costs at most this many times a pure decode step of the same batch (issue 14's TPOT goal), by a step
-    # cost model the scheduler fits from its own steps. 0 = off: the token budget and the threshold alone.
+    # Split-fused steps (engine/step_cost.py): with decodes running, prefill tokens beside them are paid from
+    # a time credit, so the decode batch's steps take on average at most this many times its decode-only
+    # steps (issue 14's TPOT goal), by costs the scheduler times from its own steps. 0 = off: the
+    # token budget and the threshold alone.
     fused_step_max_slowdown: float = 1.5
     # Speculative decoding (engine/spec/speculator.py): drafter, draft length, the head's file.
     spec: SpecConfig = field(default_factory=SpecConfig)

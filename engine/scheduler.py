@@ -130,8 +130,11 @@ class Scheduler:
         if only is not None:
             return self._output(chunks, preempted, decode_tokens)
         if decode_tokens and self.step_cost and (self._waiting or len(chunks) < len(self._running)):
-            cap = self.step_cost.prefill_cap(decode_tokens)  # split-fused: what the step's cost allows
-            budget = budget if cap is None else min(budget, cap)
+            # Split-fused: what the decode batch's time credit buys (engine/step_cost.py).
+            pending = sum(q.num_tokens - q.num_computed_tokens for q in self._waiting) + sum(
+                q.num_tokens - q.num_computed_tokens for q in self._running
+                if q.status is SequenceStatus.RUNNING and q.request_id not in scheduled)
+            budget = min(budget, self.step_cost.prefill_cap(decode_tokens, pending))
         # 2) Running sequences still mid-prefill: as much of the next chunk as budget and blocks allow.
         for seq in list(self._running):
             if budget == 0:

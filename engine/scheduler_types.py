@@ -30,9 +30,9 @@ class SchedulerConfig:
     # meanwhile). 0 = off: one prompt may take the whole budget.
     long_prefill_token_threshold: int = 0
     max_long_partial_prefills: int = 1
-    # Split-fused steps (engine/step_cost.py): with decodes in a step, its prefill tokens are capped so that
-    # the step costs at most this many times the pure decode step of the same batch, by a cost model fitted
-    # to the steps this scheduler timed (schedule -> postprocess). 0 = off (the token budget alone).
+    # Split-fused steps (engine/step_cost.py): with decodes in a step, its prefill tokens are paid from a
+    # time credit that decode steps earn, so the batch's steps take on average at most this many times its
+    # decode-only steps, by the costs this scheduler timed (schedule -> postprocess). 0 = off.
     fused_step_max_slowdown: float = 0.0
 
     def __post_init__(self) -> None:

@@ -1,52 +1,51 @@
-"""A step's cost fitted online (fixed + per decode + per prefill token); it caps prefill beside decodes."""
+"""Split-fused steps under a time credit: decode steps earn it, prefill tokens beside decodes spend it."""
 from __future__ import annotations
 
 import time
 
-MIN_STEPS = 4  # steps with prefill tokens, and steps without, before the fit is trusted
-REFIT_EVERY = 32  # steps between fits: costs drift over many steps, and a fit costs tens of us of Python
-
-
-def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
-    """a x = b by Gaussian elimination with partial pivoting (n <= 3); None if a is (nearly) singular."""
-    n = len(b)
-    m = [row[:] + [b[i]] for i, row in enumerate(a)]
-    scale = max(abs(v) for row in a for v in row) or 1.0
-    for col in range(n):
-        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
-        if abs(m[pivot][col]) < 1e-12 * scale:
-            return None
-        m[col], m[pivot] = m[pivot], m[col]
-        for r in range(col + 1, n):
-            f = m[r][col] / m[col][col]
-            for c in range(col, n + 1):
-                m[r][c] -= f * m[col][c]
-    x = [0.0] * n
-    for r in reversed(range(n)):
-        x[r] = (m[r][n] - sum(m[r][c] * x[c] for c in range(r + 1, n))) / m[r][r]
-    return x
+WINDOW_STEPS = 4  # steps of credit a fused step may spend at once (the window the slowdown is averaged over)
+_PURE_ALPHA = 0.1  # EWMA weight of a new decode-only step's seconds
+_DEBT_WINDOWS = 4  # the most credit owed, in full credits
 
 
 class StepCostModel:
-    """Least squares, exponentially forgetting (about the last `window` steps), of step seconds = fixed +
-    per_decode * decode tokens + per_prefill * prefill tokens, kept as running sums (O(1) a step). A fused
-    step then costs at most `max_slowdown` x the pure decode step of its batch when its prefill tokens stay
-    within prefill_cap(decode tokens) = (max_slowdown - 1) * (fixed + per_decode * decodes) / per_prefill."""
+    """Keeps the decode batch's mean step time within `max_slowdown` x what decode-only steps of the same
+    batch cost (give or take one window's credit), while prompts prefill beside it.
 
-    def __init__(self, max_slowdown: float, window: int = 256) -> None:
+    Why a credit and not a per-step cap: a step that carries any prefill token can cost far more than the
+    decode step it replaces (on CPU a batch of one decodes on a flat path, 34 ms, and one prefill token
+    beside it sends the step down the eager path, 61 ms: 1.8x; on CUDA decode steps replay graphs and fused
+    ones run eager), so no per-step cap can hold 1.5x at small batches. A request's TPOT is its mean time
+    per token, so the budget is what matters: each step with decodes earns `max_slowdown` x pure(d) minus
+    what it cost (a pure step about (s - 1) x pure(d); a fused one pays its surplus back), capped at
+    `window` x (s - 1) x pure(d) (or twice a fused step's fixed cost, if more). Prefill beside decodes waits
+    until the credit is full, then spends it in one chunk, so the fixed cost of leaving the decode path is
+    paid once per window rather than every step (a prompt that fits the credit whole starts at once). A
+    request's mean over its own tokens can still include one chunk more than its share (up to window x
+    (s - 1) / its token count above s): a short window keeps that and the single slow step small.
+
+    pure(d): an EWMA of decode-only steps of d decode tokens (measured per batch size: the batch of one is
+    the outlier). extra(p): what a fused step cost beyond pure(d), fitted as e0 + c x p by least squares
+    forgetting over about `window_fit` fused steps (with chunks of about one size: c = extra / p, which is
+    conservative, and the smaller chunks it buys spread the sizes again).
+    """
+
+    def __init__(self, max_slowdown: float, window: int = WINDOW_STEPS, window_fit: int = 16) -> None:
         if max_slowdown <= 1.0:
             raise ValueError(f"max_slowdown must be > 1, got {max_slowdown}")
-        if window < 2:
-            raise ValueError(f"window must be >= 2, got {window}")
+        if window < 1 or window_fit < 2:
+            raise ValueError(f"window must be >= 1 and window_fit >= 2, got {window}, {window_fit}")
         self.max_slowdown = max_slowdown
-        self._keep = 1.0 - 1.0 / window
+        self.window = window
+        self._keep = 1.0 - 1.0 / window_fit
         self._timed: tuple[object, float, int] | None = None  # the step `finish` will time
-        # Weighted sums over x = (1, decode tokens d, prefill tokens p): of x x^T (n, d, p, dd, dp, pp) and of
-        # x * seconds (t, dt, pt): the normal equations of the fit.
-        self._sums = [0.0] * 9
-        self._steps_with_prefill = self._steps_without = 0
-        self._coef: tuple[float, float, float] | None = None
-        self._unfitted = 0  # steps observed since the last fit
+        self.pure_seconds: dict[int, float] = {}  # decode tokens -> EWMA seconds of decode-only steps
+        self.credit = 0.0  # seconds the decode batch may still be held back
+        self._fused_steps = 0  # timed steps with decodes and prefill tokens
+        # Forgetting sums over fused steps of x = (1, p) and y = seconds beyond pure(d): n, sp, pp, sy, spy.
+        self._sums = [0.0] * 5
+
+    # ---- timing (the scheduler calls these) ----
 
     def start(self, step: object, decode_tokens: int) -> None:
         """The scheduler made `step` (an opaque token) now; `finish(step)` times it and observes its cost."""
@@ -59,50 +58,78 @@ class StepCostModel:
             self.observe(timed[2], batched_tokens - timed[2], time.perf_counter() - timed[1])
 
     def observe(self, decode_tokens: int, prefill_tokens: int, seconds: float) -> None:
-        if seconds <= 0 or decode_tokens + prefill_tokens <= 0:
+        if seconds <= 0 or decode_tokens <= 0:
+            return  # prefill-only steps hold no stream back: nothing to earn or pay
+        if prefill_tokens == 0:
+            old = self.pure_seconds.get(decode_tokens)
+            self.pure_seconds[decode_tokens] = seconds if old is None else old + _PURE_ALPHA * (seconds - old)
+        pure = self.pure(decode_tokens)
+        if pure is None:
             return
-        d, p, k = float(decode_tokens), float(prefill_tokens), self._keep
-        n, sd, sp, dd, dp, pp, t, dt, pt = self._sums
-        self._sums = [n * k + 1.0, sd * k + d, sp * k + p, dd * k + d * d, dp * k + d * p, pp * k + p * p,
-                      t * k + seconds, dt * k + d * seconds, pt * k + p * seconds]
         if prefill_tokens:
-            self._steps_with_prefill += 1
-        else:
-            self._steps_without += 1
-        self._unfitted += 1
+            self._fused_steps += 1
+            p, y, k = float(prefill_tokens), seconds - pure, self._keep
+            n, sp, pp, sy, spy = self._sums
+            self._sums = [n * k + 1.0, sp * k + p, pp * k + p * p, sy * k + y, spy * k + p * y]
+        full = self._full(pure)
+        # Debt is repaid (a misjudged chunk is paid for by later ones), up to a bound: a stall of the whole
+        # box (swap, a stopped process) must not keep prompts out for long after.
+        self.credit = min(full, max(-_DEBT_WINDOWS * full, self.credit + self.max_slowdown * pure - seconds))
 
-    @property
-    def coefficients(self) -> tuple[float, float, float] | None:
-        """(fixed s, s per decode token, s per prefill token), or None while the steps seen cannot tell a
-        prefill token's cost (too few, or not both steps with and without prefill). Refitted every
-        REFIT_EVERY steps, and as soon as the first fit is possible."""
-        if self._unfitted >= REFIT_EVERY or (self._coef is None and self._unfitted):
-            self._unfitted = 0
-            self._coef = self._fit()
-        return self._coef
+    # ---- what the scheduler asks ----
 
-    def _fit(self) -> tuple[float, float, float] | None:
-        if min(self._steps_with_prefill, self._steps_without) < MIN_STEPS:
+    def pure(self, decode_tokens: int) -> float | None:
+        """Seconds of a decode-only step of `decode_tokens`: measured, or the nearest smaller batch measured
+        (a bigger batch costs no less), or the smallest measured; None before any decode-only step."""
+        if not self.pure_seconds:
             return None
-        n, sd, sp, dd, dp, pp, t, dt, pt = self._sums
-        xx, xt = [[n, sd, sp], [sd, dd, dp], [sp, dp, pp]], [t, dt, pt]
-        coef = _solve(xx, xt)
-        if coef is None:  # one batch size throughout: fixed and per-decode cost merge into one intercept
-            two = _solve([[xx[0][0], xx[0][2]], [xx[2][0], xx[2][2]]], [xt[0], xt[2]])
-            if two is None:
-                return None
-            coef = [two[0], 0.0, two[1]]
-        fixed, per_decode, per_prefill = coef
-        if per_prefill <= 0:  # noise swamped it: prefill looks free, so nothing to cap
-            return None
-        return max(fixed, 0.0), max(per_decode, 0.0), per_prefill
+        if decode_tokens in self.pure_seconds:
+            return self.pure_seconds[decode_tokens]
+        below = [d for d in self.pure_seconds if d < decode_tokens]
+        return self.pure_seconds[max(below) if below else min(self.pure_seconds)]
 
-    def prefill_cap(self, decode_tokens: int) -> int | None:
-        """Most prefill tokens a step with `decode_tokens` decode tokens may add (>= 1, so prompts always
-        progress); None while no cost is known."""
-        coef = self.coefficients
-        if coef is None:
+    def extra(self) -> tuple[float, float] | None:
+        """(e0 s, c s per prefill token): a fused step's cost beyond pure(d) = e0 + c x p; None before any
+        fused step was timed."""
+        n, sp, pp, sy, spy = self._sums
+        if n <= 0 or sp <= 0:
             return None
-        fixed, per_decode, per_prefill = coef
-        pure = fixed + per_decode * decode_tokens
-        return max(1, int((self.max_slowdown - 1.0) * pure / per_prefill))
+        det = n * pp - sp * sp
+        if det > 0.01 * n * pp:  # chunk sizes spread (var / mean square > 1%): both terms can be told apart
+            c = (n * spy - sp * sy) / det
+            e0 = (sy - c * sp) / n
+            if c > 0:
+                return max(e0, 0.0), c
+        return 0.0, max(sy, 0.0) / sp or 1e-6  # one chunk size seen (or noise): all of it per token
+
+    def prefill_cap(self, decode_tokens: int, pending_tokens: int) -> int:
+        """Prefill tokens a step with `decode_tokens` decode tokens may add, `pending_tokens` being what
+        prompts still need: all of them if that fits the credit; once the credit is full, what it buys
+        (>= 1, so a prompt always progresses); else 0 while it builds. 0 until a decode-only step of this
+        batch was timed (nothing to compare with yet); what it buys is 1 token until a fused step was."""
+        pure = self.pure(decode_tokens)
+        if pure is None or pending_tokens <= 0:
+            return 0
+        fit = self.extra()
+        full = self.credit >= self._full(pure) * (1.0 - 1e-9)
+        if fit is None:
+            return 1 if full else 0
+        e0, c = fit
+        affordable = int((self.credit - e0) / c) if self.credit > e0 else 0
+        n, sp, _, sy, _ = self._sums
+        if sy > 0:  # and no more than the mean cost per token seen buys: the line is not trusted far out
+            affordable = min(affordable, int(self.credit * sp / sy))
+        if affordable >= pending_tokens:
+            return pending_tokens
+        if not full:
+            return 0
+        # Every other chunk buys half: chunks of one size cannot tell e0 from c, and a wrong split would
+        # stand (the credit kept and the chunk bought are both read off the fit).
+        return max(1, affordable // 2 if self._fused_steps % 2 else affordable)
+
+    def _full(self, pure: float) -> float:
+        """The most credit kept: `window` steps' worth, or enough to pay a fused step's fixed cost twice and
+        a token (where leaving the decode path costs more than the window earns, e.g. next to CUDA graphs)."""
+        fit = self.extra()
+        floor = 0.0 if fit is None else 2.0 * fit[0] + fit[1]
+        return max(self.window * (self.max_slowdown - 1.0) * pure, floor)

@@ -108,7 +108,10 @@ class PrefillService(WorkerService):
 
     def _idle_poll_s(self) -> float:
         # Send completion is polled (gloo/NCCL handles have no callback): poll fast while sends are in flight.
-        return 0.0002 if self._pending else 0.005
+        return 0.0002 if self._pending else super()._idle_poll_s()
+
+    def _transfers_in_flight(self) -> bool:
+        return bool(self._pending)
 
     def _add(self, req: PrefillRequest, result: Future) -> None:
         channel = self._channels.get(req.target.decode_id)

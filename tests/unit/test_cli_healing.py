@@ -85,3 +85,20 @@ def test_no_token_anywhere_leaves_ray_alone(monkeypatch, tmp_path) -> None:
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("t")
     assert ray_connect.ray_token_available()
+
+
+@pytest.mark.parametrize(("address", "operator", "expected"), [
+    (None, None, "0"),  # a private Ray: workers compete for CPU at the router's priority, not nice 15
+    (None, "10", "10"),  # the operator's own choice wins
+    ("10.0.0.1:6379", None, None),  # a joined cluster's raylets were started with their own setting
+])
+def test_private_ray_starts_its_workers_at_nice_zero(monkeypatch, address, operator, expected) -> None:
+    import ray
+
+    seen: list[str | None] = []
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.append(os.environ.get("RAY_worker_niceness")))
+    monkeypatch.setenv("RAY_worker_niceness", operator or "")  # recorded, so what init_ray sets is undone
+    if operator is None:
+        monkeypatch.delenv("RAY_worker_niceness")
+    assert ray_connect.init_ray(address, 2, 1 << 20) is (address is None)
+    assert seen == [expected]

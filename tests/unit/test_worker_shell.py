@@ -29,6 +29,8 @@ class GenerateService(WorkerService):
         self.metrics = WorkerMetrics()
         self.fail_after_step = fail_after_step
         self.calls: list[str] = []
+        self.polls = 0
+        self.in_flight = False
         self._done: dict[str, Future] = {}
         self.start()
 
@@ -43,7 +45,11 @@ class GenerateService(WorkerService):
         return await asyncio.wrap_future(done)
 
     def _poll_transfers(self) -> bool:
+        self.polls += 1
         return False
+
+    def _transfers_in_flight(self) -> bool:
+        return self.in_flight
 
     def _after_step(self, out: SchedulerOutput, run: RunOutput, finished: list[Sequence]) -> None:
         self.calls.append("after_step")
@@ -154,3 +160,21 @@ def test_actor_tail_sizes_torch_threads_before_building_the_service_and_forwards
         assert actor.service.calls[-1] == "close:thread_alive=False"
     finally:
         torch.set_num_threads(before)
+
+
+def test_an_idle_worker_polls_often_only_while_a_transfer_is_in_flight() -> None:
+    service = GenerateService()
+    try:
+        def polls_in(seconds: float) -> int:
+            before = service.polls
+            time.sleep(seconds)
+            return service.polls - before
+
+        assert polls_in(0.3) <= 4  # nothing in flight: it sleeps until a command (or 0.1 s) wakes it
+        service.in_flight = True
+        time.sleep(0.15)  # the current long wait ends
+        assert polls_in(0.3) >= 10  # a lease to watch: every 5 ms (fewer on a busy box, not this few)
+        service.in_flight = False
+        assert len(asyncio.run(service.generate("r0", [1, 2, 3]))) == 4  # a command wakes the sleeper
+    finally:
+        service.shutdown()
