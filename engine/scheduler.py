@@ -108,7 +108,7 @@ class Scheduler:
         for seq in list(self._running):
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING or seq.num_tokens - seq.num_computed_tokens != 1:
+            if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed != 1:
                 continue
             if only is not None and id(seq) not in only:
                 continue
@@ -131,9 +131,9 @@ class Scheduler:
             return self._output(chunks, preempted, decode_tokens)
         if decode_tokens and self.step_cost and (self._waiting or len(chunks) < len(self._running)):
             # Split-fused: what the decode batch's time credit buys (engine/step_cost.py).
-            pending = sum(q.num_tokens - q.num_computed_tokens for q in self._waiting) + sum(
-                q.num_tokens - q.num_computed_tokens for q in self._running
-                if q.status is SequenceStatus.RUNNING and q.request_id not in scheduled)
+            pending = sum(q.num_uncomputed for q in self._waiting) + sum(
+                q.num_uncomputed for q in self._running if q.status is SequenceStatus.RUNNING
+                and q.request_id not in scheduled)
             budget = min(budget, self.step_cost.prefill_cap(decode_tokens, pending))
         # 2) Running sequences still mid-prefill: as much of the next chunk as budget and blocks allow.
         for seq in list(self._running):
@@ -244,8 +244,7 @@ class Scheduler:
     # ---- teardown ----
 
     def abort(self, request_id: str) -> Sequence | None:
-        """Drop an unfinished sequence in any state, freeing its blocks exactly once; None if unknown (or
-        already gone: finished sequences are no longer tracked)."""
+        """Drop an unfinished sequence in any state, freeing its blocks once; None if unknown or finished."""
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return None
@@ -282,9 +281,8 @@ class Scheduler:
         return len(self._awaiting)
 
     def stats(self) -> EngineStats:
-        queued = sum(s.num_tokens - s.num_computed_tokens for s in self._waiting)
-        queued += sum(s.num_tokens - s.num_computed_tokens for s in self._running
-                      if s.num_tokens - s.num_computed_tokens > 1)
+        queued = sum(s.num_uncomputed for s in self._waiting)
+        queued += sum(s.num_uncomputed for s in self._running if s.num_uncomputed > 1)
         hits, queries = (self.prefix.hit_tokens, self.prefix.query_tokens) if self.prefix else (0, 0)
         return EngineStats(num_free_blocks=self.blocks.num_free, num_total_blocks=self.blocks.num_total,
                            num_running=len(self._running) + len(self._awaiting),

@@ -60,6 +60,11 @@ class Sequence:
         return len(self.token_ids)
 
     @property
+    def num_uncomputed(self) -> int:
+        """Tokens whose KV is not computed yet (the prompt's rest while prefilling, 1 while decoding)."""
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
