@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from bench.serving.client import RequestRecord
 from bench.serving.sim_costs import StepCosts
+from engine.step_cost import StepCostModel
 
 MODES = ("disagg", "coloc")
 
@@ -35,8 +36,10 @@ class ClusterSpec:
     # this many a step, and a new long prompt waits while max_long_partial_prefills long ones progress.
     long_prefill_threshold: int = 0
     max_long_partial_prefills: int = 1
-    # Split-fused cap: with decodes running, a step's prefill tokens are capped so that it costs at most this
-    # many times the pure decode step (engine/step_cost.py's prefill_cap, with the sim's own costs).
+    # Split-fused time credit (engine/config.py's fused_step_max_slowdown): with decodes running, a colocated
+    # worker's prefill tokens are what the engine's own StepCostModel (engine/step_cost.py) grants, fed
+    # the sim's step costs as the steps it timed, so the batch's mean step stays within this many times its
+    # decode-only step.
     fused_max_slowdown: float = 0.0
 
     def __post_init__(self) -> None:
@@ -81,6 +84,8 @@ class _Worker:
     since: float = 0.0  # when work_ms and slowdown were last set
     step_id: int = 0  # end events of an older id were superseded by a reschedule
     chunks: list[tuple[_Req, int]] = field(default_factory=list)  # the running step's prefill chunks
+    step_batch: int = 0  # the running step's decode tokens
+    step_cost: StepCostModel | None = None  # the split-fused time credit (a colocated worker, when on)
 
 
 class Simulation:
@@ -96,6 +101,9 @@ class Simulation:
         self._seq = 0
         role = "decode" if spec.mode == "disagg" else "coloc"
         self.decoders = [_Worker(role, i) for i in range(spec.decode_workers)]
+        if role == "coloc" and spec.fused_max_slowdown:  # the only role here whose steps fuse prefill
+            for w in self.decoders:
+                w.step_cost = StepCostModel(spec.fused_max_slowdown)
         self.prefillers = ([_Worker("prefill", i) for i in range(spec.prefill_workers)]
                            if spec.mode == "disagg" else [])
         self.workers = self.prefillers + self.decoders
@@ -155,9 +163,9 @@ class Simulation:
             self._activate(w)
         batch, c = w.active, self.costs
         budget = self.spec.max_batch_tokens - batch
-        if batch and self.spec.fused_max_slowdown:
-            extra_ms = (self.spec.fused_max_slowdown - 1) * c.decode.step_ms(batch, w.ctx_sum)
-            budget = min(budget, max(1, int(extra_ms / c.prefill.per_token_ms)))
+        if batch and w.step_cost and w.queue:  # the scheduler's split-fused rule (engine/scheduler.py)
+            pending = sum(r.req.prompt - r.computed for r in w.queue)
+            budget = min(budget, w.step_cost.prefill_cap(batch, pending))
         chunks = self._chunks(w, budget) if w.role != "decode" else []
         if not batch and not chunks:
             return
@@ -165,7 +173,7 @@ class Simulation:
         if batch:
             ms = c.decode.step_ms(batch, w.ctx_sum) + (c.prefill.marginal_ms(
                 [(n, r.computed) for r, n in chunks]) if chunks else 0.0)
-        w.busy, w.chunks, w.work_ms, w.slowdown = True, chunks, ms, 1.0
+        w.busy, w.chunks, w.step_batch, w.work_ms, w.slowdown = True, chunks, batch, ms, 1.0
         w.started = w.since = self.now
         if c.contention:
             self._share_host()
@@ -225,6 +233,8 @@ class Simulation:
             return  # superseded: the host's sharing changed and the end was rescheduled
         w.step_id += 1
         ms = (self.now - w.started) * 1e3  # as it ran, slowed or not: what the KV stream overlapped
+        if w.step_cost:  # the engine times schedule -> postprocess: the step as it ran, slowed or not
+            w.step_cost.observe(w.step_batch, sum(n for _, n in chunks), ms / 1e3)
         if w.active:
             w.steps += 1
             w.ctx_sum += w.active

@@ -39,7 +39,7 @@ class SearchSettings:
     tp_efficiency: float = 0.9  # per doubling of TP (all-reduce, smaller GEMMs)
     unit_max_gpus: int = 8  # one node: a replica's KV moves over NVLink, the router spreads replicas
     coloc_budgets: tuple[int, ...] = (512, 2048)  # colocated gets the better of a small and a whole chunk
-    coloc_fused: tuple[float, ...] = (0.0, 1.5)  # and of no cap and the engine's split-fused cap (default)
+    coloc_fused: tuple[float, ...] = (0.0, 1.5)  # and of no split-fused credit and the engine's default 1.5x
     prefill_budget: int = 2048  # a prefill worker's token budget per step
     max_num_seqs: int = 128  # decode batch cap (decode_gpu.json's largest CUDA graph bucket)
     kv_tokens_per_gpu: int = 400_000  # (68 GB free - 15 GB weights) / 128 KiB a token, Llama-3-8B bf16
@@ -69,8 +69,8 @@ class Unit:
 
     def __str__(self) -> str:
         if self.mode == "coloc":
-            cap = f" fused<={self.fused:g}x" if self.fused else ""
-            return f"coloc {self.n_d}xTP{self.tp_d} budget {self.budget}{cap}"
+            credit = f" fused credit {self.fused:g}x" if self.fused else ""
+            return f"coloc {self.n_d}xTP{self.tp_d} budget {self.budget}{credit}"
         return f"{self.n_p}P(TP{self.tp_p}):{self.n_d}D(TP{self.tp_d})"
 
 
@@ -184,7 +184,7 @@ def _mean(d: LengthDist) -> int:
 
 def candidate_units(gpus: int, s: SearchSettings) -> list[Unit]:
     """Every disaggregated split of a unit of min(gpus, unit_max_gpus) GPUs over the TP choices, and every
-    colocated TP, chunk budget and split-fused cap."""
+    colocated TP, chunk budget and split-fused credit."""
     size = min(gpus, s.unit_max_gpus)
     out = []
     for tp_p, tp_d in itertools.product(s.tp_choices, repeat=2):

@@ -153,20 +153,6 @@ def test_only_max_long_partial_prefills_long_prompts_progress_at_once() -> None:
     assert b.ttft == pytest.approx(a.ttft + 0.210, abs=1e-6)
 
 
-def test_fused_cap_keeps_a_colocated_step_within_the_slowdown_of_its_decode_step() -> None:
-    costs = StepCosts(PrefillCost(0.0, 1.0), DecodeCost(20.0, 0.0), FREE_LINK)
-    reqs = [SimRequest(0.0, 1, 10), SimRequest(0.001, 400, 2)]
-    free_a, _ = simulate(ClusterSpec("coloc"), costs, reqs)
-    a, b = simulate(ClusterSpec("coloc", fused_max_slowdown=1.5), costs, reqs)
-    # uncapped, one of a's 9 decode steps carries all 400 prefill tokens (+400 ms); capped, every step
-    # carries 10 (0.5 x the 20 ms decode step), so a's steps cost 1.5 x 20 ms while b's prompt trickles in
-    assert free_a.tpot == pytest.approx((420 + 8 * 20) / 9 / 1e3)
-    assert a.tpot == pytest.approx(0.030)
-    assert b.ttft > 0.4
-    with pytest.raises(ValueError, match="fused_max_slowdown"):
-        ClusterSpec("coloc", fused_max_slowdown=1.0)
-
-
 def test_validate_can_replay_another_decode_slope_with_the_one_stream_step_kept(tmp_path: Path,
                                                                                capsys) -> None:
     paths = [str(p) for p in _runs(tmp_path)]
