@@ -47,11 +47,7 @@ class RowsLinear:
         if self.packed is not None and x.shape[0] > 1:  # one row: the column-block GEMV is faster
             out = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
             return out if residual is None else out.add_(residual)
-        linear = self.linear
-        rows = x.view(x.shape[0], linear.parts, -1).transpose(0, 1)
-        if residual is None:
-            return torch.bmm(rows, linear.weight_blocks).sum(0)
-        return torch.baddbmm(residual, rows, linear.weight_blocks, beta=1.0 / linear.parts).sum(0)
+        return FlatDecoder._gemv(self.linear, x, residual)
 
 
 class ModuleRows:
