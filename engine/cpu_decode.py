@@ -5,6 +5,7 @@ import ctypes
 import logging
 import math
 import sys
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -119,6 +120,55 @@ def use_column_blocks(model: LlamaModel, parts: int) -> int:
 
 _QUANTIZED = (Q41Linear, Q80Linear, W8A8Linear)  # CPU projection modules FlatDecoder calls as they are
 
+# Multi-row GEMMs are packed once for this many rows: oneDNN picks its blocking from the hint, and the
+# packed weight serves any row count (a decode batch has 2..8 rows, a verify step 2..k + 1).
+_ROWS_HINT = 6
+# One packed copy per model projection, shared by every engine over that model (benchmarks build many).
+_PACKED: weakref.WeakKeyDictionary[ColumnBlockLinear, torch.Tensor] = weakref.WeakKeyDictionary()
+
+
+class RowsLinear:
+    """A ColumnBlockLinear for T-row products: one row runs the column-block GEMV (FlatDecoder._gemv);
+    more rows run oneDNN's packed layout where torch has it, since MKL's sgemm over the blocks costs about
+    as much per extra row as the GEMV itself on this AMD EPYC (one thread, 2 → 4 → 8 rows: 16 / 51 / 86 ms
+    for the LM head against 11 / 23 / 30 packed, `bench/engine/fused_steps.py` for whole steps). The packed
+    copy costs one more copy of the weights (~540 MB fp32 for the embedded model with its head), made
+    when the first multi-row step runs: a server that only ever decodes one sequence never pays it."""
+
+    def __init__(self, linear: ColumnBlockLinear) -> None:
+        self.linear = linear
+        self.packed: torch.Tensor | None = None
+
+    def _pack(self) -> torch.Tensor | None:
+        if self.packed is None and torch.backends.mkldnn.is_available():
+            if self.linear not in _PACKED:
+                _PACKED[self.linear] = torch.ops.mkldnn._reorder_linear_weight(
+                    self.linear.weight.contiguous(), _ROWS_HINT)
+            self.packed = _PACKED[self.linear]
+        return self.packed
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, in] → x Wᵀ [T, out] (+ residual)."""
+        if x.shape[0] > 1 and self._pack() is not None:
+            out = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+            return out if residual is None else out.add_(residual)
+        return FlatDecoder._gemv(self.linear, x, residual)
+
+
+class ModuleRows:
+    """A quantized projection (Q41Linear, Q80Linear, W8A8Linear: its own kernel takes any row count) over
+    T rows; it applies the MLP's silu_mul itself."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return FlatDecoder._gemv(self.module, x, residual)
+
+
+def rows_linear(module: nn.Module) -> RowsLinear | ModuleRows:
+    return RowsLinear(module) if isinstance(module, ColumnBlockLinear) else ModuleRows(module)
+
 
 class FlatDecoder:
     """Runs one decode step of B sequences (one token each, B = 1 the common case) of a column-blocked fp32
@@ -143,9 +193,14 @@ class FlatDecoder:
         self.kv = kv
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.eps = torch.tensor(c.rms_norm_eps, dtype=torch.float32)
-        self.layers = [(layer.input_layernorm.weight, layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                        layer.post_attention_layernorm.weight, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+        self.layers = [(layer.input_layernorm.weight, rows_linear(layer.self_attn.qkv_proj),
+                        rows_linear(layer.self_attn.o_proj), layer.post_attention_layernorm.weight,
+                        rows_linear(layer.mlp.gate_up_proj), rows_linear(layer.mlp.down_proj))
                        for layer in model.layers]
+        # The LM head of a multi-row step, packed as the projections are (a blocked or quantized head).
+        head = model.lm_head
+        blocked_head = isinstance(head, (ColumnBlockLinear, *_QUANTIZED))
+        self.head = rows_linear(head) if blocked_head else None
         # Rotary tables per head row of the qkv output: q rows scaled by the softmax scale (exact for
         # power-of-two scales), k rows as is, v rows cos 1 and sin 0 (they pass through unchanged).
         heads, qk_heads = c.num_heads + 2 * c.num_kv_heads, c.num_heads + c.num_kv_heads
@@ -183,6 +238,12 @@ class FlatDecoder:
             return torch.bmm(rows, linear.weight_blocks).sum(0)
         return torch.baddbmm(residual, rows, linear.weight_blocks, beta=1.0 / linear.parts).sum(0)
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's compute_logits, its head packed for several rows."""
+        if self.head is None or hidden.shape[0] == 1:
+            return self.model.compute_logits(hidden)
+        return self.head(hidden).float()
+
     def _norm(self, s: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """rms_norm_ref's math for contiguous rows [B, H]."""
         norm = torch.linalg.vector_norm(s, dim=-1, keepdim=True)
@@ -216,7 +277,7 @@ class FlatDecoder:
         slot = ids[2 * b:]
         s = self.model.embed_tokens(ids[:b])  # the residual stream [B, H]
         for i, (w_in, qkv_proj, o_proj, w_post, gate_up_proj, down_proj) in enumerate(self.layers):
-            qkv = self._gemv(qkv_proj, self._norm(s, w_in)).view(b, heads, 2, half)
+            qkv = qkv_proj(self._norm(s, w_in)).view(b, heads, 2, half)
             rot = torch.addcmul(qkv * cos_t, qkv.flip(2), sin_t)  # rotate-half: halves swapped, sin signed
             k_cache, v_cache = self.kv.k[i], self.kv.v[i]
             # These tokens' rotated k heads and their v heads (rotated by cos 1, sin 0): [B, Hk, D] views.
@@ -234,10 +295,10 @@ class FlatDecoder:
                 q = rot.as_strided((hk, group, d), (group * d, d, 1), j * heads * d)  # already scaled
                 outs.append(torch.bmm(torch.bmm(q, keys_t).softmax(dim=-1), values))  # [Hk, G, D]: heads
             attn = (outs[0] if b == 1 else torch.cat(outs)).view(b, hq * d)
-            s = self._gemv(o_proj, attn, residual=s)
-            gate_up = self._gemv(gate_up_proj, self._norm(s, w_post))
-            if isinstance(down_proj, ColumnBlockLinear):  # a quantized one applies silu_mul itself
+            s = o_proj(attn, residual=s)
+            gate_up = gate_up_proj(self._norm(s, w_post))
+            if isinstance(down_proj, RowsLinear):  # a quantized one applies silu_mul itself
                 gate, up = gate_up.chunk(2, dim=-1)
                 gate_up = F.silu(gate, inplace=True).mul_(up)
-            s = self._gemv(down_proj, gate_up, residual=s)
+            s = down_proj(gate_up, residual=s)
         return self.model.norm(s)

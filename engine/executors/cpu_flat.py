@@ -87,7 +87,7 @@ class CpuFlatExecutor(Executor):
             seqs = tuple(chunk.seq for chunk in chunks)
             hidden = self.flat.decode([chunk.seq.token_ids[chunk.start] for chunk in chunks],
                                       [chunk.start for chunk in chunks], block_tables)
-            logits = self.eager.model.compute_logits(hidden)
+            logits = self.flat.logits(hidden)
             token_ids = sample(logits, [seq.sampling for seq in seqs], [seq.num_tokens for seq in seqs])
             return SampledStep(token_ids, seqs, hidden)
         found = self._flat_chunk(batch, layer_hook)
