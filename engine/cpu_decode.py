@@ -121,7 +121,7 @@ def use_column_blocks(model: LlamaModel, parts: int) -> int:
 _QUANTIZED = (Q41Linear, Q80Linear, W8A8Linear)  # CPU projection modules FlatDecoder calls as they are
 
 # Multi-row GEMMs are packed once for this many rows: oneDNN picks its blocking from the hint, and the
-# packed weight serves any row count (a decode batch has 2..8 rows, a verify step 2..k + 1).
+# packed weight serves any row count (a decode batch has 2..32 rows, a verify step 2..k + 1).
 _ROWS_HINT = 6
 # One packed copy per model projection, shared by every engine over that model (benchmarks build many).
 _PACKED: weakref.WeakKeyDictionary[ColumnBlockLinear, torch.Tensor] = weakref.WeakKeyDictionary()

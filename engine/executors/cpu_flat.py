@@ -14,9 +14,10 @@ from engine.sampler import sample
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from engine.spec.tree_verify import walk_tree
 
-# Decode-only steps of up to this many sequences run flat; larger ones run the eager forward. Measured
-# (docs/benchmarks.md, "Flat decode of small batches"): see there for where the flat step stops winning.
-MAX_FLAT_BATCH = 8
+# Decode-only steps of up to this many sequences (the default max_num_seqs) run flat; larger ones run the
+# eager forward. The flat step still beat it at 32 (1.26x; docs/benchmarks.md, "Flat CPU decode of small
+# batches"); past 32 it is not measured.
+MAX_FLAT_BATCH = 32
 
 
 class CpuFlatExecutor(Executor):
