@@ -1,10 +1,11 @@
-"""CPU decode path: weights re-laid out for per-core GEMVs, and a flat bs1 decode executor (same math)."""
+"""CPU decode path: weights re-laid out for per-core GEMVs, and a flat small-batch decode step (same math)."""
 from __future__ import annotations
 
 import ctypes
 import logging
 import math
 import sys
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -115,21 +116,71 @@ def use_column_blocks(model: LlamaModel, parts: int) -> int:
     return len(swaps)
 
 
-# ---- CPU bs1 decode executor (LlamaModel.forward's math in far fewer torch calls) -------------------------
+# ---- CPU decode of small batches (LlamaModel.forward's math in far fewer torch calls) ---------------------
 
 _QUANTIZED = (Q41Linear, Q80Linear, W8A8Linear)  # CPU projection modules FlatDecoder calls as they are
 
+# Multi-row GEMMs are packed once for this many rows: oneDNN picks its blocking from the hint, and the
+# packed weight serves any row count (a decode batch has 2..32 rows, a verify step 2..k + 1).
+_ROWS_HINT = 6
+# One packed copy per model projection, shared by every engine over that model (benchmarks build many).
+_PACKED: weakref.WeakKeyDictionary[ColumnBlockLinear, torch.Tensor] = weakref.WeakKeyDictionary()
+
+
+class RowsLinear:
+    """A ColumnBlockLinear for T-row products: one row runs the column-block GEMV (FlatDecoder._gemv);
+    more rows run oneDNN's packed layout where torch has it, since MKL's sgemm over the blocks costs about
+    as much per extra row as the GEMV itself on this AMD EPYC (one thread, 2 → 4 → 8 rows: 16 / 51 / 86 ms
+    for the LM head against 11 / 23 / 30 packed, `bench/engine/fused_steps.py` for whole steps). The packed
+    copy costs one more copy of the weights (~540 MB fp32 for the embedded model with its head), made
+    when the first multi-row step runs: a server that only ever decodes one sequence never pays it."""
+
+    def __init__(self, linear: ColumnBlockLinear) -> None:
+        self.linear = linear
+        self.packed: torch.Tensor | None = None
+
+    def _pack(self) -> torch.Tensor | None:
+        if self.packed is None and torch.backends.mkldnn.is_available():
+            if self.linear not in _PACKED:
+                _PACKED[self.linear] = torch.ops.mkldnn._reorder_linear_weight(
+                    self.linear.weight.contiguous(), _ROWS_HINT)
+            self.packed = _PACKED[self.linear]
+        return self.packed
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, in] → x Wᵀ [T, out] (+ residual)."""
+        if x.shape[0] > 1 and self._pack() is not None:
+            out = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+            return out if residual is None else out.add_(residual)
+        return FlatDecoder._gemv(self.linear, x, residual)
+
+
+class ModuleRows:
+    """A quantized projection (Q41Linear, Q80Linear, W8A8Linear: its own kernel takes any row count) over
+    T rows; it applies the MLP's silu_mul itself."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return FlatDecoder._gemv(self.module, x, residual)
+
+
+def rows_linear(module: nn.Module) -> RowsLinear | ModuleRows:
+    return RowsLinear(module) if isinstance(module, ColumnBlockLinear) else ModuleRows(module)
+
 
 class FlatDecoder:
-    """Runs one bs1 decode step of a column-blocked fp32 LlamaModel on CPU, reading the model's own weights;
-    quantized projections (Q41Linear, Q80Linear, W8A8Linear: not float linears, so not blocked) run as their
-    modules.
+    """Runs one decode step of B sequences (one token each, B = 1 the common case) of a column-blocked fp32
+    LlamaModel on CPU, reading the model's own weights; quantized projections (Q41Linear, Q80Linear,
+    W8A8Linear: not float linears, so not blocked) run as their modules.
 
     At bs1 a step is ~60% GEMV and ~40% per-call overhead: the plain forward spends ~55 tiny torch calls and
     9 module calls per layer. This executor runs the same math per layer in ~40 calls, with what the layers
-    share computed once per step (rope tables with the softmax scale folded into the query rows). KV goes
-    into the cache through store_kv_ref, as on every torch path. It serves one sequence (its KV blocks read
-    as views when consecutive, else gathered); the runner falls back to the plain forward for anything
+    share computed once per step (rope tables with the softmax scale folded into the query rows). B rows
+    share every projection as one [B, K] product (the weights stream once for all of them); attention runs
+    per sequence over its own blocks (read as views when consecutive, else gathered). KV goes into the cache
+    through store_kv_ref, as on every torch path. The runner falls back to the plain forward for anything
     else. Results equal the forward's up to the order of fp32 roundings (tests/unit/test_cpu_decode_path.py).
     """
 
@@ -142,9 +193,14 @@ class FlatDecoder:
         self.kv = kv
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.eps = torch.tensor(c.rms_norm_eps, dtype=torch.float32)
-        self.layers = [(layer.input_layernorm.weight, layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                        layer.post_attention_layernorm.weight, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+        self.layers = [(layer.input_layernorm.weight, rows_linear(layer.self_attn.qkv_proj),
+                        rows_linear(layer.self_attn.o_proj), layer.post_attention_layernorm.weight,
+                        rows_linear(layer.mlp.gate_up_proj), rows_linear(layer.mlp.down_proj))
                        for layer in model.layers]
+        # The LM head of a multi-row step, packed as the projections are (a blocked or quantized head).
+        head = model.lm_head
+        blocked_head = isinstance(head, (ColumnBlockLinear, *_QUANTIZED))
+        self.head = rows_linear(head) if blocked_head else None
         # Rotary tables per head row of the qkv output: q rows scaled by the softmax scale (exact for
         # power-of-two scales), k rows as is, v rows cos 1 and sin 0 (they pass through unchanged).
         heads, qk_heads = c.num_heads + 2 * c.num_kv_heads, c.num_heads + c.num_kv_heads
@@ -171,58 +227,78 @@ class FlatDecoder:
 
     @staticmethod
     def _gemv(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x [1, in] → linear(x) [1, out] (+ residual): each block's partial sum takes residual / parts."""
+        """x [B, in] → linear(x) [B, out] (+ residual): each block's partial sum takes residual / parts."""
+        b = x.shape[0]
         if not isinstance(linear, ColumnBlockLinear):  # quantized: its own kernel
-            out = linear(x.view(1, -1))
+            out = linear(x.view(b, -1))
             return out if residual is None else out.add_(residual)
-        rows = x.view(linear.parts, 1, -1)
+        # [parts, B, in / parts]: one GEMV (B = 1) or small GEMM per block; at B = 1 a plain view.
+        rows = x.view(linear.parts, 1, -1) if b == 1 else x.view(b, linear.parts, -1).transpose(0, 1)
         if residual is None:
             return torch.bmm(rows, linear.weight_blocks).sum(0)
         return torch.baddbmm(residual, rows, linear.weight_blocks, beta=1.0 / linear.parts).sum(0)
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's compute_logits, its head packed for several rows."""
+        if self.head is None or hidden.shape[0] == 1:
+            return self.model.compute_logits(hidden)
+        return self.head(hidden).float()
+
     def _norm(self, s: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """rms_norm_ref's math for one contiguous row [1, H]."""
+        """rms_norm_ref's math for contiguous rows [B, H]."""
         norm = torch.linalg.vector_norm(s, dim=-1, keepdim=True)
         return (s * torch.addcmul(self.eps, norm, norm, value=1.0 / s.shape[-1]).rsqrt_()).mul_(weight)
 
     def __call__(self, token_id: int, position: int, blocks: Sequence[int]) -> torch.Tensor:
-        """Final-normed hidden state [1, H] of the token at `position`, whose context (positions 0..position)
-        lives in cache blocks `blocks` (at least position // block_size + 1 of them, in order); stores this
-        token's KV in every layer. Consecutive blocks are read as views, others gathered per layer (a prefix
-        cache hit or a wrapped free list: ~1% of a layer's weight bytes at a few hundred tokens)."""
+        """Final-normed hidden state [1, H] of one sequence's token at `position` (see `decode`)."""
+        return self.decode([token_id], [position], [blocks])
+
+    def decode(self, token_ids: Sequence[int], positions: Sequence[int],
+               block_tables: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Final-normed hidden states [B, H] of B sequences' tokens, sequence j's at positions[j] with its
+        context (positions 0..positions[j]) in cache blocks block_tables[j] (at least positions[j] //
+        block_size + 1 of them, in order); stores these tokens' KV in every layer. Consecutive blocks are read
+        as views, others gathered per layer (a prefix cache hit or a wrapped free list: ~1% of a layer's
+        weight bytes at a few hundred tokens)."""
         hq, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
-        half, group, seq_len, row = d // 2, hq // hk, position + 1, hk * d
+        b, heads, half, group, row = len(token_ids), hq + 2 * hk, d // 2, hq // hk, hk * d
         block_size = self.kv.block_size
-        used = blocks[:position // block_size + 1]
-        first_slot = used[0] * block_size
-        consecutive = list(used) == list(range(used[0], used[0] + len(used)))
-        gather = None if consecutive else torch.tensor(used)
-        ids = torch.tensor([token_id, position, used[-1] * block_size + position % block_size])
-        cos, sin = self.model.rotary(ids[1:2])  # [1, D/2] each
-        cos_t = torch.addcmul(self.cos_bias, cos.view(1, 1, half), self.cos_scale)  # [Hq + 2Hk, 1, D/2]
-        sin_t = sin.view(1, 1, half) * self.sin_scale  # [Hq + 2Hk, 2, D/2]
-        slot = ids[2:3]
-        s = self.model.embed_tokens(ids[0:1])  # the residual stream
+        contexts: list[tuple[int, int, torch.Tensor | None]] = []  # per sequence: length, first slot, gather
+        slots: list[int] = []
+        for position, blocks in zip(positions, block_tables, strict=True):
+            used = blocks[:position // block_size + 1]
+            consecutive = list(used) == list(range(used[0], used[0] + len(used)))
+            contexts.append((position + 1, used[0] * block_size, None if consecutive else torch.tensor(used)))
+            slots.append(used[-1] * block_size + position % block_size)
+        ids = torch.tensor([*token_ids, *positions, *slots])
+        cos, sin = self.model.rotary(ids[b:2 * b])  # [B, D/2] each
+        cos_t = torch.addcmul(self.cos_bias, cos.view(b, 1, 1, half), self.cos_scale)  # [B, heads, 1, D/2]
+        sin_t = sin.view(b, 1, 1, half) * self.sin_scale  # [B, heads, 2, D/2]
+        slot = ids[2 * b:]
+        s = self.model.embed_tokens(ids[:b])  # the residual stream [B, H]
         for i, (w_in, qkv_proj, o_proj, w_post, gate_up_proj, down_proj) in enumerate(self.layers):
-            qkv = self._gemv(qkv_proj, self._norm(s, w_in)).view(hq + 2 * hk, 2, half)
-            rot = torch.addcmul(qkv * cos_t, qkv.flip(1), sin_t)  # rotate-half: halves swapped, sin signed
+            qkv = qkv_proj(self._norm(s, w_in)).view(b, heads, 2, half)
+            rot = torch.addcmul(qkv * cos_t, qkv.flip(2), sin_t)  # rotate-half: halves swapped, sin signed
             k_cache, v_cache = self.kv.k[i], self.kv.v[i]
-            # This token's rotated k heads and its v heads (rotated by cos 1, sin 0): [1, Hk, D] views of rot.
-            store_kv_ref(rot.as_strided((1, hk, d), (row, d, 1), hq * d),
-                         rot.as_strided((1, hk, d), (row, d, 1), (hq + hk) * d), k_cache, v_cache, slot)
-            if gather is None:
-                start = k_cache.storage_offset() + first_slot * row
-                keys_t = k_cache.as_strided((hk, d, seq_len), (d, 1, row), start)  # [Hk, D, S]
-                values = v_cache.as_strided((hk, seq_len, d), (d, row, 1), start)  # [Hk, S, D]
-            else:
-                keys_t = k_cache.index_select(0, gather).view(-1, hk, d)[:seq_len].permute(1, 2, 0)
-                values = v_cache.index_select(0, gather).view(-1, hk, d)[:seq_len].transpose(0, 1)
-            scores = torch.bmm(rot.as_strided((hk, group, d), (group * d, d, 1)), keys_t)  # already scaled
-            attn = torch.bmm(scores.softmax(dim=-1), values)  # [Hk, G, D] = the heads in order
-            s = self._gemv(o_proj, attn, residual=s)
-            gate_up = self._gemv(gate_up_proj, self._norm(s, w_post))
-            if isinstance(down_proj, ColumnBlockLinear):  # a quantized one applies silu_mul itself
+            # These tokens' rotated k heads and their v heads (rotated by cos 1, sin 0): [B, Hk, D] views.
+            store_kv_ref(rot.as_strided((b, hk, d), (heads * d, d, 1), hq * d),
+                         rot.as_strided((b, hk, d), (heads * d, d, 1), (hq + hk) * d), k_cache, v_cache, slot)
+            outs = []
+            for j, (seq_len, first_slot, gather) in enumerate(contexts):
+                if gather is None:
+                    start = k_cache.storage_offset() + first_slot * row
+                    keys_t = k_cache.as_strided((hk, d, seq_len), (d, 1, row), start)  # [Hk, D, S]
+                    values = v_cache.as_strided((hk, seq_len, d), (d, row, 1), start)  # [Hk, S, D]
+                else:
+                    keys_t = k_cache.index_select(0, gather).view(-1, hk, d)[:seq_len].permute(1, 2, 0)
+                    values = v_cache.index_select(0, gather).view(-1, hk, d)[:seq_len].transpose(0, 1)
+                q = rot.as_strided((hk, group, d), (group * d, d, 1), j * heads * d)  # already scaled
+                outs.append(torch.bmm(torch.bmm(q, keys_t).softmax(dim=-1), values))  # [Hk, G, D]: heads
+            attn = (outs[0] if b == 1 else torch.cat(outs)).view(b, hq * d)
+            s = o_proj(attn, residual=s)
+            gate_up = gate_up_proj(self._norm(s, w_post))
+            if isinstance(down_proj, RowsLinear):  # a quantized one applies silu_mul itself
                 gate, up = gate_up.chunk(2, dim=-1)
                 gate_up = F.silu(gate, inplace=True).mul_(up)
-            s = self._gemv(down_proj, gate_up, residual=s)
+            s = down_proj(gate_up, residual=s)
         return self.model.norm(s)

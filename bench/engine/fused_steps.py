@@ -26,10 +26,11 @@ def step_ms(decodes: int, prefill: int, steps: int) -> float:
     sampling = SamplingParams(max_tokens=1000, ignore_eos=True)
     for i in range(decodes):
         engine.add_request(f"d{i}", prompt_ids(i, 32), sampling)
-    while True:  # until every prompt is in and each step decodes one token per sequence
+    while True:  # until every prompt is in and each step decodes one token per sequence (a 1-token
+        # prefill chunk mid-prompt samples nothing: it is not a decode)
         batch = engine.schedule()
         engine.postprocess(batch, engine.execute(batch))
-        if len(batch.chunks) == decodes and all(c.num_new_tokens == 1 for c in batch.chunks):
+        if len(batch.chunks) == decodes and all(c.num_new_tokens == c.num_sampled == 1 for c in batch.chunks):
             break
     if prefill:  # long enough to be mid-prefill in every timed step
         engine.add_request("prompt", prompt_ids(99, prefill * steps + 64), sampling)

@@ -1,4 +1,4 @@
-"""CPU flat executor: bs1 decode (and verify over consecutive blocks) steps run flat; the rest eagerly."""
+"""CPU flat executor: small decode batches and bs1 verifies run flat (fewer torch calls); the rest eagerly."""
 from __future__ import annotations
 
 import torch
@@ -14,12 +14,18 @@ from engine.sampler import sample
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from engine.spec.tree_verify import walk_tree
 
+# Decode-only steps of up to this many sequences (the default max_num_seqs) run flat; larger ones run the
+# eager forward. The flat step still beat it at 32 (1.26x; docs/benchmarks.md, "Flat CPU decode of small
+# batches"); past 32 it is not measured.
+MAX_FLAT_BATCH = 32
+
 
 class CpuFlatExecutor(Executor):
-    """bs1 decode on CPU through `flat` (the model's own weights, the same math in fewer torch calls), and
-    bs1 verify chunks (the last token + drafts, chains or trees) over consecutive KV blocks through
-    FlatRows over the same weights; several sequences, prefill chunks, a layer hook, a short block table or
-    a verify chunk over scattered blocks go to `eager` (FlatDecoder gathers scattered blocks itself).
+    """Decode steps of 1..MAX_FLAT_BATCH sequences on CPU through `flat` (the model's own weights, the same
+    math in fewer torch calls), and bs1 verify chunks (the last token + drafts, chains or trees) over
+    consecutive KV blocks through FlatRows over the same weights; larger batches, batches with verify or
+    prefill chunks, a layer hook, a short block table or a verify chunk over scattered blocks go to `eager`
+    (FlatDecoder gathers scattered blocks itself).
 
     `keep`: set by a draft head's speculator (`feed`); flat steps then hand it each layer's output, as the
     head's forward hooks would see it on the eager path, so capturing steps need not leave the flat path.
@@ -58,7 +64,33 @@ class CpuFlatExecutor(Executor):
         chunk, blocks = found
         return self.flat(chunk.seq.token_ids[chunk.start], chunk.start, blocks)
 
+    def _decode_batch(self, batch: SchedulerOutput,
+                      layer_hook: LayerHook | None) -> list[tuple[ScheduledChunk, list[int]]] | None:
+        """(chunk, its KV blocks) per sequence of a decode-only step of 2..MAX_FLAT_BATCH sequences (one
+        token each); None for anything else (bs1 steps take _flat_chunk)."""
+        chunks = batch.chunks
+        if layer_hook is not None or self.keep is not None or not 2 <= len(chunks) <= MAX_FLAT_BATCH:
+            return None  # a capturing draft head's features come from FlatRows or the eager forward
+        block_size, found = self.eager.kv_cache.block_size, []
+        for chunk in chunks:
+            if chunk.num_new_tokens != 1 or chunk.num_sampled != 1:
+                return None
+            blocks = chunk.seq.block_table[:chunk.start // block_size + 1]
+            if len(blocks) * block_size <= chunk.start:
+                return None  # the eager path reports a short block table
+            found.append((chunk, blocks))
+        return found
+
     def launch(self, batch: SchedulerOutput, layer_hook: LayerHook | None = None) -> SampledStep | None:
+        decodes = self._decode_batch(batch, layer_hook)
+        if decodes is not None:  # B sequences, one token each: one [B, K] product per projection
+            chunks, block_tables = zip(*decodes, strict=True)
+            seqs = tuple(chunk.seq for chunk in chunks)
+            hidden = self.flat.decode([chunk.seq.token_ids[chunk.start] for chunk in chunks],
+                                      [chunk.start for chunk in chunks], block_tables)
+            logits = self.flat.logits(hidden)
+            token_ids = sample(logits, [seq.sampling for seq in seqs], [seq.num_tokens for seq in seqs])
+            return SampledStep(token_ids, seqs, hidden)
         found = self._flat_chunk(batch, layer_hook)
         if found is None:
             return self.eager.launch(batch, layer_hook)

@@ -1,14 +1,12 @@
 """CPU bs1 verify steps: FlatDecoder's math over the k + 1 rows of one sequence, and a lazy LM head."""
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from engine.cpu_decode import ColumnBlockLinear, FlatDecoder
+from engine.cpu_decode import FlatDecoder, RowsLinear
 from engine.sampler import sample
 from engine.scheduler import ScheduledChunk
 from engine.spec.tree import DraftTree
@@ -16,58 +14,6 @@ from kernels.store_kv.reference import store_kv_ref
 
 # (layer index, residual stream [T, H] after it): where a draft head's feature capture is fed.
 LayerKeep = Callable[[int, torch.Tensor], None]
-
-
-# The verify rows' GEMMs are packed once for this many rows: oneDNN picks its blocking from the hint, and
-# the packed weight serves any row count (a verify step has 1..k + 1 rows).
-_ROWS_HINT = 6
-# One packed copy per model projection, shared by every engine over that model (benchmarks build many).
-_PACKED: weakref.WeakKeyDictionary[ColumnBlockLinear, torch.Tensor] = weakref.WeakKeyDictionary()
-
-
-class RowsLinear:
-    """A ColumnBlockLinear's weight for T-row GEMMs: oneDNN's packed layout where torch has it (at 6 rows
-    ~2× faster than MKL's sgemm on this AMD EPYC, where the GEMM, not the weight stream, bounds a verify
-    step), else — and for one row, where the GEMV is faster — a bmm over the column blocks as
-    FlatDecoder._gemv does. The packed copy costs one more
-    copy of the projection weights (~420 MB fp32 for the embedded model), made only when a verify or
-    capturing step first runs (the flat bs1 step keeps using the column blocks)."""
-
-    def __init__(self, linear: ColumnBlockLinear) -> None:
-        self.linear = linear
-        self.packed: torch.Tensor | None = None
-        if torch.backends.mkldnn.is_available():
-            if linear not in _PACKED:
-                _PACKED[linear] = torch.ops.mkldnn._reorder_linear_weight(linear.weight.contiguous(),
-                                                                          _ROWS_HINT)
-            self.packed = _PACKED[linear]
-
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x [T, in] → x Wᵀ [T, out] (+ residual)."""
-        if self.packed is not None and x.shape[0] > 1:  # one row: the column-block GEMV is faster
-            out = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-            return out if residual is None else out.add_(residual)
-        linear = self.linear
-        rows = x.view(x.shape[0], linear.parts, -1).transpose(0, 1)
-        if residual is None:
-            return torch.bmm(rows, linear.weight_blocks).sum(0)
-        return torch.baddbmm(residual, rows, linear.weight_blocks, beta=1.0 / linear.parts).sum(0)
-
-
-class ModuleRows:
-    """A quantized projection (Q41Linear, Q80Linear, W8A8Linear: FlatDecoder calls them as they are) over
-    T rows."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.module(x)
-        return out if residual is None else out.add_(residual)
-
-
-def rows_linear(module: nn.Module) -> RowsLinear | ModuleRows:
-    return RowsLinear(module) if isinstance(module, ColumnBlockLinear) else ModuleRows(module)
 
 
 class FlatRows:
@@ -82,13 +28,6 @@ class FlatRows:
 
     def __init__(self, flat: FlatDecoder) -> None:
         self.flat = flat
-        self._layers: list[tuple] | None = None  # per layer (w_in, qkv, o, w_post, gate_up, down), packed
-
-    def _packed_layers(self) -> list[tuple]:
-        if self._layers is None:
-            self._layers = [(w_in, rows_linear(qkv), rows_linear(o), w_post, rows_linear(gate_up),
-                             rows_linear(down)) for w_in, qkv, o, w_post, gate_up, down in self.flat.layers]
-        return self._layers
 
     def __call__(self, token_ids: Sequence[int], position: int, first_slot: int,
                  keep: LayerKeep | None = None, tree: DraftTree | None = None) -> torch.Tensor:
@@ -112,7 +51,7 @@ class FlatRows:
             future = torch.cat([torch.zeros(t, position, dtype=torch.bool), torch.tensor(hidden_rows)], dim=1)
             future = future.view(1, t, 1, seq_len)
         s = f.model.embed_tokens(torch.tensor(list(token_ids)))  # the residual stream [T, H]
-        for i, (w_in, qkv_proj, o_proj, w_post, gate_up_proj, down_proj) in enumerate(self._packed_layers()):
+        for i, (w_in, qkv_proj, o_proj, w_post, gate_up_proj, down_proj) in enumerate(f.layers):
             qkv = qkv_proj(f._norm(s, w_in)).view(t, hq + 2 * hk, 2, half)
             rot = torch.addcmul(qkv * cos_t, qkv.flip(2), sin_t).view(t, hq + 2 * hk, d)
             k_cache, v_cache = f.kv.k[i], f.kv.v[i]
