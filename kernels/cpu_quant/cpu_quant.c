@@ -77,9 +77,7 @@ static inline __m256 nibbles(__m256i chunk, int i) {
 /* x with element 64c + 8i + L multiplied by 16^-i for slots i = 1..6 (powers of two: exact). */
 static float *scaled_activations(const float *x, int64_t m_rows, int64_t k) {
     static const float slot_scale[8] = {1.0f, 0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-20f, 0x1p-24f, 1.0f};
-    /* 64-byte aligned (malloc gives 16): the kernels' 32-byte activation loads never split a cache line.
-     * k is a multiple of 32, so the size is a multiple of 64 bytes as aligned_alloc requires. */
-    float *out = aligned_alloc(64, sizeof(float) * (size_t)(m_rows * k));
+    float *out = malloc(sizeof(float) * (size_t)(m_rows * k));
     for (int64_t j = 0; j < m_rows * k; j += 8) {  /* k is a multiple of 32: rows start on a slot */
         __m256 scale = _mm256_broadcast_ss(slot_scale + (j % k % 64) / 8);
         _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_loadu_ps(x + j), scale));
@@ -106,34 +104,32 @@ static inline float q4_1_result(__m256 sum, const uint16_t *mins, const float *x
     return out;
 }
 
-/* One block (slots base..base + 3 of its chunk) into the sums of M <= ROW_GROUP rows, slot by slot: each
- * slot's weights are dequantized once and meet every row while the rows' partial products stay in
- * registers (M independent FMA chains). Per row the operations and their order are those of q4_1_rows4:
- * a = x0*q0, then a += x1*q1, x2*q2, x3*q3, then sum += a*d. */
+/* One block's 4 weight vectors (slots base..base + 3 of its chunk) into M rows' sums. */
 #define Q4_1_BLOCK(M, chunk, base, b)                                                              \
     do {                                                                                          \
-        const float *xb = x + (b) * QK;                                                           \
-        __m256 a[ROW_GROUP];                                                                      \
-        __m256 q = nibbles(chunk, base);                                                          \
-        for (int r = 0; r < M; r++) a[r] = _mm256_mul_ps(_mm256_loadu_ps(xb + r * k), q);         \
-        for (int s = 1; s < 4; s++) {                                                             \
-            q = nibbles(chunk, base + s);                                                         \
-            for (int r = 0; r < M; r++)                                                           \
-                a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xb + r * k + 8 * s), q, a[r]);             \
-        }                                                                                         \
+        __m256 q0 = nibbles(chunk, base), q1 = nibbles(chunk, base + 1);                          \
+        __m256 q2 = nibbles(chunk, base + 2), q3 = nibbles(chunk, base + 3);                      \
         __m256 db = _mm256_broadcast_ss(d + (b));                                                 \
-        for (int r = 0; r < M; r++) sum[r] = _mm256_fmadd_ps(a[r], db, sum[r]);                   \
+        const float *xb = x + (b) * QK;                                                           \
+        for (int r = 0; r < M; r++) {                                                             \
+            const float *xr = xb + r * k;                                                         \
+            __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(xr), q0);                                  \
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), q1, acc);                              \
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 16), q2, acc);                             \
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 24), q3, acc);                             \
+            sum[r] = _mm256_fmadd_ps(acc, db, sum[r]);                                            \
+        }                                                                                         \
     } while (0)
 
-/* Activation rows per pass over a weight row: 2 x ROW_GROUP accumulators plus a weight vector, a scale
- * and the nibble masks fit the 16 ymm registers (8 rows at once spilled and ran slower per row than 4). */
-#define ROW_GROUP 4
-
-/* M <= ROW_GROUP activation rows x one Q4_1 weight row (scales d already fp32): the rows' block sums. */
-static inline __attribute__((always_inline)) void q4_1_group(
-    int M, const float *x, int64_t k, const uint8_t *w, const float *d, __m256 *out) {
+/* M activation rows x one Q4_1 weight row: y[r * ldy] for r < M. M is a literal at every call site so
+ * the row loops unroll and the accumulators stay in registers; the masks are constants. */
+static inline __attribute__((always_inline)) void q4_1_row(
+    int M, const float *x, int64_t k, const uint8_t *w, const uint16_t *d16, const uint16_t *mins,
+    const float *xs, float *y, int64_t ldy) {
     int64_t nb = k / QK, full = nb / 2;
-    __m256 sum[ROW_GROUP];
+    float d[nb];
+    row_scales(d16, nb, d);
+    __m256 sum[8];
     for (int r = 0; r < M; r++) sum[r] = _mm256_setzero_ps();
     for (int64_t c = 0; c < full; c++) {
         __m256i chunk = _mm256_loadu_si256((const __m256i *)(w + c * 32));
@@ -143,25 +139,6 @@ static inline __attribute__((always_inline)) void q4_1_group(
     if (nb & 1) {  /* a last half chunk: block nb - 1 in slots 0..3 */
         __m256i chunk = _mm256_loadu_si256((const __m256i *)(w + full * 32));
         Q4_1_BLOCK(M, chunk, 0, nb - 1);
-    }
-    for (int r = 0; r < M; r++) out[r] = sum[r];
-}
-
-/* M <= 8 activation rows x one Q4_1 weight row: y[r * ldy] for r < M, in groups of ROW_GROUP rows (the
- * second group re-reads the weight row from L1). M is a literal at every call site so the row loops
- * unroll and the accumulators stay in registers; the masks are constants. */
-static inline __attribute__((always_inline)) void q4_1_row(
-    int M, const float *x, int64_t k, const uint8_t *w, const uint16_t *d16, const uint16_t *mins,
-    const float *xs, float *y, int64_t ldy) {
-    int64_t nb = k / QK;
-    float d[nb];
-    row_scales(d16, nb, d);
-    __m256 sum[8];
-    if (M <= ROW_GROUP) {
-        q4_1_group(M, x, k, w, d, sum);
-    } else {
-        q4_1_group(ROW_GROUP, x, k, w, d, sum);
-        q4_1_group(M - ROW_GROUP, x + ROW_GROUP * k, k, w, d, sum + ROW_GROUP);
     }
     for (int r = 0; r < M; r++) y[r * ldy] = q4_1_result(sum[r], mins, xs + r * nb, nb);
 }
