@@ -86,7 +86,7 @@ def test_tree_drafts_work_with_the_prefix_cache_and_preemption(tiny_model, tiny_
     shared = PROMPTS[3] * 2
     prompts = [shared, shared + [1, 2], shared + [9], PROMPTS[0]]
     # 16 blocks x 16 tokens: someone gets preempted. The split-fused credit is off: it paces prefill by
-    # measured step times, so whether every prompt is admitted soon enough to preempt would depend on the clock.
+    # measured step times, so whether prompts are admitted soon enough to preempt would depend on the clock.
     config = dict(num_kv_blocks=16, max_batch_tokens=64, fused_step_max_slowdown=0.0)
     reference = LLMEngine(EngineConfig(device="cpu", dtype="float32", max_num_seqs=8, **config),
                           model=tiny_model).generate(prompts, sampling)
