@@ -1,6 +1,9 @@
 """Q4_1 / Q8_0 weights × fp32 activations on CPU via cpu_quant.c; prefill-sized inputs dequantize + GEMM."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -28,46 +31,38 @@ def _is_tile(x: torch.Tensor, k: int) -> bool:
             and x.shape[1] == k and x.is_contiguous())
 
 
-def q4_1_linear(x: torch.Tensor, weight: Q41Weight) -> torch.Tensor:
-    """x [..., K] → float32 [..., N] = x · (d·q + m)ᵀ; fp32 activations and accumulation."""
-    n, k = weight.d.shape[0], weight.d.shape[1] * QK
-    lib, threads = library(), torch.get_num_threads()
+def _tiled(x: torch.Tensor, k: int, n: int, kernel: Callable[..., None], args: tuple[int, ...],
+           dequantized: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """x [..., K] → float32 [..., N] by `kernel(x_ptr, rows, *args, out_ptr, threads)` over tiles of
+    ≤ TILE_ROWS rows; more than MAX_TILED_ROWS rows multiply the `dequantized()` weight in torch's GEMM."""
+    threads = torch.get_num_threads()
     if _is_tile(x, k):
         out = torch.empty(x.shape[0], n)
-        lib.q4_1_linear(x.data_ptr(), x.shape[0], k, weight.packed.data_ptr(), weight.d.data_ptr(),
-                        weight.m.data_ptr(), n, out.data_ptr(), threads)
+        kernel(x.data_ptr(), x.shape[0], *args, out.data_ptr(), threads)
         return out
     rows = _rows(x, k)
     if rows.shape[0] > MAX_TILED_ROWS:
-        out = F.linear(rows, dequantize_q4_1(weight))
+        out = F.linear(rows, dequantized())
     else:
         out = torch.empty(rows.shape[0], n)
         for start in range(0, rows.shape[0], TILE_ROWS):
             xt, yt = rows[start:start + TILE_ROWS], out[start:start + TILE_ROWS]
-            lib.q4_1_linear(xt.data_ptr(), xt.shape[0], k, weight.packed.data_ptr(), weight.d.data_ptr(),
-                            weight.m.data_ptr(), n, yt.data_ptr(), threads)
+            kernel(xt.data_ptr(), xt.shape[0], *args, yt.data_ptr(), threads)
     return out.view(*x.shape[:-1], n)
+
+
+def q4_1_linear(x: torch.Tensor, weight: Q41Weight) -> torch.Tensor:
+    """x [..., K] → float32 [..., N] = x · (d·q + m)ᵀ; fp32 activations and accumulation."""
+    n, k = weight.d.shape[0], weight.d.shape[1] * QK
+    args = (k, weight.packed.data_ptr(), weight.d.data_ptr(), weight.m.data_ptr(), n)
+    return _tiled(x, k, n, library().q4_1_linear, args, partial(dequantize_q4_1, weight))
 
 
 def q8_0_linear(x: torch.Tensor, weight: Q80Weight) -> torch.Tensor:
     """x [..., K] → float32 [..., N] = x · (d·q)ᵀ; fp32 activations and accumulation."""
     n, k = weight.q.shape
-    lib, threads = library(), torch.get_num_threads()
-    if _is_tile(x, k):
-        out = torch.empty(x.shape[0], n)
-        lib.q8_0_linear(x.data_ptr(), x.shape[0], k, weight.q.data_ptr(), weight.d.data_ptr(), n,
-                        out.data_ptr(), threads)
-        return out
-    rows = _rows(x, k)
-    if rows.shape[0] > MAX_TILED_ROWS:
-        out = F.linear(rows, dequantize_q8_0(weight))
-    else:
-        out = torch.empty(rows.shape[0], n)
-        for start in range(0, rows.shape[0], TILE_ROWS):
-            xt, yt = rows[start:start + TILE_ROWS], out[start:start + TILE_ROWS]
-            lib.q8_0_linear(xt.data_ptr(), xt.shape[0], k, weight.q.data_ptr(), weight.d.data_ptr(), n,
-                            yt.data_ptr(), threads)
-    return out.view(*x.shape[:-1], n)
+    args = (k, weight.q.data_ptr(), weight.d.data_ptr(), n)
+    return _tiled(x, k, n, library().q8_0_linear, args, partial(dequantize_q8_0, weight))
 
 
 def dequantize_q4_1(weight: Q41Weight) -> torch.Tensor:
