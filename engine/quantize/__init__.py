@@ -2,8 +2,8 @@
 
 The model stays plain: a scheme swaps the layers' projection modules (engine/quantize/projections.py) for
 quantized ones, which LlamaModel calls through its module path. Those are not float linears, so the CPU
-column-block layout skips them (it still blocks a float LM head); CPU bs1 decode runs them through
-FlatDecoder, which calls each quantized module as it is. On CPU the schemes keep their own modules:
+column-block layout skips them (it still blocks a float LM head); CPU decode (1..32 sequences) runs them
+through FlatDecoder, which calls each quantized module as it is. On CPU the schemes keep their own modules:
 w4a16 serves Q4_1 blocks through kernels/cpu_quant's AVX2 kernels with fp32 activations
 (engine/quantize/cpu_linears.py), and the GGUF's Q8_0 LM head too where the file has one; w8 serves its
 per-channel int8 through the same Q8_0 product; w8a8 multiplies int8 values in FBGEMM's fp16-weight GEMM.
