@@ -54,19 +54,31 @@ def target_pairs(model, params: SamplingParams) -> torch.Tensor:
     return pairs
 
 
-def run(small_model, head: Path, params: list[SamplingParams], spec_k: int = 2) -> tuple[list, LLMEngine]:
-    config = EngineConfig(device="cpu", dtype="float32", num_kv_blocks=300, max_num_seqs=256,
-                          spec=SpecConfig("head", k=spec_k, head_path=str(head), adaptive=False))
+def run(small_model, head: Path, params: list[SamplingParams], spec_k: int = 2,
+        tree: tuple[int, ...] | None = None) -> tuple[list, LLMEngine]:
+    """Decode `params` with head drafts (chains of spec_k, or `tree` branching); checks that drafts were
+    rejection-sampled (chains: chunks with draft probabilities; trees: tree chunks) and no block leaked."""
+    spec = (SpecConfig("head", k=spec_k, head_path=str(head), adaptive=False) if tree is None else
+            SpecConfig("head", head_path=str(head), adaptive=False, tree_branching=tree))
+    config = EngineConfig(device="cpu", dtype="float32", num_kv_blocks=300, max_num_seqs=256, spec=spec)
     engine = LLMEngine(config, model=small_model)
     seqs = [engine.add_request(f"r{i}", PROMPT, p) for i, p in enumerate(params)]
     sampled_verifies = 0
     while engine.has_work():
         batch = engine.schedule()
-        sampled_verifies += sum(c.draft_probs is not None for c in batch.chunks)
+        sampled_verifies += sum((c.draft_probs if tree is None else c.tree) is not None for c in batch.chunks)
         engine.postprocess(batch, engine.execute(batch))
     assert sampled_verifies > 0  # the head's drafts were rejection-sampled, not matched
     assert engine.block_manager.num_free == engine.block_manager.num_total
     return seqs, engine
+
+
+def pair_counts(seqs) -> torch.Tensor:
+    """[V, V] counts of (second, third) output tokens over `seqs`."""
+    counts = torch.zeros(SMALL.vocab_size, SMALL.vocab_size)
+    for s in seqs:
+        counts[s.output_token_ids[1], s.output_token_ids[2]] += 1
+    return counts
 
 
 def test_sampled_head_drafts_keep_the_target_distribution_at_t1(small_model, small_head) -> None:
@@ -76,9 +88,7 @@ def test_sampled_head_drafts_keep_the_target_distribution_at_t1(small_model, sma
     drafted = sum(s.num_draft_tokens for s in seqs)
     accepted = sum(s.num_accepted_tokens for s in seqs)
     assert 0 < accepted < drafted  # both branches: kept drafts and residual draws
-    counts = torch.zeros(SMALL.vocab_size, SMALL.vocab_size)
-    for s in seqs:
-        counts[s.output_token_ids[1], s.output_token_ids[2]] += 1
+    counts = pair_counts(seqs)
     pairs = target_pairs(small_model[1], params[0])
     stat, df = chi_square(counts.flatten(), pairs.flatten())
     assert stat < chi2_critical(df), (stat, df)
@@ -91,21 +101,10 @@ def test_tree_drafts_keep_the_target_distribution_at_t1(small_model, small_head)
     """Top-k head trees walked by multi-candidate sampling (engine/spec/tree.py) through the engine."""
     n = 2000
     params = [SamplingParams(max_tokens=4, temperature=1.0, seed=i, ignore_eos=True) for i in range(n)]
-    spec = SpecConfig("head", head_path=str(small_head), adaptive=False, tree_branching=(3, 2))
-    engine = LLMEngine(EngineConfig(device="cpu", dtype="float32", num_kv_blocks=300, max_num_seqs=256,
-                                    spec=spec), model=small_model)
-    seqs = [engine.add_request(f"r{i}", PROMPT, p) for i, p in enumerate(params)]
-    trees = 0
-    while engine.has_work():
-        batch = engine.schedule()
-        trees += sum(c.tree is not None for c in batch.chunks)
-        engine.postprocess(batch, engine.execute(batch))
-    assert trees > 0 and engine.block_manager.num_free == engine.block_manager.num_total
+    seqs, _ = run(small_model, small_head, params, tree=(3, 2))
     accepted = sum(s.num_accepted_tokens for s in seqs)
     assert 0 < accepted < sum(s.num_draft_tokens for s in seqs)
-    counts = torch.zeros(SMALL.vocab_size, SMALL.vocab_size)
-    for s in seqs:
-        counts[s.output_token_ids[1], s.output_token_ids[2]] += 1
+    counts = pair_counts(seqs)
     pairs = target_pairs(small_model[1], params[0])
     stat, df = chi_square(counts.flatten(), pairs.flatten())
     assert stat < chi2_critical(df), (stat, df)
