@@ -152,17 +152,17 @@ class HeadDraftGraphs:
 
     def _capture(self, bucket: int) -> _Bucket:
         head, embed, slots, w = self.head, self.embed, self.slots, self.width
-        k, v, last = slots.k[:bucket], slots.v[:bucket], slots.last[:bucket]
+        keys, values, last = slots.k[:bucket], slots.v[:bucket], slots.last[:bucket]
         accept_in, propose_in = self.accept_inputs[:bucket], self.propose_inputs[:bucket]
         features = self.features[:bucket]
 
         def accept() -> None:
-            accept_rows(head, embed, k, v, last, head.fuse(features), accept_in[:, 3:3 + w],
+            accept_rows(head, embed, keys, values, last, head.fuse(features), accept_in[:, 3:3 + w],
                         accept_in[:, 0], accept_in[:, 1], accept_in[:, 2])
 
         def propose() -> torch.Tensor:
-            return propose_rows(head, embed, k, v, last, propose_in[:, 0], propose_in[:, 1], self.k,
-                                self.limit)
+            return propose_rows(head, embed, keys, values, last, propose_in[:, 0], propose_in[:, 1],
+                                self.k, self.limit)
 
         if slots.device.type != "cuda":
             return _Bucket(accept, propose)

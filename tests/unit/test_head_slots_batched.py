@@ -3,7 +3,9 @@ sequence's head KV, last output and drafts equal to its own per-sequence HeadDra
 of different acceptance, aborts and new arrivals; sampled drafts over a slot keep their seeded draws."""
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -33,6 +35,19 @@ def head_and_embed(device: str | torch.device = "cpu") -> tuple[DraftHead, nn.Em
     return head.eval().to(device), embed.to(device)
 
 
+@contextlib.contextmanager
+def no_host_sync(device: torch.device) -> Iterator[None]:
+    """On CUDA, any synchronizing call inside raises (the batched accept must not wait for the GPU)."""
+    if device.type != "cuda":
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 class _Pair:
     """One sequence drafted twice: by a slot drafter of the graphs and by its own HeadDrafter."""
 
@@ -51,8 +66,13 @@ class _Pair:
     def check(self) -> None:
         assert self.slot.num_committed == self.ref.num_committed
         slot, ref = self.slot, self.ref
+        tol = 1e-4 if on_cuda(slot) else 1e-5  # CUDA: other GEMM tiles and attention splits per shape
         for got, want in ((slot.k, ref.k), (slot.v, ref.v), (slot.last, ref.last)):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def on_cuda(drafter: SlotHeadDrafter) -> bool:
+    return drafter.slots.device.type == "cuda"
 
 
 def run_scenario(device: str | torch.device, capture: bool, steps: int = 10, k: int = 4) -> int:
@@ -86,7 +106,8 @@ def run_scenario(device: str | torch.device, capture: bool, steps: int = 10, k: 
                 p.ids += [rng.randrange(TARGET.vocab_size) for _ in range(n)]
                 items.append((p.slot, p.ids, rows))
                 p.ref.accept(p.ids, features[rows])
-            graphs.accept(items, features)
+            with no_host_sync(graphs.slots.device):
+                graphs.accept(items, features)
             batched += 1
             for p in live:
                 p.check()
@@ -97,7 +118,7 @@ def run_scenario(device: str | torch.device, capture: bool, steps: int = 10, k: 
                 p.check()  # drafting wrote only past the accepted rows
                 if p.slot.sampling is not None:  # over the slot's views: the same seeded draws
                     assert p.slot.propose(k) == p.ref.propose(k)
-                    torch.testing.assert_close(p.slot.draft_probs, p.ref.draft_probs, rtol=1e-5, atol=1e-6)
+                    torch.testing.assert_close(p.slot.draft_probs, p.ref.draft_probs, rtol=1e-4, atol=1e-5)
     return batched
 
 
