@@ -35,7 +35,9 @@ class HeadDraftGraphs:
       head forward for all of them, padded to k + 1 rows, appending their k, v in place in the slots;
     - `propose`: k greedy drafts for every slot, one head forward a draft step, reading the same slots.
 
-    Each is one CUDA graph per batch bucket (the highest live slot + 1, rounded up to a decode bucket);
+    Each is one CUDA graph per batch bucket (the highest live slot + 1, rounded up to a decode bucket) and
+    context span (the head KV rows its attention reads: the longest live slot's plus k + 1 spare, rounded
+    up to `spans`, so short sequences do not pay for attention over the whole `max_len`);
     their inputs are small static tensors the host fills with one copy per call (lengths, positions,
     accepted counts, next tokens, feature row numbers; the step's feature rows are gathered into a static
     buffer), and nothing is read back but the drafts, once per step. Greedy drafters are proposed here;
@@ -44,20 +46,21 @@ class HeadDraftGraphs:
     """
 
     def __init__(self, head: DraftHead, embed: nn.Embedding, max_num_seqs: int, max_len: int, k: int,
-                 draft_vocab_limit: int | None = None) -> None:
+                 draft_vocab_limit: int | None = None, first_span: int = 256) -> None:
         c = head.config
         self.head, self.embed, self.k, self.limit = head, embed, k, draft_vocab_limit
         self.width = k + 1  # rows a verified step can accept: the last token and up to k kept drafts
         self.slots = HeadKVSlots(head, embed, max_num_seqs, max_len, spare=self.width,
                                  draft_vocab_limit=draft_vocab_limit)
         self.buckets = decode_buckets(max_num_seqs)
+        self.spans = context_spans(self.slots.capacity, first_span)
         device, w = self.slots.device, self.width
         # Per slot: length, position, accepted rows, the rows' next tokens [w], their feature rows [w].
         self.accept_inputs = torch.zeros(max_num_seqs, 3 + 2 * w, dtype=torch.int64, device=device)
         self.propose_inputs = torch.zeros(max_num_seqs, 2, dtype=torch.int64, device=device)
         self.features = torch.zeros(max_num_seqs, w, len(c.feature_layers) * c.hidden_size,
                                     dtype=head.fc.weight.dtype, device=device)
-        self._captured: dict[int, _Bucket] = {}
+        self._captured: dict[tuple[int, int], _Bucket] = {}
         self._pool = None
 
     # ---- drafters ----
@@ -80,11 +83,12 @@ class HeadDraftGraphs:
 
     @torch.inference_mode()
     def capture_all(self) -> None:
-        """Capture every bucket now, largest first (smaller graphs then reuse the pool's memory)."""
+        """Capture every bucket and span now, largest first (smaller graphs then reuse the pool's memory)."""
         for bucket in sorted(self.buckets, reverse=True):
-            self._bucket(bucket)
-        logger.info("captured head accept and drafting CUDA graphs (k=%d) for batch sizes %s",
-                    self.k, self.buckets)
+            for span in sorted(self.spans, reverse=True):
+                self._bucket(bucket, span)
+        logger.info("captured head accept and drafting CUDA graphs (k=%d) for batch sizes %s, spans %s",
+                    self.k, self.buckets, self.spans)
 
     @torch.inference_mode()
     def accept(self, items: Sequence[tuple[SlotHeadDrafter, Sequence[int], Sequence[int]]],
@@ -94,8 +98,8 @@ class HeadDraftGraphs:
         The same as each drafter's `accept(token_ids, features[rows])`, in one head forward."""
         if not items:
             return
-        bucket, w = self._pick(), self.width
-        inputs = [[length, position, 0] + [0] * (2 * w) for length, position in self.slots.host_state(bucket)]
+        (bucket, span, state), w = self._pick(), self.width
+        inputs = [[length, position, 0] + [0] * (2 * w) for length, position in state]
         for drafter, token_ids, rows in items:
             start, n = drafter.num_committed, len(rows)
             if start + n != len(token_ids) - 1:
@@ -105,7 +109,7 @@ class HeadDraftGraphs:
             row[2] = n
             row[3:3 + n] = token_ids[start + 1:]
             row[3 + w:3 + w + n] = rows  # padded rows read feature row 0: computed, never kept
-        entry = self._bucket(bucket)
+        entry = self._bucket(bucket, span)
         self._upload(self.accept_inputs[:bucket], inputs)
         feature_rows = self.accept_inputs[:bucket, 3 + w:].reshape(-1)
         self.features[:bucket].view(bucket * w, -1).copy_(features.index_select(0, feature_rows))
@@ -119,9 +123,9 @@ class HeadDraftGraphs:
     @torch.inference_mode()
     def propose(self, drafters: Sequence[SlotHeadDrafter]) -> list[list[int]]:
         """k greedy drafts for each drafter (each `serves`), in order; one host sync for all of them."""
-        bucket = self._pick()
-        entry = self._bucket(bucket)
-        self._upload(self.propose_inputs[:bucket], self.slots.host_state(bucket))
+        bucket, span, state = self._pick()
+        entry = self._bucket(bucket, span)
+        self._upload(self.propose_inputs[:bucket], state)
         if entry.propose_graph is not None:
             entry.propose_graph.replay()
             drafts = entry.drafts
@@ -132,11 +136,15 @@ class HeadDraftGraphs:
 
     # ---- internals ----
 
-    def _pick(self) -> int:
+    def _pick(self) -> tuple[int, int, list[list[int]]]:
+        """The bucket and span a call runs, and the bucket's slots' [length, position]."""
         bucket = pick_bucket(self.slots.in_use, self.buckets)
         if bucket is None:
             raise ValueError("no live slot to run the head for")
-        return bucket
+        state = self.slots.host_state(bucket)
+        # Padded rows and drafts write up to width - 1 rows past a slot's length: all within the span.
+        need = max(length for length, _ in state) + self.width
+        return bucket, next(s for s in self.spans if s >= need), state
 
     def _upload(self, dest: torch.Tensor, rows: list[list[int]]) -> None:
         host = torch.tensor(rows, dtype=torch.int64)
@@ -144,15 +152,15 @@ class HeadDraftGraphs:
             host = host.pin_memory()  # an asynchronous copy: no sync between verify and propose
         dest.copy_(host, non_blocking=True)
 
-    def _bucket(self, bucket: int) -> _Bucket:
-        entry = self._captured.get(bucket)
+    def _bucket(self, bucket: int, span: int) -> _Bucket:
+        entry = self._captured.get((bucket, span))
         if entry is None:
-            entry = self._captured[bucket] = self._capture(bucket)
+            entry = self._captured[bucket, span] = self._capture(bucket, span)
         return entry
 
-    def _capture(self, bucket: int) -> _Bucket:
+    def _capture(self, bucket: int, span: int) -> _Bucket:
         head, embed, slots, w = self.head, self.embed, self.slots, self.width
-        keys, values, last = slots.k[:bucket], slots.v[:bucket], slots.last[:bucket]
+        keys, values, last = slots.k[:bucket, :, :span], slots.v[:bucket, :, :span], slots.last[:bucket]
         accept_in, propose_in = self.accept_inputs[:bucket], self.propose_inputs[:bucket]
         features = self.features[:bucket]
 
@@ -166,11 +174,10 @@ class HeadDraftGraphs:
 
         if slots.device.type != "cuda":
             return _Bucket(accept, propose)
-        # Warm-up and capture run both for real: with no rows accepted and the live slots' true lengths
-        # they change nothing a slot holds (their padded rows and drafts land past the accepted rows).
-        state = slots.host_state(bucket)
-        self._upload(accept_in, [[length, position, 0] + [0] * (2 * w) for length, position in state])
-        self._upload(propose_in, state)
+        if slots.in_use:  # warm-up and capture run for real and write into the slots they cover
+            raise RuntimeError("capture the head graphs (capture_all) before any drafter takes a slot")
+        accept_in.zero_()  # every slot free: nothing accepted, rows written at 0 .. width - 1
+        propose_in.zero_()
         device = slots.device
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -186,3 +193,13 @@ class HeadDraftGraphs:
         with torch.cuda.graph(propose_graph, pool=self._pool, capture_error_mode="thread_local"):
             drafts = propose()
         return _Bucket(accept, propose, accept_graph, propose_graph, drafts)
+
+
+def context_spans(capacity: int, first: int) -> tuple[int, ...]:
+    """The head KV lengths graphs attend over: first, 4·first, … below `capacity`, then `capacity`."""
+    spans = []
+    span = first
+    while span < capacity:
+        spans.append(span)
+        span *= 4
+    return (*spans, capacity)

@@ -39,6 +39,7 @@ class HeadKVSlots:
         self.k = torch.zeros(slots, c.num_kv_heads, capacity, c.head_dim, dtype=weight.dtype,
                              device=self.device)
         self.v = torch.zeros_like(self.k)
+        self.capacity = capacity
         self.last = torch.zeros(slots, c.hidden_size, dtype=weight.dtype, device=self.device)
         self.owners: list[SlotHeadDrafter | None] = [None] * slots
 

@@ -15,7 +15,7 @@ from contracts.sampling import SamplingParams
 from engine.config import ModelConfig
 from engine.spec.draft_head import DraftHead, DraftHeadConfig
 from engine.spec.head_drafter import HeadDrafter
-from engine.spec.head_graphs import HeadDraftGraphs
+from engine.spec.head_graphs import HeadDraftGraphs, context_spans
 from engine.spec.head_slots import SlotHeadDrafter
 
 TARGET = ModelConfig(name="t", vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=4,
@@ -78,7 +78,8 @@ def on_cuda(drafter: SlotHeadDrafter) -> bool:
 def run_scenario(device: str | torch.device, capture: bool, steps: int = 10, k: int = 4) -> int:
     """Random steps over up to 4 sequences; returns how many batched accepts ran (each one call)."""
     head, embed = head_and_embed(device)
-    graphs = HeadDraftGraphs(head, embed, max_num_seqs=4, max_len=96, k=k)
+    # Spans 8, 32, 112: the sequences grow from one into the next on the way.
+    graphs = HeadDraftGraphs(head, embed, max_num_seqs=4, max_len=96, k=k, first_span=8)
     if capture:
         graphs.capture_all()
     rng = random.Random(0)
@@ -119,6 +120,8 @@ def run_scenario(device: str | torch.device, capture: bool, steps: int = 10, k: 
                 if p.slot.sampling is not None:  # over the slot's views: the same seeded draws
                     assert p.slot.propose(k) == p.ref.propose(k)
                     torch.testing.assert_close(p.slot.draft_probs, p.ref.draft_probs, rtol=1e-4, atol=1e-5)
+    if not capture:  # on CPU the buckets and spans are built as the calls need them
+        assert len({span for _, span in graphs._captured}) >= 2
     return batched
 
 
@@ -156,3 +159,9 @@ def test_what_the_graphs_take_and_serve() -> None:
     assert not graphs.batches(plain, 0, 1) and not graphs.serves(plain)
     with pytest.raises(ValueError):
         greedy.accept(ids + [1] * 20, torch.randn(20, FEATURES))  # past max_len
+
+
+def test_context_spans_grow_by_four_up_to_the_capacity() -> None:
+    assert context_spans(8208, 256) == (256, 1024, 4096, 8208)
+    assert context_spans(112, 16) == (16, 64, 112)
+    assert context_spans(256, 256) == (256,)
