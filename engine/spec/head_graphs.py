@@ -102,6 +102,8 @@ class HeadDraftGraphs:
         inputs = [[length, position, 0] + [0] * (2 * w) for length, position in state]
         for drafter, token_ids, rows in items:
             start, n = drafter.num_committed, len(rows)
+            if not 0 < n <= w:
+                raise ValueError(f"{n} rows: the batched accept takes 1 .. {w} a sequence")
             if start + n != len(token_ids) - 1:
                 raise ValueError(
                     f"{n} feature rows after {start} accepted positions, but {len(token_ids)} tokens")

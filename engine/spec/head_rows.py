@@ -7,7 +7,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.spec.draft_head import DraftHead, rotate
+from engine.spec.draft_head import DraftHead, RMSNorm, rotate
+
+
+def _norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm's x · rsqrt(mean(x²) + eps) · weight as one fused op: these rows run in CUDA graphs where
+    each of the module's five elementwise kernels costs a launch slot."""
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+
+
+def logits_rows(head: DraftHead, a: torch.Tensor) -> torch.Tensor:
+    """DraftHead.logits with the fused norm: block outputs [..., H] → float32 logits [..., S]."""
+    return head.lm_head(_norm(head.norm, a)).float()
 
 
 def block_rows(head: DraftHead, emb: torch.Tensor, g: torch.Tensor, positions: torch.Tensor,
@@ -20,16 +31,17 @@ def block_rows(head: DraftHead, emb: torch.Tensor, g: torch.Tensor, positions: t
     each query row attends to the buffer rows where seen [B, T, L] is True → block outputs a [B, T, H].
 
     The same math as the per-sequence path; the attention groups the queries of each KV head instead of
-    repeating the keys (finish's repeat_interleave would copy the whole padded buffer every call)."""
+    repeating the keys (finish's repeat_interleave would copy the whole padded buffer every call), q and k
+    rotate in one pass, and the norms are fused (`_norm`): fewer kernels in the graphs, same formulas."""
     c = head.config
     b, t, _ = g.shape
     groups = c.num_heads // c.num_kv_heads
-    x = torch.cat([head.embed_norm(emb), head.feature_norm(g)], dim=-1)
+    x = torch.cat([_norm(head.embed_norm, emb), _norm(head.feature_norm, g)], dim=-1)
     heads = head.qkv_proj(x).view(b, t, c.num_heads + 2 * c.num_kv_heads, c.head_dim).transpose(1, 2)
-    q, k, v = heads.split([c.num_heads, c.num_kv_heads, c.num_kv_heads], dim=1)
+    qk, v = heads.split([c.num_heads + c.num_kv_heads, c.num_kv_heads], dim=1)
     cos, sin = head.rope(positions.reshape(-1))  # [B·T, D/2]
-    cos, sin = cos.view(b, 1, t, -1), sin.view(b, 1, t, -1)
-    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    qk = rotate(qk, cos.view(b, 1, t, -1), sin.view(b, 1, t, -1))
+    q, k = qk.split([c.num_heads, c.num_kv_heads], dim=1)
     index = write_at[:, None, :, None].expand(b, c.num_kv_heads, t, c.head_dim)
     ctx_k.scatter_(2, index, k.to(ctx_k.dtype))
     ctx_v.scatter_(2, index, v.to(ctx_v.dtype))
@@ -41,7 +53,7 @@ def block_rows(head: DraftHead, emb: torch.Tensor, g: torch.Tensor, positions: t
     out = out.reshape(b, c.num_heads, t, c.head_dim)
     # From here DraftHead.finish's lines: output projection, residual from g, the MLP.
     x = g + head.o_proj(out.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim))
-    gate, up = head.gate_up_proj(head.post_attention_norm(x)).chunk(2, dim=-1)
+    gate, up = head.gate_up_proj(_norm(head.post_attention_norm, x)).chunk(2, dim=-1)
     return x + head.down_proj(F.silu(gate) * up)
 
 
@@ -76,7 +88,7 @@ def propose_rows(head: DraftHead, embed: nn.Embedding, ctx_k: torch.Tensor, ctx_
     context = torch.arange(ctx_k.shape[2], device=last.device)
 
     def next_draft(a: torch.Tensor) -> torch.Tensor:
-        logits = head.logits(a)  # [B, S] float32
+        logits = logits_rows(head, a)  # [B, S] float32
         if limit is not None:
             logits = logits[:, :limit]
         return d2t[logits.argmax(dim=-1)]
