@@ -25,8 +25,8 @@ class HeadKVSlots:
     near the number of drafting sequences. The host keeps each slot's length and position (its drafter):
     batched calls get them as inputs, never read them back.
 
-    Memory: 2 · slots · Hk · capacity · D elements (the embedded model at 32 slots, max_len 8192, bf16:
-    192 MiB), as the per-sequence caches would take at full length.
+    Memory: 2 · slots · Hk · capacity · D elements of the head's dtype (the embedded model's head at 32
+    slots, max_len 8192: 385 MiB in float32, which DraftHead.load keeps its parameters in today).
     """
 
     def __init__(self, head: DraftHead, embed: nn.Embedding, slots: int, max_len: int, spare: int,
