@@ -68,6 +68,7 @@ class HeadKVSlots:
         lands in their own free slot)."""
         return [[0, 0] if o is None else [o.length, o.num_committed] for o in self.owners[:rows]]
 
+    @torch.inference_mode()  # as the graphs write them: the buffers may have been made in inference mode
     def append(self, drafter: SlotHeadDrafter, next_ids: Sequence[int], g: torch.Tensor) -> None:
         """One sequence's rows (next tokens, fused features [n, H]) into its slot, eagerly: prompts, the
         prefill worker's shipped feature, and accepts too wide for the batched call."""
