@@ -93,8 +93,9 @@ def run_scenario(device: str | torch.device, capture: bool, steps: int = 10, k: 
                 gone.slot.release()
             while len(live) < 4 and rng.random() < 0.6:
                 live.append(_Pair(graphs, rng, None if rng.random() < 0.7 else sampled))
-            # The step's feature rows: each sequence's accepted rows at scattered places among others.
-            accepted = {id(p): rng.randrange(1, k + 2) for p in live}
+            # The step's feature rows: each sequence's accepted rows at scattered places among others; a
+            # sequence sitting a step out (0 rows) keeps its slot's rows and last output through the call.
+            accepted = {id(p): 0 if rng.random() < 0.2 else rng.randrange(1, k + 2) for p in live}
             total = sum(accepted.values()) + 5
             features = torch.randn(total, FEATURES, device=device)
             free = list(range(total))
@@ -102,6 +103,8 @@ def run_scenario(device: str | torch.device, capture: bool, steps: int = 10, k: 
             items = []
             for p in live:
                 n = accepted[id(p)]
+                if not n:
+                    continue
                 rows = sorted(free[:n])
                 free = free[n:]
                 p.ids += [rng.randrange(TARGET.vocab_size) for _ in range(n)]
