@@ -19,12 +19,18 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class _Bucket:
-    accept: Callable[[], None]
-    propose: Callable[[], torch.Tensor]
-    accept_graph: torch.cuda.CUDAGraph | None = None  # None on CPU: the callables run eagerly
-    propose_graph: torch.cuda.CUDAGraph | None = None
-    drafts: torch.Tensor | None = None  # [bucket, k] int64: the propose graph's output
+class _Graphed:
+    """One captured call: replayed on CUDA; on CPU (`graph` None) `run` runs eagerly."""
+
+    run: Callable[[], torch.Tensor | None]
+    graph: torch.cuda.CUDAGraph | None = None
+    out: torch.Tensor | None = None
+
+    def __call__(self) -> torch.Tensor | None:
+        if self.graph is None:
+            return self.run()
+        self.graph.replay()
+        return self.out
 
 
 class HeadDraftGraphs:
@@ -33,11 +39,13 @@ class HeadDraftGraphs:
 
     - `accept`: the positions each sequence accepted in the step just verified (1 .. k + 1 rows each), one
       head forward for all of them, padded to k + 1 rows, appending their k, v in place in the slots;
-    - `propose`: k greedy drafts for every slot, one head forward a draft step, reading the same slots.
+    - `propose`: 1 .. k greedy drafts (as many as the batch's longest ask) for every slot, one head forward
+      a draft step, reading the same slots.
 
-    Each is one CUDA graph per batch bucket (the highest live slot + 1, rounded up to a decode bucket) and
+    Each is one CUDA graph per batch bucket (the highest live slot + 1, rounded up to a decode bucket),
     context span (the head KV rows its attention reads: the longest live slot's plus k + 1 spare, rounded
-    up to `spans`, so short sequences do not pay for attention over the whole `max_len`);
+    up to `spans`, so short sequences do not pay for attention over the whole `max_len`) and, for
+    `propose`, number of drafts (adaptive k often asks for 1 or 2: no forwards for drafts nobody reads);
     their inputs are small static tensors the host fills with one copy per call (lengths, positions,
     accepted counts, next tokens, feature row numbers; the step's feature rows are gathered into a static
     buffer), and nothing is read back but the drafts, once per step. Greedy drafters are proposed here;
@@ -60,7 +68,8 @@ class HeadDraftGraphs:
         self.propose_inputs = torch.zeros(max_num_seqs, 2, dtype=torch.int64, device=device)
         self.features = torch.zeros(max_num_seqs, w, len(c.feature_layers) * c.hidden_size,
                                     dtype=head.fc.weight.dtype, device=device)
-        self._captured: dict[tuple[int, int], _Bucket] = {}
+        self._accepts: dict[tuple[int, int], _Graphed] = {}  # (bucket, span) →
+        self._proposes: dict[tuple[int, int, int], _Graphed] = {}  # (bucket, span, drafts) →
         self._pool = None
 
     # ---- drafters ----
@@ -83,10 +92,12 @@ class HeadDraftGraphs:
 
     @torch.inference_mode()
     def capture_all(self) -> None:
-        """Capture every bucket and span now, largest first (smaller graphs then reuse the pool's memory)."""
+        """Capture every graph now, largest first (smaller graphs then reuse the pool's memory)."""
         for bucket in sorted(self.buckets, reverse=True):
             for span in sorted(self.spans, reverse=True):
-                self._bucket(bucket, span)
+                self._accept_graph(bucket, span)
+                for steps in range(self.k, 0, -1):
+                    self._propose_graph(bucket, span, steps)
         logger.info("captured head accept and drafting CUDA graphs (k=%d) for batch sizes %s, spans %s",
                     self.k, self.buckets, self.spans)
 
@@ -111,29 +122,25 @@ class HeadDraftGraphs:
             row[2] = n
             row[3:3 + n] = token_ids[start + 1:]
             row[3 + w:3 + w + n] = rows  # padded rows read feature row 0: computed, never kept
-        entry = self._bucket(bucket, span)
+        graphed = self._accept_graph(bucket, span)
         self._upload(self.accept_inputs[:bucket], inputs)
         feature_rows = self.accept_inputs[:bucket, 3 + w:].reshape(-1)
         self.features[:bucket].view(bucket * w, -1).copy_(features.index_select(0, feature_rows))
-        if entry.accept_graph is not None:
-            entry.accept_graph.replay()
-        else:
-            entry.accept()
+        graphed()
         for drafter, _, rows in items:
             drafter.advance(len(rows))
 
     @torch.inference_mode()
-    def propose(self, drafters: Sequence[SlotHeadDrafter]) -> list[list[int]]:
-        """k greedy drafts for each drafter (each `serves`), in order; one host sync for all of them."""
+    def propose(self, drafters: Sequence[SlotHeadDrafter], steps: int | None = None) -> list[list[int]]:
+        """`steps` (1 .. k, default k) greedy drafts for each drafter (each `serves`), in order; one host
+        sync for all of them."""
+        steps = self.k if steps is None else steps
+        if not 1 <= steps <= self.k:
+            raise ValueError(f"{steps} drafts: the graphs draft 1 .. {self.k}")
         bucket, span, state = self._pick()
-        entry = self._bucket(bucket, span)
+        graphed = self._propose_graph(bucket, span, steps)
         self._upload(self.propose_inputs[:bucket], state)
-        if entry.propose_graph is not None:
-            entry.propose_graph.replay()
-            drafts = entry.drafts
-        else:
-            drafts = entry.propose()
-        rows = drafts[:bucket].tolist()
+        rows = graphed()[:bucket].tolist()
         return [rows[d.slot] for d in drafters]
 
     # ---- internals ----
@@ -154,47 +161,52 @@ class HeadDraftGraphs:
             host = host.pin_memory()  # an asynchronous copy: no sync between verify and propose
         dest.copy_(host, non_blocking=True)
 
-    def _bucket(self, bucket: int, span: int) -> _Bucket:
-        entry = self._captured.get((bucket, span))
-        if entry is None:
-            entry = self._captured[bucket, span] = self._capture(bucket, span)
-        return entry
+    def _accept_graph(self, bucket: int, span: int) -> _Graphed:
+        graphed = self._accepts.get((bucket, span))
+        if graphed is None:
+            head, embed, slots, w = self.head, self.embed, self.slots, self.width
+            keys, values, last = slots.k[:bucket, :, :span], slots.v[:bucket, :, :span], slots.last[:bucket]
+            inputs, features = self.accept_inputs[:bucket], self.features[:bucket]
 
-    def _capture(self, bucket: int, span: int) -> _Bucket:
-        head, embed, slots, w = self.head, self.embed, self.slots, self.width
-        keys, values, last = slots.k[:bucket, :, :span], slots.v[:bucket, :, :span], slots.last[:bucket]
-        accept_in, propose_in = self.accept_inputs[:bucket], self.propose_inputs[:bucket]
-        features = self.features[:bucket]
+            def accept() -> None:
+                accept_rows(head, embed, keys, values, last, head.fuse(features), inputs[:, 3:3 + w],
+                            inputs[:, 0], inputs[:, 1], inputs[:, 2])
+            graphed = self._accepts[bucket, span] = self._graph(accept)
+        return graphed
 
-        def accept() -> None:
-            accept_rows(head, embed, keys, values, last, head.fuse(features), accept_in[:, 3:3 + w],
-                        accept_in[:, 0], accept_in[:, 1], accept_in[:, 2])
+    def _propose_graph(self, bucket: int, span: int, steps: int) -> _Graphed:
+        graphed = self._proposes.get((bucket, span, steps))
+        if graphed is None:
+            head, embed, slots, limit = self.head, self.embed, self.slots, self.limit
+            keys, values, last = slots.k[:bucket, :, :span], slots.v[:bucket, :, :span], slots.last[:bucket]
+            inputs = self.propose_inputs[:bucket]
 
-        def propose() -> torch.Tensor:
-            return propose_rows(head, embed, keys, values, last, propose_in[:, 0], propose_in[:, 1],
-                                self.k, self.limit)
+            def propose() -> torch.Tensor:
+                return propose_rows(head, embed, keys, values, last, inputs[:, 0], inputs[:, 1], steps, limit)
+            graphed = self._proposes[bucket, span, steps] = self._graph(propose)
+        return graphed
 
+    def _graph(self, run: Callable[[], torch.Tensor | None]) -> _Graphed:
+        """`run` captured in a CUDA graph (in the graphs' shared pool); on CPU it stays eager."""
+        slots = self.slots
         if slots.device.type != "cuda":
-            return _Bucket(accept, propose)
+            return _Graphed(run)
         if slots.in_use:  # warm-up and capture run for real and write into the slots they cover
             raise RuntimeError("capture the head graphs (capture_all) before any drafter takes a slot")
-        accept_in.zero_()  # every slot free: nothing accepted, rows written at 0 .. width - 1
-        propose_in.zero_()
+        self.accept_inputs.zero_()  # every slot free: nothing accepted, rows written at 0 .. width - 1
+        self.propose_inputs.zero_()
         device = slots.device
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up: lets cuBLAS and SDPA pick their kernels
             for _ in range(2):
-                accept()
-                propose()
+                run()
         torch.cuda.current_stream(device).wait_stream(side)
-        accept_graph, propose_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(accept_graph, pool=self._pool, capture_error_mode="thread_local"):
-            accept()
-        self._pool = self._pool or accept_graph.pool()
-        with torch.cuda.graph(propose_graph, pool=self._pool, capture_error_mode="thread_local"):
-            drafts = propose()
-        return _Bucket(accept, propose, accept_graph, propose_graph, drafts)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            out = run()
+        self._pool = self._pool or graph.pool()
+        return _Graphed(run, graph, out)
 
 
 def context_spans(capacity: int, first: int) -> tuple[int, ...]:

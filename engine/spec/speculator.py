@@ -282,9 +282,9 @@ class Speculator:
             (seq, state, n) for seq, state, n in wanted
             if n > 0 and isinstance(state.drafter, HeadDrafter) and graphs.serves(state.drafter)]
         if batched:
-            drafts = graphs.propose([state.drafter for _, state, _ in batched])
+            drafts = graphs.propose([state.drafter for _, state, _ in batched], max(n for _, _, n in batched))
             for (seq, _, n), ids in zip(batched, drafts, strict=True):
-                # The first n of the graph's k drafts are what the drafter's propose(n) gives.
+                # The first n of the graph's drafts are what the drafter's propose(n) gives.
                 seq.draft_token_ids, seq.draft_probs = ids[:n], None
         done = {id(seq) for seq, _, _ in batched}
         for seq, state, n in wanted:

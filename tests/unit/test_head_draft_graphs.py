@@ -35,10 +35,16 @@ def test_engine_drafting_in_graphs_proposes_and_emits_what_eager_drafting_does(t
         if in_graphs:  # on CPU the graph path runs eagerly over its static buffers
             engine.speculator.draft_in_graphs(4, 128)
             graphs = engine.speculator.draft_graphs
-            propose = graphs.propose
-            graphs.propose = lambda drafters: batched_calls.append(len(drafters)) or propose(drafters)
-            accept = graphs.accept
-            graphs.accept = lambda items, features: accept_calls.append(len(items)) or accept(items, features)
+            propose, accept = graphs.propose, graphs.accept
+
+            def counted_propose(drafters, steps):
+                batched_calls.append(len(drafters))
+                return propose(drafters, steps)
+
+            def counted_accept(items, features):
+                accept_calls.append(len(items))
+                return accept(items, features)
+            graphs.propose, graphs.accept = counted_propose, counted_accept
         seqs = [engine.add_request(f"r{i}", p, params) for i, p in enumerate(prompts)]
         while engine.has_work():
             engine.step()
