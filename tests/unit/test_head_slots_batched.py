@@ -13,7 +13,7 @@ from torch import nn
 
 from contracts.sampling import SamplingParams
 from engine.config import ModelConfig
-from engine.spec.draft_head import DraftHead, DraftHeadConfig
+from engine.spec.draft_head import DEFAULT_HEAD_PATH, DraftHead, DraftHeadConfig
 from engine.spec.head_drafter import HeadDrafter
 from engine.spec.head_graphs import HeadDraftGraphs, context_spans
 from engine.spec.head_slots import SlotHeadDrafter
@@ -170,3 +170,34 @@ def test_context_spans_grow_by_four_up_to_the_capacity() -> None:
     assert context_spans(8208, 256) == (256, 1024, 4096, 8208)
     assert context_spans(112, 16) == (16, 64, 112)
     assert context_spans(256, 256) == (256,)
+
+
+def test_the_shipped_heads_grouped_attention_matches_too() -> None:
+    """The embedded model's head (9 query heads over 3 KV heads: groups of 3) through a batched accept and
+    drafting, against per-sequence drafters."""
+    head = DraftHead.load(DEFAULT_HEAD_PATH)
+    c = head.config
+    torch.manual_seed(0)
+    embed = nn.Embedding(c.target_vocab_size, c.hidden_size)
+    graphs = HeadDraftGraphs(head, embed, max_num_seqs=2, max_len=64, k=3)
+    width = len(c.feature_layers) * c.hidden_size
+    pairs = []
+    for first, tokens in ((0, 9), (2, 14)):
+        ids = torch.randint(0, c.target_vocab_size, (tokens,)).tolist()
+        features = torch.randn(tokens - 1 - first, width)
+        slot, ref = graphs.new_drafter(first, None), HeadDrafter(head, embed, first_position=first)
+        slot.accept(ids, features)
+        ref.accept(ids, features)
+        pairs.append((slot, ref, ids))
+    with torch.no_grad():
+        features = torch.randn(7, width)
+        items = []
+        for (slot, ref, ids), rows in zip(pairs, ([0, 1, 2], [4, 5, 6, 3]), strict=True):
+            ids += torch.randint(0, c.target_vocab_size, (len(rows),)).tolist()
+            ref.accept(ids, features[rows])
+            items.append((slot, ids, rows))
+        graphs.accept(items, features)
+        assert graphs.propose([s for s, _, _ in pairs]) == [r.propose(3) for _, r, _ in pairs]
+    for slot, ref, _ in pairs:  # trained weights: outputs up to ~50, so fp32 rounding passes 1e-5
+        for got, want in ((slot.k, ref.k), (slot.v, ref.v), (slot.last, ref.last)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
