@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     head = DraftHead.load(DEFAULT_HEAD_PATH, device, dtype)
     embed = nn.Embedding(head.config.target_vocab_size, head.config.hidden_size).to(device, dtype)
     print(f"| batch | batched slots ms/step | per-sequence eager ms/step |  (k={args.k}, {ACCEPTED} rows "
-          f"accepted per sequence, {PROMPT}-token prompts, {device}, {dtype})")
+          f"accepted per sequence, {PROMPT}-token prompts, {device}, head {head.fc.weight.dtype})")
     for batch in map(int, args.batches.split(",")):
         fast, slow = measure(head, embed, batch, args.k, args.max_len, args.steps)
         print(f"| {batch} | {fast:.3f} | {slow:.3f} |", flush=True)
