@@ -38,13 +38,28 @@ class HeadDrafter(Drafter):
         self.embed = embed
         self.limit = draft_vocab_limit
         self.num_committed = first_position  # positions from here on go into the head's KV
-        self.k: torch.Tensor | None = None  # [1, Hk, n, D]
-        self.v: torch.Tensor | None = None
-        self.last: torch.Tensor | None = None  # block output of the last accepted position [1, 1, H]
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self._last: torch.Tensor | None = None
         self.sampling = None if sampling is None or sampling.greedy else sampling
         # The draws' own params: the same processing, the drafter's salted seed (None stays unseeded).
         self._draw_params = (None if self.sampling is None or self.sampling.seed is None
                              else dataclasses.replace(self.sampling, seed=draft_seed(self.sampling.seed)))
+
+    # Read through properties: SlotHeadDrafter (engine/spec/head_slots.py) keeps them in shared buffers.
+    @property
+    def k(self) -> torch.Tensor | None:
+        """The head's keys of the accepted positions [1, Hk, n, D] (None before any)."""
+        return self._k
+
+    @property
+    def v(self) -> torch.Tensor | None:
+        return self._v
+
+    @property
+    def last(self) -> torch.Tensor | None:
+        """The block output of the last accepted position [1, 1, H] (None before any)."""
+        return self._last
 
     def _run(self, token_ids: Sequence[int], g: torch.Tensor, start: int,
              k_cache: torch.Tensor | None, v_cache: torch.Tensor | None):
@@ -74,10 +89,13 @@ class HeadDrafter(Drafter):
                 f"{n} feature rows after {start} accepted positions, but {len(token_ids)} tokens")
         if n == 0:
             return
-        g = g.to(self.head.fc.weight.dtype).unsqueeze(0)
-        a, self.k, self.v = self._run(token_ids[start + 1:], g, start, self.k, self.v)
-        self.last = a[:, -1:]
+        self._append(token_ids[start + 1:], g.to(self.head.fc.weight.dtype))
         self.num_committed = start + n
+
+    def _append(self, next_ids: Sequence[int], g: torch.Tensor) -> None:
+        """The head's rows at positions num_committed.. (next tokens, fused features [n, H]) into its KV."""
+        a, self._k, self._v = self._run(next_ids, g.unsqueeze(0), self.num_committed, self._k, self._v)
+        self._last = a[:, -1:]
 
     def _draft(self, a: torch.Tensor, position: int, probs: list[torch.Tensor]) -> int:
         """The draft that takes index `position` of the sequence; a sampled one appends its q to `probs`."""

@@ -1,4 +1,4 @@
-"""Greedy head drafting for a batch of sequences: the k sequential head steps captured as one CUDA graph."""
+"""The draft head for a batch of sequences: its accept and its k greedy draft steps as CUDA graphs."""
 from __future__ import annotations
 
 import logging
@@ -8,149 +8,212 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from contracts.sampling import SamplingParams
 from engine.cuda_graphs import decode_buckets, pick_bucket
-from engine.spec.draft_head import DraftHead, rotate
+from engine.spec.draft_head import DraftHead
 from engine.spec.head_drafter import HeadDrafter
+from engine.spec.head_rows import accept_rows, propose_rows
+from engine.spec.head_slots import HeadKVSlots, SlotHeadDrafter
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class _Bucket:
-    graph: torch.cuda.CUDAGraph | None  # None on CPU: `draft` runs eagerly over the same buffers
-    draft: Callable[[], torch.Tensor]
-    drafts: torch.Tensor  # [bucket, k] int64: the graph's output
+class _Graphed:
+    """One captured call: replayed on CUDA; on CPU (`graph` None) `run` runs eagerly."""
+
+    run: Callable[[], torch.Tensor | None]
+    graph: torch.cuda.CUDAGraph | None = None
+    out: torch.Tensor | None = None
+
+    def __call__(self) -> torch.Tensor | None:
+        if self.graph is None:
+            return self.run()
+        self.graph.replay()
+        return self.out
 
 
 class HeadDraftGraphs:
-    """Drafts k tokens for each of up to `max_num_seqs` greedy `HeadDrafter`s at once, one graph replay per
-    batch bucket instead of k eager head steps per sequence (each ~20 kernel launches and a host sync).
+    """Head drafting for every sequence of a step at once, over head KV resident in `slots`
+    (HeadKVSlots: a sequence's slot is its row in every call here):
 
-    Static inputs, shared by every bucket (a bucket's graph reads the first `bucket` rows): each drafter's
-    head KV of its accepted positions copied into `ctx_k`/`ctx_v` [max_num_seqs, Hk, max_len, D] (its
-    length in `ctx_len`), its last block output in `last`, its committed count in `committed`. Step j
-    (0-based) drafts from the head's argmax over its (limited) subset, then runs the head block once
-    for that draft at position committed + j, attending to the sequence's context and its drafts so far
-    (a mask over the padded context), exactly `HeadDrafter.propose`'s math batched. Sampled drafts (T > 0)
-    stay with `HeadDrafter.propose`: they need their distributions and seeded draws per sequence.
+    - `accept`: the positions each sequence accepted in the step just verified (1 .. k + 1 rows each), one
+      head forward for all of them, padded to k + 1 rows, appending their k, v in place in the slots;
+    - `propose`: 1 .. k greedy drafts (as many as the batch's longest ask) for every slot, one head forward
+      a draft step, reading the same slots.
 
-    Memory: 2 · max_num_seqs · Hk · max_len · D elements of the head's dtype for the context (the embedded
-    model at max_num_seqs 32, max_len 8192, bf16: 192 MiB), plus the graphs' activations.
+    Each is one CUDA graph per batch bucket (the highest live slot + 1, rounded up to a decode bucket),
+    context span (the head KV rows its attention reads: the longest live slot's plus k + 1 spare, rounded
+    up to `spans`, so short sequences do not pay for attention over the whole `max_len`) and, for
+    `propose`, number of drafts (adaptive k often asks for 1 or 2: no forwards for drafts nobody reads);
+    their inputs are small static tensors the host fills with one copy per call (lengths, positions,
+    accepted counts, next tokens, feature row numbers; the step's feature rows are gathered into a static
+    buffer), and nothing is read back but the drafts, once per step. Greedy drafters are proposed here;
+    sampled ones (T > 0: per-request seeded draws) draft through their own `propose` over their slot.
+    On CPU the same code runs eagerly over the same buffers.
     """
 
     def __init__(self, head: DraftHead, embed: nn.Embedding, max_num_seqs: int, max_len: int, k: int,
-                 draft_vocab_limit: int | None = None) -> None:
+                 draft_vocab_limit: int | None = None, first_span: int = 256) -> None:
         c = head.config
-        weight = head.fc.weight
-        self.head, self.embed, self.k = head, embed, k
-        self.device, self.max_len = weight.device, max_len
-        self.limit = draft_vocab_limit
+        self.head, self.embed, self.k, self.limit = head, embed, k, draft_vocab_limit
+        self.width = k + 1  # rows a verified step can accept: the last token and up to k kept drafts
+        self.slots = HeadKVSlots(head, embed, max_num_seqs, max_len, spare=self.width,
+                                 draft_vocab_limit=draft_vocab_limit)
         self.buckets = decode_buckets(max_num_seqs)
-        shape = (max_num_seqs, c.num_kv_heads, max_len, c.head_dim)
-        self.ctx_k = torch.zeros(shape, dtype=weight.dtype, device=self.device)
-        self.ctx_v = torch.zeros_like(self.ctx_k)
-        self.ctx_len = torch.zeros(max_num_seqs, dtype=torch.int64, device=self.device)
-        self.committed = torch.zeros(max_num_seqs, dtype=torch.int64, device=self.device)
-        self.last = torch.zeros(max_num_seqs, c.hidden_size, dtype=weight.dtype, device=self.device)
-        self._captured: dict[int, _Bucket] = {}
+        self.spans = context_spans(self.slots.capacity, first_span)
+        device, w = self.slots.device, self.width
+        # Per slot: length, position, accepted rows, the rows' next tokens [w], their feature rows [w].
+        self.accept_inputs = torch.zeros(max_num_seqs, 3 + 2 * w, dtype=torch.int64, device=device)
+        self.propose_inputs = torch.zeros(max_num_seqs, 2, dtype=torch.int64, device=device)
+        self.features = torch.zeros(max_num_seqs, w, len(c.feature_layers) * c.hidden_size,
+                                    dtype=head.fc.weight.dtype, device=device)
+        self._accepts: dict[tuple[int, int], _Graphed] = {}  # (bucket, span) →
+        self._proposes: dict[tuple[int, int, int], _Graphed] = {}  # (bucket, span, drafts) →
         self._pool = None
 
+    # ---- drafters ----
+
+    def new_drafter(self, first_position: int, sampling: SamplingParams | None) -> SlotHeadDrafter | None:
+        """A drafter with its KV in a free slot; None when all are taken (the caller drafts unbatched)."""
+        return self.slots.new_drafter(first_position, sampling)
+
+    def batches(self, drafter: HeadDrafter, start: int, rows: int) -> bool:
+        """Whether `accept` takes this drafter's next `rows` positions from `start`."""
+        return (isinstance(drafter, SlotHeadDrafter) and drafter.slots is self.slots
+                and drafter.num_committed == start and 0 < rows <= self.width)
+
     def serves(self, drafter: HeadDrafter) -> bool:
-        """A greedy drafter of this head with a last block output and a context that fits `max_len`."""
-        return (drafter.head is self.head and drafter.sampling is None and drafter.last is not None
-                and drafter.limit == self.limit and (drafter.k is None or drafter.k.shape[2] <= self.max_len))
+        """Whether `propose` drafts for it: a greedy slot drafter of these slots with a last output."""
+        return (isinstance(drafter, SlotHeadDrafter) and drafter.slots is self.slots
+                and drafter.sampling is None and drafter.has_last)
+
+    # ---- the step ----
 
     @torch.inference_mode()
     def capture_all(self) -> None:
-        """Capture every bucket now, largest first (smaller graphs then reuse the pool's memory)."""
+        """Capture every graph now, largest first (smaller graphs then reuse the pool's memory)."""
         for bucket in sorted(self.buckets, reverse=True):
-            self._bucket(bucket)
-        logger.info("captured head drafting CUDA graphs (k=%d) for batch sizes %s", self.k, self.buckets)
+            for span in sorted(self.spans, reverse=True):
+                self._accept_graph(bucket, span)
+                for steps in range(self.k, 0, -1):
+                    self._propose_graph(bucket, span, steps)
+        logger.info("captured head accept and drafting CUDA graphs (k=%d) for batch sizes %s, spans %s",
+                    self.k, self.buckets, self.spans)
 
     @torch.inference_mode()
-    def propose(self, drafters: Sequence[HeadDrafter]) -> list[list[int]]:
-        """k greedy drafts per drafter (each `serves`), in order; one host sync for all of them."""
-        bucket = pick_bucket(len(drafters), self.buckets)
+    def accept(self, items: Sequence[tuple[SlotHeadDrafter, Sequence[int], Sequence[int]]],
+               features: torch.Tensor) -> None:
+        """Each item: (drafter, its sequence's token ids, the rows of `features` [T, F·H] — the step's
+        captured target features — of its newly accepted positions, in order; `batches` holds for each).
+        The same as each drafter's `accept(token_ids, features[rows])`, in one head forward."""
+        if not items:
+            return
+        (bucket, span, state), w = self._pick(), self.width
+        inputs = [[length, position, 0] + [0] * (2 * w) for length, position in state]
+        for drafter, token_ids, rows in items:
+            start, n = drafter.num_committed, len(rows)
+            if not 0 < n <= w:
+                raise ValueError(f"{n} rows: the batched accept takes 1 .. {w} a sequence")
+            if start + n != len(token_ids) - 1:
+                raise ValueError(
+                    f"{n} feature rows after {start} accepted positions, but {len(token_ids)} tokens")
+            row = inputs[drafter.slot]
+            row[2] = n
+            row[3:3 + n] = token_ids[start + 1:]
+            row[3 + w:3 + w + n] = rows  # padded rows read feature row 0: computed, never kept
+        graphed = self._accept_graph(bucket, span)
+        self._upload(self.accept_inputs[:bucket], inputs)
+        feature_rows = self.accept_inputs[:bucket, 3 + w:].reshape(-1)
+        self.features[:bucket].view(bucket * w, -1).copy_(features.index_select(0, feature_rows))
+        graphed()
+        for drafter, _, rows in items:
+            drafter.advance(len(rows))
+
+    @torch.inference_mode()
+    def propose(self, drafters: Sequence[SlotHeadDrafter], steps: int | None = None) -> list[list[int]]:
+        """`steps` (1 .. k, default k) greedy drafts for each drafter (each `serves`), in order; one host
+        sync for all of them."""
+        steps = self.k if steps is None else steps
+        if not 1 <= steps <= self.k:
+            raise ValueError(f"{steps} drafts: the graphs draft 1 .. {self.k}")
+        bucket, span, state = self._pick()
+        graphed = self._propose_graph(bucket, span, steps)
+        self._upload(self.propose_inputs[:bucket], state)
+        rows = graphed()[:bucket].tolist()
+        return [rows[d.slot] for d in drafters]
+
+    # ---- internals ----
+
+    def _pick(self) -> tuple[int, int, list[list[int]]]:
+        """The bucket and span a call runs, and the bucket's slots' [length, position]."""
+        bucket = pick_bucket(self.slots.in_use, self.buckets)
         if bucket is None:
-            raise ValueError(f"{len(drafters)} drafters fit no head drafting bucket {self.buckets}")
-        entry = self._bucket(bucket)
-        lengths, committed = [], []
-        for row, drafter in enumerate(drafters):
-            n = 0 if drafter.k is None else drafter.k.shape[2]
-            if n:
-                self.ctx_k[row, :, :n].copy_(drafter.k[0], non_blocking=True)
-                self.ctx_v[row, :, :n].copy_(drafter.v[0], non_blocking=True)
-            self.last[row].copy_(drafter.last[0, -1], non_blocking=True)
-            lengths.append(n)
-            committed.append(drafter.num_committed)
-        # Rows past the batch keep stale inputs: their drafts are computed and never read.
-        host = torch.tensor([lengths, committed], dtype=torch.int64)
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        both = host.to(self.device, non_blocking=True)
-        self.ctx_len[:len(drafters)].copy_(both[0])
-        self.committed[:len(drafters)].copy_(both[1])
-        if entry.graph is not None:
-            entry.graph.replay()
-            drafts = entry.drafts
-        else:
-            drafts = entry.draft()
-        return drafts[:len(drafters)].tolist()
+            raise ValueError("no live slot to run the head for")
+        state = self.slots.host_state(bucket)
+        # Padded rows and drafts write up to width - 1 rows past a slot's length: all within the span.
+        need = max(length for length, _ in state) + self.width
+        return bucket, next(s for s in self.spans if s >= need), state
 
-    def _bucket(self, bucket: int) -> _Bucket:
-        entry = self._captured.get(bucket)
-        if entry is None:
-            entry = self._captured[bucket] = self._capture(bucket)
-        return entry
+    def _upload(self, dest: torch.Tensor, rows: list[list[int]]) -> None:
+        host = torch.tensor(rows, dtype=torch.int64)
+        if dest.device.type == "cuda":
+            host = host.pin_memory()  # an asynchronous copy: no sync between verify and propose
+        dest.copy_(host, non_blocking=True)
 
-    def _capture(self, bucket: int) -> _Bucket:
-        head, embed, k, limit = self.head, self.embed, self.k, self.limit
-        c = head.config
-        ctx_k, ctx_v = self.ctx_k[:bucket], self.ctx_v[:bucket]
-        ctx_len, committed, last = self.ctx_len[:bucket], self.committed[:bucket], self.last[:bucket]
-        d2t = head.d2t if limit is None else head.d2t[:limit]
-        context = torch.arange(self.max_len, device=self.device)
-        steps = torch.arange(k, device=self.device)
+    def _accept_graph(self, bucket: int, span: int) -> _Graphed:
+        graphed = self._accepts.get((bucket, span))
+        if graphed is None:
+            head, embed, slots, w = self.head, self.embed, self.slots, self.width
+            keys, values, last = slots.k[:bucket, :, :span], slots.v[:bucket, :, :span], slots.last[:bucket]
+            inputs, features = self.accept_inputs[:bucket], self.features[:bucket]
 
-        def next_draft(a: torch.Tensor) -> torch.Tensor:
-            logits = head.logits(a)  # [bucket, S]
-            if limit is not None:
-                logits = logits[:, :limit]
-            return d2t[logits.argmax(dim=-1)]
+            def accept() -> None:
+                accept_rows(head, embed, keys, values, last, head.fuse(features), inputs[:, 3:3 + w],
+                            inputs[:, 0], inputs[:, 1], inputs[:, 2])
+            graphed = self._accepts[bucket, span] = self._graph(accept)
+        return graphed
 
-        def draft() -> torch.Tensor:
-            drafts = [next_draft(last)]
-            a = last.unsqueeze(1)  # [bucket, 1, H]
-            draft_k = ctx_k.new_zeros(bucket, c.num_kv_heads, k, c.head_dim)
-            draft_v = torch.zeros_like(draft_k)
-            seen_context = context[None, :] < ctx_len[:, None]  # [bucket, max_len]
-            for j in range(1, k):
-                emb = embed(drafts[-1][:, None]).to(a.dtype)  # [bucket, 1, H]
-                x = torch.cat([head.embed_norm(emb), head.feature_norm(a)], dim=-1)
-                heads = head.qkv_proj(x).view(bucket, 1, c.num_heads + 2 * c.num_kv_heads, c.head_dim)
-                split = [c.num_heads, c.num_kv_heads, c.num_kv_heads]
-                q, new_k, new_v = heads.transpose(1, 2).split(split, dim=1)
-                cos, sin = head.rope(committed + (j - 1))  # [bucket, D/2]: each row at its own position
-                cos, sin = cos[:, None, None, :], sin[:, None, None, :]
-                q, new_k = rotate(q, cos, sin), rotate(new_k, cos, sin)
-                draft_k[:, :, j - 1] = new_k[:, :, 0]
-                draft_v[:, :, j - 1] = new_v[:, :, 0]
-                seen = torch.cat([seen_context, (steps < j)[None, :].expand(bucket, k)], dim=1)
-                a = head.finish(a, q, torch.cat([ctx_k, draft_k], dim=2), torch.cat([ctx_v, draft_v], dim=2),
-                                seen[:, None, None, :])
-                drafts.append(next_draft(a[:, -1]))
-            return torch.stack(drafts, dim=1)
+    def _propose_graph(self, bucket: int, span: int, steps: int) -> _Graphed:
+        graphed = self._proposes.get((bucket, span, steps))
+        if graphed is None:
+            head, embed, slots, limit = self.head, self.embed, self.slots, self.limit
+            keys, values, last = slots.k[:bucket, :, :span], slots.v[:bucket, :, :span], slots.last[:bucket]
+            inputs = self.propose_inputs[:bucket]
 
-        if self.device.type != "cuda":
-            return _Bucket(None, draft, draft())
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
+            def propose() -> torch.Tensor:
+                return propose_rows(head, embed, keys, values, last, inputs[:, 0], inputs[:, 1], steps, limit)
+            graphed = self._proposes[bucket, span, steps] = self._graph(propose)
+        return graphed
+
+    def _graph(self, run: Callable[[], torch.Tensor | None]) -> _Graphed:
+        """`run` captured in a CUDA graph (in the graphs' shared pool); on CPU it stays eager."""
+        slots = self.slots
+        if slots.device.type != "cuda":
+            return _Graphed(run)
+        if slots.in_use:  # warm-up and capture run for real and write into the slots they cover
+            raise RuntimeError("capture the head graphs (capture_all) before any drafter takes a slot")
+        self.accept_inputs.zero_()  # every slot free: nothing accepted, rows written at 0 .. width - 1
+        self.propose_inputs.zero_()
+        device = slots.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up: lets cuBLAS and SDPA pick their kernels
             for _ in range(2):
-                draft()
-        torch.cuda.current_stream(self.device).wait_stream(side)
+                run()
+        torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            drafts = draft()
+            out = run()
         self._pool = self._pool or graph.pool()
-        return _Bucket(graph, draft, drafts)
+        return _Graphed(run, graph, out)
+
+
+def context_spans(capacity: int, first: int) -> tuple[int, ...]:
+    """The head KV lengths graphs attend over: first, 4·first, … below `capacity`, then `capacity`."""
+    spans = []
+    span = first
+    while span < capacity:
+        spans.append(span)
+        span *= 4
+    return (*spans, capacity)

@@ -19,6 +19,7 @@ from engine.spec.draft_head import DEFAULT_HEAD_PATH, DraftHead
 from engine.spec.drafter import Drafter
 from engine.spec.head_drafter import HeadDrafter
 from engine.spec.head_graphs import HeadDraftGraphs
+from engine.spec.head_slots import SlotHeadDrafter
 from engine.spec.head_tree import head_tree_drafts
 from engine.spec.ngram import NgramDrafter
 from engine.spec.target_forward import LayerCapture
@@ -125,14 +126,16 @@ class Speculator:
     def after_step(self, batch: SchedulerOutput) -> None:
         """After the scheduler's postprocess: drafters learn what each sampling chunk accepted, then draft."""
         for seq in batch.preempted:
-            self._drafts.pop(seq.request_id, None)
+            self.drop(seq.request_id)
         sequences = len(batch.chunks)
         proposing: list[tuple[Sequence, _Draft]] = []
+        batched: list[tuple[SlotHeadDrafter, list[int], list[int]]] = []  # the graphs' accept
+        graphs = self.draft_graphs
         learn_s = 0.0
         for chunk in batch.chunks:
             seq = chunk.seq
             if seq.status is not SequenceStatus.RUNNING:  # finished or aborted: its drafter goes too
-                self._drafts.pop(seq.request_id, None)
+                self.drop(seq.request_id)
                 continue
             if not chunk.num_sampled:
                 continue
@@ -145,6 +148,12 @@ class Speculator:
                 rows = range(seq.num_tokens - 1 - chunk.start)
             else:  # the walked path's rows
                 rows = chunk.tree.path(seq.token_ids[chunk.output_start:chunk.output_start + kept])
+            if state is not None and graphs is not None and graphs.batches(state.drafter, chunk.start,
+                                                                            len(rows)):
+                first, _ = self._rows[seq.request_id]
+                batched.append((state.drafter, seq.token_ids, [first + r for r in rows]))
+                proposing.append((seq, state))
+                continue
             features = self._chunk_features(seq.request_id, rows)
             t0 = time.perf_counter()
             if state is None or not self._learn(state.drafter, seq, chunk.start, features):
@@ -153,6 +162,10 @@ class Speculator:
                     continue
             learn_s += time.perf_counter() - t0
             proposing.append((seq, state))
+        if batched:
+            t0 = time.perf_counter()
+            graphs.accept(batched, self._features)
+            learn_s += time.perf_counter() - t0
         self._features = None
         t1 = time.perf_counter()
         drafted = self._propose_all(proposing, sequences)
@@ -170,8 +183,7 @@ class Speculator:
         elif fused_features is None:
             return
         else:
-            drafter = HeadDrafter(self.head, self.embed, first_position=seq.num_tokens - 2,
-                                  sampling=seq.sampling)
+            drafter = self._head_drafter(seq, seq.num_tokens - 2)
             drafter.accept_fused(seq.token_ids, fused_features.reshape(1, -1))
             state = _Draft(drafter, self._length())
             self._drafts[seq.request_id] = state
@@ -179,15 +191,18 @@ class Speculator:
             self._propose(seq, state, min(_room(seq), state.length.next(max(self.num_drafting, 1))))
 
     def draft_in_graphs(self, max_num_seqs: int, max_len: int) -> None:
-        """CUDA: greedy head drafts come from one graph replay per step for the whole batch (HeadDraftGraphs,
-        captured now) instead of k eager head steps per sequence."""
+        """CUDA: the head's KV lives in one slot per sequence, its accepts come from one graph replay per
+        step for the whole batch and so do greedy drafts (HeadDraftGraphs, captured now), instead of
+        eager head forwards per sequence. Drafters started from now on take a slot."""
         if self.head is None:
             raise ValueError("only the draft head drafts in graphs")
         self.draft_graphs = HeadDraftGraphs(self.head, self.embed, max_num_seqs, max_len, self.config.k)
         self.draft_graphs.capture_all()
 
     def drop(self, request_id: str) -> None:
-        self._drafts.pop(request_id, None)
+        state = self._drafts.pop(request_id, None)
+        if state is not None and isinstance(state.drafter, SlotHeadDrafter):
+            state.drafter.release()  # its slot in the draft graphs' buffers
 
     def fused_features(self, request_id: str) -> torch.Tensor | None:
         """The head's fused input feature [H] of the last position `request_id` computed in the step just
@@ -235,11 +250,20 @@ class Speculator:
         elif features is None:
             return None
         else:
-            drafter = HeadDrafter(self.head, self.embed, first_position=start, sampling=seq.sampling)
+            drafter = self._head_drafter(seq, start)
             drafter.accept(seq.token_ids, features)
         state = _Draft(drafter, self._length())
         self._drafts[seq.request_id] = state
         return state
+
+    def _head_drafter(self, seq: Sequence, first_position: int) -> HeadDrafter:
+        """With the draft graphs, a drafter in a slot of theirs (while one is free)."""
+        self.drop(seq.request_id)  # a restarted sequence gives its old slot back first
+        if self.draft_graphs is not None:
+            drafter = self.draft_graphs.new_drafter(first_position, seq.sampling)
+            if drafter is not None:
+                return drafter
+        return HeadDrafter(self.head, self.embed, first_position=first_position, sampling=seq.sampling)
 
     def _length(self) -> AdaptiveK:
         config = self.config
@@ -258,9 +282,9 @@ class Speculator:
             (seq, state, n) for seq, state, n in wanted
             if n > 0 and isinstance(state.drafter, HeadDrafter) and graphs.serves(state.drafter)]
         if batched:
-            drafts = graphs.propose([state.drafter for _, state, _ in batched])
+            drafts = graphs.propose([state.drafter for _, state, _ in batched], max(n for _, _, n in batched))
             for (seq, _, n), ids in zip(batched, drafts, strict=True):
-                # The first n of the graph's k drafts are what the drafter's propose(n) gives.
+                # The first n of the graph's drafts are what the drafter's propose(n) gives.
                 seq.draft_token_ids, seq.draft_probs = ids[:n], None
         done = {id(seq) for seq, _, _ in batched}
         for seq, state, n in wanted:

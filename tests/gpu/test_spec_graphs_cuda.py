@@ -157,28 +157,10 @@ def test_graphed_verify_step_equals_the_eager_step_with_its_features(model, draf
     capture.close()
 
 
-def test_graphed_head_drafts_equal_each_drafters_eager_drafts(head_path) -> None:
-    from torch import nn
+def test_graphed_head_accept_and_drafts_equal_each_drafters_own() -> None:
+    """The batched accept and drafting graphs over slot-resident head KV, replayed through steps of
+    different acceptance, aborts and arrivals: each sequence's head KV, last output and greedy drafts equal
+    its own eager HeadDrafter's (fp32); sampled drafts over a slot its seeded ones; the accept never syncs."""
+    from tests.unit.test_head_slots_batched import run_scenario
 
-    from engine.spec.head_drafter import HeadDrafter
-    from engine.spec.head_graphs import HeadDraftGraphs
-
-    head = DraftHead.load(head_path, CUDA, torch.float32)
-    for p in head.parameters():
-        nn.init.normal_(p, std=0.3)  # away from argmax ties between the batched and per-sequence math
-    embed = nn.Embedding(TINY.vocab_size, TINY.hidden_size, device=CUDA)
-    nn.init.normal_(embed.weight)
-    graphs = HeadDraftGraphs(head, embed, max_num_seqs=4, max_len=256, k=5)
-    graphs.capture_all()
-    gen = torch.Generator().manual_seed(0)
-    drafters = []
-    for n, first in ((9, 0), (70, 30), (2, 0)):
-        ids = torch.randint(0, TINY.vocab_size, (n,), generator=gen).tolist()
-        features = torch.randn(n - 1 - first, len(FEATURES) * TINY.hidden_size, generator=gen).to(CUDA)
-        drafter = HeadDrafter(head, embed, first_position=first)
-        drafter.accept(ids, features)
-        drafters.append(drafter)
-    with torch.no_grad():
-        expected = [d.propose(5) for d in drafters]
-        assert graphs.propose(drafters) == expected
-        assert graphs.propose(drafters[1:]) == expected[1:]
+    assert run_scenario(CUDA, capture=True, steps=12) == 12
