@@ -77,7 +77,7 @@ INT8_DECODE_TILES: tuple[tuple[int, int, int] | None, ...] = (
 # (0.34–0.39x the bf16 cache's time on an H100 at ctx 8k, docs/benchmarks.md). 1 leads on ptxas's sm_90
 # code (decode loop 2141 instructions, no spills, vs 9459 with 3856 local-memory spill loads and stores;
 # prefill 2448 vs 6546: docs/benchmarks.md); bench/kernels/quant_gpu_attention.py times both in decode.
-INT4_DEQUANT_MODES: tuple[int, ...] = (1, 0, 2)
+INT4_DEQUANT_MODES: tuple[int, ...] = (1, 0)
 # int8 KV decode dots (tiles.attend_kv's INT8_FP16), the first the launch's: False puts the codes in the
 # query's dtype (bf16: a conversion a value); True converts the query to float16 once, the codes by bit
 # tricks.

@@ -76,8 +76,7 @@ def _decode_kernel(
         k0, v0 = load_kv(k_cache_ptr, v_cache_ptr, block_row, pos0, kv_head, stride_cb, stride_ct, stride_ch,
                           pos0 < tl.minimum(end, seq_len - 1), HEAD_DIM, BLOCK_D, BLOCK_SIZE, True,
                           k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_ks_slot, stride_ks_h,
-                          stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP, INT4_DEQUANT,
-                          q_ptr.dtype.element_ty)
+                          stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP, INT4_DEQUANT)
         first = start + BLOCK_N
     pdl_wait(USE_PDL)  # q and this step's KV come from the kernels before (kernels/pdl.py)
     pdl_release(USE_PDL)
@@ -103,8 +102,7 @@ def _decode_kernel(
         kn, vn = load_kv(k_cache_ptr, v_cache_ptr, block_row, pos0, kv_head, stride_cb, stride_ct, stride_ch,
                           newest, HEAD_DIM, BLOCK_D, BLOCK_SIZE, True,
                           k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_ks_slot, stride_ks_h,
-                          stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP, INT4_DEQUANT,
-                          q_ptr.dtype.element_ty)
+                          stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP, INT4_DEQUANT)
         k0 = tl.where(newest[:, None], kn, k0)
         v0 = tl.where(newest[:, None], vn, v0)
         acc, m_i, l_i = attend_kv(acc, m_i, l_i, q, 0, k0, v0, pos0, pos0 < end, scale_log2, True, False,

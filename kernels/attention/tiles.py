@@ -13,13 +13,11 @@ def load_kv(k_cache_ptr, v_cache_ptr, block_row, pos, kv_head, stride_cb, stride
              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr,
              k_scale_ptr=None, k_zero_ptr=None, v_scale_ptr=None, v_zero_ptr=None, stride_ks_slot=0,
              stride_ks_h=0, stride_vs_slot=0, stride_vs_h=0, KV_BITS: tl.constexpr = 0,
-             K_GROUP: tl.constexpr = 0, V_GROUP: tl.constexpr = 0, INT4_DEQUANT: tl.constexpr = 0,
-             DOT_DTYPE: tl.constexpr = tl.float32):
+             K_GROUP: tl.constexpr = 0, V_GROUP: tl.constexpr = 0, INT4_DEQUANT: tl.constexpr = 0):
     """K and V [len(pos), BLOCK_D] of one KV head at token positions `pos`, through the block table. MASKED:
     only rows where `valid` (the rest read as zeros, no memory traffic). KV_BITS 8 / 4: the cache holds
-    quantized codes (kernels/store_kv/quant.py), dequantized here to float32 tiles with their scales (int4
-    mode 2: rounded to DOT_DTYPE, the dots' operand type); 0: the cache's own dtype, as stored. INT4_DEQUANT
-    picks the int4 dequantization (_dequantize)."""
+    quantized codes (kernels/store_kv/quant.py), dequantized here to float32 tiles with their scales; 0: the
+    cache's own dtype, as stored. INT4_DEQUANT picks the int4 dequantization (_dequantize_int4_groups)."""
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d[None, :] < HEAD_DIM
     if MASKED:
@@ -36,11 +34,9 @@ def load_kv(k_cache_ptr, v_cache_ptr, block_row, pos, kv_head, stride_cb, stride
     else:  # quantized caches have power-of-two head dims: BLOCK_D == HEAD_DIM, no column mask
         slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
         k = _dequantize(k_cache_ptr, k_scale_ptr, k_zero_ptr, token_off, slot * stride_ks_slot
-                        + kv_head * stride_ks_h, valid, MASKED, KV_BITS, K_GROUP, BLOCK_D, INT4_DEQUANT,
-                        DOT_DTYPE)
+                        + kv_head * stride_ks_h, valid, MASKED, KV_BITS, K_GROUP, BLOCK_D, INT4_DEQUANT)
         v = _dequantize(v_cache_ptr, v_scale_ptr, v_zero_ptr, token_off, slot * stride_vs_slot
-                        + kv_head * stride_vs_h, valid, MASKED, KV_BITS, V_GROUP, BLOCK_D, INT4_DEQUANT,
-                        DOT_DTYPE)
+                        + kv_head * stride_vs_h, valid, MASKED, KV_BITS, V_GROUP, BLOCK_D, INT4_DEQUANT)
     return k, v
 
 
@@ -69,12 +65,11 @@ def load_kv_int8(k_cache_ptr, v_cache_ptr, block_row, pos, kv_head, stride_cb, s
 @triton.jit
 def _dequantize(codes_ptr, scale_ptr, zero_ptr, token_off, scale_off, valid, MASKED: tl.constexpr,
                 BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr,
-                INT4_DEQUANT: tl.constexpr = 0, DOT_DTYPE: tl.constexpr = tl.float32):
+                INT4_DEQUANT: tl.constexpr = 0):
     """float32 [N, BLOCK_D] of quantized rows (BLOCK_D = head_dim): int8 codes times their row scale, or int4
     pairs unpacked (low nibble first) times their group scale plus zero. MASKED: rows not `valid` read 0.
     INT4_DEQUANT 0: a scale and a zero gathered per value, codes converted int → float; 1:
-    _dequantize_int4_groups; 2: the same, each half rounded to DOT_DTYPE before the halves interleave (the
-    dots round them to it anyway: the same values, half the register tile through the join)."""
+    _dequantize_int4_groups."""
     N: tl.constexpr = token_off.shape[0]
     offs_d = tl.arange(0, BLOCK_D)
     # One return, after both constexpr branches: the compiler (unlike the interpreter) still generates code
@@ -85,10 +80,7 @@ def _dequantize(codes_ptr, scale_ptr, zero_ptr, token_off, scale_off, valid, MAS
         rows = codes.to(tl.float32) * scale.to(tl.float32)[:, None]
     elif INT4_DEQUANT == 1:
         rows = _dequantize_int4_groups(codes_ptr, scale_ptr, zero_ptr, token_off, scale_off, valid, MASKED,
-                                       GROUP, BLOCK_D, tl.float32)
-    elif INT4_DEQUANT == 2:
-        rows = _dequantize_int4_groups(codes_ptr, scale_ptr, zero_ptr, token_off, scale_off, valid, MASKED,
-                                       GROUP, BLOCK_D, DOT_DTYPE)
+                                       GROUP, BLOCK_D)
     else:
         pairs = tl.arange(0, BLOCK_D // 2)
         packed = _rows(codes_ptr + token_off[:, None] + pairs[None, :], valid[:, None], MASKED)
@@ -102,7 +94,7 @@ def _dequantize(codes_ptr, scale_ptr, zero_ptr, token_off, scale_off, valid, MAS
 
 @triton.jit
 def _dequantize_int4_groups(codes_ptr, scale_ptr, zero_ptr, token_off, scale_off, valid, MASKED: tl.constexpr,
-                            GROUP: tl.constexpr, BLOCK_D: tl.constexpr, OUT_DTYPE: tl.constexpr):
+                            GROUP: tl.constexpr, BLOCK_D: tl.constexpr):
     """_dequantize's int4 rows with a load per group, not per value, and no int → float conversion.
 
     The packed tile is viewed [N, groups, GROUP / 2] so each group's scale and zero load once ([N, groups],
@@ -120,8 +112,8 @@ def _dequantize_int4_groups(codes_ptr, scale_ptr, zero_ptr, token_off, scale_off
     low = _rows(zero_ptr + groups, valid[:, None], MASKED).to(tl.float32) - s16
     s16 = s16[:, :, None]
     low = low[:, :, None]
-    even = (((packed << 19) & 0x00780000 | 0x3F800000).to(tl.float32, bitcast=True) * s16 + low).to(OUT_DTYPE)
-    odd = (((packed << 15) & 0x00780000 | 0x3F800000).to(tl.float32, bitcast=True) * s16 + low).to(OUT_DTYPE)
+    even = ((packed << 19) & 0x00780000 | 0x3F800000).to(tl.float32, bitcast=True) * s16 + low
+    odd = ((packed << 15) & 0x00780000 | 0x3F800000).to(tl.float32, bitcast=True) * s16 + low
     return tl.reshape(tl.join(even, odd), [N, BLOCK_D])
 
 
@@ -217,7 +209,7 @@ def attend_tile(
         k, v = load_kv(k_cache_ptr, v_cache_ptr, block_row, pos, kv_head, stride_cb, stride_ct, stride_ch,
                        valid, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BOUNDED, k_scale_ptr, k_zero_ptr, v_scale_ptr,
                        v_zero_ptr, stride_ks_slot, stride_ks_h, stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP,
-                       V_GROUP, INT4_DEQUANT, q.dtype)
+                       V_GROUP, INT4_DEQUANT)
         acc, m_i, l_i = attend_kv(acc, m_i, l_i, q, q_pos, k, v, pos, valid, scale_log2, BOUNDED, CAUSAL,
                                   DOT_PRECISION, tree_bits, chunk_start, TREE)
     return acc, m_i, l_i
