@@ -23,12 +23,15 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
-    """KV splits per (sequence, KV head): enough programs for ~2 waves on the GPU, >= 64 tokens per split."""
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device,
+                      kv_bits: int = 0) -> int:
+    """KV splits per (sequence, KV head): enough programs for ~2 waves on the GPU (int4 caches:
+    INT4_SPLIT_WAVES times that, up to twice the splits), >= 64 tokens per split."""
     programs = num_seqs * num_kv_heads
-    wanted = -(-2 * _num_sms(device) // max(programs, 1))
+    waves = INT4_SPLIT_WAVES if kv_bits == 4 else 1
+    wanted = -(-2 * waves * _num_sms(device) // max(programs, 1))
     by_length = max(max_seq_len // _MIN_TOKENS_PER_SPLIT, 1)
-    return max(1, min(wanted, by_length, _MAX_SPLITS))
+    return max(1, min(wanted, by_length, _MAX_SPLITS * (2 if kv_bits == 4 else 1)))
 
 
 def merge_in_place(num_splits: int) -> bool:
@@ -78,6 +81,14 @@ INT8_DECODE_TILES: tuple[tuple[int, int, int] | None, ...] = (
 # code (decode loop 2141 instructions, no spills, vs 9459 with 3856 local-memory spill loads and stores;
 # prefill 2448 vs 6546: docs/benchmarks.md); bench/kernels/quant_gpu_attention.py times both in decode.
 INT4_DEQUANT_MODES: tuple[int, ...] = (1, 0)
+# int4 KV decode launches (head_dim 128): (BLOCK_N, num_warps, num_stages) and split count. With the bf16
+# cache's 64-key tiles and ~2 waves of programs int4 ran at 0.56–0.82x the bf16 cache's time on an H100 at ctx
+# 8k; 32-key tiles, 3 stages and ~4x the splits gave 0.86–0.93x in the same run (num_stages changed nothing:
+# the pipeliner does not prefetch these loads; docs/benchmarks.md, "int4 KV decode: tiles, splits, prefetch").
+INT4_DECODE_TILES: tuple[int, int, int] = (32, 4, 3)
+INT4_SPLIT_WAVES = 4
+# int4 decode whole tiles loaded one tile ahead (int4_tiles.attend_int4_tiles), the first the launch's.
+INT4_PREFETCH_MODES: tuple[bool, ...] = (True, False)
 # int8 KV decode dots (tiles.attend_kv's INT8_FP16), the first the launch's: False puts the codes in the
 # query's dtype (bf16: a conversion a value); True converts the query to float16 once, the codes by bit
 # tricks.
@@ -98,6 +109,8 @@ def decode_config(head_dim: int, interpreted: bool, programs: int = 1,
         return 32, 4, 2
     if kv_bits == 8 and head_dim == 128 and INT8_DECODE_TILES[0] is not None:
         return INT8_DECODE_TILES[0]
+    if kv_bits == 4 and head_dim == 128:
+        return INT4_DECODE_TILES
     sms = _num_sms(device) if device is not None else 132
     fill2, fill3 = (_last_wave_fill(programs, _programs_per_sm(s), sms) for s in (2, 3))
     return (64, 4, 2) if fill2 >= fill3 else (64, 4, 3)
