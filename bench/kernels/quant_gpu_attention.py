@@ -12,7 +12,6 @@ from engine.kv_cache import KVCache, dtype_name
 from kernels.attention.config import (
     INT4_DECODE_TILES,
     INT4_DEQUANT_MODES,
-    INT4_PREFETCH_MODES,
     INT8_DECODE_TILES,
     INT8_FP16_MODES,
     choose_num_splits,
@@ -21,8 +20,8 @@ from kernels.attention.metadata import AttentionMetadata, SeqSpan
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16  # Llama-3-8B
 REFERENCE_MAX_TOKENS = 64 * 1024  # the torch reference checks batches up to this many cached tokens
-# int4 decode tiles the sweep tries (the launch's first): the neighbours of the round-5 choice
-INT4_TILE_SWEEP = (INT4_DECODE_TILES, (32, 4, 2), (64, 4, 3), (32, 8, 3))
+# int4 decode tiles the sweep tries (the launch's first), the round-5 sweep's closest rivals
+INT4_TILE_SWEEP = (INT4_DECODE_TILES, (64, 4, 3), (32, 4, 2))
 
 
 def decode_batch(batch: int, context: int, device: torch.device) -> tuple[AttentionMetadata, int]:
@@ -77,25 +76,22 @@ def attention_case(run: Run, batch: int, context: int) -> dict:
 
 def int4_sweep(run: Run, q: torch.Tensor, k_cache, v_cache, meta: AttentionMetadata, scale: float, shape: str,
                base_ms: float, roof_ms: float) -> dict:
-    """The int4 cache with its tiles loaded one ahead or not (config.INT4_PREFETCH_MODES) under
-    INT4_TILE_SWEEP tiles at the automatic split count, half and twice it; then every
-    config.INT4_DEQUANT_MODES mode at the launch's tiles and splits."""
+    """The int4 cache under INT4_TILE_SWEEP tiles at the automatic split count, half and twice it; then every
+    config.INT4_DEQUANT_MODES mode at the launch's tiles and split count."""
     from kernels.attention.kernel import paged_decode_attention
 
     ref = reference(q, k_cache, v_cache, meta, scale)
     auto = choose_num_splits(q.shape[0], KV_HEADS, meta.max_seq_len, q.device, kv_bits=4)
-    tiles_list = INT4_TILE_SWEEP if q.device.type == "cuda" else INT4_TILE_SWEEP[:1]
     results, best = {}, None
-    for tiles in tiles_list:
+    for tiles in INT4_TILE_SWEEP if q.device.type == "cuda" else INT4_TILE_SWEEP[:1]:
         for splits in sorted({max(1, auto // 2), auto, min(2 * auto, 64)}):
-            for prefetch in INT4_PREFETCH_MODES:
-                config = f"tiles={tiles} splits={splits} prefetch={prefetch}"
-                entry = timed(run, shape, "decode KV int4 sweep", config, base_ms, roof_ms, ref,
-                              lambda t=tiles, n=splits, p=prefetch: paged_decode_attention(
-                                  q, k_cache, v_cache, meta, scale, n, t, int4_prefetch=p))
-                if entry:
-                    results[config] = entry
-                    best = entry if faster(entry, best) else best
+            config = f"tiles={tiles} splits={splits}"
+            entry = timed(run, shape, "decode KV int4 sweep", config, base_ms, roof_ms, ref,
+                          lambda t=tiles, n=splits: paged_decode_attention(
+                              q, k_cache, v_cache, meta, scale, n, t))
+            if entry:
+                results[config] = entry
+                best = entry if faster(entry, best) else best
     for mode in INT4_DEQUANT_MODES:
         config = f"int4_dequant={mode}"
         entry = timed(run, shape, "decode KV int4 sweep", config, base_ms, roof_ms, ref,

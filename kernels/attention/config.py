@@ -81,14 +81,13 @@ INT8_DECODE_TILES: tuple[tuple[int, int, int] | None, ...] = (
 # code (decode loop 2141 instructions, no spills, vs 9459 with 3856 local-memory spill loads and stores;
 # prefill 2448 vs 6546: docs/benchmarks.md); bench/kernels/quant_gpu_attention.py times both in decode.
 INT4_DEQUANT_MODES: tuple[int, ...] = (1, 0)
-# int4 KV decode launches (head_dim 128): (BLOCK_N, num_warps, num_stages) and split count. With the bf16
-# cache's 64-key tiles and ~2 waves of programs int4 ran at 0.56–0.82x the bf16 cache's time on an H100 at ctx
-# 8k; 32-key tiles, 3 stages and ~4x the splits gave 0.86–0.93x in the same run (num_stages changed nothing:
-# the pipeliner does not prefetch these loads; docs/benchmarks.md, "int4 KV decode: tiles, splits, prefetch").
+# int4 KV decode launches (head_dim 128): (BLOCK_N, num_warps, num_stages) and how many more programs than
+# config's ~2 waves. With the bf16 cache's 64-key tiles and ~2 waves int4 ran at 0.70–0.83x the bf16 cache's
+# time on an H100 at ctx 8k; 32-key tiles, 3 stages and 4x the waves 0.84–1.00x in the same run (num_stages
+# alone changed nothing, and loading each tile one iteration ahead by hand lost: docs/benchmarks.md, "int4 KV
+# decode: tiles, splits, a hand prefetch").
 INT4_DECODE_TILES: tuple[int, int, int] = (32, 4, 3)
 INT4_SPLIT_WAVES = 4
-# int4 decode whole tiles loaded one tile ahead (int4_tiles.attend_int4_tiles), the first the launch's.
-INT4_PREFETCH_MODES: tuple[bool, ...] = (True, False)
 # int8 KV decode dots (tiles.attend_kv's INT8_FP16), the first the launch's: False puts the codes in the
 # query's dtype (bf16: a conversion a value); True converts the query to float16 once, the codes by bit
 # tricks.

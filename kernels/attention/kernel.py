@@ -9,7 +9,6 @@ import triton.language as tl
 
 from kernels.attention.config import (
     INT4_DEQUANT_MODES,
-    INT4_PREFETCH_MODES,
     INT8_FP16_MODES,
     arrival_counters,
     choose_num_splits,
@@ -18,7 +17,6 @@ from kernels.attention.config import (
     prefill_config,
     preload_first_tile,
 )
-from kernels.attention.int4_tiles import attend_int4_tiles
 from kernels.attention.operands import check_operands, dot_precision, quantized_args
 from kernels.attention.tiles import NEG_BIG, attend_kv, attend_tile, load_kv, merge_splits
 from kernels.pdl import pdl_launch, pdl_release, pdl_wait
@@ -44,14 +42,13 @@ def _decode_kernel(
     k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
     stride_ks_slot, stride_ks_h, stride_vs_slot, stride_vs_h,
     KV_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr, HADAMARD: tl.constexpr,
-    INT4_DEQUANT: tl.constexpr = 0, INT8_FP16: tl.constexpr = False, INT4_PREFETCH: tl.constexpr = False,
+    INT4_DEQUANT: tl.constexpr = 0, INT8_FP16: tl.constexpr = False,
 ):
     """One program: one sequence, one KV head (all its GROUP query heads packed as dot rows), one KV split.
 
     MIXED: the batch also holds multi-row chunks (the prefill kernel's); this kernel serves 1-row sequences.
     KV_BITS 8 / 4: a quantized cache (tiles dequantized in registers, int4 ones as INT4_DEQUANT picks; int8
-    ones in float16 dots under INT8_FP16, tiles.int8_fp16; INT4_PREFETCH: int4 whole tiles loaded one ahead,
-    int4_tiles.attend_int4_tiles);
+    ones in float16 dots under INT8_FP16, tiles.int8_fp16);
     HADAMARD: its rows are stored rotated, so q is rotated the same way and the output rotated back.
     """
     seq = tl.program_id(0)
@@ -112,20 +109,13 @@ def _decode_kernel(
                                    DOT_PRECISION)
     # Whole tiles first (no masks), then at most one tile that runs past `end`.
     full_end = first + tl.maximum(end - first, 0) // BLOCK_N * BLOCK_N
-    if KV_BITS == 4 and INT4_PREFETCH:
-        acc, m_i, l_i = attend_int4_tiles(
-            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block_row, first, full_end, kv_head, stride_cb,
-            stride_ct, stride_ch, scale_log2, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
-            stride_ks_slot, stride_ks_h, stride_vs_slot, stride_vs_h, K_GROUP, V_GROUP, BLOCK_D, BLOCK_N,
-            BLOCK_SIZE, DOT_PRECISION)
-    else:
-        for n0 in range(first, full_end, BLOCK_N):
-            acc, m_i, l_i = attend_tile(
-                acc, m_i, l_i, q, 0, k_cache_ptr, v_cache_ptr, block_row, n0, end, kv_head, stride_cb,
-                stride_ct, stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, False, False,
-                DOT_PRECISION, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_ks_slot, stride_ks_h,
-                stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP, INT4_DEQUANT=INT4_DEQUANT,
-                INT8_FP16=INT8_FP16)
+    for n0 in range(first, full_end, BLOCK_N):
+        acc, m_i, l_i = attend_tile(
+            acc, m_i, l_i, q, 0, k_cache_ptr, v_cache_ptr, block_row, n0, end, kv_head, stride_cb, stride_ct,
+            stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, False, False, DOT_PRECISION,
+            k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_ks_slot, stride_ks_h,
+            stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP, INT4_DEQUANT=INT4_DEQUANT,
+            INT8_FP16=INT8_FP16)
     for n0 in range(full_end, end, BLOCK_N):
         acc, m_i, l_i = attend_tile(
             acc, m_i, l_i, q, 0, k_cache_ptr, v_cache_ptr, block_row, n0, end, kv_head, stride_cb, stride_ct,
@@ -262,7 +252,7 @@ def _prefill_kernel(
 def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                    scale: float, out: torch.Tensor, num_splits: int | None, mixed: bool, quant: dict,
                    tiles: tuple[int, int, int] | None = None, int4_dequant: int | None = None,
-                   int8_fp16: bool | None = None, int4_prefetch: bool | None = None) -> None:
+                   int8_fp16: bool | None = None) -> None:
     num_seqs = meta.seq_lens.shape[0]
     _, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -299,7 +289,6 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         DOT_PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
         INT4_DEQUANT=INT4_DEQUANT_MODES[0] if int4_dequant is None else int4_dequant,
         INT8_FP16=kv_bits == 8 and (INT8_FP16_MODES[0] if int8_fp16 is None else int8_fp16),
-        INT4_PREFETCH=INT4_PREFETCH_MODES[0] if int4_prefetch is None else int4_prefetch,
         **pdl_launch(q.device), **quant,
     )
     if num_splits > 1 and not in_place:
@@ -332,18 +321,16 @@ def _launch_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 def paged_decode_attention(
     q: torch.Tensor, k_cache: KVOperand, v_cache: KVOperand, meta: AttentionMetadata, scale: float,
     num_splits: int | None = None, tiles: tuple[int, int, int] | None = None, int4_dequant: int | None = None,
-    int8_fp16: bool | None = None, int4_prefetch: bool | None = None,
+    int8_fp16: bool | None = None,
 ) -> torch.Tensor:
     """Decode-only batch (every sequence brings one query row) → [B, Hq, D]. `num_splits` None = auto;
-    `tiles` (BLOCK_N, num_warps, num_stages) None = config.decode_config's; `int4_dequant` / `int8_fp16` /
-    `int4_prefetch` None = config.INT4_DEQUANT_MODES[0] / INT8_FP16_MODES[0] / INT4_PREFETCH_MODES[0] (the
-    bench sweeps the others)."""
+    `tiles` (BLOCK_N, num_warps, num_stages) None = config.decode_config's; `int4_dequant` /
+    `int8_fp16` None = config.INT4_DEQUANT_MODES[0] / INT8_FP16_MODES[0] (the bench sweeps the others)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_cache, v_cache, quant = quantized_args(k_cache, v_cache)
     if q.shape[0]:
         _launch_decode(q, k_cache, v_cache, meta, scale, out, num_splits, mixed=False, quant=quant,
-                       tiles=tiles, int4_dequant=int4_dequant, int8_fp16=int8_fp16,
-                       int4_prefetch=int4_prefetch)
+                       tiles=tiles, int4_dequant=int4_dequant, int8_fp16=int8_fp16)
     return out
 
 

@@ -95,32 +95,23 @@ def _dequantize(codes_ptr, scale_ptr, zero_ptr, token_off, scale_off, valid, MAS
 @triton.jit
 def _dequantize_int4_groups(codes_ptr, scale_ptr, zero_ptr, token_off, scale_off, valid, MASKED: tl.constexpr,
                             GROUP: tl.constexpr, BLOCK_D: tl.constexpr):
-    """_dequantize's int4 rows with a load per group, not per value, and no int → float conversion
-    (int4_rows)."""
+    """_dequantize's int4 rows with a load per group, not per value, and no int → float conversion.
+
+    The packed tile is viewed [N, groups, GROUP / 2] so each group's scale and zero load once ([N, groups],
+    one short vector a row) and broadcast. A nibble q becomes f = 1 + q/16 by moving it into mantissa bits
+    19..22 of 1.0 (w4a16_gemv.nibble_float: a shift and an and-or), and q·s + z = 16s·f + (z − 16s): one
+    fp32 multiply-add a value, as exact as the int → float path up to fp32 rounding.
+    """
+    N: tl.constexpr = token_off.shape[0]
+    GROUPS: tl.constexpr = BLOCK_D // GROUP
     pairs = tl.arange(0, BLOCK_D // 2)
     packed = _rows(codes_ptr + token_off[:, None] + pairs[None, :], valid[:, None], MASKED)
-    groups = scale_off[:, None] + tl.arange(0, BLOCK_D // GROUP)[None, :]
-    scale = _rows(scale_ptr + groups, valid[:, None], MASKED)
-    zero = _rows(zero_ptr + groups, valid[:, None], MASKED)
-    return int4_rows(packed, scale, zero, GROUP, BLOCK_D)
-
-
-@triton.jit
-def int4_rows(packed, scale, zero, GROUP: tl.constexpr, BLOCK_D: tl.constexpr):
-    """float32 [N, BLOCK_D] of packed int4 rows [N, BLOCK_D / 2] (low nibble first) with their group scales
-    and zeros [N, BLOCK_D / GROUP].
-
-    The packed tile is viewed [N, groups, GROUP / 2] so each group's scale and zero broadcast over it. A
-    nibble q becomes f = 1 + q/16 by moving it into mantissa bits 19..22 of 1.0 (w4a16_gemv.nibble_float: a
-    shift and an and-or), and q·s + z = 16s·f + (z − 16s): one fp32 multiply-add a value, as exact as the
-    int → float path up to fp32 rounding.
-    """
-    N: tl.constexpr = packed.shape[0]
-    GROUPS: tl.constexpr = BLOCK_D // GROUP
     packed = tl.reshape(packed, [N, GROUPS, GROUP // 2]).to(tl.int32)
-    s16 = 16.0 * scale.to(tl.float32)
-    low = (zero.to(tl.float32) - s16)[:, :, None]
+    groups = scale_off[:, None] + tl.arange(0, GROUPS)[None, :]
+    s16 = 16.0 * _rows(scale_ptr + groups, valid[:, None], MASKED).to(tl.float32)
+    low = _rows(zero_ptr + groups, valid[:, None], MASKED).to(tl.float32) - s16
     s16 = s16[:, :, None]
+    low = low[:, :, None]
     even = ((packed << 19) & 0x00780000 | 0x3F800000).to(tl.float32, bitcast=True) * s16 + low
     odd = ((packed << 15) & 0x00780000 | 0x3F800000).to(tl.float32, bitcast=True) * s16 + low
     return tl.reshape(tl.join(even, odd), [N, BLOCK_D])

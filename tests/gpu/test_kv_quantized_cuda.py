@@ -13,12 +13,7 @@ if not torch.cuda.is_available():
 
 from contracts.kv_cache_spec import KVCacheSpec, scales_for
 from engine.kv_cache import KVCache, with_key_offsets
-from kernels.attention.config import (
-    INT4_DEQUANT_MODES,
-    INT4_PREFETCH_MODES,
-    INT8_DECODE_TILES,
-    INT8_FP16_MODES,
-)
+from kernels.attention.config import INT4_DEQUANT_MODES, INT8_DECODE_TILES, INT8_FP16_MODES
 from kernels.attention.kernel import paged_attention_triton, paged_decode_attention
 from kernels.attention.reference import paged_attention_ref
 from kernels.store_kv.kernel import store_kv_triton
@@ -95,8 +90,7 @@ def test_int8_decode_under_every_swept_tile_matches_the_reference(tiles: tuple[i
 
 
 @pytest.mark.parametrize("mode", INT4_DEQUANT_MODES)
-@pytest.mark.parametrize("prefetch", INT4_PREFETCH_MODES)
-def test_int4_decode_under_every_dequant_mode_matches_the_reference(mode: int, prefetch: bool) -> None:
+def test_int4_decode_under_every_dequant_mode_matches_the_reference(mode: int) -> None:
     q, k_float, v_float, meta = paged_batch([(4095, 1)] * 2 + [(700, 1)] * 6 + [(1, 1)], seed=5)
     kv = cache("int4", k_float.shape[0])
     store_kv_ref(k_float.view(-1, KV_HEADS, HEAD_DIM), v_float.view(-1, KV_HEADS, HEAD_DIM), *kv.layer(0),
@@ -104,6 +98,5 @@ def test_int4_decode_under_every_dequant_mode_matches_the_reference(mode: int, p
     scale = HEAD_DIM ** -0.5
     expected = paged_attention_ref(q, *kv.layer(0), meta, scale)
     for splits in (1, 5):
-        got = paged_decode_attention(q, *kv.layer(0), meta, scale, splits, int4_dequant=mode,
-                                     int4_prefetch=prefetch)
+        got = paged_decode_attention(q, *kv.layer(0), meta, scale, splits, int4_dequant=mode)
         torch.testing.assert_close(got.float(), expected.float(), atol=3e-2, rtol=3e-2)

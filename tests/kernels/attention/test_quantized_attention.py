@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention.config import INT4_DEQUANT_MODES, INT4_PREFETCH_MODES
+from kernels.attention.config import INT4_DEQUANT_MODES
 from kernels.attention.kernel import paged_attention_triton, paged_decode_attention
 from kernels.attention.reference import paged_attention_ref
 from kernels.attention.tiles import int8_fp16
@@ -70,18 +70,14 @@ def test_int8_decode_under_swept_tiles_matches_the_reference() -> None:
 
 
 @pytest.mark.parametrize("int4_dequant", INT4_DEQUANT_MODES)
-@pytest.mark.parametrize("int4_prefetch", INT4_PREFETCH_MODES)
 @pytest.mark.parametrize("key_group, value_group", [(16, 32), (8, 16)])
-def test_int4_decode_under_each_dequant_mode_matches_the_reference(int4_dequant: int, int4_prefetch: bool,
-                                                                   key_group: int, value_group: int) -> None:
-    # several groups a row (scales broadcast per group), a ragged tail, an empty sequence, split-K; 100 keys
-    # give a split several whole tiles (the prefetching loop's steady state and its masked last prefetch)
-    q, k_cache, v_cache, meta = make_batch([(3, 1), (29, 1), (0, 1), (40, 1), (100, 1)], 4, 2, HEAD_DIM, 4,
-                                           True, 11)
+def test_int4_decode_under_each_dequant_mode_matches_the_reference(int4_dequant: int, key_group: int,
+                                                                   value_group: int) -> None:
+    # several groups a row (scales broadcast per group), a ragged tail, an empty sequence, split-K
+    q, k_cache, v_cache, meta = make_batch([(3, 1), (29, 1), (0, 1), (40, 1)], 4, 2, HEAD_DIM, 4, True, 11)
     k, v = quantized(k_cache, "int4", key_group), quantized(v_cache, "int4", value_group)
     expected = paged_attention_ref(q, k, v, meta, HEAD_DIM ** -0.5)
-    got = paged_decode_attention(q, k, v, meta, HEAD_DIM ** -0.5, num_splits=2, int4_dequant=int4_dequant,
-                                 int4_prefetch=int4_prefetch)
+    got = paged_decode_attention(q, k, v, meta, HEAD_DIM ** -0.5, num_splits=2, int4_dequant=int4_dequant)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
 
 
