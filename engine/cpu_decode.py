@@ -17,6 +17,8 @@ from engine.model import LlamaModel
 from engine.quantize.cpu_linears import Q41Linear, Q80Linear
 from engine.quantize.w8a8 import W8A8Linear
 from kernels.activation.reference import silu_mul_ref
+from kernels.cpu_quant.layout import Q41Weight, Q80Weight
+from kernels.cpu_quant.step import DecodeStep, StepLayer
 from kernels.linear.modules import SiluMulLinear
 from kernels.store_kv.reference import store_kv_ref
 
@@ -210,6 +212,26 @@ class FlatDecoder:
         self.cos_bias = torch.zeros(heads, 1, 1)
         self.cos_bias[qk_heads:] = 1.0
         self.sin_scale = self.cos_scale * torch.tensor([[-1.0], [1.0]])  # [heads, 2, 1]: rotate-half signs
+        self.step = self._fused_step(model, kv)
+
+    @staticmethod
+    def _fused_step(model: LlamaModel, kv: KVCache) -> DecodeStep | None:
+        """The bs1 step in one C call (kernels/cpu_quant/step.py) when every projection is Q4_1 / Q8_0 on
+        fp32 activations (w4a16-native, w8 weight-only) and the norms are fp32; None otherwise."""
+        c, layers = model.config, []
+        for i, layer in enumerate(model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            if (not all(isinstance(m, (Q41Linear, Q80Linear)) for m in projections)
+                    or not mlp.down_proj.silu_mul_input or mlp.gate_up_proj.silu_mul_input
+                    or not all(w.dtype == torch.float32 and w.is_contiguous() for w in norms)):
+                return None
+            weights = [Q41Weight(m.packed, m.d, m.m) if isinstance(m, Q41Linear) else Q80Weight(m.q, m.d)
+                       for m in projections]
+            layers.append(StepLayer(*norms, *weights, kv.k[i], kv.v[i]))
+        return DecodeStep(layers, c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps,
+                          1.0 / math.sqrt(c.head_dim))
 
     @staticmethod
     def supports(model: LlamaModel, kv: KVCache) -> bool:
@@ -270,6 +292,13 @@ class FlatDecoder:
             consecutive = list(used) == list(range(used[0], used[0] + len(used)))
             contexts.append((position + 1, used[0] * block_size, None if consecutive else torch.tensor(used)))
             slots.append(used[-1] * block_size + position % block_size)
+        rotary = self.model.rotary
+        if b == 1 and self.step is not None and contexts[0][2] is None and rotary.cos.dtype == torch.float32:
+            # One C call for every layer; the tables' row of this position is a contiguous view.
+            s = self.model.embed_tokens(torch.tensor(token_ids))
+            self.step(s, rotary.cos[positions[0]], rotary.sin[positions[0]], contexts[0][1], contexts[0][0],
+                      slots[0], torch.get_num_threads())
+            return self.model.norm(s)
         ids = torch.tensor([*token_ids, *positions, *slots])
         cos, sin = self.model.rotary(ids[b:2 * b])  # [B, D/2] each
         cos_t = torch.addcmul(self.cos_bias, cos.view(b, 1, 1, half), self.cos_scale)  # [B, heads, 1, D/2]

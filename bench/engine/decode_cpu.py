@@ -142,7 +142,11 @@ def hf_decode(model: torch.nn.Module, new_tokens: int) -> tuple[float, list[int]
 
 # Contestant → EngineConfig.weights. "w8" is W8A8 (int8 weights and per-token int8 activations);
 # "w8-weight-only" is --weights w8 (per-channel int8 weights, fp32 activations: kernels/cpu_quant on CPU).
-CONTESTANTS = {"fp32": "auto", "w4a16-native": "w4a16", "w8": "w8a8", "w8-weight-only": "w8"}
+# "w4a16-torch-ops": w4a16-native with FlatDecoder's per-op torch path instead of its one-C-call bs1 step
+# (kernels/cpu_quant/step.py): the before/after of that step in one run.
+CONTESTANTS = {"fp32": "auto", "w4a16-native": "w4a16", "w8": "w8a8", "w8-weight-only": "w8",
+               "w4a16-torch-ops": "w4a16"}
+TORCH_OPS = ("w4a16-torch-ops",)
 
 
 def main() -> None:
@@ -166,6 +170,9 @@ def main() -> None:
     engines = {name: LLMEngine(EngineConfig(model_path=str(path), weights=CONTESTANTS[name], num_kv_blocks=64,
                                             max_num_seqs=1))
                for name in args.weights}
+    for name in TORCH_OPS:
+        if name in engines and isinstance(engines[name].executor, CpuFlatExecutor):
+            engines[name].executor.flat.step = None
     hf_model = None if args.skip_hf else load_hf(path)
     llama = None if args.skip_llama_cpp else load_llama_cpp(path, torch.get_num_threads())
     # Shared CPUs drift: alternate the contestants (and the bandwidth probe) and keep each one's best.

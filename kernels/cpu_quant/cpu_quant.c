@@ -17,6 +17,7 @@
  * Built with -mavx2 -mfma -mf16c where the CPU has AVX2 (kernels/cpu_quant/library.py), else the scalar
  * path below (same layouts, same math, its own summation order).
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -354,6 +355,122 @@ void q8_0_linear(const float *x, int64_t m_rows, int64_t k, const int8_t *q, con
             default: q8_0_row(8, x, k, w, dr, y + row, n); break;
         }
     }
+}
+
+/* ---- The bs1 decode step of quantized layers in one call (engine/cpu_decode.py FlatDecoder) ----------
+ *
+ * At one sequence and one token a layer is 4 GEMVs and ~35 tiny ops (RMSNorm, RoPE, KV store, attention
+ * over the context, silu * up, residual adds); as torch calls those cost more than the GEMVs at 2 threads.
+ * Here they run in C between the GEMVs above (which alone use `threads`; the rest is one core's work of a
+ * few microseconds a layer). Same math as FlatDecoder's torch path up to the order of fp32 roundings
+ * (tests/kernels/cpu_quant/test_cpu_quant_step.py). */
+
+typedef struct {  /* one projection: kind 0 = Q4_1 (w packed, d and m fp16), 1 = Q8_0 (w int8, d fp32) */
+    int64_t kind, n, k;
+    const void *w, *d, *m;
+} cq_linear;
+
+typedef struct {  /* one layer's weights and KV cache ([slots, Hk * D] fp32, slot-major as KVCache) */
+    const float *norm_in, *norm_post;
+    cq_linear qkv, o, gate_up, down;
+    float *k_cache, *v_cache;
+} cq_layer;
+
+static void cq_gemv(const cq_linear *l, const float *x, float *y, int threads) {
+    if (l->kind == 0)
+        q4_1_linear(x, 1, l->k, l->w, l->d, l->m, l->n, y, threads);
+    else
+        q8_0_linear(x, 1, l->k, l->w, l->d, l->n, y, threads);
+}
+
+static float dot(const float *a, const float *b, int64_t n) {
+    int64_t j = 0;
+    float out = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 acc = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
+    out = hsum(acc);
+#endif
+    for (; j < n; j++) out += a[j] * b[j];
+    return out;
+}
+
+/* y += a * x over n floats. */
+static void axpy(float a, const float *x, float *y, int64_t n) {
+    int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 av = _mm256_set1_ps(a);
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j)));
+#endif
+    for (; j < n; j++) y[j] += a * x[j];
+}
+
+/* out = s / sqrt(mean(s^2) + eps) * w (rms_norm_ref; the sum of squares in double). */
+static void rms_norm(const float *s, const float *w, int64_t h, float eps, float *out) {
+    double ss = 0.0;
+    for (int64_t j = 0; j < h; j++) ss += (double)s[j] * s[j];
+    float r = 1.0f / sqrtf(eps + (float)(ss / (double)h));
+    for (int64_t j = 0; j < h; j++) out[j] = s[j] * r * w[j];
+}
+
+/* Rotate-half RoPE of one head in place: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s), c and s times `scale`. */
+static void rope(float *x, const float *cos, const float *sin, int64_t half, float scale) {
+    for (int64_t j = 0; j < half; j++) {
+        float c = cos[j] * scale, sn = sin[j] * scale, x1 = x[j], x2 = x[j + half];
+        x[j] = x1 * c - x2 * sn;
+        x[j + half] = x2 * c + x1 * sn;
+    }
+}
+
+/* One query head (already scaled) over S cached positions of one kv head: softmax(q . k_t) . v_t. */
+static void attend(const float *q, const float *keys, const float *values, int64_t row, int64_t seq_len,
+                   int64_t d, float *scores, float *out) {
+    float max = -INFINITY;
+    for (int64_t t = 0; t < seq_len; t++) {
+        scores[t] = dot(q, keys + t * row, d);
+        if (scores[t] > max) max = scores[t];
+    }
+    float sum = 0.0f;
+    for (int64_t t = 0; t < seq_len; t++) sum += scores[t] = expf(scores[t] - max);
+    float inv = 1.0f / sum;
+    memset(out, 0, sizeof(float) * (size_t)d);
+    for (int64_t t = 0; t < seq_len; t++) axpy(scores[t] * inv, values + t * row, out, d);
+}
+
+/* The residual stream s [H] of one token through n_layers layers: its KV stored at `slot` of every layer,
+ * attention over slots first_slot .. first_slot + seq_len - 1 (the token's own included). cos, sin:
+ * [D / 2] rotary tables of its position; q_scale: the softmax scale, folded into the query rotation. */
+void cq_decode_step(const cq_layer *layers, int64_t n_layers, int64_t hq, int64_t hk, int64_t d,
+                    float eps, float q_scale, const float *cos, const float *sin, int64_t first_slot,
+                    int64_t seq_len, int64_t slot, float *s, int threads) {
+    int64_t h = layers[0].qkv.k, inter = layers[0].down.k, row = hk * d, group = hq / hk, half = d / 2;
+    float *xn = malloc(sizeof(float) * (size_t)(h + (hq + 2 * hk) * d + hq * d + h + 2 * inter + inter + seq_len));
+    float *qkv = xn + h, *attn = qkv + (hq + 2 * hk) * d, *proj = attn + hq * d, *gate_up = proj + h;
+    float *act = gate_up + 2 * inter, *scores = act + inter;
+    for (int64_t i = 0; i < n_layers; i++) {
+        const cq_layer *L = layers + i;
+        rms_norm(s, L->norm_in, h, eps, xn);
+        cq_gemv(&L->qkv, xn, qkv, threads);
+        for (int64_t j = 0; j < hq; j++) rope(qkv + j * d, cos, sin, half, q_scale);
+        for (int64_t j = hq; j < hq + hk; j++) rope(qkv + j * d, cos, sin, half, 1.0f);
+        memcpy(L->k_cache + slot * row, qkv + hq * d, sizeof(float) * (size_t)row);
+        memcpy(L->v_cache + slot * row, qkv + (hq + hk) * d, sizeof(float) * (size_t)row);
+        const float *keys = L->k_cache + first_slot * row, *values = L->v_cache + first_slot * row;
+        for (int64_t j = 0; j < hq; j++)
+            attend(qkv + j * d, keys + j / group * d, values + j / group * d, row, seq_len, d, scores,
+                   attn + j * d);
+        cq_gemv(&L->o, attn, proj, threads);
+        for (int64_t j = 0; j < h; j++) s[j] = proj[j] + s[j];
+        rms_norm(s, L->norm_post, h, eps, xn);
+        cq_gemv(&L->gate_up, xn, gate_up, threads);
+        for (int64_t j = 0; j < inter; j++) {
+            float g = gate_up[j];
+            act[j] = g / (1.0f + expf(-g)) * gate_up[inter + j];
+        }
+        cq_gemv(&L->down, act, proj, threads);
+        for (int64_t j = 0; j < h; j++) s[j] = proj[j] + s[j];
+    }
+    free(xn);
 }
 
 /* Dequantize whole weights to fp32 [N, K] (w = d*q + m, w = d*q): the prefill path's GEMM operand.
