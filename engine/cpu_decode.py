@@ -184,6 +184,9 @@ class FlatDecoder:
     per sequence over its own blocks (read as views when consecutive, else gathered). KV goes into the cache
     through store_kv_ref, as on every torch path. The runner falls back to the plain forward for anything
     else. Results equal the forward's up to the order of fp32 roundings (tests/unit/test_cpu_decode_path.py).
+
+    With Q4_1 / Q8_0 projections (`step`), one sequence over consecutive blocks runs every layer in one C call
+    instead (kernels/cpu_quant/step.py): at 2 threads the ~35 torch calls a layer cost more than its GEMVs.
     """
 
     def __init__(self, model: LlamaModel, kv: KVCache) -> None:
