@@ -185,7 +185,7 @@ class FlatDecoder:
     through store_kv_ref, as on every torch path. The runner falls back to the plain forward for anything
     else. Results equal the forward's up to the order of fp32 roundings (tests/unit/test_cpu_decode_path.py).
 
-    With Q4_1 / Q8_0 projections (`step`), one sequence over consecutive blocks runs every layer in one C call
+    With Q4_1 / Q8_0 projections (`step`), one sequence (over any blocks) runs every layer in one C call
     instead (kernels/cpu_quant/step.py): at 2 threads the ~35 torch calls a layer cost more than its GEMVs.
     """
 
@@ -288,6 +288,15 @@ class FlatDecoder:
         hq, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
         b, heads, half, group, row = len(token_ids), hq + 2 * hk, d // 2, hq // hk, hk * d
         block_size = self.kv.block_size
+        rotary = self.model.rotary
+        if b == 1 and self.step is not None and rotary.cos.dtype == torch.float32:
+            # One C call for every layer, over any blocks; the tables' row of this position is a view.
+            position = positions[0]
+            s = self.model.embed_tokens(torch.tensor(token_ids))
+            used = torch.tensor(block_tables[0][:position // block_size + 1], dtype=torch.int64)
+            self.step(s, rotary.cos[position], rotary.sin[position], used, block_size, position + 1,
+                      torch.get_num_threads())
+            return self.model.norm(s)
         contexts: list[tuple[int, int, torch.Tensor | None]] = []  # per sequence: length, first slot, gather
         slots: list[int] = []
         for position, blocks in zip(positions, block_tables, strict=True):
@@ -295,13 +304,6 @@ class FlatDecoder:
             consecutive = list(used) == list(range(used[0], used[0] + len(used)))
             contexts.append((position + 1, used[0] * block_size, None if consecutive else torch.tensor(used)))
             slots.append(used[-1] * block_size + position % block_size)
-        rotary = self.model.rotary
-        if b == 1 and self.step is not None and contexts[0][2] is None and rotary.cos.dtype == torch.float32:
-            # One C call for every layer; the tables' row of this position is a contiguous view.
-            s = self.model.embed_tokens(torch.tensor(token_ids))
-            self.step(s, rotary.cos[positions[0]], rotary.sin[positions[0]], contexts[0][1], contexts[0][0],
-                      slots[0], torch.get_num_threads())
-            return self.model.norm(s)
         ids = torch.tensor([*token_ids, *positions, *slots])
         cos, sin = self.model.rotary(ids[b:2 * b])  # [B, D/2] each
         cos_t = torch.addcmul(self.cos_bias, cos.view(b, 1, 1, half), self.cos_scale)  # [B, heads, 1, D/2]

@@ -426,28 +426,32 @@ static void rope(float *x, const float *cos, const float *sin, int64_t half, flo
     }
 }
 
-/* One query head (already scaled) over S cached positions of one kv head: softmax(q . k_t) . v_t. */
-static void attend(const float *q, const float *keys, const float *values, int64_t row, int64_t seq_len,
-                   int64_t d, float *scores, float *out) {
+/* One query head (already scaled) over the first seq_len positions of a block table: softmax(q . k_t) . v_t.
+ * keys, values: the cache at this head's offset; position t sits in slot blocks[t / bs] * bs + t % bs. */
+static void attend(const float *q, const float *keys, const float *values, const int64_t *blocks, int64_t bs,
+                   int64_t row, int64_t seq_len, int64_t d, float *scores, float *out) {
     float max = -INFINITY;
     for (int64_t t = 0; t < seq_len; t++) {
-        scores[t] = dot(q, keys + t * row, d);
+        scores[t] = dot(q, keys + (blocks[t / bs] * bs + t % bs) * row, d);
         if (scores[t] > max) max = scores[t];
     }
     float sum = 0.0f;
     for (int64_t t = 0; t < seq_len; t++) sum += scores[t] = expf(scores[t] - max);
     float inv = 1.0f / sum;
     memset(out, 0, sizeof(float) * (size_t)d);
-    for (int64_t t = 0; t < seq_len; t++) axpy(scores[t] * inv, values + t * row, out, d);
+    for (int64_t t = 0; t < seq_len; t++)
+        axpy(scores[t] * inv, values + (blocks[t / bs] * bs + t % bs) * row, out, d);
 }
 
-/* The residual stream s [H] of one token through n_layers layers: its KV stored at `slot` of every layer,
- * attention over slots first_slot .. first_slot + seq_len - 1 (the token's own included). cos, sin:
- * [D / 2] rotary tables of its position; q_scale: the softmax scale, folded into the query rotation. */
+/* The residual stream s [H] of one token at position seq_len - 1 through n_layers layers: its KV stored in
+ * every layer, then attention over positions 0 .. seq_len - 1 (its own included), which sit in the cache
+ * blocks `blocks` of `block_size` slots. cos, sin: [D / 2] rotary tables of its position; q_scale: the
+ * softmax scale, folded into the query rotation. */
 void cq_decode_step(const cq_layer *layers, int64_t n_layers, int64_t hq, int64_t hk, int64_t d,
-                    float eps, float q_scale, const float *cos, const float *sin, int64_t first_slot,
-                    int64_t seq_len, int64_t slot, float *s, int threads) {
+                    float eps, float q_scale, const float *cos, const float *sin, const int64_t *blocks,
+                    int64_t block_size, int64_t seq_len, float *s, int threads) {
     int64_t h = layers[0].qkv.k, inter = layers[0].down.k, row = hk * d, group = hq / hk, half = d / 2;
+    int64_t last = seq_len - 1, slot = blocks[last / block_size] * block_size + last % block_size;
     size_t floats = (size_t)(h + (hq + 2 * hk) * d + hq * d + h + 3 * inter + hq * seq_len);
     float *xn = malloc(sizeof(float) * floats);
     float *qkv = xn + h, *attn = qkv + (hq + 2 * hk) * d, *proj = attn + hq * d, *gate_up = proj + h;
@@ -460,13 +464,12 @@ void cq_decode_step(const cq_layer *layers, int64_t n_layers, int64_t hq, int64_
         for (int64_t j = hq; j < hq + hk; j++) rope(qkv + j * d, cos, sin, half, 1.0f);
         memcpy(L->k_cache + slot * row, qkv + hq * d, sizeof(float) * (size_t)row);
         memcpy(L->v_cache + slot * row, qkv + (hq + hk) * d, sizeof(float) * (size_t)row);
-        const float *keys = L->k_cache + first_slot * row, *values = L->v_cache + first_slot * row;
         /* Heads over the threads (a head's operations are the same on any thread count): ~30 ns a head
          * and position on one core; left serial, 1.5 of a 2-thread step's 4.8 ms at 200 positions. */
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
         for (int64_t j = 0; j < hq; j++)
-            attend(qkv + j * d, keys + j / group * d, values + j / group * d, row, seq_len, d,
-                   scores + j * seq_len, attn + j * d);
+            attend(qkv + j * d, L->k_cache + j / group * d, L->v_cache + j / group * d, blocks, block_size,
+                   row, seq_len, d, scores + j * seq_len, attn + j * d);
         cq_gemv(&L->o, attn, proj, threads);
         for (int64_t j = 0; j < h; j++) s[j] = proj[j] + s[j];
         rms_norm(s, L->norm_post, h, eps, xn);

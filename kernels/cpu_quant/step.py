@@ -44,7 +44,7 @@ def _linear(weight: Q41Weight | Q80Weight) -> _Linear:
 
 
 class DecodeStep:
-    """Runs one token of one sequence through every layer in one call (see cq_decode_step).
+    """Runs one token of one sequence through every layer in one call (see cq_decode_step), over any blocks.
 
     The structs hold raw pointers to the given tensors, so they are kept here: build a new DecodeStep if a
     layer's tensors are replaced (a .to(), a state dict assigned)."""
@@ -64,13 +64,16 @@ class DecodeStep:
         self.address = ctypes.addressof(self.structs)
         self.fn = (lib or library()).cq_decode_step  # `lib`: another build (the tests' scalar one)
 
-    def __call__(self, s: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, first_slot: int, seq_len: int,
-                 slot: int, threads: int) -> torch.Tensor:
-        """s: the residual stream [1, H] fp32 contiguous, updated in place and returned; cos, sin: [1, D/2]
-        of the token's position; attention reads slots first_slot.. first_slot + seq_len - 1 (consecutive),
-        the token's KV is stored at `slot` first."""
+    def __call__(self, s: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, blocks: torch.Tensor,
+                 block_size: int, seq_len: int, threads: int) -> torch.Tensor:
+        """s: the residual stream [1, H] fp32 contiguous, updated in place and returned; cos, sin: [D/2] of
+        the token's position seq_len - 1; blocks: int64, the cache blocks of positions 0..seq_len - 1 in
+        order (at least (seq_len - 1) // block_size + 1). The token's KV is stored first."""
         if not (cos.is_contiguous() and sin.is_contiguous() and s.is_contiguous()):
             raise ValueError("s, cos and sin must be contiguous")
-        self.fn(self.address, *self.dims, cos.data_ptr(), sin.data_ptr(), first_slot, seq_len, slot,
-                s.data_ptr(), threads)
+        if blocks.dtype != torch.int64 or blocks.numel() * block_size < seq_len:
+            raise ValueError(f"{seq_len} positions need int64 blocks of {block_size} slots, got "
+                             f"{blocks.numel()} {blocks.dtype}")
+        self.fn(self.address, *self.dims, cos.data_ptr(), sin.data_ptr(), blocks.data_ptr(), block_size,
+                seq_len, s.data_ptr(), threads)
         return s
