@@ -20,11 +20,11 @@ SIMD_FLAGS = ("-mavx2", "-mfma", "-mf16c")
 
 _i64, _int, _ptr, _f32 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
 _SIGNATURES = {
+    "cq_decode_step": (_ptr, _i64, _i64, _i64, _i64, _f32, _f32, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _int),
     "q4_1_linear": (_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _int),
     "q8_0_linear": (_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _int),
     "q4_1_dequantize": (_ptr, _ptr, _ptr, _i64, _i64, _ptr, _int),
     "q8_0_dequantize": (_ptr, _ptr, _i64, _i64, _ptr, _int),
-    "cq_decode_step": (_ptr, _i64, _i64, _i64, _i64, _f32, _f32, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _int),
 }
 
 
