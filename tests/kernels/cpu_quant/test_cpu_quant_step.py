@@ -6,7 +6,7 @@ import torch
 
 from contracts.kv_cache_spec import KVCacheSpec
 from engine.config import ModelConfig
-from engine.cpu_decode import FlatDecoder, use_column_blocks
+from engine.cpu_decode import FlatDecoder
 from engine.kv_cache import KVCache
 from engine.model import LlamaModel
 from engine.quantize import use_int4, use_w8
@@ -40,7 +40,6 @@ def tiny_model(weights: str) -> LlamaModel:
         use_int4(model, None)
     else:
         use_w8(model, on_cpu=True)
-    use_column_blocks(model, parts=2)
     return model
 
 
