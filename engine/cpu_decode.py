@@ -17,6 +17,8 @@ from engine.model import LlamaModel
 from engine.quantize.cpu_linears import Q41Linear, Q80Linear
 from engine.quantize.w8a8 import W8A8Linear
 from kernels.activation.reference import silu_mul_ref
+from kernels.cpu_quant.layout import Q41Weight, Q80Weight
+from kernels.cpu_quant.step import DecodeStep, StepLayer
 from kernels.linear.modules import SiluMulLinear
 from kernels.store_kv.reference import store_kv_ref
 
@@ -182,6 +184,9 @@ class FlatDecoder:
     per sequence over its own blocks (read as views when consecutive, else gathered). KV goes into the cache
     through store_kv_ref, as on every torch path. The runner falls back to the plain forward for anything
     else. Results equal the forward's up to the order of fp32 roundings (tests/unit/test_cpu_decode_path.py).
+
+    With Q4_1 / Q8_0 projections (`step`), one sequence (over any blocks) runs every layer in one C call
+    instead (kernels/cpu_quant/step.py): at 2 threads the ~35 torch calls a layer cost more than its GEMVs.
     """
 
     def __init__(self, model: LlamaModel, kv: KVCache) -> None:
@@ -210,6 +215,26 @@ class FlatDecoder:
         self.cos_bias = torch.zeros(heads, 1, 1)
         self.cos_bias[qk_heads:] = 1.0
         self.sin_scale = self.cos_scale * torch.tensor([[-1.0], [1.0]])  # [heads, 2, 1]: rotate-half signs
+        self.step = self._fused_step(model, kv)
+
+    @staticmethod
+    def _fused_step(model: LlamaModel, kv: KVCache) -> DecodeStep | None:
+        """The bs1 step in one C call (kernels/cpu_quant/step.py) when every projection is Q4_1 / Q8_0 on
+        fp32 activations (w4a16-native, w8 weight-only) and the norms are fp32; None otherwise."""
+        c, layers = model.config, []
+        for i, layer in enumerate(model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            if (not all(isinstance(m, (Q41Linear, Q80Linear)) for m in projections)
+                    or not mlp.down_proj.silu_mul_input or mlp.gate_up_proj.silu_mul_input
+                    or not all(w.dtype == torch.float32 and w.is_contiguous() for w in norms)):
+                return None
+            weights = [Q41Weight(m.packed, m.d, m.m) if isinstance(m, Q41Linear) else Q80Weight(m.q, m.d)
+                       for m in projections]
+            layers.append(StepLayer(*norms, *weights, kv.k[i], kv.v[i]))
+        return DecodeStep(layers, c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps,
+                          1.0 / math.sqrt(c.head_dim))
 
     @staticmethod
     def supports(model: LlamaModel, kv: KVCache) -> bool:
@@ -263,6 +288,15 @@ class FlatDecoder:
         hq, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
         b, heads, half, group, row = len(token_ids), hq + 2 * hk, d // 2, hq // hk, hk * d
         block_size = self.kv.block_size
+        rotary = self.model.rotary
+        if b == 1 and self.step is not None and rotary.cos.dtype == torch.float32:
+            # One C call for every layer, over any blocks; the tables' row of this position is a view.
+            position = positions[0]
+            s = self.model.embed_tokens(torch.tensor(token_ids))
+            used = torch.tensor(block_tables[0][:position // block_size + 1], dtype=torch.int64)
+            self.step(s, rotary.cos[position], rotary.sin[position], used, block_size, position + 1,
+                      torch.get_num_threads())
+            return self.model.norm(s)
         contexts: list[tuple[int, int, torch.Tensor | None]] = []  # per sequence: length, first slot, gather
         slots: list[int] = []
         for position, blocks in zip(positions, block_tables, strict=True):

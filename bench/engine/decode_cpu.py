@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import statistics
 import time
+from pathlib import Path
 from unittest import mock
 
 import torch
@@ -142,7 +144,11 @@ def hf_decode(model: torch.nn.Module, new_tokens: int) -> tuple[float, list[int]
 
 # Contestant → EngineConfig.weights. "w8" is W8A8 (int8 weights and per-token int8 activations);
 # "w8-weight-only" is --weights w8 (per-channel int8 weights, fp32 activations: kernels/cpu_quant on CPU).
-CONTESTANTS = {"fp32": "auto", "w4a16-native": "w4a16", "w8": "w8a8", "w8-weight-only": "w8"}
+# "w4a16-torch-ops": w4a16-native with FlatDecoder's per-op torch path instead of its one-C-call bs1 step
+# (kernels/cpu_quant/step.py): the before/after of that step in one run.
+CONTESTANTS = {"fp32": "auto", "w4a16-native": "w4a16", "w8": "w8a8", "w8-weight-only": "w8",
+               "w4a16-torch-ops": "w4a16"}
+TORCH_OPS = ("w4a16-torch-ops",)
 
 
 def main() -> None:
@@ -157,6 +163,8 @@ def main() -> None:
     parser.add_argument("--skip-llama-cpp", action="store_true")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads, and llama.cpp's (default: torch's own count)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="append this run's rates, medians and load averages to this JSON list")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -166,8 +174,12 @@ def main() -> None:
     engines = {name: LLMEngine(EngineConfig(model_path=str(path), weights=CONTESTANTS[name], num_kv_blocks=64,
                                             max_num_seqs=1))
                for name in args.weights}
+    for name in TORCH_OPS:
+        if name in engines and isinstance(engines[name].executor, CpuFlatExecutor):
+            engines[name].executor.flat.step = None
     hf_model = None if args.skip_hf else load_hf(path)
     llama = None if args.skip_llama_cpp else load_llama_cpp(path, torch.get_num_threads())
+    load_before = os.getloadavg()
     # Shared CPUs drift: alternate the contestants (and the bandwidth probe) and keep each one's best.
     bandwidths: list[float] = []
     others = [*([] if hf_model is None else ["HF"]), *([] if llama is None else ["llama.cpp"])]
@@ -218,6 +230,16 @@ def main() -> None:
             ratio = f"{median / llama_median:.2f}x{bar}"
         print(f"{name:14s} {path_name:>13s} {megabytes:>9s} {median:7.1f} {best:7.1f} {roof:>9s} "
               f"{ratio:>13s} {same:5d}/{len(reference):<6d}  {' '.join(f'{r:.1f}' for r in runs)}")
+    if args.json is not None:
+        medians = {name: statistics.median(runs) for name, runs in rates.items()}
+        record = {"threads": torch.get_num_threads(), "tokens": args.tokens, "runs": rates,
+                  "medians": medians,
+                  "vs_llama_cpp": {name: m / llama_median for name, m in medians.items()
+                                   if llama_median is not None and name != "llama.cpp"},
+                  "copy_gb_s": bandwidth / 1e9, "loadavg_before": load_before,
+                  "loadavg_after": os.getloadavg()}
+        records = json.loads(args.json.read_text()) if args.json.exists() else []
+        args.json.write_text(json.dumps([*records, record], indent=1) + "\n")
 
 
 if __name__ == "__main__":

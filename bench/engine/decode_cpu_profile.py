@@ -3,11 +3,12 @@
     .venv/bin/python -m bench.engine.decode_cpu_profile --threads 1 [--weights fp32 w8 w4a16-native]
 
 Each contestant (bench/engine/decode_cpu.py's) decodes greedily under torch.profiler; every step is one
-labelled region, and so are the FlatDecoder GEMVs (by projection), the logits and the sampling (wrappers
-added here, their own few µs counted in the label). Everything else inside a step is a torch op
-(attention: its matmuls, softmax and KV store; other: norms, rope, activation, residual) or, the rest of the
-step's time, Python and dispatch. The profiler inflates every op by its record cost, so the table also gives
-the step time measured without it. GB/s: the bytes a category's weights hold (as stored) over its time.
+labelled region, and so are the FlatDecoder GEMVs (by projection) or its one-call fused step (whole), the
+logits and the sampling (wrappers added here, their own few µs counted in the label). Everything else
+inside a step is a torch op (attention: its matmuls, softmax and KV store; other: norms, rope, activation,
+residual) or, the rest of the step's time, Python and dispatch. The profiler inflates every op by its
+record cost, so the table also gives the step time measured without it. GB/s: the bytes a category's
+weights hold (as stored) over its time.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from bench.engine.decode_cpu import CONTESTANTS, PROMPT, copy_bandwidth
+from bench.engine.decode_cpu import CONTESTANTS, PROMPT, TORCH_OPS, copy_bandwidth
 from contracts.sampling import SamplingParams
 from engine import cpu_decode
 from engine.config import EngineConfig
@@ -54,6 +55,7 @@ def decode_steps(engine: LLMEngine, new_tokens: int, label: bool) -> float:
 
 
 _GEMV, _SAMPLE = cpu_decode.FlatDecoder._gemv, cpu_flat.sample  # unwrapped, whatever label_regions did
+FUSED = "fused step (every layer in one C call)"
 
 
 def label_regions(engine: LLMEngine) -> None:
@@ -75,6 +77,15 @@ def label_regions(engine: LLMEngine) -> None:
         with record_function("sampling"):
             return _SAMPLE(*args)
 
+    step = engine.executor.flat.step
+    if step is not None:  # kernels/cpu_quant/step.py: the GEMVs and everything between them, not split
+        fused = step.fn
+
+        def labelled_step(*args: object) -> None:
+            with record_function(FUSED):
+                fused(*args)
+
+        step.fn = labelled_step
     cpu_decode.FlatDecoder._gemv = staticmethod(labelled_gemv)
     cpu_flat.sample = labelled_sample
     engine.model.compute_logits = labelled_logits
@@ -87,7 +98,7 @@ def breakdown(prof: profile) -> tuple[dict[str, float], int]:
     for step in steps:
         inside = 0.0
         for child in step.cpu_children:
-            if child.name.startswith("gemv.") or child.name in ("lm_head", "sampling"):
+            if child.name.startswith("gemv.") or child.name in ("lm_head", "sampling", FUSED):
                 key = child.name
             elif child.name in ATTENTION_OPS:
                 key = "attention (matmuls, softmax, KV store)"
@@ -115,6 +126,8 @@ def main() -> None:
         if not isinstance(engine.executor, CpuFlatExecutor):
             print(f"{name}: not on FlatDecoder, skipped")
             continue
+        if name in TORCH_OPS:
+            engine.executor.flat.step = None
         bare = min(decode_steps(engine, args.tokens, label=False) for _ in range(3))
         label_regions(engine)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -124,6 +137,7 @@ def main() -> None:
         sizes = {f"gemv.{p}": sum(module_bytes(getattr(layer.self_attn if p in PROJECTIONS[:2] else layer.mlp,
                                                        p)) for layer in layers) for p in PROJECTIONS}
         sizes["lm_head"] = module_bytes(engine.model.lm_head)
+        sizes[FUSED] = sum(sizes[f"gemv.{p}"] for p in PROJECTIONS)
         print(f"\n{name}: {bare:.2f} ms/step unprofiled (best of 3 runs), {profiled:.2f} profiled, "
               f"{steps} steps")
         print(f"  {'category':46s} {'ms/step':>8s} {'share':>6s} {'MB':>7s} {'GB/s':>6s}")

@@ -14,11 +14,13 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_quant.c")
 BASE_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+LIBS = ("-lm",)  # expf, sqrtf (the fused decode step's softmax, silu and RMSNorm); after the source to link
 # Only where torch reports AVX2 (it checks FMA with it): the source's #else branch is the scalar path.
 SIMD_FLAGS = ("-mavx2", "-mfma", "-mf16c")
 
-_i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+_i64, _int, _ptr, _f32 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
 _SIGNATURES = {
+    "cq_decode_step": (_ptr, _i64, _i64, _i64, _i64, _f32, _f32, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _int),
     "q4_1_linear": (_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _int),
     "q8_0_linear": (_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _int),
     "q4_1_dequantize": (_ptr, _ptr, _ptr, _i64, _i64, _ptr, _int),
@@ -53,7 +55,7 @@ def build(flags: tuple[str, ...] | None = None, compiler: str = "gcc") -> Path:
     """
     flags = compile_flags() if flags is None else flags
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((compiler, *flags)).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join((compiler, *flags, *LIBS)).encode()).hexdigest()[:16]
     target = cache_dir() / f"cpu_quant-{key}.so"
     if target.exists():
         return target
@@ -65,7 +67,8 @@ def build(flags: tuple[str, ...] | None = None, compiler: str = "gcc") -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, *LIBS], capture_output=True,
+                                text=True)
         if result.returncode != 0:
             raise RuntimeError(f"compiling {SOURCE.name} failed ({compiler} {' '.join(flags)}):\n"
                                f"{result.stderr}")
