@@ -1,10 +1,13 @@
 """Median ms of a decode-only step vs the same decode batch with a prefill chunk beside it (split-fused).
 
-`python -m bench.engine.fused_steps [--decodes 1,2,4] [--prefill 0,1,4,16,64] [--steps 10]`: the default
+`python -m bench.engine.fused_steps [--decodes 1,2,4] [--prefill 0,1,4,16,64] [--steps 10]
+[--fused-path flat,eager]`: the default
 engine (the embedded model, CPU, one torch thread as a Ray worker has), `decodes` sequences of 32-token
 prompts decoding, plus one long prompt prefilled `prefill` tokens a step (max_batch_tokens = decodes +
 prefill, no fair-prefill threshold, no split-fused credit), so each timed step is exactly that mix. What it
 shows: the fixed cost of leaving the decode-only path (`engine/step_cost.py` pays it once a window).
+`--fused-path eager` runs split-fused steps through the eager forward, as before they ran flat
+(engine/executors/cpu_fused.py); both in one run put the two side by side.
 """
 from __future__ import annotations
 
@@ -20,9 +23,11 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 
 
-def step_ms(decodes: int, prefill: int, steps: int) -> float:
+def step_ms(decodes: int, prefill: int, steps: int, fused_path: str = "flat") -> float:
     engine = LLMEngine(EngineConfig(max_batch_tokens=decodes + prefill, long_prefill_token_threshold=0,
                                     fused_step_max_slowdown=0))
+    if fused_path == "eager":
+        engine.executor.fused = None
     sampling = SamplingParams(max_tokens=1000, ignore_eos=True)
     for i in range(decodes):
         engine.add_request(f"d{i}", prompt_ids(i, 32), sampling)
@@ -48,15 +53,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--decodes", default="1,2,4")
     p.add_argument("--prefill", default="0,1,4,16,64")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--fused-path", default="flat", help="comma-separated: flat, eager")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    for d in map(int, args.decodes.split(",")):
-        pure = None
-        for n in map(int, args.prefill.split(",")):
-            ms = step_ms(d, n, args.steps)
-            pure = ms if n == 0 else pure
-            ratio = f"  {ms / pure:.2f}x the decode-only step" if pure and n else ""
-            print(f"decodes {d:2d}  prefill {n:3d} tokens: {ms:6.1f} ms{ratio}", flush=True)
+    for path in args.fused_path.split(","):
+        for d in map(int, args.decodes.split(",")):
+            pure = None
+            for n in map(int, args.prefill.split(",")):
+                ms = step_ms(d, n, args.steps, path)
+                pure = ms if n == 0 else pure
+                ratio = f"  {ms / pure:.2f}x the decode-only step" if pure and n else ""
+                print(f"{path:5s} decodes {d:2d}  prefill {n:3d} tokens: {ms:6.1f} ms{ratio}", flush=True)
 
 
 if __name__ == "__main__":
