@@ -7,7 +7,7 @@ prompts decoding, plus one long prompt prefilled `prefill` tokens a step (max_ba
 prefill, no fair-prefill threshold, no split-fused credit), so each timed step is exactly that mix. What it
 shows: the fixed cost of leaving the decode-only path (`engine/step_cost.py` pays it once a window).
 `--fused-path eager` runs split-fused steps through the eager forward, as before they ran flat
-(engine/executors/cpu_fused.py); both in one run put the two side by side.
+(engine/executors/cpu_fused.py); with both, each mix is timed on both paths back to back.
 """
 from __future__ import annotations
 
@@ -56,13 +56,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fused-path", default="flat", help="comma-separated: flat, eager")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    for path in args.fused_path.split(","):
-        for d in map(int, args.decodes.split(",")):
-            pure = None
-            for n in map(int, args.prefill.split(",")):
+    paths = args.fused_path.split(",")
+    for d in map(int, args.decodes.split(",")):
+        pure: dict[str, float] = {}
+        for n in map(int, args.prefill.split(",")):
+            for path in paths:  # back to back, so a busy moment of a shared box hits both paths alike
                 ms = step_ms(d, n, args.steps, path)
-                pure = ms if n == 0 else pure
-                ratio = f"  {ms / pure:.2f}x the decode-only step" if pure and n else ""
+                if n == 0:
+                    pure[path] = ms
+                ratio = f"  {ms / pure[path]:.2f}x the decode-only step" if path in pure and n else ""
                 print(f"{path:5s} decodes {d:2d}  prefill {n:3d} tokens: {ms:6.1f} ms{ratio}", flush=True)
 
 
