@@ -102,3 +102,24 @@ def test_fused_plan_takes_only_decodes_beside_prompt_chunks() -> None:
     prefill = ScheduledChunk(prompt, 0, 4, 0)
     assert fused.plan(SchedulerOutput((*chunks[:MAX_FLAT_BATCH], prefill), ())) is not None
     assert fused.plan(SchedulerOutput((*chunks, prefill), ())) is None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_embedded_model_greedy_tokens_are_the_same_with_fused_steps_flat_or_eager() -> None:
+    """An 8-token budget: each prompt after the first prefills in chunks beside the earlier ones' decodes."""
+    from engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(num_kv_blocks=32, max_num_seqs=4, max_batch_tokens=8,
+                                    fused_step_max_slowdown=0))
+    fused, calls = engine.executor.fused, []
+    launch = fused.launch
+    fused.launch = lambda batch, plan: calls.append(len(batch.chunks)) or launch(batch, plan)
+    prompts = [[6403, 1980, 253, 655], [28, 281, 253, 1165, 6560, 418, 260, 5595, 6403, 1980, 253],
+               [655, 28, 281, 253, 1165, 6560, 418, 260, 5595], [1165, 6560, 418, 260, 5595, 6403, 28]]
+    sampling = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    flat = engine.generate(prompts, sampling)
+    assert calls  # some steps were split-fused and ran flat
+    engine.executor.fused = None
+    eager = engine.generate(prompts, sampling)
+    assert flat == eager and all(len(tokens) == 16 for tokens in flat)
