@@ -1,12 +1,13 @@
 """Median ms of a decode-only step vs the same decode batch with a prefill chunk beside it (split-fused).
 
 `python -m bench.engine.fused_steps [--decodes 1,2,4] [--prefill 0,1,4,16,64] [--steps 10]
-[--fused-path flat,eager]`: the default engine (the embedded model, CPU, one torch thread as a Ray worker has), `decodes` sequences of 32-token
-prompts decoding, plus one long prompt prefilled `prefill` tokens a step (max_batch_tokens = decodes +
-prefill, no fair-prefill threshold, no split-fused credit), so each timed step is exactly that mix. What it
-shows: the fixed cost of leaving the decode-only path (`engine/step_cost.py` pays it once a window).
-`--fused-path eager` runs split-fused steps through the eager forward, as before they ran flat
-(engine/executors/cpu_fused.py); with both, one engine's steps take the two paths in turn.
+[--fused-path flat,eager]`: the default engine (the embedded model, CPU, one torch thread as a Ray worker
+has), `decodes` sequences of 32-token prompts decoding, plus one long prompt prefilled `prefill` tokens a
+step (max_batch_tokens = decodes + prefill, no fair-prefill threshold, no split-fused credit), so each timed
+step is exactly that mix. What it shows: the fixed cost of leaving the decode-only path
+(`engine/step_cost.py` pays it once a window). `--fused-path eager` runs split-fused steps through the eager
+forward, as before they ran flat (engine/executors/cpu_fused.py); with both, one engine's steps take the two
+paths in turn.
 """
 from __future__ import annotations
 
