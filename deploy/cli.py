@@ -92,9 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--long-prefill-threshold", type=non_negative("--long-prefill-threshold"), default=128,
                     help="while others run or wait, a prompt with more tokens left than this computes at "
                          "most this many per step (0 = off: one prompt may take the whole budget)")
-    up.add_argument("--fused-max-slowdown", type=float, default=1.5,
-                    help="with decodes running, cap a step's prefill tokens so it costs at most this many "
-                         "times a pure decode step, by a step cost model fitted online (0 = off)")
+    up.add_argument("--fused-max-slowdown", type=float, default=1.35,
+                    help="with decodes running, prefill beside them is paid from a time credit so the "
+                         "decode batch's steps average at most this many times a decode-only step, by step "
+                         "costs timed online (0 = off)")
     up.add_argument("--device", choices=("cpu", "cuda"), default=None,
                     help="where the workers run (default: cuda if available, else cpu)")
     up.add_argument("--kernels", choices=KERNEL_BACKENDS, default="auto",

@@ -66,7 +66,11 @@ class StepCostModel:
         pure = self.pure(decode_tokens)
         if pure is None:
             return
-        if prefill_tokens:
+        # A worker's first fused step can carry a one-off cost (CPU: its first multi-row product packs the
+        # weights, ~0.6 s) that no price per token explains; fitted, it would stall prefill for a while
+        # after. So a first fused step beyond the debt bound is not fitted (the credit still pays for it).
+        one_off = self._fused_steps == 0 and seconds - pure > _DEBT_WINDOWS * self._full(pure)
+        if prefill_tokens and not one_off:
             self._fused_steps += 1
             p, y, k = float(prefill_tokens), seconds - pure, self._keep
             n, sp, pp, sy, spy = self._sums

@@ -1,16 +1,20 @@
 """Median ms of a decode-only step vs the same decode batch with a prefill chunk beside it (split-fused).
 
-`python -m bench.engine.fused_steps [--decodes 1,2,4] [--prefill 0,1,4,16,64] [--steps 10]`: the default
-engine (the embedded model, CPU, one torch thread as a Ray worker has), `decodes` sequences of 32-token
-prompts decoding, plus one long prompt prefilled `prefill` tokens a step (max_batch_tokens = decodes +
-prefill, no fair-prefill threshold, no split-fused credit), so each timed step is exactly that mix. What it
-shows: the fixed cost of leaving the decode-only path (`engine/step_cost.py` pays it once a window).
+`python -m bench.engine.fused_steps [--decodes 1,2,4] [--prefill 0,1,4,16,64] [--steps 10]
+[--fused-path flat,eager]`: the default engine (the embedded model, CPU, one torch thread as a Ray worker
+has), `decodes` sequences of 32-token prompts decoding, plus one long prompt prefilled `prefill` tokens a
+step (max_batch_tokens = decodes + prefill, no fair-prefill threshold, no split-fused credit), so each timed
+step is exactly that mix. What it shows: the fixed cost of leaving the decode-only path
+(`engine/step_cost.py` pays it once a window). `--fused-path eager` runs split-fused steps through the eager
+forward, as before they ran flat (engine/executors/cpu_fused.py); with both, one engine's steps take the two
+paths in turn.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -20,9 +24,12 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 
 
-def step_ms(decodes: int, prefill: int, steps: int) -> float:
+def step_ms(decodes: int, prefill: int, steps: int, paths: Sequence[str] = ("flat",)) -> dict[str, float]:
+    """Median ms of a step per fused path; with several paths the steps take them in turn (one engine, one
+    state), so a busy moment of a shared box hits every path alike."""
     engine = LLMEngine(EngineConfig(max_batch_tokens=decodes + prefill, long_prefill_token_threshold=0,
                                     fused_step_max_slowdown=0))
+    fused = engine.executor.fused  # the flat split-fused path (CpuFlatExecutor); None runs it eager
     sampling = SamplingParams(max_tokens=1000, ignore_eos=True)
     for i in range(decodes):
         engine.add_request(f"d{i}", prompt_ids(i, 32), sampling)
@@ -32,15 +39,18 @@ def step_ms(decodes: int, prefill: int, steps: int) -> float:
         engine.postprocess(batch, engine.execute(batch))
         if len(batch.chunks) == decodes and all(c.num_new_tokens == c.num_sampled == 1 for c in batch.chunks):
             break
-    if prefill:  # long enough to be mid-prefill in every timed step
-        engine.add_request("prompt", prompt_ids(99, prefill * steps + 64), sampling)
-    times = []
-    for _ in range(steps):
+    if prefill:  # long enough to be mid-prefill in every step (one untimed step per path first: packing)
+        engine.add_request("prompt", prompt_ids(99, prefill * (steps + 1) * len(paths) + 64), sampling)
+    times: dict[str, list[float]] = {path: [] for path in paths}
+    for step in range((steps + 1) * len(paths)):
+        path = paths[step % len(paths)]
+        engine.executor.fused = fused if path == "flat" else None
         t0 = time.perf_counter()
         batch = engine.schedule()
         engine.postprocess(batch, engine.execute(batch))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        if step >= len(paths):
+            times[path].append(time.perf_counter() - t0)
+    return {path: statistics.median(t) * 1e3 for path, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,16 +58,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--decodes", default="1,2,4")
     p.add_argument("--prefill", default="0,1,4,16,64")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--fused-path", default="flat", help="comma-separated: flat, eager")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    paths = tuple(args.fused_path.split(","))
     for d in map(int, args.decodes.split(",")):
-        pure = None
+        pure: dict[str, float] = {}
         for n in map(int, args.prefill.split(",")):
-            ms = step_ms(d, n, args.steps)
-            pure = ms if n == 0 else pure
-            ratio = f"  {ms / pure:.2f}x the decode-only step" if pure and n else ""
-            print(f"decodes {d:2d}  prefill {n:3d} tokens: {ms:6.1f} ms{ratio}", flush=True)
-
+            for path, ms in step_ms(d, n, args.steps, paths).items():
+                if n == 0:
+                    pure[path] = ms
+                ratio = f"  {ms / pure[path]:.2f}x the decode-only step" if path in pure and n else ""
+                print(f"{path:5s} decodes {d:2d}  prefill {n:3d} tokens: {ms:6.1f} ms{ratio}", flush=True)
 
 if __name__ == "__main__":
     main()

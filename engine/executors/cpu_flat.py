@@ -1,4 +1,5 @@
-"""CPU flat executor: small decode batches and bs1 verifies run flat (fewer torch calls); the rest eagerly."""
+"""CPU flat executor: small decode batches, split-fused steps and bs1 verifies run flat (fewer torch calls);
+the rest eagerly."""
 from __future__ import annotations
 
 import torch
@@ -6,6 +7,7 @@ import torch
 from engine.cpu_decode import FlatDecoder
 from engine.executor import Executor, SampledStep
 from engine.executors.batch_inputs import SamplingRows
+from engine.executors.cpu_fused import FlatFusedStep
 from engine.executors.cpu_verify import FlatRows, LayerKeep, sample_lazily
 from engine.executors.eager import EagerExecutor
 from engine.executors.verify_sampling import sample_rows
@@ -22,9 +24,10 @@ MAX_FLAT_BATCH = 32
 
 class CpuFlatExecutor(Executor):
     """Decode steps of 1..MAX_FLAT_BATCH sequences on CPU through `flat` (the model's own weights, the same
-    math in fewer torch calls), and bs1 verify chunks (the last token + drafts, chains or trees) over
-    consecutive KV blocks through FlatRows over the same weights; larger batches, batches with verify or
-    prefill chunks, a layer hook, a short block table or a verify chunk over scattered blocks go to `eager`
+    math in fewer torch calls), split-fused steps (1..MAX_FLAT_BATCH decodes beside prompt chunks) through
+    `fused` over the same weights, and bs1 verify chunks (the last token + drafts, chains or trees) over
+    consecutive KV blocks through FlatRows; larger batches, prefill-only steps, batches with verify chunks
+    beside others, a layer hook, a short block table or a verify chunk over scattered blocks go to `eager`
     (FlatDecoder gathers scattered blocks itself).
 
     `keep`: set by a draft head's speculator (`feed`); flat steps then hand it each layer's output, as the
@@ -34,6 +37,8 @@ class CpuFlatExecutor(Executor):
     def __init__(self, flat: FlatDecoder, eager: EagerExecutor) -> None:
         self.flat = flat
         self.rows = FlatRows(flat)
+        # None: split-fused steps run eager (what `bench.engine.fused_steps --fused-path eager` times).
+        self.fused: FlatFusedStep | None = FlatFusedStep(flat, MAX_FLAT_BATCH)
         self.eager = eager
         self.keep: LayerKeep | None = None
 
@@ -91,6 +96,11 @@ class CpuFlatExecutor(Executor):
             logits = self.flat.logits(hidden)
             token_ids = sample(logits, [seq.sampling for seq in seqs], [seq.num_tokens for seq in seqs])
             return SampledStep(token_ids, seqs, hidden)
+        # Split-fused: not while a draft head captures features (the eager forward's hooks see its rows).
+        if self.fused is not None and layer_hook is None and self.keep is None:
+            plan = self.fused.plan(batch)
+            if plan is not None:
+                return self.fused.launch(batch, plan)
         found = self._flat_chunk(batch, layer_hook)
         if found is None:
             return self.eager.launch(batch, layer_hook)

@@ -44,6 +44,17 @@ def test_pure_steps_are_timed_per_batch_size_and_an_unseen_size_takes_the_neares
     assert (model.pure(3), model.pure(9)) == (FLAT, cost(4, 0))
 
 
+def test_a_first_fused_step_far_beyond_the_debt_bound_is_paid_for_but_not_fitted():
+    model = StepCostModel(1.5)
+    model.observe(1, 0, FLAT)
+    model.observe(1, 1, FLAT + 0.6)  # a one-off: the CPU packs its weights at the first multi-row step
+    assert model.extra() is None and model.credit < 0
+    model.observe(1, 4, cost(1, 4))
+    assert model.extra() == (0.0, pytest.approx((cost(1, 4) - FLAT) / 4))
+    model.observe(1, 1, FLAT + 0.6)  # no longer the first: fitted
+    assert model.extra()[1] > 0.1
+
+
 def test_the_fit_recovers_a_fused_steps_fixed_and_per_token_cost_beyond_the_pure_step():
     model = StepCostModel(1.5)
     model.observe(2, 0, cost(2, 0))
