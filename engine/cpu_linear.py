@@ -71,6 +71,16 @@ class F32Linear(nn.Module):
         return f32_linear(silu_mul_ref(x) if self.silu_mul_input else x, self.packed)
 
 
+def cpu_linears_available() -> bool:
+    """Whether kernels/cpu_quant builds here (it needs a C compiler); logs why not."""
+    try:
+        library()
+    except CompilerMissingError as e:
+        logger.warning("fp32 CPU linears stay torch's: %s", e)
+        return False
+    return True
+
+
 def use_cpu_linears(model: LlamaModel) -> int:
     """Swap every fp32 projection and the LM head (a copy, if tied) to F32Linear; returns the count.
 
@@ -85,12 +95,7 @@ def use_cpu_linears(model: LlamaModel) -> int:
     if model.lm_head is None and supports(model.embed_tokens.weight):
         # The tied head gets its own packed copy: the embedding lookup still needs the row layout.
         swaps.append((model, "lm_head", model.embed_tokens.weight, False))
-    if not swaps:
-        return 0
-    try:
-        library()
-    except CompilerMissingError as e:
-        logger.warning("fp32 CPU decode runs torch's linears: %s", e)
+    if not swaps or not cpu_linears_available():
         return 0
     arena = _huge_page_arena(sum(w.numel() for _, _, w, _ in swaps), torch.float32)
     offset = 0
