@@ -13,8 +13,9 @@ class StepCosts:
 
     A decode step's wall time is fitted by least squares over the last `window` decode steps as
     a + b·sequences + v·verifying sequences + c·draft rows: v is what a sequence pays for verifying at all
-    (on this CPU the first extra row costs ~57% of a plain bs1 step, each further one ~9%: the GEMMs switch
-    from a weight-streaming GEMV to a blocked GEMM), c what each draft row adds. Drafting costs `d` seconds
+    (on this CPU at batch 1 the first extra row costs ~10% of a plain step, each further one ~8%, since
+    kernels/cpu_quant's f32_linear streams the weights once for all rows; at batch 8 a verify step leaves the
+    flat path and costs far more), c what each draft row adds. Drafting costs `d` seconds
     per drafted token and the drafter's bookkeeping (the head's forward over accepted positions) `e` per
     sequence step, both EWMAs. Without enough spread in the observations (every step with the same number
     of drafts) there is no estimate and callers fall back to acceptance alone.
@@ -28,10 +29,12 @@ class StepCosts:
         self.decay = decay
         self.draft_seconds: float | None = None  # per drafted token
         self.learn_seconds: float | None = None  # per sequence step
+        self.steps = 0  # decode/verify steps observed: the clock requests that run plain probe by
 
     def observe_step(self, sequences: int, verifying: int, drafts: int, seconds: float) -> None:
         self._steps.append((float(sequences), float(verifying), float(drafts), seconds))
         self._stale = True
+        self.steps += 1
 
     def observe_drafting(self, sequences: int, drafted: int, learn_seconds: float,
                          draft_seconds: float) -> None:

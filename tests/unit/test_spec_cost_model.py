@@ -37,16 +37,23 @@ def test_draft_length_is_where_acceptance_to_the_j_stops_paying_for_a_row() -> N
     assert costs_of(0.046, 0.02, draft=0.03).draft_length(0.9, 1, 5) == 0
 
 
-def test_a_request_whose_drafts_do_not_pay_runs_plain_and_probes_every_eighth_step() -> None:
-    costs = costs_of(0.046, 0.03)
-    length = AdaptiveK(5, costs=costs)
+def test_requests_whose_drafts_do_not_pay_run_plain_and_probe_on_the_same_eighth_steps() -> None:
+    costs = costs_of(0.046, 0.03)  # 16 steps observed
+    first, second = AdaptiveK(5, costs=costs), AdaptiveK(5, costs=costs)
     for _ in range(10):
-        length.update(drafted=1, accepted=0)
-    got = [length.next(1) for _ in range(16)]
-    assert got == [0] * 7 + [1] + [0] * 7 + [1]
+        first.update(drafted=1, accepted=0)
+    got: list[tuple[int, int]] = []
+    for step in range(16):
+        if step == 3:  # the second request stops paying later: it still probes on the engine's clock
+            for _ in range(10):
+                second.update(drafted=1, accepted=0)
+        got.append((first.next(2), second.next(2)))
+        costs.observe_step(2, 0, 0, 0.09)
+    assert [a for a, _ in got] == [1] + [0] * 7 + [1] + [0] * 7  # steps 16 and 24 of the clock
+    assert [b for _, b in got][3:] == [0] * 5 + [1] + [0] * 7
     for _ in range(30):  # the probes start being accepted: drafting resumes
-        length.update(drafted=1, accepted=1)
-    assert length.next(1) >= 1
+        first.update(drafted=1, accepted=1)
+    assert first.next(1) >= 1
 
 
 def test_without_costs_or_adaptivity_the_acceptance_rule_alone_decides() -> None:
