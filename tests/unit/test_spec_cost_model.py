@@ -56,6 +56,18 @@ def test_requests_whose_drafts_do_not_pay_run_plain_and_probe_on_the_same_eighth
     assert first.next(1) >= 1
 
 
+def test_a_batch_that_leaves_the_flat_path_when_any_sequence_verifies_charges_each_request_that() -> None:
+    # 8 sequences: 0.1 s plain, +0.1 s once any of them verifies (the eager path), 2 ms a draft row.
+    costs = StepCosts()
+    for step in range(24):
+        verifying = step % 4  # 0..3 sequences drafting 2 each
+        costs.observe_step(8, verifying, 2 * verifying, 0.1 + 0.1 * (verifying > 0) + 0.002 * 2 * verifying)
+    # A token costs 12.5 ms a sequence: even sure drafts cannot pay a 100 ms switch alone.
+    assert costs.draft_length(0.99, 8, 5) == 0
+    # At batch 1 the two verify terms coincide and their sum is the verify cost.
+    assert costs_of(0.035, 0.003, verify=0.02).draft_length(0.4, 1, 5) == 0
+
+
 def test_without_costs_or_adaptivity_the_acceptance_rule_alone_decides() -> None:
     assert AdaptiveK(5).next(1) == 5
     assert AdaptiveK(3, adaptive=False, costs=costs_of(0.046, 0.05)).next(1) == 3
