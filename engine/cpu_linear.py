@@ -43,13 +43,12 @@ class F32Linear(nn.Module):
     """Bias-free fp32 linear whose weight is packed for f32_linear (kernels/cpu_quant/f32_ops.py): rows in
     pairs, each pair one sequential stream; the kernel reads the weight once for all rows of a product.
 
-    It replaced a column-blocked torch.bmm GEMV (one row) and oneDNN's packed GEMM (more rows): measured
-    alone on this AMD EPYC at one thread, the 49k-row LM head costs about the same at one row and ~0.7× the
-    oneDNN product at 6 rows (docs/benchmarks.md, "A one-pass fp32 kernel"), and no second packed copy of
-    the weights is kept for multi-row steps. Output rows are the same bits at any row count and thread
-    count. Same math as nn.Linear up to the order of the fp32 additions. `storage`: a flat tensor of
-    weight.numel() floats to hold the packed weight. `silu_mul_input`: it replaces a SiluMulLinear (its
-    input is gate_up: silu_mul is applied first).
+    It replaced a column-blocked torch.bmm GEMV (one row) and oneDNN's packed GEMM (more rows): bs1 decode
+    ~30% faster at one thread, a 6-row verify 1.5× a plain step instead of 2× (docs/benchmarks.md, "A verify
+    that streams the weights once"), and no second packed copy of the weights for multi-row steps. Output
+    rows are the same bits at any row count and thread count. Same math as nn.Linear up to the order of the
+    fp32 additions. `storage`: a flat tensor of weight.numel() floats to hold the packed weight.
+    `silu_mul_input`: it replaces a SiluMulLinear (its input is gate_up: silu_mul is applied first).
     """
 
     def __init__(self, weight: torch.Tensor, storage: torch.Tensor | None = None,

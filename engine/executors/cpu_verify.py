@@ -80,8 +80,8 @@ def sample_chain(logits: torch.Tensor, chunk: ScheduledChunk) -> list[int]:
     Row j decides draft j; rows past a rejection decide nothing, so they get -1 (the scheduler keeps the
     drafts up to the first mismatch and the token there). Each row is sampled as a one-row decode step
     would (seed, position). The LM head runs over every row in one pass: kernels/cpu_quant's f32_linear
-    reads the 49k × 576 head once for all rows (6 rows cost ~1.1× one at this model's size on this CPU,
-    where one row at a time cost τ × a row), and each row's logits are the one-row product's bits.
+    reads the 49k × 576 head once for all rows (2-3 rows cost about one, 6 rows ~1.6× one on this CPU, where
+    one row at a time cost τ rows), and each row's logits are the one-row product's bits.
     Only for chunks without draft distributions (those are rejection-sampled over all rows together).
     """
     drafts, params = chunk.draft_token_ids, chunk.seq.sampling
