@@ -1,159 +1,37 @@
-"""CPU decode path: weights re-laid out for per-core GEMVs, and a flat small-batch decode step (same math)."""
+"""CPU decode path: a flat small-batch decode step over F32Linear or quantized projections (same math)."""
 from __future__ import annotations
 
-import ctypes
-import logging
 import math
-import sys
-import weakref
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.cpu_linear import F32Linear
 from engine.kv_cache import KVCache
 from engine.model import LlamaModel
 from engine.quantize.cpu_linears import Q41Linear, Q80Linear
 from engine.quantize.w8a8 import W8A8Linear
-from kernels.activation.reference import silu_mul_ref
+from kernels.cpu_quant.f32_ops import f32_linear
 from kernels.cpu_quant.layout import Q41Weight, Q80Weight
 from kernels.cpu_quant.step import DecodeStep, StepLayer
-from kernels.linear.modules import SiluMulLinear
 from kernels.store_kv.reference import store_kv_ref
-
-logger = logging.getLogger(__name__)
-
-
-# ---- CPU decode layout (a transform over the loaded model; numerics unchanged up to fp32 rounding) --------
-
-_HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14  # Linux <sys/mman.h>
-
-
-def _huge_page_arena(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """A fresh flat CPU tensor whose memory the kernel is asked to back with 2 MB transparent huge pages.
-
-    Decode streams every weight once per token; on 4 KB pages that costs a TLB miss every 4 KB (bs1 decode
-    measured ~3% faster on huge pages). The advice must precede the first touch, so callers copy in after.
-    Off Linux, or with THP off, this is a plain buffer: same layout, same numerics.
-    """
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    buf = torch.empty(numel + _HUGE_PAGE // itemsize, dtype=dtype)
-    skip = -buf.data_ptr() % _HUGE_PAGE  # bytes up to the first 2 MB boundary (data_ptr is 64-byte aligned)
-    if sys.platform == "linux":
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.madvise(ctypes.c_void_p(buf.data_ptr() + skip), ctypes.c_size_t(numel * itemsize),
-                        _MADV_HUGEPAGE) != 0:
-            logger.info("madvise(MADV_HUGEPAGE) failed (errno %d): CPU weights stay on 4 KB pages",
-                        ctypes.get_errno())
-    return buf[skip // itemsize:skip // itemsize + numel]
-
-
-class ColumnBlockLinear(nn.Module):
-    """Bias-free linear stored as `parts` column blocks of its weight, transposed: [parts, in / parts, out].
-
-    At bs1 decode every linear is a GEMV, which MKL runs on a single core at ~half the memory bandwidth. One
-    bmm over the blocks runs one GEMV per core, each streaming its own contiguous block of whole K-major
-    rows; the per-block partial sums are then added. Splitting the input features (rather than the outputs)
-    keeps rows long and measured ~15% faster on the small projections. Same math as nn.Linear up to the
-    order of the fp32 additions. `storage`: a flat tensor of weight.numel() elements to hold the blocks.
-    `silu_mul_input`: it replaces a SiluMulLinear (its input is gate_up: silu_mul is applied first).
-    """
-
-    def __init__(self, weight: torch.Tensor, parts: int, storage: torch.Tensor | None = None,
-                 silu_mul_input: bool = False) -> None:
-        super().__init__()
-        self.silu_mul_input = silu_mul_input
-        out_features, in_features = weight.shape
-        if in_features % parts:
-            raise ValueError(f"in_features {in_features} is not divisible into {parts} blocks")
-        self.in_features, self.out_features, self.parts = in_features, out_features, parts
-        blocks = weight.detach().t().reshape(parts, in_features // parts, out_features)
-        if storage is None:
-            blocks = blocks.contiguous()
-        else:
-            with torch.no_grad():
-                blocks = storage.view(blocks.shape).copy_(blocks)
-        self.weight_blocks = nn.Parameter(blocks, requires_grad=False)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dense [out, in] weight (a transposed view of the blocks)."""
-        return self.weight_blocks.reshape(self.in_features, self.out_features).t()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.silu_mul_input:
-            x = silu_mul_ref(x)
-        if x.shape[0] == 1 and x.dim() == 2 and x.is_contiguous():  # bs1 decode: blocks are a view
-            rows = x.view(self.parts, 1, self.in_features // self.parts)
-        else:
-            rows = x.reshape(-1, self.parts, self.in_features // self.parts).transpose(0, 1)
-        out = torch.bmm(rows, self.weight_blocks).sum(0)  # [parts, m, out] partial sums → [m, out]
-        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
-
-
-def use_column_blocks(model: LlamaModel, parts: int) -> int:
-    """Swap every projection and the LM head (a copy, if tied) to ColumnBlockLinear; returns the count.
-
-    CPU blocks all live in one huge-page arena (_huge_page_arena).
-    """
-    swaps: list[tuple[nn.Module, str, torch.Tensor, bool]] = []
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and child.bias is None and child.in_features % parts == 0:
-                swaps.append((module, name, child.weight, isinstance(child, SiluMulLinear)))
-    if model.lm_head is None and model.config.hidden_size % parts == 0:
-        # The tied head gets its own blocked copy: the embedding lookup still needs the row layout.
-        swaps.append((model, "lm_head", model.embed_tokens.weight, False))
-    weights = [w for _, _, w, _ in swaps]
-    arena = None
-    if weights and all(w.device.type == "cpu" and w.dtype == weights[0].dtype for w in weights):
-        arena = _huge_page_arena(sum(w.numel() for w in weights), weights[0].dtype)
-    offset = 0
-    for module, name, weight, silu_mul_input in swaps:
-        storage = None if arena is None else arena[offset:offset + weight.numel()]
-        setattr(module, name, ColumnBlockLinear(weight, parts, storage, silu_mul_input))
-        offset += weight.numel()
-    return len(swaps)
-
 
 # ---- CPU decode of small batches (LlamaModel.forward's math in far fewer torch calls) ---------------------
 
 _QUANTIZED = (Q41Linear, Q80Linear, W8A8Linear)  # CPU projection modules FlatDecoder calls as they are
 
-# Multi-row GEMMs are packed once for this many rows: oneDNN picks its blocking from the hint, and the
-# packed weight serves any row count (a decode batch has 2..32 rows, a verify step 2..k + 1).
-_ROWS_HINT = 6
-# One packed copy per model projection, shared by every engine over that model (benchmarks build many).
-_PACKED: weakref.WeakKeyDictionary[ColumnBlockLinear, torch.Tensor] = weakref.WeakKeyDictionary()
-
 
 class RowsLinear:
-    """A ColumnBlockLinear for T-row products: one row runs the column-block GEMV (FlatDecoder._gemv);
-    more rows run oneDNN's packed layout where torch has it, since MKL's sgemm over the blocks costs about
-    as much per extra row as the GEMV itself on this AMD EPYC (one thread, 2 → 4 → 8 rows: 16 / 51 / 86 ms
-    for the LM head against 11 / 23 / 30 packed, `bench/engine/fused_steps.py` for whole steps). The packed
-    copy costs one more copy of the weights (~540 MB fp32 for the embedded model with its head), made
-    when the first multi-row step runs: a server that only ever decodes one sequence never pays it."""
+    """An F32Linear over T rows (the kernel reads its weight once for all of them); the MLP's silu_mul is
+    applied by the caller."""
 
-    def __init__(self, linear: ColumnBlockLinear) -> None:
+    def __init__(self, linear: F32Linear) -> None:
         self.linear = linear
-        self.packed: torch.Tensor | None = None
-
-    def _pack(self) -> torch.Tensor | None:
-        if self.packed is None and torch.backends.mkldnn.is_available():
-            if self.linear not in _PACKED:
-                _PACKED[self.linear] = torch.ops.mkldnn._reorder_linear_weight(
-                    self.linear.weight.contiguous(), _ROWS_HINT)
-            self.packed = _PACKED[self.linear]
-        return self.packed
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, in] → x Wᵀ [T, out] (+ residual)."""
-        if x.shape[0] > 1 and self._pack() is not None:
-            out = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-            return out if residual is None else out.add_(residual)
         return FlatDecoder._gemv(self.linear, x, residual)
 
 
@@ -169,13 +47,13 @@ class ModuleRows:
 
 
 def rows_linear(module: nn.Module) -> RowsLinear | ModuleRows:
-    return RowsLinear(module) if isinstance(module, ColumnBlockLinear) else ModuleRows(module)
+    return RowsLinear(module) if isinstance(module, F32Linear) else ModuleRows(module)
 
 
 class FlatDecoder:
-    """Runs one decode step of B sequences (one token each, B = 1 the common case) of a column-blocked fp32
+    """Runs one decode step of B sequences (one token each, B = 1 the common case) of an F32Linear fp32
     LlamaModel on CPU, reading the model's own weights; quantized projections (Q41Linear, Q80Linear,
-    W8A8Linear: not float linears, so not blocked) run as their modules.
+    W8A8Linear: their own kernels) run as their modules.
 
     At bs1 a step is ~60% GEMV and ~40% per-call overhead: the plain forward spends ~55 tiny torch calls and
     9 module calls per layer. This executor runs the same math per layer in ~40 calls, with what the layers
@@ -191,7 +69,7 @@ class FlatDecoder:
 
     def __init__(self, model: LlamaModel, kv: KVCache) -> None:
         if not self.supports(model, kv):
-            raise ValueError("FlatDecoder needs fp32 column-blocked or quantized projections and a matching "
+            raise ValueError("FlatDecoder needs F32Linear or quantized projections and a matching "
                              "fp32 KV cache")
         c = model.config
         self.model = model
@@ -204,7 +82,7 @@ class FlatDecoder:
                        for layer in model.layers]
         # The LM head of a multi-row step, packed as the projections are (a blocked or quantized head).
         head = model.lm_head
-        blocked_head = isinstance(head, (ColumnBlockLinear, *_QUANTIZED))
+        blocked_head = isinstance(head, (F32Linear, *_QUANTIZED))
         self.head = rows_linear(head) if blocked_head else None
         # Rotary tables per head row of the qkv output: q rows scaled by the softmax scale (exact for
         # power-of-two scales), k rows as is, v rows cos 1 and sin 0 (they pass through unchanged).
@@ -241,9 +119,7 @@ class FlatDecoder:
         projections = [m for layer in model.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                              layer.mlp.gate_up_proj, layer.mlp.down_proj)]
         embed = model.embed_tokens.weight
-        return (all(isinstance(m, _QUANTIZED) or (isinstance(m, ColumnBlockLinear)
-                                                  and m.weight_blocks.dtype == torch.float32)
-                    for m in projections)
+        return (all(isinstance(m, (F32Linear, *_QUANTIZED)) for m in projections)
                 and embed.device.type == "cpu" and embed.dtype == torch.float32
                 # fp32 caches only: a quantized one (int8 / uint8 storage) runs the plain forward, whose
                 # attention reads its blocks as stored.
@@ -252,16 +128,12 @@ class FlatDecoder:
 
     @staticmethod
     def _gemv(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, in] → linear(x) [B, out] (+ residual): each block's partial sum takes residual / parts."""
-        b = x.shape[0]
-        if not isinstance(linear, ColumnBlockLinear):  # quantized: its own kernel
-            out = linear(x.view(b, -1))
-            return out if residual is None else out.add_(residual)
-        # [parts, B, in / parts]: one GEMV (B = 1) or small GEMM per block; at B = 1 a plain view.
-        rows = x.view(linear.parts, 1, -1) if b == 1 else x.view(b, linear.parts, -1).transpose(0, 1)
-        if residual is None:
-            return torch.bmm(rows, linear.weight_blocks).sum(0)
-        return torch.baddbmm(residual, rows, linear.weight_blocks, beta=1.0 / linear.parts).sum(0)
+        """x [B, in] → linear(x) [B, out] (+ residual); an F32Linear adds the residual in its kernel and
+        leaves silu_mul to the caller."""
+        if isinstance(linear, F32Linear):
+            return f32_linear(x, linear.packed, residual)
+        out = linear(x.view(x.shape[0], -1))  # quantized: its own kernel
+        return out if residual is None else out.add_(residual)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's compute_logits, its head packed for several rows."""

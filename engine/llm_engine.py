@@ -13,7 +13,7 @@ from contracts.sampling import SamplingParams
 from contracts.stats import EngineStats
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
-from engine.cpu_decode import use_column_blocks
+from engine.cpu_linear import use_cpu_linears
 from engine.executor import RunOutput
 from engine.executors.factory import build_executor
 from engine.executors.lookahead import DecodeLookahead
@@ -71,10 +71,9 @@ class LLMEngine:
                                        config.tp_overlap_min_tokens)
         self.model.bind_kernels(self.kernels)  # before the runner: it captures graphs of these kernels
         if device.type == "cpu":
-            # bs1 decode on CPU is GEMV-bound: blocked weights let every core stream its share (same math).
-            parts = torch.get_num_threads()
-            swapped = use_column_blocks(self.model, parts)
-            logger.info("CPU decode layout: %d linears split into %d column blocks", swapped, parts)
+            # CPU decode is weight-bandwidth-bound: one kernel streams each fp32 weight once for all rows.
+            swapped = use_cpu_linears(self.model)
+            logger.info("CPU decode layout: %d fp32 linears packed for kernels/cpu_quant", swapped)
         if self.tp_comm is not None and config.tp_overlap_chunks == 0:
             # Measured with the kernels and layout that will serve.
             tune_chunks(self.model, self.tp_comm, config.max_batch_tokens)

@@ -114,14 +114,16 @@ def step_costs(engine: LLMEngine, prompt: list[int], max_rows: int, reps: int) -
     """ms per forward of one sequence at 1..max_rows rows (the last token + drafts), each path timed
     round-robin over `reps` rounds (medians), so a shared box's load swings hit every path alike:
     the flat bs1 step (+ 1 LM-head row), the eager forward (+ every row's LM head: the old verify path),
-    FlatRows (+ 1 LM-head row, the lazy head's cost when the first draft is rejected)."""
+    FlatRows (+ 1 LM-head row, the lazy head's cost when the first draft is rejected; + every row's LM head
+    in one pass)."""
     ex = engine.executor
     model, kv = ex.eager.model, ex.eager.kv_cache
     position, drafts = len(prompt), [int(t) for t in prompt[:max_rows - 1]]
     first_block = 0
+    blocks = list(range(first_block, first_block + position // kv.block_size + 1))
 
     def flat() -> None:
-        model.compute_logits(ex.flat(prompt[-1], position, first_block))
+        model.compute_logits(ex.flat(prompt[-1], position, blocks))
 
     def eager(rows: int) -> None:
         end = position + rows
@@ -130,13 +132,14 @@ def step_costs(engine: LLMEngine, prompt: list[int], max_rows: int, reps: int) -
         tokens = torch.tensor([prompt[-1], *drafts[:rows - 1]])
         model.compute_logits(model(tokens, torch.arange(position, end), meta, kv))
 
-    def rows_path(rows: int) -> None:
-        model.compute_logits(ex.rows([prompt[-1], *drafts[:rows - 1]], position, first_block)[:1])
+    def rows_path(rows: int, head_rows: int) -> None:
+        ex.flat.logits(ex.rows([prompt[-1], *drafts[:rows - 1]], position, first_block)[:head_rows])
 
     paths: dict[str, Callable[[], None]] = {"flat bs1 step": flat}
     for rows in range(1, max_rows + 1):
         paths[f"eager, {rows} rows, all LM-head rows"] = lambda r=rows: eager(r)
-        paths[f"FlatRows, {rows} rows, 1 LM-head row"] = lambda r=rows: rows_path(r)
+        paths[f"FlatRows, {rows} rows, 1 LM-head row"] = lambda r=rows: rows_path(r, 1)
+        paths[f"FlatRows, {rows} rows, all LM-head rows"] = lambda r=rows: rows_path(r, r)
     times: dict[str, list[float]] = defaultdict(list)
     with torch.inference_mode():
         for _ in range(reps + 1):  # the first round warms up (and packs FlatRows' weights)

@@ -8,7 +8,7 @@ from engine.cpu_decode import FlatDecoder
 from engine.executor import Executor, SampledStep
 from engine.executors.batch_inputs import SamplingRows
 from engine.executors.cpu_fused import FlatFusedStep
-from engine.executors.cpu_verify import FlatRows, LayerKeep, sample_lazily
+from engine.executors.cpu_verify import FlatRows, LayerKeep, sample_chain
 from engine.executors.eager import EagerExecutor
 from engine.executors.verify_sampling import sample_rows
 from engine.model import LayerHook
@@ -121,5 +121,5 @@ class CpuFlatExecutor(Executor):
         elif chunk.draft_probs is not None:  # sampled drafts: rejection-sampled over all rows together
             token_ids = sample_rows(compute_logits(hidden), SamplingRows.of(batch.chunks))
         else:
-            token_ids = torch.tensor(sample_lazily(compute_logits, hidden, chunk))
+            token_ids = torch.tensor(sample_chain(compute_logits(hidden), chunk))
         return SampledStep(token_ids, (seq,), hidden[-1:], None if n == 1 else (n,))

@@ -1,4 +1,4 @@
-"""CPU bs1 verify steps: FlatDecoder's math over the k + 1 rows of one sequence, and a lazy LM head."""
+"""CPU bs1 verify steps: FlatDecoder's math over the k + 1 rows of one sequence, and their chain sampling."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -74,22 +74,21 @@ class FlatRows:
         return f.model.norm(s)
 
 
-def sample_lazily(compute_logits: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
-                  chunk: ScheduledChunk) -> list[int]:
-    """The chunk's sampled ids, one LM-head row at a time, stopping at the first row that rejects its draft.
+def sample_chain(logits: torch.Tensor, chunk: ScheduledChunk) -> list[int]:
+    """The chunk's sampled ids from its rows' logits [T, V], up to the first row that rejects its draft.
 
     Row j decides draft j; rows past a rejection decide nothing, so they get -1 (the scheduler keeps the
     drafts up to the first mismatch and the token there). Each row is sampled as a one-row decode step
-    would (seed, position), so the result equals sampling every row — while a verify step pays for
-    τ LM-head rows instead of k + 1: at 49k × 576 fp32 each row is ~4.5 ms of a ~45 ms step on this CPU.
+    would (seed, position). The LM head runs over every row in one pass: kernels/cpu_quant's f32_linear
+    reads the 49k × 576 head once for all rows (2-3 rows cost about one, 6 rows ~1.6× one on this CPU, where
+    one row at a time cost τ rows), and each row's logits are the one-row product's bits.
     Only for chunks without draft distributions (those are rejection-sampled over all rows together).
     """
     drafts, params = chunk.draft_token_ids, chunk.seq.sampling
     first = chunk.start + chunk.num_new_tokens - chunk.num_sampled + 1  # the index row 0's token takes
-    ids: list[int] = []
-    for j in range(chunk.num_sampled):
-        token = int(sample(compute_logits(hidden[j:j + 1]), [params], [first + j])[0])
-        ids.append(token)
-        if j == len(drafts) or token != drafts[j]:
-            break
-    return ids + [-1] * (chunk.num_sampled - len(ids))
+    rows = chunk.num_sampled
+    ids = sample(logits[:rows], [params] * rows, list(range(first, first + rows))).tolist()
+    for j, token in enumerate(ids[:len(drafts)]):
+        if token != drafts[j]:
+            return ids[:j + 1] + [-1] * (rows - j - 1)
+    return ids

@@ -15,7 +15,10 @@ class AdaptiveK:
 
     With `costs` (the engine's measured step costs), the length is also capped by what pays
     (StepCosts.draft_length, from this request's per-draft acceptance rate): 0 switches speculation off for
-    the request, except every `probe_every`-th step, which drafts one token so the rate stays measured.
+    the request, except every `probe_every`-th step of the engine (the costs' step clock), which drafts one
+    token so the rate stays measured. Every request that runs plain probes on the same steps: a batch's
+    step leaves the flat path when any of its sequences verifies, so probes spread over different steps
+    would make most steps of a large batch verify steps.
 
     Tree drafts: the length is the tree's depth (levels of the tree drafted), `rows` what each depth costs.
     """
@@ -34,7 +37,6 @@ class AdaptiveK:
         # Per-draft acceptance: accepted drafts over accepted + rejected ones (a step stops at its first
         # rejection), decayed per step; one optimistic pseudo-step to start.
         self._accepted, self._rejected = 1.0, 0.5
-        self._off_steps = 0
 
     def update(self, drafted: int, accepted: int) -> None:
         """One verify step's outcome; a step with no drafts teaches nothing."""
@@ -63,7 +65,5 @@ class AdaptiveK:
             return k
         paid = self.costs.draft_length(self.acceptance, sequences, self.max_k, self.rows)
         if paid is None or paid > 0:
-            self._off_steps = 0
             return k if paid is None else min(k, paid)
-        self._off_steps += 1
-        return 1 if self._off_steps % self.probe_every == 0 else 0
+        return 1 if self.costs.steps % self.probe_every == 0 else 0

@@ -8,16 +8,18 @@ import numpy as np
 
 
 class StepCosts:
-    """What this engine's steps cost, measured as it runs (never a constant: a CPU verify row costs ~half a
-    plain step here, a GPU one almost nothing).
+    """What this engine's steps cost, measured as it runs (never a constant: a CPU verify row at batch 1
+    costs ~8% of a plain step here, a batch-8 step leaving the flat decoder far more, a GPU row ~nothing).
 
     A decode step's wall time is fitted by least squares over the last `window` decode steps as
-    a + b·sequences + v·verifying sequences + c·draft rows: v is what a sequence pays for verifying at all
-    (on this CPU the first extra row costs ~57% of a plain bs1 step, each further one ~9%: the GEMMs switch
-    from a weight-streaming GEMV to a blocked GEMM), c what each draft row adds. Drafting costs `d` seconds
-    per drafted token and the drafter's bookkeeping (the head's forward over accepted positions) `e` per
-    sequence step, both EWMAs. Without enough spread in the observations (every step with the same number
-    of drafts) there is no estimate and callers fall back to acceptance alone.
+    a + b·sequences + u·[any verifying] + v·verifying sequences + c·draft rows: u is what a step pays when
+    any of its sequences verifies (at batch > 1 on CPU the whole step then leaves the flat decoder, which a
+    per-sequence term spread over 8 verifying sequences hid), v what a sequence pays for verifying at all
+    (on this CPU at batch 1 the first extra row costs ~10% of a plain step, each further one ~8%, since
+    kernels/cpu_quant's f32_linear streams the weights once for all rows), c what each draft row adds.
+    Drafting costs `d` seconds per drafted token and the drafter's bookkeeping (the head's forward over
+    accepted positions) `e` per sequence step, both EWMAs. Without enough spread in the observations (every
+    step with the same number of drafts) there is no estimate and callers fall back to acceptance alone.
     """
 
     def __init__(self, window: int = 64, decay: float = 0.9) -> None:
@@ -28,10 +30,12 @@ class StepCosts:
         self.decay = decay
         self.draft_seconds: float | None = None  # per drafted token
         self.learn_seconds: float | None = None  # per sequence step
+        self.steps = 0  # decode/verify steps observed: the clock requests that run plain probe by
 
     def observe_step(self, sequences: int, verifying: int, drafts: int, seconds: float) -> None:
         self._steps.append((float(sequences), float(verifying), float(drafts), seconds))
         self._stale = True
+        self.steps += 1
 
     def observe_drafting(self, sequences: int, drafted: int, learn_seconds: float,
                          draft_seconds: float) -> None:
@@ -54,9 +58,9 @@ class StepCosts:
                 # numpy's lstsq is gelsd too, at a third of torch's per-call cost (~50 vs ~150 µs here): this
                 # runs on the host between every two steps of a speculating engine.
                 steps = np.array(self._steps)
-                x = np.column_stack((np.ones(len(steps)), steps[:, :3]))
-                a, b, v, c = np.linalg.lstsq(x, steps[:, 3], rcond=None)[0].tolist()
-                self._fit = (a, b, max(v, 0.0), max(c, 0.0))
+                x = np.column_stack((np.ones(len(steps)), steps[:, 0], steps[:, 1] > 0, steps[:, 1:3]))
+                a, b, u, v, c = np.linalg.lstsq(x, steps[:, 3], rcond=None)[0].tolist()
+                self._fit = (a, b, max(u, 0.0) + max(v, 0.0), max(c, 0.0))
         return self._fit
 
     def draft_length(self, acceptance: float, sequences: int, max_k: int,
@@ -68,7 +72,8 @@ class StepCosts:
         Draft j is emitted only if drafts 1..j all are: probability acceptance^j. Each emitted draft saves
         what a token costs without it — the step's share per sequence, plus the drafter's per-step
         bookkeeping; drafting k costs verifying at all plus k rows and their drafting. The length with the
-        largest saving less cost, 0 if none saves more than it costs.
+        largest saving less cost, 0 if none saves more than it costs. Verifying at all costs u + v: a request
+        is charged the whole step's switch to verifying, as if it alone verified (never an optimistic share).
         """
         fit = self._coefficients()
         if fit is None:

@@ -12,7 +12,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.cpu_linear import F32Linear, cpu_linears_available
 from engine.rope import rope_inv_freq
+from kernels.cpu_quant.f32_ops import supports
 
 # The head trained for the embedded SmolLM2-135M-Instruct (recipe: docs/speculative.md).
 DEFAULT_HEAD_PATH = Path(__file__).parent / "heads" / "smollm2-135m-instruct.safetensors"
@@ -141,6 +143,19 @@ class DraftHead(nn.Module):
     def logits(self, a: torch.Tensor) -> torch.Tensor:
         """Block outputs [..., H] → float32 logits over the draft vocabulary [..., S]."""
         return self.lm_head(self.norm(a)).float()
+
+    def use_cpu_linears(self) -> int:
+        """For drafting on CPU in fp32 (inference only: F32Linear has no gradient): the block's projections
+        and the subset LM head run kernels/cpu_quant's f32_linear, as the target's do (a head forward's
+        GEMVs cost ~1.3× the kernel's in MKL at one thread). `fc` stays a torch linear: callers read its
+        weight's dtype. Returns the number swapped (0 off CPU fp32 or without a C compiler)."""
+        names = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
+        weights = [getattr(self, name).weight for name in names]
+        if not all(supports(w) for w in weights) or not cpu_linears_available():
+            return 0
+        for name, weight in zip(names, weights, strict=True):
+            setattr(self, name, F32Linear(weight))
+        return len(names)
 
     # ---- files ----
 

@@ -68,6 +68,8 @@ class Speculator:
             weight = model.embed_tokens.weight
             path = config.head_path or DEFAULT_HEAD_PATH
             self.head = DraftHead.load(path, weight.device, weight.dtype)
+            if weight.device.type == "cpu":  # its GEMVs in the target's fp32 kernel (when fp32)
+                self.head.use_cpu_linears()
             check_head_fits(self.head, model_config, str(path))
             self.capture = LayerCapture(model, self.head.config.feature_layers)
             logger.info("draft head %s: features of layers %s, %d draft ids", path,

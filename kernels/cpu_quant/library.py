@@ -25,6 +25,7 @@ _SIGNATURES = {
     "q8_0_linear": (_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _int),
     "q4_1_dequantize": (_ptr, _ptr, _ptr, _i64, _i64, _ptr, _int),
     "q8_0_dequantize": (_ptr, _ptr, _i64, _i64, _ptr, _int),
+    "f32_linear": (_ptr, _i64, _i64, _ptr, _i64, _ptr, _ptr, _int),
 }
 
 

@@ -12,7 +12,7 @@ import torch
 from contracts.kv_cache_spec import KVCacheSpec
 from contracts.sampling import SamplingParams
 from engine.config import EngineConfig
-from engine.cpu_decode import use_column_blocks
+from engine.cpu_linear import use_cpu_linears
 from engine.kv_cache import KVCache, dtype_name
 from engine.model import LlamaModel
 from engine.model_files import embedded_model_path, load_model
@@ -84,7 +84,7 @@ def test_tiny_hf_safetensors_checkpoint_matches_hf_logits(tmp_path: Path, rope_s
     torch.testing.assert_close(softmax_invariant(chunked_logits(ours, tokens, chunk=9)), expected,
                                atol=1e-4, rtol=1e-4)
     # The CPU decode layout transform (what LLMEngine applies on CPU) keeps the numerics.
-    assert use_column_blocks(ours, parts=2) == 2 * 4 + 1  # 4 projections per layer + the LM head
+    assert use_cpu_linears(ours) == 2 * 4 + 1  # 4 projections per layer + the LM head
     torch.testing.assert_close(softmax_invariant(chunked_logits(ours, tokens, chunk=1)), expected,
                                atol=1e-4, rtol=1e-4)
 

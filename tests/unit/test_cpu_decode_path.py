@@ -1,15 +1,14 @@
-"""CPU decode fast paths equal the plain math: column-block linears, fused rotary, attention, RMSNorm."""
+"""CPU decode fast paths equal the plain math: fused rotary, attention, RMSNorm, the flat decoder."""
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from contracts.kv_cache_spec import KVCacheSpec, scales_for
 from contracts.sampling import SamplingParams
 from engine.config import EngineConfig, ModelConfig
-from engine.cpu_decode import ColumnBlockLinear, FlatDecoder, use_column_blocks
+from engine.cpu_decode import FlatDecoder
+from engine.cpu_linear import use_cpu_linears
 from engine.executors.cpu_flat import CpuFlatExecutor
 from engine.executors.factory import build_executor
 from engine.kv_cache import KVCache
@@ -31,47 +30,6 @@ def rotate_half_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     cos_full = torch.cat((cos, cos), dim=-1).unsqueeze(1)
     sin_full = torch.cat((sin, sin), dim=-1).unsqueeze(1)
     return x * cos_full + torch.cat((-x2, x1), dim=-1) * sin_full
-
-
-@pytest.mark.parametrize("rows", [1, 5])
-@pytest.mark.parametrize("parts", [1, 2, 4])
-def test_column_block_linear_equals_dense_linear(rows: int, parts: int) -> None:
-    gen = torch.Generator().manual_seed(rows * 10 + parts)
-    weight = torch.randn(24, 16, generator=gen)
-    x = torch.randn(rows, 16, generator=gen)
-    blocked = ColumnBlockLinear(weight, parts)
-    torch.testing.assert_close(blocked(x), F.linear(x, weight), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(blocked(x.view(1, rows, 16)), F.linear(x, weight).view(1, rows, 24),
-                               atol=1e-5, rtol=1e-5)
-    assert torch.equal(blocked.weight, weight)  # the dense view round-trips exactly
-
-
-def test_column_block_linear_takes_a_strided_single_row() -> None:
-    weight = torch.randn(8, 6)
-    wide = torch.randn(1, 12)
-    x = wide[:, ::2]  # one row, not contiguous: the bs1 view shortcut must not apply
-    torch.testing.assert_close(ColumnBlockLinear(weight, 2)(x), F.linear(x, weight), atol=1e-5, rtol=1e-5)
-
-
-def test_column_blocks_need_divisible_input_features() -> None:
-    with pytest.raises(ValueError):
-        ColumnBlockLinear(torch.randn(8, 6), 4)
-
-
-def test_use_column_blocks_swaps_every_projection_and_copies_the_tied_head() -> None:
-    config = ModelConfig(name="t", vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2,
-                         num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=64,
-                         tie_word_embeddings=True)
-    model = LlamaModel(config)
-    dense = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    assert use_column_blocks(model, parts=2) == 2 * 4 + 1  # 4 projections per layer + the tied head
-    blocked = {name: m for name, m in model.named_modules() if isinstance(m, ColumnBlockLinear)}
-    for name, weight in dense.items():
-        assert torch.equal(blocked[name].weight, weight)
-    assert torch.equal(model.lm_head.weight, model.embed_tokens.weight)
-    assert model.lm_head.weight_blocks.data_ptr() != model.embed_tokens.weight.data_ptr()
-    storages = {m.weight_blocks.untyped_storage().data_ptr() for m in blocked.values()}
-    assert len(storages) == 1  # one (huge-page) arena holds every block
 
 
 @pytest.mark.parametrize("tokens", [1, 4])
@@ -140,7 +98,7 @@ def tiny_blocked_model(head_dim: int = 8, weights: str = "fp32") -> LlamaModel:
         use_int4(model, None)
     elif weights == "w8a8":
         use_w8a8(model, None)
-    use_column_blocks(model, parts=2)
+    use_cpu_linears(model)
     return model
 
 
@@ -182,7 +140,7 @@ def test_flat_decoder_equals_plain_forward_and_stores_the_same_kv(head_dim: int,
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
-def test_flat_decoder_needs_column_blocks_and_fp32() -> None:
+def test_flat_decoder_needs_f32_linears_and_fp32() -> None:
     config = ModelConfig(name="t", vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
                          num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=64)
     plain = LlamaModel(config)
@@ -190,7 +148,7 @@ def test_flat_decoder_needs_column_blocks_and_fp32() -> None:
     assert not FlatDecoder.supports(plain, kv)
     with pytest.raises(ValueError):
         FlatDecoder(plain, kv)
-    use_column_blocks(plain, parts=2)
+    use_cpu_linears(plain)
     assert FlatDecoder.supports(plain, kv)
     assert not FlatDecoder.supports(plain, KVCache(KVCacheSpec(4, 1, 8, "bfloat16"), 1, 4))
     # A quantized cache takes the plain forward (its attention reads the blocks as stored), never a

@@ -10,7 +10,7 @@ from contracts.sampling import SamplingParams
 from engine.config import EngineConfig
 from engine.cpu_decode import FlatDecoder
 from engine.executors.cpu_flat import CpuFlatExecutor
-from engine.executors.cpu_verify import FlatRows, sample_lazily
+from engine.executors.cpu_verify import FlatRows, sample_chain
 from engine.executors.factory import build_executor
 from engine.kv_cache import KVCache
 from engine.sampler import sample
@@ -54,27 +54,20 @@ def test_flat_rows_equal_the_plain_forward_kv_and_layer_outputs(rows: int) -> No
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_lazy_lm_head_samples_every_row_up_to_the_first_rejection(temperature: float) -> None:
+def test_chain_sampling_keeps_every_row_up_to_the_first_rejection(temperature: float) -> None:
     gen = torch.Generator().manual_seed(3)
-    weight = torch.randn(50, 16, generator=gen)
-    hidden = torch.randn(5, 16, generator=gen)
+    logits = torch.randn(5, 50, generator=gen)
     params = SamplingParams(temperature=temperature, seed=7)
     seq = Sequence("r", list(range(10)), params)
     positions = list(range(10, 15))  # the chunk starts at position 9: row j's token takes index 10 + j
-    full = sample(hidden @ weight.t(), [params] * 5, positions).tolist()
-    rows_computed = []
-
-    def logits(h: torch.Tensor) -> torch.Tensor:
-        rows_computed.append(h.shape[0])
-        return h @ weight.t()
-
+    full = sample(logits, [params] * 5, positions).tolist()
+    one_by_one = [int(sample(logits[j:j + 1], [params], [positions[j]])[0]) for j in range(5)]
+    assert full == one_by_one  # each row sampled as a one-row decode step would
     for accepted in range(5):  # drafts equal to the full sampling up to `accepted`, then one that differs
         drafts = tuple(full[:accepted]) + tuple((t + 1) % 50 for t in full[accepted:4])
-        rows_computed.clear()
-        got = sample_lazily(logits, hidden, ScheduledChunk(seq, 9, 5, 5, drafts))
+        got = sample_chain(logits, ScheduledChunk(seq, 9, 5, 5, drafts))
         assert got[:accepted + 1] == full[:accepted + 1]
         assert got[accepted + 1:] == [-1] * (4 - accepted)
-        assert rows_computed == [1] * (accepted + 1)  # one LM-head row per decided draft, no more
 
 
 def test_executor_runs_verify_and_capturing_steps_flat_with_the_eager_tokens() -> None:

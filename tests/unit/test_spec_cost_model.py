@@ -37,16 +37,35 @@ def test_draft_length_is_where_acceptance_to_the_j_stops_paying_for_a_row() -> N
     assert costs_of(0.046, 0.02, draft=0.03).draft_length(0.9, 1, 5) == 0
 
 
-def test_a_request_whose_drafts_do_not_pay_runs_plain_and_probes_every_eighth_step() -> None:
-    costs = costs_of(0.046, 0.03)
-    length = AdaptiveK(5, costs=costs)
+def test_requests_whose_drafts_do_not_pay_run_plain_and_probe_on_the_same_eighth_steps() -> None:
+    costs = costs_of(0.046, 0.03)  # 16 steps observed
+    first, second = AdaptiveK(5, costs=costs), AdaptiveK(5, costs=costs)
     for _ in range(10):
-        length.update(drafted=1, accepted=0)
-    got = [length.next(1) for _ in range(16)]
-    assert got == [0] * 7 + [1] + [0] * 7 + [1]
+        first.update(drafted=1, accepted=0)
+    got: list[tuple[int, int]] = []
+    for step in range(16):
+        if step == 3:  # the second request stops paying later: it still probes on the engine's clock
+            for _ in range(10):
+                second.update(drafted=1, accepted=0)
+        got.append((first.next(2), second.next(2)))
+        costs.observe_step(2, 0, 0, 0.09)
+    assert [a for a, _ in got] == [1] + [0] * 7 + [1] + [0] * 7  # steps 16 and 24 of the clock
+    assert [b for _, b in got][3:] == [0] * 5 + [1] + [0] * 7
     for _ in range(30):  # the probes start being accepted: drafting resumes
-        length.update(drafted=1, accepted=1)
-    assert length.next(1) >= 1
+        first.update(drafted=1, accepted=1)
+    assert first.next(1) >= 1
+
+
+def test_a_batch_that_leaves_the_flat_path_when_any_sequence_verifies_charges_each_request_that() -> None:
+    # 8 sequences: 0.1 s plain, +0.1 s once any of them verifies (the eager path), 2 ms a draft row.
+    costs = StepCosts()
+    for step in range(24):
+        verifying = step % 4  # 0..3 sequences drafting 2 each
+        costs.observe_step(8, verifying, 2 * verifying, 0.1 + 0.1 * (verifying > 0) + 0.002 * 2 * verifying)
+    # A token costs 12.5 ms a sequence: even sure drafts cannot pay a 100 ms switch alone.
+    assert costs.draft_length(0.99, 8, 5) == 0
+    # At batch 1 the two verify terms coincide and their sum is the verify cost.
+    assert costs_of(0.035, 0.003, verify=0.02).draft_length(0.4, 1, 5) == 0
 
 
 def test_without_costs_or_adaptivity_the_acceptance_rule_alone_decides() -> None:

@@ -182,3 +182,20 @@ def test_saved_head_loads_with_its_config_and_vocab_map(tmp_path) -> None:
     assert loaded.config == head.config
     for (name, a), b in zip(head.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_cpu_linears_draft_what_the_torch_linears_draft() -> None:
+    """use_cpu_linears swaps the block's projections and the subset LM head for the fp32 kernel: same
+    drafts, logits equal up to the order of fp32 additions."""
+    head = make_head(3).eval()
+    _, ids, embed = make_batch(3)
+    features = torch.randn(6, len(LAYERS) * TARGET.hidden_size, generator=torch.Generator().manual_seed(4))
+    tokens = ids[0, :7].tolist()
+    plain = HeadDrafter(head, embed)
+    plain.accept(tokens, features)
+    before = (plain.propose(4), head.logits(plain.last[0, -1]))
+    assert head.use_cpu_linears() == 5
+    fast = HeadDrafter(head, embed)
+    fast.accept(tokens, features)
+    assert fast.propose(4) == before[0]
+    torch.testing.assert_close(head.logits(fast.last[0, -1]), before[1], atol=1e-4, rtol=1e-4)

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from contracts.kv_cache_spec import KVCacheSpec
 from engine.config import ModelConfig
-from engine.cpu_decode import FlatDecoder, use_column_blocks
+from engine.cpu_decode import FlatDecoder
+from engine.cpu_linear import use_cpu_linears
 from engine.kv_cache import KVCache
 from engine.model import LlamaModel
 from kernels.attention.metadata import AttentionMetadata, SeqSpan
@@ -97,7 +98,7 @@ def test_flat_decoder_stores_the_bytes_the_eager_model_stores() -> None:
         for p in model.parameters():
             p.normal_(0, 0.3)
     model.init_buffers("cpu")
-    use_column_blocks(model, parts=2)
+    use_cpu_linears(model)
     spec = KVCacheSpec(BLOCK, config.num_kv_heads, config.head_dim)
     eager_kv, flat_kv = (KVCache(spec, config.num_layers, 4) for _ in range(2))
     prompt, token = [3, 17, 5, 40, 22], 11
