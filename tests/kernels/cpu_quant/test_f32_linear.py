@@ -56,6 +56,18 @@ def test_a_row_is_the_same_bits_at_any_row_count_and_thread_count() -> None:
             assert torch.equal(f32_linear(x[:rows], packed, res[:rows]), one[:rows])
 
 
+def test_prompt_sized_products_walk_row_chunks_with_the_same_bits() -> None:
+    """Past F32_ROW_CHUNK (96) rows a product runs chunk by chunk (each in L2): rows keep their bits, the last
+    chunk may be a single row (the one-row tile)."""
+    torch.set_num_threads(2)
+    w, x = torch.randn(10, 64), torch.randn(193, 64)
+    packed = pack_pairs(w)
+    whole = f32_linear(x, packed)
+    for i in (0, 95, 96, 191, 192):
+        assert torch.equal(whole[i:i + 1], f32_linear(x[i:i + 1], packed))
+    close(whole, F.linear(x, w), x, w)
+
+
 def test_leading_dims_and_non_contiguous_inputs_are_accepted() -> None:
     torch.set_num_threads(1)
     w = torch.randn(4, 64)
