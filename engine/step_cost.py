@@ -66,9 +66,10 @@ class StepCostModel:
         pure = self.pure(decode_tokens)
         if pure is None:
             return
-        # A worker's first fused step can carry a one-off cost (CPU: its first multi-row product packs the
-        # weights, ~0.6 s) that no price per token explains; fitted, it would stall prefill for a while
-        # after. So a first fused step beyond the debt bound is not fitted (the credit still pays for it).
+        # A worker's first fused step can carry a one-off cost (cold caches, lazily built state: on CPU it
+        # once packed a second copy of the weights, ~0.6 s) that no price per token explains; fitted, it
+        # would stall prefill for a while after. So a first fused step beyond the debt bound is not fitted
+        # (the credit still pays for it).
         one_off = self._fused_steps == 0 and seconds - pure > _DEBT_WINDOWS * self._full(pure)
         if prefill_tokens and not one_off:
             self._fused_steps += 1

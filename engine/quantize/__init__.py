@@ -1,12 +1,12 @@
 """Weight schemes as transforms of a built model, picked by EngineConfig.weights (apply_weights_scheme).
 
 The model stays plain: a scheme swaps the layers' projection modules (engine/quantize/projections.py) for
-quantized ones, which LlamaModel calls through its module path. Those are not float linears, so the CPU
-column-block layout skips them (it still blocks a float LM head); CPU decode (1..32 sequences) runs them
-through FlatDecoder, which calls each quantized module as it is. On CPU the schemes keep their own modules:
-w4a16 serves Q4_1 blocks through kernels/cpu_quant's AVX2 kernels with fp32 activations
-(engine/quantize/cpu_linears.py), and the GGUF's Q8_0 LM head too where the file has one; w8 serves its
-per-channel int8 through the same Q8_0 product; w8a8 multiplies int8 values in FBGEMM's fp16-weight GEMM.
+quantized ones, which LlamaModel calls through its module path. Those are not float linears, so the CPU fp32
+linears (engine/cpu_linear.py) skip them (a float LM head still gets one); CPU decode (1..32 sequences) runs
+them through FlatDecoder, which calls each quantized module as it is. On CPU the schemes keep their own
+modules: w4a16 serves Q4_1 blocks through kernels/cpu_quant's AVX2 kernels with fp32 activations
+(engine/quantize/cpu_linears.py), and the GGUF's Q8_0 LM head too where the file has one; w8 serves its per-
+channel int8 through the same Q8_0 product; w8a8 multiplies int8 values in FBGEMM's fp16-weight GEMM.
 Elsewhere (and for w8 where the CPU module cannot take the weights) the projections are
 engine/quantize/kernel_linears.py's, whose products are the kernel registry's quantized ops
 (kernels/quant_linear on CUDA, graph-capturable).
