@@ -141,6 +141,30 @@ class FlatDecoder:
             return self.model.compute_logits(hidden)
         return self.head(hidden).float()
 
+    def context(self, layer: int, seq_len: int, first_slot: int,
+                gather: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s cached keys, transposed [Hk, D, S], and values [Hk, S, D] of a sequence's first
+        seq_len positions: views of consecutive blocks from slot first_slot, or `gather`ed blocks (their ids,
+        a prefix cache hit or a wrapped free list)."""
+        k_cache, v_cache = self.kv.k[layer], self.kv.v[layer]
+        hk, d = self.num_kv_heads, self.head_dim
+        if gather is None:
+            row = hk * d
+            start = k_cache.storage_offset() + first_slot * row
+            return (k_cache.as_strided((hk, d, seq_len), (d, 1, row), start),
+                    v_cache.as_strided((hk, seq_len, d), (d, row, 1), start))
+        return (k_cache.index_select(0, gather).view(-1, hk, d)[:seq_len].permute(1, 2, 0),
+                v_cache.index_select(0, gather).view(-1, hk, d)[:seq_len].transpose(0, 1))
+
+    def mlp(self, s: torch.Tensor, w_post: torch.Tensor, gate_up_proj: RowsLinear | ModuleRows,
+            down_proj: RowsLinear | ModuleRows) -> torch.Tensor:
+        """The layer's MLP over rows [T, H] with its residual: s + down(silu·mul(gate_up(norm(s))))."""
+        gate_up = gate_up_proj(self._norm(s, w_post))
+        if isinstance(down_proj, RowsLinear):  # a quantized one applies silu_mul itself
+            gate, up = gate_up.chunk(2, dim=-1)
+            gate_up = F.silu(gate, inplace=True).mul_(up)
+        return down_proj(gate_up, residual=s)
+
     def _norm(self, s: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """rms_norm_ref's math for contiguous rows [B, H]."""
         norm = torch.linalg.vector_norm(s, dim=-1, keepdim=True)
@@ -158,7 +182,7 @@ class FlatDecoder:
         as views, others gathered per layer (a prefix cache hit or a wrapped free list: ~1% of a layer's
         weight bytes at a few hundred tokens)."""
         hq, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
-        b, heads, half, group, row = len(token_ids), hq + 2 * hk, d // 2, hq // hk, hk * d
+        b, heads, half, group = len(token_ids), hq + 2 * hk, d // 2, hq // hk
         block_size = self.kv.block_size
         rotary = self.model.rotary
         if b == 1 and self.step is not None and rotary.cos.dtype == torch.float32:
@@ -191,20 +215,9 @@ class FlatDecoder:
                          rot.as_strided((b, hk, d), (heads * d, d, 1), (hq + hk) * d), k_cache, v_cache, slot)
             outs = []
             for j, (seq_len, first_slot, gather) in enumerate(contexts):
-                if gather is None:
-                    start = k_cache.storage_offset() + first_slot * row
-                    keys_t = k_cache.as_strided((hk, d, seq_len), (d, 1, row), start)  # [Hk, D, S]
-                    values = v_cache.as_strided((hk, seq_len, d), (d, row, 1), start)  # [Hk, S, D]
-                else:
-                    keys_t = k_cache.index_select(0, gather).view(-1, hk, d)[:seq_len].permute(1, 2, 0)
-                    values = v_cache.index_select(0, gather).view(-1, hk, d)[:seq_len].transpose(0, 1)
+                keys_t, values = self.context(i, seq_len, first_slot, gather)
                 q = rot.as_strided((hk, group, d), (group * d, d, 1), j * heads * d)  # already scaled
                 outs.append(torch.bmm(torch.bmm(q, keys_t).softmax(dim=-1), values))  # [Hk, G, D]: heads
             attn = (outs[0] if b == 1 else torch.cat(outs)).view(b, hq * d)
-            s = o_proj(attn, residual=s)
-            gate_up = gate_up_proj(self._norm(s, w_post))
-            if isinstance(down_proj, RowsLinear):  # a quantized one applies silu_mul itself
-                gate, up = gate_up.chunk(2, dim=-1)
-                gate_up = F.silu(gate, inplace=True).mul_(up)
-            s = down_proj(gate_up, residual=s)
+            s = self.mlp(o_proj(attn, residual=s), w_post, gate_up_proj, down_proj)
         return self.model.norm(s)

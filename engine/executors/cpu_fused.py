@@ -4,9 +4,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from engine.cpu_decode import FlatDecoder, RowsLinear
+from engine.cpu_decode import FlatDecoder
 from engine.executor import SampledStep
 from engine.executors.batch_inputs import SamplingRows
 from engine.sampler import sample
@@ -66,7 +65,7 @@ class FlatFusedStep:
         blocks; stores every row's KV in every layer."""
         f = self.flat
         hq, hk, d = f.num_heads, f.num_kv_heads, f.head_dim
-        heads, half, group, row = hq + 2 * hk, d // 2, hq // hk, hk * d
+        heads, half, group = hq + 2 * hk, d // 2, hq // hk
         block_size = f.kv.block_size
         token_ids: list[int] = []
         positions: list[int] = []
@@ -101,13 +100,7 @@ class FlatFusedStep:
             store_kv_ref(rot[:, hq:hq + hk], rot[:, hq + hk:], k_cache, v_cache, slot)
             outs = []
             for first, n, seq_len, first_slot, gather, future in spans:
-                if gather is None:
-                    start = k_cache.storage_offset() + first_slot * row
-                    keys_t = k_cache.as_strided((hk, d, seq_len), (d, 1, row), start)  # [Hk, D, S]
-                    values = v_cache.as_strided((hk, seq_len, d), (d, row, 1), start)  # [Hk, S, D]
-                else:
-                    keys_t = k_cache.index_select(0, gather).view(-1, hk, d)[:seq_len].permute(1, 2, 0)
-                    values = v_cache.index_select(0, gather).view(-1, hk, d)[:seq_len].transpose(0, 1)
+                keys_t, values = f.context(i, seq_len, first_slot, gather)
                 q = rot[first:first + n, :hq].reshape(n, hk, group, d).transpose(0, 1)
                 q = q.reshape(hk, n * group, d)  # already scaled
                 scores = torch.bmm(q, keys_t)  # [Hk, n G, S]
@@ -116,12 +109,7 @@ class FlatFusedStep:
                     scores = scores.view(hk, n * group, seq_len)
                 attn = torch.bmm(scores.softmax(dim=-1), values)  # [Hk, n G, D]
                 outs.append(attn.view(hk, n, group * d).transpose(0, 1).reshape(n, hq * d))
-            s = o_proj(torch.cat(outs), residual=s)
-            gate_up = gate_up_proj(f._norm(s, w_post))
-            if isinstance(down_proj, RowsLinear):  # a quantized one applies silu_mul itself
-                gate, up = gate_up.chunk(2, dim=-1)
-                gate_up = F.silu(gate, inplace=True).mul_(up)
-            s = down_proj(gate_up, residual=s)
+            s = f.mlp(o_proj(torch.cat(outs), residual=s), w_post, gate_up_proj, down_proj)
         # Only the sampling rows need the final norm (it is per row).
         return f.model.norm(s[torch.tensor(list(keep_rows), dtype=torch.long)])
 

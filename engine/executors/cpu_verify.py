@@ -4,9 +4,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from engine.cpu_decode import FlatDecoder, RowsLinear
+from engine.cpu_decode import FlatDecoder
 from engine.sampler import sample
 from engine.scheduler import ScheduledChunk
 from engine.spec.tree import DraftTree
@@ -37,7 +36,7 @@ class FlatRows:
         sees the context and its tree ancestors instead of the rows before it."""
         f = self.flat
         hq, hk, d = f.num_heads, f.num_kv_heads, f.head_dim
-        t, half, group, row = len(token_ids), d // 2, hq // hk, hk * d
+        t, half, group = len(token_ids), d // 2, hq // hk
         seq_len = position + t
         slots = torch.arange(position, seq_len) + first_slot
         positions = slots - first_slot if tree is None else torch.tensor(tree.positions(position))
@@ -56,19 +55,12 @@ class FlatRows:
             rot = torch.addcmul(qkv * cos_t, qkv.flip(2), sin_t).view(t, hq + 2 * hk, d)
             k_cache, v_cache = f.kv.k[i], f.kv.v[i]
             store_kv_ref(rot[:, hq:hq + hk], rot[:, hq + hk:], k_cache, v_cache, slots)
-            start = k_cache.storage_offset() + first_slot * row
-            keys_t = k_cache.as_strided((hk, d, seq_len), (d, 1, row), start)  # [Hk, D, S]
-            values = v_cache.as_strided((hk, seq_len, d), (d, row, 1), start)  # [Hk, S, D]
+            keys_t, values = f.context(i, seq_len, first_slot, None)
             q = rot[:, :hq].reshape(t, hk, group, d).transpose(0, 1).reshape(hk, t * group, d)
             scores = torch.bmm(q, keys_t).view(hk, t, group, seq_len)  # already scaled
             probs = scores.masked_fill_(future, float("-inf")).softmax(dim=-1).view(hk, t * group, seq_len)
             attn = torch.bmm(probs, values).view(hk, t, group * d).transpose(0, 1).reshape(t, hq * d)
-            s = o_proj(attn, residual=s)
-            gate_up = gate_up_proj(f._norm(s, w_post))
-            if isinstance(down_proj, RowsLinear):  # a quantized one applies silu_mul itself
-                gate, up = gate_up.chunk(2, dim=-1)
-                gate_up = F.silu(gate).mul_(up)
-            s = down_proj(gate_up, residual=s)
+            s = f.mlp(o_proj(attn, residual=s), w_post, gate_up_proj, down_proj)
             if keep is not None:
                 keep(i, s)
         return f.model.norm(s)
