@@ -20,6 +20,7 @@ from kernels.attention.metadata import AttentionMetadata, SeqSpan
 from kernels.attention.reference import paged_attention_ref
 from kernels.rmsnorm.reference import rms_norm_ref
 from kernels.rotary.reference import apply_rotary_ref
+from tests.tiny_model import normal_model
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -88,12 +89,7 @@ def tiny_blocked_model(head_dim: int = 8, weights: str = "fp32") -> LlamaModel:
     config = ModelConfig(name="t", vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=head_dim, max_position_embeddings=512,
                          tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = LlamaModel(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    model.init_buffers("cpu")
+    model = normal_model(config)
     if weights == "w4a16":
         use_int4(model, None)
     elif weights == "w8a8":

@@ -12,6 +12,7 @@ from engine.model import LlamaModel
 from engine.quantize import use_int4, use_w8
 from kernels.cpu_quant.library import BASE_FLAGS, library
 from kernels.cpu_quant.step import DecodeStep
+from tests.tiny_model import normal_model
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -30,12 +31,7 @@ def tiny_model(weights: str) -> LlamaModel:
     config = ModelConfig(name="t", vocab_size=48, hidden_size=64, intermediate_size=96, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512,
                          tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = LlamaModel(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    model.init_buffers("cpu")
+    model = normal_model(config)
     if weights == "w4a16":
         use_int4(model, None)
     else:

@@ -15,7 +15,6 @@ from engine.config import ModelConfig
 from engine.cpu_decode import FlatDecoder
 from engine.cpu_linear import use_cpu_linears
 from engine.kv_cache import KVCache
-from engine.model import LlamaModel
 from kernels.attention.metadata import AttentionMetadata, SeqSpan
 from kernels.norm_qkv_rope.kernel import fused_rms_norm_qkv_rotary_store, rms_norm_qkv_rotary_store_triton
 from kernels.norm_qkv_rope.qkv_rope import qkv_rotary_store
@@ -24,6 +23,7 @@ from kernels.rotary.kernel import rotary_store_kv_triton
 from kernels.rotary.reference import apply_rotary_ref, rotary_store_kv_ref
 from kernels.store_kv.kernel import store_kv_triton
 from kernels.store_kv.reference import store_kv_ref
+from tests.tiny_model import normal_model
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -92,12 +92,7 @@ def test_flat_decoder_stores_the_bytes_the_eager_model_stores() -> None:
     config = ModelConfig(name="t", vocab_size=48, hidden_size=32, intermediate_size=40, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=64,
                          tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = LlamaModel(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    model.init_buffers("cpu")
+    model = normal_model(config)
     use_cpu_linears(model)
     spec = KVCacheSpec(BLOCK, config.num_kv_heads, config.head_dim)
     eager_kv, flat_kv = (KVCache(spec, config.num_layers, 4) for _ in range(2))
