@@ -141,6 +141,17 @@ class FlatDecoder:
             return self.model.compute_logits(hidden)
         return self.head(hidden).float()
 
+    def row_inputs(self, token_ids: Sequence[int], positions: Sequence[int],
+                   slots: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """R rows' residual stream [R, H] (their token embeddings), rotary tables per head row of the qkv
+        output (cos [R, heads, 1, D/2], sin [R, heads, 2, D/2]) and cache slots [R]: one host copy."""
+        r, half = len(token_ids), self.head_dim // 2
+        ids = torch.tensor([*token_ids, *positions, *slots])
+        cos, sin = self.model.rotary(ids[r:2 * r])  # [R, D/2] each
+        cos_t = torch.addcmul(self.cos_bias, cos.view(r, 1, 1, half), self.cos_scale)
+        sin_t = sin.view(r, 1, 1, half) * self.sin_scale
+        return self.model.embed_tokens(ids[:r]), cos_t, sin_t, ids[2 * r:]
+
     def context(self, layer: int, seq_len: int, first_slot: int,
                 gather: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `layer`'s cached keys, transposed [Hk, D, S], and values [Hk, S, D] of a sequence's first
@@ -200,12 +211,7 @@ class FlatDecoder:
             consecutive = list(used) == list(range(used[0], used[0] + len(used)))
             contexts.append((position + 1, used[0] * block_size, None if consecutive else torch.tensor(used)))
             slots.append(used[-1] * block_size + position % block_size)
-        ids = torch.tensor([*token_ids, *positions, *slots])
-        cos, sin = self.model.rotary(ids[b:2 * b])  # [B, D/2] each
-        cos_t = torch.addcmul(self.cos_bias, cos.view(b, 1, 1, half), self.cos_scale)  # [B, heads, 1, D/2]
-        sin_t = sin.view(b, 1, 1, half) * self.sin_scale  # [B, heads, 2, D/2]
-        slot = ids[2 * b:]
-        s = self.model.embed_tokens(ids[:b])  # the residual stream [B, H]
+        s, cos_t, sin_t, slot = self.row_inputs(token_ids, positions, slots)
         for i, (w_in, qkv_proj, o_proj, w_post, gate_up_proj, down_proj) in enumerate(self.layers):
             qkv = qkv_proj(self._norm(s, w_in)).view(b, heads, 2, half)
             rot = torch.addcmul(qkv * cos_t, qkv.flip(2), sin_t)  # rotate-half: halves swapped, sin signed

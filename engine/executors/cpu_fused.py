@@ -87,12 +87,7 @@ class FlatFusedStep:
             positions.extend(range(start, seq_len))
             slots.extend(blocks[p // block_size] * block_size + p % block_size for p in range(start, seq_len))
         r = len(token_ids)
-        ids = torch.tensor([*token_ids, *positions, *slots])
-        cos, sin = f.model.rotary(ids[r:2 * r])  # [R, D/2] each
-        cos_t = torch.addcmul(f.cos_bias, cos.view(r, 1, 1, half), f.cos_scale)  # [R, heads, 1, D/2]
-        sin_t = sin.view(r, 1, 1, half) * f.sin_scale  # [R, heads, 2, D/2]
-        slot = ids[2 * r:]
-        s = f.model.embed_tokens(ids[:r])  # the residual stream [R, H]
+        s, cos_t, sin_t, slot = f.row_inputs(token_ids, positions, slots)
         for i, (w_in, qkv_proj, o_proj, w_post, gate_up_proj, down_proj) in enumerate(f.layers):
             qkv = qkv_proj(f._norm(s, w_in)).view(r, heads, 2, half)
             rot = torch.addcmul(qkv * cos_t, qkv.flip(2), sin_t).view(r, heads, d)  # q pre-scaled, v as is
