@@ -1,4 +1,4 @@
-"""fp32 weights × fp32 activations on CPU via cpu_quant.c's f32_linear: one weight pass for any row count."""
+"""fp32 weights × fp32 activations on CPU via f32_linear.c: one weight pass for any row count."""
 from __future__ import annotations
 
 import torch

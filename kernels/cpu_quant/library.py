@@ -1,4 +1,4 @@
-"""Compiles cpu_quant.c once per (source, flags) into a per-user cache and loads it with ctypes."""
+"""Compiles the kernels/cpu_quant C sources once per flags into a per-user cache and loads them by ctypes."""
 from __future__ import annotations
 
 import ctypes
@@ -12,9 +12,12 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_quant.c")
+_HERE = Path(__file__).parent
+# cpu_quant.c: Q4_1 / Q8_0 products; decode_step.c: the fused bs1 step over them; f32_linear.c: fp32 products.
+SOURCES = tuple(_HERE / name for name in ("cpu_quant.c", "decode_step.c", "f32_linear.c"))
+HEADERS = (_HERE / "cpu_quant.h",)
 BASE_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-LIBS = ("-lm",)  # expf, sqrtf (the fused decode step's softmax, silu and RMSNorm); after the source to link
+LIBS = ("-lm",)  # expf, sqrtf (the fused decode step's softmax, silu and RMSNorm); after the sources to link
 # Only where torch reports AVX2 (it checks FMA with it): the source's #else branch is the scalar path.
 SIMD_FLAGS = ("-mavx2", "-mfma", "-mf16c")
 
@@ -48,14 +51,14 @@ def cache_dir() -> Path:
 
 
 def build(flags: tuple[str, ...] | None = None, compiler: str = "gcc") -> Path:
-    """The shared library for this source and `flags` (default: compile_flags()), compiled if the cache
+    """The shared library for these sources and `flags` (default: compile_flags()), compiled if the cache
     lacks it.
 
     Several processes (Ray workers) may build at once: each compiles into its own temporary file and
     renames it into place (atomic on one filesystem), so a reader sees a whole library or none.
     """
     flags = compile_flags() if flags is None else flags
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
     key = hashlib.sha256(source + " ".join((compiler, *flags, *LIBS)).encode()).hexdigest()[:16]
     target = cache_dir() / f"cpu_quant-{key}.so"
     if target.exists():
@@ -68,10 +71,10 @@ def build(flags: tuple[str, ...] | None = None, compiler: str = "gcc") -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, *LIBS], capture_output=True,
-                                text=True)
+        result = subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", tmp, *LIBS],
+                                capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed ({compiler} {' '.join(flags)}):\n"
+            raise RuntimeError(f"compiling kernels/cpu_quant failed ({compiler} {' '.join(flags)}):\n"
                                f"{result.stderr}")
         os.replace(tmp, target)
     finally:

@@ -1,4 +1,4 @@
-"""A bs1 decode step of Q4_1 / Q8_0 layers in one C call (cpu_quant.c's cq_decode_step)."""
+"""A bs1 decode step of Q4_1 / Q8_0 layers in one C call (decode_step.c's cq_decode_step)."""
 from __future__ import annotations
 
 import ctypes
