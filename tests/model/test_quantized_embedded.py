@@ -43,33 +43,31 @@ def test_q8_0_head_blocks_equal_the_float_embedding_bit_for_bit() -> None:
     assert torch.equal(dequantize_q8_0_ref(head), model.embed_tokens.weight)
 
 
+def greedy_outputs(weights: str, max_tokens: int) -> tuple[LLMEngine, list, list]:
+    """(the engine under `weights`, its greedy outputs on PROMPTS, the baseline's (auto) outputs), one
+    thread."""
+    torch.set_num_threads(1)
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    quantized, baseline = (LLMEngine(EngineConfig(weights=w, num_kv_blocks=32, max_num_seqs=2))
+                           for w in (weights, "auto"))
+    return quantized, quantized.generate(PROMPTS, sampling), baseline.generate(PROMPTS, sampling)
+
+
 def test_w4a16_native_greedy_output_matches_the_baseline() -> None:
     """The same weights in fp32 arithmetic (kernels/cpu_quant: fp32 activations, the Q8_0 head): only the
     order of fp32 additions differs from the baseline. Measured here: 64 of 64 tokens equal on both prompts
     (torch's int4 kernel with bf16 activations, before: the first 18 and 12)."""
-    torch.set_num_threads(1)
-    sampling = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
-    outputs = {}
-    for weights in ("auto", "w4a16"):
-        engine = LLMEngine(EngineConfig(weights=weights, num_kv_blocks=32, max_num_seqs=2))
-        if weights == "w4a16":
-            assert sum(isinstance(m, Q41Linear) for m in engine.model.modules()) == 4 * 30
-            assert isinstance(engine.model.lm_head, Q80Linear)
-        outputs[weights] = engine.generate(PROMPTS, sampling)
-    assert outputs["w4a16"] == outputs["auto"]
+    quantized, outputs, baseline = greedy_outputs("w4a16", 32)
+    assert sum(isinstance(m, Q41Linear) for m in quantized.model.modules()) == 4 * 30
+    assert isinstance(quantized.model.lm_head, Q80Linear)
+    assert outputs == baseline
 
 
 def test_w8_on_cpu_serves_q8_0_projections_and_the_native_head() -> None:
     """--weights w8 on CPU: per-channel int8 through kernels/cpu_quant, and the GGUF's Q8_0 head as w4a16 has
     it. int8 rounding of the projections (not the same weights as the baseline) moves greedy output late:
     decode_cpu measured 59 of 64 tokens equal; the first 8 are asserted here."""
-    torch.set_num_threads(1)
-    sampling = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    outputs = {}
-    for weights in ("auto", "w8"):
-        engine = LLMEngine(EngineConfig(weights=weights, num_kv_blocks=32, max_num_seqs=2))
-        if weights == "w8":
-            assert sum(isinstance(m, Q80Linear) for m in engine.model.layers.modules()) == 4 * 30
-            assert isinstance(engine.model.lm_head, Q80Linear)
-        outputs[weights] = engine.generate(PROMPTS, sampling)
-    assert outputs["w8"] == outputs["auto"]
+    quantized, outputs, baseline = greedy_outputs("w8", 8)
+    assert sum(isinstance(m, Q80Linear) for m in quantized.model.layers.modules()) == 4 * 30
+    assert isinstance(quantized.model.lm_head, Q80Linear)
+    assert outputs == baseline
