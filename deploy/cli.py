@@ -22,6 +22,7 @@ from deploy.cli_args import (
 from deploy.cli_checks import UsageError, check_port_free, check_security_files, check_tp_flags
 from engine.config import KERNEL_BACKENDS, TP_COMMS, WEIGHT_SCHEMES
 from engine.spec.config import SPEC_METHODS, SpecConfig
+from router.config import RouterConfig
 from router.dispatch import known_policies
 from router.placement import known_placements
 
@@ -38,6 +39,10 @@ def _default_device() -> str:
 # both drafters slow decoding (the shipped head to ~0.5x at batch 1, the n-gram drafter to ~0.75x: too few
 # drafts are accepted to pay for verify steps, which leave the flat bs1 decoder; docs/speculative.md).
 DEFAULT_SPEC = "off"
+
+# A request's life bound under `pdserve up` (RouterConfig.request_timeout_s; a client deadline only shortens
+# it), and how long `pdserve scale` waits for a removed worker's requests to drain.
+UP_REQUEST_TIMEOUT_S = 600.0
 
 # --kv-cache value -> EngineConfig.kv_cache_dtype
 _KV_CACHE_FLAG = {"auto": "auto", "bf16": "bfloat16", "int8": "int8", "int4": "int4"}
@@ -274,25 +279,24 @@ def _cmd_up(args: argparse.Namespace) -> int:
                           prefix_caching=args.prefix_caching == "on",
                           long_prefill_token_threshold=args.long_prefill_threshold,
                           fused_step_max_slowdown=args.fused_max_slowdown, spec=spec)
-    cluster = LocalCluster(ClusterConfig(engine=engine, num_prefill=args.prefill, num_decode=args.decode,
-                                         prefill_tp=args.prefill_tp, decode_tp=args.decode_tp,
-                                         host=args.host, port=args.port, metrics_port=args.metrics_port,
-                                         http_port=args.http_port, served_model_name=args.served_model_name,
-                                         dispatch_policy=args.dispatch_policy,
-                                         queue_capacity=args.queue_capacity,
-                                         local_prefill_max_tokens=args.local_prefill_max_tokens,
-                                         prefill_placement=args.prefill_placement,
-                                         migration_limit=args.migration_limit,
-                                         kv_failure_policy=args.kv_failure_policy,
+    router = RouterConfig(host=args.host, port=args.port, metrics_port=args.metrics_port,
+                          metrics_host=args.metrics_host, http_port=args.http_port,
+                          served_model_name=args.served_model_name, dispatch_policy=args.dispatch_policy,
+                          queue_capacity=args.queue_capacity, request_timeout_s=UP_REQUEST_TIMEOUT_S,
+                          prefill_placement=args.prefill_placement,
+                          local_prefill_max_tokens=args.local_prefill_max_tokens,
+                          migration_limit=args.migration_limit, kv_failure_policy=args.kv_failure_policy,
+                          tls_cert_file=args.tls_cert, tls_key_file=args.tls_key,
+                          auth_token_file=args.auth_token_file, max_request_bytes=args.max_request_bytes)
+    cluster = LocalCluster(ClusterConfig(engine=engine, router=router, num_prefill=args.prefill,
+                                         num_decode=args.decode, prefill_tp=args.prefill_tp,
+                                         decode_tp=args.decode_tp,
                                          max_worker_restarts=args.max_worker_restarts,
                                          ray_address=args.ray_address, ready_file=args.ready_file,
                                          admin_port=args.admin_port,
                                          prefill_resources=args.prefill_resources,
                                          decode_resources=args.decode_resources,
-                                         drain_seconds=args.drain_seconds, metrics_host=args.metrics_host,
-                                         tls_cert_file=args.tls_cert, tls_key_file=args.tls_key,
-                                         auth_token_file=args.auth_token_file,
-                                         max_request_bytes=args.max_request_bytes,
+                                         drain_seconds=args.drain_seconds,
                                          cpu_affinity=args.cpu_affinity == "auto"))
     try:
         cluster.start_workers()

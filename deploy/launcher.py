@@ -20,6 +20,7 @@ from deploy.affinity import allowed_cores, plan_affinity
 from deploy.ray_connect import init_ray, use_token_auth_if_available
 from engine.config import EngineConfig
 from engine.spec.config import SpecConfig
+from router.config import RouterConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +34,9 @@ class ClusterConfig:
     # by these per role; the two may differ (the KV moves as whole heads: docs/architecture.md).
     prefill_tp: int = 1
     decode_tp: int = 1
-    host: str = "127.0.0.1"
-    port: int = 50051
-    metrics_port: int = 9400
-    http_port: int | None = 8000  # the OpenAI-compatible door; None = off, 0 = any free port
-    served_model_name: str | None = None  # None: derived from the model file (served_model_name())
-    dispatch_policy: str = "least_loaded"
-    queue_capacity: int = 256
-    max_inflight: int | None = None  # None: the decode workers' reported sequence slots bound it
-    request_timeout_s: float = 600.0
-    local_prefill_max_tokens: int = 0
-    prefill_placement: str = "cost"  # router/placement.py
+    # The router's settings, as given (`pdserve up`'s flags build it); the launcher adds only what it learns
+    # from the workers when the router starts: max_model_len and, when unset, the model's served name.
+    router: RouterConfig = RouterConfig()
     ray_address: str | None = None  # None: start a private local Ray instance
     # Custom Ray resources each role's actors ask for, so roles land on the nodes that declare them (a node
     # started with `ray start --resources '{"pdserve_decode": 1}'`, a KubeRay worker group). None: the
@@ -51,17 +44,10 @@ class ClusterConfig:
     prefill_resources: dict[str, float] | None = None
     decode_resources: dict[str, float] | None = None
     # Healing: Ray restarts a dead worker process up to this many times (-1 = always); a request on a dead
-    # decode worker moves to another (or the restarted) one up to `migration_limit` times.
+    # decode worker moves to another (or the restarted) one up to router.migration_limit times.
     max_worker_restarts: int = -1
-    migration_limit: int = 1
-    kv_failure_policy: str = "recompute"  # contracts.transfer.KV_FAILURE_POLICIES
     ready_file: str | None = None  # written with the bound addresses once the router serves
     drain_seconds: float = 10.0  # on SIGINT/SIGTERM, running streams get this long to finish
-    metrics_host: str = "127.0.0.1"  # /metrics stays on loopback unless told otherwise
-    tls_cert_file: str | None = None  # with tls_key_file: TLS on the gRPC port and the HTTP door
-    tls_key_file: str | None = None
-    auth_token_file: str | None = None  # clients then send "authorization: Bearer <token>"
-    max_request_bytes: int = 4 * 1024 * 1024
     admin_port: int = 50052  # `pdserve scale` talks to the launcher here, on loopback only; 0 = any free port
     # --cpu-affinity auto: each worker process pinned to its own cores (deploy/affinity.py), torch threads =
     # its cores; False: the OS places them and the threads split os.cpu_count() (below).
@@ -165,7 +151,7 @@ class LocalCluster:
         self._engines = role_engine
         self._spawners = {
             "decode": lambda wid, engine: decode_cls.options(name=f"pdserve-{wid}").remote(
-                wid, engine, channel_host=channel_host, kv_failure_policy=cfg.kv_failure_policy),
+                wid, engine, channel_host=channel_host, kv_failure_policy=cfg.router.kv_failure_policy),
             "prefill": lambda wid, engine: prefill_cls.options(name=f"pdserve-{wid}").remote(wid, engine),
         }
         if cfg.cpu_affinity:
@@ -201,26 +187,15 @@ class LocalCluster:
 
         from engine.model_files import resolve_model_path
         from engine.tokenizer import Tokenizer
-        from router.config import RouterConfig
         from router.ray_clients import RayDecodeClient, RayPrefillClient
         from router.server import build_server
 
         cfg = self.config
         model_info = ray.get(self.decode[0][1].model_info.remote())
         model_path = resolve_model_path(cfg.engine.model_path)
-        router_cfg = RouterConfig(host=cfg.host, port=cfg.port, queue_capacity=cfg.queue_capacity,
-                                  max_inflight=cfg.max_inflight, dispatch_policy=cfg.dispatch_policy,
-                                  request_timeout_s=cfg.request_timeout_s,
-                                  local_prefill_max_tokens=cfg.local_prefill_max_tokens,
-                                  prefill_placement=cfg.prefill_placement,
-                                  max_model_len=model_info.context_length, metrics_port=cfg.metrics_port,
-                                  http_port=cfg.http_port, metrics_host=cfg.metrics_host,
-                                  tls_cert_file=cfg.tls_cert_file, tls_key_file=cfg.tls_key_file,
-                                  auth_token_file=cfg.auth_token_file,
-                                  max_request_bytes=cfg.max_request_bytes,
-                                  migration_limit=cfg.migration_limit,
-                                  kv_failure_policy=cfg.kv_failure_policy,
-                                  served_model_name=cfg.served_model_name or served_model_name(model_path))
+        router_cfg = dataclasses.replace(
+            cfg.router, max_model_len=model_info.context_length,
+            served_model_name=cfg.router.served_model_name or served_model_name(model_path))
         tokenizer = Tokenizer.from_model(model_path)
         decode_clients = [RayDecodeClient(wid, h) for wid, h in self.decode]
         prefill_clients = [RayPrefillClient(wid, h) for wid, h in self.prefill]
@@ -235,14 +210,14 @@ class LocalCluster:
         from deploy.scaling import Scaler, start_admin
 
         scaler = Scaler(self._spawn, {"prefill": self.prefill, "decode": self.decode}, self.router.pool,
-                        self.router.metrics.worker_source, drain_timeout_s=cfg.request_timeout_s)
+                        self.router.metrics.worker_source, drain_timeout_s=router_cfg.request_timeout_s)
         admin = await start_admin(scaler, cfg.admin_port)
         admin_address = f"127.0.0.1:{admin.sockets[0].getsockname()[1]}"
-        address = f"{cfg.host}:{self.router.port}"
-        metrics_url = f"http://{cfg.metrics_host}:{self.router.metrics_port}/metrics"
+        address = f"{router_cfg.host}:{self.router.port}"
+        metrics_url = f"http://{router_cfg.metrics_host}:{self.router.metrics_port}/metrics"
         http_port = self.router.http_port
-        scheme = "https" if cfg.tls_cert_file else "http"
-        http_url = f"{scheme}://{cfg.host}:{http_port}/v1" if http_port is not None else None
+        scheme = "https" if router_cfg.tls_cert_file else "http"
+        http_url = f"{scheme}://{router_cfg.host}:{http_port}/v1" if http_port is not None else None
         _status(f"[4/4] router listening on {address}, metrics on {metrics_url}")
         if http_url:
             _status(f"OpenAI-compatible API on {http_url}")
@@ -250,15 +225,15 @@ class LocalCluster:
             Path(cfg.ready_file).write_text(json.dumps({
                 "address": address, "metrics_url": metrics_url, "http_url": http_url,
                 "admin_address": admin_address}))
-        tls = f" --tls-ca {cfg.tls_cert_file}" if cfg.tls_cert_file else ""
-        auth = f" --auth-token-file {cfg.auth_token_file}" if cfg.auth_token_file else ""
-        curl = (f" --cacert {cfg.tls_cert_file}" if tls else "") + (
-            f" -H \"Authorization: Bearer $(cat {cfg.auth_token_file})\"" if auth else "")
+        tls = f" --tls-ca {router_cfg.tls_cert_file}" if router_cfg.tls_cert_file else ""
+        auth = f" --auth-token-file {router_cfg.auth_token_file}" if router_cfg.auth_token_file else ""
+        curl = (f" --cacert {router_cfg.tls_cert_file}" if tls else "") + (
+            f" -H \"Authorization: Bearer $(cat {router_cfg.auth_token_file})\"" if auth else "")
         try_http = (f"  curl -s{curl} {http_url}/models\n" if http_url else "")
         _status("\nReady. Try:\n"
                 f"  .venv/bin/pdserve generate \"What is the capital of France?\" --address {address}"
                 f"{tls}{auth}\n"
-                f"  grpcurl {f'-cacert {cfg.tls_cert_file}' if tls else '-plaintext'} {address} list\n"
+                f"  grpcurl {f'-cacert {router_cfg.tls_cert_file}' if tls else '-plaintext'} {address} list\n"
                 f"{try_http}"
                 f"  .venv/bin/pdserve scale --prefill 1 --decode 2 --admin {admin_address}\n"
                 "Ctrl-C stops the cluster.")

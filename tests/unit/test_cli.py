@@ -53,6 +53,35 @@ def test_up_checks_tls_and_token_files_before_starting_anything(tmp_path, capsys
     assert err.startswith("usage: pdserve up") and "auth token file" in err and "is empty" in err
 
 
+def test_up_flags_reach_the_routers_config_as_given(monkeypatch) -> None:
+    """The router's flags build the RouterConfig the launcher serves (it adds only the model's limits)."""
+    from deploy import launcher
+
+    started = []
+
+    class Cluster:
+        def __init__(self, config: launcher.ClusterConfig) -> None:
+            started.append(config)
+
+        def start_workers(self) -> None:
+            raise KeyboardInterrupt  # stop before Ray: only the config is under test
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(launcher, "LocalCluster", Cluster)
+    argv = ["up", "--device", "cpu", "--port", "0", "--metrics-port", "0", "--http-port", "0", "--admin-port", "0",
+            "--queue-capacity", "7", "--migration-limit", "0", "--kv-failure-policy", "fail",
+            "--prefill-placement", "threshold", "--local-prefill-max-tokens", "33", "--max-request-bytes", "999"]
+    assert cli.main(argv) == 0
+    (config,) = started
+    router = config.router
+    assert (router.port, router.metrics_port, router.http_port) == (0, 0, None)
+    assert (router.queue_capacity, router.migration_limit, router.kv_failure_policy) == (7, 0, "fail")
+    assert (router.prefill_placement, router.local_prefill_max_tokens) == ("threshold", 33)
+    assert (router.max_request_bytes, router.request_timeout_s) == (999, cli.UP_REQUEST_TIMEOUT_S)
+
+
 def _conn(address: str) -> client.Connection:
     return client.Connection(address)
 
