@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
+from contracts.config_checks import require_at_least
 from engine.spec.config import SpecConfig
 
 
@@ -47,6 +49,24 @@ TP_COMMS = ("bf16", "int8")
 # w8 = per-channel int8 weights, activations in the compute dtype (weight-only); w8a8 = int8 weights and
 # per-token int8 activations; w4a16 = group-wise int4 weights, 16-bit activations.
 WEIGHT_SCHEMES = ("auto", "bf16", "w8", "w8a8", "w4a16")
+
+
+class PrefillFairness(Protocol):
+    """The fair-prefill and split-fused fields EngineConfig and SchedulerConfig share (EngineConfig's
+    become the scheduler's)."""
+
+    long_prefill_token_threshold: int
+    max_long_partial_prefills: int
+    fused_step_max_slowdown: float
+
+
+def check_prefill_fairness(config: PrefillFairness) -> None:
+    """Raises ValueError naming the first bad field; both configs check here, so they cannot disagree."""
+    require_at_least(config, 0, "long_prefill_token_threshold")
+    require_at_least(config, 1, "max_long_partial_prefills")
+    if config.fused_step_max_slowdown and config.fused_step_max_slowdown <= 1.0:
+        raise ValueError(f"fused_step_max_slowdown must be 0 (off) or > 1, "
+                         f"got {config.fused_step_max_slowdown}")
 
 
 @dataclass(frozen=True)
@@ -100,22 +120,12 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.kernels not in KERNEL_BACKENDS:
             raise ValueError(f"kernels must be one of {KERNEL_BACKENDS}, got {self.kernels!r}")
-        if self.long_prefill_token_threshold < 0:
-            raise ValueError(f"long_prefill_token_threshold must be >= 0, "
-                             f"got {self.long_prefill_token_threshold}")
-        if self.max_long_partial_prefills < 1:
-            raise ValueError(f"max_long_partial_prefills must be >= 1, got {self.max_long_partial_prefills}")
-        if self.fused_step_max_slowdown and self.fused_step_max_slowdown <= 1.0:
-            raise ValueError(f"fused_step_max_slowdown must be 0 (off) or > 1, "
-                             f"got {self.fused_step_max_slowdown}")
-        if self.num_threads < 0:
-            raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
+        check_prefill_fairness(self)
+        require_at_least(self, 0, "num_threads")
         if len(set(self.cpu_affinity)) != len(self.cpu_affinity) or any(c < 0 for c in self.cpu_affinity):
             raise ValueError(f"cpu_affinity must be distinct non-negative core ids, got {self.cpu_affinity}")
-        for name in ("block_size", "num_kv_blocks", "max_batch_tokens", "max_num_seqs", "tp_size",
-                     "tp_overlap_min_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least(self, 1, "block_size", "num_kv_blocks", "max_batch_tokens", "max_num_seqs",
+                         "tp_size", "tp_overlap_min_tokens")
         if self.tp_overlap_chunks < 0:
             raise ValueError(f"tp_overlap_chunks must be >= 0 (0 = measured), got {self.tp_overlap_chunks}")
         if self.tp_comm not in TP_COMMS:

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from contracts.config_checks import require_at_least
+from engine.config import check_prefill_fairness
 from engine.sequence import Sequence
 
 if TYPE_CHECKING:
@@ -36,19 +38,9 @@ class SchedulerConfig:
     fused_step_max_slowdown: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_tokens", "max_num_seqs", "block_size", "max_model_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.long_prefill_token_threshold < 0:
-            raise ValueError(f"long_prefill_token_threshold must be >= 0, "
-                             f"got {self.long_prefill_token_threshold}")
-        if self.max_long_partial_prefills < 1:
-            raise ValueError(f"max_long_partial_prefills must be >= 1, got {self.max_long_partial_prefills}")
-        if self.fused_step_max_slowdown and self.fused_step_max_slowdown <= 1.0:
-            raise ValueError(f"fused_step_max_slowdown must be 0 (off) or > 1, "
-                             f"got {self.fused_step_max_slowdown}")
-        if self.lookahead_tokens < 0:
-            raise ValueError(f"lookahead_tokens must be >= 0, got {self.lookahead_tokens}")
+        require_at_least(self, 1, "max_batch_tokens", "max_num_seqs", "block_size", "max_model_len")
+        check_prefill_fairness(self)
+        require_at_least(self, 0, "lookahead_tokens")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from contracts.config_checks import require_at_least, require_positive
 from contracts.transfer import KV_FAILURE_POLICIES
 
 
@@ -50,29 +51,14 @@ class RouterConfig:
     kv_failure_policy: str = "recompute"
 
     def __post_init__(self) -> None:
-        for name in ("queue_capacity", "max_request_id_len", "max_stop_strings", "max_stop_token_ids",
-                     "migration_limit"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        require_at_least(self, 0, "queue_capacity", "max_request_id_len", "max_stop_strings",
+                         "max_stop_token_ids", "migration_limit", "local_prefill_budget_tokens",
+                         "local_prefill_max_tokens")
         if self.max_inflight is not None and self.max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1 or None, got {self.max_inflight}")
-        for name in ("default_max_tokens", "max_request_bytes", "max_stop_chars"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in (
-            "request_timeout_s",
-            "worker_refresh_s",
-            "worker_call_timeout_s",
-            "worker_heartbeat_timeout_s",
-            "queue_retry_after_s",
-        ):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.local_prefill_budget_tokens < 0:
-            raise ValueError(f"local_prefill_budget_tokens must be >= 0, "
-                             f"got {self.local_prefill_budget_tokens}")
-        if self.local_prefill_max_tokens < 0:
-            raise ValueError(f"local_prefill_max_tokens must be >= 0, got {self.local_prefill_max_tokens}")
+        require_at_least(self, 1, "default_max_tokens", "max_request_bytes", "max_stop_chars")
+        require_positive(self, "request_timeout_s", "worker_refresh_s", "worker_call_timeout_s",
+                         "worker_heartbeat_timeout_s", "queue_retry_after_s")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if not 0 <= self.port <= 65535:
