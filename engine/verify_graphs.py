@@ -2,24 +2,16 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 
-from engine.cuda_graphs import (
-    DecodeBatchError,
-    DecodeInputs,
-    capture_pieces,
-    decode_buckets,
-    graph_pieces,
-    input_layout,
-    pick_bucket,
-)
+from engine.cuda_graphs import DecodeBatchError, decode_buckets, pick_bucket
+from engine.graph_step import INPUT_FIELDS, DecodeInputs, GraphedStep, StepOutputs, capture_step, input_layout
 from engine.kv_cache import KVCache
 from engine.model import LlamaModel
 from engine.scheduler import ScheduledChunk
-from kernels.attention.metadata import AttentionMetadata, BlockTableError
+from kernels.attention.metadata import BlockTableError
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +48,7 @@ class VerifyStager:
         _, size = input_layout(bucket, table_width, bucket * width)
         self.buffer = torch.zeros(size, dtype=torch.int32, pin_memory=pin_memory)
         self.inputs = DecodeInputs.views(self.buffer, bucket, table_width, bucket * width)
-        self._np = {name: getattr(self.inputs, name).numpy() for name in (
-            "input_ids", "positions", "slot_mapping", "seq_lens", "query_start_loc", "block_tables")}
+        self._np = {name: getattr(self.inputs, name).numpy() for name in INPUT_FIELDS}
         self._np["slot_mapping"][:] = -1  # until filled, every row is padding
 
     def fill(self, chunks: Sequence[ScheduledChunk]) -> int:
@@ -100,18 +91,6 @@ class VerifyStager:
         return total
 
 
-@dataclass
-class _CapturedVerify:
-    stager: VerifyStager
-    device_buffer: torch.Tensor
-    graphs: tuple[torch.cuda.CUDAGraph, ...]  # one per graph_pieces range; () runs `forward` eagerly
-    forward: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]  # → these three outputs
-    hidden: torch.Tensor  # [bucket · width, H]
-    logits: torch.Tensor  # [bucket · width, V] fp32
-    features: torch.Tensor | None  # [bucket · width, F·H]: feature layers' outputs, when asked for
-    copied: torch.cuda.Event | None = None  # the H2D copy out of `stager.buffer` that may still be in flight
-
-
 class VerifyGraphRunner:
     """Replays a (bucket, width)'s CUDA graphs: embed → layers → final norm → fp32 logits of every row, and,
     when `feature_layers` are given, those layers' outputs (the residual stream h + residual, what
@@ -138,7 +117,7 @@ class VerifyGraphRunner:
         if any(not 0 <= i < len(model.layers) for i in self.feature_layers):
             raise ValueError(f"feature layers {self.feature_layers} outside the model's {len(model.layers)}")
         self._pool = pool
-        self._captured: dict[tuple[int, int], _CapturedVerify] = {}
+        self._captured: dict[tuple[int, int], GraphedStep[VerifyStager]] = {}
 
     @property
     def captured(self) -> tuple[tuple[int, int], ...]:
@@ -169,8 +148,7 @@ class VerifyGraphRunner:
         logger.info("captured verify CUDA graphs for batch sizes %s × query widths %s%s", self.buckets,
                     self.widths, f", features of layers {self.feature_layers}" if self.feature_layers else "")
 
-    def run(self, chunks: Sequence[ScheduledChunk]
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def run(self, chunks: Sequence[ScheduledChunk]) -> StepOutputs:
         """(hidden [R, H], logits [R, V] fp32, features [R, F·H] or None) of the step's R packed rows, without
         a host sync. Views of the graph's outputs: valid until the next replay of any graph in the pool."""
         if not torch.is_inference_mode_enabled():  # the buffers are inference tensors
@@ -181,75 +159,24 @@ class VerifyGraphRunner:
             raise DecodeBatchError(f"a step of {len(chunks)} chunks fits no verify graph "
                                    f"{self.buckets} × {self.widths}")
         entry = self._entry(*shape)
-        if entry.copied is not None and not entry.copied.query():
-            entry.copied.synchronize()  # only if a caller never waited for the last step's results
+        entry.wait_staging_free()
         rows = entry.stager.fill(chunks)
-        entry.device_buffer.copy_(entry.stager.buffer, non_blocking=True)
-        if self.device.type == "cuda":
-            if entry.copied is None:
-                entry.copied = torch.cuda.Event()
-            entry.copied.record()
-        if entry.graphs:
-            for graph in entry.graphs:
-                graph.replay()
-            hidden, logits, features = entry.hidden, entry.logits, entry.features
-        else:
-            hidden, logits, features = entry.forward()
+        hidden, logits, features = entry.launch(rows)
         return hidden[:rows], logits[:rows], None if features is None else features[:rows]
 
-    def _entry(self, bucket: int, width: int) -> _CapturedVerify:
+    def _entry(self, bucket: int, width: int) -> GraphedStep[VerifyStager]:
         entry = self._captured.get((bucket, width))
         if entry is None:
             entry = self._captured[(bucket, width)] = self._capture(bucket, width)
         return entry
 
-    def _capture(self, bucket: int, width: int) -> _CapturedVerify:
-        on_cuda = self.device.type == "cuda"
-        rows = bucket * width
-        stager = VerifyStager(bucket, width, self.table_width, self.kv_cache.block_size, pin_memory=on_cuda)
-        # All rows padding, so warm-up and capture store no KV. (clone: on CPU `.to` would alias the staging.)
-        device_buffer = stager.buffer.to(self.device) if on_cuda else stager.buffer.clone()
-        inputs = DecodeInputs.views(device_buffer, bucket, self.table_width, rows)
+    def _capture(self, bucket: int, width: int) -> GraphedStep[VerifyStager]:
+        stager = VerifyStager(bucket, width, self.table_width, self.kv_cache.block_size,
+                              pin_memory=self.device.type == "cuda")
         # max_query_len = width and T = bucket · width: the attention runs the prefill kernel alone over
         # every sequence (its grid covers `width` rows each; shorter chunks and padded sequences mask off).
-        meta = AttentionMetadata(
-            slot_mapping=inputs.slot_mapping, query_start_loc=inputs.query_start_loc,
-            seq_lens=inputs.seq_lens, block_tables=inputs.block_tables, max_query_len=width,
-            max_seq_len=self.max_model_len, block_size=self.kv_cache.block_size, spans=())
-        # Locals only in the closures: a closure holding `self` would make runner → graph → runner a cycle
-        # that keeps the graphs' memory until the garbage collector runs (benchmarks build many engines).
-        model, kv, feature_layers = self.model, self.kv_cache, self.feature_layers
-        pieces = graph_pieces(len(model.layers))
-        wanted = set(feature_layers)
-        state: dict[str, torch.Tensor | None] = {}  # what a piece hands the next (graph memory once captured)
-
-        def run_piece(i: int) -> None:
-            if i == 0:
-                h, state["cos"], state["sin"] = model.embed(inputs.input_ids, inputs.positions)
-                residual = None
-            else:
-                h, residual = state["h"], state["residual"]
-            for layer in pieces[i]:  # one layer at a time: a feature layer's output is read right after it
-                h, residual = model.forward_layers(h, residual, state["cos"], state["sin"], meta, kv,
-                                                   range(layer, layer + 1))
-                if layer in wanted:
-                    state[f"feature{layer}"] = h + residual
-            state["h"], state["residual"] = h, residual
-            if i == len(pieces) - 1:
-                state["hidden"] = model.final_norm(h, residual)
-                state["logits"] = model.compute_logits(state["hidden"])
-                if feature_layers:
-                    state["features"] = torch.cat([state[f"feature{j}"] for j in feature_layers], dim=-1)
-
-        def forward() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-            for i in range(len(pieces)):
-                run_piece(i)
-            return state["hidden"], state["logits"], state.get("features")
-
-        if on_cuda:
-            graphs, self._pool = capture_pieces(run_piece, len(pieces), forward, self.device, self._pool)
-            outputs = state["hidden"], state["logits"], state.get("features")
-        else:  # nothing to capture: the same static buffers, the forward run eagerly at each step
-            graphs, outputs = (), forward()
-        return _CapturedVerify(stager, device_buffer, graphs, forward, *outputs)
-
+        entry, self._pool = capture_step(self.model, self.kv_cache, stager, rows=bucket * width,
+                                         max_query_len=width, max_seq_len=self.max_model_len,
+                                         device=self.device, pool=self._pool,
+                                         feature_layers=self.feature_layers)
+        return entry

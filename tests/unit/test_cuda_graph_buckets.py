@@ -7,18 +7,11 @@ import torch
 from contracts.kv_cache_spec import KVCacheSpec
 from contracts.sampling import SamplingParams
 from engine.config import EngineConfig, ModelConfig
-from engine.cuda_graphs import (
-    DecodeBatchError,
-    DecodeInputs,
-    DecodeStager,
-    decode_buckets,
-    graph_pieces,
-    input_layout,
-    pick_bucket,
-)
+from engine.cuda_graphs import DecodeBatchError, DecodeStager, decode_buckets, pick_bucket
 from engine.executor import RowsByRequest
 from engine.executors.eager import EagerExecutor
 from engine.executors.factory import build_executor
+from engine.graph_step import DecodeInputs, graph_pieces, input_layout
 from engine.kv_cache import KVCache
 from engine.model import LlamaModel
 from engine.scheduler import ScheduledChunk
