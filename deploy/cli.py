@@ -350,16 +350,19 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_scale(args)
         from deploy import client
         from router.security import SecurityConfigError
+        from router.validation import GenerateInput
         try:
             conn = client.Connection.from_flags(args)
         except SecurityConfigError as e:
             raise UsageError(str(e)) from None
         if args.command == "generate":
-            opts = client.GenerateOptions(prompt=args.prompt, chat=not args.raw, system=args.system,
-                                          max_tokens=args.max_tokens, temperature=args.temperature,
-                                          top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                                          stop=tuple(args.stop), ignore_eos=args.ignore_eos)
-            return client.generate(conn, opts, args.json, args.timeout)
+            # The embedded model is an instruct model: unless --raw, the prompt goes as a user message.
+            request = GenerateInput(text=args.prompt if args.raw else None,
+                                    chat=None if args.raw else client.chat_messages(args.prompt, args.system),
+                                    max_tokens=args.max_tokens, temperature=args.temperature,
+                                    top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                                    stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+            return client.generate(conn, request, args.json, args.timeout)
         return client.info(conn, args.timeout)
     except UsageError as e:
         args.command_parser.print_usage(sys.stderr)

@@ -11,6 +11,7 @@ from google.protobuf.json_format import MessageToDict
 
 from proto.api import pb, pb_grpc
 from router.security import read_secret_file
+from router.validation import ChatMessage, GenerateInput, input_to_proto
 
 
 @dataclass(frozen=True)
@@ -38,35 +39,13 @@ class Connection:
         return (("authorization", f"Bearer {self.auth_token}"),) if self.auth_token else ()
 
 
-@dataclass(frozen=True)
-class GenerateOptions:
-    prompt: str
-    chat: bool = True  # the embedded model is an instruct model: wrap the prompt as one user message
-    system: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-
-
 def _to_dict(message) -> dict:
     return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
-def build_request(opts: GenerateOptions) -> pb.GenerateRequest:
-    sampling = pb.SamplingOptions(stop=list(opts.stop), ignore_eos=opts.ignore_eos)
-    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
-        value = getattr(opts, name)
-        if value is not None:
-            setattr(sampling, name, value)
-    if not opts.chat:
-        return pb.GenerateRequest(text=opts.prompt, sampling=sampling)
-    messages = [pb.ChatMessage(role="system", content=opts.system)] if opts.system else []
-    messages.append(pb.ChatMessage(role="user", content=opts.prompt))
-    return pb.GenerateRequest(chat=pb.ChatMessages(messages=messages), sampling=sampling)
+def chat_messages(prompt: str, system: str | None = None) -> tuple[ChatMessage, ...]:
+    """The prompt as one user message, after the system message when there is one."""
+    return ((ChatMessage("system", system),) if system else ()) + (ChatMessage("user", prompt),)
 
 
 def _end_line(text: str) -> None:
@@ -76,7 +55,7 @@ def _end_line(text: str) -> None:
         sys.stdout.flush()
 
 
-def generate(conn: Connection, opts: GenerateOptions, as_json: bool, timeout: float | None) -> int:
+def generate(conn: Connection, request: GenerateInput, as_json: bool, timeout: float | None) -> int:
     """Streams text to stdout as it arrives; as_json prints one object (text and final message) at the end.
     Returns an exit code."""
     address = conn.address
@@ -84,7 +63,7 @@ def generate(conn: Connection, opts: GenerateOptions, as_json: bool, timeout: fl
         stub = pb_grpc.PDServeStub(channel)
         final, parts = None, []
         try:
-            for response in stub.Generate(build_request(opts), timeout=timeout, metadata=conn.metadata):
+            for response in stub.Generate(input_to_proto(request), timeout=timeout, metadata=conn.metadata):
                 if response.HasField("delta"):
                     parts.append(response.delta.text)
                     if not as_json:

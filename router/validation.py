@@ -111,6 +111,24 @@ def input_from_proto(request: pb.GenerateRequest) -> GenerateInput:
     )
 
 
+def input_to_proto(request: GenerateInput) -> pb.GenerateRequest:
+    """input_from_proto's inverse: what a client (`pdserve generate`) sends; None fields stay unset."""
+    sampling = pb.SamplingOptions(stop=list(request.stop), stop_token_ids=list(request.stop_token_ids),
+                                  ignore_eos=request.ignore_eos)
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
+        value = getattr(request, name)
+        if value is not None:
+            setattr(sampling, name, value)
+    out = pb.GenerateRequest(request_id=request.request_id, sampling=sampling)
+    if request.text is not None:
+        out.text = request.text
+    elif request.token_ids is not None:
+        out.token_ids.ids.extend(request.token_ids)
+    elif request.chat is not None:
+        out.chat.messages.extend(pb.ChatMessage(role=m.role, content=m.content) for m in request.chat)
+    return out
+
+
 def validate(request: GenerateInput, tokenizer: Tokenizer, limits: ValidationLimits) -> ValidatedRequest:
     """Every door's one validation: request id, prompt tokens, sampling within the model's limits."""
     request_id = _request_id(request.request_id, limits.max_request_id_len)

@@ -11,6 +11,7 @@ import pytest
 from fakes import fake_cluster, run, serve_router
 
 from deploy import cli, cli_checks, client
+from router.validation import GenerateInput
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -70,9 +71,10 @@ def test_up_flags_reach_the_routers_config_as_given(monkeypatch) -> None:
             pass
 
     monkeypatch.setattr(launcher, "LocalCluster", Cluster)
-    argv = ["up", "--device", "cpu", "--port", "0", "--metrics-port", "0", "--http-port", "0", "--admin-port", "0",
-            "--queue-capacity", "7", "--migration-limit", "0", "--kv-failure-policy", "fail",
-            "--prefill-placement", "threshold", "--local-prefill-max-tokens", "33", "--max-request-bytes", "999"]
+    argv = ["up", "--device", "cpu", "--port", "0", "--metrics-port", "0", "--http-port", "0",
+            "--admin-port", "0", "--queue-capacity", "7", "--migration-limit", "0",
+            "--kv-failure-policy", "fail", "--prefill-placement", "threshold",
+            "--local-prefill-max-tokens", "33", "--max-request-bytes", "999"]
     assert cli.main(argv) == 0
     (config,) = started
     router = config.router
@@ -90,7 +92,7 @@ def test_generate_json_carries_the_text_and_plain_output_ends_with_a_newline(cap
     async def body() -> tuple[int, int]:
         prefill, decode = fake_cluster()
         async with serve_router(prefill, decode) as h:
-            opts = client.GenerateOptions(prompt="hi", chat=False, max_tokens=4)
+            opts = GenerateInput(text="hi", max_tokens=4)
             as_json = await asyncio.to_thread(client.generate, _conn(h.server.address), opts, True, 10)
             as_json_out = capsys.readouterr().out
             plain = await asyncio.to_thread(client.generate, _conn(h.server.address), opts, False, 10)

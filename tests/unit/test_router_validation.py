@@ -7,7 +7,15 @@ import pytest
 from fakes import FAKE_MODEL, FakeTokenizer, fake_cluster, run, serve_router
 
 from proto.api import pb
-from router.validation import InvalidRequest, ValidationLimits, validate_request
+from router.validation import (
+    ChatMessage,
+    GenerateInput,
+    InvalidRequest,
+    ValidationLimits,
+    input_from_proto,
+    input_to_proto,
+    validate_request,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -167,3 +175,15 @@ def test_missing_request_id_gets_a_fresh_unique_one() -> None:
         validate_request(pb.GenerateRequest(text="hi"), FakeTokenizer(), LIMITS).request_id for _ in range(3)
     }
     assert len(ids) == 3 and all(ids)
+
+
+@pytest.mark.parametrize("request_input", [
+    GenerateInput(text="hi"),
+    GenerateInput(request_id="r1", token_ids=(5, 6), max_tokens=3, temperature=0.0, top_p=0.5, top_k=2,
+                  seed=0, stop=("x",), stop_token_ids=(9,), ignore_eos=True),
+    GenerateInput(chat=(ChatMessage("system", "be brief"), ChatMessage("user", "hi")), temperature=1.5),
+])
+def test_a_clients_request_reads_back_as_it_was_sent(request_input: GenerateInput) -> None:
+    """input_to_proto (what `pdserve generate` sends) and input_from_proto (what the router reads) are
+    inverses: set fields, zeros included, stay set; unset ones stay unset."""
+    assert input_from_proto(input_to_proto(request_input)) == request_input
