@@ -57,11 +57,9 @@ def quantize_rows(x: torch.Tensor,
 
 
 @triton.jit
-def _int8_gemm_kernel(
-    a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, out_ptr, M, N, K, stride_am, stride_bn, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr,
-):
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (row block, column block), swizzled in groups of GROUP_M row blocks: neighbouring
+    programs take the same column blocks, so they share weight tiles in L2."""
     pid = tl.program_id(0)
     blocks_m = tl.cdiv(M, BLOCK_M)
     blocks_n = tl.cdiv(N, BLOCK_N)
@@ -70,6 +68,24 @@ def _int8_gemm_kernel(
     group_rows = tl.minimum(blocks_m - first_m, GROUP_M)
     pid_m = first_m + (pid % in_group) % group_rows
     pid_n = (pid % in_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def store_scaled(out_ptr, acc, a_scale, b_scale, offs_m, offs_n, M, N, stride_om):
+    """The int32 tile times the per-token (rows) and per-channel (columns) scales, stored in out's dtype."""
+    y = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+    o_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _int8_gemm_kernel(
+    a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, out_ptr, M, N, K, stride_am, stride_bn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -91,9 +107,7 @@ def _int8_gemm_kernel(
         b_ptrs += BLOCK_K
     a_scale = tl.load(a_scale_ptr + rows_a)
     b_scale = tl.load(b_scale_ptr + rows_b)
-    y = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
-    o_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    store_scaled(out_ptr, acc, a_scale, b_scale, offs_m, offs_n, M, N, stride_om)
 
 
 @triton.jit
@@ -101,14 +115,7 @@ def _int8_gemm_tma_kernel(
     a_desc, b_desc, a_scale_ptr, b_scale_ptr, out_ptr, M, N, K, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    blocks_m = tl.cdiv(M, BLOCK_M)
-    blocks_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * blocks_n
-    first_m = (pid // in_group) * GROUP_M
-    group_rows = tl.minimum(blocks_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_rows
-    pid_n = (pid % in_group) // group_rows
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k in range(0, K, BLOCK_K):  # the tensor-memory engine copies whole tiles, zeros past M, N and K
         a = a_desc.load([pid_m * BLOCK_M, k])
@@ -118,9 +125,7 @@ def _int8_gemm_tma_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
     b_scale = tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
-    y = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
-    o_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    store_scaled(out_ptr, acc, a_scale, b_scale, offs_m, offs_n, M, N, stride_om)
 
 
 def default_config(q_x: torch.Tensor, weight: W8Weight) -> QuantConfig:
