@@ -77,6 +77,27 @@ def stream_k(acc, w_ptrs, x_ptrs, n_mask, m_mask, K, k_len, BLOCK_K: tl.constexp
 
 
 @triton.jit
+def first_tiles(x_ptr, w_ptr, offs_m, offs_n, offs_k, k_start, M, N, stride_xm, stride_wn,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr):
+    """A program's first K tile (columns k_start + offs_k) of weight rows offs_n and input rows offs_m:
+    (w_ptrs, n_mask, x_ptrs, m_mask, a zero accumulator). Under USE_DOT the input tile is transposed,
+    [BLOCK_K, BLOCK_M] (the product's right operand), and acc is [BLOCK_N, BLOCK_M]; one row gets a
+    [BLOCK_N, BLOCK_K] accumulator, reduced once at the end. Shared with the int8-weight GEMV
+    (quant_linear/w8.py)."""
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_start + offs_k)[None, :]
+    n_mask = offs_n[:, None] < N
+    if USE_DOT:
+        x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (k_start + offs_k)[:, None]
+        m_mask = offs_m[None, :] < M
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :]
+        m_mask = offs_m[:, None] < M
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    return w_ptrs, n_mask, x_ptrs, m_mask, acc
+
+
+@triton.jit
 def _skinny_gemm_kernel(
     x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -90,16 +111,9 @@ def _skinny_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     k_per_split = K // SPLIT_K  # the wrapper guarantees K % (SPLIT_K * BLOCK_K) == 0
     k_start = pid_k * k_per_split
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_start + offs_k)[None, :]
-    n_mask = offs_n[:, None] < N
-    if USE_DOT:  # x tiles transposed, [BLOCK_K, BLOCK_M]: the product's right operand
-        x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (k_start + offs_k)[:, None]
-        m_mask = offs_m[None, :] < M
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:  # one row: a [BLOCK_N, BLOCK_K] accumulator, reduced once at the end
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :]
-        m_mask = offs_m[:, None] < M
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    w_ptrs, n_mask, x_ptrs, m_mask, acc = first_tiles(
+        x_ptr, w_ptr, offs_m, offs_n, offs_k, k_start, M, N, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K,
+        USE_DOT)
     acc = stream_k(acc, w_ptrs, x_ptrs, n_mask, m_mask, K, k_per_split, BLOCK_K, EVEN_N, USE_DOT,
                    DOT_PRECISION, SILU_MUL, USE_PDL)
     if not USE_DOT:

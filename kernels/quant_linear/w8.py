@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.linear.kernel import first_tiles
 from kernels.quant_linear.common import dot_precision, exact_float, grid, output, rows_of, store_rows
 from kernels.quant_linear.config import FEW_ROWS, W8_CANDIDATES, QuantConfig, pick
 from kernels.quant_linear.layout import W8Weight
@@ -27,17 +28,10 @@ def _w8_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     k_per_split = K // SPLIT_K  # the wrapper guarantees K % (SPLIT_K * BLOCK_K) == 0
-    k_start = tl.multiple_of(pid_k * k_per_split, BLOCK_K)  # lets the loads below vectorize to 16 B
-    n_mask = offs_n[:, None] < N
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_start + offs_k)[None, :]
-    if USE_DOT:  # input tiles transposed, [BLOCK_K, BLOCK_M]
-        x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (k_start + offs_k)[:, None]
-        m_mask = offs_m[None, :] < M
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :]
-        m_mask = offs_m[:, None] < M
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    k_start = tl.multiple_of(pid_k * k_per_split, BLOCK_K)  # lets the loads vectorize to 16 B
+    w_ptrs, n_mask, x_ptrs, m_mask, acc = first_tiles(
+        x_ptr, w_ptr, offs_m, offs_n, offs_k, k_start, M, N, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K,
+        USE_DOT)
     for _ in range(0, k_per_split, BLOCK_K):
         if EVEN_N:  # read once a step: evict_first keeps weights from pushing activations out of L2
             w = tl.load(w_ptrs, eviction_policy="evict_first")
