@@ -81,7 +81,8 @@ class KVChannel(ABC):
             return [self.send(t) for t in tensors]
 
 
-def _check_tensor(t: torch.Tensor) -> None:
+def check_contiguous(t: torch.Tensor) -> None:
+    """Every channel moves a tensor's storage as is: one contiguous run of bytes."""
     if not t.is_contiguous():
         raise ValueError("KVChannel moves contiguous tensors only")
 
@@ -144,10 +145,7 @@ class LoopbackChannel(KVChannel):
         return self._device
 
     def send(self, t: torch.Tensor) -> TransferHandle:
-        _check_tensor(t)
-        if self._closed:
-            raise ChannelClosed("send on a closed channel")
-        handle = TransferHandle(f"loopback send of {_nbytes(t)} bytes")
+        handle = self._open("send", t)
         pipe = self._outbox
         with pipe.lock:
             if pipe.closed:
@@ -162,10 +160,7 @@ class LoopbackChannel(KVChannel):
         return handle
 
     def recv(self, t: torch.Tensor) -> TransferHandle:
-        _check_tensor(t)
-        if self._closed:
-            raise ChannelClosed("recv on a closed channel")
-        handle = TransferHandle(f"loopback recv of {_nbytes(t)} bytes")
+        handle = self._open("recv", t)
         pipe = self._inbox
         with pipe.lock:
             if pipe.sent:
@@ -175,6 +170,13 @@ class LoopbackChannel(KVChannel):
             else:
                 pipe.waiting.append((t, handle))
         return handle
+
+    def _open(self, op: str, t: torch.Tensor) -> TransferHandle:
+        """The handle of one transfer of t; refused for a non-contiguous t or on a closed end."""
+        check_contiguous(t)
+        if self._closed:
+            raise ChannelClosed(f"{op} on a closed channel")
+        return TransferHandle(f"loopback {op} of {_nbytes(t)} bytes")
 
     def close(self) -> None:
         self._closed = True

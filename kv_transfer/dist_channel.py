@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kv_transfer.channel import KVChannel, TransferHandle
+from kv_transfer.channel import KVChannel, TransferHandle, check_contiguous
 from kv_transfer.errors import ChannelClosed, ChannelError, ChannelTimeout
 from kv_transfer.layout import KVLayout, KVLayoutMismatch
 
@@ -134,8 +134,7 @@ class DistKVChannel(KVChannel):
         return self._issue("recv", t)
 
     def _issue(self, op: str, t: torch.Tensor) -> TransferHandle:
-        if not t.is_contiguous():
-            raise ValueError("KVChannel moves contiguous tensors only")
+        check_contiguous(t)
         if t.device != self._device:
             raise ValueError(f"tensor on {t.device}, channel on {self._device}")
         handle = TransferHandle(f"{op} of {t.numel() * t.element_size()} bytes on {self._name}")
