@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
@@ -37,6 +37,17 @@ def _ray_errors(worker_id: str, method: str) -> Iterator[None]:
 
 
 class _RayWorker:
+    """What both Ray clients share: the actor handle, typed errors, the calls all workers answer."""
+
+    ROLE = "worker"  # named in the error when `connect` finds no worker behind the handle
+
+    @classmethod
+    async def connect(cls, handle: Any) -> Self:
+        """The client of the worker behind `handle`, its id asked from the worker itself."""
+        with _ray_errors(f"{cls.ROLE} worker", "info"):
+            info: WorkerInfo = await handle.info.remote()
+        return cls(info.worker_id, handle)
+
     def __init__(self, worker_id: str, handle: Any) -> None:
         self._handle = handle
         self._worker_id = worker_id
@@ -63,11 +74,7 @@ class _RayWorker:
 class RayDecodeClient(_RayWorker, DecodeClient):
     """`RayDecodeClient(worker_id, handle)`, or `await RayDecodeClient.connect(handle)` to ask its id."""
 
-    @classmethod
-    async def connect(cls, handle: Any) -> RayDecodeClient:
-        with _ray_errors("decode worker", "info"):
-            info: WorkerInfo = await handle.info.remote()
-        return cls(info.worker_id, handle)
+    ROLE = "decode"
 
     def __init__(self, worker_id: str, handle: Any) -> None:
         super().__init__(worker_id, handle)
@@ -147,11 +154,7 @@ class _Multiplexed:
 class RayPrefillClient(_RayWorker, PrefillClient):
     """`RayPrefillClient(worker_id, handle)`, or `await RayPrefillClient.connect(handle)` to ask its id."""
 
-    @classmethod
-    async def connect(cls, handle: Any) -> RayPrefillClient:
-        with _ray_errors("prefill worker", "info"):
-            info: WorkerInfo = await handle.info.remote()
-        return cls(info.worker_id, handle)
+    ROLE = "prefill"
 
     async def prefill(self, request: PrefillRequest) -> PrefillResult:
         return await self._call("prefill", request)
