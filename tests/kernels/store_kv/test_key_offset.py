@@ -12,11 +12,7 @@ from contracts.kv_cache_spec import KVCacheSpec, scales_for
 from engine.kv_cache import KVCache, with_key_offsets
 from kernels.attention.metadata import AttentionMetadata, SeqSpan
 from kernels.attention.reference import paged_attention_ref
-from kernels.norm_qkv_rope.kernel import rms_norm_qkv_rotary_store_triton
-from kernels.norm_qkv_rope.reference import rms_norm_qkv_rotary_store_ref
-from kernels.rotary.kernel import rotary_store_kv_triton
-from kernels.rotary.reference import apply_rotary_ref, rotary_store_kv_ref
-from kernels.store_kv.kernel import store_kv_triton
+from kernels.rotary.reference import apply_rotary_ref
 from kernels.store_kv.quant import QuantizedKV
 from kernels.store_kv.reference import store_kv_ref
 from kv_transfer.channel import LoopbackChannel
@@ -33,6 +29,8 @@ from tests.kernels.store_kv.test_store_kv_paths import (
     SLOTS,
     exact_inputs,
     split_heads,
+    stored,
+    written_quantized_by_every_path,
 )
 from tests.unit import test_kv_transfer_quantized as transfer
 
@@ -51,10 +49,6 @@ def int4_cache(offsets: torch.Tensor | None, layers: int = 1, heads: int = KV_HE
     return KVCache(with_key_offsets(spec, offsets), layers, blocks, key_offsets=offsets)
 
 
-def stored(kv: KVCache) -> list[torch.Tensor]:
-    return [kv.k[0], kv.v[0], *kv.layer_scales(0)]
-
-
 def test_every_int4_path_stores_the_keys_minus_the_offset() -> None:
     offsets = exact_offsets(1, KV_HEADS, HEAD_DIM, seed=3)
     x, norm_weight, weight, cos, sin = exact_inputs()
@@ -67,17 +61,7 @@ def test_every_int4_path_stores_the_keys_minus_the_offset() -> None:
     unshifted = int4_cache(None)
     store_kv_ref(k_rotated, v, *unshifted.layer(0), SLOTS)
     assert not torch.equal(stored(unshifted)[0], expected[0])  # the offset changes the key bytes
-    names = ("store_kv_ref", "rotary_store_kv_ref", "norm_qkv_rope_ref", "store_kv_triton",
-             "rotary_store_kv_triton", "norm_qkv_rope_rows")
-    caches = {name: int4_cache(offsets) for name in names}
-    store_kv_ref(k_rotated, v, *caches["store_kv_ref"].layer(0), SLOTS)
-    rotary_store_kv_ref(q, k, v, cos, sin, *caches["rotary_store_kv_ref"].layer(0), SLOTS)
-    rms_norm_qkv_rotary_store_ref(x, None, norm_weight, 0.0, weight, cos, sin,
-                                  *caches["norm_qkv_rope_ref"].layer(0), SLOTS, HEADS)
-    store_kv_triton(k_rotated, v, *caches["store_kv_triton"].layer(0), SLOTS)
-    rotary_store_kv_triton(q, k, v, cos, sin, *caches["rotary_store_kv_triton"].layer(0), SLOTS)
-    rms_norm_qkv_rotary_store_triton(x, None, norm_weight, 0.0, weight, cos, sin,
-                                     *caches["norm_qkv_rope_rows"].layer(0), SLOTS, HEADS)
+    caches = written_quantized_by_every_path(lambda: int4_cache(offsets))
     for name, kv in caches.items():
         for got, want in zip(stored(kv), expected, strict=True):
             assert torch.equal(got, want), f"{name} wrote other bytes"

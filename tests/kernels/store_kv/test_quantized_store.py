@@ -6,26 +6,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from contracts.kv_cache_spec import KVCacheSpec, scales_for
 from engine.kv_cache import KVCache
-from kernels.norm_qkv_rope.kernel import rms_norm_qkv_rotary_store_triton
-from kernels.norm_qkv_rope.reference import rms_norm_qkv_rotary_store_ref
-from kernels.rotary.kernel import rotary_store_kv_triton
-from kernels.rotary.reference import apply_rotary_ref, rotary_store_kv_ref
-from kernels.store_kv.kernel import store_kv_triton
 from kernels.store_kv.quant import dequantize_blocks
 from kernels.store_kv.reference import store_kv_ref
 from tests.kernels.store_kv.test_store_kv_paths import (
     BLOCK,
     BLOCKS,
     HEAD_DIM,
-    HEADS,
     KV_HEADS,
     SLOTS,
-    exact_inputs,
-    split_heads,
+    stored,
+    written_quantized_by_every_path,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -35,30 +28,9 @@ def cache(dtype: str) -> KVCache:
     return KVCache(KVCacheSpec(BLOCK, KV_HEADS, HEAD_DIM, dtype, scales_for(dtype, HEAD_DIM)), 1, BLOCKS)
 
 
-def stored(kv: KVCache) -> list[torch.Tensor]:
-    return [kv.k[0], kv.v[0], *kv.layer_scales(0)]
-
-
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 def test_every_path_writes_the_same_quantized_bytes_and_scales(dtype: str) -> None:
-    x, norm_weight, weight, cos, sin = exact_inputs()
-    q, k, v = split_heads(F.linear(x * norm_weight, weight))
-    _, k_rotated = apply_rotary_ref(q, k, cos, sin)
-    names = ("store_kv_ref", "rotary_store_kv_ref", "norm_qkv_rope_ref", "store_kv_triton",
-             "rotary_store_kv_triton", "norm_qkv_rope_row", "norm_qkv_rope_rows")
-    caches = {name: cache(dtype) for name in names}
-    store_kv_ref(k_rotated, v, *caches["store_kv_ref"].layer(0), SLOTS)
-    rotary_store_kv_ref(q, k, v, cos, sin, *caches["rotary_store_kv_ref"].layer(0), SLOTS)
-    rms_norm_qkv_rotary_store_ref(x, None, norm_weight, 0.0, weight, cos, sin,
-                                  *caches["norm_qkv_rope_ref"].layer(0), SLOTS, HEADS)
-    store_kv_triton(k_rotated, v, *caches["store_kv_triton"].layer(0), SLOTS)
-    rotary_store_kv_triton(q, k, v, cos, sin, *caches["rotary_store_kv_triton"].layer(0), SLOTS)
-    for row in range(len(SLOTS)):  # one decode row: the op's fused one-row kernel is float-only
-        rms_norm_qkv_rotary_store_triton(x[row:row + 1], None, norm_weight, 0.0, weight, cos[row:row + 1],
-                                         sin[row:row + 1], *caches["norm_qkv_rope_row"].layer(0),
-                                         SLOTS[row:row + 1], HEADS)
-    rms_norm_qkv_rotary_store_triton(x, None, norm_weight, 0.0, weight, cos, sin,
-                                     *caches["norm_qkv_rope_rows"].layer(0), SLOTS, HEADS)
+    caches = written_quantized_by_every_path(lambda: cache(dtype))
     expected = stored(caches.pop("store_kv_ref"))
     assert expected[0].any()
     for name, kv in caches.items():

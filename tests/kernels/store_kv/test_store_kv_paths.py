@@ -6,6 +6,8 @@ exact in fp32 whatever the summation order: any byte that differs is a store tha
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,6 +79,36 @@ def written_by_every_path() -> dict[str, list[torch.Tensor]]:
     rms_norm_qkv_rotary_store_triton(many[0], None, norm_weight, 0.0, weight, many[1], many[2],
                                      *caches["norm_qkv_rope_unfused"], many_slots, HEADS)
     return caches
+
+
+def written_quantized_by_every_path(make_cache: Callable[[], KVCache]) -> dict[str, KVCache]:
+    """The exact inputs' K/V written by every path that can write an int8 / int4 cache, each into its own
+    make_cache(): the torch store and the references over it, the Triton store and rotary + store kernel,
+    and the Triton norm-qkv-rope op one row at a time and over all rows."""
+    x, norm_weight, weight, cos, sin = exact_inputs()
+    q, k, v = split_heads(F.linear(x * norm_weight, weight))
+    _, k_rotated = apply_rotary_ref(q, k, cos, sin)
+    caches = {name: make_cache() for name in (
+        "store_kv_ref", "rotary_store_kv_ref", "norm_qkv_rope_ref", "store_kv_triton",
+        "rotary_store_kv_triton", "norm_qkv_rope_row", "norm_qkv_rope_rows")}
+    store_kv_ref(k_rotated, v, *caches["store_kv_ref"].layer(0), SLOTS)
+    rotary_store_kv_ref(q, k, v, cos, sin, *caches["rotary_store_kv_ref"].layer(0), SLOTS)
+    rms_norm_qkv_rotary_store_ref(x, None, norm_weight, 0.0, weight, cos, sin,
+                                  *caches["norm_qkv_rope_ref"].layer(0), SLOTS, HEADS)
+    store_kv_triton(k_rotated, v, *caches["store_kv_triton"].layer(0), SLOTS)
+    rotary_store_kv_triton(q, k, v, cos, sin, *caches["rotary_store_kv_triton"].layer(0), SLOTS)
+    for row in range(ROWS):  # one decode row: the op's fused one-row kernel is float-only
+        rms_norm_qkv_rotary_store_triton(x[row:row + 1], None, norm_weight, 0.0, weight, cos[row:row + 1],
+                                         sin[row:row + 1], *caches["norm_qkv_rope_row"].layer(0),
+                                         SLOTS[row:row + 1], HEADS)
+    rms_norm_qkv_rotary_store_triton(x, None, norm_weight, 0.0, weight, cos, sin,
+                                     *caches["norm_qkv_rope_rows"].layer(0), SLOTS, HEADS)
+    return caches
+
+
+def stored(kv: KVCache) -> list[torch.Tensor]:
+    """Layer 0 of a quantized cache as stored: codes and scales (and zeros, int4)."""
+    return [kv.k[0], kv.v[0], *kv.layer_scales(0)]
 
 
 def test_every_kernel_path_writes_the_same_cache_bytes() -> None:
