@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -119,39 +120,35 @@ def test_kv_of_one_request_moves_between_two_processes(decode_device, prefill_de
         listener.close()
 
 
-def test_layout_mismatch_fails_the_handshake_on_both_sides():
+def handshake_mismatch(start: Callable[[int], tuple], decode_layout: KVLayout) -> list[str]:
+    """Both sides' error messages when the prefill process `start(port)` launches offers a layout that
+    `decode_layout` refuses: the decode side's KVLayoutMismatch and what the prefill side reported."""
     listener = ChannelListener("127.0.0.1", 0)
-    wrong = KVLayout(KVCacheSpec(block_size=32, num_kv_heads=3, head_dim=64, dtype="bfloat16"), num_layers=4)
-    proc, _, results = _start_prefill(listener.address[1], wrong)
+    proc, _, results = start(listener.address[1])
     try:
         with pytest.raises(KVLayoutMismatch) as info:
-            listener.accept("prefill-0", LAYOUT, timeout=30)
+            listener.accept("prefill-0", decode_layout, timeout=30)
         kind, prefill_message = results.get(timeout=30)
         assert kind == "mismatch"
-        for message in (str(info.value), prefill_message):
-            assert "block_size decode=16 prefill=32" in message
-            assert "dtype decode='float32' prefill='bfloat16'" in message
-            assert "prefill-0" in message
+        return [str(info.value), prefill_message]
     finally:
         _finish(proc)
         listener.close()
+
+
+def test_layout_mismatch_fails_the_handshake_on_both_sides():
+    wrong = KVLayout(KVCacheSpec(block_size=32, num_kv_heads=3, head_dim=64, dtype="bfloat16"), num_layers=4)
+    for message in handshake_mismatch(lambda port: _start_prefill(port, wrong), LAYOUT):
+        assert "block_size decode=16 prefill=32" in message
+        assert "dtype decode='float32' prefill='bfloat16'" in message
+        assert "prefill-0" in message
 
 
 def test_a_kv_head_shard_on_the_wire_fails_the_handshake_naming_the_head_mapping():
     # KV travels as whole heads whatever the TP sizes; a side offering one rank's shard (2 of 3 kv heads,
     # rank 0 of 2) maps heads differently and is refused on both sides.
-    listener = ChannelListener("127.0.0.1", 0)
     shard = KVLayout(KVCacheSpec(block_size=16, num_kv_heads=2, head_dim=64, dtype="float32"), num_layers=4,
                      tp_rank=0, tp_size=2)
-    proc, _, results = _start_prefill(listener.address[1], shard)
-    try:
-        with pytest.raises(KVLayoutMismatch) as info:
-            listener.accept("prefill-0", LAYOUT, timeout=30)
-        kind, prefill_message = results.get(timeout=30)
-        assert kind == "mismatch"
-        for message in (str(info.value), prefill_message):
-            assert "num_kv_heads decode=3 prefill=2" in message
-            assert "tp_size decode=1 prefill=2" in message
-    finally:
-        _finish(proc)
-        listener.close()
+    for message in handshake_mismatch(lambda port: _start_prefill(port, shard), LAYOUT):
+        assert "num_kv_heads decode=3 prefill=2" in message
+        assert "tp_size decode=1 prefill=2" in message

@@ -20,6 +20,7 @@ from kv_transfer.receiver import KVReceiveEndpoint, KVReceiver
 from kv_transfer.sender import KVSender
 from kv_transfer.state import TransferState
 from tests.unit.test_kv_sender_receiver import CorruptingChannel
+from tests.unit.test_kv_transfer_gloo import handshake_mismatch
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -166,16 +167,6 @@ def test_int4_blocks_and_scales_move_between_two_gloo_processes() -> None:
 
 
 def test_a_decode_side_with_another_cache_dtype_fails_the_handshake_naming_both() -> None:
-    listener = ChannelListener("127.0.0.1", 0)
-    proc, _, results = _start(listener.address[1], "int4")
-    try:
-        with pytest.raises(KVLayoutMismatch) as info:
-            listener.accept("prefill-0", layout_of("int8"), timeout=30)
-        kind, prefill_message = results.get(timeout=30)
-        assert kind == "mismatch"
-        for message in (str(info.value), prefill_message):
-            assert "dtype decode='int8' prefill='int4'" in message
-            assert "scales.kind decode='per_token_head' prefill='grouped'" in message
-    finally:
-        proc.join(15)
-        listener.close()
+    for message in handshake_mismatch(lambda port: _start(port, "int4"), layout_of("int8")):
+        assert "dtype decode='int8' prefill='int4'" in message
+        assert "scales.kind decode='per_token_head' prefill='grouped'" in message
