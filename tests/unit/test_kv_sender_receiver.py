@@ -172,15 +172,21 @@ def test_lease_expiry_fails_both_sides(pair, progress):
     assert sorted(map(id, pair.finished)) == sorted([id(sender), id(receiver)])
 
 
-def _drive_receiver_to(pair: Pair, state: TransferState) -> KVReceiver:
-    sender, receiver = pair.request(
-        f"r-{state.value}", 4, (2,), register=state is not TransferState.BOOTSTRAPPING
-    )
+def _send_toward(pair: Pair, sender: KVSender, state: TransferState) -> None:
+    """What a sender sends to bring its transfer to `state`: one layer (TRANSFERRING), or every layer and
+    the first token (DONE); nothing for the other states."""
     if state in (TransferState.TRANSFERRING, TransferState.DONE):
         for layer in range(LAYOUT.num_layers if state is TransferState.DONE else 1):
             pair.send_layer(sender, layer, [1])
         if state is TransferState.DONE:
             sender.send_final(7)
+
+
+def _drive_receiver_to(pair: Pair, state: TransferState) -> KVReceiver:
+    sender, receiver = pair.request(
+        f"r-{state.value}", 4, (2,), register=state is not TransferState.BOOTSTRAPPING
+    )
+    _send_toward(pair, sender, state)
     if state is TransferState.FAILED:
         receiver.abort("first")
     _wait_for(lambda: receiver.poll() is state)
@@ -207,11 +213,7 @@ def test_sender_abort_in_every_state_calls_on_finish_once(pair, state):
         None if state is TransferState.BOOTSTRAPPING else pair.channel,
         on_finish=pair.finished.append,
     )
-    if state in (TransferState.TRANSFERRING, TransferState.DONE):
-        for layer in range(LAYOUT.num_layers if state is TransferState.DONE else 1):
-            pair.send_layer(sender, layer, [1])
-        if state is TransferState.DONE:
-            sender.send_final(3)
+    _send_toward(pair, sender, state)
     if state is TransferState.FAILED:
         sender.abort("first")
     assert sender.poll() is state
