@@ -4,6 +4,7 @@ interpreter-tested bounds)."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from contracts.kv_cache_spec import KVCacheSpec, scales_for
 from engine.kv_cache import KVCache, with_key_offsets
 from kernels.attention.config import INT4_DEQUANT_MODES, INT8_DECODE_TILES, INT8_FP16_MODES
 from kernels.attention.kernel import paged_attention_triton, paged_decode_attention
+from kernels.attention.metadata import AttentionMetadata
 from kernels.attention.reference import paged_attention_ref
 from kernels.store_kv.kernel import store_kv_triton
 from kernels.store_kv.reference import store_kv_ref
@@ -32,6 +34,26 @@ def compiled_kernels_only() -> None:
 def cache(dtype: str, num_blocks: int, key_offsets: torch.Tensor | None = None) -> KVCache:
     spec = KVCacheSpec(BLOCK, KV_HEADS, HEAD_DIM, dtype, scales_for(dtype, HEAD_DIM))
     return KVCache(with_key_offsets(spec, key_offsets), 1, num_blocks, DEV, key_offsets)
+
+
+def stored_batch(dtype: str, seqs, seed: int) -> tuple[torch.Tensor, KVCache, AttentionMetadata]:
+    """paged_batch's queries and metadata, its K/V written into a `dtype` cache by the reference store."""
+    q, k_float, v_float, meta = paged_batch(seqs, seed=seed)
+    kv = cache(dtype, k_float.shape[0])
+    store_kv_ref(k_float.view(-1, KV_HEADS, HEAD_DIM), v_float.view(-1, KV_HEADS, HEAD_DIM), *kv.layer(0),
+                 torch.arange(k_float.shape[0] * BLOCK, device=DEV))
+    return q, kv, meta
+
+
+def assert_decode_matches_the_reference(dtype: str, seed: int, **options: Any) -> None:
+    """The split-K decode kernel with these options (tiles, int8_fp16, int4_dequant), unsplit and in 5
+    splits, over long and short contexts of a `dtype` cache, against the reference attention."""
+    q, kv, meta = stored_batch(dtype, [(4095, 1)] * 2 + [(700, 1)] * 6 + [(1, 1)], seed)
+    scale = HEAD_DIM ** -0.5
+    expected = paged_attention_ref(q, *kv.layer(0), meta, scale)
+    for splits in (1, 5):
+        got = paged_decode_attention(q, *kv.layer(0), meta, scale, splits, **options)
+        torch.testing.assert_close(got.float(), expected.float(), atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.parametrize("dtype", ["int8", "int4", "int4+offset"])
@@ -63,10 +85,7 @@ def test_triton_store_writes_what_the_reference_writes_within_one_code(dtype: st
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 @pytest.mark.parametrize("seqs", [[(4095, 1)] * 2 + [(700, 1)] * 6, [(0, 300), (1000, 1), (64, 64)]])
 def test_triton_attention_over_quantized_blocks_matches_the_reference(dtype: str, seqs) -> None:
-    q, k_float, v_float, meta = paged_batch(seqs, seed=3)
-    kv = cache(dtype, k_float.shape[0])
-    store_kv_ref(k_float.view(-1, KV_HEADS, HEAD_DIM), v_float.view(-1, KV_HEADS, HEAD_DIM), *kv.layer(0),
-                 torch.arange(k_float.shape[0] * BLOCK, device=DEV))
+    q, kv, meta = stored_batch(dtype, seqs, seed=3)
     scale = HEAD_DIM ** -0.5
     expected = paged_attention_ref(q, *kv.layer(0), meta, scale)
     got = paged_attention_triton(q, *kv.layer(0), meta, scale)
@@ -78,25 +97,9 @@ def test_triton_attention_over_quantized_blocks_matches_the_reference(dtype: str
 @pytest.mark.parametrize("tiles", [t for t in INT8_DECODE_TILES if t])
 def test_int8_decode_under_every_swept_tile_matches_the_reference(tiles: tuple[int, int, int],
                                                                   fp16: bool) -> None:
-    q, k_float, v_float, meta = paged_batch([(4095, 1)] * 2 + [(700, 1)] * 6 + [(1, 1)], seed=4)
-    kv = cache("int8", k_float.shape[0])
-    store_kv_ref(k_float.view(-1, KV_HEADS, HEAD_DIM), v_float.view(-1, KV_HEADS, HEAD_DIM), *kv.layer(0),
-                 torch.arange(k_float.shape[0] * BLOCK, device=DEV))
-    scale = HEAD_DIM ** -0.5
-    expected = paged_attention_ref(q, *kv.layer(0), meta, scale)
-    for splits in (1, 5):
-        got = paged_decode_attention(q, *kv.layer(0), meta, scale, splits, tiles, int8_fp16=fp16)
-        torch.testing.assert_close(got.float(), expected.float(), atol=3e-2, rtol=3e-2)
+    assert_decode_matches_the_reference("int8", seed=4, tiles=tiles, int8_fp16=fp16)
 
 
 @pytest.mark.parametrize("mode", INT4_DEQUANT_MODES)
 def test_int4_decode_under_every_dequant_mode_matches_the_reference(mode: int) -> None:
-    q, k_float, v_float, meta = paged_batch([(4095, 1)] * 2 + [(700, 1)] * 6 + [(1, 1)], seed=5)
-    kv = cache("int4", k_float.shape[0])
-    store_kv_ref(k_float.view(-1, KV_HEADS, HEAD_DIM), v_float.view(-1, KV_HEADS, HEAD_DIM), *kv.layer(0),
-                 torch.arange(k_float.shape[0] * BLOCK, device=DEV))
-    scale = HEAD_DIM ** -0.5
-    expected = paged_attention_ref(q, *kv.layer(0), meta, scale)
-    for splits in (1, 5):
-        got = paged_decode_attention(q, *kv.layer(0), meta, scale, splits, int4_dequant=mode)
-        torch.testing.assert_close(got.float(), expected.float(), atol=3e-2, rtol=3e-2)
+    assert_decode_matches_the_reference("int4", seed=5, int4_dequant=mode)
