@@ -54,13 +54,16 @@ def graph_time_ms(fn: Callable[[], object]) -> float:
 
 
 def paged_batch(seqs: list[tuple[int, int]], seed: int = 0):
-    """(cached, new) per sequence over shuffled blocks of a bf16 cache already holding every position's KV."""
+    """seqs: (cached, new) per sequence, over shuffled blocks of a bf16 cache (8 blocks more than they use)
+    already holding every position's KV; seeded, so a test and a timing see the same batch.
+    tests/gpu uses it too."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
     needed = [-(-(c + n) // BLOCK) for c, n in seqs]
-    pool = list(range(sum(needed)))
+    pool = list(range(sum(needed) + 8))
     random.Random(seed).shuffle(pool)
     shape = (len(pool), BLOCK, KV_HEADS, HEAD_DIM)
-    k_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
-    v_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
+    k_cache = torch.randn(shape, generator=gen, device="cuda", dtype=DTYPE)
+    v_cache = torch.randn(shape, generator=gen, device="cuda", dtype=DTYPE)
     spans, slots, row = [], [], 0
     for (cached, new), count in zip(seqs, needed, strict=True):
         blocks = tuple(pool.pop() for _ in range(count))
@@ -68,7 +71,7 @@ def paged_batch(seqs: list[tuple[int, int]], seed: int = 0):
         slots += [blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(cached, cached + new)]
         row += new
     meta = AttentionMetadata.from_spans(spans, slots, BLOCK, device="cuda")
-    q = torch.randn(row, HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+    q = torch.randn(row, HEADS, HEAD_DIM, generator=gen, device="cuda", dtype=DTYPE)
     return q, k_cache, v_cache, meta
 
 

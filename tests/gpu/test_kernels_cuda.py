@@ -11,6 +11,7 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
+from bench.kernels.kernels_gpu import paged_batch
 from kernels.activation.kernel import silu_mul_triton
 from kernels.activation.reference import silu_mul_ref
 from kernels.attention.kernel import (
@@ -40,26 +41,6 @@ def compiled_kernels_only() -> None:
     # tests/kernels switches the process to the interpreter (TRITON_INTERPRET=1) and re-decorates the kernels.
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("interpreter mode is on in this process: run tests/gpu in its own pytest process")
-
-
-def paged_batch(seqs: list[tuple[int, int]], seed: int, dtype: torch.dtype = BF16):
-    """seqs: (cached, new) per sequence; shuffled block ids; the cache already holds every position's KV."""
-    gen = torch.Generator(device=DEV).manual_seed(seed)
-    needed = [-(-(c + n) // BLOCK) for c, n in seqs]
-    pool = list(range(sum(needed) + 8))
-    random.Random(seed).shuffle(pool)
-    shape = (len(pool), BLOCK, KV_HEADS, HEAD_DIM)
-    k_cache = torch.randn(shape, generator=gen, device=DEV, dtype=dtype)
-    v_cache = torch.randn(shape, generator=gen, device=DEV, dtype=dtype)
-    spans, slots, row = [], [], 0
-    for (cached, new), count in zip(seqs, needed, strict=True):
-        blocks = tuple(pool.pop() for _ in range(count))
-        spans.append(SeqSpan(row, new, cached + new, blocks, None))
-        slots += [blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(cached, cached + new)]
-        row += new
-    meta = AttentionMetadata.from_spans(spans, slots, BLOCK, device=DEV)
-    q = torch.randn(row, HEADS, HEAD_DIM, generator=gen, device=DEV, dtype=dtype)
-    return q, k_cache, v_cache, meta
 
 
 def fp32_reference(q, k_cache, v_cache, meta) -> torch.Tensor:

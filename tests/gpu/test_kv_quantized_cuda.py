@@ -12,6 +12,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
+from bench.kernels.kernels_gpu import paged_batch
 from contracts.kv_cache_spec import KVCacheSpec, scales_for
 from engine.kv_cache import KVCache, with_key_offsets
 from kernels.attention.config import INT4_DEQUANT_MODES, INT8_DECODE_TILES, INT8_FP16_MODES
@@ -20,7 +21,7 @@ from kernels.attention.metadata import AttentionMetadata
 from kernels.attention.reference import paged_attention_ref
 from kernels.store_kv.kernel import store_kv_triton
 from kernels.store_kv.reference import store_kv_ref
-from tests.gpu.test_kernels_cuda import BLOCK, DEV, HEAD_DIM, HEADS, KV_HEADS, paged_batch
+from tests.gpu.test_kernels_cuda import BLOCK, DEV, HEAD_DIM, HEADS, KV_HEADS
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300)]
 
