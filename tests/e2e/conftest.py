@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,9 @@ KV_BLOCKS = 256
 class Cluster:
     address: str
     metrics_url: str
-    http_url: str  # the OpenAI-compatible API's base URL, ".../v1"
-    process: subprocess.Popen
+    http_url: str | None  # the OpenAI-compatible API's base URL, ".../v1"; None with --http-port 0
+    admin_address: str  # where `pdserve scale` reaches the launcher
+    process: subprocess.Popen  # `pdserve up`: the router runs in this process, the session's leader
     log_path: Path
 
 
@@ -50,7 +52,8 @@ def _wait_serving(address: str, proc: subprocess.Popen, log_path: Path, timeout:
 
 @contextlib.contextmanager
 def running_cluster(workdir: Path, *flags: str) -> Iterator[Cluster]:
-    """`pdserve up` with `flags` on free ports, until SERVING; on exit stopped like Ctrl-C and checked."""
+    """`pdserve up` with `flags` on free ports, until SERVING; on exit stopped like Ctrl-C and checked.
+    A flag given in `flags` overrides the default below (argparse keeps the last)."""
     log_path, ready_path = workdir / "pdserve-up.log", workdir / "ready.json"
     # Port 0: the servers bind whatever is free and report it in the ready file (a port picked here first
     # could be taken by one of Ray's own processes before the router binds it).
@@ -63,13 +66,30 @@ def running_cluster(workdir: Path, *flags: str) -> Iterator[Cluster]:
     ports: tuple[int, ...] = ()
     try:
         ready = _wait_ready_file(ready_path, proc, log_path, timeout=300)
-        metrics_port = ready["metrics_url"].rsplit(":", 1)[1].split("/")[0]
-        http_port = ready["http_url"].rsplit(":", 1)[1].split("/")[0]
-        ports = (int(ready["address"].rsplit(":", 1)[1]), int(metrics_port), int(http_port))
+        urls = [ready["metrics_url"]] + ([ready["http_url"]] if ready["http_url"] else [])
+        ports = (int(ready["address"].rsplit(":", 1)[1]),
+                 *(int(url.rsplit(":", 1)[1].split("/")[0]) for url in urls))
         _wait_serving(ready["address"], proc, log_path, timeout=120)
-        yield Cluster(ready["address"], ready["metrics_url"], ready["http_url"], proc, log_path)
+        yield Cluster(ready["address"], ready["metrics_url"], ready["http_url"], ready["admin_address"], proc,
+                      log_path)
     finally:
         _stop_like_ctrl_c(proc, ports, log_path)
+
+
+def actor_pid(cluster: Cluster, actor_class: str) -> int:
+    """The worker's process: Ray titles an actor's process `ray::<ActorClass>[.method]`; only those of
+    this cluster's session count (other clusters may run on the machine)."""
+    out = subprocess.run(["ps", "-eo", "sid=,pid=,args="], capture_output=True, text=True, check=True).stdout
+    pids = [int(pid) for sid, pid, *args in (line.split(None, 2) for line in out.splitlines())
+            if sid == str(cluster.process.pid) and args and args[0].startswith(f"ray::{actor_class}")]
+    assert len(pids) == 1, f"expected one {actor_class} process, found {pids}"
+    return pids[0]
+
+
+def metric(cluster: Cluster, name: str) -> float:
+    """The sum of every /metrics sample whose line starts with `name` (a metric, or one of its series)."""
+    text = urllib.request.urlopen(cluster.metrics_url, timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 @pytest.fixture(scope="session")

@@ -8,14 +8,11 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest
-from conftest import REPO, _stop_like_ctrl_c, _wait_ready_file, _wait_serving
+from conftest import REPO, Cluster, actor_pid, metric, running_cluster
 
 from proto.api import pb, pb_grpc
 
@@ -30,50 +27,12 @@ PROMPT = pb.TokenIds(ids=[1, 504, 3458, 282, 4649, 314])
 GREEDY = pb.SamplingOptions(max_tokens=64, ignore_eos=True)
 
 
-@dataclass(frozen=True)
-class Cluster:
-    address: str
-    metrics_url: str
-    admin_address: str  # where `pdserve scale` reaches the launcher
-    process: subprocess.Popen
-    log_path: Path
-
-
-@contextlib.contextmanager
-def own_cluster(workdir: Path) -> Iterator[Cluster]:
-    """A cluster only this module uses: it kills workers, which would disturb the session's cluster."""
-    log_path, ready_path = workdir / "pdserve-up.log", workdir / "ready.json"
-    cmd = [sys.executable, "-m", "deploy.cli", "up", "--port", "0", "--metrics-port", "0", "--http-port", "0",
-           "--admin-port", "0", "--ready-file", str(ready_path), "--kv-blocks", "128", "--device", "cpu",
-           "--migration-limit", "1"]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-    ports: tuple[int, ...] = ()
-    try:
-        ready = _wait_ready_file(ready_path, proc, log_path, timeout=300)
-        metrics_port = int(ready["metrics_url"].rsplit(":", 1)[1].split("/")[0])
-        ports = (int(ready["address"].rsplit(":", 1)[1]), metrics_port)
-        _wait_serving(ready["address"], proc, log_path, timeout=120)
-        yield Cluster(ready["address"], ready["metrics_url"], ready["admin_address"], proc, log_path)
-    finally:
-        _stop_like_ctrl_c(proc, ports, log_path)
-
-
 @pytest.fixture(scope="module")
 def healing_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with own_cluster(tmp_path_factory.mktemp("healing")) as cluster:
+    """A cluster only this module uses: it kills workers, which would disturb the session's cluster."""
+    with running_cluster(tmp_path_factory.mktemp("healing"), "--http-port", "0", "--kv-blocks", "128",
+                         "--migration-limit", "1") as cluster:
         yield cluster
-
-
-def actor_pid(cluster: Cluster, actor_class: str) -> int:
-    """The worker's process: Ray titles an actor's process `ray::<ActorClass>[.method]`; only those of
-    this cluster's session count (other clusters may run on the machine)."""
-    out = subprocess.run(["ps", "-eo", "sid=,pid=,args="], capture_output=True, text=True, check=True).stdout
-    pids = [int(pid) for sid, pid, *args in (line.split(None, 2) for line in out.splitlines())
-            if sid == str(cluster.process.pid) and args and args[0].startswith(f"ray::{actor_class}")]
-    assert len(pids) == 1, f"expected one {actor_class} process, found {pids}"
-    return pids[0]
 
 
 def generate(stub: pb_grpc.PDServeStub, on_token=None) -> tuple[list[int], pb.FinalResult]:
@@ -105,11 +64,6 @@ def serving_again(stub: pb_grpc.PDServeStub, worker_id: str, deadline: float, se
             return
         time.sleep(0.1)
     raise AssertionError(f"{worker_id} not ready within {BACK_WITHIN_S} s of its kill")
-
-
-def metric(cluster: Cluster, name: str) -> float:
-    text = urllib.request.urlopen(cluster.metrics_url, timeout=10).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 def test_kill_decode_mid_stream_migrates_with_greedy_identity_and_comes_back(healing_cluster):

@@ -7,22 +7,17 @@ import contextlib
 import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest
 from soak_load import GREEDY_TOKENS, Outcome, Plan, RssSampler, mixed_plans, run_one
 
 from proto.api import pb, pb_grpc
-from tests.e2e.conftest import REPO, _stop_like_ctrl_c, _wait_ready_file, _wait_serving
+from tests.e2e.conftest import actor_pid, metric, running_cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.soak, pytest.mark.timeout(3600)]
 
@@ -44,50 +39,8 @@ CLEAR_CODES = {grpc.StatusCode.OK, grpc.StatusCode.CANCELLED, grpc.StatusCode.UN
 MIB = 1024 * 1024
 
 
-@dataclass(frozen=True)
-class Cluster:
-    address: str
-    metrics_url: str
-    process: subprocess.Popen  # `pdserve up`: the router runs in this process
-
-
-@contextlib.contextmanager
-def soak_cluster(workdir: Path) -> Iterator[Cluster]:
-    """The embedded model (random:tiny has no tokenizer, which the router needs), its own ports and Ray."""
-    log_path, ready_path = workdir / "pdserve-up.log", workdir / "ready.json"
-    cmd = [sys.executable, "-m", "deploy.cli", "up", "--port", "0", "--metrics-port", "0", "--http-port", "0",
-           "--admin-port", "0", "--ready-file", str(ready_path), "--kv-blocks", str(KV_BLOCKS),
-           "--device", "cpu", "--migration-limit", "2"]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-    ports: tuple[int, ...] = ()
-    try:
-        ready = _wait_ready_file(ready_path, proc, log_path, timeout=300)
-        ports = (int(ready["address"].rsplit(":", 1)[1]),
-                 int(ready["metrics_url"].rsplit(":", 1)[1].split("/")[0]))
-        _wait_serving(ready["address"], proc, log_path, timeout=120)
-        yield Cluster(ready["address"], ready["metrics_url"], proc)
-    finally:
-        _stop_like_ctrl_c(proc, ports, log_path)
-
-
-def actor_pid(cluster: Cluster, actor_class: str) -> int:
-    """Ray titles an actor's process `ray::<ActorClass>[.method]`; only this cluster's session counts."""
-    out = subprocess.run(["ps", "-eo", "sid=,pid=,args="], capture_output=True, text=True, check=True).stdout
-    pids = [int(pid) for sid, pid, *args in (line.split(None, 2) for line in out.splitlines())
-            if sid == str(cluster.process.pid) and args and args[0].startswith(f"ray::{actor_class}")]
-    assert len(pids) == 1, f"expected one {actor_class} process, found {pids}"
-    return pids[0]
-
-
 def workers(stub: pb_grpc.PDServeStub) -> dict[str, pb.WorkerStatus]:
     return {w.worker_id: w for w in stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=5).workers}
-
-
-def metric(cluster: Cluster, name: str) -> float:
-    text = urllib.request.urlopen(cluster.metrics_url, timeout=10).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 def measure_capacity(stub: pb_grpc.PDServeStub) -> float:
@@ -146,7 +99,8 @@ def settled(stub: pb_grpc.PDServeStub, start: dict[str, int]) -> dict[str, pb.Wo
 
 def test_soak_mixed_load_with_cancels_and_kills(tmp_path_factory: pytest.TempPathFactory,
                                                 soak_requests: int) -> None:
-    with soak_cluster(tmp_path_factory.mktemp("soak")) as cluster, \
+    with running_cluster(tmp_path_factory.mktemp("soak"), "--http-port", "0", "--kv-blocks", str(KV_BLOCKS),
+                         "--migration-limit", "2") as cluster, \
             grpc.insecure_channel(cluster.address) as channel:
         stub = pb_grpc.PDServeStub(channel)
         references = [run_one(stub, Plan(-1, p, GREEDY_TOKENS, None), TIMEOUT_S) for p in GREEDY_PROMPTS]
