@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from engine.llm_engine import LLMEngine
 from kv_transfer.sender import KVSender
 from prefill_worker.api import PrefillRequest
 from prefill_worker.service import PrefillService
+from tests.service_pair import connect_services
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -29,10 +29,7 @@ UNSEEN = list(range(300, 370))  # a prompt no other test sends: nothing of it is
 def services():
     decode = DecodeService("decode-0", CONFIG)
     prefill = PrefillService("prefill-0", CONFIG)
-    accept = threading.Thread(target=decode.accept_channel, args=("prefill-0",))
-    accept.start()
-    prefill.connect_channel(decode.channel_address())
-    accept.join(timeout=60)
+    connect_services(prefill, decode)
     yield prefill, decode
     prefill.shutdown()
     decode.shutdown()

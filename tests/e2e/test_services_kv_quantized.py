@@ -3,7 +3,6 @@ a real gloo KV channel, the int8 / int4 cache (codes and scales) moving as store
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest
 
@@ -13,6 +12,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from prefill_worker.service import PrefillService
 from tests.e2e.test_services_inprocess import _disaggregated
+from tests.service_pair import connect_services
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -27,10 +27,7 @@ def test_disaggregated_matches_colocated_with_a_quantized_cache(kv_cache_dtype: 
     decode = DecodeService("decode-0", config)
     prefill = PrefillService("prefill-0", config)
     try:
-        accept = threading.Thread(target=decode.accept_channel, args=("prefill-0",))
-        accept.start()
-        prefill.connect_channel(decode.channel_address())
-        accept.join(timeout=60)
+        connect_services(prefill, decode)
         assert decode.layout.dtype == prefill.layout.dtype == kv_cache_dtype
         reference = LLMEngine(config)
         for sampling in (SamplingParams(max_tokens=12, ignore_eos=True),

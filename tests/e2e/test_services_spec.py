@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from engine.llm_engine import LLMEngine
 from engine.spec.config import SpecConfig
 from prefill_worker.api import PrefillRequest
 from prefill_worker.service import PrefillService
+from tests.service_pair import connect_services
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -34,10 +34,7 @@ SAMPLING = SamplingParams(max_tokens=16, ignore_eos=True)
 def _pair(prefill_config: EngineConfig, decode_config: EngineConfig, name: str):
     decode = DecodeService(f"decode-{name}", decode_config)
     prefill = PrefillService(f"prefill-{name}", prefill_config)
-    accept = threading.Thread(target=decode.accept_channel, args=(f"prefill-{name}",))
-    accept.start()
-    prefill.connect_channel(decode.channel_address())
-    accept.join(timeout=60)
+    connect_services(prefill, decode)
     return prefill, decode
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import threading
 
 import pytest
 
@@ -14,6 +13,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from prefill_worker.service import PrefillService
 from tests.e2e.test_services_inprocess import _disaggregated
+from tests.service_pair import connect_services
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -36,10 +36,7 @@ def test_prefill_and_decode_of_different_tp_sizes_match_tp1_colocated(expected, 
     prefill = PrefillService("prefill-0", dataclasses.replace(CONFIG, tp_size=prefill_tp))
     followers = [p for s in (prefill, decode) if s.tp_ranks is not None for p in s.tp_ranks.followers]
     try:
-        accept = threading.Thread(target=decode.accept_channel, args=("prefill-0",))
-        accept.start()
-        prefill.connect_channel(decode.channel_address())
-        accept.join(timeout=60)
+        connect_services(prefill, decode)
         info = asyncio.run((prefill if prefill_tp > 1 else decode).info())
         assert [r.kv_heads for r in info.tp_ranks] == [(0,), (1,)]
         for i, prompt in enumerate(PROMPTS):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest
 
@@ -13,6 +12,7 @@ from decode_worker.service import DecodeService
 from engine.config import EngineConfig
 from prefill_worker.api import PrefillFailed, PrefillRequest
 from prefill_worker.service import PrefillService
+from tests.service_pair import connect_services
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -48,10 +48,7 @@ def test_prefill_fails_its_callers_when_its_engine_dies(policy: str) -> None:
     decode = DecodeService("decode-0", CONFIG, kv_failure_policy=policy)
     prefill = PrefillService("prefill-0", CONFIG)
     try:
-        accept = threading.Thread(target=decode.accept_channel, args=("prefill-0",))
-        accept.start()
-        prefill.connect_channel(decode.channel_address())
-        accept.join(timeout=60)
+        connect_services(prefill, decode)
 
         async def scenario() -> None:
             reservation = await decode.reserve(ReserveRequest("r", PROMPT, SAMPLING))
