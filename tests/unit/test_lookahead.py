@@ -12,6 +12,7 @@ from engine.executor import SampledStep
 from engine.executors.lookahead import DecodeLookahead, matching_rows
 from engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
+from tests.tiny_model import tiny_preset_engine
 
 BLOCK = 4
 
@@ -135,13 +136,7 @@ def test_schedule_restricted_to_the_launched_batch_defers_everyone_else_one_step
 
 def test_engine_drops_a_launched_step_whose_sequences_are_all_gone_and_schedules_the_rest() -> None:
     # The last step of a drained engine still launches one ahead; new work must not wait behind it.
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
-    from engine.random_models import PRESETS, build_random_model
-
-    preset = PRESETS["tiny"]
-    engine = LLMEngine(EngineConfig(device="cpu", dtype="float32", num_kv_blocks=32, max_num_seqs=4),
-                       model=(preset, build_random_model(preset, torch.float32, "cpu", seed=0)))
+    engine = tiny_preset_engine()
     gone = Sequence("gone", [1, 2], SamplingParams(max_tokens=1))
 
     class Pending:

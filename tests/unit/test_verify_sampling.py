@@ -7,15 +7,14 @@ import pytest
 import torch
 
 from contracts.sampling import SamplingParams
-from engine.config import EngineConfig
 from engine.executors.batch_inputs import SamplingRows
 from engine.executors.verify_sampling import sample_rows
 from engine.llm_engine import LLMEngine
-from engine.random_models import PRESETS, build_random_model
 from engine.sampler import sample
 from engine.scheduler_types import ScheduledChunk, SchedulerOutput
 from engine.sequence import Sequence
 from engine.spec.rejection import rejection_verify
+from tests.tiny_model import tiny_preset_engine
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -25,10 +24,7 @@ OTHER = [11, 12, 13, 14]
 
 @pytest.fixture(scope="module")
 def engine() -> LLMEngine:
-    preset = PRESETS["tiny"]
-    model = build_random_model(preset, torch.float32, "cpu", seed=0)
-    return LLMEngine(EngineConfig(device="cpu", dtype="float32", num_kv_blocks=32, max_num_seqs=4),
-                     model=(preset, model))
+    return tiny_preset_engine()
 
 
 def with_draft_probs(batch: SchedulerOutput, seq: Sequence, probs: torch.Tensor) -> SchedulerOutput:

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from contracts.sampling import SamplingParams
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.random_models import PRESETS, build_random_model
+from tests.tiny_model import tiny_preset_engine
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -16,10 +14,7 @@ PROMPT = [5, 17, 300, 42, 9, 77, 128]
 
 @pytest.fixture(scope="module")
 def engine() -> LLMEngine:
-    preset = PRESETS["tiny"]
-    model = build_random_model(preset, torch.float32, "cpu", seed=0)
-    return LLMEngine(EngineConfig(device="cpu", dtype="float32", num_kv_blocks=32, max_num_seqs=4),
-                     model=(preset, model))
+    return tiny_preset_engine()
 
 
 @pytest.mark.parametrize("sampling", [
