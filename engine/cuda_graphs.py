@@ -7,17 +7,20 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from engine.graph_step import INPUT_FIELDS, DecodeInputs, GraphedStep, capture_step, input_layout
+from engine.graph_step import (
+    INPUT_FIELDS,
+    DecodeBatchError,
+    DecodeInputs,
+    GraphedStep,
+    blocks_needed,
+    capture_step,
+    input_layout,
+)
 from engine.kv_cache import KVCache
 from engine.model import LlamaModel
 from engine.scheduler import ScheduledChunk
-from kernels.attention.metadata import BlockTableError
 
 logger = logging.getLogger(__name__)
-
-
-class DecodeBatchError(ValueError):
-    """A batch the decode graphs cannot serve (multi-token chunk, too many rows, context past the table)."""
 
 
 def decode_buckets(max_num_seqs: int) -> tuple[int, ...]:
@@ -80,13 +83,7 @@ class DecodeStager:
                 raise DecodeBatchError(f"{chunk.seq.request_id}: {chunk.num_new_tokens} new tokens, not 1")
             pos = chunk.start
             table = chunk.seq.block_table
-            needed = pos // bs + 1
-            if len(table) < needed:
-                raise BlockTableError(f"{chunk.seq.request_id}: {len(table)} blocks cannot hold {pos + 1} "
-                                      f"tokens (block_size {bs})")
-            if needed > self.table_width:
-                raise DecodeBatchError(f"{chunk.seq.request_id}: {needed} blocks exceed the captured table "
-                                       f"width {self.table_width}")
+            needed = blocks_needed(chunk, pos + 1, bs, self.table_width)
             owner, written = self._rows[row]
             # Same list object and the last entry we wrote unchanged: only the appended entries are new.
             if owner is not table or (written and tables[row, written - 1] != table[written - 1]):

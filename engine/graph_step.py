@@ -3,13 +3,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import torch
 
 from engine.kv_cache import KVCache
 from engine.model import LlamaModel
-from kernels.attention.metadata import AttentionMetadata
+from kernels.attention.metadata import AttentionMetadata, BlockTableError
+
+if TYPE_CHECKING:
+    from engine.scheduler_types import ScheduledChunk
 
 # Every input of a padded step, in the order they sit in one flat int32 buffer (one H2D copy a step).
 INPUT_FIELDS = ("input_ids", "positions", "slot_mapping", "seq_lens", "query_start_loc", "block_tables")
@@ -17,6 +20,10 @@ _ALIGN = 4  # int32 elements = 16 bytes: Triton specializes kernels on 16-byte p
 
 # (hidden [rows, H], logits [rows, V] fp32, the feature layers' outputs [rows, F·H] or None)
 StepOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+class DecodeBatchError(ValueError):
+    """A batch the decode graphs cannot serve (multi-token chunk, too many rows, context past the table)."""
 
 
 def input_layout(bucket: int, table_width: int,
@@ -65,6 +72,20 @@ class Stager(Protocol):
 
 
 S = TypeVar("S", bound=Stager)
+
+
+def blocks_needed(chunk: ScheduledChunk, end: int, block_size: int, table_width: int) -> int:
+    """Block-table entries the chunk's sequence uses for its first `end` tokens. Raises BlockTableError
+    when its table is shorter, DecodeBatchError when they pass the captured table width (run it eagerly)."""
+    needed = -(-end // block_size)
+    table = chunk.seq.block_table
+    if len(table) < needed:
+        raise BlockTableError(f"{chunk.seq.request_id}: {len(table)} blocks cannot hold {end} tokens "
+                              f"(block_size {block_size})")
+    if needed > table_width:
+        raise DecodeBatchError(f"{chunk.seq.request_id}: {needed} blocks exceed the captured table width "
+                               f"{table_width}")
+    return needed
 
 
 def graph_pieces(num_layers: int) -> tuple[range, ...]:

@@ -6,12 +6,20 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.cuda_graphs import DecodeBatchError, decode_buckets, pick_bucket
-from engine.graph_step import INPUT_FIELDS, DecodeInputs, GraphedStep, StepOutputs, capture_step, input_layout
+from engine.cuda_graphs import decode_buckets, pick_bucket
+from engine.graph_step import (
+    INPUT_FIELDS,
+    DecodeBatchError,
+    DecodeInputs,
+    GraphedStep,
+    StepOutputs,
+    blocks_needed,
+    capture_step,
+    input_layout,
+)
 from engine.kv_cache import KVCache
 from engine.model import LlamaModel
 from engine.scheduler import ScheduledChunk
-from kernels.attention.metadata import BlockTableError
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +72,7 @@ class VerifyStager:
                 raise DecodeBatchError(f"{chunk.seq.request_id}: {n} new tokens, not 1..{self.width}")
             end = start + n
             table = chunk.seq.block_table
-            needed = -(-end // bs)
-            if len(table) < needed:
-                raise BlockTableError(f"{chunk.seq.request_id}: {len(table)} blocks cannot hold {end} "
-                                      f"tokens (block_size {bs})")
-            if needed > self.table_width:
-                raise DecodeBatchError(f"{chunk.seq.request_id}: {needed} blocks exceed the captured table "
-                                       f"width {self.table_width}")
+            needed = blocks_needed(chunk, end, bs, self.table_width)
             tables[row, :needed] = table[:needed]
             ids.extend(chunk.token_ids)
             positions.extend(range(start, end))
