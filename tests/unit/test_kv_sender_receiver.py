@@ -138,22 +138,16 @@ def test_interleaved_requests_land_in_their_reserved_blocks(pair):
     assert len(pair.finished) == 6
 
 
-def test_corrupted_layer_payload_fails_the_receiver_with_checksum():
-    prefill_end, decode_end = LoopbackChannel.pair()
-    dst_k, dst_v = _caches(None)
-    endpoint = KVReceiveEndpoint(decode_end, LAYOUT, dst_k, dst_v)
-    endpoint.start()
-    src_k, src_v = _caches(seed=2)
+def test_corrupted_layer_payload_fails_the_receiver_with_checksum(pair):
     target = TransferTarget("r", "d", (1, 2), 8)
     receiver = KVReceiver(target, LAYOUT)
-    endpoint.register(receiver)
-    sender = KVSender(target, LAYOUT, CorruptingChannel(prefill_end, corrupt_send=4))  # layer 1's payload
+    pair.endpoint.register(receiver)
+    sender = KVSender(target, LAYOUT, CorruptingChannel(pair.channel, corrupt_send=4))  # layer 1's payload
     for layer in range(LAYOUT.num_layers):
-        sender.send_layer(layer, src_k[layer], src_v[layer], [3, 4])
+        pair.send_layer(sender, layer, [3, 4])
     _wait_for(lambda: receiver.poll() is TransferState.FAILED)
     assert receiver.failure_reason == "checksum"
-    assert not dst_k[1].any(), "a payload that failed its checksum must not be scattered"
-    endpoint.stop()
+    assert not pair.dst_k[1].any(), "a payload that failed its checksum must not be scattered"
 
 
 @pytest.mark.parametrize("progress", ["waiting", "transferring"])
