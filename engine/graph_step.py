@@ -118,7 +118,8 @@ class GraphedStep(Generic[S]):
     copied: torch.cuda.Event | None = None  # the H2D copy out of `stager.buffer` that may still be in flight
 
     def wait_staging_free(self) -> None:
-        """Only if a caller never waited for the last step's results: the pinned buffer is still read."""
+        """Wait for the last step's copy out of the pinned staging buffer before refilling it: it blocks only
+        when a caller never waited for that step's results."""
         if self.copied is not None and not self.copied.query():
             self.copied.synchronize()
 
