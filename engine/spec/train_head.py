@@ -22,9 +22,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+# The evaluation prompts, only to keep them out of the target's own prompts (never trained on).
+from bench.quality.spec_offline import PROMPTS as EVAL_PROMPTS
 from engine.model_files import load_model, resolve_model_path
 from engine.spec.draft_head import DraftHead, DraftHeadConfig, build_vocab_map, target_to_draft
 from engine.spec.head_eval import held_out
+from engine.spec.self_prompts import sample_user_messages
 from engine.spec.target_forward import default_feature_layers
 from engine.spec.train_data import (
     DOC_ROOT,
@@ -61,6 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--export-prompts", type=Path, default=None,
                    help="draw the prompts, write them to this file (JSON lines) and exit: the device has "
                         "other docs, so draw here and ship the file")
+    p.add_argument("--self-prompts", type=int, default=0,
+                   help="also this many user messages the target writes itself (sampled at T = 1, top-p "
+                        "0.95, seeded), shuffled in with the others: general chat requests from its own "
+                        "idea of a user; the evaluation prompts are filtered out. Written to "
+                        "<work-dir>/self-prompts.jsonl (and beside --out)")
     p.add_argument("--distil-batch", type=int, default=32, help="sequences per target forward")
     p.add_argument("--distil-budget", type=float, default=0.0,
                    help="seconds of distillation: no new batch of prompts starts after it; 0 = none")
@@ -101,12 +109,30 @@ def draw_prompts(args: argparse.Namespace) -> tuple[list[str], str]:
 def recipe_key(args: argparse.Namespace) -> list:
     """What the distilled data depends on: a data.pt built with other values is not reused."""
     source = args.prompts_file.name if args.prompts_file is not None else args.question_share
-    return [args.num_prompts, args.max_tokens, args.seed, source]
+    return [args.num_prompts, args.max_tokens, args.seed, source, args.self_prompts]
+
+
+def add_self_prompts(args: argparse.Namespace, model, model_config, tokenizer: Tokenizer,
+                     texts: list[str], source: str) -> tuple[list[str], str]:
+    """`texts` with --self-prompts messages sampled from the target shuffled in (seeded), and the source."""
+    start = time.time()
+    own = sample_user_messages(model, tokenizer, args.self_prompts, args.seed,
+                               end_ids=model_config.eos_token_ids, batch=args.distil_batch,
+                               exclude=EVAL_PROMPTS)
+    for path in {args.work_dir, (args.out or args.work_dir / "x").parent}:
+        write_prompts(path / "self-prompts.jsonl", own)
+    logger.info("the target wrote %d prompts in %.0f s", len(own), time.time() - start)
+    mixed = texts + own
+    random.Random(args.seed).shuffle(mixed)  # a --distil-budget cut keeps both kinds in proportion
+    return mixed, (f"{source} and {len(own)} user messages the target sampled itself (seed {args.seed}, "
+                   f"T 1, top-p 0.95, {time.time() - start:.0f} s), shuffled together")
 
 
 def distil(args: argparse.Namespace, model, model_config, layers: tuple[int, ...]) -> dict:
     tokenizer = Tokenizer.from_model(resolve_model_path(args.model))
-    texts, source = draw_prompts(args)
+    texts, source = draw_prompts(args) if args.num_prompts else ([], "no drawn prompts")
+    if args.self_prompts:
+        texts, source = add_self_prompts(args, model, model_config, tokenizer, texts, source)
     start = time.time()
     examples: list[Example] = []
     # One forward batch at a time (templated as it goes), so that --distil-budget can stop between them.
