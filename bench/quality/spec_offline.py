@@ -2,12 +2,17 @@
 
     python -m bench.quality.spec_offline [--prompts-file PATH] [--max-tokens N] [--batch B] [--json OUT]
                                          [--k 5] [--head PATH] [--compare-head LABEL=PATH] [--vocab-limit S]
+                                         [--held-out]
 
 Each drafter's chain drafts are verified against the embedded target's greedy tokens, `--batch` sequences
 per target forward (engine/spec/chain_replay.py), and the outputs compared with plain greedy decoding of the
 same prompts in the same run. τ = tokens emitted per verify forward (accepted drafts + the target's own
 token). No timing: tokens/s with and without speculation come from the engine
-(`python -m bench.quality.spec`).
+(`python -m bench.quality.spec`). `--held-out` adds each head's figures computed the way training computes
+its held-out accuracy (engine/spec/head_eval.py) over the same replies and features: per-step accuracy, and
+the τ and first-draft acceptance a chain walk over them implies, which equal the replay's when drafting
+matches training. A prompts file holds one message per line, or one JSON string per line (train_head
+--export-prompts files, whose messages hold newlines).
 """
 from __future__ import annotations
 
