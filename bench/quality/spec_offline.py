@@ -75,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab-limit", type=int, action="append", default=[], metavar="S",
                    help="also run each head drafting over only its S most frequent ids")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--prompt-rows", type=int, action="append", default=[], metavar="N",
+                   help="also run each head given only the last N prompt positions' features, as a decode "
+                        "worker gets them across the P/D split (the prefill worker ships 1)")
     p.add_argument("--held-out", action="store_true",
                    help="also each head's training-way figures (engine/spec/head_eval.py), same forwards")
     args = p.parse_args(argv)
@@ -89,6 +92,22 @@ def load_prompts(path: Path | None) -> list[str]:
         return list(PROMPTS)
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return [json.loads(line) if line.startswith('"') else line for line in lines]
+
+
+class PromptTailDrafter(HeadDrafter):
+    """A HeadDrafter whose prompt brings only its last `rows` feature rows, as a transfer does."""
+
+    def __init__(self, head: DraftHead, embed: torch.nn.Embedding, rows: int) -> None:
+        super().__init__(head, embed)
+        self.rows = rows
+        self.fresh = True
+
+    def accept(self, token_ids, features) -> None:
+        if self.fresh:  # the prompt's rows: keep the last ones, as if the earlier were never sent
+            self.fresh = False
+            n = min(self.rows, features.shape[0])
+            self.num_committed, features = features.shape[0] - n, features[features.shape[0] - n:]
+        super().accept(token_ids, features)
 
 
 def first_accept(result: ReplayResult) -> float:
@@ -139,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
                 def make(head=head, limit=limit) -> HeadDrafter:
                     return HeadDrafter(head, model.embed_tokens, draft_vocab_limit=limit)
                 variants.append((name, make, head.config.feature_layers, head if limit is None else None))
+            for rows in args.prompt_rows:
+                def make_tail(head=head, rows=rows) -> HeadDrafter:
+                    return PromptTailDrafter(head, model.embed_tokens, rows)
+                variants.append((f"{label}, last {rows} prompt rows", make_tail, head.config.feature_layers,
+                                 None))
         for name, make_drafter, layers, head in variants:
             keep = args.held_out and head is not None
             result = replay(make_drafter, k, layers, label=f"{name} k={k}", keep=keep)
