@@ -153,6 +153,8 @@ def build_examples(model: LlamaModel, prompts: Sequence[Sequence[int]], max_toke
 
 def make_batch(examples: list[Example], columns: torch.Tensor, embed: torch.nn.Embedding,
                t2d: torch.Tensor, device: torch.device, prompt_context: int) -> Batch:
+    """Examples padded into one training Batch on `device`: ids' embeddings, the feature `columns`, labels
+    (draft ids of reply tokens, -1 elsewhere and for tokens outside the draft vocabulary)."""
     # Only the last `prompt_context` prompt tokens are kept: the loss is on reply tokens only (the head
     # drafts replies; the prompt is context), and most of a training step's cost is rows, not loss.
     starts = [max(0, e.num_prompt_tokens - prompt_context) for e in examples]

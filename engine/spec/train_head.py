@@ -119,7 +119,7 @@ def add_self_prompts(args: argparse.Namespace, model, model_config, tokenizer: T
     own = sample_user_messages(model, tokenizer, args.self_prompts, args.seed,
                                end_ids=model_config.eos_token_ids, batch=args.distil_batch,
                                exclude=EVAL_PROMPTS)
-    for path in {args.work_dir, (args.out or args.work_dir / "x").parent}:
+    for path in {args.work_dir, args.out.parent if args.out is not None else args.work_dir}:
         write_prompts(path / "self-prompts.jsonl", own)
     logger.info("the target wrote %d prompts in %.0f s", len(own), time.time() - start)
     mixed = texts + own
