@@ -172,8 +172,9 @@ class LLMEngine:
         return self.scheduler.abort(request_id) is not None
 
     def draft_features(self, request_id: str) -> torch.Tensor | None:
-        """Prefill side: the draft head's fused feature [H] of the last position `request_id` computed in the
-        step just executed, to ship with its KV; None when this engine runs no draft head."""
+        """Prefill side: the draft head's fused features [r, H] of the last r positions `request_id` computed
+        in the step just executed (r ≤ speculator.SHIPPED_PROMPT_ROWS), to ship with its KV; None when this
+        engine runs no draft head."""
         return self.speculator.fused_features(request_id) if self.speculator is not None else None
 
     def stats(self) -> EngineStats:
@@ -265,8 +266,8 @@ class LLMEngine:
                  draft_features: torch.Tensor | None = None) -> Sequence:
         """The prompt's KV has landed in the reserved blocks: the sequence joins the running batch with the
         first token the prefill worker sampled (raises SchedulerError if `request_id` awaits no KV).
-        `draft_features`: the prefill worker's fused draft-head feature of the last prompt position, from
-        which the head drafts before the first decode step (without it, that step runs plain)."""
+        `draft_features`: the prefill worker's fused draft-head features of the last prompt positions, from
+        which the head drafts before the first decode step (without them, that step runs plain)."""
         seq = self.scheduler.activate(request_id, first_token_id)
         if self.speculator is not None and not seq.is_finished:
             self.speculator.start_decode(seq, draft_features)

@@ -20,12 +20,14 @@ from engine.spec.target_forward import TargetForward
 
 @dataclass
 class ReplayResult:
-    """Per prompt: output ids, verify forwards, drafted and accepted tokens; features kept on request."""
+    """Per prompt: output ids, verify forwards, drafted and accepted tokens, verify forwards whose first draft
+    was accepted; features kept on request."""
 
     outputs: list[list[int]]
     steps: list[int]
     drafted: list[int]
     accepted: list[int]
+    first_kept: list[int] = field(default_factory=list)
     features: list[torch.Tensor] = field(default_factory=list)  # [prompt + output - 1, F·H] per prompt
 
     @property
@@ -50,7 +52,7 @@ def chain_replay(
         group = [list(p) for p in prompts[first:first + batch]]
         part = _replay_group(model, group, max_tokens, make_drafter, k, set(eos_token_ids),
                              feature_layers, keep_features, bar)
-        for name in ("outputs", "steps", "drafted", "accepted", "features"):
+        for name in ("outputs", "steps", "drafted", "accepted", "first_kept", "features"):
             getattr(result, name).extend(getattr(part, name))
     bar.close()
     return result
@@ -63,7 +65,7 @@ def _replay_group(model, prompts, max_tokens, make_drafter, k, eos, feature_laye
     tokens = [list(p) for p in prompts]
     drafters = [make_drafter() for _ in range(n)] if make_drafter is not None else [None] * n
     feats: list[list[torch.Tensor]] = [[] for _ in range(n)]
-    steps, drafted, accepted = [0] * n, [0] * n, [0] * n
+    steps, drafted, accepted, first_kept = [0] * n, [0] * n, [0] * n, [0] * n
     hidden, features = runner.forward([(i, 0, p) for i, p in enumerate(prompts)])
     ends = torch.tensor([len(p) for p in prompts]).cumsum(0) - 1
     firsts = model.compute_logits(hidden[ends]).argmax(-1).tolist()
@@ -95,6 +97,7 @@ def _replay_group(model, prompts, max_tokens, make_drafter, k, eos, feature_laye
             steps[i] += 1
             drafted[i] += len(drafts)
             accepted[i] += taken
+            first_kept[i] += taken > 0
             _accepted(drafters[i], feats[i], tokens[i], features[row:row + taken + 1], keep_features)
             bar.update(len(tokens[i]) - before)
             row += len(drafts) + 1
@@ -102,7 +105,7 @@ def _replay_group(model, prompts, max_tokens, make_drafter, k, eos, feature_laye
     runner.close()
     outputs = [t[len(p):] for t, p in zip(tokens, prompts, strict=True)]
     kept = [torch.cat(f) for f in feats] if keep_features else []
-    return ReplayResult(outputs, steps, drafted, accepted, kept)
+    return ReplayResult(outputs, steps, drafted, accepted, first_kept, kept)
 
 
 def _accepted(drafter: Drafter | None, kept: list[torch.Tensor], tokens: list[int], features: torch.Tensor,

@@ -33,6 +33,13 @@ def _each_layer(_layer: int) -> None:
     where the capture's forward hooks run."""
 
 
+# Prompt positions whose fused features a prefill worker ships with the KV. The head is trained attending to
+# the last 64 prompt tokens (train_head --prompt-context); started from the last position alone it drafts
+# worse (offline on the 20 built-in prompts, docs/speculative.md "Across the split"). 64 rows of [H] are
+# 147 kB in fp32 for the embedded model, about a tenth of a 64-token prompt's KV.
+SHIPPED_PROMPT_ROWS = 64
+
+
 @dataclass
 class _Draft:
     drafter: Drafter
@@ -178,15 +185,17 @@ class Speculator:
 
     def start_decode(self, seq: Sequence, fused_features: torch.Tensor | None) -> None:
         """A sequence whose prompt was computed elsewhere joins with its first token: the head starts from the
-        prefill worker's fused features of the last prompt position ([H] or [1, H]); without them (that worker
-        runs no head) the first decode step runs plain and the head starts from its features."""
+        prefill worker's fused features of the last prompt positions ([r, H], or [H] for the last one alone);
+        without them (that worker runs no head) the first decode step runs plain and the head starts from its
+        features."""
         if self.head is None:
             state = self._start(seq, seq.num_tokens - 1, None)
         elif fused_features is None:
             return
         else:
-            drafter = self._head_drafter(seq, seq.num_tokens - 2)
-            drafter.accept_fused(seq.token_ids, fused_features.reshape(1, -1))
+            rows = fused_features.reshape(-1, self.head.config.hidden_size)
+            drafter = self._head_drafter(seq, seq.num_tokens - 1 - rows.shape[0])
+            drafter.accept_fused(seq.token_ids, rows)
             state = _Draft(drafter, self._length())
             self._drafts[seq.request_id] = state
         if state is not None:
@@ -206,14 +215,16 @@ class Speculator:
         if state is not None and isinstance(state.drafter, SlotHeadDrafter):
             state.drafter.release()  # its slot in the draft graphs' buffers
 
-    def fused_features(self, request_id: str) -> torch.Tensor | None:
-        """The head's fused input feature [H] of the last position `request_id` computed in the step just
-        executed (what a prefill worker ships with the KV); None without a head or a chunk in that step."""
+    def fused_features(self, request_id: str, rows: int = SHIPPED_PROMPT_ROWS) -> torch.Tensor | None:
+        """The head's fused input features [r, H] of the last r ≤ `rows` positions `request_id` computed in
+        the step just executed (what a prefill worker ships with the KV); None without a head or a chunk in
+        that step."""
         if self.head is None or self._features is None or request_id not in self._rows:
             return None
         first, n = self._rows[request_id]
+        tail = self._features[first + n - min(rows, n):first + n]
         with torch.no_grad():
-            return self.head.fuse(self._features[first + n - 1].to(self.head.fc.weight.dtype)).clone()
+            return self.head.fuse(tail.to(self.head.fc.weight.dtype)).clone()
 
     @property
     def num_drafting(self) -> int:

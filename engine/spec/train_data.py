@@ -13,6 +13,7 @@ import torch
 
 from engine.model import LlamaModel
 from engine.spec.chain_replay import chain_replay
+from engine.spec.ttt import Batch
 
 DOC_ROOT = Path("/usr/share/doc")
 # Licence texts repeat across hundreds of packages, changelogs are terse lists: neither reads like a request.
@@ -148,3 +149,25 @@ def build_examples(model: LlamaModel, prompts: Sequence[Sequence[int]], max_toke
                           feature_layers=feature_layers, keep_features=True, progress="distill")
     return [Example(torch.tensor(list(p) + out), len(p), feats.to(torch.bfloat16))
             for p, out, feats in zip(prompts, replay.outputs, replay.features, strict=True)]
+
+
+def make_batch(examples: list[Example], columns: torch.Tensor, embed: torch.nn.Embedding,
+               t2d: torch.Tensor, device: torch.device, prompt_context: int) -> Batch:
+    """Examples padded into one training Batch on `device`: ids' embeddings, the feature `columns`, labels
+    (draft ids of reply tokens, -1 elsewhere and for tokens outside the draft vocabulary)."""
+    # Only the last `prompt_context` prompt tokens are kept: the loss is on reply tokens only (the head
+    # drafts replies; the prompt is context), and most of a training step's cost is rows, not loss.
+    starts = [max(0, e.num_prompt_tokens - prompt_context) for e in examples]
+    n = max(len(e.token_ids) - s for e, s in zip(examples, starts, strict=True))
+    ids = torch.zeros(len(examples), n, dtype=torch.int64)
+    labels = torch.full((len(examples), n), -1, dtype=torch.int64)
+    # Features are built where they live (the GPU after a GPU distillation): no round trip through the host.
+    feats = torch.zeros(len(examples), n, columns.numel(), device=device)
+    for b, (e, s) in enumerate(zip(examples, starts, strict=True)):
+        ids[b, :len(e.token_ids) - s] = e.token_ids[s:]
+        labels[b, e.num_prompt_tokens - s:len(e.token_ids) - s] = t2d[e.token_ids[e.num_prompt_tokens:]]
+        feats[b, :len(e.features) - s] = e.features[s:].to(device).float()[:, columns]
+    ids, labels = ids.to(device), labels.to(device)
+    with torch.no_grad():
+        emb = embed(ids).float()
+    return Batch(emb, feats, labels)

@@ -22,18 +22,23 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+# The evaluation prompts, only to keep them out of the target's own prompts (never trained on).
+from bench.quality.spec_offline import PROMPTS as EVAL_PROMPTS
 from engine.model_files import load_model, resolve_model_path
 from engine.spec.draft_head import DraftHead, DraftHeadConfig, build_vocab_map, target_to_draft
+from engine.spec.head_eval import held_out
+from engine.spec.self_prompts import sample_user_messages
 from engine.spec.target_forward import default_feature_layers
 from engine.spec.train_data import (
     DOC_ROOT,
     Example,
     build_examples,
+    make_batch,
     mixed_prompts,
     read_prompts,
     write_prompts,
 )
-from engine.spec.ttt import Batch, ttt_loss
+from engine.spec.ttt import ttt_loss
 from engine.tokenizer import Tokenizer
 from kernels.registry import BACKENDS, KernelRegistry
 
@@ -59,6 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--export-prompts", type=Path, default=None,
                    help="draw the prompts, write them to this file (JSON lines) and exit: the device has "
                         "other docs, so draw here and ship the file")
+    p.add_argument("--self-prompts", type=int, default=0,
+                   help="also this many user messages the target writes itself (sampled at T = 1, top-p "
+                        "0.95, seeded), shuffled in with the others: general chat requests from its own "
+                        "idea of a user; the evaluation prompts are filtered out. Written to "
+                        "<work-dir>/self-prompts.jsonl (and beside --out)")
     p.add_argument("--distil-batch", type=int, default=32, help="sequences per target forward")
     p.add_argument("--distil-budget", type=float, default=0.0,
                    help="seconds of distillation: no new batch of prompts starts after it; 0 = none")
@@ -99,12 +109,30 @@ def draw_prompts(args: argparse.Namespace) -> tuple[list[str], str]:
 def recipe_key(args: argparse.Namespace) -> list:
     """What the distilled data depends on: a data.pt built with other values is not reused."""
     source = args.prompts_file.name if args.prompts_file is not None else args.question_share
-    return [args.num_prompts, args.max_tokens, args.seed, source]
+    return [args.num_prompts, args.max_tokens, args.seed, source, args.self_prompts]
+
+
+def add_self_prompts(args: argparse.Namespace, model, model_config, tokenizer: Tokenizer,
+                     texts: list[str], source: str) -> tuple[list[str], str]:
+    """`texts` with --self-prompts messages sampled from the target shuffled in (seeded), and the source."""
+    start = time.time()
+    own = sample_user_messages(model, tokenizer, args.self_prompts, args.seed,
+                               end_ids=model_config.eos_token_ids, batch=args.distil_batch,
+                               exclude=EVAL_PROMPTS)
+    for path in {args.work_dir, args.out.parent if args.out is not None else args.work_dir}:
+        write_prompts(path / "self-prompts.jsonl", own)
+    logger.info("the target wrote %d prompts in %.0f s", len(own), time.time() - start)
+    mixed = texts + own
+    random.Random(args.seed).shuffle(mixed)  # a --distil-budget cut keeps both kinds in proportion
+    return mixed, (f"{source} and {len(own)} user messages the target sampled itself (seed {args.seed}, "
+                   f"T 1, top-p 0.95, {time.time() - start:.0f} s), shuffled together")
 
 
 def distil(args: argparse.Namespace, model, model_config, layers: tuple[int, ...]) -> dict:
     tokenizer = Tokenizer.from_model(resolve_model_path(args.model))
-    texts, source = draw_prompts(args)
+    texts, source = draw_prompts(args) if args.num_prompts else ([], "no drawn prompts")
+    if args.self_prompts:
+        texts, source = add_self_prompts(args, model, model_config, tokenizer, texts, source)
     start = time.time()
     examples: list[Example] = []
     # One forward batch at a time (templated as it goes), so that --distil-budget can stop between them.
@@ -121,41 +149,6 @@ def distil(args: argparse.Namespace, model, model_config, layers: tuple[int, ...
         source += f" (the first {len(examples)} distilled within {args.distil_budget:.0f} s)"
     return {"layers": layers, "examples": examples, "seconds": time.time() - start,
             "recipe_args": recipe_key(args), "source": source}
-
-
-def make_batch(examples: list[Example], columns: torch.Tensor, embed: torch.nn.Embedding,
-               t2d: torch.Tensor, device: torch.device, prompt_context: int) -> Batch:
-    # Only the last `prompt_context` prompt tokens are kept: the loss is on reply tokens only (the head
-    # drafts replies; the prompt is context), and most of a training step's cost is rows, not loss.
-    starts = [max(0, e.num_prompt_tokens - prompt_context) for e in examples]
-    n = max(len(e.token_ids) - s for e, s in zip(examples, starts, strict=True))
-    ids = torch.zeros(len(examples), n, dtype=torch.int64)
-    labels = torch.full((len(examples), n), -1, dtype=torch.int64)
-    # Features are built where they live (the GPU after a GPU distillation): no round trip through the host.
-    feats = torch.zeros(len(examples), n, columns.numel(), device=device)
-    for b, (e, s) in enumerate(zip(examples, starts, strict=True)):
-        ids[b, :len(e.token_ids) - s] = e.token_ids[s:]
-        labels[b, e.num_prompt_tokens - s:len(e.token_ids) - s] = t2d[e.token_ids[e.num_prompt_tokens:]]
-        feats[b, :len(e.features) - s] = e.features[s:].to(device).float()[:, columns]
-    ids, labels = ids.to(device), labels.to(device)
-    with torch.no_grad():
-        emb = embed(ids).float()
-    return Batch(emb, feats, labels)
-
-
-def evaluate(head: DraftHead, examples: list[Example], args, columns, embed, t2d, device) -> list[float]:
-    """Per unrolled step, the share of held-out reply tokens the head predicts exactly."""
-    totals = [[0, 0] for _ in range(args.ttt_steps)]
-    head.eval()
-    with torch.no_grad():
-        for i in range(0, len(examples), args.batch_size):
-            batch = make_batch(examples[i:i + args.batch_size], columns, embed, t2d, device,
-                               args.prompt_context)
-            for step, (c, n) in enumerate(ttt_loss(head, batch, args.ttt_steps)[1]):
-                totals[step][0] += c
-                totals[step][1] += n
-    head.train()
-    return [round(c / max(n, 1), 4) for c, n in totals]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -256,7 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     bar.close()
     save_checkpoint()
 
-    val_acc = evaluate(head, val, args, columns, model.embed_tokens, t2d, device)
+    # The whole prompt as context, as the engine drafts (training rows see only --prompt-context of it).
+    val_eval = held_out(head, val, columns, model.embed_tokens, t2d, device, prompt_context=1 << 30,
+                        steps=args.ttt_steps, batch_size=args.batch_size)
     hardware = (torch.cuda.get_device_name(device) if device.type == "cuda"
                 else f"{platform.processor() or platform.machine()} CPU, {args.threads} torch threads")
     recipe = {
@@ -271,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         "steps": step, "batch_size": args.batch_size, "prompt_context": args.prompt_context,
         "ttt_steps": args.ttt_steps, "lr": args.lr,
         "seed": args.seed, "train_seconds": round(seconds, 1), "hardware": hardware,
-        "val_accuracy_per_step": val_acc,
+        "val_accuracy_per_step": val_eval.accuracy, "val": val_eval.as_dict(),
     }
     out = args.out or args.work_dir / f"{args.name}.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)

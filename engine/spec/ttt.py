@@ -1,6 +1,7 @@
 """The draft head's training-time-test loss: step 0 reads the target's features, later steps its own."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -30,32 +31,37 @@ def _shift(x: torch.Tensor, by: int, length: int, fill: float | int) -> torch.Te
     return torch.cat([part, pad], dim=1)
 
 
-def ttt_loss(head: DraftHead, batch: Batch, steps: int, decay: float = 0.8
-             ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """(weighted mean cross-entropy over `steps` unrolled draft steps, per step (correct, counted)).
+def unroll(head: DraftHead, batch: Batch, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits [B, L, S], labels [B, L]) of each of `steps` unrolled draft steps, L = N - 1 rows.
 
     Row t of step j sits at position t + j, reads the token at t + 1 + j and predicts the one at t + 2 + j
     (position t + 1 + j's greedy target token). Step 0's feature is the target's at t; step j's is step j-1's
     output for the same row, as when drafting. Row t attends to step 0's rows ≤ t and to its own rows of
     steps 1..j (train_attention_mask): at inference those are the accepted positions and the chain so far.
-    Later steps weigh `decay`**j: their errors matter only after the earlier drafts were right.
     """
     length = batch.emb.shape[1] - 1
     device = batch.emb.device
     g = head.fuse(batch.features[:, :length])
     keys, values = [], []
-    total = torch.zeros((), device=device)
-    weights = 0.0
-    stats = []
     for step in range(steps):
         emb = _shift(batch.emb, 1 + step, length, 0.0)
-        labels = _shift(batch.labels, 2 + step, length, -1)
         q, k, v = head.qkv(emb, g, torch.arange(length, device=device) + step)
         keys.append(k)
         values.append(v)
         mask = train_attention_mask(length, step, device)
         g = head.finish(g, q, torch.cat(keys, dim=2), torch.cat(values, dim=2), mask)
-        logits = head.logits(g)
+        yield head.logits(g), _shift(batch.labels, 2 + step, length, -1)
+
+
+def ttt_loss(head: DraftHead, batch: Batch, steps: int, decay: float = 0.8
+             ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """(weighted mean cross-entropy over `steps` unrolled draft steps (`unroll`), per step (correct,
+    counted)). Later steps weigh `decay`**j: their errors matter only after the earlier drafts were right.
+    """
+    total = torch.zeros((), device=batch.emb.device)
+    weights = 0.0
+    stats = []
+    for step, (logits, labels) in enumerate(unroll(head, batch, steps)):
         valid = labels >= 0
         if valid.any():
             total = total + decay ** step * F.cross_entropy(logits[valid], labels[valid])

@@ -13,6 +13,7 @@ from decode_worker.service import DecodeService
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.spec.config import SpecConfig
+from engine.spec.speculator import SHIPPED_PROMPT_ROWS
 from prefill_worker.api import PrefillRequest
 from prefill_worker.service import PrefillService
 from tests.service_pair import connect_services
@@ -84,9 +85,10 @@ def test_head_speculation_across_the_split_gives_plain_greedy_tokens(prefill_run
             ids, drafted, accepted = asyncio.run(_generate(prefill, decode, f"s{i}", prompt))
             assert ids == expected[i]
             assert 0 <= accepted <= drafted and drafted > 0
-        for (_, sent), ((_, _, received), drafts) in zip(shipped, activated, strict=True):
-            if prefill_runs_the_head:  # the fused feature [H] arrived bit for bit; drafts before step one
-                assert sent is not None and sent.shape == (decode.engine.model_config.hidden_size,)
+        for prompt, (_, sent), ((_, _, received), drafts) in zip(PROMPTS, shipped, activated, strict=True):
+            if prefill_runs_the_head:  # the fused features [r, H] arrived bit for bit; drafts before step one
+                hidden = decode.engine.model_config.hidden_size
+                assert sent is not None and sent.shape == (min(len(prompt), SHIPPED_PROMPT_ROWS), hidden)
                 assert received.dtype == sent.dtype and torch.equal(received, sent)
                 assert drafts and isinstance(drafts, list)
             else:  # nothing shipped: the first decode step runs plain, the head starts from its features
