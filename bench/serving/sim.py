@@ -17,7 +17,9 @@ from bench.serving.sim_fit import fit_h100
 from bench.serving.sim_search import MIXES, SearchSettings, best_bound, project, search, work_bound
 from bench.serving.sim_validate import format_rows, host_slowdown, validate
 
-CPU_RUNS = "bench/results/serving_cpu_*.json"
+# The runs measured on the current tree (`bench compare` with up_flags); the older serving_cpu_{sweep,run,
+# shared_prefix}.json, taken at eadcd02 before fair prefill and the prefix cache, replay with --runs.
+CPU_RUNS = "bench/results/serving_cpu_tree_*.json"
 H100_COSTS = "bench/results/sim_costs_h100.json"
 CPU_COSTS = "bench/results/sim_costs_cpu.json"
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,11 +17,11 @@ from bench.serving.sim_fit import (
     CPU_LAYERS,
     fit_prefill,
     isolated,
-    named_runs,
     observations,
     residuals_ms,
 )
-from bench.serving.sim_validate import CPU_CLUSTER, replay, sim_goodput
+from bench.serving.sim_runs import RunFile, load_run
+from bench.serving.sim_validate import sim_goodput
 
 METRICS = (("ttft_s", "p50"), ("ttft_s", "p90"), ("tpot_s", "p50"), ("tpot_s", "p90"))
 
@@ -47,24 +46,23 @@ def _records(recs: list[dict]) -> list[RequestRecord]:
 class Calibration:
     """What the grid is scored on: every run and sweep probe (with the SLO it was judged by), and each
     sweep's configuration with the goodput it measured."""
-    runs: tuple[tuple[list[dict], Slo], ...]
-    sweeps: tuple[tuple[dict, float], ...]
+    runs: tuple[tuple[list[dict], Slo, RunFile], ...]
+    sweeps: tuple[tuple[dict, float, RunFile], ...]
 
     @staticmethod
     def load(paths: list[str | Path], exclude: frozenset[str] = frozenset()) -> Calibration:
-        """`exclude`: run names (sim_fit.named_runs) held out; a sweep's goodput (named by the stem) is
+        """`exclude`: run names (RunFile.named) held out; a sweep's goodput (named by the stem) is
         also left out when any of its probes is, since the measured figure came from them."""
         runs, sweeps = [], []
         for p in paths:
-            d = json.loads(Path(p).read_text())
-            cfg = d["config"]
-            named = named_runs(p)
-            runs += [(recs, Slo(cfg["slo_ttft"], cfg["slo_tpot"])) for name, _, recs in named
+            f = load_run(p)
+            d, cfg = f.data, f.config
+            named = f.named()
+            runs += [(recs, Slo(cfg["slo_ttft"], cfg["slo_tpot"]), f) for name, _, recs in named
                      if name not in exclude]
-            stem = Path(p).stem.removeprefix("serving_cpu_")
-            held = stem in exclude or any(n in exclude for n, _, _ in named)
+            held = f.stem in exclude or any(n in exclude for n, _, _ in named)
             if d.get("sweep") and d["sweep"]["goodput_rps"] > 0 and not held:
-                sweeps.append((cfg, d["sweep"]["goodput_rps"]))
+                sweeps.append((cfg, d["sweep"]["goodput_rps"], f))
         return Calibration(tuple(runs), tuple(sweeps))
 
 
@@ -74,14 +72,14 @@ def replay_error(costs: StepCosts, cal: Calibration) -> float:
     sweeps' goodput, redone by bisection in the simulator (without it the grid fits latencies at low load
     and misses where the cluster saturates)."""
     errs = []
-    for recs, slo in cal.runs:
+    for recs, slo, f in cal.runs:
         meas = summarize(_records(recs), slo=slo)
-        sim = summarize(simulate(CPU_CLUSTER, costs, replay(recs)), slo=slo)
+        sim = summarize(simulate(f.spec, costs, f.replay(recs)), slo=slo)
         errs.append(abs(sim.slo_attainment - meas.slo_attainment))
         for name, q in METRICS:
             errs.append(abs(math.log(getattr(sim, name)[q] / getattr(meas, name)[q])))
-    goodput = [abs(math.log(max(sim_goodput(cfg, costs, CPU_CLUSTER), 1e-3) / measured))
-               for cfg, measured in cal.sweeps]
+    goodput = [abs(math.log(max(sim_goodput(cfg, costs, f.spec), 1e-3) / measured))
+               for cfg, measured, f in cal.sweeps]
     return float(np.mean(errs)) + (float(np.mean(goodput)) if goodput else 0.0)
 
 
@@ -91,9 +89,10 @@ def fit_cpu(paths: list[str | Path], calibrate_on: list[str | Path] | None = Non
     """Lone requests (nothing else in flight at their send) of every run in `paths` fix prefill's per-token
     parts, the path's total fixed cost, its spread and a one-stream decode step; the grid then splits and
     loads them against `calibrate_on`'s runs (default: all of `paths`). A run left out of `calibrate_on`
-    lends only its lone requests; a run named in `exclude` (sim_fit.named_runs) lends nothing."""
-    runs = [recs for p in paths for name, _, recs in named_runs(p) if name not in exclude]
-    lone = [o for recs in runs for o in isolated(observations(recs))]
+    lends only its lone requests; a run named in `exclude` (RunFile.named) lends nothing."""
+    files = [load_run(p) for p in paths]
+    lone = [o for f in files for name, _, recs in f.named() if name not in exclude
+            for o in isolated(observations(f, recs))]
     if not lone:
         raise ValueError("no request ran alone in these runs: the prefill fit needs some")
     base = fit_prefill(lone)
