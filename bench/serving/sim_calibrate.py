@@ -15,6 +15,7 @@ from bench.serving.sim_events import simulate
 from bench.serving.sim_fit import (
     CPU_KV_BYTES_PER_TOKEN,
     CPU_LAYERS,
+    EngineSteps,
     fit_prefill,
     isolated,
     observations,
@@ -85,35 +86,50 @@ def replay_error(costs: StepCosts, cal: Calibration) -> float:
 
 def fit_cpu(paths: list[str | Path], calibrate_on: list[str | Path] | None = None, grid: Grid = Grid(),
             transfer_gb_per_s: float = 0.31, transfer_latency_ms: float = 1.6,
-            exclude: frozenset[str] = frozenset()) -> StepCosts:
+            exclude: frozenset[str] = frozenset(), engine: EngineSteps | None = None) -> StepCosts:
     """Lone requests (nothing else in flight at their send) of every run in `paths` fix prefill's per-token
     parts, the path's total fixed cost, its spread and a one-stream decode step; the grid then splits and
     loads them against `calibrate_on`'s runs (default: all of `paths`). A run left out of `calibrate_on`
-    lends only its lone requests; a run named in `exclude` (RunFile.named) lends nothing."""
+    lends only its lone requests; a run named in `exclude` (RunFile.named) lends nothing.
+    With `engine` (the engine alone's timed steps), prefill's cost and the decode step's slope are the
+    engine's, a lone request's TTFT beyond its prefill is path latency, and the grid searches only the
+    host's contention."""
     files = [load_run(p) for p in paths]
     lone = [o for f in files for name, _, recs in f.named() if name not in exclude
             for o in isolated(observations(f, recs))]
     if not lone:
         raise ValueError("no request ran alone in these runs: the prefill fit needs some")
-    base = fit_prefill(lone)
-    jitter = residuals_ms(lone, base)
-    one_stream = float(np.median([o.tpot * 1e3 for o in lone if o.tpot is not None]))
     transfer = TransferCost(CPU_KV_BYTES_PER_TOKEN, CPU_LAYERS, transfer_gb_per_s, transfer_latency_ms)
+    base = engine.prefill if engine else fit_prefill(lone)
+    jitter = residuals_ms(lone, base, transfer if engine else None)
+    path_ms = float(np.median(jitter)) if engine else 0.0  # engine: the median lone path, the rest spread
+    jitter = tuple(round(j - path_ms, 1) for j in jitter)
+    one_stream = float(np.median([o.tpot * 1e3 for o in lone if o.tpot is not None]))
     cal = Calibration.load(calibrate_on or paths, exclude)
 
     def costs(share: float, per_seq: float, contention: float) -> StepCosts:
         return StepCosts(
             prefill=PrefillCost(base.fixed_ms * share, base.per_token_ms, base.per_pair_ms),
             decode=DecodeCost(max(one_stream - per_seq, 0.0), per_seq), transfer=transfer,
-            router_ms=base.fixed_ms * (1 - share), contention=contention, path_jitter_ms=jitter)
+            router_ms=path_ms + base.fixed_ms * (1 - share), contention=contention, path_jitter_ms=jitter)
 
-    scored = [(replay_error(costs(*g), cal), g)
-              for g in itertools.product(grid.worker_share, grid.per_seq_ms, grid.contention)]
-    err, (share, per_seq, contention) = min(scored)
+    points = (itertools.product((1.0,), (engine.per_seq_ms,), grid.contention) if engine else
+              itertools.product(grid.worker_share, grid.per_seq_ms, grid.contention))
+    err, (share, per_seq, contention) = min((replay_error(costs(*g), cal), g) for g in points)
     names = ", ".join(Path(p).name for p in paths)
     names += f" without {', '.join(sorted(exclude))}" if exclude else ""
     cal_names = ", ".join(Path(p).name for p in (calibrate_on or paths))
     fitted = costs(share, per_seq, contention)
+    if engine:
+        return replace(fitted, source={
+            "prefill": engine.source,
+            "path_jitter_ms": f"the {len(lone)} lone requests' TTFT minus the engine's prefill step (ms, "
+                              f"{names}): router_ms is their median, each simulated request adds one of "
+                              "these residuals around it",
+            "decode": f"one-stream step = median lone TPOT {one_stream:.1f} ms; per_seq_ms the engine's",
+            "contention": f"by the grid (replay error {err:.3f}: latency, attainment, goodput of "
+                          f"{cal_names})",
+            "transfer": "docs/benchmarks.md, KV transfer CPU/gloo table; SmolLM2-135M KV shape"})
     return replace(fitted, source={
         "prefill": f"least squares on the TTFT of the {len(lone)} lone requests in {names}: per-token and "
                    f"per-pair parts; fixed part {base.fixed_ms:.0f} ms split by the grid, {share:.0%} on the "

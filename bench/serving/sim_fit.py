@@ -75,10 +75,40 @@ def fit_prefill(iso: list[Obs]) -> PrefillCost:
     return PrefillCost(float(np.mean(y)), 0.0)  # one prompt length: everything in the fixed part
 
 
-def residuals_ms(lone: list[Obs], prefill: PrefillCost) -> tuple[float, ...]:
+@dataclass(frozen=True)
+class EngineSteps:
+    """The engine alone's step costs (bench/serving/sim_engine.py's JSON): a prefill step's cost over its
+    prompt tokens, and what one more stream adds to a decode step."""
+    prefill: PrefillCost
+    per_seq_ms: float
+    source: str
+
+    @staticmethod
+    def load(path: str | Path) -> EngineSteps:
+        d = json.loads(Path(path).read_text())
+        n = np.array([p["tokens"] for p in d["prefill"]], dtype=float)
+        y = np.array([p["step_ms"] for p in d["prefill"]])
+        pre = np.linalg.lstsq(np.stack([np.ones_like(n), n, n * n / 2], 1), y, rcond=None)[0]
+        prefill = PrefillCost(*map(float, np.maximum(pre, 0.0)))
+        b = np.array([p["batch"] for p in d["decode"]], dtype=float)
+        ms = np.array([p["step_ms"] for p in d["decode"]])
+        slope = float(np.linalg.lstsq(np.stack([np.ones_like(b), b], 1), ms, rcond=None)[0][1])
+        return EngineSteps(prefill, max(slope, 0.0), f"{path}: least squares over {len(n)} prefill steps "
+                           f"({int(n.min())}-{int(n.max())} tokens) and {len(b)} decode steps (batch "
+                           f"{int(b.min())}-{int(b.max())})")
+
+
+def residuals_ms(lone: list[Obs], prefill: PrefillCost,
+                 transfer: TransferCost | None = None) -> tuple[float, ...]:
     """Lone requests' TTFT minus the prefill fit's prediction (ms), sorted: what the same request on an idle
-    cluster varies by (the shared box, the hops), which the simulator replays as path latency."""
-    return tuple(sorted(round(o.ttft * 1e3 - prefill.step_ms([o.chunk]), 1) for o in lone))
+    cluster varies by (the shared box, the hops), which the simulator replays as path latency. With
+    `transfer`, its exposed part (which the simulator adds by itself) is taken out too; a cache hit's
+    prefix is held by the decode worker as well, so only the rest travels."""
+    def exposed(o: Obs, step_ms: float) -> float:
+        return transfer.exposed_ms(o.chunk[0], step_ms) if transfer else 0.0
+
+    return tuple(sorted(round(o.ttft * 1e3 - (ms := prefill.step_ms([o.chunk])) - exposed(o, ms), 1)
+                        for o in lone))
 
 
 def fit_h100(path: str | Path, transfer_gb_per_s: float = 25.0,
