@@ -107,19 +107,23 @@ def fit_cpu(paths: list[str | Path], calibrate_on: list[str | Path] | None = Non
     one_stream = float(np.median([o.tpot * 1e3 for o in lone if o.tpot is not None]))
     cal = Calibration.load(calibrate_on or paths, exclude)
 
-    def costs(share: float, per_seq: float, contention: float) -> StepCosts:
+    def costs(share: float, per_seq: float, contention: float, on_decode: float | None) -> StepCosts:
         return StepCosts(
             prefill=PrefillCost(base.fixed_ms * share, base.per_token_ms, base.per_pair_ms),
             decode=DecodeCost(max(one_stream - per_seq, 0.0), per_seq), transfer=transfer,
-            router_ms=path_ms + base.fixed_ms * (1 - share), contention=contention, path_jitter_ms=jitter)
+            router_ms=path_ms + base.fixed_ms * (1 - share), contention=contention,
+            decode_contention=on_decode, path_jitter_ms=jitter)
 
-    points = (itertools.product((1.0,), (engine.per_seq_ms,), grid.contention) if engine else
-              itertools.product(grid.worker_share, grid.per_seq_ms, grid.contention))
-    err, (share, per_seq, contention) = min((replay_error(costs(*g), cal), g) for g in points)
+    # With the engine's own costs the grid can afford the host's sharing both ways: how much a running
+    # decode slows a prefill step and how much a running prefill slows a decode step.
+    points = (itertools.product((1.0,), (engine.per_seq_ms,), grid.contention, grid.contention) if engine
+              else itertools.product(grid.worker_share, grid.per_seq_ms, grid.contention, (None,)))
+    err, g = min((replay_error(costs(*g), cal), g) for g in points)
     names = ", ".join(Path(p).name for p in paths)
     names += f" without {', '.join(sorted(exclude))}" if exclude else ""
     cal_names = ", ".join(Path(p).name for p in (calibrate_on or paths))
-    fitted = costs(share, per_seq, contention)
+    share = g[0]
+    fitted = costs(*g)
     if engine:
         return replace(fitted, source={
             "prefill": engine.source,

@@ -183,7 +183,7 @@ class Simulation:
                 [(n, r.computed) for r, n in chunks]) if chunks else 0.0)
         w.busy, w.chunks, w.step_batch, w.work_ms, w.slowdown = True, chunks, batch, ms, 1.0
         w.started = w.since = self.now
-        if c.contention:
+        if c.shares_host:
             self._share_host()
         else:
             self._at(self.now + ms / 1e3, self._end_step, w, chunks, w.step_id)
@@ -193,8 +193,8 @@ class Simulation:
         1 / (1 + contention * (k - 1)) of its full speed. Called whenever a step starts or ends, so a step
         pays for exactly the overlap it had, not for the busy set at its start."""
         busy = [w for w in self.workers if w.busy]
-        slowdown = 1 + self.costs.contention * (len(busy) - 1)
         for w in busy:
+            slowdown = 1 + self.costs.contention_of(w.role) * (len(busy) - 1)
             w.work_ms -= (self.now - w.since) * 1e3 / w.slowdown
             w.since, w.slowdown = self.now, slowdown
             w.step_id += 1
@@ -286,7 +286,7 @@ class Simulation:
         # Busy until here so that a dispatch triggered above cannot start a second step on this worker.
         w.busy = False
         self._kick(w)
-        if self.costs.contention and not w.busy:
+        if self.costs.shares_host and not w.busy:
             self._share_host()  # one fewer busy worker: the others speed up
 
     def _kv_arrived(self, r: _Req) -> None:
