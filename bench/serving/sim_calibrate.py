@@ -118,7 +118,7 @@ def fit_cpu(paths: list[str | Path], calibrate_on: list[str | Path] | None = Non
     # decode slows a prefill step and how much a running prefill slows a decode step.
     points = (itertools.product((1.0,), (engine.per_seq_ms,), grid.contention, grid.contention) if engine
               else itertools.product(grid.worker_share, grid.per_seq_ms, grid.contention, (None,)))
-    err, g = min((replay_error(costs(*g), cal), g) for g in points)
+    err, g = min(((replay_error(costs(*g), cal), g) for g in points), key=lambda t: t[0])
     names = ", ".join(Path(p).name for p in paths)
     names += f" without {', '.join(sorted(exclude))}" if exclude else ""
     cal_names = ", ".join(Path(p).name for p in (calibrate_on or paths))
