@@ -22,6 +22,7 @@ from bench.serving.sim_validate import format_rows, host_slowdown, validate
 CPU_RUNS = "bench/results/serving_cpu_tree_*.json"
 H100_COSTS = "bench/results/sim_costs_h100.json"
 CPU_COSTS = "bench/results/sim_costs_cpu.json"
+ENGINE_STEPS = "bench/results/sim_engine_cpu.json"  # bench.serving.sim_engine's timed steps
 
 
 def _paths(patterns: list[str]) -> list[str]:
@@ -33,7 +34,7 @@ def _paths(patterns: list[str]) -> list[str]:
 
 
 def _engine(args: argparse.Namespace) -> EngineSteps | None:
-    return EngineSteps.load(args.engine) if args.engine else None
+    return None if args.engine == "none" else EngineSteps.load(args.engine)
 
 
 def _settings(args: argparse.Namespace) -> SearchSettings:
@@ -170,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--runs", nargs="+", default=[CPU_RUNS], help="cpu: pdserve bench --json files")
     f.add_argument("--calibrate-on", nargs="+", default=None,
                    help="cpu: the runs the grid is scored on (default: all of --runs)")
-    f.add_argument("--engine", default=None, metavar="JSON", help="cpu: take prefill's cost and the decode "
-                   "slope from the engine timed alone (bench.serving.sim_engine --json) instead of the grid")
+    f.add_argument("--engine", default=ENGINE_STEPS, metavar="JSON",
+                   help="cpu: prefill's cost and the decode slope from the engine timed alone "
+                        "(bench.serving.sim_engine --json); 'none': both by the grid")
     f.add_argument("--decode-gpu", default="bench/results/decode_gpu.json",
                    help="h100: bench.engine.decode_gpu's JSON")
     f.add_argument("--transfer-gbps", type=float, default=25.0, help="h100: KV link GB/s per GPU (assumed)")
@@ -190,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "in-sample and held-out errors per figure")
     x.add_argument("--runs", nargs="+", default=[CPU_RUNS])
     x.add_argument("--json", type=Path, default=None, dest="json_out")
-    x.add_argument("--engine", default=None, metavar="JSON", help="as for fit cpu")
+    x.add_argument("--engine", default=ENGINE_STEPS, metavar="JSON", help="as for fit cpu")
     x.add_argument("--plots", type=Path, default=None, help="writes sim_validation.png, held-out hollow")
     x.set_defaults(func=cmd_crossval)
     for name, func, gpus in (("search", cmd_search, "8"), ("project", cmd_project, "8,64,512")):
