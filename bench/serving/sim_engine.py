@@ -47,6 +47,24 @@ def prefill_ms(engine: LLMEngine, tokens: int, reps: int, tag: int) -> float:
     return statistics.median(times)
 
 
+def cached_prefill_ms(cached: int, tokens: int, reps: int) -> float:
+    """Median ms of a step that prefills `tokens` new tokens after a `cached`-token prefix the prefix cache
+    holds (a shared system prompt's hit), on an engine with the cache on."""
+    engine = LLMEngine(EngineConfig(max_batch_tokens=cached + tokens, long_prefill_token_threshold=0,
+                                    fused_step_max_slowdown=0))
+    prefix = prompt_ids(7, cached)
+    once = SamplingParams(max_tokens=1, ignore_eos=True)
+    times = []
+    for k in range(reps + 2):  # the first computes the prefix; the second is untimed (buffers)
+        engine.add_request(f"c{k}", prefix + prompt_ids(500 + k, tokens), once)
+        ms = _step(engine)
+        while engine.has_work():
+            _step(engine)
+        if k >= 2:
+            times.append(ms)
+    return statistics.median(times)
+
+
 def decode_ms(engine: LLMEngine, batch: int, steps: int) -> float:
     """Median ms of a decode-only step of `batch` sequences with DECODE_PROMPT-token prompts."""
     # Long enough that no sequence ends before every prompt is in (prompts enter one budget at a time).
@@ -68,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prefill", default="16,32,64,128,256,512")
     p.add_argument("--decode", default="1,2,4,8,16,32")
+    p.add_argument("--cached", default="256:32,256:64,256:128", metavar="PREFIX:TOKENS,...",
+                   help="prefills of TOKENS new tokens after a cached PREFIX (a prefix-cache hit)")
     p.add_argument("--steps", type=int, default=8, help="timed steps (prefill: prompts) per point")
     p.add_argument("--json", type=Path, default=None, dest="json_out")
     args = p.parse_args(argv)
@@ -80,6 +100,10 @@ def main(argv: list[str] | None = None) -> None:
         ms = prefill_ms(engine, n, args.steps, n)
         out["prefill"].append({"tokens": n, "step_ms": ms})
         print(f"prefill {n:4d} tokens: {ms:7.1f} ms", flush=True)
+    for c, n in (map(int, x.split(":")) for x in args.cached.split(",") if x):
+        ms = cached_prefill_ms(c, n, args.steps)
+        out["prefill"].append({"tokens": n, "cached": c, "step_ms": ms})
+        print(f"prefill {n:4d} tokens after {c} cached: {ms:7.1f} ms", flush=True)
     for b in (int(x) for x in args.decode.split(",")):
         ms = decode_ms(engine, b, args.steps)
         out["decode"].append({"batch": b, "context": DECODE_PROMPT, "step_ms": ms})

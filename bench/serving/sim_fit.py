@@ -77,8 +77,8 @@ def fit_prefill(iso: list[Obs]) -> PrefillCost:
 
 @dataclass(frozen=True)
 class EngineSteps:
-    """The engine alone's step costs (bench/serving/sim_engine.py's JSON): a prefill step's cost over its
-    prompt tokens, and what one more stream adds to a decode step."""
+    """The engine alone's step costs (bench/serving/sim_engine.py's JSON): a prefill step's cost over the
+    tokens it computes and the cached ones they attend to, and what one more stream adds to a decode step."""
     prefill: PrefillCost
     per_seq_ms: float
     source: str
@@ -87,8 +87,9 @@ class EngineSteps:
     def load(path: str | Path) -> EngineSteps:
         d = json.loads(Path(path).read_text())
         n = np.array([p["tokens"] for p in d["prefill"]], dtype=float)
+        pairs = np.array([p["tokens"] * (p.get("cached", 0) + p["tokens"] / 2) for p in d["prefill"]])
         y = np.array([p["step_ms"] for p in d["prefill"]])
-        pre = np.linalg.lstsq(np.stack([np.ones_like(n), n, n * n / 2], 1), y, rcond=None)[0]
+        pre = np.linalg.lstsq(np.stack([np.ones_like(n), n, pairs], 1), y, rcond=None)[0]
         prefill = PrefillCost(*map(float, np.maximum(pre, 0.0)))
         b = np.array([p["batch"] for p in d["decode"]], dtype=float)
         ms = np.array([p["step_ms"] for p in d["decode"]])
