@@ -125,3 +125,15 @@ def test_with_the_engine_timed_alone_only_the_path_and_contention_are_left_to_fi
     assert fit.prefill == engine.prefill
     assert (fit.decode.fixed_ms + fit.decode.per_seq_ms, fit.decode.per_seq_ms) == pytest.approx((40.0, 10.0))
     assert fit.contention == 1.0
+
+
+def test_engine_prefill_after_a_cached_prefix_sets_the_pair_term(tmp_path: Path) -> None:
+    truth = PrefillCost(20.0, 3.0, 0.004)
+    rows = [{"tokens": n, "cached": c, "step_ms": truth.step_ms([(n, c)])}
+            for n, c in ((16, 0), (64, 0), (256, 0), (32, 256), (64, 256))]
+    (tmp_path / "engine.json").write_text(json.dumps({"prefill": rows, "decode": [
+        {"batch": 1, "step_ms": 30.0}, {"batch": 2, "step_ms": 35.0}]}))
+    engine = EngineSteps.load(tmp_path / "engine.json")
+    assert (engine.prefill.fixed_ms, engine.prefill.per_token_ms, engine.prefill.per_pair_ms) == \
+        pytest.approx((20.0, 3.0, 0.004))
+    assert engine.per_seq_ms == pytest.approx(5.0)
