@@ -41,6 +41,7 @@ def prefixes(config: dict) -> list[tuple[int, int] | None]:
     workload.synthesize's rule (users take turns in order, user u reads system prompt u mod systems);
     None without --shared-prefix."""
     n, sp = config["num_requests"], config.get("shared_prefix")
+    n = n[0] if isinstance(n, list) else n  # older harness JSON kept it as a one-item list
     if not sp:
         return [None] * n
     s = SharedPrefix(*sp)
