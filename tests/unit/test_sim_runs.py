@@ -57,6 +57,7 @@ def test_the_cluster_spec_comes_from_the_up_flags_with_the_cli_defaults() -> Non
 def test_a_compare_file_gives_each_request_its_system_prompt_and_the_fit_its_hits(tmp_path: Path) -> None:
     cfg = {"num_requests": 6, "shared_prefix": [2, 2, 256], "slo_ttft": 2.0, "slo_tpot": 0.3}
     assert prefixes(cfg) == [(0, 256), (1, 256), (0, 256), (1, 256), (0, 256), (1, 256)]
+    assert prefixes({**cfg, "num_requests": [4]}) == prefixes(cfg)[:4]  # older files: a one-item list
     records = [{"index": i, "warmup": i == 0, "sent_at": 10.0 * i, "status": "OK", "prompt_tokens": 288,
                 "output_tokens": 4, "ttft": 0.5, "tpot": 0.05, "e2e": 0.7} for i in range(6)]
     path = tmp_path / "serving_cpu_tree_shared.json"
