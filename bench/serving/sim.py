@@ -13,13 +13,16 @@ from bench.serving.metrics import Slo
 from bench.serving.sim_calibrate import fit_cpu
 from bench.serving.sim_costs import load_costs, save_costs
 from bench.serving.sim_crossval import crossval, format_crossval, save_crossval
-from bench.serving.sim_fit import fit_h100
+from bench.serving.sim_fit import EngineSteps, fit_h100
 from bench.serving.sim_search import MIXES, SearchSettings, best_bound, project, search, work_bound
 from bench.serving.sim_validate import format_rows, host_slowdown, validate
 
-CPU_RUNS = "bench/results/serving_cpu_*.json"
+# The runs measured on the current tree (`bench compare` with up_flags); the older serving_cpu_{sweep,run,
+# shared_prefix}.json, taken at eadcd02 before fair prefill and the prefix cache, replay with --runs.
+CPU_RUNS = "bench/results/serving_cpu_tree_*.json"
 H100_COSTS = "bench/results/sim_costs_h100.json"
 CPU_COSTS = "bench/results/sim_costs_cpu.json"
+ENGINE_STEPS = "bench/results/sim_engine_cpu.json"  # bench.serving.sim_engine's timed steps
 
 
 def _paths(patterns: list[str]) -> list[str]:
@@ -28,6 +31,10 @@ def _paths(patterns: list[str]) -> list[str]:
     if missing:
         raise FileNotFoundError(f"no such run JSON: {', '.join(missing)}")
     return out
+
+
+def _engine(args: argparse.Namespace) -> EngineSteps | None:
+    return None if args.engine == "none" else EngineSteps.load(args.engine)
 
 
 def _settings(args: argparse.Namespace) -> SearchSettings:
@@ -45,7 +52,8 @@ def _mixes(args: argparse.Namespace) -> list:
 def cmd_fit(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.target == "cpu":
-        costs = fit_cpu(_paths(args.runs), _paths(args.calibrate_on) if args.calibrate_on else None)
+        costs = fit_cpu(_paths(args.runs), _paths(args.calibrate_on) if args.calibrate_on else None,
+                        engine=_engine(args))
     else:
         costs = fit_h100(args.decode_gpu, transfer_gb_per_s=args.transfer_gbps)
     print(json.dumps(costs.to_dict(), indent=1))
@@ -80,7 +88,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_crossval(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    compared = crossval(_paths(args.runs))
+    compared = crossval(_paths(args.runs), engine=_engine(args))
     print(format_crossval(compared))
     print(f"({time.perf_counter() - t0:.1f} s)")
     if args.json_out:
@@ -163,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--runs", nargs="+", default=[CPU_RUNS], help="cpu: pdserve bench --json files")
     f.add_argument("--calibrate-on", nargs="+", default=None,
                    help="cpu: the runs the grid is scored on (default: all of --runs)")
+    f.add_argument("--engine", default=ENGINE_STEPS, metavar="JSON",
+                   help="cpu: prefill's cost and the decode slope from the engine timed alone "
+                        "(bench.serving.sim_engine --json); 'none': both by the grid")
     f.add_argument("--decode-gpu", default="bench/results/decode_gpu.json",
                    help="h100: bench.engine.decode_gpu's JSON")
     f.add_argument("--transfer-gbps", type=float, default=25.0, help="h100: KV link GB/s per GPU (assumed)")
@@ -181,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "in-sample and held-out errors per figure")
     x.add_argument("--runs", nargs="+", default=[CPU_RUNS])
     x.add_argument("--json", type=Path, default=None, dest="json_out")
+    x.add_argument("--engine", default=ENGINE_STEPS, metavar="JSON", help="as for fit cpu")
     x.add_argument("--plots", type=Path, default=None, help="writes sim_validation.png, held-out hollow")
     x.set_defaults(func=cmd_crossval)
     for name, func, gpus in (("search", cmd_search, "8"), ("project", cmd_project, "8,64,512")):

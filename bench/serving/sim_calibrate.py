@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,13 +15,14 @@ from bench.serving.sim_events import simulate
 from bench.serving.sim_fit import (
     CPU_KV_BYTES_PER_TOKEN,
     CPU_LAYERS,
+    EngineSteps,
     fit_prefill,
     isolated,
-    named_runs,
     observations,
     residuals_ms,
 )
-from bench.serving.sim_validate import CPU_CLUSTER, replay, sim_goodput
+from bench.serving.sim_runs import RunFile, load_run
+from bench.serving.sim_validate import sim_goodput
 
 METRICS = (("ttft_s", "p50"), ("ttft_s", "p90"), ("tpot_s", "p50"), ("tpot_s", "p90"))
 
@@ -47,24 +47,23 @@ def _records(recs: list[dict]) -> list[RequestRecord]:
 class Calibration:
     """What the grid is scored on: every run and sweep probe (with the SLO it was judged by), and each
     sweep's configuration with the goodput it measured."""
-    runs: tuple[tuple[list[dict], Slo], ...]
-    sweeps: tuple[tuple[dict, float], ...]
+    runs: tuple[tuple[list[dict], Slo, RunFile], ...]
+    sweeps: tuple[tuple[dict, float, RunFile], ...]
 
     @staticmethod
     def load(paths: list[str | Path], exclude: frozenset[str] = frozenset()) -> Calibration:
-        """`exclude`: run names (sim_fit.named_runs) held out; a sweep's goodput (named by the stem) is
+        """`exclude`: run names (RunFile.named) held out; a sweep's goodput (named by the stem) is
         also left out when any of its probes is, since the measured figure came from them."""
         runs, sweeps = [], []
         for p in paths:
-            d = json.loads(Path(p).read_text())
-            cfg = d["config"]
-            named = named_runs(p)
-            runs += [(recs, Slo(cfg["slo_ttft"], cfg["slo_tpot"])) for name, _, recs in named
+            f = load_run(p)
+            d, cfg = f.data, f.config
+            named = f.named()
+            runs += [(recs, Slo(cfg["slo_ttft"], cfg["slo_tpot"]), f) for name, _, recs in named
                      if name not in exclude]
-            stem = Path(p).stem.removeprefix("serving_cpu_")
-            held = stem in exclude or any(n in exclude for n, _, _ in named)
+            held = f.stem in exclude or any(n in exclude for n, _, _ in named)
             if d.get("sweep") and d["sweep"]["goodput_rps"] > 0 and not held:
-                sweeps.append((cfg, d["sweep"]["goodput_rps"]))
+                sweeps.append((cfg, d["sweep"]["goodput_rps"], f))
         return Calibration(tuple(runs), tuple(sweeps))
 
 
@@ -74,47 +73,67 @@ def replay_error(costs: StepCosts, cal: Calibration) -> float:
     sweeps' goodput, redone by bisection in the simulator (without it the grid fits latencies at low load
     and misses where the cluster saturates)."""
     errs = []
-    for recs, slo in cal.runs:
+    for recs, slo, f in cal.runs:
         meas = summarize(_records(recs), slo=slo)
-        sim = summarize(simulate(CPU_CLUSTER, costs, replay(recs)), slo=slo)
+        sim = summarize(simulate(f.spec, costs, f.replay(recs)), slo=slo)
         errs.append(abs(sim.slo_attainment - meas.slo_attainment))
         for name, q in METRICS:
             errs.append(abs(math.log(getattr(sim, name)[q] / getattr(meas, name)[q])))
-    goodput = [abs(math.log(max(sim_goodput(cfg, costs, CPU_CLUSTER), 1e-3) / measured))
-               for cfg, measured in cal.sweeps]
+    goodput = [abs(math.log(max(sim_goodput(cfg, costs, f.spec), 1e-3) / measured))
+               for cfg, measured, f in cal.sweeps]
     return float(np.mean(errs)) + (float(np.mean(goodput)) if goodput else 0.0)
 
 
 def fit_cpu(paths: list[str | Path], calibrate_on: list[str | Path] | None = None, grid: Grid = Grid(),
             transfer_gb_per_s: float = 0.31, transfer_latency_ms: float = 1.6,
-            exclude: frozenset[str] = frozenset()) -> StepCosts:
+            exclude: frozenset[str] = frozenset(), engine: EngineSteps | None = None) -> StepCosts:
     """Lone requests (nothing else in flight at their send) of every run in `paths` fix prefill's per-token
     parts, the path's total fixed cost, its spread and a one-stream decode step; the grid then splits and
     loads them against `calibrate_on`'s runs (default: all of `paths`). A run left out of `calibrate_on`
-    lends only its lone requests; a run named in `exclude` (sim_fit.named_runs) lends nothing."""
-    runs = [recs for p in paths for name, _, recs in named_runs(p) if name not in exclude]
-    lone = [o for recs in runs for o in isolated(observations(recs))]
+    lends only its lone requests; a run named in `exclude` (RunFile.named) lends nothing.
+    With `engine` (the engine alone's timed steps), prefill's cost and the decode step's slope are the
+    engine's, a lone request's TTFT beyond its prefill is path latency, and the grid searches only the
+    host's contention."""
+    files = [load_run(p) for p in paths]
+    lone = [o for f in files for name, _, recs in f.named() if name not in exclude
+            for o in isolated(observations(f, recs))]
     if not lone:
         raise ValueError("no request ran alone in these runs: the prefill fit needs some")
-    base = fit_prefill(lone)
-    jitter = residuals_ms(lone, base)
-    one_stream = float(np.median([o.tpot * 1e3 for o in lone if o.tpot is not None]))
     transfer = TransferCost(CPU_KV_BYTES_PER_TOKEN, CPU_LAYERS, transfer_gb_per_s, transfer_latency_ms)
+    base = engine.prefill if engine else fit_prefill(lone)
+    jitter = residuals_ms(lone, base, transfer if engine else None)
+    path_ms = float(np.median(jitter)) if engine else 0.0  # engine: the median lone path, the rest spread
+    jitter = tuple(round(j - path_ms, 1) for j in jitter)
+    one_stream = float(np.median([o.tpot * 1e3 for o in lone if o.tpot is not None]))
     cal = Calibration.load(calibrate_on or paths, exclude)
 
-    def costs(share: float, per_seq: float, contention: float) -> StepCosts:
+    def costs(share: float, per_seq: float, contention: float, on_decode: float | None) -> StepCosts:
         return StepCosts(
             prefill=PrefillCost(base.fixed_ms * share, base.per_token_ms, base.per_pair_ms),
             decode=DecodeCost(max(one_stream - per_seq, 0.0), per_seq), transfer=transfer,
-            router_ms=base.fixed_ms * (1 - share), contention=contention, path_jitter_ms=jitter)
+            router_ms=path_ms + base.fixed_ms * (1 - share), contention=contention,
+            decode_contention=on_decode, path_jitter_ms=jitter)
 
-    scored = [(replay_error(costs(*g), cal), g)
-              for g in itertools.product(grid.worker_share, grid.per_seq_ms, grid.contention)]
-    err, (share, per_seq, contention) = min(scored)
+    # With the engine's own costs the grid can afford the host's sharing both ways: how much a running
+    # decode slows a prefill step and how much a running prefill slows a decode step.
+    points = (itertools.product((1.0,), (engine.per_seq_ms,), grid.contention, grid.contention) if engine
+              else itertools.product(grid.worker_share, grid.per_seq_ms, grid.contention, (None,)))
+    err, g = min(((replay_error(costs(*g), cal), g) for g in points), key=lambda t: t[0])
     names = ", ".join(Path(p).name for p in paths)
     names += f" without {', '.join(sorted(exclude))}" if exclude else ""
     cal_names = ", ".join(Path(p).name for p in (calibrate_on or paths))
-    fitted = costs(share, per_seq, contention)
+    share = g[0]
+    fitted = costs(*g)
+    if engine:
+        return replace(fitted, source={
+            "prefill": engine.source,
+            "path_jitter_ms": f"the {len(lone)} lone requests' TTFT minus the engine's prefill step (ms, "
+                              f"{names}): router_ms is their median, each simulated request adds one of "
+                              "these residuals around it",
+            "decode": f"one-stream step = median lone TPOT {one_stream:.1f} ms; per_seq_ms the engine's",
+            "contention": f"by the grid (replay error {err:.3f}: latency, attainment, goodput of "
+                          f"{cal_names})",
+            "transfer": "docs/benchmarks.md, KV transfer CPU/gloo table; SmolLM2-135M KV shape"})
     return replace(fitted, source={
         "prefill": f"least squares on the TTFT of the {len(lone)} lone requests in {names}: per-token and "
                    f"per-pair parts; fixed part {base.fixed_ms:.0f} ms split by the grid, {share:.0%} on the "

@@ -65,9 +65,21 @@ class StepCosts:
     transfer: TransferCost
     router_ms: float = 0.0  # per request, arrival -> dispatched
     contention: float = 0.0  # workers sharing one host: a step costs (1 + contention * other busy workers)x
+    # A decode step's own factor, where prefill (compute-bound) and decode (weight-streaming) steps slow each
+    # other unequally on a shared host; None: `contention` for both.
+    decode_contention: float | None = None
     source: dict[str, str] | None = None
     # The measured spread of router_ms: lone requests' TTFT minus the prefill fit, sorted (ms). Empty: none.
     path_jitter_ms: tuple[float, ...] = ()
+
+    def contention_of(self, role: str) -> float:
+        """The slowdown per other busy worker of a step on a worker of this role."""
+        return self.decode_contention if role == "decode" and self.decode_contention is not None \
+            else self.contention
+
+    @property
+    def shares_host(self) -> bool:
+        return bool(self.contention or self.decode_contention)
 
     def path_ms(self, index: int) -> float:
         """Request `index`'s arrival -> dispatch latency: router_ms plus one of the measured residuals, picked
@@ -105,7 +117,8 @@ class StepCosts:
     def from_dict(d: dict) -> StepCosts:
         return StepCosts(prefill=PrefillCost(**d["prefill"]), decode=DecodeCost(**d["decode"]),
                          transfer=TransferCost(**d["transfer"]), router_ms=d.get("router_ms", 0.0),
-                         contention=d.get("contention", 0.0), source=d.get("source"),
+                         contention=d.get("contention", 0.0), decode_contention=d.get("decode_contention"),
+                         source=d.get("source"),
                          path_jitter_ms=tuple(d.get("path_jitter_ms", ())))
 
 

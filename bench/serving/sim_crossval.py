@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.serving.sim_calibrate import Grid, fit_cpu
+from bench.serving.sim_fit import EngineSteps
 from bench.serving.sim_validate import Row, validate
 
 TOLERANCE = 0.15  # the issue's goal: every TTFT/TPOT p50/p90 and goodput within 15%
@@ -27,18 +28,19 @@ class Compared:
         return self.in_sample.metric
 
 
-def crossval(paths: list[str | Path], grid: Grid | None = None) -> list[Compared]:
+def crossval(paths: list[str | Path], grid: Grid | None = None,
+             engine: EngineSteps | None = None) -> list[Compared]:
     """Fits on all of `paths` (in-sample), then once per run with that run left out (leave one run out: each
     sweep probe and each single run, lone requests included; the sweep's goodput figure is held out alone,
     fitted on its probes' latencies but not on it), and pairs up every figure."""
     grid = grid or Grid()
-    in_rows = validate(paths, fit_cpu(paths, grid=grid))
+    in_rows = validate(paths, fit_cpu(paths, grid=grid, engine=engine))
     runs = list(dict.fromkeys(r.run for r in in_rows))
     if len(runs) < 2:
         raise ValueError("cross-validation needs at least two runs")
     held: dict[tuple[str, str], Row] = {}
     for run in runs:
-        costs = fit_cpu(paths, grid=grid, exclude=frozenset({run}))
+        costs = fit_cpu(paths, grid=grid, exclude=frozenset({run}), engine=engine)
         held.update({(r.run, r.metric): r for r in validate(paths, costs) if r.run == run})
     return [Compared(r, held[(r.run, r.metric)]) for r in in_rows]
 

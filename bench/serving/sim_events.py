@@ -19,6 +19,7 @@ class SimRequest:
     prompt: int
     output: int
     warmup: bool = False
+    prefix: tuple[int, int] | None = None  # (shared system prompt's id, its tokens): what a cache reuses
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,11 @@ class ClusterSpec:
     # the sim's step costs as the steps it timed, so the batch's mean step stays within this many times its
     # decode-only step.
     fused_max_slowdown: float = 0.0
+    # Prefix cache (engine/prefix_cache.py): a worker reuses the full blocks of a shared prefix it computed
+    # or received before, up to the block holding the prompt's last token; a prefill worker skips computing
+    # them and sends only what the decode worker does not hold. No eviction: the runs' prefixes fit.
+    prefix_caching: bool = False
+    block_size: int = 16
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -55,7 +61,8 @@ class ClusterSpec:
 class _Req:
     index: int
     req: SimRequest
-    computed: int = 0  # prompt tokens prefilled so far
+    computed: int = 0  # prompt tokens prefilled so far, cached ones included
+    hit: int | None = None  # prompt tokens the prefix cache gave it (None: not admitted to a step yet)
     first: float | None = None
     last: float | None = None
     end: float | None = None
@@ -86,6 +93,7 @@ class _Worker:
     chunks: list[tuple[_Req, int]] = field(default_factory=list)  # the running step's prefill chunks
     step_batch: int = 0  # the running step's decode tokens
     step_cost: StepCostModel | None = None  # the split-fused time credit (a colocated worker, when on)
+    cached: dict[int, int] = field(default_factory=dict)  # prefix id -> its tokens held in full blocks
 
 
 class Simulation:
@@ -175,7 +183,7 @@ class Simulation:
                 [(n, r.computed) for r, n in chunks]) if chunks else 0.0)
         w.busy, w.chunks, w.step_batch, w.work_ms, w.slowdown = True, chunks, batch, ms, 1.0
         w.started = w.since = self.now
-        if c.contention:
+        if c.shares_host:
             self._share_host()
         else:
             self._at(self.now + ms / 1e3, self._end_step, w, chunks, w.step_id)
@@ -185,8 +193,8 @@ class Simulation:
         1 / (1 + contention * (k - 1)) of its full speed. Called whenever a step starts or ends, so a step
         pays for exactly the overlap it had, not for the busy set at its start."""
         busy = [w for w in self.workers if w.busy]
-        slowdown = 1 + self.costs.contention * (len(busy) - 1)
         for w in busy:
+            slowdown = 1 + self.costs.contention_of(w.role) * (len(busy) - 1)
             w.work_ms -= (self.now - w.since) * 1e3 / w.slowdown
             w.since, w.slowdown = self.now, slowdown
             w.step_id += 1
@@ -196,13 +204,17 @@ class Simulation:
         """FCFS chunks under the budget (partial prompts are older, so first), with fair prefill's caps."""
         threshold, out = self.spec.long_prefill_threshold, []
         contended = len(w.queue) + w.active + len(w.pending) > 1
-        long_partials = sum(1 for r in w.queue if r.computed and 0 < threshold < r.req.prompt - r.computed)
+        long_partials = sum(1 for r in w.queue if r.hit is not None and r.computed > r.hit
+                            and 0 < threshold < r.req.prompt - r.computed)
         for r in w.queue:
             if budget <= 0:
                 break
+            if r.hit is None:  # admitted: the engine matches its cached blocks now
+                r.hit = r.computed = self._cache_hit(w, r)
+                w.queued_tokens -= r.hit
             left = r.req.prompt - r.computed
             is_long = 0 < threshold < left
-            if is_long and not r.computed:
+            if is_long and r.computed == r.hit:
                 if long_partials >= self.spec.max_long_partial_prefills:
                     continue  # waits; shorter prompts behind it start
                 long_partials += 1
@@ -210,6 +222,20 @@ class Simulation:
             out.append((r, n))
             budget -= n
         return out
+
+    def _cache_hit(self, w: _Worker, r: _Req) -> int:
+        """Prompt tokens w holds for r: its prefix's cached full blocks, never the block of the last token."""
+        if not (self.spec.prefix_caching and r.req.prefix):
+            return 0
+        reusable = (r.req.prompt - 1) // self.spec.block_size * self.spec.block_size
+        return min(w.cached.get(r.req.prefix[0], 0), reusable)
+
+    def _cache(self, w: _Worker, r: _Req, computed: int) -> None:
+        """w now holds r's first `computed` prompt tokens: its prefix's full blocks among them are named."""
+        if self.spec.prefix_caching and r.req.prefix:
+            key, n = r.req.prefix
+            full = min(computed, n) // self.spec.block_size * self.spec.block_size
+            w.cached[key] = max(w.cached.get(key, 0), full)
 
     def _activate(self, w: _Worker) -> None:
         """At a step boundary: sequences whose KV arrived join the batch; the first token goes out now
@@ -247,22 +273,25 @@ class Simulation:
         for r, n in chunks:
             r.computed += n
             w.queued_tokens -= n
+            self._cache(w, r, r.computed)
             if r.computed == r.req.prompt:
                 w.queue.remove(r)
                 if w.role == "coloc":
                     r.first = r.last = self.now  # its first token was sampled in this step
                     w.pending.append(r)
-                else:
-                    exposed = self.costs.transfer.exposed_ms(r.req.prompt, ms)
+                else:  # only the part the decode worker lacks travels (the transfer's start offset)
+                    sent = r.req.prompt - self._cache_hit(r.decode_worker, r)
+                    exposed = self.costs.transfer.exposed_ms(sent, ms)
                     self._at(self.now + exposed / 1e3, self._kv_arrived, r)
         # Busy until here so that a dispatch triggered above cannot start a second step on this worker.
         w.busy = False
         self._kick(w)
-        if self.costs.contention and not w.busy:
+        if self.costs.shares_host and not w.busy:
             self._share_host()  # one fewer busy worker: the others speed up
 
     def _kv_arrived(self, r: _Req) -> None:
         d = r.decode_worker
+        self._cache(d, r, r.req.prompt)
         d.pending.append(r)
         self._kick(d)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.serving.sim_costs import DecodeCost, PrefillCost, StepCosts, TransferCost
+from bench.serving.sim_runs import RunFile
 
 # SmolLM2-135M (the CPU cluster's embedded model): 30 layers x 3 KV heads x head_dim 64, k and v, fp32.
 CPU_KV_BYTES_PER_TOKEN = 30 * 3 * 64 * 2 * 4
@@ -27,27 +28,29 @@ class Obs:
     ttft: float
     tpot: float | None
     e2e: float
+    cached: int = 0  # prompt tokens the prefill worker's prefix cache held for it
+
+    @property
+    def chunk(self) -> tuple[int, int]:
+        """Its prefill as one chunk: (tokens computed, tokens cached before them)."""
+        return self.prompt - self.cached, self.cached
 
 
-def harness_runs(path: str | Path) -> list[tuple[float, list[dict]]]:
-    """(offered rate, records) of each run in a `pdserve bench --json` file: the single run or every probe."""
-    return [(rate, recs) for _, rate, recs in named_runs(path)]
-
-
-def named_runs(path: str | Path) -> list[tuple[str, float, list[dict]]]:
-    """(name, offered rate, records) of each run in a `pdserve bench --json` file. Names are how validation
-    and cross-validation refer to a run: the file's stem without `serving_cpu_`, `@rate` for a sweep probe;
-    the sweep's goodput is the stem alone."""
-    d = json.loads(Path(path).read_text())
-    stem = Path(path).stem.removeprefix("serving_cpu_")
-    if d.get("sweep"):
-        return [(f"{stem}@{p['rate']:g}", p["rate"], p["records"]) for p in d["sweep"]["probes"]]
-    return [(stem, d["rate"], d["records"])]
-
-
-def observations(records: list[dict]) -> list[Obs]:
-    return [Obs(r["sent_at"], r["prompt_tokens"], r["output_tokens"], r["ttft"], r["tpot"], r["e2e"])
-            for r in records if r["status"] == "OK" and r["ttft"] is not None]
+def observations(run: RunFile, records: list[dict]) -> list[Obs]:
+    """The run's OK requests; a request's cache hit is what the simulator would give it on the prefill
+    worker (SimRequest.prefix): an earlier request of the run carried the same prefix."""
+    spec, seen, out = run.spec, set(), []
+    for r in sorted(records, key=lambda r: r["index"]):
+        if r["status"] != "OK" or r["ttft"] is None:
+            continue
+        prefix, cached = run.prefix(r["index"]), 0
+        if spec.prefix_caching and prefix:
+            if prefix[0] in seen:
+                cached = min(prefix[1], r["prompt_tokens"] - 1) // spec.block_size * spec.block_size
+            seen.add(prefix[0])
+        out.append(Obs(r["sent_at"], r["prompt_tokens"], r["output_tokens"], r["ttft"], r["tpot"], r["e2e"],
+                       cached))
+    return out
 
 
 def isolated(obs: list[Obs]) -> list[Obs]:
@@ -56,11 +59,13 @@ def isolated(obs: list[Obs]) -> list[Obs]:
 
 
 def fit_prefill(iso: list[Obs]) -> PrefillCost:
-    """TTFT (ms) of isolated requests ~ fixed + per_token * n + per_pair * n^2 / 2, least squares; the pair
-    term is dropped when the data make it negative (short prompts cannot separate it)."""
-    n = np.array([o.prompt for o in iso], dtype=float)
+    """TTFT (ms) of isolated requests ~ fixed + per_token * n + per_pair * n * (cached + n / 2) over the
+    n tokens each computed, least squares; the pair term is dropped when the data make it negative (short
+    prompts cannot separate it)."""
+    n = np.array([o.chunk[0] for o in iso], dtype=float)
+    pairs = np.array([o.chunk[0] * (o.chunk[1] + o.chunk[0] / 2) for o in iso], dtype=float)
     y = np.array([o.ttft * 1e3 for o in iso])
-    full = np.linalg.lstsq(np.stack([np.ones_like(n), n, n * n / 2], 1), y, rcond=None)[0]
+    full = np.linalg.lstsq(np.stack([np.ones_like(n), n, pairs], 1), y, rcond=None)[0]
     if len(set(n)) >= 3 and min(full) >= 0:
         return PrefillCost(*map(float, full))
     if len(set(n)) >= 2:
@@ -70,10 +75,41 @@ def fit_prefill(iso: list[Obs]) -> PrefillCost:
     return PrefillCost(float(np.mean(y)), 0.0)  # one prompt length: everything in the fixed part
 
 
-def residuals_ms(lone: list[Obs], prefill: PrefillCost) -> tuple[float, ...]:
+@dataclass(frozen=True)
+class EngineSteps:
+    """The engine alone's step costs (bench/serving/sim_engine.py's JSON): a prefill step's cost over the
+    tokens it computes and the cached ones they attend to, and what one more stream adds to a decode step."""
+    prefill: PrefillCost
+    per_seq_ms: float
+    source: str
+
+    @staticmethod
+    def load(path: str | Path) -> EngineSteps:
+        d = json.loads(Path(path).read_text())
+        n = np.array([p["tokens"] for p in d["prefill"]], dtype=float)
+        pairs = np.array([p["tokens"] * (p.get("cached", 0) + p["tokens"] / 2) for p in d["prefill"]])
+        y = np.array([p["step_ms"] for p in d["prefill"]])
+        pre = np.linalg.lstsq(np.stack([np.ones_like(n), n, pairs], 1), y, rcond=None)[0]
+        prefill = PrefillCost(*map(float, np.maximum(pre, 0.0)))
+        b = np.array([p["batch"] for p in d["decode"]], dtype=float)
+        ms = np.array([p["step_ms"] for p in d["decode"]])
+        slope = float(np.linalg.lstsq(np.stack([np.ones_like(b), b], 1), ms, rcond=None)[0][1])
+        return EngineSteps(prefill, max(slope, 0.0), f"{path}: least squares over {len(n)} prefill steps "
+                           f"({int(n.min())}-{int(n.max())} tokens) and {len(b)} decode steps (batch "
+                           f"{int(b.min())}-{int(b.max())})")
+
+
+def residuals_ms(lone: list[Obs], prefill: PrefillCost,
+                 transfer: TransferCost | None = None) -> tuple[float, ...]:
     """Lone requests' TTFT minus the prefill fit's prediction (ms), sorted: what the same request on an idle
-    cluster varies by (the shared box, the hops), which the simulator replays as path latency."""
-    return tuple(sorted(round(o.ttft * 1e3 - prefill.step_ms([(o.prompt, 0)]), 1) for o in lone))
+    cluster varies by (the shared box, the hops), which the simulator replays as path latency. With
+    `transfer`, its exposed part (which the simulator adds by itself) is taken out too; a cache hit's
+    prefix is held by the decode worker as well, so only the rest travels."""
+    def exposed(o: Obs, step_ms: float) -> float:
+        return transfer.exposed_ms(o.chunk[0], step_ms) if transfer else 0.0
+
+    return tuple(sorted(round(o.ttft * 1e3 - (ms := prefill.step_ms([o.chunk])) - exposed(o, ms), 1)
+                        for o in lone))
 
 
 def fit_h100(path: str | Path, transfer_gb_per_s: float = 25.0,

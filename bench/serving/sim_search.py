@@ -100,7 +100,7 @@ def unit_costs(unit: Unit, costs: StepCosts, s: SearchSettings) -> StepCosts:
     if unit.mode == "coloc":
         return dc
     return StepCosts(prefill=pc.prefill, decode=dc.decode, transfer=pc.transfer, router_ms=costs.router_ms,
-                     contention=costs.contention)
+                     contention=costs.contention, decode_contention=costs.decode_contention)
 
 
 def estimate(unit: Unit, costs: StepCosts, mix: Mix, s: SearchSettings) -> float:

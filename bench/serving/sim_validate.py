@@ -1,7 +1,6 @@
 """Replays the harness's measured runs through the simulator: sim vs measured, with relative errors."""
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -12,10 +11,10 @@ from bench.serving.goodput import find_goodput
 from bench.serving.metrics import Slo, percentile, summarize
 from bench.serving.sim_costs import StepCosts
 from bench.serving.sim_events import ClusterSpec, SimRequest, simulate
-from bench.serving.workload import WorkloadSpec, parse_length, synthesize
+from bench.serving.sim_runs import LEGACY_CLUSTER, RunFile, load_run, prefixes
+from bench.serving.workload import SharedPrefix, WorkloadSpec, parse_length, synthesize
 
-# What `pdserve up --device cpu` ran: 1 prefill + 1 decode worker, engine/config.py's defaults.
-CPU_CLUSTER = ClusterSpec("disagg", prefill_workers=1, decode_workers=1)
+CPU_CLUSTER = LEGACY_CLUSTER  # what a run file without `up_flags` ran on
 
 
 BOOTSTRAP = 2000  # resamples for a measured percentile's noise band
@@ -47,15 +46,9 @@ def noise_band(values: list[float], q: float, seed: int = 0) -> tuple[float, flo
     return percentile(stats, 5), percentile(stats, 95)
 
 
-def replay(records: list[dict]) -> list[SimRequest]:
-    """The measured requests as they were sent: same send times, prompt and output lengths, warm-up marks."""
-    return [SimRequest(r["sent_at"], r["prompt_tokens"], r["output_tokens"], r["warmup"])
-            for r in sorted(records, key=lambda r: r["index"]) if r["status"] == "OK"]
-
-
-def _compare(run: str, measured: dict, records: list[dict], costs: StepCosts, spec: ClusterSpec,
+def _compare(run: str, measured: dict, records: list[dict], costs: StepCosts, file: RunFile,
              slo: Slo) -> list[Row]:
-    sim = summarize(simulate(spec, costs, replay(records)), slo=slo)
+    sim = summarize(simulate(file.spec, costs, file.replay(records)), slo=slo)
     judged = [r for r in records if r["status"] == "OK" and not r["warmup"]]
     rows = []
     for name in ("ttft_s", "tpot_s"):
@@ -73,12 +66,14 @@ def sim_goodput(config: dict, costs: StepCosts, spec: ClusterSpec) -> float:
     the same bisection settings, so only the cluster model differs."""
     slo = Slo(config["slo_ttft"], config["slo_tpot"])
     n = config["num_requests"][0] if isinstance(config["num_requests"], list) else config["num_requests"]
+    sp = SharedPrefix(*config["shared_prefix"]) if config.get("shared_prefix") else None
     wl = synthesize(WorkloadSpec(n, parse_length(config["prompt_len"]), parse_length(config["output_len"]),
-                                 config["seed"]))
+                                 config["seed"], sp))
+    pre = prefixes({**config, "num_requests": n})
 
     def attainment_at(rate: float) -> float:
         offsets = arrival_offsets(config["arrival"], rate, n, config["seed"])
-        reqs = [SimRequest(t, r.prompt_tokens, r.max_tokens, i < config["warmup"])
+        reqs = [SimRequest(t, r.prompt_tokens, r.max_tokens, i < config["warmup"], pre[i])
                 for i, (t, r) in enumerate(zip(offsets, wl, strict=True))]
         return summarize(simulate(spec, costs, reqs), slo=slo).slo_attainment or 0.0
 
@@ -87,26 +82,27 @@ def sim_goodput(config: dict, costs: StepCosts, spec: ClusterSpec) -> float:
                         max_probes=config["sweep_probes"]).rate
 
 
-def validate(paths: list[str | Path], costs: StepCosts, spec: ClusterSpec = CPU_CLUSTER) -> list[Row]:
+def validate(paths: list[str | Path], costs: StepCosts) -> list[Row]:
+    """Every run of every file replayed on the cluster spec its file ran on (sim_runs.cluster_for)."""
     rows: list[Row] = []
     for path in paths:
-        d = json.loads(Path(path).read_text())
-        cfg = d["config"]
+        f = load_run(path)
+        d, cfg = f.data, f.config
         slo = Slo(cfg["slo_ttft"], cfg["slo_tpot"])
-        name = Path(path).stem.removeprefix("serving_cpu_")
         if d.get("sweep"):
             for p in d["sweep"]["probes"]:
-                rows += _compare(f"{name}@{p['rate']:g}", p["summary"], p["records"], costs, spec, slo)
-            rows.append(Row(name, "goodput req/s", d["sweep"]["goodput_rps"], sim_goodput(cfg, costs, spec)))
+                rows += _compare(f"{f.stem}@{p['rate']:g}", p["summary"], p["records"], costs, f, slo)
+            rows.append(Row(f.stem, "goodput req/s", d["sweep"]["goodput_rps"],
+                            sim_goodput(cfg, costs, f.spec)))
         else:
-            rows += _compare(name, d["run"], d["records"], costs, spec, slo)
+            rows += _compare(f.stem, d["run"], d["records"], costs, f, slo)
     return rows
 
 
 SLOWDOWNS = tuple(1 + 0.125 * i for i in range(25))  # 1x to 4x
 
 
-def host_slowdown(path: str | Path, costs: StepCosts, spec: ClusterSpec = CPU_CLUSTER,
+def host_slowdown(path: str | Path, costs: StepCosts,
                   factors: tuple[float, ...] = SLOWDOWNS) -> tuple[float, list[Row]]:
     """A diagnostic for a single run the costs miss: the one factor (StepCosts.slowed) that best replays it
     (mean |log sim / measured| of TTFT and TPOT p50/p90), and its rows. A good fit with one factor says the
@@ -115,7 +111,7 @@ def host_slowdown(path: str | Path, costs: StepCosts, spec: ClusterSpec = CPU_CL
         return sum(abs(math.log(r.simulated / r.measured)) for r in rows if r.metric.endswith("ms"))
 
     best = min(((score(rows), k, rows) for k in factors
-                for rows in [validate([path], costs.slowed(k), spec)]), key=lambda t: t[0])
+                for rows in [validate([path], costs.slowed(k))]), key=lambda t: t[0])
     return best[1], best[2]
 
 

@@ -12,7 +12,7 @@ from bench.serving.metrics import Slo, summarize
 from bench.serving.sim_calibrate import Grid, fit_cpu
 from bench.serving.sim_costs import DecodeCost, PrefillCost, StepCosts, TransferCost, load_costs, save_costs
 from bench.serving.sim_events import SimRequest, simulate
-from bench.serving.sim_fit import Obs, fit_h100, fit_prefill, isolated
+from bench.serving.sim_fit import EngineSteps, Obs, fit_h100, fit_prefill, isolated
 from bench.serving.sim_validate import CPU_CLUSTER, host_slowdown, validate
 
 
@@ -107,3 +107,33 @@ def test_host_slowdown_finds_the_factor_a_run_was_slowed_by(tmp_path: Path) -> N
     factor, rows = host_slowdown(path, costs)
     assert factor == 2.0
     assert max(abs(r.rel_err) for r in rows if r.measured) < 1e-6
+
+
+def test_with_the_engine_timed_alone_only_the_path_and_contention_are_left_to_fit(tmp_path: Path) -> None:
+    truth = StepCosts(PrefillCost(60.0, 2.0), DecodeCost(30.0, 10.0), TransferCost(46080, 30, 0.31, 1.6),
+                      router_ms=140.0, contention=1.0)
+    steps = {"prefill": [{"tokens": n, "step_ms": truth.prefill.step_ms([(n, 0)])} for n in (16, 64, 256)],
+             "decode": [{"batch": b, "context": 64, "step_ms": truth.decode.step_ms(b, 0)}
+                        for b in (1, 4, 16)]}
+    (tmp_path / "engine.json").write_text(json.dumps(steps))
+    engine = EngineSteps.load(tmp_path / "engine.json")
+    assert engine.prefill.step_ms([(100, 0)]) == pytest.approx(260.0)
+    assert engine.per_seq_ms == pytest.approx(10.0)
+    fit = fit_cpu(_synthetic_runs(truth, tmp_path), grid=Grid(contention=(0.0, 1.0, 2.0)), engine=engine)
+    # every lone request's TTFT is 140 ms beyond its prefill step: that is the path, on no worker
+    assert fit.router_ms == pytest.approx(140.0, abs=0.1)
+    assert fit.prefill == engine.prefill
+    assert (fit.decode.fixed_ms + fit.decode.per_seq_ms, fit.decode.per_seq_ms) == pytest.approx((40.0, 10.0))
+    assert fit.contention == 1.0
+
+
+def test_engine_prefill_after_a_cached_prefix_sets_the_pair_term(tmp_path: Path) -> None:
+    truth = PrefillCost(20.0, 3.0, 0.004)
+    rows = [{"tokens": n, "cached": c, "step_ms": truth.step_ms([(n, c)])}
+            for n, c in ((16, 0), (64, 0), (256, 0), (32, 256), (64, 256))]
+    (tmp_path / "engine.json").write_text(json.dumps({"prefill": rows, "decode": [
+        {"batch": 1, "step_ms": 30.0}, {"batch": 2, "step_ms": 35.0}]}))
+    engine = EngineSteps.load(tmp_path / "engine.json")
+    assert (engine.prefill.fixed_ms, engine.prefill.per_token_ms, engine.prefill.per_pair_ms) == \
+        pytest.approx((20.0, 3.0, 0.004))
+    assert engine.per_seq_ms == pytest.approx(5.0)
