@@ -183,3 +183,68 @@ def test_off_means_no_model_and_a_bad_slowdown_is_refused():
     assert make(0).step_cost is None
     with pytest.raises(ValueError, match="fused_step_max_slowdown"):
         make(1.0)
+
+
+def test_while_kv_is_on_its_way_a_prefill_only_step_takes_what_a_full_credit_buys_not_the_credit_left():
+    assert StepCostModel(1.5).arrival_cap(2, 3000) == 3000  # nothing timed: nothing to size it by
+    model = taught(2)  # credit spent: beside decodes nothing would run now
+    cap = model.arrival_cap(2, 3000)
+    full = 4 * 0.5 * cost(2, 0)  # the window's credit
+    buys = (full - PREFILL_FIXED) / PER_PREFILL  # 38 tokens; the mean-cost bound may take a few off
+    assert 0.8 * buys <= cap <= buys
+    assert model.arrival_cap(2, 5) == 5 and model.credit == 0.0  # a query: it spends nothing
+
+
+def test_a_reservation_awaiting_kv_caps_prefill_only_steps_and_once_it_decodes_the_credit_takes_over():
+    sched = make(1.5)
+    sched.step_cost = model = taught(1)
+    model.finish = lambda *a: None  # these steps take microseconds: the box's costs are fed in below
+    sched.add(seq("local", 3000))
+    assert sched.reserve(seq("remote", 300))
+    cap = model.arrival_cap(1, 3000)
+    assert 1 < cap < 128 and step(sched) == {"local": cap}
+    sched.activate("remote", 7)  # its KV landed
+    model.observe(1, 0, cost(1, 0))
+    chunk = min(model.prefill_cap(1, 3000 - cap), 128)  # the fair-prefill threshold: two now run
+    assert step(sched) == {"remote": 1, **({"local": chunk} if chunk else {})}
+
+
+def serve(sched: Scheduler, model: StepCostModel, land_at: float) -> tuple[float, float]:
+    """Runs `sched` on a virtual clock charging the box's costs; the reservation "remote" gets its KV at
+    `land_at` (between steps, as the decode worker admits it). Returns (remote's first decode step's end -
+    land_at, when "local"'s prompt finished)."""
+    t, landed, decoded, local_done = 0.0, False, None, None
+    while decoded is None or local_done is None:
+        if not landed and t >= land_at:
+            sched.activate("remote", 7)
+            landed = True
+        out = sched.schedule()
+        p = sum(c.num_new_tokens for c in out.chunks if c.start < c.seq.num_prompt_tokens)
+        d = sum(c.num_new_tokens for c in out.chunks) - p
+        seconds = cost(d, p) if d else FIXED + PREFILL_FIXED + PER_PREFILL * p
+        model.observe(d, p, seconds)
+        t += seconds
+        sched.postprocess(out, {c.seq.request_id: (7,) * c.num_sampled for c in out.chunks if c.num_sampled})
+        if decoded is None and any(c.seq.request_id == "remote" for c in out.chunks):
+            decoded = t - land_at
+        local = sched.get("local")
+        if local_done is None and (local is None or local.num_computed_tokens >= local.num_prompt_tokens):
+            local_done = t
+    return decoded, local_done
+
+
+@pytest.mark.parametrize("capped", [True, False])
+def test_a_stream_whose_kv_lands_during_a_local_prefill_waits_one_small_step_not_the_whole_prompt(capped):
+    sched = make(1.5)
+    sched.step_cost = model = taught(1)
+    model.finish = lambda *a: None
+    if not capped:  # today's behaviour before the cap: a prefill-only step takes the whole budget
+        model.arrival_cap = lambda decodes, pending: pending
+    sched.add(seq("local", 480, max_tokens=1))
+    assert sched.reserve(seq("remote", 300, max_tokens=16))
+    wait, local_done = serve(sched, model, land_at=0.05)
+    whole = FIXED + PREFILL_FIXED + PER_PREFILL * 480  # 1.33 s: one step for the whole prompt
+    if capped:
+        assert wait < 0.25 and local_done < 3 * whole  # one capped step, then its own decode step
+    else:
+        assert wait > whole - 0.05
