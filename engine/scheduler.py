@@ -129,16 +129,12 @@ class Scheduler:
         decode_tokens = self.config.max_batch_tokens - budget
         if only is not None:
             return self._output(chunks, preempted, decode_tokens)
-        if self.step_cost and (decode_tokens or self._awaiting) and (
-                self._waiting or len(chunks) < len(self._running)):
-            # Split-fused: what the decode batch's time credit buys (engine/step_cost.py). With no decodes
-            # but KV on its way, a step holds the arriving streams back no longer than a fused step would.
+        if decode_tokens and self.step_cost and (self._waiting or len(chunks) < len(self._running)):
+            # Split-fused: what the decode batch's time credit buys (engine/step_cost.py).
             pending = sum(q.num_uncomputed for q in self._waiting) + sum(
                 q.num_uncomputed for q in self._running if q.status is SequenceStatus.RUNNING
                 and q.request_id not in scheduled)
-            cap = (self.step_cost.prefill_cap(decode_tokens, pending) if decode_tokens
-                   else self.step_cost.arrival_cap(len(self._awaiting), pending))
-            budget = min(budget, cap)
+            budget = min(budget, self.step_cost.prefill_cap(decode_tokens, pending))
         # 2) Running sequences still mid-prefill: as much of the next chunk as budget and blocks allow.
         for seq in list(self._running):
             if budget == 0:

@@ -119,7 +119,11 @@ class StepCostModel:
         full = self.credit >= self._full(pure) * (1.0 - 1e-9)
         if fit is None:
             return 1 if full else 0
-        affordable = self._buys(self.credit, fit)
+        e0, c = fit
+        affordable = int((self.credit - e0) / c) if self.credit > e0 else 0
+        n, sp, _, sy, _ = self._sums
+        if sy > 0:  # and no more than the mean cost per token seen buys: the line is not trusted far out
+            affordable = min(affordable, int(self.credit * sp / sy))
         if affordable >= pending_tokens:
             return pending_tokens
         if not full:
@@ -127,26 +131,6 @@ class StepCostModel:
         # Every other chunk buys half: chunks of one size cannot tell e0 from c, and a wrong split would
         # stand (the credit kept and the chunk bought are both read off the fit).
         return max(1, affordable // 2 if self._fused_steps % 2 else affordable)
-
-    def arrival_cap(self, expected_decodes: int, pending_tokens: int) -> int:
-        """Prefill tokens a step without decodes may run while `expected_decodes` requests await their KV
-        from a prefill worker: what a full credit of that batch buys (>= 1), the most one fused step holds a
-        decoding batch back. Why: KV lands between steps, so a stream whose KV arrives mid-step waits the
-        step out (a 512-token prefill-only step is ~2 s on CPU: 130 ms on a 16-token request's TPOT).
-        Uncapped (`pending_tokens`) until a decode-only and a fused step were timed: nothing sizes it yet."""
-        pure, fit = self.pure(expected_decodes), self.extra()
-        if pure is None or fit is None or pending_tokens <= 0:
-            return max(0, pending_tokens)
-        return max(1, min(pending_tokens, self._buys(self._full(pure), fit)))
-
-    def _buys(self, credit: float, fit: tuple[float, float]) -> int:
-        """Prefill tokens `credit` seconds pay for beside decodes, by the fit (e0, c)."""
-        e0, c = fit
-        affordable = int((credit - e0) / c) if credit > e0 else 0
-        _, sp, _, sy, _ = self._sums
-        if sy > 0:  # and no more than the mean cost per token seen buys: the line is not trusted far out
-            affordable = min(affordable, int(credit * sp / sy))
-        return affordable
 
     def _full(self, pure: float) -> float:
         """The most credit kept: `window` steps' worth, or enough to pay a fused step's fixed cost twice and
