@@ -373,13 +373,7 @@ class Scheduler:
     def _append_token(self, seq: Sequence, token_id: int) -> bool:
         """Append a sampled token and apply the stop rules; True if the sequence finished."""
         seq.token_ids.append(token_id)
-        params = seq.sampling
-        reason: FinishReason | None = None
-        is_eos = token_id in self.config.eos_token_ids and not params.ignore_eos
-        if is_eos or token_id in params.stop_token_ids:
-            reason = FinishReason.STOP
-        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_len:
-            reason = FinishReason.LENGTH
+        reason = seq.stop_reason(self.config.eos_token_ids, self.max_len)
         if reason is None:
             return False
         self._finish(seq, reason)

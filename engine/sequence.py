@@ -75,3 +75,13 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    def stop_reason(self, eos_token_ids: tuple[int, ...], max_len: int) -> FinishReason | None:
+        """Why the sequence ends at its last token (EOS or a stop token; max_tokens or the context window
+        reached), or None if it goes on."""
+        token_id, params = self.token_ids[-1], self.sampling
+        if (token_id in eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids:
+            return FinishReason.STOP
+        if self.num_output_tokens >= params.max_tokens or self.num_tokens >= max_len:
+            return FinishReason.LENGTH
+        return None
