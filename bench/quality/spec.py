@@ -34,12 +34,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench.quality.spec_offline import PROMPTS
 from contracts.sampling import SamplingParams
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.model_files import load_model, resolve_model_path
 from engine.spec.config import SpecConfig, tree_nodes
+from engine.spec.eval_prompts import PROMPTS
 from engine.tokenizer import Tokenizer
 
 

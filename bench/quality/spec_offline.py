@@ -27,6 +27,7 @@ import torch
 from engine.model_files import load_model, resolve_model_path
 from engine.spec.chain_replay import ReplayResult, chain_replay
 from engine.spec.draft_head import DEFAULT_HEAD_PATH, DraftHead, target_to_draft
+from engine.spec.eval_prompts import PROMPTS
 from engine.spec.head_drafter import HeadDrafter
 from engine.spec.head_eval import HeldOut, held_out
 from engine.spec.ngram import NgramDrafter
@@ -34,31 +35,6 @@ from engine.spec.train_data import Example
 from engine.tokenizer import Tokenizer
 
 NOT_MEASURED = "see bench.quality.spec"
-
-# General chat requests written for this benchmark: no overlap with the head's training source (package docs).
-PROMPTS = (
-    "Explain how a hash table works and when you would use one.",
-    "Write a short poem about the sea at night.",
-    "What are the main causes of the seasons on Earth?",
-    "Give me three tips for learning a new language.",
-    "Describe the water cycle in simple terms.",
-    "What is the difference between a virus and a bacterium?",
-    "Write a Python function that checks whether a string is a palindrome.",
-    "Summarize the story of Little Red Riding Hood.",
-    "How do I make a simple tomato pasta sauce?",
-    "Why is the sky blue?",
-    "List five healthy breakfast ideas.",
-    "Explain what a binary search is, step by step.",
-    "What should I pack for a weekend hiking trip?",
-    "Write a polite email asking my manager for a day off.",
-    "How does a bicycle stay upright when it moves?",
-    "What are the benefits of regular exercise?",
-    "Explain recursion to a ten-year-old.",
-    "Tell me a short story about a robot who learns to paint.",
-    "What is photosynthesis?",
-    "Compare cats and dogs as pets.",
-)
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

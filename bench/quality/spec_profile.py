@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from bench.quality.spec_offline import PROMPTS
 from contracts.sampling import SamplingParams
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.model_files import load_model, resolve_model_path
 from engine.spec.config import SpecConfig
+from engine.spec.eval_prompts import PROMPTS
 from engine.spec.head_drafter import HeadDrafter
 from engine.spec.ngram import NgramDrafter
 from engine.tokenizer import Tokenizer

@@ -22,10 +22,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-# The evaluation prompts, only to keep them out of the target's own prompts (never trained on).
-from bench.quality.spec_offline import PROMPTS as EVAL_PROMPTS
 from engine.model_files import load_model, resolve_model_path
 from engine.spec.draft_head import DraftHead, DraftHeadConfig, build_vocab_map, target_to_draft
+from engine.spec.eval_prompts import PROMPTS as EVAL_PROMPTS
 from engine.spec.head_eval import held_out
 from engine.spec.self_prompts import sample_user_messages
 from engine.spec.target_forward import default_feature_layers

@@ -47,6 +47,8 @@ RULES = (
     *(Rule(p, ("router", "deploy"), "nothing imports router or deploy")
       for p in PACKAGES if p not in ("router", "deploy")),
     Rule("router", ("deploy",), "nothing imports deploy"),
+    *(Rule(p, ("bench",), "the benchmarks sit above the product: only the CLI (deploy) runs them")
+      for p in PACKAGES if p != "deploy"),
 )
 
 
