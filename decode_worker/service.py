@@ -310,7 +310,7 @@ class DecodeService(WorkerService):
 
     def _poll_transfers(self) -> bool:
         """Admits requests whose KV has arrived (their first token streams now); fails those whose did not."""
-        changed = False
+        changed = admitted = False
         for request_id, receiver in list(self._receivers.items()):
             state = receiver.poll()
             if state is TransferState.DONE:
@@ -324,7 +324,7 @@ class DecodeService(WorkerService):
                 # The prefill worker's draft-head features (if it runs the head): speculate from step one.
                 seq = self.engine.activate(request_id, receiver.first_token_id, receiver.draft_features)
                 self._push_tokens(seq, [receiver.first_token_id])
-                changed = True
+                admitted = changed = True
             elif state is TransferState.FAILED:
                 reason = receiver.failure_reason or "unknown"
                 self.metrics.transfer_failed(reason)
@@ -332,6 +332,11 @@ class DecodeService(WorkerService):
                 if self.kv_failure_policy != "recompute" or not self._recompute(request_id, reason):
                     self._abort(request_id, reason, error=f"KV transfer failed: {reason}")
                 changed = True
+        if admitted:
+            # The first tokens leave now, not after the step about to run (a long local prefill step would
+            # hold them for its whole length, all of it TTFT); stats first, as after a step.
+            self._publish_stats()
+            self._flush()
         return changed
 
     def _after_step(self, out: SchedulerOutput, run: RunOutput, finished: list[Sequence]) -> None:
