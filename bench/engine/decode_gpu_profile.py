@@ -1,8 +1,9 @@
 """Where a graphed decode step's time goes: GPU kernels by total time, GPU idle between steps, host phases.
 
 Run on a CUDA machine from the repo root:
-`python -m bench.engine.decode_gpu_profile [--batch 1] [--context 512]`.
-Llama-3-8B shape with random bf16 weights (as bench/engine/decode_gpu.py). Prints (1) the kernels of `--steps`
+`python -m bench.engine.decode_gpu_profile [--batch 1] [--context 512] [--weights w4a16] [--kv-cache int4]`.
+Llama-3-8B shape with random bf16 weights (as bench/engine/decode_gpu.py), quantized by the engine's own
+transform when `--weights` names a scheme. Prints (1) the kernels of `--steps`
 profiled engine steps grouped by name: calls per step, µs per step; (2) per step: wall ms, GPU-busy ms (the
 union of kernel intervals) and the idle rest; (3) host ms per phase of LLMEngine.step (schedule, run =
 forward + sample + the host sync, postprocess), each synchronized so a phase's GPU wait lands where it is.
@@ -45,12 +46,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--weights", default="bf16", choices=("bf16", "w8", "w4a16", "w8a8"),
+                        help="weight scheme (EngineConfig.weights)")
+    parser.add_argument("--kv-cache", default="auto", choices=("auto", "int8", "int4"),
+                        help="KV cache dtype (EngineConfig.kv_cache_dtype)")
     args = parser.parse_args(argv)
     if cuda_missing(__file__):
         return 2
     model = build_random_model(LLAMA3_8B, BF16, "cuda", seed=0, std=0.02)
     blocks = args.batch * (-(-(args.context + 8 * args.steps + 64) // 16))
-    engine = LLMEngine(EngineConfig(device="cuda", dtype="bfloat16", num_kv_blocks=blocks,
+    engine = LLMEngine(EngineConfig(model_path="random:llama-3-8b", device="cuda", dtype="bfloat16",
+                                    num_kv_blocks=blocks,
+                                    weights=args.weights, kv_cache_dtype=args.kv_cache,
                                     max_model_len=args.context + 8 * args.steps + 64,
                                     max_num_seqs=args.batch), model=(model.config, model))
     start_decoding(engine, args.batch, args.context, "profile")
@@ -68,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     by_name: dict[str, list[float]] = collections.defaultdict(list)
     for e in kernels:
         by_name[e.name].append(e.device_time)
-    print(f"# batch {args.batch}, context {args.context}: {args.steps} profiled steps")
+    print(f"# batch {args.batch}, context {args.context}, weights {args.weights}, kv {args.kv_cache}: "
+          f"{args.steps} profiled steps")
     print(f"{'us/step':>9} {'calls/step':>10}  kernel")
     rows = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))
     for name, times in rows[:args.top]:
