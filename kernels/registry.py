@@ -13,7 +13,12 @@ from kernels.linear.reference import linear_ref, silu_mul_linear_ref
 from kernels.norm_linear.reference import rms_norm_linear_ref
 from kernels.norm_mlp.reference import rms_norm_mlp_ref
 from kernels.norm_qkv_rope.reference import rms_norm_qkv_rotary_store_ref
-from kernels.quant_linear.reference import w4a16_linear_ref, w8_linear_ref, w8a8_linear_ref
+from kernels.quant_linear.reference import (
+    silu_mul_w8a8_linear_ref,
+    w4a16_linear_ref,
+    w8_linear_ref,
+    w8a8_linear_ref,
+)
 from kernels.rmsnorm.reference import rms_norm_ref
 from kernels.rotary.reference import apply_rotary_ref, rotary_store_kv_ref
 from kernels.store_kv.reference import store_kv_ref
@@ -49,10 +54,12 @@ class KernelRegistry:
     rms_norm_qkv_rotary_store: Callable
     rms_norm_mlp: Callable
     # Quantized projections (engine/quantize): int4 weights × 16-bit input, int8 weights × 16-bit input, and
-    # int8 weights × per-token int8 input (optional SmoothQuant 1/s); kernels/quant_linear/layout's weights.
+    # int8 weights × per-token int8 input (optional SmoothQuant 1/s), and that one fed the MLP's gate_up
+    # (silu(gate) · up quantized in one pass); kernels/quant_linear/layout's weights.
     w4a16_linear: Callable
     w8_linear: Callable
     w8a8_linear: Callable
+    silu_mul_w8a8_linear: Callable
 
     @property
     def graph_safe(self) -> bool:
@@ -72,6 +79,7 @@ class KernelRegistry:
             silu_mul=silu_mul_ref, silu_mul_linear=silu_mul_linear_ref, rms_norm_linear=rms_norm_linear_ref,
             rms_norm_qkv_rotary_store=rms_norm_qkv_rotary_store_ref, rms_norm_mlp=rms_norm_mlp_ref,
             w4a16_linear=w4a16_linear_ref, w8_linear=w8_linear_ref, w8a8_linear=w8a8_linear_ref,
+            silu_mul_w8a8_linear=silu_mul_w8a8_linear_ref,
         )
 
     @classmethod
@@ -88,7 +96,12 @@ class KernelRegistry:
         from kernels.norm_linear.kernel import rms_norm_linear_triton
         from kernels.norm_mlp.kernel import rms_norm_mlp_triton
         from kernels.norm_qkv_rope.kernel import rms_norm_qkv_rotary_store_triton
-        from kernels.quant_linear.ops import w4a16_linear_triton, w8_linear_triton, w8a8_linear_triton
+        from kernels.quant_linear.ops import (
+            silu_mul_w8a8_linear_triton,
+            w4a16_linear_triton,
+            w8_linear_triton,
+            w8a8_linear_triton,
+        )
         from kernels.rmsnorm.kernel import rms_norm_triton
         from kernels.rotary.kernel import apply_rotary_triton, rotary_store_kv_triton
         from kernels.store_kv.kernel import store_kv_triton
@@ -101,6 +114,7 @@ class KernelRegistry:
             rms_norm_linear=rms_norm_linear_triton,
             rms_norm_qkv_rotary_store=rms_norm_qkv_rotary_store_triton, rms_norm_mlp=rms_norm_mlp_triton,
             w4a16_linear=w4a16_linear_triton, w8_linear=w8_linear_triton, w8a8_linear=w8a8_linear_triton,
+            silu_mul_w8a8_linear=silu_mul_w8a8_linear_triton,
         )
 
     @classmethod

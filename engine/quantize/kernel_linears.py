@@ -2,8 +2,9 @@
 
 What a weight scheme puts in on CUDA (and, for w8, everywhere): the weights in kernels/quant_linear/layout's
 formats, held as buffers so `.to()` and state dicts see them. The MLP's down projection (`silu_mul_input`)
-takes gate_up and applies the registry's silu_mul first. Nothing here reads a tensor's values on the host
-or branches on them, so a CUDA graph can capture the forward.
+takes gate_up and applies the registry's silu_mul first (W8A8: an op that quantizes silu(gate) · up as it
+reads gate_up). Nothing here reads a tensor's values on the host or branches on them, so a CUDA graph can
+capture the forward.
 """
 from __future__ import annotations
 
@@ -63,12 +64,15 @@ class W8KernelLinear(_QuantProjection):
 
 class W8A8KernelLinear(W8KernelLinear):
     """W8A8: the int8 weight of SmoothQuant-scaled w · s; the input is multiplied by 1/s and quantized per
-    token inside the op (engine/quantize/w8a8.py's CPU module computes the same)."""
+    token inside the op (engine/quantize/w8a8.py's CPU module computes the same). Fed gate_up (the down
+    projection), the registry's silu_mul_w8a8_linear quantizes silu(gate) · up straight from it."""
 
     def __init__(self, weight: W8Weight, inv_smooth: torch.Tensor, silu_mul_input: bool = False) -> None:
         super().__init__(weight, silu_mul_input)
         self.register_buffer("inv_smooth", inv_smooth.float().contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernels.w8a8_linear(self.input_of(x), W8Weight(self.weight_int8, self.weight_scale),
-                                        self.inv_smooth)
+        weight = W8Weight(self.weight_int8, self.weight_scale)
+        if self.silu_mul_input:
+            return self.kernels.silu_mul_w8a8_linear(x, weight, self.inv_smooth)
+        return self.kernels.w8a8_linear(x, weight, self.inv_smooth)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.quant_linear import w4a16, w8, w8a8
+from kernels.quant_linear import act_quant, w4a16, w8, w8a8
 from kernels.quant_linear.config import FEW_ROWS
 from kernels.quant_linear.layout import W4Weight, W8Weight
 
@@ -36,3 +36,12 @@ def w8a8_linear_triton(x: torch.Tensor, weight: W8Weight,
                        inv_smooth: torch.Tensor | None = None) -> torch.Tensor:
     """reference.w8a8_linear_ref's contract: fused per-token quantization, then the int8 GEMM."""
     return w8a8.w8a8_linear(x, weight, inv_smooth)
+
+
+def silu_mul_w8a8_linear_triton(gate_up: torch.Tensor, weight: W8Weight,
+                                inv_smooth: torch.Tensor | None = None) -> torch.Tensor:
+    """reference.silu_mul_w8a8_linear_ref's contract: silu(gate) · up quantized per token in one kernel
+    (act_quant.silu_mul_quantize_rows: no 16-bit activation round trip), then the int8 GEMM."""
+    n = weight.shape[0]
+    q_x, x_scale = act_quant.silu_mul_quantize_rows(gate_up, inv_smooth)
+    return w8a8.int8_gemm(q_x, x_scale, weight, gate_up.dtype).view(*gate_up.shape[:-1], n)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.activation.reference import silu_mul_ref
 from kernels.quant_linear.layout import W4Weight, W8Weight, unpack_w4
 
 INT8_MAX = 127
@@ -50,3 +51,17 @@ def w8a8_linear_ref(x: torch.Tensor, weight: W8Weight,
     """Per-token dynamic int8 activations × per-channel int8 weights → [M, N] in x's dtype."""
     q_x, x_scale = quantize_rows_ref(x, inv_smooth)
     return int8_gemm_ref(q_x, x_scale, weight, x.dtype)
+
+
+def silu_mul_quantize_rows_ref(gate_up: torch.Tensor, inv_smooth: torch.Tensor | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MLP's down-projection input quantized: gate_up [..., 2I] → silu(gate) · up in gate_up's dtype
+    (silu_mul_ref) → quantize_rows_ref over its [T, I] rows."""
+    act = silu_mul_ref(gate_up)
+    return quantize_rows_ref(act.reshape(-1, act.shape[-1]), inv_smooth)
+
+
+def silu_mul_w8a8_linear_ref(gate_up: torch.Tensor, weight: W8Weight,
+                             inv_smooth: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8 down projection fed gate_up [..., 2I]: w8a8_linear_ref of silu_mul_ref(gate_up), [..., N]."""
+    return w8a8_linear_ref(silu_mul_ref(gate_up), weight, inv_smooth)

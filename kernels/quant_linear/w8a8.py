@@ -1,66 +1,32 @@
-"""W8A8 in Triton: per-token dynamic int8 activation quantization, then an int8 × int8 → int32 GEMM whose
-epilogue applies the per-token and per-channel scales and writes bf16 (or x's dtype).
+"""W8A8 in Triton: an int8 × int8 → int32 GEMM whose epilogue applies the per-token and per-channel scales and
+writes bf16 (or x's dtype), after the per-token activation quantization of act_quant.py.
 
-quantize_rows: one program per row reads it once (times the SmoothQuant 1/s when given), takes max|x| and
-writes int8 codes and the fp32 scale max|x| / 127. int8_gemm: BLOCK_M × BLOCK_N output tiles over
-[M, K] int8 activations and the [N, K] int8 weight (both K-major, as Hopper's int8 MMA wants them), program
-ids swizzled in groups of GROUP_M row blocks so neighbouring programs share weight tiles in L2; config.tma
-copies the tiles with tensor descriptors (Hopper's TMA: no per-thread addresses, no masks) instead of
-pointer loads.
+int8_gemm: BLOCK_M × BLOCK_N output tiles over [M, K] int8 activations and the [N, K] int8 weight (both
+K-major, as Hopper's int8 MMA wants them), tiles swizzled in groups of GROUP_M row blocks so neighbouring
+programs share weight tiles in L2; config.tma copies the tiles with tensor descriptors (Hopper's TMA: no
+per-thread addresses, no masks) instead of pointer loads; config.persistent launches one program per SM,
+each looping over tiles in the same swizzled order, so one tile's epilogue overlaps the next one's loads
+and no partial last wave of programs is launched.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from kernels.quant_linear.act_quant import quantize_rows
 from kernels.quant_linear.config import W8A8_CANDIDATES, QuantConfig
 from kernels.quant_linear.layout import W8Weight
 
-_TINY = torch.finfo(torch.float32).tiny
-
-
-@triton.jit
-def _quantize_rows_kernel(x_ptr, inv_smooth_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm,
-                          BLOCK_K: tl.constexpr, SMOOTH: tl.constexpr, TINY: tl.constexpr):
-    row = tl.program_id(0)
-    offs = tl.arange(0, BLOCK_K)
-    mask = offs < K
-    x = tl.load(x_ptr + row.to(tl.int64) * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
-    if SMOOTH:
-        x *= tl.load(inv_smooth_ptr + offs, mask=mask, other=0.0)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0) / 127.0, TINY)
-    y = x / scale
-    q = tl.where(y >= 0, tl.floor(y + 0.5), -tl.floor(0.5 - y))  # half away from zero, as the reference
-    q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-    tl.store(q_ptr + row.to(tl.int64) * stride_qm + offs, q.to(tl.int8), mask=mask)
-    tl.store(scale_ptr + row, scale)
-
-
-def quantize_rows(x: torch.Tensor,
-                  inv_smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] → (int8 [M, K], float32 scale [M]), reference.quantize_rows_ref's contract."""
-    m, k = x.shape
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
-    scale = torch.empty(m, dtype=torch.float32, device=x.device)
-    block_k = triton.next_power_of_2(k)
-    if m:
-        _quantize_rows_kernel[(m,)](
-            x, inv_smooth if inv_smooth is not None else x, q, scale, k, x.stride(0), q.stride(0),
-            BLOCK_K=block_k, SMOOTH=inv_smooth is not None, TINY=_TINY,
-            num_warps=max(1, min(16, block_k // 1024)),  # ~32 values a thread: a whole row in registers
-        )
-    return q, scale
-
+INTERPRETER_PROGRAMS = 3
 
 @triton.jit
-def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's (row block, column block), swizzled in groups of GROUP_M row blocks: neighbouring
-    programs take the same column blocks, so they share weight tiles in L2."""
-    pid = tl.program_id(0)
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile pid's (row block, column block), swizzled in groups of GROUP_M row blocks: neighbouring
+    tiles take the same column blocks, so they share weight tiles in L2."""
     blocks_m = tl.cdiv(M, BLOCK_M)
     blocks_n = tl.cdiv(N, BLOCK_N)
     in_group = GROUP_M * blocks_n
@@ -85,7 +51,7 @@ def _int8_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -115,7 +81,7 @@ def _int8_gemm_tma_kernel(
     a_desc, b_desc, a_scale_ptr, b_scale_ptr, out_ptr, M, N, K, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k in range(0, K, BLOCK_K):  # the tensor-memory engine copies whole tiles, zeros past M, N and K
         a = a_desc.load([pid_m * BLOCK_M, k])
@@ -126,6 +92,41 @@ def _int8_gemm_tma_kernel(
     a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
     b_scale = tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
     store_scaled(out_ptr, acc, a_scale, b_scale, offs_m, offs_n, M, N, stride_om)
+
+
+@triton.jit
+def _int8_gemm_tma_persistent_kernel(
+    a_desc, b_desc, a_scale_ptr, b_scale_ptr, out_ptr, M, N, K, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_SMS: tl.constexpr,
+):
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    # The epilogue counts its tile apart from the loop's, so the flattened loop carries no value from its
+    # prologue into its epilogue (the pipeliner then overlaps the two; Triton's persistent-matmul pattern).
+    tile_out = tl.program_id(0) - NUM_SMS
+    for tile in tl.range(tl.program_id(0), tiles, NUM_SMS, flatten=True):
+        pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k in range(0, K, BLOCK_K):
+            a = a_desc.load([pid_m * BLOCK_M, k])
+            b = b_desc.load([pid_n * BLOCK_N, k])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        tile_out += NUM_SMS
+        out_m, out_n = grouped_tile(tile_out, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = out_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = out_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
+        b_scale = tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+        store_scaled(out_ptr, acc, a_scale, b_scale, offs_m, offs_n, M, N, stride_om)
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Programs of a persistent launch: the device's SMs; under the interpreter (CPU) a few, so that each
+    program loops over several tiles as on the GPU."""
+    if device.type != "cuda":
+        return INTERPRETER_PROGRAMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def default_config(q_x: torch.Tensor, weight: W8Weight) -> QuantConfig:
@@ -143,18 +144,24 @@ def int8_gemm(q_x: torch.Tensor, x_scale: torch.Tensor, weight: W8Weight, out_dt
     config = config or default_config(q_x, weight)
     if q_x.stride(1) != 1 or weight.q.stride(1) != 1:
         raise ValueError("int8_gemm: activation and weight rows must be contiguous along K")
+    if config.persistent and not config.tma:
+        raise ValueError(f"int8_gemm: the persistent kernel copies its tiles by TMA, {config} has tma off")
     if config.tma and (k % 16 or q_x.stride(0) % 16 or weight.q.stride(0) % 16):
         raise ValueError(f"int8_gemm: tensor-memory copies need rows of 16-byte multiples, K = {k}")
     out = torch.empty((m, n), dtype=out_dtype, device=q_x.device)
     programs = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
     if m and n and config.tma:
-        _int8_gemm_tma_kernel[(programs,)](
-            TensorDescriptor.from_tensor(q_x, [config.block_m, config.block_k]),
-            TensorDescriptor.from_tensor(weight.q, [config.block_n, config.block_k]),
-            x_scale, weight.scale, out, m, n, k, out.stride(0), BLOCK_M=config.block_m,
-            BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-            num_warps=config.num_warps, num_stages=config.num_stages,
-        )
+        descriptors = (TensorDescriptor.from_tensor(q_x, [config.block_m, config.block_k]),
+                       TensorDescriptor.from_tensor(weight.q, [config.block_n, config.block_k]))
+        tiles = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                     GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages)
+        if config.persistent:
+            sms = sm_count(q_x.device)
+            _int8_gemm_tma_persistent_kernel[(min(programs, sms),)](
+                *descriptors, x_scale, weight.scale, out, m, n, k, out.stride(0), NUM_SMS=sms, **tiles)
+        else:
+            _int8_gemm_tma_kernel[(programs,)](
+                *descriptors, x_scale, weight.scale, out, m, n, k, out.stride(0), **tiles)
     elif m and n:
         _int8_gemm_kernel[(programs,)](
             q_x, weight.q, x_scale, weight.scale, out, m, n, k, q_x.stride(0), weight.q.stride(0),

@@ -18,7 +18,7 @@ _KERNEL_MODULES = ("kernels.pdl", "kernels.store_kv.kernel", "kernels.rmsnorm.ke
                    "kernels.linear.kernel", "kernels.norm_linear.kernel", "kernels.norm_qkv_rope.qkv_rope",
                    "kernels.norm_qkv_rope.kernel", "kernels.norm_mlp.kernel",
                    "kernels.quant_linear.common", "kernels.quant_linear.w4a16", "kernels.quant_linear.w8",
-                   "kernels.quant_linear.w8a8")
+                   "kernels.quant_linear.act_quant", "kernels.quant_linear.w8a8")
 for _name in _KERNEL_MODULES:
     if _name in sys.modules:
         importlib.reload(sys.modules[_name])

@@ -5,19 +5,21 @@ import pytest
 import torch
 
 from engine.quantize.int4 import dequantize_int4, quantize_int4
-from kernels.quant_linear.config import W4_CANDIDATES, QuantConfig, auto_split_k, fit_k, pick
+from kernels.quant_linear.act_quant import quantize_rows, silu_mul_quantize_rows
+from kernels.quant_linear.config import W4_CANDIDATES, W8A8_CANDIDATES, QuantConfig, auto_split_k, fit_k, pick
 from kernels.quant_linear.layout import W4Weight, W8Weight, pack_w4, unpack_w4
 from kernels.quant_linear.reference import (
     dequantize_w4,
     int8_gemm_ref,
     quantize_rows_ref,
+    silu_mul_quantize_rows_ref,
     w4a16_linear_ref,
     w8_linear_ref,
     w8a8_linear_ref,
 )
 from kernels.quant_linear.w4a16 import w4a16_linear
 from kernels.quant_linear.w8 import w8_linear
-from kernels.quant_linear.w8a8 import default_config, int8_gemm, quantize_rows, w8a8_linear
+from kernels.quant_linear.w8a8 import INTERPRETER_PROGRAMS, default_config, int8_gemm, w8a8_linear
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -125,15 +127,56 @@ def test_activation_quantization_matches_the_reference_within_one_code() -> None
 
 @pytest.mark.parametrize("config", [QuantConfig(32, 32, 1, 1, block_m=16, group_m=2),
                                     QuantConfig(16, 64, 1, 1, block_m=32, group_m=1),
-                                    QuantConfig(16, 64, 1, 1, block_m=32, group_m=2, tma=True)])
+                                    QuantConfig(16, 64, 1, 1, block_m=32, group_m=2, tma=True),
+                                    # 2 × 5 tiles on INTERPRETER_PROGRAMS programs: each loops, one fewer
+                                    QuantConfig(16, 64, 1, 1, block_m=32, group_m=2, tma=True,
+                                                persistent=True),
+                                    QuantConfig(32, 32, 1, 1, block_m=16, group_m=3, tma=True,
+                                                persistent=True)])
 def test_int8_gemm_is_exact_up_to_the_scales(config: QuantConfig) -> None:
     gen = torch.Generator().manual_seed(6)
     m, n, k = 50, 72, 96  # ragged in M, N and (for block_k 64) K: tensor-memory copies zero what lies past
+    assert -(-m // config.block_m) * -(-n // config.block_n) > INTERPRETER_PROGRAMS
     q_x = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
     x_scale = torch.rand(m, generator=gen) * 0.1
     weight = w8_weight(n, k, seed=7)
     got = int8_gemm(q_x, x_scale, weight, torch.float32, config)
     torch.testing.assert_close(got, int8_gemm_ref(q_x, x_scale, weight, torch.float32), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_quantization_matches_silu_mul_then_quantize_rows(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(11)
+    inter = 100  # not a power of two: the row's tail is masked
+    gate_up = (torch.randn(2, 3, 2 * inter, generator=gen) * torch.logspace(-2, 1, 3).view(1, 3, 1)).to(dtype)
+    gate_up[1, 1] = 0.0  # an all-zero row divides by the smallest scale, not by zero
+    inv_smooth = torch.rand(inter, generator=gen) + 0.5
+    for smooth in (None, inv_smooth):
+        q, scale = silu_mul_quantize_rows(gate_up, smooth)
+        q_ref, scale_ref = silu_mul_quantize_rows_ref(gate_up, smooth)
+        assert q.shape == (6, inter) and scale.shape == (6,)
+        # the silu's exp may differ from torch's in its last bit: an intermediate rounded the other way
+        # moves the row's max (the scale) by at most one step of the 16-bit dtype, a code by at most one
+        torch.testing.assert_close(scale, scale_ref, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=0)
+        assert (q.int() - q_ref.int()).abs().max() <= 1
+        assert q.abs().max() == 127 and not q[4].any()
+
+
+def test_silu_mul_quantization_refuses_an_odd_gate_up() -> None:
+    with pytest.raises(ValueError, match="2I"):
+        silu_mul_quantize_rows(torch.randn(4, 7))
+
+
+def test_persistent_gemm_needs_tensor_memory_copies() -> None:
+    with pytest.raises(ValueError, match="persistent"):
+        int8_gemm(torch.zeros(4, 64, dtype=torch.int8), torch.ones(4), w8_weight(16, 64, seed=1),
+                  torch.float32, QuantConfig(16, 64, 1, 1, block_m=16, persistent=True))
+
+
+def test_w8a8_candidates_keep_a_pointer_fallback_and_persistence_only_on_tma() -> None:
+    assert any(not c.tma for c in W8A8_CANDIDATES)
+    assert all(c.tma for c in W8A8_CANDIDATES if c.persistent)
+    assert len(set(W8A8_CANDIDATES)) == len(W8A8_CANDIDATES)
 
 
 def test_w8a8_linear_matches_the_reference() -> None:

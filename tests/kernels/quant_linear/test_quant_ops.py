@@ -2,6 +2,8 @@
 picked per call) equals the torch references, at small shapes in every bucket."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -68,9 +70,24 @@ def test_down_projection_module_applies_silu_mul_and_others_keep_leading_dims(ki
     torch.testing.assert_close(got.reshape(6, 24), plain(x.reshape(6, 128)))
 
 
+def test_w8a8_down_projection_quantizes_gate_up_in_one_op_without_a_16_bit_activation() -> None:
+    module = modules("w8a8", 24, 128, silu_mul_input=True)
+    gate_up = torch.randn(2, 3, 256, generator=torch.Generator().manual_seed(9))
+    module.kernels = KernelRegistry.reference()
+    expected = module(gate_up)
+
+    def no_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("the W8A8 down projection must not run silu_mul on its own")
+
+    module.kernels = dataclasses.replace(KernelRegistry.triton(), silu_mul=no_silu_mul)
+    got = module(gate_up)
+    assert got.shape == (2, 3, 24)
+    torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)
+
+
 def test_registry_names_the_quantized_ops_in_both_backends() -> None:
     reference, triton = KernelRegistry.reference(), KernelRegistry.triton()
-    for op in ("w4a16_linear", "w8_linear", "w8a8_linear"):
+    for op in ("w4a16_linear", "w8_linear", "w8a8_linear", "silu_mul_w8a8_linear"):
         assert getattr(reference, op).__name__ == f"{op}_ref"
         assert getattr(triton, op).__name__ == f"{op}_triton"
 

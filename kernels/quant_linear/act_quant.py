@@ -1,0 +1,107 @@
+"""Per-token int8 activation quantization in Triton: rows as given, or the MLP's silu(gate) · up in one pass.
+
+quantize_rows: one program per row reads it once (times the SmoothQuant 1/s when given), takes max|x| and
+writes int8 codes and the fp32 scale max|x| / 127. silu_mul_quantize_rows does the same for the down
+projection's input straight from gate_up [T, 2I]: the silu and the product are rounded to gate_up's dtype as
+kernels/activation rounds them, so the codes are those of silu_mul then quantize_rows, without the 16-bit
+[T, I] activation written and read back or a second launch.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.pdl import pdl_launch, pdl_release, pdl_wait
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+@triton.jit
+def quantize_row(x, mask, inv_smooth_ptr, offs, q_row_ptr, scale_ptr, row, SMOOTH: tl.constexpr,
+                 TINY: tl.constexpr):
+    """Stores one fp32 row x (· 1/s) as int8 codes at q_row_ptr + offs and its scale at scale_ptr + row."""
+    if SMOOTH:
+        x *= tl.load(inv_smooth_ptr + offs, mask=mask, other=0.0)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0) / 127.0, TINY)
+    y = x / scale
+    q = tl.where(y >= 0, tl.floor(y + 0.5), -tl.floor(0.5 - y))  # half away from zero, as the reference
+    q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+    tl.store(q_row_ptr + offs, q.to(tl.int8), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, inv_smooth_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm,
+                          BLOCK_K: tl.constexpr, SMOOTH: tl.constexpr, TINY: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    x = tl.load(x_ptr + row.to(tl.int64) * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+    quantize_row(x, mask, inv_smooth_ptr, offs, q_ptr + row.to(tl.int64) * stride_qm, scale_ptr, row,
+                 SMOOTH, TINY)
+
+
+@triton.jit
+def _silu_mul_quantize_kernel(gate_up_ptr, inv_smooth_ptr, q_ptr, scale_ptr, inter, stride_gt, stride_qt,
+                              BLOCK_K: tl.constexpr, SMOOTH: tl.constexpr, TINY: tl.constexpr,
+                              USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)  # gate_up comes from the kernel before (kernels/pdl.py), as silu_mul's does
+    pdl_release(USE_PDL)
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < inter
+    gate_up_row = gate_up_ptr + row.to(tl.int64) * stride_gt
+    gate = tl.load(gate_up_row + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_row + inter + offs, mask=mask, other=0.0).to(tl.float32)
+    dtype = gate_up_ptr.dtype.element_ty
+    # silu(g) = g · sigmoid(g) and its product with up, each rounded to gate_up's dtype as silu_mul_ref's
+    # torch ops round them: the same codes the two-kernel path (silu_mul, quantize_rows) writes.
+    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    x = (act * up).to(dtype).to(tl.float32)
+    quantize_row(x, mask, inv_smooth_ptr, offs, q_ptr + row.to(tl.int64) * stride_qt, scale_ptr, row,
+                 SMOOTH, TINY)
+
+
+def _row_warps(block_k: int) -> int:
+    return max(1, min(16, block_k // 1024))  # ~32 values a thread: a whole row in registers
+
+
+def quantize_rows(x: torch.Tensor,
+                  inv_smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] → (int8 [M, K], float32 scale [M]), reference.quantize_rows_ref's contract."""
+    m, k = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    block_k = triton.next_power_of_2(k)
+    if m:
+        _quantize_rows_kernel[(m,)](
+            x, inv_smooth if inv_smooth is not None else x, q, scale, k, x.stride(0), q.stride(0),
+            BLOCK_K=block_k, SMOOTH=inv_smooth is not None, TINY=_TINY, num_warps=_row_warps(block_k),
+        )
+    return q, scale
+
+
+def silu_mul_quantize_rows(gate_up: torch.Tensor, inv_smooth: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_up [..., 2I] → (int8 [T, I], float32 scale [T]) over its T rows; the contract of
+    reference.silu_mul_quantize_rows_ref (silu_mul_ref, then quantize_rows_ref)."""
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"silu_mul_quantize_rows: gate_up must be [..., 2I], got {tuple(gate_up.shape)}")
+    inter = gate_up.shape[-1] // 2
+    rows = gate_up.reshape(-1, 2 * inter)
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    tokens = rows.shape[0]
+    q = torch.empty((tokens, inter), dtype=torch.int8, device=rows.device)
+    scale = torch.empty(tokens, dtype=torch.float32, device=rows.device)
+    block_k = triton.next_power_of_2(inter)
+    if tokens:
+        _silu_mul_quantize_kernel[(tokens,)](
+            rows, inv_smooth if inv_smooth is not None else rows, q, scale, inter, rows.stride(0),
+            q.stride(0), BLOCK_K=block_k, SMOOTH=inv_smooth is not None, TINY=_TINY,
+            num_warps=_row_warps(block_k), **pdl_launch(rows.device),
+        )
+    return q, scale
