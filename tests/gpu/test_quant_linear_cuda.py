@@ -11,17 +11,20 @@ if not torch.cuda.is_available():
 
 from engine.quantize.int4 import quantize_int4
 from engine.quantize.w8a8 import quantize_per_channel
+from kernels.quant_linear.act_quant import quantize_rows, silu_mul_quantize_rows
 from kernels.quant_linear.config import W4_CANDIDATES, W8_CANDIDATES, W8A8_CANDIDATES, auto_split_k, fit_k
 from kernels.quant_linear.layout import W8Weight, pack_w4
+from kernels.quant_linear.ops import silu_mul_w8a8_linear_triton
 from kernels.quant_linear.reference import (
     dequantize_w4,
     int8_gemm_ref,
     quantize_rows_ref,
+    silu_mul_quantize_rows_ref,
     w8_linear_ref,
 )
 from kernels.quant_linear.w4a16 import w4a16_linear
 from kernels.quant_linear.w8 import w8_linear
-from kernels.quant_linear.w8a8 import int8_gemm, quantize_rows, w8a8_linear
+from kernels.quant_linear.w8a8 import int8_gemm, w8a8_linear
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300)]
 
@@ -81,6 +84,17 @@ def test_activation_quantization_matches_the_reference_within_one_code() -> None
         assert diff.max() <= 1 and diff.float().mean() < 1e-3  # a division tie gone the other way, rarely
 
 
+def test_silu_mul_quantization_matches_silu_mul_then_quantize_rows() -> None:
+    gate_up = torch.randn(300, 2 * 14336, dtype=BF16, device=DEV) * 3  # Llama-3-8B's down input
+    smooth = torch.rand(14336, device=DEV) + 0.5
+    for inv in (None, smooth):
+        q, scale = silu_mul_quantize_rows(gate_up, inv)
+        q_ref, scale_ref = silu_mul_quantize_rows_ref(gate_up, inv)
+        torch.testing.assert_close(scale, scale_ref, rtol=1e-2, atol=0)  # a max one bf16 step apart, at most
+        diff = (q.int() - q_ref.int()).abs()
+        assert diff.max() <= 1 and diff.float().mean() < 1e-3
+
+
 @pytest.mark.parametrize("m,n,k", [(2048, 6144, 4096), (333, 4096, 14336), (16, 4096, 4096)])
 def test_int8_gemm_every_candidate_is_exact_up_to_the_scales(m: int, n: int, k: int) -> None:
     gen = torch.Generator(DEV).manual_seed(m)
@@ -98,8 +112,13 @@ def test_kernels_replay_from_a_cuda_graph() -> None:
     w4 = pack_w4(*quantize_int4(weight(n, k), 32))
     w8 = W8Weight(*quantize_per_channel(weight(n, k)))
     x1, x16, x_big = (torch.randn(m, k, dtype=BF16, device=DEV) for m in (1, 16, 512))
+    gate_up = torch.randn(512, 2 * k, dtype=BF16, device=DEV)
+    persistent = next(c for c in W8A8_CANDIDATES if c.persistent)
+    q_big, scale_big = quantize_rows(x_big)
     calls = [lambda: w4a16_linear(x1, w4), lambda: w4a16_linear(x16, w4), lambda: w8_linear(x1, w8),
-             lambda: w8_linear(x16, w8), lambda: w8a8_linear(x_big, w8)]
+             lambda: w8_linear(x16, w8), lambda: w8a8_linear(x_big, w8),
+             lambda: silu_mul_w8a8_linear_triton(gate_up, w8),
+             lambda: int8_gemm(q_big, scale_big, w8, BF16, persistent)]
     eager = [call() for call in calls]
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
