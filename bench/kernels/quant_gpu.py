@@ -7,8 +7,10 @@ an H100). Sections (one table; "vs base" = bf16 time / this time, "of roof" = ro
     ours runs every candidate config (kernels/quant_linear/config.py); the JSON names the fastest. Roofline:
     the weight bytes as stored / the device-to-device copy bandwidth measured in this run. Each timing is a
     CUDA graph over distinct weight copies (>= 512 MB, so L2 holds none of it).
-  - prefill, M = 2048: cuBLAS bf16 vs torch._int_mm (alone, and with torch's per-token act quant) vs ours W8A8
-    (Triton act quant + int8 GEMM, both in the time).
+  - prefill, M = 2048: cuBLAS bf16 vs torch._int_mm (alone, and with torch's per-token act quant) vs our int8
+    GEMM alone (input quantized beforehand; every candidate, the JSON names the fastest and the default) and
+    with our act quant (the best and the default GEMM); at down also the pair a layer runs from gate_up: bf16
+    silu_mul + GEMM vs our fused silu-mul-quant + GEMM (and the unfused silu_mul, quantize_rows, GEMM).
   - attention: the shipped decode attention at context 8k over bf16 / int8 / int4 KV caches.
 "rel err" = max |ours − reference| / max |reference| against the torch reference of the same quantized
 weights (or cache); over 2e-2 prints WRONG and the exit status is 1. `--smoke` runs tiny shapes on the CPU
@@ -26,7 +28,7 @@ import torch
 
 # name → (N, K): the projections of one Llama-3-8B layer (fused qkv and gate_up)
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-SMOKE_SHAPES = {"tiny": (64, 256), "tall": (32, 512)}
+SMOKE_SHAPES = {"tiny": (64, 256), "down": (32, 512)}  # "down": the prefill section's gate_up pair runs
 
 
 def ints(text: str) -> list[int]:
@@ -46,6 +48,8 @@ def wrong(entries: object) -> bool:
 
 def summary(results: dict) -> list[str]:
     """The headline ratios (issue 12's goals): best of ours per shape vs bf16, torch's kernel and the roof."""
+    from bench.kernels.quant_gpu_prefill import prefill_summary
+
     lines = []
     for name, by_rows in results["decode"].items():
         for rows, entries in by_rows.items():
@@ -58,12 +62,7 @@ def summary(results: dict) -> list[str]:
                 vs_torch = f", {torch_ms / best['ms']:.2f}x torch int4" if torch_ms and "w4a16" in key else ""
                 roof = f"roof {base / best['roof_ms']:.2f}x, {best['fraction_of_roof']:.0%} of roof"
                 lines.append(f"decode  {name} {rows} {key}: {base / best['ms']:.2f}x bf16 ({roof}){vs_torch}")
-    for name, entries in results["prefill"].items():
-        best, base = entries["ours_w8a8"]["best"], entries["bf16"]["ms"]
-        torch_ms = entries.get("torch_w8a8", {}).get("ms")
-        if best:
-            vs_torch = f", torch quant+_int_mm {base / torch_ms:.2f}x bf16" if torch_ms else ""
-            lines.append(f"prefill {name} W8A8: {base / best['ms']:.2f}x bf16{vs_torch}")
+    lines += prefill_summary(results["prefill"])
     for case, entries in results["attention"].items():
         ratios = ", ".join(f"{dtype} {entry['speedup_vs_bf16']:.2f}x" for dtype, entry in entries.items()
                            if isinstance(entry, dict) and "speedup_vs_bf16" in entry)
