@@ -17,6 +17,7 @@ from kernels.quant_linear.w8a8 import default_config, int8_gemm
 
 COPIES = 3  # compute-bound: the same weight again costs nothing extra, a few calls per graph amortize launch
 SILU_MUL_INPUT = "down"  # the shape whose input is the MLP's gate_up
+FUSED_WARPS = (8, 16, 32)  # silu_mul_quantize_rows launches at 16 for I = 14336
 
 
 def label(config: QuantConfig) -> str:
@@ -66,6 +67,13 @@ def down_pair(run: Run, shape: str, weight: torch.Tensor, w8: W8Weight, rows: in
     ref = int8_gemm_ref(*silu_mul_quantize_rows_ref(gate_up), w8, torch.float32)
     base = run.timer(lambda i: silu_mul_linear_triton(gate_up, weight), COPIES)
     out = {"bf16": row("prefill", shape, "bf16 silu_mul+GEMM", base, base)}  # no err: ref is quantized
+    # the activation side alone: two kernels and a 16-bit round trip, or one (whole row in registers:
+    # the warps a row trade registers a thread against rows in flight)
+    out["unfused_act_quant"] = row("prefill", shape, "ours silu_mul+quant", run.timer(
+        lambda i: quantize_rows(silu_mul_triton(gate_up)), COPIES))
+    for warps in FUSED_WARPS:
+        out[f"fused_act_quant_w{warps}"] = row("prefill", shape, "ours silu-mul-quant", run.timer(
+            lambda i, w=warps: silu_mul_quantize_rows(gate_up, num_warps=w), COPIES), config=f"{warps} warps")
     for which, config in configs.items():
         def fused(c: QuantConfig = config) -> torch.Tensor:
             return int8_gemm(*silu_mul_quantize_rows(gate_up), w8, run.dtype, c)
@@ -147,6 +155,9 @@ def prefill_summary(results: dict) -> list[str]:
         if pair:
             pair_base = pair["bf16"]["ms"]
             ratios = "; ".join(f"{key.replace('_', ' ')} {pair_base / entry['ms']:.2f}x"
-                               for key, entry in pair.items() if key != "bf16")
+                               for key, entry in pair.items() if key != "bf16" and "act_quant" not in key)
             lines.append(f"prefill {name} from gate_up vs bf16 silu_mul+GEMM: {ratios}")
+            act = ", ".join(f"{key.replace('_act_quant', '')} {entry['ms'] * 1e3:.1f} us"
+                            for key, entry in pair.items() if "act_quant" in key)
+            lines.append(f"prefill {name} act quant from gate_up alone: {act}")
     return lines

@@ -84,10 +84,11 @@ def quantize_rows(x: torch.Tensor,
     return q, scale
 
 
-def silu_mul_quantize_rows(gate_up: torch.Tensor, inv_smooth: torch.Tensor | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+def silu_mul_quantize_rows(gate_up: torch.Tensor, inv_smooth: torch.Tensor | None = None,
+                           num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """gate_up [..., 2I] → (int8 [T, I], float32 scale [T]) over its T rows; the contract of
-    reference.silu_mul_quantize_rows_ref (silu_mul_ref, then quantize_rows_ref)."""
+    reference.silu_mul_quantize_rows_ref (silu_mul_ref, then quantize_rows_ref). `num_warps`: the bench's
+    sweep (a whole row sits in registers: more warps, fewer registers a thread); default as quantize_rows."""
     if gate_up.shape[-1] % 2:
         raise ValueError(f"silu_mul_quantize_rows: gate_up must be [..., 2I], got {tuple(gate_up.shape)}")
     inter = gate_up.shape[-1] // 2
@@ -102,6 +103,6 @@ def silu_mul_quantize_rows(gate_up: torch.Tensor, inv_smooth: torch.Tensor | Non
         _silu_mul_quantize_kernel[(tokens,)](
             rows, inv_smooth if inv_smooth is not None else rows, q, scale, inter, rows.stride(0),
             q.stride(0), BLOCK_K=block_k, SMOOTH=inv_smooth is not None, TINY=_TINY,
-            num_warps=_row_warps(block_k), **pdl_launch(rows.device),
+            num_warps=num_warps or _row_warps(block_k), **pdl_launch(rows.device),
         )
     return q, scale
