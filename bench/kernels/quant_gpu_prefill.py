@@ -69,11 +69,18 @@ def down_pair(run: Run, shape: str, weight: torch.Tensor, w8: W8Weight, rows: in
     out = {"bf16": row("prefill", shape, "bf16 silu_mul+GEMM", base, base)}  # no err: ref is quantized
     # the activation side alone: two kernels and a 16-bit round trip, or one (whole row in registers:
     # the warps a row trade registers a thread against rows in flight)
+    act = silu_mul_triton(gate_up)
+
+    def act_err(q: torch.Tensor, scale: torch.Tensor) -> float:  # the codes dequantized vs the activation
+        return rel_err(q.float() * scale.unsqueeze(1), act)
+
     out["unfused_act_quant"] = row("prefill", shape, "ours silu_mul+quant", run.timer(
-        lambda i: quantize_rows(silu_mul_triton(gate_up)), COPIES))
+        lambda i: quantize_rows(silu_mul_triton(gate_up)), COPIES), err=act_err(*quantize_rows(act)))
     for warps in FUSED_WARPS:
-        out[f"fused_act_quant_w{warps}"] = row("prefill", shape, "ours silu-mul-quant", run.timer(
-            lambda i, w=warps: silu_mul_quantize_rows(gate_up, num_warps=w), COPIES), config=f"{warps} warps")
+        ms = run.timer(lambda i, w=warps: silu_mul_quantize_rows(gate_up, num_warps=w), COPIES)
+        out[f"fused_act_quant_w{warps}"] = row(
+            "prefill", shape, "ours silu-mul-quant", ms,
+            err=act_err(*silu_mul_quantize_rows(gate_up, num_warps=warps)), config=f"{warps} warps")
     for which, config in configs.items():
         def fused(c: QuantConfig = config) -> torch.Tensor:
             return int8_gemm(*silu_mul_quantize_rows(gate_up), w8, run.dtype, c)
