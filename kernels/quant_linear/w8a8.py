@@ -21,7 +21,8 @@ from kernels.quant_linear.act_quant import quantize_rows
 from kernels.quant_linear.config import W8A8_CANDIDATES, QuantConfig
 from kernels.quant_linear.layout import W8Weight
 
-INTERPRETER_PROGRAMS = 3
+INTERPRETER_PROGRAMS = 3  # a persistent launch off CUDA (the interpreter): fewer programs than tiles
+
 
 @triton.jit
 def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
