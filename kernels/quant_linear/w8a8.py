@@ -6,7 +6,9 @@ K-major, as Hopper's int8 MMA wants them), tiles swizzled in groups of GROUP_M r
 programs share weight tiles in L2; config.tma copies the tiles with tensor descriptors (Hopper's TMA: no
 per-thread addresses, no masks) instead of pointer loads; config.persistent launches one program per SM,
 each looping over tiles in the same swizzled order, so one tile's epilogue overlaps the next one's loads
-and no partial last wave of programs is launched.
+and no partial last wave of programs is launched; config.warp_specialize splits a TMA program into a
+producer warp group (the copies) and two consumer groups (the MMAs and the epilogue), as CUTLASS's Hopper
+GEMMs do.
 """
 from __future__ import annotations
 
@@ -81,10 +83,13 @@ def _int8_gemm_kernel(
 def _int8_gemm_tma_kernel(
     a_desc, b_desc, a_scale_ptr, b_scale_ptr, out_ptr, M, N, K, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k in range(0, K, BLOCK_K):  # the tensor-memory engine copies whole tiles, zeros past M, N and K
+    # the tensor-memory engine copies whole tiles, zeros past M, N and K; WARP_SPECIALIZE: Triton's Hopper
+    # pass gives the copies a producer warp group and the MMAs two consumer groups of num_warps each
+    for k in tl.range(0, K, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
         a = a_desc.load([pid_m * BLOCK_M, k])
         b = b_desc.load([pid_n * BLOCK_N, k])
         acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
@@ -145,8 +150,10 @@ def int8_gemm(q_x: torch.Tensor, x_scale: torch.Tensor, weight: W8Weight, out_dt
     config = config or default_config(q_x, weight)
     if q_x.stride(1) != 1 or weight.q.stride(1) != 1:
         raise ValueError("int8_gemm: activation and weight rows must be contiguous along K")
-    if config.persistent and not config.tma:
-        raise ValueError(f"int8_gemm: the persistent kernel copies its tiles by TMA, {config} has tma off")
+    if (config.persistent or config.warp_specialize) and not config.tma:
+        raise ValueError(f"int8_gemm: persistent and warp-specialized kernels copy tiles by TMA: {config}")
+    if config.persistent and config.warp_specialize:
+        raise ValueError(f"int8_gemm: no warp-specialized persistent kernel: {config}")
     if config.tma and (k % 16 or q_x.stride(0) % 16 or weight.q.stride(0) % 16):
         raise ValueError(f"int8_gemm: tensor-memory copies need rows of 16-byte multiples, K = {k}")
     out = torch.empty((m, n), dtype=out_dtype, device=q_x.device)
@@ -162,7 +169,8 @@ def int8_gemm(q_x: torch.Tensor, x_scale: torch.Tensor, weight: W8Weight, out_dt
                 *descriptors, x_scale, weight.scale, out, m, n, k, out.stride(0), NUM_SMS=sms, **tiles)
         else:
             _int8_gemm_tma_kernel[(programs,)](
-                *descriptors, x_scale, weight.scale, out, m, n, k, out.stride(0), **tiles)
+                *descriptors, x_scale, weight.scale, out, m, n, k, out.stride(0),
+                WARP_SPECIALIZE=config.warp_specialize, **tiles)
     elif m and n:
         _int8_gemm_kernel[(programs,)](
             q_x, weight.q, x_scale, weight.scale, out, m, n, k, q_x.stride(0), weight.q.stride(0),
