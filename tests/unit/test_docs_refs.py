@@ -59,11 +59,14 @@ def _line_of(text: str, offset: int, first_line: int) -> int:
 
 
 def snippets(doc: Path) -> Iterator[Snippet]:
-    """Inline code spans (they may wrap lines, so paragraphs are scanned whole) and fenced code lines."""
+    """Inline code spans (they may wrap lines, so paragraphs are scanned whole) and fenced code lines (a line
+    ending in a backslash continues on the next, as in a shell)."""
     lines = doc.read_text().splitlines()
     in_fence = False
     paragraph: list[str] = []
     start = 0
+    command = ""  # a fenced command continued over lines, and where it started
+    command_start = 0
 
     def flush() -> Iterator[Snippet]:
         text = "\n".join(paragraph)
@@ -74,9 +77,18 @@ def snippets(doc: Path) -> Iterator[Snippet]:
     for number, line in enumerate(lines, start=1):
         if FENCE.match(line):
             yield from flush()
+            if command:  # a block's last line ended in a backslash
+                yield Snippet(doc, command_start, command)
+                command = ""
             in_fence = not in_fence
         elif in_fence:
-            yield Snippet(doc, number, COMMENT.sub("", line))
+            command_start = command_start if command else number
+            command += COMMENT.sub("", line)
+            if command.endswith("\\"):
+                command = command[:-1] + " "
+            else:
+                yield Snippet(doc, command_start, command)
+                command = ""
         elif line.strip():
             if not paragraph:
                 start = number
