@@ -110,7 +110,7 @@ def dir_names() -> frozenset[str]:
 
 
 def defines(file: Path, symbol: str) -> bool:
-    """Whether a Python file defines `symbol` at its top level or in a class (def, class or assignment)."""
+    """Whether a Python file defines `symbol`: a def or class at any depth, or a top-level assignment."""
     pattern = rf"^\s*(def|class)\s+{re.escape(symbol)}\b|^{re.escape(symbol)}\s*[:=]"
     return file.is_file() and re.search(pattern, file.read_text(), re.MULTILINE) is not None
 
@@ -167,6 +167,7 @@ def command_options(command: str) -> frozenset[str]:
         from deploy.cli import build_parser
         argv = [command, "prompt"] if command == "generate" else [command]
         parser = build_parser().parse_args(argv).command_parser
+    # argparse keeps a parser's options only in _actions; parsing a doc's flag would need its value too.
     return frozenset(option for action in parser._actions for option in action.option_strings)
 
 
