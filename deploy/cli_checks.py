@@ -26,6 +26,17 @@ def check_port_free(host: str, port: int, flag: str) -> None:
             raise UsageError(f"cannot bind {host}:{port} ({e.strerror}): fix {flag}") from None
 
 
+def check_host(host: str, flag: str) -> None:
+    """The address must be one this machine can bind (an unknown name, another host's IP), checked before Ray
+    starts; with port 0 check_port_free never looks at it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, 0))
+        except OSError as e:
+            raise UsageError(f"cannot bind {host!r} ({e.strerror or e}): fix {flag}") from None
+
+
 def check_tp_flags(args: argparse.Namespace) -> None:
     """Each TP size must be <= the model's attention heads (heads and kv heads are split in balanced, possibly
     uneven shares: engine/tp/heads.py); checked from the model's config before any worker starts."""
