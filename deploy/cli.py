@@ -12,6 +12,7 @@ from deploy.cli_args import (
     INT32_MAX,
     UINT64_MAX,
     HelpFormatter,
+    host_port,
     http_port,
     non_empty,
     non_negative,
@@ -210,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prefill workers wanted (default: unchanged)")
     scale.add_argument("--decode", type=positive("--decode"), default=None,
                        help="decode workers wanted (default: unchanged)")
-    scale.add_argument("--admin", default="127.0.0.1:50052",
+    scale.add_argument("--admin", type=host_port("--admin"), default="127.0.0.1:50052",
                        help="the launcher's admin address (its --admin-port)")
     scale.add_argument("--timeout", type=seconds("--timeout", allow_zero=False), default=900.0,
                        help="seconds to wait for new workers to load and old ones to drain")

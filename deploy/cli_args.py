@@ -122,6 +122,16 @@ def port(flag: str) -> Callable[[str], int]:
     return parse
 
 
+def host_port(flag: str) -> Callable[[str], str]:
+    """HOST:PORT (HOST may be left out: loopback), as deploy.scaling.request_scale dials it."""
+    def parse(text: str) -> str:
+        _, sep, number = text.rpartition(":")
+        if not sep or not number.isdigit() or not 0 < int(number) < 65536:
+            raise argparse.ArgumentTypeError(f"{flag} wants HOST:PORT (e.g. 127.0.0.1:50052), got {text!r}")
+        return text
+    return parse
+
+
 def http_port(text: str) -> int | None:
     """--http-port: a port, 0 = no HTTP door, "auto" = any free port (see --ready-file)."""
     if text == "auto":
