@@ -374,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         except SecurityConfigError as e:
             raise UsageError(str(e)) from None
         if args.command == "generate":
+            if args.raw and args.system is not None:
+                raise UsageError("--system is a chat message: it has no place in a --raw prompt")
             # The embedded model is an instruct model: unless --raw, the prompt goes as a user message.
             request = GenerateInput(text=args.prompt if args.raw else None,
                                     chat=None if args.raw else client.chat_messages(args.prompt, args.system),

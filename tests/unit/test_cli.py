@@ -58,6 +58,7 @@ def test_a_bad_flag_prints_the_subcommands_usage(capsys: pytest.CaptureFixture[s
     (["up", "--served-model-name", ""], "--served-model-name"),  # was a traceback
     (["up", "--host", "nonexistent.invalid", "--port", "0"], "--host"),  # was gRPC's bind error after Ray
     (["scale", "--decode", "1", "--admin", "nonsense"], "--admin"),  # was a ValueError traceback
+    (["generate", "hi", "--raw", "--system", "be brief"], "--system"),  # was dropped without a word
 ])
 def test_a_bad_flag_value_is_a_usage_error_naming_the_flag(argv, flag, capsys) -> None:
     try:
