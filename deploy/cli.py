@@ -25,21 +25,20 @@ from deploy.cli_args import (
     spec_tree,
     whole_number,
 )
-from deploy.cli_checks import UsageError, check_host, check_port_free, check_security_files, check_tp_flags
+from deploy.cli_checks import (
+    UsageError,
+    check_device,
+    check_host,
+    check_port_free,
+    check_security_files,
+    check_tp_flags,
+    default_device,
+)
 from engine.config import KERNEL_BACKENDS, TP_COMMS, WEIGHT_SCHEMES, EngineConfig
 from engine.spec.config import SPEC_METHODS, SpecConfig
 from router.config import RouterConfig
 from router.dispatch import known_policies
 from router.placement import known_placements
-
-
-def _default_device() -> str:
-    try:
-        import torch
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
-
 
 # `pdserve up` (and so `make serve`) does not speculate unless told to: on the embedded model on this CPU
 # both drafters slow decoding (the shipped head to ~0.5x at batch 1, the n-gram drafter to ~0.75x: too few
@@ -280,12 +279,13 @@ def _cmd_up(args: argparse.Namespace) -> int:
     except ModelPathError as e:
         raise UsageError(f"--model: {e}") from None
     check_tp_flags(args)
-    device = args.device or _default_device()
+    device = args.device or default_device()
     if args.cpu_affinity == "auto":
         try:
             check_affinity_flags(device, args.prefill_tp, args.decode_tp, args.ray_address)
         except AffinityError as e:
             raise UsageError(str(e)) from None
+    check_device(device, args.kernels, args.ray_address)
     check_security_files(args)
     check_host(args.host, "--host")
     check_host(args.metrics_host, "--metrics-host")

@@ -59,6 +59,7 @@ def test_a_bad_flag_prints_the_subcommands_usage(capsys: pytest.CaptureFixture[s
     (["up", "--host", "nonexistent.invalid", "--port", "0"], "--host"),  # was gRPC's bind error after Ray
     (["scale", "--decode", "1", "--admin", "nonsense"], "--admin"),  # was a ValueError traceback
     (["generate", "hi", "--raw", "--system", "be brief"], "--system"),  # was dropped without a word
+    (["up", "--device", "cpu", "--kernels", "triton"], "--kernels"),  # failed only once the workers started
 ])
 def test_a_bad_flag_value_is_a_usage_error_naming_the_flag(argv, flag, capsys) -> None:
     try:
@@ -68,6 +69,13 @@ def test_a_bad_flag_value_is_a_usage_error_naming_the_flag(argv, flag, capsys) -
     err = capsys.readouterr().err
     assert code == 2 and f"pdserve {argv[0]}: error: " in err and flag in err.split("error: ", 1)[1]
     assert "Traceback" not in err
+
+
+@pytest.mark.skipif(cli_checks._cuda_available(), reason="this machine has a CUDA device")
+def test_up_device_cuda_without_a_gpu_is_a_usage_error_not_a_wait_for_one(capsys) -> None:
+    # Was: Ray started, then the workers waited forever for a GPU, with no word to the user.
+    assert cli.main(["up", "--device", "cuda", "--port", "0"]) == 2
+    assert "--device cuda: this machine has no CUDA device" in capsys.readouterr().err
 
 
 def test_up_checks_tls_and_token_files_before_starting_anything(tmp_path, capsys) -> None:
