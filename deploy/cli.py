@@ -9,31 +9,36 @@ import sys
 from contracts.transfer import KV_FAILURE_POLICIES
 from deploy.affinity import CPU_AFFINITY_MODES, AffinityError, check_affinity_flags
 from deploy.cli_args import (
+    INT32_MAX,
+    UINT64_MAX,
     HelpFormatter,
+    host_port,
     http_port,
+    non_empty,
     non_negative,
     port,
     positive,
     resources,
     seconds,
+    slowdown,
     spec_k,
     spec_tree,
+    whole_number,
 )
-from deploy.cli_checks import UsageError, check_port_free, check_security_files, check_tp_flags
-from engine.config import KERNEL_BACKENDS, TP_COMMS, WEIGHT_SCHEMES
+from deploy.cli_checks import (
+    UsageError,
+    check_device,
+    check_host,
+    check_port_free,
+    check_security_files,
+    check_tp_flags,
+    default_device,
+)
+from engine.config import KERNEL_BACKENDS, TP_COMMS, WEIGHT_SCHEMES, EngineConfig
 from engine.spec.config import SPEC_METHODS, SpecConfig
 from router.config import RouterConfig
 from router.dispatch import known_policies
 from router.placement import known_placements
-
-
-def _default_device() -> str:
-    try:
-        import torch
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
-
 
 # `pdserve up` (and so `make serve`) does not speculate unless told to: on the embedded model on this CPU
 # both drafters slow decoding (the shipped head to ~0.5x at batch 1, the n-gram drafter to ~0.75x: too few
@@ -81,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="address /metrics binds (unauthenticated: keep it off public interfaces)")
     up.add_argument("--http-port", type=http_port, default=8000,
                     help="OpenAI-compatible HTTP API port (0 = off; auto = any free port)")
-    up.add_argument("--served-model-name", default=None,
+    up.add_argument("--served-model-name", type=non_empty("--served-model-name"), default=None,
                     help="model name clients see (HTTP model id, `pdserve info`; default: the model file's "
                          "name, e.g. SmolLM2-135M-Instruct)")
     up.add_argument("--max-batch-tokens", type=positive("--max-batch-tokens"), default=512,
@@ -97,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--long-prefill-threshold", type=non_negative("--long-prefill-threshold"), default=128,
                     help="while others run or wait, a prompt with more tokens left than this computes at "
                          "most this many per step (0 = off: one prompt may take the whole budget)")
-    up.add_argument("--fused-max-slowdown", type=float, default=1.35,
+    up.add_argument("--fused-max-slowdown", type=slowdown, default=1.35,
                     help="with decodes running, prefill beside them is paid from a time credit so the "
                          "decode batch's steps average at most this many times a decode-only step, by step "
                          "costs timed online (0 = off)")
@@ -163,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--prefill-placement", choices=known_placements(), default="cost",
                     help="where prompts are prefilled: cost = per request from measured costs (prefill "
                          "s/token, transfer, pool queue, decode load); threshold: --local-prefill-max-tokens")
-    up.add_argument("--local-prefill-max-tokens", type=int, default=0,
+    up.add_argument("--local-prefill-max-tokens", type=non_negative("--local-prefill-max-tokens"), default=0,
                     help="with --prefill-placement threshold: prompts up to this many tokens are "
                          "prefilled on the decode worker (0 = never)")
     up.add_argument("--migration-limit", type=non_negative("--migration-limit"), default=1,
@@ -176,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: pin each worker process to its own cores of those this process may use "
                          "(round-robin when workers outnumber cores; decode workers first), torch threads = "
                          "its cores; CPU workers, TP 1, local Ray only. off: the OS places them")
-    up.add_argument("--max-worker-restarts", type=int, default=-1,
+    up.add_argument("--max-worker-restarts", type=whole_number("--max-worker-restarts", -1), default=-1,
                     help="Ray restarts a dead worker process up to this many times (default -1 = always)")
 
     gen = command("generate", "stream a completion from a running cluster")
@@ -184,17 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_flags(gen)
     gen.add_argument("--raw", action="store_true", help="send the prompt as raw text (no chat template)")
     gen.add_argument("--system", default=None, help="system message (chat mode)")
-    gen.add_argument("--max-tokens", type=positive("--max-tokens"), default=None,
+    gen.add_argument("--max-tokens", type=whole_number("--max-tokens", 1, INT32_MAX), default=None,
                      help="most tokens to generate (default: the server's, within the context window)")
     gen.add_argument("--temperature", type=float, default=None,
                      help="sampling temperature (default: 0, greedy)")
     gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: 1, off)")
-    gen.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest (default: 0, off)")
-    gen.add_argument("--seed", type=int, default=None,
+    gen.add_argument("--top-k", type=whole_number("--top-k", 0, INT32_MAX), default=None,
+                     help="sample among the k likeliest (default: 0, off)")
+    gen.add_argument("--seed", type=whole_number("--seed", 0, UINT64_MAX), default=None,
                      help="sampling seed: the same seed gives the same text (default: random)")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
-    gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds (default: none)")
+    gen.add_argument("--timeout", type=seconds("--timeout", allow_zero=False), default=None,
+                     help="deadline in seconds (default: none)")
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object at the end: the text and the final message")
 
@@ -203,14 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prefill workers wanted (default: unchanged)")
     scale.add_argument("--decode", type=positive("--decode"), default=None,
                        help="decode workers wanted (default: unchanged)")
-    scale.add_argument("--admin", default="127.0.0.1:50052",
+    scale.add_argument("--admin", type=host_port("--admin"), default="127.0.0.1:50052",
                        help="the launcher's admin address (its --admin-port)")
-    scale.add_argument("--timeout", type=float, default=900.0,
+    scale.add_argument("--timeout", type=seconds("--timeout", allow_zero=False), default=900.0,
                        help="seconds to wait for new workers to load and old ones to drain")
 
     inf = command("info", "model and worker status of a running cluster")
     _add_client_flags(inf)
-    inf.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
+    inf.add_argument("--timeout", type=seconds("--timeout", allow_zero=False), default=10.0,
+                     help="deadline in seconds")
 
     # Listed here for `pdserve --help`; main() hands its arguments to bench.serving.run untouched.
     sub.add_parser("bench", add_help=False,
@@ -242,35 +250,7 @@ def _spec_config(args: argparse.Namespace) -> SpecConfig:
                       tree_branching=args.spec_tree or (), tree_max_nodes=args.spec_tree_max_nodes)
 
 
-def _cmd_up(args: argparse.Namespace) -> int:
-    from engine.config import EngineConfig
-    from engine.model_files import ModelPathError, resolve_model_path
-
-    try:
-        resolve_model_path(args.model)
-    except ModelPathError as e:
-        raise UsageError(f"--model: {e}") from None
-    check_tp_flags(args)
-    device = args.device or _default_device()
-    if args.cpu_affinity == "auto":
-        try:
-            check_affinity_flags(device, args.prefill_tp, args.decode_tp, args.ray_address)
-        except AffinityError as e:
-            raise UsageError(str(e)) from None
-    check_security_files(args)
-    spec = _spec_config(args)
-    ports = ((args.port, "--port"), (args.metrics_port, "--metrics-port"), (args.http_port, "--http-port"),
-             (args.admin_port, "--admin-port"))
-    for number, flag in ports:
-        if number:  # 0: the OS picks a free port when the server binds (see --ready-file); None: off
-            check_port_free(args.host, number, flag)
-    fixed = [(number, flag) for number, flag in ports if number]
-    for i, (number, flag) in enumerate(fixed):
-        for other, other_flag in fixed[i + 1:]:
-            if number == other:
-                raise UsageError(f"{flag} and {other_flag} must differ")
-    from deploy.launcher import ClusterConfig, LocalCluster
-
+def _configs(args: argparse.Namespace, device: str, spec: SpecConfig) -> tuple[EngineConfig, RouterConfig]:
     engine = EngineConfig(model_path=args.model, device=device, tp_comm=args.tp_comm,
                           dtype="float32" if device == "cpu" and args.weights != "bf16" else "bfloat16",
                           weights=args.weights,
@@ -288,6 +268,44 @@ def _cmd_up(args: argparse.Namespace) -> int:
                           migration_limit=args.migration_limit, kv_failure_policy=args.kv_failure_policy,
                           tls_cert_file=args.tls_cert, tls_key_file=args.tls_key,
                           auth_token_file=args.auth_token_file, max_request_bytes=args.max_request_bytes)
+    return engine, router
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from engine.model_files import ModelPathError, resolve_model_path
+
+    try:
+        resolve_model_path(args.model)
+    except ModelPathError as e:
+        raise UsageError(f"--model: {e}") from None
+    check_tp_flags(args)
+    device = args.device or default_device()
+    if args.cpu_affinity == "auto":
+        try:
+            check_affinity_flags(device, args.prefill_tp, args.decode_tp, args.ray_address)
+        except AffinityError as e:
+            raise UsageError(str(e)) from None
+    check_device(device, args.kernels, args.ray_address)
+    check_security_files(args)
+    check_host(args.host, "--host")
+    check_host(args.metrics_host, "--metrics-host")
+    spec = _spec_config(args)
+    ports = ((args.port, "--port"), (args.metrics_port, "--metrics-port"), (args.http_port, "--http-port"),
+             (args.admin_port, "--admin-port"))
+    for number, flag in ports:
+        if number:  # 0: the OS picks a free port when the server binds (see --ready-file); None: off
+            check_port_free(args.host, number, flag)
+    fixed = [(number, flag) for number, flag in ports if number]
+    for i, (number, flag) in enumerate(fixed):
+        for other, other_flag in fixed[i + 1:]:
+            if number == other:
+                raise UsageError(f"{flag} and {other_flag} must differ")
+    from deploy.launcher import ClusterConfig, LocalCluster
+
+    try:  # the flags' types check each value; a combination the configs refuse is a usage error too
+        engine, router = _configs(args, device, spec)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     cluster = LocalCluster(ClusterConfig(engine=engine, router=router, num_prefill=args.prefill,
                                          num_decode=args.decode, prefill_tp=args.prefill_tp,
                                          decode_tp=args.decode_tp,
@@ -356,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         except SecurityConfigError as e:
             raise UsageError(str(e)) from None
         if args.command == "generate":
+            if args.raw and args.system is not None:
+                raise UsageError("--system is a chat message: it has no place in a --raw prompt")
             # The embedded model is an instruct model: unless --raw, the prompt goes as a user message.
             request = GenerateInput(text=args.prompt if args.raw else None,
                                     chat=None if args.raw else client.chat_messages(args.prompt, args.system),
@@ -368,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
         args.command_parser.print_usage(sys.stderr)
         print(f"pdserve {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `pdserve info | head`: the reader left; quiet, as other tools are
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit's flush raises again
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 
 from engine.spec.config import MAX_TREE_NODES, tree_nodes
 
 
-def whole_number(flag: str, minimum: int) -> Callable[[str], int]:
+def whole_number(flag: str, minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """`maximum`: the largest the wire carries (an int32 or uint64 field), so no value fails in the client."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -15,8 +17,14 @@ def whole_number(flag: str, minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{flag} wants a whole number, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{flag} must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"{flag} must be <= {maximum}, got {value}")
         return value
     return parse
+
+
+INT32_MAX = 2**31 - 1
+UINT64_MAX = 2**64 - 1
 
 
 def positive(flag: str) -> Callable[[str], int]:
@@ -50,15 +58,35 @@ def spec_tree(text: str) -> tuple[int, ...]:
     return branching
 
 
-def seconds(flag: str) -> Callable[[str], float]:
+def seconds(flag: str, allow_zero: bool = True) -> Callable[[str], float]:
+    """allow_zero=False for deadlines: a zero or negative one could only ever fail as DEADLINE_EXCEEDED."""
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{flag} wants a number of seconds, got {text!r}") from None
-        if not 0 <= value < float("inf"):
-            raise argparse.ArgumentTypeError(f"{flag} must be >= 0, got {text}")
+        if not (0 <= value < float("inf") and (allow_zero or value > 0)):
+            raise argparse.ArgumentTypeError(f"{flag} must be {'>=' if allow_zero else '>'} 0, got {text}")
         return value
+    return parse
+
+
+def slowdown(text: str) -> float:
+    """--fused-max-slowdown: 0 (off) or a finite factor > 1 (EngineConfig.fused_step_max_slowdown)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--fused-max-slowdown wants a number, got {text!r}") from None
+    if not (value == 0 or (value > 1 and math.isfinite(value))):
+        raise argparse.ArgumentTypeError(f"--fused-max-slowdown must be 0 (off) or > 1, got {text}")
+    return value
+
+
+def non_empty(flag: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"{flag} must not be empty (leave the flag out for the default)")
+        return text
     return parse
 
 
@@ -91,6 +119,16 @@ def port(flag: str) -> Callable[[str], int]:
         if not 0 <= value < 65536:
             raise argparse.ArgumentTypeError(f"{flag} must be in 0..65535 (0 = any free port), got {value}")
         return value
+    return parse
+
+
+def host_port(flag: str) -> Callable[[str], str]:
+    """HOST:PORT (HOST may be left out: loopback), as deploy.scaling.request_scale dials it."""
+    def parse(text: str) -> str:
+        _, sep, number = text.rpartition(":")
+        if not sep or not number.isdigit() or not 0 < int(number) < 65536:
+            raise argparse.ArgumentTypeError(f"{flag} wants HOST:PORT (e.g. 127.0.0.1:50052), got {text!r}")
+        return text
     return parse
 
 

@@ -26,6 +26,39 @@ def check_port_free(host: str, port: int, flag: str) -> None:
             raise UsageError(f"cannot bind {host}:{port} ({e.strerror}): fix {flag}") from None
 
 
+def check_host(host: str, flag: str) -> None:
+    """The address must be one this machine can bind (an unknown name, another host's IP), checked before Ray
+    starts; with port 0 check_port_free never looks at it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, 0))
+        except OSError as e:
+            raise UsageError(f"cannot bind {host!r} ({e.strerror or e}): fix {flag}") from None
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def default_device() -> str:
+    return "cuda" if _cuda_available() else "cpu"
+
+
+def check_device(device: str, kernels: str, ray_address: str | None) -> None:
+    """--device against this machine: on a private Ray, CUDA workers on a machine without a GPU would wait
+    for one forever; Triton kernels run on CUDA only."""
+    if device == "cuda" and ray_address is None and not _cuda_available():
+        raise UsageError("--device cuda: this machine has no CUDA device; use --device cpu, or --ray-address "
+                         "to join a Ray cluster whose nodes have GPUs")
+    if kernels == "triton" and device != "cuda":
+        raise UsageError(f"--kernels triton needs --device cuda (got --device {device})")
+
+
 def check_tp_flags(args: argparse.Namespace) -> None:
     """Each TP size must be <= the model's attention heads (heads and kv heads are split in balanced, possibly
     uneven shares: engine/tp/heads.py); checked from the model's config before any worker starts."""

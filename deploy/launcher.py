@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from contracts.model_info import ModelInfo
 from deploy.affinity import allowed_cores, plan_affinity
 from deploy.ray_connect import init_ray, use_token_auth_if_available
 from engine.config import EngineConfig
@@ -71,6 +72,14 @@ def served_model_name(model_path: Path) -> str:
     SmolLM2-135M-Instruct). Not GGUF's general.name, which converters mangle ("Smollm2 135M 8k ...")."""
     name = model_path.name.removesuffix(model_path.suffix) if model_path.is_file() else model_path.name
     return _QUANT_SUFFIX.sub("", name)
+
+
+def served_model_info(reported: ModelInfo, engine: EngineConfig) -> ModelInfo:
+    """The decode worker reports the model's window; a sequence must also fit one worker's KV cache (the
+    scheduler's max_len), so clients see, and router validation checks, the smaller of the two: a request that
+    could never fit is INVALID_ARGUMENT up front, not UNAVAILABLE from a worker or cut short as `length`."""
+    kv_tokens = engine.num_kv_blocks * engine.block_size
+    return dataclasses.replace(reported, context_length=min(reported.context_length, kv_tokens))
 
 
 def _status(msg: str) -> None:
@@ -191,7 +200,7 @@ class LocalCluster:
         from router.server import build_server
 
         cfg = self.config
-        model_info = ray.get(self.decode[0][1].model_info.remote())
+        model_info = served_model_info(ray.get(self.decode[0][1].model_info.remote()), cfg.engine)
         model_path = resolve_model_path(cfg.engine.model_path)
         router_cfg = dataclasses.replace(
             cfg.router, max_model_len=model_info.context_length,

@@ -290,7 +290,12 @@ class Tokenizer:
         """Ids for a raw-text prompt, with BOS when the model's tokenizer adds one."""
         if not isinstance(text, str):
             raise TokenizerError(f"encode expects str, got {type(text).__name__}")
-        return self._backend.encode(text, add_special_tokens=True).ids
+        return self._encode(text, add_special_tokens=True)
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        # encode_batch releases the GIL and encode does not: a router thread tokenizing a prompt of megabytes
+        # (a second or more) then leaves the event loop, and every other request's stream, running.
+        return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text for ids; bytes that don't form complete UTF-8 come out as U+FFFD (as in HF's decode)."""
@@ -326,7 +331,7 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         """Ids of the rendered chat: special tokens come from the template text, none added (as HF does)."""
-        return self._backend.encode(self.render_chat_template(messages), add_special_tokens=False).ids
+        return self._encode(self.render_chat_template(messages), add_special_tokens=False)
 
 
 def _check_messages(messages: Any) -> None:

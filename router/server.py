@@ -24,7 +24,14 @@ from router.reflection import enable_reflection
 from router.request_flow import RequestFlow
 from router.rpc_handlers import add_pdserve_to_server
 from router.security import BearerAuth, TlsFiles
-from router.validation import InvalidRequest, Tokenizer, ValidatedRequest, ValidationLimits, validate_request
+from router.validation import (
+    InvalidRequest,
+    Tokenizer,
+    ValidatedRequest,
+    ValidationLimits,
+    input_from_proto,
+    validate_off_loop,
+)
 from router.workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -42,7 +49,7 @@ class PDServeServicer(pb_grpc.PDServeServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         r = self._r
         try:
-            validated = validate_request(request, r.tokenizer, r.limits)
+            validated = await validate_off_loop(input_from_proto(request), r.tokenizer, r.limits)
         except InvalidRequest as e:
             r.metrics.count_invalid("grpc")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))

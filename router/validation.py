@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import uuid
 from dataclasses import dataclass
@@ -12,6 +13,9 @@ from engine.tokenizer import TokenizerError
 from proto.api import pb
 
 CHAT_ROLES = ("system", "user", "assistant")
+# Prompts of more characters are tokenized off the event loop: a few MB take a second or more, and the
+# tokenizer releases the GIL (engine.tokenizer), so every other request's stream keeps flowing meanwhile.
+OFF_LOOP_PROMPT_CHARS = 32 * 1024
 
 
 class Tokenizer(Protocol):
@@ -127,6 +131,16 @@ def input_to_proto(request: GenerateInput) -> pb.GenerateRequest:
     elif request.chat is not None:
         out.chat.messages.extend(pb.ChatMessage(role=m.role, content=m.content) for m in request.chat)
     return out
+
+
+async def validate_off_loop(
+    request: GenerateInput, tokenizer: Tokenizer, limits: ValidationLimits
+) -> ValidatedRequest:
+    """validate(), in a worker thread when the prompt is long enough to stall the doors' event loop."""
+    chars = len(request.text or "") + sum(len(m.content) for m in request.chat or ())
+    if chars < OFF_LOOP_PROMPT_CHARS:
+        return validate(request, tokenizer, limits)
+    return await asyncio.to_thread(validate, request, tokenizer, limits)
 
 
 def validate(request: GenerateInput, tokenizer: Tokenizer, limits: ValidationLimits) -> ValidatedRequest:

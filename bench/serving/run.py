@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import importlib
 import json
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -31,9 +32,23 @@ def _arg(parse):
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if value <= 0:
-        raise ValueError(f"must be > 0, got {text}")
+    if not (value > 0 and math.isfinite(value)):  # nan compares false both ways: refuse it by name
+        raise ValueError(f"must be a finite number > 0, got {text}")
     return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise ValueError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _readable_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError(f"no such file: {text}")
+    return path
 
 
 def _positive_int(text: str) -> int:
@@ -71,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--rate", type=_arg(_positive_float), default=1.0,
                       help="requests/s of a single run (default 1)")
     load.add_argument("--arrival", choices=ARRIVALS, default="poisson")
-    load.add_argument("--trace", type=Path, default=None,
+    load.add_argument("--trace", type=_arg(_readable_file), default=None,
                       help="JSONL trace ({t, prompt_ids|text, max_tokens} a line): "
                            "replaces rate and workload")
     load.add_argument("--num-requests", type=_arg(_positive_int), default=100,
@@ -93,12 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     slo = p.add_argument_group("SLO and goodput")
     slo.add_argument("--slo-ttft", type=_arg(_positive_float), default=None, help="seconds")
     slo.add_argument("--slo-tpot", type=_arg(_positive_float), default=None, help="seconds")
-    slo.add_argument("--slo-target", type=float, default=0.9,
+    slo.add_argument("--slo-target", type=_arg(_fraction), default=0.9,
                      help="share of requests that must meet both SLOs for goodput (default 0.9)")
     slo.add_argument("--sweep", type=_arg(_rate_range), default=None, metavar="LOW:HIGH",
                      help="bisect request rates in [LOW, HIGH] for goodput; each probe is one bounded run")
-    slo.add_argument("--sweep-probes", type=int, default=8, help="most probes a sweep runs (default 8)")
-    slo.add_argument("--sweep-tol", type=float, default=0.1,
+    slo.add_argument("--sweep-probes", type=_arg(_positive_int), default=8,
+                     help="most probes a sweep runs (default 8)")
+    slo.add_argument("--sweep-tol", type=_arg(_fraction), default=0.1,
                      help="stop when the pass/fail rates are within this fraction (default 0.1)")
     out = p.add_argument_group("output")
     out.add_argument("--json", type=Path, default=None, dest="json_out", help="write the full result here")

@@ -28,7 +28,7 @@ from router.http.schemas import ChatCompletionRequest, CompletionRequest
 from router.http.sse import sse_stream
 from router.request_flow import RequestFlow
 from router.security import AUTH_HEADER, TlsFiles
-from router.validation import InvalidRequest, new_request_id, validate
+from router.validation import InvalidRequest, new_request_id, validate_off_loop
 
 if TYPE_CHECKING:
     from router.server import RouterServer
@@ -117,7 +117,7 @@ async def _generate(
         rid = new_request_id()
         given = chat_input(body, rid) if chat else completion_input(body, rid)
         try:
-            validated = validate(given, router.tokenizer, router.limits)
+            validated = await validate_off_loop(given, router.tokenizer, router.limits)
         except InvalidRequest as e:
             raise invalid_to_api(e, body) from None
     except ApiError:

@@ -78,6 +78,8 @@ def completion_input(body: CompletionRequest, request_id: str) -> GenerateInput:
     if body.logprobs is not None:
         raise bad_request("logprobs", "log probabilities are not supported")
     prompt = body.prompt
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one, as LangChain and other batching clients send every prompt
     text, token_ids = None, None
     if isinstance(prompt, str):
         text = prompt
@@ -91,6 +93,8 @@ def completion_input(body: CompletionRequest, request_id: str) -> GenerateInput:
 def chat_input(body: ChatCompletionRequest, request_id: str) -> GenerateInput:
     if body.logprobs:
         raise bad_request("logprobs", "log probabilities are not supported")
+    if body.top_logprobs:  # OpenAI refuses it without logprobs too; silently ignoring it would be a lie
+        raise bad_request("top_logprobs", "log probabilities are not supported")
     if body.max_tokens is not None and body.max_completion_tokens is not None:
         raise bad_request("max_completion_tokens", "set max_completion_tokens or max_tokens, not both")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -134,12 +138,16 @@ def _input(
 ) -> GenerateInput:
     if body.n is not None and body.n != 1:
         raise bad_request("n", f"only n=1 is supported, got {body.n}")
+    if body.stream_options is not None and not body.stream:  # as OpenAI and vLLM answer it
+        raise bad_request("stream_options", "only allowed with stream: true")
+    if body.response_format is not None and body.response_format.get("type") != "text":
+        raise bad_request("response_format", 'only {"type": "text"} is supported (no JSON mode or schema)')
     return GenerateInput(
         request_id=request_id,
         max_tokens=max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
-        top_k=body.top_k,
+        top_k=None if body.top_k == -1 else body.top_k,  # -1: vLLM's spelling of "off", like 0
         seed=body.seed,
         stop=_stop(body.stop),
         stop_token_ids=tuple(body.stop_token_ids or ()),

@@ -31,6 +31,7 @@ class _SamplingBody(_Body):
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = None  # vLLM's extension
     stop_token_ids: list[int] | None = None  # vLLM's extension
+    response_format: dict[str, Any] | None = None  # only {"type": "text"}: checked in mapping
 
 
 class CompletionRequest(_SamplingBody):

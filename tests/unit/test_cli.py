@@ -44,6 +44,40 @@ def test_a_bad_flag_prints_the_subcommands_usage(capsys: pytest.CaptureFixture[s
         assert err.startswith(f"usage: {usage.removeprefix('usage: ')}") and "unrecognized arguments" in err
 
 
+@pytest.mark.parametrize(("argv", "flag"), [
+    (["generate", "hi", "--seed", "-1"], "--seed"),  # was a ValueError traceback from the protobuf field
+    (["generate", "hi", "--seed", str(2**64)], "--seed"),
+    (["generate", "hi", "--top-k", str(2**31)], "--top-k"),
+    (["generate", "hi", "--max-tokens", str(2**31)], "--max-tokens"),
+    (["generate", "hi", "--timeout", "-1"], "--timeout"),  # was DEADLINE_EXCEEDED from the server
+    (["info", "--timeout", "0"], "--timeout"),
+    (["up", "--fused-max-slowdown", "-1"], "--fused-max-slowdown"),  # was a ValueError traceback
+    (["up", "--fused-max-slowdown", "nan"], "--fused-max-slowdown"),  # was accepted
+    (["up", "--local-prefill-max-tokens", "-5"], "--local-prefill-max-tokens"),  # was a traceback
+    (["up", "--max-worker-restarts", "-5"], "--max-worker-restarts"),  # was Ray's error after it started
+    (["up", "--served-model-name", ""], "--served-model-name"),  # was a traceback
+    (["up", "--host", "nonexistent.invalid", "--port", "0"], "--host"),  # was gRPC's bind error after Ray
+    (["scale", "--decode", "1", "--admin", "nonsense"], "--admin"),  # was a ValueError traceback
+    (["generate", "hi", "--raw", "--system", "be brief"], "--system"),  # was dropped without a word
+    (["up", "--device", "cpu", "--kernels", "triton"], "--kernels"),  # failed only once the workers started
+])
+def test_a_bad_flag_value_is_a_usage_error_naming_the_flag(argv, flag, capsys) -> None:
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and f"pdserve {argv[0]}: error: " in err and flag in err.split("error: ", 1)[1]
+    assert "Traceback" not in err
+
+
+@pytest.mark.skipif(cli_checks._cuda_available(), reason="this machine has a CUDA device")
+def test_up_device_cuda_without_a_gpu_is_a_usage_error_not_a_wait_for_one(capsys) -> None:
+    # Was: Ray started, then the workers waited forever for a GPU, with no word to the user.
+    assert cli.main(["up", "--device", "cuda", "--port", "0"]) == 2
+    assert "--device cuda: this machine has no CUDA device" in capsys.readouterr().err
+
+
 def test_up_checks_tls_and_token_files_before_starting_anything(tmp_path, capsys) -> None:
     assert cli.main(["up", "--tls-cert", str(tmp_path / "c.pem")]) == 2
     assert "--tls-cert and --tls-key go together" in capsys.readouterr().err
