@@ -47,13 +47,16 @@ class RouterConfig:
     # A request whose decode worker dies moves to another (or the restarted) one at most this many times,
     # re-prefilled from prompt + the tokens already streamed; 0 = it fails with UNAVAILABLE.
     migration_limit: int = 1
+    # A new request that finds no decode worker ready while the pool has one (starting, or restarting after a
+    # death: Ray brings it back) waits this long for it before UNAVAILABLE; 0 = fail at once.
+    decode_ready_wait_s: float = 30.0
     # A prefill worker that fails a request: "recompute" prefills it on its decode worker, "fail" ends it.
     kv_failure_policy: str = "recompute"
 
     def __post_init__(self) -> None:
         require_at_least(self, 0, "queue_capacity", "max_request_id_len", "max_stop_strings",
                          "max_stop_token_ids", "migration_limit", "local_prefill_budget_tokens",
-                         "local_prefill_max_tokens")
+                         "local_prefill_max_tokens", "decode_ready_wait_s")
         if self.max_inflight is not None and self.max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1 or None, got {self.max_inflight}")
         require_at_least(self, 1, "default_max_tokens", "max_request_bytes", "max_stop_chars")

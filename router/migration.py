@@ -49,6 +49,21 @@ class Streamed:
                               num_resumed_tokens=resumed)
 
 
+async def decode_comes_back(pool: WorkerPool, wait_s: float) -> bool:
+    """No decode worker is ready for a new request: True as soon as the pool's refresh sees one ready again,
+    waiting at most wait_s and only while the pool holds one that can come back (starting, or failed and being
+    restarted by Ray); False at once with none, or after wait_s."""
+    if not any(i.role == DECODE for i in pool.infos()):
+        return False
+    loop = asyncio.get_running_loop()
+    end = loop.time() + wait_s
+    while not pool.ready(DECODE):
+        if loop.time() >= end:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
 async def wait_for_ready_decode(pool: WorkerPool, call_timeout_s: float) -> WorkerInfo:
     """The first decode worker that answers ready, asked afresh (a dead worker's stale "ready" is not
     trusted): after the only decode worker died, the wait for Ray to restart it. The caller's deadline bounds

@@ -22,7 +22,7 @@ from router.config import RouterConfig
 from router.dispatch import DispatchPolicy, PromptBlocks
 from router.flow_errors import DecodeLost, FlowError, FlowFailure
 from router.metrics import RouterMetrics
-from router.migration import Streamed, wait_for_ready_decode
+from router.migration import Streamed, decode_comes_back, wait_for_ready_decode
 from router.placement import NO_PREFILL_WORKER, PlacementPolicy
 from router.token_relay import TokenRelay
 from router.validation import ValidatedRequest
@@ -181,13 +181,14 @@ class RequestFlow:
         """One decode worker's go at the request: from the prompt plus any tokens already streamed."""
         req = self.request
         n = len(req.prompt_token_ids) + len(self._streamed.output_ids)
+        if not self._streamed.lost and not self._pool.ready(DECODE):  # (a migrating one: _decode_candidates)
+            wait_s = self._config.decode_ready_wait_s
+            if not await decode_comes_back(self._pool, wait_s):
+                raise FlowFailure(grpc.StatusCode.UNAVAILABLE,
+                                  f"no decode worker is ready (waited {wait_s:g} s for one)", "unavailable")
         placement = self._placement.place(n, self._pool.ready(PREFILL), self._pool.ready(DECODE))
         if placement.reason == NO_PREFILL_WORKER and self._config.kv_failure_policy != "recompute":
             raise FlowFailure(grpc.StatusCode.UNAVAILABLE, "no prefill worker is ready", "unavailable")
-        if not self._streamed.lost and not self._pool.ready(DECODE):
-            # Not worth queueing for: fail now rather than at the deadline. (A migrating request instead
-            # waits, within its deadline, for the dead worker's restart: _decode_candidates.)
-            raise FlowFailure(grpc.StatusCode.UNAVAILABLE, "no decode worker is ready", "unavailable")
         self._metrics.prefill_placed(placement.where, placement.reason)
         local = placement.local
         reserve = self._streamed.reserve_request(req.request_id, req.prompt_token_ids, req.sampling, local)

@@ -163,3 +163,28 @@ def test_a_worker_whose_engine_died_is_migrated_off_too() -> None:
             assert migrations(h) == 1
 
     run(body())
+
+
+def test_a_new_request_waits_for_the_only_decode_worker_to_come_back() -> None:
+    """Sent while the only decode worker restarts (Ray brings it back), a request is served when it is ready
+    again, not failed at once; past decode_ready_wait_s it is UNAVAILABLE, naming the wait."""
+    async def body() -> None:
+        prefill, decode = fake_cluster()
+        decode[0].state = "failed"
+        async with serve_router(prefill, decode, decode_ready_wait_s=10.0) as h:
+            await wait_until(lambda: not h.server.pool.ready("decode"), what="decode-0 seen down")
+            call = asyncio.ensure_future(collect(h.stub.Generate(request("r-wait"))))
+            await asyncio.sleep(0.3)
+            assert not call.done()
+            decode[0].state = "ready"
+            ids, _, final = await asyncio.wait_for(call, 5)
+            assert ids == UNDISTURBED_IDS and final.finish_reason == pb.FINISH_REASON_LENGTH
+        decode[0].state = "failed"
+        async with serve_router(prefill, decode, decode_ready_wait_s=0.3) as h:
+            await wait_until(lambda: not h.server.pool.ready("decode"), what="decode-0 seen down")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await collect(h.stub.Generate(request("r-gone")))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "no decode worker is ready (waited 0.3 s for one)" in info.value.details()
+
+    run(body())

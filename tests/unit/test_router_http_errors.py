@@ -140,7 +140,7 @@ def test_no_ready_worker_is_503() -> None:
     async def body() -> tuple[int, dict]:
         prefill, decode = fake_cluster()
         decode[0].state = "starting"
-        async with serve_http(prefill, decode) as (_, client):
+        async with serve_http(prefill, decode, decode_ready_wait_s=0.2) as (_, client):
             r = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
         return r.status_code, r.json()
 

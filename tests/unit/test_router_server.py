@@ -157,7 +157,7 @@ def test_health_is_not_serving_until_a_prefill_and_a_decode_worker_are_ready() -
     async def body() -> None:
         prefill, decode = fake_cluster()
         prefill[0].state = decode[0].state = "starting"
-        async with serve_router(prefill, decode) as h:
+        async with serve_router(prefill, decode, decode_ready_wait_s=0.2) as h:
             health = health_pb2_grpc.HealthStub(h.channel)
 
             async def status(service: str) -> int:
