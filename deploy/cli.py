@@ -40,9 +40,9 @@ from router.config import RouterConfig
 from router.dispatch import known_policies
 from router.placement import known_placements
 
-# `pdserve up` (and so `make serve`) does not speculate unless told to: on the embedded model on this CPU
-# both drafters slow decoding (the shipped head to ~0.5x at batch 1, the n-gram drafter to ~0.75x: too few
-# drafts are accepted to pay for verify steps, which leave the flat bs1 decoder; docs/speculative.md).
+# `pdserve up` (and so `make serve`) does not speculate unless told to: on the embedded model on a 2-core CPU
+# both drafters gain ~1.1x at batch 1 and lose at batch 8 (0.72-0.91x): a serving default must not slow a
+# loaded worker (docs/speculative.md).
 DEFAULT_SPEC = "off"
 
 # A request's life bound under `pdserve up` (RouterConfig.request_timeout_s; a client deadline only shortens
@@ -125,13 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--spec", choices=SPEC_METHODS, default=DEFAULT_SPEC,
                     help="speculative decoding on the decode workers: ngram = prompt lookup; head = the "
                          "learned draft head (--spec-head); off = one token per step. Default off: on the "
-                         "embedded model both drafters are accepted too rarely to pay (docs/speculative.md)")
+                         "embedded model both drafters lose once several streams decode (docs/speculative)")
     up.add_argument("--spec-k", type=spec_k, default=5, help="most draft tokens per verify step (1..16)")
     up.add_argument("--spec-head", default=None,
                     help="draft head safetensors for --spec head (default: the head shipped for the "
                          "embedded model)")
     up.add_argument("--spec-adaptive", choices=("on", "off"), default="on",
-                    help="each request drafts 1..k tokens, following its measured acceptance")
+                    help="each request drafts 0..k tokens a step (0: plain), following its acceptance "
+                         "and the measured step costs")
     up.add_argument("--spec-tree", type=spec_tree, default=None,
                     help="--spec head drafts trees, not chains: the head's top-b tokens after each node, b "
                          "per depth, e.g. 2,2,1,1,1 (the depth replaces --spec-k); default chains")
