@@ -15,6 +15,7 @@ from contracts.stats import WorkerInfo
 from contracts.transfer import KV_FAILURE_POLICIES, ChannelAddress, TransferTarget
 from decode_worker.api import NoCapacity, Reservation, ReserveRequest, TokenChunk
 from decode_worker.metrics import DecodeMetrics
+from decode_worker.placement_stats import with_placement_costs
 from decode_worker.streams import RequestStream, Subscriber, deliver_all
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
@@ -193,6 +194,10 @@ class DecodeService(WorkerService):
             return super()._step()
         finally:
             self._flush()
+
+    def _publish_stats(self) -> None:
+        super()._publish_stats()
+        self._stats = with_placement_costs(self._stats, self.engine.scheduler.step_cost, len(self._receivers))
 
     def _push(self, stream: RequestStream, chunk: TokenChunk) -> None:
         stream.num_output_tokens = chunk.num_output_tokens
