@@ -25,6 +25,7 @@ from engine.quantize.kv_offsets import calibrate_key_offsets, calibration_ids
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
 from engine.spec.speculator import Speculator
+from engine.step_cost import with_placement_costs
 from engine.tp.comm import TPComm
 from engine.tp.follower import TPLeaderExecutor, follow
 from engine.tp.group import TPGroup
@@ -178,7 +179,8 @@ class LLMEngine:
         return self.speculator.fused_features(request_id) if self.speculator is not None else None
 
     def stats(self) -> EngineStats:
-        stats = self.scheduler.stats()
+        scheduler = self.scheduler
+        stats = with_placement_costs(scheduler.stats(), scheduler.step_cost, scheduler.num_awaiting_kv)
         if self.tp_comm is None:
             return stats
         return dataclasses.replace(stats, tp_comm_bytes=self.tp_comm.stats.bytes_sent)
@@ -261,6 +263,14 @@ class LLMEngine:
         """Leading tokens of a reservation whose KV is here already (prefix cache): no transfer for them."""
         seq = self.scheduler.get(request_id)
         return seq.num_computed_tokens if seq is not None else 0
+
+    def ends_at_first_token(self, prompt_token_ids: Seq[int], sampling: SamplingParams,
+                            token_id: int) -> bool:
+        """Whether a reserved prompt's sequence would finish with `token_id` as its first token (the
+        scheduler's own stop rules: EOS, a stop token, max_tokens, the context). Touches no engine state."""
+        seq = Sequence(request_id="", token_ids=[*prompt_token_ids, token_id], sampling=sampling,
+                       num_prompt_tokens=len(prompt_token_ids))
+        return seq.stop_reason(self.scheduler.config.eos_token_ids, self.scheduler.max_len) is not None
 
     def activate(self, request_id: str, first_token_id: int,
                  draft_features: torch.Tensor | None = None) -> Sequence:

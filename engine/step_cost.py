@@ -1,7 +1,10 @@
 """Split-fused steps under a time credit: decode steps earn it, prefill tokens beside decodes spend it."""
 from __future__ import annotations
 
+import dataclasses
 import time
+
+from contracts.stats import EngineStats
 
 WINDOW_STEPS = 4  # steps of credit a fused step may spend at once (the window the slowdown is averaged over)
 _PURE_ALPHA = 0.1  # EWMA weight of a new decode-only step's seconds
@@ -168,3 +171,17 @@ class StepCostModel:
         fit = self.extra()
         floor = 0.0 if fit is None else 2.0 * fit[0] + fit[1]
         return max(self.window * (self.max_slowdown - 1.0) * pure, floor)
+
+
+def with_placement_costs(stats: EngineStats, step_cost: StepCostModel | None,
+                         awaiting_kv: int) -> EngineStats:
+    """`stats` plus, for conditional placement (router/placement.py), the reservations whose KV is in flight
+    and the measured pace of a prompt prefilled here:
+    alone (prefill-only steps) and beside the sequences running now (the split-fused credit's pace for that
+    batch; a prompt placed now would decode beside them). 0.0 where nothing was measured yet."""
+    alone = beside = 0.0
+    if step_cost is not None:
+        alone = step_cost.prefill_only_s_per_token
+        beside = step_cost.fused_prefill_s_per_token(max(1, stats.num_running - awaiting_kv)) or 0.0
+    return dataclasses.replace(stats, num_awaiting_kv=awaiting_kv, prefill_s_per_token=alone,
+                               fused_prefill_s_per_token=beside)

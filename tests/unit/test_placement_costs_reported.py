@@ -10,10 +10,9 @@ from fakes import FakeDecodeClient, run
 from contracts.sampling import SamplingParams
 from contracts.stats import EngineStats
 from decode_worker.api import ReserveRequest
-from decode_worker.placement_stats import with_placement_costs
 from decode_worker.service import DecodeService
 from engine.config import EngineConfig
-from engine.step_cost import StepCostModel
+from engine.step_cost import StepCostModel, with_placement_costs
 from router.workers import DECODE, WorkerPool
 
 pytestmark = pytest.mark.timeout(120)
