@@ -8,16 +8,16 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
+import torch
+
 from contracts.sampling import FinishReason
 from contracts.stats import WorkerInfo
 from contracts.transfer import KV_FAILURE_POLICIES, ChannelAddress, TransferTarget
 from decode_worker.api import NoCapacity, Reservation, ReserveRequest, TokenChunk
-from decode_worker.first_token import FirstTokenRelay
 from decode_worker.metrics import DecodeMetrics
 from decode_worker.streams import RequestStream, Subscriber, deliver_all
-from decode_worker.tp_landing import landing_buffers
 from engine.config import EngineConfig
-from engine.detokenizer import DetokenizedDelta, IncrementalDetokenizer
+from engine.detokenizer import IncrementalDetokenizer
 from engine.executor import RunOutput
 from engine.model_files import resolve_model_path
 from engine.random_models import is_random_model
@@ -66,7 +66,6 @@ class DecodeService(WorkerService):
         # Chunks pushed since the last flush (engine thread only): handed to the actor loop in one callback at
         # the end of each step or command, so a subscriber's next item holds the whole step.
         self._outbox: list[tuple[RequestStream, TokenChunk]] = []
-        self._first_tokens = FirstTokenRelay(self.engine.ends_at_first_token)
         self.start()
 
     # ---- control plane (called from the actor's event loop) ----
@@ -241,34 +240,39 @@ class DecodeService(WorkerService):
         self._resume_text(req, stream)
         target = TransferTarget(req.request_id, self.worker_id, block_ids, len(prompt),
                                 start_token=self.engine.reserved_prefix_tokens(req.request_id))
-        # on_finish runs on the endpoint thread when the last frame lands: the first token leaves at once
-        # (even mid-step), and the engine wakes to admit the request.
+        # on_finish runs on the endpoint thread when the last frame lands: wake the engine to admit it now.
         receiver = KVReceiver(target, self.layout, lease_seconds=self._lease,
-                              on_finish=self._landed, landing=None if self.engine.tp_comm is None
-                              else landing_buffers(self.engine.kv_cache, self.layout, target))
+                              on_finish=lambda _: self._thread.wake(), landing=self._landing(target))
         # The prefill worker is picked after this returns: listen for the request on every channel.
         for endpoint in self._endpoints.values():
             endpoint.register(receiver)
         self._receivers[req.request_id] = receiver
         self._awaiting_kv[req.request_id] = req
         self._active[req.request_id] = stream
-        self._first_tokens.expect(req.request_id, stream, req.prompt_token_ids, req.sampling,
-                                  req.num_resumed_tokens)
         return Reservation(req.request_id, self.worker_id, target.block_ids, target.start_token)
 
-    def _landed(self, receiver: KVReceiver) -> None:
-        self._first_tokens.landed(receiver)
-        self._thread.wake()
+    def _landing(self, target: TransferTarget) -> list[tuple[torch.Tensor, ...]] | None:
+        """TP > 1: whole-head tensors the transfer's blocks land in before they are scattered to the ranks
+        (rank 0's cache holds only its kv heads); None at TP=1 (frames land in the cache itself)."""
+        if self.engine.tp_comm is None:
+            return None
+        kv, spec = self.engine.kv_cache, self.layout.spec
+        n = target.num_blocks(self.layout)
+        values = (n, *spec.storage_block_shape)
+        scales = [(n, *shape) for shape in spec.scale_shapes().values()]
+        return [(torch.zeros(values, dtype=kv.dtype, device=kv.device),
+                 torch.zeros(values, dtype=kv.dtype, device=kv.device),
+                 *(torch.zeros(shape, dtype=kv.scales[name][0].dtype, device=kv.device)
+                   for name, shape in zip(spec.scale_shapes(), scales, strict=True)))
+                for _ in range(kv.num_layers)]
 
     def _recompute(self, request_id: str, reason: str) -> bool:
         """Turn a reservation awaiting KV into a local prefill; the client's stream stays the same."""
-        receiver = self._receivers.get(request_id)
-        if receiver is None or request_id not in self._awaiting_kv or receiver.state is TransferState.DONE:
-            return False  # unknown, or its KV arrived after all (its first token may have left): admit it
-        del self._receivers[request_id]
-        req = self._awaiting_kv.pop(request_id)
+        receiver = self._receivers.pop(request_id, None)
+        req = self._awaiting_kv.pop(request_id, None)
+        if receiver is None or req is None:
+            return False
         receiver.abort(reason)  # from here on no frame of the failed transfer lands in its blocks
-        self._first_tokens.forget(request_id)
         self.engine.abort(request_id)  # frees them; the prefill below allocates and writes its own
         self.engine.add_request(request_id, list(req.prompt_token_ids), req.sampling)
         self.metrics.kv_recomputed()
@@ -276,7 +280,6 @@ class DecodeService(WorkerService):
         return True
 
     def _abort(self, request_id: str, reason: str, error: str | None = None) -> bool:
-        self._first_tokens.forget(request_id)  # first: a landing from now on sends nothing
         self._awaiting_kv.pop(request_id, None)
         receiver = self._receivers.pop(request_id, None)
         if receiver is not None:
@@ -291,7 +294,6 @@ class DecodeService(WorkerService):
         return receiver is not None or known or stream is not None
 
     def _fail_waiters(self, error: str) -> None:
-        self._first_tokens.forget()
         for receiver in self._receivers.values():
             receiver.abort("decode worker failed")
         self._receivers.clear()
@@ -321,11 +323,7 @@ class DecodeService(WorkerService):
                                         receiver.landing)
                 # The prefill worker's draft-head features (if it runs the head): speculate from step one.
                 seq = self.engine.activate(request_id, receiver.first_token_id, receiver.draft_features)
-                first = self._first_tokens.admit(request_id)
-                if first.sent:  # it left when the transfer landed (FirstTokenRelay)
-                    self.metrics.tokens_generated(1)
-                else:
-                    self._push_tokens(seq, [receiver.first_token_id], delta=first.delta)
+                self._push_tokens(seq, [receiver.first_token_id])
                 admitted = changed = True
             elif state is TransferState.FAILED:
                 reason = receiver.failure_reason or "unknown"
@@ -355,15 +353,14 @@ class DecodeService(WorkerService):
                 self._push_tokens(chunk.seq, appended, len(drafts), kept)
 
     def _push_tokens(self, seq: Sequence, token_ids: list[int], num_drafts: int = 0,
-                     num_accepted: int = 0, delta: DetokenizedDelta | None = None) -> None:
-        """`delta`: the detokenizer's answer for `token_ids` where it was already asked (FirstTokenRelay)."""
+                     num_accepted: int = 0) -> None:
         stream = self._active.get(seq.request_id)
         if stream is None:
             return
         reason = seq.finish_reason if seq.is_finished else None
         text, stopped = "", False
         if stream.detok is not None:
-            delta = delta or stream.detok.add(token_ids)
+            delta = stream.detok.add(token_ids)
             text, stopped = delta.text, delta.stopped
         if stopped:  # stop string: finish now and free the blocks (a no-op if the sequence already ended)
             self.engine.abort(seq.request_id)

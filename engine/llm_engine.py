@@ -264,14 +264,6 @@ class LLMEngine:
         seq = self.scheduler.get(request_id)
         return seq.num_computed_tokens if seq is not None else 0
 
-    def ends_at_first_token(self, prompt_token_ids: Seq[int], sampling: SamplingParams,
-                            token_id: int) -> bool:
-        """Whether a reserved prompt's sequence would finish with `token_id` as its first token (the
-        scheduler's own stop rules: EOS, a stop token, max_tokens, the context). Touches no engine state."""
-        seq = Sequence(request_id="", token_ids=[*prompt_token_ids, token_id], sampling=sampling,
-                       num_prompt_tokens=len(prompt_token_ids))
-        return seq.stop_reason(self.scheduler.config.eos_token_ids, self.scheduler.max_len) is not None
-
     def activate(self, request_id: str, first_token_id: int,
                  draft_features: torch.Tensor | None = None) -> Sequence:
         """The prompt's KV has landed in the reserved blocks: the sequence joins the running batch with the
