@@ -107,7 +107,9 @@ class Cost(PlacementPolicy):
     local  = (the decode worker's queued local prompt tokens + n) x its measured pace: beside running
              sequences the split-fused credit's (`fused_prefill_s_per_token`: the credit lets prefill have
              only (s - 1) / s of the wall clock, and on CPU each chunk leaves the flat decode path), else a
-             prefill-only step's (`prefill_s_per_token`); the pool's own s/token until the worker measured;
+             prefill-only step's (`prefill_s_per_token`; the pool's own s/token until the worker measured);
+             a prompt queued behind another local one pays the credit's pace for its own n tokens, as it
+             will prefill beside that one's decode;
     harm   = on a worker running no sequences the prompt runs in prefill-only steps of about `local`
              seconds, and the engine admits a landed transfer only between steps: each of its transfers in
              flight lands meanwhile with odds local / (the pool's drain time) and then waits local / 2.
@@ -145,8 +147,10 @@ class Cost(PlacementPolicy):
         s, c = decode.stats, self.compute_s_per_token.value
         alone = s.prefill_s_per_token or c  # the same model on the same kind of core until measured
         beside = s.num_running - s.num_awaiting_kv  # sequences it runs now: decoding, or prefilling
-        pace = (s.fused_prefill_s_per_token or alone * (1 + beside)) if beside else alone
-        seconds = (s.queued_prefill_tokens + num_tokens) * pace
+        paced = s.fused_prefill_s_per_token or alone * (1 + max(1, beside))
+        # Behind a local prompt, this one runs beside that prompt's decode once it has its first token.
+        own = paced if beside or s.queued_prefill_tokens else alone
+        seconds = s.queued_prefill_tokens * (paced if beside else alone) + num_tokens * own
         if beside or not s.num_awaiting_kv:
             return seconds, 0.0  # beside running sequences it goes in credit-sized chunks
         drain = max(w.stats.queued_prefill_tokens for w in prefill) * c + self.overhead_s.value

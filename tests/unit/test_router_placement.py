@@ -69,13 +69,16 @@ def test_cost_prices_a_prompt_beside_running_decodes_at_the_credits_measured_pac
     assert policy.estimates(100, PREFILL, unmeasured)[0] == pytest.approx(0.4)
 
 
-def test_cost_counts_the_prompts_already_queued_on_the_decode_worker():
+def test_cost_counts_the_prompts_already_queued_on_the_decode_worker_and_the_pace_behind_them():
     policy = warmed()
     pool = [info("p0", "prefill", queued=300)]  # remote: 0.3 + 0.11 + 0.02
     assert policy.place(100, pool, IDLE_DECODE) == Placement(True, "local_cheaper")
-    queued = [info("d0", "decode", queued=400)]  # (400 + 100) x 1 ms behind them
-    assert policy.estimates(100, pool, queued)[0] == pytest.approx(0.5)
+    # 200 tokens ahead at 1 ms; its own 100 beside their decode once they have their first token: 4 ms each.
+    queued = [info("d0", "decode", queued=200, fused_prefill_s_per_token=0.004)]
+    assert policy.estimates(100, pool, queued)[0] == pytest.approx(0.2 + 0.4)
     assert policy.place(100, pool, queued) == Placement(False, "remote_cheaper")
+    unmeasured = [info("d0", "decode", queued=200)]  # no fused pace yet: twice the prefill-only one
+    assert policy.estimates(100, pool, unmeasured)[0] == pytest.approx(0.2 + 0.2)
 
 
 def test_cost_weighs_the_wait_a_prefill_only_step_adds_to_transfers_landing_meanwhile():
