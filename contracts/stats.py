@@ -17,6 +17,12 @@ class EngineStats:
     # Prefix cache, since the worker started: prompt tokens found cached, and prompt tokens looked up.
     prefix_hit_tokens: int = 0
     prefix_query_tokens: int = 0
+    # Decode role, for conditional placement (router/placement.py): reservations whose KV is still in flight
+    # (num_running counts them too); measured seconds per prompt token of a local prefill on an idle worker
+    # (prefill-only steps) and beside its decode batch (paced by the split-fused credit). 0.0 = not measured.
+    num_awaiting_kv: int = 0
+    prefill_s_per_token: float = 0.0
+    fused_prefill_s_per_token: float = 0.0
 
     @property
     def prefix_hit_ratio(self) -> float:

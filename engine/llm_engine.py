@@ -25,6 +25,7 @@ from engine.quantize.kv_offsets import calibrate_key_offsets, calibration_ids
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
 from engine.spec.speculator import Speculator
+from engine.step_cost import with_placement_costs
 from engine.tp.comm import TPComm
 from engine.tp.follower import TPLeaderExecutor, follow
 from engine.tp.group import TPGroup
@@ -178,7 +179,8 @@ class LLMEngine:
         return self.speculator.fused_features(request_id) if self.speculator is not None else None
 
     def stats(self) -> EngineStats:
-        stats = self.scheduler.stats()
+        scheduler = self.scheduler
+        stats = with_placement_costs(scheduler.stats(), scheduler.step_cost, scheduler.num_awaiting_kv)
         if self.tp_comm is None:
             return stats
         return dataclasses.replace(stats, tp_comm_bytes=self.tp_comm.stats.bytes_sent)

@@ -1,11 +1,15 @@
 """Split-fused steps under a time credit: decode steps earn it, prefill tokens beside decodes spend it."""
 from __future__ import annotations
 
+import dataclasses
 import time
+
+from contracts.stats import EngineStats
 
 WINDOW_STEPS = 4  # steps of credit a fused step may spend at once (the window the slowdown is averaged over)
 _PURE_ALPHA = 0.1  # EWMA weight of a new decode-only step's seconds
 _DEBT_WINDOWS = 4  # the most credit owed, in full credits
+_PREFILL_ALPHA = 0.2  # EWMA weight of a new prefill-only step's seconds per token
 
 
 class StepCostModel:
@@ -44,6 +48,12 @@ class StepCostModel:
         self._fused_steps = 0  # timed steps with decodes and prefill tokens
         # Forgetting sums over fused steps of x = (1, p) and y = seconds beyond pure(d): n, sp, pp, sy, spy.
         self._sums = [0.0] * 5
+        self.prefill_only_s_per_token = 0.0  # EWMA over prefill-only steps; 0 = none timed yet
+        # Decode tokens -> forgetting sums (seconds, prefill tokens) over steps with prompts waiting beside
+        # them; _waited_beside: the batch prefill_cap was last asked about, until its step is observed.
+        self._paced: dict[int, tuple[float, float]] = {}
+        self._pace_keep = 1.0 - 1.0 / (4 * window_fit)
+        self._waited_beside: int | None = None
 
     # ---- timing (the scheduler calls these) ----
 
@@ -58,8 +68,18 @@ class StepCostModel:
             self.observe(timed[2], batched_tokens - timed[2], time.perf_counter() - timed[1])
 
     def observe(self, decode_tokens: int, prefill_tokens: int, seconds: float) -> None:
-        if seconds <= 0 or decode_tokens <= 0:
-            return  # prefill-only steps hold no stream back: nothing to earn or pay
+        if seconds <= 0:
+            return
+        if decode_tokens <= 0:  # holds no stream back: nothing to earn or pay; placement reads its pace
+            if prefill_tokens > 0:
+                rate, old = seconds / prefill_tokens, self.prefill_only_s_per_token
+                self.prefill_only_s_per_token = rate if old == 0 else old + _PREFILL_ALPHA * (rate - old)
+            return
+        if self._waited_beside == decode_tokens:
+            sec, tok = self._paced.get(decode_tokens, (0.0, 0.0))
+            k = self._pace_keep
+            self._paced[decode_tokens] = (sec * k + seconds, tok * k + prefill_tokens)
+        self._waited_beside = None
         if prefill_tokens == 0:
             old = self.pure_seconds.get(decode_tokens)
             self.pure_seconds[decode_tokens] = seconds if old is None else old + _PURE_ALPHA * (seconds - old)
@@ -112,6 +132,8 @@ class StepCostModel:
         prompts still need: all of them if that fits the credit; once the credit is full, what it buys
         (>= 1, so a prompt always progresses); else 0 while it builds. 0 until a decode-only step of this
         batch was timed (nothing to compare with yet); what it buys is 1 token until a fused step was."""
+        if pending_tokens > 0:
+            self._waited_beside = decode_tokens  # the step it shapes paces the prompts: observe times it
         pure = self.pure(decode_tokens)
         if pure is None or pending_tokens <= 0:
             return 0
@@ -132,9 +154,34 @@ class StepCostModel:
         # stand (the credit kept and the chunk bought are both read off the fit).
         return max(1, affordable // 2 if self._fused_steps % 2 else affordable)
 
+    def fused_prefill_s_per_token(self, decode_tokens: int) -> float | None:
+        """Wall seconds per prompt token while prompts wait beside a batch of `decode_tokens` decodes (the
+        steps that bank credit count, as do those that spend it), measured over about `window_fit` x 4
+        such steps: the nearest smaller batch measured (a bigger one pays no slower), else the smallest;
+        None until such steps prefilled a token."""
+        paced = {d: sec / tok for d, (sec, tok) in self._paced.items() if tok > 0}
+        if not paced:
+            return None
+        below = [d for d in paced if d <= decode_tokens]
+        return paced[max(below) if below else min(paced)]
+
     def _full(self, pure: float) -> float:
         """The most credit kept: `window` steps' worth, or enough to pay a fused step's fixed cost twice and
         a token (where leaving the decode path costs more than the window earns, e.g. next to CUDA graphs)."""
         fit = self.extra()
         floor = 0.0 if fit is None else 2.0 * fit[0] + fit[1]
         return max(self.window * (self.max_slowdown - 1.0) * pure, floor)
+
+
+def with_placement_costs(stats: EngineStats, step_cost: StepCostModel | None,
+                         awaiting_kv: int) -> EngineStats:
+    """`stats` plus, for conditional placement (router/placement.py), the reservations whose KV is in flight
+    and the measured pace of a prompt prefilled here:
+    alone (prefill-only steps) and beside the sequences running now (the split-fused credit's pace for that
+    batch; a prompt placed now would decode beside them). 0.0 where nothing was measured yet."""
+    alone = beside = 0.0
+    if step_cost is not None:
+        alone = step_cost.prefill_only_s_per_token
+        beside = step_cost.fused_prefill_s_per_token(max(1, stats.num_running - awaiting_kv)) or 0.0
+    return dataclasses.replace(stats, num_awaiting_kv=awaiting_kv, prefill_s_per_token=alone,
+                               fused_prefill_s_per_token=beside)

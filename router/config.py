@@ -25,6 +25,9 @@ class RouterConfig:
     prefill_placement: str = "cost"
     local_prefill_max_tokens: int = 0
     local_prefill_budget_tokens: int = 512  # "cost": longer prompts are never prefilled on a decode worker
+    # "cost": the TTFT objective; a local prompt must not hold a transfer in flight past it. None = the cost
+    # policy weighs only the total delay (its own first token against what it adds to the others').
+    placement_ttft_slo_s: float | None = None
     max_model_len: int | None = None  # None = the model's context length
     metrics_port: int | None = 9400  # None = no /metrics endpoint; 0 = pick a free port
     # The OpenAI-compatible HTTP door on `host`: None = off (`pdserve up` serves it on 8000); 0 = a free port.
@@ -62,6 +65,8 @@ class RouterConfig:
         require_at_least(self, 1, "default_max_tokens", "max_request_bytes", "max_stop_chars")
         require_positive(self, "request_timeout_s", "worker_refresh_s", "worker_call_timeout_s",
                          "worker_heartbeat_timeout_s", "queue_retry_after_s")
+        if self.placement_ttft_slo_s is not None and self.placement_ttft_slo_s <= 0:
+            raise ValueError(f"placement_ttft_slo_s must be > 0 or None, got {self.placement_ttft_slo_s}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if not 0 <= self.port <= 65535:

@@ -99,17 +99,25 @@ class _Ewma:
 
 @register_placement("cost")
 class Cost(PlacementPolicy):
-    """Compares the delay each choice adds, from costs measured on remote prefills (EWMA):
+    """Prefills a prompt on a decode worker only where its first token comes sooner that way, counting the
+    delay it adds to the worker's transfers in flight; from costs measured on both sides:
 
     remote = the least-queued prefill worker's wait (queued tokens x s/token) + n x (compute + exposed
-             transfer s/token) + the call's own overhead (round trip minus both);
-    local  = n x compute s/token x (1 + r): the prompt's own wait, and each of the r sequences the least
-             busy decode worker runs is held back as long (split-fused steps share one budget).
+             transfer s/token) + the call's own overhead (round trip minus both): EWMAs of remote prefills;
+    local  = (the decode worker's queued local prompt tokens + n) x its measured pace: beside running
+             sequences the split-fused credit's (`fused_prefill_s_per_token`: the credit lets prefill have
+             only (s - 1) / s of the wall clock, and on CPU each chunk leaves the flat decode path), else a
+             prefill-only step's (`prefill_s_per_token`; the pool's own s/token until the worker measured);
+             a prompt queued behind another local one pays the credit's pace for its own n tokens, as it
+             will prefill beside that one's decode;
+    harm   = on a worker running no sequences the prompt runs in prefill-only steps of about `local`
+             seconds, and the engine admits a landed transfer only between steps: each of its transfers in
+             flight lands meanwhile with odds local / (the pool's drain time) and then waits local / 2.
 
-    So an idle decode worker prefills short prompts itself (no transfer, no hop), a busy one leaves them to
-    the pool, and a long pool queue pulls prompts local. A prompt longer than the decode worker's budget
-    (local_prefill_budget_tokens) always goes remote; until `warmup` remote prefills were measured there is
-    nothing to compare, so everything goes remote, as a fully disaggregated cluster does.
+    Local iff local + harm < remote; with `placement_ttft_slo_s`, also not where the steps would hold a
+    transfer in flight past that SLO (its slack taken as the SLO minus today's remote estimate). A prompt
+    longer than local_prefill_budget_tokens always goes remote; until `warmup` remote prefills were
+    measured there is nothing to compare, so everything goes remote, as a fully disaggregated cluster does.
     """
 
     def __init__(self, config: RouterConfig, warmup: int = 8) -> None:
@@ -126,14 +134,37 @@ class Cost(PlacementPolicy):
         self.transfer_s_per_token.add(exposed_transfer_s / n)
         self.overhead_s.add(max(0.0, round_trip_s - prefill_s - exposed_transfer_s))
 
-    def estimates(self, num_tokens: int, prefill: Sequence[WorkerInfo],
-                  decode: Sequence[WorkerInfo]) -> tuple[float, float]:
-        """(local, remote) seconds of delay this prompt adds, by the costs measured so far."""
+    def remote(self, num_tokens: int, prefill: Sequence[WorkerInfo]) -> float:
+        """Seconds until this prompt's KV would land, by the costs measured so far."""
         c = self.compute_s_per_token.value
         wait = min(w.stats.queued_prefill_tokens for w in prefill) * c
-        remote = wait + num_tokens * (c + self.transfer_s_per_token.value) + self.overhead_s.value
-        running = min((w.stats.num_running for w in decode), default=0)
-        return num_tokens * c * (1 + running), remote
+        return wait + num_tokens * (c + self.transfer_s_per_token.value) + self.overhead_s.value
+
+    def local(self, num_tokens: int, decode: WorkerInfo,
+              prefill: Sequence[WorkerInfo]) -> tuple[float, float]:
+        """(seconds until this prompt's first token on `decode`, seconds of delay it adds to the transfers
+        in flight to it)."""
+        s, c = decode.stats, self.compute_s_per_token.value
+        alone = s.prefill_s_per_token or c  # the same model on the same kind of core until measured
+        beside = s.num_running - s.num_awaiting_kv  # sequences it runs now: decoding, or prefilling
+        paced = s.fused_prefill_s_per_token or alone * (1 + max(1, beside))
+        # Behind a local prompt, this one runs beside that prompt's decode once it has its first token.
+        own = paced if beside or s.queued_prefill_tokens else alone
+        seconds = s.queued_prefill_tokens * (paced if beside else alone) + num_tokens * own
+        if beside or not s.num_awaiting_kv:
+            return seconds, 0.0  # beside running sequences it goes in credit-sized chunks
+        drain = max(w.stats.queued_prefill_tokens for w in prefill) * c + self.overhead_s.value
+        landing = 1.0 if drain <= seconds else seconds / drain
+        return seconds, s.num_awaiting_kv * landing * seconds / 2
+
+    def estimates(self, num_tokens: int, prefill: Sequence[WorkerInfo],
+                  decode: Sequence[WorkerInfo]) -> tuple[float, float, float]:
+        """(local, its harm, remote) seconds on the decode worker where local + harm is least."""
+        remote = self.remote(num_tokens, prefill)
+        if not decode:
+            return float("inf"), 0.0, remote
+        local, harm = min((self.local(num_tokens, w, prefill) for w in decode), key=sum)
+        return local, harm, remote
 
     def _place(self, num_tokens: int, prefill: Sequence[WorkerInfo],
                decode: Sequence[WorkerInfo]) -> Placement:
@@ -141,5 +172,10 @@ class Cost(PlacementPolicy):
             return Placement(False, "over_decode_budget")
         if self.compute_s_per_token.count < self.warmup:
             return Placement(False, "warming_up")
-        local, remote = self.estimates(num_tokens, prefill, decode)
-        return Placement(True, "local_cheaper") if local < remote else Placement(False, "remote_cheaper")
+        local, harm, remote = self.estimates(num_tokens, prefill, decode)
+        if local + harm >= remote:
+            return Placement(False, "remote_cheaper")
+        slo = self.config.placement_ttft_slo_s
+        if harm and slo is not None and local > slo - remote:
+            return Placement(False, "holds_transfers")
+        return Placement(True, "local_cheaper")

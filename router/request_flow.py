@@ -263,7 +263,8 @@ class RequestFlow:
                 unreachable.append(str(e))
                 continue
             self._decode_id = client.worker_id
-            self._pool.note_reserved(client.worker_id, len(reservation.block_ids), local)
+            self._pool.note_reserved(client.worker_id, len(reservation.block_ids), local,
+                                     len(reserve.prompt_token_ids))
             return client, reservation
         if not refusals:
             raise FlowFailure(

@@ -155,11 +155,13 @@ class WorkerPool:
         stats = dataclasses.replace(s, **{k: max(0, getattr(s, k) + v) for k, v in delta.items()})
         self._infos[worker_id] = dataclasses.replace(info, stats=stats)
 
-    def note_reserved(self, decode_id: str, num_blocks: int, prefill_locally: bool) -> None:
+    def note_reserved(self, decode_id: str, num_blocks: int, prefill_locally: bool, num_tokens: int) -> None:
+        """A reservation on `decode_id`: a local prompt of `num_tokens` queues there (conditional placement
+        prices the queue), a remote one holds blocks and awaits its KV."""
         if prefill_locally:
-            self._adjust(decode_id, num_waiting=1)
+            self._adjust(decode_id, num_waiting=1, queued_prefill_tokens=num_tokens)
         else:
-            self._adjust(decode_id, num_free_blocks=-num_blocks, num_running=1)
+            self._adjust(decode_id, num_free_blocks=-num_blocks, num_running=1, num_awaiting_kv=1)
 
     def note_prefill(self, prefill_id: str, num_tokens: int, finished: bool) -> None:
         self._adjust(prefill_id, queued_prefill_tokens=-num_tokens if finished else num_tokens)

@@ -11,8 +11,9 @@ from router.placement import NO_PREFILL_WORKER, Placement, UnknownPlacement, kno
 pytestmark = pytest.mark.timeout(30)
 
 
-def info(wid: str, role: str, running: int = 0, queued: int = 0) -> WorkerInfo:
-    return WorkerInfo(wid, role, "ready", EngineStats(100, 100, running, 0, queued))
+def info(wid: str, role: str, running: int = 0, queued: int = 0, **measured: float) -> WorkerInfo:
+    """`measured`: the decode worker's num_awaiting_kv, prefill_s_per_token, fused_prefill_s_per_token."""
+    return WorkerInfo(wid, role, "ready", EngineStats(100, 100, running, 0, queued, **measured))
 
 
 PREFILL = [info("p0", "prefill")]
@@ -46,20 +47,70 @@ def test_cost_goes_remote_until_it_has_measured_remote_prefills() -> None:
     assert policy.place(10, PREFILL, IDLE_DECODE) == Placement(False, "warming_up")
 
 
-def test_cost_prefills_short_prompts_on_an_idle_decode_worker_and_leaves_them_to_the_pool_when_busy() -> None:
+def test_cost_prefills_short_prompts_on_an_idle_decode_worker_at_the_pools_pace_until_it_measured_its_own():
     policy = warmed()
-    local, remote = policy.estimates(100, PREFILL, IDLE_DECODE)
-    assert local == pytest.approx(0.1) and remote == pytest.approx(0.1 + 0.01 + 0.02)
+    assert policy.estimates(100, PREFILL, IDLE_DECODE) == pytest.approx((0.1, 0.0, 0.1 + 0.01 + 0.02))
     assert policy.place(100, PREFILL, IDLE_DECODE) == Placement(True, "local_cheaper")
-    busy = [info("d0", "decode", running=8), info("d1", "decode", running=3)]
-    assert policy.place(100, PREFILL, busy) == Placement(False, "remote_cheaper")
+    slow = [info("d0", "decode", prefill_s_per_token=0.005)]  # its own prefill-only steps, measured
+    assert policy.estimates(100, PREFILL, slow)[0] == pytest.approx(0.5)
+    assert policy.place(100, PREFILL, slow) == Placement(False, "remote_cheaper")
 
 
-def test_cost_pulls_prompts_local_when_the_prefill_pool_is_backed_up() -> None:
+def test_cost_prices_a_prompt_beside_running_decodes_at_the_credits_measured_pace():
     policy = warmed()
-    busy = [info("d0", "decode", running=3)]
-    assert policy.place(100, [info("p0", "prefill", queued=100)], busy).local is False
+    busy = [info("d0", "decode", running=1, fused_prefill_s_per_token=0.004)]
+    assert policy.estimates(100, PREFILL, busy)[0] == pytest.approx(0.4)
+    assert policy.place(100, PREFILL, busy) == Placement(False, "remote_cheaper")
+    # The old price, n x pool pace x (1 + running) = 0.2 s, would have put it local behind a 150 ms queue.
+    backed_up = [info("p0", "prefill", queued=150)]
+    assert policy.place(100, backed_up, busy).local is False
     assert policy.place(100, [info("p0", "prefill", queued=1000)], busy) == Placement(True, "local_cheaper")
+    unmeasured = [info("d0", "decode", running=3)]  # no fused step timed yet: n x pace x (1 + running)
+    assert policy.estimates(100, PREFILL, unmeasured)[0] == pytest.approx(0.4)
+
+
+def test_cost_counts_the_prompts_already_queued_on_the_decode_worker_and_the_pace_behind_them():
+    policy = warmed()
+    pool = [info("p0", "prefill", queued=300)]  # remote: 0.3 + 0.11 + 0.02
+    assert policy.place(100, pool, IDLE_DECODE) == Placement(True, "local_cheaper")
+    # 200 tokens ahead at 1 ms; its own 100 beside their decode once they have their first token: 4 ms each.
+    queued = [info("d0", "decode", queued=200, fused_prefill_s_per_token=0.004)]
+    assert policy.estimates(100, pool, queued)[0] == pytest.approx(0.2 + 0.4)
+    assert policy.place(100, pool, queued) == Placement(False, "remote_cheaper")
+    unmeasured = [info("d0", "decode", queued=200)]  # no fused pace yet: twice the prefill-only one
+    assert policy.estimates(100, pool, unmeasured)[0] == pytest.approx(0.2 + 0.2)
+
+
+def test_cost_weighs_the_wait_a_prefill_only_step_adds_to_transfers_landing_meanwhile():
+    policy = warmed()
+    pool = [info("p0", "prefill", queued=150)]  # remote: 0.15 + 200 x 1.1 ms + 0.02 = 0.39 s
+    assert policy.place(200, pool, IDLE_DECODE) == Placement(True, "local_cheaper")  # 0.2 s, no one waits
+    inflight = [info("d0", "decode", running=2, num_awaiting_kv=2)]  # both land within its 0.2 s step
+    local, harm, remote = policy.estimates(200, pool, inflight)
+    assert (local, harm, remote) == pytest.approx((0.2, 2 * 0.2 / 2, 0.39))
+    assert policy.place(200, pool, inflight) == Placement(False, "remote_cheaper")
+    # A long pool queue spreads their landings: one lands during the step with odds 0.2 / 1.02.
+    long_pool = [info("p0", "prefill", queued=1000)]
+    one_inflight = [info("d0", "decode", running=1, num_awaiting_kv=1)]
+    local, harm, remote = policy.estimates(200, long_pool, one_inflight)
+    assert harm == pytest.approx(0.2 / 1.02 * 0.1) and local + harm < remote
+
+
+def test_cost_with_a_ttft_slo_holds_no_transfer_in_flight_past_its_slack():
+    one_inflight = [info("d0", "decode", running=1, num_awaiting_kv=1)]
+    long_pool = [info("p0", "prefill", queued=1000)]  # remote 1.24 s; local 0.2 s
+    assert warmed(placement_ttft_slo_s=2.0).place(200, long_pool, one_inflight).local is True
+    tight = warmed(placement_ttft_slo_s=1.4)  # slack 0.16 s < the 0.2 s step
+    assert tight.place(200, long_pool, one_inflight) == Placement(False, "holds_transfers")
+    assert tight.place(200, long_pool, IDLE_DECODE).local is True  # nothing in flight to hold
+    with pytest.raises(ValueError, match="placement_ttft_slo_s"):
+        RouterConfig(placement_ttft_slo_s=0.0)
+
+
+def test_cost_takes_the_decode_worker_where_the_prompt_costs_least():
+    policy = warmed()
+    workers = [info("d0", "decode", running=8, fused_prefill_s_per_token=0.01), info("d1", "decode")]
+    assert policy.estimates(100, PREFILL, workers) == pytest.approx((0.1, 0.0, 0.13))
 
 
 def test_cost_never_prefills_beyond_the_decode_budget_locally() -> None:

@@ -144,6 +144,26 @@ def taught(decodes: int) -> StepCostModel:
     return model
 
 
+@pytest.mark.parametrize("decodes", [1, 2, 8])
+def test_the_fused_prefill_pace_it_reports_is_the_pace_the_credit_keeps(decodes):
+    model = StepCostModel(1.35)
+    assert model.fused_prefill_s_per_token(decodes) is None  # nothing timed yet
+    trace = run(model, decodes, pending=100_000, steps=600)
+    steady = trace[100:]
+    measured = sum(t for _, t in steady) / sum(p for p, _ in steady)  # wall seconds per prompt token
+    assert model.fused_prefill_s_per_token(decodes) == pytest.approx(measured, rel=0.05)
+    assert measured > 3 * PER_PREFILL  # far slower than the same tokens in a prefill-only step
+
+
+def test_prefill_only_steps_teach_the_pace_of_a_prompt_on_an_idle_worker():
+    model = StepCostModel(1.5)
+    assert model.prefill_only_s_per_token == 0.0
+    model.observe(0, 400, 400 * 0.0045)
+    model.observe(0, 200, 200 * 0.0050)
+    assert model.prefill_only_s_per_token == pytest.approx(0.0045 + 0.2 * 0.0005)
+    assert model.pure_seconds == {} and model.credit == 0.0  # and nothing earned or paid
+
+
 def test_beside_decodes_the_scheduler_prefills_only_what_the_credit_buys():
     sched = make(1.5)
     for i in range(4):
