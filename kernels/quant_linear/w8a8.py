@@ -49,6 +49,17 @@ def store_scaled(out_ptr, acc, a_scale, b_scale, offs_m, offs_n, M, N, stride_om
 
 
 @triton.jit
+def store_tile(out_ptr, acc, a_scale_ptr, b_scale_ptr, pid_m, pid_n, M, N, stride_om,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """store_scaled for the output tile (pid_m, pid_n), its scales loaded masked: the TMA epilogue."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
+    b_scale = tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+    store_scaled(out_ptr, acc, a_scale, b_scale, offs_m, offs_n, M, N, stride_om)
+
+
+@triton.jit
 def _int8_gemm_kernel(
     a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, out_ptr, M, N, K, stride_am, stride_bn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -93,11 +104,7 @@ def _int8_gemm_tma_kernel(
         a = a_desc.load([pid_m * BLOCK_M, k])
         b = b_desc.load([pid_n * BLOCK_N, k])
         acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
-    b_scale = tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
-    store_scaled(out_ptr, acc, a_scale, b_scale, offs_m, offs_n, M, N, stride_om)
+    store_tile(out_ptr, acc, a_scale_ptr, b_scale_ptr, pid_m, pid_n, M, N, stride_om, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -119,11 +126,7 @@ def _int8_gemm_tma_persistent_kernel(
             acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
         tile_out += NUM_SMS
         out_m, out_n = grouped_tile(tile_out, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        offs_m = out_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = out_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
-        b_scale = tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
-        store_scaled(out_ptr, acc, a_scale, b_scale, offs_m, offs_n, M, N, stride_om)
+        store_tile(out_ptr, acc, a_scale_ptr, b_scale_ptr, out_m, out_n, M, N, stride_om, BLOCK_M, BLOCK_N)
 
 
 @functools.cache
