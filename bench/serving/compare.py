@@ -25,6 +25,7 @@ from bench.serving.workload import SharedPrefix, WorkloadSpec, synthesize
 
 REPO = Path(__file__).resolve().parents[2]
 _HIT_RATIO = re.compile(r'^pdserve_prefix_cache_hit_ratio\{[^}]*worker="([^"]+)"[^}]*\} ([0-9.eE+-]+)$', re.M)
+_PLACEMENT = re.compile(r'^pdserve_prefill_placement_total\{([^}]*)\} ([0-9.eE+-]+)$', re.M)
 
 
 def _start(flags: list[str], workdir: Path) -> tuple[subprocess.Popen, dict, Path]:
@@ -73,12 +74,25 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def _hit_ratios(metrics_url: str) -> dict[str, float]:
+def _scrape(metrics_url: str) -> str:
     try:
-        text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+        return urllib.request.urlopen(metrics_url, timeout=10).read().decode()
     except OSError:
-        return {}
+        return ""
+
+
+def _hit_ratios(text: str) -> dict[str, float]:
     return {worker: float(value) for worker, value in _HIT_RATIO.findall(text)}
+
+
+def placements(text: str) -> dict[str, int]:
+    """The run's prompts by where they were prefilled and why ("local/cheaper": n), warm-up and every probe
+    together: the counter lives as long as the cluster, which the harness stops after the load."""
+    out = {}
+    for labels, value in _PLACEMENT.findall(text):
+        kv = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        out[f"{kv.get('where', '?')}/{kv.get('reason', '?')}"] = int(float(value))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
                                                         "--label", label])
                 result = bench_run(bench_args)
                 result["up_flags"] = flags
-                result["prefix_cache_hit_ratio"] = _hit_ratios(info["metrics_url"])
+                metrics = _scrape(info["metrics_url"])
+                result["prefix_cache_hit_ratio"] = _hit_ratios(metrics)
+                result["prefill_placements"] = placements(metrics)
+                print(f"{label} prefill placements: " + (", ".join(
+                    f"{k} {v}" for k, v in sorted(result["prefill_placements"].items())) or "-"), flush=True)
                 result["load_average"] = os.getloadavg()
             finally:
                 _stop(proc)

@@ -19,3 +19,15 @@ def test_each_configuration_gets_a_row_and_its_ratios_to_the_first():
     assert lines[2] == "| colocated | 0.400 | 0.50 | 8.0 | 2000 / 4000 | 50 / 100 | 100% | decode-0 0.50 |"
     assert lines[3].startswith("| disagg | 0.600 | 0.50 | 8.0 | 1000 / 2000 | 25 / 50 |")
     assert lines[4] == "disagg / colocated: goodput 1.50x, TTFT p50 0.50x, TPOT p99 0.50x"
+
+
+def test_placement_counts_are_read_from_the_routers_metrics_text():
+    from prometheus_client import generate_latest
+
+    from bench.serving.compare import placements
+    from router.metrics import RouterMetrics
+
+    metrics = RouterMetrics()
+    for where, reason in (("local", "cheaper"), ("local", "cheaper"), ("remote", "cheaper")):
+        metrics.prefill_placed(where, reason)
+    assert placements(generate_latest(metrics.registry).decode()) == {"local/cheaper": 2, "remote/cheaper": 1}
