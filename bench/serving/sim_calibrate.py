@@ -21,7 +21,7 @@ from bench.serving.sim_fit import (
     observations,
     residuals_ms,
 )
-from bench.serving.sim_runs import RunFile, load_run
+from bench.serving.sim_runs import RunFile, load_runs
 from bench.serving.sim_validate import sim_goodput
 
 METRICS = (("ttft_s", "p50"), ("ttft_s", "p90"), ("tpot_s", "p50"), ("tpot_s", "p90"))
@@ -55,8 +55,7 @@ class Calibration:
         """`exclude`: run names (RunFile.named) held out; a sweep's goodput (named by the stem) is
         also left out when any of its probes is, since the measured figure came from them."""
         runs, sweeps = [], []
-        for p in paths:
-            f = load_run(p)
+        for f in (f for p in paths for f in load_runs(p)):
             d, cfg = f.data, f.config
             named = f.named()
             runs += [(recs, Slo(cfg["slo_ttft"], cfg["slo_tpot"]), f) for name, _, recs in named
@@ -94,7 +93,7 @@ def fit_cpu(paths: list[str | Path], calibrate_on: list[str | Path] | None = Non
     With `engine` (the engine alone's timed steps), prefill's cost and the decode step's slope are the
     engine's, a lone request's TTFT beyond its prefill is path latency, and the grid searches only the
     host's contention."""
-    files = [load_run(p) for p in paths]
+    files = [f for p in paths for f in load_runs(p)]
     lone = [o for f in files for name, _, recs in f.named() if name not in exclude
             for o in isolated(observations(f, recs))]
     if not lone:

@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 
 from bench.serving.client import RequestRecord
 from bench.serving.sim_costs import StepCosts
+from bench.serving.sim_placement import SimPlacement
 from engine.step_cost import StepCostModel
 
-MODES = ("disagg", "coloc")
+MODES = ("disagg", "coloc", "cond")
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,9 @@ class SimRequest:
 @dataclass(frozen=True)
 class ClusterSpec:
     """disagg: prefill_workers + decode_workers; coloc: decode_workers workers that prefill and decode
-    (one scheduler: decode tokens first, then prefill chunks under the same budget, as the engine does)."""
+    (one scheduler: decode tokens first, then prefill chunks under the same budget, as the engine does);
+    cond: prefill_workers + decode_workers that also prefill the prompts router/placement.py's `cost`
+    policy places on them (`pdserve up --prefill-placement cost`, the default)."""
     mode: str
     prefill_workers: int = 1
     decode_workers: int = 1
@@ -53,7 +56,7 @@ class ClusterSpec:
             raise ValueError(f"mode {self.mode!r}: expected one of {', '.join(MODES)}")
         if self.fused_max_slowdown and self.fused_max_slowdown <= 1.0:
             raise ValueError(f"fused_max_slowdown must be 0 (off) or > 1, got {self.fused_max_slowdown}")
-        if self.decode_workers < 1 or (self.mode == "disagg" and self.prefill_workers < 1):
+        if self.decode_workers < 1 or (self.mode != "coloc" and self.prefill_workers < 1):
             raise ValueError("a cluster needs at least one worker of each role it uses")
 
 
@@ -68,6 +71,10 @@ class _Req:
     end: float | None = None
     finish_step: int = 0
     decode_worker: _Worker | None = None
+    dispatched: float = 0.0
+    prefill_start: float | None = None  # on a prefill worker: its first chunk's step started
+    prefill_s: float = 0.0  # on a prefill worker: first chunk started -> last computed, and the exposed
+    exposed_s: float = 0.0  # transfer after it (what the router's placement learns from)
 
 
 @dataclass(eq=False)
@@ -94,6 +101,13 @@ class _Worker:
     step_batch: int = 0  # the running step's decode tokens
     step_cost: StepCostModel | None = None  # the split-fused time credit (a colocated worker, when on)
     cached: dict[int, int] = field(default_factory=dict)  # prefix id -> its tokens held in full blocks
+    awaiting: int = 0  # requests dispatched here whose KV is still on a prefill worker or in flight
+
+    def waiting_local(self) -> tuple[int, int]:
+        """(sequences the engine would count running beyond the batch: local prompts it started, prefilled
+        or landed ones awaiting a step; local prompts not started): what placement reads."""
+        started = sum(1 for r in self.queue if r.hit is not None)
+        return started + len(self.pending), len(self.queue) - started
 
 
 class Simulation:
@@ -107,13 +121,21 @@ class Simulation:
         self.now = 0.0
         self._heap: list[tuple[float, int, Callable[..., None], tuple]] = []
         self._seq = 0
-        role = "decode" if spec.mode == "disagg" else "coloc"
+        role = "decode" if spec.mode == "disagg" else "coloc"  # cond: decode workers prefill too
         self.decoders = [_Worker(role, i) for i in range(spec.decode_workers)]
         if role == "coloc" and spec.fused_max_slowdown:  # the only role here whose steps fuse prefill
             for w in self.decoders:
                 w.step_cost = StepCostModel(spec.fused_max_slowdown)
         self.prefillers = ([_Worker("prefill", i) for i in range(spec.prefill_workers)]
-                           if spec.mode == "disagg" else [])
+                           if spec.mode != "coloc" else [])
+        self.placement: SimPlacement | None = None
+        self.placements: dict[str, int] = {}  # "where/reason" -> prompts, as the router's metric counts
+        if spec.mode == "cond":
+            self.placement = SimPlacement()
+            if requests:  # a cluster warmed by earlier probes: the policy has measured remote prefills
+                n = round(sum(r.prompt for r in requests) / len(requests))
+                prefill_ms = costs.prefill.step_ms([(n, 0)])
+                self.placement.warm(n, prefill_ms / 1e3, costs.transfer.exposed_ms(n, prefill_ms) / 1e3, 0.0)
         self.workers = self.prefillers + self.decoders
         self.reqs = [_Req(i, r) for i, r in enumerate(requests)]
         self._waiting: deque[_Req] = deque()  # admitted, no decode worker has KV room yet
@@ -156,12 +178,24 @@ class Simulation:
             d = min(fits, key=lambda w: (w.kv_used, w.assigned, w.index))
             d.kv_used += need
             d.assigned += 1
-            r.decode_worker = d
-            p = d if self.spec.mode == "coloc" else min(
-                self.prefillers, key=lambda w: (w.queued_tokens, len(w.queue), w.index))
+            r.decode_worker, r.dispatched = d, self.now
+            if self.spec.mode == "coloc" or self._local(r):
+                p = d
+            else:
+                p = min(self.prefillers, key=lambda w: (w.queued_tokens, len(w.queue), w.index))
+                d.awaiting += 1
             p.queue.append(r)
             p.queued_tokens += r.req.prompt
             self._kick(p)
+
+    def _local(self, r: _Req) -> bool:
+        """Conditional placement's decision for r (counted as the router's metric counts it)."""
+        if self.placement is None:
+            return False
+        placed = self.placement.place(r.req.prompt, self.prefillers, self.decoders)
+        key = f"{placed.where}/{placed.reason}"
+        self.placements[key] = self.placements.get(key, 0) + 1
+        return placed.local
 
     # --- workers: a step starts when idle and there is work; its cost comes from the cost models ---
     def _kick(self, w: _Worker) -> None:
@@ -177,6 +211,9 @@ class Simulation:
         chunks = self._chunks(w, budget) if w.role != "decode" else []
         if not batch and not chunks:
             return
+        for r, _ in chunks:
+            if w.role == "prefill" and r.prefill_start is None:
+                r.prefill_start = self.now
         ms = c.prefill.step_ms([(n, r.computed) for r, n in chunks]) if chunks else 0.0
         if batch:
             ms = c.decode.step_ms(batch, w.ctx_sum) + (c.prefill.marginal_ms(
@@ -282,6 +319,7 @@ class Simulation:
                 else:  # only the part the decode worker lacks travels (the transfer's start offset)
                     sent = r.req.prompt - self._cache_hit(r.decode_worker, r)
                     exposed = self.costs.transfer.exposed_ms(sent, ms)
+                    r.prefill_s, r.exposed_s = self.now - r.prefill_start, exposed / 1e3
                     self._at(self.now + exposed / 1e3, self._kv_arrived, r)
         # Busy until here so that a dispatch triggered above cannot start a second step on this worker.
         w.busy = False
@@ -291,6 +329,9 @@ class Simulation:
 
     def _kv_arrived(self, r: _Req) -> None:
         d = r.decode_worker
+        d.awaiting -= 1
+        if self.placement is not None:
+            self.placement.observe(r.req.prompt, r.prefill_s, r.exposed_s, self.now - r.dispatched)
         self._cache(d, r, r.req.prompt)
         d.pending.append(r)
         self._kick(d)

@@ -14,10 +14,11 @@ from bench.serving.workload import SharedPrefix
 LEGACY_CLUSTER = ClusterSpec("disagg", prefill_workers=1, decode_workers=1)
 
 
-def cluster_for(up_flags: list[str] | None) -> ClusterSpec:
+def cluster_for(up_flags: list[str] | None, max_prompt: int = 0) -> ClusterSpec:
     """The spec the simulator replays a run on, from the `pdserve up` flags `bench compare` recorded
-    (deploy/cli.py's defaults for what they leave out). Only what the event loop models is accepted:
-    a prompt prefilled on the decode worker (conditional placement) is not, so such a run is refused."""
+    (deploy/cli.py's defaults for what they leave out): pure 1P+1D (threshold 0), colocated (a threshold
+    no prompt of the run exceeds, `max_prompt` its longest: the prefill workers idle), or conditional
+    (`cost`). A threshold that splits the run's prompts is not modelled and is refused."""
     if up_flags is None:
         return LEGACY_CLUSTER
     p = argparse.ArgumentParser(add_help=False)
@@ -27,13 +28,21 @@ def cluster_for(up_flags: list[str] | None) -> ClusterSpec:
     p.add_argument("--long-prefill-threshold", type=int, default=128)
     p.add_argument("--prefill-placement", default="cost")
     p.add_argument("--local-prefill-max-tokens", type=int, default=0)
+    p.add_argument("--fused-max-slowdown", type=float, default=1.35)
     a, _ = p.parse_known_args(up_flags)
-    if a.prefill_placement != "threshold" or a.local_prefill_max_tokens:
-        raise ValueError(f"up flags {' '.join(up_flags)}: the simulator models prompts prefilled on the "
-                         "prefill pool only (--prefill-placement threshold --local-prefill-max-tokens 0)")
-    return ClusterSpec("disagg", prefill_workers=a.prefill, decode_workers=a.decode,
+    if a.prefill_placement == "cost":
+        mode = "cond"
+    elif a.prefill_placement == "threshold" and a.local_prefill_max_tokens == 0:
+        mode = "disagg"
+    elif a.prefill_placement == "threshold" and a.local_prefill_max_tokens >= max_prompt > 0:
+        mode = "coloc"
+    else:
+        raise ValueError(f"up flags {' '.join(up_flags)}: the simulator models pure 1P+1D (threshold 0), "
+                         "colocated (a threshold above every prompt of the run) and `cost` placement")
+    return ClusterSpec(mode, prefill_workers=a.prefill, decode_workers=a.decode,
                        long_prefill_threshold=a.long_prefill_threshold,
-                       prefix_caching=a.prefix_caching == "on")
+                       prefix_caching=a.prefix_caching == "on",
+                       fused_max_slowdown=0.0 if mode == "disagg" else a.fused_max_slowdown)
 
 
 def prefixes(config: dict) -> list[tuple[int, int] | None]:
@@ -77,12 +86,24 @@ class RunFile:
         return self.prefix_of[index] if index < len(self.prefix_of) else None
 
 
-def load_run(path: str | Path) -> RunFile:
+def load_runs(path: str | Path) -> list[RunFile]:
+    """`pdserve bench --json` (one run) or `bench compare --json` (one per configuration, named
+    `stem:label` where the file holds several: a one-run comparison replays as its configurations)."""
     d = json.loads(Path(path).read_text())
-    if isinstance(d, list):  # bench compare: the simulator's files hold one configuration each
-        if len(d) != 1:
-            raise ValueError(f"{path}: {len(d)} configurations; the simulator reads files of one")
-        d = d[0]
-    pre = prefixes(d["config"]) if d["config"].get("shared_prefix") else []
+    entries = d if isinstance(d, list) else [d]
     stem = Path(path).stem.removeprefix("serving_cpu_")
-    return RunFile(stem, d, cluster_for(d.get("up_flags")), tuple(pre))
+    return [_run_file(f"{stem}:{e['label']}" if len(entries) > 1 else stem, e) for e in entries]
+
+
+def load_run(path: str | Path) -> RunFile:
+    runs = load_runs(path)
+    if len(runs) != 1:
+        raise ValueError(f"{path}: {len(runs)} configurations; expected one")
+    return runs[0]
+
+
+def _run_file(stem: str, d: dict) -> RunFile:
+    pre = prefixes(d["config"]) if d["config"].get("shared_prefix") else []
+    runs = d["sweep"]["probes"] if d.get("sweep") else [d]
+    longest = max((r["prompt_tokens"] for run in runs for r in run["records"]), default=0)
+    return RunFile(stem, d, cluster_for(d.get("up_flags"), longest), tuple(pre))

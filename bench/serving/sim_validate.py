@@ -11,7 +11,7 @@ from bench.serving.goodput import find_goodput
 from bench.serving.metrics import Slo, percentile, summarize
 from bench.serving.sim_costs import StepCosts
 from bench.serving.sim_events import ClusterSpec, SimRequest, simulate
-from bench.serving.sim_runs import LEGACY_CLUSTER, RunFile, load_run, prefixes
+from bench.serving.sim_runs import LEGACY_CLUSTER, RunFile, load_runs, prefixes
 from bench.serving.workload import SharedPrefix, WorkloadSpec, parse_length, synthesize
 
 CPU_CLUSTER = LEGACY_CLUSTER  # what a run file without `up_flags` ran on
@@ -85,8 +85,7 @@ def sim_goodput(config: dict, costs: StepCosts, spec: ClusterSpec) -> float:
 def validate(paths: list[str | Path], costs: StepCosts) -> list[Row]:
     """Every run of every file replayed on the cluster spec its file ran on (sim_runs.cluster_for)."""
     rows: list[Row] = []
-    for path in paths:
-        f = load_run(path)
+    for f in (f for path in paths for f in load_runs(path)):
         d, cfg = f.data, f.config
         slo = Slo(cfg["slo_ttft"], cfg["slo_tpot"])
         if d.get("sweep"):

@@ -50,8 +50,14 @@ def test_the_cluster_spec_comes_from_the_up_flags_with_the_cli_defaults() -> Non
     spec = cluster_for(["--prefix-caching", "off", "--long-prefill-threshold", "0", "--prefill", "2",
                         "--prefill-placement", "threshold"])
     assert (spec.prefix_caching, spec.long_prefill_threshold, spec.prefill_workers) == (False, 0, 2)
-    with pytest.raises(ValueError, match="prefill pool only"):
-        cluster_for(["--device", "cpu"])  # conditional placement, the CLI's default
+    spec = cluster_for(["--device", "cpu"])  # conditional placement, the CLI's default
+    assert (spec.mode, spec.prefill_workers, spec.fused_max_slowdown) == ("cond", 1, 1.35)
+    colocated = ["--decode", "2", "--prefill-placement", "threshold", "--local-prefill-max-tokens", "4096",
+                 "--fused-max-slowdown", "1.2"]
+    spec = cluster_for(colocated, max_prompt=512)
+    assert (spec.mode, spec.decode_workers, spec.fused_max_slowdown) == ("coloc", 2, 1.2)
+    with pytest.raises(ValueError, match="colocated"):
+        cluster_for(colocated, max_prompt=5000)  # some prompts local, some remote: not modelled
 
 
 def test_a_compare_file_gives_each_request_its_system_prompt_and_the_fit_its_hits(tmp_path: Path) -> None:
