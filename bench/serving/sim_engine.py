@@ -84,16 +84,16 @@ def decode_ms(engine: LLMEngine, batch: int, steps: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--prefill", default="16,32,64,128,256,512")
-    p.add_argument("--decode", default="1,2,4,8,16,32")
+    p.add_argument("--prefill", default="16,32,64,128,256,512", help="prompt lengths ('' = none)")
+    p.add_argument("--decode", default="1,2,4,8,16,32", help="decode batches ('' = none)")
     p.add_argument("--cached", default="256:32,256:64,256:128", metavar="PREFIX:TOKENS,...",
                    help="prefills of TOKENS new tokens after a cached PREFIX (a prefix-cache hit)")
     p.add_argument("--steps", type=int, default=8, help="timed steps (prefill: prompts) per point")
     p.add_argument("--json", type=Path, default=None, dest="json_out")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    lengths = [int(x) for x in args.prefill.split(",")]
-    engine = LLMEngine(EngineConfig(max_batch_tokens=max(lengths), long_prefill_token_threshold=0,
+    lengths = [int(x) for x in args.prefill.split(",") if x]  # "" = none: time only the others
+    engine = LLMEngine(EngineConfig(max_batch_tokens=max(lengths, default=512), long_prefill_token_threshold=0,
                                     fused_step_max_slowdown=0, prefix_caching=False))
     out: dict = {"load_average_start": os.getloadavg(), "prefill": [], "decode": []}
     for n in lengths:
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         ms = cached_prefill_ms(c, n, args.steps)
         out["prefill"].append({"tokens": n, "cached": c, "step_ms": ms})
         print(f"prefill {n:4d} tokens after {c} cached: {ms:7.1f} ms", flush=True)
-    for b in (int(x) for x in args.decode.split(",")):
+    for b in (int(x) for x in args.decode.split(",") if x):
         ms = decode_ms(engine, b, args.steps)
         out["decode"].append({"batch": b, "context": DECODE_PROMPT, "step_ms": ms})
         print(f"decode batch {b:3d}: {ms:7.1f} ms", flush=True)
