@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     lengths = [int(x) for x in args.prefill.split(",") if x]  # "" = none: time only the others
-    engine = LLMEngine(EngineConfig(max_batch_tokens=max(lengths, default=512), long_prefill_token_threshold=0,
-                                    fused_step_max_slowdown=0, prefix_caching=False))
+    engine = LLMEngine(EngineConfig(max_batch_tokens=max(lengths, default=512),
+                                    long_prefill_token_threshold=0, fused_step_max_slowdown=0,
+                                    prefix_caching=False))
     out: dict = {"load_average_start": os.getloadavg(), "prefill": [], "decode": []}
     for n in lengths:
         ms = prefill_ms(engine, n, args.steps, n)
