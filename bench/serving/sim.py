@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bench.serving.metrics import Slo
 from bench.serving.sim_calibrate import fit_cpu
-from bench.serving.sim_costs import load_costs, save_costs
+from bench.serving.sim_costs import StepCosts, load_costs, save_costs
 from bench.serving.sim_crossval import crossval, format_crossval, save_crossval
 from bench.serving.sim_fit import EngineSteps, fit_h100
 from bench.serving.sim_search import MIXES, SearchSettings, best_bound, project, search, work_bound
@@ -38,8 +38,20 @@ def _engine(args: argparse.Namespace) -> EngineSteps | None:
 
 
 def _settings(args: argparse.Namespace) -> SearchSettings:
+    extra = {} if args.coloc_fused is None else {
+        "coloc_fused": tuple(float(x) for x in args.coloc_fused.split(","))}
     return SearchSettings(tp_choices=tuple(int(x) for x in args.tp.split(",")),
-                          tp_efficiency=args.tp_efficiency, max_num_seqs=args.max_num_seqs, seed=args.seed)
+                          tp_efficiency=args.tp_efficiency, max_num_seqs=args.max_num_seqs, seed=args.seed,
+                          arrival=args.arrival, coloc_pooled=args.cpu_units, conditional=args.cpu_units,
+                          **extra)
+
+
+def _costs(args: argparse.Namespace) -> StepCosts:
+    """The costs file, its host sharing scaled by --host-contention (0: a core of its own for every worker
+    and spare ones for the router, client and Ray)."""
+    costs, k = load_costs(args.costs), args.host_contention
+    dc = costs.decode_contention
+    return replace(costs, contention=costs.contention * k, decode_contention=None if dc is None else dc * k)
 
 
 def _mixes(args: argparse.Namespace) -> list:
@@ -103,7 +115,7 @@ def cmd_crossval(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    costs, s = load_costs(args.costs), _settings(args)
+    costs, s = _costs(args), _settings(args)
     for mix in _mixes(args):
         best = search(args.gpus, costs, mix, s)
         for mode, f in best.items():
@@ -123,7 +135,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_project(args: argparse.Namespace) -> int:
-    costs, s = load_costs(args.costs), _settings(args)
+    costs, s = _costs(args), _settings(args)
     t0 = time.perf_counter()
     gpus = tuple(int(g) for g in args.gpus.split(","))
     projections = project(gpus, costs, _mixes(args), s)
@@ -209,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--max-num-seqs", type=int, default=SearchSettings.max_num_seqs,
                        help="decode batch cap per worker (default: the largest CUDA graph bucket)")
         s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--arrival", choices=("poisson", "constant"), default="poisson")
+        s.add_argument("--coloc-fused", default=None, metavar="X,...",
+                       help="split-fused credits colocated units try, 0 = off (default 0,1.5)")
+        s.add_argument("--cpu-units", action="store_true",
+                       help="also colocated units of the whole unit's workers (one router over them) and "
+                            "conditional units (cost placement, credit from --coloc-fused)")
+        s.add_argument("--host-contention", type=float, default=1.0, metavar="K",
+                       help="scale the costs' host sharing (contention) by K; 0 = every worker on cores "
+                            "of its own")
         s.set_defaults(func=func)
     pr = sub.choices["project"]
     pr.add_argument("--slo-scales", type=lambda t: [float(x) for x in t.split(",")], default=None,

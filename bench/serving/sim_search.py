@@ -30,6 +30,10 @@ MIXES = {
                          Slo(ttft=0.4, tpot=0.02)),
     "decode-heavy": Mix("decode-heavy", parse_length("uniform:128:1024"), parse_length("uniform:256:1024"),
                         Slo(ttft=0.2, tpot=0.02)),
+    # The 2-core box's prefill-heavy comparison (docs/benchmarks.md, "Conditional placement priced"): SmolLM2
+    # on CPU, TTFT and TPOT 3x a lone request's (the loose SLO; --slo-tpot 0.043485 gives the tight one).
+    "cpu-prefill-heavy": Mix("cpu-prefill-heavy", parse_length("uniform:256:512"), parse_length("fixed:16"),
+                             Slo(ttft=4.581207, tpot=0.104364)),
 }
 
 
@@ -50,6 +54,11 @@ class SearchSettings:
     simulate_top: int = 3  # disaggregated splits simulated, best estimates first (every colocated one is)
     target: float = 0.9
     seed: int = 0
+    arrival: str = "poisson"  # or "constant", as the CPU runs were measured
+    # CPU units: a colocated unit as many workers as the others (one router's least-loaded dispatch over
+    # them, as `pdserve up --decode N` runs), and conditional units (`cost` placement) beside pure splits.
+    coloc_pooled: bool = False
+    conditional: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,7 +70,7 @@ class Unit:
     n_d: int
     tp_d: int
     budget: int
-    fused: float = 0.0  # colocated: ClusterSpec.fused_max_slowdown (0 = off)
+    fused: float = 0.0  # colocated and conditional: ClusterSpec.fused_max_slowdown (0 = off)
 
     @property
     def gpus(self) -> int:
@@ -71,7 +80,8 @@ class Unit:
         if self.mode == "coloc":
             credit = f" fused credit {self.fused:g}x" if self.fused else ""
             return f"coloc {self.n_d}xTP{self.tp_d} budget {self.budget}{credit}"
-        return f"{self.n_p}P(TP{self.tp_p}):{self.n_d}D(TP{self.tp_d})"
+        split = f"{self.n_p}P(TP{self.tp_p}):{self.n_d}D(TP{self.tp_d})"
+        return f"cond {split} credit {self.fused:g}x" if self.mode == "cond" else split
 
 
 @dataclass(frozen=True)
@@ -87,7 +97,7 @@ class Found:
 def workload(mix: Mix, rate: float, s: SearchSettings) -> list[SimRequest]:
     n = int(min(max(rate * s.seconds, s.min_requests), s.max_requests))
     rng = random.Random(s.seed)
-    offsets = arrival_offsets("poisson", rate, n, s.seed)
+    offsets = arrival_offsets(s.arrival, rate, n, s.seed)
     warm = n // 10  # the first tenth fills the pipeline and is left out, as the harness's --warmup does
     return [SimRequest(t, mix.prompt.sample(rng), mix.output.sample(rng), i < warm)
             for i, t in enumerate(offsets)]
@@ -117,6 +127,8 @@ def estimate(unit: Unit, costs: StepCosts, mix: Mix, s: SearchSettings) -> float
     decode_s = c.decode.step_ms(batch, batch * ctx) / batch * output / 1e3  # one answer's share of steps
     if unit.mode == "disagg":
         return min(unit.n_p / prefill_s, unit.n_d / decode_s)
+    if unit.mode == "cond":  # every worker's time shared between both, as colocated but prefill whole
+        return (unit.n_p + unit.n_d) / (prefill_s + decode_s)
     marginal_s = c.prefill.marginal_ms([(chunk, prompt - chunk)]) / chunk * prompt / 1e3
     return unit.n_d / (marginal_s + decode_s)
 
@@ -192,9 +204,14 @@ def candidate_units(gpus: int, s: SearchSettings) -> list[Unit]:
             rest = size - n_p * tp_p
             if rest >= tp_d and rest % tp_d == 0:
                 out.append(Unit("disagg", n_p, tp_p, rest // tp_d, tp_d, s.prefill_budget))
+    if s.conditional:
+        out += [Unit("cond", u.n_p, u.tp_p, u.n_d, u.tp_d, u.budget, fused)
+                for u in list(out) if u.tp_p == u.tp_d for fused in s.coloc_fused if fused]
     for tp, budget, fused in itertools.product(s.tp_choices, s.coloc_budgets, s.coloc_fused):
         if tp <= size:  # replicas are independent: one worker a unit
             out.append(Unit("coloc", 0, tp, 1, tp, budget, fused))
+            if s.coloc_pooled and size // tp > 1:
+                out.append(Unit("coloc", 0, tp, size // tp, tp, budget, fused))
     return out
 
 
@@ -202,10 +219,10 @@ def search(gpus: int, costs: StepCosts, mix: Mix, s: SearchSettings) -> dict[str
     """The best disaggregated and colocated unit by simulated goodput per GPU. Disaggregated splits are
     ranked by `estimate` and the top `simulate_top` simulated; colocated TP x budget choices all are."""
     units = candidate_units(gpus, s)
-    disagg = sorted((u for u in units if u.mode == "disagg"),
-                    key=lambda u: -estimate(u, costs, mix, s) / u.gpus)[:s.simulate_top]
+    split = [sorted((u for u in units if u.mode == mode), key=lambda u: -estimate(u, costs, mix, s) / u.gpus
+                    )[:s.simulate_top] for mode in ("disagg", "cond")]
     best: dict[str, Found] = {}
-    for unit in disagg + [u for u in units if u.mode == "coloc"]:
+    for unit in split[0] + split[1] + [u for u in units if u.mode == "coloc"]:
         f = Found(unit, unit_goodput(unit, costs, mix, s))
         if unit.mode not in best or f.per_gpu > best[unit.mode].per_gpu:
             best[unit.mode] = f

@@ -1,6 +1,8 @@
 """The simulator's search: seeded determinism, the known-best P:D ratio on a built case, the projection."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from bench.serving.metrics import Slo
@@ -80,3 +82,14 @@ def test_best_bound_takes_each_role_at_its_own_best_tp() -> None:
     assert (p.tp, d.tp) == (1, 2)
     assert bound == pytest.approx(1e3 / (p.prefill_ms + d.decode_ms))
     assert bound > max(work_bound(costs, mix, s, tp).per_gpu for tp in (1, 2))
+
+
+def test_cpu_units_add_conditional_splits_and_a_colocated_unit_of_every_worker() -> None:
+    s = SearchSettings(tp_choices=(1,), coloc_budgets=(512,), coloc_fused=(1.35,), unit_max_gpus=3,
+                       coloc_pooled=True, conditional=True)
+    units = candidate_units(3, s)
+    assert {(u.n_p, u.n_d, u.fused) for u in units if u.mode == "cond"} == {(1, 2, 1.35), (2, 1, 1.35)}
+    assert {u.n_d for u in units if u.mode == "coloc"} == {1, 3}
+    assert str(Unit("cond", 1, 1, 1, 1, 512, 1.35)) == "cond 1P(TP1):1D(TP1) credit 1.35x"
+    best = search(2, COSTS, MIX, replace(FAST, coloc_pooled=True, conditional=True, coloc_fused=(0.0, 1.5)))
+    assert set(best) == {"disagg", "cond", "coloc"}
