@@ -10,6 +10,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from bench.serving.metrics import Slo
+from bench.serving.sim_bound import bounds, request_work
 from bench.serving.sim_calibrate import fit_cpu
 from bench.serving.sim_costs import StepCosts, load_costs, save_costs
 from bench.serving.sim_crossval import crossval, format_crossval, save_crossval
@@ -134,6 +135,25 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bound(args: argparse.Namespace) -> int:
+    costs = load_costs(args.costs)
+    for mix in _mixes(args):
+        work = request_work(costs, mix)
+        print(f"{mix.name}: prefill {work.prefill_s:.3f} s a request (mean over the prompts), decode "
+              + ", ".join(f"{work.decode_s(b):.3f} s at batch {b}" for b in (1, 2, 4, 8, 16))
+              + f", {work.fused_decode_s():.3f} s fused into prefill steps; TPOT SLO "
+              f"{mix.slo.tpot * 1e3:.1f} ms allows batch {work.max_batch(mix.slo.tpot)}")
+        found = bounds(work, mix.slo.tpot, args.workers, args.speed)
+        for b in found:
+            print(f"  {b.config:<52} <= {b.req_per_s:.3f} req/s ({b.why})")
+        coloc_low, coloc_high, _, cond_slo, cond = found
+        print(f"  conditional / colocated <= {cond_slo.req_per_s / coloc_low.req_per_s:.2f}x at the SLO's "
+              f"largest batch, {cond.req_per_s / coloc_low.req_per_s:.2f}x at the batch its rate keeps "
+              f"(against colocated decoding alone; {cond.req_per_s / coloc_high.req_per_s:.2f}x against "
+              "fused)")
+    return 0
+
+
 def cmd_project(args: argparse.Namespace) -> int:
     costs, s = _costs(args), _settings(args)
     t0 = time.perf_counter()
@@ -231,6 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="scale the costs' host sharing (contention) by K; 0 = every worker on cores "
                             "of its own")
         s.set_defaults(func=func)
+    b = sub.add_parser("bound", help="capacity bounds of colocated, 1P+ND and conditional on N workers")
+    b.add_argument("--costs", default=CPU_COSTS)
+    b.add_argument("--mix", default="cpu-prefill-heavy", help=f"comma-separated: {', '.join(MIXES)}")
+    b.add_argument("--slo-ttft", type=float, default=None, help="seconds (default: the mix's)")
+    b.add_argument("--slo-tpot", type=float, default=None, help="seconds (default: the mix's)")
+    b.add_argument("--workers", type=int, default=2, help="one core each")
+    b.add_argument("--speed", type=float, default=1.0,
+                   help="each worker's speed against the engine alone (the host's sharing, the router's CPU)")
+    b.set_defaults(func=cmd_bound)
     pr = sub.choices["project"]
     pr.add_argument("--slo-scales", type=lambda t: [float(x) for x in t.split(",")], default=None,
                     metavar="X,...", help="also the gain with both SLOs scaled by each X (fewest GPUs)")
