@@ -44,6 +44,7 @@ def _settings(args: argparse.Namespace) -> SearchSettings:
     return SearchSettings(tp_choices=tuple(int(x) for x in args.tp.split(",")),
                           tp_efficiency=args.tp_efficiency, max_num_seqs=args.max_num_seqs, seed=args.seed,
                           arrival=args.arrival, coloc_pooled=args.cpu_units, conditional=args.cpu_units,
+                          unit_max_gpus=args.unit_max,
                           **extra)
 
 
@@ -249,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="decode batch cap per worker (default: the largest CUDA graph bucket)")
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--arrival", choices=("poisson", "constant"), default="poisson")
+        s.add_argument("--unit-max", type=int, default=SearchSettings.unit_max_gpus,
+                       help="the most GPUs (CPU: one-core workers) one unit spans")
         s.add_argument("--coloc-fused", default=None, metavar="X,...",
                        help="split-fused credits colocated units try, 0 = off (default 0,1.5)")
         s.add_argument("--cpu-units", action="store_true",

@@ -216,13 +216,14 @@ def candidate_units(gpus: int, s: SearchSettings) -> list[Unit]:
 
 
 def search(gpus: int, costs: StepCosts, mix: Mix, s: SearchSettings) -> dict[str, Found]:
-    """The best disaggregated and colocated unit by simulated goodput per GPU. Disaggregated splits are
-    ranked by `estimate` and the top `simulate_top` simulated; colocated TP x budget choices all are."""
+    """The best disaggregated, conditional (with --cpu-units) and colocated unit by simulated goodput per GPU.
+    Disaggregated splits are ranked by `estimate` and the top `simulate_top` simulated; the others all are."""
     units = candidate_units(gpus, s)
-    split = [sorted((u for u in units if u.mode == mode), key=lambda u: -estimate(u, costs, mix, s) / u.gpus
-                    )[:s.simulate_top] for mode in ("disagg", "cond")]
+    disagg = sorted((u for u in units if u.mode == "disagg"),
+                    key=lambda u: -estimate(u, costs, mix, s) / u.gpus)[:s.simulate_top]
+    # Conditional splits all estimate alike (every worker shares both): each one is simulated.
     best: dict[str, Found] = {}
-    for unit in split[0] + split[1] + [u for u in units if u.mode == "coloc"]:
+    for unit in disagg + [u for u in units if u.mode != "disagg"]:
         f = Found(unit, unit_goodput(unit, costs, mix, s))
         if unit.mode not in best or f.per_gpu > best[unit.mode].per_gpu:
             best[unit.mode] = f
