@@ -10,7 +10,7 @@ from bench.serving.arrivals import arrival_offsets
 from bench.serving.goodput import find_goodput
 from bench.serving.metrics import Slo, percentile, summarize
 from bench.serving.sim_costs import StepCosts
-from bench.serving.sim_events import ClusterSpec, SimRequest, simulate
+from bench.serving.sim_events import ClusterSpec, SimRequest, Simulation, simulate
 from bench.serving.sim_runs import LEGACY_CLUSTER, RunFile, load_runs, prefixes
 from bench.serving.workload import SharedPrefix, WorkloadSpec, parse_length, synthesize
 
@@ -47,8 +47,12 @@ def noise_band(values: list[float], q: float, seed: int = 0) -> tuple[float, flo
 
 
 def _compare(run: str, measured: dict, records: list[dict], costs: StepCosts, file: RunFile,
-             slo: Slo) -> list[Row]:
-    sim = summarize(simulate(file.spec, costs, file.replay(records)), slo=slo)
+             slo: Slo, local: list[int] | None = None) -> list[Row]:
+    """`local`, if given, gains the prompts the replay prefilled on a decode worker (conditional)."""
+    replay = Simulation(file.spec, costs, file.replay(records))
+    sim = summarize(replay.run(), slo=slo)
+    if local is not None:
+        local.append(sum(n for key, n in replay.placements.items() if key.startswith("local/")))
     judged = [r for r in records if r["status"] == "OK" and not r["warmup"]]
     rows = []
     for name in ("ttft_s", "tpot_s"):
@@ -89,10 +93,15 @@ def validate(paths: list[str | Path], costs: StepCosts) -> list[Row]:
         d, cfg = f.data, f.config
         slo = Slo(cfg["slo_ttft"], cfg["slo_tpot"])
         if d.get("sweep"):
+            local: list[int] = []
             for p in d["sweep"]["probes"]:
-                rows += _compare(f"{f.stem}@{p['rate']:g}", p["summary"], p["records"], costs, f, slo)
+                rows += _compare(f"{f.stem}@{p['rate']:g}", p["summary"], p["records"], costs, f, slo, local)
             rows.append(Row(f.stem, "goodput req/s", d["sweep"]["goodput_rps"],
                             sim_goodput(cfg, costs, f.spec)))
+            placed = d.get("prefill_placements") or {}
+            if f.spec.mode == "cond" and placed:  # the router's counts: every probe and warm-up together
+                measured = sum(n for key, n in placed.items() if key.startswith("local/"))
+                rows.append(Row(f.stem, "local prefills", measured, sum(local)))
         else:
             rows += _compare(f.stem, d["run"], d["records"], costs, f, slo)
     return rows

@@ -52,3 +52,22 @@ def test_a_compare_file_with_several_configurations_replays_each_on_its_own_clus
     runs = load_runs(path)
     assert [(r.stem, r.spec.mode, r.spec.decode_workers) for r in runs] == [
         ("serving_cmp:colocated-2", "coloc", 2), ("serving_cmp:conditional", "cond", 1)]
+
+
+def test_validating_a_conditional_sweep_compares_how_many_prompts_went_local(tmp_path: Path) -> None:
+    from bench.serving.sim_validate import validate
+
+    cfg = {"num_requests": 2, "slo_ttft": 2.0, "slo_tpot": 0.3, "prompt_len": "fixed:400",
+           "output_len": "fixed:4", "seed": 0, "arrival": "constant", "warmup": 0, "sweep": [1.0, 2.0],
+           "slo_target": 0.9, "sweep_tol": 0.1, "sweep_probes": 2}
+    records = [{"index": i, "warmup": False, "sent_at": 0.0, "status": "OK", "prompt_tokens": 400,
+                "output_tokens": 4, "ttft": 0.5, "tpot": 0.05, "e2e": 0.7} for i in range(2)]
+    summary = {"ttft_s": {"p50": 0.5, "p90": 0.5}, "tpot_s": {"p50": 0.05, "p90": 0.05},
+               "slo_attainment": 1.0}
+    path = tmp_path / "serving_cond.json"
+    path.write_text(json.dumps({"label": "conditional", "config": cfg, "sweep": {
+        "goodput_rps": 1.0, "probes": [{"rate": 1.0, "summary": summary, "records": records}]},
+        "up_flags": ["--prefill-placement", "cost"], "prefill_placements": {"local/local_cheaper": 1,
+                                                                            "remote/warming_up": 1}}))
+    local = [r for r in validate([path], COSTS) if r.metric == "local prefills"]
+    assert [(r.measured, r.simulated) for r in local] == [(1, 1)]  # the two-prompts-at-once case above
