@@ -150,7 +150,7 @@ def _input(
     for name in ("frequency_penalty", "presence_penalty"):
         if getattr(body, name):  # 0 is OpenAI's "off"; anything else would change the tokens we can't change
             raise bad_request(name, "penalties are not supported (only 0)")
-    if body.logit_bias:
+    if body.logit_bias and any(body.logit_bias.values()):  # biases of 0 change nothing
         raise bad_request("logit_bias", "biasing token logits is not supported")
     if body.response_format is not None and body.response_format.get("type") != "text":
         raise bad_request("response_format", 'only {"type": "text"} is supported (no JSON mode or schema)')

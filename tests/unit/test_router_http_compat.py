@@ -32,6 +32,7 @@ OFF_VALUES = [
     ("/v1/completions", {**TEXT, "suffix": "", "best_of": 1, "logit_bias": {}, "frequency_penalty": 0,
                          "presence_penalty": 0.0}),
     ("/v1/chat/completions", {**CHAT, "logit_bias": None, "tools": [], "frequency_penalty": 0}),
+    ("/v1/chat/completions", {**CHAT, "logit_bias": {"5": 0, "6": 0.0}}),
     ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
                               "tool_choice": "none"}),
 ]
