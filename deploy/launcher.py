@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -10,8 +11,9 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,6 +275,8 @@ class LocalCluster:
         await stop.wait()
 
     def close(self) -> None:
+        """Stops every worker and Ray. A Ctrl-C meanwhile skips the polite shutdown calls still to come but
+        never the kills (it raised KeyboardInterrupt in ray.kill: a traceback, workers left to Ray's exit)."""
         if self._closed:
             return
         self._closed = True
@@ -282,12 +286,28 @@ class LocalCluster:
             return
         if not ray.is_initialized():
             return
-        for _, handle in self.prefill + self.decode:
-            try:
-                ray.get(handle.shutdown.remote(), timeout=10)
-            except Exception:  # a dead actor is already stopped
-                pass
-            ray.kill(handle)
-        if self._started_ray:
-            ray.shutdown()
+        with _sigint_deferred() as hurry:
+            for _, handle in self.prefill + self.decode:
+                if not hurry.is_set():
+                    try:
+                        ray.get(handle.shutdown.remote(), timeout=10)
+                    except Exception:  # a dead actor is already stopped
+                        pass
+                ray.kill(handle)
+            if self._started_ray:
+                ray.shutdown()
         _status("stopped: workers killed, Ray shut down, ports freed")
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[threading.Event]:
+    """While it is open, SIGINT sets the event instead of raising KeyboardInterrupt (main thread only)."""
+    pressed = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield pressed
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: pressed.set())
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -93,6 +93,8 @@ class RequestFlow:
         """Abort RPC ("abort") or client gone ("cancelled"); a no-op once the flow is finishing."""
         if self._task is None or self._task.done() or self._closing:
             return
+        if reason == "cancelled" and asyncio.get_running_loop().time() >= self._deadline:
+            reason = "deadline"  # gRPC cancels at the client's deadline, on a busy loop before our own timer
         self._stop_reason = self._stop_reason or reason
         self._task.cancel()
 

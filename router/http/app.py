@@ -13,6 +13,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from router.flow_errors import FlowError
 from router.http.mapping import (
@@ -36,7 +37,10 @@ if TYPE_CHECKING:
 
 def build_app(router: RouterServer, served_model: str) -> FastAPI:
     """Routes onto `router`: the same validation, admission, dispatch and RequestFlow as the gRPC door."""
-    app = FastAPI(title="pdserve", docs_url=None, redoc_url=None, openapi_url=None)
+    # No slash redirects: a 307 carries no body and many clients don't resend a POST's body; _TrailingSlash
+    # serves `/v1/completions/` as `/v1/completions` instead.
+    app = FastAPI(title="pdserve", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
+    app.add_middleware(_TrailingSlash)
     created = int(time.time())
     # Model ids match without regard to case: the issue's and the field's spelling (smollm2-135m-instruct) and
     # the model card's (SmolLM2-135M-Instruct) both name the one model served.
@@ -69,19 +73,20 @@ def build_app(router: RouterServer, served_model: str) -> FastAPI:
     async def http_error(request: Request, e: HTTPException) -> Response:  # unknown path, wrong method
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         error = ApiError(e.status_code, str(e.detail), type=kind)
-        return JSONResponse(error.body(), status_code=e.status_code)
+        return JSONResponse(error.body(), status_code=e.status_code, headers=e.headers)  # 405's Allow
 
-    @app.get("/health")
+    # HEAD as well as GET on the reads: probes and `curl -I` use it (uvicorn sends no body for HEAD).
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
         serving = router.pool.serving
         body = {"status": "serving" if serving else "not_serving"}
         return JSONResponse(body, status_code=200 if serving else 503)
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model:path}")
+    @app.api_route("/v1/models/{model:path}", methods=["GET", "HEAD"])
     async def get_model(model: str) -> dict[str, Any]:
         if model.casefold() not in names:
             raise _unknown_model(model, served_model)
@@ -191,6 +196,22 @@ async def _stop_on_disconnect(request: Request, flow: RequestFlow) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
     flow.stop("cancelled")
+
+
+class _TrailingSlash:
+    """ASGI middleware: trailing slashes are dropped before routing (`/v1/models/` is `/v1/models`)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            raw = scope.get("raw_path")
+            scope = {**scope, "path": path.rstrip("/") or "/"}
+            if raw:
+                scope["raw_path"] = raw.rstrip(b"/") or b"/"
+        await self.app(scope, receive, send)
 
 
 class _EmbeddedServer(uvicorn.Server):

@@ -77,6 +77,10 @@ def completion_input(body: CompletionRequest, request_id: str) -> GenerateInput:
         raise bad_request("echo", "echoing the prompt is not supported")
     if body.logprobs is not None:
         raise bad_request("logprobs", "log probabilities are not supported")
+    if body.suffix:
+        raise bad_request("suffix", "insertion (a suffix after the completion) is not supported")
+    if body.best_of is not None and body.best_of != 1:
+        raise bad_request("best_of", f"only best_of=1 is supported, got {body.best_of}")
     prompt = body.prompt
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # a batch of one, as LangChain and other batching clients send every prompt
@@ -95,6 +99,9 @@ def chat_input(body: ChatCompletionRequest, request_id: str) -> GenerateInput:
         raise bad_request("logprobs", "log probabilities are not supported")
     if body.top_logprobs:  # OpenAI refuses it without logprobs too; silently ignoring it would be a lie
         raise bad_request("top_logprobs", "log probabilities are not supported")
+    if (body.tools or body.functions) and body.tool_choice != "none":
+        field_name = "tools" if body.tools else "functions"
+        raise bad_request(field_name, 'tool calls are not supported (tool_choice "none" answers in text)')
     if body.max_tokens is not None and body.max_completion_tokens is not None:
         raise bad_request("max_completion_tokens", "set max_completion_tokens or max_tokens, not both")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -140,6 +147,11 @@ def _input(
         raise bad_request("n", f"only n=1 is supported, got {body.n}")
     if body.stream_options is not None and not body.stream:  # as OpenAI and vLLM answer it
         raise bad_request("stream_options", "only allowed with stream: true")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(body, name):  # 0 is OpenAI's "off"; anything else would change the tokens we can't change
+            raise bad_request(name, "penalties are not supported (only 0)")
+    if body.logit_bias and any(body.logit_bias.values()):  # biases of 0 change nothing
+        raise bad_request("logit_bias", "biasing token logits is not supported")
     if body.response_format is not None and body.response_format.get("type") != "text":
         raise bad_request("response_format", 'only {"type": "text"} is supported (no JSON mode or schema)')
     return GenerateInput(

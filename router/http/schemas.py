@@ -32,12 +32,18 @@ class _SamplingBody(_Body):
     ignore_eos: bool | None = None  # vLLM's extension
     stop_token_ids: list[int] | None = None  # vLLM's extension
     response_format: dict[str, Any] | None = None  # only {"type": "text"}: checked in mapping
+    # Known to OpenAI, not honoured here: refused in mapping unless they hold their "off" value (0, {}, None).
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
 
 
 class CompletionRequest(_SamplingBody):
     prompt: Any  # a string or a list of token ids: checked in mapping
     logprobs: int | None = None
     echo: bool | None = None
+    suffix: str | None = None  # refused in mapping unless empty
+    best_of: int | None = None  # refused in mapping unless 1
 
 
 class ChatMessage(_Body):
@@ -50,3 +56,6 @@ class ChatCompletionRequest(_SamplingBody):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    tools: list[Any] | None = None  # refused in mapping unless empty or tool_choice is "none"
+    tool_choice: Any = None
+    functions: list[Any] | None = None  # the deprecated spelling of tools

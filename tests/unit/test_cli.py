@@ -10,7 +10,7 @@ import socket
 import pytest
 from fakes import fake_cluster, run, serve_router
 
-from deploy import cli, cli_checks, client
+from deploy import cli, cli_checks, cli_up, client
 from router.validation import GenerateInput
 
 pytestmark = pytest.mark.timeout(60)
@@ -88,8 +88,8 @@ def test_up_checks_tls_and_token_files_before_starting_anything(tmp_path, capsys
     assert err.startswith("usage: pdserve up") and "auth token file" in err and "is empty" in err
 
 
-def test_up_flags_reach_the_routers_config_as_given(monkeypatch) -> None:
-    """The router's flags build the RouterConfig the launcher serves (it adds only the model's limits)."""
+def _started_configs(monkeypatch) -> list:
+    """The ClusterConfigs `pdserve up` would start, with the launcher stopped before Ray."""
     from deploy import launcher
 
     started = []
@@ -105,6 +105,16 @@ def test_up_flags_reach_the_routers_config_as_given(monkeypatch) -> None:
             pass
 
     monkeypatch.setattr(launcher, "LocalCluster", Cluster)
+    return started
+
+
+UP_ON_FREE_PORTS = ["up", "--device", "cpu", "--port", "0", "--metrics-port", "0", "--http-port", "0",
+                    "--admin-port", "0"]
+
+
+def test_up_flags_reach_the_routers_config_as_given(monkeypatch) -> None:
+    """The router's flags build the RouterConfig the launcher serves (it adds only the model's limits)."""
+    started = _started_configs(monkeypatch)
     argv = ["up", "--device", "cpu", "--port", "0", "--metrics-port", "0", "--http-port", "0",
             "--admin-port", "0", "--queue-capacity", "7", "--migration-limit", "0",
             "--kv-failure-policy", "fail", "--prefill-placement", "threshold",
@@ -115,7 +125,23 @@ def test_up_flags_reach_the_routers_config_as_given(monkeypatch) -> None:
     assert (router.port, router.metrics_port, router.http_port) == (0, 0, None)
     assert (router.queue_capacity, router.migration_limit, router.kv_failure_policy) == (7, 0, "fail")
     assert (router.prefill_placement, router.local_prefill_max_tokens) == ("threshold", 33)
-    assert (router.max_request_bytes, router.request_timeout_s) == (999, cli.UP_REQUEST_TIMEOUT_S)
+    assert (router.max_request_bytes, router.request_timeout_s) == (999, cli_up.UP_REQUEST_TIMEOUT_S)
+    assert router.placement_ttft_slo_s is None
+
+
+def test_placement_ttft_slo_reaches_the_router_and_bad_values_are_usage_errors(monkeypatch, capsys) -> None:
+    started = _started_configs(monkeypatch)
+    assert cli.main([*UP_ON_FREE_PORTS, "--placement-ttft-slo", "0.75"]) == 0
+    assert started[0].router.placement_ttft_slo_s == 0.75  # RouterConfig had it; no flag reached it
+    for bad in ("0", "-1", "nan", "inf", "soon"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([*UP_ON_FREE_PORTS, "--placement-ttft-slo", bad])
+        assert exit_info.value.code == 2 and "--placement-ttft-slo" in capsys.readouterr().err
+    argv = [*UP_ON_FREE_PORTS, "--placement-ttft-slo", "1", "--prefill-placement", "threshold"]
+    assert cli.main(argv) == 2  # the threshold policy never reads it: saying so beats ignoring it
+    assert "--placement-ttft-slo is for --prefill-placement cost" in capsys.readouterr().err
+    assert len(started) == 1
+    assert "--placement-ttft-slo SECONDS" in _subcommands()["up"].format_help()
 
 
 def _conn(address: str) -> client.Connection:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from deploy import cli
+from deploy import cli, cli_up
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -38,16 +38,16 @@ def test_spec_head_needs_spec_head_and_an_existing_file(tmp_path, capsys) -> Non
 
 def test_spec_flags_become_the_engine_spec_config() -> None:
     args = cli.parse_args(["up", "--spec", "head", "--spec-k", "3", "--spec-adaptive", "off"])
-    spec = cli._spec_config(args)
+    spec = cli_up.spec_config(args)
     assert (spec.method, spec.k, spec.head_path, spec.adaptive) == ("head", 3, None, False)
-    assert cli._spec_config(cli.parse_args(["up"])).method == cli.DEFAULT_SPEC
+    assert cli_up.spec_config(cli.parse_args(["up"])).method == cli_up.DEFAULT_SPEC
 
 
 def test_spec_tree_flags_become_the_tree_config(capsys) -> None:
     args = cli.parse_args(["up", "--spec", "head", "--spec-tree", "2,2,1,1,1", "--spec-tree-max-nodes", "8"])
-    spec = cli._spec_config(args)
+    spec = cli_up.spec_config(args)
     assert (spec.tree_branching, spec.tree_max_nodes, spec.draft_depth) == ((2, 2, 1, 1, 1), 8, 5)
-    assert cli._spec_config(cli.parse_args(["up", "--spec", "head"])).tree_branching == ()
+    assert cli_up.spec_config(cli.parse_args(["up", "--spec", "head"])).tree_branching == ()
     assert cli.main(["up", "--spec", "ngram", "--spec-tree", "2,1"]) == 2
     assert "--spec-tree is for --spec head (got --spec ngram)" in capsys.readouterr().err
     assert cli.main(["up", "--spec", "head", "--spec-tree-max-nodes", "4"]) == 2

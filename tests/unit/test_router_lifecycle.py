@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
@@ -117,6 +118,26 @@ def test_client_deadline_bounds_the_request_and_aborts_both_workers() -> None:
         ]
 
     run(body())
+
+
+def test_a_client_deadline_is_counted_as_deadline_whichever_side_notices_it_first() -> None:
+    """The router's timer and gRPC's cancellation fire at the same instant: either way the outcome is the
+    deadline (it was counted "cancelled", as a client hanging up is, when gRPC's cancellation came first)."""
+    async def body() -> dict[str, float]:
+        prefill, decode = fake_cluster(step_delay_s=10.0)
+        async with serve_router(prefill, decode) as h:
+            for i in range(6):
+                call = h.stub.Generate(long_request(f"r-deadline-{i}"), timeout=0.3)
+                await asyncio.sleep(0.1 + 0.03 * i)
+                time.sleep(0.3)  # a busy loop (a loaded router): both ends of the deadline come due at once
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    [r async for r in call]
+                assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            await assert_no_leftovers(h)
+            counter = h.server.metrics.requests
+            return {o: counter.labels(outcome=o, api="grpc")._value.get() for o in ("deadline", "cancelled")}
+
+    assert run(body(), timeout_s=20) == {"deadline": 6, "cancelled": 0}
 
 
 def test_queue_full_is_resource_exhausted_with_the_waiting_count_and_a_retry_hint() -> None:
