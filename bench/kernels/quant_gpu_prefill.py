@@ -22,8 +22,7 @@ FUSED_WARPS = (8, 16, 32)  # silu_mul_quantize_rows launches at 16 for I = 14336
 
 def label(config: QuantConfig) -> str:
     """A candidate's tile, warps and stages, and its kernel: short enough for a table column."""
-    kind = "pointers" if not config.tma else "tma persistent" if config.persistent else \
-        "tma warp-specialized" if config.warp_specialize else "tma"
+    kind = "tma" if config.tma else "pointers"
     group = f" group {config.group_m}" if config.group_m != 8 else ""
     return (f"{config.block_m}x{config.block_n}x{config.block_k} w{config.num_warps} s{config.num_stages} "
             f"{kind}{group}")

@@ -25,8 +25,6 @@ class QuantConfig:
     words: bool = False  # W4A16 GEMV: read the packed weights as int32 words of eight nibbles, not bytes
     tma: bool = False  # W8A8 GEMM: tiles copied by Hopper's tensor memory accelerator, not pointer loads
     partials: bool = False  # W4A16 GEMV split-K: per-split slices summed by a second kernel, not atomics
-    persistent: bool = False  # W8A8 TMA GEMM: one program per SM looping over the tiles
-    warp_specialize: bool = False  # W8A8 TMA GEMM: producer / consumer warp groups (Triton's Hopper pass)
 
 
 # Weight-streaming kernels (W4A16 and w8): one row, up to FEW_ROWS rows, and (W4A16 only) more.
@@ -66,19 +64,6 @@ W8A8_CANDIDATES: tuple[QuantConfig, ...] = (
     QuantConfig(256, 128, 8, 3, block_m=128), QuantConfig(256, 128, 8, 4, block_m=128),
     QuantConfig(128, 128, 8, 3, block_m=256), QuantConfig(128, 128, 8, 4, block_m=256),
     QuantConfig(256, 128, 8, 4, block_m=128, group_m=16),
-    # round 2, untimed: persistent TMA programs (one an SM, looping over the tiles: the next tile's copies
-    # overlap this one's epilogue); 128 × 128 tiles (2048 × 4096 is 512 of them: 3.9 waves on 132 SMs, not
-    # 256 in 1.9); a 256-deep K step over 128 × 128 tiles; warp-specialized programs (num_warps 4: a
-    # producer group and two consumer groups of 4 warps, 12 in all; at 8 Triton 3.6 leaves the loop as is).
-    QuantConfig(256, 128, 8, 4, block_m=128, tma=True, persistent=True),
-    QuantConfig(256, 128, 8, 3, block_m=128, tma=True, persistent=True),
-    QuantConfig(128, 128, 4, 5, block_m=128, tma=True, persistent=True),
-    QuantConfig(128, 128, 8, 5, block_m=128, tma=True),
-    QuantConfig(128, 256, 8, 3, block_m=128, tma=True),
-    QuantConfig(256, 128, 4, 4, block_m=128, tma=True, warp_specialize=True),
-    QuantConfig(256, 128, 4, 3, block_m=128, tma=True, warp_specialize=True),
-    QuantConfig(128, 128, 4, 3, block_m=256, tma=True, warp_specialize=True),
-    QuantConfig(128, 128, 4, 5, block_m=128, tma=True, warp_specialize=True),
 )
 
 def bucket(m: int) -> str:

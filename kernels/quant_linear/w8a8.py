@@ -4,15 +4,9 @@ writes bf16 (or x's dtype), after the per-token activation quantization of act_q
 int8_gemm: BLOCK_M × BLOCK_N output tiles over [M, K] int8 activations and the [N, K] int8 weight (both
 K-major, as Hopper's int8 MMA wants them), tiles swizzled in groups of GROUP_M row blocks so neighbouring
 programs share weight tiles in L2; config.tma copies the tiles with tensor descriptors (Hopper's TMA: no
-per-thread addresses, no masks) instead of pointer loads; config.persistent launches one program per SM,
-each looping over tiles in the same swizzled order, so one tile's epilogue overlaps the next one's loads
-and no partial last wave of programs is launched; config.warp_specialize splits a TMA program into a
-producer warp group (the copies) and two consumer groups (the MMAs and the epilogue), as CUTLASS's Hopper
-GEMMs do.
+per-thread addresses, no masks) instead of pointer loads.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
@@ -22,8 +16,6 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from kernels.quant_linear.act_quant import quantize_rows
 from kernels.quant_linear.config import W8A8_CANDIDATES, QuantConfig
 from kernels.quant_linear.layout import W8Weight
-
-INTERPRETER_PROGRAMS = 3  # a persistent launch off CUDA (the interpreter): fewer programs than tiles
 
 
 @triton.jit
@@ -94,48 +86,14 @@ def _int8_gemm_kernel(
 def _int8_gemm_tma_kernel(
     a_desc, b_desc, a_scale_ptr, b_scale_ptr, out_ptr, M, N, K, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    # the tensor-memory engine copies whole tiles, zeros past M, N and K; WARP_SPECIALIZE: Triton's Hopper
-    # pass gives the copies a producer warp group and the MMAs two consumer groups of num_warps each
-    for k in tl.range(0, K, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
+    for k in range(0, K, BLOCK_K):  # the tensor-memory engine copies whole tiles, zeros past M, N and K
         a = a_desc.load([pid_m * BLOCK_M, k])
         b = b_desc.load([pid_n * BLOCK_N, k])
         acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
     store_tile(out_ptr, acc, a_scale_ptr, b_scale_ptr, pid_m, pid_n, M, N, stride_om, BLOCK_M, BLOCK_N)
-
-
-@triton.jit
-def _int8_gemm_tma_persistent_kernel(
-    a_desc, b_desc, a_scale_ptr, b_scale_ptr, out_ptr, M, N, K, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_SMS: tl.constexpr,
-):
-    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    # The epilogue counts its tile apart from the loop's, so the flattened loop carries no value from its
-    # prologue into its epilogue (the pipeliner then overlaps the two; Triton's persistent-matmul pattern).
-    tile_out = tl.program_id(0) - NUM_SMS
-    for tile in tl.range(tl.program_id(0), tiles, NUM_SMS, flatten=True):
-        pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for k in range(0, K, BLOCK_K):
-            a = a_desc.load([pid_m * BLOCK_M, k])
-            b = b_desc.load([pid_n * BLOCK_N, k])
-            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
-        tile_out += NUM_SMS
-        out_m, out_n = grouped_tile(tile_out, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        store_tile(out_ptr, acc, a_scale_ptr, b_scale_ptr, out_m, out_n, M, N, stride_om, BLOCK_M, BLOCK_N)
-
-
-@functools.cache
-def sm_count(device: torch.device) -> int:
-    """Programs of a persistent launch: the device's SMs; under the interpreter (CPU) a few, so that each
-    program loops over several tiles as on the GPU."""
-    if device.type != "cuda":
-        return INTERPRETER_PROGRAMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def default_config(q_x: torch.Tensor, weight: W8Weight) -> QuantConfig:
@@ -153,10 +111,6 @@ def int8_gemm(q_x: torch.Tensor, x_scale: torch.Tensor, weight: W8Weight, out_dt
     config = config or default_config(q_x, weight)
     if q_x.stride(1) != 1 or weight.q.stride(1) != 1:
         raise ValueError("int8_gemm: activation and weight rows must be contiguous along K")
-    if (config.persistent or config.warp_specialize) and not config.tma:
-        raise ValueError(f"int8_gemm: persistent and warp-specialized kernels copy tiles by TMA: {config}")
-    if config.persistent and config.warp_specialize:
-        raise ValueError(f"int8_gemm: no warp-specialized persistent kernel: {config}")
     if config.tma and (k % 16 or q_x.stride(0) % 16 or weight.q.stride(0) % 16):
         raise ValueError(f"int8_gemm: tensor-memory copies need rows of 16-byte multiples, K = {k}")
     out = torch.empty((m, n), dtype=out_dtype, device=q_x.device)
@@ -166,14 +120,8 @@ def int8_gemm(q_x: torch.Tensor, x_scale: torch.Tensor, weight: W8Weight, out_dt
                        TensorDescriptor.from_tensor(weight.q, [config.block_n, config.block_k]))
         tiles = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                      GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages)
-        if config.persistent:
-            sms = sm_count(q_x.device)
-            _int8_gemm_tma_persistent_kernel[(min(programs, sms),)](
-                *descriptors, x_scale, weight.scale, out, m, n, k, out.stride(0), NUM_SMS=sms, **tiles)
-        else:
-            _int8_gemm_tma_kernel[(programs,)](
-                *descriptors, x_scale, weight.scale, out, m, n, k, out.stride(0),
-                WARP_SPECIALIZE=config.warp_specialize, **tiles)
+        _int8_gemm_tma_kernel[(programs,)](
+            *descriptors, x_scale, weight.scale, out, m, n, k, out.stride(0), **tiles)
     elif m and n:
         _int8_gemm_kernel[(programs,)](
             q_x, weight.q, x_scale, weight.scale, out, m, n, k, q_x.stride(0), weight.q.stride(0),

@@ -19,7 +19,7 @@ from kernels.quant_linear.reference import (
 )
 from kernels.quant_linear.w4a16 import w4a16_linear
 from kernels.quant_linear.w8 import w8_linear
-from kernels.quant_linear.w8a8 import INTERPRETER_PROGRAMS, default_config, int8_gemm, w8a8_linear
+from kernels.quant_linear.w8a8 import default_config, int8_gemm, w8a8_linear
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -127,17 +127,10 @@ def test_activation_quantization_matches_the_reference_within_one_code() -> None
 
 @pytest.mark.parametrize("config", [QuantConfig(32, 32, 1, 1, block_m=16, group_m=2),
                                     QuantConfig(16, 64, 1, 1, block_m=32, group_m=1),
-                                    QuantConfig(16, 64, 1, 1, block_m=32, group_m=2, tma=True),
-                                    # 2 × 5 tiles on INTERPRETER_PROGRAMS programs: each loops, one fewer
-                                    QuantConfig(16, 64, 1, 1, block_m=32, group_m=2, tma=True,
-                                                persistent=True),
-                                    QuantConfig(32, 32, 1, 1, block_m=16, group_m=3, tma=True,
-                                                persistent=True),
-                                    QuantConfig(16, 64, 4, 3, block_m=32, tma=True, warp_specialize=True)])
+                                    QuantConfig(16, 64, 1, 1, block_m=32, group_m=2, tma=True)])
 def test_int8_gemm_is_exact_up_to_the_scales(config: QuantConfig) -> None:
     gen = torch.Generator().manual_seed(6)
     m, n, k = 50, 72, 96  # ragged in M, N and (for block_k 64) K: tensor-memory copies zero what lies past
-    assert -(-m // config.block_m) * -(-n // config.block_n) > INTERPRETER_PROGRAMS
     q_x = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
     x_scale = torch.rand(m, generator=gen) * 0.1
     weight = w8_weight(n, k, seed=7)
@@ -168,21 +161,8 @@ def test_silu_mul_quantization_refuses_an_odd_gate_up() -> None:
         silu_mul_quantize_rows(torch.randn(4, 7))
 
 
-@pytest.mark.parametrize("config", [QuantConfig(16, 64, 1, 1, block_m=16, persistent=True),
-                                    QuantConfig(16, 64, 4, 1, block_m=16, warp_specialize=True),
-                                    QuantConfig(16, 64, 4, 1, block_m=16, tma=True, persistent=True,
-                                                warp_specialize=True)])
-def test_persistent_and_warp_specialized_gemms_need_tensor_memory_copies_and_one_another_not(
-        config: QuantConfig) -> None:
-    with pytest.raises(ValueError, match="persistent"):
-        int8_gemm(torch.zeros(4, 64, dtype=torch.int8), torch.ones(4), w8_weight(16, 64, seed=1),
-                  torch.float32, config)
-
-
-def test_w8a8_candidates_keep_a_pointer_fallback_and_new_kernels_only_on_tma() -> None:
+def test_w8a8_candidates_keep_a_pointer_fallback() -> None:
     assert any(not c.tma for c in W8A8_CANDIDATES)
-    assert all(c.tma for c in W8A8_CANDIDATES if c.persistent or c.warp_specialize)
-    assert not any(c.persistent and c.warp_specialize for c in W8A8_CANDIDATES)
     assert len(set(W8A8_CANDIDATES)) == len(W8A8_CANDIDATES)
 
 
