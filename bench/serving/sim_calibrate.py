@@ -22,7 +22,6 @@ from bench.serving.sim_fit import (
     residuals_ms,
 )
 from bench.serving.sim_runs import RunFile, load_runs
-from bench.serving.sim_spread import widen_to
 from bench.serving.sim_validate import sim_goodput
 
 METRICS = (("ttft_s", "p50"), ("ttft_s", "p90"), ("tpot_s", "p50"), ("tpot_s", "p90"))
@@ -104,11 +103,7 @@ def fit_cpu(paths: list[str | Path], calibrate_on: list[str | Path] | None = Non
     jitter = residuals_ms(lone, base, transfer if engine else None)
     path_ms = float(np.median(jitter)) if engine else 0.0  # engine: the median lone path, the rest spread
     jitter = tuple(round(j - path_ms, 1) for j in jitter)
-    lone_tpots = [o.tpot * 1e3 for o in lone if o.tpot is not None]
-    one_stream = float(np.median(lone_tpots))
-    decode_spread, widen = engine.decode_spread if engine else None, 1.0
-    if decode_spread and len(lone_tpots) >= 10:
-        decode_spread, widen = widen_to(decode_spread, lone_tpots)
+    one_stream = float(np.median([o.tpot * 1e3 for o in lone if o.tpot is not None]))
     cal = Calibration.load(calibrate_on or paths, exclude)
 
     def costs(share: float, per_seq: float, contention: float, on_decode: float | None) -> StepCosts:
@@ -118,7 +113,7 @@ def fit_cpu(paths: list[str | Path], calibrate_on: list[str | Path] | None = Non
             router_ms=path_ms + base.fixed_ms * (1 - share), contention=contention,
             decode_contention=on_decode, path_jitter_ms=jitter,
             prefill_spread=engine.prefill_spread if engine else None,
-            decode_spread=decode_spread)
+            decode_spread=engine.decode_spread if engine else None)
 
     # With the engine's own costs the grid can afford the host's sharing both ways: how much a running
     # decode slows a prefill step and how much a running prefill slows a decode step.
@@ -142,8 +137,7 @@ def fit_cpu(paths: list[str | Path], calibrate_on: list[str | Path] | None = Non
             "transfer": "docs/benchmarks.md, KV transfer CPU/gloo table; SmolLM2-135M KV shape",
             "spread": "prefill_spread / decode_spread: percentiles of the engine alone's timed steps over "
                       "their point's median (prefill) or mean (decode); rho makes 15-step means vary as "
-                      f"the engine's did; the decode table widened {widen}x about 1 so that they vary as "
-                      f"the {len(lone_tpots)} lone requests' TPOT (p90 / p50) did in the cluster"})
+                      "the engine's did"})
     return replace(fitted, source={
         "prefill": f"least squares on the TTFT of the {len(lone)} lone requests in {names}: per-token and "
                    f"per-pair parts; fixed part {base.fixed_ms:.0f} ms split by the grid, {share:.0%} on the "

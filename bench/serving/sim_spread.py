@@ -29,19 +29,6 @@ class StepSpread:
         i = min(int(x), len(q) - 2)
         return q[i] + (q[i + 1] - q[i]) * (x - i)
 
-    def widened(self, k: float) -> StepSpread:
-        """Every factor's distance from 1 times k (its shape and rho kept; no factor below 0.1): a walk whose
-        stretches of steps vary k times as much."""
-        return StepSpread(tuple(round(max(1 + k * (q - 1), 0.1), 4) for q in self.quantiles), self.rho)
-
-    def spell_quantile(self, q: float, length: int = SPELL_STEPS, spells: int = 4000) -> float:
-        """The q-th quantile (0-1) of the mean factor over `length` consecutive steps of one worker's walk
-        (seeded Monte Carlo): what a lone request's TPOT varies by in the simulator."""
-        walk, means = SpreadWalk(seed=0), []
-        for i in range(spells):
-            means.append(statistics.fmean(walk.factor(self, ("spell", i, "decode")) for _ in range(length)))
-        return statistics.quantiles(means, n=100, method="inclusive")[round(q * 100) - 1]
-
     @staticmethod
     def from_dict(d: dict | None) -> StepSpread | None:
         return None if not d else StepSpread(tuple(d["quantiles"]), d.get("rho", 0.0))
@@ -104,17 +91,6 @@ def fit_rho(series: Sequence[Sequence[float]], length: int = SPELL_STEPS) -> flo
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if mean_variance_ratio(mid, length) < target else (lo, mid)
     return round(lo, 4)
-
-
-def widen_to(spread: StepSpread, tpots: Sequence[float]) -> tuple[StepSpread, float]:
-    """`spread` widened so that its walk's 15-step means reach the p90 / p50 of `tpots` (lone requests'
-    TPOTs in the cluster: the engine's own spread plus what the cluster's processes add to its steps), and
-    the factor k it took. Never narrowed: k >= 1."""
-    target = statistics.quantiles(tpots, n=10, method="inclusive")
-    excess = target[8] / target[4] - 1
-    own = spread.spell_quantile(0.9) - spread.spell_quantile(0.5)
-    k = max(excess / own, 1.0) if own > 0 else 1.0
-    return spread.widened(k), round(k, 3)
 
 
 def fit_spread(points: Sequence[Sequence[float]], center: str) -> StepSpread | None:

@@ -12,14 +12,7 @@ from bench.serving.metrics import Slo, summarize
 from bench.serving.sim_costs import DecodeCost, PrefillCost, StepCosts, TransferCost
 from bench.serving.sim_events import ClusterSpec, SimRequest, simulate
 from bench.serving.sim_fit import EngineSteps
-from bench.serving.sim_spread import (
-    SpreadWalk,
-    StepSpread,
-    fit_rho,
-    fit_spread,
-    mean_variance_ratio,
-    widen_to,
-)
+from bench.serving.sim_spread import SpreadWalk, StepSpread, fit_rho, fit_spread, mean_variance_ratio
 
 TABLE = StepSpread((0.8, 0.9, 1.0, 1.1, 1.5))
 COSTS = StepCosts(prefill=PrefillCost(10.0, 1.0), decode=DecodeCost(30.0, 5.0),
@@ -89,15 +82,3 @@ def test_with_a_spread_lone_requests_miss_an_slo_inside_it_and_a_seed_replays_th
     assert max(tpots) > 1.15 * min(tpots)  # correlated steps: whole requests run slow or fast
     assert simulate(ClusterSpec("disagg"), costs, LONE, seed=7) == spread_run
     assert simulate(ClusterSpec("disagg"), costs, LONE, seed=8) != spread_run
-
-
-def test_widening_scales_every_factors_distance_from_one_to_reach_the_lone_tpots_spread() -> None:
-    spread = StepSpread((0.8, 0.9, 1.0, 1.1, 1.5), rho=0.8)
-    assert spread.widened(2.0) == StepSpread((0.6, 0.8, 1.0, 1.2, 2.0), rho=0.8)
-    assert spread.widened(10.0).quantiles[0] == 0.1  # a step never gets faster than a tenth of its time
-    own = spread.spell_quantile(0.9) / spread.spell_quantile(0.5) - 1
-    tpots = [30.0 * (1 + 3 * own * (i - 50) / 40) for i in range(101)]  # p90 / p50: 3x the walk's
-    wide, k = widen_to(spread, tpots)
-    assert 2.5 < k < 3.5
-    assert wide.spell_quantile(0.9) / wide.spell_quantile(0.5) - 1 == pytest.approx(3 * own, rel=0.15)
-    assert widen_to(spread, [30.0] * 20) == (spread, 1.0)  # never narrowed
