@@ -13,6 +13,7 @@ from bench.serving.sim_costs import DecodeCost, PrefillCost, StepCosts, Transfer
 from bench.serving.sim_events import ClusterSpec, SimRequest, simulate
 from bench.serving.sim_fit import EngineSteps
 from bench.serving.sim_spread import SpreadWalk, StepSpread, fit_rho, fit_spread, mean_variance_ratio
+from bench.serving.sim_validate import SEEDS, seeds
 
 TABLE = StepSpread((0.8, 0.9, 1.0, 1.1, 1.5))
 COSTS = StepCosts(prefill=PrefillCost(10.0, 1.0), decode=DecodeCost(30.0, 5.0),
@@ -82,3 +83,8 @@ def test_with_a_spread_lone_requests_miss_an_slo_inside_it_and_a_seed_replays_th
     assert max(tpots) > 1.15 * min(tpots)  # correlated steps: whole requests run slow or fast
     assert simulate(ClusterSpec("disagg"), costs, LONE, seed=7) == spread_run
     assert simulate(ClusterSpec("disagg"), costs, LONE, seed=8) != spread_run
+
+
+def test_a_replay_runs_several_seeds_only_when_the_costs_have_a_spread() -> None:
+    assert seeds(COSTS) == range(1)  # exact steps: every seed replays the same run
+    assert len(seeds(replace(COSTS, decode_spread=TABLE))) == SEEDS > 1
