@@ -5,7 +5,7 @@
 one torch thread, EngineConfig defaults but no prefix cache, no split-fused credit and the whole prompt in
 one step), so a step's cost is known by itself, not inferred from requests' TTFT and TPOT in the cluster.
 `sim fit cpu --engine` reads the JSON: prefill's per-token and per-pair parts and the decode step's slope per
-stream come from it.
+stream come from the medians, the simulator's step spread (sim_spread.py) from every timed step.
 """
 from __future__ import annotations
 
