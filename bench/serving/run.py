@@ -132,10 +132,20 @@ def _workload(args: argparse.Namespace, rate: float) -> tuple[list[float], list]
     return arrival_offsets(args.arrival, rate, spec.num_requests, args.seed), synthesize(spec)
 
 
+class RouterUnreachable(RuntimeError):
+    """Every request of a run failed UNAVAILABLE: nothing listens at the address (an empty table and exit
+    0 read as a run that measured nothing wrong)."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(f"the router at {address} is unreachable (is `pdserve up` running?)")
+
+
 def _run_at(args: argparse.Namespace, rate: float, slo: Slo | None) -> dict:
     offsets, requests = _workload(args, rate)
     limits = RunLimits(max_seconds=args.duration, warmup=args.warmup, progress=not args.no_progress)
     result = asyncio.run(run_load(args.address, offsets, requests, limits))
+    if result.records and all(r.status == "UNAVAILABLE" for r in result.records):
+        raise RouterUnreachable(args.address)
     summary = summarize(result.records, result.not_sent, slo).to_dict()
     return {"rate": rate, "wall_seconds": result.wall_seconds, "summary": summary,
             "records": [asdict(r) for r in result.records]}
@@ -192,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     except (NonLoopbackTarget, TraceError, ValueError) as e:
         print(f"pdserve bench: error: {e}", file=sys.stderr)
         return 2
+    except RouterUnreachable as e:
+        print(f"pdserve bench: error: {e}", file=sys.stderr)
+        return 1
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(result, indent=1))

@@ -13,7 +13,7 @@ from bench.serving.metrics import Slo
 from bench.serving.sim_bound import bounds, request_work
 from bench.serving.sim_calibrate import fit_cpu
 from bench.serving.sim_costs import StepCosts, load_costs, save_costs
-from bench.serving.sim_crossval import crossval, format_crossval, save_crossval
+from bench.serving.sim_crossval import counts, crossval, format_crossval, save_crossval
 from bench.serving.sim_fit import EngineSteps, fit_h100
 from bench.serving.sim_search import MIXES, SearchSettings, best_bound, project, search, work_bound
 from bench.serving.sim_validate import format_rows, host_slowdown, validate
@@ -95,6 +95,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"{len(within)} of {len(rows)} figures within 15%; "
           f"{sum(bool(r.in_band) for r in rows)} of {sum(r.band is not None for r in rows)} latency figures "
           f"inside their measured noise band ({time.perf_counter() - t0:.1f} s)")
+    print("; ".join(counts(rows, k) for k in ("TTFT", "TPOT", "goodput")))
     for path in args.host_speed or []:
         factor, slow_rows = host_slowdown(path, load_costs(args.costs))
         print(f"\n{path} replayed on a host {factor:g}x slower:\n{format_rows(slow_rows)}")

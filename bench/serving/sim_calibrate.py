@@ -111,7 +111,9 @@ def fit_cpu(paths: list[str | Path], calibrate_on: list[str | Path] | None = Non
             prefill=PrefillCost(base.fixed_ms * share, base.per_token_ms, base.per_pair_ms),
             decode=DecodeCost(max(one_stream - per_seq, 0.0), per_seq), transfer=transfer,
             router_ms=path_ms + base.fixed_ms * (1 - share), contention=contention,
-            decode_contention=on_decode, path_jitter_ms=jitter)
+            decode_contention=on_decode, path_jitter_ms=jitter,
+            prefill_spread=engine.prefill_spread if engine else None,
+            decode_spread=engine.decode_spread if engine else None)
 
     # With the engine's own costs the grid can afford the host's sharing both ways: how much a running
     # decode slows a prefill step and how much a running prefill slows a decode step.
@@ -132,7 +134,10 @@ def fit_cpu(paths: list[str | Path], calibrate_on: list[str | Path] | None = Non
             "decode": f"one-stream step = median lone TPOT {one_stream:.1f} ms; per_seq_ms the engine's",
             "contention": f"by the grid (replay error {err:.3f}: latency, attainment, goodput of "
                           f"{cal_names})",
-            "transfer": "docs/benchmarks.md, KV transfer CPU/gloo table; SmolLM2-135M KV shape"})
+            "transfer": "docs/benchmarks.md, KV transfer CPU/gloo table; SmolLM2-135M KV shape",
+            "spread": "prefill_spread / decode_spread: percentiles of the engine alone's timed steps over "
+                      "their point's median (prefill) or mean (decode); rho makes 15-step means vary as "
+                      "the engine's did"})
     return replace(fitted, source={
         "prefill": f"least squares on the TTFT of the {len(lone)} lone requests in {names}: per-token and "
                    f"per-pair parts; fixed part {base.fixed_ms:.0f} ms split by the grid, {share:.0%} on the "

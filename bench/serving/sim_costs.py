@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from bench.serving.sim_spread import StepSpread
+
 GOLDEN = (5 ** 0.5 - 1) / 2
 
 
@@ -71,6 +73,11 @@ class StepCosts:
     source: dict[str, str] | None = None
     # The measured spread of router_ms: lone requests' TTFT minus the prefill fit, sorted (ms). Empty: none.
     path_jitter_ms: tuple[float, ...] = ()
+    # The engine's step-to-step spread (sim_spread.py), fitted from its timed steps: the simulator draws
+    # each step's time factor from it, seeded. None: every step costs exactly the model's ms (the H100
+    # costs, and tests that need exact times).
+    prefill_spread: StepSpread | None = None
+    decode_spread: StepSpread | None = None
 
     def contention_of(self, role: str) -> float:
         """The slowdown per other busy worker of a step on a worker of this role."""
@@ -119,7 +126,9 @@ class StepCosts:
                          transfer=TransferCost(**d["transfer"]), router_ms=d.get("router_ms", 0.0),
                          contention=d.get("contention", 0.0), decode_contention=d.get("decode_contention"),
                          source=d.get("source"),
-                         path_jitter_ms=tuple(d.get("path_jitter_ms", ())))
+                         path_jitter_ms=tuple(d.get("path_jitter_ms", ())),
+                         prefill_spread=StepSpread.from_dict(d.get("prefill_spread")),
+                         decode_spread=StepSpread.from_dict(d.get("decode_spread")))
 
 
 def load_costs(path: str | Path) -> StepCosts:

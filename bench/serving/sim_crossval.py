@@ -45,7 +45,8 @@ def crossval(paths: list[str | Path], grid: Grid | None = None,
     return [Compared(r, held[(r.run, r.metric)]) for r in in_rows]
 
 
-def _counts(rows: list[Row], kind: str) -> str:
+def counts(rows: list[Row], kind: str) -> str:
+    """How many of the rows of one kind (TTFT, TPOT, goodput) land within 15%, and inside the noise band."""
     mine = [r for r in rows if r.metric.startswith(kind)]
     within = sum(abs(r.rel_err) <= TOLERANCE for r in mine)
     banded = [r for r in mine if r.band is not None]
@@ -69,7 +70,7 @@ def format_crossval(compared: list[Compared]) -> str:
                      f"{h.simulated:>10.3f} {h.rel_err:>+7.1%}  {band}")
     for label, rows in (("in-sample", [c.in_sample for c in compared]),
                         ("held-out", [c.held_out for c in compared])):
-        lines.append(f"{label}: " + "; ".join(_counts(rows, k) for k in ("TTFT", "TPOT", "goodput")))
+        lines.append(f"{label}: " + "; ".join(counts(rows, k) for k in ("TTFT", "TPOT", "goodput")))
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from bench.serving.client import RequestRecord
 from bench.serving.sim_costs import StepCosts
 from bench.serving.sim_placement import SimPlacement
+from bench.serving.sim_spread import SpreadWalk
 from engine.step_cost import StepCostModel
 
 MODES = ("disagg", "coloc", "cond")
@@ -111,10 +112,13 @@ class _Worker:
 
 
 class Simulation:
-    """One run: feed requests, call run(), read records. Deterministic: ties break by insertion order."""
+    """One run: feed requests, call run(), read records. Reproducible: ties break by insertion order, and
+    the step spread (StepCosts.prefill_spread / decode_spread) is drawn from a generator seeded by `seed`."""
 
-    def __init__(self, spec: ClusterSpec, costs: StepCosts, requests: Sequence[SimRequest]) -> None:
+    def __init__(self, spec: ClusterSpec, costs: StepCosts, requests: Sequence[SimRequest],
+                 seed: int = 0) -> None:
         self.spec, self.costs = spec, costs
+        self._walk = SpreadWalk(seed)
         need = max((r.prompt + r.output for r in requests), default=0)
         if need > spec.kv_capacity_tokens:
             raise ValueError(f"a request needs {need} KV tokens; a worker holds {spec.kv_capacity_tokens}")
@@ -218,6 +222,10 @@ class Simulation:
         if batch:
             ms = c.decode.step_ms(batch, w.ctx_sum) + (c.prefill.marginal_ms(
                 [(n, r.computed) for r, n in chunks]) if chunks else 0.0)
+        kind = "decode" if batch else "prefill"  # a step with decodes in it varies as they do
+        spread = c.decode_spread if batch else c.prefill_spread
+        if spread:
+            ms *= self._walk.factor(spread, (w.role, w.index, kind))
         w.busy, w.chunks, w.step_batch, w.work_ms, w.slowdown = True, chunks, batch, ms, 1.0
         w.started = w.since = self.now
         if c.shares_host:
@@ -343,6 +351,7 @@ class Simulation:
         self._dispatch()
 
 
-def simulate(spec: ClusterSpec, costs: StepCosts, requests: Sequence[SimRequest]) -> list[RequestRecord]:
+def simulate(spec: ClusterSpec, costs: StepCosts, requests: Sequence[SimRequest],
+             seed: int = 0) -> list[RequestRecord]:
     """Runs every request to its end and returns one harness-shaped record each (status OK)."""
-    return Simulation(spec, costs, requests).run()
+    return Simulation(spec, costs, requests, seed).run()

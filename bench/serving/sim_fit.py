@@ -9,6 +9,7 @@ import numpy as np
 
 from bench.serving.sim_costs import DecodeCost, PrefillCost, StepCosts, TransferCost
 from bench.serving.sim_runs import RunFile
+from bench.serving.sim_spread import StepSpread, fit_spread
 
 # SmolLM2-135M (the CPU cluster's embedded model): 30 layers x 3 KV heads x head_dim 64, k and v, fp32.
 CPU_KV_BYTES_PER_TOKEN = 30 * 3 * 64 * 2 * 4
@@ -82,6 +83,11 @@ class EngineSteps:
     prefill: PrefillCost
     per_seq_ms: float
     source: str
+    # The spread of a step's time over its point's (sim_spread.py), from every timed step when the JSON has
+    # them: a prefill step over its prompt length's median (the regression reads medians), a decode step
+    # over its batch's mean (the one-stream step is pinned to a TPOT, a mean over steps).
+    prefill_spread: StepSpread | None = None
+    decode_spread: StepSpread | None = None
 
     @staticmethod
     def load(path: str | Path) -> EngineSteps:
@@ -94,9 +100,13 @@ class EngineSteps:
         b = np.array([p["batch"] for p in d["decode"]], dtype=float)
         ms = np.array([p["step_ms"] for p in d["decode"]])
         slope = float(np.linalg.lstsq(np.stack([np.ones_like(b), b], 1), ms, rcond=None)[0][1])
+        pre_steps = [p.get("steps_ms", ()) for p in d["prefill"]]
+        dec_steps = [p.get("steps_ms", ()) for p in d["decode"]]
         return EngineSteps(prefill, max(slope, 0.0), f"{path}: least squares over {len(n)} prefill steps "
                            f"({int(n.min())}-{int(n.max())} tokens) and {len(b)} decode steps (batch "
-                           f"{int(b.min())}-{int(b.max())})")
+                           f"{int(b.min())}-{int(b.max())}) at their medians; the spread from their "
+                           f"{sum(map(len, pre_steps))} and {sum(map(len, dec_steps))} timed steps",
+                           fit_spread(pre_steps, "median"), fit_spread(dec_steps, "mean"))
 
 
 def residuals_ms(lone: list[Obs], prefill: PrefillCost,

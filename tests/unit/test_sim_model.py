@@ -123,7 +123,9 @@ def test_validate_prints_each_figure_with_its_noise_band_and_a_count(tmp_path: P
     assert lines[0].split() == ["run", "metric", "measured", "sim", "rel", "err", "noise", "band", "in"]
     burst_ttft = next(line for line in lines if line.startswith("burst") and "TTFT p50" in line)
     assert burst_ttft.split()[-1] == "yes" and "+0.0%" in burst_ttft
-    assert lines[-1].startswith("15 of 15 figures within 15%; 12 of 12 latency figures inside their")
+    assert lines[-2].startswith("15 of 15 figures within 15%; 12 of 12 latency figures inside their")
+    assert lines[-1] == ("TTFT: 6/6 within 15%, 6 in the noise band; TPOT: 6/6 within 15%, 6 in the noise "
+                         "band; goodput: 0/0 within 15%")
 
 
 POLICY_COSTS = StepCosts(PrefillCost(10.0, 1.0), DecodeCost(20.0, 0.0), FREE_LINK)
@@ -159,7 +161,7 @@ def test_validate_can_replay_another_decode_slope_with_the_one_stream_step_kept(
     save_costs(TRUTH, tmp_path / "costs.json")
     base = ["validate", "--costs", str(tmp_path / "costs.json"), "--runs", *paths]
     assert main([*base, "--per-seq-ms", "10"]) == 0  # TRUTH's own slope: the same replay
-    assert capsys.readouterr().out.splitlines()[-1].startswith("15 of 15 figures within 15%")
+    assert capsys.readouterr().out.splitlines()[-2].startswith("15 of 15 figures within 15%")
     assert main([*base, "--per-seq-ms", "40"]) == 0
     burst_tpot = next(line for line in capsys.readouterr().out.splitlines()
                       if line.startswith("burst") and "TPOT p50" in line)
