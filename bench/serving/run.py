@@ -133,11 +133,12 @@ def _workload(args: argparse.Namespace, rate: float) -> tuple[list[float], list]
 
 
 class RouterUnreachable(RuntimeError):
-    """Every request of a run failed UNAVAILABLE: nothing listens at the address (an empty table and exit
-    0 read as a run that measured nothing wrong)."""
+    """Every request of a run failed UNAVAILABLE: nothing listens at the address, or no worker behind it is
+    ready (an empty table and exit 0 read as a run that measured nothing wrong)."""
 
     def __init__(self, address: str) -> None:
-        super().__init__(f"the router at {address} is unreachable (is `pdserve up` running?)")
+        super().__init__(f"every request failed UNAVAILABLE: the router at {address} is unreachable or "
+                         "has no worker ready (is `pdserve up` running?)")
 
 
 def _run_at(args: argparse.Namespace, rate: float, slo: Slo | None) -> dict:

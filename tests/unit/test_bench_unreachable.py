@@ -16,7 +16,8 @@ def test_bench_with_no_router_exits_nonzero_naming_the_address(capsys) -> None:
     out, err = capsys.readouterr()
     assert rc == 1
     assert err.strip().splitlines() == [
-        "pdserve bench: error: the router at 127.0.0.1:1 is unreachable (is `pdserve up` running?)"]
+        "pdserve bench: error: every request failed UNAVAILABLE: the router at 127.0.0.1:1 is unreachable "
+        "or has no worker ready (is `pdserve up` running?)"]
     assert "statuses" not in out
 
 
