@@ -102,9 +102,9 @@ def test_int8_gemm_every_candidate_is_exact_up_to_the_scales(m: int, n: int, k: 
     x_scale = torch.rand(m, generator=gen, device=DEV)
     w8 = W8Weight(*quantize_per_channel(weight(n, k)))
     ref = int8_gemm_ref(q_x, x_scale, w8, torch.float32)
-    for config in W8A8_CANDIDATES:
+    for config in W8A8_CANDIDATES:  # a failure names its candidate (a bare mismatch did not, session 8)
         torch.testing.assert_close(int8_gemm(q_x, x_scale, w8, torch.float32, config), ref,
-                                   atol=1e-4, rtol=1e-5)
+                                   atol=1e-4, rtol=1e-5, msg=lambda m, c=config: f"{c}: {m}")
 
 
 def test_kernels_replay_from_a_cuda_graph() -> None:
