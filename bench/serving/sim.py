@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("target", choices=("cpu", "h100"))
     f.add_argument("--runs", nargs="+", default=[CPU_RUNS], help="cpu: pdserve bench --json files")
     f.add_argument("--calibrate-on", nargs="+", default=None,
-                   help="cpu: the runs the grid is scored on (default: all of --runs)")
+                   help="cpu: the runs the grid is scored on (default: all of --runs); each placement kind "
+                        "(pinned or not, bench/serving/sim_host.py) gets the contention its own runs fit")
     f.add_argument("--engine", default=ENGINE_STEPS, metavar="JSON",
                    help="cpu: prefill's cost and the decode slope from the engine timed alone "
                         "(bench.serving.sim_engine --json); 'none': both by the grid")
