@@ -81,9 +81,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     costs = load_costs(args.costs)
-    if args.contention is not None:  # measured apart (two engines side by side), not fitted
+    if args.contention is not None:  # measured apart (two engines side by side), not fitted: every run's
         prefill_c, _, decode_c = args.contention.partition(",")
-        costs = replace(costs, contention=float(prefill_c),
+        costs = replace(costs, contention=float(prefill_c), placement_contention={},
                         decode_contention=float(decode_c) if decode_c else None)
     if args.per_seq_ms is not None:  # another grid point: the same one-stream step, another slope
         d = costs.decode
@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("target", choices=("cpu", "h100"))
     f.add_argument("--runs", nargs="+", default=[CPU_RUNS], help="cpu: pdserve bench --json files")
     f.add_argument("--calibrate-on", nargs="+", default=None,
-                   help="cpu: the runs the grid is scored on (default: all of --runs)")
+                   help="cpu: the runs the grid is scored on (default: all of --runs); each placement kind "
+                        "(pinned or not, bench/serving/sim_host.py) gets the contention its own runs fit")
     f.add_argument("--engine", default=ENGINE_STEPS, metavar="JSON",
                    help="cpu: prefill's cost and the decode slope from the engine timed alone "
                         "(bench.serving.sim_engine --json); 'none': both by the grid")
@@ -222,8 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--runs", nargs="+", default=[CPU_RUNS])
     v.add_argument("--plots", type=Path, default=None)
     v.add_argument("--contention", default=None, metavar="PREFILL[,DECODE]",
-                   help="replay with this host sharing instead of the costs file's: a step's slowdown per "
-                        "other busy worker, a decode step's after the comma")
+                   help="replay every run with this host sharing instead of the costs file's (which is per "
+                        "placement kind: pinned or not): a step's slowdown per other busy worker, a decode "
+                        "step's after the comma")
     v.add_argument("--per-seq-ms", type=float, default=None,
                    help="replay with this decode ms per stream instead, the one-stream step kept")
     v.add_argument("--host-speed", nargs="+", default=None, metavar="JSON",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bench.serving.sim_spread import StepSpread
@@ -78,6 +78,17 @@ class StepCosts:
     # costs, and tests that need exact times).
     prefill_spread: StepSpread | None = None
     decode_spread: StepSpread | None = None
+    # Host sharing fitted per placement kind (sim_host.py: unpinned, pinned, pinned-shared) as (contention,
+    # decode_contention): pinned workers slow each other far less than unpinned ones. A kind not here
+    # replays with `contention` / `decode_contention`.
+    placement_contention: dict[str, tuple[float, float | None]] = field(default_factory=dict)
+
+    def for_placement(self, kind: str) -> StepCosts:
+        """The costs a run of this placement kind replays with: its kind's fitted host sharing if any."""
+        if kind not in self.placement_contention:
+            return self
+        c, dc = self.placement_contention[kind]
+        return replace(self, contention=c, decode_contention=dc)
 
     def contention_of(self, role: str) -> float:
         """The slowdown per other busy worker of a step on a worker of this role."""
@@ -128,7 +139,9 @@ class StepCosts:
                          source=d.get("source"),
                          path_jitter_ms=tuple(d.get("path_jitter_ms", ())),
                          prefill_spread=StepSpread.from_dict(d.get("prefill_spread")),
-                         decode_spread=StepSpread.from_dict(d.get("decode_spread")))
+                         decode_spread=StepSpread.from_dict(d.get("decode_spread")),
+                         placement_contention={k: (c, dc) for k, (c, dc) in
+                                               d.get("placement_contention", {}).items()})
 
 
 def load_costs(path: str | Path) -> StepCosts:

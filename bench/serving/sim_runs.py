@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.serving.sim_events import ClusterSpec, SimRequest
+from bench.serving.sim_host import placement_kind
 from bench.serving.workload import SharedPrefix
 
 # What `pdserve up --device cpu` ran at eadcd02, where the first CPU runs were taken (files without
@@ -64,6 +65,7 @@ class RunFile:
     data: dict
     spec: ClusterSpec
     prefix_of: tuple[tuple[int, int] | None, ...]
+    placement: str  # sim_host.placement_kind: how its workers sat on the cores, which picks its contention
 
     @property
     def config(self) -> dict:
@@ -106,4 +108,5 @@ def _run_file(stem: str, d: dict) -> RunFile:
     pre = prefixes(d["config"]) if d["config"].get("shared_prefix") else []
     runs = d["sweep"]["probes"] if d.get("sweep") else [d]
     longest = max((r["prompt_tokens"] for run in runs for r in run["records"]), default=0)
-    return RunFile(stem, d, cluster_for(d.get("up_flags"), longest), tuple(pre))
+    return RunFile(stem, d, cluster_for(d.get("up_flags"), longest), tuple(pre),
+                   placement_kind(d.get("up_flags")))

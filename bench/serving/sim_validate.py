@@ -101,23 +101,25 @@ def sim_goodput(config: dict, costs: StepCosts, spec: ClusterSpec) -> float:
 
 
 def validate(paths: list[str | Path], costs: StepCosts) -> list[Row]:
-    """Every run of every file replayed on the cluster spec its file ran on (sim_runs.cluster_for)."""
+    """Every run of every file replayed on the cluster spec its file ran on (sim_runs.cluster_for), with the
+    host sharing of its placement kind (StepCosts.for_placement)."""
     rows: list[Row] = []
     for f in (f for path in paths for f in load_runs(path)):
-        d, cfg = f.data, f.config
+        d, cfg, run_costs = f.data, f.config, costs.for_placement(f.placement)
         slo = Slo(cfg["slo_ttft"], cfg["slo_tpot"])
         if d.get("sweep"):
             local: list[int] = []
             for p in d["sweep"]["probes"]:
-                rows += _compare(f"{f.stem}@{p['rate']:g}", p["summary"], p["records"], costs, f, slo, local)
+                rows += _compare(f"{f.stem}@{p['rate']:g}", p["summary"], p["records"], run_costs, f, slo,
+                                 local)
             rows.append(Row(f.stem, "goodput req/s", d["sweep"]["goodput_rps"],
-                            sim_goodput(cfg, costs, f.spec)))
+                            sim_goodput(cfg, run_costs, f.spec)))
             placed = d.get("prefill_placements") or {}
             if f.spec.mode == "cond" and placed:  # the router's counts: every probe and warm-up together
                 measured = sum(n for key, n in placed.items() if key.startswith("local/"))
                 rows.append(Row(f.stem, "local prefills", measured, sum(local)))
         else:
-            rows += _compare(f.stem, d["run"], d["records"], costs, f, slo)
+            rows += _compare(f.stem, d["run"], d["records"], run_costs, f, slo)
     return rows
 
 
