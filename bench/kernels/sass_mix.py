@@ -34,7 +34,7 @@ VARIANTS = {"bf16": (0, 0, False, 2), "int8": (8, 0, False, 3), "int8 fp16 dots"
 
 
 _GEMV_SIGNATURE = dict(x_ptr="*i32", w_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16", out_ptr="*bf16", N="i32",
-                       K="i32", stride_wn="i32", stride_sn="i32")
+                       K="i32", stride_wn="i32", stride_sn="i32", ONE="i32")
 
 
 def disassemble(compiled) -> str:

@@ -5,10 +5,10 @@ the tl.dot kernel here: a program owns BLOCK_N weight rows and walks its share o
 programs per row block add fp32 partial sums atomically), BLOCK_K values a step. The packed tile is
 [BLOCK_N, groups, group / 2] bytes, so each group's scale and low load once per step and broadcast (a
 per-value gather of them made round 1's M = 16 ten times slower than the weight bytes alone); the low and
-high nibbles dequantize (w4a16_gemv.nibble_float: w = 16s·f + (z − 16s)) into the even and odd columns
-of the tile, in x's dtype, on the left of tl.dot against the input's even and odd columns transposed,
-[BLOCK_N, BLOCK_K / 2] × [BLOCK_K / 2, BLOCK_M], as kernels/linear does ("swap AB"). BLOCK_M = 16 serves
-decode batches, larger blocks (a grid over input rows) prefill.
+high nibbles dequantize (w4a16_gemv.nibble_float: w = 16s·f + (z − 16s), 1.0's bits passed in as ONE)
+into the even and odd columns of the tile, in x's dtype, on the left of tl.dot against the input's even and
+odd columns transposed, [BLOCK_N, BLOCK_K / 2] × [BLOCK_K / 2, BLOCK_M], as kernels/linear does ("swap AB").
+BLOCK_M = 16 serves decode batches, larger blocks (a grid over input rows) prefill.
 """
 from __future__ import annotations
 
@@ -21,12 +21,14 @@ from kernels.quant_linear.config import W4_CANDIDATES, QuantConfig, pick
 from kernels.quant_linear.layout import W4Weight
 from kernels.quant_linear.w4a16_gemv import _w4a16_gemv_bytes_kernel, _w4a16_gemv_words_kernel, nibble_float
 
+ONE_BITS = 0x3F800000  # 1.0f's bits, a kernel argument so that mask-and-or stays one LOP3 (w4a16_gemv)
+
 
 @triton.jit
 def _w4a16_dot_kernel(
     x_ptr, p_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_pn, stride_sn, stride_om,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr, ONE, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     HALF_K: tl.constexpr = BLOCK_K // 2
     SPAN: tl.constexpr = GROUP if GROUP < BLOCK_K else BLOCK_K  # values of one group within a tile
@@ -67,8 +69,8 @@ def _w4a16_dot_kernel(
         s16 = (16.0 * s)[:, :, None]
         low = (z - 16.0 * s)[:, :, None]
         p = p.to(tl.int32)
-        we = tl.reshape(nibble_float(p, 0) * s16 + low, (BLOCK_N, HALF_K))
-        wo = tl.reshape(nibble_float(p, 4) * s16 + low, (BLOCK_N, HALF_K))
+        we = tl.reshape(nibble_float(p, 0, ONE) * s16 + low, (BLOCK_N, HALF_K))
+        wo = tl.reshape(nibble_float(p, 4, ONE) * s16 + low, (BLOCK_N, HALF_K))
         acc = tl.dot(we.to(xe.dtype), xe, acc, input_precision=DOT_PRECISION)
         acc = tl.dot(wo.to(xo.dtype), xo, acc, input_precision=DOT_PRECISION)
     store_rows(out_ptr, acc, offs_m, offs_n, M, N, stride_om, SPLIT_K)
@@ -104,8 +106,8 @@ def w4a16_linear(x: torch.Tensor, weight: W4Weight, config: QuantConfig | None =
     partials = config.partials and config.split_k > 1
     out = output(m, n, x, config, partials)
     common = dict(GROUP=weight.group_size, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                  SPLIT_K=config.split_k, EVEN_N=n % config.block_n == 0, num_warps=config.num_warps,
-                  num_stages=config.num_stages)
+                  SPLIT_K=config.split_k, ONE=ONE_BITS, EVEN_N=n % config.block_n == 0,
+                  num_warps=config.num_warps, num_stages=config.num_stages)
     if gemv and _reads_words(rows, weight, config):
         _w4a16_gemv_words_kernel[grid(m, n, config)[:2]](
             rows.view(torch.int32), weight.packed.view(torch.int32), weight.scale, weight.low, out, n, k,

@@ -1,19 +1,22 @@
 """W4A16 GEMV (one input row) in Triton: y [1, N] = x [1, K] · dequant(W4Weight)ᵀ, fp32 accumulation.
 
-At HBM speed an int4 GEMV is bound by the integer/float instructions per weight value, not by bytes, so
-the inner loop is two integer ops and one fp32 multiply-add per value:
-  - a nibble q becomes the float f = 1 + q/16 by moving it into mantissa bits 19..22 of 1.0 (a shift and
-    an and-or: no conversion instruction, no float subtraction);
-  - the group's affine stays out of the inner product: w = q·s + z = 16s·f + (z − 16s), so per group
-    Σ w·x = 16s · Σ f·x + (z − 16s) · Σ x, with Σ x per group taken once per tile for all rows.
+At HBM speed an int4 GEMV is bound by the instructions it issues per weight value, not by bytes, so the
+inner loop is about one integer op and one fp32 multiply-add per value:
+  - a nibble q becomes a float by masking it into the mantissa of 1.0 where it already lies after one
+    shift per pair of nibbles ("windows"): bits 15..18 read as f = 1 + q/256, bits 19..22 as f = 1 + q/16.
+    The mask and the exponent bits are one LOP3 only while 1.0's bits sit in a register: with both as
+    immediates ptxas emits an and and an or, so the launcher passes them in as ONE (0x3F800000);
+  - the position's power of two moves onto x (x' = 256·x or 16·x, exact), so Σ q·x = Σ f·x' − Σ x';
+  - the group's affine stays out of the inner product: w = q·s + z, so per group
+    Σ w·x = s · (Σ f·x' − Σ x') + z · Σ x, with Σ x' and Σ x per group taken once per tile for all rows.
 A program owns BLOCK_N weight rows and walks its share of K (split-K: SPLIT_K programs per row block add
 fp32 partial sums atomically, or with PARTIALS store them for common.sum_splits), BLOCK_K values a step,
 the tile shaped [BLOCK_N, groups, per group] so each group's scale and low load once. Two readings of the
 packed bytes:
-  - bytes: [.., group / 2] uint8, the low and high nibble of a byte are values 2b and 2b + 1; a bf16 input
-    loads as int32 pairs (contiguous), each half shifted into an fp32;
-  - words: [.., group / 8] int32, nibble j of a word is value 8w + j (little-endian bytes): no per-byte
-    extraction; the input loads as int32 pairs [.., 4] split in registers into the eight values of a word.
+  - bytes: [.., group / 2] uint8, the low and high nibble of a byte are values 2b and 2b + 1 (one window a
+    byte); a bf16 input loads as int32 pairs (contiguous), each half shifted into an fp32;
+  - words: [.., group / 8] int32, nibble j of a word is value 8w + j (little-endian bytes), four windows a
+    word; the input loads as int32 pairs [.., 4] split in registers into the eight values of a word.
 """
 from __future__ import annotations
 
@@ -24,13 +27,25 @@ from kernels.quant_linear.common import store_rows
 
 
 @triton.jit
-def nibble_float(w, SHIFT: tl.constexpr):
-    """1 + q/16 (float32) for the nibble q at bits SHIFT..SHIFT+3 of the int32 w."""
+def nibble_float(w, SHIFT: tl.constexpr, ONE):
+    """1 + q/16 (float32) for the nibble q at bits SHIFT..SHIFT+3 of the int32 w (ONE: 1.0's bits)."""
     if SHIFT <= 19:
         m = w << (19 - SHIFT)
     else:
         m = w >> (SHIFT - 19)  # arithmetic shift: the sign bits it drags in are masked off
-    return ((m & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+    return ((m & 0x00780000) | ONE).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def window_floats(w, SHIFT: tl.constexpr, ONE):
+    """The nibbles at bits SHIFT..SHIFT+3 and SHIFT+4..SHIFT+7 of the int32 w as (1 + q/256, 1 + q/16):
+    one shift puts them at bits 15..18 and 19..22, one LOP3 each masks them into 1.0 (ONE: its bits)."""
+    if SHIFT <= 15:
+        m = w << (15 - SHIFT)
+    else:
+        m = w >> (SHIFT - 15)  # the sign bits it drags in are masked off
+    return (((m & 0x00078000) | ONE).to(tl.float32, bitcast=True),
+            ((m & 0x00780000) | ONE).to(tl.float32, bitcast=True))
 
 
 @triton.jit
@@ -40,23 +55,29 @@ def pair_floats(pair):
 
 
 @triton.jit
-def group_affine(acc, t, sx, s_ptrs, z_ptrs, n_mask, EVEN_N: tl.constexpr):
-    """acc [BLOCK_N, GROUPS] += 16s·Σf·x + (z − 16s)·Σx for this step's groups (t = Σf·x, f = 1 + q/16)."""
+def group_affine(acc, t, sx_scaled, sx, s_ptrs, z_ptrs, n_mask, EVEN_N: tl.constexpr):
+    """acc [BLOCK_N, GROUPS] += s·(Σf·x' − Σx') + z·Σx for this step's groups (t = Σf·x' per row and group;
+    Σx' and Σx per group)."""
     if EVEN_N:
         s = tl.load(s_ptrs).to(tl.float32)
         z = tl.load(z_ptrs).to(tl.float32)
     else:
         s = tl.load(s_ptrs, mask=n_mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptrs, mask=n_mask, other=0.0).to(tl.float32)
-    s16 = 16.0 * s
-    return acc + t * s16 + (z - s16) * sx[None, :]
+    return acc + (t - sx_scaled[None, :]) * s + z * sx[None, :]
+
+
+@triton.jit
+def scaled_sums(even, odd):
+    """Per group Σx' and Σx of the window-scaled inputs (even values × 256, odd × 16): [.., GROUPS, n]."""
+    return tl.sum(even + odd, axis=1), tl.sum(even * (1.0 / 256.0) + odd * (1.0 / 16.0), axis=1)
 
 
 @triton.jit
 def _w4a16_gemv_bytes_kernel(
     x_ptr, p_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_pn, stride_sn,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    EVEN_N: tl.constexpr, BF16_PAIRS: tl.constexpr, PARTIALS: tl.constexpr = False,
+    ONE, EVEN_N: tl.constexpr, BF16_PAIRS: tl.constexpr, PARTIALS: tl.constexpr = False,
 ):
     GROUPS: tl.constexpr = BLOCK_K // GROUP
     HALF_G: tl.constexpr = GROUP // 2
@@ -89,9 +110,12 @@ def _w4a16_gemv_bytes_kernel(
             xe = tl.load(x_ptrs).to(tl.float32)
             xo = tl.load(x_ptrs + 1).to(tl.float32)
             x_ptrs += BLOCK_K
-        p = p.to(tl.int32)
-        fx = nibble_float(p, 0) * xe[None, :, :] + nibble_float(p, 4) * xo[None, :, :]
-        acc = group_affine(acc, tl.sum(fx, axis=2), tl.sum(xe + xo, axis=1), s_ptrs, z_ptrs, n_mask, EVEN_N)
+        xe = xe * 256.0
+        xo = xo * 16.0
+        fe, fo = window_floats(p.to(tl.int32), 0, ONE)
+        fx = fe * xe[None, :, :] + fo * xo[None, :, :]
+        sx_scaled, sx = scaled_sums(xe, xo)
+        acc = group_affine(acc, tl.sum(fx, axis=2), sx_scaled, sx, s_ptrs, z_ptrs, n_mask, EVEN_N)
         p_ptrs += BLOCK_K // 2
         s_ptrs += GROUPS
         z_ptrs += GROUPS
@@ -103,7 +127,7 @@ def _w4a16_gemv_bytes_kernel(
 def _w4a16_gemv_words_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    EVEN_N: tl.constexpr, PARTIALS: tl.constexpr = False,
+    ONE, EVEN_N: tl.constexpr, PARTIALS: tl.constexpr = False,
 ):
     GROUPS: tl.constexpr = BLOCK_K // GROUP
     WORDS: tl.constexpr = GROUP // 8  # int32 words a group
@@ -135,12 +159,16 @@ def _w4a16_gemv_words_kernel(
         x2, x3 = pair_floats(p1)
         x4, x5 = pair_floats(p2)
         x6, x7 = pair_floats(p3)
-        fx = (nibble_float(w, 0) * x0[None] + nibble_float(w, 4) * x1[None]
-              + nibble_float(w, 8) * x2[None] + nibble_float(w, 12) * x3[None]
-              + nibble_float(w, 16) * x4[None] + nibble_float(w, 20) * x5[None]
-              + nibble_float(w, 24) * x6[None] + nibble_float(w, 28) * x7[None])
-        sx = tl.sum(((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)), axis=1)
-        acc = group_affine(acc, tl.sum(fx, axis=2), sx, s_ptrs, z_ptrs, n_mask, EVEN_N)
+        x0, x2, x4, x6 = x0 * 256.0, x2 * 256.0, x4 * 256.0, x6 * 256.0
+        x1, x3, x5, x7 = x1 * 16.0, x3 * 16.0, x5 * 16.0, x7 * 16.0
+        f0, f1 = window_floats(w, 0, ONE)
+        f2, f3 = window_floats(w, 8, ONE)
+        f4, f5 = window_floats(w, 16, ONE)
+        f6, f7 = window_floats(w, 24, ONE)
+        fx = (f0 * x0[None] + f1 * x1[None] + f2 * x2[None] + f3 * x3[None]
+              + f4 * x4[None] + f5 * x5[None] + f6 * x6[None] + f7 * x7[None])
+        sx_scaled, sx = scaled_sums((x0 + x2) + (x4 + x6), (x1 + x3) + (x5 + x7))
+        acc = group_affine(acc, tl.sum(fx, axis=2), sx_scaled, sx, s_ptrs, z_ptrs, n_mask, EVEN_N)
         w_ptrs += BLOCK_K // 8
         x_ptrs += BLOCK_K // 2
         s_ptrs += GROUPS
