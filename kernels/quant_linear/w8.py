@@ -22,6 +22,31 @@ from kernels.quant_linear.layout import W8Weight
 
 
 @triton.jit
+def _step_tiles(w_ptrs, x_ptrs, n_mask, m_mask, EVEN_N: tl.constexpr, USE_DOT: tl.constexpr):
+    """A step's weight and input tiles (the loop loads step i + 1's before step i's math: HBM latency hides
+    behind it)."""
+    if EVEN_N:  # read once a step: evict_first keeps weights from pushing activations out of L2
+        w = tl.load(w_ptrs, eviction_policy="evict_first")
+    else:
+        w = tl.load(w_ptrs, mask=n_mask, other=0, eviction_policy="evict_first")
+    x = tl.load(x_ptrs, mask=m_mask, other=0.0)
+    if USE_DOT:
+        return w.to(x.dtype), x  # widened here: a loop-carried int8 tile costs byte repacking
+    return w.to(tl.int32), x
+
+
+@triton.jit
+def _step(acc, x_sum, w, x, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    if USE_DOT:
+        acc = tl.dot(w, x, acc, input_precision=DOT_PRECISION)
+    else:  # f = 1 + (q + 128)/256 by one multiply-add of the code into 1.5's bits (module docstring)
+        xs = x.to(tl.float32) * 256.0
+        acc += (w * 32768 + 0x3FC00000).to(tl.float32, bitcast=True) * xs
+        x_sum += xs
+    return acc, x_sum
+
+
+@triton.jit
 def _w8_kernel(
     x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -38,20 +63,14 @@ def _w8_kernel(
         x_ptr, w_ptr, offs_m, offs_n, offs_k, k_start, M, N, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K,
         USE_DOT)
     x_sum = tl.zeros((1, BLOCK_K), dtype=tl.float32)  # Σ x' (one row: the affine's term, see above)
-    for _ in range(0, k_per_split, BLOCK_K):
-        if EVEN_N:  # read once a step: evict_first keeps weights from pushing activations out of L2
-            w = tl.load(w_ptrs, eviction_policy="evict_first")
-        else:
-            w = tl.load(w_ptrs, mask=n_mask, other=0, eviction_policy="evict_first")
-        x = tl.load(x_ptrs, mask=m_mask, other=0.0)
-        if USE_DOT:
-            acc = tl.dot(w.to(x.dtype), x, acc, input_precision=DOT_PRECISION)
-        else:  # f = 1 + (q + 128)/256 by one multiply-add of the code into 1.5's bits (see above)
-            xs = x.to(tl.float32) * 256.0
-            acc += (w.to(tl.int32) * 32768 + 0x3FC00000).to(tl.float32, bitcast=True) * xs
-            x_sum += xs
+    w, x = _step_tiles(w_ptrs, x_ptrs, n_mask, m_mask, EVEN_N, USE_DOT)
+    for _ in range(BLOCK_K, k_per_split, BLOCK_K):  # step i + 1's tiles load before step i's math
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
+        w_next, x_next = _step_tiles(w_ptrs, x_ptrs, n_mask, m_mask, EVEN_N, USE_DOT)
+        acc, x_sum = _step(acc, x_sum, w, x, USE_DOT, DOT_PRECISION)
+        w, x = w_next, x_next
+    acc, x_sum = _step(acc, x_sum, w, x, USE_DOT, DOT_PRECISION)
     if not USE_DOT:
         acc = tl.sum(acc, axis=1)[:, None] - 1.5 * tl.sum(x_sum)  # [BLOCK_N, 1]
     scale = tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0)
