@@ -55,46 +55,22 @@ def pair_floats(pair):
 
 
 @triton.jit
-def step_tiles(w_ptrs, s_ptrs, z_ptrs, x_ptrs, n_mask, EVEN_N: tl.constexpr):
-    """One step's packed weight tile, its groups' scale and low, and its input slice (loaded, not used: the
-    loop loads step i + 1 before it computes step i, so a tile's HBM latency hides behind a step's math)."""
-    if EVEN_N:  # weights are read once: evict_first keeps them from pushing the input out of L2
-        w = tl.load(w_ptrs, eviction_policy="evict_first")
-        s = tl.load(s_ptrs)
-        z = tl.load(z_ptrs)
-    else:
-        w = tl.load(w_ptrs, mask=n_mask[:, :, None], other=0, eviction_policy="evict_first")
-        s = tl.load(s_ptrs, mask=n_mask, other=0.0)
-        z = tl.load(z_ptrs, mask=n_mask, other=0.0)
-    return w.to(tl.int32), s, z, tl.load(x_ptrs)  # bytes widen here: a carried uint8 tile costs repacking
-
-
-@triton.jit
-def group_affine(acc, t, sx_scaled, sx, s, z):
+def group_affine(acc, t, sx_scaled, sx, s_ptrs, z_ptrs, n_mask, EVEN_N: tl.constexpr):
     """acc [BLOCK_N, GROUPS] += s·(Σf·x' − Σx') + z·Σx for this step's groups (t = Σf·x' per row and group;
     Σx' and Σx per group)."""
-    return acc + (t - sx_scaled[None, :]) * s.to(tl.float32) + z.to(tl.float32) * sx[None, :]
+    if EVEN_N:
+        s = tl.load(s_ptrs).to(tl.float32)
+        z = tl.load(z_ptrs).to(tl.float32)
+    else:
+        s = tl.load(s_ptrs, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptrs, mask=n_mask, other=0.0).to(tl.float32)
+    return acc + (t - sx_scaled[None, :]) * s + z * sx[None, :]
 
 
 @triton.jit
 def scaled_sums(even, odd):
     """Per group Σx' and Σx of the window-scaled inputs (even values × 256, odd × 16): [.., GROUPS, n]."""
     return tl.sum(even + odd, axis=1), tl.sum(even * (1.0 / 256.0) + odd * (1.0 / 16.0), axis=1)
-
-
-@triton.jit
-def _bytes_step(acc, p, s, z, x, ONE, BF16_PAIRS: tl.constexpr):
-    if BF16_PAIRS:
-        xe, xo = pair_floats(x)
-    else:
-        xe = x.to(tl.float32)  # x: the [GROUPS, HALF_G, 2] even / odd values
-        xe, xo = tl.split(xe)
-    xe = xe * 256.0
-    xo = xo * 16.0
-    fe, fo = window_floats(p, 0, ONE)
-    fx = fe * xe[None, :, :] + fo * xo[None, :, :]
-    sx_scaled, sx = scaled_sums(xe, xo)
-    return group_affine(acc, tl.sum(fx, axis=2), sx_scaled, sx, s, z)
 
 
 @triton.jit
@@ -119,45 +95,32 @@ def _w4a16_gemv_bytes_kernel(
     z_ptrs = z_ptr + rows * stride_sn + (k_start // GROUP + offs_g)[None, :]
     if BF16_PAIRS:  # x_ptr: the bf16 input seen as int32 pairs, pair b = values 2b (low half), 2b + 1
         x_ptrs = x_ptr + k_start // 2 + byte
-        X_STEP: tl.constexpr = BLOCK_K // 2
     else:
-        x_ptrs = x_ptr + k_start + 2 * byte[:, :, None] + tl.arange(0, 2)[None, None, :]
-        X_STEP: tl.constexpr = BLOCK_K
+        x_ptrs = x_ptr + k_start + 2 * byte
     acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
-    p, s, z, x = step_tiles(p_ptrs, s_ptrs, z_ptrs, x_ptrs, n_mask, EVEN_N)
-    for _ in range(BLOCK_K, k_per_split, BLOCK_K):
+    for _ in range(0, k_per_split, BLOCK_K):
+        if EVEN_N:  # weights are read once: evict_first keeps them from pushing the input out of L2
+            p = tl.load(p_ptrs, eviction_policy="evict_first")
+        else:
+            p = tl.load(p_ptrs, mask=n_mask[:, :, None], other=0, eviction_policy="evict_first")
+        if BF16_PAIRS:
+            xe, xo = pair_floats(tl.load(x_ptrs))
+            x_ptrs += BLOCK_K // 2
+        else:
+            xe = tl.load(x_ptrs).to(tl.float32)
+            xo = tl.load(x_ptrs + 1).to(tl.float32)
+            x_ptrs += BLOCK_K
+        xe = xe * 256.0
+        xo = xo * 16.0
+        fe, fo = window_floats(p.to(tl.int32), 0, ONE)
+        fx = fe * xe[None, :, :] + fo * xo[None, :, :]
+        sx_scaled, sx = scaled_sums(xe, xo)
+        acc = group_affine(acc, tl.sum(fx, axis=2), sx_scaled, sx, s_ptrs, z_ptrs, n_mask, EVEN_N)
         p_ptrs += BLOCK_K // 2
         s_ptrs += GROUPS
         z_ptrs += GROUPS
-        x_ptrs += X_STEP
-        p_next, s_next, z_next, x_next = step_tiles(p_ptrs, s_ptrs, z_ptrs, x_ptrs, n_mask, EVEN_N)
-        acc = _bytes_step(acc, p, s, z, x, ONE, BF16_PAIRS)
-        p, s, z, x = p_next, s_next, z_next, x_next
-    acc = _bytes_step(acc, p, s, z, x, ONE, BF16_PAIRS)
     store_rows(out_ptr, tl.sum(acc, axis=1)[:, None], tl.arange(0, 1), offs_n, 1, N, 0, SPLIT_K,
                PARTIALS)
-
-
-@triton.jit
-def _words_step(acc, w, s, z, x, ONE, GROUPS: tl.constexpr, WORDS: tl.constexpr):
-    pairs = tl.reshape(x, (GROUPS, WORDS, 2, 2))
-    low, high = tl.split(pairs)  # pairs 0, 2 and 1, 3 of each word
-    p0, p2 = tl.split(low)
-    p1, p3 = tl.split(high)
-    x0, x1 = pair_floats(p0)
-    x2, x3 = pair_floats(p1)
-    x4, x5 = pair_floats(p2)
-    x6, x7 = pair_floats(p3)
-    x0, x2, x4, x6 = x0 * 256.0, x2 * 256.0, x4 * 256.0, x6 * 256.0
-    x1, x3, x5, x7 = x1 * 16.0, x3 * 16.0, x5 * 16.0, x7 * 16.0
-    f0, f1 = window_floats(w, 0, ONE)
-    f2, f3 = window_floats(w, 8, ONE)
-    f4, f5 = window_floats(w, 16, ONE)
-    f6, f7 = window_floats(w, 24, ONE)
-    fx = (f0 * x0[None] + f1 * x1[None] + f2 * x2[None] + f3 * x3[None]
-          + f4 * x4[None] + f5 * x5[None] + f6 * x6[None] + f7 * x7[None])
-    sx_scaled, sx = scaled_sums((x0 + x2) + (x4 + x6), (x1 + x3) + (x5 + x7))
-    return group_affine(acc, tl.sum(fx, axis=2), sx_scaled, sx, s, z)
 
 
 @triton.jit
@@ -183,15 +146,32 @@ def _w4a16_gemv_words_kernel(
     # the bf16 input as int32 pairs: a word's eight values are the four pairs 4w .. 4w + 3, one 16-byte load
     x_ptrs = x_ptr + k_start // 2 + 4 * word[:, :, None] + tl.arange(0, 4)[None, None, :]
     acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
-    w, s, z, x = step_tiles(w_ptrs, s_ptrs, z_ptrs, x_ptrs, n_mask, EVEN_N)
-    for _ in range(BLOCK_K, k_per_split, BLOCK_K):
+    for _ in range(0, k_per_split, BLOCK_K):
+        if EVEN_N:
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
+        else:
+            w = tl.load(w_ptrs, mask=n_mask[:, :, None], other=0, eviction_policy="evict_first")
+        pairs = tl.reshape(tl.load(x_ptrs), (GROUPS, WORDS, 2, 2))
+        low, high = tl.split(pairs)  # pairs 0, 2 and 1, 3 of each word
+        p0, p2 = tl.split(low)
+        p1, p3 = tl.split(high)
+        x0, x1 = pair_floats(p0)
+        x2, x3 = pair_floats(p1)
+        x4, x5 = pair_floats(p2)
+        x6, x7 = pair_floats(p3)
+        x0, x2, x4, x6 = x0 * 256.0, x2 * 256.0, x4 * 256.0, x6 * 256.0
+        x1, x3, x5, x7 = x1 * 16.0, x3 * 16.0, x5 * 16.0, x7 * 16.0
+        f0, f1 = window_floats(w, 0, ONE)
+        f2, f3 = window_floats(w, 8, ONE)
+        f4, f5 = window_floats(w, 16, ONE)
+        f6, f7 = window_floats(w, 24, ONE)
+        fx = (f0 * x0[None] + f1 * x1[None] + f2 * x2[None] + f3 * x3[None]
+              + f4 * x4[None] + f5 * x5[None] + f6 * x6[None] + f7 * x7[None])
+        sx_scaled, sx = scaled_sums((x0 + x2) + (x4 + x6), (x1 + x3) + (x5 + x7))
+        acc = group_affine(acc, tl.sum(fx, axis=2), sx_scaled, sx, s_ptrs, z_ptrs, n_mask, EVEN_N)
         w_ptrs += BLOCK_K // 8
         x_ptrs += BLOCK_K // 2
         s_ptrs += GROUPS
         z_ptrs += GROUPS
-        w_next, s_next, z_next, x_next = step_tiles(w_ptrs, s_ptrs, z_ptrs, x_ptrs, n_mask, EVEN_N)
-        acc = _words_step(acc, w, s, z, x, ONE, GROUPS, WORDS)
-        w, s, z, x = w_next, s_next, z_next, x_next
-    acc = _words_step(acc, w, s, z, x, ONE, GROUPS, WORDS)
     store_rows(out_ptr, tl.sum(acc, axis=1)[:, None], tl.arange(0, 1), offs_n, 1, N, 0, SPLIT_K,
                PARTIALS)

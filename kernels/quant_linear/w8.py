@@ -3,11 +3,6 @@
 The skinny GEMM of kernels/linear over int8 weight rows (half the bytes of bf16): one row multiplies in fp32
 into a [BLOCK_N, BLOCK_K] accumulator; up to 16 rows put the weight tile (converted to x's dtype, exact for
 |q| ≤ 127) on the left of tl.dot. The per-channel scale multiplies once, in the epilogue.
-
-One row is bound by the instructions a weight value costs, so a code q becomes a float in one integer
-multiply-add: q·2^15 + bits(1.5) is the float f = 1 + (q + 128)/256 (q + 128 in 0..255 fills mantissa bits
-15..22), no conversion instruction, no float subtraction. With x' = 256·x (exact), f·x' = q·x + 384·x, so
-Σ q·x = Σ f·x' − 1.5 · Σ x', with Σ x' summed beside the products once for all rows of the tile.
 """
 from __future__ import annotations
 
@@ -16,34 +11,9 @@ import triton
 import triton.language as tl
 
 from kernels.linear.kernel import first_tiles
-from kernels.quant_linear.common import dot_precision, grid, output, rows_of, store_rows
+from kernels.quant_linear.common import dot_precision, exact_float, grid, output, rows_of, store_rows
 from kernels.quant_linear.config import FEW_ROWS, W8_CANDIDATES, QuantConfig, pick
 from kernels.quant_linear.layout import W8Weight
-
-
-@triton.jit
-def _step_tiles(w_ptrs, x_ptrs, n_mask, m_mask, EVEN_N: tl.constexpr, USE_DOT: tl.constexpr):
-    """A step's weight and input tiles (the loop loads step i + 1's before step i's math: HBM latency hides
-    behind it)."""
-    if EVEN_N:  # read once a step: evict_first keeps weights from pushing activations out of L2
-        w = tl.load(w_ptrs, eviction_policy="evict_first")
-    else:
-        w = tl.load(w_ptrs, mask=n_mask, other=0, eviction_policy="evict_first")
-    x = tl.load(x_ptrs, mask=m_mask, other=0.0)
-    if USE_DOT:
-        return w.to(x.dtype), x  # widened here: a loop-carried int8 tile costs byte repacking
-    return w.to(tl.int32), x
-
-
-@triton.jit
-def _step(acc, x_sum, w, x, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    if USE_DOT:
-        acc = tl.dot(w, x, acc, input_precision=DOT_PRECISION)
-    else:  # f = 1 + (q + 128)/256 by one multiply-add of the code into 1.5's bits (module docstring)
-        xs = x.to(tl.float32) * 256.0
-        acc += (w * 32768 + 0x3FC00000).to(tl.float32, bitcast=True) * xs
-        x_sum += xs
-    return acc, x_sum
 
 
 @triton.jit
@@ -62,17 +32,20 @@ def _w8_kernel(
     w_ptrs, n_mask, x_ptrs, m_mask, acc = first_tiles(
         x_ptr, w_ptr, offs_m, offs_n, offs_k, k_start, M, N, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K,
         USE_DOT)
-    x_sum = tl.zeros((1, BLOCK_K), dtype=tl.float32)  # Σ x' (one row: the affine's term, see above)
-    w, x = _step_tiles(w_ptrs, x_ptrs, n_mask, m_mask, EVEN_N, USE_DOT)
-    for _ in range(BLOCK_K, k_per_split, BLOCK_K):  # step i + 1's tiles load before step i's math
+    for _ in range(0, k_per_split, BLOCK_K):
+        if EVEN_N:  # read once a step: evict_first keeps weights from pushing activations out of L2
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
+        else:
+            w = tl.load(w_ptrs, mask=n_mask, other=0, eviction_policy="evict_first")
+        x = tl.load(x_ptrs, mask=m_mask, other=0.0)
+        if USE_DOT:
+            acc = tl.dot(w.to(x.dtype), x, acc, input_precision=DOT_PRECISION)
+        else:  # q + 128 in 1..255 converts exactly via the mantissa trick (common.exact_float)
+            acc += (exact_float(w.to(tl.int32) + 128) - 128.0) * x.to(tl.float32)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-        w_next, x_next = _step_tiles(w_ptrs, x_ptrs, n_mask, m_mask, EVEN_N, USE_DOT)
-        acc, x_sum = _step(acc, x_sum, w, x, USE_DOT, DOT_PRECISION)
-        w, x = w_next, x_next
-    acc, x_sum = _step(acc, x_sum, w, x, USE_DOT, DOT_PRECISION)
     if not USE_DOT:
-        acc = tl.sum(acc, axis=1)[:, None] - 1.5 * tl.sum(x_sum)  # [BLOCK_N, 1]
+        acc = tl.sum(acc, axis=1)[:, None]  # [BLOCK_N, 1]
     scale = tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0)
     store_rows(out_ptr, acc * scale[:, None], offs_m, offs_n, M, N, stride_om, SPLIT_K)
 
