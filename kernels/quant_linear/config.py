@@ -45,11 +45,7 @@ W4_CANDIDATES: dict[str, tuple[QuantConfig, ...]] = {
             # split-K whose partials a second small kernel sums (no zeroing memset, no atomics, no cast)
             QuantConfig(16, 1024, 4, 2, split_k=2, words=True, partials=True),
             QuantConfig(8, 1024, 4, 2, split_k=2, partials=True),
-            QuantConfig(16, 512, 4, 3, split_k=4, words=True, partials=True),
-            # round 5, untimed: 32 rows a program, now that the input's share of a value's instructions
-            # (unpacked once a step for all rows) is the part more rows amortize (bench/kernels/sass_mix)
-            QuantConfig(32, 1024, 4, 2, split_k=0, words=True),
-            QuantConfig(32, 1024, 8, 2, split_k=0, words=True)),
+            QuantConfig(16, 512, 4, 3, split_k=4, words=True, partials=True)),
     "few": (QuantConfig(64, 256, 4, 3, block_m=16, split_k=0), QuantConfig(64, 128, 4, 4, block_m=16),
             QuantConfig(32, 256, 4, 4, block_m=16, split_k=0)),
     "many": (QuantConfig(128, 64, 4, 3, block_m=64), QuantConfig(128, 64, 8, 3, block_m=128)),
