@@ -1,7 +1,9 @@
 """W4A16 GEMV (one input row) in Triton: y [1, N] = x [1, K] · dequant(W4Weight)ᵀ, fp32 accumulation.
 
-At HBM speed an int4 GEMV is bound by the instructions it issues per weight value, not by bytes, so the
-inner loop is about one integer op and one fp32 multiply-add per value:
+An int4 GEMV near HBM speed issues several instructions a weight value, and ncu on an H100 has the bytes
+reading near its issue limit (73% of slots) while both readings keep too few loads in flight (DRAM at
+43-48%, docs/benchmarks.md "Quantized GEMVs on the H100"). The inner loop keeps to about one integer op and
+one fp32 multiply-add a value:
   - a nibble q becomes a float by masking it into the mantissa of 1.0 where it already lies after one
     shift per pair of nibbles ("windows"): bits 15..18 read as f = 1 + q/256, bits 19..22 as f = 1 + q/16.
     The mask and the exponent bits are one LOP3 only while 1.0's bits sit in a register: with both as
