@@ -39,22 +39,6 @@ def merge_in_place(num_splits: int) -> bool:
     return 1 < num_splits <= _MAX_IN_PLACE_SPLITS
 
 
-# Arrival counters of in-place merges, per (device, stream): zero between launches (the merging program resets
-# its counter), so every launch on a stream may share them, and launches on other streams get their own. Never
-# freed or replaced while the process lives: captured graphs hold their addresses.
-_ARRIVALS: dict[tuple[torch.device, int], list[torch.Tensor]] = {}
-_MIN_ARRIVALS = 4096
-
-
-def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
-    """int32 zeros, at least `count`, for in-place merges launched on `device`'s current stream."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    held = _ARRIVALS.setdefault((device, stream), [])
-    if not held or held[-1].numel() < count:
-        held.append(torch.zeros(max(count, _MIN_ARRIVALS), dtype=torch.int32, device=device))
-    return held[-1]
-
-
 def _programs_per_sm(stages: int) -> int:
     return 3 if stages == 2 else 2  # 64 or 96 KB of K/V tiles a program (head_dim 128, 64-token tiles)
 

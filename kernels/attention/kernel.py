@@ -7,10 +7,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.arrivals import arrival_counters
 from kernels.attention.config import (
     INT4_DEQUANT_MODES,
     INT8_FP16_MODES,
-    arrival_counters,
     choose_num_splits,
     decode_config,
     merge_in_place,
