@@ -1,10 +1,13 @@
 """What the weight-streaming quantized kernels share: exact int → fp32, the output store, launch helpers."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
+from kernels.arrivals import arrival_counters
 from kernels.quant_linear.config import QuantConfig
 
 
@@ -21,39 +24,48 @@ def exact_float(i):
 
 @triton.jit
 def store_rows(out_ptr, acc, offs_m, offs_n, M, N, stride_om, SPLIT_K: tl.constexpr,
-               PARTIALS: tl.constexpr = False):
-    """acc [BLOCK_N, BLOCK_M] (weight rows × input rows) into out [M, N]: stored, or added under split-K.
-    PARTIALS (split-K, out [SPLIT_K, M, N] dense): each split stores its own slice for sum_splits, so the
-    buffer needs no zeroing and no atomics."""
-    o_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+               MERGE: tl.constexpr = False, part_ptr=None, arrivals_ptr=None):
+    """acc [BLOCK_N, BLOCK_M] (weight rows × input rows) into out [M, N]: stored, or under split-K added
+    into fp32 zeros atomically, or (MERGE) merged in place: each split stores its fp32 tile in part
+    [SPLIT_K, M, N] and counts in at its tile's arrival counter (kernels/arrivals.py; tiles numbered
+    program_id(2) · num_programs(0) + program_id(0)); the last split to arrive resets the counter, adds the
+    tiles and stores out in its dtype — one launch, no zeroed buffer, no cast afterwards."""
     o_mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
     if SPLIT_K == 1:
-        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
-    elif PARTIALS:
-        tl.store(o_ptrs + tl.program_id(1).to(tl.int64) * M * N, acc, mask=o_mask)
+        tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], acc.to(out_ptr.dtype.element_ty),
+                 mask=o_mask)
+    elif MERGE:
+        tile = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
+        tl.store(part_ptr + tl.program_id(1).to(tl.int64) * M * N + tile, acc, mask=o_mask)
+        # the barrier + acq_rel atomic publish this program's tile before its arrival counts, and make the
+        # other splits' visible to the merging program (as kernels/attention's in-place merge)
+        tl.debug_barrier()
+        arrival = arrivals_ptr + tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
+        if tl.atomic_add(arrival, 1, sem="acq_rel") == SPLIT_K - 1:
+            tl.atomic_xchg(arrival, 0, sem="relaxed")
+            total = tl.load(part_ptr + tile, mask=o_mask, other=0.0)
+            for split in tl.static_range(1, SPLIT_K):
+                total += tl.load(part_ptr + split * M * N + tile, mask=o_mask, other=0.0)
+            tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None],
+                     total.to(out_ptr.dtype.element_ty), mask=o_mask)
     else:
-        tl.atomic_add(o_ptrs, acc, mask=o_mask, sem="relaxed")
+        tl.atomic_add(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], acc, mask=o_mask,
+                      sem="relaxed")
 
 
-@triton.jit
-def _sum_splits_kernel(part_ptr, out_ptr, size, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < size
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for split in tl.static_range(SPLIT_K):
-        acc += tl.load(part_ptr + split * size + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+@dataclass(frozen=True)
+class SplitOutput:
+    """The buffers of one launch: out [M, N] (x's dtype, or fp32 zeros that atomic split-K programs add
+    into, cast by result()), and for an in-place merge the fp32 tiles [SPLIT_K, M, N] and arrival counters
+    (otherwise both out, unused)."""
 
+    out: torch.Tensor
+    part: torch.Tensor
+    arrivals: torch.Tensor
+    merge: bool
 
-def sum_splits(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """fp32 split partials [S, M, N] (store_rows' PARTIALS) → their sum [M, N] in dtype, one small kernel."""
-    splits, m, n = partials.shape
-    out = torch.empty((m, n), dtype=dtype, device=partials.device)
-    block = 1024 if partials.is_cuda else 64  # the interpreter's cost grows with the block
-    if m * n:
-        _sum_splits_kernel[(triton.cdiv(m * n, block),)](partials, out, m * n, SPLIT_K=splits, BLOCK=block,
-                                                           num_warps=4)
-    return out
+    def result(self, like: torch.Tensor, n: int) -> torch.Tensor:
+        return self.out.to(like.dtype).view(*like.shape[:-1], n)
 
 
 def rows_of(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -62,14 +74,17 @@ def rows_of(x: torch.Tensor, k: int) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def output(m: int, n: int, like: torch.Tensor, config: QuantConfig, partials: bool = False) -> torch.Tensor:
-    """The product's buffer: x's dtype, or fp32 zeros that split-K programs add into, or (partials) one
-    uninitialized fp32 [M, N] slice a split (store_rows' PARTIALS)."""
-    if config.split_k == 1:
-        return torch.empty((m, n), dtype=like.dtype, device=like.device)
-    if partials:
-        return torch.empty((config.split_k, m, n), dtype=torch.float32, device=like.device)
-    return torch.zeros((m, n), dtype=torch.float32, device=like.device)
+def outputs(m: int, n: int, like: torch.Tensor, config: QuantConfig) -> SplitOutput:
+    """The product's buffers for this config (config.partials with split-K: merged in place)."""
+    if config.split_k == 1 or config.partials:
+        out = torch.empty((m, n), dtype=like.dtype, device=like.device)
+        if config.split_k == 1:
+            return SplitOutput(out, out, out, False)
+        part = torch.empty((config.split_k, m, n), dtype=torch.float32, device=like.device)
+        tiles = triton.cdiv(n, config.block_n) * triton.cdiv(m, config.block_m)
+        return SplitOutput(out, part, arrival_counters(like.device, tiles), True)
+    out = torch.zeros((m, n), dtype=torch.float32, device=like.device)
+    return SplitOutput(out, out, out, False)
 
 
 def grid(m: int, n: int, config: QuantConfig) -> tuple[int, int, int]:

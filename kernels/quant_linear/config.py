@@ -6,6 +6,7 @@ the last H100 run chose).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 SMS = 132  # H100 SXM: split-K aims at two programs per SM when row blocks alone leave SMs idle
@@ -25,6 +26,7 @@ class QuantConfig:
     words: bool = False  # W4A16 GEMV: read the packed weights as int32 words of eight nibbles, not bytes
     tma: bool = False  # W8A8 GEMM: tiles copied by Hopper's tensor memory accelerator, not pointer loads
     partials: bool = False  # W4A16 GEMV split-K: per-split slices summed by a second kernel, not atomics
+    mma: bool = False  # W4A16: the tensor-core kernel (w4a16_mma), any row count, M = 1 padded to block_m
 
 
 # Weight-streaming kernels (W4A16 and w8): one row, up to FEW_ROWS rows, and (W4A16 only) more.
@@ -33,6 +35,10 @@ class QuantConfig:
 # fastest on qkv and gate_up; W4A16 few rows at 64 × 256 with auto split-K (10 of 12 shapes); w8 one row at
 # 4 × 1024 everywhere; w8 few rows at 32 × 256 auto split-K everywhere; W8A8 at the TMA 128 × 256 × 128
 # (8 warps, 4 stages). Candidates that never won and were more than 1.3× the winner somewhere are gone.
+# Session 10 on H100 (g128): the tensor-core W4A16 kernel (w4a16_mma, block_k dividing the group) at 64 × 128,
+# 4 warps, 4 stages, auto split-K took few rows (M = 16) from 0.85-1.14× to 1.42-2.08× bf16; at one row it
+# reached 1.3-2.06×, behind the byte GEMV's 2.02-2.22× (bench/results/quant_w4_mma_round1_s10.txt). Group
+# sizes it cannot serve (32) and fp32 inputs fall through to the next candidate that fits (pick).
 W4_CANDIDATES: dict[str, tuple[QuantConfig, ...]] = {
     "one": (QuantConfig(4, 1024, 4, 2), QuantConfig(16, 1024, 4, 3, split_k=0, words=True),
             QuantConfig(8, 1024, 4, 3, words=True),
@@ -42,13 +48,30 @@ W4_CANDIDATES: dict[str, tuple[QuantConfig, ...]] = {
             QuantConfig(4, 1024, 4, 4), QuantConfig(4, 512, 4, 5), QuantConfig(4, 2048, 8, 2),
             QuantConfig(8, 1024, 4, 2), QuantConfig(4, 4096, 8, 1), QuantConfig(2, 4096, 4, 1),
             QuantConfig(16, 1024, 4, 2, words=True),
-            # split-K whose partials a second small kernel sums (no zeroing memset, no atomics, no cast)
+            # split-K merged in place by the last split (no zeroing memset, no atomics, no cast); untimed
+            # since the merge replaced the second kernel that summed them
             QuantConfig(16, 1024, 4, 2, split_k=2, words=True, partials=True),
             QuantConfig(8, 1024, 4, 2, split_k=2, partials=True),
-            QuantConfig(16, 512, 4, 3, split_k=4, words=True, partials=True)),
-    "few": (QuantConfig(64, 256, 4, 3, block_m=16, split_k=0), QuantConfig(64, 128, 4, 4, block_m=16),
-            QuantConfig(32, 256, 4, 4, block_m=16, split_k=0)),
-    "many": (QuantConfig(128, 64, 4, 3, block_m=64), QuantConfig(128, 64, 8, 3, block_m=128)),
+            QuantConfig(16, 512, 4, 3, split_k=4, words=True, partials=True),
+            # session 10, untimed: the tensor-core kernel, its row padded to block_m (8 or 16), split-K merged
+            # in place
+            *(QuantConfig(bn, bk, w, st, block_m=bm, split_k=sk, mma=True, partials=True)
+              for bn, bk, w, st, bm, sk in (
+                  (64, 128, 4, 4, 16, 0), (64, 128, 4, 4, 8, 0), (128, 128, 4, 4, 8, 0),
+                  (128, 128, 8, 4, 8, 0),
+                  (32, 128, 2, 6, 8, 1), (32, 128, 2, 6, 8, 0), (64, 128, 4, 6, 8, 0), (128, 64, 4, 6, 8, 0),
+                  (16, 128, 1, 8, 8, 0), (64, 128, 4, 4, 8, 1), (32, 128, 1, 6, 8, 0)))),
+    "few": (QuantConfig(64, 128, 4, 4, block_m=16, split_k=0, mma=True),
+            QuantConfig(64, 256, 4, 3, block_m=16, split_k=0), QuantConfig(64, 128, 4, 4, block_m=16),
+            QuantConfig(32, 256, 4, 4, block_m=16, split_k=0),
+            *(QuantConfig(bn, bk, w, st, block_m=16, split_k=0, mma=True, partials=pa)
+              for bn, bk, w, st, pa in ((64, 128, 4, 4, True), (128, 128, 4, 4, True), (64, 128, 4, 6, True),
+                                        (32, 128, 4, 4, True), (32, 128, 2, 6, True),
+                                        (128, 128, 8, 4, True)))),
+    "many": (QuantConfig(128, 64, 4, 3, block_m=64), QuantConfig(128, 64, 8, 3, block_m=128),
+             QuantConfig(128, 128, 4, 3, block_m=64, mma=True),
+             QuantConfig(128, 128, 8, 3, block_m=128, mma=True),
+             QuantConfig(128, 64, 8, 4, block_m=128, mma=True)),
 }
 W8_CANDIDATES: dict[str, tuple[QuantConfig, ...]] = {
     "one": (QuantConfig(4, 1024, 4, 3), QuantConfig(8, 512, 4, 3), QuantConfig(8, 1024, 4, 3),
@@ -90,7 +113,12 @@ def fit_k(config: QuantConfig, k: int, multiple: int = 1) -> QuantConfig:
     return replace(config, block_k=block_k)
 
 
-def pick(candidates: dict[str, tuple[QuantConfig, ...]], m: int, n: int, k: int) -> QuantConfig:
-    """The launch config for an [m, k] × [n, k]ᵀ product: its bucket's first candidate, split-K resolved."""
-    options = candidates.get(bucket(m)) or candidates["few"]
-    return fit_k(auto_split_k(options[0], n, k), k)
+def pick(candidates: dict[str, tuple[QuantConfig, ...]], m: int, n: int, k: int,
+         fits: Callable[[QuantConfig], bool] = lambda config: True) -> QuantConfig:
+    """The launch config for an [m, k] × [n, k]ᵀ product: its bucket's first candidate (split-K resolved)
+    that `fits` these operands (W4A16: the group size and input dtype decide which kernels can run)."""
+    options = [fit_k(auto_split_k(c, n, k), k) for c in candidates.get(bucket(m)) or candidates["few"]]
+    for config in options:
+        if fits(config):
+            return config
+    raise ValueError(f"no launch config fits a [{m}, {k}] × [{n}, {k}]ᵀ product here")

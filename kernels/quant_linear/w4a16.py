@@ -16,10 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.quant_linear.common import dot_precision, grid, output, rows_of, store_rows, sum_splits
+from kernels.quant_linear.common import dot_precision, grid, outputs, rows_of, store_rows
 from kernels.quant_linear.config import W4_CANDIDATES, QuantConfig, pick
 from kernels.quant_linear.layout import W4Weight
 from kernels.quant_linear.w4a16_gemv import _w4a16_gemv_bytes_kernel, _w4a16_gemv_words_kernel, nibble_float
+from kernels.quant_linear.w4a16_mma import mma_fits, w4a16_mma
 
 ONE_BITS = 0x3F800000  # 1.0f's bits, a kernel argument so that mask-and-or stays one LOP3 (w4a16_gemv)
 
@@ -84,44 +85,61 @@ def _reads_words(rows: torch.Tensor, weight: W4Weight, config: QuantConfig) -> b
             and weight.group_size % 8 == 0)
 
 
-def w4a16_linear(x: torch.Tensor, weight: W4Weight, config: QuantConfig | None = None) -> torch.Tensor:
-    """x [..., K] (bf16, fp16 or fp32) → [..., N] in x's dtype; config None: config.pick's for this shape.
+def no_fit(rows: torch.Tensor, weight: W4Weight, config: QuantConfig) -> str:
+    """Why `config` cannot run this product ('' when it can)."""
+    n, k = weight.shape
+    m = rows.shape[0]
+    if k % (config.split_k * config.block_k) or config.block_k % 2 or weight.group_size % 2:
+        return f"K = {k} is no multiple of split {config.split_k} × block {config.block_k}"
+    if weight.scale.stride() != weight.low.stride() or weight.packed.stride(1) != 1:
+        return "packed rows must be contiguous and scale / low laid out alike"
+    if config.mma:
+        return mma_fits(rows, weight, config)
+    gemv = config.block_m == 1
+    if gemv != (m == 1) or gemv and config.block_k % weight.group_size:
+        return f"{m} rows, groups of {weight.group_size}"
+    if config.partials and not gemv:
+        return "split partials serve the GEMV and the tensor-core kernel"
+    return ""
 
-    One row takes a GEMV kernel (config.block_m == 1, block_k a multiple of the group size; config.words
-    reads int32 words where the input is bf16 and the rows align, bytes otherwise), more rows the tl.dot
-    kernel (block_m >= 16)."""
+
+def w4a16_linear(x: torch.Tensor, weight: W4Weight, config: QuantConfig | None = None) -> torch.Tensor:
+    """x [..., K] (bf16, fp16 or fp32) → [..., N] in x's dtype; config None: the first candidate of its row
+    bucket (config.W4_CANDIDATES) that fits.
+
+    config.mma takes the tensor-core kernel (w4a16_mma: bf16 / fp16 inputs, block_k dividing the group
+    size); otherwise one row takes a GEMV kernel (config.block_m == 1, block_k a multiple of the group size;
+    config.words reads int32 words where the input is bf16 and the rows align, bytes otherwise), more rows
+    the tl.dot kernel (block_m >= 16). config.partials: split-K merged in place by the last split."""
     n, k = weight.shape
     rows = rows_of(x, k)
     m = rows.shape[0]
-    config = config or pick(W4_CANDIDATES, m, n, k)
+    config = config or pick(W4_CANDIDATES, m, n, k, lambda c: not no_fit(rows, weight, c))
+    reason = no_fit(rows, weight, config)
+    if reason:
+        raise ValueError(f"W4A16: no fit for {config}: {reason}")
     gemv = config.block_m == 1
-    if gemv != (m == 1) or gemv and config.block_k % weight.group_size:
-        raise ValueError(f"W4A16: {m} rows, groups of {weight.group_size}: no fit for {config}")
-    if k % (config.split_k * config.block_k) or config.block_k % 2 or weight.group_size % 2:
-        raise ValueError(f"W4A16: K = {k} is no multiple of split {config.split_k} × block {config.block_k}")
-    if weight.scale.stride() != weight.low.stride() or weight.packed.stride(1) != 1:
-        raise ValueError("W4A16: packed rows must be contiguous and scale / low laid out alike")
-    if config.partials and not gemv:
-        raise ValueError(f"W4A16: split partials serve the one-row GEMV only, not {config}")
-    partials = config.partials and config.split_k > 1
-    out = output(m, n, x, config, partials)
+    buffers = outputs(m, n, x, config)
+    out, part, arrivals = buffers.out, buffers.part, buffers.arrivals
     common = dict(GROUP=weight.group_size, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                   SPLIT_K=config.split_k, ONE=ONE_BITS, EVEN_N=n % config.block_n == 0,
                   num_warps=config.num_warps, num_stages=config.num_stages)
     if gemv and _reads_words(rows, weight, config):
         _w4a16_gemv_words_kernel[grid(m, n, config)[:2]](
-            rows.view(torch.int32), weight.packed.view(torch.int32), weight.scale, weight.low, out, n, k,
-            weight.packed.stride(0) // 4, weight.scale.stride(0), PARTIALS=partials, **common)
+            rows.view(torch.int32), weight.packed.view(torch.int32), weight.scale, weight.low, out, part,
+            arrivals, n, k, weight.packed.stride(0) // 4, weight.scale.stride(0), MERGE=buffers.merge,
+            **common)
     elif gemv:
         pairs = rows.dtype == torch.bfloat16 and rows.storage_offset() % 2 == 0
         _w4a16_gemv_bytes_kernel[grid(m, n, config)[:2]](
-            rows.view(torch.int32) if pairs else rows, weight.packed, weight.scale, weight.low, out, n, k,
-            weight.packed.stride(0), weight.scale.stride(0), BF16_PAIRS=pairs, PARTIALS=partials, **common)
+            rows.view(torch.int32) if pairs else rows, weight.packed, weight.scale, weight.low, out, part,
+            arrivals, n, k, weight.packed.stride(0), weight.scale.stride(0), BF16_PAIRS=pairs,
+            MERGE=buffers.merge, **common)
+    elif m and config.mma:
+        w4a16_mma(rows, weight, config, buffers, grid(m, n, config))
     elif m:
         _w4a16_dot_kernel[grid(m, n, config)](
             rows, weight.packed, weight.scale, weight.low, out, m, n, k, rows.stride(0),
             weight.packed.stride(0), weight.scale.stride(0), out.stride(0), BLOCK_M=config.block_m,
             DOT_PRECISION=dot_precision(x.dtype), **common)
-    if partials:
-        out = sum_splits(out, x.dtype)
-    return out.to(x.dtype).view(*x.shape[:-1], n)
+    return buffers.result(x, n)

@@ -12,9 +12,9 @@ one fp32 multiply-add a value:
   - the group's affine stays out of the inner product: w = q·s + z, so per group
     Σ w·x = s · (Σ f·x' − Σ x') + z · Σ x, with Σ x' and Σ x per group taken once per tile for all rows.
 A program owns BLOCK_N weight rows and walks its share of K (split-K: SPLIT_K programs per row block add
-fp32 partial sums atomically, or with PARTIALS store them for common.sum_splits), BLOCK_K values a step,
-the tile shaped [BLOCK_N, groups, per group] so each group's scale and low load once. Two readings of the
-packed bytes:
+fp32 partial sums atomically, or with MERGE the last split adds them: common.store_rows), BLOCK_K
+values a step, the tile shaped [BLOCK_N, groups, per group] so each group's scale and low load once. Two
+readings of the packed bytes:
   - bytes: [.., group / 2] uint8, the low and high nibble of a byte are values 2b and 2b + 1 (one window a
     byte); a bf16 input loads as int32 pairs (contiguous), each half shifted into an fp32;
   - words: [.., group / 8] int32, nibble j of a word is value 8w + j (little-endian bytes), four windows a
@@ -77,9 +77,9 @@ def scaled_sums(even, odd):
 
 @triton.jit
 def _w4a16_gemv_bytes_kernel(
-    x_ptr, p_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_pn, stride_sn,
+    x_ptr, p_ptr, s_ptr, z_ptr, out_ptr, part_ptr, arrivals_ptr, N, K, stride_pn, stride_sn,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    ONE, EVEN_N: tl.constexpr, BF16_PAIRS: tl.constexpr, PARTIALS: tl.constexpr = False,
+    ONE, EVEN_N: tl.constexpr, BF16_PAIRS: tl.constexpr, MERGE: tl.constexpr = False,
 ):
     GROUPS: tl.constexpr = BLOCK_K // GROUP
     HALF_G: tl.constexpr = GROUP // 2
@@ -122,14 +122,14 @@ def _w4a16_gemv_bytes_kernel(
         s_ptrs += GROUPS
         z_ptrs += GROUPS
     store_rows(out_ptr, tl.sum(acc, axis=1)[:, None], tl.arange(0, 1), offs_n, 1, N, 0, SPLIT_K,
-               PARTIALS)
+               MERGE, part_ptr, arrivals_ptr)
 
 
 @triton.jit
 def _w4a16_gemv_words_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn,
+    x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, part_ptr, arrivals_ptr, N, K, stride_wn, stride_sn,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    ONE, EVEN_N: tl.constexpr, PARTIALS: tl.constexpr = False,
+    ONE, EVEN_N: tl.constexpr, MERGE: tl.constexpr = False,
 ):
     GROUPS: tl.constexpr = BLOCK_K // GROUP
     WORDS: tl.constexpr = GROUP // 8  # int32 words a group
@@ -176,4 +176,4 @@ def _w4a16_gemv_words_kernel(
         s_ptrs += GROUPS
         z_ptrs += GROUPS
     store_rows(out_ptr, tl.sum(acc, axis=1)[:, None], tl.arange(0, 1), offs_n, 1, N, 0, SPLIT_K,
-               PARTIALS)
+               MERGE, part_ptr, arrivals_ptr)

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from kernels.linear.kernel import first_tiles
-from kernels.quant_linear.common import dot_precision, exact_float, grid, output, rows_of, store_rows
+from kernels.quant_linear.common import dot_precision, exact_float, grid, outputs, rows_of, store_rows
 from kernels.quant_linear.config import FEW_ROWS, W8_CANDIDATES, QuantConfig, pick
 from kernels.quant_linear.layout import W8Weight
 
@@ -60,7 +60,8 @@ def w8_linear(x: torch.Tensor, weight: W8Weight, config: QuantConfig | None = No
     config = config or pick(W8_CANDIDATES, m, n, k)
     if (m > 1) != (config.block_m > 1) or k % (config.split_k * config.block_k) or weight.q.stride(1) != 1:
         raise ValueError(f"w8: {m} rows, K = {k} do not fit {config}")
-    out = output(m, n, x, config)
+    buffers = outputs(m, n, x, config)
+    out = buffers.out
     if m:
         _w8_kernel[grid(m, n, config)[:2]](
             rows, weight.q, weight.scale, out, m, n, k, rows.stride(0), weight.q.stride(0), out.stride(0),
@@ -68,4 +69,4 @@ def w8_linear(x: torch.Tensor, weight: W8Weight, config: QuantConfig | None = No
             USE_DOT=config.block_m > 1, EVEN_N=n % config.block_n == 0, DOT_PRECISION=dot_precision(x.dtype),
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
-    return out.to(x.dtype).view(*x.shape[:-1], n)
+    return buffers.result(x, n)

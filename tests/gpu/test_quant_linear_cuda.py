@@ -12,7 +12,15 @@ if not torch.cuda.is_available():
 from engine.quantize.int4 import quantize_int4
 from engine.quantize.w8a8 import quantize_per_channel
 from kernels.quant_linear.act_quant import quantize_rows, silu_mul_quantize_rows
-from kernels.quant_linear.config import W4_CANDIDATES, W8_CANDIDATES, W8A8_CANDIDATES, auto_split_k, fit_k
+from kernels.quant_linear.common import grid, outputs
+from kernels.quant_linear.config import (
+    W4_CANDIDATES,
+    W8_CANDIDATES,
+    W8A8_CANDIDATES,
+    QuantConfig,
+    auto_split_k,
+    fit_k,
+)
 from kernels.quant_linear.layout import W8Weight, pack_w4
 from kernels.quant_linear.ops import silu_mul_w8a8_linear_triton
 from kernels.quant_linear.reference import (
@@ -23,6 +31,7 @@ from kernels.quant_linear.reference import (
     w8_linear_ref,
 )
 from kernels.quant_linear.w4a16 import w4a16_linear
+from kernels.quant_linear.w4a16_mma import w4a16_mma
 from kernels.quant_linear.w8 import w8_linear
 from kernels.quant_linear.w8a8 import int8_gemm, w8a8_linear
 
@@ -58,9 +67,22 @@ def test_w4a16_every_candidate_matches_the_reference(n: int, k: int, group: int,
     bucket = "one" if rows == 1 else "few" if rows <= 16 else "many"
     for config in W4_CANDIDATES[bucket]:
         config = fit_k(auto_split_k(config, n, k), k)
-        if config.block_m == 1 and config.block_k % group:
+        if config.block_m == 1 and config.block_k % group or config.mma and group % config.block_k:
             continue
         assert rel_err(w4a16_linear(x, w4, config), ref) < 1e-2, config
+
+
+def test_mma_ptx_dequantization_equals_its_plain_bit_operations() -> None:
+    w4 = pack_w4(*quantize_int4(weight(4096, 4096), 128))
+    x = torch.randn(16, 4096, dtype=BF16, device=DEV)
+    config = QuantConfig(64, 128, 4, 4, block_m=16, mma=True)
+    outs = []
+    for ptx in (True, False):
+        buffers = outputs(16, 4096, x, config)
+        w4a16_mma(x, w4, config, buffers, grid(16, 4096, config), ptx=ptx)
+        outs.append(buffers.out)
+    assert torch.equal(outs[0], outs[1])
+    assert rel_err(outs[0], x.float() @ dequantize_w4(w4).t()) < 1e-2
 
 
 @pytest.mark.parametrize("n,k", SHAPES)
