@@ -37,7 +37,9 @@ class QuantConfig:
 # (8 warps, 4 stages). Candidates that never won and were more than 1.3× the winner somewhere are gone.
 # Session 10 on H100 (g128): the tensor-core W4A16 kernel (w4a16_mma, block_k dividing the group) at 64 × 128,
 # 4 warps, 4 stages, auto split-K took few rows (M = 16) from 0.85-1.14× to 1.42-2.08× bf16; at one row it
-# reached 1.3-2.06×, behind the byte GEMV's 2.02-2.22× (bench/results/quant_w4_mma_round1_s10.txt). Group
+# reached 1.3-2.06×, behind the byte GEMV's 2.02-2.22× (bench/results/quant_w4_mma_round1_s10.txt). Round 2
+# (quant_w4_mma_round2_s10.txt): split-K merged in place took M = 16 to 1.63-2.16× (atomics 1.43-2.14×); at
+# one row the merged kernel led only on down (2.16× vs the GEMV's 2.05×), so the GEMV stays first there. Group
 # sizes it cannot serve (32) and fp32 inputs fall through to the next candidate that fits (pick).
 W4_CANDIDATES: dict[str, tuple[QuantConfig, ...]] = {
     "one": (QuantConfig(4, 1024, 4, 2), QuantConfig(16, 1024, 4, 3, split_k=0, words=True),
@@ -53,22 +55,20 @@ W4_CANDIDATES: dict[str, tuple[QuantConfig, ...]] = {
             QuantConfig(16, 1024, 4, 2, split_k=2, words=True, partials=True),
             QuantConfig(8, 1024, 4, 2, split_k=2, partials=True),
             QuantConfig(16, 512, 4, 3, split_k=4, words=True, partials=True),
-            # session 10, untimed: the tensor-core kernel, its row padded to block_m (8 or 16), split-K merged
-            # in place
-            *(QuantConfig(bn, bk, w, st, block_m=bm, split_k=sk, mma=True, partials=True)
-              for bn, bk, w, st, bm, sk in (
-                  (64, 128, 4, 4, 16, 0), (64, 128, 4, 4, 8, 0), (128, 128, 4, 4, 8, 0),
-                  (128, 128, 8, 4, 8, 0),
-                  (32, 128, 2, 6, 8, 1), (32, 128, 2, 6, 8, 0), (64, 128, 4, 6, 8, 0), (128, 64, 4, 6, 8, 0),
-                  (16, 128, 1, 8, 8, 0), (64, 128, 4, 4, 8, 1), (32, 128, 1, 6, 8, 0)))),
-    "few": (QuantConfig(64, 128, 4, 4, block_m=16, split_k=0, mma=True),
+            # session 10: the tensor-core kernel, its row padded to block_m (8 or 16), split-K merged in place
+            # (64 × 128 at 16 rows led on down; the others within 1.26× of the winner everywhere)
+            *(QuantConfig(bn, 128, 4, 4, block_m=bm, split_k=0, mma=True, partials=True)
+              for bn, bm in ((64, 16), (64, 8), (128, 8)))),
+    # round 2 at 16 rows: the first within 3% of each shape's best; atomic 64 × 128 tied it on gate_up,
+    # 128 × 128 at 8 warps led on o and down by 1-3%
+    "few": (QuantConfig(64, 128, 4, 4, block_m=16, split_k=0, mma=True, partials=True),
+            # the tl.dot kernel for what the tensor-core one cannot serve (g32, fp32 inputs)
             QuantConfig(64, 256, 4, 3, block_m=16, split_k=0), QuantConfig(64, 128, 4, 4, block_m=16),
             QuantConfig(32, 256, 4, 4, block_m=16, split_k=0),
-            *(QuantConfig(bn, bk, w, st, block_m=16, split_k=0, mma=True, partials=pa)
-              for bn, bk, w, st, pa in ((64, 128, 4, 4, True), (128, 128, 4, 4, True), (64, 128, 4, 6, True),
-                                        (32, 128, 4, 4, True), (32, 128, 2, 6, True),
-                                        (128, 128, 8, 4, True)))),
+            QuantConfig(64, 128, 4, 4, block_m=16, split_k=0, mma=True),
+            QuantConfig(128, 128, 8, 4, block_m=16, split_k=0, mma=True, partials=True)),
     "many": (QuantConfig(128, 64, 4, 3, block_m=64), QuantConfig(128, 64, 8, 3, block_m=128),
+             # session 10, untimed (bench/kernels/quant_gpu times W4A16 at 1 and 16 rows only)
              QuantConfig(128, 128, 4, 3, block_m=64, mma=True),
              QuantConfig(128, 128, 8, 3, block_m=128, mma=True),
              QuantConfig(128, 64, 8, 4, block_m=128, mma=True)),
