@@ -23,6 +23,17 @@ def exact_float(i):
 
 
 @triton.jit
+def tile_start(BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, K):
+    """This program's weight rows and input rows (program ids 0 and 2), and its split's first K value and
+    length (program id 1; the launcher guarantees K % (SPLIT_K * BLOCK_K) == 0): (offs_n, offs_m, k_start,
+    k_len). k_start carries BLOCK_K's divisibility so that the weight copies vectorize to 16 B."""
+    k_len = K // SPLIT_K
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return offs_n, offs_m, tl.multiple_of(tl.program_id(1) * k_len, BLOCK_K), k_len
+
+
+@triton.jit
 def store_rows(out_ptr, acc, offs_m, offs_n, M, N, stride_om, SPLIT_K: tl.constexpr,
                MERGE: tl.constexpr = False, part_ptr=None, arrivals_ptr=None):
     """acc [BLOCK_N, BLOCK_M] (weight rows × input rows) into out [M, N]: stored, or under split-K added

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.quant_linear.common import dot_precision, grid, outputs, rows_of, store_rows
+from kernels.quant_linear.common import dot_precision, grid, outputs, rows_of, store_rows, tile_start
 from kernels.quant_linear.config import W4_CANDIDATES, QuantConfig, pick
 from kernels.quant_linear.layout import W4Weight
 from kernels.quant_linear.w4a16_gemv import _w4a16_gemv_bytes_kernel, _w4a16_gemv_words_kernel, nibble_float
@@ -34,16 +34,10 @@ def _w4a16_dot_kernel(
     HALF_K: tl.constexpr = BLOCK_K // 2
     SPAN: tl.constexpr = GROUP if GROUP < BLOCK_K else BLOCK_K  # values of one group within a tile
     SPANS: tl.constexpr = BLOCK_K // SPAN
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n, offs_m, k_start, k_per_split = tile_start(BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K, K)
     offs_g = tl.arange(0, SPANS)
     offs_b = tl.arange(0, HALF_K)
     byte = offs_g[:, None] * (SPAN // 2) + tl.arange(0, SPAN // 2)[None, :]  # [SPANS, SPAN / 2]
-    k_per_split = K // SPLIT_K
-    k_start = tl.multiple_of(pid_k * k_per_split, BLOCK_K)
     n_mask = offs_n[:, None] < N
     rows = offs_n[:, None].to(tl.int64)
     p_row = p_ptr + rows[:, :, None] * stride_pn

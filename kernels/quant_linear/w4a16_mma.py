@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.quant_linear.common import SplitOutput, store_rows
+from kernels.quant_linear.common import SplitOutput, store_rows, tile_start
 from kernels.quant_linear.config import QuantConfig
 from kernels.quant_linear.layout import W4Weight
 
@@ -88,14 +88,8 @@ def _w4a16_mma_kernel(
     """x_ptr: the input as int64 quads [M, K / 4]; h_ptr: the packed weight as int16 quads [N, K / 4]."""
     Q: tl.constexpr = BLOCK_K // 4
     DTYPE: tl.constexpr = tl.bfloat16 if MAGIC_BITS == 0x4300 else tl.float16
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n, offs_m, k_start, k_per_split = tile_start(BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K, K)
     offs_q = tl.arange(0, Q)
-    k_per_split = K // SPLIT_K  # the launcher guarantees K % (SPLIT_K * BLOCK_K) == 0
-    k_start = tl.multiple_of(pid_k * k_per_split, BLOCK_K)  # lets the copies below vectorize to 16 B
     n_mask = offs_n < N
     rows = offs_n.to(tl.int64)
     h_ptrs = h_ptr + rows[:, None] * stride_hn + (k_start // 4 + offs_q)[None, :]
