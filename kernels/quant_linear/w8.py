@@ -60,6 +60,8 @@ def w8_linear(x: torch.Tensor, weight: W8Weight, config: QuantConfig | None = No
     config = config or pick(W8_CANDIDATES, m, n, k)
     if (m > 1) != (config.block_m > 1) or k % (config.split_k * config.block_k) or weight.q.stride(1) != 1:
         raise ValueError(f"w8: {m} rows, K = {k} do not fit {config}")
+    if config.partials:
+        raise ValueError(f"w8 adds split-K partials atomically: partials=True does not fit {config}")
     buffers = outputs(m, n, x, config)
     out = buffers.out
     if m:

@@ -192,6 +192,12 @@ def test_w4a16_split_partials_serve_only_one_row() -> None:
         w4a16_linear(torch.randn(4, 128), weight, config)
 
 
+def test_w8_refuses_in_place_split_partials() -> None:
+    config = QuantConfig(16, 32, 1, 1, split_k=2, partials=True)
+    with pytest.raises(ValueError, match="partials"):
+        w8_linear(torch.randn(1, 64), w8_weight(16, 64, seed=3), config)
+
+
 def test_w8a8_default_leaves_tma_tiles_to_hopper() -> None:
     q_x = torch.zeros(8, 64, dtype=torch.int8)  # a CPU tensor: no tensor-memory accelerator
     assert not default_config(q_x, w8_weight(16, 64, seed=1)).tma
