@@ -1,14 +1,16 @@
 """W4A16 in Triton: y [M, N] = x [M, K] · dequant(W4Weight)ᵀ, fp32 accumulation, out in x's dtype.
 
-One row takes a GEMV of w4a16_gemv (config.words picks its reading of the packed bytes). More rows take
-the tl.dot kernel here: a program owns BLOCK_N weight rows and walks its share of K (split-K: SPLIT_K
-programs per row block add fp32 partial sums atomically), BLOCK_K values a step. The packed tile is
-[BLOCK_N, groups, group / 2] bytes, so each group's scale and low load once per step and broadcast (a
-per-value gather of them made round 1's M = 16 ten times slower than the weight bytes alone); the low and
-high nibbles dequantize (w4a16_gemv.nibble_float: w = 16s·f + (z − 16s), 1.0's bits passed in as ONE)
-into the even and odd columns of the tile, in x's dtype, on the left of tl.dot against the input's even and
-odd columns transposed, [BLOCK_N, BLOCK_K / 2] × [BLOCK_K / 2, BLOCK_M], as kernels/linear does ("swap AB").
-BLOCK_M = 16 serves decode batches, larger blocks (a grid over input rows) prefill.
+w4a16_linear launches the first candidate of config.W4_CANDIDATES for the row count that fits the operands:
+one row a GEMV of w4a16_gemv (config.words picks its reading of the packed bytes); 2-16 rows the tensor-core
+kernel of w4a16_mma (bf16 / fp16 inputs, groups of 64 or more); what that cannot serve (g32, fp32 inputs)
+and prefill-sized row counts the tl.dot kernel here: a program owns BLOCK_N weight rows and walks its share
+of K (split-K: SPLIT_K programs per row block add fp32 partial sums atomically), BLOCK_K values a step. The
+packed tile is [BLOCK_N, groups, group / 2] bytes, so each group's scale and low load once per step and
+broadcast (a per-value gather of them made round 1's M = 16 ten times slower than the weight bytes alone);
+the low and high nibbles dequantize (w4a16_gemv.nibble_float: w = 16s·f + (z − 16s), 1.0's bits passed in as
+ONE) into the even and odd columns of the tile, in x's dtype, on the left of tl.dot against the input's even
+and odd columns transposed, [BLOCK_N, BLOCK_K / 2] × [BLOCK_K / 2, BLOCK_M], as kernels/linear does ("swap
+AB"). BLOCK_M = 16 serves decode batches, larger blocks (a grid over input rows) prefill.
 """
 from __future__ import annotations
 
