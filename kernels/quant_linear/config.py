@@ -117,8 +117,8 @@ def pick(candidates: dict[str, tuple[QuantConfig, ...]], m: int, n: int, k: int,
          fits: Callable[[QuantConfig], bool] = lambda config: True) -> QuantConfig:
     """The launch config for an [m, k] × [n, k]ᵀ product: its bucket's first candidate (split-K resolved)
     that `fits` these operands (W4A16: the group size and input dtype decide which kernels can run)."""
-    options = [fit_k(auto_split_k(c, n, k), k) for c in candidates.get(bucket(m)) or candidates["few"]]
-    for config in options:
+    for candidate in candidates.get(bucket(m)) or candidates["few"]:
+        config = fit_k(auto_split_k(candidate, n, k), k)  # resolved one at a time: the first usually fits
         if fits(config):
             return config
     raise ValueError(f"no launch config fits a [{m}, {k}] × [{n}, {k}]ᵀ product here")
