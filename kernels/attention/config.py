@@ -24,14 +24,15 @@ def _num_sms(device: torch.device) -> int:
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device,
-                      kv_bits: int = 0) -> int:
-    """KV splits per (sequence, KV head): enough programs for ~2 waves on the GPU (int4 caches:
-    INT4_SPLIT_WAVES times that, up to twice the splits), >= 64 tokens per split."""
+                      kv_bits: int = 0, quads: bool = False) -> int:
+    """KV splits per (sequence, KV head): enough programs for ~2 waves on the GPU (int4 caches read by the
+    dequantizing kernel: INT4_SPLIT_WAVES times that, up to twice the splits; by the quad kernel
+    (`quads`): INT4_QUAD_SPLIT_WAVES times), >= 64 tokens per split."""
     programs = num_seqs * num_kv_heads
-    waves = INT4_SPLIT_WAVES if kv_bits == 4 else 1
+    waves = (INT4_QUAD_SPLIT_WAVES if quads else INT4_SPLIT_WAVES) if kv_bits == 4 else 1
     wanted = -(-2 * waves * _num_sms(device) // max(programs, 1))
     by_length = max(max_seq_len // _MIN_TOKENS_PER_SPLIT, 1)
-    return max(1, min(wanted, by_length, _MAX_SPLITS * (2 if kv_bits == 4 else 1)))
+    return max(1, min(wanted, by_length, _MAX_SPLITS * (2 if waves > 1 else 1)))
 
 
 def merge_in_place(num_splits: int) -> bool:
@@ -58,13 +59,17 @@ INT8_DECODE_TILES: tuple[tuple[int, int, int] | None, ...] = (
 )
 
 
-# int4 KV dequantization in the decode and prefill kernels (tiles._dequantize's INT4_DEQUANT), the first the
-# launches': 1 loads scales and zeros once per group and builds floats from the nibbles' bits
+# How int4 KV decode reads its codes, the first the launch's: 2 is int4_decode.py's kernel (the codes feed
+# the dots as int16 quads, never dequantized; taken where int4_decode.quads_fit holds, else the next mode);
+# 1 and 0 are the dequantizing kernels' (tiles._dequantize's INT4_DEQUANT, the prefill kernel's is
+# INT4_PREFILL_DEQUANT): 1 loads scales and zeros once per group and builds floats from the nibbles' bits
 # (tiles._dequantize_int4_groups); 0 gathers a scale and a zero per value and converts each code int → float
 # (0.34–0.39x the bf16 cache's time on an H100 at ctx 8k, docs/benchmarks.md). 1 leads on ptxas's sm_90
 # code (decode loop 2141 instructions, no spills, vs 9459 with 3856 local-memory spill loads and stores;
 # prefill 2448 vs 6546: docs/benchmarks.md); bench/kernels/quant_gpu_attention.py times both in decode.
-INT4_DEQUANT_MODES: tuple[int, ...] = (1, 0)
+INT4_DEQUANT_MODES: tuple[int, ...] = (2, 1, 0)
+INT4_QUADS = 2
+INT4_PREFILL_DEQUANT = 1
 # int4 KV decode launches (head_dim 128): (BLOCK_N, num_warps, num_stages) and how many more programs than
 # config's ~2 waves. With the bf16 cache's 64-key tiles and ~2 waves int4 ran at 0.70–0.83x the bf16 cache's
 # time on an H100 at ctx 8k; 32-key tiles, 3 stages and 4x the waves 0.84–1.00x in the same run (num_stages
@@ -72,6 +77,13 @@ INT4_DEQUANT_MODES: tuple[int, ...] = (1, 0)
 # decode: tiles, splits, a hand prefetch").
 INT4_DECODE_TILES: tuple[int, int, int] = (32, 4, 3)
 INT4_SPLIT_WAVES = 4
+# The quad kernel's launch (BLOCK_N, num_warps, num_stages) and waves: its code tiles are pipelined like a
+# bf16 tile's, so bf16's shapes to start.
+INT4_QUAD_TILES: tuple[int, int, int] = (64, 4, 3)
+INT4_QUAD_SPLIT_WAVES = 1
+# Registers a thread of the quad kernel may hold (ptxas's maxnreg; 0: the compiler's choice). Unbounded it
+# takes ~220 at 64-key tiles, two programs an SM; 168 fits three without spills (sm_90, offline ptxas).
+INT4_QUAD_MAX_REGISTERS = 168
 # int8 KV decode dots (tiles.attend_kv's INT8_FP16), the first the launch's: False puts the codes in the
 # query's dtype (bf16: a conversion a value); True converts the query to float16 once, the codes by bit
 # tricks.
@@ -79,7 +91,8 @@ INT8_FP16_MODES: tuple[bool, ...] = (False, True)
 
 
 def decode_config(head_dim: int, interpreted: bool, programs: int = 1,
-                  device: torch.device | None = None, kv_bits: int = 0) -> tuple[int, int, int]:
+                  device: torch.device | None = None, kv_bits: int = 0,
+                  quads: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) of a decode launch of `programs` programs.
 
     At head_dim 128 a stage holds 32 KB of K/V tiles: two stages fit three programs on an SM, three stages
@@ -93,7 +106,7 @@ def decode_config(head_dim: int, interpreted: bool, programs: int = 1,
     if kv_bits == 8 and head_dim == 128 and INT8_DECODE_TILES[0] is not None:
         return INT8_DECODE_TILES[0]
     if kv_bits == 4 and head_dim == 128:
-        return INT4_DECODE_TILES
+        return INT4_QUAD_TILES if quads else INT4_DECODE_TILES
     sms = _num_sms(device) if device is not None else 132
     fill2, fill3 = (_last_wave_fill(programs, _programs_per_sm(s), sms) for s in (2, 3))
     return (64, 4, 2) if fill2 >= fill3 else (64, 4, 3)

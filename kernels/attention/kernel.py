@@ -10,6 +10,9 @@ import triton.language as tl
 from kernels.arrivals import arrival_counters
 from kernels.attention.config import (
     INT4_DEQUANT_MODES,
+    INT4_PREFILL_DEQUANT,
+    INT4_QUAD_MAX_REGISTERS,
+    INT4_QUADS,
     INT8_FP16_MODES,
     choose_num_splits,
     decode_config,
@@ -17,8 +20,9 @@ from kernels.attention.config import (
     prefill_config,
     preload_first_tile,
 )
+from kernels.attention.int4_decode import launch_int4_quads, quads_fit
 from kernels.attention.operands import check_operands, dot_precision, quantized_args
-from kernels.attention.tiles import NEG_BIG, attend_kv, attend_tile, load_kv, merge_splits
+from kernels.attention.tiles import NEG_BIG, attend_kv, attend_tile, load_kv, merge_splits, store_decode
 from kernels.pdl import pdl_launch, pdl_release, pdl_wait
 from kernels.store_kv.kernel import hadamard_rows
 
@@ -126,30 +130,9 @@ def _decode_kernel(
 
     if HADAMARD:  # values were stored as v H: the weighted sum comes back by H (H H = I); linear, so before
         acc = hadamard_rows(acc)  # the split merge too
-    if NUM_SPLITS == 1:
-        # Empty sequences (padding rows of a captured batch) have l == 0: write zeros, not NaN.
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        dst = out_ptr + row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
-        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=(offs_g < live_heads)[:, None] & d_mask[None, :])
-    else:
-        # Partials [B, Hq, NUM_SPLITS, D] (unnormalized acc) and [B, Hq, NUM_SPLITS, 2] (running max, sum).
-        part = (seq.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS + split
-        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
-                 mask=busy[:, None] & d_mask[None, :])
-        tl.store(part_ml_ptr + part * 2, m_i, mask=busy)
-        tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=busy)
-        if MERGE_IN_PLACE:
-            # Every split of this (sequence, KV head) checks in; the last to arrive merges the GROUP heads and
-            # resets its counter for the next launch. The barrier + acq_rel atomic publish this program's
-            # partials before its arrival is counted, and make the others' visible to the merging program.
-            tl.debug_barrier()
-            arrival = arrivals_ptr + seq * tl.num_programs(1) + kv_head
-            if tl.atomic_add(arrival, 1, sem="acq_rel") == NUM_SPLITS - 1:
-                tl.atomic_xchg(arrival, 0, sem="relaxed")
-                merge_splits(part_acc_ptr, part_ml_ptr, out_ptr, row, seq_len, per_split,
-                              (seq.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS,
-                              heads, offs_g < live_heads, stride_ot, stride_oh,
-                              HEAD_DIM, BLOCK_D, BLOCK_S)
+    store_decode(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, arrivals_ptr, seq, kv_head, split, row,
+                 seq_len, per_split, offs_g, busy, live_heads, stride_ot, stride_oh, GROUP, HEAD_DIM, BLOCK_D,
+                 NUM_SPLITS, MERGE_IN_PLACE, BLOCK_S)
 
 
 @triton.jit
@@ -252,18 +235,22 @@ def _prefill_kernel(
 def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                    scale: float, out: torch.Tensor, num_splits: int | None, mixed: bool, quant: dict,
                    tiles: tuple[int, int, int] | None = None, int4_dequant: int | None = None,
-                   int8_fp16: bool | None = None) -> None:
+                   int8_fp16: bool | None = None, max_registers: int | None = None) -> None:
     num_seqs = meta.seq_lens.shape[0]
     _, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     kv_bits = quant["KV_BITS"]
+    int4_dequant = INT4_DEQUANT_MODES[0] if int4_dequant is None else int4_dequant
+    quads = kv_bits == 4 and int4_dequant == INT4_QUADS
+    if quads and not quads_fit(q, k_cache, quant["K_GROUP"], quant["V_GROUP"]):
+        quads, int4_dequant = False, INT4_PREFILL_DEQUANT
     if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, q.device, kv_bits)
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, q.device, kv_bits, quads)
     block_d = triton.next_power_of_2(head_dim)
     interpreted = q.device.type == "cpu"
     programs = num_seqs * num_kv_heads * num_splits
-    block_n, warps, stages = tiles or decode_config(head_dim, interpreted, programs, q.device, kv_bits)
+    block_n, warps, stages = tiles or decode_config(head_dim, interpreted, programs, q.device, kv_bits, quads)
     preload = preload_first_tile(programs, stages, q.device)
     if num_splits > 1:
         part_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32,
@@ -277,20 +264,27 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         arrivals = meta.arrivals
         if arrivals is None or arrivals.numel() < num_seqs * num_kv_heads or arrivals.device != q.device:
             arrivals = arrival_counters(q.device, num_seqs * num_kv_heads)
-    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out, part_acc, part_ml,
-        arrivals,
-        scale * _LOG2E,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        meta.block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_SIZE=meta.block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, MIXED=mixed,
-        MERGE_IN_PLACE=in_place, BLOCK_S=triton.next_power_of_2(num_splits), PRELOAD=preload,
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
-        INT4_DEQUANT=INT4_DEQUANT_MODES[0] if int4_dequant is None else int4_dequant,
-        INT8_FP16=kv_bits == 8 and (INT8_FP16_MODES[0] if int8_fp16 is None else int8_fp16),
-        **pdl_launch(q.device), **quant,
-    )
+    grid = (num_seqs, num_kv_heads, num_splits)
+    if quads:
+        launch_int4_quads(grid, q, k_cache, v_cache, quant, meta, scale * _LOG2E, out, part_acc, part_ml,
+                          arrivals, block_n=block_n, num_warps=warps, num_stages=stages, mixed=mixed,
+                          merge_in_place=in_place, pdl=pdl_launch(q.device),
+                          max_registers=INT4_QUAD_MAX_REGISTERS if max_registers is None else max_registers)
+    else:
+        _decode_kernel[grid](
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out, part_acc,
+            part_ml, arrivals,
+            scale * _LOG2E,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            meta.block_tables.stride(0), out.stride(0), out.stride(1),
+            GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
+            BLOCK_SIZE=meta.block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, MIXED=mixed,
+            MERGE_IN_PLACE=in_place, BLOCK_S=triton.next_power_of_2(num_splits), PRELOAD=preload,
+            DOT_PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+            INT4_DEQUANT=int4_dequant,
+            INT8_FP16=kv_bits == 8 and (INT8_FP16_MODES[0] if int8_fp16 is None else int8_fp16),
+            **pdl_launch(q.device), **quant,
+        )
     if num_splits > 1 and not in_place:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             part_acc, part_ml, meta.query_start_loc, meta.seq_lens, out, out.stride(0), out.stride(1),
@@ -314,23 +308,26 @@ def _launch_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         GROUP=num_heads // k_cache.shape[2], HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=meta.block_size, BLOCK_M=block_m, BLOCK_N=block_n, SKIP_SINGLE_ROWS=skip_single_rows,
         DOT_PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=stages, **quant,
-        tree_mask_ptr=meta.tree_mask, TREE=meta.tree_mask is not None, INT4_DEQUANT=INT4_DEQUANT_MODES[0],
+        tree_mask_ptr=meta.tree_mask, TREE=meta.tree_mask is not None, INT4_DEQUANT=INT4_PREFILL_DEQUANT,
     )
 
 
 def paged_decode_attention(
     q: torch.Tensor, k_cache: KVOperand, v_cache: KVOperand, meta: AttentionMetadata, scale: float,
     num_splits: int | None = None, tiles: tuple[int, int, int] | None = None, int4_dequant: int | None = None,
-    int8_fp16: bool | None = None,
+    int8_fp16: bool | None = None, max_registers: int | None = None,
 ) -> torch.Tensor:
     """Decode-only batch (every sequence brings one query row) → [B, Hq, D]. `num_splits` None = auto;
     `tiles` (BLOCK_N, num_warps, num_stages) None = config.decode_config's; `int4_dequant` /
-    `int8_fp16` None = config.INT4_DEQUANT_MODES[0] / INT8_FP16_MODES[0] (the bench sweeps the others)."""
+    `int8_fp16` / `max_registers` (the int4 quad kernel's register cap, 0 = the compiler's choice) None =
+    config.INT4_DEQUANT_MODES[0] / INT8_FP16_MODES[0] / INT4_QUAD_MAX_REGISTERS (the bench sweeps the
+    others)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_cache, v_cache, quant = quantized_args(k_cache, v_cache)
     if q.shape[0]:
         _launch_decode(q, k_cache, v_cache, meta, scale, out, num_splits, mixed=False, quant=quant,
-                       tiles=tiles, int4_dequant=int4_dequant, int8_fp16=int8_fp16)
+                       tiles=tiles, int4_dequant=int4_dequant, int8_fp16=int8_fp16,
+                       max_registers=max_registers)
     return out
 
 

@@ -238,3 +238,40 @@ def merge_splits(part_acc_ptr, part_ml_ptr, out_ptr, row, seq_len, per_split, fi
     out = tl.sum(weight[:, :, None] * acc, axis=1) / tl.where(total > 0, total, 1.0)[:, None]
     dst = out_ptr + row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def store_decode(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, arrivals_ptr, seq, kv_head, split, row,
+                 seq_len, per_split, offs_g, busy, live_heads, stride_ot, stride_oh, GROUP: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                 MERGE_IN_PLACE: tl.constexpr, BLOCK_S: tl.constexpr):
+    """A decode program's result for its query heads kv_head * GROUP + offs_g (acc [heads, BLOCK_D], running
+    max m_i and sum l_i): normalized into out when the launch has one split; else its split's partials,
+    merged in place by the last split to arrive when MERGE_IN_PLACE (otherwise by the reduce kernel).
+    busy: heads whose partials this split writes; live_heads: how many heads the output takes."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_g
+    if NUM_SPLITS == 1:
+        # Empty sequences (padding rows of a captured batch) have l == 0: write zeros, not NaN.
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        dst = out_ptr + row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=(offs_g < live_heads)[:, None] & d_mask[None, :])
+    else:
+        # Partials [B, Hq, NUM_SPLITS, D] (unnormalized acc) and [B, Hq, NUM_SPLITS, 2] (running max, sum).
+        part = (seq.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS + split
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
+                 mask=busy[:, None] & d_mask[None, :])
+        tl.store(part_ml_ptr + part * 2, m_i, mask=busy)
+        tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=busy)
+        if MERGE_IN_PLACE:
+            # Every split of this (sequence, KV head) checks in; the last to arrive merges the GROUP heads and
+            # resets its counter for the next launch. The barrier + acq_rel atomic publish this program's
+            # partials before its arrival is counted, and make the others' visible to the merging program.
+            tl.debug_barrier()
+            arrival = arrivals_ptr + seq * tl.num_programs(1) + kv_head
+            if tl.atomic_add(arrival, 1, sem="acq_rel") == NUM_SPLITS - 1:
+                tl.atomic_xchg(arrival, 0, sem="relaxed")
+                merge_splits(part_acc_ptr, part_ml_ptr, out_ptr, row, seq_len, per_split,
+                             (seq.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS,
+                             heads, offs_g < live_heads, stride_ot, stride_oh, HEAD_DIM, BLOCK_D, BLOCK_S)

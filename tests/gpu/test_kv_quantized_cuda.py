@@ -3,6 +3,7 @@ references (GPU division may round a code the other way at a tie: codes within o
 interpreter-tested bounds)."""
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -104,3 +105,18 @@ def test_int8_decode_under_every_swept_tile_matches_the_reference(tiles: tuple[i
 @pytest.mark.parametrize("mode", INT4_DEQUANT_MODES)
 def test_int4_decode_under_every_dequant_mode_matches_the_reference(mode: int) -> None:
     assert_decode_matches_the_reference("int4", seed=5, int4_dequant=mode)
+
+
+def test_int4_quad_decode_ptx_equals_its_plain_bit_operations(monkeypatch) -> None:
+    # the inline-PTX nibble conversion and the interpreter's integer ops build the same floats: equal outputs
+    import kernels.attention.kernel as attention
+    from kernels.attention.config import INT4_QUADS
+    from kernels.attention.int4_decode import launch_int4_quads
+
+    q, kv, meta = stored_batch("int4", [(4095, 1)] * 2 + [(700, 1)] * 2, seed=6)
+    scale = HEAD_DIM ** -0.5
+    outputs = []
+    for ptx in (True, False):
+        monkeypatch.setattr(attention, "launch_int4_quads", functools.partial(launch_int4_quads, ptx=ptx))
+        outputs.append(paged_decode_attention(q, *kv.layer(0), meta, scale, 3, int4_dequant=INT4_QUADS))
+    assert torch.equal(outputs[0], outputs[1])

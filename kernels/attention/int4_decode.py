@@ -1,0 +1,260 @@
+"""int4 KV decode attention on tensor cores, reading the codes as stored: no dequantized K or V tile.
+
+The dequantizing decode (tiles._dequantize) spends a multiply-add a value and a conversion into the dot's
+layout, and Triton leaves its byte loads out of its shared-memory pipeline: it ran at the bf16 cache's
+speed with a quarter of the bytes (docs/benchmarks.md, "int4 KV decode: tiles, splits, a hand prefetch").
+Here, as in the tensor-core W4A16 kernel (kernels/nibbles.py), the codes load as int16 quads that feed the
+dots directly, so they are pipelined like a bf16 tile, and a code q becomes BASE + q by one LOP3. Each
+int4 group has its own scale s and zero z (value = s·q + z), so the affine moves out of the products:
+  - keys: the query's rows are repeated once per key group, each copy zero outside its group, so one dot
+    gives every (head, group) its own sum Σ q·(BASE + c); the score is Σ_groups s·that + (z − BASE·s)·Σ q
+    (Σ q of the same rounded query the dot saw: BASE·Σ q cancels exactly);
+  - values: the probabilities are repeated once per value group, each copy times that group's scale and
+    rounded to the dot's dtype (p̃ = round(p·s)); Σ p̃·(BASE + c) over the keys, plus Σ (p·z − BASE·p̃),
+    is each group's Σ p·v with p̃'s rounding only; a column takes the rows of its own group.
+Rows: BLOCK_G query heads (GROUP of them real) times the groups, at least 16 for the dots.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.attention.tiles import NEG_BIG, store_decode
+from kernels.nibbles import MAGIC, quads
+from kernels.pdl import pdl_release, pdl_wait
+from kernels.store_kv.kernel import hadamard_rows
+
+
+def quads_fit(q: torch.Tensor, codes: torch.Tensor, k_group: int, v_group: int) -> bool:
+    """Whether this kernel serves these operands: bf16 / fp16 queries, int4 codes viewable as int16 quads,
+    groups of whole quads, and (compiled) quarters of head_dim at least an MMA step (16)."""
+    head_dim = q.shape[-1]
+    return (q.dtype in MAGIC and k_group % 4 == 0 and v_group % 4 == 0
+            and (head_dim >= 64 or q.device.type == "cpu")
+            and all(s % 2 == 0 for s in codes.stride()[:3]) and codes.storage_offset() % 2 == 0)
+
+
+def rows_per_kv_head(group: int, head_dim: int, k_group: int, v_group: int) -> int:
+    """BLOCK_G: query rows a program carries (a power of two >= group) so that both products have >= 16."""
+    fewest = min(head_dim // k_group, head_dim // v_group)
+    return max(triton.next_power_of_2(group), -(-16 // fewest))
+
+
+@triton.jit
+def _groups(ptr, slot, kv_head, stride_slot, valid, GROUPS: tl.constexpr, BOUNDED: tl.constexpr):
+    """float32 [GROUPS, N]: one KV head's per-token group scales (or zeros) at cache slots `slot` [N]."""
+    offs = slot[:, None] * stride_slot + kv_head * GROUPS + tl.arange(0, GROUPS)[None, :]
+    if BOUNDED:
+        vals = tl.load(ptr + offs, mask=valid[:, None], other=0.0)
+    else:
+        vals = tl.load(ptr + offs)
+    return tl.trans(vals.to(tl.float32))
+
+
+@triton.jit
+def _per_row(x, BLOCK_G: tl.constexpr):
+    """[GROUPS, N] → [GROUPS * BLOCK_G, N]: row (group, g) holds x[group]."""
+    GROUPS: tl.constexpr = x.shape[0]
+    N: tl.constexpr = x.shape[1]
+    return tl.reshape(tl.broadcast_to(x[:, None, :], [GROUPS, BLOCK_G, N]), [GROUPS * BLOCK_G, N])
+
+
+@triton.jit
+def _blocks(block_row, n0, end, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """int64 [BLOCK_N]: the cache block of each key in [n0, n0 + BLOCK_N) (0 past `end`)."""
+    pos = n0 + tl.arange(0, BLOCK_N)
+    return tl.load(block_row + pos // BLOCK_SIZE, mask=pos < end, other=0).to(tl.int64)
+
+
+@triton.jit
+def _codes(ptr, offs, valid, BOUNDED: tl.constexpr):
+    if BOUNDED:
+        return tl.load(ptr + offs, mask=valid[:, None], other=0)
+    return tl.load(ptr + offs)
+
+
+@triton.jit
+def _attend(acc0, acc1, acc2, acc3, bias, m_i, l_i, qk0, qk1, qk2, qk3, q_sum, k_ptr, v_ptr, ks_ptr,
+            kz_ptr, vs_ptr, vz_ptr, block, n0, end, kv_head, stride_cb, stride_ct, stride_ch, stride_ks,
+            stride_vs, scale_log2, BLOCK_G: tl.constexpr, KG: tl.constexpr, VG: tl.constexpr,
+            Q4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, BOUNDED: tl.constexpr,
+            MAGIC_BITS: tl.constexpr, BASE: tl.constexpr, PTX: tl.constexpr):
+    """Online-softmax step of the BLOCK_G heads over keys [n0, n0 + BLOCK_N) in cache blocks `block`
+    [BLOCK_N] (_blocks; masked past `end` when BOUNDED). Rows are group-major, (group, head): a thread's MMA
+    rows are one head's groups, so sums over groups stay in its registers. acc0..3 [VG * BLOCK_G, Q4]: the
+    value sums of nibble position 0..3 per (value group, head); bias [VG, BLOCK_G, BLOCK_N]: their affine
+    part, per key (summed once, after the loop)."""
+    DTYPE: tl.constexpr = qk0.dtype
+    pos = n0 + tl.arange(0, BLOCK_N)
+    valid = pos < end
+    slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
+    offs = (block * stride_cb + (pos % BLOCK_SIZE) * stride_ct + kv_head * stride_ch)[:, None] \
+        + tl.arange(0, Q4)[None, :]
+    k0, k1, k2, k3 = quads(_codes(k_ptr, offs, valid, BOUNDED), MAGIC_BITS, DTYPE, PTX)
+    dots = tl.dot(qk0, tl.trans(k0))
+    dots = tl.dot(qk1, tl.trans(k1), dots)
+    dots = tl.dot(qk2, tl.trans(k2), dots)
+    dots = tl.dot(qk3, tl.trans(k3), dots)  # [BLOCK_G * KG, N]: Σ q·(BASE + c) per (head, key group)
+    k_scale = _groups(ks_ptr, slot, kv_head, stride_ks, valid, KG, BOUNDED)
+    k_low = _groups(kz_ptr, slot, kv_head, stride_ks, valid, KG, BOUNDED) - BASE * k_scale
+    per_group = dots * _per_row(k_scale, BLOCK_G) + _per_row(k_low, BLOCK_G) * q_sum[:, None]
+    scores = tl.sum(tl.reshape(per_group, [KG, BLOCK_G, BLOCK_N]), axis=0) * scale_log2
+    if BOUNDED:
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+
+    v_scale = _groups(vs_ptr, slot, kv_head, stride_vs, valid, VG, BOUNDED)
+    v_zero = _groups(vz_ptr, slot, kv_head, stride_vs, valid, VG, BOUNDED)
+    p_scaled = (p[None, :, :] * v_scale[:, None, :]).to(DTYPE)  # [VG, BLOCK_G, N]: p̃ = round(p·s)
+    bias = bias * alpha[None, :, None] + (p[None, :, :] * v_zero[:, None, :] - BASE * p_scaled.to(tl.float32))
+    p_rows = tl.reshape(p_scaled, [VG * BLOCK_G, BLOCK_N])
+    a_rows = tl.reshape(tl.broadcast_to(alpha[None, :], [VG, BLOCK_G]), [VG * BLOCK_G])[:, None]
+    v0, v1, v2, v3 = quads(_codes(v_ptr, offs, valid, BOUNDED), MAGIC_BITS, DTYPE, PTX)
+    acc0 = tl.dot(p_rows, v0, acc0 * a_rows)
+    acc1 = tl.dot(p_rows, v1, acc1 * a_rows)
+    acc2 = tl.dot(p_rows, v2, acc2 * a_rows)
+    acc3 = tl.dot(p_rows, v3, acc3 * a_rows)
+    return acc0, acc1, acc2, acc3, bias, m_new, l_i
+
+
+@triton.jit
+def _own_group(acc, bias, VG: tl.constexpr, VQ: tl.constexpr):
+    """[VG * BLOCK_G, Q4] value sums of one nibble position → [BLOCK_G, Q4]: each column from the rows of its
+    own value group (quad i lies in group i // VQ), plus that group's bias [VG, BLOCK_G]."""
+    Q4: tl.constexpr = acc.shape[1]
+    BLOCK_G: tl.constexpr = acc.shape[0] // VG
+    own = (tl.arange(0, Q4)[None, :] // VQ) == tl.arange(0, VG)[:, None]
+    sums = tl.reshape(acc, [VG, BLOCK_G, Q4]) + bias[:, :, None]
+    return tl.sum(tl.where(own[:, None, :], sums, 0.0), axis=0)
+
+
+@triton.jit
+def _key_rows(q_j, KG: tl.constexpr, KQ: tl.constexpr):
+    """[BLOCK_G, Q4] → [KG * BLOCK_G, Q4]: row (group, g) is q_j[g] where quad i is in that group, else 0."""
+    BLOCK_G: tl.constexpr = q_j.shape[0]
+    Q4: tl.constexpr = q_j.shape[1]
+    own = (tl.arange(0, Q4)[None, :] // KQ) == tl.arange(0, KG)[:, None]
+    rows = tl.where(own[:, None, :], q_j[None, :, :], tl.zeros_like(q_j)[None, :, :])
+    return tl.reshape(rows, [KG * BLOCK_G, Q4])
+
+
+@triton.jit
+def _int4_decode_kernel(
+    q_ptr, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
+    out_ptr, part_acc_ptr, part_ml_ptr, arrivals_ptr, scale_log2,
+    stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_ks, stride_vs, stride_bt, stride_ot,
+    stride_oh,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIXED: tl.constexpr, MERGE_IN_PLACE: tl.constexpr,
+    BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
+    HADAMARD: tl.constexpr, MAGIC_BITS: tl.constexpr, BASE: tl.constexpr, PTX: tl.constexpr,
+):
+    """One program: one sequence, one KV head, one KV split (kernel._decode_kernel's grid and outputs).
+    k_ptr / v_ptr: the packed codes as int16 quads [blocks, block_size, Hk, HEAD_DIM / 4] (strides in
+    quads); ks / kz / vs / vz: scales and zeros [blocks * block_size, Hk, groups] (slot strides)."""
+    Q4: tl.constexpr = HEAD_DIM // 4
+    KG: tl.constexpr = HEAD_DIM // K_GROUP
+    VG: tl.constexpr = HEAD_DIM // V_GROUP
+    DTYPE: tl.constexpr = tl.bfloat16 if MAGIC_BITS == 0x4300 else tl.float16
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    row = tl.load(query_start_ptr + seq)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    live_heads = GROUP
+    if MIXED:  # as in kernel._decode_kernel: multi-row chunks are the prefill kernel's
+        is_mine = tl.load(query_start_ptr + seq + 1) - row == 1
+        seq_len = tl.where(is_mine, seq_len, 0)
+        live_heads = tl.where(is_mine, GROUP, 0)
+    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+    block_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    pdl_wait(USE_PDL)
+    pdl_release(USE_PDL)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    busy = offs_g < tl.where(start < seq_len, GROUP, 0)
+    q = tl.load(q_ptr + row.to(tl.int64) * stride_qt + (kv_head * GROUP + offs_g)[:, None] * stride_qh
+                + offs_d[None, :], mask=busy[:, None], other=0.0).to(tl.float32)
+    if HADAMARD:  # q·k = (q H)·(k H): score against the keys as stored
+        q = hadamard_rows(q)
+    q = q.to(DTYPE)  # the query the dots see, and whose sums cancel BASE
+    even, odd = tl.split(tl.reshape(q, [BLOCK_G, Q4, 2, 2]))  # value 4i + 2k + l at [i, k, l]
+    q0, q2 = tl.split(even)
+    q1, q3 = tl.split(odd)
+    q_sum = (q0.to(tl.float32) + q1.to(tl.float32)) + (q2.to(tl.float32) + q3.to(tl.float32))
+    q_sum = tl.reshape(tl.trans(tl.sum(tl.reshape(q_sum, [BLOCK_G, KG, Q4 // KG]), axis=2)), [KG * BLOCK_G])
+    qk0 = _key_rows(q0, KG, K_GROUP // 4)
+    qk1 = _key_rows(q1, KG, K_GROUP // 4)
+    qk2 = _key_rows(q2, KG, K_GROUP // 4)
+    qk3 = _key_rows(q3, KG, K_GROUP // 4)
+
+    m_i = tl.full([BLOCK_G], NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    bias = tl.zeros([VG, BLOCK_G, BLOCK_N], tl.float32)
+    acc0 = tl.zeros([VG * BLOCK_G, Q4], tl.float32)
+    acc1 = tl.zeros([VG * BLOCK_G, Q4], tl.float32)
+    acc2 = tl.zeros([VG * BLOCK_G, Q4], tl.float32)
+    acc3 = tl.zeros([VG * BLOCK_G, Q4], tl.float32)
+    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+    # Each tile's block ids are read one tile ahead into registers: a block-table read in the tile's own
+    # iteration makes its code loads depend on a load, which Triton's pipeliner then keeps one stage deep.
+    block = _blocks(block_row, start, end, BLOCK_N, BLOCK_SIZE)
+    for n0 in range(start, full_end, BLOCK_N):
+        this_block = block
+        block = _blocks(block_row, n0 + BLOCK_N, end, BLOCK_N, BLOCK_SIZE)
+        acc0, acc1, acc2, acc3, bias, m_i, l_i = _attend(
+            acc0, acc1, acc2, acc3, bias, m_i, l_i, qk0, qk1, qk2, qk3, q_sum, k_ptr, v_ptr, ks_ptr,
+            kz_ptr, vs_ptr, vz_ptr, this_block, n0, end, kv_head, stride_cb, stride_ct, stride_ch, stride_ks,
+            stride_vs, scale_log2, BLOCK_G, KG, VG, Q4, BLOCK_N, BLOCK_SIZE, False, MAGIC_BITS, BASE, PTX)
+    for n0 in range(full_end, end, BLOCK_N):
+        acc0, acc1, acc2, acc3, bias, m_i, l_i = _attend(
+            acc0, acc1, acc2, acc3, bias, m_i, l_i, qk0, qk1, qk2, qk3, q_sum, k_ptr, v_ptr, ks_ptr,
+            kz_ptr, vs_ptr, vz_ptr, block, n0, end, kv_head, stride_cb, stride_ct, stride_ch, stride_ks,
+            stride_vs, scale_log2, BLOCK_G, KG, VG, Q4, BLOCK_N, BLOCK_SIZE, True, MAGIC_BITS, BASE, PTX)
+
+    VQ: tl.constexpr = V_GROUP // 4
+    bias = tl.sum(bias, axis=2)
+    o0 = _own_group(acc0, bias, VG, VQ)
+    o1 = _own_group(acc1, bias, VG, VQ)
+    o2 = _own_group(acc2, bias, VG, VQ)
+    o3 = _own_group(acc3, bias, VG, VQ)
+    acc = tl.reshape(tl.join(tl.join(o0, o2), tl.join(o1, o3)), [BLOCK_G, HEAD_DIM])
+    if HADAMARD:  # values were stored as v H: the weighted sum comes back by H
+        acc = hadamard_rows(acc)
+    store_decode(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, arrivals_ptr, seq, kv_head, split, row,
+                 seq_len, per_split, offs_g, busy, live_heads, stride_ot, stride_oh, GROUP, HEAD_DIM,
+                 HEAD_DIM, NUM_SPLITS, MERGE_IN_PLACE, BLOCK_S)
+
+
+def launch_int4_quads(grid: tuple[int, int, int], q: torch.Tensor, k_codes: torch.Tensor,
+                      v_codes: torch.Tensor, quant: dict, meta, scale_log2: float, out: torch.Tensor,
+                      part_acc: torch.Tensor, part_ml: torch.Tensor, arrivals: torch.Tensor, *, block_n: int,
+                      num_warps: int, num_stages: int, mixed: bool, merge_in_place: bool, pdl: dict,
+                      max_registers: int = 0, ptx: bool | None = None) -> None:
+    """The kernel over kernel._launch_decode's grid and buffers (quads_fit must hold). max_registers: a
+    thread's register cap on CUDA (0: none); ptx: the inline-PTX nibble conversion (default: on CUDA; the
+    interpreter runs none)."""
+    if q.is_cuda and max_registers:
+        pdl = dict(pdl, maxnreg=max_registers)
+    group = q.shape[1] // k_codes.shape[2]
+    k_group, v_group = quant["K_GROUP"], quant["V_GROUP"]
+    magic_bits, base = MAGIC[q.dtype]
+    _int4_decode_kernel[grid](
+        q, k_codes.view(torch.int16), v_codes.view(torch.int16), quant["k_scale_ptr"], quant["k_zero_ptr"],
+        quant["v_scale_ptr"], quant["v_zero_ptr"], meta.block_tables, meta.seq_lens, meta.query_start_loc,
+        out, part_acc, part_ml, arrivals, scale_log2,
+        q.stride(0), q.stride(1), k_codes.stride(0) // 2, k_codes.stride(1) // 2, k_codes.stride(2) // 2,
+        quant["stride_ks_slot"], quant["stride_vs_slot"], meta.block_tables.stride(0), out.stride(0),
+        out.stride(1),
+        GROUP=group, BLOCK_G=rows_per_kv_head(group, q.shape[2], k_group, v_group), HEAD_DIM=q.shape[2],
+        BLOCK_SIZE=meta.block_size, BLOCK_N=block_n, NUM_SPLITS=grid[2], MIXED=mixed,
+        MERGE_IN_PLACE=merge_in_place, BLOCK_S=triton.next_power_of_2(grid[2]), K_GROUP=k_group,
+        V_GROUP=v_group, HADAMARD=quant["HADAMARD"], MAGIC_BITS=magic_bits, BASE=base,
+        PTX=q.is_cuda if ptx is None else ptx, num_warps=num_warps, num_stages=num_stages, **pdl)
