@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=8192, help="decode attention context")
     parser.add_argument("--batches", default="1,16,64", help="decode attention batch sizes")
     parser.add_argument("--sections", default="decode,prefill,attention")
+    parser.add_argument("--attention-sweeps", default="int8,int4",
+                        help="the attention section's launch sweeps (int8, int4; '' for none)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, Triton interpreter")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
@@ -122,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     if "attention" in sections:
         for batch in batches:
-            results["attention"][f"B{batch}_ctx{context}"] = attention_case(run, batch, context)
+            results["attention"][f"B{batch}_ctx{context}"] = attention_case(
+                run, batch, context, tuple(filter(None, args.attention_sweeps.split(","))))
             if run.device.type == "cuda":
                 torch.cuda.empty_cache()
     print("# summary (best config of ours per shape)")

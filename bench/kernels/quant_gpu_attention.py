@@ -1,5 +1,5 @@
 """Decode attention at one batch and context over bf16, int8 and int4 KV caches: the launch's choices, the
-int8 tile / float16-dot sweep and the int4 dequantization modes, in one run."""
+int8 tile / float16-dot sweep, the int4 modes and the int4 quad kernel's tiles, in one run."""
 from __future__ import annotations
 
 import random
@@ -10,8 +10,10 @@ from bench.kernels.quant_common import MAX_REL_ERR, Run, rel_err, row, skipped
 from contracts.kv_cache_spec import KVCacheSpec, scales_for
 from engine.kv_cache import KVCache, dtype_name
 from kernels.attention.config import (
-    INT4_DECODE_TILES,
     INT4_DEQUANT_MODES,
+    INT4_QUAD_MAX_REGISTERS,
+    INT4_QUAD_TILES,
+    INT4_QUADS,
     INT8_DECODE_TILES,
     INT8_FP16_MODES,
     choose_num_splits,
@@ -20,8 +22,8 @@ from kernels.attention.metadata import AttentionMetadata, SeqSpan
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16  # Llama-3-8B
 REFERENCE_MAX_TOKENS = 64 * 1024  # the torch reference checks batches up to this many cached tokens
-# int4 decode tiles the sweep tries (the launch's first), the round-5 sweep's closest rivals
-INT4_TILE_SWEEP = (INT4_DECODE_TILES, (64, 4, 3), (32, 4, 2))
+# the int4 quad kernel's tiles the sweep tries (the launch's first)
+QUAD_TILE_SWEEP = (INT4_QUAD_TILES, (64, 4, 4), (64, 4, 2), (128, 4, 3), (32, 4, 4))
 
 
 def decode_batch(batch: int, context: int, device: torch.device) -> tuple[AttentionMetadata, int]:
@@ -37,8 +39,9 @@ def decode_batch(batch: int, context: int, device: torch.device) -> tuple[Attent
     return AttentionMetadata.from_spans(spans, slots, BLOCK, device=device), len(pool)
 
 
-def attention_case(run: Run, batch: int, context: int) -> dict:
-    """The same random K / V stored into each cache dtype, the decode kernel timed over each."""
+def attention_case(run: Run, batch: int, context: int, sweeps: tuple[str, ...] = ("int8", "int4")) -> dict:
+    """The same random K / V stored into each cache dtype, the decode kernel timed over each; then the sweeps
+    named (int8_sweep, int4_sweep) over those caches."""
     from kernels.attention.kernel import paged_attention_triton
     from kernels.attention.reference import paged_attention_ref
     from kernels.store_kv.kernel import store_kv_triton
@@ -67,38 +70,50 @@ def attention_case(run: Run, batch: int, context: int) -> dict:
         note = " (fits L2)" if cache.num_bytes < 50 << 20 else ""
         roof = run.roof_ms(cache.num_bytes)
         out[dtype] = row("attention", shape, f"decode KV {dtype}{note}", ms, base, roof, err)
-        if dtype == "int8":
+        if dtype == "int8" and "int8" in sweeps:
             out["int8_sweep"] = int8_sweep(run, q, k_cache, v_cache, meta, scale, shape, base, roof)
-        if dtype == "int4":
+        if dtype == "int4" and "int4" in sweeps:
             out["int4_sweep"] = int4_sweep(run, q, k_cache, v_cache, meta, scale, shape, base, roof)
     return out
 
 
 def int4_sweep(run: Run, q: torch.Tensor, k_cache, v_cache, meta: AttentionMetadata, scale: float, shape: str,
                base_ms: float, roof_ms: float) -> dict:
-    """The int4 cache under INT4_TILE_SWEEP tiles at the automatic split count, half and twice it; then every
-    config.INT4_DEQUANT_MODES mode at the launch's tiles and split count."""
+    """The int4 cache under every config.INT4_DEQUANT_MODES mode at the launch's tiles and split count; then
+    the quad kernel (mode INT4_QUADS) under QUAD_TILE_SWEEP tiles, each with and without its register cap,
+    at its automatic split count, and the fastest of those at half, twice and four times the splits."""
     from kernels.attention.kernel import paged_decode_attention
 
     ref = reference(q, k_cache, v_cache, meta, scale)
-    auto = choose_num_splits(q.shape[0], KV_HEADS, meta.max_seq_len, q.device, kv_bits=4)
-    results, best = {}, None
-    for tiles in INT4_TILE_SWEEP if q.device.type == "cuda" else INT4_TILE_SWEEP[:1]:
-        for splits in sorted({max(1, auto // 2), auto, min(2 * auto, 64)}):
-            config = f"tiles={tiles} splits={splits}"
-            entry = timed(run, shape, "decode KV int4 sweep", config, base_ms, roof_ms, ref,
-                          lambda t=tiles, n=splits: paged_decode_attention(
-                              q, k_cache, v_cache, meta, scale, n, t))
-            if entry:
-                results[config] = entry
-                best = entry if faster(entry, best) else best
-    for mode in INT4_DEQUANT_MODES:
-        config = f"int4_dequant={mode}"
-        entry = timed(run, shape, "decode KV int4 sweep", config, base_ms, roof_ms, ref,
-                      lambda m=mode: paged_decode_attention(q, k_cache, v_cache, meta, scale, int4_dequant=m))
+    results: dict = {}
+    best = None
+
+    def add(config: str, fn) -> dict | None:
+        nonlocal best
+        entry = timed(run, shape, "decode KV int4 sweep", config, base_ms, roof_ms, ref, fn)
         if entry:
             results[config] = entry
             best = entry if faster(entry, best) else best
+        return entry
+
+    for mode in INT4_DEQUANT_MODES:
+        add(f"int4_dequant={mode}",
+            lambda m=mode: paged_decode_attention(q, k_cache, v_cache, meta, scale, int4_dequant=m))
+    auto = choose_num_splits(q.shape[0], KV_HEADS, meta.max_seq_len, q.device, kv_bits=4, quads=True)
+    quads, quad_best = [], None
+    for tiles in QUAD_TILE_SWEEP if q.device.type == "cuda" else QUAD_TILE_SWEEP[:1]:
+        for cap in sorted({INT4_QUAD_MAX_REGISTERS, 0}):
+            entry = add(f"quads tiles={tiles} regs={cap or 'any'} splits={auto}",
+                        lambda t=tiles, c=cap: paged_decode_attention(
+                            q, k_cache, v_cache, meta, scale, auto, t, INT4_QUADS, max_registers=c))
+            if entry and faster(entry, quad_best):
+                quad_best, quads = entry, [tiles, cap]
+    if quads and q.device.type == "cuda":
+        tiles, cap = quads
+        for splits in sorted({max(1, auto // 2), min(2 * auto, 64), min(4 * auto, 64)} - {auto}):
+            add(f"quads tiles={tiles} regs={cap or 'any'} splits={splits}",
+                lambda n=splits: paged_decode_attention(q, k_cache, v_cache, meta, scale, n, tiles,
+                                                        INT4_QUADS, max_registers=cap))
     return {"candidates": results, "best": best}
 
 
