@@ -5,7 +5,9 @@
 warps, 2 stages, pointers and strides 16-divisible as the launcher specializes them) with nibbles shifted or
 read in place; disassembles each with the nvdisasm Triton ships and prints the instructions of the longest
 loop body (per weight value for the GEMV) and its local-memory (spill) traffic: a GPU-free check of a
-dequantization change before an H100 run times it (bench/kernels/quant_gpu.py).
+dequantization change before an H100 run times it (bench/kernels/quant_gpu.py). Then the int4 quad decode
+kernel at its launch's tiles: its loop per K/V value, and whether its code loads are pipelined (the deepest
+cp.async wait, shared memory growing with the stages).
 """
 from __future__ import annotations
 
@@ -69,6 +71,41 @@ def sass(bits: int, int4_dequant: int, int8_fp16: bool, stages: int) -> str:
                                       options=dict(num_warps=4, num_stages=stages)))
 
 
+_QUAD_POINTERS = dict(q_ptr="*bf16", k_ptr="*i16", v_ptr="*i16", ks_ptr="*fp16", kz_ptr="*fp16",
+                      vs_ptr="*fp16", vz_ptr="*fp16", block_tables_ptr="*i32", seq_lens_ptr="*i32",
+                      query_start_ptr="*i32", out_ptr="*bf16", part_acc_ptr="*fp32", part_ml_ptr="*fp32",
+                      arrivals_ptr="*i32", scale_log2="fp32")
+
+
+def quads_compile(block_n: int, stages: int, max_registers: int = 0):
+    """kernels/attention/int4_decode's kernel at Llama-3-8B heads (4 query heads a KV head, 32-value key and
+    64-value value groups, rotated), bf16 queries, 4 warps, 4 splits merged in place; pointers and strides
+    16-divisible as the launcher specializes them."""
+    from kernels.attention.int4_decode import _int4_decode_kernel
+
+    constexprs = dict(GROUP=4, BLOCK_G=8, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=block_n, NUM_SPLITS=4,
+                      MIXED=False, MERGE_IN_PLACE=True, BLOCK_S=4, USE_PDL=False, K_GROUP=32, V_GROUP=64,
+                      HADAMARD=True, MAGIC_BITS=0x4300, BASE=128.0, PTX=True)
+    names = list(inspect.signature(_int4_decode_kernel.fn).parameters)
+    signature = {n: "constexpr" if n in constexprs else _QUAD_POINTERS.get(n, "i32") for n in names}
+    unaligned = ("seq_lens_ptr", "query_start_ptr", "arrivals_ptr")
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n.endswith("_ptr") and n not in unaligned or n.startswith("stride_")}
+    options = dict(num_warps=4, num_stages=stages, **({"maxnreg": max_registers} if max_registers else {}))
+    return triton.compile(ASTSource(_int4_decode_kernel, signature, constexprs, attrs),
+                          target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def registers(compiled) -> str:
+    """cuobjdump's register count of a compiled kernel (the one Triton ships)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([tool, "-res-usage", cubin.name], capture_output=True, text=True).stdout
+    return m.group(1) if (m := re.search(r"REG:(\d+)", usage)) else "?"
+
+
 def loop_mix(text: str) -> collections.Counter:
     """Opcode counts of the longest body between a label and a branch back to it."""
     lines = text.splitlines()
@@ -96,6 +133,17 @@ def main() -> None:
             per_value = sum(mix.values()) / (block_n * 1024 / 128)
             top = ", ".join(f"{op} {n}" for op, n in mix.most_common(6))
             print(f"gemv {block_n:2d} rows g{group:<3d} {per_value:5.2f} per value | {top}", flush=True)
+    print("# int4 KV quad decode (int4_decode.py), 4 warps: loop instructions per K/V value of a thread, the "
+          "deepest cp.async wait (groups left in flight), shared memory, registers")
+    for block_n, stages, cap in ((64, 3, 0), (64, 3, 168), (64, 4, 168), (128, 3, 0)):
+        compiled = quads_compile(block_n, stages, cap)
+        text = disassemble(compiled)
+        mix = loop_mix(text)
+        depth = max(map(int, re.findall(r"DEPBAR\.LE SB0, 0x([0-9a-f]+)", text) or ["0"]), default=0)
+        top = ", ".join(f"{op} {n}" for op, n in mix.most_common(6))
+        print(f"quads {block_n:3d} keys {stages} stages cap {cap or '-':>3}: "
+              f"{sum(mix.values()) / (block_n * 256 / 128):4.2f} per value, wait depth {depth}, "
+              f"{compiled.metadata.shared} B shared, {registers(compiled)} registers | {top}", flush=True)
 
 
 if __name__ == "__main__":
