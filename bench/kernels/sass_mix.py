@@ -35,8 +35,9 @@ VARIANTS = {"bf16": (0, 0, False, 2), "int8": (8, 0, False, 3), "int8 fp16 dots"
             "int4 dequant 0": (4, 0, False, 2), "int4 dequant 1": (4, 1, False, 2)}
 
 
-_GEMV_SIGNATURE = dict(x_ptr="*i32", w_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16", out_ptr="*bf16", N="i32",
-                       K="i32", stride_wn="i32", stride_sn="i32", ONE="i32")
+_GEMV_SIGNATURE = dict(x_ptr="*i32", w_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16", out_ptr="*bf16",
+                       part_ptr="*fp32", arrivals_ptr="*i32", N="i32", K="i32", stride_wn="i32",
+                       stride_sn="i32", ONE="i32")
 
 
 def disassemble(compiled) -> str:
@@ -48,10 +49,11 @@ def disassemble(compiled) -> str:
 
 
 def gemv_sass(block_n: int, group: int) -> str:
-    constexprs = dict(GROUP=group, BLOCK_N=block_n, BLOCK_K=1024, SPLIT_K=1, EVEN_N=True, PARTIALS=False)
-    names = list(_GEMV_SIGNATURE)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n != "out_ptr"}
-    signature = dict(_GEMV_SIGNATURE, **dict.fromkeys(constexprs, "constexpr"))
+    constexprs = dict(GROUP=group, BLOCK_N=block_n, BLOCK_K=1024, SPLIT_K=1, EVEN_N=True, MERGE=False)
+    names = list(inspect.signature(_w4a16_gemv_words_kernel.fn).parameters)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in _GEMV_SIGNATURE
+             if n not in ("out_ptr", "part_ptr", "arrivals_ptr")}
+    signature = {n: "constexpr" if n in constexprs else _GEMV_SIGNATURE[n] for n in names}
     source = ASTSource(_w4a16_gemv_words_kernel, signature, constexprs, attrs)
     return disassemble(triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                       options=dict(num_warps=4, num_stages=2)))
