@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention.tiles import NEG_BIG, store_decode
+from kernels.attention.tiles import NEG_BIG, block_ids, store_decode
 from kernels.nibbles import MAGIC, quads
 from kernels.pdl import pdl_release, pdl_wait
 from kernels.store_kv.kernel import hadamard_rows
@@ -61,13 +61,6 @@ def _per_row(x, BLOCK_G: tl.constexpr):
 
 
 @triton.jit
-def _blocks(block_row, n0, end, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """int64 [BLOCK_N]: the cache block of each key in [n0, n0 + BLOCK_N) (0 past `end`)."""
-    pos = n0 + tl.arange(0, BLOCK_N)
-    return tl.load(block_row + pos // BLOCK_SIZE, mask=pos < end, other=0).to(tl.int64)
-
-
-@triton.jit
 def _codes(ptr, offs, valid, BOUNDED: tl.constexpr):
     if BOUNDED:
         return tl.load(ptr + offs, mask=valid[:, None], other=0)
@@ -81,10 +74,10 @@ def _attend(acc0, acc1, acc2, acc3, bias, m_i, l_i, qk0, qk1, qk2, qk3, q_sum, k
             Q4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, BOUNDED: tl.constexpr,
             MAGIC_BITS: tl.constexpr, BASE: tl.constexpr, PTX: tl.constexpr):
     """Online-softmax step of the BLOCK_G heads over keys [n0, n0 + BLOCK_N) in cache blocks `block`
-    [BLOCK_N] (_blocks; masked past `end` when BOUNDED). Rows are group-major, (group, head): a thread's MMA
-    rows are one head's groups, so sums over groups stay in its registers. acc0..3 [VG * BLOCK_G, Q4]: the
-    value sums of nibble position 0..3 per (value group, head); bias [VG, BLOCK_G, BLOCK_N]: their affine
-    part, per key (summed once, after the loop)."""
+    [BLOCK_N] (tiles.block_ids, read a tile ahead; masked past `end` when BOUNDED). Rows are group-major,
+    (group, head): a thread's MMA rows are one head's groups, so sums over groups stay in its registers.
+    acc0..3 [VG * BLOCK_G, Q4]: the value sums of nibble position 0..3 per (value group, head); bias
+    [VG, BLOCK_G, BLOCK_N]: their affine part, per key (summed once, after the loop)."""
     DTYPE: tl.constexpr = qk0.dtype
     pos = n0 + tl.arange(0, BLOCK_N)
     valid = pos < end
@@ -203,12 +196,10 @@ def _int4_decode_kernel(
     acc2 = tl.zeros([VG * BLOCK_G, Q4], tl.float32)
     acc3 = tl.zeros([VG * BLOCK_G, Q4], tl.float32)
     full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
-    # Each tile's block ids are read one tile ahead into registers: a block-table read in the tile's own
-    # iteration makes its code loads depend on a load, which Triton's pipeliner then keeps one stage deep.
-    block = _blocks(block_row, start, end, BLOCK_N, BLOCK_SIZE)
+    block = block_ids(block_row, start, end, BLOCK_N, BLOCK_SIZE)
     for n0 in range(start, full_end, BLOCK_N):
         this_block = block
-        block = _blocks(block_row, n0 + BLOCK_N, end, BLOCK_N, BLOCK_SIZE)
+        block = block_ids(block_row, n0 + BLOCK_N, end, BLOCK_N, BLOCK_SIZE)
         acc0, acc1, acc2, acc3, bias, m_i, l_i = _attend(
             acc0, acc1, acc2, acc3, bias, m_i, l_i, qk0, qk1, qk2, qk3, q_sum, k_ptr, v_ptr, ks_ptr,
             kz_ptr, vs_ptr, vz_ptr, this_block, n0, end, kv_head, stride_cb, stride_ct, stride_ch, stride_ks,

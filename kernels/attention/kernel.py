@@ -22,7 +22,15 @@ from kernels.attention.config import (
 )
 from kernels.attention.int4_decode import launch_int4_quads, quads_fit
 from kernels.attention.operands import check_operands, dot_precision, quantized_args
-from kernels.attention.tiles import NEG_BIG, attend_kv, attend_tile, load_kv, merge_splits, store_decode
+from kernels.attention.tiles import (
+    NEG_BIG,
+    attend_kv,
+    attend_tile,
+    block_ids,
+    load_kv,
+    merge_splits,
+    store_decode,
+)
 from kernels.pdl import pdl_launch, pdl_release, pdl_wait
 from kernels.store_kv.kernel import hadamard_rows
 
@@ -113,13 +121,16 @@ def _decode_kernel(
                                    DOT_PRECISION)
     # Whole tiles first (no masks), then at most one tile that runs past `end`.
     full_end = first + tl.maximum(end - first, 0) // BLOCK_N * BLOCK_N
+    block = block_ids(block_row, first, end, BLOCK_N, BLOCK_SIZE)  # each tile's, a tile ahead
     for n0 in range(first, full_end, BLOCK_N):
+        this_block = block
+        block = block_ids(block_row, n0 + BLOCK_N, end, BLOCK_N, BLOCK_SIZE)
         acc, m_i, l_i = attend_tile(
             acc, m_i, l_i, q, 0, k_cache_ptr, v_cache_ptr, block_row, n0, end, kv_head, stride_cb, stride_ct,
             stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, False, False, DOT_PRECISION,
             k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_ks_slot, stride_ks_h,
             stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP, INT4_DEQUANT=INT4_DEQUANT,
-            INT8_FP16=INT8_FP16)
+            INT8_FP16=INT8_FP16, block=this_block)
     for n0 in range(full_end, end, BLOCK_N):
         acc, m_i, l_i = attend_tile(
             acc, m_i, l_i, q, 0, k_cache_ptr, v_cache_ptr, block_row, n0, end, kv_head, stride_cb, stride_ct,

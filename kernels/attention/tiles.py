@@ -13,18 +13,20 @@ def load_kv(k_cache_ptr, v_cache_ptr, block_row, pos, kv_head, stride_cb, stride
              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr,
              k_scale_ptr=None, k_zero_ptr=None, v_scale_ptr=None, v_zero_ptr=None, stride_ks_slot=0,
              stride_ks_h=0, stride_vs_slot=0, stride_vs_h=0, KV_BITS: tl.constexpr = 0,
-             K_GROUP: tl.constexpr = 0, V_GROUP: tl.constexpr = 0, INT4_DEQUANT: tl.constexpr = 0):
+             K_GROUP: tl.constexpr = 0, V_GROUP: tl.constexpr = 0, INT4_DEQUANT: tl.constexpr = 0,
+             block=None):
     """K and V [len(pos), BLOCK_D] of one KV head at token positions `pos`, through the block table. MASKED:
     only rows where `valid` (the rest read as zeros, no memory traffic). KV_BITS 8 / 4: the cache holds
     quantized codes (kernels/store_kv/quant.py), dequantized here to float32 tiles with their scales; 0: the
-    cache's own dtype, as stored. INT4_DEQUANT picks the int4 dequantization (_dequantize_int4_groups)."""
+    cache's own dtype, as stored. INT4_DEQUANT picks the int4 dequantization (_dequantize_int4_groups).
+    block: the positions' cache blocks (block_ids) where the caller read them ahead; None reads them here."""
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d[None, :] < HEAD_DIM
+    if block is None:
+        block = _block_of(block_row, pos, valid, BLOCK_SIZE, MASKED)
     if MASKED:
-        block = tl.load(block_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         kv_mask = valid[:, None] & d_mask
     else:
-        block = tl.load(block_row + pos // BLOCK_SIZE).to(tl.int64)
         kv_mask = d_mask
     token_off = block * stride_cb + (pos % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
     if KV_BITS == 0:
@@ -43,15 +45,13 @@ def load_kv(k_cache_ptr, v_cache_ptr, block_row, pos, kv_head, stride_cb, stride
 @triton.jit
 def load_kv_int8(k_cache_ptr, v_cache_ptr, block_row, pos, kv_head, stride_cb, stride_ct, stride_ch, valid,
                  k_scale_ptr, v_scale_ptr, stride_ks_slot, stride_ks_h, stride_vs_slot, stride_vs_h,
-                 BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr):
+                 BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, block=None):
     """int8 K and V codes [len(pos), BLOCK_D] as stored and their float32 row scales [len(pos)]: attend_kv
     folds the scales into the scores and probabilities (N values a tile) instead of multiplying every code
-    (N · BLOCK_D). MASKED: rows not `valid` read as zeros (codes and scales)."""
+    (N · BLOCK_D). MASKED: rows not `valid` read as zeros (codes and scales). block: as in load_kv."""
     offs_d = tl.arange(0, BLOCK_D)
-    if MASKED:
-        block = tl.load(block_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-    else:
-        block = tl.load(block_row + pos // BLOCK_SIZE).to(tl.int64)
+    if block is None:
+        block = _block_of(block_row, pos, valid, BLOCK_SIZE, MASKED)
     token_off = block * stride_cb + (pos % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
     kv_off = token_off[:, None] + offs_d[None, :]
     slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
@@ -60,6 +60,23 @@ def load_kv_int8(k_cache_ptr, v_cache_ptr, block_row, pos, kv_head, stride_cb, s
     k_scale = _rows(k_scale_ptr + slot * stride_ks_slot + kv_head * stride_ks_h, valid, MASKED)
     v_scale = _rows(v_scale_ptr + slot * stride_vs_slot + kv_head * stride_vs_h, valid, MASKED)
     return k, v, k_scale.to(tl.float32), v_scale.to(tl.float32)
+
+
+@triton.jit
+def _block_of(block_row, pos, valid, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(block_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    return tl.load(block_row + pos // BLOCK_SIZE).to(tl.int64)
+
+
+@triton.jit
+def block_ids(block_row, n0, end, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """int64 [BLOCK_N]: the cache block of each position in [n0, n0 + BLOCK_N) (0 past `end`). Decode loops
+    read each tile's a tile ahead: read in the tile's own iteration, the K/V loads depend on a load there,
+    and Triton's pipeliner then keeps them one stage deep whatever num_stages says (sm_90 SASS: every
+    cp.async wait drains all, shared memory does not grow with the stages; bench/kernels/sass_mix)."""
+    pos = n0 + tl.arange(0, BLOCK_N)
+    return tl.load(block_row + pos // BLOCK_SIZE, mask=pos < end, other=0).to(tl.int64)
 
 
 @triton.jit
@@ -186,13 +203,13 @@ def attend_tile(
     k_scale_ptr=None, k_zero_ptr=None, v_scale_ptr=None, v_zero_ptr=None, stride_ks_slot=0, stride_ks_h=0,
     stride_vs_slot=0, stride_vs_h=0, KV_BITS: tl.constexpr = 0, K_GROUP: tl.constexpr = 0,
     V_GROUP: tl.constexpr = 0, tree_bits=0, chunk_start=0, TREE: tl.constexpr = False,
-    INT4_DEQUANT: tl.constexpr = 0, INT8_FP16: tl.constexpr = False,
+    INT4_DEQUANT: tl.constexpr = 0, INT8_FP16: tl.constexpr = False, block=None,
 ):
     """Online-softmax step over keys [n0, n0 + BLOCK_N) of one sequence and KV head, from paged blocks.
 
     BOUNDED: the tile may run past kv_end (masked). CAUSAL: keys after a row's q_pos are masked (TREE: and
     chunk keys outside a row's tree_bits, `attend_kv`). Tiles that need neither skip the mask math
-    entirely, which is most of a long context.
+    entirely, which is most of a long context. block: the keys' cache blocks read ahead (block_ids), or None.
     """
     pos = n0 + tl.arange(0, BLOCK_N)
     valid = pos < kv_end
@@ -201,7 +218,7 @@ def attend_tile(
         k, v, k_scale, v_scale = load_kv_int8(
             k_cache_ptr, v_cache_ptr, block_row, pos, kv_head, stride_cb, stride_ct, stride_ch, valid,
             k_scale_ptr, v_scale_ptr, stride_ks_slot, stride_ks_h, stride_vs_slot, stride_vs_h, BLOCK_D,
-            BLOCK_SIZE, BOUNDED)
+            BLOCK_SIZE, BOUNDED, block)
         acc, m_i, l_i = attend_kv(acc, m_i, l_i, q, q_pos, k, v, pos, valid, scale_log2, BOUNDED, CAUSAL,
                                   DOT_PRECISION, tree_bits, chunk_start, TREE, k_scale, v_scale, True,
                                   INT8_FP16)
@@ -209,7 +226,7 @@ def attend_tile(
         k, v = load_kv(k_cache_ptr, v_cache_ptr, block_row, pos, kv_head, stride_cb, stride_ct, stride_ch,
                        valid, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BOUNDED, k_scale_ptr, k_zero_ptr, v_scale_ptr,
                        v_zero_ptr, stride_ks_slot, stride_ks_h, stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP,
-                       V_GROUP, INT4_DEQUANT)
+                       V_GROUP, INT4_DEQUANT, block)
         acc, m_i, l_i = attend_kv(acc, m_i, l_i, q, q_pos, k, v, pos, valid, scale_log2, BOUNDED, CAUSAL,
                                   DOT_PRECISION, tree_bits, chunk_start, TREE)
     return acc, m_i, l_i
