@@ -47,7 +47,7 @@ def assert_near_the_reference(got: torch.Tensor, q, k, v, meta, baseline: torch.
     assert (got.float() - expected).abs().max().item() <= bound
 
 
-@pytest.mark.parametrize("splits", [1, 3, 9])  # 9 > the in-place merge's limit: the reduce kernel merges
+@pytest.mark.parametrize("splits", [3, 9])  # 9 > the in-place merge's limit: the reduce kernel merges
 @pytest.mark.parametrize("key_group, value_group", [(16, 32), (8, 16), (32, 8)])
 def test_quad_decode_matches_the_reference(key_group: int, value_group: int, splits: int,
                                            quad_launches: list[int]) -> None:
