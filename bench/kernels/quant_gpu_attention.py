@@ -23,7 +23,7 @@ from kernels.attention.metadata import AttentionMetadata, SeqSpan
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16  # Llama-3-8B
 REFERENCE_MAX_TOKENS = 64 * 1024  # the torch reference checks batches up to this many cached tokens
 # the int4 quad kernel's tiles the sweep tries (the launch's first)
-QUAD_TILE_SWEEP = (INT4_QUAD_TILES, (64, 4, 4), (64, 4, 2), (128, 4, 3), (32, 4, 4))
+QUAD_TILE_SWEEP = (INT4_QUAD_TILES, (128, 4, 4), (64, 4, 3), (64, 4, 4))
 
 
 def decode_batch(batch: int, context: int, device: torch.device) -> tuple[AttentionMetadata, int]:

@@ -77,13 +77,24 @@ INT4_PREFILL_DEQUANT = 1
 # decode: tiles, splits, a hand prefetch").
 INT4_DECODE_TILES: tuple[int, int, int] = (32, 4, 3)
 INT4_SPLIT_WAVES = 4
-# The quad kernel's launch (BLOCK_N, num_warps, num_stages) and waves: its code tiles are pipelined like a
-# bf16 tile's, so bf16's shapes to start.
-INT4_QUAD_TILES: tuple[int, int, int] = (64, 4, 3)
+# The quad kernel's launch (BLOCK_N, num_warps, num_stages) and waves: an H100 sweep at ctx 8k (64- and
+# 32-key tiles, 2-4 stages, 1-4x the splits) led with 128 keys, 3 stages, ~2 waves (docs/benchmarks.md).
+INT4_QUAD_TILES: tuple[int, int, int] = (128, 4, 3)
 INT4_QUAD_SPLIT_WAVES = 1
-# Registers a thread of the quad kernel may hold (ptxas's maxnreg; 0: the compiler's choice). Unbounded it
-# takes ~220 at 64-key tiles, two programs an SM; 168 fits three without spills (sm_90, offline ptxas).
+# Registers a thread of the quad kernel may hold (ptxas's maxnreg): unbounded it takes ~250 at 128-key tiles,
+# two programs an SM; capped at 168 three fit, without spills (sm_90, offline ptxas). Which one runs faster
+# follows the last wave's fill (H100: B=16 98 vs 126 us capped, B=64 493 vs 410): quad_max_registers.
 INT4_QUAD_MAX_REGISTERS = 168
+
+
+def quad_max_registers(programs: int, device: torch.device) -> int:
+    """The quad kernel's register cap for a launch of `programs`: INT4_QUAD_MAX_REGISTERS (three programs an
+    SM) unless two an SM fill the last wave better; 0 means no cap."""
+    sms = _num_sms(device)
+    three, two = (_last_wave_fill(programs, per_sm, sms) for per_sm in (3, 2))
+    return INT4_QUAD_MAX_REGISTERS if three >= two else 0
+
+
 # int8 KV decode dots (tiles.attend_kv's INT8_FP16), the first the launch's: False puts the codes in the
 # query's dtype (bf16: a conversion a value); True converts the query to float16 once, the codes by bit
 # tricks.

@@ -10,8 +10,10 @@ int4 group has its own scale s and zero z (value = s·q + z), so the affine move
     gives every (head, group) its own sum Σ q·(BASE + c); the score is Σ_groups s·that + (z − BASE·s)·Σ q
     (Σ q of the same rounded query the dot saw: BASE·Σ q cancels exactly);
   - values: the probabilities are repeated once per value group, each copy times that group's scale and
-    rounded to the dot's dtype (p̃ = round(p·s)); Σ p̃·(BASE + c) over the keys, plus Σ (p·z − BASE·p̃),
-    is each group's Σ p·v with p̃'s rounding only; a column takes the rows of its own group.
+    rounded to fp16 (p̃ = round(p·s); the value codes are fp16 1024 + c whatever the query's dtype); with
+    the codes centered, Σ p̃·(1024 + c) over the keys plus Σ (p·(z + 8s) − 1032·p̃) is each group's Σ p·v
+    with p̃'s rounding only, weighing |c − 8| <= 8 (uncentered, bf16 p̃ doubled the dequantizing kernel's
+    error); a column takes the rows of its own group.
 Rows: BLOCK_G query heads (GROUP of them real) times the groups, at least 16 for the dots.
 """
 from __future__ import annotations
@@ -24,6 +26,8 @@ from kernels.attention.tiles import NEG_BIG, block_ids, store_decode
 from kernels.nibbles import MAGIC, quads
 from kernels.pdl import pdl_release, pdl_wait
 from kernels.store_kv.kernel import hadamard_rows
+
+V_MAGIC, V_BASE = (tl.constexpr(x) for x in MAGIC[torch.float16])  # the value codes' floats: 1024 + c
 
 
 def quads_fit(q: torch.Tensor, codes: torch.Tensor, k_group: int, v_group: int) -> bool:
@@ -100,13 +104,16 @@ def _attend(acc0, acc1, acc2, acc3, bias, m_i, l_i, qk0, qk1, qk2, qk3, q_sum, k
     p = tl.exp2(scores - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
 
+    # Values in fp16 dots whatever the query's dtype: p̃ = round(p·s) to fp16 (10 mantissa bits, not bf16's 7),
+    # and the codes centered, p·v = p̃·(c − 8) + p·(z + 8s), so p̃'s rounding weighs |c − 8| <= 8 steps.
     v_scale = _groups(vs_ptr, slot, kv_head, stride_vs, valid, VG, BOUNDED)
-    v_zero = _groups(vz_ptr, slot, kv_head, stride_vs, valid, VG, BOUNDED)
-    p_scaled = (p[None, :, :] * v_scale[:, None, :]).to(DTYPE)  # [VG, BLOCK_G, N]: p̃ = round(p·s)
-    bias = bias * alpha[None, :, None] + (p[None, :, :] * v_zero[:, None, :] - BASE * p_scaled.to(tl.float32))
+    v_mid = _groups(vz_ptr, slot, kv_head, stride_vs, valid, VG, BOUNDED) + 8.0 * v_scale
+    p_scaled = (p[None, :, :] * v_scale[:, None, :]).to(tl.float16)  # [VG, BLOCK_G, N]
+    bias = bias * alpha[None, :, None] + (p[None, :, :] * v_mid[:, None, :]
+                                          - (V_BASE + 8.0) * p_scaled.to(tl.float32))
     p_rows = tl.reshape(p_scaled, [VG * BLOCK_G, BLOCK_N])
     a_rows = tl.reshape(tl.broadcast_to(alpha[None, :], [VG, BLOCK_G]), [VG * BLOCK_G])[:, None]
-    v0, v1, v2, v3 = quads(_codes(v_ptr, offs, valid, BOUNDED), MAGIC_BITS, DTYPE, PTX)
+    v0, v1, v2, v3 = quads(_codes(v_ptr, offs, valid, BOUNDED), V_MAGIC, tl.float16, PTX)
     acc0 = tl.dot(p_rows, v0, acc0 * a_rows)
     acc1 = tl.dot(p_rows, v1, acc1 * a_rows)
     acc2 = tl.dot(p_rows, v2, acc2 * a_rows)

@@ -11,7 +11,6 @@ from kernels.arrivals import arrival_counters
 from kernels.attention.config import (
     INT4_DEQUANT_MODES,
     INT4_PREFILL_DEQUANT,
-    INT4_QUAD_MAX_REGISTERS,
     INT4_QUADS,
     INT8_FP16_MODES,
     choose_num_splits,
@@ -19,6 +18,7 @@ from kernels.attention.config import (
     merge_in_place,
     prefill_config,
     preload_first_tile,
+    quad_max_registers,
 )
 from kernels.attention.int4_decode import launch_int4_quads, quads_fit
 from kernels.attention.operands import check_operands, dot_precision, quantized_args
@@ -121,16 +121,24 @@ def _decode_kernel(
                                    DOT_PRECISION)
     # Whole tiles first (no masks), then at most one tile that runs past `end`.
     full_end = first + tl.maximum(end - first, 0) // BLOCK_N * BLOCK_N
-    block = block_ids(block_row, first, end, BLOCK_N, BLOCK_SIZE)  # each tile's, a tile ahead
-    for n0 in range(first, full_end, BLOCK_N):
-        this_block = block
-        block = block_ids(block_row, n0 + BLOCK_N, end, BLOCK_N, BLOCK_SIZE)
-        acc, m_i, l_i = attend_tile(
-            acc, m_i, l_i, q, 0, k_cache_ptr, v_cache_ptr, block_row, n0, end, kv_head, stride_cb, stride_ct,
-            stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, False, False, DOT_PRECISION,
-            k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_ks_slot, stride_ks_h,
-            stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP, INT4_DEQUANT=INT4_DEQUANT,
-            INT8_FP16=INT8_FP16, block=this_block)
+    if KV_BITS == 0:  # float caches read each tile's block ids in its own iteration (read ahead, measured
+        # slower at bf16: 10% at B = 64, ctx 8k, 2% a bs-1 step; docs/benchmarks.md)
+        for n0 in range(first, full_end, BLOCK_N):
+            acc, m_i, l_i = attend_tile(
+                acc, m_i, l_i, q, 0, k_cache_ptr, v_cache_ptr, block_row, n0, end, kv_head, stride_cb,
+                stride_ct, stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, False, False,
+                DOT_PRECISION)
+    else:
+        block = block_ids(block_row, first, end, BLOCK_N, BLOCK_SIZE)  # each tile's, a tile ahead
+        for n0 in range(first, full_end, BLOCK_N):
+            this_block = block
+            block = block_ids(block_row, n0 + BLOCK_N, end, BLOCK_N, BLOCK_SIZE)
+            acc, m_i, l_i = attend_tile(
+                acc, m_i, l_i, q, 0, k_cache_ptr, v_cache_ptr, block_row, n0, end, kv_head, stride_cb,
+                stride_ct, stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, False, False,
+                DOT_PRECISION, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_ks_slot, stride_ks_h,
+                stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP, INT4_DEQUANT=INT4_DEQUANT,
+                INT8_FP16=INT8_FP16, block=this_block)
     for n0 in range(full_end, end, BLOCK_N):
         acc, m_i, l_i = attend_tile(
             acc, m_i, l_i, q, 0, k_cache_ptr, v_cache_ptr, block_row, n0, end, kv_head, stride_cb, stride_ct,
@@ -280,7 +288,8 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         launch_int4_quads(grid, q, k_cache, v_cache, quant, meta, scale * _LOG2E, out, part_acc, part_ml,
                           arrivals, block_n=block_n, num_warps=warps, num_stages=stages, mixed=mixed,
                           merge_in_place=in_place, pdl=pdl_launch(q.device),
-                          max_registers=INT4_QUAD_MAX_REGISTERS if max_registers is None else max_registers)
+                          max_registers=quad_max_registers(programs, q.device) if max_registers is None
+                          else max_registers)
     else:
         _decode_kernel[grid](
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out, part_acc,
@@ -331,8 +340,8 @@ def paged_decode_attention(
     """Decode-only batch (every sequence brings one query row) → [B, Hq, D]. `num_splits` None = auto;
     `tiles` (BLOCK_N, num_warps, num_stages) None = config.decode_config's; `int4_dequant` /
     `int8_fp16` / `max_registers` (the int4 quad kernel's register cap, 0 = the compiler's choice) None =
-    config.INT4_DEQUANT_MODES[0] / INT8_FP16_MODES[0] / INT4_QUAD_MAX_REGISTERS (the bench sweeps the
-    others)."""
+    config.INT4_DEQUANT_MODES[0] / INT8_FP16_MODES[0] / config.quad_max_registers (the bench sweeps
+    the others)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_cache, v_cache, quant = quantized_args(k_cache, v_cache)
     if q.shape[0]:

@@ -89,3 +89,14 @@ def test_operands_the_quad_kernel_cannot_take_go_to_the_dequantizing_kernel(quad
     half = q.half()
     assert not quads_fit(half, k.codes, 6, 32)  # groups that split a quad
     assert not quads_fit(half.to("meta"), k.codes, 16, 32)  # compiled (not the interpreter): head_dim 32 < 64
+
+
+def test_the_register_cap_follows_the_last_waves_fill(monkeypatch) -> None:
+    import kernels.attention.config as config
+
+    monkeypatch.setattr(config, "_num_sms", lambda device: 132)
+    cuda = torch.device("cuda", 0)  # only its type is read once _num_sms is fixed
+    # 384 programs (B=16, 3 splits): one wave of three an SM (capped); 512 (B=64): two waves of two an SM
+    assert config.quad_max_registers(384, cuda) == config.INT4_QUAD_MAX_REGISTERS
+    assert config.quad_max_registers(512, cuda) == 0
+    assert config.quad_max_registers(256, cuda) == 0
