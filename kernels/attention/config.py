@@ -59,15 +59,18 @@ INT8_DECODE_TILES: tuple[tuple[int, int, int] | None, ...] = (
 )
 
 
-# How int4 KV decode reads its codes, the first the launch's: 2 is int4_decode.py's kernel (the codes feed
-# the dots as int16 quads, never dequantized; taken where int4_decode.quads_fit holds, else the next mode);
-# 1 and 0 are the dequantizing kernels' (tiles._dequantize's INT4_DEQUANT, the prefill kernel's is
-# INT4_PREFILL_DEQUANT): 1 loads scales and zeros once per group and builds floats from the nibbles' bits
+# How int4 KV decode reads its codes, the first the launch's. 1 and 0 are the dequantizing kernel's
+# (tiles._dequantize's INT4_DEQUANT; the prefill kernel's is INT4_PREFILL_DEQUANT). 2 is int4_decode.py's
+# kernel (the codes feed the dots as int16 quads, never dequantized; taken where int4_decode.quads_fit holds,
+# else mode 1): 1.7-1.8x the bf16 cache's speed at B = 16 / 64 on an H100, but its outputs there missed the
+# reference by 6% of their range with bf16 queries (tests/gpu fails it; fp16 queries in the interpreter
+# pass), so it is not the launch's until that is found (docs/benchmarks.md, "int4 KV decode on tensor
+# cores"). 1 loads scales and zeros once per group and builds floats from the nibbles' bits
 # (tiles._dequantize_int4_groups); 0 gathers a scale and a zero per value and converts each code int → float
 # (0.34–0.39x the bf16 cache's time on an H100 at ctx 8k, docs/benchmarks.md). 1 leads on ptxas's sm_90
 # code (decode loop 2141 instructions, no spills, vs 9459 with 3856 local-memory spill loads and stores;
 # prefill 2448 vs 6546: docs/benchmarks.md); bench/kernels/quant_gpu_attention.py times both in decode.
-INT4_DEQUANT_MODES: tuple[int, ...] = (2, 1, 0)
+INT4_DEQUANT_MODES: tuple[int, ...] = (1, 0, 2)
 INT4_QUADS = 2
 INT4_PREFILL_DEQUANT = 1
 # int4 KV decode launches (head_dim 128): (BLOCK_N, num_warps, num_stages) and how many more programs than
@@ -82,7 +85,7 @@ INT4_SPLIT_WAVES = 4
 INT4_QUAD_TILES: tuple[int, int, int] = (128, 4, 3)
 INT4_QUAD_SPLIT_WAVES = 1
 # Registers a thread of the quad kernel may hold (ptxas's maxnreg): unbounded it takes ~250 at 128-key tiles,
-# two programs an SM; capped at 168 three fit, without spills (sm_90, offline ptxas). Which one runs faster
+# two programs an SM; capped at 168 three fit (a few spills, sm_90 offline ptxas). Which one runs faster
 # follows the last wave's fill (H100: B=16 98 vs 126 us capped, B=64 493 vs 410): quad_max_registers.
 INT4_QUAD_MAX_REGISTERS = 168
 

@@ -15,6 +15,10 @@ int4 group has its own scale s and zero z (value = s·q + z), so the affine move
     with p̃'s rounding only, weighing |c − 8| <= 8 (uncentered, bf16 p̃ doubled the dequantizing kernel's
     error); a column takes the rows of its own group.
 Rows: BLOCK_G query heads (GROUP of them real) times the groups, at least 16 for the dots.
+
+Not yet the launch's int4 mode (config.INT4_DEQUANT_MODES): on an H100 it ran 1.7-1.8x the bf16 cache's speed
+at ctx 8k, B = 16 / 64, but its outputs with bf16 queries missed the reference by ~6% of their range, where
+the interpreter (fp16 queries) matches it closer than the dequantizing kernel (docs/benchmarks.md).
 """
 from __future__ import annotations
 

@@ -121,13 +121,15 @@ def _decode_kernel(
                                    DOT_PRECISION)
     # Whole tiles first (no masks), then at most one tile that runs past `end`.
     full_end = first + tl.maximum(end - first, 0) // BLOCK_N * BLOCK_N
-    if KV_BITS == 0:  # float caches read each tile's block ids in its own iteration (read ahead, measured
-        # slower at bf16: 10% at B = 64, ctx 8k, 2% a bs-1 step; docs/benchmarks.md)
+    if KV_BITS != 8:  # only int8 reads each tile's block ids a tile ahead: measured on an H100 at ctx 8k,
+        # bf16 lost 10% at B = 64 with it (and 2% of a bs-1 step), the dequantized int4 up to 28%, int8 gained
+        # 1.02x -> 1.22x the bf16 cache at B = 64 (docs/benchmarks.md)
         for n0 in range(first, full_end, BLOCK_N):
             acc, m_i, l_i = attend_tile(
                 acc, m_i, l_i, q, 0, k_cache_ptr, v_cache_ptr, block_row, n0, end, kv_head, stride_cb,
                 stride_ct, stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, False, False,
-                DOT_PRECISION)
+                DOT_PRECISION, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_ks_slot, stride_ks_h,
+                stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP, INT4_DEQUANT=INT4_DEQUANT)
     else:
         block = block_ids(block_row, first, end, BLOCK_N, BLOCK_SIZE)  # each tile's, a tile ahead
         for n0 in range(first, full_end, BLOCK_N):

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 from bench.kernels.kernels_gpu import paged_batch
 from contracts.kv_cache_spec import KVCacheSpec, scales_for
 from engine.kv_cache import KVCache, with_key_offsets
-from kernels.attention.config import INT4_DEQUANT_MODES, INT8_DECODE_TILES, INT8_FP16_MODES
+from kernels.attention.config import INT4_DEQUANT_MODES, INT4_QUADS, INT8_DECODE_TILES, INT8_FP16_MODES
 from kernels.attention.kernel import paged_attention_triton, paged_decode_attention
 from kernels.attention.metadata import AttentionMetadata
 from kernels.attention.reference import paged_attention_ref
@@ -102,7 +102,13 @@ def test_int8_decode_under_every_swept_tile_matches_the_reference(tiles: tuple[i
     assert_decode_matches_the_reference("int8", seed=4, tiles=tiles, int8_fp16=fp16)
 
 
-@pytest.mark.parametrize("mode", INT4_DEQUANT_MODES)
+# The quad kernel (mode INT4_QUADS) missed the reference on an H100 by ~6% of the output's range with bf16
+# queries (docs/benchmarks.md, "int4 KV decode on tensor cores"); it is not the launch's mode until it passes.
+OFF_THE_LAUNCH = pytest.mark.xfail(strict=True, reason="the quad kernel is off the launch until it matches")
+
+
+@pytest.mark.parametrize("mode", [pytest.param(m, marks=OFF_THE_LAUNCH) if m == INT4_QUADS else m
+                                  for m in INT4_DEQUANT_MODES])
 def test_int4_decode_under_every_dequant_mode_matches_the_reference(mode: int) -> None:
     assert_decode_matches_the_reference("int4", seed=5, int4_dequant=mode)
 
@@ -110,7 +116,6 @@ def test_int4_decode_under_every_dequant_mode_matches_the_reference(mode: int) -
 def test_int4_quad_decode_ptx_equals_its_plain_bit_operations(monkeypatch) -> None:
     # the inline-PTX nibble conversion and the interpreter's integer ops build the same floats: equal outputs
     import kernels.attention.kernel as attention
-    from kernels.attention.config import INT4_QUADS
     from kernels.attention.int4_decode import launch_int4_quads
 
     q, kv, meta = stored_batch("int4", [(4095, 1)] * 2 + [(700, 1)] * 2, seed=6)

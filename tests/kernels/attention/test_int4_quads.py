@@ -66,13 +66,15 @@ def test_quad_rows_pad_an_odd_head_group(dtype: torch.dtype, quad_launches: list
     assert rows_per_kv_head(3, HEAD_DIM, 16, 32) == 16  # one value group: 16 rows for the value product
     q, k, v, meta = int4_batch([(13, 1), (40, 1)], 16, 32, heads=6, kv_heads=2, seed=4, dtype=dtype)
     baseline = paged_decode_attention(q, k, v, meta, SCALE, num_splits=2, int4_dequant=1)
-    got = paged_decode_attention(q, k, v, meta, SCALE, num_splits=2)
+    got = paged_decode_attention(q, k, v, meta, SCALE, num_splits=2, int4_dequant=INT4_QUADS)
     assert quad_launches == [1]
     if dtype == torch.float16:  # this Triton's interpreter gets bf16 dots wrong (bench/kernels/quant_common)
         assert_near_the_reference(got, q, k, v, meta, baseline)
 
 
-def test_mixed_batches_take_the_quad_kernel_for_their_decode_rows(quad_launches: list[int]) -> None:
+def test_mixed_batches_take_the_quad_kernel_for_their_decode_rows(quad_launches: list[int],
+                                                                   monkeypatch) -> None:
+    monkeypatch.setattr(attention, "INT4_DEQUANT_MODES", (INT4_QUADS, 1, 0))  # the launch's mode: quads
     q, k, v, meta = int4_batch([(0, 17), (20, 1), (7, 9), (33, 1)], 16, 32, seed=7)
     baseline = paged_attention_ref(q.float(), k, v, meta, SCALE)
     got = paged_attention_triton(q, k, v, meta, SCALE)
@@ -83,7 +85,7 @@ def test_mixed_batches_take_the_quad_kernel_for_their_decode_rows(quad_launches:
 def test_operands_the_quad_kernel_cannot_take_go_to_the_dequantizing_kernel(quad_launches: list[int]) -> None:
     q, k, v, meta = int4_batch([(3, 1), (29, 1)], 16, 32, dtype=torch.float32)  # fp32 queries: no BASE trick
     assert not quads_fit(q, k.codes, 16, 32)
-    got = paged_decode_attention(q, k, v, meta, SCALE, num_splits=2)
+    got = paged_decode_attention(q, k, v, meta, SCALE, num_splits=2, int4_dequant=INT4_QUADS)
     assert quad_launches == []
     torch.testing.assert_close(got, paged_attention_ref(q, k, v, meta, SCALE), atol=2e-5, rtol=2e-5)
     half = q.half()
