@@ -1,0 +1,57 @@
+"""Decode attention at ctx 8k over bf16 / int8 / int4 KV caches, each at its launch's defaults (Llama-3-8B
+heads, B = 1, 16, 64), with nothing else: the before / after of a kernel change in one device call.
+
+`python -m bench.kernels.attention_launch OUT.json` times the tree on PYTHONPATH; to time an older tree with
+this script, run the file by path from that tree: `(cd OLD && PYTHONPATH=$PWD python NEW/bench/kernels/
+attention_launch.py OUT.json)` (it imports only modules older trees have). bench/kernels/quant_gpu's attention
+section prints the same rows and then the launch sweeps.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from bench._cuda import cuda_missing, graph_ms
+from bench.kernels.quant_gpu_attention import BLOCK, HEAD_DIM, HEADS, KV_HEADS, decode_batch
+from contracts.kv_cache_spec import KVCacheSpec, scales_for
+from engine.kv_cache import KVCache
+from kernels.attention.kernel import paged_attention_triton
+from kernels.store_kv.kernel import store_kv_triton
+
+CONTEXT = 8192
+
+
+def main(out_path: str) -> int:
+    if cuda_missing(__file__):
+        return 2
+    dev = torch.device("cuda")
+    results: dict = {"device": torch.cuda.get_device_name(), "context": CONTEXT, "us": {}}
+    for batch in (1, 16, 64):
+        meta, num_blocks = decode_batch(batch, CONTEXT, dev)
+        gen = torch.Generator(device=dev).manual_seed(batch)
+        k, v = (torch.randn(num_blocks * BLOCK, KV_HEADS, HEAD_DIM, generator=gen, device=dev,
+                            dtype=torch.bfloat16) for _ in "kv")
+        q = torch.randn(batch, HEADS, HEAD_DIM, generator=gen, device=dev, dtype=torch.bfloat16)
+        row = {}
+        for dtype in ("bfloat16", "int8", "int4"):
+            cache = KVCache(KVCacheSpec(BLOCK, KV_HEADS, HEAD_DIM, dtype, scales_for(dtype, HEAD_DIM)), 1,
+                            num_blocks, dev)
+            store_kv_triton(k, v, *cache.layer(0), torch.arange(num_blocks * BLOCK, device=dev))
+            k_cache, v_cache = cache.layer(0)
+            row[dtype] = 1e3 * graph_ms(lambda i, args=(q, k_cache, v_cache, meta): paged_attention_triton(
+                *args, HEAD_DIM ** -0.5), 1)
+            del cache
+        print(f"B={batch} ctx={CONTEXT} us: " + ", ".join(f"{d} {t:.1f}" for d, t in row.items())
+              + f" | int8 {row['bfloat16'] / row['int8']:.2f}x int4 {row['bfloat16'] / row['int4']:.2f}x",
+              flush=True)
+        results["us"][batch] = row
+        torch.cuda.empty_cache()
+    with open(out_path, "w") as f:
+        json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "bench/results/attention_launch.json"))
