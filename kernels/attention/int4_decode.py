@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention.tiles import NEG_BIG, block_ids, store_decode
+from kernels.attention.tiles import NEG_BIG, block_ids, decode_program, store_decode
 from kernels.nibbles import MAGIC, quads
 from kernels.pdl import pdl_release, pdl_wait
 from kernels.store_kv.kernel import hadamard_rows
@@ -164,20 +164,8 @@ def _int4_decode_kernel(
     KG: tl.constexpr = HEAD_DIM // K_GROUP
     VG: tl.constexpr = HEAD_DIM // V_GROUP
     DTYPE: tl.constexpr = tl.bfloat16 if MAGIC_BITS == 0x4300 else tl.float16
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    row = tl.load(query_start_ptr + seq)
-    seq_len = tl.load(seq_lens_ptr + seq)
-    live_heads = GROUP
-    if MIXED:  # as in kernel._decode_kernel: multi-row chunks are the prefill kernel's
-        is_mine = tl.load(query_start_ptr + seq + 1) - row == 1
-        seq_len = tl.where(is_mine, seq_len, 0)
-        live_heads = tl.where(is_mine, GROUP, 0)
-    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * per_split
-    end = tl.minimum(start + per_split, seq_len)
-    block_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    seq, kv_head, split, row, seq_len, live_heads, per_split, start, end, block_row = decode_program(
+        query_start_ptr, seq_lens_ptr, block_tables_ptr, stride_bt, GROUP, NUM_SPLITS, BLOCK_N, MIXED)
     pdl_wait(USE_PDL)
     pdl_release(USE_PDL)
 

@@ -27,6 +27,7 @@ from kernels.attention.tiles import (
     attend_kv,
     attend_tile,
     block_ids,
+    decode_program,
     load_kv,
     merge_splits,
     store_decode,
@@ -63,23 +64,8 @@ def _decode_kernel(
     ones in float16 dots under INT8_FP16, tiles.int8_fp16);
     HADAMARD: its rows are stored rotated, so q is rotated the same way and the output rotated back.
     """
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    row = tl.load(query_start_ptr + seq)  # the step's inputs (host-copied before the graph): safe pre-wait
-    seq_len = tl.load(seq_lens_ptr + seq)
-    live_heads = GROUP  # query heads this program writes
-    if MIXED:
-        is_mine = tl.load(query_start_ptr + seq + 1) - row == 1
-        # Others get an empty KV range and write no head (a bound, not a scalar mask: the interpreter's stores
-        # reject scalar-and-block masks).
-        seq_len = tl.where(is_mine, seq_len, 0)
-        live_heads = tl.where(is_mine, GROUP, 0)
-    # Split bounds come from the device-side seq_len, so a captured grid stays right as sequences grow.
-    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * per_split
-    end = tl.minimum(start + per_split, seq_len)
-    block_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    seq, kv_head, split, row, seq_len, live_heads, per_split, start, end, block_row = decode_program(
+        query_start_ptr, seq_lens_ptr, block_tables_ptr, stride_bt, GROUP, NUM_SPLITS, BLOCK_N, MIXED)
     first = start  # the first position the loops below attend to
     if PRELOAD:
         # Positions before this step's token were stored by earlier steps: the split's first tile of them is

@@ -258,6 +258,32 @@ def merge_splits(part_acc_ptr, part_ml_ptr, out_ptr, row, seq_len, per_split, fi
 
 
 @triton.jit
+def decode_program(query_start_ptr, seq_lens_ptr, block_tables_ptr, stride_bt, GROUP: tl.constexpr,
+                   NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, MIXED: tl.constexpr):
+    """A decode program's (seq, kv_head, split) from its ids, and (row, seq_len, live_heads, per_split, start,
+    end, block_row): its query row, its sequence's length, how many query heads it writes, the KV positions
+    [start, end) of its split, its block-table row. MIXED: the batch also holds multi-row chunks (the prefill
+    kernel's): those get an empty range and write no head (a bound, not a scalar mask: the interpreter's
+    stores reject scalar-and-block masks). The step's inputs are host-copied before the graph: safe to read
+    before the PDL wait."""
+    seq = tl.program_id(0)
+    split = tl.program_id(2)
+    row = tl.load(query_start_ptr + seq)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    live_heads = GROUP
+    if MIXED:
+        is_mine = tl.load(query_start_ptr + seq + 1) - row == 1
+        seq_len = tl.where(is_mine, seq_len, 0)
+        live_heads = tl.where(is_mine, GROUP, 0)
+    # Split bounds come from the device-side seq_len, so a captured grid stays right as sequences grow.
+    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+    block_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    return seq, tl.program_id(1), split, row, seq_len, live_heads, per_split, start, end, block_row
+
+
+@triton.jit
 def store_decode(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, arrivals_ptr, seq, kv_head, split, row,
                  seq_len, per_split, offs_g, busy, live_heads, stride_ot, stride_oh, GROUP: tl.constexpr,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
