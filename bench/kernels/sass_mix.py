@@ -87,7 +87,7 @@ def quads_compile(block_n: int, stages: int, max_registers: int = 0):
 
     constexprs = dict(GROUP=4, BLOCK_G=8, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=block_n, NUM_SPLITS=4,
                       MIXED=False, MERGE_IN_PLACE=True, BLOCK_S=4, USE_PDL=False, K_GROUP=32, V_GROUP=64,
-                      HADAMARD=True, MAGIC_BITS=0x4300, BASE=128.0, PTX=True)
+                      HADAMARD=True, MAGIC_BITS=0x4300, PTX=True)
     names = list(inspect.signature(_int4_decode_kernel.fn).parameters)
     signature = {n: "constexpr" if n in constexprs else _QUAD_POINTERS.get(n, "i32") for n in names}
     unaligned = ("seq_lens_ptr", "query_start_ptr", "arrivals_ptr")

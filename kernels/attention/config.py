@@ -62,10 +62,11 @@ INT8_DECODE_TILES: tuple[tuple[int, int, int] | None, ...] = (
 # How int4 KV decode reads its codes, the first the launch's. 1 and 0 are the dequantizing kernel's
 # (tiles._dequantize's INT4_DEQUANT; the prefill kernel's is INT4_PREFILL_DEQUANT). 2 is int4_decode.py's
 # kernel (the codes feed the dots as int16 quads, never dequantized; taken where int4_decode.quads_fit holds,
-# else mode 1): 1.7-1.8x the bf16 cache's speed at B = 16 / 64 on an H100, but its outputs there missed the
-# reference by 6% of their range with bf16 queries (tests/gpu fails it; fp16 queries in the interpreter
-# pass), so it is not the launch's until that is found (docs/benchmarks.md, "int4 KV decode on tensor
-# cores"). 1 loads scales and zeros once per group and builds floats from the nibbles' bits
+# else mode 1): 1.7-1.8x the bf16 cache's speed at B = 16 / 64 on an H100, but there its first version
+# (BASE + c through the dots, BASE · Σ p̃ subtracted after) missed the reference by 3-6% of the output's
+# range; the centered version (c − 8 in the dots) has run in the interpreter only, so it is not the
+# launch's until tests/gpu passes it (docs/benchmarks.md, "int4 KV decode on tensor cores").
+# 1 loads scales and zeros once per group and builds floats from the nibbles' bits
 # (tiles._dequantize_int4_groups); 0 gathers a scale and a zero per value and converts each code int → float
 # (0.34–0.39x the bf16 cache's time on an H100 at ctx 8k, docs/benchmarks.md). 1 leads on ptxas's sm_90
 # code (decode loop 2141 instructions, no spills, vs 9459 with 3856 local-memory spill loads and stores;

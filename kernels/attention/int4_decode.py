@@ -4,21 +4,22 @@ The dequantizing decode (tiles._dequantize) spends a multiply-add a value and a 
 layout, and Triton leaves its byte loads out of its shared-memory pipeline: it ran at the bf16 cache's
 speed with a quarter of the bytes (docs/benchmarks.md, "int4 KV decode: tiles, splits, a hand prefetch").
 Here, as in the tensor-core W4A16 kernel (kernels/nibbles.py), the codes load as int16 quads that feed the
-dots directly, so they are pipelined like a bf16 tile, and a code q becomes BASE + q by one LOP3. Each
-int4 group has its own scale s and zero z (value = s·q + z), so the affine moves out of the products:
+dots directly, so they are pipelined like a bf16 tile, and a code q becomes the float q − 8 by one LOP3 and
+one fma a pair (nibbles.quads with CENTER). Each int4 group has its own scale s and zero z (value = s·q + z =
+s·(q − 8) + m, m = z + 8s its midpoint), so the affine moves out of the products:
   - keys: the query's rows are repeated once per key group, each copy zero outside its group, so one dot
-    gives every (head, group) its own sum Σ q·(BASE + c); the score is Σ_groups s·that + (z − BASE·s)·Σ q
-    (Σ q of the same rounded query the dot saw: BASE·Σ q cancels exactly);
+    gives every (group, head) its own sum Σ q·(c − 8); the score is Σ_groups s·that + m·Σ q;
   - values: the probabilities are repeated once per value group, each copy times that group's scale and
-    rounded to fp16 (p̃ = round(p·s); the value codes are fp16 1024 + c whatever the query's dtype); with
-    the codes centered, Σ p̃·(1024 + c) over the keys plus Σ (p·(z + 8s) − 1032·p̃) is each group's Σ p·v
-    with p̃'s rounding only, weighing |c − 8| <= 8 (uncentered, bf16 p̃ doubled the dequantizing kernel's
-    error); a column takes the rows of its own group.
+    rounded to fp16 (p̃ = round(p·s); the value codes are fp16 whatever the query's dtype); Σ p̃·(c − 8) over
+    the keys plus Σ p·m is each group's Σ p·v with p̃'s rounding only, weighing |c − 8| <= 8 steps; a
+    column takes the rows of its own group.
+No large term cancels anywhere: the first version carried BASE + c (128 or 1024 + c) through the dots and
+subtracted BASE · Σ p̃ after; on an H100 it missed the reference by 3-6% of the output's range.
 Rows: BLOCK_G query heads (GROUP of them real) times the groups, at least 16 for the dots.
 
-Not yet the launch's int4 mode (config.INT4_DEQUANT_MODES): on an H100 it ran 1.7-1.8x the bf16 cache's speed
-at ctx 8k, B = 16 / 64, but its outputs with bf16 queries missed the reference by ~6% of their range, where
-the interpreter (fp16 queries) matches it closer than the dequantizing kernel (docs/benchmarks.md).
+Not yet the launch's int4 mode (config.INT4_DEQUANT_MODES): the BASE version ran 1.7-1.8x the bf16 cache's
+speed on an H100 at ctx 8k, B = 16 / 64, but was wrong there; this centered one has run in the interpreter
+only (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from kernels.nibbles import MAGIC, quads
 from kernels.pdl import pdl_release, pdl_wait
 from kernels.store_kv.kernel import hadamard_rows
 
-V_MAGIC, V_BASE = (tl.constexpr(x) for x in MAGIC[torch.float16])  # the value codes' floats: 1024 + c
+V_MAGIC = tl.constexpr(MAGIC[torch.float16][0])  # the value codes' floats are fp16
 
 
 def quads_fit(q: torch.Tensor, codes: torch.Tensor, k_group: int, v_group: int) -> bool:
@@ -80,7 +81,7 @@ def _attend(acc0, acc1, acc2, acc3, bias, m_i, l_i, qk0, qk1, qk2, qk3, q_sum, k
             kz_ptr, vs_ptr, vz_ptr, block, n0, end, kv_head, stride_cb, stride_ct, stride_ch, stride_ks,
             stride_vs, scale_log2, BLOCK_G: tl.constexpr, KG: tl.constexpr, VG: tl.constexpr,
             Q4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, BOUNDED: tl.constexpr,
-            MAGIC_BITS: tl.constexpr, BASE: tl.constexpr, PTX: tl.constexpr):
+            MAGIC_BITS: tl.constexpr, PTX: tl.constexpr):
     """Online-softmax step of the BLOCK_G heads over keys [n0, n0 + BLOCK_N) in cache blocks `block`
     [BLOCK_N] (tiles.block_ids, read a tile ahead; masked past `end` when BOUNDED). Rows are group-major,
     (group, head): a thread's MMA rows are one head's groups, so sums over groups stay in its registers.
@@ -92,14 +93,14 @@ def _attend(acc0, acc1, acc2, acc3, bias, m_i, l_i, qk0, qk1, qk2, qk3, q_sum, k
     slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
     offs = (block * stride_cb + (pos % BLOCK_SIZE) * stride_ct + kv_head * stride_ch)[:, None] \
         + tl.arange(0, Q4)[None, :]
-    k0, k1, k2, k3 = quads(_codes(k_ptr, offs, valid, BOUNDED), MAGIC_BITS, DTYPE, PTX)
+    k0, k1, k2, k3 = quads(_codes(k_ptr, offs, valid, BOUNDED), MAGIC_BITS, DTYPE, PTX, True)
     dots = tl.dot(qk0, tl.trans(k0))
     dots = tl.dot(qk1, tl.trans(k1), dots)
     dots = tl.dot(qk2, tl.trans(k2), dots)
-    dots = tl.dot(qk3, tl.trans(k3), dots)  # [BLOCK_G * KG, N]: Σ q·(BASE + c) per (head, key group)
+    dots = tl.dot(qk3, tl.trans(k3), dots)  # [KG * BLOCK_G, N]: Σ q·(c − 8) per (key group, head)
     k_scale = _groups(ks_ptr, slot, kv_head, stride_ks, valid, KG, BOUNDED)
-    k_low = _groups(kz_ptr, slot, kv_head, stride_ks, valid, KG, BOUNDED) - BASE * k_scale
-    per_group = dots * _per_row(k_scale, BLOCK_G) + _per_row(k_low, BLOCK_G) * q_sum[:, None]
+    k_mid = _groups(kz_ptr, slot, kv_head, stride_ks, valid, KG, BOUNDED) + 8.0 * k_scale
+    per_group = dots * _per_row(k_scale, BLOCK_G) + _per_row(k_mid, BLOCK_G) * q_sum[:, None]
     scores = tl.sum(tl.reshape(per_group, [KG, BLOCK_G, BLOCK_N]), axis=0) * scale_log2
     if BOUNDED:
         scores = tl.where(valid[None, :], scores, float("-inf"))
@@ -108,16 +109,15 @@ def _attend(acc0, acc1, acc2, acc3, bias, m_i, l_i, qk0, qk1, qk2, qk3, q_sum, k
     p = tl.exp2(scores - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
 
-    # Values in fp16 dots whatever the query's dtype: p̃ = round(p·s) to fp16 (10 mantissa bits, not bf16's 7),
-    # and the codes centered, p·v = p̃·(c − 8) + p·(z + 8s), so p̃'s rounding weighs |c − 8| <= 8 steps.
+    # Values in fp16 dots whatever the query's dtype: p̃ = round(p·s) to fp16 (10 mantissa bits, not bf16's 7)
+    # against the centered codes, p·v = p̃·(c − 8) + p·(z + 8s): p̃'s rounding weighs |c − 8| <= 8 steps.
     v_scale = _groups(vs_ptr, slot, kv_head, stride_vs, valid, VG, BOUNDED)
     v_mid = _groups(vz_ptr, slot, kv_head, stride_vs, valid, VG, BOUNDED) + 8.0 * v_scale
     p_scaled = (p[None, :, :] * v_scale[:, None, :]).to(tl.float16)  # [VG, BLOCK_G, N]
-    bias = bias * alpha[None, :, None] + (p[None, :, :] * v_mid[:, None, :]
-                                          - (V_BASE + 8.0) * p_scaled.to(tl.float32))
+    bias = bias * alpha[None, :, None] + p[None, :, :] * v_mid[:, None, :]
     p_rows = tl.reshape(p_scaled, [VG * BLOCK_G, BLOCK_N])
     a_rows = tl.reshape(tl.broadcast_to(alpha[None, :], [VG, BLOCK_G]), [VG * BLOCK_G])[:, None]
-    v0, v1, v2, v3 = quads(_codes(v_ptr, offs, valid, BOUNDED), V_MAGIC, tl.float16, PTX)
+    v0, v1, v2, v3 = quads(_codes(v_ptr, offs, valid, BOUNDED), V_MAGIC, tl.float16, PTX, True)
     acc0 = tl.dot(p_rows, v0, acc0 * a_rows)
     acc1 = tl.dot(p_rows, v1, acc1 * a_rows)
     acc2 = tl.dot(p_rows, v2, acc2 * a_rows)
@@ -155,7 +155,7 @@ def _int4_decode_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIXED: tl.constexpr, MERGE_IN_PLACE: tl.constexpr,
     BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
-    HADAMARD: tl.constexpr, MAGIC_BITS: tl.constexpr, BASE: tl.constexpr, PTX: tl.constexpr,
+    HADAMARD: tl.constexpr, MAGIC_BITS: tl.constexpr, PTX: tl.constexpr,
 ):
     """One program: one sequence, one KV head, one KV split (kernel._decode_kernel's grid and outputs).
     k_ptr / v_ptr: the packed codes as int16 quads [blocks, block_size, Hk, HEAD_DIM / 4] (strides in
@@ -176,7 +176,7 @@ def _int4_decode_kernel(
                 + offs_d[None, :], mask=busy[:, None], other=0.0).to(tl.float32)
     if HADAMARD:  # q·k = (q H)·(k H): score against the keys as stored
         q = hadamard_rows(q)
-    q = q.to(DTYPE)  # the query the dots see, and whose sums cancel BASE
+    q = q.to(DTYPE)  # the query the dots see, and whose group sums meet the midpoints
     even, odd = tl.split(tl.reshape(q, [BLOCK_G, Q4, 2, 2]))  # value 4i + 2k + l at [i, k, l]
     q0, q2 = tl.split(even)
     q1, q3 = tl.split(odd)
@@ -202,12 +202,12 @@ def _int4_decode_kernel(
         acc0, acc1, acc2, acc3, bias, m_i, l_i = _attend(
             acc0, acc1, acc2, acc3, bias, m_i, l_i, qk0, qk1, qk2, qk3, q_sum, k_ptr, v_ptr, ks_ptr,
             kz_ptr, vs_ptr, vz_ptr, this_block, n0, end, kv_head, stride_cb, stride_ct, stride_ch, stride_ks,
-            stride_vs, scale_log2, BLOCK_G, KG, VG, Q4, BLOCK_N, BLOCK_SIZE, False, MAGIC_BITS, BASE, PTX)
+            stride_vs, scale_log2, BLOCK_G, KG, VG, Q4, BLOCK_N, BLOCK_SIZE, False, MAGIC_BITS, PTX)
     for n0 in range(full_end, end, BLOCK_N):
         acc0, acc1, acc2, acc3, bias, m_i, l_i = _attend(
             acc0, acc1, acc2, acc3, bias, m_i, l_i, qk0, qk1, qk2, qk3, q_sum, k_ptr, v_ptr, ks_ptr,
             kz_ptr, vs_ptr, vz_ptr, block, n0, end, kv_head, stride_cb, stride_ct, stride_ch, stride_ks,
-            stride_vs, scale_log2, BLOCK_G, KG, VG, Q4, BLOCK_N, BLOCK_SIZE, True, MAGIC_BITS, BASE, PTX)
+            stride_vs, scale_log2, BLOCK_G, KG, VG, Q4, BLOCK_N, BLOCK_SIZE, True, MAGIC_BITS, PTX)
 
     VQ: tl.constexpr = V_GROUP // 4
     bias = tl.sum(bias, axis=2)
@@ -235,7 +235,7 @@ def launch_int4_quads(grid: tuple[int, int, int], q: torch.Tensor, k_codes: torc
         pdl = dict(pdl, maxnreg=max_registers)
     group = q.shape[1] // k_codes.shape[2]
     k_group, v_group = quant["K_GROUP"], quant["V_GROUP"]
-    magic_bits, base = MAGIC[q.dtype]
+    magic_bits = MAGIC[q.dtype][0]
     _int4_decode_kernel[grid](
         q, k_codes.view(torch.int16), v_codes.view(torch.int16), quant["k_scale_ptr"], quant["k_zero_ptr"],
         quant["v_scale_ptr"], quant["v_zero_ptr"], meta.block_tables, meta.seq_lens, meta.query_start_loc,
@@ -246,5 +246,5 @@ def launch_int4_quads(grid: tuple[int, int, int], q: torch.Tensor, k_codes: torc
         GROUP=group, BLOCK_G=rows_per_kv_head(group, q.shape[2], k_group, v_group), HEAD_DIM=q.shape[2],
         BLOCK_SIZE=meta.block_size, BLOCK_N=block_n, NUM_SPLITS=grid[2], MIXED=mixed,
         MERGE_IN_PLACE=merge_in_place, BLOCK_S=triton.next_power_of_2(grid[2]), K_GROUP=k_group,
-        V_GROUP=v_group, HADAMARD=quant["HADAMARD"], MAGIC_BITS=magic_bits, BASE=base,
+        V_GROUP=v_group, HADAMARD=quant["HADAMARD"], MAGIC_BITS=magic_bits,
         PTX=q.is_cuda if ptx is None else ptx, num_warps=num_warps, num_stages=num_stages, **pdl)
