@@ -59,19 +59,17 @@ INT8_DECODE_TILES: tuple[tuple[int, int, int] | None, ...] = (
 )
 
 
-# How int4 KV decode reads its codes, the first the launch's. 1 and 0 are the dequantizing kernel's
-# (tiles._dequantize's INT4_DEQUANT; the prefill kernel's is INT4_PREFILL_DEQUANT). 2 is int4_decode.py's
-# kernel (the codes feed the dots as int16 quads, never dequantized; taken where int4_decode.quads_fit holds,
-# else mode 1): 1.7-1.8x the bf16 cache's speed at B = 16 / 64 on an H100, but there its first version
-# (BASE + c through the dots, BASE · Σ p̃ subtracted after) missed the reference by 3-6% of the output's
-# range; the centered version (c − 8 in the dots) has run in the interpreter only, so it is not the
-# launch's until tests/gpu passes it (docs/benchmarks.md, "int4 KV decode on tensor cores").
+# How int4 KV decode reads its codes, the first the launch's. 2 is int4_decode.py's kernel (the codes feed the
+# dots as int16 quads centered to c − 8, never dequantized; taken where int4_decode.quads_fit holds, else
+# mode 1): 1.80x / 1.69x the bf16 cache's speed at B = 16 / 64 on an H100 at ctx 8k, within the dequantizing
+# kernel's error of the reference there (docs/benchmarks.md, "int4 KV decode on tensor cores"). 1 and 0 are
+# the dequantizing kernel's (tiles._dequantize's INT4_DEQUANT; the prefill kernel's is INT4_PREFILL_DEQUANT):
 # 1 loads scales and zeros once per group and builds floats from the nibbles' bits
-# (tiles._dequantize_int4_groups); 0 gathers a scale and a zero per value and converts each code int → float
-# (0.34–0.39x the bf16 cache's time on an H100 at ctx 8k, docs/benchmarks.md). 1 leads on ptxas's sm_90
+# (tiles._dequantize_int4_groups), 0.75-0.92x the bf16 cache's time; 0 gathers a scale and a zero per value
+# and converts each code int → float (0.34–0.39x, docs/benchmarks.md). 1 leads 0 on ptxas's sm_90
 # code (decode loop 2141 instructions, no spills, vs 9459 with 3856 local-memory spill loads and stores;
-# prefill 2448 vs 6546: docs/benchmarks.md); bench/kernels/quant_gpu_attention.py times both in decode.
-INT4_DEQUANT_MODES: tuple[int, ...] = (1, 0, 2)
+# prefill 2448 vs 6546: docs/benchmarks.md); bench/kernels/quant_gpu_attention.py times all three.
+INT4_DEQUANT_MODES: tuple[int, ...] = (2, 1, 0)
 INT4_QUADS = 2
 INT4_PREFILL_DEQUANT = 1
 # int4 KV decode launches (head_dim 128): (BLOCK_N, num_warps, num_stages) and how many more programs than

@@ -14,12 +14,12 @@ s·(q − 8) + m, m = z + 8s its midpoint), so the affine moves out of the produ
     the keys plus Σ p·m is each group's Σ p·v with p̃'s rounding only, weighing |c − 8| <= 8 steps; a
     column takes the rows of its own group.
 No large term cancels anywhere: the first version carried BASE + c (128 or 1024 + c) through the dots and
-subtracted BASE · Σ p̃ after; on an H100 it missed the reference by 3-6% of the output's range.
+subtracted BASE · Σ p̃ after; on an H100 it missed the reference by 3-6% of the output's range, where this
+one is as close as the dequantizing kernel (docs/benchmarks.md, "int4 KV decode on tensor cores").
 Rows: BLOCK_G query heads (GROUP of them real) times the groups, at least 16 for the dots.
 
-Not yet the launch's int4 mode (config.INT4_DEQUANT_MODES): the BASE version ran 1.7-1.8x the bf16 cache's
-speed on an H100 at ctx 8k, B = 16 / 64, but was wrong there; this centered one has run in the interpreter
-only (docs/benchmarks.md).
+The launch's int4 decode (config.INT4_DEQUANT_MODES): 1.80x / 1.69x the bf16 cache's speed on an H100 at
+ctx 8k, B = 16 / 64 (the dequantizing kernel: 0.75x / 0.91x).
 """
 from __future__ import annotations
 

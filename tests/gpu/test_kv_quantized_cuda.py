@@ -102,14 +102,7 @@ def test_int8_decode_under_every_swept_tile_matches_the_reference(tiles: tuple[i
     assert_decode_matches_the_reference("int8", seed=4, tiles=tiles, int8_fp16=fp16)
 
 
-# The quad kernel (mode INT4_QUADS) missed the reference on an H100 by 3-6% of the output's range in its
-# BASE form; its centered form has not run on CUDA (docs/benchmarks.md, "int4 KV decode on tensor cores").
-# Strict: once this passes, make it the launch's mode (config.INT4_DEQUANT_MODES) and drop the mark.
-OFF_THE_LAUNCH = pytest.mark.xfail(strict=True, reason="the quad kernel is off the launch until it matches")
-
-
-@pytest.mark.parametrize("mode", [pytest.param(m, marks=OFF_THE_LAUNCH) if m == INT4_QUADS else m
-                                  for m in INT4_DEQUANT_MODES])
+@pytest.mark.parametrize("mode", INT4_DEQUANT_MODES)  # the quad kernel (the launch's) and both dequantizing
 def test_int4_decode_under_every_dequant_mode_matches_the_reference(mode: int) -> None:
     assert_decode_matches_the_reference("int4", seed=5, int4_dequant=mode)
 
