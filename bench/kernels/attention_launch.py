@@ -1,10 +1,11 @@
 """Decode attention at ctx 8k over bf16 / int8 / int4 KV caches, each at its launch's defaults (Llama-3-8B
-heads, B = 1, 16, 64), with nothing else: the before / after of a kernel change in one device call.
+heads, B = 1, 8, 16, 32, 64 unless BATCHES says), with nothing else: the before / after of a kernel change
+in one device call.
 
-`python -m bench.kernels.attention_launch OUT.json` times the tree on PYTHONPATH; to time an older tree with
-this script, run the file by path from that tree: `(cd OLD && PYTHONPATH=$PWD python NEW/bench/kernels/
-attention_launch.py OUT.json)` (it imports only modules older trees have). bench/kernels/quant_gpu's attention
-section prints the same rows and then the launch sweeps.
+`python -m bench.kernels.attention_launch OUT.json [BATCHES]` times the tree on PYTHONPATH; to time an
+older tree with this script, run the file by path from that tree: `(cd OLD && PYTHONPATH=$PWD python
+NEW/bench/kernels/attention_launch.py OUT.json)` (it imports only modules older trees have).
+bench/kernels/quant_gpu's attention section prints the same rows and then the launch sweeps.
 """
 from __future__ import annotations
 
@@ -23,12 +24,12 @@ from kernels.store_kv.kernel import store_kv_triton
 CONTEXT = 8192
 
 
-def main(out_path: str) -> int:
+def main(out_path: str, batches: str = "1,8,16,32,64") -> int:
     if cuda_missing(__file__):
         return 2
     dev = torch.device("cuda")
     results: dict = {"device": torch.cuda.get_device_name(), "context": CONTEXT, "us": {}}
-    for batch in (1, 16, 64):
+    for batch in map(int, batches.split(",")):
         meta, num_blocks = decode_batch(batch, CONTEXT, dev)
         gen = torch.Generator(device=dev).manual_seed(batch)
         k, v = (torch.randn(num_blocks * BLOCK, KV_HEADS, HEAD_DIM, generator=gen, device=dev,
@@ -54,4 +55,4 @@ def main(out_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "bench/results/attention_launch.json"))
+    sys.exit(main(*(sys.argv[1:] or ["bench/results/attention_launch.json"])))

@@ -11,8 +11,7 @@ from contracts.kv_cache_spec import KVCacheSpec, scales_for
 from engine.kv_cache import KVCache, dtype_name
 from kernels.attention.config import (
     INT4_DEQUANT_MODES,
-    INT4_QUAD_MAX_REGISTERS,
-    INT4_QUAD_TILES,
+    INT4_QUAD_LAUNCHES,
     INT4_QUADS,
     INT8_DECODE_TILES,
     INT8_FP16_MODES,
@@ -22,8 +21,10 @@ from kernels.attention.metadata import AttentionMetadata, SeqSpan
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16  # Llama-3-8B
 REFERENCE_MAX_TOKENS = 64 * 1024  # the torch reference checks batches up to this many cached tokens
-# the int4 quad kernel's tiles the sweep tries (the launch's first)
-QUAD_TILE_SWEEP = (INT4_QUAD_TILES, (128, 4, 4), (64, 4, 3), (64, 4, 4))
+# the int4 quad kernel's tiles and register caps the sweep tries: its launches' (the first the launch's for
+# two programs an SM), and 256-key tiles (the runner-up of the last sweep: docs/benchmarks.md)
+QUAD_TILE_SWEEP = tuple(tiles for tiles, _, _ in INT4_QUAD_LAUNCHES) + ((256, 4, 2),)
+QUAD_CAPS = sorted({cap for _, _, cap in INT4_QUAD_LAUNCHES})
 
 
 def decode_batch(batch: int, context: int, device: torch.device) -> tuple[AttentionMetadata, int]:
@@ -80,7 +81,7 @@ def attention_case(run: Run, batch: int, context: int, sweeps: tuple[str, ...] =
 def int4_sweep(run: Run, q: torch.Tensor, k_cache, v_cache, meta: AttentionMetadata, scale: float, shape: str,
                base_ms: float, roof_ms: float) -> dict:
     """The int4 cache under every config.INT4_DEQUANT_MODES mode at the launch's tiles and split count; then
-    the quad kernel (mode INT4_QUADS) under QUAD_TILE_SWEEP tiles, each with and without its register cap,
+    the quad kernel (mode INT4_QUADS) under QUAD_TILE_SWEEP tiles, each under every QUAD_CAPS register cap,
     at its automatic split count, and the fastest of those at half, twice and four times the splits."""
     from kernels.attention.kernel import paged_decode_attention
 
@@ -102,7 +103,7 @@ def int4_sweep(run: Run, q: torch.Tensor, k_cache, v_cache, meta: AttentionMetad
     auto = choose_num_splits(q.shape[0], KV_HEADS, meta.max_seq_len, q.device, kv_bits=4, quads=True)
     quads, quad_best = [], None
     for tiles in QUAD_TILE_SWEEP if q.device.type == "cuda" else QUAD_TILE_SWEEP[:1]:
-        for cap in sorted({INT4_QUAD_MAX_REGISTERS, 0}):
+        for cap in QUAD_CAPS:
             entry = add(f"quads tiles={tiles} regs={cap or 'any'} splits={auto}",
                         lambda t=tiles, c=cap: paged_decode_attention(
                             q, k_cache, v_cache, meta, scale, auto, t, INT4_QUADS, max_registers=c))
@@ -147,20 +148,20 @@ def faster(entry: dict, best: dict | None) -> bool:
 
 def int8_sweep(run: Run, q: torch.Tensor, k_cache, v_cache, meta: AttentionMetadata, scale: float, shape: str,
                base_ms: float, roof_ms: float) -> dict:
-    """The int8 cache under every config.INT8_DECODE_TILES candidate, at the automatic split count and twice
-    it, with each config.INT8_FP16_MODES dot; the entry keeps all and names the fastest (its config: tiles,
-    splits, dots)."""
+    """The int8 cache under every config.INT8_DECODE_TILES candidate, at the automatic split count, half
+    and twice it, with each config.INT8_FP16_MODES dot; the entry keeps all and names the fastest (its
+    config: tiles, splits, dots)."""
     from kernels.attention.kernel import paged_decode_attention
 
     batch, context = q.shape[0], meta.max_seq_len
-    auto = choose_num_splits(batch, KV_HEADS, context, q.device)
+    auto = choose_num_splits(batch, KV_HEADS, context, q.device, kv_bits=8)
     ref = reference(q, k_cache, v_cache, meta, scale)
     candidates = [tiles for tiles in INT8_DECODE_TILES if tiles]
     if q.device.type != "cuda":
         candidates = candidates[:1]  # the interpreter (--smoke): one proves the path, each costs minutes
     results, best = {}, None
     for tiles in candidates:
-        for splits in sorted({auto, min(2 * auto, 64)}):
+        for splits in sorted({max(1, auto // 2), auto, min(2 * auto, 64)}):
             for fp16 in INT8_FP16_MODES:
                 config = f"tiles={tiles} splits={splits} fp16_dots={fp16}"
                 entry = timed(run, shape, "decode KV int8 sweep", config, base_ms, roof_ms, ref,

@@ -14,6 +14,10 @@ _MAX_SPLITS = 32
 # a second kernel (its [heads, splits, head_dim] tile stays in registers); more splits (bs1 over a long
 # context) keep the merge kernel.
 _MAX_IN_PLACE_SPLITS = 8
+# int8 and int4-quad decode splits: at least one of their 128-key tiles each; last-wave fills within this
+# fraction of the best count as equal (the fewer splits then win).
+_QUANT_TOKENS_PER_SPLIT = 128
+_FILL_TIE = 0.05
 
 
 @functools.cache
@@ -25,14 +29,32 @@ def _num_sms(device: torch.device) -> int:
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device,
                       kv_bits: int = 0, quads: bool = False) -> int:
-    """KV splits per (sequence, KV head): enough programs for ~2 waves on the GPU (int4 caches read by the
-    dequantizing kernel: INT4_SPLIT_WAVES times that, up to twice the splits; by the quad kernel
-    (`quads`): INT4_QUAD_SPLIT_WAVES times), >= 64 tokens per split."""
+    """KV splits per (sequence, KV head). Float caches: enough programs for ~2 waves on the GPU, >= 64
+    tokens per split (int4 caches read by the dequantizing kernel: INT4_SPLIT_WAVES times the waves, up to
+    twice the splits). int8 caches and the int4 quad kernel (`quads`), >= a 128-key tile per split: the
+    fewest splits whose last wave is about as full as any (int8: of more than one wave where that can be;
+    quads: under quad_launch's choice of register cap), as their H100 sweeps ran fastest."""
     programs = num_seqs * num_kv_heads
-    waves = (INT4_QUAD_SPLIT_WAVES if quads else INT4_SPLIT_WAVES) if kv_bits == 4 else 1
+    if kv_bits == 8 or kv_bits == 4 and quads:
+        return _quantized_splits(programs, max(1, min(max_seq_len // _QUANT_TOKENS_PER_SPLIT, _MAX_SPLITS)),
+                                 _num_sms(device), quads)
+    waves = INT4_SPLIT_WAVES if kv_bits == 4 else 1
     wanted = -(-2 * waves * _num_sms(device) // max(programs, 1))
     by_length = max(max_seq_len // _MIN_TOKENS_PER_SPLIT, 1)
     return max(1, min(wanted, by_length, _MAX_SPLITS * (2 if waves > 1 else 1)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _quantized_splits(programs: int, most: int, sms: int, quads: bool) -> int:
+    """choose_num_splits for int8 and quads: the fewest splits in 1..most whose last-wave fill is within
+    _FILL_TIE of the best (int8: among the counts of more than one wave, where there are any)."""
+    counts = list(range(1, most + 1))
+    if not quads:
+        counts = [s for s in counts if s * programs > INT8_PROGRAMS_PER_SM * sms] or counts
+    fills = {s: _quad_launch(s * programs, sms)[0] if quads
+             else _last_wave_fill(s * programs, INT8_PROGRAMS_PER_SM, sms) for s in counts}
+    best = max(fills.values())
+    return min(s for s, fill in fills.items() if fill >= best * (1 - _FILL_TIE))
 
 
 def merge_in_place(num_splits: int) -> bool:
@@ -51,12 +73,15 @@ def _last_wave_fill(programs: int, per_sm: int, sms: int) -> float:
 
 # int8 KV decode tiles (BLOCK_N, num_warps, num_stages): an int8 K/V tile holds half a bf16 tile's bytes, so
 # longer tiles or deeper pipelines fit the same shared memory. bench/kernels/quant_gpu_attention.py sweeps
-# these and the first is the launch's (None would mean the bf16 cache's choice). (64, 4, 3) measured on an
-# H100 at ctx 8k with the bench's split count: B=1 0.92x, B=16 1.37x, B=64 1.00x the bf16 cache's time, where
-# the bf16 choice gave int8 0.92x / 0.86x / 1.00x (docs/benchmarks.md, "Quantized kernels on the H100").
+# these and the first is the launch's (None would mean the bf16 cache's choice). With the block ids read a
+# tile ahead (tiles.block_ids), an H100 sweep at ctx 8k, B = 8-64 (docs/benchmarks.md, "Launches by the last
+# wave's fill") led with 128-key tiles at the split count choose_num_splits picks: 1.41-1.49x the bf16
+# cache's time at B = 16-64, where (64, 4, 3) ran 1.24-1.38x. Both take ~180-255 registers: two programs an
+# SM (INT8_PROGRAMS_PER_SM, sm_90 offline ptxas).
 INT8_DECODE_TILES: tuple[tuple[int, int, int] | None, ...] = (
-    (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (128, 8, 3), (32, 4, 3),
+    (128, 4, 3), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3), (32, 4, 3),
 )
+INT8_PROGRAMS_PER_SM = 2
 
 
 # How int4 KV decode reads its codes, the first the launch's. 2 is int4_decode.py's kernel (the codes feed the
@@ -79,22 +104,28 @@ INT4_PREFILL_DEQUANT = 1
 # decode: tiles, splits, a hand prefetch").
 INT4_DECODE_TILES: tuple[int, int, int] = (32, 4, 3)
 INT4_SPLIT_WAVES = 4
-# The quad kernel's launch (BLOCK_N, num_warps, num_stages) and waves: an H100 sweep at ctx 8k (64- and
-# 32-key tiles, 2-4 stages, 1-4x the splits) led with 128 keys, 3 stages, ~2 waves (docs/benchmarks.md).
-INT4_QUAD_TILES: tuple[int, int, int] = (128, 4, 3)
-INT4_QUAD_SPLIT_WAVES = 1
-# Registers a thread of the quad kernel may hold (ptxas's maxnreg): unbounded it takes ~250 at 128-key tiles,
-# two programs an SM; capped at 168 three fit (a few spills, sm_90 offline ptxas). Which one runs faster
-# follows the last wave's fill (H100: B=16 98 vs 126 us capped, B=64 493 vs 410): quad_max_registers.
-INT4_QUAD_MAX_REGISTERS = 168
+# The quad kernel's launches at head_dim 128: (BLOCK_N, num_warps, num_stages), programs an SM, register cap
+# (ptxas's maxnreg; 0: none). Unbounded it takes ~250 registers, two programs an SM; capped at 168 three fit
+# (a few spills, sm_90 offline ptxas). An H100 sweep at ctx 8k, B = 8-64 (docs/benchmarks.md, "Launches by
+# the last wave's fill"): each batch ran fastest at the split count and cap whose last wave was fullest, 4
+# stages uncapped and 3 capped; 64-key tiles, 8 warps and 256-key tiles all lost.
+INT4_QUAD_LAUNCHES: tuple[tuple[tuple[int, int, int], int, int], ...] = (
+    ((128, 4, 4), 2, 0), ((128, 4, 3), 3, 168),
+)
 
 
-def quad_max_registers(programs: int, device: torch.device) -> int:
-    """The quad kernel's register cap for a launch of `programs`: INT4_QUAD_MAX_REGISTERS (three programs an
-    SM) unless two an SM fill the last wave better; 0 means no cap."""
-    sms = _num_sms(device)
-    three, two = (_last_wave_fill(programs, per_sm, sms) for per_sm in (3, 2))
-    return INT4_QUAD_MAX_REGISTERS if three >= two else 0
+def quad_launch(programs: int, device: torch.device) -> tuple[float, tuple[int, int, int], int]:
+    """(last-wave fill, tiles, register cap) of the INT4_QUAD_LAUNCHES entry whose last wave `programs`
+    fill best (within _FILL_TIE of the best: the first)."""
+    return _quad_launch(programs, _num_sms(device))
+
+
+@functools.lru_cache(maxsize=4096)
+def _quad_launch(programs: int, sms: int) -> tuple[float, tuple[int, int, int], int]:
+    fills = [_last_wave_fill(programs, per_sm, sms) for _, per_sm, _ in INT4_QUAD_LAUNCHES]
+    i = next(i for i, fill in enumerate(fills) if fill >= max(fills) * (1 - _FILL_TIE))
+    tiles, _, cap = INT4_QUAD_LAUNCHES[i]
+    return fills[i], tiles, cap
 
 
 # int8 KV decode dots (tiles.attend_kv's INT8_FP16), the first the launch's: False puts the codes in the
@@ -104,9 +135,9 @@ INT8_FP16_MODES: tuple[bool, ...] = (False, True)
 
 
 def decode_config(head_dim: int, interpreted: bool, programs: int = 1,
-                  device: torch.device | None = None, kv_bits: int = 0,
-                  quads: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) of a decode launch of `programs` programs.
+                  device: torch.device | None = None, kv_bits: int = 0) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of a decode launch of `programs` programs (the int4 quad kernel's at
+    head_dim 128: quad_launch's).
 
     At head_dim 128 a stage holds 32 KB of K/V tiles: two stages fit three programs on an SM, three stages
     two. The launch takes the depth whose last wave is fuller (ties: two): on an H100 that is two stages
@@ -119,7 +150,7 @@ def decode_config(head_dim: int, interpreted: bool, programs: int = 1,
     if kv_bits == 8 and head_dim == 128 and INT8_DECODE_TILES[0] is not None:
         return INT8_DECODE_TILES[0]
     if kv_bits == 4 and head_dim == 128:
-        return INT4_QUAD_TILES if quads else INT4_DECODE_TILES
+        return INT4_DECODE_TILES
     sms = _num_sms(device) if device is not None else 132
     fill2, fill3 = (_last_wave_fill(programs, _programs_per_sm(s), sms) for s in (2, 3))
     return (64, 4, 2) if fill2 >= fill3 else (64, 4, 3)

@@ -18,7 +18,7 @@ from kernels.attention.config import (
     merge_in_place,
     prefill_config,
     preload_first_tile,
-    quad_max_registers,
+    quad_launch,
 )
 from kernels.attention.int4_decode import launch_int4_quads, quads_fit
 from kernels.attention.operands import check_operands, dot_precision, quantized_args
@@ -257,7 +257,12 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     block_d = triton.next_power_of_2(head_dim)
     interpreted = q.device.type == "cpu"
     programs = num_seqs * num_kv_heads * num_splits
-    block_n, warps, stages = tiles or decode_config(head_dim, interpreted, programs, q.device, kv_bits, quads)
+    quad_cap = 0
+    if quads:
+        _, quad_tiles, quad_cap = quad_launch(programs, q.device)
+        if head_dim == 128 and not interpreted:
+            tiles = tiles or quad_tiles
+    block_n, warps, stages = tiles or decode_config(head_dim, interpreted, programs, q.device, kv_bits)
     preload = preload_first_tile(programs, stages, q.device)
     if num_splits > 1:
         part_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32,
@@ -276,8 +281,7 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         launch_int4_quads(grid, q, k_cache, v_cache, quant, meta, scale * _LOG2E, out, part_acc, part_ml,
                           arrivals, block_n=block_n, num_warps=warps, num_stages=stages, mixed=mixed,
                           merge_in_place=in_place, pdl=pdl_launch(q.device),
-                          max_registers=quad_max_registers(programs, q.device) if max_registers is None
-                          else max_registers)
+                          max_registers=quad_cap if max_registers is None else max_registers)
     else:
         _decode_kernel[grid](
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out, part_acc,
@@ -328,7 +332,7 @@ def paged_decode_attention(
     """Decode-only batch (every sequence brings one query row) → [B, Hq, D]. `num_splits` None = auto;
     `tiles` (BLOCK_N, num_warps, num_stages) None = config.decode_config's; `int4_dequant` /
     `int8_fp16` / `max_registers` (the int4 quad kernel's register cap, 0 = the compiler's choice) None =
-    config.INT4_DEQUANT_MODES[0] / INT8_FP16_MODES[0] / config.quad_max_registers (the bench sweeps
+    config.INT4_DEQUANT_MODES[0] / INT8_FP16_MODES[0] / config.quad_launch's (the bench sweeps
     the others)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_cache, v_cache, quant = quantized_args(k_cache, v_cache)

@@ -93,12 +93,22 @@ def test_operands_the_quad_kernel_cannot_take_go_to_the_dequantizing_kernel(quad
     assert not quads_fit(half.to("meta"), k.codes, 16, 32)  # compiled (not the interpreter): head_dim 32 < 64
 
 
-def test_the_register_cap_follows_the_last_waves_fill(monkeypatch) -> None:
+def test_splits_and_register_cap_follow_the_last_waves_fill(monkeypatch) -> None:
     import kernels.attention.config as config
 
     monkeypatch.setattr(config, "_num_sms", lambda device: 132)
     cuda = torch.device("cuda", 0)  # only its type is read once _num_sms is fixed
+    (uncapped, two, no_cap), (capped, three, cap) = config.INT4_QUAD_LAUNCHES
+    assert (two, no_cap, three) == (2, 0, 3) and cap > 0
     # 384 programs (B=16, 3 splits): one wave of three an SM (capped); 512 (B=64): two waves of two an SM
-    assert config.quad_max_registers(384, cuda) == config.INT4_QUAD_MAX_REGISTERS
-    assert config.quad_max_registers(512, cuda) == 0
-    assert config.quad_max_registers(256, cuda) == 0
+    assert config.quad_launch(384, cuda)[1:] == (capped, cap)
+    assert config.quad_launch(512, cuda)[1:] == (uncapped, 0)
+    assert config.quad_launch(256, cuda)[1:] == (uncapped, 0)
+    # splits at ctx 8k, 8 KV heads: the fewest whose last wave is about as full as any (the H100 sweep's best)
+    splits = {b: config.choose_num_splits(b, 8, 8192, cuda, kv_bits=4, quads=True)
+              for b in (8, 12, 16, 32, 64)}
+    assert splits == {8: 4, 12: 4, 16: 2, 32: 1, 64: 1}
+    assert config.quad_launch(12 * 8 * 4, cuda)[1:] == (capped, cap)  # 384 programs: three an SM fill it
+    # at least a 128-key tile a split: a 512-token context splits at most four ways
+    assert config.choose_num_splits(1, 8, 512, cuda, kv_bits=4, quads=True) == 4
+

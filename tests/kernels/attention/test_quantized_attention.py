@@ -117,3 +117,13 @@ def test_reference_attention_over_quantized_blocks_stays_near_float_attention(dt
     approx = paged_attention_ref(q, k, v, meta, HEAD_DIM ** -0.5)
     error = (approx - exact).abs().max().item()
     assert 0 < error < bound
+
+
+def test_int8_splits_fill_more_than_one_wave_of_two_programs_an_sm(monkeypatch) -> None:
+    import kernels.attention.config as config
+
+    monkeypatch.setattr(config, "_num_sms", lambda device: 132)
+    cuda = torch.device("cuda", 0)
+    splits = {b: config.choose_num_splits(b, 8, 8192, cuda, kv_bits=8) for b in (8, 16, 32, 64)}
+    assert splits == {8: 8, 16: 4, 32: 2, 64: 1}  # 512 programs each: two waves of 264
+    assert config.choose_num_splits(1, 8, 8192, cuda, kv_bits=8) == 31  # one wave at most: the fullest
