@@ -14,9 +14,8 @@ _MAX_SPLITS = 32
 # a second kernel (its [heads, splits, head_dim] tile stays in registers); more splits (bs1 over a long
 # context) keep the merge kernel.
 _MAX_IN_PLACE_SPLITS = 8
-# int8 and int4-quad decode splits: at least one of their 128-key tiles each; last-wave fills within this
-# fraction of the best count as equal (the fewer splits then win).
-_QUANT_TOKENS_PER_SPLIT = 128
+# int8 and int4-quad decode launches: efficiencies (_efficiency) within this fraction of the best count as
+# equal (the fewer splits then win).
 _FILL_TIE = 0.05
 
 
@@ -31,30 +30,31 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device
                       kv_bits: int = 0, quads: bool = False) -> int:
     """KV splits per (sequence, KV head). Float caches: enough programs for ~2 waves on the GPU, >= 64
     tokens per split (int4 caches read by the dequantizing kernel: INT4_SPLIT_WAVES times the waves, up to
-    twice the splits). int8 caches and the int4 quad kernel (`quads`), >= a 128-key tile per split: the
-    fewest splits whose last wave is about as full as any (int8: of more than one wave where that can be;
-    quads: under quad_launch's choice of register cap), as their H100 sweeps ran fastest."""
+    twice the splits). int8 caches and the int4 quad kernel (`quads`): int8_launch's and quad_launch's."""
     programs = num_seqs * num_kv_heads
-    if kv_bits == 8 or kv_bits == 4 and quads:
-        return _quantized_splits(programs, max(1, min(max_seq_len // _QUANT_TOKENS_PER_SPLIT, _MAX_SPLITS)),
-                                 _num_sms(device), quads)
+    if kv_bits == 8:
+        return int8_launch(programs, max_seq_len, device)[0]
+    if kv_bits == 4 and quads:
+        return quad_launch(programs, max_seq_len, device)[0]
     waves = INT4_SPLIT_WAVES if kv_bits == 4 else 1
     wanted = -(-2 * waves * _num_sms(device) // max(programs, 1))
     by_length = max(max_seq_len // _MIN_TOKENS_PER_SPLIT, 1)
     return max(1, min(wanted, by_length, _MAX_SPLITS * (2 if waves > 1 else 1)))
 
 
-@functools.lru_cache(maxsize=4096)
-def _quantized_splits(programs: int, most: int, sms: int, quads: bool) -> int:
-    """choose_num_splits for int8 and quads: the fewest splits in 1..most whose last-wave fill is within
-    _FILL_TIE of the best (int8: among the counts of more than one wave, where there are any)."""
-    counts = list(range(1, most + 1))
-    if not quads:
-        counts = [s for s in counts if s * programs > INT8_PROGRAMS_PER_SM * sms] or counts
-    fills = {s: _quad_launch(s * programs, sms)[0] if quads
-             else _last_wave_fill(s * programs, INT8_PROGRAMS_PER_SM, sms) for s in counts}
-    best = max(fills.values())
-    return min(s for s, fill in fills.items() if fill >= best * (1 - _FILL_TIE))
+def _efficiency(programs: int, tiles: int, splits: int, per_sm: int, sms: int) -> float:
+    """The share of the SM slots a launch holds that does work: `programs` (sequence, KV head) pairs of
+    `tiles` key tiles, each cut into `splits` of whole tiles (tiles.decode_program rounds a split up to a
+    tile), `per_sm` programs an SM at a time. The last wave's fill times the splits' tile rounding."""
+    slots = per_sm * sms
+    waves = -(-programs * splits // slots)
+    return programs * tiles / (waves * slots * -(-tiles // splits))
+
+
+def _fewest(options: dict) -> tuple:
+    """The smallest key (splits first) whose efficiency is within _FILL_TIE of the best."""
+    best = max(options.values())
+    return min(key for key, value in options.items() if value >= best * (1 - _FILL_TIE))
 
 
 def merge_in_place(num_splits: int) -> bool:
@@ -73,15 +73,40 @@ def _last_wave_fill(programs: int, per_sm: int, sms: int) -> float:
 
 # int8 KV decode tiles (BLOCK_N, num_warps, num_stages): an int8 K/V tile holds half a bf16 tile's bytes, so
 # longer tiles or deeper pipelines fit the same shared memory. bench/kernels/quant_gpu_attention.py sweeps
-# these and the first is the launch's (None would mean the bf16 cache's choice). With the block ids read a
-# tile ahead (tiles.block_ids), an H100 sweep at ctx 8k, B = 8-64 (docs/benchmarks.md, "Launches by the last
-# wave's fill") led with 128-key tiles at the split count choose_num_splits picks: 1.41-1.49x the bf16
-# cache's time at B = 16-64, where (64, 4, 3) ran 1.24-1.38x. Both take ~180-255 registers: two programs an
-# SM (INT8_PROGRAMS_PER_SM, sm_90 offline ptxas).
-INT8_DECODE_TILES: tuple[tuple[int, int, int] | None, ...] = (
+# these; the first two are the launch's (int8_launch). With the block ids read a tile ahead
+# (tiles.block_ids), an H100 sweep at ctx 8k, B = 8-64 (docs/benchmarks.md, "Launches by the last wave's
+# fill") led with 128-key tiles at the split count int8_launch picks: 1.41-1.49x the bf16 cache's time at
+# B = 16-64, where (64, 4, 3) ran 1.24-1.38x; 128-key tiles lost where a split held two of them (B = 1).
+# Both take ~180-255 registers: two programs an SM (INT8_PROGRAMS_PER_SM, sm_90 offline ptxas).
+INT8_DECODE_TILES: tuple[tuple[int, int, int], ...] = (
     (128, 4, 3), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3), (32, 4, 3),
 )
 INT8_PROGRAMS_PER_SM = 2
+_LONG_SPLIT_TILES = 4  # int8 splits of fewer 128-key tiles than this take 64-key tiles
+
+
+def int8_launch(programs: int, max_seq_len: int, device: torch.device,
+                num_splits: int | None = None) -> tuple[int, tuple[int, int, int]]:
+    """(splits, tiles) of an int8 decode over `programs` (sequence, KV head) pairs (or at `num_splits`):
+    128-key tiles at the fewest splits of near-best _efficiency among those of more than one wave (where
+    there are any), if each split then holds _LONG_SPLIT_TILES tiles; else 64-key tiles, the fewest
+    splits of near-best efficiency, <= 64 tokens a split apart (the float caches' rule)."""
+    return _int8_launch(programs, max_seq_len, _num_sms(device), num_splits)
+
+
+@functools.lru_cache(maxsize=4096)
+def _int8_launch(programs: int, max_seq_len: int, sms: int,
+                 num_splits: int | None) -> tuple[int, tuple[int, int, int]]:
+    long, short = INT8_DECODE_TILES[:2]
+    for tiles in (long, short):
+        n = max(1, -(-max_seq_len // tiles[0]))
+        counts = [num_splits] if num_splits else list(range(1, min(n, _MAX_SPLITS) + 1))
+        if tiles is long:
+            counts = [s for s in counts if s * programs > INT8_PROGRAMS_PER_SM * sms] or counts
+        (splits,) = _fewest({(s,): _efficiency(programs, n, s, INT8_PROGRAMS_PER_SM, sms) for s in counts})
+        if tiles is short or -(-n // splits) >= _LONG_SPLIT_TILES:
+            return splits, tiles
+    raise AssertionError("unreachable: the short tiles always return")
 
 
 # How int4 KV decode reads its codes, the first the launch's. 2 is int4_decode.py's kernel (the codes feed the
@@ -114,18 +139,28 @@ INT4_QUAD_LAUNCHES: tuple[tuple[tuple[int, int, int], int, int], ...] = (
 )
 
 
-def quad_launch(programs: int, device: torch.device) -> tuple[float, tuple[int, int, int], int]:
-    """(last-wave fill, tiles, register cap) of the INT4_QUAD_LAUNCHES entry whose last wave `programs`
-    fill best (within _FILL_TIE of the best: the first)."""
-    return _quad_launch(programs, _num_sms(device))
+def quad_launch(programs: int, max_seq_len: int, device: torch.device,
+                num_splits: int | None = None) -> tuple[int, tuple[int, int, int], int]:
+    """(splits, tiles, register cap) of a quad-kernel decode over `programs` (sequence, KV head) pairs: the
+    INT4_QUAD_LAUNCHES entry and split count (or at `num_splits`) of near-best _efficiency, fewest splits
+    first, then the first entry; its stages at most one more than a split's tiles."""
+    return _quad_launch(programs, max_seq_len, _num_sms(device), num_splits)
 
 
 @functools.lru_cache(maxsize=4096)
-def _quad_launch(programs: int, sms: int) -> tuple[float, tuple[int, int, int], int]:
-    fills = [_last_wave_fill(programs, per_sm, sms) for _, per_sm, _ in INT4_QUAD_LAUNCHES]
-    i = next(i for i, fill in enumerate(fills) if fill >= max(fills) * (1 - _FILL_TIE))
-    tiles, _, cap = INT4_QUAD_LAUNCHES[i]
-    return fills[i], tiles, cap
+def _quad_launch(programs: int, max_seq_len: int, sms: int,
+                 num_splits: int | None) -> tuple[int, tuple[int, int, int], int]:
+    options = {}
+    for i, (tiles, per_sm, _) in enumerate(INT4_QUAD_LAUNCHES):
+        n = max(1, -(-max_seq_len // tiles[0]))
+        for s in [num_splits] if num_splits else range(1, min(n, _MAX_SPLITS) + 1):
+            options[s, i] = _efficiency(programs, n, s, per_sm, sms)
+    splits, i = _fewest(options)
+    (block_n, warps, stages), _, cap = INT4_QUAD_LAUNCHES[i]
+    # no deeper a pipeline than a split has tiles to fill (H100, B = 1 at ctx 8k, two tiles a split: 3
+    # stages 17.2 us, 4 stages 20.3: docs/benchmarks.md, "int4 KV decode on tensor cores")
+    per_split = -(-max(1, -(-max_seq_len // block_n)) // splits)
+    return splits, (block_n, warps, min(stages, per_split + 1)), cap
 
 
 # int8 KV decode dots (tiles.attend_kv's INT8_FP16), the first the launch's: False puts the codes in the
@@ -136,8 +171,8 @@ INT8_FP16_MODES: tuple[bool, ...] = (False, True)
 
 def decode_config(head_dim: int, interpreted: bool, programs: int = 1,
                   device: torch.device | None = None, kv_bits: int = 0) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) of a decode launch of `programs` programs (the int4 quad kernel's at
-    head_dim 128: quad_launch's).
+    """(BLOCK_N, num_warps, num_stages) of a decode launch of `programs` programs (at head_dim 128 the int8
+    cache's and the int4 quad kernel's are int8_launch's and quad_launch's).
 
     At head_dim 128 a stage holds 32 KB of K/V tiles: two stages fit three programs on an SM, three stages
     two. The launch takes the depth whose last wave is fuller (ties: two): on an H100 that is two stages
@@ -147,8 +182,6 @@ def decode_config(head_dim: int, interpreted: bool, programs: int = 1,
         return 16, 1, 1  # the interpreter's cost grows with tile size
     if head_dim > 128:
         return 32, 4, 2
-    if kv_bits == 8 and head_dim == 128 and INT8_DECODE_TILES[0] is not None:
-        return INT8_DECODE_TILES[0]
     if kv_bits == 4 and head_dim == 128:
         return INT4_DECODE_TILES
     sms = _num_sms(device) if device is not None else 132

@@ -15,6 +15,7 @@ from kernels.attention.config import (
     INT8_FP16_MODES,
     choose_num_splits,
     decode_config,
+    int8_launch,
     merge_in_place,
     prefill_config,
     preload_first_tile,
@@ -252,16 +253,19 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     quads = kv_bits == 4 and int4_dequant == INT4_QUADS
     if quads and not quads_fit(q, k_cache, quant["K_GROUP"], quant["V_GROUP"]):
         quads, int4_dequant = False, INT4_PREFILL_DEQUANT
-    if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, q.device, kv_bits, quads)
     block_d = triton.next_power_of_2(head_dim)
     interpreted = q.device.type == "cpu"
-    programs = num_seqs * num_kv_heads * num_splits
-    quad_cap = 0
+    pairs, launch_tiles, quad_cap = num_seqs * num_kv_heads, None, 0
     if quads:
-        _, quad_tiles, quad_cap = quad_launch(programs, q.device)
-        if head_dim == 128 and not interpreted:
-            tiles = tiles or quad_tiles
+        auto, launch_tiles, quad_cap = quad_launch(pairs, meta.max_seq_len, q.device, num_splits)
+    elif kv_bits == 8:
+        auto, launch_tiles = int8_launch(pairs, meta.max_seq_len, q.device, num_splits)
+    else:
+        auto = choose_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, q.device, kv_bits)
+    num_splits = auto if num_splits is None else num_splits
+    programs = pairs * num_splits
+    if head_dim == 128 and not interpreted:
+        tiles = tiles or launch_tiles
     block_n, warps, stages = tiles or decode_config(head_dim, interpreted, programs, q.device, kv_bits)
     preload = preload_first_tile(programs, stages, q.device)
     if num_splits > 1:

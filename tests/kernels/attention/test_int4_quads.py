@@ -100,15 +100,16 @@ def test_splits_and_register_cap_follow_the_last_waves_fill(monkeypatch) -> None
     cuda = torch.device("cuda", 0)  # only its type is read once _num_sms is fixed
     (uncapped, two, no_cap), (capped, three, cap) = config.INT4_QUAD_LAUNCHES
     assert (two, no_cap, three) == (2, 0, 3) and cap > 0
-    # 384 programs (B=16, 3 splits): one wave of three an SM (capped); 512 (B=64): two waves of two an SM
-    assert config.quad_launch(384, cuda)[1:] == (capped, cap)
-    assert config.quad_launch(512, cuda)[1:] == (uncapped, 0)
-    assert config.quad_launch(256, cuda)[1:] == (uncapped, 0)
-    # splits at ctx 8k, 8 KV heads: the fewest whose last wave is about as full as any (the H100 sweep's best)
-    splits = {b: config.choose_num_splits(b, 8, 8192, cuda, kv_bits=4, quads=True)
-              for b in (8, 12, 16, 32, 64)}
-    assert splits == {8: 4, 12: 4, 16: 2, 32: 1, 64: 1}
-    assert config.quad_launch(12 * 8 * 4, cuda)[1:] == (capped, cap)  # 384 programs: three an SM fill it
-    # at least a 128-key tile a split: a 512-token context splits at most four ways
-    assert config.choose_num_splits(1, 8, 512, cuda, kv_bits=4, quads=True) == 4
-
+    # 8 KV heads at ctx 8k (64 tiles of 128 keys): B=16 at 3 splits (384 programs) fills one wave of three
+    # an SM (capped); B=64 at 1 split (512) two waves of two (uncapped)
+    assert config.quad_launch(16 * 8, 8192, cuda, 3)[1:] == (capped, cap)
+    assert config.quad_launch(64 * 8, 8192, cuda, 1)[1:] == (uncapped, 0)
+    # left to choose: the fewest splits of near-best efficiency (the H100 sweep's best at B = 8-64)
+    chosen = {b: config.quad_launch(b * 8, 8192, cuda) for b in (8, 12, 16, 32, 64)}
+    assert {b: (splits, c) for b, (splits, _, c) in chosen.items()} == {
+        8: (4, 0), 12: (4, cap), 16: (2, 0), 32: (1, 0), 64: (1, 0)}
+    assert config.choose_num_splits(16, 8, 8192, cuda, kv_bits=4, quads=True) == 2
+    # whole tiles a split: B = 1 takes 32 splits of two tiles (31 would leave one nearly empty), and no
+    # deeper a pipeline than that: 3 stages
+    assert config.quad_launch(8, 8192, cuda) == (32, uncapped[:2] + (3,), 0)
+    assert config.quad_launch(8, 512, cuda)[0] == 4  # a 512-token context: at most four 128-key tiles

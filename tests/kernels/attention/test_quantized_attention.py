@@ -119,11 +119,16 @@ def test_reference_attention_over_quantized_blocks_stays_near_float_attention(dt
     assert 0 < error < bound
 
 
-def test_int8_splits_fill_more_than_one_wave_of_two_programs_an_sm(monkeypatch) -> None:
+def test_int8_launch_takes_long_tiles_where_splits_hold_enough_of_them(monkeypatch) -> None:
     import kernels.attention.config as config
 
     monkeypatch.setattr(config, "_num_sms", lambda device: 132)
     cuda = torch.device("cuda", 0)
-    splits = {b: config.choose_num_splits(b, 8, 8192, cuda, kv_bits=8) for b in (8, 16, 32, 64)}
-    assert splits == {8: 8, 16: 4, 32: 2, 64: 1}  # 512 programs each: two waves of 264
-    assert config.choose_num_splits(1, 8, 8192, cuda, kv_bits=8) == 31  # one wave at most: the fullest
+    long, short = config.INT8_DECODE_TILES[:2]
+    chosen = {b: config.int8_launch(b * 8, 8192, cuda) for b in (1, 8, 16, 32, 64)}
+    # B >= 8: 512 programs, two waves of two an SM, 128-key tiles; B = 1: 32 splits of 256 tokens (two
+    # 128-key tiles each, too few) take 64-key tiles
+    assert chosen == {1: (32, short), 8: (8, long), 16: (4, long), 32: (2, long), 64: (1, long)}
+    assert config.choose_num_splits(16, 8, 8192, cuda, kv_bits=8) == 4
+    assert config.int8_launch(16 * 8, 8192, cuda, 3) == (3, long)  # asked splits: tiles by their length
+    assert config.int8_launch(8, 512, cuda) == (8, short)  # 64 tokens a split, as the float caches
