@@ -24,30 +24,41 @@ from kernels.store_kv.kernel import store_kv_triton
 CONTEXT = 8192
 
 
+def batch_caches(batch: int, dev: torch.device):
+    """(q, meta, {cache dtype: (k_cache, v_cache)}): `batch` sequences of CONTEXT tokens, one bf16 query
+    row each, the same random K/V stored into a bf16, an int8 and an int4 cache."""
+    meta, num_blocks = decode_batch(batch, CONTEXT, dev)
+    gen = torch.Generator(device=dev).manual_seed(batch)
+    k, v = (torch.randn(num_blocks * BLOCK, KV_HEADS, HEAD_DIM, generator=gen, device=dev,
+                        dtype=torch.bfloat16) for _ in "kv")
+    q = torch.randn(batch, HEADS, HEAD_DIM, generator=gen, device=dev, dtype=torch.bfloat16)
+    caches = {}
+    for dtype in ("bfloat16", "int8", "int4"):
+        cache = KVCache(KVCacheSpec(BLOCK, KV_HEADS, HEAD_DIM, dtype, scales_for(dtype, HEAD_DIM)), 1,
+                        num_blocks, dev)
+        store_kv_triton(k, v, *cache.layer(0), torch.arange(num_blocks * BLOCK, device=dev))
+        caches[dtype] = cache.layer(0)
+    return q, meta, caches
+
+
+def launch_us(q: torch.Tensor, kv, meta) -> float:
+    """µs of paged_attention_triton at the launch's defaults over one cache's (k, v)."""
+    return 1e3 * graph_ms(lambda i: paged_attention_triton(q, *kv, meta, HEAD_DIM ** -0.5), 1)
+
+
 def main(out_path: str, batches: str = "1,8,16,32,64") -> int:
     if cuda_missing(__file__):
         return 2
     dev = torch.device("cuda")
     results: dict = {"device": torch.cuda.get_device_name(), "context": CONTEXT, "us": {}}
     for batch in map(int, batches.split(",")):
-        meta, num_blocks = decode_batch(batch, CONTEXT, dev)
-        gen = torch.Generator(device=dev).manual_seed(batch)
-        k, v = (torch.randn(num_blocks * BLOCK, KV_HEADS, HEAD_DIM, generator=gen, device=dev,
-                            dtype=torch.bfloat16) for _ in "kv")
-        q = torch.randn(batch, HEADS, HEAD_DIM, generator=gen, device=dev, dtype=torch.bfloat16)
-        row = {}
-        for dtype in ("bfloat16", "int8", "int4"):
-            cache = KVCache(KVCacheSpec(BLOCK, KV_HEADS, HEAD_DIM, dtype, scales_for(dtype, HEAD_DIM)), 1,
-                            num_blocks, dev)
-            store_kv_triton(k, v, *cache.layer(0), torch.arange(num_blocks * BLOCK, device=dev))
-            k_cache, v_cache = cache.layer(0)
-            row[dtype] = 1e3 * graph_ms(lambda i, args=(q, k_cache, v_cache, meta): paged_attention_triton(
-                *args, HEAD_DIM ** -0.5), 1)
-            del cache
+        q, meta, caches = batch_caches(batch, dev)
+        row = {dtype: launch_us(q, kv, meta) for dtype, kv in caches.items()}
         print(f"B={batch} ctx={CONTEXT} us: " + ", ".join(f"{d} {t:.1f}" for d, t in row.items())
               + f" | int8 {row['bfloat16'] / row['int8']:.2f}x int4 {row['bfloat16'] / row['int4']:.2f}x",
               flush=True)
         results["us"][batch] = row
+        del caches
         torch.cuda.empty_cache()
     with open(out_path, "w") as f:
         json.dump(results, f, indent=1)
