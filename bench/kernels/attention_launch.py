@@ -46,23 +46,33 @@ def launch_us(q: torch.Tensor, kv, meta) -> float:
     return 1e3 * graph_ms(lambda i: paged_attention_triton(q, *kv, meta, HEAD_DIM ** -0.5), 1)
 
 
-def main(out_path: str, batches: str = "1,8,16,32,64") -> int:
-    if cuda_missing(__file__):
+def run_batches(out_path: str, batches: str, measure, script: str = __file__) -> int:
+    """For each batch size in `batches`, measure(batch, q, meta, caches) → {name: µs} (it prints its rows);
+    the rows to out_path as JSON. `script`: the file a missing GPU is reported for."""
+    if cuda_missing(script):
         return 2
     dev = torch.device("cuda")
     results: dict = {"device": torch.cuda.get_device_name(), "context": CONTEXT, "us": {}}
     for batch in map(int, batches.split(",")):
         q, meta, caches = batch_caches(batch, dev)
-        row = {dtype: launch_us(q, kv, meta) for dtype, kv in caches.items()}
-        print(f"B={batch} ctx={CONTEXT} us: " + ", ".join(f"{d} {t:.1f}" for d, t in row.items())
-              + f" | int8 {row['bfloat16'] / row['int8']:.2f}x int4 {row['bfloat16'] / row['int4']:.2f}x",
-              flush=True)
-        results["us"][batch] = row
+        results["us"][batch] = measure(batch, q, meta, caches)
         del caches
         torch.cuda.empty_cache()
     with open(out_path, "w") as f:
         json.dump(results, f, indent=1)
     return 0
+
+
+def launch_row(batch: int, q: torch.Tensor, meta, caches: dict) -> dict:
+    row = {dtype: launch_us(q, kv, meta) for dtype, kv in caches.items()}
+    print(f"B={batch} ctx={CONTEXT} us: " + ", ".join(f"{d} {t:.1f}" for d, t in row.items())
+          + f" | int8 {row['bfloat16'] / row['int8']:.2f}x int4 {row['bfloat16'] / row['int4']:.2f}x",
+          flush=True)
+    return row
+
+
+def main(out_path: str, batches: str = "1,8,16,32,64") -> int:
+    return run_batches(out_path, batches, launch_row)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,12 @@ more and twice it; `*` marks the launch's own choice.
 from __future__ import annotations
 
 import functools
-import json
 import sys
 
 import torch
 
-from bench._cuda import cuda_missing, graph_ms
-from bench.kernels.attention_launch import CONTEXT, batch_caches, launch_us
+from bench._cuda import graph_ms
+from bench.kernels.attention_launch import CONTEXT, launch_us, run_batches
 from bench.kernels.quant_gpu_attention import HEAD_DIM, KV_HEADS
 from kernels.attention.config import (
     INT4_QUAD_LAUNCHES,
@@ -48,28 +47,21 @@ def _decode(q: torch.Tensor, kv, meta, splits: int, kwargs: dict, _copy: int) ->
     return paged_decode_attention(q, *kv, meta, HEAD_DIM ** -0.5, splits, **kwargs)
 
 
+def splits_row(batch: int, q: torch.Tensor, meta, caches: dict) -> dict:
+    base = launch_us(q, caches["bfloat16"], meta)
+    print(f"B={batch} ctx={CONTEXT} bf16 cache at its launch: {base:.1f} us", flush=True)
+    row = {"bfloat16": base}
+    for label, dtype, splits, kwargs, chosen in candidates(batch, q.device):
+        us = 1e3 * graph_ms(functools.partial(_decode, q, caches[dtype], meta, splits, kwargs), 1)
+        name = f"{label} splits={splits}"
+        print(f"B={batch} {name} programs={batch * KV_HEADS * splits}: {us:.1f} us "
+              f"{base / us:.2f}x bf16{' *' if chosen else ''}", flush=True)
+        row[name] = us
+    return row
+
+
 def main(out_path: str, batches: str = "8,16,32,64") -> int:
-    if cuda_missing(__file__):
-        return 2
-    dev = torch.device("cuda")
-    results: dict = {"device": torch.cuda.get_device_name(), "context": CONTEXT, "us": {}}
-    for batch in map(int, batches.split(",")):
-        q, meta, caches = batch_caches(batch, dev)
-        base = launch_us(q, caches["bfloat16"], meta)
-        print(f"B={batch} ctx={CONTEXT} bf16 cache at its launch: {base:.1f} us", flush=True)
-        row = {"bfloat16": base}
-        for label, dtype, splits, kwargs, chosen in candidates(batch, dev):
-            us = 1e3 * graph_ms(functools.partial(_decode, q, caches[dtype], meta, splits, kwargs), 1)
-            name = f"{label} splits={splits}"
-            print(f"B={batch} {name} programs={batch * KV_HEADS * splits}: {us:.1f} us "
-                  f"{base / us:.2f}x bf16{' *' if chosen else ''}", flush=True)
-            row[name] = us
-        results["us"][batch] = row
-        del caches
-        torch.cuda.empty_cache()
-    with open(out_path, "w") as f:
-        json.dump(results, f, indent=1)
-    return 0
+    return run_batches(out_path, batches, splits_row, __file__)
 
 
 if __name__ == "__main__":
