@@ -1,6 +1,6 @@
 """Decode attention at ctx 8k over int8 and int4 KV caches under the launch's candidates around its choice,
 against the bf16 cache at its launch, one run (Llama-3-8B heads): the sweep behind `config.int8_launch`'s
-and `config.quad_launch`'s rules (docs/benchmarks.md, "Launches by the last wave's fill").
+and `config.quad_launch`'s rules (docs/benchmarks.md, "int8 / quad launches by the last wave's fill").
 
 `python -m bench.kernels.attention_splits OUT.json [BATCHES]` (default 8,16,32,64): for each batch, the int8
 cache under both of its launch tiles (config.INT8_DECODE_TILES[:2]) and the int4 quad kernel under each

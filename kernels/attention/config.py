@@ -74,9 +74,10 @@ def _last_wave_fill(programs: int, per_sm: int, sms: int) -> float:
 # int8 KV decode tiles (BLOCK_N, num_warps, num_stages): an int8 K/V tile holds half a bf16 tile's bytes, so
 # longer tiles or deeper pipelines fit the same shared memory. bench/kernels/quant_gpu_attention.py sweeps
 # these; the first two are the launch's (int8_launch). With the block ids read a tile ahead
-# (tiles.block_ids), an H100 sweep at ctx 8k, B = 8-64 (docs/benchmarks.md, "Launches by the last wave's
-# fill") led with 128-key tiles at the split count int8_launch picks: 1.41-1.49x the bf16 cache's time at
-# B = 16-64, where (64, 4, 3) ran 1.24-1.38x; 128-key tiles lost where a split held two of them (B = 1).
+# (tiles.block_ids), an H100 sweep at ctx 8k, B = 8-64 (docs/benchmarks.md, "int8 / quad launches by the
+# last wave's fill") led with 128-key tiles at the split count int8_launch picks: 1.41-1.49x the bf16
+# cache's time at B = 16-64, where (64, 4, 3) ran 1.24-1.38x; 128-key tiles lost where a split held two of
+# them (B = 1).
 # Both take ~180-255 registers: two programs an SM (INT8_PROGRAMS_PER_SM, sm_90 offline ptxas).
 INT8_DECODE_TILES: tuple[tuple[int, int, int], ...] = (
     (128, 4, 3), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3), (32, 4, 3),
@@ -111,9 +112,10 @@ def _int8_launch(programs: int, max_seq_len: int, sms: int,
 
 # How int4 KV decode reads its codes, the first the launch's. 2 is int4_decode.py's kernel (the codes feed the
 # dots as int16 quads centered to c − 8, never dequantized; taken where int4_decode.quads_fit holds, else
-# mode 1): 1.80x / 1.69x the bf16 cache's speed at B = 16 / 64 on an H100 at ctx 8k, within the dequantizing
-# kernel's error of the reference there (docs/benchmarks.md, "int4 KV decode on tensor cores"). 1 and 0 are
-# the dequantizing kernel's (tiles._dequantize's INT4_DEQUANT; the prefill kernel's is INT4_PREFILL_DEQUANT):
+# mode 1): 1.73-1.97x the bf16 cache's speed at B = 8-64 on an H100 at ctx 8k, within the dequantizing
+# kernel's error of the reference there (docs/benchmarks.md, "The int4 quad kernel is right on CUDA"). 1 and
+# 0 are the dequantizing kernel's (tiles._dequantize's INT4_DEQUANT; the prefill kernel's is
+# INT4_PREFILL_DEQUANT):
 # 1 loads scales and zeros once per group and builds floats from the nibbles' bits
 # (tiles._dequantize_int4_groups), 0.75-0.92x the bf16 cache's time; 0 gathers a scale and a zero per value
 # and converts each code int → float (0.34–0.39x, docs/benchmarks.md). 1 leads 0 on ptxas's sm_90
@@ -131,9 +133,9 @@ INT4_DECODE_TILES: tuple[int, int, int] = (32, 4, 3)
 INT4_SPLIT_WAVES = 4
 # The quad kernel's launches at head_dim 128: (BLOCK_N, num_warps, num_stages), programs an SM, register cap
 # (ptxas's maxnreg; 0: none). Unbounded it takes ~250 registers, two programs an SM; capped at 168 three fit
-# (a few spills, sm_90 offline ptxas). An H100 sweep at ctx 8k, B = 8-64 (docs/benchmarks.md, "Launches by
-# the last wave's fill"): each batch ran fastest at the split count and cap whose last wave was fullest, 4
-# stages uncapped and 3 capped; 64-key tiles, 8 warps and 256-key tiles all lost.
+# (a few spills, sm_90 offline ptxas). An H100 sweep at ctx 8k, B = 8-64 (docs/benchmarks.md, "int8 / quad
+# launches by the last wave's fill"): each batch ran fastest at the split count and cap whose last wave was
+# fullest, 4 stages uncapped and 3 capped; 64-key tiles, 8 warps and 256-key tiles all lost.
 INT4_QUAD_LAUNCHES: tuple[tuple[tuple[int, int, int], int, int], ...] = (
     ((128, 4, 4), 2, 0), ((128, 4, 3), 3, 168),
 )
@@ -158,7 +160,7 @@ def _quad_launch(programs: int, max_seq_len: int, sms: int,
     splits, i = _fewest(options)
     (block_n, warps, stages), _, cap = INT4_QUAD_LAUNCHES[i]
     # no deeper a pipeline than a split has tiles to fill (H100, B = 1 at ctx 8k, two tiles a split: 3
-    # stages 17.2 us, 4 stages 20.3: docs/benchmarks.md, "int4 KV decode on tensor cores")
+    # stages 17.2 us, 4 stages 20.3: docs/benchmarks.md, "int8 / quad launches by the last wave's fill")
     per_split = -(-max(1, -(-max_seq_len // block_n)) // splits)
     return splits, (block_n, warps, min(stages, per_split + 1)), cap
 

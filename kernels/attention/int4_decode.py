@@ -15,11 +15,11 @@ s·(q − 8) + m, m = z + 8s its midpoint), so the affine moves out of the produ
     column takes the rows of its own group.
 No large term cancels anywhere: the first version carried BASE + c (128 or 1024 + c) through the dots and
 subtracted BASE · Σ p̃ after; on an H100 it missed the reference by 3-6% of the output's range, where this
-one is as close as the dequantizing kernel (docs/benchmarks.md, "int4 KV decode on tensor cores").
+one is as close as the dequantizing kernel (docs/benchmarks.md, "The int4 quad kernel is right on CUDA").
 Rows: BLOCK_G query heads (GROUP of them real) times the groups, at least 16 for the dots.
 
-The launch's int4 decode (config.INT4_DEQUANT_MODES): 1.80x / 1.69x the bf16 cache's speed on an H100 at
-ctx 8k, B = 16 / 64 (the dequantizing kernel: 0.75x / 0.91x).
+The launch's int4 decode (config.INT4_DEQUANT_MODES; launches by config.quad_launch): 1.73-1.97x the bf16
+cache's speed on an H100 at ctx 8k, B = 8-64 (the dequantizing kernel: 0.75-0.92x at B = 16 / 64).
 """
 from __future__ import annotations
 
