@@ -92,15 +92,15 @@ def int8_launch(programs: int, max_seq_len: int, device: torch.device,
     128-key tiles at the fewest splits of near-best _efficiency among those of more than one wave (where
     there are any), if each split then holds _LONG_SPLIT_TILES tiles; else 64-key tiles, the fewest
     splits of near-best efficiency, <= 64 tokens a split apart (the float caches' rule)."""
-    return _int8_launch(programs, max_seq_len, _num_sms(device), num_splits)
+    tile_counts = tuple(max(1, -(-max_seq_len // tiles[0])) for tiles in INT8_DECODE_TILES[:2])
+    return _int8_launch(programs, tile_counts, _num_sms(device), num_splits)
 
 
-@functools.lru_cache(maxsize=4096)
-def _int8_launch(programs: int, max_seq_len: int, sms: int,
+@functools.lru_cache(maxsize=4096)  # keyed by tile counts: an eager decode's context grows a token a step
+def _int8_launch(programs: int, tile_counts: tuple[int, int], sms: int,
                  num_splits: int | None) -> tuple[int, tuple[int, int, int]]:
     long, short = INT8_DECODE_TILES[:2]
-    for tiles in (long, short):
-        n = max(1, -(-max_seq_len // tiles[0]))
+    for tiles, n in zip((long, short), tile_counts, strict=True):
         counts = [num_splits] if num_splits else list(range(1, min(n, _MAX_SPLITS) + 1))
         if tiles is long:
             counts = [s for s in counts if s * programs > INT8_PROGRAMS_PER_SM * sms] or counts
@@ -146,22 +146,22 @@ def quad_launch(programs: int, max_seq_len: int, device: torch.device,
     """(splits, tiles, register cap) of a quad-kernel decode over `programs` (sequence, KV head) pairs: the
     INT4_QUAD_LAUNCHES entry and split count (or at `num_splits`) of near-best _efficiency, fewest splits
     first, then the first entry; its stages at most one more than a split's tiles."""
-    return _quad_launch(programs, max_seq_len, _num_sms(device), num_splits)
+    tile_counts = tuple(max(1, -(-max_seq_len // tiles[0])) for tiles, _, _ in INT4_QUAD_LAUNCHES)
+    return _quad_launch(programs, tile_counts, _num_sms(device), num_splits)
 
 
-@functools.lru_cache(maxsize=4096)
-def _quad_launch(programs: int, max_seq_len: int, sms: int,
+@functools.lru_cache(maxsize=4096)  # keyed by tile counts, as _int8_launch
+def _quad_launch(programs: int, tile_counts: tuple[int, ...], sms: int,
                  num_splits: int | None) -> tuple[int, tuple[int, int, int], int]:
     options = {}
-    for i, (tiles, per_sm, _) in enumerate(INT4_QUAD_LAUNCHES):
-        n = max(1, -(-max_seq_len // tiles[0]))
+    for i, ((_, per_sm, _), n) in enumerate(zip(INT4_QUAD_LAUNCHES, tile_counts, strict=True)):
         for s in [num_splits] if num_splits else range(1, min(n, _MAX_SPLITS) + 1):
             options[s, i] = _efficiency(programs, n, s, per_sm, sms)
     splits, i = _fewest(options)
     (block_n, warps, stages), _, cap = INT4_QUAD_LAUNCHES[i]
     # no deeper a pipeline than a split has tiles to fill (H100, B = 1 at ctx 8k, two tiles a split: 3
     # stages 17.2 us, 4 stages 20.3: docs/benchmarks.md, "int8 / quad launches by the last wave's fill")
-    per_split = -(-max(1, -(-max_seq_len // block_n)) // splits)
+    per_split = -(-tile_counts[i] // splits)
     return splits, (block_n, warps, min(stages, per_split + 1)), cap
 
 
