@@ -2,7 +2,9 @@
 
 The skinny GEMM of kernels/linear over int8 weight rows (half the bytes of bf16): one row multiplies in fp32
 into a [BLOCK_N, BLOCK_K] accumulator; up to 16 rows put the weight tile (converted to x's dtype, exact for
-|q| ≤ 127) on the left of tl.dot. The per-channel scale multiplies once, in the epilogue.
+|q| ≤ 127) on the left of tl.dot. The per-channel scale multiplies once, in the epilogue. The K loop asks
+Triton to pipeline it (`tl.range(num_stages=...)`: weight tiles copied by cp.async that many steps ahead):
+Triton pipelines a loop on its own only where its loads feed a tl.dot, so one row read a tile at a time.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from kernels.quant_linear.layout import W8Weight
 def _w8_kernel(
     x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    USE_DOT: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_DOT: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -32,7 +34,7 @@ def _w8_kernel(
     w_ptrs, n_mask, x_ptrs, m_mask, acc = first_tiles(
         x_ptr, w_ptr, offs_m, offs_n, offs_k, k_start, M, N, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K,
         USE_DOT)
-    for _ in range(0, k_per_split, BLOCK_K):
+    for _ in tl.range(0, k_per_split, BLOCK_K, num_stages=STAGES):
         if EVEN_N:  # read once a step: evict_first keeps weights from pushing activations out of L2
             w = tl.load(w_ptrs, eviction_policy="evict_first")
         else:
@@ -69,6 +71,6 @@ def w8_linear(x: torch.Tensor, weight: W8Weight, config: QuantConfig | None = No
             rows, weight.q, weight.scale, out, m, n, k, rows.stride(0), weight.q.stride(0), out.stride(0),
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
             USE_DOT=config.block_m > 1, EVEN_N=n % config.block_n == 0, DOT_PRECISION=dot_precision(x.dtype),
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            STAGES=config.num_stages, num_warps=config.num_warps, num_stages=config.num_stages,
         )
     return buffers.result(x, n)
