@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import pdl_launch, pdl_release, pdl_wait
 from kernels.quant_linear.common import dot_precision, grid, outputs, rows_of, store_rows, tile_start
 from kernels.quant_linear.config import W4_CANDIDATES, QuantConfig, pick
 from kernels.quant_linear.layout import W4Weight
@@ -31,7 +32,7 @@ ONE_BITS = 0x3F800000  # 1.0f's bits, a kernel argument so that mask-and-or stay
 def _w4a16_dot_kernel(
     x_ptr, p_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_pn, stride_sn, stride_om,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, ONE, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr, ONE, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     HALF_K: tl.constexpr = BLOCK_K // 2
     SPAN: tl.constexpr = GROUP if GROUP < BLOCK_K else BLOCK_K  # values of one group within a tile
@@ -49,6 +50,8 @@ def _w4a16_dot_kernel(
     x_even = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + 2 * offs_b[:, None]
     m_mask = offs_m[None, :] < M
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    pdl_release(USE_PDL)  # the pipelined loop's prologue reads the input: wait first (kernels/pdl.py)
+    pdl_wait(USE_PDL)
     for step in range(0, k_per_split, BLOCK_K):
         k = tl.multiple_of(k_start + step, BLOCK_K)  # lets the weight copies vectorize to 16 B
         p_ptrs = p_row + (k // 2 + byte)[None, :, :]
@@ -119,7 +122,7 @@ def w4a16_linear(x: torch.Tensor, weight: W4Weight, config: QuantConfig | None =
     out, part, arrivals = buffers.out, buffers.part, buffers.arrivals
     common = dict(GROUP=weight.group_size, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                   SPLIT_K=config.split_k, ONE=ONE_BITS, EVEN_N=n % config.block_n == 0,
-                  num_warps=config.num_warps, num_stages=config.num_stages)
+                  num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch(x.device))
     if gemv and _reads_words(rows, weight, config):
         _w4a16_gemv_words_kernel[grid(m, n, config)[:2]](
             rows.view(torch.int32), weight.packed.view(torch.int32), weight.scale, weight.low, out, part,

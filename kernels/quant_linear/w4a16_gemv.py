@@ -1,9 +1,8 @@
 """W4A16 GEMV (one input row) in Triton: y [1, N] = x [1, K] · dequant(W4Weight)ᵀ, fp32 accumulation.
 
 An int4 GEMV near HBM speed issues several instructions a weight value, and ncu on an H100 has the bytes
-reading near its issue limit (73% of slots) while both readings keep too few loads in flight (DRAM at
-43-48%, docs/benchmarks.md "Quantized GEMVs on the H100"). The inner loop keeps to about one integer op and
-one fp32 multiply-add a value:
+reading near its issue limit (73% of slots) with DRAM at 43-48% (docs/benchmarks.md "Quantized GEMVs on
+the H100"). The inner loop keeps to about one integer op and one fp32 multiply-add a value:
   - a nibble q becomes a float by masking it into the mantissa of 1.0 where it already lies after one
     shift per pair of nibbles ("windows"): bits 15..18 read as f = 1 + q/256, bits 19..22 as f = 1 + q/16.
     The mask and the exponent bits are one LOP3 only while 1.0's bits sit in a register: with both as
@@ -11,6 +10,9 @@ one fp32 multiply-add a value:
   - the position's power of two moves onto x (x' = 256·x or 16·x, exact), so Σ q·x = Σ f·x' − Σ x';
   - the group's affine stays out of the inner product: w = q·s + z, so per group
     Σ w·x = s · (Σ f·x' − Σ x') + z · Σ x, with Σ x' and Σ x per group taken once per tile for all rows.
+Under programmatic dependent launch (kernels/pdl.py) a program reads its first weight tile before waiting
+for the kernel before. The loops are plain: asked to pipeline (tl.range num_stages, cp.async) every config
+lost 3-16% on an H100 — the loop is bound by its instructions (docs/benchmarks.md, session 13).
 A program owns BLOCK_N weight rows and walks its share of K (split-K: SPLIT_K programs per row block add
 fp32 partial sums atomically, or with MERGE the last split adds them: common.store_rows), BLOCK_K
 values a step, the tile shaped [BLOCK_N, groups, per group] so each group's scale and low load once. Two
@@ -25,6 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kernels.pdl import pdl_release, pdl_wait
 from kernels.quant_linear.common import store_rows
 
 
@@ -76,10 +79,62 @@ def scaled_sums(even, odd):
 
 
 @triton.jit
+def packed_tile(ptrs, mask, EVEN_N: tl.constexpr):
+    """A tile of packed weights; rows past N (mask false) read as zeros. Weights are read once a step:
+    evict_first keeps them from pushing the input out of L2."""
+    if EVEN_N:
+        tile = tl.load(ptrs, eviction_policy="evict_first")
+    else:
+        tile = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
+    return tile
+
+
+@triton.jit
+def _bytes_step(acc, p, x_ptrs, s_ptrs, z_ptrs, n_mask, ONE, EVEN_N: tl.constexpr, BF16_PAIRS: tl.constexpr):
+    """acc += one step's products from the packed byte tile p [BLOCK_N, GROUPS, GROUP / 2]."""
+    if BF16_PAIRS:
+        xe, xo = pair_floats(tl.load(x_ptrs))
+    else:
+        xe = tl.load(x_ptrs).to(tl.float32)
+        xo = tl.load(x_ptrs + 1).to(tl.float32)
+    xe = xe * 256.0
+    xo = xo * 16.0
+    fe, fo = window_floats(p.to(tl.int32), 0, ONE)
+    fx = fe * xe[None, :, :] + fo * xo[None, :, :]
+    sx_scaled, sx = scaled_sums(xe, xo)
+    return group_affine(acc, tl.sum(fx, axis=2), sx_scaled, sx, s_ptrs, z_ptrs, n_mask, EVEN_N)
+
+
+@triton.jit
+def _words_step(acc, w, x_ptrs, s_ptrs, z_ptrs, n_mask, ONE, EVEN_N: tl.constexpr):
+    """acc += one step's products from the packed word tile w [BLOCK_N, GROUPS, GROUP / 8]."""
+    GROUPS: tl.constexpr = w.shape[1]
+    WORDS: tl.constexpr = w.shape[2]
+    pairs = tl.reshape(tl.load(x_ptrs), (GROUPS, WORDS, 2, 2))
+    low, high = tl.split(pairs)  # pairs 0, 2 and 1, 3 of each word
+    p0, p2 = tl.split(low)
+    p1, p3 = tl.split(high)
+    x0, x1 = pair_floats(p0)
+    x2, x3 = pair_floats(p1)
+    x4, x5 = pair_floats(p2)
+    x6, x7 = pair_floats(p3)
+    x0, x2, x4, x6 = x0 * 256.0, x2 * 256.0, x4 * 256.0, x6 * 256.0
+    x1, x3, x5, x7 = x1 * 16.0, x3 * 16.0, x5 * 16.0, x7 * 16.0
+    f0, f1 = window_floats(w, 0, ONE)
+    f2, f3 = window_floats(w, 8, ONE)
+    f4, f5 = window_floats(w, 16, ONE)
+    f6, f7 = window_floats(w, 24, ONE)
+    fx = (f0 * x0[None] + f1 * x1[None] + f2 * x2[None] + f3 * x3[None]
+          + f4 * x4[None] + f5 * x5[None] + f6 * x6[None] + f7 * x7[None])
+    sx_scaled, sx = scaled_sums((x0 + x2) + (x4 + x6), (x1 + x3) + (x5 + x7))
+    return group_affine(acc, tl.sum(fx, axis=2), sx_scaled, sx, s_ptrs, z_ptrs, n_mask, EVEN_N)
+
+
+@triton.jit
 def _w4a16_gemv_bytes_kernel(
     x_ptr, p_ptr, s_ptr, z_ptr, out_ptr, part_ptr, arrivals_ptr, N, K, stride_pn, stride_sn,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    ONE, EVEN_N: tl.constexpr, BF16_PAIRS: tl.constexpr, MERGE: tl.constexpr = False,
+    ONE, EVEN_N: tl.constexpr, BF16_PAIRS: tl.constexpr, USE_PDL: tl.constexpr, MERGE: tl.constexpr = False,
 ):
     GROUPS: tl.constexpr = BLOCK_K // GROUP
     HALF_G: tl.constexpr = GROUP // 2
@@ -100,27 +155,21 @@ def _w4a16_gemv_bytes_kernel(
     else:
         x_ptrs = x_ptr + k_start + 2 * byte
     acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
-    for _ in range(0, k_per_split, BLOCK_K):
-        if EVEN_N:  # weights are read once: evict_first keeps them from pushing the input out of L2
-            p = tl.load(p_ptrs, eviction_policy="evict_first")
-        else:
-            p = tl.load(p_ptrs, mask=n_mask[:, :, None], other=0, eviction_policy="evict_first")
+    # the first weight tile streams in while the kernel before drains (weights never change: kernels/pdl.py)
+    p = packed_tile(p_ptrs, n_mask[:, :, None], EVEN_N)
+    pdl_release(USE_PDL)
+    pdl_wait(USE_PDL)
+    acc = _bytes_step(acc, p, x_ptrs, s_ptrs, z_ptrs, n_mask, ONE, EVEN_N, BF16_PAIRS)
+    for _ in range(BLOCK_K, k_per_split, BLOCK_K):
+        p_ptrs += BLOCK_K // 2
         if BF16_PAIRS:
-            xe, xo = pair_floats(tl.load(x_ptrs))
             x_ptrs += BLOCK_K // 2
         else:
-            xe = tl.load(x_ptrs).to(tl.float32)
-            xo = tl.load(x_ptrs + 1).to(tl.float32)
             x_ptrs += BLOCK_K
-        xe = xe * 256.0
-        xo = xo * 16.0
-        fe, fo = window_floats(p.to(tl.int32), 0, ONE)
-        fx = fe * xe[None, :, :] + fo * xo[None, :, :]
-        sx_scaled, sx = scaled_sums(xe, xo)
-        acc = group_affine(acc, tl.sum(fx, axis=2), sx_scaled, sx, s_ptrs, z_ptrs, n_mask, EVEN_N)
-        p_ptrs += BLOCK_K // 2
         s_ptrs += GROUPS
         z_ptrs += GROUPS
+        acc = _bytes_step(acc, packed_tile(p_ptrs, n_mask[:, :, None], EVEN_N), x_ptrs, s_ptrs, z_ptrs,
+                          n_mask, ONE, EVEN_N, BF16_PAIRS)
     store_rows(out_ptr, tl.sum(acc, axis=1)[:, None], tl.arange(0, 1), offs_n, 1, N, 0, SPLIT_K,
                MERGE, part_ptr, arrivals_ptr)
 
@@ -129,7 +178,7 @@ def _w4a16_gemv_bytes_kernel(
 def _w4a16_gemv_words_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, part_ptr, arrivals_ptr, N, K, stride_wn, stride_sn,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    ONE, EVEN_N: tl.constexpr, MERGE: tl.constexpr = False,
+    ONE, EVEN_N: tl.constexpr, USE_PDL: tl.constexpr, MERGE: tl.constexpr = False,
 ):
     GROUPS: tl.constexpr = BLOCK_K // GROUP
     WORDS: tl.constexpr = GROUP // 8  # int32 words a group
@@ -148,32 +197,16 @@ def _w4a16_gemv_words_kernel(
     # the bf16 input as int32 pairs: a word's eight values are the four pairs 4w .. 4w + 3, one 16-byte load
     x_ptrs = x_ptr + k_start // 2 + 4 * word[:, :, None] + tl.arange(0, 4)[None, None, :]
     acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
-    for _ in range(0, k_per_split, BLOCK_K):
-        if EVEN_N:
-            w = tl.load(w_ptrs, eviction_policy="evict_first")
-        else:
-            w = tl.load(w_ptrs, mask=n_mask[:, :, None], other=0, eviction_policy="evict_first")
-        pairs = tl.reshape(tl.load(x_ptrs), (GROUPS, WORDS, 2, 2))
-        low, high = tl.split(pairs)  # pairs 0, 2 and 1, 3 of each word
-        p0, p2 = tl.split(low)
-        p1, p3 = tl.split(high)
-        x0, x1 = pair_floats(p0)
-        x2, x3 = pair_floats(p1)
-        x4, x5 = pair_floats(p2)
-        x6, x7 = pair_floats(p3)
-        x0, x2, x4, x6 = x0 * 256.0, x2 * 256.0, x4 * 256.0, x6 * 256.0
-        x1, x3, x5, x7 = x1 * 16.0, x3 * 16.0, x5 * 16.0, x7 * 16.0
-        f0, f1 = window_floats(w, 0, ONE)
-        f2, f3 = window_floats(w, 8, ONE)
-        f4, f5 = window_floats(w, 16, ONE)
-        f6, f7 = window_floats(w, 24, ONE)
-        fx = (f0 * x0[None] + f1 * x1[None] + f2 * x2[None] + f3 * x3[None]
-              + f4 * x4[None] + f5 * x5[None] + f6 * x6[None] + f7 * x7[None])
-        sx_scaled, sx = scaled_sums((x0 + x2) + (x4 + x6), (x1 + x3) + (x5 + x7))
-        acc = group_affine(acc, tl.sum(fx, axis=2), sx_scaled, sx, s_ptrs, z_ptrs, n_mask, EVEN_N)
+    w = packed_tile(w_ptrs, n_mask[:, :, None], EVEN_N)  # streams in while the kernel before drains
+    pdl_release(USE_PDL)
+    pdl_wait(USE_PDL)
+    acc = _words_step(acc, w, x_ptrs, s_ptrs, z_ptrs, n_mask, ONE, EVEN_N)
+    for _ in range(BLOCK_K, k_per_split, BLOCK_K):
         w_ptrs += BLOCK_K // 8
         x_ptrs += BLOCK_K // 2
         s_ptrs += GROUPS
         z_ptrs += GROUPS
+        acc = _words_step(acc, packed_tile(w_ptrs, n_mask[:, :, None], EVEN_N), x_ptrs, s_ptrs, z_ptrs,
+                          n_mask, ONE, EVEN_N)
     store_rows(out_ptr, tl.sum(acc, axis=1)[:, None], tl.arange(0, 1), offs_n, 1, N, 0, SPLIT_K,
                MERGE, part_ptr, arrivals_ptr)

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from kernels.nibbles import MAGIC, quads, quarters
+from kernels.pdl import pdl_launch, pdl_release, pdl_wait
 from kernels.quant_linear.common import SplitOutput, store_rows, tile_start
 from kernels.quant_linear.config import QuantConfig
 from kernels.quant_linear.layout import W4Weight
@@ -36,7 +37,7 @@ def _w4a16_mma_kernel(
     stride_om,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr, MAGIC_BITS: tl.constexpr, BASE: tl.constexpr,
-    PTX: tl.constexpr, MERGE: tl.constexpr,
+    PTX: tl.constexpr, MERGE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """x_ptr: the input as int64 quads [M, K / 4]; h_ptr: the packed weight as int16 quads [N, K / 4]."""
     Q: tl.constexpr = BLOCK_K // 4
@@ -52,6 +53,8 @@ def _w4a16_mma_kernel(
     x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + k_start // 4 + offs_q[:, None]
     m_mask = offs_m[None, :] < M
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    pdl_release(USE_PDL)  # the pipelined loop's prologue reads the input: wait first (kernels/pdl.py)
+    pdl_wait(USE_PDL)
     for step in range(0, k_per_split, BLOCK_K):
         g = (k_start + step) // GROUP
         if EVEN_N:  # weights are read once: evict_first keeps them from pushing the input out of L2
@@ -103,4 +106,4 @@ def w4a16_mma(rows: torch.Tensor, weight: W4Weight, config: QuantConfig, out: Sp
         GROUP=weight.group_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SPLIT_K=config.split_k, EVEN_N=n % config.block_n == 0, MAGIC_BITS=magic_bits, BASE=base,
         PTX=rows.is_cuda if ptx is None else ptx, MERGE=out.merge, num_warps=config.num_warps,
-        num_stages=config.num_stages)
+        num_stages=config.num_stages, **pdl_launch(rows.device))

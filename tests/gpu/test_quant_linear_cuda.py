@@ -147,3 +147,45 @@ def test_kernels_replay_from_a_cuda_graph() -> None:
     torch.cuda.synchronize()
     for a, b in zip(eager, captured, strict=True):
         torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)  # split-K adds in any order
+
+
+@pytest.mark.parametrize("rows", [1, 16])
+def test_quantized_chain_replayed_under_pdl_equals_it_run_one_kernel_at_a_time(rows: int) -> None:
+    # The quantized linears launch with programmatic dependent launch on Hopper (kernels/pdl.py), the one-row
+    # ones reading their first weight tile before the wait. Run one kernel at a time (a sync after each) none
+    # overlaps its predecessor; replayed from a graph they do. One row: the same math, bit-identical; 16 rows:
+    # the w8 kernel adds its split-K partials atomically (any order), so the results agree to rounding.
+    from kernels.pdl import pdl_launch
+    from kernels.rmsnorm.kernel import rms_norm_triton
+
+    hidden, inner, layers = 4096, 2048, 4
+    q, d, m = quantize_int4(weight(inner, hidden), 128)
+    w4 = pack_w4(q, d, m)
+    w8 = W8Weight(*quantize_per_channel(weight(hidden, inner)))
+    norm_w = torch.randn(hidden, generator=torch.Generator(DEV).manual_seed(3), device=DEV, dtype=BF16)
+    x = torch.randn(rows, hidden, generator=torch.Generator(DEV).manual_seed(4), device=DEV, dtype=BF16)
+
+    def chain(sync: bool) -> torch.Tensor:
+        settle = torch.cuda.synchronize if sync else lambda: None
+        h, res = x, torch.zeros_like(x)
+        for _ in range(layers):  # norm → W4A16 [hidden → inner] → w8 [inner → hidden]
+            h, res = rms_norm_triton(h, norm_w, 1e-5, res)
+            settle()
+            h = w4a16_linear(h, w4)
+            settle()
+            h = w8_linear(h, w8)
+            settle()
+        return h
+
+    expected = chain(sync=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = chain(sync=False)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert pdl_launch(DEV)["USE_PDL"] == (torch.cuda.get_device_capability()[0] >= 9)
+    if rows == 1:
+        assert torch.equal(got, expected)
+    else:
+        assert rel_err(got, expected) < 1e-2
