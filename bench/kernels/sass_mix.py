@@ -7,7 +7,8 @@ read in place; disassembles each with the nvdisasm Triton ships and prints the i
 loop body (per weight value for the GEMV) and its local-memory (spill) traffic: a GPU-free check of a
 dequantization change before an H100 run times it (bench/kernels/quant_gpu.py). Then the int4 quad decode
 kernel at its launch's tiles: its loop per K/V value, and whether its code loads are pipelined (the deepest
-cp.async wait, shared memory growing with the stages).
+cp.async wait, shared memory growing with the stages); and the one-row w8 GEMV with its loop plain or
+pipelined (cp.async copies, shared memory, registers).
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def disassemble(compiled) -> str:
 
 
 def gemv_sass(block_n: int, group: int) -> str:
-    constexprs = dict(GROUP=group, BLOCK_N=block_n, BLOCK_K=1024, SPLIT_K=1, EVEN_N=True, MERGE=False)
+    constexprs = dict(GROUP=group, BLOCK_N=block_n, BLOCK_K=1024, SPLIT_K=1, EVEN_N=True, MERGE=False,
+                      USE_PDL=False)
     names = list(inspect.signature(_w4a16_gemv_words_kernel.fn).parameters)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in _GEMV_SIGNATURE
              if n not in ("out_ptr", "part_ptr", "arrivals_ptr")}
@@ -57,6 +59,23 @@ def gemv_sass(block_n: int, group: int) -> str:
     source = ASTSource(_w4a16_gemv_words_kernel, signature, constexprs, attrs)
     return disassemble(triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                       options=dict(num_warps=4, num_stages=2)))
+
+
+_W8_SIGNATURE = dict(x_ptr="*bf16", w_ptr="*i8", scale_ptr="*fp32", out_ptr="*bf16", M="i32", N="i32",
+                     K="i32", stride_xm="i32", stride_wn="i32", stride_om="i32")
+
+
+def w8_compile(block_n: int, block_k: int, stages: int):
+    """The one-row w8 GEMV (quant_linear/w8.py) with its K loop asked for `stages` (tl.range num_stages)."""
+    from kernels.quant_linear.w8 import _w8_kernel
+
+    constexprs = dict(BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=1, USE_DOT=False, EVEN_N=True,
+                      DOT_PRECISION="tf32", STAGES=stages, USE_PDL=True)
+    names = list(inspect.signature(_w8_kernel.fn).parameters)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in _W8_SIGNATURE if n not in ("M", "N")}
+    signature = {n: "constexpr" if n in constexprs else _W8_SIGNATURE[n] for n in names}
+    return triton.compile(ASTSource(_w8_kernel, signature, constexprs, attrs),
+                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=stages))
 
 
 def sass(bits: int, int4_dequant: int, int8_fp16: bool, stages: int) -> str:
@@ -135,6 +154,12 @@ def main() -> None:
             per_value = sum(mix.values()) / (block_n * 1024 / 128)
             top = ", ".join(f"{op} {n}" for op, n in mix.most_common(6))
             print(f"gemv {block_n:2d} rows g{group:<3d} {per_value:5.2f} per value | {top}", flush=True)
+    print("# w8 one-row GEMV, 4 warps: the loop asked for 1 stage (plain loads) or pipelined (cp.async)")
+    for block_n, block_k, stages in ((4, 1024, 1), (4, 1024, 3), (8, 512, 1), (8, 512, 3)):
+        compiled = w8_compile(block_n, block_k, stages)
+        text = disassemble(compiled)
+        print(f"w8 {block_n} x {block_k} stages {stages}: {text.count('LDGSTS')} LDGSTS, "
+              f"{compiled.metadata.shared} B shared, {registers(compiled)} registers", flush=True)
     print("# int4 KV quad decode (int4_decode.py), 4 warps: loop instructions per K/V value of a thread, the "
           "deepest cp.async wait (groups left in flight), shared memory, registers")
     for block_n, stages, cap in ((64, 3, 0), (64, 3, 168), (64, 4, 168), (128, 3, 0)):
