@@ -27,6 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kernels.linear.kernel import weight_tile
 from kernels.pdl import pdl_release, pdl_wait
 from kernels.quant_linear.common import store_rows
 
@@ -76,17 +77,6 @@ def group_affine(acc, t, sx_scaled, sx, s_ptrs, z_ptrs, n_mask, EVEN_N: tl.const
 def scaled_sums(even, odd):
     """Per group Σx' and Σx of the window-scaled inputs (even values × 256, odd × 16): [.., GROUPS, n]."""
     return tl.sum(even + odd, axis=1), tl.sum(even * (1.0 / 256.0) + odd * (1.0 / 16.0), axis=1)
-
-
-@triton.jit
-def packed_tile(ptrs, mask, EVEN_N: tl.constexpr):
-    """A tile of packed weights; rows past N (mask false) read as zeros. Weights are read once a step:
-    evict_first keeps them from pushing the input out of L2."""
-    if EVEN_N:
-        tile = tl.load(ptrs, eviction_policy="evict_first")
-    else:
-        tile = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
-    return tile
 
 
 @triton.jit
@@ -156,7 +146,7 @@ def _w4a16_gemv_bytes_kernel(
         x_ptrs = x_ptr + k_start + 2 * byte
     acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
     # the first weight tile streams in while the kernel before drains (weights never change: kernels/pdl.py)
-    p = packed_tile(p_ptrs, n_mask[:, :, None], EVEN_N)
+    p = weight_tile(p_ptrs, n_mask[:, :, None], EVEN_N)
     pdl_release(USE_PDL)
     pdl_wait(USE_PDL)
     acc = _bytes_step(acc, p, x_ptrs, s_ptrs, z_ptrs, n_mask, ONE, EVEN_N, BF16_PAIRS)
@@ -168,7 +158,7 @@ def _w4a16_gemv_bytes_kernel(
             x_ptrs += BLOCK_K
         s_ptrs += GROUPS
         z_ptrs += GROUPS
-        acc = _bytes_step(acc, packed_tile(p_ptrs, n_mask[:, :, None], EVEN_N), x_ptrs, s_ptrs, z_ptrs,
+        acc = _bytes_step(acc, weight_tile(p_ptrs, n_mask[:, :, None], EVEN_N), x_ptrs, s_ptrs, z_ptrs,
                           n_mask, ONE, EVEN_N, BF16_PAIRS)
     store_rows(out_ptr, tl.sum(acc, axis=1)[:, None], tl.arange(0, 1), offs_n, 1, N, 0, SPLIT_K,
                MERGE, part_ptr, arrivals_ptr)
@@ -197,7 +187,7 @@ def _w4a16_gemv_words_kernel(
     # the bf16 input as int32 pairs: a word's eight values are the four pairs 4w .. 4w + 3, one 16-byte load
     x_ptrs = x_ptr + k_start // 2 + 4 * word[:, :, None] + tl.arange(0, 4)[None, None, :]
     acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
-    w = packed_tile(w_ptrs, n_mask[:, :, None], EVEN_N)  # streams in while the kernel before drains
+    w = weight_tile(w_ptrs, n_mask[:, :, None], EVEN_N)  # streams in while the kernel before drains
     pdl_release(USE_PDL)
     pdl_wait(USE_PDL)
     acc = _words_step(acc, w, x_ptrs, s_ptrs, z_ptrs, n_mask, ONE, EVEN_N)
@@ -206,7 +196,7 @@ def _w4a16_gemv_words_kernel(
         x_ptrs += BLOCK_K // 2
         s_ptrs += GROUPS
         z_ptrs += GROUPS
-        acc = _words_step(acc, packed_tile(w_ptrs, n_mask[:, :, None], EVEN_N), x_ptrs, s_ptrs, z_ptrs,
+        acc = _words_step(acc, weight_tile(w_ptrs, n_mask[:, :, None], EVEN_N), x_ptrs, s_ptrs, z_ptrs,
                           n_mask, ONE, EVEN_N)
     store_rows(out_ptr, tl.sum(acc, axis=1)[:, None], tl.arange(0, 1), offs_n, 1, N, 0, SPLIT_K,
                MERGE, part_ptr, arrivals_ptr)

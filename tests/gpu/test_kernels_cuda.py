@@ -236,7 +236,7 @@ def test_pdl_chain_replayed_back_to_back_equals_the_chain_run_one_kernel_at_a_ti
     # one at a time (a sync after each) no kernel can overlap its predecessor; replayed from a graph they do.
     # Same kernels, same math: the results must be bit-identical.
     from kernels.linear.kernel import silu_mul_linear_triton
-    from kernels.pdl import pdl_launch
+    from tests.gpu.pdl_replay import stepped_and_replayed
 
     gen = torch.Generator(device=DEV).manual_seed(11)
     layers = 6
@@ -259,14 +259,7 @@ def test_pdl_chain_replayed_back_to_back_equals_the_chain_run_one_kernel_at_a_ti
                 torch.cuda.synchronize()
         return h, res
 
-    expected = chain(sync=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        got = chain(sync=False)
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    assert pdl_launch(DEV)["USE_PDL"] == (torch.cuda.get_device_capability()[0] >= 9)
+    expected, got = stepped_and_replayed(chain, DEV)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 

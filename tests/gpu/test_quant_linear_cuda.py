@@ -155,8 +155,8 @@ def test_quantized_chain_replayed_under_pdl_equals_it_run_one_kernel_at_a_time(r
     # ones reading their first weight tile before the wait. Run one kernel at a time (a sync after each) none
     # overlaps its predecessor; replayed from a graph they do. One row: the same math, bit-identical; 16 rows:
     # the w8 kernel adds its split-K partials atomically (any order), so the results agree to rounding.
-    from kernels.pdl import pdl_launch
     from kernels.rmsnorm.kernel import rms_norm_triton
+    from tests.gpu.pdl_replay import stepped_and_replayed
 
     hidden, inner, layers = 4096, 2048, 4
     q, d, m = quantize_int4(weight(inner, hidden), 128)
@@ -177,14 +177,7 @@ def test_quantized_chain_replayed_under_pdl_equals_it_run_one_kernel_at_a_time(r
             settle()
         return h
 
-    expected = chain(sync=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        got = chain(sync=False)
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    assert pdl_launch(DEV)["USE_PDL"] == (torch.cuda.get_device_capability()[0] >= 9)
+    expected, got = stepped_and_replayed(chain, DEV)
     if rows == 1:
         assert torch.equal(got, expected)
     else:
