@@ -39,6 +39,16 @@ def weight_tile(w_ptrs, n_mask, EVEN_N: tl.constexpr):
 
 
 @triton.jit
+def first_weight_tile(w_ptrs, n_mask, EVEN_N: tl.constexpr, USE_PDL: tl.constexpr):
+    """The first weight tile, read before waiting for the kernel before (weights never change), so under PDL
+    it streams in while that kernel drains; then this kernel's dependents are released and it waits."""
+    w = weight_tile(w_ptrs, n_mask, EVEN_N)
+    pdl_release(USE_PDL)
+    pdl_wait(USE_PDL)
+    return w
+
+
+@triton.jit
 def accumulate_tile(acc, w, x_ptrs, m_mask, K, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                     SILU_MUL: tl.constexpr):
     """acc += this K tile's products: w [BLOCK_N, BLOCK_K] against the x tile at x_ptrs."""
@@ -64,9 +74,7 @@ def stream_k(acc, w_ptrs, x_ptrs, n_mask, m_mask, K, k_len, BLOCK_K: tl.constexp
     The first weight tile is loaded before waiting for the kernel before this one (weights never change), so
     under PDL it streams in while that kernel drains; the other tiles follow in the plain loop.
     """
-    w = weight_tile(w_ptrs, n_mask, EVEN_N)
-    pdl_release(USE_PDL)
-    pdl_wait(USE_PDL)
+    w = first_weight_tile(w_ptrs, n_mask, EVEN_N, USE_PDL)
     acc = accumulate_tile(acc, w, x_ptrs, m_mask, K, USE_DOT, DOT_PRECISION, SILU_MUL)
     for _ in range(BLOCK_K, k_len, BLOCK_K):
         w_ptrs += BLOCK_K

@@ -27,8 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.linear.kernel import weight_tile
-from kernels.pdl import pdl_release, pdl_wait
+from kernels.linear.kernel import first_weight_tile, weight_tile
 from kernels.quant_linear.common import store_rows
 
 
@@ -146,9 +145,7 @@ def _w4a16_gemv_bytes_kernel(
         x_ptrs = x_ptr + k_start + 2 * byte
     acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
     # the first weight tile streams in while the kernel before drains (weights never change: kernels/pdl.py)
-    p = weight_tile(p_ptrs, n_mask[:, :, None], EVEN_N)
-    pdl_release(USE_PDL)
-    pdl_wait(USE_PDL)
+    p = first_weight_tile(p_ptrs, n_mask[:, :, None], EVEN_N, USE_PDL)
     acc = _bytes_step(acc, p, x_ptrs, s_ptrs, z_ptrs, n_mask, ONE, EVEN_N, BF16_PAIRS)
     for _ in range(BLOCK_K, k_per_split, BLOCK_K):
         p_ptrs += BLOCK_K // 2
@@ -187,9 +184,7 @@ def _w4a16_gemv_words_kernel(
     # the bf16 input as int32 pairs: a word's eight values are the four pairs 4w .. 4w + 3, one 16-byte load
     x_ptrs = x_ptr + k_start // 2 + 4 * word[:, :, None] + tl.arange(0, 4)[None, None, :]
     acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
-    w = weight_tile(w_ptrs, n_mask[:, :, None], EVEN_N)  # streams in while the kernel before drains
-    pdl_release(USE_PDL)
-    pdl_wait(USE_PDL)
+    w = first_weight_tile(w_ptrs, n_mask[:, :, None], EVEN_N, USE_PDL)
     acc = _words_step(acc, w, x_ptrs, s_ptrs, z_ptrs, n_mask, ONE, EVEN_N)
     for _ in range(BLOCK_K, k_per_split, BLOCK_K):
         w_ptrs += BLOCK_K // 8

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.linear.kernel import first_tiles, weight_tile
+from kernels.linear.kernel import first_tiles, first_weight_tile, weight_tile
 from kernels.pdl import pdl_launch, pdl_release, pdl_wait
 from kernels.quant_linear.common import dot_precision, exact_float, grid, outputs, rows_of, store_rows
 from kernels.quant_linear.config import FEW_ROWS, W8_CANDIDATES, QuantConfig, pick
@@ -30,15 +30,6 @@ def _w8_step(acc, w, x_ptrs, m_mask, USE_DOT: tl.constexpr, DOT_PRECISION: tl.co
     else:  # q + 128 in 1..255 converts exactly via the mantissa trick (common.exact_float)
         acc += (exact_float(w.to(tl.int32) + 128) - 128.0) * x.to(tl.float32)
     return acc
-
-
-@triton.jit
-def _first_tile(w_ptrs, n_mask, EVEN_N: tl.constexpr, USE_PDL: tl.constexpr):
-    """The first weight tile, read before waiting for the kernel before (weights never change)."""
-    w = weight_tile(w_ptrs, n_mask, EVEN_N)
-    pdl_release(USE_PDL)
-    pdl_wait(USE_PDL)
-    return w
 
 
 @triton.jit
@@ -60,7 +51,7 @@ def _w8_kernel(
         USE_DOT)
     first = 0
     if not USE_DOT:  # one row: the first weight tile streams in while the kernel before drains
-        w = _first_tile(w_ptrs, n_mask, EVEN_N, USE_PDL)
+        w = first_weight_tile(w_ptrs, n_mask, EVEN_N, USE_PDL)
         acc = _w8_step(acc, w, x_ptrs, m_mask, USE_DOT, DOT_PRECISION)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
