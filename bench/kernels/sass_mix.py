@@ -3,8 +3,9 @@
 `python -m bench.kernels.sass_mix` compiles kernels/attention's decode kernel (Llama-3-8B heads, 64-key tiles,
 4 splits) for the bf16 cache and each int8 / int4 mode, and the W4A16 int32-word GEMV (BLOCK_K 1024, 4
 warps, 2 stages, pointers and strides 16-divisible as the launcher specializes them) with nibbles shifted or
-read in place; disassembles each with the nvdisasm Triton ships and prints the instructions of the longest
-loop body (per weight value for the GEMV) and its local-memory (spill) traffic: a GPU-free check of a
+read in place, and the stationary W4A16 GEMV at its candidate tiles; disassembles each with the nvdisasm
+Triton ships and prints the instructions of the longest loop body (per weight value for the GEMVs) and its
+local-memory (spill) traffic: a GPU-free check of a
 dequantization change before an H100 run times it (bench/kernels/quant_gpu.py). Then the int4 quad decode
 kernel at its launch's tiles: its loop per K/V value, and whether its code loads are pipelined (the deepest
 cp.async wait, shared memory growing with the stages); and the one-row w8 GEMV with its loop plain or
@@ -59,6 +60,20 @@ def gemv_sass(block_n: int, group: int) -> str:
     source = ASTSource(_w4a16_gemv_words_kernel, signature, constexprs, attrs)
     return disassemble(triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                       options=dict(num_warps=4, num_stages=2)))
+
+
+def stationary_compile(block_n: int, block_k: int, warps: int, split: int, group: int = 128):
+    """kernels/quant_linear/w4a16_stationary's GEMV, eight row blocks a program, pointers 16-divisible."""
+    from kernels.quant_linear.w4a16_stationary import _w4a16_stationary_kernel
+
+    constexprs = dict(GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, BLOCKS=8,
+                      SPAN_P2=8 * block_n, EVEN_N=True, USE_PDL=True)
+    names = list(inspect.signature(_w4a16_stationary_kernel.fn).parameters)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in _GEMV_SIGNATURE
+             if n not in ("out_ptr", "part_ptr", "arrivals_ptr", "N", "ONE")}
+    signature = {n: "constexpr" if n in constexprs else _GEMV_SIGNATURE[n] for n in names}
+    return triton.compile(ASTSource(_w4a16_stationary_kernel, signature, constexprs, attrs),
+                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=1))
 
 
 _W8_SIGNATURE = dict(x_ptr="*bf16", w_ptr="*i8", scale_ptr="*fp32", out_ptr="*bf16", M="i32", N="i32",
@@ -154,6 +169,15 @@ def main() -> None:
             per_value = sum(mix.values()) / (block_n * 1024 / 128)
             top = ", ".join(f"{op} {n}" for op, n in mix.most_common(6))
             print(f"gemv {block_n:2d} rows g{group:<3d} {per_value:5.2f} per value | {top}", flush=True)
+    print("# W4A16 stationary GEMV, g128: loop instructions per weight value of a thread, registers")
+    for block_n, block_k, warps, split in ((4, 1024, 4, 4), (8, 512, 4, 8), (1, 4096, 4, 1), (8, 1024, 4, 4),
+                                           (2, 4096, 4, 1), (4, 2048, 4, 2), (4, 4096, 4, 1)):
+        compiled = stationary_compile(block_n, block_k, warps, split)
+        mix = loop_mix(disassemble(compiled))
+        top = ", ".join(f"{op} {n}" for op, n in mix.most_common(6))
+        print(f"stationary {block_n} x {block_k}, {warps} warps: "
+              f"{sum(mix.values()) / (block_n * block_k / (32 * warps)):4.2f} per value, "
+              f"{registers(compiled)} registers | {top}", flush=True)
     print("# w8 one-row GEMV, 4 warps: the loop asked for 1 stage (plain loads) or pipelined (cp.async)")
     for block_n, block_k, stages in ((4, 1024, 1), (4, 1024, 3), (8, 512, 1), (8, 512, 3)):
         compiled = w8_compile(block_n, block_k, stages)

@@ -27,6 +27,8 @@ class QuantConfig:
     tma: bool = False  # W8A8 GEMM: tiles copied by Hopper's tensor memory accelerator, not pointer loads
     partials: bool = False  # W4A16 GEMV split-K: per-split slices summed by a second kernel, not atomics
     mma: bool = False  # W4A16: the tensor-core kernel (w4a16_mma), any row count, M = 1 padded to block_m
+    stationary: bool = False  # W4A16 one row: x's K slice held in registers, rows streamed (w4a16_stationary)
+    per_sm: int = 0  # stationary: persistent programs an SM (over all splits) the grid aims at
 
 
 # Weight-streaming kernels (W4A16 and w8): one row, up to FEW_ROWS rows, and (W4A16 only) more.
@@ -42,7 +44,20 @@ class QuantConfig:
 # one row the merged kernel led only on down (2.16× vs the GEMV's 2.05×), so the GEMV stays first there. Group
 # sizes it cannot serve (32) and fp32 inputs fall through to the next candidate that fits (pick).
 W4_CANDIDATES: dict[str, tuple[QuantConfig, ...]] = {
-    "one": (QuantConfig(4, 1024, 4, 2), QuantConfig(16, 1024, 4, 3, split_k=0, words=True),
+    # session 14, untimed: the stationary GEMV (x's K slice prepared once a program, rows streamed past it);
+    # two rows a thread at 80 registers (8 × 1024, 2 × 4096, 4 × 2048), one at 64 (4 × 1024, 8 × 512,
+    # 1 × 4096), four at 128 (python -m bench.kernels.sass_mix: 3.8 / 4.5-4.7 / 3.5 loop instructions a
+    # weight value, the byte GEMV 7.1)
+    "one": (QuantConfig(8, 1024, 4, 1, stationary=True, per_sm=6),
+            QuantConfig(2, 4096, 4, 1, stationary=True, per_sm=6),
+            QuantConfig(4, 2048, 4, 1, stationary=True, per_sm=6),
+            QuantConfig(2, 2048, 2, 1, stationary=True, per_sm=12),
+            QuantConfig(4, 1024, 4, 1, stationary=True, per_sm=8),
+            QuantConfig(8, 512, 4, 1, stationary=True, per_sm=8),
+            QuantConfig(1, 4096, 4, 1, stationary=True, per_sm=8),
+            QuantConfig(4, 4096, 4, 1, stationary=True, per_sm=4),
+            QuantConfig(8, 1024, 4, 1, stationary=True, per_sm=12),
+            QuantConfig(4, 1024, 4, 2), QuantConfig(16, 1024, 4, 3, split_k=0, words=True),
             QuantConfig(8, 1024, 4, 3, words=True),
             # round 3, untimed: deeper pipelines of the winner's tile; one step over the whole K (x and the
             # weights in registers, no loop-carried pipeline; fit_k halves it where K is no power of two);

@@ -1,7 +1,8 @@
 """W4A16 in Triton: y [M, N] = x [M, K] · dequant(W4Weight)ᵀ, fp32 accumulation, out in x's dtype.
 
 w4a16_linear launches the first candidate of config.W4_CANDIDATES for the row count that fits the operands:
-one row a GEMV of w4a16_gemv (config.words picks its reading of the packed bytes); 2-16 rows the tensor-core
+one row a GEMV of w4a16_gemv (config.words picks its reading of the packed bytes) or w4a16_stationary
+(config.stationary: the input's K slice held while rows stream past); 2-16 rows the tensor-core
 kernel of w4a16_mma (bf16 / fp16 inputs, groups of 64 or more); what that cannot serve (g32, fp32 inputs)
 and prefill-sized row counts the tl.dot kernel here: a program owns BLOCK_N weight rows and walks its share
 of K (split-K: SPLIT_K programs per row block add fp32 partial sums atomically), BLOCK_K values a step. The
@@ -24,6 +25,7 @@ from kernels.quant_linear.config import W4_CANDIDATES, QuantConfig, pick
 from kernels.quant_linear.layout import W4Weight
 from kernels.quant_linear.w4a16_gemv import _w4a16_gemv_bytes_kernel, _w4a16_gemv_words_kernel, nibble_float
 from kernels.quant_linear.w4a16_mma import mma_fits, w4a16_mma
+from kernels.quant_linear.w4a16_stationary import stationary_fits, stationary_split, w4a16_stationary
 
 ONE_BITS = 0x3F800000  # 1.0f's bits, a kernel argument so that mask-and-or stays one LOP3 (w4a16_gemv)
 
@@ -94,6 +96,8 @@ def no_fit(rows: torch.Tensor, weight: W4Weight, config: QuantConfig) -> str:
         return "packed rows must be contiguous and scale / low laid out alike"
     if config.mma:
         return mma_fits(rows, weight, config)
+    if config.stationary:
+        return stationary_fits(rows, weight, config)
     gemv = config.block_m == 1
     if gemv != (m == 1) or gemv and config.block_k % weight.group_size:
         return f"{m} rows, groups of {weight.group_size}"
@@ -117,13 +121,17 @@ def w4a16_linear(x: torch.Tensor, weight: W4Weight, config: QuantConfig | None =
     reason = no_fit(rows, weight, config)
     if reason:
         raise ValueError(f"W4A16: no fit for {config}: {reason}")
+    if config.stationary:
+        config = stationary_split(config, k)
     gemv = config.block_m == 1
     buffers = outputs(m, n, x, config)
     out, part, arrivals = buffers.out, buffers.part, buffers.arrivals
     common = dict(GROUP=weight.group_size, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                   SPLIT_K=config.split_k, ONE=ONE_BITS, EVEN_N=n % config.block_n == 0,
                   num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch(x.device))
-    if gemv and _reads_words(rows, weight, config):
+    if config.stationary:
+        w4a16_stationary(rows, weight, config, buffers, common)
+    elif gemv and _reads_words(rows, weight, config):
         _w4a16_gemv_words_kernel[grid(m, n, config)[:2]](
             rows.view(torch.int32), weight.packed.view(torch.int32), weight.scale, weight.low, out, part,
             arrivals, n, k, weight.packed.stride(0) // 4, weight.scale.stride(0), MERGE=buffers.merge,

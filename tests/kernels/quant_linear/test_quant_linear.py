@@ -17,7 +17,8 @@ from kernels.quant_linear.reference import (
     w8_linear_ref,
     w8a8_linear_ref,
 )
-from kernels.quant_linear.w4a16 import w4a16_linear
+from kernels.quant_linear.w4a16 import no_fit, w4a16_linear
+from kernels.quant_linear.w4a16_stationary import blocks_per_program
 from kernels.quant_linear.w8 import w8_linear
 from kernels.quant_linear.w8a8 import default_config, int8_gemm, w8a8_linear
 
@@ -79,6 +80,36 @@ def test_w4a16_one_bf16_row_reads_the_input_as_pairs(group: int, words: bool) ->
                    QuantConfig(16, 128, 1, 1, split_k=2, words=words, partials=True)):
         got = w4a16_linear(x, weight, config)
         torch.testing.assert_close(got.float(), w4a16_linear_ref(x, weight).float(), atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("n,config", [
+    (24, QuantConfig(4, 256, 1, 1, stationary=True, per_sm=2)),  # one split, one block a program
+    (40, QuantConfig(8, 128, 1, 1, stationary=True, per_sm=1)),  # 4 splits merged in place
+    (70, QuantConfig(4, 256, 1, 1, stationary=True, per_sm=1)),  # 9 blocks a program, a ragged last one
+    (128, QuantConfig(16, 128, 2, 1, stationary=True, per_sm=3)),
+])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_w4a16_stationary_gemv_matches_the_reference(n: int, config: QuantConfig, group: int) -> None:
+    weight = w4_weight(n, 512, group, seed=n + group)
+    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(n)).bfloat16()
+    for _ in range(2):  # the merge's arrival counters are back at zero for the next launch
+        got = w4a16_linear(x, weight, config)
+        torch.testing.assert_close(got.float(), w4a16_linear_ref(x, weight).float(), atol=2e-2, rtol=1e-2)
+
+
+def test_stationary_programs_take_equal_runs_of_row_blocks() -> None:
+    assert blocks_per_program(1024, 264) == 4 and blocks_per_program(1536, 128) == 12
+    assert blocks_per_program(7, 2) == 1 and blocks_per_program(5, 8) == 1  # a prime count: one block each
+
+
+def test_w4a16_stationary_gemv_leaves_other_inputs_to_the_next_candidate() -> None:
+    weight = w4_weight(16, 256, 32, seed=6)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(11))  # fp32: not the stationary GEMV's
+    with pytest.raises(ValueError, match="one bf16 row"):
+        w4a16_linear(x, weight, QuantConfig(4, 256, 1, 1, stationary=True, per_sm=1))
+    config = pick(W4_CANDIDATES, 1, 16, 256, lambda c: not no_fit(x, weight, c))
+    assert not config.stationary
+    torch.testing.assert_close(w4a16_linear(x, weight), w4a16_linear_ref(x, weight), atol=1e-3, rtol=1e-3)
 
 
 def test_w4a16_word_configs_serve_inputs_other_than_bf16_from_the_bytes() -> None:

@@ -1,0 +1,180 @@
+"""W4A16 GEMV (one input row) with the input stationary: y [1, N] = x [1, K] · dequant(W4Weight)ᵀ.
+
+w4a16_gemv's kernels walk K for a fixed block of rows, so every step turns a new stretch of x into the
+form the nibble trick multiplies (bf16 pairs unpacked, scaled by 256 / 16, summed per group) — and a
+thread that holds one weight row does that for every value it multiplies: about half of the ~7
+instructions a weight value those loops issue (python -m bench.kernels.sass_mix). Here a program owns a
+K slice (BLOCK_K values; the launcher's split-K is K / BLOCK_K) and prepares that slice of x once, into
+registers, then streams weight rows past it: the loop over row blocks is the words GEMV's inner product
+alone — per int32 word of eight nibbles four shifts, eight LOP3s and eight FMAs — plus the group affine
+and one reduction per row. A program takes a run of consecutive row blocks (the grid aims at about
+`per_sm` programs an SM over all splits), so the preparation is paid once a program, not once a block.
+
+A chunk is 32 values: four int32 words, one 16-byte load of a row, within one group (the group size is a
+multiple of 32), so the group affine needs no cross-thread sum:
+    Σ w·x = s · (Σ f·x' − Σ x') + z · Σ x  over the chunk (w4a16_gemv's windows: f = 1 + q/256 or 1 + q/16
+against x' = 256·x or 16·x). Under split-K each program stores its rows' fp32 partials and counts in
+once at the end; the last split of a run of rows adds them and stores the output (no second kernel, no
+per-row-block atomic). Under PDL the first row block's weights load before the wait.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.linear.kernel import first_weight_tile, weight_tile
+from kernels.quant_linear.common import SplitOutput
+from kernels.quant_linear.config import QuantConfig
+from kernels.quant_linear.layout import W4Weight
+from kernels.quant_linear.w4a16_gemv import pair_floats, scaled_sums, window_floats
+
+CHUNK = 32  # values a thread's 16-byte load of a row holds (four int32 words)
+_CHUNK = tl.constexpr(CHUNK)
+
+
+@triton.jit
+def stationary_input(x_ptr, k_start, CHUNKS: tl.constexpr):
+    """The slice's bf16 input (x_ptr: int32 pairs) as x0..x7 [CHUNKS, 4]: value j of each word, even j
+    × 256 and odd j × 16 (exact), and per chunk Σx' and Σx."""
+    pair = (k_start // 2 + tl.arange(0, CHUNKS)[:, None, None] * (_CHUNK // 2)
+            + tl.arange(0, 4)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :])
+    pairs = tl.reshape(tl.load(x_ptr + pair), (CHUNKS, 4, 2, 2))  # pairs p of word w: values 8w+2p, +1
+    low, high = tl.split(pairs)  # pairs 0, 2 and 1, 3 of each word
+    p0, p2 = tl.split(low)
+    p1, p3 = tl.split(high)
+    x0, x1 = pair_floats(p0)
+    x2, x3 = pair_floats(p1)
+    x4, x5 = pair_floats(p2)
+    x6, x7 = pair_floats(p3)
+    x0, x2, x4, x6 = x0 * 256.0, x2 * 256.0, x4 * 256.0, x6 * 256.0
+    x1, x3, x5, x7 = x1 * 16.0, x3 * 16.0, x5 * 16.0, x7 * 16.0
+    sx_scaled, sx = scaled_sums((x0 + x2) + (x4 + x6), (x1 + x3) + (x5 + x7))
+    return x0, x1, x2, x3, x4, x5, x6, x7, sx_scaled, sx
+
+
+@triton.jit
+def _row_block(w, x0, x1, x2, x3, x4, x5, x6, x7, sx_scaled, sx, s_ptrs, z_ptrs, n_mask, ONE,
+               EVEN_N: tl.constexpr):
+    """Σ over the slice of w·x for each row of the word tile w [BLOCK_N, CHUNKS · 4]: [BLOCK_N, 1] fp32.
+    (Loaded flat, the tile gets 16-byte runs along K with the rows across warps; a [BLOCK_N, CHUNKS, 4]
+    pointer tensor put rows across lanes and took ~50 more registers at two rows a thread.)"""
+    w = tl.reshape(w, (w.shape[0], x0.shape[0], 4))
+    f0, f1 = window_floats(w, 0, ONE)
+    f2, f3 = window_floats(w, 8, ONE)
+    f4, f5 = window_floats(w, 16, ONE)
+    f6, f7 = window_floats(w, 24, ONE)
+    fx = (f0 * x0[None] + f1 * x1[None] + f2 * x2[None] + f3 * x3[None]
+          + f4 * x4[None] + f5 * x5[None] + f6 * x6[None] + f7 * x7[None])
+    if EVEN_N:
+        s = tl.load(s_ptrs).to(tl.float32)
+        z = tl.load(z_ptrs).to(tl.float32)
+    else:
+        s = tl.load(s_ptrs, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptrs, mask=n_mask, other=0.0).to(tl.float32)
+    return tl.sum((tl.sum(fx, axis=2) - sx_scaled[None, :]) * s + z * sx[None, :], axis=1, keep_dims=True)
+
+
+@triton.jit
+def _merge_span(out_ptr, part_ptr, arrivals_ptr, row0, N, SPLIT_K: tl.constexpr, SPAN: tl.constexpr,
+                SPAN_P2: tl.constexpr):
+    """After this split's partial rows row0 .. row0 + SPAN are in part [SPLIT_K, N]: count in at the
+    program's arrival counter; the last split to arrive resets it, adds the splits and stores out."""
+    tl.debug_barrier()  # with the acq_rel atomic: this program's partials are published before it counts
+    arrival = arrivals_ptr + tl.program_id(0)
+    if tl.atomic_add(arrival, 1, sem="acq_rel") == SPLIT_K - 1:
+        tl.atomic_xchg(arrival, 0, sem="relaxed")
+        rows = row0 + tl.arange(0, SPAN_P2)
+        mask = (rows < row0 + SPAN) & (rows < N)
+        total = tl.load(part_ptr + rows, mask=mask, other=0.0)
+        for other in tl.static_range(1, SPLIT_K):
+            total += tl.load(part_ptr + other * N + rows, mask=mask, other=0.0)
+        tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _w4a16_stationary_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, part_ptr, arrivals_ptr, N, K, stride_wn, stride_sn, ONE,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCKS: tl.constexpr, SPAN_P2: tl.constexpr, EVEN_N: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    CHUNKS: tl.constexpr = BLOCK_K // _CHUNK
+    split = tl.program_id(1)
+    row0 = tl.program_id(0) * (BLOCKS * BLOCK_N)  # this program's rows: BLOCKS row blocks from row0
+    k_start = tl.multiple_of(split * BLOCK_K, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, CHUNKS)
+    word = (k_start // 8 + tl.arange(0, CHUNKS * 4))[None, :]  # [1, CHUNKS · 4]
+    group = ((k_start + offs_c * _CHUNK) // GROUP)[None, :]  # [1, CHUNKS]: each chunk's scale and low
+    offs_n = row0 + offs_r
+    n_mask = offs_n[:, None] < N
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + word
+    s_offs = offs_n[:, None].to(tl.int64) * stride_sn + group
+    w = first_weight_tile(w_ptrs, n_mask, EVEN_N, USE_PDL)
+    x0, x1, x2, x3, x4, x5, x6, x7, sx_scaled, sx = stationary_input(x_ptr, k_start, CHUNKS)
+    for block in range(BLOCKS):
+        if block > 0:
+            offs_n += BLOCK_N
+            n_mask = offs_n[:, None] < N
+            w_ptrs += BLOCK_N * stride_wn
+            s_offs += BLOCK_N * stride_sn
+            w = weight_tile(w_ptrs, n_mask, EVEN_N)
+        y = _row_block(w, x0, x1, x2, x3, x4, x5, x6, x7, sx_scaled, sx, s_ptr + s_offs, z_ptr + s_offs,
+                       n_mask, ONE, EVEN_N)
+        if SPLIT_K == 1:
+            tl.store(out_ptr + offs_n[:, None], y.to(out_ptr.dtype.element_ty), mask=n_mask)
+        else:
+            tl.store(part_ptr + split.to(tl.int64) * N + offs_n[:, None], y, mask=n_mask)
+    if SPLIT_K > 1:
+        _merge_span(out_ptr, part_ptr, arrivals_ptr, row0, N, SPLIT_K, BLOCKS * BLOCK_N, SPAN_P2)
+
+
+_SMS: dict[torch.device, int] = {}
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The device's SM count (4 off CUDA: the interpreter's runs stay small but still persistent)."""
+    if device.type != "cuda":
+        return 4
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device]
+
+
+def stationary_fits(rows: torch.Tensor, weight: W4Weight, config: QuantConfig) -> str:
+    """Why the stationary GEMV cannot run this product ('' when it can)."""
+    n, k = weight.shape
+    p = weight.packed
+    if rows.shape[0] != 1 or rows.dtype != torch.bfloat16 or rows.storage_offset() % 2:
+        return "the stationary GEMV takes one bf16 row"
+    if config.block_k % CHUNK or k % config.block_k or weight.group_size % CHUNK:
+        return f"K = {k} and groups of {weight.group_size} must be whole {CHUNK}-value chunks of block_k"
+    if p.stride(0) % 4 or p.data_ptr() % 16:
+        return "packed rows must be 16-byte aligned int32 words"
+    return ""
+
+
+def stationary_split(config: QuantConfig, k: int) -> QuantConfig:
+    """The config as launched: split-K is K / block_k, merged in place."""
+    return QuantConfig(config.block_n, config.block_k, config.num_warps, config.num_stages,
+                       split_k=k // config.block_k, partials=True, stationary=True, per_sm=config.per_sm)
+
+
+def blocks_per_program(blocks: int, programs: int) -> int:
+    """Row blocks a program takes: the divisor of `blocks` nearest blocks / programs (so every program gets
+    as many, and no rows are masked off but a ragged last block's)."""
+    want = max(1.0, blocks / programs)
+    return min((d for d in range(1, blocks + 1) if blocks % d == 0), key=lambda d: (abs(d - want), d))
+
+
+def w4a16_stationary(rows: torch.Tensor, weight: W4Weight, config: QuantConfig, buffers: SplitOutput,
+                     launch: dict) -> None:
+    """Launch the stationary GEMV into `buffers` (common.outputs of stationary_split's config: out, and
+    under split-K the fp32 partials [split_k, N] and arrival counters, one a program)."""
+    n, k = weight.shape
+    blocks = triton.cdiv(n, config.block_n)
+    per = blocks_per_program(blocks, max(1, multiprocessors(rows.device) * config.per_sm // config.split_k))
+    _w4a16_stationary_kernel[(blocks // per, config.split_k)](
+        rows.view(torch.int32), weight.packed.view(torch.int32), weight.scale, weight.low, buffers.out,
+        buffers.part, buffers.arrivals, n, k, weight.packed.stride(0) // 4, weight.scale.stride(0),
+        BLOCKS=per, SPAN_P2=triton.next_power_of_2(per * config.block_n), **launch)
