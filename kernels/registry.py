@@ -14,6 +14,7 @@ from kernels.norm_linear.reference import rms_norm_linear_ref
 from kernels.norm_mlp.reference import rms_norm_mlp_ref
 from kernels.norm_qkv_rope.reference import rms_norm_qkv_rotary_store_ref
 from kernels.quant_linear.reference import (
+    silu_mul_w4a16_linear_ref,
     silu_mul_w8a8_linear_ref,
     w4a16_linear_ref,
     w8_linear_ref,
@@ -54,9 +55,10 @@ class KernelRegistry:
     rms_norm_qkv_rotary_store: Callable
     rms_norm_mlp: Callable
     # Quantized projections (engine/quantize): int4 weights × 16-bit input, int8 weights × 16-bit input, and
-    # int8 weights × per-token int8 input (optional SmoothQuant 1/s), and that one fed the MLP's gate_up
-    # (silu(gate) · up quantized in one pass); kernels/quant_linear/layout's weights.
+    # int8 weights × per-token int8 input (optional SmoothQuant 1/s), and the int4 and int8 × int8 ones fed
+    # the MLP's gate_up (silu(gate) · up taken in the same op); kernels/quant_linear/layout's weights.
     w4a16_linear: Callable
+    silu_mul_w4a16_linear: Callable
     w8_linear: Callable
     w8a8_linear: Callable
     silu_mul_w8a8_linear: Callable
@@ -78,7 +80,8 @@ class KernelRegistry:
             apply_rotary=apply_rotary_ref, rotary_store_kv=rotary_store_kv_ref, linear=linear_ref,
             silu_mul=silu_mul_ref, silu_mul_linear=silu_mul_linear_ref, rms_norm_linear=rms_norm_linear_ref,
             rms_norm_qkv_rotary_store=rms_norm_qkv_rotary_store_ref, rms_norm_mlp=rms_norm_mlp_ref,
-            w4a16_linear=w4a16_linear_ref, w8_linear=w8_linear_ref, w8a8_linear=w8a8_linear_ref,
+            w4a16_linear=w4a16_linear_ref, silu_mul_w4a16_linear=silu_mul_w4a16_linear_ref,
+            w8_linear=w8_linear_ref, w8a8_linear=w8a8_linear_ref,
             silu_mul_w8a8_linear=silu_mul_w8a8_linear_ref,
         )
 
@@ -97,6 +100,7 @@ class KernelRegistry:
         from kernels.norm_mlp.kernel import rms_norm_mlp_triton
         from kernels.norm_qkv_rope.kernel import rms_norm_qkv_rotary_store_triton
         from kernels.quant_linear.ops import (
+            silu_mul_w4a16_linear_triton,
             silu_mul_w8a8_linear_triton,
             w4a16_linear_triton,
             w8_linear_triton,
@@ -113,7 +117,8 @@ class KernelRegistry:
             linear=linear_triton, silu_mul=silu_mul_triton, silu_mul_linear=silu_mul_linear_triton,
             rms_norm_linear=rms_norm_linear_triton,
             rms_norm_qkv_rotary_store=rms_norm_qkv_rotary_store_triton, rms_norm_mlp=rms_norm_mlp_triton,
-            w4a16_linear=w4a16_linear_triton, w8_linear=w8_linear_triton, w8a8_linear=w8a8_linear_triton,
+            w4a16_linear=w4a16_linear_triton, silu_mul_w4a16_linear=silu_mul_w4a16_linear_triton,
+            w8_linear=w8_linear_triton, w8a8_linear=w8a8_linear_triton,
             silu_mul_w8a8_linear=silu_mul_w8a8_linear_triton,
         )
 

@@ -2,9 +2,9 @@
 
 What a weight scheme puts in on CUDA (and, for w8, everywhere): the weights in kernels/quant_linear/layout's
 formats, held as buffers so `.to()` and state dicts see them. The MLP's down projection (`silu_mul_input`)
-takes gate_up and applies the registry's silu_mul first (W8A8: an op that quantizes silu(gate) · up as it
-reads gate_up). Nothing here reads a tensor's values on the host or branches on them, so a CUDA graph can
-capture the forward.
+takes gate_up: W4A16 and W8A8 through ops that take silu(gate) · up from it themselves (the W4A16 one-row
+GEMV in its prologue, W8A8 quantizing it as it reads), w8 through the registry's silu_mul first. Nothing
+here reads a tensor's values on the host or branches on them, so a CUDA graph can capture the forward.
 """
 from __future__ import annotations
 
@@ -41,7 +41,9 @@ class W4A16KernelLinear(_QuantProjection):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = W4Weight(self.packed, self.scale, self.low, self.group_size)
-        return self.kernels.w4a16_linear(self.input_of(x), weight)
+        if self.silu_mul_input:  # one op: the one-row kernel takes silu(gate) · up in its prologue
+            return self.kernels.silu_mul_w4a16_linear(x, weight)
+        return self.kernels.w4a16_linear(x, weight)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, group={self.group_size}"

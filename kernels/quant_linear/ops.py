@@ -21,6 +21,12 @@ def w4a16_linear_triton(x: torch.Tensor, weight: W4Weight) -> torch.Tensor:
     return w4a16.w4a16_linear(x, weight)
 
 
+def silu_mul_w4a16_linear_triton(gate_up: torch.Tensor, weight: W4Weight) -> torch.Tensor:
+    """reference.silu_mul_w4a16_linear_ref's contract: one kernel where the one-row pick is the stationary
+    GEMV (silu(gate) · up in its prologue), the activation kernel then the product otherwise."""
+    return w4a16.silu_mul_w4a16_linear(gate_up, weight)
+
+
 def w8_linear_triton(x: torch.Tensor, weight: W8Weight) -> torch.Tensor:
     """reference.w8_linear_ref's contract: the int8 GEMV kernels up to FEW_ROWS rows, cuBLAS beyond."""
     n, k = weight.shape

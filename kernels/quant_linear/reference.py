@@ -61,6 +61,11 @@ def silu_mul_quantize_rows_ref(gate_up: torch.Tensor, inv_smooth: torch.Tensor |
     return quantize_rows_ref(act.reshape(-1, act.shape[-1]), inv_smooth)
 
 
+def silu_mul_w4a16_linear_ref(gate_up: torch.Tensor, weight: W4Weight) -> torch.Tensor:
+    """W4A16 down projection fed gate_up [..., 2I]: w4a16_linear_ref of silu_mul_ref(gate_up), [..., N]."""
+    return w4a16_linear_ref(silu_mul_ref(gate_up), weight)
+
+
 def silu_mul_w8a8_linear_ref(gate_up: torch.Tensor, weight: W8Weight,
                              inv_smooth: torch.Tensor | None = None) -> torch.Tensor:
     """W8A8 down projection fed gate_up [..., 2I]: w8a8_linear_ref of silu_mul_ref(gate_up), [..., N]."""

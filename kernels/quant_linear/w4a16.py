@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.activation.kernel import silu_mul_triton
 from kernels.pdl import pdl_launch, pdl_release, pdl_wait
 from kernels.quant_linear.common import dot_precision, grid, outputs, rows_of, store_rows, tile_start
 from kernels.quant_linear.config import W4_CANDIDATES, QuantConfig, pick
@@ -106,6 +107,44 @@ def no_fit(rows: torch.Tensor, weight: W4Weight, config: QuantConfig) -> str:
     return ""
 
 
+def _config(rows: torch.Tensor, weight: W4Weight, config: QuantConfig | None) -> QuantConfig:
+    """`config`, or the first candidate of the rows' bucket that fits; ValueError naming why not."""
+    n, k = weight.shape
+    config = config or pick(W4_CANDIDATES, rows.shape[0], n, k, lambda c: not no_fit(rows, weight, c))
+    reason = no_fit(rows, weight, config)
+    if reason:
+        raise ValueError(f"W4A16: no fit for {config}: {reason}")
+    return config
+
+
+def _launch_options(weight: W4Weight, config: QuantConfig, device: torch.device) -> dict:
+    n = weight.shape[0]
+    return dict(GROUP=weight.group_size, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                SPLIT_K=config.split_k, ONE=ONE_BITS, EVEN_N=n % config.block_n == 0,
+                num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch(device))
+
+
+def _stationary(rows: torch.Tensor, weight: W4Weight, config: QuantConfig, like: torch.Tensor,
+                silu_mul: bool) -> torch.Tensor:
+    config = stationary_split(config, weight.shape[1])
+    buffers = outputs(1, weight.shape[0], like, config)
+    w4a16_stationary(rows, weight, config, buffers, _launch_options(weight, config, like.device), silu_mul)
+    return buffers.result(like, weight.shape[0])
+
+
+def silu_mul_w4a16_linear(gate_up: torch.Tensor, weight: W4Weight,
+                          config: QuantConfig | None = None) -> torch.Tensor:
+    """The MLP's down projection fed gate_up [..., 2K]: w4a16_linear of silu(gate) · up, [..., N]. Where
+    the pick is the stationary GEMV (one bf16 row) it computes silu(gate) · up in its prologue, for its own
+    K slice (one kernel, no activation round trip); otherwise the activation kernel runs first."""
+    n, k = weight.shape
+    rows = rows_of(gate_up, 2 * k)
+    config = _config(rows, weight, config)
+    if config.stationary:
+        return _stationary(rows, weight, config, gate_up, silu_mul=True)
+    return w4a16_linear(silu_mul_triton(gate_up), weight, config)
+
+
 def w4a16_linear(x: torch.Tensor, weight: W4Weight, config: QuantConfig | None = None) -> torch.Tensor:
     """x [..., K] (bf16, fp16 or fp32) → [..., N] in x's dtype; config None: the first candidate of its row
     bucket (config.W4_CANDIDATES) that fits.
@@ -117,21 +156,14 @@ def w4a16_linear(x: torch.Tensor, weight: W4Weight, config: QuantConfig | None =
     n, k = weight.shape
     rows = rows_of(x, k)
     m = rows.shape[0]
-    config = config or pick(W4_CANDIDATES, m, n, k, lambda c: not no_fit(rows, weight, c))
-    reason = no_fit(rows, weight, config)
-    if reason:
-        raise ValueError(f"W4A16: no fit for {config}: {reason}")
+    config = _config(rows, weight, config)
     if config.stationary:
-        config = stationary_split(config, k)
+        return _stationary(rows, weight, config, x, silu_mul=False)
     gemv = config.block_m == 1
     buffers = outputs(m, n, x, config)
     out, part, arrivals = buffers.out, buffers.part, buffers.arrivals
-    common = dict(GROUP=weight.group_size, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                  SPLIT_K=config.split_k, ONE=ONE_BITS, EVEN_N=n % config.block_n == 0,
-                  num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch(x.device))
-    if config.stationary:
-        w4a16_stationary(rows, weight, config, buffers, common)
-    elif gemv and _reads_words(rows, weight, config):
+    common = _launch_options(weight, config, x.device)
+    if gemv and _reads_words(rows, weight, config):
         _w4a16_gemv_words_kernel[grid(m, n, config)[:2]](
             rows.view(torch.int32), weight.packed.view(torch.int32), weight.scale, weight.low, out, part,
             arrivals, n, k, weight.packed.stride(0) // 4, weight.scale.stride(0), MERGE=buffers.merge,

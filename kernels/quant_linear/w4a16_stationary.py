@@ -34,12 +34,33 @@ _CHUNK = tl.constexpr(CHUNK)
 
 
 @triton.jit
-def stationary_input(x_ptr, k_start, CHUNKS: tl.constexpr):
+def _bf16_bits(v):
+    """v (fp32) rounded to bf16, its 16 bits in the low half of an int32."""
+    return v.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+
+
+@triton.jit
+def silu_mul_pairs(gate, up):
+    """int32 pairs of bf16 gate and up values → pairs of silu(gate) · up, rounded as silu_mul_ref (silu to
+    bf16, then the product to bf16)."""
+    g_low, g_high = pair_floats(gate)
+    u_low, u_high = pair_floats(up)
+    low = (g_low / (1.0 + tl.exp(-g_low))).to(tl.bfloat16).to(tl.float32) * u_low
+    high = (g_high / (1.0 + tl.exp(-g_high))).to(tl.bfloat16).to(tl.float32) * u_high
+    return (_bf16_bits(high) << 16) | _bf16_bits(low)
+
+
+@triton.jit
+def stationary_input(x_ptr, k_start, K, CHUNKS: tl.constexpr, SILU_MUL: tl.constexpr):
     """The slice's bf16 input (x_ptr: int32 pairs) as x0..x7 [CHUNKS, 4]: value j of each word, even j
-    × 256 and odd j × 16 (exact), and per chunk Σx' and Σx."""
+    × 256 and odd j × 16 (exact), and per chunk Σx' and Σx. SILU_MUL: x_ptr is a gate_up row (2K wide)
+    and the input is silu(gate) · up, computed here for this slice only."""
     pair = (k_start // 2 + tl.arange(0, CHUNKS)[:, None, None] * (_CHUNK // 2)
             + tl.arange(0, 4)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :])
-    pairs = tl.reshape(tl.load(x_ptr + pair), (CHUNKS, 4, 2, 2))  # pairs p of word w: values 8w+2p, +1
+    pairs = tl.load(x_ptr + pair)
+    if SILU_MUL:
+        pairs = silu_mul_pairs(pairs, tl.load(x_ptr + K // 2 + pair))
+    pairs = tl.reshape(pairs, (CHUNKS, 4, 2, 2))  # pairs p of word w: values 8w + 2p, 8w + 2p + 1
     low, high = tl.split(pairs)  # pairs 0, 2 and 1, 3 of each word
     p0, p2 = tl.split(low)
     p1, p3 = tl.split(high)
@@ -97,6 +118,7 @@ def _w4a16_stationary_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, part_ptr, arrivals_ptr, N, K, stride_wn, stride_sn, ONE,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCKS: tl.constexpr, SPAN_P2: tl.constexpr, EVEN_N: tl.constexpr, USE_PDL: tl.constexpr,
+    SILU_MUL: tl.constexpr = False,
 ):
     CHUNKS: tl.constexpr = BLOCK_K // _CHUNK
     split = tl.program_id(1)
@@ -111,7 +133,7 @@ def _w4a16_stationary_kernel(
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + word
     s_offs = offs_n[:, None].to(tl.int64) * stride_sn + group
     w = first_weight_tile(w_ptrs, n_mask, EVEN_N, USE_PDL)
-    x0, x1, x2, x3, x4, x5, x6, x7, sx_scaled, sx = stationary_input(x_ptr, k_start, CHUNKS)
+    x0, x1, x2, x3, x4, x5, x6, x7, sx_scaled, sx = stationary_input(x_ptr, k_start, K, CHUNKS, SILU_MUL)
     for block in range(BLOCKS):
         if block > 0:
             offs_n += BLOCK_N
@@ -142,10 +164,11 @@ def multiprocessors(device: torch.device) -> int:
 
 
 def stationary_fits(rows: torch.Tensor, weight: W4Weight, config: QuantConfig) -> str:
-    """Why the stationary GEMV cannot run this product ('' when it can)."""
+    """Why the stationary GEMV cannot run this product ('' when it can); rows: the input, or the gate_up
+    rows its silu(gate) · up prologue reads (2K wide)."""
     n, k = weight.shape
     p = weight.packed
-    if rows.shape[0] != 1 or rows.dtype != torch.bfloat16 or rows.storage_offset() % 2:
+    if rows.shape[0] != 1 or rows.dtype != torch.bfloat16 or rows.storage_offset() % 2 or k % 2:
         return "the stationary GEMV takes one bf16 row"
     if config.block_k % CHUNK or k % config.block_k or weight.group_size % CHUNK:
         return f"K = {k} and groups of {weight.group_size} must be whole {CHUNK}-value chunks of block_k"
@@ -168,13 +191,14 @@ def blocks_per_program(blocks: int, programs: int) -> int:
 
 
 def w4a16_stationary(rows: torch.Tensor, weight: W4Weight, config: QuantConfig, buffers: SplitOutput,
-                     launch: dict) -> None:
+                     launch: dict, silu_mul: bool = False) -> None:
     """Launch the stationary GEMV into `buffers` (common.outputs of stationary_split's config: out, and
-    under split-K the fp32 partials [split_k, N] and arrival counters, one a program)."""
+    under split-K the fp32 partials [split_k, N] and arrival counters, one a program); silu_mul: rows are
+    gate_up and the product's input is silu(gate) · up."""
     n, k = weight.shape
     blocks = triton.cdiv(n, config.block_n)
     per = blocks_per_program(blocks, max(1, multiprocessors(rows.device) * config.per_sm // config.split_k))
     _w4a16_stationary_kernel[(blocks // per, config.split_k)](
         rows.view(torch.int32), weight.packed.view(torch.int32), weight.scale, weight.low, buffers.out,
         buffers.part, buffers.arrivals, n, k, weight.packed.stride(0) // 4, weight.scale.stride(0),
-        BLOCKS=per, SPAN_P2=triton.next_power_of_2(per * config.block_n), **launch)
+        BLOCKS=per, SPAN_P2=triton.next_power_of_2(per * config.block_n), SILU_MUL=silu_mul, **launch)

@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
 
 from engine.quantize.int4 import quantize_int4
 from engine.quantize.w8a8 import quantize_per_channel
+from kernels.activation.kernel import silu_mul_triton
 from kernels.quant_linear.act_quant import quantize_rows, silu_mul_quantize_rows
 from kernels.quant_linear.common import grid, outputs
 from kernels.quant_linear.config import (
@@ -30,7 +31,7 @@ from kernels.quant_linear.reference import (
     silu_mul_quantize_rows_ref,
     w8_linear_ref,
 )
-from kernels.quant_linear.w4a16 import w4a16_linear
+from kernels.quant_linear.w4a16 import silu_mul_w4a16_linear, w4a16_linear
 from kernels.quant_linear.w4a16_mma import w4a16_mma
 from kernels.quant_linear.w8 import w8_linear
 from kernels.quant_linear.w8a8 import int8_gemm, w8a8_linear
@@ -70,6 +71,19 @@ def test_w4a16_every_candidate_matches_the_reference(n: int, k: int, group: int,
         if config.block_m == 1 and config.block_k % group or config.mma and group % config.block_k:
             continue
         assert rel_err(w4a16_linear(x, w4, config), ref) < 1e-2, config
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_silu_mul_w4a16_every_stationary_candidate_equals_silu_mul_then_the_product(group: int) -> None:
+    n, k = 4096, 14336  # down (Llama-3-8B), fed gate_up [1, 2K]
+    w4 = pack_w4(*quantize_int4(weight(n, k), group))
+    gate_up = torch.randn(1, 2 * k, dtype=BF16, device=DEV)
+    act = silu_mul_triton(gate_up)
+    for config in W4_CANDIDATES["one"]:
+        if config.stationary:
+            config = fit_k(config, k)
+            fused = silu_mul_w4a16_linear(gate_up, w4, config)
+            assert torch.equal(fused, w4a16_linear(act, w4, config)), config
 
 
 def test_mma_ptx_dequantization_equals_its_plain_bit_operations() -> None:

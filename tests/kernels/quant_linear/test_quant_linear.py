@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from engine.quantize.int4 import dequantize_int4, quantize_int4
+from kernels.activation.kernel import silu_mul_triton
 from kernels.quant_linear.act_quant import quantize_rows, silu_mul_quantize_rows
 from kernels.quant_linear.config import W4_CANDIDATES, W8A8_CANDIDATES, QuantConfig, auto_split_k, fit_k, pick
 from kernels.quant_linear.layout import W4Weight, W8Weight, pack_w4, unpack_w4
@@ -13,11 +14,12 @@ from kernels.quant_linear.reference import (
     int8_gemm_ref,
     quantize_rows_ref,
     silu_mul_quantize_rows_ref,
+    silu_mul_w4a16_linear_ref,
     w4a16_linear_ref,
     w8_linear_ref,
     w8a8_linear_ref,
 )
-from kernels.quant_linear.w4a16 import no_fit, w4a16_linear
+from kernels.quant_linear.w4a16 import no_fit, silu_mul_w4a16_linear, w4a16_linear
 from kernels.quant_linear.w4a16_stationary import blocks_per_program
 from kernels.quant_linear.w8 import w8_linear
 from kernels.quant_linear.w8a8 import default_config, int8_gemm, w8a8_linear
@@ -95,6 +97,25 @@ def test_w4a16_stationary_gemv_matches_the_reference(n: int, config: QuantConfig
     for _ in range(2):  # the merge's arrival counters are back at zero for the next launch
         got = w4a16_linear(x, weight, config)
         torch.testing.assert_close(got.float(), w4a16_linear_ref(x, weight).float(), atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_w4a16_stationary_gemv_takes_silu_mul_in_its_prologue(group: int) -> None:
+    weight = w4_weight(40, 256, group, seed=group)
+    gate_up = torch.randn(1, 512, generator=torch.Generator().manual_seed(3)).bfloat16() * 3
+    for config in (QuantConfig(8, 128, 1, 1, stationary=True, per_sm=1),  # 2 splits, each its own slice
+                   QuantConfig(4, 256, 1, 1, stationary=True, per_sm=4)):
+        got = silu_mul_w4a16_linear(gate_up, weight, config)
+        # the same bf16 activation as the activation kernel's, so the same product bit for bit
+        assert torch.equal(got, w4a16_linear(silu_mul_triton(gate_up), weight, config))
+        # against torch's silu a bf16 activation may round the other way: a few output ulps (|y| ~ 250)
+        expected = silu_mul_w4a16_linear_ref(gate_up, weight).float()
+        torch.testing.assert_close(got.float(), expected, atol=2e-2 * expected.abs().max().item(), rtol=0)
+    # more rows: the activation kernel, then the product (fp32: the interpreter's bf16 tl.dot is wrong)
+    rows = gate_up.float().repeat(3, 1)
+    expected = silu_mul_w4a16_linear_ref(rows, weight).float()
+    torch.testing.assert_close(silu_mul_w4a16_linear(rows, weight).float(), expected,
+                               atol=2e-2 * expected.abs().max().item(), rtol=0)
 
 
 def test_stationary_programs_take_equal_runs_of_row_blocks() -> None:

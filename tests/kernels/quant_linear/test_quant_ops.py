@@ -87,7 +87,7 @@ def test_w8a8_down_projection_quantizes_gate_up_in_one_op_without_a_16_bit_activ
 
 def test_registry_names_the_quantized_ops_in_both_backends() -> None:
     reference, triton = KernelRegistry.reference(), KernelRegistry.triton()
-    for op in ("w4a16_linear", "w8_linear", "w8a8_linear", "silu_mul_w8a8_linear"):
+    for op in ("w4a16_linear", "silu_mul_w4a16_linear", "w8_linear", "w8a8_linear", "silu_mul_w8a8_linear"):
         assert getattr(reference, op).__name__ == f"{op}_ref"
         assert getattr(triton, op).__name__ == f"{op}_triton"
 
