@@ -44,19 +44,16 @@ class QuantConfig:
 # one row the merged kernel led only on down (2.16× vs the GEMV's 2.05×), so the GEMV stays first there. Group
 # sizes it cannot serve (32) and fp32 inputs fall through to the next candidate that fits (pick).
 W4_CANDIDATES: dict[str, tuple[QuantConfig, ...]] = {
-    # session 14, untimed: the stationary GEMV (x's K slice prepared once a program, rows streamed past it);
-    # two rows a thread at 80 registers (8 × 1024, 2 × 4096, 4 × 2048), one at 64 (4 × 1024, 8 × 512,
-    # 1 × 4096), four at 128 (python -m bench.kernels.sass_mix: 3.8 / 4.5-4.7 / 3.5 loop instructions a
-    # weight value, the byte GEMV 7.1)
-    "one": (QuantConfig(8, 1024, 4, 1, stationary=True, per_sm=6),
-            QuantConfig(2, 4096, 4, 1, stationary=True, per_sm=6),
-            QuantConfig(4, 2048, 4, 1, stationary=True, per_sm=6),
-            QuantConfig(2, 2048, 2, 1, stationary=True, per_sm=12),
+    # Session 14 on H100 (g128, bench/results/quant_stationary_round1_s14.txt): the stationary GEMV (x's K
+    # slice prepared once a program, rows streamed past it) at 4 × 4096, four rows a thread, one slice for
+    # K = 4096: 2.62 / 2.79 / 2.80× cuBLAS bf16 on qkv / o / gate_up where the byte GEMV gave 2.02 / 2.29 /
+    # 2.10×; down (K = 14336) at 4 × 1024 2.00× (8 × 512 1.97×), the byte GEMV 2.05× plus the activation
+    # kernel the stationary one takes into its prologue. Stationary configs keep their K slice (fit_k):
+    # each serves the K its block_k divides. Losers dropped: one or two rows a thread at 6-12 programs an SM
+    # (8 × 1024, 2 × 4096, 4 × 2048, 2 × 2048, 1 × 4096: 1.2-1.6× the winner on gate_up).
+    "one": (QuantConfig(4, 4096, 4, 1, stationary=True, per_sm=4),
             QuantConfig(4, 1024, 4, 1, stationary=True, per_sm=8),
             QuantConfig(8, 512, 4, 1, stationary=True, per_sm=8),
-            QuantConfig(1, 4096, 4, 1, stationary=True, per_sm=8),
-            QuantConfig(4, 4096, 4, 1, stationary=True, per_sm=4),
-            QuantConfig(8, 1024, 4, 1, stationary=True, per_sm=12),
             QuantConfig(4, 1024, 4, 2), QuantConfig(16, 1024, 4, 3, split_k=0, words=True),
             QuantConfig(8, 1024, 4, 3, words=True),
             # round 3, untimed: deeper pipelines of the winner's tile; one step over the whole K (x and the
@@ -73,7 +70,12 @@ W4_CANDIDATES: dict[str, tuple[QuantConfig, ...]] = {
             # session 10: the tensor-core kernel, its row padded to block_m (8 or 16), split-K merged in place
             # (64 × 128 at 16 rows led on down; the others within 1.26× of the winner everywhere)
             *(QuantConfig(bn, 128, 4, 4, block_m=bm, split_k=0, mma=True, partials=True)
-              for bn, bm in ((64, 16), (64, 8), (128, 8)))),
+              for bn, bm in ((64, 16), (64, 8), (128, 8))),
+            # session 14, untimed: four rows a thread over a 2048 slice for down's K (4 or 2 warps), and
+            # 8 warps over the 4096 slice (python -m bench.kernels.sass_mix: 3.5 loop instructions a value)
+            QuantConfig(8, 2048, 4, 1, stationary=True, per_sm=4),
+            QuantConfig(4, 2048, 2, 1, stationary=True, per_sm=8),
+            QuantConfig(8, 4096, 8, 1, stationary=True, per_sm=2)),
     # round 2 at 16 rows: the first within 3% of each shape's best; atomic 64 × 128 tied it on gate_up,
     # 128 × 128 at 8 warps led on o and down by 1-3%
     "few": (QuantConfig(64, 128, 4, 4, block_m=16, split_k=0, mma=True, partials=True),
@@ -126,6 +128,8 @@ def auto_split_k(config: QuantConfig, n: int, k: int) -> QuantConfig:
 
 def fit_k(config: QuantConfig, k: int, multiple: int = 1) -> QuantConfig:
     """Halve block_k (down to 2 · multiple) until split_k · block_k divides K: small models' K (576) fit."""
+    if config.stationary:  # its block_k is the K slice a program holds: it serves the K that block_k divides
+        return config
     block_k = config.block_k
     while k % (config.split_k * block_k) and block_k > 2 * multiple:
         block_k //= 2

@@ -144,7 +144,7 @@ def test_w4a16_default_configs_serve_every_bucket() -> None:
     weight = w4_weight(64, 256, 32, seed=4)
     for rows in (1, 8, 20):
         x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
-        config = pick(W4_CANDIDATES, rows, 64, 256)
+        config = pick(W4_CANDIDATES, rows, 64, 256, lambda c, x=x: not no_fit(x, weight, c))
         assert 256 % (config.split_k * config.block_k) == 0
         torch.testing.assert_close(w4a16_linear(x, weight), w4a16_linear_ref(x, weight), atol=1e-3, rtol=1e-3)
 
@@ -233,8 +233,16 @@ def test_every_one_row_w4a16_candidate_fits_the_bench_shapes() -> None:
     for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
         for config in W4_CANDIDATES["one"]:
             got = fit_k(auto_split_k(config, n, k), k)
+            if got.stationary:  # keeps its K slice: serves the K it divides, else the next candidate does
+                assert got == config and (k % got.block_k == 0) == (got.block_k <= 2048 or k == 4096)
+                continue
             fits_groups = 128 % got.block_k == 0 if got.mma else got.block_k % 128 == 0
             assert k % (got.split_k * got.block_k) == 0 and fits_groups, (config, n, k)
+        # a one-row bf16 product at every shape gets a stationary GEMV (the activation fused into down's)
+        x = torch.empty(1, k, dtype=torch.bfloat16)
+        scales = torch.empty(n, k // 128, dtype=torch.half)
+        weight = W4Weight(torch.empty(n, k // 2, dtype=torch.uint8), scales, scales, 128)
+        assert pick(W4_CANDIDATES, 1, n, k, lambda c, x=x, w=weight: not no_fit(x, w, c)).stationary
 
 
 def test_w4a16_split_partials_serve_only_one_row() -> None:
