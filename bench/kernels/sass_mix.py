@@ -62,12 +62,27 @@ def gemv_sass(block_n: int, group: int) -> str:
                                       options=dict(num_warps=4, num_stages=2)))
 
 
+def bytes_gemv_compile(block_n: int = 4, block_k: int = 1024, group: int = 128):
+    """w4a16_gemv's byte GEMV (the one-row default before the stationary one), bf16 input as int32 pairs."""
+    from kernels.quant_linear.w4a16_gemv import _w4a16_gemv_bytes_kernel
+
+    constexprs = dict(GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=1, EVEN_N=True, MERGE=False,
+                      USE_PDL=True, BF16_PAIRS=True)
+    pointers = dict(_GEMV_SIGNATURE, p_ptr="*u8", stride_pn="i32")
+    names = list(inspect.signature(_w4a16_gemv_bytes_kernel.fn).parameters)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in pointers
+             if n in names and n not in ("out_ptr", "part_ptr", "arrivals_ptr", "N", "ONE")}
+    signature = {n: "constexpr" if n in constexprs else pointers[n] for n in names}
+    return triton.compile(ASTSource(_w4a16_gemv_bytes_kernel, signature, constexprs, attrs),
+                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
+
+
 def stationary_compile(block_n: int, block_k: int, warps: int, split: int, group: int = 128):
     """kernels/quant_linear/w4a16_stationary's GEMV, eight row blocks a program, pointers 16-divisible."""
     from kernels.quant_linear.w4a16_stationary import _w4a16_stationary_kernel
 
     constexprs = dict(GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, BLOCKS=8,
-                      SPAN_P2=8 * block_n, EVEN_N=True, USE_PDL=True)
+                      SPAN_P2=8 * block_n, EVEN_N=True, USE_PDL=True, SILU_MUL=False)
     names = list(inspect.signature(_w4a16_stationary_kernel.fn).parameters)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in _GEMV_SIGNATURE
              if n not in ("out_ptr", "part_ptr", "arrivals_ptr", "N", "ONE")}
@@ -169,9 +184,13 @@ def main() -> None:
             per_value = sum(mix.values()) / (block_n * 1024 / 128)
             top = ", ".join(f"{op} {n}" for op, n in mix.most_common(6))
             print(f"gemv {block_n:2d} rows g{group:<3d} {per_value:5.2f} per value | {top}", flush=True)
-    print("# W4A16 stationary GEMV, g128: loop instructions per weight value of a thread, registers")
-    for block_n, block_k, warps, split in ((4, 1024, 4, 4), (8, 512, 4, 8), (1, 4096, 4, 1), (8, 1024, 4, 4),
-                                           (2, 4096, 4, 1), (4, 2048, 4, 2), (4, 4096, 4, 1)):
+    print("# W4A16 one-row GEMVs, g128: loop instructions per weight value of a thread, registers")
+    compiled = bytes_gemv_compile()
+    mix = loop_mix(disassemble(compiled))
+    print(f"bytes 4 x 1024, 4 warps: {sum(mix.values()) / 32:4.2f} per value, "
+          f"{registers(compiled)} registers", flush=True)
+    for block_n, block_k, warps, split in ((4, 4096, 4, 1), (4, 1024, 4, 4), (8, 512, 4, 8), (8, 1024, 4, 4),
+                                           (8, 2048, 4, 7), (4, 2048, 2, 7), (8, 4096, 8, 1)):
         compiled = stationary_compile(block_n, block_k, warps, split)
         mix = loop_mix(disassemble(compiled))
         top = ", ".join(f"{op} {n}" for op, n in mix.most_common(6))
