@@ -63,13 +63,20 @@ def pair_floats(pair):
 def group_affine(acc, t, sx_scaled, sx, s_ptrs, z_ptrs, n_mask, EVEN_N: tl.constexpr):
     """acc [BLOCK_N, GROUPS] += s·(Σf·x' − Σx') + z·Σx for this step's groups (t = Σf·x' per row and group;
     Σx' and Σx per group)."""
+    s, z = group_scales(s_ptrs, z_ptrs, n_mask, EVEN_N)
+    return acc + (t - sx_scaled[None, :]) * s + z * sx[None, :]
+
+
+@triton.jit
+def group_scales(s_ptrs, z_ptrs, n_mask, EVEN_N: tl.constexpr):
+    """The groups' scale and low as fp32 (rows past N, a ragged last block, as zeros)."""
     if EVEN_N:
         s = tl.load(s_ptrs).to(tl.float32)
         z = tl.load(z_ptrs).to(tl.float32)
     else:
         s = tl.load(s_ptrs, mask=n_mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptrs, mask=n_mask, other=0.0).to(tl.float32)
-    return acc + (t - sx_scaled[None, :]) * s + z * sx[None, :]
+    return s, z
 
 
 @triton.jit
@@ -95,12 +102,12 @@ def _bytes_step(acc, p, x_ptrs, s_ptrs, z_ptrs, n_mask, ONE, EVEN_N: tl.constexp
 
 
 @triton.jit
-def _words_step(acc, w, x_ptrs, s_ptrs, z_ptrs, n_mask, ONE, EVEN_N: tl.constexpr):
-    """acc += one step's products from the packed word tile w [BLOCK_N, GROUPS, GROUP / 8]."""
-    GROUPS: tl.constexpr = w.shape[1]
-    WORDS: tl.constexpr = w.shape[2]
-    pairs = tl.reshape(tl.load(x_ptrs), (GROUPS, WORDS, 2, 2))
-    low, high = tl.split(pairs)  # pairs 0, 2 and 1, 3 of each word
+def word_inputs(pairs):
+    """A bf16 input as int32 pairs [A, B, 4] (a word's eight values: pairs 4w .. 4w + 3) → x0..x7 [A, B]:
+    value j of each word, even j × 256, odd j × 16."""
+    A: tl.constexpr = pairs.shape[0]
+    B: tl.constexpr = pairs.shape[1]
+    low, high = tl.split(tl.reshape(pairs, (A, B, 2, 2)))  # pairs 0, 2 and 1, 3 of each word
     p0, p2 = tl.split(low)
     p1, p3 = tl.split(high)
     x0, x1 = pair_floats(p0)
@@ -109,13 +116,32 @@ def _words_step(acc, w, x_ptrs, s_ptrs, z_ptrs, n_mask, ONE, EVEN_N: tl.constexp
     x6, x7 = pair_floats(p3)
     x0, x2, x4, x6 = x0 * 256.0, x2 * 256.0, x4 * 256.0, x6 * 256.0
     x1, x3, x5, x7 = x1 * 16.0, x3 * 16.0, x5 * 16.0, x7 * 16.0
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def word_sums(x0, x1, x2, x3, x4, x5, x6, x7):
+    """Per row of word_inputs' [A, B]: Σx' and Σx."""
+    return scaled_sums((x0 + x2) + (x4 + x6), (x1 + x3) + (x5 + x7))
+
+
+@triton.jit
+def word_products(w, x0, x1, x2, x3, x4, x5, x6, x7, ONE):
+    """Σ over each int32 word of w [.., A, B] of f_j · x_j (its eight nibbles as window floats)."""
     f0, f1 = window_floats(w, 0, ONE)
     f2, f3 = window_floats(w, 8, ONE)
     f4, f5 = window_floats(w, 16, ONE)
     f6, f7 = window_floats(w, 24, ONE)
-    fx = (f0 * x0[None] + f1 * x1[None] + f2 * x2[None] + f3 * x3[None]
-          + f4 * x4[None] + f5 * x5[None] + f6 * x6[None] + f7 * x7[None])
-    sx_scaled, sx = scaled_sums((x0 + x2) + (x4 + x6), (x1 + x3) + (x5 + x7))
+    return (f0 * x0[None] + f1 * x1[None] + f2 * x2[None] + f3 * x3[None]
+            + f4 * x4[None] + f5 * x5[None] + f6 * x6[None] + f7 * x7[None])
+
+
+@triton.jit
+def _words_step(acc, w, x_ptrs, s_ptrs, z_ptrs, n_mask, ONE, EVEN_N: tl.constexpr):
+    """acc += one step's products from the packed word tile w [BLOCK_N, GROUPS, GROUP / 8]."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = word_inputs(tl.load(x_ptrs))
+    fx = word_products(w, x0, x1, x2, x3, x4, x5, x6, x7, ONE)
+    sx_scaled, sx = word_sums(x0, x1, x2, x3, x4, x5, x6, x7)
     return group_affine(acc, tl.sum(fx, axis=2), sx_scaled, sx, s_ptrs, z_ptrs, n_mask, EVEN_N)
 
 

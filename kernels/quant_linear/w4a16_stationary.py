@@ -27,7 +27,7 @@ from kernels.linear.kernel import first_weight_tile, weight_tile
 from kernels.quant_linear.common import SplitOutput
 from kernels.quant_linear.config import QuantConfig
 from kernels.quant_linear.layout import W4Weight
-from kernels.quant_linear.w4a16_gemv import pair_floats, scaled_sums, window_floats
+from kernels.quant_linear.w4a16_gemv import group_scales, pair_floats, word_inputs, word_products, word_sums
 
 CHUNK = 32  # values a thread's 16-byte load of a row holds (four int32 words)
 _CHUNK = tl.constexpr(CHUNK)
@@ -60,17 +60,8 @@ def stationary_input(x_ptr, k_start, K, CHUNKS: tl.constexpr, SILU_MUL: tl.const
     pairs = tl.load(x_ptr + pair)
     if SILU_MUL:
         pairs = silu_mul_pairs(pairs, tl.load(x_ptr + K // 2 + pair))
-    pairs = tl.reshape(pairs, (CHUNKS, 4, 2, 2))  # pairs p of word w: values 8w + 2p, 8w + 2p + 1
-    low, high = tl.split(pairs)  # pairs 0, 2 and 1, 3 of each word
-    p0, p2 = tl.split(low)
-    p1, p3 = tl.split(high)
-    x0, x1 = pair_floats(p0)
-    x2, x3 = pair_floats(p1)
-    x4, x5 = pair_floats(p2)
-    x6, x7 = pair_floats(p3)
-    x0, x2, x4, x6 = x0 * 256.0, x2 * 256.0, x4 * 256.0, x6 * 256.0
-    x1, x3, x5, x7 = x1 * 16.0, x3 * 16.0, x5 * 16.0, x7 * 16.0
-    sx_scaled, sx = scaled_sums((x0 + x2) + (x4 + x6), (x1 + x3) + (x5 + x7))
+    x0, x1, x2, x3, x4, x5, x6, x7 = word_inputs(pairs)  # [CHUNKS, 4 words, 4 pairs] → [CHUNKS, 4]
+    sx_scaled, sx = word_sums(x0, x1, x2, x3, x4, x5, x6, x7)
     return x0, x1, x2, x3, x4, x5, x6, x7, sx_scaled, sx
 
 
@@ -80,19 +71,8 @@ def _row_block(w, x0, x1, x2, x3, x4, x5, x6, x7, sx_scaled, sx, s_ptrs, z_ptrs,
     """Σ over the slice of w·x for each row of the word tile w [BLOCK_N, CHUNKS · 4]: [BLOCK_N, 1] fp32.
     (Loaded flat, the tile gets 16-byte runs along K with the rows across warps; a [BLOCK_N, CHUNKS, 4]
     pointer tensor put rows across lanes and took ~50 more registers at two rows a thread.)"""
-    w = tl.reshape(w, (w.shape[0], x0.shape[0], 4))
-    f0, f1 = window_floats(w, 0, ONE)
-    f2, f3 = window_floats(w, 8, ONE)
-    f4, f5 = window_floats(w, 16, ONE)
-    f6, f7 = window_floats(w, 24, ONE)
-    fx = (f0 * x0[None] + f1 * x1[None] + f2 * x2[None] + f3 * x3[None]
-          + f4 * x4[None] + f5 * x5[None] + f6 * x6[None] + f7 * x7[None])
-    if EVEN_N:
-        s = tl.load(s_ptrs).to(tl.float32)
-        z = tl.load(z_ptrs).to(tl.float32)
-    else:
-        s = tl.load(s_ptrs, mask=n_mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptrs, mask=n_mask, other=0.0).to(tl.float32)
+    fx = word_products(tl.reshape(w, (w.shape[0], x0.shape[0], 4)), x0, x1, x2, x3, x4, x5, x6, x7, ONE)
+    s, z = group_scales(s_ptrs, z_ptrs, n_mask, EVEN_N)
     return tl.sum((tl.sum(fx, axis=2) - sx_scaled[None, :]) * s + z * sx[None, :], axis=1, keep_dims=True)
 
 
