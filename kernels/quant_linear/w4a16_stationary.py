@@ -19,6 +19,8 @@ per-row-block atomic). Under PDL the first row block's weights load before the w
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -163,6 +165,7 @@ def stationary_split(config: QuantConfig, k: int) -> QuantConfig:
                        split_k=k // config.block_k, partials=True, stationary=True, per_sm=config.per_sm)
 
 
+@functools.cache  # a launch's: eager steps launch every projection each time
 def blocks_per_program(blocks: int, programs: int) -> int:
     """Row blocks a program takes: the divisor of `blocks` nearest blocks / programs (so every program gets
     as many, and no rows are masked off but a ragged last block's)."""
