@@ -9,6 +9,14 @@ from kernels.pdl import pdl_launch, pdl_release, pdl_wait
 
 
 @triton.jit
+def silu_mul_rounded(gate, up, DTYPE: tl.constexpr):
+    """silu(gate) · up from fp32 gate and up, rounded as silu_mul_ref: silu to DTYPE before the product, the
+    product to DTYPE (every fused prologue that takes gate_up computes it this way)."""
+    act = (gate / (1.0 + tl.exp(-gate))).to(DTYPE).to(tl.float32)
+    return (act * up).to(DTYPE)
+
+
+@triton.jit
 def _silu_mul_kernel(gate_up_ptr, out_ptr, inter, stride_gt, stride_ot, BLOCK: tl.constexpr,
                      USE_PDL: tl.constexpr):
     pdl_wait(USE_PDL)  # gate_up comes from the kernel before (kernels/pdl.py)
@@ -18,9 +26,8 @@ def _silu_mul_kernel(gate_up_ptr, out_ptr, inter, stride_gt, stride_ot, BLOCK: t
     mask = offs < inter
     gate = tl.load(gate_up_ptr + token * stride_gt + offs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gate_up_ptr + token * stride_gt + inter + offs, mask=mask, other=0.0).to(tl.float32)
-    # silu(g) = g · sigmoid(g), rounded to the input dtype before the product, as the reference rounds it.
-    act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + token * stride_ot + offs, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
+    act = silu_mul_rounded(gate, up, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + token * stride_ot + offs, act, mask=mask)
 
 
 def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,8 @@ import functools
 import torch
 import triton
 
+from kernels.device import num_sms
+
 # Split-K bounds: 64-token splits let a bs1 decode over a short context use the GPU (more live splits, about
 # half the time a layer at ctx512: docs/benchmarks.md); 32 is the most the sweep tried.
 _MIN_TOKENS_PER_SPLIT = 64
@@ -19,13 +21,6 @@ _MAX_IN_PLACE_SPLITS = 8
 _FILL_TIE = 0.05
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8  # interpreter: any small number; it only shapes the split heuristic
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device,
                       kv_bits: int = 0, quads: bool = False) -> int:
     """KV splits per (sequence, KV head). Float caches: enough programs for ~2 waves on the GPU, >= 64
@@ -37,7 +32,7 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device
     if kv_bits == 4 and quads:
         return quad_launch(programs, max_seq_len, device)[0]
     waves = INT4_SPLIT_WAVES if kv_bits == 4 else 1
-    wanted = -(-2 * waves * _num_sms(device) // max(programs, 1))
+    wanted = -(-2 * waves * num_sms(device) // max(programs, 1))
     by_length = max(max_seq_len // _MIN_TOKENS_PER_SPLIT, 1)
     return max(1, min(wanted, by_length, _MAX_SPLITS * (2 if waves > 1 else 1)))
 
@@ -93,7 +88,7 @@ def int8_launch(programs: int, max_seq_len: int, device: torch.device,
     there are any), if each split then holds _LONG_SPLIT_TILES tiles; else 64-key tiles, the fewest
     splits of near-best efficiency, <= 64 tokens a split apart (the float caches' rule)."""
     tile_counts = tuple(max(1, -(-max_seq_len // tiles[0])) for tiles in INT8_DECODE_TILES[:2])
-    return _int8_launch(programs, tile_counts, _num_sms(device), num_splits)
+    return _int8_launch(programs, tile_counts, num_sms(device), num_splits)
 
 
 @functools.lru_cache(maxsize=4096)  # keyed by tile counts: an eager decode's context grows a token a step
@@ -147,7 +142,7 @@ def quad_launch(programs: int, max_seq_len: int, device: torch.device,
     INT4_QUAD_LAUNCHES entry and split count (or at `num_splits`) of near-best _efficiency, fewest splits
     first, then the first entry; its stages at most one more than a split's tiles."""
     tile_counts = tuple(max(1, -(-max_seq_len // tiles[0])) for tiles, _, _ in INT4_QUAD_LAUNCHES)
-    return _quad_launch(programs, tile_counts, _num_sms(device), num_splits)
+    return _quad_launch(programs, tile_counts, num_sms(device), num_splits)
 
 
 @functools.lru_cache(maxsize=4096)  # keyed by tile counts, as _int8_launch
@@ -186,7 +181,7 @@ def decode_config(head_dim: int, interpreted: bool, programs: int = 1,
         return 32, 4, 2
     if kv_bits == 4 and head_dim == 128:
         return INT4_DECODE_TILES
-    sms = _num_sms(device) if device is not None else 132
+    sms = num_sms(device) if device is not None else 132
     fill2, fill3 = (_last_wave_fill(programs, _programs_per_sm(s), sms) for s in (2, 3))
     return (64, 4, 2) if fill2 >= fill3 else (64, 4, 3)
 
@@ -199,7 +194,7 @@ def preload_first_tile(programs: int, stages: int, device: torch.device) -> bool
     """
     if device.type != "cuda":
         return True  # the interpreter: exercise the path in tests
-    return programs <= _programs_per_sm(stages) * _num_sms(device)
+    return programs <= _programs_per_sm(stages) * num_sms(device)
 
 
 def prefill_config(head_dim: int, max_query_len: int, interpreted: bool) -> tuple[int, int, int, int]:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.activation.kernel import silu_mul_triton
+from kernels.activation.kernel import silu_mul_rounded, silu_mul_triton
 from kernels.linear.config import SHARED_MEMORY_BUDGET, SKINNY_MAX_M, SkinnyConfig, pick_config
 from kernels.pdl import pdl_launch, pdl_release, pdl_wait
 
@@ -54,10 +54,8 @@ def accumulate_tile(acc, w, x_ptrs, m_mask, K, USE_DOT: tl.constexpr, DOT_PRECIS
     """acc += this K tile's products: w [BLOCK_N, BLOCK_K] against the x tile at x_ptrs."""
     x = tl.load(x_ptrs, mask=m_mask, other=0.0)
     if SILU_MUL:  # rows are [gate | up] (2K wide): the input is silu(gate) · up, rounded as silu_mul_ref
-        gate = x.to(tl.float32)
         up = tl.load(x_ptrs + K, mask=m_mask, other=0.0)
-        act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
-        x = (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
+        x = silu_mul_rounded(x.to(tl.float32), up.to(tl.float32), up.dtype)
     if USE_DOT:  # x is the transposed tile [BLOCK_K, BLOCK_M]; acc is [BLOCK_N, BLOCK_M]
         acc = tl.dot(w, x, acc, input_precision=DOT_PRECISION)
     else:

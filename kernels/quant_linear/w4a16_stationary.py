@@ -20,11 +20,14 @@ per-row-block atomic). Under PDL the first row block's weights load before the w
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.activation.kernel import silu_mul_rounded
+from kernels.device import num_sms
 from kernels.linear.kernel import first_weight_tile, weight_tile
 from kernels.quant_linear.common import SplitOutput
 from kernels.quant_linear.config import QuantConfig
@@ -37,18 +40,17 @@ _CHUNK = tl.constexpr(CHUNK)
 
 @triton.jit
 def _bf16_bits(v):
-    """v (fp32) rounded to bf16, its 16 bits in the low half of an int32."""
-    return v.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    """A bf16 value's 16 bits in the low half of an int32."""
+    return v.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
 
 
 @triton.jit
 def silu_mul_pairs(gate, up):
-    """int32 pairs of bf16 gate and up values → pairs of silu(gate) · up, rounded as silu_mul_ref (silu to
-    bf16, then the product to bf16)."""
+    """int32 pairs of bf16 gate and up values → pairs of silu(gate) · up, rounded as silu_mul_ref."""
     g_low, g_high = pair_floats(gate)
     u_low, u_high = pair_floats(up)
-    low = (g_low / (1.0 + tl.exp(-g_low))).to(tl.bfloat16).to(tl.float32) * u_low
-    high = (g_high / (1.0 + tl.exp(-g_high))).to(tl.bfloat16).to(tl.float32) * u_high
+    low = silu_mul_rounded(g_low, u_low, tl.bfloat16)
+    high = silu_mul_rounded(g_high, u_high, tl.bfloat16)
     return (_bf16_bits(high) << 16) | _bf16_bits(low)
 
 
@@ -133,18 +135,6 @@ def _w4a16_stationary_kernel(
         _merge_span(out_ptr, part_ptr, arrivals_ptr, row0, N, SPLIT_K, BLOCKS * BLOCK_N, SPAN_P2)
 
 
-_SMS: dict[torch.device, int] = {}
-
-
-def multiprocessors(device: torch.device) -> int:
-    """The device's SM count (4 off CUDA: the interpreter's runs stay small but still persistent)."""
-    if device.type != "cuda":
-        return 4
-    if device not in _SMS:
-        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SMS[device]
-
-
 def stationary_fits(rows: torch.Tensor, weight: W4Weight, config: QuantConfig) -> str:
     """Why the stationary GEMV cannot run this product ('' when it can); rows: the input, or the gate_up
     rows its silu(gate) · up prologue reads (2K wide)."""
@@ -161,8 +151,7 @@ def stationary_fits(rows: torch.Tensor, weight: W4Weight, config: QuantConfig) -
 
 def stationary_split(config: QuantConfig, k: int) -> QuantConfig:
     """The config as launched: split-K is K / block_k, merged in place."""
-    return QuantConfig(config.block_n, config.block_k, config.num_warps, config.num_stages,
-                       split_k=k // config.block_k, partials=True, stationary=True, per_sm=config.per_sm)
+    return replace(config, split_k=k // config.block_k, partials=True)
 
 
 @functools.cache  # a launch's: eager steps launch every projection each time
@@ -180,7 +169,7 @@ def w4a16_stationary(rows: torch.Tensor, weight: W4Weight, config: QuantConfig, 
     gate_up and the product's input is silu(gate) · up."""
     n, k = weight.shape
     blocks = triton.cdiv(n, config.block_n)
-    per = blocks_per_program(blocks, max(1, multiprocessors(rows.device) * config.per_sm // config.split_k))
+    per = blocks_per_program(blocks, max(1, num_sms(rows.device) * config.per_sm // config.split_k))
     _w4a16_stationary_kernel[(blocks // per, config.split_k)](
         rows.view(torch.int32), weight.packed.view(torch.int32), weight.scale, weight.low, buffers.out,
         buffers.part, buffers.arrivals, n, k, weight.packed.stride(0) // 4, weight.scale.stride(0),

@@ -96,8 +96,8 @@ def test_operands_the_quad_kernel_cannot_take_go_to_the_dequantizing_kernel(quad
 def test_splits_and_register_cap_follow_the_last_waves_fill(monkeypatch) -> None:
     import kernels.attention.config as config
 
-    monkeypatch.setattr(config, "_num_sms", lambda device: 132)
-    cuda = torch.device("cuda", 0)  # only its type is read once _num_sms is fixed
+    monkeypatch.setattr(config, "num_sms", lambda device: 132)
+    cuda = torch.device("cuda", 0)  # only its type is read once num_sms is fixed
     (uncapped, two, no_cap), (capped, three, cap) = config.INT4_QUAD_LAUNCHES
     assert (two, no_cap, three) == (2, 0, 3) and cap > 0
     # 8 KV heads at ctx 8k (64 tiles of 128 keys): B=16 at 3 splits (384 programs) fills one wave of three

@@ -122,7 +122,7 @@ def test_reference_attention_over_quantized_blocks_stays_near_float_attention(dt
 def test_int8_launch_takes_long_tiles_where_splits_hold_enough_of_them(monkeypatch) -> None:
     import kernels.attention.config as config
 
-    monkeypatch.setattr(config, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(config, "num_sms", lambda device: 132)
     cuda = torch.device("cuda", 0)
     long, short = config.INT8_DECODE_TILES[:2]
     chosen = {b: config.int8_launch(b * 8, 8192, cuda) for b in (1, 8, 16, 32, 64)}

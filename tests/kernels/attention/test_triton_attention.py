@@ -211,8 +211,8 @@ def test_mixed_batch_with_split_k_decode_rows_matches_reference(monkeypatch: pyt
 def test_decode_launch_config_fills_waves_and_preloads_only_one_wave(monkeypatch) -> None:
     import kernels.attention.config as config
 
-    monkeypatch.setattr(config, "_num_sms", lambda device: 132)
-    cuda = torch.device("cuda", 0)  # only its type is read once _num_sms is fixed
+    monkeypatch.setattr(config, "num_sms", lambda device: 132)
+    cuda = torch.device("cuda", 0)  # only its type is read once num_sms is fixed
     # 384 programs: one wave of three a SM (two stages); 512: two full waves of two a SM (three stages).
     assert config.decode_config(128, False, 384, cuda) == (64, 4, 2)
     assert config.decode_config(128, False, 512, cuda) == (64, 4, 3)

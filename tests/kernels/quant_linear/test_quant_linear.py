@@ -85,9 +85,9 @@ def test_w4a16_one_bf16_row_reads_the_input_as_pairs(group: int, words: bool) ->
 
 
 @pytest.mark.parametrize("n,config", [
-    (24, QuantConfig(4, 256, 1, 1, stationary=True, per_sm=2)),  # one split, one block a program
+    (24, QuantConfig(4, 256, 1, 1, stationary=True, per_sm=2)),  # 2 splits, one block a program
     (40, QuantConfig(8, 128, 1, 1, stationary=True, per_sm=1)),  # 4 splits merged in place
-    (70, QuantConfig(4, 256, 1, 1, stationary=True, per_sm=1)),  # 9 blocks a program, a ragged last one
+    (70, QuantConfig(4, 256, 1, 1, stationary=True, per_sm=1)),  # 3 blocks a program, a ragged last one
     (128, QuantConfig(16, 128, 2, 1, stationary=True, per_sm=3)),
 ])
 @pytest.mark.parametrize("group", [32, 64, 128])
