@@ -70,14 +70,21 @@ def stationary_input(x_ptr, k_start, K, CHUNKS: tl.constexpr, SILU_MUL: tl.const
 
 
 @triton.jit
-def _row_block(w, x0, x1, x2, x3, x4, x5, x6, x7, sx_scaled, sx, s_ptrs, z_ptrs, n_mask, ONE,
-               EVEN_N: tl.constexpr):
-    """Σ over the slice of w·x for each row of the word tile w [BLOCK_N, CHUNKS · 4]: [BLOCK_N, 1] fp32.
-    (Loaded flat, the tile gets 16-byte runs along K with the rows across warps; a [BLOCK_N, CHUNKS, 4]
-    pointer tensor put rows across lanes and took ~50 more registers at two rows a thread.)"""
+def _row_block(w, s, z, x0, x1, x2, x3, x4, x5, x6, x7, sx_scaled, sx, ONE):
+    """Σ over the slice of w·x for each row of the word tile w [BLOCK_N, CHUNKS · 4], with its chunks'
+    scales and lows s, z [BLOCK_N, CHUNKS] (fp32): [BLOCK_N, 1] fp32. (Loaded flat, the tile gets 16-byte
+    runs along K with the rows across warps; a [BLOCK_N, CHUNKS, 4] pointer tensor put rows across lanes
+    and took ~50 more registers at two rows a thread.)"""
     fx = word_products(tl.reshape(w, (w.shape[0], x0.shape[0], 4)), x0, x1, x2, x3, x4, x5, x6, x7, ONE)
-    s, z = group_scales(s_ptrs, z_ptrs, n_mask, EVEN_N)
     return tl.sum((tl.sum(fx, axis=2) - sx_scaled[None, :]) * s + z * sx[None, :], axis=1, keep_dims=True)
+
+
+@triton.jit
+def _row_block_operands(w_ptrs, s_ptrs, z_ptrs, n_mask, EVEN_N: tl.constexpr):
+    """One row block's word tile and its chunks' scales and lows (loaded, not yet waited on)."""
+    w = weight_tile(w_ptrs, n_mask, EVEN_N)
+    s, z = group_scales(s_ptrs, z_ptrs, n_mask, EVEN_N)
+    return w, s, z
 
 
 @triton.jit
@@ -102,7 +109,7 @@ def _w4a16_stationary_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, part_ptr, arrivals_ptr, N, K, stride_wn, stride_sn, ONE,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCKS: tl.constexpr, SPAN_P2: tl.constexpr, EVEN_N: tl.constexpr, USE_PDL: tl.constexpr,
-    SILU_MUL: tl.constexpr = False,
+    SILU_MUL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
 ):
     CHUNKS: tl.constexpr = BLOCK_K // _CHUNK
     split = tl.program_id(1)
@@ -116,21 +123,28 @@ def _w4a16_stationary_kernel(
     n_mask = offs_n[:, None] < N
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + word
     s_offs = offs_n[:, None].to(tl.int64) * stride_sn + group
+    s, z = group_scales(s_ptr + s_offs, z_ptr + s_offs, n_mask, EVEN_N)  # weights: before the PDL wait
     w = first_weight_tile(w_ptrs, n_mask, EVEN_N, USE_PDL)
     x0, x1, x2, x3, x4, x5, x6, x7, sx_scaled, sx = stationary_input(x_ptr, k_start, K, CHUNKS, SILU_MUL)
     for block in range(BLOCKS):
-        if block > 0:
-            offs_n += BLOCK_N
-            n_mask = offs_n[:, None] < N
-            w_ptrs += BLOCK_N * stride_wn
-            s_offs += BLOCK_N * stride_sn
-            w = weight_tile(w_ptrs, n_mask, EVEN_N)
-        y = _row_block(w, x0, x1, x2, x3, x4, x5, x6, x7, sx_scaled, sx, s_ptr + s_offs, z_ptr + s_offs,
-                       n_mask, ONE, EVEN_N)
+        if PREFETCH:  # the next row block's loads go out before this one's products (the last re-reads)
+            ahead = tl.where(block + 1 < BLOCKS, BLOCK_N, 0)
+            w_next, s_next, z_next = _row_block_operands(
+                w_ptrs + ahead * stride_wn, s_ptr + s_offs + ahead * stride_sn,
+                z_ptr + s_offs + ahead * stride_sn, (offs_n + ahead)[:, None] < N, EVEN_N)
+        elif block > 0:
+            w, s, z = _row_block_operands(w_ptrs, s_ptr + s_offs, z_ptr + s_offs, n_mask, EVEN_N)
+        y = _row_block(w, s, z, x0, x1, x2, x3, x4, x5, x6, x7, sx_scaled, sx, ONE)
         if SPLIT_K == 1:
             tl.store(out_ptr + offs_n[:, None], y.to(out_ptr.dtype.element_ty), mask=n_mask)
         else:
             tl.store(part_ptr + split.to(tl.int64) * N + offs_n[:, None], y, mask=n_mask)
+        offs_n += BLOCK_N
+        n_mask = offs_n[:, None] < N
+        w_ptrs += BLOCK_N * stride_wn
+        s_offs += BLOCK_N * stride_sn
+        if PREFETCH:
+            w, s, z = w_next, s_next, z_next
     if SPLIT_K > 1:
         _merge_span(out_ptr, part_ptr, arrivals_ptr, row0, N, SPLIT_K, BLOCKS * BLOCK_N, SPAN_P2)
 
@@ -173,4 +187,5 @@ def w4a16_stationary(rows: torch.Tensor, weight: W4Weight, config: QuantConfig, 
     _w4a16_stationary_kernel[(blocks // per, config.split_k)](
         rows.view(torch.int32), weight.packed.view(torch.int32), weight.scale, weight.low, buffers.out,
         buffers.part, buffers.arrivals, n, k, weight.packed.stride(0) // 4, weight.scale.stride(0),
-        BLOCKS=per, SPAN_P2=triton.next_power_of_2(per * config.block_n), SILU_MUL=silu_mul, **launch)
+        BLOCKS=per, SPAN_P2=triton.next_power_of_2(per * config.block_n), SILU_MUL=silu_mul,
+        PREFETCH=config.prefetch, **launch)
