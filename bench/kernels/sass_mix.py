@@ -78,19 +78,19 @@ def bytes_gemv_compile(block_n: int = 4, block_k: int = 1024, group: int = 128):
 
 
 def stationary_compile(block_n: int, block_k: int, warps: int, split: int, group: int = 128,
-                       prefetch: bool = False):
+                       stages: int = 1):
     """kernels/quant_linear/w4a16_stationary's GEMV, eight row blocks a program, pointers 16-divisible."""
     from kernels.quant_linear.w4a16_stationary import _w4a16_stationary_kernel
 
     constexprs = dict(GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, BLOCKS=8,
                       SPAN_P2=8 * block_n, EVEN_N=True, USE_PDL=True, SILU_MUL=False,
-                      PREFETCH=prefetch)
+                      STAGES=stages)
     names = list(inspect.signature(_w4a16_stationary_kernel.fn).parameters)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in _GEMV_SIGNATURE
              if n not in ("out_ptr", "part_ptr", "arrivals_ptr", "N", "ONE")}
     signature = {n: "constexpr" if n in constexprs else _GEMV_SIGNATURE[n] for n in names}
     return triton.compile(ASTSource(_w4a16_stationary_kernel, signature, constexprs, attrs),
-                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=1))
+                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
 
 
 _W8_SIGNATURE = dict(x_ptr="*bf16", w_ptr="*i8", scale_ptr="*fp32", out_ptr="*bf16", M="i32", N="i32",

@@ -29,7 +29,6 @@ class QuantConfig:
     mma: bool = False  # W4A16: the tensor-core kernel (w4a16_mma), any row count, M = 1 padded to block_m
     stationary: bool = False  # W4A16 one row: x's K slice held in registers, rows streamed (w4a16_stationary)
     per_sm: int = 0  # stationary: persistent programs an SM (over all splits) the grid aims at
-    prefetch: bool = False  # stationary: the next row block's loads issued before this one's products
 
 
 # Weight-streaming kernels (W4A16 and w8): one row, up to FEW_ROWS rows, and (W4A16 only) more.
@@ -77,11 +76,16 @@ W4_CANDIDATES: dict[str, tuple[QuantConfig, ...]] = {
             QuantConfig(8, 2048, 4, 1, stationary=True, per_sm=4),
             QuantConfig(4, 2048, 2, 1, stationary=True, per_sm=8),
             QuantConfig(8, 4096, 8, 1, stationary=True, per_sm=2),
-            # session 15, untimed: the next row block's loads issued before this one's products (ptxas
-            # places them after the FMAs, before the row reductions; 128 registers, offline)
-            QuantConfig(4, 4096, 4, 1, stationary=True, per_sm=4, prefetch=True),
-            QuantConfig(8, 2048, 4, 1, stationary=True, per_sm=4, prefetch=True),
-            QuantConfig(4, 2048, 2, 1, stationary=True, per_sm=8, prefetch=True)),
+            # session 15, untimed: the row-block loop pipelined (num_stages > 1: cp.async copies that many
+            # blocks ahead into shared memory; 96-128 registers, offline), and five 4 × 4096 programs an SM
+            # (96 registers since the loop's first block moved out of it)
+            QuantConfig(4, 4096, 4, 2, stationary=True, per_sm=4),
+            QuantConfig(4, 4096, 4, 3, stationary=True, per_sm=4),
+            QuantConfig(4, 4096, 4, 2, stationary=True, per_sm=5),
+            QuantConfig(4, 4096, 4, 1, stationary=True, per_sm=5),
+            QuantConfig(8, 2048, 4, 2, stationary=True, per_sm=4),
+            QuantConfig(8, 2048, 4, 3, stationary=True, per_sm=4),
+            QuantConfig(4, 2048, 2, 2, stationary=True, per_sm=8)),
     # round 2 at 16 rows: the first within 3% of each shape's best; atomic 64 × 128 tied it on gate_up,
     # 128 × 128 at 8 warps led on o and down by 1-3%
     "few": (QuantConfig(64, 128, 4, 4, block_m=16, split_k=0, mma=True, partials=True),

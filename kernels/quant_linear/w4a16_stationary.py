@@ -88,6 +88,15 @@ def _row_block_operands(w_ptrs, s_ptrs, z_ptrs, n_mask, EVEN_N: tl.constexpr):
 
 
 @triton.jit
+def _store_rows(out_ptr, part_ptr, split, N, rows, mask, y, SPLIT_K: tl.constexpr):
+    """A row block's sums: the output itself, or under split-K this split's fp32 partial row."""
+    if SPLIT_K == 1:
+        tl.store(out_ptr + rows[:, None], y.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(part_ptr + split.to(tl.int64) * N + rows[:, None], y, mask=mask)
+
+
+@triton.jit
 def _merge_span(out_ptr, part_ptr, arrivals_ptr, row0, N, SPLIT_K: tl.constexpr, SPAN: tl.constexpr,
                 SPAN_P2: tl.constexpr):
     """After this split's partial rows row0 .. row0 + SPAN are in part [SPLIT_K, N]: count in at the
@@ -109,7 +118,7 @@ def _w4a16_stationary_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, part_ptr, arrivals_ptr, N, K, stride_wn, stride_sn, ONE,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCKS: tl.constexpr, SPAN_P2: tl.constexpr, EVEN_N: tl.constexpr, USE_PDL: tl.constexpr,
-    SILU_MUL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    SILU_MUL: tl.constexpr = False, STAGES: tl.constexpr = 1,
 ):
     CHUNKS: tl.constexpr = BLOCK_K // _CHUNK
     split = tl.program_id(1)
@@ -126,25 +135,16 @@ def _w4a16_stationary_kernel(
     s, z = group_scales(s_ptr + s_offs, z_ptr + s_offs, n_mask, EVEN_N)  # weights: before the PDL wait
     w = first_weight_tile(w_ptrs, n_mask, EVEN_N, USE_PDL)
     x0, x1, x2, x3, x4, x5, x6, x7, sx_scaled, sx = stationary_input(x_ptr, k_start, K, CHUNKS, SILU_MUL)
-    for block in range(BLOCKS):
-        if PREFETCH:  # the next row block's loads go out before this one's products (the last re-reads)
-            ahead = tl.where(block + 1 < BLOCKS, BLOCK_N, 0)
-            w_next, s_next, z_next = _row_block_operands(
-                w_ptrs + ahead * stride_wn, s_ptr + s_offs + ahead * stride_sn,
-                z_ptr + s_offs + ahead * stride_sn, (offs_n + ahead)[:, None] < N, EVEN_N)
-        elif block > 0:
-            w, s, z = _row_block_operands(w_ptrs, s_ptr + s_offs, z_ptr + s_offs, n_mask, EVEN_N)
+    y = _row_block(w, s, z, x0, x1, x2, x3, x4, x5, x6, x7, sx_scaled, sx, ONE)
+    _store_rows(out_ptr, part_ptr, split, N, offs_n, n_mask, y, SPLIT_K)
+    for block in tl.range(1, BLOCKS, num_stages=STAGES):  # STAGES > 1: loads copied that many blocks ahead
+        rows = offs_n + block * BLOCK_N
+        mask = rows[:, None] < N
+        step = block * BLOCK_N * stride_wn
+        w, s, z = _row_block_operands(w_ptrs + step, s_ptr + s_offs + block * BLOCK_N * stride_sn,
+                                      z_ptr + s_offs + block * BLOCK_N * stride_sn, mask, EVEN_N)
         y = _row_block(w, s, z, x0, x1, x2, x3, x4, x5, x6, x7, sx_scaled, sx, ONE)
-        if SPLIT_K == 1:
-            tl.store(out_ptr + offs_n[:, None], y.to(out_ptr.dtype.element_ty), mask=n_mask)
-        else:
-            tl.store(part_ptr + split.to(tl.int64) * N + offs_n[:, None], y, mask=n_mask)
-        offs_n += BLOCK_N
-        n_mask = offs_n[:, None] < N
-        w_ptrs += BLOCK_N * stride_wn
-        s_offs += BLOCK_N * stride_sn
-        if PREFETCH:
-            w, s, z = w_next, s_next, z_next
+        _store_rows(out_ptr, part_ptr, split, N, rows, mask, y, SPLIT_K)
     if SPLIT_K > 1:
         _merge_span(out_ptr, part_ptr, arrivals_ptr, row0, N, SPLIT_K, BLOCKS * BLOCK_N, SPAN_P2)
 
@@ -188,4 +188,4 @@ def w4a16_stationary(rows: torch.Tensor, weight: W4Weight, config: QuantConfig, 
         rows.view(torch.int32), weight.packed.view(torch.int32), weight.scale, weight.low, buffers.out,
         buffers.part, buffers.arrivals, n, k, weight.packed.stride(0) // 4, weight.scale.stride(0),
         BLOCKS=per, SPAN_P2=triton.next_power_of_2(per * config.block_n), SILU_MUL=silu_mul,
-        PREFETCH=config.prefetch, **launch)
+        STAGES=config.num_stages, **launch)

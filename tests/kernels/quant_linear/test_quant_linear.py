@@ -89,9 +89,8 @@ def test_w4a16_one_bf16_row_reads_the_input_as_pairs(group: int, words: bool) ->
     (40, QuantConfig(8, 128, 1, 1, stationary=True, per_sm=1)),  # 4 splits merged in place
     (70, QuantConfig(4, 256, 1, 1, stationary=True, per_sm=1)),  # 3 blocks a program, a ragged last one
     (128, QuantConfig(16, 128, 2, 1, stationary=True, per_sm=3)),
-    # the next row block's loads ahead of this one's products: the last block re-reads its own
-    (70, QuantConfig(4, 256, 1, 1, stationary=True, per_sm=1, prefetch=True)),  # ragged last block
-    (40, QuantConfig(8, 128, 1, 1, stationary=True, per_sm=1, prefetch=True)),
+    # the row-block loop pipelined (the interpreter runs it plain; tests/gpu runs every candidate)
+    (70, QuantConfig(4, 256, 1, 2, stationary=True, per_sm=1)),  # ragged last block
 ])
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_w4a16_stationary_gemv_matches_the_reference(n: int, config: QuantConfig, group: int) -> None:
