@@ -78,8 +78,11 @@ def bytes_gemv_compile(block_n: int = 4, block_k: int = 1024, group: int = 128):
 
 
 def stationary_compile(block_n: int, block_k: int, warps: int, split: int, group: int = 128,
-                       stages: int = 1):
-    """kernels/quant_linear/w4a16_stationary's GEMV, eight row blocks a program, pointers 16-divisible."""
+                       stages: int = 1, per_sm: int = 4):
+    """kernels/quant_linear/w4a16_stationary's GEMV, eight row blocks a program, pointers 16-divisible,
+    registers capped as the launcher caps them for per_sm programs an SM."""
+    from kernels.quant_linear.config import QuantConfig
+    from kernels.quant_linear.w4a16_stationary import register_cap
     from kernels.quant_linear.w4a16_stationary import _w4a16_stationary_kernel
 
     constexprs = dict(GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, BLOCKS=8,
@@ -88,9 +91,12 @@ def stationary_compile(block_n: int, block_k: int, warps: int, split: int, group
     names = list(inspect.signature(_w4a16_stationary_kernel.fn).parameters)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in _GEMV_SIGNATURE
              if n not in ("out_ptr", "part_ptr", "arrivals_ptr", "N", "ONE")}
-    signature = {n: "constexpr" if n in constexprs else _GEMV_SIGNATURE[n] for n in names}
+    signature = {n: "constexpr" if n in constexprs else dict(_GEMV_SIGNATURE, ROW_BLOCKS="i32")[n]
+                 for n in names}
     return triton.compile(ASTSource(_w4a16_stationary_kernel, signature, constexprs, attrs),
-                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+                          target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, num_stages=stages, maxnreg=register_cap(
+                              QuantConfig(block_n, block_k, warps, stages, per_sm=per_sm))))
 
 
 _W8_SIGNATURE = dict(x_ptr="*bf16", w_ptr="*i8", scale_ptr="*fp32", out_ptr="*bf16", M="i32", N="i32",
@@ -191,12 +197,16 @@ def main() -> None:
     mix = loop_mix(disassemble(compiled))
     print(f"bytes 4 x 1024, 4 warps: {sum(mix.values()) / 32:4.2f} per value, "
           f"{registers(compiled)} registers", flush=True)
-    for block_n, block_k, warps, split in ((4, 4096, 4, 1), (4, 1024, 4, 4), (8, 512, 4, 8), (8, 1024, 4, 4),
-                                           (8, 2048, 4, 7), (4, 2048, 2, 7), (8, 4096, 8, 1)):
-        compiled = stationary_compile(block_n, block_k, warps, split)
-        mix = loop_mix(disassemble(compiled))
+    for block_n, block_k, warps, split, stages, per_sm in (
+            (4, 4096, 4, 1, 1, 4), (4, 4096, 4, 1, 2, 4), (4, 4096, 4, 1, 3, 4), (4, 4096, 4, 1, 2, 5),
+            (4, 1024, 4, 14, 1, 8), (8, 512, 4, 28, 1, 8), (8, 1024, 4, 4, 1, 6), (8, 2048, 4, 7, 1, 4),
+            (8, 2048, 4, 7, 2, 4), (4, 2048, 2, 7, 1, 8), (8, 4096, 8, 1, 1, 2)):
+        compiled = stationary_compile(block_n, block_k, warps, split, stages=stages, per_sm=per_sm)
+        text = disassemble(compiled)
+        mix = loop_mix(text)
         top = ", ".join(f"{op} {n}" for op, n in mix.most_common(6))
-        print(f"stationary {block_n} x {block_k}, {warps} warps: "
+        print(f"stationary {block_n} x {block_k}, {warps} warps, {stages} stages, {per_sm} an SM: "
+              f"{text.count('LDGSTS')} LDGSTS, {text.count('LDL') + text.count('STL')} spill ops, "
               f"{sum(mix.values()) / (block_n * block_k / (32 * warps)):4.2f} per value, "
               f"{registers(compiled)} registers | {top}", flush=True)
     print("# w8 one-row GEMV, 4 warps: the loop asked for 1 stage (plain loads) or pipelined (cp.async)")

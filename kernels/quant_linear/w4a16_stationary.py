@@ -19,7 +19,6 @@ per-row-block atomic). Under PDL the first row block's weights load before the w
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import replace
 
 import torch
@@ -97,16 +96,15 @@ def _store_rows(out_ptr, part_ptr, split, N, rows, mask, y, SPLIT_K: tl.constexp
 
 
 @triton.jit
-def _merge_span(out_ptr, part_ptr, arrivals_ptr, row0, N, SPLIT_K: tl.constexpr, SPAN: tl.constexpr,
-                SPAN_P2: tl.constexpr):
-    """After this split's partial rows row0 .. row0 + SPAN are in part [SPLIT_K, N]: count in at the
+def _merge_span(out_ptr, part_ptr, arrivals_ptr, row0, span, N, SPLIT_K: tl.constexpr, SPAN_P2: tl.constexpr):
+    """After this split's partial rows row0 .. row0 + span are in part [SPLIT_K, N]: count in at the
     program's arrival counter; the last split to arrive resets it, adds the splits and stores out."""
     tl.debug_barrier()  # with the acq_rel atomic: this program's partials are published before it counts
     arrival = arrivals_ptr + tl.program_id(0)
     if tl.atomic_add(arrival, 1, sem="acq_rel") == SPLIT_K - 1:
         tl.atomic_xchg(arrival, 0, sem="relaxed")
         rows = row0 + tl.arange(0, SPAN_P2)
-        mask = (rows < row0 + SPAN) & (rows < N)
+        mask = (rows < row0 + span) & (rows < N)
         total = tl.load(part_ptr + rows, mask=mask, other=0.0)
         for other in tl.static_range(1, SPLIT_K):
             total += tl.load(part_ptr + other * N + rows, mask=mask, other=0.0)
@@ -115,7 +113,7 @@ def _merge_span(out_ptr, part_ptr, arrivals_ptr, row0, N, SPLIT_K: tl.constexpr,
 
 @triton.jit
 def _w4a16_stationary_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, part_ptr, arrivals_ptr, N, K, stride_wn, stride_sn, ONE,
+    x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, part_ptr, arrivals_ptr, N, K, stride_wn, stride_sn, ONE, ROW_BLOCKS,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCKS: tl.constexpr, SPAN_P2: tl.constexpr, EVEN_N: tl.constexpr, USE_PDL: tl.constexpr,
     SILU_MUL: tl.constexpr = False, STAGES: tl.constexpr = 1,
@@ -123,6 +121,7 @@ def _w4a16_stationary_kernel(
     CHUNKS: tl.constexpr = BLOCK_K // _CHUNK
     split = tl.program_id(1)
     row0 = tl.program_id(0) * (BLOCKS * BLOCK_N)  # this program's rows: BLOCKS row blocks from row0
+    count = tl.minimum(BLOCKS, ROW_BLOCKS - tl.program_id(0) * BLOCKS)  # the last program's run is shorter
     k_start = tl.multiple_of(split * BLOCK_K, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, CHUNKS)
@@ -137,7 +136,7 @@ def _w4a16_stationary_kernel(
     x0, x1, x2, x3, x4, x5, x6, x7, sx_scaled, sx = stationary_input(x_ptr, k_start, K, CHUNKS, SILU_MUL)
     y = _row_block(w, s, z, x0, x1, x2, x3, x4, x5, x6, x7, sx_scaled, sx, ONE)
     _store_rows(out_ptr, part_ptr, split, N, offs_n, n_mask, y, SPLIT_K)
-    for block in tl.range(1, BLOCKS, num_stages=STAGES):  # STAGES > 1: loads copied that many blocks ahead
+    for block in tl.range(1, count, num_stages=STAGES):  # STAGES > 1: loads copied that many blocks ahead
         rows = offs_n + block * BLOCK_N
         mask = rows[:, None] < N
         step = block * BLOCK_N * stride_wn
@@ -146,7 +145,7 @@ def _w4a16_stationary_kernel(
         y = _row_block(w, s, z, x0, x1, x2, x3, x4, x5, x6, x7, sx_scaled, sx, ONE)
         _store_rows(out_ptr, part_ptr, split, N, rows, mask, y, SPLIT_K)
     if SPLIT_K > 1:
-        _merge_span(out_ptr, part_ptr, arrivals_ptr, row0, N, SPLIT_K, BLOCKS * BLOCK_N, SPAN_P2)
+        _merge_span(out_ptr, part_ptr, arrivals_ptr, row0, count * BLOCK_N, N, SPLIT_K, SPAN_P2)
 
 
 def stationary_fits(rows: torch.Tensor, weight: W4Weight, config: QuantConfig) -> str:
@@ -168,12 +167,17 @@ def stationary_split(config: QuantConfig, k: int) -> QuantConfig:
     return replace(config, split_k=k // config.block_k, partials=True)
 
 
-@functools.cache  # a launch's: eager steps launch every projection each time
 def blocks_per_program(blocks: int, programs: int) -> int:
-    """Row blocks a program takes: the divisor of `blocks` nearest blocks / programs (so every program gets
-    as many, and no rows are masked off but a ragged last block's)."""
-    want = max(1.0, blocks / programs)
-    return min((d for d in range(1, blocks + 1) if blocks % d == 0), key=lambda d: (abs(d - want), d))
+    """Row blocks a program takes: the fewest that cover `blocks` with at most `programs` programs (the last
+    program's run may be shorter). A divisor of `blocks` kept every run equal but could leave a sixth of
+    the grid's programs unlaunched (down's 512 row blocks over 75 programs: runs of 8, 64 programs)."""
+    return max(1, -(-blocks // max(1, programs)))
+
+
+def register_cap(config: QuantConfig) -> int:
+    """Registers a thread may take so that per_sm programs of num_warps warps share an SM's 64K (whole
+    eights, at most 255): 128 at four 4-warp programs."""
+    return min(255, 65536 // (config.per_sm * config.num_warps * 32) // 8 * 8)
 
 
 def w4a16_stationary(rows: torch.Tensor, weight: W4Weight, config: QuantConfig, buffers: SplitOutput,
@@ -184,8 +188,10 @@ def w4a16_stationary(rows: torch.Tensor, weight: W4Weight, config: QuantConfig, 
     n, k = weight.shape
     blocks = triton.cdiv(n, config.block_n)
     per = blocks_per_program(blocks, max(1, num_sms(rows.device) * config.per_sm // config.split_k))
-    _w4a16_stationary_kernel[(blocks // per, config.split_k)](
+    if rows.is_cuda:  # per_sm programs must fit an SM's registers together
+        launch = dict(launch, maxnreg=register_cap(config))
+    _w4a16_stationary_kernel[(triton.cdiv(blocks, per), config.split_k)](
         rows.view(torch.int32), weight.packed.view(torch.int32), weight.scale, weight.low, buffers.out,
         buffers.part, buffers.arrivals, n, k, weight.packed.stride(0) // 4, weight.scale.stride(0),
-        BLOCKS=per, SPAN_P2=triton.next_power_of_2(per * config.block_n), SILU_MUL=silu_mul,
-        STAGES=config.num_stages, **launch)
+        ROW_BLOCKS=blocks, BLOCKS=per, SPAN_P2=triton.next_power_of_2(per * config.block_n),
+        SILU_MUL=silu_mul, STAGES=config.num_stages, **launch)

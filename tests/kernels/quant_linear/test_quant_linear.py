@@ -86,8 +86,8 @@ def test_w4a16_one_bf16_row_reads_the_input_as_pairs(group: int, words: bool) ->
 
 @pytest.mark.parametrize("n,config", [
     (24, QuantConfig(4, 256, 1, 1, stationary=True, per_sm=2)),  # 2 splits, one block a program
-    (40, QuantConfig(8, 128, 1, 1, stationary=True, per_sm=1)),  # 4 splits merged in place
-    (70, QuantConfig(4, 256, 1, 1, stationary=True, per_sm=1)),  # 3 blocks a program, a ragged last one
+    (40, QuantConfig(8, 128, 1, 1, stationary=True, per_sm=1)),  # 4 splits merged in place, runs of 3 and 2
+    (70, QuantConfig(4, 256, 1, 1, stationary=True, per_sm=1)),  # runs of 5, 5, 5, 3; a ragged last block
     (128, QuantConfig(16, 128, 2, 1, stationary=True, per_sm=3)),
     # the row-block loop pipelined (the interpreter runs it plain; tests/gpu runs every candidate)
     (70, QuantConfig(4, 256, 1, 2, stationary=True, per_sm=1)),  # ragged last block
@@ -120,9 +120,10 @@ def test_w4a16_stationary_gemv_takes_silu_mul_in_its_prologue(group: int) -> Non
                                atol=2e-2 * expected.abs().max().item(), rtol=0)
 
 
-def test_stationary_programs_take_equal_runs_of_row_blocks() -> None:
+def test_stationary_programs_take_the_fewest_blocks_that_cover_the_rows() -> None:
     assert blocks_per_program(1024, 264) == 4 and blocks_per_program(1536, 128) == 12
-    assert blocks_per_program(7, 2) == 1 and blocks_per_program(5, 8) == 1  # a prime count: one block each
+    assert blocks_per_program(512, 75) == 7  # 74 programs, the last with 1 block (a divisor: 8, 64 programs)
+    assert blocks_per_program(7, 2) == 4 and blocks_per_program(5, 8) == 1
 
 
 def test_w4a16_stationary_gemv_leaves_other_inputs_to_the_next_candidate() -> None:
