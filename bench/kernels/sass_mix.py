@@ -82,8 +82,7 @@ def stationary_compile(block_n: int, block_k: int, warps: int, split: int, group
     """kernels/quant_linear/w4a16_stationary's GEMV, eight row blocks a program, pointers 16-divisible,
     registers capped as the launcher caps them for per_sm programs an SM."""
     from kernels.quant_linear.config import QuantConfig
-    from kernels.quant_linear.w4a16_stationary import register_cap
-    from kernels.quant_linear.w4a16_stationary import _w4a16_stationary_kernel
+    from kernels.quant_linear.w4a16_stationary import _w4a16_stationary_kernel, register_cap
 
     constexprs = dict(GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, BLOCKS=8,
                       SPAN_P2=8 * block_n, EVEN_N=True, USE_PDL=True, SILU_MUL=False,
