@@ -13,9 +13,10 @@ from kernels.device import num_sms
 _MIN_TOKENS_PER_SPLIT = 64
 _MAX_SPLITS = 32
 # Up to this many splits the last split program of a (sequence, KV head) merges the partials itself instead of
-# a second kernel (its [heads, splits, head_dim] tile stays in registers); more splits (bs1 over a long
-# context) keep the merge kernel.
-_MAX_IN_PLACE_SPLITS = 8
+# a second kernel (tiles.merge_splits reads them eight splits at a time); more (the int4 dequantizing kernel's
+# doubled split counts) keep the merge kernel. Session 15 raised it from 8, where the whole [heads, splits,
+# head_dim] tile was read at once, so that a bs-1 step's graph (32 splits) drops its 32 merge launches.
+_MAX_IN_PLACE_SPLITS = 32
 # int8 and int4-quad decode launches: efficiencies (_efficiency) within this fraction of the best count as
 # equal (the fewer splits then win).
 _FILL_TIE = 0.05

@@ -6,6 +6,7 @@ import triton.language as tl
 
 # Finite "minus infinity" for running maxima: exp2(NEG_BIG - m) is 0, without the NaN of (-inf) - (-inf).
 NEG_BIG = tl.constexpr(-1.0e30)
+MERGE_CHUNK = tl.constexpr(8)  # split partials a merge reads at a time
 
 
 @triton.jit
@@ -238,23 +239,34 @@ def merge_splits(part_acc_ptr, part_ml_ptr, out_ptr, row, seq_len, per_split, fi
     """Log-sum-exp merge of some query heads' split partials for one row (first_part: [heads], their first).
 
     Only the splits the decode kernel wrote (its bounds, from the same seq_len): none for an empty sequence,
-    whose heads get zeros. Empty splits carry m = NEG_BIG, so weight 0 next to a real one.
+    whose heads get zeros. Empty splits carry m = NEG_BIG, so weight 0 next to a real one. The splits are
+    read MERGE_CHUNK at a time with a running max (a [heads, splits, head_dim] tile of 32 splits would take
+    128 registers a thread in the decode kernel that merges in place).
     """
+    CHUNK: tl.constexpr = MERGE_CHUNK if BLOCK_S > MERGE_CHUNK else BLOCK_S
     live = tl.cdiv(seq_len, tl.maximum(per_split, 1))
-    offs_s = tl.arange(0, BLOCK_S)
+    offs_s = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, BLOCK_D)
-    part = first_part[:, None] + offs_s[None, :]  # [heads, splits]
-    s_mask = head_mask[:, None] & (offs_s[None, :] < live)
-    m = tl.load(part_ml_ptr + part * 2, mask=s_mask, other=NEG_BIG, cache_modifier=".cg")
-    sums = tl.load(part_ml_ptr + part * 2 + 1, mask=s_mask, other=0.0, cache_modifier=".cg")
-    acc_mask = s_mask[:, :, None] & (offs_d[None, None, :] < HEAD_DIM)
-    acc = tl.load(part_acc_ptr + part[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=acc_mask,
-                  other=0.0, cache_modifier=".cg")
-    weight = tl.exp2(m - tl.max(m, axis=1)[:, None])
-    total = tl.sum(weight * sums, axis=1)
-    out = tl.sum(weight[:, :, None] * acc, axis=1) / tl.where(total > 0, total, 1.0)[:, None]
+    d_mask = offs_d < HEAD_DIM
+    m_run = tl.full(first_part.shape, NEG_BIG, tl.float32)
+    total = tl.zeros(first_part.shape, tl.float32)
+    out = tl.zeros((first_part.shape[0], BLOCK_D), tl.float32)
+    for s0 in range(0, live, CHUNK):
+        part = first_part[:, None] + s0 + offs_s[None, :]  # [heads, CHUNK]
+        s_mask = head_mask[:, None] & (s0 + offs_s[None, :] < live)
+        m = tl.load(part_ml_ptr + part * 2, mask=s_mask, other=NEG_BIG, cache_modifier=".cg")
+        sums = tl.load(part_ml_ptr + part * 2 + 1, mask=s_mask, other=0.0, cache_modifier=".cg")
+        acc = tl.load(part_acc_ptr + part[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                      mask=s_mask[:, :, None] & d_mask[None, None, :], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m_run, tl.max(m, axis=1))
+        rescale = tl.exp2(m_run - m_new)
+        weight = tl.exp2(m - m_new[:, None])
+        total = total * rescale + tl.sum(weight * sums, axis=1)
+        out = out * rescale[:, None] + tl.sum(weight[:, :, None] * acc, axis=1)
+        m_run = m_new
+    out = out / tl.where(total > 0, total, 1.0)[:, None]
     dst = out_ptr + row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
-    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit

@@ -115,15 +115,16 @@ def test_decode_split_k_with_more_splits_than_tiles_matches_reference() -> None:
     check([(5, 1), (40, 1)], num_heads=4, num_kv_heads=1, num_splits=8, seed=11)
 
 
-@pytest.mark.parametrize("num_splits", [2, 3, 8])
+@pytest.mark.parametrize("num_splits", [2, 3, 8, 32])
 def test_in_place_merge_equals_the_merge_kernel_and_leaves_its_counters_at_zero(num_splits: int,
                                                                                 monkeypatch) -> None:
     import dataclasses
 
     import kernels.attention.kernel as attention
 
-    # Padding rows (0 tokens) and splits past a short context arrive too; the last arrival merges.
-    q, k_cache, v_cache, meta = make_batch([(40, 1), (5, 1), (0, 1), (70, 1)], num_heads=6, num_kv_heads=2,
+    # Padding rows (0 tokens) and splits past a short context arrive too; the last arrival merges. At 32
+    # splits the 230-token row has 15 live splits of one 16-key tile: the merge reads them 8 at a time.
+    q, k_cache, v_cache, meta = make_batch([(40, 1), (5, 1), (0, 1), (230, 1)], num_heads=6, num_kv_heads=2,
                                            head_dim=16, block_size=4, shuffle_blocks=True, seed=num_splits)
     counters = torch.zeros(16, dtype=torch.int32)
     meta = dataclasses.replace(meta, arrivals=counters)
