@@ -8,7 +8,9 @@ K slice (BLOCK_K values; the launcher's split-K is K / BLOCK_K) and prepares tha
 registers, then streams weight rows past it: the loop over row blocks is the words GEMV's inner product
 alone — per int32 word of eight nibbles four shifts, eight LOP3s and eight FMAs — plus the group affine
 and one reduction per row. A program takes a run of consecutive row blocks (the grid aims at about
-`per_sm` programs an SM over all splits), so the preparation is paid once a program, not once a block.
+`per_sm` programs an SM over all splits, registers capped so that many fit; the last run may be shorter),
+so the preparation is paid once a program, not once a block. At num_stages > 1 the loop over row blocks is
+pipelined: Triton copies weight tiles and scales that many blocks ahead (cp.async).
 
 A chunk is 32 values: four int32 words, one 16-byte load of a row, within one group (the group size is a
 multiple of 32), so the group affine needs no cross-thread sum:
