@@ -114,24 +114,30 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"device": device_name, "torch": torch.__version__, "triton": triton.__version__,
                      "copy_gbps": run.copy_gbps, "decode": {}, "prefill": {}, "attention": {}}
     sections = args.sections.split(",")
+
+    def save() -> None:  # after every shape and case: a sweep cut short keeps what it timed
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1))
+
     torch.manual_seed(0)
     for name, (n, k) in shapes.items():
         if "decode" in sections:
             results["decode"][name] = decode_shape(run, name, n, k, ints(args.rows), ints(args.groups))
         if "prefill" in sections:
             results["prefill"][name] = prefill_shape(run, name, n, k, prefill_rows)
+        save()
         if run.device.type == "cuda":
             torch.cuda.empty_cache()
     if "attention" in sections:
         for batch in batches:
             results["attention"][f"B{batch}_ctx{context}"] = attention_case(
                 run, batch, context, tuple(filter(None, args.attention_sweeps.split(","))))
+            save()
             if run.device.type == "cuda":
                 torch.cuda.empty_cache()
     print("# summary (best config of ours per shape)")
     print("\n".join(summary(results)))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
+    save()
     return 1 if wrong(results) else 0
 
 
