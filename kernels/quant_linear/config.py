@@ -44,21 +44,27 @@ class QuantConfig:
 # one row the merged kernel led only on down (2.16× vs the GEMV's 2.05×), so the GEMV stays first there. Group
 # sizes it cannot serve (32) and fp32 inputs fall through to the next candidate that fits (pick).
 W4_CANDIDATES: dict[str, tuple[QuantConfig, ...]] = {
-    # Session 14 on H100 (g128, bench/results/quant_stationary_round1_s14.txt): the stationary GEMV (x's K
-    # slice prepared once a program, rows streamed past it) at 4 × 4096, four rows a thread, one slice for
-    # K = 4096: 2.62 / 2.79 / 2.80× cuBLAS bf16 on qkv / o / gate_up where the byte GEMV gave 2.02 / 2.29 /
-    # 2.10×; down (K = 14336) at 4 × 1024 2.00× (8 × 512 1.97×), the byte GEMV 2.05× plus the activation
-    # kernel the stationary one takes into its prologue. Stationary configs keep their K slice (fit_k):
-    # each serves the K its block_k divides. Losers dropped: one or two rows a thread at 6-12 programs an SM
-    # (8 × 1024, 2 × 4096, 4 × 2048, 2 × 2048, 1 × 4096: 1.2-1.6× the winner on gate_up).
+    # Session 15 on H100 (g128, bench/results/quant_stationary_round2_s15.txt; µs at M = 1 and × cuBLAS bf16):
+    # 4 × 4096, four rows a thread, one slice for K = 4096, leads qkv / o (6.6 / 5.0: 3.07 / 3.05×) and is
+    # within 3% on gate_up (25.7: 3.19×); 8 × 2048 at 3 stages leads down (14.6: 2.91×; plain 14.8), where
+    # session 14's 4 × 1024 took 20.4 here — runs that fill the grid (blocks_per_program) and the
+    # first block outside the loop. Stationary configs keep their K slice (fit_k): each serves the K its
+    # block_k divides, so down takes the second. Pipelining (num_stages 2-3, cp.async) moved nothing
+    # beyond noise: two stages lost on every shape (dropped, with 4 × 1024 and 8 × 512 at eight programs
+    # an SM: 1.4-1.55× the winner everywhere); the others stay within 1.25× of it.
     "one": (QuantConfig(4, 4096, 4, 1, stationary=True, per_sm=4),
-            QuantConfig(4, 1024, 4, 1, stationary=True, per_sm=8),
-            QuantConfig(8, 512, 4, 1, stationary=True, per_sm=8),
+            QuantConfig(8, 2048, 4, 3, stationary=True, per_sm=4),
+            QuantConfig(4, 4096, 4, 3, stationary=True, per_sm=4),
+            QuantConfig(4, 4096, 4, 1, stationary=True, per_sm=5),
+            QuantConfig(8, 2048, 4, 1, stationary=True, per_sm=4),
+            QuantConfig(4, 2048, 2, 1, stationary=True, per_sm=8),
+            QuantConfig(8, 4096, 8, 1, stationary=True, per_sm=2),
+            # what the stationary GEMV cannot serve (fp32 rows, K no slice divides) falls through to these
             QuantConfig(4, 1024, 4, 2), QuantConfig(16, 1024, 4, 3, split_k=0, words=True),
             QuantConfig(8, 1024, 4, 3, words=True),
-            # round 3, untimed: deeper pipelines of the winner's tile; one step over the whole K (x and the
-            # weights in registers, no loop-carried pipeline; fit_k halves it where K is no power of two);
-            # the words kernel at two stages like the bytes winner
+            # round 3 (timed in session 15: 1.4-2.6× the stationary winner at each 8B shape): deeper
+            # pipelines of the byte tile; one step over the whole K (fit_k halves it where K is no power of
+            # two); the words kernel at two stages like the bytes winner
             QuantConfig(4, 1024, 4, 4), QuantConfig(4, 512, 4, 5), QuantConfig(4, 2048, 8, 2),
             QuantConfig(8, 1024, 4, 2), QuantConfig(4, 4096, 8, 1), QuantConfig(2, 4096, 4, 1),
             QuantConfig(16, 1024, 4, 2, words=True),
@@ -70,22 +76,7 @@ W4_CANDIDATES: dict[str, tuple[QuantConfig, ...]] = {
             # session 10: the tensor-core kernel, its row padded to block_m (8 or 16), split-K merged in place
             # (64 × 128 at 16 rows led on down; the others within 1.26× of the winner everywhere)
             *(QuantConfig(bn, 128, 4, 4, block_m=bm, split_k=0, mma=True, partials=True)
-              for bn, bm in ((64, 16), (64, 8), (128, 8))),
-            # session 14, untimed: four rows a thread over a 2048 slice for down's K (4 or 2 warps), and
-            # 8 warps over the 4096 slice (python -m bench.kernels.sass_mix: 3.5 loop instructions a value)
-            QuantConfig(8, 2048, 4, 1, stationary=True, per_sm=4),
-            QuantConfig(4, 2048, 2, 1, stationary=True, per_sm=8),
-            QuantConfig(8, 4096, 8, 1, stationary=True, per_sm=2),
-            # session 15, untimed: the row-block loop pipelined (num_stages > 1: cp.async copies that many
-            # blocks ahead into shared memory; 96-128 registers, offline), and five 4 × 4096 programs an SM
-            # (96 registers since the loop's first block moved out of it)
-            QuantConfig(4, 4096, 4, 2, stationary=True, per_sm=4),
-            QuantConfig(4, 4096, 4, 3, stationary=True, per_sm=4),
-            QuantConfig(4, 4096, 4, 2, stationary=True, per_sm=5),
-            QuantConfig(4, 4096, 4, 1, stationary=True, per_sm=5),
-            QuantConfig(8, 2048, 4, 2, stationary=True, per_sm=4),
-            QuantConfig(8, 2048, 4, 3, stationary=True, per_sm=4),
-            QuantConfig(4, 2048, 2, 2, stationary=True, per_sm=8)),
+              for bn, bm in ((64, 16), (64, 8), (128, 8)))),
     # round 2 at 16 rows: the first within 3% of each shape's best; atomic 64 × 128 tied it on gate_up,
     # 128 × 128 at 8 warps led on o and down by 1-3%
     "few": (QuantConfig(64, 128, 4, 4, block_m=16, split_k=0, mma=True, partials=True),
