@@ -47,11 +47,12 @@ W4_CANDIDATES: dict[str, tuple[QuantConfig, ...]] = {
     # Session 15 on H100 (g128, bench/results/quant_stationary_round2_s15.txt; µs at M = 1 and × cuBLAS bf16):
     # 4 × 4096, four rows a thread, one slice for K = 4096, leads qkv / o (6.6 / 5.0: 3.07 / 3.05×) and is
     # within 3% on gate_up (25.7: 3.19×); 8 × 2048 at 3 stages leads down (14.6: 2.91×; plain 14.8), where
-    # session 14's 4 × 1024 took 20.4 here — runs that fill the grid (blocks_per_program) and the
-    # first block outside the loop. Stationary configs keep their K slice (fit_k): each serves the K its
-    # block_k divides, so down takes the second. Pipelining (num_stages 2-3, cp.async) moved nothing
-    # beyond noise: two stages lost on every shape (dropped, with 4 × 1024 and 8 × 512 at eight programs
-    # an SM: 1.4-1.55× the winner everywhere); the others stay within 1.25× of it.
+    # session 14's pick 4 × 1024 took 20.4 (this session's kernel: runs that fill the grid, the first
+    # block outside the loop, its scales before the PDL wait; not separated). Stationary configs keep
+    # their K slice (fit_k): each serves the K its block_k divides, so down takes the second. Pipelining
+    # (num_stages 2-3, cp.async) moved nothing beyond noise: two stages lost on every shape (dropped, with
+    # 4 × 1024 and 8 × 512 at eight programs an SM: 1.4-1.55× the winner everywhere); the others stay
+    # within 1.25× of it.
     "one": (QuantConfig(4, 4096, 4, 1, stationary=True, per_sm=4),
             QuantConfig(8, 2048, 4, 3, stationary=True, per_sm=4),
             QuantConfig(4, 4096, 4, 3, stationary=True, per_sm=4),

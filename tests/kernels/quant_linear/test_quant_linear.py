@@ -20,7 +20,7 @@ from kernels.quant_linear.reference import (
     w8a8_linear_ref,
 )
 from kernels.quant_linear.w4a16 import no_fit, silu_mul_w4a16_linear, w4a16_linear
-from kernels.quant_linear.w4a16_stationary import blocks_per_program
+from kernels.quant_linear.w4a16_stationary import blocks_per_program, register_cap
 from kernels.quant_linear.w8 import w8_linear
 from kernels.quant_linear.w8a8 import default_config, int8_gemm, w8a8_linear
 
@@ -124,6 +124,12 @@ def test_stationary_programs_take_the_fewest_blocks_that_cover_the_rows() -> Non
     assert blocks_per_program(1024, 264) == 4 and blocks_per_program(1536, 128) == 12
     assert blocks_per_program(512, 75) == 7  # 74 programs, the last with 1 block (a divisor: 8, 64 programs)
     assert blocks_per_program(7, 2) == 4 and blocks_per_program(5, 8) == 1
+
+
+def test_stationary_register_cap_lets_per_sm_programs_share_an_sm() -> None:
+    assert register_cap(QuantConfig(4, 4096, 4, 1, stationary=True, per_sm=4)) == 128
+    assert register_cap(QuantConfig(4, 4096, 4, 1, stationary=True, per_sm=5)) == 96  # 102, whole eights
+    assert register_cap(QuantConfig(8, 4096, 8, 1, stationary=True, per_sm=1)) == 255
 
 
 def test_w4a16_stationary_gemv_leaves_other_inputs_to_the_next_candidate() -> None:
