@@ -52,7 +52,7 @@ W4_CANDIDATES: dict[str, tuple[QuantConfig, ...]] = {
     # their K slice (fit_k): each serves the K its block_k divides, so down takes the second. Pipelining
     # (num_stages 2-3, cp.async) moved nothing beyond noise: two stages lost on every shape (dropped, with
     # 4 × 1024 and 8 × 512 at eight programs an SM: 1.4-1.55× the winner everywhere); the others stay
-    # within 1.25× of it.
+    # within 1.25× of it, but 8 × 2048 at three stages on qkv / o (1.33 / 1.27×), which 4 × 4096 takes.
     "one": (QuantConfig(4, 4096, 4, 1, stationary=True, per_sm=4),
             QuantConfig(8, 2048, 4, 3, stationary=True, per_sm=4),
             QuantConfig(4, 4096, 4, 3, stationary=True, per_sm=4),
