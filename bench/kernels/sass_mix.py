@@ -90,8 +90,8 @@ def stationary_compile(block_n: int, block_k: int, warps: int, split: int, group
     names = list(inspect.signature(_w4a16_stationary_kernel.fn).parameters)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in _GEMV_SIGNATURE
              if n not in ("out_ptr", "part_ptr", "arrivals_ptr", "N", "ONE")}
-    signature = {n: "constexpr" if n in constexprs else dict(_GEMV_SIGNATURE, ROW_BLOCKS="i32")[n]
-                 for n in names}
+    types = dict(_GEMV_SIGNATURE, ROW_BLOCKS="i32")
+    signature = {n: "constexpr" if n in constexprs else types[n] for n in names}
     return triton.compile(ASTSource(_w4a16_stationary_kernel, signature, constexprs, attrs),
                           target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=warps, num_stages=stages, maxnreg=register_cap(
