@@ -143,28 +143,46 @@ def quad_launch(programs: int, max_seq_len: int, device: torch.device,
     INT4_QUAD_LAUNCHES entry and split count (or at `num_splits`) of near-best _efficiency, fewest splits
     first, then the first entry; its stages at most one more than a split's tiles."""
     tile_counts = tuple(max(1, -(-max_seq_len // tiles[0])) for tiles, _, _ in INT4_QUAD_LAUNCHES)
-    return _quad_launch(programs, tile_counts, num_sms(device), num_splits)
+    return _fill_launch(INT4_QUAD_LAUNCHES, programs, tile_counts, num_sms(device), num_splits)
+
+
+def pairs_launch(programs: int, max_seq_len: int, device: torch.device,
+                 num_splits: int | None = None) -> tuple[int, tuple[int, int, int]]:
+    """(splits, tiles) of an int8 pairs-kernel decode (int8_decode.py), chosen as quad_launch chooses among
+    INT8_PAIR_LAUNCHES."""
+    tile_counts = tuple(max(1, -(-max_seq_len // tiles[0])) for tiles, _, _ in INT8_PAIR_LAUNCHES)
+    return _fill_launch(INT8_PAIR_LAUNCHES, programs, tile_counts, num_sms(device), num_splits)[:2]
 
 
 @functools.lru_cache(maxsize=4096)  # keyed by tile counts, as _int8_launch
-def _quad_launch(programs: int, tile_counts: tuple[int, ...], sms: int,
+def _fill_launch(entries: tuple, programs: int, tile_counts: tuple[int, ...], sms: int,
                  num_splits: int | None) -> tuple[int, tuple[int, int, int], int]:
     options = {}
-    for i, ((_, per_sm, _), n) in enumerate(zip(INT4_QUAD_LAUNCHES, tile_counts, strict=True)):
+    for i, ((_, per_sm, _), n) in enumerate(zip(entries, tile_counts, strict=True)):
         for s in [num_splits] if num_splits else range(1, min(n, _MAX_SPLITS) + 1):
             options[s, i] = _efficiency(programs, n, s, per_sm, sms)
     splits, i = _fewest(options)
-    (block_n, warps, stages), _, cap = INT4_QUAD_LAUNCHES[i]
+    (block_n, warps, stages), _, cap = entries[i]
     # no deeper a pipeline than a split has tiles to fill (H100, B = 1 at ctx 8k, two tiles a split: 3
     # stages 17.2 us, 4 stages 20.3: docs/benchmarks.md, "int8 / quad launches by the last wave's fill")
     per_split = -(-tile_counts[i] // splits)
     return splits, (block_n, warps, min(stages, per_split + 1)), cap
 
 
-# int8 KV decode dots (tiles.attend_kv's INT8_FP16), the first the launch's: False puts the codes in the
-# query's dtype (bf16: a conversion a value); True converts the query to float16 once, the codes by bit
-# tricks.
-INT8_FP16_MODES: tuple[bool, ...] = (False, True)
+# How int8 KV decode reads its codes (kernel._launch_decode's int8_mode), the first the launch's. 0 and 1 are
+# the split-K kernel's: 0 converts the codes to the query's dtype (bf16: a conversion a value), 1 converts
+# the query to float16 once and the codes by bit tricks (tiles.int8_fp16). 2 is int8_decode.py's kernel: the
+# codes load as int16 pairs that two byte permutes make float16 dot operands (taken where
+# int8_decode.pairs_fit holds, else 0); offline sm_90 its loop is 667 instructions a 64-key tile against
+# 0's 3046 (bench/kernels/sass_mix).
+INT8_CAST, INT8_FP16, INT8_PAIRS = 0, 1, 2
+INT8_DECODE_MODES: tuple[int, ...] = (INT8_PAIRS, INT8_CAST, INT8_FP16)
+# The pairs kernel's launches at head_dim 128: (BLOCK_N, num_warps, num_stages), programs an SM, register
+# cap (0: none), as INT4_QUAD_LAUNCHES. Offline sm_90 (Triton 3.6): 128-key tiles at 3 stages take 168
+# registers and 72 KB of shared memory (three an SM), 64-key tiles at 4 stages 117 and 54 KB (four).
+INT8_PAIR_LAUNCHES: tuple[tuple[tuple[int, int, int], int, int], ...] = (
+    ((128, 4, 3), 3, 0), ((64, 4, 4), 4, 0),
+)
 
 
 def decode_config(head_dim: int, interpreted: bool, programs: int = 1,

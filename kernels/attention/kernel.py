@@ -12,16 +12,20 @@ from kernels.attention.config import (
     INT4_DEQUANT_MODES,
     INT4_PREFILL_DEQUANT,
     INT4_QUADS,
-    INT8_FP16_MODES,
+    INT8_DECODE_MODES,
+    INT8_FP16,
+    INT8_PAIRS,
     choose_num_splits,
     decode_config,
     int8_launch,
     merge_in_place,
+    pairs_launch,
     prefill_config,
     preload_first_tile,
     quad_launch,
 )
 from kernels.attention.int4_decode import launch_int4_quads, quads_fit
+from kernels.attention.int8_decode import launch_int8_pairs, pairs_fit
 from kernels.attention.operands import check_operands, dot_precision, quantized_args
 from kernels.attention.tiles import (
     NEG_BIG,
@@ -243,7 +247,7 @@ def _prefill_kernel(
 def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                    scale: float, out: torch.Tensor, num_splits: int | None, mixed: bool, quant: dict,
                    tiles: tuple[int, int, int] | None = None, int4_dequant: int | None = None,
-                   int8_fp16: bool | None = None, max_registers: int | None = None) -> None:
+                   int8_mode: int | None = None, max_registers: int | None = None) -> None:
     num_seqs = meta.seq_lens.shape[0]
     _, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -253,17 +257,21 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     quads = kv_bits == 4 and int4_dequant == INT4_QUADS
     if quads and not quads_fit(q, k_cache, quant["K_GROUP"], quant["V_GROUP"]):
         quads, int4_dequant = False, INT4_PREFILL_DEQUANT
+    int8_mode = INT8_DECODE_MODES[0] if int8_mode is None else int8_mode
+    pairs = kv_bits == 8 and int8_mode == INT8_PAIRS and pairs_fit(q, k_cache)
     block_d = triton.next_power_of_2(head_dim)
     interpreted = q.device.type == "cpu"
-    pairs, launch_tiles, quad_cap = num_seqs * num_kv_heads, None, 0
+    kv_pairs, launch_tiles, quad_cap = num_seqs * num_kv_heads, None, 0
     if quads:
-        auto, launch_tiles, quad_cap = quad_launch(pairs, meta.max_seq_len, q.device, num_splits)
+        auto, launch_tiles, quad_cap = quad_launch(kv_pairs, meta.max_seq_len, q.device, num_splits)
+    elif pairs:
+        auto, launch_tiles = pairs_launch(kv_pairs, meta.max_seq_len, q.device, num_splits)
     elif kv_bits == 8:
-        auto, launch_tiles = int8_launch(pairs, meta.max_seq_len, q.device, num_splits)
+        auto, launch_tiles = int8_launch(kv_pairs, meta.max_seq_len, q.device, num_splits)
     else:
         auto = choose_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, q.device, kv_bits)
     num_splits = auto if num_splits is None else num_splits
-    programs = pairs * num_splits
+    programs = kv_pairs * num_splits
     if head_dim == 128 and not interpreted:
         tiles = tiles or launch_tiles
     block_n, warps, stages = tiles or decode_config(head_dim, interpreted, programs, q.device, kv_bits)
@@ -286,6 +294,10 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                           arrivals, block_n=block_n, num_warps=warps, num_stages=stages, mixed=mixed,
                           merge_in_place=in_place, pdl=pdl_launch(q.device),
                           max_registers=quad_cap if max_registers is None else max_registers)
+    elif pairs:
+        launch_int8_pairs(grid, q, k_cache, v_cache, quant, meta, scale * _LOG2E, out, part_acc, part_ml,
+                          arrivals, block_n=block_n, num_warps=warps, num_stages=stages, mixed=mixed,
+                          merge_in_place=in_place, pdl=pdl_launch(q.device))
     else:
         _decode_kernel[grid](
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out, part_acc,
@@ -298,7 +310,7 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             MERGE_IN_PLACE=in_place, BLOCK_S=triton.next_power_of_2(num_splits), PRELOAD=preload,
             DOT_PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
             INT4_DEQUANT=int4_dequant,
-            INT8_FP16=kv_bits == 8 and (INT8_FP16_MODES[0] if int8_fp16 is None else int8_fp16),
+            INT8_FP16=kv_bits == 8 and int8_mode == INT8_FP16,
             **pdl_launch(q.device), **quant,
         )
     if num_splits > 1 and not in_place:
@@ -331,18 +343,18 @@ def _launch_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 def paged_decode_attention(
     q: torch.Tensor, k_cache: KVOperand, v_cache: KVOperand, meta: AttentionMetadata, scale: float,
     num_splits: int | None = None, tiles: tuple[int, int, int] | None = None, int4_dequant: int | None = None,
-    int8_fp16: bool | None = None, max_registers: int | None = None,
+    int8_mode: int | None = None, max_registers: int | None = None,
 ) -> torch.Tensor:
     """Decode-only batch (every sequence brings one query row) → [B, Hq, D]. `num_splits` None = auto;
     `tiles` (BLOCK_N, num_warps, num_stages) None = config.decode_config's; `int4_dequant` /
-    `int8_fp16` / `max_registers` (the int4 quad kernel's register cap, 0 = the compiler's choice) None =
-    config.INT4_DEQUANT_MODES[0] / INT8_FP16_MODES[0] / config.quad_launch's (the bench sweeps
+    `int8_mode` / `max_registers` (the int4 quad kernel's register cap, 0 = the compiler's choice) None =
+    config.INT4_DEQUANT_MODES[0] / INT8_DECODE_MODES[0] / config.quad_launch's (the bench sweeps
     the others)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_cache, v_cache, quant = quantized_args(k_cache, v_cache)
     if q.shape[0]:
         _launch_decode(q, k_cache, v_cache, meta, scale, out, num_splits, mixed=False, quant=quant,
-                       tiles=tiles, int4_dequant=int4_dequant, int8_fp16=int8_fp16,
+                       tiles=tiles, int4_dequant=int4_dequant, int8_mode=int8_mode,
                        max_registers=max_registers)
     return out
 

@@ -16,7 +16,15 @@ if not torch.cuda.is_available():
 from bench.kernels.kernels_gpu import paged_batch
 from contracts.kv_cache_spec import KVCacheSpec, scales_for
 from engine.kv_cache import KVCache, with_key_offsets
-from kernels.attention.config import INT4_DEQUANT_MODES, INT4_QUADS, INT8_DECODE_TILES, INT8_FP16_MODES
+from kernels.attention.config import (
+    INT4_DEQUANT_MODES,
+    INT4_QUADS,
+    INT8_CAST,
+    INT8_DECODE_MODES,
+    INT8_DECODE_TILES,
+    INT8_PAIR_LAUNCHES,
+    INT8_PAIRS,
+)
 from kernels.attention.kernel import paged_attention_triton, paged_decode_attention
 from kernels.attention.metadata import AttentionMetadata
 from kernels.attention.reference import paged_attention_ref
@@ -48,7 +56,7 @@ def stored_batch(dtype: str, seqs, seed: int) -> tuple[torch.Tensor, KVCache, At
 
 
 def assert_decode_matches_the_reference(dtype: str, seed: int, **options: Any) -> None:
-    """The split-K decode kernel with these options (tiles, int8_fp16, int4_dequant), unsplit and in 5
+    """The decode kernel with these options (tiles, int8_mode, int4_dequant), unsplit and in 5
     splits, over long and short contexts of a `dtype` cache, against the reference attention."""
     q, kv, meta = stored_batch(dtype, [(4095, 1)] * 2 + [(700, 1)] * 6 + [(1, 1)], seed)
     scale = HEAD_DIM ** -0.5
@@ -95,11 +103,34 @@ def test_triton_attention_over_quantized_blocks_matches_the_reference(dtype: str
     assert q.shape[1] == HEADS
 
 
-@pytest.mark.parametrize("fp16", INT8_FP16_MODES)
+@pytest.mark.parametrize("mode", [m for m in INT8_DECODE_MODES if m != INT8_PAIRS])
 @pytest.mark.parametrize("tiles", [t for t in INT8_DECODE_TILES if t])
 def test_int8_decode_under_every_swept_tile_matches_the_reference(tiles: tuple[int, int, int],
-                                                                  fp16: bool) -> None:
-    assert_decode_matches_the_reference("int8", seed=4, tiles=tiles, int8_fp16=fp16)
+                                                                  mode: int) -> None:
+    assert_decode_matches_the_reference("int8", seed=4, tiles=tiles, int8_mode=mode)
+
+
+@pytest.mark.parametrize("tiles", sorted({t for t, _, _ in INT8_PAIR_LAUNCHES} | {(64, 4, 3), (128, 8, 3)}))
+def test_int8_pairs_decode_under_its_launch_tiles_matches_the_reference(tiles: tuple[int, int, int]) -> None:
+    assert_decode_matches_the_reference("int8", seed=4, tiles=tiles, int8_mode=INT8_PAIRS)
+
+
+def test_int8_pairs_ptx_equals_its_plain_shifts(monkeypatch) -> None:
+    # the inline-PTX byte permutes and the interpreter's shifts build the same floats: equal outputs, and
+    # within the split-K kernel's distance of the reference
+    import kernels.attention.kernel as attention
+    from kernels.attention.int8_decode import launch_int8_pairs
+
+    q, kv, meta = stored_batch("int8", [(4095, 1)] * 2 + [(700, 1)] * 2 + [(3, 1)], seed=6)
+    scale = HEAD_DIM ** -0.5
+    outputs = []
+    for ptx in (True, False):
+        monkeypatch.setattr(attention, "launch_int8_pairs", functools.partial(launch_int8_pairs, ptx=ptx))
+        outputs.append(paged_decode_attention(q, *kv.layer(0), meta, scale, 3, int8_mode=INT8_PAIRS))
+    assert torch.equal(outputs[0], outputs[1])
+    expected = paged_attention_ref(q, *kv.layer(0), meta, scale).float()
+    baseline = paged_decode_attention(q, *kv.layer(0), meta, scale, 3, int8_mode=INT8_CAST).float()
+    assert (outputs[0].float() - expected).abs().max() <= 2 * (baseline - expected).abs().max() + 1e-3
 
 
 @pytest.mark.parametrize("mode", INT4_DEQUANT_MODES)  # the quad kernel (the launch's) and both dequantizing

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention.config import INT4_DEQUANT_MODES
+from kernels.attention.config import INT4_DEQUANT_MODES, INT8_CAST, INT8_FP16
 from kernels.attention.kernel import paged_attention_triton, paged_decode_attention
 from kernels.attention.reference import paged_attention_ref
 from kernels.attention.tiles import int8_fp16
@@ -92,8 +92,8 @@ def test_int8_decode_in_fp16_dots_matches_the_reference(dtype: torch.dtype) -> N
     q, k, v, meta, _ = quantized_batch([(64, 1), (45, 1), (1, 1), (0, 1)], "int8", seed=9)
     q = q.to(dtype)
     expected = paged_attention_ref(q.float(), k, v, meta, HEAD_DIM ** -0.5)
-    got = paged_decode_attention(q, k, v, meta, HEAD_DIM ** -0.5, num_splits=2, int8_fp16=True)
-    baseline = paged_decode_attention(q, k, v, meta, HEAD_DIM ** -0.5, num_splits=2, int8_fp16=False)
+    got = paged_decode_attention(q, k, v, meta, HEAD_DIM ** -0.5, num_splits=2, int8_mode=INT8_FP16)
+    baseline = paged_decode_attention(q, k, v, meta, HEAD_DIM ** -0.5, num_splits=2, int8_mode=INT8_CAST)
     # fp16 dot operands round no coarser than the query's own dtype: the error stays the baseline's
     bound = 2 * (baseline.float() - expected).abs().max().item() + 1e-3
     assert (got.float() - expected).abs().max().item() <= bound
