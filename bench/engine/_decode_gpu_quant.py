@@ -20,7 +20,7 @@ from engine.llm_engine import LLMEngine
 GPT_FAST_INT8_BS1_MS = 4.52
 # row name → (EngineConfig.weights, kv_cache_dtype)
 QUANT_ROWS = {"bf16": ("bf16", "auto"), "w8": ("w8", "auto"), "w4a16": ("w4a16", "auto"),
-              "w4a16+kv-int4": ("w4a16", "int4"), "w8a8": ("w8a8", "auto")}
+              "w4a16+kv-int4": ("w4a16", "int4"), "w8+kv-int8": ("w8", "int8"), "w8a8": ("w8a8", "auto")}
 
 
 def weight_bytes(engine: LLMEngine) -> int:

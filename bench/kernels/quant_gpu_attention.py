@@ -1,5 +1,5 @@
 """Decode attention at one batch and context over bf16, int8 and int4 KV caches: the launch's choices, the
-int8 tile / float16-dot sweep, the int4 modes and the int4 quad kernel's tiles, in one run."""
+int8 tile / mode sweep, the int4 modes and the int4 quad kernel's tiles, in one run."""
 from __future__ import annotations
 
 import random
@@ -13,8 +13,8 @@ from kernels.attention.config import (
     INT4_DEQUANT_MODES,
     INT4_QUAD_LAUNCHES,
     INT4_QUADS,
+    INT8_DECODE_MODES,
     INT8_DECODE_TILES,
-    INT8_FP16_MODES,
     choose_num_splits,
 )
 from kernels.attention.metadata import AttentionMetadata, SeqSpan
@@ -149,8 +149,8 @@ def faster(entry: dict, best: dict | None) -> bool:
 def int8_sweep(run: Run, q: torch.Tensor, k_cache, v_cache, meta: AttentionMetadata, scale: float, shape: str,
                base_ms: float, roof_ms: float) -> dict:
     """The int8 cache under every config.INT8_DECODE_TILES candidate, at the automatic split count, half
-    and twice it, with each config.INT8_FP16_MODES dot; the entry keeps all and names the fastest (its
-    config: tiles, splits, dots)."""
+    and twice it, under each config.INT8_DECODE_MODES kernel; the entry keeps all and names the fastest
+    (its config: tiles, splits, mode)."""
     from kernels.attention.kernel import paged_decode_attention
 
     batch, context = q.shape[0], meta.max_seq_len
@@ -162,11 +162,11 @@ def int8_sweep(run: Run, q: torch.Tensor, k_cache, v_cache, meta: AttentionMetad
     results, best = {}, None
     for tiles in candidates:
         for splits in sorted({max(1, auto // 2), auto, min(2 * auto, 64)}):
-            for fp16 in INT8_FP16_MODES:
-                config = f"tiles={tiles} splits={splits} fp16_dots={fp16}"
+            for mode in INT8_DECODE_MODES:
+                config = f"tiles={tiles} splits={splits} int8_mode={mode}"
                 entry = timed(run, shape, "decode KV int8 sweep", config, base_ms, roof_ms, ref,
-                              lambda t=tiles, n=splits, f=fp16: paged_decode_attention(
-                                  q, k_cache, v_cache, meta, scale, n, t, int8_fp16=f))
+                              lambda t=tiles, n=splits, m=mode: paged_decode_attention(
+                                  q, k_cache, v_cache, meta, scale, n, t, int8_mode=m))
                 if entry:
                     results[config] = entry
                     best = entry if faster(entry, best) else best

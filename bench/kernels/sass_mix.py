@@ -8,7 +8,8 @@ Triton ships and prints the instructions of the longest loop body (per weight va
 local-memory (spill) traffic: a GPU-free check of a
 dequantization change before an H100 run times it (bench/kernels/quant_gpu.py). Then the int4 quad decode
 kernel at its launch's tiles: its loop per K/V value, and whether its code loads are pipelined (the deepest
-cp.async wait, shared memory growing with the stages); and the one-row w8 GEMV with its loop plain or
+cp.async wait, shared memory growing with the stages), the same for the int8 pairs decode kernel; and the
+one-row w8 GEMV with its loop plain or
 pipelined (cp.async copies, shared memory, registers).
 """
 from __future__ import annotations
@@ -154,6 +155,26 @@ def quads_compile(block_n: int, stages: int, max_registers: int = 0):
                           target=GPUTarget("cuda", 90, 32), options=options)
 
 
+_PAIR_POINTERS = dict(_QUAD_POINTERS, ks_ptr="*fp16", vs_ptr="*fp16")
+
+
+def pairs_compile(block_n: int, warps: int, stages: int):
+    """kernels/attention/int8_decode's kernel at Llama-3-8B heads (4 query heads a KV head, padded to 16
+    rows), bf16 queries, 4 splits merged in place; pointers and slot strides 16-divisible as the launcher
+    specializes them."""
+    from kernels.attention.int8_decode import _int8_decode_kernel
+
+    constexprs = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=block_n, NUM_SPLITS=4,
+                      MIXED=False, MERGE_IN_PLACE=True, BLOCK_S=4, USE_PDL=False, HADAMARD=False, PTX=True)
+    names = list(inspect.signature(_int8_decode_kernel.fn).parameters)
+    signature = {n: "constexpr" if n in constexprs else _PAIR_POINTERS.get(n, "i32") for n in names}
+    unaligned = ("seq_lens_ptr", "query_start_ptr", "arrivals_ptr", "stride_ks_h", "stride_vs_h")
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if (n.endswith("_ptr") or n.startswith("stride_")) and n not in unaligned}
+    return triton.compile(ASTSource(_int8_decode_kernel, signature, constexprs, attrs),
+                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
 def registers(compiled) -> str:
     """cuobjdump's register count of a compiled kernel (the one Triton ships)."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -223,6 +244,17 @@ def main() -> None:
         top = ", ".join(f"{op} {n}" for op, n in mix.most_common(6))
         print(f"quads {block_n:3d} keys {stages} stages cap {cap or '-':>3}: "
               f"{sum(mix.values()) / (block_n * 256 / 128):4.2f} per value, wait depth {depth}, "
+              f"{compiled.metadata.shared} B shared, {registers(compiled)} registers | {top}", flush=True)
+    print("# int8 KV pairs decode (int8_decode.py): loop instructions a key tile and per K/V value of a "
+          "thread, the deepest cp.async wait, shared memory, registers")
+    for block_n, warps, stages in ((64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3)):
+        compiled = pairs_compile(block_n, warps, stages)
+        text = disassemble(compiled)
+        mix = loop_mix(text)
+        depth = max(map(int, re.findall(r"DEPBAR\.LE SB0, 0x([0-9a-f]+)", text) or ["0"]), default=0)
+        top = ", ".join(f"{op} {n}" for op, n in mix.most_common(6))
+        print(f"pairs {block_n:3d} keys {warps} warps {stages} stages: loop {sum(mix.values())}, "
+              f"{sum(mix.values()) / (block_n * 256 / (32 * warps)):4.2f} per value, wait depth {depth}, "
               f"{compiled.metadata.shared} B shared, {registers(compiled)} registers | {top}", flush=True)
 
 
