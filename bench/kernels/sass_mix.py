@@ -33,9 +33,8 @@ _POINTERS = dict(block_tables_ptr="*i32", seq_lens_ptr="*i32", query_start_ptr="
                  k_scale_ptr="*fp16", k_zero_ptr="*fp16", v_scale_ptr="*fp16", v_zero_ptr="*fp16",
                  scale_log2="fp32")
 _CACHE_DTYPE = {0: "*bf16", 8: "*i8", 4: "*u8"}
-# name → (KV_BITS, INT4_DEQUANT, INT8_FP16, num_stages): the launch's stages for each cache (config.py)
-VARIANTS = {"bf16": (0, 0, False, 2), "int8": (8, 0, False, 3), "int8 fp16 dots": (8, 0, True, 3),
-            "int4 dequant 0": (4, 0, False, 2), "int4 dequant 1": (4, 1, False, 2)}
+# name → (KV_BITS, INT4_DEQUANT, num_stages): the split-K kernel's stages for each cache (config.py)
+VARIANTS = {"bf16": (0, 0, 2), "int8": (8, 0, 3), "int4 dequant 0": (4, 0, 2), "int4 dequant 1": (4, 1, 2)}
 
 
 _GEMV_SIGNATURE = dict(x_ptr="*i32", w_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16", out_ptr="*bf16",
@@ -116,12 +115,11 @@ def w8_compile(block_n: int, block_k: int, stages: int):
                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=stages))
 
 
-def sass(bits: int, int4_dequant: int, int8_fp16: bool, stages: int) -> str:
+def sass(bits: int, int4_dequant: int, stages: int) -> str:
     constexprs = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=64, NUM_SPLITS=4,
                       MIXED=False, MERGE_IN_PLACE=True, BLOCK_S=4, DOT_PRECISION="tf32", USE_PDL=False,
                       PRELOAD=True, KV_BITS=bits, K_GROUP=32 if bits == 4 else 0,
-                      V_GROUP=64 if bits == 4 else 0, HADAMARD=bits == 4, INT4_DEQUANT=int4_dequant,
-                      INT8_FP16=int8_fp16)
+                      V_GROUP=64 if bits == 4 else 0, HADAMARD=bits == 4, INT4_DEQUANT=int4_dequant)
     pointers = dict(_POINTERS, k_cache_ptr=_CACHE_DTYPE[bits], v_cache_ptr=_CACHE_DTYPE[bits])
     signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32")
                  for name in inspect.signature(_decode_kernel.fn).parameters}

@@ -148,10 +148,25 @@ def quad_launch(programs: int, max_seq_len: int, device: torch.device,
 
 def pairs_launch(programs: int, max_seq_len: int, device: torch.device,
                  num_splits: int | None = None) -> tuple[int, tuple[int, int, int]]:
-    """(splits, tiles) of an int8 pairs-kernel decode (int8_decode.py), chosen as quad_launch chooses among
-    INT8_PAIR_LAUNCHES."""
+    """(splits, tiles) of an int8 pairs-kernel decode (int8_decode.py): INT8_PAIR_LAUNCHES' 128-key tiles at
+    the fewest splits of near-best _efficiency (or at `num_splits`), unless its 64-key tiles fill the SMs
+    as well unsplit. An H100 sweep at ctx 8k (docs/benchmarks.md, "int8 KV decode from int16 pairs"): the
+    64-key tiles led only unsplit (B = 64: 1.71x the bf16 cache vs 1.62x); split, the 128-key ones won at
+    B = 8-32 (B = 32: 1.68x at 3 splits vs 1.49x for 64-key tiles at 2, both a near-full last wave)."""
     tile_counts = tuple(max(1, -(-max_seq_len // tiles[0])) for tiles, _, _ in INT8_PAIR_LAUNCHES)
-    return _fill_launch(INT8_PAIR_LAUNCHES, programs, tile_counts, num_sms(device), num_splits)[:2]
+    return _pairs_launch(programs, tile_counts, num_sms(device), num_splits)
+
+
+@functools.lru_cache(maxsize=4096)  # keyed by tile counts, as _int8_launch
+def _pairs_launch(programs: int, tile_counts: tuple[int, ...], sms: int,
+                  num_splits: int | None) -> tuple[int, tuple[int, int, int]]:
+    (_, long_per_sm, _), (short, short_per_sm, _) = INT8_PAIR_LAUNCHES
+    splits, tiles, _ = _fill_launch(INT8_PAIR_LAUNCHES[:1], programs, tile_counts[:1], sms, num_splits)
+    long = _efficiency(programs, tile_counts[0], splits, long_per_sm, sms)
+    unsplit = _efficiency(programs, tile_counts[1], 1, short_per_sm, sms)
+    if num_splits in (None, 1) and unsplit >= long * (1 - _FILL_TIE):
+        return 1, short
+    return splits, tiles
 
 
 @functools.lru_cache(maxsize=4096)  # keyed by tile counts, as _int8_launch
@@ -169,17 +184,19 @@ def _fill_launch(entries: tuple, programs: int, tile_counts: tuple[int, ...], sm
     return splits, (block_n, warps, min(stages, per_split + 1)), cap
 
 
-# How int8 KV decode reads its codes (kernel._launch_decode's int8_mode), the first the launch's. 0 and 1 are
-# the split-K kernel's: 0 converts the codes to the query's dtype (bf16: a conversion a value), 1 converts
-# the query to float16 once and the codes by bit tricks (tiles.int8_fp16). 2 is int8_decode.py's kernel: the
-# codes load as int16 pairs that two byte permutes make float16 dot operands (taken where
-# int8_decode.pairs_fit holds, else 0); offline sm_90 its loop is 667 instructions a 64-key tile against
-# 0's 3046 (bench/kernels/sass_mix).
-INT8_CAST, INT8_FP16, INT8_PAIRS = 0, 1, 2
-INT8_DECODE_MODES: tuple[int, ...] = (INT8_PAIRS, INT8_CAST, INT8_FP16)
-# The pairs kernel's launches at head_dim 128: (BLOCK_N, num_warps, num_stages), programs an SM, register
-# cap (0: none), as INT4_QUAD_LAUNCHES. Offline sm_90 (Triton 3.6): 128-key tiles at 3 stages take 168
-# registers and 72 KB of shared memory (three an SM), 64-key tiles at 4 stages 117 and 54 KB (four).
+# How int8 KV decode reads its codes (kernel._launch_decode's int8_mode), the first the launch's. INT8_PAIRS
+# is int8_decode.py's kernel: the codes load as int16 pairs that two byte permutes make float16 dot operands
+# (taken where int8_decode.pairs_fit holds, else INT8_CAST); offline sm_90 its loop is 667 instructions a
+# 64-key tile against 3046 for INT8_CAST, the split-K kernel converting every code to the query's dtype. On
+# an H100 at ctx 8k: 1.20-1.74x the bf16 cache's speed at B = 1-64 against 0.92-1.47x (docs/benchmarks.md,
+# "int8 KV decode from int16 pairs"); the split-K kernel's float16 dots (session 10's mode 1, 1.05-1.43x)
+# were deleted then.
+INT8_CAST, INT8_PAIRS = 0, 1
+INT8_DECODE_MODES: tuple[int, ...] = (INT8_PAIRS, INT8_CAST)
+# The pairs kernel's launches at head_dim 128 (pairs_launch): (BLOCK_N, num_warps, num_stages), programs an
+# SM, register cap (0: none), as INT4_QUAD_LAUNCHES. On the H100 (Triton 3.6) 128-key tiles at 3 stages took
+# 167-168 registers and 72 KB of shared memory (three an SM), 64-key tiles at 4 stages 118-128 and 54 KB
+# (four); 8 warps, 2 stages and 256-key tiles all lost in the same sweep (docs/benchmarks.md).
 INT8_PAIR_LAUNCHES: tuple[tuple[tuple[int, int, int], int, int], ...] = (
     ((128, 4, 3), 3, 0), ((64, 4, 4), 4, 0),
 )

@@ -13,7 +13,6 @@ from kernels.attention.config import (
     INT4_PREFILL_DEQUANT,
     INT4_QUADS,
     INT8_DECODE_MODES,
-    INT8_FP16,
     INT8_PAIRS,
     choose_num_splits,
     decode_config,
@@ -60,13 +59,13 @@ def _decode_kernel(
     k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
     stride_ks_slot, stride_ks_h, stride_vs_slot, stride_vs_h,
     KV_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr, HADAMARD: tl.constexpr,
-    INT4_DEQUANT: tl.constexpr = 0, INT8_FP16: tl.constexpr = False,
+    INT4_DEQUANT: tl.constexpr = 0,
 ):
     """One program: one sequence, one KV head (all its GROUP query heads packed as dot rows), one KV split.
 
     MIXED: the batch also holds multi-row chunks (the prefill kernel's); this kernel serves 1-row sequences.
     KV_BITS 8 / 4: a quantized cache (tiles dequantized in registers, int4 ones as INT4_DEQUANT picks; int8
-    ones in float16 dots under INT8_FP16, tiles.int8_fp16);
+    codes converted to the query's dtype, their row scales folded: the fallback of int8_decode.py's kernel);
     HADAMARD: its rows are stored rotated, so q is rotated the same way and the output rotated back.
     """
     seq, kv_head, split, row, seq_len, live_heads, per_split, start, end, block_row = decode_program(
@@ -94,8 +93,6 @@ def _decode_kernel(
                 mask=busy[:, None] & d_mask[None, :], other=0.0)
     if HADAMARD:  # q·k = (q H)·(k H): score against the keys as stored
         q = hadamard_rows(q.to(tl.float32)).to(q.dtype)
-    if INT8_FP16:  # bf16 → fp16 is exact in fp16's range; p · v_scale (<= max|v| / 127) fits it too
-        q = q.to(tl.float16)
 
     m_i = tl.full([BLOCK_G], NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -131,14 +128,13 @@ def _decode_kernel(
                 stride_ct, stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, False, False,
                 DOT_PRECISION, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_ks_slot, stride_ks_h,
                 stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP, INT4_DEQUANT=INT4_DEQUANT,
-                INT8_FP16=INT8_FP16, block=this_block)
+                block=this_block)
     for n0 in range(full_end, end, BLOCK_N):
         acc, m_i, l_i = attend_tile(
             acc, m_i, l_i, q, 0, k_cache_ptr, v_cache_ptr, block_row, n0, end, kv_head, stride_cb, stride_ct,
             stride_ch, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, True, False, DOT_PRECISION,
             k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_ks_slot, stride_ks_h,
-            stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP, INT4_DEQUANT=INT4_DEQUANT,
-            INT8_FP16=INT8_FP16)
+            stride_vs_slot, stride_vs_h, KV_BITS, K_GROUP, V_GROUP, INT4_DEQUANT=INT4_DEQUANT)
 
     if HADAMARD:  # values were stored as v H: the weighted sum comes back by H (H H = I); linear, so before
         acc = hadamard_rows(acc)  # the split merge too
@@ -310,7 +306,6 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             MERGE_IN_PLACE=in_place, BLOCK_S=triton.next_power_of_2(num_splits), PRELOAD=preload,
             DOT_PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
             INT4_DEQUANT=int4_dequant,
-            INT8_FP16=kv_bits == 8 and int8_mode == INT8_FP16,
             **pdl_launch(q.device), **quant,
         )
     if num_splits > 1 and not in_place:

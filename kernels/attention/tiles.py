@@ -144,31 +144,17 @@ def _rows(ptrs, valid, MASKED: tl.constexpr):
 
 
 @triton.jit
-def int8_fp16(codes):
-    """int8 codes c → float16, exactly: c + 128 (the sign bit flipped, zero-extended) in the low mantissa
-    bits of 1024.0 (0x6400) reads as 1024 + 128 + c; one subtraction leaves c. Integer and half ops the
-    compiler can pack two to a register, where int8 → bf16 goes through a float32 conversion a value."""
-    biased = (codes.to(tl.uint8, bitcast=True).to(tl.int16) ^ 0x80) | 0x6400
-    return biased.to(tl.float16, bitcast=True) - 1152.0
-
-
-@triton.jit
 def attend_kv(acc, m_i, l_i, q, q_pos, k, v, pos, valid, scale_log2,
                BOUNDED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
                tree_bits=0, chunk_start=0, TREE: tl.constexpr = False, k_scale=None, v_scale=None,
-               ROW_SCALES: tl.constexpr = False, INT8_FP16: tl.constexpr = False):
+               ROW_SCALES: tl.constexpr = False):
     """Online-softmax step of the q rows over keys k / values v at positions `pos` (masked where not valid
     when BOUNDED; after a row's q_pos when CAUSAL; when also TREE, chunk keys (from chunk_start) whose bit
     is clear in the row's tree_bits [rows] int64 — bit j: the chunk's j-th position). ROW_SCALES: k and v are
     int8 codes with per-key scales k_scale / v_scale [len(pos)] (load_kv_int8): q·(s c) = s (q·c), and
-    Σ p (s c) = Σ (p s) c, so the scales multiply the scores and the probabilities, not the codes.
-    INT8_FP16 (with ROW_SCALES; q float16): codes → float16 without a conversion instruction (int8_fp16)."""
-    if INT8_FP16:
-        k = int8_fp16(k)
-        v = int8_fp16(v)
-    else:
-        k = k.to(q.dtype)  # int8 codes: exact in bf16 / fp16 (|c| <= 127)
-        v = v.to(q.dtype)
+    Σ p (s c) = Σ (p s) c, so the scales multiply the scores and the probabilities, not the codes."""
+    k = k.to(q.dtype)  # int8 codes: exact in bf16 / fp16 (|c| <= 127)
+    v = v.to(q.dtype)
     if ROW_SCALES:
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (k_scale * scale_log2)[None, :]
     else:
@@ -204,7 +190,7 @@ def attend_tile(
     k_scale_ptr=None, k_zero_ptr=None, v_scale_ptr=None, v_zero_ptr=None, stride_ks_slot=0, stride_ks_h=0,
     stride_vs_slot=0, stride_vs_h=0, KV_BITS: tl.constexpr = 0, K_GROUP: tl.constexpr = 0,
     V_GROUP: tl.constexpr = 0, tree_bits=0, chunk_start=0, TREE: tl.constexpr = False,
-    INT4_DEQUANT: tl.constexpr = 0, INT8_FP16: tl.constexpr = False, block=None,
+    INT4_DEQUANT: tl.constexpr = 0, block=None,
 ):
     """Online-softmax step over keys [n0, n0 + BLOCK_N) of one sequence and KV head, from paged blocks.
 
@@ -221,8 +207,7 @@ def attend_tile(
             k_scale_ptr, v_scale_ptr, stride_ks_slot, stride_ks_h, stride_vs_slot, stride_vs_h, BLOCK_D,
             BLOCK_SIZE, BOUNDED, block)
         acc, m_i, l_i = attend_kv(acc, m_i, l_i, q, q_pos, k, v, pos, valid, scale_log2, BOUNDED, CAUSAL,
-                                  DOT_PRECISION, tree_bits, chunk_start, TREE, k_scale, v_scale, True,
-                                  INT8_FP16)
+                                  DOT_PRECISION, tree_bits, chunk_start, TREE, k_scale, v_scale, True)
     else:
         k, v = load_kv(k_cache_ptr, v_cache_ptr, block_row, pos, kv_head, stride_cb, stride_ct, stride_ch,
                        valid, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BOUNDED, k_scale_ptr, k_zero_ptr, v_scale_ptr,

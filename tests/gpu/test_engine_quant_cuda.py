@@ -78,9 +78,10 @@ def test_graphed_quantized_engine_matches_the_reference_modules_token_for_token(
     assert got == expected
 
 
-@pytest.mark.parametrize("weights", ["w8", "w4a16"])
-def test_bf16_graphed_quantized_decode_matches_its_eager_steps(weights: str) -> None:
-    graphed = quantized_engine(weights, dtype="bfloat16")
+@pytest.mark.parametrize(("weights", "kv_cache_dtype"), [("w8", "auto"), ("w4a16", "auto"), ("w8", "int8")])
+def test_bf16_graphed_quantized_decode_matches_its_eager_steps(weights: str, kv_cache_dtype: str) -> None:
+    # bf16 queries: an int8 cache is read by the int16-pairs kernel (kernels/attention/int8_decode.py)
+    graphed = quantized_engine(weights, dtype="bfloat16", kv_cache_dtype=kv_cache_dtype)
     eager = LLMEngine(replace(graphed.config, weights="auto", cuda_graphs=False),  # the model is quantized
                       model=(TINY, graphed.model))
     got, replays = generate(graphed)

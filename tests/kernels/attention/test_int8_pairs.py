@@ -129,9 +129,13 @@ def test_pairs_launch_fills_the_last_wave(monkeypatch) -> None:
     (long, three, _), (short, four, _) = config.INT8_PAIR_LAUNCHES
     assert (three, four) == (3, 4)
     # 8 KV heads at ctx 8k: B = 16 at 3 splits of 128-key tiles is 384 programs, one wave of three an SM
-    # (396 slots); B = 64 unsplit 512, one wave of four (528); B = 1 the most splits, two tiles each
+    # (396 slots); B = 32 at 3 splits two such waves, where 64-key tiles would fill one wave of four at 2
+    # splits (the H100 sweep: 1.68x vs 1.49x); B = 64 unsplit 512 of 64 keys, one wave of four (528); B = 1
+    # the most splits, two tiles each
     assert config.pairs_launch(16 * 8, 8192, cuda) == (3, long)
+    assert config.pairs_launch(32 * 8, 8192, cuda) == (3, long)
     assert config.pairs_launch(64 * 8, 8192, cuda) == (1, short)
+    assert config.pairs_launch(64 * 8, 8192, cuda, 2) == (2, long)  # asked to split: the 128-key tiles
     assert config.pairs_launch(8, 8192, cuda) == (32, long)
     assert config.pairs_launch(16 * 8, 8192, cuda, 5) == (5, long)  # asked splits: tiles by their fill
     splits, (block_n, _, stages) = config.pairs_launch(8, 512, cuda)

@@ -4,29 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
-from kernels.attention.config import INT4_DEQUANT_MODES, INT8_CAST, INT8_FP16
+from kernels.attention.config import INT4_DEQUANT_MODES
 from kernels.attention.kernel import paged_attention_triton, paged_decode_attention
 from kernels.attention.reference import paged_attention_ref
-from kernels.attention.tiles import int8_fp16
 from kernels.store_kv.quant import QuantizedKV, store_rows
 from tests.kernels.attention.test_triton_attention import make_batch, needs_data_dependent_loops  # noqa: F401
 
 pytestmark = pytest.mark.timeout(180)
 
-
-@triton.jit
-def _int8_fp16_kernel(src, dst, N: tl.constexpr):
-    offs = tl.arange(0, N)
-    tl.store(dst + offs, int8_fp16(tl.load(src + offs)))
-
-
-def convert_int8_fp16(codes: torch.Tensor) -> torch.Tensor:
-    out = torch.empty(codes.shape, dtype=torch.float16)
-    _int8_fp16_kernel[(1,)](codes, out, N=codes.numel())
-    return out
 
 HEAD_DIM = 32
 
@@ -79,24 +65,6 @@ def test_int4_decode_under_each_dequant_mode_matches_the_reference(int4_dequant:
     expected = paged_attention_ref(q, k, v, meta, HEAD_DIM ** -0.5)
     got = paged_decode_attention(q, k, v, meta, HEAD_DIM ** -0.5, num_splits=2, int4_dequant=int4_dequant)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
-
-
-def test_int8_fp16_codes_convert_exactly() -> None:
-    codes = torch.arange(-128, 128, dtype=torch.int8)
-    assert torch.equal(convert_int8_fp16(codes), codes.to(torch.float16))
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_int8_decode_in_fp16_dots_matches_the_reference(dtype: torch.dtype) -> None:
-    # the query converted to fp16 once, the codes by int8_fp16: a bf16 query as the engine's, split-K
-    q, k, v, meta, _ = quantized_batch([(64, 1), (45, 1), (1, 1), (0, 1)], "int8", seed=9)
-    q = q.to(dtype)
-    expected = paged_attention_ref(q.float(), k, v, meta, HEAD_DIM ** -0.5)
-    got = paged_decode_attention(q, k, v, meta, HEAD_DIM ** -0.5, num_splits=2, int8_mode=INT8_FP16)
-    baseline = paged_decode_attention(q, k, v, meta, HEAD_DIM ** -0.5, num_splits=2, int8_mode=INT8_CAST)
-    # fp16 dot operands round no coarser than the query's own dtype: the error stays the baseline's
-    bound = 2 * (baseline.float() - expected).abs().max().item() + 1e-3
-    assert (got.float() - expected).abs().max().item() <= bound
 
 
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
