@@ -93,3 +93,30 @@ def test_fused_rotary_store_kv_rejects_mismatched_cache() -> None:
     with pytest.raises(ValueError, match="rotary_store_kv"):
         rotary_store_kv_triton(q, k, k, torch.ones(2, 8), torch.ones(2, 8), torch.zeros(2, 4, 3, 16),
                                torch.zeros(2, 4, 3, 16), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (6, 3), (3, 3)])
+def test_rotary_store_kv_into_a_quantized_cache_runs_a_program_per_kv_head(dtype: str, num_heads: int,
+                                                                          num_kv_heads: int) -> None:
+    # each program rotates its KV head's query heads and quantizes its k and v rows: the same rotated q and
+    # the same stored bytes as the reference (and padding tokens write nothing)
+    from kernels.rotary.kernel import rotary_store_kv_triton
+    from kernels.rotary.reference import rotary_store_kv_ref
+    from tests.kernels.attention.test_quantized_attention import quantized
+
+    gen = torch.Generator().manual_seed(num_heads * 7 + num_kv_heads)
+    tokens, num_blocks, block_size, head_dim = 5, 4, 4, 32
+    heads = torch.randn(tokens, num_heads + 2 * num_kv_heads, head_dim, generator=gen)
+    q, k, v = heads.split_with_sizes([num_heads, num_kv_heads, num_kv_heads], dim=1)
+    cos, sin = (torch.randn(tokens, head_dim // 2, generator=gen) for _ in "cs")
+    slots = torch.tensor([3, 14, -1, 0, 9])
+    blank = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim)
+    got, expected = ([quantized(blank, dtype), quantized(blank, dtype)] for _ in "ge")
+    keep = slots >= 0
+    q_ref = rotary_store_kv_ref(q[keep], k[keep], v[keep], cos[keep], sin[keep], *expected, slots[keep])
+    q_got = rotary_store_kv_triton(q, k, v, cos, sin, *got, slots)
+    torch.testing.assert_close(q_got[keep], q_ref, atol=1e-6, rtol=1e-6)
+    for mine, theirs in zip(got, expected, strict=True):
+        assert torch.equal(mine.codes, theirs.codes)
+        torch.testing.assert_close(mine.scale, theirs.scale, atol=0, rtol=1e-3)  # one float16 ulp
