@@ -141,7 +141,8 @@ def _rotary_store_head_kernel(
         cols = tl.arange(0, 2 * HALF)[None, :]
         row = head + tl.zeros([1, 1], tl.int32)
         store_kv_values(k_cache_ptr, slot, row, cols, k, cols < 2 * HALF, stride_kc_slot, stride_kc_h,
-                        k_scale_ptr, k_zero_ptr, stride_ks_slot, stride_ks_h, K_GROUP, K_HADAMARD, k_offset_ptr)
+                        k_scale_ptr, k_zero_ptr, stride_ks_slot, stride_ks_h, K_GROUP, K_HADAMARD,
+                        k_offset_ptr)
         v = tl.load(v_ptr + token * stride_vt + head * stride_vh + cols)
         store_kv_values(v_cache_ptr, slot, row, cols, v, cols < 2 * HALF, stride_vc_slot, stride_vc_h,
                         v_scale_ptr, v_zero_ptr, stride_vs_slot, stride_vs_h, V_GROUP, V_HADAMARD)
