@@ -235,25 +235,24 @@ def main() -> None:
     print("# int4 KV quad decode (int4_decode.py), 4 warps: loop instructions per K/V value of a thread, the "
           "deepest cp.async wait (groups left in flight), shared memory, registers")
     for block_n, stages, cap in ((64, 3, 0), (64, 3, 168), (64, 4, 168), (128, 3, 0)):
-        compiled = quads_compile(block_n, stages, cap)
-        text = disassemble(compiled)
-        mix = loop_mix(text)
-        depth = max(map(int, re.findall(r"DEPBAR\.LE SB0, 0x([0-9a-f]+)", text) or ["0"]), default=0)
-        top = ", ".join(f"{op} {n}" for op, n in mix.most_common(6))
         print(f"quads {block_n:3d} keys {stages} stages cap {cap or '-':>3}: "
-              f"{sum(mix.values()) / (block_n * 256 / 128):4.2f} per value, wait depth {depth}, "
-              f"{compiled.metadata.shared} B shared, {registers(compiled)} registers | {top}", flush=True)
-    print("# int8 KV pairs decode (int8_decode.py): loop instructions a key tile and per K/V value of a "
-          "thread, the deepest cp.async wait, shared memory, registers")
+              + decode_loop(quads_compile(block_n, stages, cap), block_n, 4), flush=True)
+    print("# int8 KV pairs decode (int8_decode.py): the same")
     for block_n, warps, stages in ((64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3)):
-        compiled = pairs_compile(block_n, warps, stages)
-        text = disassemble(compiled)
-        mix = loop_mix(text)
-        depth = max(map(int, re.findall(r"DEPBAR\.LE SB0, 0x([0-9a-f]+)", text) or ["0"]), default=0)
-        top = ", ".join(f"{op} {n}" for op, n in mix.most_common(6))
-        print(f"pairs {block_n:3d} keys {warps} warps {stages} stages: loop {sum(mix.values())}, "
-              f"{sum(mix.values()) / (block_n * 256 / (32 * warps)):4.2f} per value, wait depth {depth}, "
-              f"{compiled.metadata.shared} B shared, {registers(compiled)} registers | {top}", flush=True)
+        print(f"pairs {block_n:3d} keys {warps} warps {stages} stages: "
+              + decode_loop(pairs_compile(block_n, warps, stages), block_n, warps), flush=True)
+
+
+def decode_loop(compiled, block_n: int, warps: int) -> str:
+    """A decode kernel's loop: instructions a key tile and per K/V value of a thread (head_dim 128), the
+    deepest cp.async wait, shared memory, registers, the commonest opcodes."""
+    text = disassemble(compiled)
+    mix = loop_mix(text)
+    depth = max(map(int, re.findall(r"DEPBAR\.LE SB0, 0x([0-9a-f]+)", text) or ["0"]), default=0)
+    top = ", ".join(f"{op} {n}" for op, n in mix.most_common(6))
+    count = sum(mix.values())
+    return (f"loop {count}, {count / (block_n * 256 / (32 * warps)):4.2f} per value, wait depth {depth}, "
+            f"{compiled.metadata.shared} B shared, {registers(compiled)} registers | {top}")
 
 
 if __name__ == "__main__":

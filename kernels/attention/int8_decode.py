@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention.tiles import NEG_BIG, block_ids, decode_program, store_decode
+from kernels.attention.tiles import NEG_BIG, block_ids, decode_program, decode_query, store_decode
 from kernels.pdl import pdl_release, pdl_wait
 from kernels.store_kv.kernel import hadamard_rows
 
@@ -128,13 +128,8 @@ def _int8_decode_kernel(
     pdl_wait(USE_PDL)
     pdl_release(USE_PDL)
 
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, HEAD_DIM)
-    busy = offs_g < tl.where(start < seq_len, GROUP, 0)
-    q = tl.load(q_ptr + row.to(tl.int64) * stride_qt + (kv_head * GROUP + offs_g)[:, None] * stride_qh
-                + offs_d[None, :], mask=busy[:, None], other=0.0).to(tl.float32)
-    if HADAMARD:  # q·k = (q H)·(k H): score against the keys as stored
-        q = hadamard_rows(q)
+    offs_g, busy, q = decode_query(q_ptr, row, kv_head, start, seq_len, stride_qt, stride_qh, GROUP, BLOCK_G,
+                                   HEAD_DIM, HADAMARD)
     # largest |q| into [1, 2): float16 holds every bf16 value there and none overflows
     e_q = _exponent(tl.maximum(tl.max(tl.max(tl.abs(q), axis=1), axis=0), 1e-30))
     q = (q * _pow2(254 - e_q)).to(tl.float16)

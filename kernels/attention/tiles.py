@@ -4,6 +4,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kernels.store_kv.kernel import hadamard_rows
+
 # Finite "minus infinity" for running maxima: exp2(NEG_BIG - m) is 0, without the NaN of (-inf) - (-inf).
 NEG_BIG = tl.constexpr(-1.0e30)
 MERGE_CHUNK = tl.constexpr(8)  # split partials a merge reads at a time
@@ -278,6 +280,22 @@ def decode_program(query_start_ptr, seq_lens_ptr, block_tables_ptr, stride_bt, G
     end = tl.minimum(start + per_split, seq_len)
     block_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     return seq, tl.program_id(1), split, row, seq_len, live_heads, per_split, start, end, block_row
+
+
+@triton.jit
+def decode_query(q_ptr, row, kv_head, start, seq_len, stride_qt, stride_qh, GROUP: tl.constexpr,
+                 BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, HADAMARD: tl.constexpr):
+    """The quantized decode kernels' query (int4_decode.py, int8_decode.py): (offs_g, busy, q) — q [BLOCK_G,
+    HEAD_DIM] float32, the KV head's GROUP query heads of `row` (rotated when HADAMARD: q·k = (q H)·(k H),
+    scored against the keys as stored), zeros in rows not `busy` (padding rows, or a split past the end)."""
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    busy = offs_g < tl.where(start < seq_len, GROUP, 0)
+    q = tl.load(q_ptr + row.to(tl.int64) * stride_qt + (kv_head * GROUP + offs_g)[:, None] * stride_qh
+                + offs_d[None, :], mask=busy[:, None], other=0.0).to(tl.float32)
+    if HADAMARD:
+        q = hadamard_rows(q)
+    return offs_g, busy, q
 
 
 @triton.jit
