@@ -97,10 +97,10 @@ def test_fused_rotary_store_kv_rejects_mismatched_cache() -> None:
 
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (6, 3), (3, 3)])
-def test_rotary_store_kv_into_a_quantized_cache_runs_a_program_per_kv_head(dtype: str, num_heads: int,
-                                                                          num_kv_heads: int) -> None:
-    # each program rotates its KV head's query heads and quantizes its k and v rows: the same rotated q and
-    # the same stored bytes as the reference (and padding tokens write nothing)
+def test_rotary_store_kv_into_a_quantized_cache_matches_the_reference(dtype: str, num_heads: int,
+                                                                     num_kv_heads: int) -> None:
+    # whole rows quantized as they are stored: the same rotated q and the same stored bytes as the reference
+    # (and padding tokens write nothing), for grouped and ungrouped query heads
     from kernels.rotary.kernel import rotary_store_kv_triton
     from kernels.rotary.reference import rotary_store_kv_ref
     from tests.kernels.attention.test_quantized_attention import quantized
