@@ -26,7 +26,8 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device
                       kv_bits: int = 0, quads: bool = False) -> int:
     """KV splits per (sequence, KV head). Float caches: enough programs for ~2 waves on the GPU, >= 64
     tokens per split (int4 caches read by the dequantizing kernel: INT4_SPLIT_WAVES times the waves, up to
-    twice the splits). int8 caches and the int4 quad kernel (`quads`): int8_launch's and quad_launch's."""
+    twice the splits). int8 caches read by the split-K kernel and the int4 quad kernel (`quads`):
+    int8_launch's and quad_launch's (the int8 pairs kernel's: pairs_launch)."""
     programs = num_seqs * num_kv_heads
     if kv_bits == 8:
         return int8_launch(programs, max_seq_len, device)[0]
@@ -188,8 +189,8 @@ def _fill_launch(entries: tuple, programs: int, tile_counts: tuple[int, ...], sm
 # is int8_decode.py's kernel: the codes load as int16 pairs that two byte permutes make float16 dot operands
 # (taken where int8_decode.pairs_fit holds, else INT8_CAST); offline sm_90 its loop is 667 instructions a
 # 64-key tile against 3046 for INT8_CAST, the split-K kernel converting every code to the query's dtype. On
-# an H100 at ctx 8k: 1.20-1.74x the bf16 cache's speed at B = 1-64 against 0.92-1.47x (docs/benchmarks.md,
-# "int8 KV decode from int16 pairs"); the split-K kernel's float16 dots (session 10's mode 1, 1.05-1.43x)
+# an H100 at ctx 8k: 1.14-1.72x the bf16 cache's speed at B = 1-128 against 0.96-1.56x (docs/benchmarks.md,
+# "int8 KV decode from int16 pairs"); the split-K kernel's float16 dots (round 4's INT8_FP16, 1.05-1.43x)
 # were deleted then.
 INT8_CAST, INT8_PAIRS = 0, 1
 INT8_DECODE_MODES: tuple[int, ...] = (INT8_PAIRS, INT8_CAST)
