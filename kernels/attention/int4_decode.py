@@ -27,7 +27,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention.tiles import NEG_BIG, block_ids, decode_program, decode_query, store_decode
+from kernels.attention.tiles import (
+    NEG_BIG,
+    block_ids,
+    decode_program,
+    decode_query,
+    masked_load,
+    store_decode,
+)
 from kernels.nibbles import MAGIC, quads
 from kernels.pdl import pdl_release, pdl_wait
 from kernels.store_kv.kernel import hadamard_rows
@@ -70,13 +77,6 @@ def _per_row(x, BLOCK_G: tl.constexpr):
 
 
 @triton.jit
-def _codes(ptr, offs, valid, BOUNDED: tl.constexpr):
-    if BOUNDED:
-        return tl.load(ptr + offs, mask=valid[:, None], other=0)
-    return tl.load(ptr + offs)
-
-
-@triton.jit
 def _attend(acc0, acc1, acc2, acc3, bias, m_i, l_i, qk0, qk1, qk2, qk3, q_sum, k_ptr, v_ptr, ks_ptr,
             kz_ptr, vs_ptr, vz_ptr, block, n0, end, kv_head, stride_cb, stride_ct, stride_ch, stride_ks,
             stride_vs, scale_log2, BLOCK_G: tl.constexpr, KG: tl.constexpr, VG: tl.constexpr,
@@ -93,7 +93,8 @@ def _attend(acc0, acc1, acc2, acc3, bias, m_i, l_i, qk0, qk1, qk2, qk3, q_sum, k
     slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
     offs = (block * stride_cb + (pos % BLOCK_SIZE) * stride_ct + kv_head * stride_ch)[:, None] \
         + tl.arange(0, Q4)[None, :]
-    k0, k1, k2, k3 = quads(_codes(k_ptr, offs, valid, BOUNDED), MAGIC_BITS, DTYPE, PTX, True)
+    k_codes = masked_load(k_ptr + offs, valid[:, None], BOUNDED)
+    k0, k1, k2, k3 = quads(k_codes, MAGIC_BITS, DTYPE, PTX, True)
     dots = tl.dot(qk0, tl.trans(k0))
     dots = tl.dot(qk1, tl.trans(k1), dots)
     dots = tl.dot(qk2, tl.trans(k2), dots)
@@ -117,7 +118,8 @@ def _attend(acc0, acc1, acc2, acc3, bias, m_i, l_i, qk0, qk1, qk2, qk3, q_sum, k
     bias = bias * alpha[None, :, None] + p[None, :, :] * v_mid[:, None, :]
     p_rows = tl.reshape(p_scaled, [VG * BLOCK_G, BLOCK_N])
     a_rows = tl.reshape(tl.broadcast_to(alpha[None, :], [VG, BLOCK_G]), [VG * BLOCK_G])[:, None]
-    v0, v1, v2, v3 = quads(_codes(v_ptr, offs, valid, BOUNDED), V_MAGIC, tl.float16, PTX, True)
+    v_codes = masked_load(v_ptr + offs, valid[:, None], BOUNDED)
+    v0, v1, v2, v3 = quads(v_codes, V_MAGIC, tl.float16, PTX, True)
     acc0 = tl.dot(p_rows, v0, acc0 * a_rows)
     acc1 = tl.dot(p_rows, v1, acc1 * a_rows)
     acc2 = tl.dot(p_rows, v2, acc2 * a_rows)

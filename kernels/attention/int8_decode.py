@@ -21,7 +21,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention.tiles import NEG_BIG, block_ids, decode_program, decode_query, store_decode
+from kernels.attention.tiles import (
+    NEG_BIG,
+    block_ids,
+    decode_program,
+    decode_query,
+    masked_load,
+    store_decode,
+)
 from kernels.pdl import pdl_release, pdl_wait
 from kernels.store_kv.kernel import hadamard_rows
 
@@ -67,13 +74,6 @@ def _exponent(x):
 
 
 @triton.jit
-def _load(ptr, offs, valid, BOUNDED: tl.constexpr):
-    if BOUNDED:
-        return tl.load(ptr + offs, mask=valid, other=0)
-    return tl.load(ptr + offs)
-
-
-@triton.jit
 def _attend(acc_even, acc_odd, e_acc, m_i, l_i, q_even, q_odd, k_ptr, v_ptr, ks_ptr, vs_ptr, block, n0, end,
             kv_head, stride_cb, stride_ct, stride_ch, stride_ks_slot, stride_ks_h, stride_vs_slot,
             stride_vs_h, score_scale, H2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -87,10 +87,11 @@ def _attend(acc_even, acc_odd, e_acc, m_i, l_i, q_even, q_odd, k_ptr, v_ptr, ks_
     slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
     offs = (block * stride_cb + (pos % BLOCK_SIZE) * stride_ct + kv_head * stride_ch)[:, None] \
         + tl.arange(0, H2)[None, :]
-    k_even, k_odd = pairs(_load(k_ptr, offs, valid[:, None], BOUNDED), PTX)
+    k_even, k_odd = pairs(masked_load(k_ptr + offs, valid[:, None], BOUNDED), PTX)
     dots = tl.dot(q_even, tl.trans(k_even))
     dots = tl.dot(q_odd, tl.trans(k_odd), dots)  # [BLOCK_G, N]: Σ q·c
-    k_scale = _load(ks_ptr, slot * stride_ks_slot + kv_head * stride_ks_h, valid, BOUNDED).to(tl.float32)
+    k_scale = masked_load(ks_ptr + slot * stride_ks_slot + kv_head * stride_ks_h, valid, BOUNDED)
+    k_scale = k_scale.to(tl.float32)
     scores = dots * (k_scale * score_scale)[None, :]
     if BOUNDED:
         scores = tl.where(valid[None, :], scores, float("-inf"))
@@ -99,11 +100,12 @@ def _attend(acc_even, acc_odd, e_acc, m_i, l_i, q_even, q_odd, k_ptr, v_ptr, ks_
     p = tl.exp2(scores - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
 
-    v_scale = _load(vs_ptr, slot * stride_vs_slot + kv_head * stride_vs_h, valid, BOUNDED).to(tl.float32)
+    v_scale = masked_load(vs_ptr + slot * stride_vs_slot + kv_head * stride_vs_h, valid, BOUNDED)
+    v_scale = v_scale.to(tl.float32)
     e_new = _exponent(tl.max(v_scale, axis=0))  # the tile's largest scale times 2^(127 - e_new): [1, 2)
     p_scaled = (p * (v_scale * _pow2(254 - e_new))[None, :]).to(tl.float16)
     rebase = (alpha * _pow2(127 + e_acc - e_new))[:, None]  # the sums so far into this tile's units
-    v_even, v_odd = pairs(_load(v_ptr, offs, valid[:, None], BOUNDED), PTX)
+    v_even, v_odd = pairs(masked_load(v_ptr + offs, valid[:, None], BOUNDED), PTX)
     acc_even = tl.dot(p_scaled, v_even, acc_even * rebase)
     acc_odd = tl.dot(p_scaled, v_odd, acc_odd * rebase)
     return acc_even, acc_odd, e_new, m_new, l_i

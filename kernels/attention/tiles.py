@@ -58,10 +58,10 @@ def load_kv_int8(k_cache_ptr, v_cache_ptr, block_row, pos, kv_head, stride_cb, s
     token_off = block * stride_cb + (pos % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
     kv_off = token_off[:, None] + offs_d[None, :]
     slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
-    k = _rows(k_cache_ptr + kv_off, valid[:, None], MASKED)
-    v = _rows(v_cache_ptr + kv_off, valid[:, None], MASKED)
-    k_scale = _rows(k_scale_ptr + slot * stride_ks_slot + kv_head * stride_ks_h, valid, MASKED)
-    v_scale = _rows(v_scale_ptr + slot * stride_vs_slot + kv_head * stride_vs_h, valid, MASKED)
+    k = masked_load(k_cache_ptr + kv_off, valid[:, None], MASKED)
+    v = masked_load(v_cache_ptr + kv_off, valid[:, None], MASKED)
+    k_scale = masked_load(k_scale_ptr + slot * stride_ks_slot + kv_head * stride_ks_h, valid, MASKED)
+    v_scale = masked_load(v_scale_ptr + slot * stride_vs_slot + kv_head * stride_vs_h, valid, MASKED)
     return k, v, k_scale.to(tl.float32), v_scale.to(tl.float32)
 
 
@@ -95,19 +95,19 @@ def _dequantize(codes_ptr, scale_ptr, zero_ptr, token_off, scale_off, valid, MAS
     # One return, after both constexpr branches: the compiler (unlike the interpreter) still generates code
     # after a return inside a constexpr `if`, and the int4 branch does not compile for int8 (no zeros).
     if BITS == 8:
-        codes = _rows(codes_ptr + token_off[:, None] + offs_d[None, :], valid[:, None], MASKED)
-        scale = _rows(scale_ptr + scale_off, valid, MASKED)
+        codes = masked_load(codes_ptr + token_off[:, None] + offs_d[None, :], valid[:, None], MASKED)
+        scale = masked_load(scale_ptr + scale_off, valid, MASKED)
         rows = codes.to(tl.float32) * scale.to(tl.float32)[:, None]
     elif INT4_DEQUANT == 1:
         rows = _dequantize_int4_groups(codes_ptr, scale_ptr, zero_ptr, token_off, scale_off, valid, MASKED,
                                        GROUP, BLOCK_D)
     else:
         pairs = tl.arange(0, BLOCK_D // 2)
-        packed = _rows(codes_ptr + token_off[:, None] + pairs[None, :], valid[:, None], MASKED)
+        packed = masked_load(codes_ptr + token_off[:, None] + pairs[None, :], valid[:, None], MASKED)
         codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), [N, BLOCK_D]).to(tl.float32)
         group = scale_off[:, None] + offs_d[None, :] // GROUP
-        scale = _rows(scale_ptr + group, valid[:, None], MASKED).to(tl.float32)
-        zero = _rows(zero_ptr + group, valid[:, None], MASKED).to(tl.float32)
+        scale = masked_load(scale_ptr + group, valid[:, None], MASKED).to(tl.float32)
+        zero = masked_load(zero_ptr + group, valid[:, None], MASKED).to(tl.float32)
         rows = codes * scale + zero
     return rows
 
@@ -125,11 +125,11 @@ def _dequantize_int4_groups(codes_ptr, scale_ptr, zero_ptr, token_off, scale_off
     N: tl.constexpr = token_off.shape[0]
     GROUPS: tl.constexpr = BLOCK_D // GROUP
     pairs = tl.arange(0, BLOCK_D // 2)
-    packed = _rows(codes_ptr + token_off[:, None] + pairs[None, :], valid[:, None], MASKED)
+    packed = masked_load(codes_ptr + token_off[:, None] + pairs[None, :], valid[:, None], MASKED)
     packed = tl.reshape(packed, [N, GROUPS, GROUP // 2]).to(tl.int32)
     groups = scale_off[:, None] + tl.arange(0, GROUPS)[None, :]
-    s16 = 16.0 * _rows(scale_ptr + groups, valid[:, None], MASKED).to(tl.float32)
-    low = _rows(zero_ptr + groups, valid[:, None], MASKED).to(tl.float32) - s16
+    s16 = 16.0 * masked_load(scale_ptr + groups, valid[:, None], MASKED).to(tl.float32)
+    low = masked_load(zero_ptr + groups, valid[:, None], MASKED).to(tl.float32) - s16
     s16 = s16[:, :, None]
     low = low[:, :, None]
     even = ((packed << 19) & 0x00780000 | 0x3F800000).to(tl.float32, bitcast=True) * s16 + low
@@ -138,8 +138,8 @@ def _dequantize_int4_groups(codes_ptr, scale_ptr, zero_ptr, token_off, scale_off
 
 
 @triton.jit
-def _rows(ptrs, valid, MASKED: tl.constexpr):
-    """Load `ptrs`, only where `valid` when MASKED (zeros elsewhere)."""
+def masked_load(ptrs, valid, MASKED: tl.constexpr):
+    """Load `ptrs`, only where `valid` when MASKED (zeros elsewhere): every quantized-cache tile read."""
     if MASKED:
         return tl.load(ptrs, mask=valid, other=0)
     return tl.load(ptrs)
