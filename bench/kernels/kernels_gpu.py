@@ -140,6 +140,37 @@ def elementwise_cases(quick: bool) -> list[Case]:
     return cases
 
 
+def rotary_store_cases(quick: bool) -> list[Case]:
+    """The decode step's fused rotary + KV store into a bf16, int8 and int4 cache (the engine's specs): q
+    rotated into a fresh tensor, k rotated and v written into their slots, quantized as they are stored."""
+    from contracts.kv_cache_spec import KVCacheSpec, scales_for
+    from engine.kv_cache import KVCache
+    from kernels.rotary.kernel import rotary_store_kv_triton
+    from kernels.rotary.reference import rotary_store_kv_ref
+
+    cases = []
+    for tokens in ([1, 64] if quick else [1, 16, 64, 512]):
+        fused = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM, device="cuda", dtype=DTYPE)
+        q, k, v = fused.view(tokens, HEADS + 2 * KV_HEADS, HEAD_DIM).split([HEADS, KV_HEADS, KV_HEADS], 1)
+        cos = torch.rand(tokens, HEAD_DIM // 2, device="cuda", dtype=DTYPE)
+        sin = torch.rand_like(cos)
+        num_blocks = tokens // BLOCK + 64
+        slots = torch.randperm(num_blocks * BLOCK, device="cuda")[:tokens]
+        for dtype in ("bfloat16", "int8", "int4"):
+            cache = KVCache(KVCacheSpec(BLOCK, KV_HEADS, HEAD_DIM, dtype, scales_for(dtype, HEAD_DIM)), 1,
+                            num_blocks, "cuda")
+            kc, vc = cache.layer(0)
+            # read q, k, v and the tables; write q and the stored K + V rows with their scales
+            stored = tokens * cache.spec.bytes_per_block / BLOCK
+            moved = (fused.numel() + 2 * cos.numel() + q.numel()) * ELEM + stored
+            cases.append(Case("rotary_store_kv", f"T={tokens} {dtype} cache",
+                              lambda q=q, k=k, v=v, c=cos, s=sin, kc=kc, vc=vc, sl=slots:
+                              rotary_store_kv_triton(q, k, v, c, s, kc, vc, sl),
+                              lambda q=q, k=k, v=v, c=cos, s=sin, kc=kc, vc=vc, sl=slots:
+                              rotary_store_kv_ref(q, k, v, c, s, kc, vc, sl), moved))
+    return cases
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
@@ -156,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{'roof ms':>8} {'% roof':>7} {'GB/s':>7} {'TFLOP/s':>8}")
     print(header)
     print("-" * len(header))
-    for case in elementwise_cases(args.quick) + attention_cases(args.quick):
+    for case in elementwise_cases(args.quick) + rotary_store_cases(args.quick) + attention_cases(args.quick):
         if args.only not in case.kernel:
             continue
         t_triton = time_ms(case.triton_fn)
