@@ -97,11 +97,16 @@ def test_fused_rotary_store_kv_rejects_mismatched_cache() -> None:
 
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (6, 3), (3, 3)])
-def test_rotary_store_kv_into_a_quantized_cache_matches_the_reference(dtype: str, num_heads: int,
-                                                                     num_kv_heads: int) -> None:
+@pytest.mark.parametrize("split_per_sm", [32, 0])
+def test_rotary_store_kv_into_a_quantized_cache_matches_the_reference(
+        dtype: str, num_heads: int, num_kv_heads: int, split_per_sm: int, monkeypatch) -> None:
     # whole rows quantized as they are stored: the same rotated q and the same stored bytes as the reference
-    # (and padding tokens write nothing), for grouped and ungrouped query heads
+    # (and padding tokens write nothing), for grouped and ungrouped query heads, with k and v in programs of
+    # their own (a small grid) and in one program (split_per_sm 0: a grid past one wave)
+    from kernels.rotary import kernel
     from kernels.rotary.kernel import rotary_store_kv_triton
+
+    monkeypatch.setattr(kernel, "ROTARY_STORE_SPLIT_PER_SM", split_per_sm)
     from kernels.rotary.reference import rotary_store_kv_ref
     from tests.kernels.attention.test_quantized_attention import quantized
 
