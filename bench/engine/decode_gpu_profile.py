@@ -3,9 +3,11 @@
 Run on a CUDA machine from the repo root:
 `python -m bench.engine.decode_gpu_profile [--batch 1] [--context 512] [--weights w4a16] [--kv-cache int4]`.
 Llama-3-8B shape with random bf16 weights (as bench/engine/decode_gpu.py), quantized by the engine's own
-transform when `--weights` names a scheme. Prints (1) the kernels of `--steps`
-profiled engine steps grouped by name: calls per step, µs per step; (2) per step: wall ms, GPU-busy ms (the
-union of kernel intervals) and the idle rest; (3) host ms per phase of LLMEngine.step (schedule, run =
+transform when `--weights` names a scheme. Prints (1) the kernels of `--steps` profiled engine steps grouped
+by name: calls per step, µs per step each kernel adds to the stream (from the later of its start and the
+previous kernel's end to its own end: under PDL a kernel starts while the one before drains, and its own
+duration counts that wait), and µs per step as the profiler reports them; (2) per step: wall ms, GPU-busy ms
+(the union of kernel intervals) and the idle rest; (3) host ms per phase of LLMEngine.step (schedule, run =
 forward + sample + the host sync, postprocess), each synchronized so a phase's GPU wait lands where it is.
 """
 from __future__ import annotations
@@ -40,6 +42,16 @@ def busy_ms(intervals: list[tuple[float, float]]) -> float:
     return total / 1e3
 
 
+def added_us(intervals: list[tuple[float, float]]) -> list[float]:
+    """Per [start, end) interval, in start order: the time it adds past every interval before it (end minus
+    the later of its start and the latest end so far; 0 if inside). They sum to the union's length."""
+    out, last_end = [], float("-inf")
+    for start, end in intervals:
+        out.append(max(0.0, end - max(start, last_end)))
+        last_end = max(last_end, end)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=1)
@@ -71,16 +83,19 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.steps):
             engine.step()
         wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    by_name: dict[str, list[float]] = collections.defaultdict(list)
-    for e in kernels:
-        by_name[e.name].append(e.device_time)
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    added = added_us([(e.time_range.start, e.time_range.end) for e in kernels])
+    by_name: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+    for e, own in zip(kernels, added, strict=True):
+        by_name[e.name].append((own, e.device_time))
     print(f"# batch {args.batch}, context {args.context}, weights {args.weights}, kv {args.kv_cache}: "
           f"{args.steps} profiled steps")
-    print(f"{'us/step':>9} {'calls/step':>10}  kernel")
-    rows = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))
+    print(f"{'added us/step':>13} {'kernel us/step':>14} {'calls/step':>10}  kernel")
+    rows = sorted(by_name.items(), key=lambda kv: -sum(own for own, _ in kv[1]))
     for name, times in rows[:args.top]:
-        print(f"{sum(times) / args.steps:9.1f} {len(times) / args.steps:10.1f}  {name[:110]}")
+        own, dur = (sum(t[i] for t in times) / args.steps for i in (0, 1))
+        print(f"{own:13.1f} {dur:14.1f} {len(times) / args.steps:10.1f}  {name[:100]}")
     busy = busy_ms([(e.time_range.start, e.time_range.end) for e in kernels]) / args.steps
     print(f"kernels per step {len(kernels) / args.steps:.0f}; wall {wall_ms:.3f} ms/step (profiled), "
           f"GPU busy {busy:.3f} ms, idle {wall_ms - busy:.3f} ms")
