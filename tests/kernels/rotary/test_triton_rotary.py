@@ -105,10 +105,10 @@ def test_rotary_store_kv_into_a_quantized_cache_matches_the_reference(
     # their own (a small grid) and in one program (split_per_sm 0: a grid past one wave)
     from kernels.rotary import kernel
     from kernels.rotary.kernel import rotary_store_kv_triton
-
-    monkeypatch.setattr(kernel, "ROTARY_STORE_SPLIT_PER_SM", split_per_sm)
     from kernels.rotary.reference import rotary_store_kv_ref
     from tests.kernels.attention.test_quantized_attention import quantized
+
+    monkeypatch.setattr(kernel, "ROTARY_STORE_SPLIT_PER_SM", split_per_sm)
 
     gen = torch.Generator().manual_seed(num_heads * 7 + num_kv_heads)
     tokens, num_blocks, block_size, head_dim = 5, 4, 4, 32
