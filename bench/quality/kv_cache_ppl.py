@@ -11,6 +11,7 @@ import torch
 from engine.config import EngineConfig
 from engine.kv_cache import KVCache
 from engine.model_files import load_model, resolve_model_path
+from engine.quantize.kv_balance import balance_keys
 from engine.quantize.kv_offsets import calibrate_key_offsets, calibration_ids
 from engine.tokenizer import Tokenizer
 from kernels.attention.metadata import AttentionMetadata, SeqSpan
@@ -65,8 +66,12 @@ def main() -> None:
     path = resolve_model_path(None)
     model_config, model = load_model(path, "float32", "cpu")
     ids = Tokenizer.from_model(path).encode(default_text())[: args.tokens]
-    # int4 subtracts the key offsets the engine calibrates at start (engine/quantize/kv_offsets.py).
-    key_offsets = calibrate_key_offsets(model, calibration_ids(None, model_config.vocab_size))
+    # int4 rows run the model and offsets the engine makes at start: keys balanced against the queries
+    # (engine/quantize/kv_balance.py), then the offsets of the balanced keys (engine/quantize/kv_offsets.py).
+    # The balance leaves every product the same (a float cache's rows move by rounding only).
+    ids_calibration = calibration_ids(None, model_config.vocab_size)
+    balance_keys(model, ids_calibration)
+    key_offsets = calibrate_key_offsets(model, ids_calibration)
     results: dict[str, dict[str, float]] = {}
     for name, overrides in kv_cache_configs().items():
         config = EngineConfig(num_kv_blocks=-(-CONTEXT // 16), **overrides)
