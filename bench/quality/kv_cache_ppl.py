@@ -1,10 +1,15 @@
-"""Perplexity of the embedded model per KV cache dtype (fp32 KV baseline vs int8 / int4), sliding windows."""
+"""Perplexity and KL divergence of the embedded model per KV cache dtype (fp32 KV baseline vs int8 / int4),
+sliding windows, on one or more texts.
+
+    .venv/bin/python -m bench.quality.kv_cache_ppl [--tokens N] [--text-file PATH ...] [--json OUT]
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
 
@@ -32,14 +37,22 @@ def default_text() -> str:
     return "\n\n".join(topics[name] for name in sorted(topics))
 
 
+def read_text(parser: argparse.ArgumentParser, path: Path) -> str:
+    """The text of a --text-file, or a usage error naming the flag."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        parser.error(f"--text-file {path}: cannot read it as UTF-8 text ({e.__class__.__name__}: {e})")
+
+
 @torch.inference_mode()
-def perplexity(model, model_config, config: EngineConfig, ids: list[int],
-               key_offsets: torch.Tensor | None = None) -> float:
-    """exp(mean NLL) of `ids` under `model` with a KV cache built from `config` (ctx CONTEXT, STRIDE) and
-    the int4 key offsets given."""
+def window_log_probs(model, model_config, config: EngineConfig, ids: list[int],
+                     key_offsets: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(log-probabilities [n, vocab], targets [n]) of each window's scored tokens under `model` with a KV
+    cache built from `config` (ctx CONTEXT, STRIDE) and the int4 key offsets given."""
     blocks = -(-CONTEXT // config.block_size)
     kv = KVCache.for_model(model_config, config, key_offsets)
-    nll, scored = 0.0, 0
+    out = []
     for start in range(0, max(len(ids) - 1, 1), STRIDE):
         window = ids[start:start + CONTEXT + 1]
         if len(window) < 2:
@@ -50,42 +63,74 @@ def perplexity(model, model_config, config: EngineConfig, ids: list[int],
         meta = AttentionMetadata.from_spans([span], list(range(n)), config.block_size)
         hidden = model(torch.tensor(inputs), torch.arange(n), meta, kv)
         first = 0 if start == 0 else n - min(STRIDE, n)
-        logits = model.compute_logits(hidden[first:])
-        nll += torch.nn.functional.cross_entropy(logits, targets[first:], reduction="sum").item()
-        scored += n - first
+        out.append((model.compute_logits(hidden[first:]).float().log_softmax(-1), targets[first:]))
         if start + CONTEXT + 1 >= len(ids):
             break
-    return math.exp(nll / scored)
+    return out
+
+
+def mean_nll(scored: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    return (sum(-lp.gather(1, t.view(-1, 1)).sum().item() for lp, t in scored)
+            / sum(len(t) for _, t in scored))
+
+
+def mean_kl(reference: list[tuple[torch.Tensor, torch.Tensor]],
+            other: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """KL(reference ‖ other) of the next-token distributions, nats per scored token."""
+    total = sum((ref.exp() * (ref - oth)).sum().item() for (ref, _), (oth, _) in zip(reference, other,
+                                                                                     strict=True))
+    return total / sum(len(t) for _, t in reference)
+
+
+def perplexity(model, model_config, config: EngineConfig, ids: list[int],
+               key_offsets: torch.Tensor | None = None) -> float:
+    """exp(mean NLL) of `ids` (window_log_probs)."""
+    return math.exp(mean_nll(window_log_probs(model, model_config, config, ids, key_offsets)))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens of each text (default 4096)")
+    parser.add_argument("--text-file", action="append", type=Path, default=None,
+                        help="score this text (repeatable; default: pydoc_data.topics)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    texts = {str(f): read_text(parser, f) for f in args.text_file} if args.text_file else {
+        "pydoc_data.topics": default_text()}
     path = resolve_model_path(None)
     model_config, model = load_model(path, "float32", "cpu")
-    ids = Tokenizer.from_model(path).encode(default_text())[: args.tokens]
+    tokenizer = Tokenizer.from_model(path)
     # int4 rows run the model and offsets the engine makes at start: keys balanced against the queries
     # (engine/quantize/kv_balance.py), then the offsets of the balanced keys (engine/quantize/kv_offsets.py).
     # The balance leaves every product the same (a float cache's rows move by rounding only).
     ids_calibration = calibration_ids(None, model_config.vocab_size)
     balance_keys(model, ids_calibration)
     key_offsets = calibrate_key_offsets(model, ids_calibration)
-    results: dict[str, dict[str, float]] = {}
-    for name, overrides in kv_cache_configs().items():
-        config = EngineConfig(num_kv_blocks=-(-CONTEXT // 16), **overrides)
-        t0 = time.monotonic()
-        offsets = key_offsets if config.resolved_kv_cache_dtype == "int4" else None
-        ppl = perplexity(model, model_config, config, ids, offsets)
-        base = results.get("baseline", {}).get("ppl", ppl)
-        results[name] = {"ppl": ppl, "rel_delta": ppl / base - 1.0}
-        seconds = time.monotonic() - t0
-        print(f"{name:10s} ppl {ppl:8.4f}  delta {100 * (ppl / base - 1):+.3f}%  ({seconds:.0f}s)",
-              flush=True)
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for text_name, text in texts.items():
+        ids = tokenizer.encode(text)[: args.tokens]
+        if len(ids) < 2:
+            parser.error(f"--text-file {text_name}: fewer than 2 tokens")
+        print(f"{text_name}: {len(ids)} tokens", flush=True)
+        rows: dict[str, dict[str, float]] = {}
+        reference = None
+        for name, overrides in kv_cache_configs().items():
+            config = EngineConfig(num_kv_blocks=-(-CONTEXT // 16), **overrides)
+            t0 = time.monotonic()
+            offsets = key_offsets if config.resolved_kv_cache_dtype == "int4" else None
+            scored = window_log_probs(model, model_config, config, ids, offsets)
+            reference = reference or scored
+            ppl = math.exp(mean_nll(scored))
+            base = rows.get("baseline", {}).get("ppl", ppl)
+            rows[name] = {"ppl": ppl, "rel_delta": ppl / base - 1.0, "kl": mean_kl(reference, scored),
+                          "tokens": len(ids)}
+            kl = 1000 * rows[name]["kl"]
+            print(f"  {name:10s} ppl {ppl:8.4f}  delta {100 * (ppl / base - 1):+.3f}%  "
+                  f"KL {kl:6.2f} mnats/token  ({time.monotonic() - t0:.0f}s)", flush=True)
+        results[text_name] = rows
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"tokens": len(ids), "configs": results}, f, indent=2)
+            json.dump({"texts": results}, f, indent=2)
 
 
 if __name__ == "__main__":

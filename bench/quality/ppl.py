@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from bench.quality.kv_cache_ppl import kv_cache_configs
+from bench.quality.kv_cache_ppl import default_text, kv_cache_configs, read_text
 from contracts.sampling import SamplingParams
 from engine.config import TP_COMMS, EngineConfig
 from engine.llm_engine import LLMEngine
@@ -65,12 +65,6 @@ CONFIGS = (
     Config("w8a8+kv-int8", "w8a8", None, kv_cache_dtype=_kv("kv-int8")),
     Config("w4a16+kv-int4", "w4a16", None, kv_cache_dtype=_kv("kv-int4")),
 )
-
-
-def default_text() -> str:
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[key] for key in sorted(topics))
 
 
 def windows(num_tokens: int) -> list[tuple[int, int, int]]:
@@ -150,9 +144,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.tp < 1:
         parser.error(f"--tp must be >= 1, got {args.tp}")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    text = args.text_file.read_text() if args.text_file else default_text()
+    text = read_text(parser, args.text_file) if args.text_file else default_text()
     tokens = Tokenizer.from_model(embedded_model_path()).encode(text)[:args.tokens]
     if len(tokens) < CONTEXT:
         parser.error(f"--tokens: the text gives {len(tokens)} tokens, fewer than the context {CONTEXT}")

@@ -1,0 +1,33 @@
+"""The quality harnesses (`bench.quality.ppl`, `bench.quality.kv_cache_ppl`) refuse a bad flag value by name
+before loading a model: a usage error, not a traceback."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from bench.quality import kv_cache_ppl, ppl
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.parametrize("main", [ppl.main, kv_cache_ppl.main], ids=["ppl", "kv_cache_ppl"])
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--text-file", "/nonexistent/text.txt"], "--text-file /nonexistent/text.txt: cannot read it"),
+    (["--text-file", "/"], "--text-file /: cannot read it"),  # a directory
+    (["--text-file", sys.executable], "as UTF-8 text"),  # a binary file
+])
+def test_an_unreadable_text_file_is_a_usage_error_naming_the_flag(main, flags, message, monkeypatch,
+                                                                   capsys) -> None:
+    monkeypatch.setattr(sys, "argv", ["quality", *flags])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_negative_threads_is_a_usage_error_naming_the_flag(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "argv", ["ppl", "--threads", "-1"])
+    with pytest.raises(SystemExit) as e:
+        ppl.main()
+    assert e.value.code == 2 and "--threads must be >= 0" in capsys.readouterr().err
