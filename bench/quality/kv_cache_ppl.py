@@ -6,6 +6,7 @@ sliding windows, on one or more texts.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -100,12 +101,13 @@ def main() -> None:
     path = resolve_model_path(None)
     model_config, model = load_model(path, "float32", "cpu")
     tokenizer = Tokenizer.from_model(path)
-    # int4 rows run the model and offsets the engine makes at start: keys balanced against the queries
-    # (engine/quantize/kv_balance.py), then the offsets of the balanced keys (engine/quantize/kv_offsets.py).
-    # The balance leaves every product the same (a float cache's rows move by rounding only).
+    # int4 rows run the model and offsets an int4 engine makes at start: keys balanced against the queries
+    # (engine/quantize/kv_balance.py), then the offsets of the balanced keys (engine/quantize/kv_offsets.py);
+    # the other rows run the model as loaded, as their engines do.
     ids_calibration = calibration_ids(None, model_config.vocab_size)
-    balance_keys(model, ids_calibration)
-    key_offsets = calibrate_key_offsets(model, ids_calibration)
+    balanced = copy.deepcopy(model)
+    balance_keys(balanced, ids_calibration)
+    key_offsets = calibrate_key_offsets(balanced, ids_calibration)
     results: dict[str, dict[str, dict[str, float]]] = {}
     for text_name, text in texts.items():
         ids = tokenizer.encode(text)[: args.tokens]
@@ -117,8 +119,9 @@ def main() -> None:
         for name, overrides in kv_cache_configs().items():
             config = EngineConfig(num_kv_blocks=-(-CONTEXT // 16), **overrides)
             t0 = time.monotonic()
-            offsets = key_offsets if config.resolved_kv_cache_dtype == "int4" else None
-            scored = window_log_probs(model, model_config, config, ids, offsets)
+            int4 = config.resolved_kv_cache_dtype == "int4"
+            scored = window_log_probs(balanced if int4 else model, model_config, config, ids,
+                                      key_offsets if int4 else None)
             reference = reference or scored
             ppl = math.exp(mean_nll(scored))
             base = rows.get("baseline", {}).get("ppl", ppl)
