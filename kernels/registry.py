@@ -55,8 +55,9 @@ class KernelRegistry:
     rms_norm_qkv_rotary_store: Callable
     rms_norm_mlp: Callable
     # Quantized projections (engine/quantize): int4 weights × 16-bit input, int8 weights × 16-bit input, and
-    # int8 weights × per-token int8 input (optional SmoothQuant 1/s), and the int4 and int8 × int8 ones fed
-    # the MLP's gate_up (silu(gate) · up taken in the same op); kernels/quant_linear/layout's weights.
+    # int8 weights × per-token int8 input (optional SmoothQuant 1/s and Hadamard rotation block), and the
+    # int4 and int8 × int8 ones fed the MLP's gate_up (silu(gate) · up taken in the same op);
+    # kernels/quant_linear/layout's weights.
     w4a16_linear: Callable
     silu_mul_w4a16_linear: Callable
     w8_linear: Callable

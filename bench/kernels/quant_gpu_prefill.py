@@ -1,18 +1,25 @@
 """Prefill-sized W8A8 (M = 2048) at one weight shape: cuBLAS bf16 vs torch._int_mm vs our int8 GEMM, alone
-and with its activation quantization; at the down projection also the pair a layer runs from gate_up."""
+and with its activation quantization; at the down projection also the pair a layer runs from gate_up. Our
+activation quantization rotates as the engine's W8A8 does (engine/quantize/w8a8.py: Hadamard blocks of
+rotation_block(K), the weight rotated to match); torch's rows quantize the input as it is."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from bench.kernels.quant_common import MAX_REL_ERR, Run, rel_err, row, skipped
-from engine.quantize.w8a8 import quantize_per_channel
+from engine.quantize.w8a8 import quantize_per_channel, rotated_weight, rotation_block
 from kernels.activation.kernel import silu_mul_triton
 from kernels.linear.kernel import silu_mul_linear_triton
 from kernels.quant_linear.act_quant import quantize_rows, silu_mul_quantize_rows
 from kernels.quant_linear.config import W8A8_CANDIDATES, QuantConfig
 from kernels.quant_linear.layout import W8Weight
-from kernels.quant_linear.reference import int8_gemm_ref, quantize_rows_ref, silu_mul_quantize_rows_ref
+from kernels.quant_linear.reference import (
+    hadamard_blocks_ref,
+    int8_gemm_ref,
+    quantize_rows_ref,
+    silu_mul_quantize_rows_ref,
+)
 from kernels.quant_linear.w8a8 import default_config, int8_gemm
 
 COPIES = 3  # compute-bound: the same weight again costs nothing extra, a few calls per graph amortize launch
@@ -63,30 +70,35 @@ def down_pair(run: Run, shape: str, weight: torch.Tensor, w8: W8Weight, rows: in
     """From gate_up [M, 2K]: the bf16 layer's silu_mul + GEMM (the registry's silu_mul_linear) vs ours,
     fused (silu-mul-quant, GEMM) and unfused (silu_mul, quantize_rows, GEMM), per GEMM config."""
     k = weight.shape[1]
+    rot = rotation_block(k)
     gate_up = torch.randn(rows, 2 * k, dtype=run.dtype, device=run.device)
-    ref = int8_gemm_ref(*silu_mul_quantize_rows_ref(gate_up), w8, torch.float32)
+    ref = int8_gemm_ref(*silu_mul_quantize_rows_ref(gate_up, None, rot), w8, torch.float32)
     base = run.timer(lambda i: silu_mul_linear_triton(gate_up, weight), COPIES)
     out = {"bf16": row("prefill", shape, "bf16 silu_mul+GEMM", base, base)}  # no err: ref is quantized
     # the activation side alone: two kernels and a 16-bit round trip, or one (whole row in registers:
     # the warps a row trade registers a thread against rows in flight)
     act = silu_mul_triton(gate_up)
+    rotated_act = hadamard_blocks_ref(act.float(), rot)
 
     def act_err(q: torch.Tensor, scale: torch.Tensor) -> float:  # the codes dequantized vs the activation
-        return rel_err(q.float() * scale.unsqueeze(1), act)
+        return rel_err(q.float() * scale.unsqueeze(1), rotated_act)
 
     out["unfused_act_quant"] = row("prefill", shape, "ours silu_mul+quant", run.timer(
-        lambda i: quantize_rows(silu_mul_triton(gate_up)), COPIES), err=act_err(*quantize_rows(act)))
+        lambda i: quantize_rows(silu_mul_triton(gate_up), None, rot), COPIES),
+        err=act_err(*quantize_rows(act, None, rot)))
     for warps in FUSED_WARPS:
-        ms = run.timer(lambda i, w=warps: silu_mul_quantize_rows(gate_up, num_warps=w), COPIES)
+        ms = run.timer(lambda i, w=warps: silu_mul_quantize_rows(gate_up, num_warps=w, rotation_block=rot),
+                       COPIES)
         out[f"fused_act_quant_w{warps}"] = row(
             "prefill", shape, "ours silu-mul-quant", ms,
-            err=act_err(*silu_mul_quantize_rows(gate_up, num_warps=warps)), config=f"{warps} warps")
+            err=act_err(*silu_mul_quantize_rows(gate_up, num_warps=warps, rotation_block=rot)),
+            config=f"{warps} warps")
     for which, config in configs.items():
         def fused(c: QuantConfig = config) -> torch.Tensor:
-            return int8_gemm(*silu_mul_quantize_rows(gate_up), w8, run.dtype, c)
+            return int8_gemm(*silu_mul_quantize_rows(gate_up, rotation_block=rot), w8, run.dtype, c)
 
         def unfused(c: QuantConfig = config) -> torch.Tensor:
-            return int8_gemm(*quantize_rows(silu_mul_triton(gate_up)), w8, run.dtype, c)
+            return int8_gemm(*quantize_rows(silu_mul_triton(gate_up), None, rot), w8, run.dtype, c)
 
         for name, fn in (("fused", fused), ("unfused", unfused)):
             ms = run.timer(lambda i, f=fn: f(), COPIES)
@@ -102,22 +114,23 @@ def prefill_shape(run: Run, name: str, n: int, k: int, rows: int) -> dict:
     dev = run.device
     weight = torch.empty(n, k, dtype=run.dtype, device=dev).normal_(std=0.02)
     x = torch.randn(rows, k, dtype=run.dtype, device=dev)
-    w8 = W8Weight(*quantize_per_channel(weight))
-    q_ref, scale_ref = quantize_rows_ref(x)
+    rotated, rot = rotated_weight(weight, torch.ones(k, device=dev))
+    w8, w8_torch = W8Weight(*quantize_per_channel(rotated)), W8Weight(*quantize_per_channel(weight))
+    q_ref, scale_ref = quantize_rows_ref(x, None, rot)
     ref = int8_gemm_ref(q_ref, scale_ref, w8, torch.float32)
     shape = f"{name} m={rows}"
     out: dict = {}
     base = run.timer(lambda i: F.linear(x, weight), COPIES)
     out["bf16"] = row("prefill", shape, "bf16 cuBLAS", base, base)
     if dev.type == "cuda":  # torch._int_mm on CPU is a scalar loop (docs/benchmarks.md)
-        w_t = w8.q.t()
+        w_t = w8_torch.q.t()
         out["torch_int_mm"] = row("prefill", shape, "torch _int_mm only", run.timer(
             lambda i: torch._int_mm(q_ref, w_t), COPIES), base)
         out["torch_w8a8"] = row("prefill", shape, "torch quant+_int_mm", run.timer(
-            lambda i: torch_w8a8(x, w8), COPIES), base, err=rel_err(torch_w8a8(x, w8), ref))
+            lambda i: torch_w8a8(x, w8_torch), COPIES), base, err=rel_err(torch_w8a8(x, w8_torch), ref))
     out["ours_act_quant"] = row("prefill", shape, "ours act quant only",
-                                run.timer(lambda i: quantize_rows(x), COPIES))
-    sweep = gemm_sweep(run, shape, *quantize_rows(x), w8, ref, base)
+                                run.timer(lambda i: quantize_rows(x, None, rot), COPIES))
+    sweep = gemm_sweep(run, shape, *quantize_rows(x, None, rot), w8, ref, base)
     best_config = sweep.pop("best_config")
     out["ours_gemm"] = sweep
     if best_config is None:
@@ -128,7 +141,7 @@ def prefill_shape(run: Run, name: str, n: int, k: int, rows: int) -> dict:
     out["ours_w8a8"] = {}
     for which, config in configs.items():
         def w8a8(c: QuantConfig = config) -> torch.Tensor:
-            return int8_gemm(*quantize_rows(x), w8, run.dtype, c)
+            return int8_gemm(*quantize_rows(x, None, rot), w8, run.dtype, c)
 
         ms = run.timer(lambda i, f=w8a8: f(), COPIES)
         out["ours_w8a8"][which] = row("prefill", shape, "ours quant+GEMM", ms, base, err=rel_err(w8a8(), ref),

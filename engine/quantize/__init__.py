@@ -29,7 +29,14 @@ from engine.quantize.gguf_q8_0 import read_q8_0_head
 from engine.quantize.int4 import quantize_int4
 from engine.quantize.kernel_linears import W4A16KernelLinear, W8A8KernelLinear, W8KernelLinear
 from engine.quantize.projections import projections
-from engine.quantize.w8a8 import W8A8Linear, quantize_per_channel, smoothing_factors
+from engine.quantize.w8a8 import (
+    ROTATION_BLOCK,
+    SMOOTHING_ALPHA,
+    W8A8Linear,
+    quantize_per_channel,
+    rotated_weight,
+    smoothing_factors,
+)
 from engine.random_models import is_random_model
 from kernels.cpu_quant.layout import QK, pack_q4_1, q8_0_of
 from kernels.cpu_quant.library import library
@@ -167,8 +174,10 @@ def use_w8a8(model: LlamaModel, source: Path | None, kernel_modules: bool = Fals
         weight = slot.module.weight.detach()
         smooth = smoothing_factors(absmax, weight)
         if kernel_modules:
-            q, scale = quantize_per_channel(weight.float() * smooth.float())
-            slot.replace(W8A8KernelLinear(W8Weight(q, scale), 1.0 / smooth.float(), slot.silu_mul_input))
+            rotated, block = rotated_weight(weight, smooth)
+            weight_int8 = W8Weight(*quantize_per_channel(rotated))
+            slot.replace(W8A8KernelLinear(weight_int8, 1.0 / smooth.float(), block, slot.silu_mul_input))
         else:
             slot.replace(W8A8Linear(weight, smooth, slot.silu_mul_input))
-    return f"int8 per channel, int8 per token, SmoothQuant alpha 0.5 calibrated on {text}"
+    return (f"int8 per channel, int8 per token, SmoothQuant alpha {SMOOTHING_ALPHA} calibrated on {text}, "
+            f"inputs rotated by Hadamard blocks of up to {ROTATION_BLOCK}")

@@ -65,16 +65,22 @@ class W8KernelLinear(_QuantProjection):
 
 
 class W8A8KernelLinear(W8KernelLinear):
-    """W8A8: the int8 weight of SmoothQuant-scaled w · s; the input is multiplied by 1/s and quantized per
-    token inside the op (engine/quantize/w8a8.py's CPU module computes the same). Fed gate_up (the down
-    projection), the registry's silu_mul_w8a8_linear quantizes silu(gate) · up straight from it."""
+    """W8A8: the int8 weight of SmoothQuant-scaled, Hadamard-rotated (w · s) · H / b; the input is multiplied
+    by 1/s, rotated by H in blocks of `rotation_block` and quantized per token inside the op
+    (engine/quantize/w8a8.py's CPU module computes the same). Fed gate_up (the down projection), the
+    registry's silu_mul_w8a8_linear quantizes silu(gate) · up straight from it."""
 
-    def __init__(self, weight: W8Weight, inv_smooth: torch.Tensor, silu_mul_input: bool = False) -> None:
+    def __init__(self, weight: W8Weight, inv_smooth: torch.Tensor, rotation_block: int,
+                 silu_mul_input: bool = False) -> None:
         super().__init__(weight, silu_mul_input)
+        self.rotation_block = rotation_block
         self.register_buffer("inv_smooth", inv_smooth.float().contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = W8Weight(self.weight_int8, self.weight_scale)
         if self.silu_mul_input:
-            return self.kernels.silu_mul_w8a8_linear(x, weight, self.inv_smooth)
-        return self.kernels.w8a8_linear(x, weight, self.inv_smooth)
+            return self.kernels.silu_mul_w8a8_linear(x, weight, self.inv_smooth, self.rotation_block)
+        return self.kernels.w8a8_linear(x, weight, self.inv_smooth, self.rotation_block)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rotation={self.rotation_block}"

@@ -1,10 +1,12 @@
 """Per-token int8 activation quantization in Triton: rows as given, or the MLP's silu(gate) · up in one pass.
 
-quantize_rows: one program per row reads it once (times the SmoothQuant 1/s when given), takes max|x| and
-writes int8 codes and the fp32 scale max|x| / 127. silu_mul_quantize_rows does the same for the down
-projection's input straight from gate_up [T, 2I]: the silu and the product are rounded to gate_up's dtype as
-kernels/activation rounds them, so the codes are those of silu_mul then quantize_rows, without the 16-bit
-[T, I] activation written and read back or a second launch.
+quantize_rows: one program per row reads it once (times the SmoothQuant 1/s when given, then rotated by the
+block Walsh–Hadamard transform when a rotation block is given: reference.hadamard_blocks_ref's butterflies,
+in registers), takes max|x| and writes int8 codes and the fp32 scale max|x| / 127.
+silu_mul_quantize_rows does the same for the down projection's input straight from gate_up [T, 2I]: the
+silu and the product are rounded to gate_up's dtype as kernels/activation rounds them, so the codes are
+those of silu_mul then quantize_rows, without the 16-bit [T, I] activation written and read back or a
+second launch.
 """
 from __future__ import annotations
 
@@ -18,11 +20,26 @@ _TINY = torch.finfo(torch.float32).tiny
 
 
 @triton.jit
+def hadamard_blocks(x, BLOCK_K: tl.constexpr, LOG2_BLOCK: tl.constexpr):
+    """x [BLOCK_K] times the block Walsh–Hadamard matrix of 2^LOG2_BLOCK: the butterflies of
+    reference.hadamard_blocks_ref (pairs h apart → a + b, a − b; h = 1, 2, …), in the same order."""
+    for stage in tl.static_range(LOG2_BLOCK):
+        h: tl.constexpr = 1 << stage
+        pairs = tl.permute(tl.reshape(x, [BLOCK_K // (2 * h), 2, h]), (0, 2, 1))  # [.., h, 2]
+        a, b = tl.split(pairs)
+        x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), [BLOCK_K])
+    return x
+
+
+@triton.jit
 def quantize_row(x, mask, inv_smooth_ptr, offs, q_row_ptr, scale_ptr, row, SMOOTH: tl.constexpr,
-                 TINY: tl.constexpr):
-    """Stores one fp32 row x (· 1/s) as int8 codes at q_row_ptr + offs and its scale at scale_ptr + row."""
+                 TINY: tl.constexpr, BLOCK_K: tl.constexpr, LOG2_ROTATION: tl.constexpr):
+    """Stores one fp32 row x (· 1/s, then rotated) as int8 codes at q_row_ptr + offs and its scale at
+    scale_ptr + row. Rotation blocks divide K: the masked tail past K stays zero."""
     if SMOOTH:
         x *= tl.load(inv_smooth_ptr + offs, mask=mask, other=0.0)
+    if LOG2_ROTATION > 0:
+        x = hadamard_blocks(x, BLOCK_K, LOG2_ROTATION)
     scale = tl.maximum(tl.max(tl.abs(x), axis=0) / 127.0, TINY)
     y = x / scale
     q = tl.where(y >= 0, tl.floor(y + 0.5), -tl.floor(0.5 - y))  # half away from zero, as the reference
@@ -33,19 +50,20 @@ def quantize_row(x, mask, inv_smooth_ptr, offs, q_row_ptr, scale_ptr, row, SMOOT
 
 @triton.jit
 def _quantize_rows_kernel(x_ptr, inv_smooth_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm,
-                          BLOCK_K: tl.constexpr, SMOOTH: tl.constexpr, TINY: tl.constexpr):
+                          BLOCK_K: tl.constexpr, SMOOTH: tl.constexpr, TINY: tl.constexpr,
+                          LOG2_ROTATION: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
     mask = offs < K
     x = tl.load(x_ptr + row.to(tl.int64) * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
     quantize_row(x, mask, inv_smooth_ptr, offs, q_ptr + row.to(tl.int64) * stride_qm, scale_ptr, row,
-                 SMOOTH, TINY)
+                 SMOOTH, TINY, BLOCK_K, LOG2_ROTATION)
 
 
 @triton.jit
 def _silu_mul_quantize_kernel(gate_up_ptr, inv_smooth_ptr, q_ptr, scale_ptr, inter, stride_gt, stride_qt,
                               BLOCK_K: tl.constexpr, SMOOTH: tl.constexpr, TINY: tl.constexpr,
-                              USE_PDL: tl.constexpr):
+                              LOG2_ROTATION: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_wait(USE_PDL)  # gate_up comes from the kernel before (kernels/pdl.py), as silu_mul's does
     pdl_release(USE_PDL)
     row = tl.program_id(0)
@@ -60,17 +78,25 @@ def _silu_mul_quantize_kernel(gate_up_ptr, inv_smooth_ptr, q_ptr, scale_ptr, int
     act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
     x = (act * up).to(dtype).to(tl.float32)
     quantize_row(x, mask, inv_smooth_ptr, offs, q_ptr + row.to(tl.int64) * stride_qt, scale_ptr, row,
-                 SMOOTH, TINY)
+                 SMOOTH, TINY, BLOCK_K, LOG2_ROTATION)
 
 
 def _row_warps(block_k: int) -> int:
     return max(1, min(16, block_k // 1024))  # ~32 values a thread: a whole row in registers
 
 
-def quantize_rows(x: torch.Tensor,
-                  inv_smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _log2_rotation(rotation_block: int, k: int) -> int:
+    """log2 of a rotation block that is a power of two dividing K (a ValueError naming both otherwise)."""
+    if rotation_block < 1 or rotation_block & (rotation_block - 1) or k % rotation_block:
+        raise ValueError(f"Hadamard block {rotation_block} must be a power of two dividing K = {k}")
+    return rotation_block.bit_length() - 1
+
+
+def quantize_rows(x: torch.Tensor, inv_smooth: torch.Tensor | None = None,
+                  rotation_block: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] → (int8 [M, K], float32 scale [M]), reference.quantize_rows_ref's contract."""
     m, k = x.shape
+    log2_rotation = _log2_rotation(rotation_block, k)
     if x.stride(1) != 1:
         x = x.contiguous()
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
@@ -79,19 +105,22 @@ def quantize_rows(x: torch.Tensor,
     if m:
         _quantize_rows_kernel[(m,)](
             x, inv_smooth if inv_smooth is not None else x, q, scale, k, x.stride(0), q.stride(0),
-            BLOCK_K=block_k, SMOOTH=inv_smooth is not None, TINY=_TINY, num_warps=_row_warps(block_k),
+            BLOCK_K=block_k, SMOOTH=inv_smooth is not None, TINY=_TINY, LOG2_ROTATION=log2_rotation,
+            num_warps=_row_warps(block_k),
         )
     return q, scale
 
 
 def silu_mul_quantize_rows(gate_up: torch.Tensor, inv_smooth: torch.Tensor | None = None,
-                           num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           num_warps: int | None = None, rotation_block: int = 1
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """gate_up [..., 2I] → (int8 [T, I], float32 scale [T]) over its T rows; the contract of
     reference.silu_mul_quantize_rows_ref (silu_mul_ref, then quantize_rows_ref). `num_warps`: the bench's
     sweep (a whole row sits in registers: more warps, fewer registers a thread); default as quantize_rows."""
     if gate_up.shape[-1] % 2:
         raise ValueError(f"silu_mul_quantize_rows: gate_up must be [..., 2I], got {tuple(gate_up.shape)}")
     inter = gate_up.shape[-1] // 2
+    log2_rotation = _log2_rotation(rotation_block, inter)
     rows = gate_up.reshape(-1, 2 * inter)
     if rows.stride(1) != 1:
         rows = rows.contiguous()
@@ -103,6 +132,7 @@ def silu_mul_quantize_rows(gate_up: torch.Tensor, inv_smooth: torch.Tensor | Non
         _silu_mul_quantize_kernel[(tokens,)](
             rows, inv_smooth if inv_smooth is not None else rows, q, scale, inter, rows.stride(0),
             q.stride(0), BLOCK_K=block_k, SMOOTH=inv_smooth is not None, TINY=_TINY,
-            num_warps=num_warps or _row_warps(block_k), **pdl_launch(rows.device),
+            LOG2_ROTATION=log2_rotation, num_warps=num_warps or _row_warps(block_k),
+            **pdl_launch(rows.device),
         )
     return q, scale

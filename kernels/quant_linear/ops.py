@@ -38,16 +38,17 @@ def w8_linear_triton(x: torch.Tensor, weight: W8Weight) -> torch.Tensor:
     return y.to(x.dtype).view(*x.shape[:-1], n)
 
 
-def w8a8_linear_triton(x: torch.Tensor, weight: W8Weight,
-                       inv_smooth: torch.Tensor | None = None) -> torch.Tensor:
+def w8a8_linear_triton(x: torch.Tensor, weight: W8Weight, inv_smooth: torch.Tensor | None = None,
+                       rotation_block: int = 1) -> torch.Tensor:
     """reference.w8a8_linear_ref's contract: fused per-token quantization, then the int8 GEMM."""
-    return w8a8.w8a8_linear(x, weight, inv_smooth)
+    return w8a8.w8a8_linear(x, weight, inv_smooth, rotation_block=rotation_block)
 
 
 def silu_mul_w8a8_linear_triton(gate_up: torch.Tensor, weight: W8Weight,
-                                inv_smooth: torch.Tensor | None = None) -> torch.Tensor:
+                                inv_smooth: torch.Tensor | None = None,
+                                rotation_block: int = 1) -> torch.Tensor:
     """reference.silu_mul_w8a8_linear_ref's contract: silu(gate) · up quantized per token in one kernel
     (act_quant.silu_mul_quantize_rows: no 16-bit activation round trip), then the int8 GEMM."""
     n = weight.shape[0]
-    q_x, x_scale = act_quant.silu_mul_quantize_rows(gate_up, inv_smooth)
+    q_x, x_scale = act_quant.silu_mul_quantize_rows(gate_up, inv_smooth, rotation_block=rotation_block)
     return w8a8.int8_gemm(q_x, x_scale, weight, gate_up.dtype).view(*gate_up.shape[:-1], n)

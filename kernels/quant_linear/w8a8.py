@@ -133,9 +133,9 @@ def int8_gemm(q_x: torch.Tensor, x_scale: torch.Tensor, weight: W8Weight, out_dt
 
 
 def w8a8_linear(x: torch.Tensor, weight: W8Weight, inv_smooth: torch.Tensor | None = None,
-                config: QuantConfig | None = None) -> torch.Tensor:
+                config: QuantConfig | None = None, rotation_block: int = 1) -> torch.Tensor:
     """x [..., K] → [..., N] in x's dtype: quantize_rows, then int8_gemm (reference.w8a8_linear_ref)."""
     n, k = weight.shape
-    q_x, x_scale = quantize_rows(x.reshape(-1, k), inv_smooth)
+    q_x, x_scale = quantize_rows(x.reshape(-1, k), inv_smooth, rotation_block)
     return int8_gemm(q_x, x_scale, weight, x.dtype, config).view(*x.shape[:-1], n)
 

@@ -18,7 +18,7 @@ from engine.executors.lookahead import DecodeLookahead
 from engine.llm_engine import LLMEngine
 from engine.quantize.int4 import quantize_int4
 from engine.quantize.kernel_linears import W4A16KernelLinear, W8A8KernelLinear, W8KernelLinear
-from engine.quantize.w8a8 import quantize_per_channel
+from engine.quantize.w8a8 import quantize_per_channel, rotated_weight
 from engine.random_models import build_random_model
 from kernels.quant_linear.layout import W8Weight, pack_w4
 from kernels.registry import KernelRegistry
@@ -96,7 +96,8 @@ def llama_shaped_module(kind: str, n: int, k: int) -> torch.nn.Module:
     if kind == "w8":
         return W8KernelLinear(W8Weight(*quantize_per_channel(weight)))
     smooth = torch.rand(k, device="cuda") + 0.5
-    return W8A8KernelLinear(W8Weight(*quantize_per_channel(weight * smooth)), 1.0 / smooth)
+    rotated, block = rotated_weight(weight, smooth)
+    return W8A8KernelLinear(W8Weight(*quantize_per_channel(rotated)), 1.0 / smooth, block)
 
 
 @pytest.mark.parametrize("rows", [1, 5, 16, 48])

@@ -113,9 +113,9 @@ def test_w8_every_candidate_matches_the_reference(n: int, k: int, rows: int) -> 
 def test_activation_quantization_matches_the_reference_within_one_code() -> None:
     x = torch.randn(300, 14336, dtype=BF16, device=DEV) * 3
     smooth = torch.rand(14336, device=DEV) + 0.5
-    for inv in (None, smooth):
-        q, scale = quantize_rows(x, inv)
-        q_ref, scale_ref = quantize_rows_ref(x, inv)
+    for inv, rotation in ((None, 1), (smooth, 1), (smooth, 128), (None, 2)):
+        q, scale = quantize_rows(x, inv, rotation)
+        q_ref, scale_ref = quantize_rows_ref(x, inv, rotation)
         torch.testing.assert_close(scale, scale_ref)
         diff = (q.int() - q_ref.int()).abs()
         assert diff.max() <= 1 and diff.float().mean() < 1e-3  # a division tie gone the other way, rarely
@@ -124,9 +124,9 @@ def test_activation_quantization_matches_the_reference_within_one_code() -> None
 def test_silu_mul_quantization_matches_silu_mul_then_quantize_rows() -> None:
     gate_up = torch.randn(300, 2 * 14336, dtype=BF16, device=DEV) * 3  # Llama-3-8B's down input
     smooth = torch.rand(14336, device=DEV) + 0.5
-    for inv in (None, smooth):
-        q, scale = silu_mul_quantize_rows(gate_up, inv)
-        q_ref, scale_ref = silu_mul_quantize_rows_ref(gate_up, inv)
+    for inv, rotation in ((None, 1), (smooth, 1), (smooth, 128)):
+        q, scale = silu_mul_quantize_rows(gate_up, inv, rotation_block=rotation)
+        q_ref, scale_ref = silu_mul_quantize_rows_ref(gate_up, inv, rotation)
         torch.testing.assert_close(scale, scale_ref, rtol=1e-2, atol=0)  # a max one bf16 step apart, at most
         diff = (q.int() - q_ref.int()).abs()
         assert diff.max() <= 1 and diff.float().mean() < 1e-3

@@ -11,6 +11,7 @@ from kernels.quant_linear.config import W4_CANDIDATES, W8A8_CANDIDATES, QuantCon
 from kernels.quant_linear.layout import W4Weight, W8Weight, pack_w4, unpack_w4
 from kernels.quant_linear.reference import (
     dequantize_w4,
+    hadamard_blocks_ref,
     int8_gemm_ref,
     quantize_rows_ref,
     silu_mul_quantize_rows_ref,
@@ -178,12 +179,31 @@ def test_activation_quantization_matches_the_reference_within_one_code() -> None
     x = torch.randn(6, 100, generator=gen) * torch.logspace(-2, 1, 6).unsqueeze(1)
     x[2] = 0.0  # an all-zero row divides by the smallest scale, not by zero
     inv_smooth = torch.rand(100, generator=gen) + 0.5
-    for smooth in (None, inv_smooth):
-        q, scale = quantize_rows(x, smooth)
-        q_ref, scale_ref = quantize_rows_ref(x, smooth)
+    for smooth, rotation in ((None, 1), (inv_smooth, 1), (None, 4), (inv_smooth, 4)):
+        q, scale = quantize_rows(x, smooth, rotation)
+        q_ref, scale_ref = quantize_rows_ref(x, smooth, rotation)
         torch.testing.assert_close(scale, scale_ref)
         assert (q.int() - q_ref.int()).abs().max() <= 1
         assert q.abs().max() == 127 and not q[2].any()
+
+
+def test_activation_quantization_rotates_in_blocks_of_up_to_the_row() -> None:
+    """The butterflies in registers: blocks of 2 up to the whole (padded) row, and a block that divides K but
+    leaves a masked tail in the power-of-two row (K = 96 in a row of 128)."""
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(4)) * 3
+    for rotation in (2, 32):
+        q, scale = quantize_rows(x, None, rotation)
+        q_ref, scale_ref = quantize_rows_ref(x, None, rotation)
+        torch.testing.assert_close(scale, scale_ref)
+        assert (q.int() - q_ref.int()).abs().max() <= 1
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(5))
+    q, scale = quantize_rows(x, None, 64)
+    # rotated back (H · H = 64 · I), the codes give x within half a step of the rotated row per feature
+    dequantized = q.float() * scale.unsqueeze(1)
+    back = hadamard_blocks_ref(dequantized, 64) / 64
+    torch.testing.assert_close(back, x, atol=float(scale.max()) / 2, rtol=0)
+    with pytest.raises(ValueError, match="Hadamard block 48 must be a power of two dividing K = 96"):
+        quantize_rows(torch.randn(2, 96), None, 48)
 
 
 @pytest.mark.parametrize("config", [QuantConfig(32, 32, 1, 1, block_m=16, group_m=2),
@@ -206,9 +226,9 @@ def test_silu_mul_quantization_matches_silu_mul_then_quantize_rows(dtype: torch.
     gate_up = (torch.randn(2, 3, 2 * inter, generator=gen) * torch.logspace(-2, 1, 3).view(1, 3, 1)).to(dtype)
     gate_up[1, 1] = 0.0  # an all-zero row divides by the smallest scale, not by zero
     inv_smooth = torch.rand(inter, generator=gen) + 0.5
-    for smooth in (None, inv_smooth):
-        q, scale = silu_mul_quantize_rows(gate_up, smooth)
-        q_ref, scale_ref = silu_mul_quantize_rows_ref(gate_up, smooth)
+    for smooth, rotation in ((None, 1), (inv_smooth, 1), (inv_smooth, 4)):
+        q, scale = silu_mul_quantize_rows(gate_up, smooth, rotation_block=rotation)
+        q_ref, scale_ref = silu_mul_quantize_rows_ref(gate_up, smooth, rotation)
         assert q.shape == (6, inter) and scale.shape == (6,)
         # the silu's exp may differ from torch's in its last bit: an intermediate rounded the other way
         # moves the row's max (the scale) by at most one step of the 16-bit dtype, a code by at most one

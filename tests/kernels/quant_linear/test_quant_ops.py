@@ -10,7 +10,7 @@ import torch
 from engine.quantize import use_int4_kernels, use_w8, use_w8a8
 from engine.quantize.int4 import quantize_int4
 from engine.quantize.kernel_linears import W4A16KernelLinear, W8A8KernelLinear, W8KernelLinear
-from engine.quantize.w8a8 import quantize_per_channel
+from engine.quantize.w8a8 import quantize_per_channel, rotated_weight
 from engine.random_models import PRESETS, build_random_model
 from engine.sequence_forward import forward_sequence
 from kernels.quant_linear.config import bucket
@@ -33,8 +33,8 @@ def modules(kind: str, n: int, k: int, silu_mul_input: bool) -> torch.nn.Module:
     if kind == "w8":
         return W8KernelLinear(W8Weight(*quantize_per_channel(weight)), silu_mul_input)
     smooth = torch.rand(k, generator=torch.Generator().manual_seed(5)) + 0.5
-    q, scale = quantize_per_channel(weight * smooth)
-    return W8A8KernelLinear(W8Weight(q, scale), 1.0 / smooth, silu_mul_input)
+    rotated, block = rotated_weight(weight, smooth)
+    return W8A8KernelLinear(W8Weight(*quantize_per_channel(rotated)), 1.0 / smooth, block, silu_mul_input)
 
 
 @pytest.mark.parametrize("rows", [1, 5, 20])  # the one / few / many buckets
@@ -49,6 +49,11 @@ def test_triton_op_of_every_bucket_matches_the_reference(kind: str, rows: int) -
     got = module(x)
     assert got.shape == (rows, N) and got.dtype == x.dtype
     torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)
+    # and each is the float product within its quantization error (W8A8: smoothed and rotated, which the
+    # weight undoes; int4 rounds a Gaussian weight to ~9% (g = 32) or 10–14% (g = 128) of its norm, int8 ~1%)
+    exact = x @ float_weight(N, K, seed=N + K).t()
+    bound = {"w4a16-g32": 0.12, "w4a16-g128": 0.15}.get(kind, 0.02)
+    assert float((got - exact).norm() / exact.norm()) < bound
 
 
 @pytest.mark.parametrize("kind", ["w4a16-g32", "w8", "w8a8"])
