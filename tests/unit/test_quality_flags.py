@@ -1,4 +1,4 @@
-"""The quality harnesses (`bench.quality.ppl`, `bench.quality.kv_cache_ppl`) refuse a bad flag value by name
+"""The quality harnesses (`bench.quality.ppl`, `kv_cache_ppl`, `weights_ppl`) refuse a bad flag value by name
 before loading a model: a usage error, not a traceback."""
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import sys
 
 import pytest
 
-from bench.quality import kv_cache_ppl, ppl
+from bench.quality import kv_cache_ppl, ppl, weights_ppl
 
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.mark.parametrize("main", [ppl.main, kv_cache_ppl.main], ids=["ppl", "kv_cache_ppl"])
+@pytest.mark.parametrize("main", [ppl.main, kv_cache_ppl.main, weights_ppl.main],
+                         ids=["ppl", "kv_cache_ppl", "weights_ppl"])
 @pytest.mark.parametrize(("flags", "message"), [
     (["--text-file", "/nonexistent/text.txt"], "--text-file /nonexistent/text.txt: cannot read it"),
     (["--text-file", "/"], "--text-file /: cannot read it"),  # a directory
@@ -31,3 +32,17 @@ def test_negative_threads_is_a_usage_error_naming_the_flag(monkeypatch, capsys) 
     with pytest.raises(SystemExit) as e:
         ppl.main()
     assert e.value.code == 2 and "--threads must be >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--weights", "w9"], "--weights w9: each must be one of w8, w8a8, w4a16"),
+    (["--weights", "bf16"], "--weights bf16: each must be one of"),  # the baseline row is always there
+    (["--weights", ","], "--weights ,: each must be one of"),
+    (["--tokens", "1"], "--tokens 1: at least 2"),
+])
+def test_weights_ppl_refuses_a_bad_scheme_or_token_count_by_name(flags, message, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "argv", ["weights_ppl", *flags])
+    with pytest.raises(SystemExit) as e:
+        weights_ppl.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err
