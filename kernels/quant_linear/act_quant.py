@@ -2,7 +2,10 @@
 
 quantize_rows: one program per row reads it once (times the SmoothQuant 1/s when given, then rotated by the
 block Walsh–Hadamard transform when a rotation block is given: reference.hadamard_blocks_ref's butterflies,
-in registers), takes max|x| and writes int8 codes and the fp32 scale max|x| / 127.
+in registers), takes max|x| and writes int8 codes and the fp32 scale max|x| / 127. Both kernels launch
+without floating-point fusion: a product 1/s · x fed to a butterfly's sum would otherwise become one FMA,
+rounded once where the reference rounds twice, and the codes move off the reference's wherever a value sits
+near a rounding edge.
 silu_mul_quantize_rows does the same for the down projection's input straight from gate_up [T, 2I]: the
 silu and the product are rounded to gate_up's dtype as kernels/activation rounds them, so the codes are
 those of silu_mul then quantize_rows, without the 16-bit [T, I] activation written and read back or a
@@ -23,9 +26,8 @@ _TINY = torch.finfo(torch.float32).tiny
 def hadamard_blocks(x, BLOCK_K: tl.constexpr, LOG2_BLOCK: tl.constexpr):
     """x [BLOCK_K] times the block Walsh–Hadamard matrix of 2^LOG2_BLOCK: the butterflies of
     reference.hadamard_blocks_ref (pairs h apart → a + b, a − b; h = 1, 2, …), in the same order."""
-    for stage in tl.static_range(LOG2_BLOCK):
-        h: tl.constexpr = 1 << stage
-        pairs = tl.permute(tl.reshape(x, [BLOCK_K // (2 * h), 2, h]), (0, 2, 1))  # [.., h, 2]
+    for stage in tl.static_range(LOG2_BLOCK):  # pairs h = 2^stage apart
+        pairs = tl.permute(tl.reshape(x, [BLOCK_K >> (stage + 1), 2, 1 << stage]), (0, 2, 1))  # [.., h, 2]
         a, b = tl.split(pairs)
         x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), [BLOCK_K])
     return x
@@ -106,7 +108,7 @@ def quantize_rows(x: torch.Tensor, inv_smooth: torch.Tensor | None = None,
         _quantize_rows_kernel[(m,)](
             x, inv_smooth if inv_smooth is not None else x, q, scale, k, x.stride(0), q.stride(0),
             BLOCK_K=block_k, SMOOTH=inv_smooth is not None, TINY=_TINY, LOG2_ROTATION=log2_rotation,
-            num_warps=_row_warps(block_k),
+            num_warps=_row_warps(block_k), enable_fp_fusion=False,
         )
     return q, scale
 
@@ -132,7 +134,7 @@ def silu_mul_quantize_rows(gate_up: torch.Tensor, inv_smooth: torch.Tensor | Non
         _silu_mul_quantize_kernel[(tokens,)](
             rows, inv_smooth if inv_smooth is not None else rows, q, scale, inter, rows.stride(0),
             q.stride(0), BLOCK_K=block_k, SMOOTH=inv_smooth is not None, TINY=_TINY,
-            LOG2_ROTATION=log2_rotation, num_warps=num_warps or _row_warps(block_k),
+            LOG2_ROTATION=log2_rotation, num_warps=num_warps or _row_warps(block_k), enable_fp_fusion=False,
             **pdl_launch(rows.device),
         )
     return q, scale
