@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -83,6 +84,42 @@ def mean_kl(reference: list[tuple[torch.Tensor, torch.Tensor]],
     return total / sum(len(t) for _, t in reference)
 
 
+def record_row(rows: dict[str, dict[str, float]], name: str, scored: list[tuple[torch.Tensor, torch.Tensor]],
+               reference: list[tuple[torch.Tensor, torch.Tensor]], tokens: int, seconds: float) -> None:
+    """rows[name] = perplexity, its delta against rows["baseline"] (or itself, first), KL(reference ‖ it)
+    and the text's tokens; prints the row."""
+    ppl = math.exp(mean_nll(scored))
+    base = rows.get("baseline", {}).get("ppl", ppl)
+    rows[name] = {"ppl": ppl, "rel_delta": ppl / base - 1.0, "kl": mean_kl(reference, scored),
+                  "tokens": tokens}
+    print(f"  {name:10s} ppl {ppl:8.4f}  delta {100 * (ppl / base - 1):+.3f}%  "
+          f"KL {1000 * rows[name]['kl']:6.2f} mnats/token  ({seconds:.0f}s)", flush=True)
+
+
+Scored = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def score_texts(parser: argparse.ArgumentParser, texts: dict[str, str], tokenizer: Tokenizer, tokens: int,
+                configs: dict[str, Callable[[list[int]], Scored]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Each text's first `tokens` ids scored by every config (name → ids → window_log_probs), the first
+    the baseline of the others: {text: {config: row}} (record_row), printed as it goes."""
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for text_name, text in texts.items():
+        ids = tokenizer.encode(text)[:tokens]
+        if len(ids) < 2:
+            parser.error(f"--text-file {text_name}: fewer than 2 tokens")
+        print(f"{text_name}: {len(ids)} tokens", flush=True)
+        rows: dict[str, dict[str, float]] = {}
+        reference = None
+        for name, score in configs.items():
+            t0 = time.monotonic()
+            scored = score(ids)
+            reference = reference or scored
+            record_row(rows, name, scored, reference, len(ids), time.monotonic() - t0)
+        results[text_name] = rows
+    return results
+
+
 def perplexity(model, model_config, config: EngineConfig, ids: list[int],
                key_offsets: torch.Tensor | None = None) -> float:
     """exp(mean NLL) of `ids` (window_log_probs)."""
@@ -108,29 +145,14 @@ def main() -> None:
     balanced = copy.deepcopy(model)
     balance_keys(balanced, ids_calibration)
     key_offsets = calibrate_key_offsets(balanced, ids_calibration)
-    results: dict[str, dict[str, dict[str, float]]] = {}
-    for text_name, text in texts.items():
-        ids = tokenizer.encode(text)[: args.tokens]
-        if len(ids) < 2:
-            parser.error(f"--text-file {text_name}: fewer than 2 tokens")
-        print(f"{text_name}: {len(ids)} tokens", flush=True)
-        rows: dict[str, dict[str, float]] = {}
-        reference = None
-        for name, overrides in kv_cache_configs().items():
-            config = EngineConfig(num_kv_blocks=-(-CONTEXT // 16), **overrides)
-            t0 = time.monotonic()
-            int4 = config.resolved_kv_cache_dtype == "int4"
-            scored = window_log_probs(balanced if int4 else model, model_config, config, ids,
-                                      key_offsets if int4 else None)
-            reference = reference or scored
-            ppl = math.exp(mean_nll(scored))
-            base = rows.get("baseline", {}).get("ppl", ppl)
-            rows[name] = {"ppl": ppl, "rel_delta": ppl / base - 1.0, "kl": mean_kl(reference, scored),
-                          "tokens": len(ids)}
-            kl = 1000 * rows[name]["kl"]
-            print(f"  {name:10s} ppl {ppl:8.4f}  delta {100 * (ppl / base - 1):+.3f}%  "
-                  f"KL {kl:6.2f} mnats/token  ({time.monotonic() - t0:.0f}s)", flush=True)
-        results[text_name] = rows
+    def scorer(config: EngineConfig) -> Callable[[list[int]], Scored]:
+        int4 = config.resolved_kv_cache_dtype == "int4"
+        return lambda ids: window_log_probs(balanced if int4 else model, model_config, config, ids,
+                                            key_offsets if int4 else None)
+
+    results = score_texts(parser, texts, tokenizer, args.tokens, {
+        name: scorer(EngineConfig(num_kv_blocks=-(-CONTEXT // 16), **overrides))
+        for name, overrides in kv_cache_configs().items()})
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"texts": results}, f, indent=2)

@@ -13,11 +13,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
-import time
 from pathlib import Path
 
-from bench.quality.kv_cache_ppl import CONTEXT, default_text, mean_kl, mean_nll, read_text, window_log_probs
+from bench.quality.kv_cache_ppl import CONTEXT, default_text, read_text, score_texts, window_log_probs
 from engine.config import WEIGHT_SCHEMES, EngineConfig
 from engine.model_files import load_model, resolve_model_path
 from engine.quantize import apply_weights_scheme
@@ -48,26 +46,9 @@ def main() -> None:
     for scheme in schemes:
         models[scheme] = copy.deepcopy(model)
         apply_weights_scheme(models[scheme], EngineConfig(weights=scheme))
-    results: dict[str, dict[str, dict[str, float]]] = {}
-    for text_name, text in texts.items():
-        ids = tokenizer.encode(text)[: args.tokens]
-        if len(ids) < 2:
-            parser.error(f"--text-file {text_name}: fewer than 2 tokens")
-        print(f"{text_name}: {len(ids)} tokens", flush=True)
-        rows: dict[str, dict[str, float]] = {}
-        reference = None
-        for name, scheme_model in models.items():
-            t0 = time.monotonic()
-            scored = window_log_probs(scheme_model, model_config, kv, ids)
-            reference = reference or scored
-            ppl = math.exp(mean_nll(scored))
-            base = rows.get("baseline", {}).get("ppl", ppl)
-            rows[name] = {"ppl": ppl, "rel_delta": ppl / base - 1.0, "kl": mean_kl(reference, scored),
-                          "tokens": len(ids)}
-            kl = 1000 * rows[name]["kl"]
-            print(f"  {name:10s} ppl {ppl:8.4f}  delta {100 * (ppl / base - 1):+.3f}%  "
-                  f"KL {kl:6.2f} mnats/token  ({time.monotonic() - t0:.0f}s)", flush=True)
-        results[text_name] = rows
+    results = score_texts(parser, texts, tokenizer, args.tokens, {
+        name: (lambda ids, m=scheme_model: window_log_probs(m, model_config, kv, ids))
+        for name, scheme_model in models.items()})
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"texts": results}, f, indent=2)
