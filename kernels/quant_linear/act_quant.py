@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from kernels.pdl import pdl_launch, pdl_release, pdl_wait
+from kernels.quant_linear.reference import hadamard_log2
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -87,18 +88,11 @@ def _row_warps(block_k: int) -> int:
     return max(1, min(16, block_k // 1024))  # ~32 values a thread: a whole row in registers
 
 
-def _log2_rotation(rotation_block: int, k: int) -> int:
-    """log2 of a rotation block that is a power of two dividing K (a ValueError naming both otherwise)."""
-    if rotation_block < 1 or rotation_block & (rotation_block - 1) or k % rotation_block:
-        raise ValueError(f"Hadamard block {rotation_block} must be a power of two dividing K = {k}")
-    return rotation_block.bit_length() - 1
-
-
 def quantize_rows(x: torch.Tensor, inv_smooth: torch.Tensor | None = None,
                   rotation_block: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] → (int8 [M, K], float32 scale [M]), reference.quantize_rows_ref's contract."""
     m, k = x.shape
-    log2_rotation = _log2_rotation(rotation_block, k)
+    log2_rotation = hadamard_log2(rotation_block, k)
     if x.stride(1) != 1:
         x = x.contiguous()
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
@@ -122,7 +116,7 @@ def silu_mul_quantize_rows(gate_up: torch.Tensor, inv_smooth: torch.Tensor | Non
     if gate_up.shape[-1] % 2:
         raise ValueError(f"silu_mul_quantize_rows: gate_up must be [..., 2I], got {tuple(gate_up.shape)}")
     inter = gate_up.shape[-1] // 2
-    log2_rotation = _log2_rotation(rotation_block, inter)
+    log2_rotation = hadamard_log2(rotation_block, inter)
     rows = gate_up.reshape(-1, 2 * inter)
     if rows.stride(1) != 1:
         rows = rows.contiguous()

@@ -28,13 +28,19 @@ def w8_linear_ref(x: torch.Tensor, weight: W8Weight) -> torch.Tensor:
     return ((x.float() @ weight.q.float().t()) * weight.scale.float()).to(x.dtype)
 
 
+def hadamard_log2(block: int, k: int) -> int:
+    """log2 of a Hadamard block that is a power of two dividing K; a ValueError naming both otherwise."""
+    if block < 1 or block & (block - 1) or k % block:
+        raise ValueError(f"Hadamard block {block} must be a power of two dividing K = {k}")
+    return block.bit_length() - 1
+
+
 def hadamard_blocks_ref(x: torch.Tensor, block: int) -> torch.Tensor:
     """x [..., K] times the block-diagonal Walsh–Hadamard matrix of `block` (a power of two dividing K):
     each run of `block` features times Sylvester's H (entries ±1, not normalized: H · H = block · I). The
     fast transform, one butterfly a stage (pairs h apart: a + b, a − b) for h = 1, 2, …, block / 2, in the
     order act_quant's kernel adds them, so both round alike. block 1: x unchanged."""
-    if block < 1 or block & (block - 1) or x.shape[-1] % block:
-        raise ValueError(f"Hadamard block {block} must be a power of two dividing K = {x.shape[-1]}")
+    hadamard_log2(block, x.shape[-1])
     shape, h = x.shape, 1
     y = x.reshape(-1, x.shape[-1])
     while h < block:
