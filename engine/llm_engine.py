@@ -22,7 +22,7 @@ from engine.model import LayerHook, LlamaModel
 from engine.model_files import load_model, parse_dtype
 from engine.quantize import apply_weights_scheme
 from engine.quantize.kv_balance import balance_keys
-from engine.quantize.kv_offsets import calibrate_key_offsets, calibration_ids
+from engine.quantize.kv_offsets import calibration_ids
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
 from engine.spec.speculator import Speculator
@@ -58,11 +58,10 @@ class LLMEngine:
         key_offsets = None
         if config.resolved_kv_cache_dtype == "int4":
             # Before sharding, from fixed text: every worker of this model and weights folds the same key
-            # balance and subtracts the same offsets, measured on the balanced keys (the KV handshake
-            # compares their digest).
+            # balance and subtracts the same offsets, the balanced keys' mean (the KV handshake compares
+            # their digest).
             ids = calibration_ids(config.model_path, self.model_config.vocab_size)
-            balance_keys(self.model, ids)
-            key_offsets = calibrate_key_offsets(self.model, ids)
+            _, key_offsets = balance_keys(self.model, ids)
         # The wire spec names all heads' offsets, whatever share of them this rank's cache holds.
         self._key_offset_digest = "" if key_offsets is None else key_offset_digest(key_offsets)
         self.tp_comm: TPComm | None = None

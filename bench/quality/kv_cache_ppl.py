@@ -19,7 +19,7 @@ from engine.config import EngineConfig
 from engine.kv_cache import KVCache
 from engine.model_files import load_model, resolve_model_path
 from engine.quantize.kv_balance import balance_keys
-from engine.quantize.kv_offsets import calibrate_key_offsets, calibration_ids
+from engine.quantize.kv_offsets import calibration_ids
 from engine.tokenizer import Tokenizer
 from kernels.attention.metadata import AttentionMetadata, SeqSpan
 
@@ -139,12 +139,10 @@ def main() -> None:
     model_config, model = load_model(path, "float32", "cpu")
     tokenizer = Tokenizer.from_model(path)
     # int4 rows run the model and offsets an int4 engine makes at start: keys balanced against the queries
-    # (engine/quantize/kv_balance.py), then the offsets of the balanced keys (engine/quantize/kv_offsets.py);
-    # the other rows run the model as loaded, as their engines do.
-    ids_calibration = calibration_ids(None, model_config.vocab_size)
+    # and the balanced keys' offsets (engine/quantize/kv_balance.py); the other rows run the model as
+    # loaded, as their engines do.
     balanced = copy.deepcopy(model)
-    balance_keys(balanced, ids_calibration)
-    key_offsets = calibrate_key_offsets(balanced, ids_calibration)
+    _, key_offsets = balance_keys(balanced, calibration_ids(None, model_config.vocab_size))
     def scorer(config: EngineConfig) -> Callable[[list[int]], Scored]:
         int4 = config.resolved_kv_cache_dtype == "int4"
         return lambda ids: window_log_probs(balanced if int4 else model, model_config, config, ids,

@@ -9,13 +9,18 @@ measured on four texts, half that exponent (KEY_BALANCE_EXPONENT) lowered both t
 logits' KL divergence against a float cache, where the full one lowered only the perplexity
 (docs/benchmarks.md, "int4 keys balanced against the queries").
 
-The factors are calibrated on the model as it will serve (after its weight scheme) over the same ids as
-the key offsets (engine/quantize/kv_offsets.py, which then measure the balanced keys), per (layer, KV head)
-with the query heads of its group, geometric mean 1, and rounded to 2^(1/32) steps so that workers whose
-float sums differ in the last bits fold the same factors. The qkv projection's rows take them in whatever
-format the weight scheme left: float rows, or the per-row (or per-group) scales of a quantized one.
+The factors are calibrated on the model as it will serve (after its weight scheme) over the key offsets'
+ids (engine/quantize/kv_offsets.py), per (layer, KV head) with the query heads of its group, geometric
+mean 1, and rounded to 2^(1/32) steps so that workers whose float sums differ in the last bits fold the
+same factors. One forward over those ids serves both: the balanced model's post-rotary keys are the
+measured keys divided by c (RoPE commutes with a per-pair factor), so the offsets are the measured mean
+key / c, where a second pass over the balanced model would differ only by the balanced weights' rounding.
+The qkv projection's rows take them in whatever format the weight scheme left: float rows, or the per-row
+(or per-group) scales of a quantized one.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,6 +29,7 @@ from engine.model import LlamaModel
 from engine.quantize.calibration import CALIBRATION_CONTEXT
 from engine.quantize.cpu_linears import Q41Linear, Q80Linear
 from engine.quantize.kernel_linears import W4A16KernelLinear, W8KernelLinear
+from engine.quantize.kv_offsets import key_offsets
 from engine.quantize.w8a8 import W8A8Linear
 from engine.sequence_forward import prefill_cache
 from kernels.linear.modules import Linear
@@ -55,13 +61,22 @@ def _pairs(energy: torch.Tensor) -> torch.Tensor:
     return energy[..., :half] + energy[..., half:]
 
 
+@dataclass(frozen=True)
+class KeyStatistics:
+    """Sums over one calibration pass (float64, CPU): query squares [L, H, D] (pre-rotary), post-rotary key
+    sums and squares [L, Hk, D], over `count` tokens."""
+    q_squares: torch.Tensor
+    k_sums: torch.Tensor
+    k_squares: torch.Tensor
+    count: int
+
+
 @torch.inference_mode()
-def key_balance(model: LlamaModel, token_ids: list[int]) -> torch.Tensor:
-    """The factors c [num_layers, num_kv_heads, head_dim] (float32, equal within each RoPE pair) calibrated
-    over `token_ids` in windows of CALIBRATION_CONTEXT through a float32 cache."""
+def key_statistics(model: LlamaModel, token_ids: list[int]) -> KeyStatistics:
+    """One pass over `token_ids` in windows of CALIBRATION_CONTEXT through a float32 cache."""
     layers = [layer.self_attn for layer in model.layers]
     if not token_ids:
-        raise ValueError("key balance calibration needs at least one token")
+        raise ValueError("key calibration needs at least one token")
     heads, kv_heads, dim = layers[0].num_heads, layers[0].num_kv_heads, layers[0].head_dim
     recorders = [_QKVRecorder(attn.qkv_proj, heads, dim) for attn in layers]
     k_sums = torch.zeros(len(layers), kv_heads, dim, dtype=torch.float64)
@@ -78,10 +93,18 @@ def key_balance(model: LlamaModel, token_ids: list[int]) -> torch.Tensor:
     finally:
         for attn, recorder in zip(layers, recorders, strict=True):
             attn.qkv_proj = recorder.inner
-    count = len(token_ids)
-    centred_keys = _pairs(k_squares / count - (k_sums / count).square()).clamp_min(0)  # [L, Hk, D/2]
-    queries = torch.stack([_pairs(r.q_squares) for r in recorders]) / count  # [L, H, D/2]
-    queries = queries.view(len(layers), kv_heads, heads // kv_heads, dim // 2).mean(2)
+    return KeyStatistics(torch.stack([r.q_squares for r in recorders]), k_sums, k_squares, len(token_ids))
+
+
+def key_balance(stats: KeyStatistics) -> torch.Tensor:
+    """The factors c [num_layers, num_kv_heads, head_dim] (float32, equal within each RoPE pair)."""
+    layers, kv_heads, dim = stats.k_sums.shape
+    heads = stats.q_squares.shape[1]
+    count = stats.count
+    mean_keys = stats.k_sums / count
+    centred_keys = _pairs(stats.k_squares / count - mean_keys.square()).clamp_min(0)  # [L, Hk, D/2]
+    queries = _pairs(stats.q_squares) / count  # [L, H, D/2]
+    queries = queries.view(layers, kv_heads, heads // kv_heads, dim // 2).mean(2)
     log_c = KEY_BALANCE_EXPONENT * (centred_keys / queries).nan_to_num(1.0).clamp(*_RATIO_BOUNDS).log2()
     log_c = log_c - log_c.mean(-1, keepdim=True)  # geometric mean 1 per (layer, KV head)
     c = torch.exp2((log_c * KEY_BALANCE_STEPS).round() / KEY_BALANCE_STEPS).float()
@@ -118,8 +141,11 @@ def apply_key_balance(model: LlamaModel, balance: torch.Tensor) -> None:
         scale_output_rows(attn.qkv_proj, rows)
 
 
-def balance_keys(model: LlamaModel, token_ids: list[int]) -> torch.Tensor:
-    """Calibrate (key_balance) and fold (apply_key_balance) the factors; returns them."""
-    balance = key_balance(model, token_ids)
+def balance_keys(model: LlamaModel, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """What an int4 engine does at start, in one calibration pass: fold the key balance into the model and
+    return (factors c, the balanced keys' offsets: kv_offsets.key_offsets of the mean key / c)."""
+    stats = key_statistics(model, token_ids)
+    balance = key_balance(stats)
     apply_key_balance(model, balance)
-    return balance
+    offsets = key_offsets(stats.k_sums / stats.count / balance.double(), model.embed_tokens.weight.device)
+    return balance, offsets

@@ -8,7 +8,8 @@ import torch
 from engine.config import EngineConfig
 from engine.kv_cache import key_offset_digest
 from engine.llm_engine import LLMEngine
-from engine.quantize.kv_offsets import KEY_OFFSET_TOKENS, calibrate_key_offsets, calibration_ids
+from engine.quantize.kv_balance import key_statistics
+from engine.quantize.kv_offsets import KEY_OFFSET_TOKENS, calibration_ids, key_offsets
 from engine.sequence_forward import prefill_cache
 
 pytestmark = pytest.mark.timeout(120)
@@ -24,7 +25,9 @@ def test_offsets_are_the_mean_key_of_each_layer_and_head_over_the_calibration_wi
     ids = calibration_ids("random:tiny", model.config.vocab_size)
     assert len(ids) == KEY_OFFSET_TOKENS and ids == calibration_ids("random:tiny", model.config.vocab_size)
     ids = ids[:700]  # a whole window of 512, then a partial one
-    offsets = calibrate_key_offsets(model, ids)
+    stats = key_statistics(model, ids)
+    assert stats.count == len(ids)
+    offsets = key_offsets(stats.k_sums / stats.count, torch.device("cpu"))
     keys = []
     for window in (ids[:512], ids[512:]):
         _, kv = prefill_cache(model, window, "float32")
