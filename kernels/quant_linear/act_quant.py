@@ -2,10 +2,10 @@
 
 quantize_rows: one program per row reads it once (times the SmoothQuant 1/s when given, then rotated by the
 block Walsh–Hadamard transform when a rotation block is given: reference.hadamard_blocks_ref's butterflies,
-in registers), takes max|x| and writes int8 codes and the fp32 scale max|x| / 127. Both kernels launch
-without floating-point fusion: a product 1/s · x fed to a butterfly's sum would otherwise become one FMA,
-rounded once where the reference rounds twice, and the codes move off the reference's wherever a value sits
-near a rounding edge.
+in registers), takes max|x| and writes int8 codes of x times the reciprocal of the fp32 scale max|x| / 127.
+Both kernels launch without floating-point fusion: a product 1/s · x fed to a butterfly's sum would
+otherwise become one FMA, rounded once where the reference rounds twice, and the codes move off the
+reference's wherever a value sits near a rounding edge.
 silu_mul_quantize_rows does the same for the down projection's input straight from gate_up [T, 2I]: the
 silu and the product are rounded to gate_up's dtype as kernels/activation rounds them, so the codes are
 those of silu_mul then quantize_rows, without the 16-bit [T, I] activation written and read back or a
@@ -43,8 +43,10 @@ def quantize_row(x, mask, inv_smooth_ptr, offs, q_row_ptr, scale_ptr, row, SMOOT
         x *= tl.load(inv_smooth_ptr + offs, mask=mask, other=0.0)
     if LOG2_ROTATION > 0:
         x = hadamard_blocks(x, BLOCK_K, LOG2_ROTATION)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0) / 127.0, TINY)
-    y = x / scale
+    # IEEE divisions, once a row (Triton's `/` is the approximate div.full.f32): codes and scale are the
+    # reference's bit for bit, where its product and rounding meet (no fusion, module docstring).
+    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), 127.0), TINY)
+    y = x * tl.math.div_rn(1.0, scale)
     q = tl.where(y >= 0, tl.floor(y + 0.5), -tl.floor(0.5 - y))  # half away from zero, as the reference
     q = tl.minimum(tl.maximum(q, -127.0), 127.0)
     tl.store(q_row_ptr + offs, q.to(tl.int8), mask=mask)
