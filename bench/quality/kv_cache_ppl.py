@@ -2,6 +2,10 @@
 sliding windows, on one or more texts.
 
     .venv/bin/python -m bench.quality.kv_cache_ppl [--tokens N] [--text-file PATH ...] [--json OUT]
+        [--offset-jitter N]
+
+`--offset-jitter N` adds N kv-int4 rows whose key offsets each moved by one float16 step up, down or not at
+all (seeded): changes far below any format's, whose spread is the int4 row's noise floor on that text.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from engine.config import EngineConfig
@@ -120,6 +125,18 @@ def score_texts(parser: argparse.ArgumentParser, texts: dict[str, str], tokenize
     return results
 
 
+def jitter_offsets(offsets: torch.Tensor, seed: int) -> torch.Tensor:
+    """Float16-valued offsets, each moved to its float16 neighbour below or above, or left, at random."""
+    gen = torch.Generator().manual_seed(seed)
+    values = offsets.cpu().half().numpy()
+    steps = torch.randint(-1, 2, values.shape, generator=gen).numpy()
+    toward = np.where(steps > 0, np.float16(np.inf), np.float16(-np.inf))
+    with np.errstate(over="ignore"):  # float16's largest value stays where it is
+        neighbours = np.nextafter(values, toward)
+    moved = np.where((steps == 0) | ~np.isfinite(neighbours), values, neighbours)
+    return torch.from_numpy(moved.astype(np.float16)).float().to(offsets.device)
+
+
 def perplexity(model, model_config, config: EngineConfig, ids: list[int],
                key_offsets: torch.Tensor | None = None) -> float:
     """exp(mean NLL) of `ids` (window_log_probs)."""
@@ -132,7 +149,11 @@ def main() -> None:
     parser.add_argument("--text-file", action="append", type=Path, default=None,
                         help="score this text (repeatable; default: pydoc_data.topics)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--offset-jitter", type=int, default=0, metavar="N",
+                        help="also N kv-int4 rows, key offsets jittered by a float16 step (module doc)")
     args = parser.parse_args()
+    if args.offset_jitter < 0:
+        parser.error(f"--offset-jitter {args.offset_jitter}: must be >= 0")
     texts = {str(f): read_text(parser, f) for f in args.text_file} if args.text_file else {
         "pydoc_data.topics": default_text()}
     path = resolve_model_path(None)
@@ -148,9 +169,21 @@ def main() -> None:
         return lambda ids: window_log_probs(balanced if int4 else model, model_config, config, ids,
                                             key_offsets if int4 else None)
 
-    results = score_texts(parser, texts, tokenizer, args.tokens, {
-        name: scorer(EngineConfig(num_kv_blocks=-(-CONTEXT // 16), **overrides))
-        for name, overrides in kv_cache_configs().items()})
+    configs = {name: scorer(EngineConfig(num_kv_blocks=-(-CONTEXT // 16), **overrides))
+               for name, overrides in kv_cache_configs().items()}
+    int4 = EngineConfig(num_kv_blocks=-(-CONTEXT // 16), kv_cache_dtype="int4")
+    for seed in range(args.offset_jitter):
+        jittered = jitter_offsets(key_offsets, seed)
+        configs[f"jitter-{seed}"] = (
+            lambda ids, o=jittered: window_log_probs(balanced, model_config, int4, ids, o))
+    results = score_texts(parser, texts, tokenizer, args.tokens, configs)
+    for text_name, rows in results.items():
+        jitter = [row for name, row in rows.items() if name.startswith("jitter-")]
+        if jitter:
+            deltas, kls = [100 * r["rel_delta"] for r in jitter], [1000 * r["kl"] for r in jitter]
+            print(f"{text_name}: kv-int4 with jittered offsets over {len(jitter)} seeds: delta "
+                  f"{min(deltas):+.3f} .. {max(deltas):+.3f}%, "
+                  f"KL {min(kls):.2f} .. {max(kls):.2f} mnats/token")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"texts": results}, f, indent=2)

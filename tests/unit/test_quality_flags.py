@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 
 from bench.quality import kv_cache_ppl, ppl, weights_ppl
 
@@ -46,3 +47,25 @@ def test_weights_ppl_refuses_a_bad_scheme_or_token_count_by_name(flags, message,
         weights_ppl.main()
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_kv_cache_ppl_refuses_a_negative_jitter_count(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "argv", ["kv_cache_ppl", "--offset-jitter", "-1"])
+    with pytest.raises(SystemExit) as e:
+        kv_cache_ppl.main()
+    assert e.value.code == 2 and "--offset-jitter -1: must be >= 0" in capsys.readouterr().err
+
+
+def test_jittered_offsets_are_float16_neighbours_or_unmoved_and_seeded() -> None:
+    offsets = (torch.randn(4, 3, 64, generator=torch.Generator().manual_seed(0)) * 5).half().float()
+    offsets[0, 0, :4] = torch.tensor([0.0, -0.0, 65504.0, -65504.0])
+    jittered = kv_cache_ppl.jitter_offsets(offsets, seed=3)
+    assert torch.equal(jittered, kv_cache_ppl.jitter_offsets(offsets, seed=3))
+    assert not torch.equal(jittered, kv_cache_ppl.jitter_offsets(offsets, seed=4))
+    assert torch.isfinite(jittered).all() and torch.equal(jittered, jittered.half().float())
+    bits = offsets.half().view(torch.int16).int()
+    moved_bits = jittered.half().view(torch.int16).int()
+    moved = bits != moved_bits
+    assert 0.5 < moved.float().mean() < 0.8  # two of three directions move a value
+    nonzero = moved & (offsets != 0) & (jittered != 0)  # same sign: a neighbour is one bit pattern away
+    assert ((bits - moved_bits)[nonzero].abs() == 1).all()
