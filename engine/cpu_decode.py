@@ -15,7 +15,8 @@ from engine.quantize.cpu_linears import Q41Linear, Q80Linear
 from engine.quantize.w8a8 import W8A8Linear
 from kernels.cpu_quant.f32_ops import f32_linear
 from kernels.cpu_quant.layout import Q41Weight, Q80Weight
-from kernels.cpu_quant.step import DecodeStep, StepLayer
+from kernels.cpu_quant.step import DecodeStep, StepLayer, supports_kv
+from kernels.store_kv.quant import dequantize_blocks
 from kernels.store_kv.reference import store_kv_ref
 
 # ---- CPU decode of small batches (LlamaModel.forward's math in far fewer torch calls) ---------------------
@@ -59,18 +60,20 @@ class FlatDecoder:
     9 module calls per layer. This executor runs the same math per layer in ~40 calls, with what the layers
     share computed once per step (rope tables with the softmax scale folded into the query rows). B rows
     share every projection as one [B, K] product (the weights stream once for all of them); attention runs
-    per sequence over its own blocks (read as views when consecutive, else gathered). KV goes into the cache
-    through store_kv_ref, as on every torch path. The runner falls back to the plain forward for anything
+    per sequence over its own blocks (read as views when consecutive, else gathered; an int8 / int4 cache's
+    blocks dequantized, as the reference attention reads them). KV goes into the cache through store_kv_ref,
+    as on every torch path. The runner falls back to the plain forward for anything
     else. Results equal the forward's up to the order of fp32 roundings (tests/unit/test_cpu_decode_path.py).
 
     With Q4_1 / Q8_0 projections (`step`), one sequence (over any blocks) runs every layer in one C call
     instead (kernels/cpu_quant/step.py): at 2 threads the ~35 torch calls a layer cost more than its GEMVs.
+    The C step stores into and reads float32, int8 and int4 caches in place.
     """
 
     def __init__(self, model: LlamaModel, kv: KVCache) -> None:
         if not self.supports(model, kv):
-            raise ValueError("FlatDecoder needs F32Linear or quantized projections and a matching "
-                             "fp32 KV cache")
+            raise ValueError("FlatDecoder needs F32Linear or quantized projections and a CPU KV cache "
+                             "of float32, int8 or int4")
         c = model.config
         self.model = model
         self.kv = kv
@@ -110,7 +113,10 @@ class FlatDecoder:
                 return None
             weights = [Q41Weight(m.packed, m.d, m.m) if isinstance(m, Q41Linear) else Q80Weight(m.q, m.d)
                        for m in projections]
-            layers.append(StepLayer(*norms, *weights, kv.k[i], kv.v[i]))
+            k_cache, v_cache = kv.layer(i)
+            if not (supports_kv(k_cache) and supports_kv(v_cache)):
+                return None
+            layers.append(StepLayer(*norms, *weights, k_cache, v_cache))
         return DecodeStep(layers, c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps,
                           1.0 / math.sqrt(c.head_dim))
 
@@ -121,9 +127,7 @@ class FlatDecoder:
         embed = model.embed_tokens.weight
         return (all(isinstance(m, (F32Linear, *_QUANTIZED)) for m in projections)
                 and embed.device.type == "cpu" and embed.dtype == torch.float32
-                # fp32 caches only: a quantized one (int8 / uint8 storage) runs the plain forward, whose
-                # attention reads its blocks as stored.
-                and kv.dtype == torch.float32 and kv.device.type == "cpu"
+                and (kv.dtype == torch.float32 or kv.spec.is_quantized) and kv.device.type == "cpu"
                 and all(t.is_contiguous() for t in kv.k + kv.v))
 
     @staticmethod
@@ -156,9 +160,16 @@ class FlatDecoder:
                 gather: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `layer`'s cached keys, transposed [Hk, D, S], and values [Hk, S, D] of a sequence's first
         seq_len positions: views of consecutive blocks from slot first_slot, or `gather`ed blocks (their ids,
-        a prefix cache hit or a wrapped free list)."""
-        k_cache, v_cache = self.kv.k[layer], self.kv.v[layer]
+        a prefix cache hit or a wrapped free list); an int8 / int4 cache's blocks dequantized."""
+        k_cache, v_cache = self.kv.layer(layer)
         hk, d = self.num_kv_heads, self.head_dim
+        if self.kv.spec.is_quantized:
+            if gather is None:
+                first, block_size = first_slot // self.kv.block_size, self.kv.block_size
+                gather = torch.arange(first, first + -(-seq_len // block_size))  # the consecutive blocks
+            keys = dequantize_blocks(k_cache, gather, torch.float32).view(-1, hk, d)[:seq_len]
+            values = dequantize_blocks(v_cache, gather, torch.float32).view(-1, hk, d)[:seq_len]
+            return keys.permute(1, 2, 0), values.transpose(0, 1)
         if gather is None:
             row = hk * d
             start = k_cache.storage_offset() + first_slot * row
@@ -215,7 +226,7 @@ class FlatDecoder:
         for i, (w_in, qkv_proj, o_proj, w_post, gate_up_proj, down_proj) in enumerate(self.layers):
             qkv = qkv_proj(self._norm(s, w_in)).view(b, heads, 2, half)
             rot = torch.addcmul(qkv * cos_t, qkv.flip(2), sin_t)  # rotate-half: halves swapped, sin signed
-            k_cache, v_cache = self.kv.k[i], self.kv.v[i]
+            k_cache, v_cache = self.kv.layer(i)
             # These tokens' rotated k heads and their v heads (rotated by cos 1, sin 0): [B, Hk, D] views.
             store_kv_ref(rot.as_strided((b, hk, d), (heads * d, d, 1), hq * d),
                          rot.as_strided((b, hk, d), (heads * d, d, 1), (hq + hk) * d), k_cache, v_cache, slot)

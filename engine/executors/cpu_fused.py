@@ -91,7 +91,7 @@ class FlatFusedStep:
         for i, (w_in, qkv_proj, o_proj, w_post, gate_up_proj, down_proj) in enumerate(f.layers):
             qkv = qkv_proj(f._norm(s, w_in)).view(r, heads, 2, half)
             rot = torch.addcmul(qkv * cos_t, qkv.flip(2), sin_t).view(r, heads, d)  # q pre-scaled, v as is
-            k_cache, v_cache = f.kv.k[i], f.kv.v[i]
+            k_cache, v_cache = f.kv.layer(i)
             store_kv_ref(rot[:, hq:hq + hk], rot[:, hq + hk:], k_cache, v_cache, slot)
             outs = []
             for first, n, seq_len, first_slot, gather, future in spans:

@@ -53,7 +53,7 @@ class FlatRows:
         for i, (w_in, qkv_proj, o_proj, w_post, gate_up_proj, down_proj) in enumerate(f.layers):
             qkv = qkv_proj(f._norm(s, w_in)).view(t, hq + 2 * hk, 2, half)
             rot = torch.addcmul(qkv * cos_t, qkv.flip(2), sin_t).view(t, hq + 2 * hk, d)
-            k_cache, v_cache = f.kv.k[i], f.kv.v[i]
+            k_cache, v_cache = f.kv.layer(i)
             store_kv_ref(rot[:, hq:hq + hk], rot[:, hq + hk:], k_cache, v_cache, slots)
             keys_t, values = f.context(i, seq_len, first_slot, None)
             q = rot[:, :hq].reshape(t, hk, group, d).transpose(0, 1).reshape(hk, t * group, d)

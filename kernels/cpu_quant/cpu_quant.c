@@ -38,25 +38,6 @@ static void block_sums(const float *x, int64_t m_rows, int64_t k, float *xs) {
     }
 }
 
-/* IEEE half -> float (the dequantize functions and the scalar path; the AVX2 path uses F16C). */
-static float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
-    if (exp == 0x1F) {
-        bits = sign | 0x7F800000 | (man << 13);
-    } else if (exp != 0) {
-        bits = sign | ((exp + 112) << 23) | (man << 13);
-    } else if (man == 0) {
-        bits = sign;
-    } else {  /* subnormal half: normalize */
-        exp = 113;
-        while (!(man & 0x400)) { man <<= 1; exp--; }
-        bits = sign | (exp << 23) | ((man & 0x3FF) << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
 #if defined(__AVX2__) && defined(__FMA__)
 
 /* Weights of nibble slot i of a chunk as 8 fp32 lanes, times 16^i for slots 1..6: masking in place and

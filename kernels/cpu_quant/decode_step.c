@@ -18,10 +18,10 @@ typedef struct {  /* one projection: kind 0 = Q4_1 (w packed, d and m fp16), 1 =
     const void *w, *d, *m;
 } cq_linear;
 
-typedef struct {  /* one layer's weights and KV cache ([slots, Hk * D] fp32, slot-major as KVCache) */
+typedef struct {  /* one layer's weights and KV cache (cq_kv: fp32, int8 or int4, as KVCache holds it) */
     const float *norm_in, *norm_post;
     cq_linear qkv, o, gate_up, down;
-    float *k_cache, *v_cache;
+    cq_kv k_cache, v_cache;
 } cq_layer;
 
 static void cq_gemv(const cq_linear *l, const float *x, float *y, int threads) {
@@ -29,32 +29,6 @@ static void cq_gemv(const cq_linear *l, const float *x, float *y, int threads) {
         q4_1_linear(x, 1, l->k, l->w, l->d, l->m, l->n, y, threads);
     else
         q8_0_linear(x, 1, l->k, l->w, l->d, l->n, y, threads);
-}
-
-static float dot(const float *a, const float *b, int64_t n) {
-    int64_t j = 0;
-    float out = 0.0f;
-#if defined(__AVX2__) && defined(__FMA__)
-    __m256 acc = _mm256_setzero_ps(), acc2 = acc;  /* two chains: a head's 8 FMAs are latency-bound */
-    for (; j + 16 <= n; j += 16) {
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
-        acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), acc2);
-    }
-    for (; j + 8 <= n; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
-    out = hsum(_mm256_add_ps(acc, acc2));
-#endif
-    for (; j < n; j++) out += a[j] * b[j];
-    return out;
-}
-
-/* y += a * x over n floats. */
-static void axpy(float a, const float *x, float *y, int64_t n) {
-    int64_t j = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-    __m256 av = _mm256_set1_ps(a);
-    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j)));
-#endif
-    for (; j < n; j++) y[j] += a * x[j];
 }
 
 /* out = s / sqrt(mean(s^2) + eps) * w (rms_norm_ref; the sum of squares in double). */
@@ -110,14 +84,23 @@ void cq_decode_step(const cq_layer *layers, int64_t n_layers, int64_t hq, int64_
         cq_gemv(&L->qkv, xn, qkv, threads);
         for (int64_t j = 0; j < hq; j++) rope(qkv + j * d, cos, sin, half, q_scale);
         for (int64_t j = hq; j < hq + hk; j++) rope(qkv + j * d, cos, sin, half, 1.0f);
-        memcpy(L->k_cache + slot * row, qkv + hq * d, sizeof(float) * (size_t)row);
-        memcpy(L->v_cache + slot * row, qkv + (hq + hk) * d, sizeof(float) * (size_t)row);
+        cq_kv_store(&L->k_cache, slot, qkv + hq * d, hk, d);
+        cq_kv_store(&L->v_cache, slot, qkv + (hq + hk) * d, hk, d);
         /* Heads over the threads (a head's operations are the same on any thread count): ~30 ns a head
-         * and position on one core; left serial, 1.5 of a 2-thread step's 4.8 ms at 200 positions. */
+         * and position on one core; left serial, 1.5 of a 2-thread step's 4.8 ms at 200 positions. A
+         * quantized cache goes by KV head: each cached row is dequantized once for its query heads. */
+        if (L->k_cache.kind == KV_F32) {
+            const float *keys = L->k_cache.codes, *values = L->v_cache.codes;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-        for (int64_t j = 0; j < hq; j++)
-            attend(qkv + j * d, L->k_cache + j / group * d, L->v_cache + j / group * d, blocks, block_size,
-                   row, seq_len, d, scores + j * seq_len, attn + j * d);
+            for (int64_t j = 0; j < hq; j++)
+                attend(qkv + j * d, keys + j / group * d, values + j / group * d, blocks, block_size, row,
+                       seq_len, d, scores + j * seq_len, attn + j * d);
+        } else {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+            for (int64_t j = 0; j < hk; j++)
+                cq_kv_attend(qkv + j * group * d, group, &L->k_cache, &L->v_cache, j, blocks, block_size, hk,
+                             seq_len, d, scores + j * group * seq_len, attn + j * group * d);
+        }
         cq_gemv(&L->o, attn, proj, threads);
         for (int64_t j = 0; j < h; j++) s[j] = proj[j] + s[j];
         rms_norm(s, L->norm_post, h, eps, xn);

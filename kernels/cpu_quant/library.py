@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 _HERE = Path(__file__).parent
-# cpu_quant.c: Q4_1 / Q8_0 products; decode_step.c: the fused bs1 step over them; f32_linear.c: fp32 products.
-SOURCES = tuple(_HERE / name for name in ("cpu_quant.c", "decode_step.c", "f32_linear.c"))
+# cpu_quant.c: Q4_1 / Q8_0 products; decode_step.c: the fused bs1 step over them; kv_quant.c: its int8 / int4
+# KV store and attention; f32_linear.c: fp32 products.
+SOURCES = tuple(_HERE / name for name in ("cpu_quant.c", "decode_step.c", "kv_quant.c", "f32_linear.c"))
 HEADERS = (_HERE / "cpu_quant.h",)
 BASE_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 LIBS = ("-lm",)  # expf, sqrtf (the fused decode step's softmax, silu and RMSNorm); after the sources to link

@@ -1,4 +1,5 @@
-"""A bs1 decode step of Q4_1 / Q8_0 layers in one C call (decode_step.c's cq_decode_step)."""
+"""A bs1 decode step of Q4_1 / Q8_0 layers in one C call (decode_step.c's cq_decode_step), over a float32,
+int8 or int4 KV cache (kv_quant.c stores and reads the quantized ones in place)."""
 from __future__ import annotations
 
 import ctypes
@@ -8,6 +9,9 @@ import torch
 
 from kernels.cpu_quant.layout import Q41Weight, Q80Weight
 from kernels.cpu_quant.library import library
+from kernels.store_kv.quant import QuantizedKV
+
+KV_MAX_HEAD_DIM = 256  # cpu_quant.h: the quantized store's and reader's row buffers
 
 
 class _Linear(ctypes.Structure):
@@ -15,16 +19,22 @@ class _Linear(ctypes.Structure):
                 ("w", ctypes.c_void_p), ("d", ctypes.c_void_p), ("m", ctypes.c_void_p)]
 
 
+class _KV(ctypes.Structure):  # cpu_quant.h cq_kv
+    _fields_ = [("kind", ctypes.c_int64), ("group", ctypes.c_int64), ("hadamard", ctypes.c_int64),
+                ("codes", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
+                ("offset", ctypes.c_void_p)]
+
+
 class _Layer(ctypes.Structure):
     _fields_ = [("norm_in", ctypes.c_void_p), ("norm_post", ctypes.c_void_p), ("qkv", _Linear),
-                ("o", _Linear), ("gate_up", _Linear), ("down", _Linear), ("k_cache", ctypes.c_void_p),
-                ("v_cache", ctypes.c_void_p)]
+                ("o", _Linear), ("gate_up", _Linear), ("down", _Linear), ("k_cache", _KV), ("v_cache", _KV)]
 
 
 @dataclass(frozen=True)
 class StepLayer:
     """One layer as the step reads it: its two RMSNorm weights, the four projections' quantized weights
-    (down's input is silu(gate) · up, applied in C), its KV cache tensors ([blocks, block_size, Hk, D])."""
+    (down's input is silu(gate) · up, applied in C), its KV cache: float32 tensors ([blocks, block_size, Hk,
+    D]) or int8 / int4 QuantizedKV (KVCache.layer)."""
 
     norm_in: torch.Tensor
     norm_post: torch.Tensor
@@ -32,8 +42,8 @@ class StepLayer:
     o: Q41Weight | Q80Weight
     gate_up: Q41Weight | Q80Weight
     down: Q41Weight | Q80Weight
-    k_cache: torch.Tensor
-    v_cache: torch.Tensor
+    k_cache: torch.Tensor | QuantizedKV
+    v_cache: torch.Tensor | QuantizedKV
 
 
 def _linear(weight: Q41Weight | Q80Weight) -> _Linear:
@@ -41,6 +51,38 @@ def _linear(weight: Q41Weight | Q80Weight) -> _Linear:
     if isinstance(weight, Q41Weight):
         return _Linear(0, n, k, weight.packed.data_ptr(), weight.d.data_ptr(), weight.m.data_ptr())
     return _Linear(1, n, k, weight.q.data_ptr(), weight.d.data_ptr(), None)
+
+
+def _kv(cache: torch.Tensor | QuantizedKV) -> _KV:
+    if not isinstance(cache, QuantizedKV):
+        return _KV(0, 0, 0, cache.data_ptr(), None, None, None)
+    zero = None if cache.zero is None else cache.zero.data_ptr()
+    offset = None if cache.offset is None else cache.offset.data_ptr()
+    return _KV(1 if cache.bits == 8 else 2, cache.group_size, int(cache.hadamard), cache.codes.data_ptr(),
+               cache.scale.data_ptr(), zero, offset)
+
+
+def _kv_tensors(cache: torch.Tensor | QuantizedKV) -> list[torch.Tensor]:
+    """The tensors the step reads of a cache."""
+    if not isinstance(cache, QuantizedKV):
+        return [cache]
+    return [t for t in (cache.codes, cache.scale, cache.zero, cache.offset) if t is not None]
+
+
+def supports_kv(cache: torch.Tensor | QuantizedKV) -> bool:
+    """Whether the step stores into and reads this cache: contiguous CPU float32, or int8 / int4 with float16
+    scales (int4: groups that divide D, D a power of two when rotated) and D within its row buffers."""
+    if not all(t.is_cpu and t.is_contiguous() for t in _kv_tensors(cache)):
+        return False
+    if not isinstance(cache, QuantizedKV):
+        return cache.dtype == torch.float32
+    d = cache.shape[-1]
+    if cache.scale.dtype != torch.float16 or d > KV_MAX_HEAD_DIM:
+        return False
+    if cache.bits == 4:
+        return (cache.zero is not None and cache.zero.dtype == torch.float16 and d % cache.group_size == 0
+                and not (cache.hadamard and d & (d - 1)))
+    return True
 
 
 class DecodeStep:
@@ -52,13 +94,16 @@ class DecodeStep:
     def __init__(self, layers: list[StepLayer], num_heads: int, num_kv_heads: int, head_dim: int,
                  eps: float, q_scale: float, lib: ctypes.CDLL | None = None) -> None:
         for layer in layers:
-            tensors = (layer.norm_in, layer.norm_post, layer.k_cache, layer.v_cache)
-            if not all(t.dtype == torch.float32 and t.is_contiguous() and t.is_cpu for t in tensors):
-                raise ValueError("the fused decode step needs contiguous fp32 CPU norms and KV caches")
+            norms = (layer.norm_in, layer.norm_post)
+            if not all(t.dtype == torch.float32 and t.is_contiguous() and t.is_cpu for t in norms):
+                raise ValueError("the fused decode step needs contiguous fp32 CPU norms")
+            if not (supports_kv(layer.k_cache) and supports_kv(layer.v_cache)):
+                raise ValueError("the fused decode step needs contiguous CPU KV caches: float32, or int8 / "
+                                 f"int4 with float16 scales and head_dim <= {KV_MAX_HEAD_DIM}")
         self.layers = layers  # keeps every pointed-to tensor alive
         self.structs = (_Layer * len(layers))(*[
             _Layer(lay.norm_in.data_ptr(), lay.norm_post.data_ptr(), _linear(lay.qkv), _linear(lay.o),
-                   _linear(lay.gate_up), _linear(lay.down), lay.k_cache.data_ptr(), lay.v_cache.data_ptr())
+                   _linear(lay.gate_up), _linear(lay.down), _kv(lay.k_cache), _kv(lay.v_cache))
             for lay in layers])
         self.dims = (len(layers), num_heads, num_kv_heads, head_dim, eps, q_scale)
         self.address = ctypes.addressof(self.structs)

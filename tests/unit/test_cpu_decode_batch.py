@@ -13,6 +13,7 @@ from engine.executors.factory import build_executor
 from engine.kv_cache import KVCache
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from engine.sequence import Sequence
+from tests.quantized_rows import assert_same_kv, cache_like
 from tests.unit.test_cpu_decode_path import forward_step, tiny_blocked_model
 
 pytestmark = pytest.mark.timeout(60)
@@ -29,12 +30,14 @@ def prefilled(model, kv: KVCache) -> None:
     forward_step(model, kv, PROMPTS[2], 0, BLOCKS[2])
 
 
-@pytest.mark.parametrize("weights", ["fp32", "w4a16", "w8a8"])
-def test_flat_batch_decode_equals_plain_forward_per_sequence_and_stores_the_same_kv(weights: str) -> None:
+@pytest.mark.parametrize(("weights", "kv_dtype"), [
+    ("fp32", "float32"), ("w4a16", "float32"), ("w8a8", "float32"), ("fp32", "int4"), ("w4a16", "int8")])
+def test_flat_batch_decode_equals_plain_forward_per_sequence_and_stores_the_same_kv(weights: str,
+                                                                                   kv_dtype: str) -> None:
     model = tiny_blocked_model(weights=weights)
     c = model.config
-    plain_kv = KVCache(KVCacheSpec(4, c.num_kv_heads, c.head_dim), c.num_layers, 12)
-    flat_kv = KVCache(KVCacheSpec(4, c.num_kv_heads, c.head_dim), c.num_layers, 12)
+    plain_kv, flat_kv = cache_like(c, 12, kv_dtype), cache_like(c, 12, kv_dtype)
+    tolerance = 1e-5 if kv_dtype == "float32" else 1e-4
     with torch.inference_mode():
         for kv in (plain_kv, flat_kv):
             prefilled(model, kv)
@@ -44,10 +47,9 @@ def test_flat_batch_decode_equals_plain_forward_per_sequence_and_stores_the_same
             expected = torch.cat([forward_step(model, plain_kv, [t], p, b)
                                   for t, p, b in zip(tokens, positions, BLOCKS, strict=True)])
             got = decoder.decode(tokens, positions, BLOCKS)
-            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=f"step {step}")
+            torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance, msg=f"step {step}")
             positions = [p + 1 for p in positions]
-    for a, b in zip(plain_kv.k + plain_kv.v, flat_kv.k + flat_kv.v, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert_same_kv(plain_kv, flat_kv)
 
 
 def decode_step(seqs: list[Sequence]) -> SchedulerOutput:

@@ -20,6 +20,7 @@ from kernels.attention.metadata import AttentionMetadata, SeqSpan
 from kernels.attention.reference import paged_attention_ref
 from kernels.rmsnorm.reference import rms_norm_ref
 from kernels.rotary.reference import apply_rotary_ref
+from tests.quantized_rows import assert_same_kv, cache_like
 from tests.tiny_model import normal_model
 
 pytestmark = pytest.mark.timeout(60)
@@ -111,19 +112,23 @@ def forward_step(model: LlamaModel, kv: KVCache, tokens: list[int], start: int,
     return model(torch.tensor(tokens), torch.arange(start, end), meta, kv)
 
 
-@pytest.mark.parametrize(("head_dim", "weights", "blocks"), [
-    (8, "fp32", [2, 3, 4]), (6, "fp32", [2, 3, 4]), (8, "fp32", [5, 0, 3]), (8, "w4a16", [2, 3, 4]),
-    (8, "w8a8", [6, 1, 2])])
+@pytest.mark.parametrize(("head_dim", "weights", "blocks", "kv_dtype"), [
+    (8, "fp32", [2, 3, 4], "float32"), (6, "fp32", [2, 3, 4], "float32"), (8, "fp32", [5, 0, 3], "float32"),
+    (8, "w4a16", [2, 3, 4], "float32"), (8, "w8a8", [6, 1, 2], "float32"),
+    (8, "fp32", [2, 3, 4], "int8"), (8, "fp32", [5, 0, 3], "int4"), (8, "w4a16", [6, 1, 2], "int4"),
+    (8, "w8a8", [2, 3, 4], "int8")])
 def test_flat_decoder_equals_plain_forward_and_stores_the_same_kv(head_dim: int, weights: str,
-                                                                  blocks: list[int]) -> None:
+                                                                  blocks: list[int], kv_dtype: str) -> None:
     """Scales 1/sqrt(8) and 1/sqrt(6): neither a power of two. Quantized projections run as their modules;
-    scattered blocks (a prefix cache hit, a wrapped free list) are gathered."""
+    scattered blocks (a prefix cache hit, a wrapped free list) are gathered. int8 / int4 caches: stored by
+    the same quantizing store (w4a16 at bs1: the C step's), read dequantized per sequence as the reference
+    attention reads them."""
     model = tiny_blocked_model(head_dim, weights)
-    assert FlatDecoder.supports(model, KVCache(KVCacheSpec(4, model.config.num_kv_heads, head_dim), 2, 8))
     c = model.config
-    plain_kv = KVCache(KVCacheSpec(4, c.num_kv_heads, c.head_dim), c.num_layers, 8)
-    flat_kv = KVCache(KVCacheSpec(4, c.num_kv_heads, c.head_dim), c.num_layers, 8)
+    plain_kv, flat_kv = cache_like(c, 8, kv_dtype), cache_like(c, 8, kv_dtype)
+    assert FlatDecoder.supports(model, flat_kv)
     prompt = [3, 17, 5, 40, 22, 9]
+    tolerance = 1e-5 if kv_dtype == "float32" else 1e-4
     with torch.inference_mode():
         for kv in (plain_kv, flat_kv):
             forward_step(model, kv, prompt, 0, blocks)
@@ -131,12 +136,11 @@ def test_flat_decoder_equals_plain_forward_and_stores_the_same_kv(head_dim: int,
         for position, token in enumerate([11, 30, 7, 1], start=len(prompt)):  # crosses a block boundary
             expected = forward_step(model, plain_kv, [token], position, blocks)
             got = decoder(token, position, blocks)
-            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    for a, b in zip(plain_kv.k + plain_kv.v, flat_kv.k + flat_kv.v, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
+    assert_same_kv(plain_kv, flat_kv)
 
 
-def test_flat_decoder_needs_f32_linears_and_fp32() -> None:
+def test_flat_decoder_needs_f32_linears_and_an_fp32_or_quantized_cache() -> None:
     config = ModelConfig(name="t", vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
                          num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=64)
     plain = LlamaModel(config)
@@ -147,11 +151,9 @@ def test_flat_decoder_needs_f32_linears_and_fp32() -> None:
     use_cpu_linears(plain)
     assert FlatDecoder.supports(plain, kv)
     assert not FlatDecoder.supports(plain, KVCache(KVCacheSpec(4, 1, 8, "bfloat16"), 1, 4))
-    # A quantized cache takes the plain forward (its attention reads the blocks as stored), never a
-    # dequantized copy.
-    for dtype in ("int8", "int4"):
+    for dtype in ("int8", "int4"):  # stored and read as the reference does (or in place by the C step)
         quantized = KVCache(KVCacheSpec(4, 1, 8, dtype, scales_for(dtype, 8)), 1, 4)
-        assert not FlatDecoder.supports(plain, quantized)
+        assert FlatDecoder.supports(plain, quantized)
 
 
 def test_executor_decodes_bs1_flat_also_over_scattered_blocks_and_falls_back_for_hooks_and_verify() -> None:
@@ -178,11 +180,13 @@ def test_executor_decodes_bs1_flat_also_over_scattered_blocks_and_falls_back_for
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # w8a8 calibrates its smoothing factors at load (minutes on a busy box)
-@pytest.mark.parametrize("weights", ["auto", "w4a16", "w8a8"])
-def test_embedded_model_bs1_greedy_tokens_are_the_same_flat_or_plain(weights: str) -> None:
+@pytest.mark.parametrize(("weights", "kv_cache"), [("auto", "auto"), ("w4a16", "auto"), ("w8a8", "auto"),
+                                                   ("w4a16", "int4")])
+def test_embedded_model_bs1_greedy_tokens_are_the_same_flat_or_plain(weights: str, kv_cache: str) -> None:
     from engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(weights=weights, num_kv_blocks=16, max_num_seqs=1))
+    engine = LLMEngine(EngineConfig(weights=weights, kv_cache_dtype=kv_cache, num_kv_blocks=16,
+                                    max_num_seqs=1))
     assert isinstance(engine.executor, CpuFlatExecutor)  # CPU, fp32 activations: bs1 decode runs flat
     prompt = [6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 418, 260, 5595]
     sampling = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)

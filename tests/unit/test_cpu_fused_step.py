@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from contracts.kv_cache_spec import KVCacheSpec
 from contracts.sampling import SamplingParams
 from engine.config import EngineConfig
 from engine.executors.cpu_flat import MAX_FLAT_BATCH, CpuFlatExecutor
@@ -12,6 +11,7 @@ from engine.executors.factory import build_executor
 from engine.kv_cache import KVCache
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from engine.sequence import Sequence
+from tests.quantized_rows import assert_same_kv, cache_like
 from tests.unit.test_cpu_decode_batch import BLOCKS, PROMPTS, prefilled
 from tests.unit.test_cpu_decode_path import tiny_blocked_model
 
@@ -24,10 +24,10 @@ PROMPT_BLOCKS = [3, 7, 8]
 CHUNKS = ((0, 4), (4, 3), (7, 2))
 
 
-def executors(weights: str) -> tuple[CpuFlatExecutor, CpuFlatExecutor, KVCache, KVCache]:
+def executors(weights: str, kv_dtype: str = "float32") -> tuple[CpuFlatExecutor, CpuFlatExecutor, KVCache,
+                                                                KVCache]:
     model = tiny_blocked_model(weights=weights)
-    c = model.config
-    kvs = [KVCache(KVCacheSpec(4, c.num_kv_heads, c.head_dim), c.num_layers, 12) for _ in range(2)]
+    kvs = [cache_like(model.config, 12, kv_dtype) for _ in range(2)]
     flat, eager = (build_executor(model, kv, EngineConfig(), max_model_len=64) for kv in kvs)
     assert isinstance(flat, CpuFlatExecutor) and isinstance(eager, CpuFlatExecutor)
     with torch.inference_mode():
@@ -54,9 +54,11 @@ def fused_step(decodes: list[Sequence], prompt: Sequence, start: int, n: int) ->
     return SchedulerOutput(chunks, ())
 
 
-@pytest.mark.parametrize("weights", ["fp32", "w4a16", "w8a8"])
-def test_fused_step_runs_flat_with_the_eager_steps_tokens_hidden_and_kv(weights: str) -> None:
-    flat, eager, flat_kv, eager_kv = executors(weights)
+@pytest.mark.parametrize(("weights", "kv_dtype"), [
+    ("fp32", "float32"), ("w4a16", "float32"), ("w8a8", "float32"), ("fp32", "int4"), ("w4a16", "int8")])
+def test_fused_step_runs_flat_with_the_eager_steps_tokens_hidden_and_kv(weights: str, kv_dtype: str) -> None:
+    flat, eager, flat_kv, eager_kv = executors(weights, kv_dtype)
+    tolerance = 1e-5 if kv_dtype == "float32" else 1e-4
     runs = {"flat": (flat, *sequences()), "eager": (eager, *sequences())}
     with torch.inference_mode():
         for start, n in CHUNKS:
@@ -74,10 +76,9 @@ def test_fused_step_runs_flat_with_the_eager_steps_tokens_hidden_and_kv(weights:
             got, expected = steps["flat"], steps["eager"]
             assert [s.request_id for s in got.seqs] == [s.request_id for s in expected.seqs]
             assert got.token_ids.tolist() == expected.token_ids.tolist()
-            torch.testing.assert_close(got.last_hidden, expected.last_hidden, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got.last_hidden, expected.last_hidden, atol=tolerance, rtol=tolerance)
     assert [s.request_id for s in got.seqs] == ["r0", "p", "r2"]  # the last chunk sampled the prompt's token
-    for a, b in zip(flat_kv.k + flat_kv.v, eager_kv.k + eager_kv.v, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert_same_kv(flat_kv, eager_kv, atol=1e-5)
 
 
 def test_fused_plan_takes_only_decodes_beside_prompt_chunks() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from contracts.kv_cache_spec import KVCacheSpec
 from contracts.sampling import SamplingParams
 from engine.config import EngineConfig
 from engine.cpu_decode import FlatDecoder
@@ -19,6 +18,7 @@ from engine.sequence import Sequence
 from engine.spec.target_forward import LayerCapture
 from engine.spec.tree import DraftTree
 from engine.spec.tree_verify import TreeChunk, tree_verify_metadata
+from tests.quantized_rows import assert_same_kv, cache_like
 from tests.unit.test_cpu_decode_path import forward_step, tiny_blocked_model
 
 pytestmark = pytest.mark.timeout(60)
@@ -26,15 +26,16 @@ pytestmark = pytest.mark.timeout(60)
 PROMPT = [3, 17, 5, 40, 22, 9, 11, 30, 2]
 
 
-def kv_for(model) -> KVCache:
-    c = model.config
-    return KVCache(KVCacheSpec(4, c.num_kv_heads, c.head_dim), c.num_layers, 8)
+def kv_for(model, dtype: str = "float32") -> KVCache:
+    return cache_like(model.config, 8, dtype)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 6])
-def test_flat_rows_equal_the_plain_forward_kv_and_layer_outputs(rows: int) -> None:
+@pytest.mark.parametrize(("rows", "kv_dtype"), [(1, "float32"), (3, "float32"), (6, "float32"), (3, "int4"),
+                                                (6, "int8")])
+def test_flat_rows_equal_the_plain_forward_kv_and_layer_outputs(rows: int, kv_dtype: str) -> None:
     model = tiny_blocked_model()
-    plain_kv, flat_kv = kv_for(model), kv_for(model)
+    plain_kv, flat_kv = kv_for(model, kv_dtype), kv_for(model, kv_dtype)
+    tolerance = 1e-5 if kv_dtype == "float32" else 1e-4
     capture = LayerCapture(model, (0, 1))
     verify = [7, 8, 21, 4, 33, 12][:rows]
     with torch.inference_mode():
@@ -46,11 +47,9 @@ def test_flat_rows_equal_the_plain_forward_kv_and_layer_outputs(rows: int) -> No
         got = FlatRows(FlatDecoder(model, flat_kv))(verify, len(PROMPT), 2 * 4, keep=capture.keep)
         got_layers = capture.take()
     capture.close()
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got_layers, expected_layers, atol=1e-5, rtol=1e-5)
-    for layer in range(model.config.num_layers):
-        torch.testing.assert_close(flat_kv.k[layer], plain_kv.k[layer], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(flat_kv.v[layer], plain_kv.v[layer], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(got_layers, expected_layers, atol=tolerance, rtol=tolerance)
+    assert_same_kv(flat_kv, plain_kv, atol=1e-5)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
