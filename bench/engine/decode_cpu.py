@@ -1,13 +1,14 @@
 """bs1 greedy decode tokens/s on CPU: LLMEngine (fp32, W4A16, W8A8, W8) vs HF vs llama.cpp on one GGUF, and
 each roofline.
 
-    .venv/bin/python -m bench.engine.decode_cpu --tokens 128 [--threads N]
+    .venv/bin/python -m bench.engine.decode_cpu --tokens 128 [--threads N] [--kv-cache auto int8 int4]
 
 Contestants run interleaved (one run each per round, the box's speed drifts); the table gives each one's
 median and best tokens/s and our medians over llama.cpp's against the issue's 0.7x bar.
 Roofline per contestant (of the best run): copy bandwidth / the bytes its decode token reads (quantized
 weights count as read: W8A8's int8 values as FBGEMM's fp16 copy; llama.cpp: the GGUF's tensors as
-stored). "same tokens": positions equal to the first contestant's greedy output. llama.cpp runs through
+stored). "same tokens": positions equal to the first contestant's greedy output. `--kv-cache`: every
+contestant of ours once per KV cache dtype (named "<contestant>+kv-<dtype>" past auto). llama.cpp runs through
 `llama-cpp-python`, a benchmark-only dependency (`make bench-deps`, requirements-bench.txt); without it
 that row is skipped with a message.
 """
@@ -25,7 +26,7 @@ from unittest import mock
 import torch
 
 from contracts.sampling import SamplingParams
-from engine.config import EngineConfig
+from engine.config import KV_CACHE_DTYPES, EngineConfig
 from engine.executors.cpu_flat import CpuFlatExecutor
 from engine.llm_engine import LLMEngine
 from engine.model_files import embedded_model_path, resolve_model_path
@@ -159,6 +160,8 @@ def main() -> None:
                         help="interleaved rounds (every contestant once a round); median and best reported")
     parser.add_argument("--weights", nargs="+", choices=list(CONTESTANTS), default=list(CONTESTANTS),
                         help="our contestants (default: all; the first is the tokens reference)")
+    parser.add_argument("--kv-cache", nargs="+", choices=KV_CACHE_DTYPES, default=["auto"],
+                        help="KV cache dtypes of our contestants (default: auto, the compute dtype)")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-llama-cpp", action="store_true")
     parser.add_argument("--threads", type=int, default=0,
@@ -171,12 +174,12 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = resolve_model_path(args.model) if args.model else embedded_model_path()
 
-    engines = {name: LLMEngine(EngineConfig(model_path=str(path), weights=CONTESTANTS[name], num_kv_blocks=64,
-                                            max_num_seqs=1))
-               for name in args.weights}
-    for name in TORCH_OPS:
-        if name in engines and isinstance(engines[name].executor, CpuFlatExecutor):
-            engines[name].executor.flat.step = None
+    engines = {name if kv == "auto" else f"{name}+kv-{kv}": LLMEngine(EngineConfig(
+        model_path=str(path), weights=CONTESTANTS[name], kv_cache_dtype=kv, num_kv_blocks=64, max_num_seqs=1))
+        for name in args.weights for kv in args.kv_cache}
+    for name, engine in engines.items():
+        if name.split("+")[0] in TORCH_OPS and isinstance(engine.executor, CpuFlatExecutor):
+            engine.executor.flat.step = None
     hf_model = None if args.skip_hf else load_hf(path)
     llama = None if args.skip_llama_cpp else load_llama_cpp(path, torch.get_num_threads())
     load_before = os.getloadavg()
@@ -206,7 +209,7 @@ def main() -> None:
         print(f"llama-cpp-python {llama_cpp.__version__}, {llama.n_threads} threads")
     print(f"copy bandwidth      {bandwidth / 1e9:8.1f} GB/s (read+write)")
     reference = ids[next(iter(engines))]
-    print(f"{'contestant':14s} {'path':>13s} {'MB/token':>9s} {'median':>7s} {'best':>7s} {'roofline':>9s} "
+    print(f"{'contestant':22s} {'path':>13s} {'MB/token':>9s} {'median':>7s} {'best':>7s} {'roofline':>9s} "
           f"{'vs llama.cpp':>13s} {'same tokens':>12s}  runs")
     # The issue's bar for our contestants: ≥ 0.7× llama.cpp's tokens/s (medians, same run).
     llama_median = statistics.median(rates["llama.cpp"]) if "llama.cpp" in rates else None
@@ -228,7 +231,7 @@ def main() -> None:
         if llama_median is not None and name != "llama.cpp":
             bar = "" if engine is None else (" ok" if median >= 0.7 * llama_median else " <0.7")
             ratio = f"{median / llama_median:.2f}x{bar}"
-        print(f"{name:14s} {path_name:>13s} {megabytes:>9s} {median:7.1f} {best:7.1f} {roof:>9s} "
+        print(f"{name:22s} {path_name:>13s} {megabytes:>9s} {median:7.1f} {best:7.1f} {roof:>9s} "
               f"{ratio:>13s} {same:5d}/{len(reference):<6d}  {' '.join(f'{r:.1f}' for r in runs)}")
     if args.json is not None:
         medians = {name: statistics.median(runs) for name, runs in rates.items()}
