@@ -14,7 +14,7 @@ from engine.model import LlamaModel
 from engine.quantize.cpu_linears import Q41Linear, Q80Linear
 from engine.quantize.w8a8 import W8A8Linear
 from kernels.cpu_quant.f32_ops import f32_linear
-from kernels.cpu_quant.layout import Q41Weight, Q80Weight
+from kernels.cpu_quant.layout import F32Weight, Q41Weight, Q80Weight
 from kernels.cpu_quant.step import DecodeStep, StepLayer, supports_kv
 from kernels.store_kv.quant import dequantize_blocks
 from kernels.store_kv.reference import store_kv_ref
@@ -51,6 +51,15 @@ def rows_linear(module: nn.Module) -> RowsLinear | ModuleRows:
     return RowsLinear(module) if isinstance(module, F32Linear) else ModuleRows(module)
 
 
+def step_weight(module: Q41Linear | Q80Linear | F32Linear) -> Q41Weight | Q80Weight | F32Weight:
+    """A projection's weight as the C step streams it."""
+    if isinstance(module, Q41Linear):
+        return Q41Weight(module.packed, module.d, module.m)
+    if isinstance(module, Q80Linear):
+        return Q80Weight(module.q, module.d)
+    return F32Weight(module.packed)
+
+
 class FlatDecoder:
     """Runs one decode step of B sequences (one token each, B = 1 the common case) of an F32Linear fp32
     LlamaModel on CPU, reading the model's own weights; quantized projections (Q41Linear, Q80Linear,
@@ -65,8 +74,9 @@ class FlatDecoder:
     as on every torch path. The runner falls back to the plain forward for anything
     else. Results equal the forward's up to the order of fp32 roundings (tests/unit/test_cpu_decode_path.py).
 
-    With Q4_1 / Q8_0 projections (`step`), one sequence (over any blocks) runs every layer in one C call
-    instead (kernels/cpu_quant/step.py): at 2 threads the ~35 torch calls a layer cost more than its GEMVs.
+    With Q4_1 / Q8_0 / F32Linear projections (`step`), one sequence (over any blocks) runs every layer in one
+    C call instead (kernels/cpu_quant/step.py): at 2 threads the ~35 torch calls a layer cost more than its
+    GEMVs.
     The C step stores into and reads float32, int8 and int4 caches in place.
     """
 
@@ -100,19 +110,19 @@ class FlatDecoder:
 
     @staticmethod
     def _fused_step(model: LlamaModel, kv: KVCache) -> DecodeStep | None:
-        """The bs1 step in one C call (kernels/cpu_quant/step.py) when every projection is Q4_1 / Q8_0 on
-        fp32 activations (w4a16-native, w8 weight-only) and the norms are fp32; None otherwise."""
+        """The bs1 step in one C call (kernels/cpu_quant/step.py) when every projection is Q4_1, Q8_0 or
+        F32Linear on fp32 activations (w4a16-native, w8 weight-only, fp32) and the norms are fp32; None
+        otherwise (W8A8)."""
         c, layers = model.config, []
         for i, layer in enumerate(model.layers):
             attn, mlp = layer.self_attn, layer.mlp
             projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-            if (not all(isinstance(m, (Q41Linear, Q80Linear)) for m in projections)
+            if (not all(isinstance(m, (Q41Linear, Q80Linear, F32Linear)) for m in projections)
                     or not mlp.down_proj.silu_mul_input or mlp.gate_up_proj.silu_mul_input
                     or not all(w.dtype == torch.float32 and w.is_contiguous() for w in norms)):
                 return None
-            weights = [Q41Weight(m.packed, m.d, m.m) if isinstance(m, Q41Linear) else Q80Weight(m.q, m.d)
-                       for m in projections]
+            weights = [step_weight(m) for m in projections]
             k_cache, v_cache = kv.layer(i)
             if not (supports_kv(k_cache) and supports_kv(v_cache)):
                 return None

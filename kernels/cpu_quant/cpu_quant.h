@@ -1,4 +1,4 @@
-/* What the kernels/cpu_quant sources share: the quantized products (cpu_quant.c) and the KV cache stores and
+/* What the kernels/cpu_quant sources share: the products (cpu_quant.c, f32_linear.c) and the KV cache stores and
  * attention (kv_quant.c) that the fused decode step (decode_step.c) calls, fp16 -> fp32, and the AVX2
  * horizontal sum, dot product and axpy. */
 #ifndef CPU_QUANT_H
@@ -30,6 +30,8 @@ void q4_1_linear(const float *x, int64_t m_rows, int64_t k, const uint8_t *packe
                  const uint16_t *mins, int64_t n, float *y, int threads);
 void q8_0_linear(const float *x, int64_t m_rows, int64_t k, const int8_t *q, const float *d, int64_t n,
                  float *y, int threads);
+void f32_linear(const float *x, int64_t m_rows, int64_t k, const float *packed, int64_t n,
+                const float *residual, float *y, int threads);
 
 /* One layer's k (or v) cache as KVCache stores it, slot-major ([slots, Hk, ...]): kind KV_F32 (codes: fp32
  * values [slots, Hk, D]), KV_INT8 (int8 codes [slots, Hk, D], fp16 scale [slots, Hk]) or KV_INT4 (uint8

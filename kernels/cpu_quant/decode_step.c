@@ -1,4 +1,4 @@
-/* The bs1 decode step of Q4_1 / Q8_0 layers in one call (kernels/cpu_quant/step.py). */
+/* The bs1 decode step of Q4_1 / Q8_0 / fp32 layers in one call (kernels/cpu_quant/step.py). */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,7 +13,8 @@
  * few microseconds a layer). Same math as FlatDecoder's torch path up to the order of fp32 roundings
  * (tests/kernels/cpu_quant/test_cpu_quant_step.py). */
 
-typedef struct {  /* one projection: kind 0 = Q4_1 (w packed, d and m fp16), 1 = Q8_0 (w int8, d fp32) */
+typedef struct {  /* one projection: kind 0 = Q4_1 (w packed, d and m fp16), 1 = Q8_0 (w int8, d fp32),
+                   * 2 = fp32 (w packed in row pairs for f32_linear) */
     int64_t kind, n, k;
     const void *w, *d, *m;
 } cq_linear;
@@ -27,8 +28,10 @@ typedef struct {  /* one layer's weights and KV cache (cq_kv: fp32, int8 or int4
 static void cq_gemv(const cq_linear *l, const float *x, float *y, int threads) {
     if (l->kind == 0)
         q4_1_linear(x, 1, l->k, l->w, l->d, l->m, l->n, y, threads);
-    else
+    else if (l->kind == 1)
         q8_0_linear(x, 1, l->k, l->w, l->d, l->n, y, threads);
+    else
+        f32_linear(x, 1, l->k, l->w, l->n, NULL, y, threads);
 }
 
 /* out = s / sqrt(mean(s^2) + eps) * w (rms_norm_ref; the sum of squares in double). */

@@ -1,4 +1,5 @@
-"""The weight layouts cpu_quant.c streams: Q4_1 repacked for shift-and-mask dequantization, Q8_0 as stored."""
+"""The weight layouts cpu_quant.c streams: Q4_1 repacked for shift-and-mask dequantization, Q8_0 as stored;
+and F32Weight, fp32 rows in pairs as f32_linear.c streams them (the fused decode step takes all three)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,6 +47,18 @@ class Q80Weight:
     @property
     def num_bytes(self) -> int:
         return self.q.numel() + self.d.numel() * 4
+
+
+@dataclass(frozen=True)
+class F32Weight:
+    """An fp32 [N, K] weight packed for f32_linear.c: f32_ops.pack_pairs' [N / 2, K / 8, 2, 8]."""
+
+    packed: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        half, blocks, _, lanes = self.packed.shape
+        return 2 * half, blocks * lanes
 
 
 def _check_blocks(n: int, k: int, *scales: torch.Tensor) -> None:

@@ -1,5 +1,5 @@
-"""A bs1 decode step of Q4_1 / Q8_0 layers in one C call (decode_step.c's cq_decode_step), over a float32,
-int8 or int4 KV cache (kv_quant.c stores and reads the quantized ones in place)."""
+"""A bs1 decode step of Q4_1 / Q8_0 / packed fp32 layers in one C call (decode_step.c's cq_decode_step), over
+a float32, int8 or int4 KV cache (kv_quant.c stores and reads the quantized ones in place)."""
 from __future__ import annotations
 
 import ctypes
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.cpu_quant.layout import Q41Weight, Q80Weight
+from kernels.cpu_quant.layout import F32Weight, Q41Weight, Q80Weight
 from kernels.cpu_quant.library import library
 from kernels.store_kv.quant import QuantizedKV
 
@@ -32,24 +32,26 @@ class _Layer(ctypes.Structure):
 
 @dataclass(frozen=True)
 class StepLayer:
-    """One layer as the step reads it: its two RMSNorm weights, the four projections' quantized weights
-    (down's input is silu(gate) · up, applied in C), its KV cache: float32 tensors ([blocks, block_size, Hk,
-    D]) or int8 / int4 QuantizedKV (KVCache.layer)."""
+    """One layer as the step reads it: its two RMSNorm weights, the four projections' weights (Q4_1, Q8_0 or
+    packed fp32; down's input is silu(gate) · up, applied in C), its KV cache: float32 tensors ([blocks,
+    block_size, Hk, D]) or int8 / int4 QuantizedKV (KVCache.layer)."""
 
     norm_in: torch.Tensor
     norm_post: torch.Tensor
-    qkv: Q41Weight | Q80Weight
-    o: Q41Weight | Q80Weight
-    gate_up: Q41Weight | Q80Weight
-    down: Q41Weight | Q80Weight
+    qkv: Q41Weight | Q80Weight | F32Weight
+    o: Q41Weight | Q80Weight | F32Weight
+    gate_up: Q41Weight | Q80Weight | F32Weight
+    down: Q41Weight | Q80Weight | F32Weight
     k_cache: torch.Tensor | QuantizedKV
     v_cache: torch.Tensor | QuantizedKV
 
 
-def _linear(weight: Q41Weight | Q80Weight) -> _Linear:
+def _linear(weight: Q41Weight | Q80Weight | F32Weight) -> _Linear:
     n, k = weight.shape
     if isinstance(weight, Q41Weight):
         return _Linear(0, n, k, weight.packed.data_ptr(), weight.d.data_ptr(), weight.m.data_ptr())
+    if isinstance(weight, F32Weight):
+        return _Linear(2, n, k, weight.packed.data_ptr(), None, None)
     return _Linear(1, n, k, weight.q.data_ptr(), weight.d.data_ptr(), None)
 
 
