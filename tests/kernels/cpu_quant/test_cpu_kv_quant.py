@@ -6,23 +6,16 @@ import pytest
 import torch
 
 from contracts.kv_cache_spec import KVCacheSpec, scales_for
-from engine.cpu_decode import FlatDecoder
 from engine.kv_cache import KVCache, with_key_offsets
 from engine.model import LlamaModel
 from kernels.cpu_quant.library import BASE_FLAGS, library
-from kernels.cpu_quant.step import DecodeStep, supports_kv
+from kernels.cpu_quant.step import supports_kv
 from kernels.store_kv.quant import QuantizedKV
-from tests.kernels.cpu_quant.test_cpu_quant_step import DECODED, PROMPT, tiny_model
+from tests.kernels.cpu_quant.test_cpu_quant_step import PROMPT, tiny_model
+from tests.kernels.cpu_quant.test_cpu_quant_step import decode as decode_over
 from tests.quantized_rows import assert_same_rows
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 def quantized_cache(model: LlamaModel, dtype: str) -> KVCache:
@@ -37,22 +30,8 @@ def quantized_cache(model: LlamaModel, dtype: str) -> KVCache:
 
 def decode(model: LlamaModel, dtype: str, blocks: list[int], fused: bool,
            lib=None) -> tuple[torch.Tensor, KVCache]:
-    """Hidden states [4, H] of DECODED after PROMPT (the prompt through the torch path), and the cache."""
-    c = model.config
-    kv = quantized_cache(model, dtype)
-    decoder = FlatDecoder(model, kv)
-    step = decoder.step
-    assert step is not None  # Q4_1 / Q8_0 projections over an int8 / int4 cache: the C step serves it
-    if lib is not None:
-        step = DecodeStep(step.layers, c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps,
-                          c.head_dim ** -0.5, lib)
-    decoder.step = None
-    with torch.inference_mode():
-        for position, token in enumerate(PROMPT):
-            decoder(token, position, blocks)
-        decoder.step = step if fused else None
-        out = [decoder(token, position, blocks) for position, token in enumerate(DECODED, len(PROMPT))]
-    return torch.cat(out), kv
+    """test_cpu_quant_step's decode over a fresh `dtype` cache."""
+    return decode_over(model, blocks, fused, lib, quantized_cache(model, dtype))
 
 
 @pytest.mark.parametrize("dtype", ["int8", "int4"])

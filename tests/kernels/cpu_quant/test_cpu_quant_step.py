@@ -16,13 +16,6 @@ from tests.tiny_model import normal_model
 
 pytestmark = pytest.mark.timeout(120)
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 PROMPT, DECODED = [3, 17, 5, 40, 22, 9], [11, 30, 7, 1]  # 6 + 4 positions: crosses a block of 4
 
 
@@ -39,13 +32,15 @@ def tiny_model(weights: str) -> LlamaModel:
     return model
 
 
-def decode(model: LlamaModel, blocks: list[int], fused: bool, lib=None) -> tuple[torch.Tensor, KVCache]:
-    """Hidden states [4, H] of DECODED after PROMPT (prompt through the torch path), and the cache."""
+def decode(model: LlamaModel, blocks: list[int], fused: bool, lib=None,
+           kv: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+    """Hidden states [4, H] of DECODED after PROMPT (prompt through the torch path), and the cache (`kv`,
+    default an fp32 one of 8 blocks of 4)."""
     c = model.config
-    kv = KVCache(KVCacheSpec(4, c.num_kv_heads, c.head_dim), c.num_layers, 8)
+    kv = kv or KVCache(KVCacheSpec(4, c.num_kv_heads, c.head_dim), c.num_layers, 8)
     decoder = FlatDecoder(model, kv)
     step = decoder.step
-    assert step is not None  # every projection is Q4_1 / Q8_0
+    assert step is not None  # every projection is Q4_1 / Q8_0, the cache one the step stores into
     if lib is not None:
         step = DecodeStep(step.layers, c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps,
                           c.head_dim ** -0.5, lib)
