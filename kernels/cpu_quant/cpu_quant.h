@@ -1,6 +1,6 @@
-/* What the kernels/cpu_quant sources share: the products (cpu_quant.c, f32_linear.c) and the KV cache stores and
- * attention (kv_quant.c) that the fused decode step (decode_step.c) calls, fp16 -> fp32, and the AVX2
- * horizontal sum, dot product and axpy. */
+/* What the kernels/cpu_quant sources share: the products (cpu_quant.c, f32_linear.c) and the KV cache
+ * stores and attention (kv_quant.c) that the fused decode step (decode_step.c) calls, fp16 -> fp32, and the
+ * AVX2 horizontal sum, dot product and axpy. */
 #ifndef CPU_QUANT_H
 #define CPU_QUANT_H
 
@@ -84,7 +84,8 @@ static inline void axpy(float a, const float *x, float *y, int64_t n) {
     int64_t j = 0;
 #if defined(__AVX2__) && defined(__FMA__)
     __m256 av = _mm256_set1_ps(a);
-    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j)));
+    for (; j + 8 <= n; j += 8)
+        _mm256_storeu_ps(y + j, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j)));
 #endif
     for (; j < n; j++) y[j] += a * x[j];
 }

@@ -44,7 +44,8 @@ static uint16_t float_to_half(float f) {
     return (uint16_t)(out | (sign >> 16));
 }
 
-/* x [d] (a power of two) times the normalized Sylvester Hadamard matrix, in place: butterflies, then 1/sqrt(d). */
+/* x [d] (a power of two) times the normalized Sylvester Hadamard matrix, in place: butterflies, then
+ * 1/sqrt(d). */
 static void hadamard(float *x, int64_t d) {
     for (int64_t h = 1; h < d; h *= 2)
         for (int64_t i = 0; i < d; i += 2 * h)
@@ -112,7 +113,8 @@ void cq_kv_store(const cq_kv *c, int64_t slot, const float *rows, int64_t hk, in
             int8_t *codes = (int8_t *)c->codes + row * d;
             for (int64_t j = 0; j < d; j++) {
                 float code = floorf(src[j] / scale + 0.5f);
-                codes[j] = (int8_t)(code < -INT8_MAX_CODE ? -INT8_MAX_CODE : (code > INT8_MAX_CODE ? INT8_MAX_CODE : code));
+                code = code < -INT8_MAX_CODE ? -INT8_MAX_CODE : code;
+                codes[j] = (int8_t)(code > INT8_MAX_CODE ? INT8_MAX_CODE : code);
             }
             c->scale[row] = s16;
         } else {
@@ -123,7 +125,8 @@ void cq_kv_store(const cq_kv *c, int64_t slot, const float *rows, int64_t hk, in
                 int4_group(x + g * c->group, c->group, q + g * c->group, c->scale + row * groups + g,
                            c->zero + row * groups + g);
             uint8_t *codes = (uint8_t *)c->codes + row * (d / 2);
-            for (int64_t j = 0; j < d / 2; j++) codes[j] = (uint8_t)((int)q[2 * j] | ((int)q[2 * j + 1] << 4));
+            for (int64_t j = 0; j < d / 2; j++)
+                codes[j] = (uint8_t)((int)q[2 * j] | ((int)q[2 * j + 1] << 4));
         }
     }
 }
@@ -140,7 +143,8 @@ static void kv_row(const cq_kv *c, int64_t slot, int64_t head, int64_t hk, int64
     int64_t groups = d / c->group;
     const uint8_t *codes = (const uint8_t *)c->codes + row * (d / 2);
     for (int64_t g = 0; g < groups; g++) {
-        float scale = half_to_float(c->scale[row * groups + g]), zero = half_to_float(c->zero[row * groups + g]);
+        float scale = half_to_float(c->scale[row * groups + g]);
+        float zero = half_to_float(c->zero[row * groups + g]);
         for (int64_t j = g * c->group / 2; j < (g + 1) * c->group / 2; j++) {
             out[2 * j] = (float)(codes[j] & 0xF) * scale + zero;
             out[2 * j + 1] = (float)(codes[j] >> 4) * scale + zero;
