@@ -14,6 +14,7 @@ from engine.model import LlamaModel
 from engine.quantize.cpu_linears import Q41Linear, Q80Linear
 from engine.quantize.w8a8 import W8A8Linear
 from kernels.cpu_quant.f32_ops import f32_linear
+from kernels.cpu_quant.kv_rows import KVRows
 from kernels.cpu_quant.layout import F32Weight, Q41Weight, Q80Weight
 from kernels.cpu_quant.step import DecodeStep, StepLayer, supports_kv
 from kernels.store_kv.quant import dequantize_blocks
@@ -69,10 +70,12 @@ class FlatDecoder:
     9 module calls per layer. This executor runs the same math per layer in ~40 calls, with what the layers
     share computed once per step (rope tables with the softmax scale folded into the query rows). B rows
     share every projection as one [B, K] product (the weights stream once for all of them); attention runs
-    per sequence over its own blocks (read as views when consecutive, else gathered; an int8 / int4 cache's
-    blocks dequantized, as the reference attention reads them). KV goes into the cache through store_kv_ref,
-    as on every torch path. The runner falls back to the plain forward for anything
-    else. Results equal the forward's up to the order of fp32 roundings (tests/unit/test_cpu_decode_path.py).
+    per sequence over its own blocks (read as views when consecutive, else gathered). KV goes into the cache
+    through store_kv_ref, as on every torch path; an int8 / int4 cache is stored and read in C instead
+    (`kv_rows`: kernels/cpu_quant/kv_rows.py, the bs1 step's own store and attention). The split-fused and
+    verify rows (engine/executors) read a quantized cache's blocks dequantized, as the reference does. The
+    runner falls back to the plain forward for anything else. Results equal the forward's up to the order of
+    fp32 roundings (tests/unit/test_cpu_decode_path.py).
 
     With Q4_1 / Q8_0 / F32Linear projections (`step`), one sequence (over any blocks) runs every layer in one
     C call instead (kernels/cpu_quant/step.py): at 2 threads the ~35 torch calls a layer cost more than its
@@ -107,6 +110,10 @@ class FlatDecoder:
         self.cos_bias[qk_heads:] = 1.0
         self.sin_scale = self.cos_scale * torch.tensor([[-1.0], [1.0]])  # [heads, 2, 1]: rotate-half signs
         self.step = self._fused_step(model, kv)
+        # Batch rows over an int8 / int4 cache: kv_quant.c's store and attention (the bs1 step's own).
+        layers = [kv.layer(i) for i in range(len(model.layers))]
+        self.kv_rows = (KVRows(layers, c.num_heads) if kv.spec.is_quantized
+                        and all(supports_kv(k) and supports_kv(v) for k, v in layers) else None)
 
     @staticmethod
     def _fused_step(model: LlamaModel, kv: KVCache) -> DecodeStep | None:
@@ -230,21 +237,27 @@ class FlatDecoder:
         for position, blocks in zip(positions, block_tables, strict=True):
             used = blocks[:position // block_size + 1]
             consecutive = list(used) == list(range(used[0], used[0] + len(used)))
-            contexts.append((position + 1, used[0] * block_size, None if consecutive else torch.tensor(used)))
+            gather = None if consecutive and self.kv_rows is None else torch.tensor(used, dtype=torch.int64)
+            contexts.append((position + 1, used[0] * block_size, gather))
             slots.append(used[-1] * block_size + position % block_size)
         s, cos_t, sin_t, slot = self.row_inputs(token_ids, positions, slots)
         for i, (w_in, qkv_proj, o_proj, w_post, gate_up_proj, down_proj) in enumerate(self.layers):
             qkv = qkv_proj(self._norm(s, w_in)).view(b, heads, 2, half)
             rot = torch.addcmul(qkv * cos_t, qkv.flip(2), sin_t)  # rotate-half: halves swapped, sin signed
-            k_cache, v_cache = self.kv.layer(i)
             # These tokens' rotated k heads and their v heads (rotated by cos 1, sin 0): [B, Hk, D] views.
-            store_kv_ref(rot.as_strided((b, hk, d), (heads * d, d, 1), hq * d),
-                         rot.as_strided((b, hk, d), (heads * d, d, 1), (hq + hk) * d), k_cache, v_cache, slot)
-            outs = []
-            for j, (seq_len, first_slot, gather) in enumerate(contexts):
-                keys_t, values = self.context(i, seq_len, first_slot, gather)
-                q = rot.as_strided((hk, group, d), (group * d, d, 1), j * heads * d)  # already scaled
-                outs.append(torch.bmm(torch.bmm(q, keys_t).softmax(dim=-1), values))  # [Hk, G, D]: heads
+            k_rows = rot.as_strided((b, hk, d), (heads * d, d, 1), hq * d)
+            v_rows = rot.as_strided((b, hk, d), (heads * d, d, 1), (hq + hk) * d)
+            if self.kv_rows is not None:  # an int8 / int4 cache: stored and read in C, as the bs1 step does
+                self.kv_rows.store(i, k_rows.contiguous(), v_rows.contiguous(), slot)
+                outs = [self.kv_rows.attend(i, rot[j, :hq].view(hq, d), gather, seq_len)
+                        for j, (seq_len, _, gather) in enumerate(contexts)]
+            else:
+                store_kv_ref(k_rows, v_rows, *self.kv.layer(i), slot)
+                outs = []
+                for j, (seq_len, first_slot, gather) in enumerate(contexts):
+                    keys_t, values = self.context(i, seq_len, first_slot, gather)
+                    q = rot.as_strided((hk, group, d), (group * d, d, 1), j * heads * d)  # already scaled
+                    outs.append(torch.bmm(torch.bmm(q, keys_t).softmax(dim=-1), values))  # [Hk, G, D]: heads
             attn = (outs[0] if b == 1 else torch.cat(outs)).view(b, hq * d)
             s = self.mlp(o_proj(attn, residual=s), w_post, gate_up_proj, down_proj)
         return self.model.norm(s)

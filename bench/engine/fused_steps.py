@@ -1,13 +1,13 @@
 """Median ms of a decode-only step vs the same decode batch with a prefill chunk beside it (split-fused).
 
 `python -m bench.engine.fused_steps [--decodes 1,2,4] [--prefill 0,1,4,16,64] [--steps 10]
-[--fused-path flat,eager]`: the default engine (the embedded model, CPU, one torch thread as a Ray worker
-has), `decodes` sequences of 32-token prompts decoding, plus one long prompt prefilled `prefill` tokens a
-step (max_batch_tokens = decodes + prefill, no fair-prefill threshold, no split-fused credit), so each timed
-step is exactly that mix. What it shows: the fixed cost of leaving the decode-only path
-(`engine/step_cost.py` pays it once a window). `--fused-path eager` runs split-fused steps through the eager
-forward, as before they ran flat (engine/executors/cpu_fused.py); with both, one engine's steps take the two
-paths in turn.
+[--fused-path flat,eager] [--kv-cache auto|int8|int4]`: the default engine (the embedded model, CPU, one
+torch thread as a Ray worker has; its KV cache of `--kv-cache`), `decodes` sequences of 32-token prompts
+decoding, plus one long prompt prefilled `prefill` tokens a step (max_batch_tokens = decodes + prefill, no
+fair-prefill threshold, no split-fused credit), so each timed step is exactly that mix. What it shows: the
+fixed cost of leaving the decode-only path (`engine/step_cost.py` pays it once a window). `--fused-path
+eager` runs split-fused steps through the eager forward, as before they ran flat
+(engine/executors/cpu_fused.py); with both, one engine's steps take the two paths in turn.
 """
 from __future__ import annotations
 
@@ -20,15 +20,16 @@ import torch
 
 from bench.serving.batching import prompt_ids
 from contracts.sampling import SamplingParams
-from engine.config import EngineConfig
+from engine.config import KV_CACHE_DTYPES, EngineConfig
 from engine.llm_engine import LLMEngine
 
 
-def step_ms(decodes: int, prefill: int, steps: int, paths: Sequence[str] = ("flat",)) -> dict[str, float]:
+def step_ms(decodes: int, prefill: int, steps: int, paths: Sequence[str] = ("flat",),
+            kv_cache: str = "auto") -> dict[str, float]:
     """Median ms of a step per fused path; with several paths the steps take them in turn (one engine, one
     state), so a busy moment of a shared box hits every path alike."""
     engine = LLMEngine(EngineConfig(max_batch_tokens=decodes + prefill, long_prefill_token_threshold=0,
-                                    fused_step_max_slowdown=0))
+                                    fused_step_max_slowdown=0, kv_cache_dtype=kv_cache))
     fused = engine.executor.fused  # the flat split-fused path (CpuFlatExecutor); None runs it eager
     sampling = SamplingParams(max_tokens=1000, ignore_eos=True)
     for i in range(decodes):
@@ -59,13 +60,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prefill", default="0,1,4,16,64")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--fused-path", default="flat", help="comma-separated: flat, eager")
+    p.add_argument("--kv-cache", default="auto", choices=KV_CACHE_DTYPES, help="the engine's KV cache dtype")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     paths = tuple(args.fused_path.split(","))
     for d in map(int, args.decodes.split(",")):
         pure: dict[str, float] = {}
         for n in map(int, args.prefill.split(",")):
-            for path, ms in step_ms(d, n, args.steps, paths).items():
+            for path, ms in step_ms(d, n, args.steps, paths, args.kv_cache).items():
                 if n == 0:
                     pure[path] = ms
                 ratio = f"  {ms / pure[path]:.2f}x the decode-only step" if path in pure and n else ""

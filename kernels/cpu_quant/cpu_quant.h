@@ -50,6 +50,8 @@ void cq_kv_store(const cq_kv *c, int64_t slot, const float *rows, int64_t hk, in
 void cq_kv_attend(const float *q, int64_t group, const cq_kv *k, const cq_kv *v, int64_t head,
                   const int64_t *blocks, int64_t bs, int64_t hk, int64_t seq_len, int64_t d, float *scores,
                   float *out);
+void cq_kv_attend_heads(const float *q, int64_t group, const cq_kv *k, const cq_kv *v, const int64_t *blocks,
+                        int64_t bs, int64_t hk, int64_t seq_len, int64_t d, float *out, int threads);
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>

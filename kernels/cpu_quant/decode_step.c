@@ -99,10 +99,8 @@ void cq_decode_step(const cq_layer *layers, int64_t n_layers, int64_t hq, int64_
                 attend(qkv + j * d, keys + j / group * d, values + j / group * d, blocks, block_size, row,
                        seq_len, d, scores + j * seq_len, attn + j * d);
         } else {
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-            for (int64_t j = 0; j < hk; j++)
-                cq_kv_attend(qkv + j * group * d, group, &L->k_cache, &L->v_cache, j, blocks, block_size, hk,
-                             seq_len, d, scores + j * group * seq_len, attn + j * group * d);
+            cq_kv_attend_heads(qkv, group, &L->k_cache, &L->v_cache, blocks, block_size, hk, seq_len, d, attn,
+                               threads);
         }
         cq_gemv(&L->o, attn, proj, threads);
         for (int64_t j = 0; j < h; j++) s[j] = proj[j] + s[j];

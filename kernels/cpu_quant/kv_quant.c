@@ -183,3 +183,21 @@ void cq_kv_attend(const float *q_in, int64_t group, const cq_kv *k, const cq_kv 
         if (v->kind == KV_INT4 && v->hadamard) hadamard(out + g * d, d);
     free(q);
 }
+
+/* n tokens' rows [n, hk, d] into slots[n] (FlatDecoder's batch rows; kernels/cpu_quant/kv_rows.py). */
+void cq_kv_store_rows(const cq_kv *c, const int64_t *slots, int64_t n, const float *rows, int64_t hk,
+                      int64_t d) {
+    for (int64_t i = 0; i < n; i++) cq_kv_store(c, slots[i], rows + i * hk * d, hk, d);
+}
+
+/* One sequence's hk * group query heads q [hk * group, d] over positions 0 .. seq_len - 1 of its blocks: out
+ * [hk * group, d]; KV heads over the threads. */
+void cq_kv_attend_heads(const float *q, int64_t group, const cq_kv *k, const cq_kv *v, const int64_t *blocks,
+                        int64_t bs, int64_t hk, int64_t seq_len, int64_t d, float *out, int threads) {
+    float *scores = malloc(sizeof(float) * (size_t)(hk * group * seq_len));
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t j = 0; j < hk; j++)
+        cq_kv_attend(q + j * group * d, group, k, v, j, blocks, bs, hk, seq_len, d,
+                     scores + j * group * seq_len, out + j * group * d);
+    free(scores);
+}

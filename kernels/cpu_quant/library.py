@@ -25,6 +25,8 @@ SIMD_FLAGS = ("-mavx2", "-mfma", "-mf16c")
 _i64, _int, _ptr, _f32 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
 _SIGNATURES = {
     "cq_decode_step": (_ptr, _i64, _i64, _i64, _i64, _f32, _f32, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _int),
+    "cq_kv_store_rows": (_ptr, _ptr, _i64, _ptr, _i64, _i64),
+    "cq_kv_attend_heads": (_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _int),
     "q4_1_linear": (_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _int),
     "q8_0_linear": (_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _int),
     "q4_1_dequantize": (_ptr, _ptr, _ptr, _i64, _i64, _ptr, _int),

@@ -55,7 +55,8 @@ def _linear(weight: Q41Weight | Q80Weight | F32Weight) -> _Linear:
     return _Linear(1, n, k, weight.q.data_ptr(), weight.d.data_ptr(), None)
 
 
-def _kv(cache: torch.Tensor | QuantizedKV) -> _KV:
+def kv_struct(cache: torch.Tensor | QuantizedKV) -> _KV:
+    """A cache as cpu_quant.h's cq_kv (raw pointers: the caller keeps the tensors alive)."""
     if not isinstance(cache, QuantizedKV):
         return _KV(0, 0, 0, cache.data_ptr(), None, None, None)
     zero = None if cache.zero is None else cache.zero.data_ptr()
@@ -105,7 +106,7 @@ class DecodeStep:
         self.layers = layers  # keeps every pointed-to tensor alive
         self.structs = (_Layer * len(layers))(*[
             _Layer(lay.norm_in.data_ptr(), lay.norm_post.data_ptr(), _linear(lay.qkv), _linear(lay.o),
-                   _linear(lay.gate_up), _linear(lay.down), _kv(lay.k_cache), _kv(lay.v_cache))
+                   _linear(lay.gate_up), _linear(lay.down), kv_struct(lay.k_cache), kv_struct(lay.v_cache))
             for lay in layers])
         self.dims = (len(layers), num_heads, num_kv_heads, head_dim, eps, q_scale)
         self.address = ctypes.addressof(self.structs)

@@ -8,6 +8,7 @@ import torch
 from contracts.kv_cache_spec import KVCacheSpec, scales_for
 from engine.kv_cache import KVCache, with_key_offsets
 from engine.model import LlamaModel
+from kernels.cpu_quant.kv_rows import KVRows
 from kernels.cpu_quant.library import BASE_FLAGS, library
 from kernels.cpu_quant.step import supports_kv
 from kernels.store_kv.quant import QuantizedKV
@@ -74,7 +75,7 @@ def test_fused_step_over_a_quantized_cache_is_bit_identical_across_threads_and_i
     torch.testing.assert_close(scalar, outs[0], atol=1e-4, rtol=1e-4)
 
 
-def test_caches_the_step_cannot_read_are_left_to_the_torch_path() -> None:
+def test_caches_the_c_store_cannot_take_are_refused_by_name() -> None:
     model = tiny_model("w4a16")
     kv = quantized_cache(model, "int4")
     k_cache, _ = kv.layer(0)
@@ -84,6 +85,8 @@ def test_caches_the_step_cannot_read_are_left_to_the_torch_path() -> None:
     wide = QuantizedKV(torch.zeros(2, 4, 1, 256, dtype=torch.uint8), torch.zeros(2, 4, 1, 16, dtype=half),
                        torch.zeros(2, 4, 1, 16, dtype=half), 32, True)
     assert not supports_kv(wide)
+    with pytest.raises(ValueError, match="supports_kv"):
+        KVRows([(wide, wide)], num_heads=2)
     assert not supports_kv(QuantizedKV(torch.zeros(2, 4, 1, 16, dtype=torch.int8),
                                        torch.zeros(2, 4, 1, dtype=torch.bfloat16)))
     assert not supports_kv(QuantizedKV(torch.zeros(2, 4, 1, 32, dtype=torch.int8)[..., ::2],
