@@ -127,19 +127,27 @@ def test_flat_decoder_stores_the_bytes_the_eager_model_stores() -> None:
     model = normal_model(config)
     use_cpu_linears(model)
     spec = KVCacheSpec(BLOCK, config.num_kv_heads, config.head_dim)
-    eager_kv, flat_kv = (KVCache(spec, config.num_layers, 4) for _ in range(2))
+    eager_kv, flat_kv, step_kv = (KVCache(spec, config.num_layers, 4) for _ in range(3))
     prompt, token = [3, 17, 5, 40, 22], 11
     position = len(prompt)
     with torch.inference_mode():
-        for kv in (eager_kv, flat_kv):
+        for kv in (eager_kv, flat_kv, step_kv):
             meta = AttentionMetadata.from_spans([SeqSpan(0, position, position, (0, 1), 0)],
                                                 list(range(position)), BLOCK)
             model(torch.tensor(prompt), torch.arange(position), meta, kv)
-        # The same decode step: the eager forward, and the flat executor.
+        # The same decode step: the eager forward, the flat executor's torch rows, and its one-C-call step.
         meta = AttentionMetadata.from_spans([SeqSpan(0, 1, position + 1, (0, 1), 0)], [position], BLOCK)
         model(torch.tensor([token]), torch.tensor([position]), meta, eager_kv)
-        FlatDecoder(model, flat_kv)(token, position, [0, 1])
-    # Layer 0's KV is computed by the same ops on both paths, so its bytes must match; deeper layers see
-    # attention outputs summed in another order (tests/unit/test_cpu_decode_path.py bounds those).
+        rows = FlatDecoder(model, flat_kv)
+        rows.step = None
+        rows(token, position, [0, 1])
+        step = FlatDecoder(model, step_kv)
+        assert step.step is not None  # F32Linear projections: bs1 runs in C (kernels/cpu_quant/step.py)
+        step(token, position, [0, 1])
+    # Layer 0's KV is computed by the same torch ops on the eager and row paths, so its bytes must match;
+    # deeper layers see attention outputs summed in another order (tests/unit/test_cpu_decode_path.py
+    # bounds those). The C step's RMSNorm and RoPE round in their own order: within fp32 rounding.
     assert torch.equal(flat_kv.k[0], eager_kv.k[0]) and torch.equal(flat_kv.v[0], eager_kv.v[0])
     torch.testing.assert_close(flat_kv.k[1], eager_kv.k[1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(step_kv.k + step_kv.v, eager_kv.k + eager_kv.v, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
