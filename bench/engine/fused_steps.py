@@ -21,6 +21,7 @@ import torch
 from bench.serving.batching import prompt_ids
 from contracts.sampling import SamplingParams
 from engine.config import KV_CACHE_DTYPES, EngineConfig
+from engine.executors.cpu_flat import CpuFlatExecutor
 from engine.llm_engine import LLMEngine
 
 
@@ -30,7 +31,10 @@ def step_ms(decodes: int, prefill: int, steps: int, paths: Sequence[str] = ("fla
     state), so a busy moment of a shared box hits every path alike."""
     engine = LLMEngine(EngineConfig(max_batch_tokens=decodes + prefill, long_prefill_token_threshold=0,
                                     fused_step_max_slowdown=0, kv_cache_dtype=kv_cache))
-    fused = engine.executor.fused  # the flat split-fused path (CpuFlatExecutor); None runs it eager
+    flat = isinstance(engine.executor, CpuFlatExecutor)
+    if not flat:
+        print(f"(the engine runs {type(engine.executor).__name__}: no flat path for its model and cache)")
+    fused = engine.executor.fused if flat else None  # the flat split-fused path; None runs it eager
     sampling = SamplingParams(max_tokens=1000, ignore_eos=True)
     for i in range(decodes):
         engine.add_request(f"d{i}", prompt_ids(i, 32), sampling)
@@ -45,7 +49,8 @@ def step_ms(decodes: int, prefill: int, steps: int, paths: Sequence[str] = ("fla
     times: dict[str, list[float]] = {path: [] for path in paths}
     for step in range((steps + 1) * len(paths)):
         path = paths[step % len(paths)]
-        engine.executor.fused = fused if path == "flat" else None
+        if flat:
+            engine.executor.fused = fused if path == "flat" else None
         t0 = time.perf_counter()
         batch = engine.schedule()
         engine.postprocess(batch, engine.execute(batch))
