@@ -79,8 +79,7 @@ class FlatDecoder:
 
     With Q4_1 / Q8_0 / F32Linear projections (`step`), one sequence (over any blocks) runs every layer in one
     C call instead (kernels/cpu_quant/step.py): at 2 threads the ~35 torch calls a layer cost more than its
-    GEMVs.
-    The C step stores into and reads float32, int8 and int4 caches in place.
+    GEMVs. The C step stores into and reads float32, int8 and int4 caches in place.
     """
 
     def __init__(self, model: LlamaModel, kv: KVCache) -> None:
@@ -181,9 +180,9 @@ class FlatDecoder:
         k_cache, v_cache = self.kv.layer(layer)
         hk, d = self.num_kv_heads, self.head_dim
         if self.kv.spec.is_quantized:
-            if gather is None:
-                first, block_size = first_slot // self.kv.block_size, self.kv.block_size
-                gather = torch.arange(first, first + -(-seq_len // block_size))  # the consecutive blocks
+            if gather is None:  # the consecutive blocks from first_slot's
+                first = first_slot // self.kv.block_size
+                gather = torch.arange(first, first + -(-seq_len // self.kv.block_size))
             keys = dequantize_blocks(k_cache, gather, torch.float32).view(-1, hk, d)[:seq_len]
             values = dequantize_blocks(v_cache, gather, torch.float32).view(-1, hk, d)[:seq_len]
             return keys.permute(1, 2, 0), values.transpose(0, 1)
