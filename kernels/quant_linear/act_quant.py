@@ -2,7 +2,8 @@
 
 quantize_rows: one program per row reads it once (times the SmoothQuant 1/s when given, then rotated by the
 block Walsh–Hadamard transform when a rotation block is given: reference.hadamard_blocks_ref's butterflies,
-in registers), takes max|x| and writes int8 codes of x times the reciprocal of the fp32 scale max|x| / 127.
+in registers), takes max|x| and writes int8 codes of x times the reciprocal of the fp32 scale
+max|x| · fp32(1/127).
 Both kernels launch without floating-point fusion: a product 1/s · x fed to a butterfly's sum would
 otherwise become one FMA, rounded once where the reference rounds twice, and the codes move off the
 reference's wherever a value sits near a rounding edge.
@@ -18,9 +19,10 @@ import triton
 import triton.language as tl
 
 from kernels.pdl import pdl_launch, pdl_release, pdl_wait
-from kernels.quant_linear.reference import hadamard_log2
+from kernels.quant_linear.reference import INV_INT8_MAX, hadamard_log2
 
 _TINY = torch.finfo(torch.float32).tiny
+_INV_INT8_MAX = tl.constexpr(INV_INT8_MAX)  # fp32(1/127), the reference's factor
 
 
 @triton.jit
@@ -43,9 +45,9 @@ def quantize_row(x, mask, inv_smooth_ptr, offs, q_row_ptr, scale_ptr, row, SMOOT
         x *= tl.load(inv_smooth_ptr + offs, mask=mask, other=0.0)
     if LOG2_ROTATION > 0:
         x = hadamard_blocks(x, BLOCK_K, LOG2_ROTATION)
-    # IEEE divisions, once a row (Triton's `/` is the approximate div.full.f32): codes and scale are the
-    # reference's bit for bit, where its product and rounding meet (no fusion, module docstring).
-    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), 127.0), TINY)
+    # The reference's operations (no fusion, module docstring): max · fp32(1/127), then one IEEE division a
+    # row (Triton's `/` is the approximate div.full.f32), so codes and scale are its bits.
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0) * _INV_INT8_MAX, TINY)
     y = x * tl.math.div_rn(1.0, scale)
     q = tl.where(y >= 0, tl.floor(y + 0.5), -tl.floor(0.5 - y))  # half away from zero, as the reference
     q = tl.minimum(tl.maximum(q, -127.0), 127.0)

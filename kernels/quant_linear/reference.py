@@ -7,6 +7,7 @@ from kernels.activation.reference import silu_mul_ref
 from kernels.quant_linear.layout import W4Weight, W8Weight, unpack_w4
 
 INT8_MAX = 127
+INV_INT8_MAX = torch.tensor(1.0 / INT8_MAX, dtype=torch.float32).item()  # 1/127 rounded to fp32
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -54,11 +55,12 @@ def hadamard_blocks_ref(x: torch.Tensor, block: int) -> torch.Tensor:
 def quantize_rows_ref(x: torch.Tensor, inv_smooth: torch.Tensor | None = None, rotation_block: int = 1
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (times inv_smooth [K] first, then hadamard_blocks_ref of rotation_block) → (int8 [M, K],
-    float32 scale [M]): symmetric per row, y = x · (1 / scale) rounded half away from zero as
-    floor(|y| + 0.5) (the Triton kernel computes and rounds the same way)."""
+    float32 scale [M] = max|x| · INV_INT8_MAX): symmetric per row, y = x · (1 / scale) rounded half away from
+    zero as floor(|y| + 0.5) (the Triton kernel computes and rounds the same way)."""
     rows = x.float() if inv_smooth is None else x.float() * inv_smooth.float()
     rows = hadamard_blocks_ref(rows, rotation_block)
-    scale = (rows.abs().amax(dim=-1) / INT8_MAX).clamp_min(_TINY)
+    # max · fp32(1/127), a product on every device (CUDA torch turns a division by a scalar into one)
+    scale = (rows.abs().amax(dim=-1) * INV_INT8_MAX).clamp_min(_TINY)
     y = rows * (1.0 / scale).unsqueeze(-1)
     q = torch.sign(y) * torch.floor(y.abs() + 0.5)
     return q.clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale
